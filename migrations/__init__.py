@@ -1,0 +1,53 @@
+"""Alembic environment and versions for the control plane's schema.
+
+``controlplane migrate`` (or :func:`upgrade`) brings a database to the newest
+version. It is idempotent, and safe when two releases run it at once: the run
+holds a transaction-scoped advisory lock, so the second waits, then finds
+nothing left to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+HERE = Path(__file__).resolve().parent
+
+#: Key of the advisory lock every migration run holds (any fixed bigint).
+MIGRATION_LOCK_KEY = 0x636F6E74726F6C  # "control"
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config for ``url`` that needs no alembic.ini on disk."""
+    config = Config()
+    config.set_main_option("script_location", str(HERE))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate the database at ``url`` (a libpq URL) to ``revision``."""
+    from tasks.db import sqlalchemy_url
+
+    command.upgrade(alembic_config(sqlalchemy_url(url)), revision)
+
+
+def current(url: str) -> str | None:
+    """The database's current revision, or None when it was never migrated."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from tasks.db import sqlalchemy_url
+
+    from alembic.runtime.migration import MigrationContext
+
+    engine = create_engine(sqlalchemy_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(
+                conn, opts={"version_table_schema": "control_plane"}
+            ).get_current_revision()
+    finally:
+        engine.dispose()

@@ -1,0 +1,8 @@
+"""SQLAlchemy 2.0 typed models of the control plane's tables, and the named queries on them."""
+
+from __future__ import annotations
+
+from models.base import SCHEMA, Base, metadata
+from models.tables import JOB_STATUSES, Job, Message, Result, Worker
+
+__all__ = ["JOB_STATUSES", "SCHEMA", "Base", "Job", "Message", "Result", "Worker", "metadata"]

@@ -1,0 +1,132 @@
+"""The tables: the broker's hot message table, the jobs mirror, results, workers.
+
+``messages`` holds only what is waiting or running (rows leave on ack) so that
+claims stay fast; ``jobs`` is the history an operator reads with SQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base
+
+JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+
+
+class Message(Base):
+    """A message waiting for a worker, or leased to one (the broker's hot table)."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    queue: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    eta: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    claim_token: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    worker: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        # The claim query's index: only unclaimed rows, in claim order.
+        Index(
+            "ix_messages_ready",
+            "queue",
+            "priority",
+            "eta",
+            "id",
+            postgresql_where=text("claim_token IS NULL"),
+        ),
+        # The reaper's index: only leased rows.
+        Index(
+            "ix_messages_lease",
+            "lease_expires_at",
+            postgresql_where=text("claim_token IS NOT NULL"),
+        ),
+    )
+
+
+class Job(Base):
+    """One job and its whole history of attempts: the mirror operators query."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    type: Mapped[str] = mapped_column(Text)
+    queue: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    options: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    status: Mapped[str] = mapped_column(Text, server_default=text("'pending'"))
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    errors: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    scheduled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    worker: Mapped[str | None] = mapped_column(Text)
+    unique_key: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('pending', 'running', 'completed', 'failed', 'cancelled')",
+            name="status",
+        ),
+        Index("ix_jobs_status_type", "status", "type"),
+        Index("ix_jobs_type_created_at", "type", "created_at"),
+        Index("ix_jobs_created_at", "created_at"),
+        # One live job per unique key: a second send finds the first.
+        Index(
+            "uq_jobs_unique_key_live",
+            "unique_key",
+            unique=True,
+            postgresql_where=text("status IN ('pending', 'running')"),
+        ),
+    )
+
+
+class Result(Base):
+    """A stored actor result (or exception) for ``message.get_result()``."""
+
+    __tablename__ = "results"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_results_expires_at", "expires_at"),)
+
+
+class Worker(Base):
+    """A live worker process and its last heartbeat."""
+
+    __tablename__ = "worker_heartbeats"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    hostname: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(BigInteger)
+    queues: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'::text[]"))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

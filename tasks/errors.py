@@ -1,0 +1,50 @@
+"""The error tree: what a task failure means for its retries.
+
+Actors raise these (wrapping driver errors with ``raise ... from exc``); the
+``Retries`` middleware in :mod:`tasks.middleware.retries` reads them:
+
+* :class:`TransientError` and any exception outside this tree are retried with
+  Dramatiq's exponential backoff until ``max_attempts`` is spent;
+* :class:`PermanentError` (and its subclasses) fail the job at once, no retry.
+"""
+
+from __future__ import annotations
+
+
+class TaskError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class TransientError(TaskError):
+    """A failure that may go away by itself: a timeout, a 5xx, a lost connection.
+
+    The attempt fails and the job is retried with backoff.
+    """
+
+
+class PermanentError(TaskError):
+    """A failure that retrying cannot fix: bad input, a conflict, a rejected credential.
+
+    The job fails at once and is never retried.
+    """
+
+
+class InvalidPayload(PermanentError):
+    """The arguments of a job are invalid; ``field`` names the offending one."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"invalid {field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class Conflict(PermanentError):
+    """The job asks for something that contradicts what already exists."""
+
+
+class NotSerializable(TypeError):
+    """Arguments of a message cannot be encoded as JSON; nothing was enqueued."""
+
+
+class ConfigurationError(TaskError):
+    """A setting read from the environment is missing or malformed."""

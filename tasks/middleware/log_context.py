@@ -1,0 +1,66 @@
+"""Every log line written while a message runs carries its id and actor name.
+
+The same filter redacts secrets from every line and every traceback it sees
+(see :mod:`tasks.redaction`): an exception that quotes a password must not put
+it in a log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware
+
+from tasks.redaction import redact
+
+_current = threading.local()
+
+
+class MessageContextFilter(logging.Filter):
+    """Adds ``message_id`` and ``actor_name`` to records, prefixes the line with them, redacts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_controlplane_done", False):
+            return True
+        message = getattr(_current, "message", None)
+        record.message_id = message.message_id if message is not None else "-"
+        record.actor_name = message.actor_name if message is not None else "-"
+        text = redact(record.getMessage())
+        if message is not None:
+            text = f"[{message.actor_name} {message.message_id}] {text}"
+        record.msg, record.args = text, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        record._controlplane_done = True
+        return True
+
+
+class LogContext(Middleware):
+    """Installs :class:`MessageContextFilter` on the root handlers of each worker process."""
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        install_filter()
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        install_filter()
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        _current.message = message
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        _current.message = None
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        _current.message = None
+
+
+def install_filter() -> None:
+    """Put the filter on every root handler once (Dramatiq's CLI sets the handlers up)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, MessageContextFilter) for f in handler.filters):
+            handler.addFilter(MessageContextFilter())

@@ -1,0 +1,70 @@
+"""Dramatiq's Retries, plus ``max_attempts`` and permanent errors.
+
+``max_attempts`` (per actor or per message) counts every attempt, the first
+included: ``max_attempts=3`` is Dramatiq's ``max_retries=2``. Any
+:class:`tasks.errors.PermanentError` fails the job at once, with no retry,
+whether or not the actor lists it in ``throws``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import retries as dramatiq_retries
+
+from tasks.errors import PermanentError
+
+logger = logging.getLogger(__name__)
+
+
+def _as_attempts(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def max_attempts_for(broker: dramatiq.Broker, message: Any) -> int:
+    """How many attempts ``message`` gets: message options, then actor options, then the default."""
+    options = message.options
+    found = _as_attempts(options.get("max_attempts"))
+    if found is None and _as_attempts(options.get("max_retries")) is not None:
+        found = options["max_retries"] + 1
+    actor = broker.actors.get(message.actor_name)
+    if found is None and actor is not None:
+        found = _as_attempts(actor.options.get("max_attempts"))
+        if found is None and _as_attempts(actor.options.get("max_retries")) is not None:
+            found = actor.options["max_retries"] + 1
+    if found is None:
+        for middleware in broker.middleware:
+            if isinstance(middleware, dramatiq_retries.Retries):
+                found = middleware.max_retries + 1
+                break
+    return max(found or 1, 1)
+
+
+class Retries(dramatiq_retries.Retries):
+    """Exponential backoff (Dramatiq's), bounded by ``max_attempts``; permanent errors never retry."""
+
+    @property
+    def actor_options(self) -> set[str]:
+        return set(super().actor_options) | {"max_attempts"}
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None:
+            return
+        if isinstance(exception, PermanentError):
+            logger.info("message %s failed permanently; not retrying", message.message_id)
+            message.fail()
+            return
+        if "max_retries" not in message.options:
+            message.options["max_retries"] = max_attempts_for(broker, message) - 1
+        super().after_process_message(broker, message, result=result, exception=exception)

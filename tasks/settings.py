@@ -1,0 +1,100 @@
+"""One frozen settings object, read from the environment once and validated.
+
+Every default works on a laptop: with ``DATABASE_URL`` unset the project runs on
+an embedded PostgreSQL kept under ``CONTROLPLANE_HOME`` (``./.controlplane``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.errors import ConfigurationError
+
+
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the broker, the workers and the CLI need to know about their world."""
+
+    #: The control plane's PostgreSQL; ``None`` means the embedded server.
+    database_url: str | None
+    #: Where the embedded server keeps its data (and other local state).
+    home: Path
+    #: Longest wait between two looks at the queue when no NOTIFY arrives.
+    poll_interval: float = 1.0
+    #: How long a claimed message stays leased to a worker without a heartbeat.
+    lease_seconds: float = 30.0
+    #: How often a worker extends the leases of the messages it holds.
+    heartbeat_interval: float = 10.0
+    #: How often a worker looks for expired leases of dead workers.
+    reap_interval: float = 5.0
+    #: Connections a worker process keeps for sends and results (besides one per queue).
+    pool_size: int = 2
+    #: Retry policy defaults (Dramatiq's backoff, in milliseconds).
+    max_attempts: int = 20
+    min_backoff_ms: int = 15_000
+    max_backoff_ms: int = 7 * 86_400_000
+    #: How long results stay in the results backend.
+    result_ttl_ms: int = 86_400_000
+    #: Identifies this process in leases and in ``control_plane.jobs.worker``.
+    hostname: str = field(default_factory=socket.gethostname)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Read and validate the settings; a bad value raises ConfigurationError naming it."""
+        env = dict(os.environ if environ is None else environ)
+        url = env.get("DATABASE_URL") or None
+        if url is not None and not url.startswith(("postgres://", "postgresql://", "postgresql+psycopg2://")):
+            raise ConfigurationError("DATABASE_URL must be a postgresql:// URL")
+        if url is not None and url.startswith("postgresql+psycopg2://"):
+            url = "postgresql://" + url.removeprefix("postgresql+psycopg2://")
+        lease = _float(env, "CONTROLPLANE_LEASE_SECONDS", 30.0)
+        heartbeat = _float(env, "CONTROLPLANE_HEARTBEAT_INTERVAL", min(10.0, lease / 3))
+        if heartbeat >= lease:
+            raise ConfigurationError("CONTROLPLANE_HEARTBEAT_INTERVAL must be shorter than the lease")
+        return cls(
+            database_url=url,
+            home=Path(env.get("CONTROLPLANE_HOME") or ".controlplane").resolve(),
+            poll_interval=_float(env, "CONTROLPLANE_POLL_INTERVAL", 1.0),
+            lease_seconds=lease,
+            heartbeat_interval=heartbeat,
+            reap_interval=_float(env, "CONTROLPLANE_REAP_INTERVAL", min(5.0, lease / 2)),
+            pool_size=_int(env, "CONTROLPLANE_POOL_SIZE", 2, minimum=1),
+            max_attempts=_int(env, "CONTROLPLANE_MAX_ATTEMPTS", 20, minimum=1),
+            min_backoff_ms=_int(env, "CONTROLPLANE_MIN_BACKOFF_MS", 15_000, minimum=1),
+            max_backoff_ms=_int(env, "CONTROLPLANE_MAX_BACKOFF_MS", 7 * 86_400_000, minimum=1),
+            result_ttl_ms=_int(env, "CONTROLPLANE_RESULT_TTL_MS", 86_400_000, minimum=1),
+        )
+
+
+def get_settings() -> Settings:
+    """The settings of this process, read from the environment now."""
+    return Settings.from_env()
