@@ -19,12 +19,13 @@ NOTIFY_CHANNEL = "control_plane_messages"
 #: once, in Python. Re-enqueueing an existing id is an upsert (dramatiq-pg's rule).
 ENQUEUE = """
 WITH m AS (
-    SELECT t.id, t.queue, t.actor, t.priority, coalesce(t.eta, now()) AS eta, t.body,
+    SELECT t.id, t.queue, t.actor, t.priority,
+           coalesce(now() + make_interval(secs => t.delay_ms / 1000.0), t.eta, now()) AS eta, t.body,
            t.max_attempts, t.unique_key, convert_from(t.body, 'UTF8')::jsonb AS doc
     FROM unnest(%(ids)s::uuid[], %(queues)s::text[], %(actors)s::text[], %(priorities)s::int[],
-                %(etas)s::timestamptz[], %(bodies)s::bytea[], %(max_attempts)s::int[],
+                %(etas)s::timestamptz[], %(delays)s::bigint[], %(bodies)s::bytea[], %(max_attempts)s::int[],
                 %(unique_keys)s::text[])
-         AS t(id, queue, actor, priority, eta, body, max_attempts, unique_key)
+         AS t(id, queue, actor, priority, eta, delay_ms, body, max_attempts, unique_key)
 ), msg AS (
     INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body)
     SELECT id, queue, actor, priority, eta, body FROM m

@@ -92,10 +92,6 @@ def enqueue_in(conn: Any) -> Iterator[None]:
         _enqueue_connection.reset(token)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def _check_uuid(message_id: str) -> str:
     try:
         return str(uuid.UUID(message_id))
@@ -297,6 +293,13 @@ class PostgresBroker(dramatiq.Broker):
     def close(self) -> None:
         self._pool.close()
 
+    def reconfigure(self, url: str) -> None:
+        """Point this broker at another database (tests, tools); closes pooled connections."""
+        with self._url_lock:
+            self._url = url
+        old, self._pool = self._pool, _Pool(self.url, self.settings.pool_size)
+        old.close()
+
     # -- declaring --------------------------------------------------------
 
     def declare_queue(self, queue_name: str) -> None:
@@ -346,7 +349,9 @@ class PostgresBroker(dramatiq.Broker):
             return []
         rows: dict[str, list[Any]] = {
             k: []
-            for k in ("ids", "queues", "actors", "priorities", "etas", "bodies", "max_attempts", "unique_keys")
+            for k in (
+                "ids", "queues", "actors", "priorities", "etas", "delays", "bodies", "max_attempts", "unique_keys",
+            )
         }
         sent: list[Message[Any]] = []
         for message in messages:
@@ -361,15 +366,15 @@ class PostgresBroker(dramatiq.Broker):
             object.__setattr__(message, "options", options)
             self.emit_before("enqueue", message, delay)
             body = encode_message(message)
-            if delay:
-                eta_ms = _now_ms() + int(delay)
             rows["ids"].append(_check_uuid(message.message_id))
             rows["queues"].append(queue_name)
             rows["actors"].append(message.actor_name)
             rows["priorities"].append(self._priority(message))
+            # A relative delay is added to the database's clock, not this machine's.
             rows["etas"].append(
                 datetime.fromtimestamp(eta_ms / 1000, tz=UTC) if isinstance(eta_ms, (int, float)) else None
             )
+            rows["delays"].append(max(int(delay), 0) if delay else None)
             rows["bodies"].append(psycopg2.Binary(body))
             rows["max_attempts"].append(self._max_attempts(message))
             unique_key = options.get("unique_key")

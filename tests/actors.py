@@ -1,0 +1,83 @@
+"""Actors the end-to-end tests run in real worker processes.
+
+Each records what it did in ``test_support.effects`` (same database), so that a
+test can check from SQL what ran, how often, and in which process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+import tasks
+from tasks.errors import PermanentError
+
+
+def record(kind: str, value: str = "") -> None:
+    message = CurrentMessage.get_current_message()
+    with tasks.broker.connection() as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO test_support.effects (message_id, kind, value, pid) VALUES (%s, %s, %s, %s)",
+            (message.message_id if message else None, kind, value, os.getpid()),
+        )
+
+
+def gate_open(name: str) -> bool:
+    with tasks.broker.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM test_support.gates WHERE name = %s", (name,))
+        return cur.fetchone() is not None
+
+
+@dramatiq.actor(actor_name="tests.noop", store_results=True)
+def noop(value: object = None) -> object:
+    record("noop")
+    return value
+
+
+@dramatiq.actor(actor_name="tests.wait_for_gate", max_attempts=3)
+def wait_for_gate(name: str) -> str:
+    """Runs until a test opens the gate (a row in test_support.gates)."""
+    record("started", name)
+    while not gate_open(name):
+        time.sleep(0.05)
+    record("finished", name)
+    return name
+
+
+@dramatiq.actor(actor_name="tests.always_fails", max_attempts=3, min_backoff=200, max_backoff=1000)
+def always_fails(reason: str) -> None:
+    record("attempt", reason)
+    raise RuntimeError(f"failed on purpose: {reason}")
+
+
+@dramatiq.actor(actor_name="tests.fails_then_succeeds", max_attempts=5, min_backoff=100, max_backoff=400)
+def fails_then_succeeds(times: int) -> str:
+    message = CurrentMessage.get_current_message()
+    retries = int(message.options.get("retries", 0)) if message else 0
+    record("attempt", str(retries))
+    if retries < times:
+        raise ConnectionError(f"transient failure {retries + 1} of {times}")
+    return "ok"
+
+
+@dramatiq.actor(actor_name="tests.permanent", max_attempts=5, min_backoff=100)
+def permanent() -> None:
+    record("attempt")
+    raise PermanentError("the input can never work")
+
+
+@dramatiq.actor(actor_name="tests.too_slow", time_limit=300, max_attempts=1)
+def too_slow() -> None:
+    record("attempt")
+    for _ in range(200):
+        time.sleep(0.05)
+
+
+@dramatiq.actor(actor_name="tests.slow_noop", queue_name="slow")
+def slow_noop(seconds: float) -> None:
+    record("started")
+    time.sleep(seconds)
+    record("finished")

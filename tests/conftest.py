@@ -1,0 +1,95 @@
+"""Test fixtures: a real PostgreSQL, a migrated template database, one clone per test.
+
+With ``DATABASE_URL`` set, its server is used (the tests create and drop their
+own databases there and never touch the one named in the URL). Unset, an
+embedded PostgreSQL is started for the session in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+import migrations
+import tasks
+from tasks import db
+
+SUPPORT_SCHEMA = """
+CREATE SCHEMA test_support;
+CREATE TABLE test_support.effects (
+    id bigserial PRIMARY KEY, message_id uuid, kind text NOT NULL, value text NOT NULL DEFAULT '',
+    pid integer, at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE test_support.gates (name text PRIMARY KEY);
+"""
+
+
+def _admin(url: str, sql: str) -> None:
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """URL of a maintenance database on the server the tests use."""
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield db.with_database(configured, "postgres")
+        return
+    home = Path(tempfile.mkdtemp(prefix="cp-test-pg-"))
+    try:
+        yield db.embedded_url(home, "postgres")
+    finally:
+        db.stop_embedded(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    """A database migrated once per session, cloned by every test that needs one."""
+    name = f"cp_tmpl_{uuid.uuid4().hex[:10]}"
+    _admin(server_url, f"CREATE DATABASE {name}")
+    url = db.with_database(server_url, name)
+    try:
+        migrations.upgrade(url)
+        _admin(url, SUPPORT_SCHEMA)
+        yield name
+    finally:
+        _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test; the global broker points at it."""
+    name = f"cp_t_{uuid.uuid4().hex[:12]}"
+    _admin(server_url, f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    url = db.with_database(server_url, name)
+    tasks.broker.reconfigure(url)
+    try:
+        yield url
+    finally:
+        tasks.broker.close()
+        _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def empty_db(server_url: str) -> Iterator[str]:
+    """A database with nothing in it (for migration tests)."""
+    name = f"cp_e_{uuid.uuid4().hex[:12]}"
+    _admin(server_url, f"CREATE DATABASE {name}")
+    try:
+        yield db.with_database(server_url, name)
+    finally:
+        _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

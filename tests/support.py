@@ -1,0 +1,143 @@
+"""Helpers for the tests: waiting on conditions, reading the mirror, running workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extras
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+#: Worker settings for tests: short leases so that a dead worker is noticed in seconds.
+FAST_ENV = {
+    "CONTROLPLANE_POLL_INTERVAL": "0.2",
+    "CONTROLPLANE_LEASE_SECONDS": "3",
+    "CONTROLPLANE_HEARTBEAT_INTERVAL": "0.5",
+    "CONTROLPLANE_REAP_INTERVAL": "0.5",
+    "dramatiq_restart_delay": "300",
+}
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 60.0, what: str = "a condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def query(url: str, sql: str, params: Any = None) -> list[dict[str, Any]]:
+    """Run one statement in autocommit and return its rows as dicts."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            cur.execute(sql, params)
+            return [dict(r) for r in cur.fetchall()] if cur.description else []
+    finally:
+        conn.close()
+
+
+def job(url: str, job_id: str) -> dict[str, Any]:
+    rows = query(url, "SELECT * FROM control_plane.jobs WHERE id = %s", (job_id,))
+    assert rows, f"no jobs row for {job_id}"
+    return rows[0]
+
+
+def jobs_in(url: str, ids: list[str], *statuses: str) -> bool:
+    rows = query(
+        url,
+        "SELECT count(*) AS n FROM control_plane.jobs WHERE id = ANY(%s::uuid[]) AND status = ANY(%s)",
+        (ids, list(statuses)),
+    )
+    return bool(rows[0]["n"] == len(ids))
+
+
+def disagreements(url: str) -> list[dict[str, Any]]:
+    """Rows where the mirror and the broker's table tell different stories."""
+    return query(
+        url,
+        """
+        SELECT j.id, j.status, m.claim_token IS NOT NULL AS claimed, m.id IS NOT NULL AS in_queue
+        FROM control_plane.jobs j FULL JOIN control_plane.messages m ON m.id = j.id
+        WHERE j.id IS NULL
+           OR (m.id IS NULL AND j.status IN ('pending', 'running'))
+           OR (m.id IS NOT NULL AND j.status NOT IN ('pending', 'running'))
+           OR (m.claim_token IS NOT NULL AND j.status <> 'running')
+           OR (m.id IS NOT NULL AND m.claim_token IS NULL AND j.status <> 'pending')
+        """,
+    )
+
+
+class WorkerProcess:
+    """A real ``dramatiq`` worker (main process + worker processes) on a test database."""
+
+    def __init__(self, url: str, *, processes: int = 1, threads: int = 4, module: str = "tests.actors",
+                 extra_env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+        self.url = url
+        env = {**os.environ, **FAST_ENV, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.log_path = log_path
+        self._log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "tasks", module, "--processes", str(processes),
+             "--threads", str(threads), "--worker-shutdown-timeout", "20000"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )
+        self.processes = processes
+
+    def worker_pids(self) -> list[int]:
+        rows = query(self.url, "SELECT pid FROM control_plane.worker_heartbeats ORDER BY pid")
+        return [int(r["pid"]) for r in rows]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited early with {self.proc.returncode}: {self.log()}")
+            return len(self.worker_pids()) >= self.processes
+        wait_for(ready, timeout, "the worker processes to heartbeat")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:] if self.log_path and self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+        return self.proc.returncode
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole process group: main and worker processes die mid-flight."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@contextmanager
+def running_worker(url: str, tmp_path: Path, **kwargs: Any) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(url, log_path=tmp_path / f"worker-{time.monotonic_ns()}.log", **kwargs)
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.terminate()

@@ -1,0 +1,181 @@
+"""Sending: the mirror row, JSONB payloads, transactional and batch enqueue, bad input."""
+
+from __future__ import annotations
+
+import decimal
+
+import dramatiq
+import psycopg2
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+import tasks
+from tasks.db import sqlalchemy_url
+from tasks.errors import NotSerializable
+from tests import actors
+from tests.support import job, query
+
+
+def count(url: str, table: str = "jobs") -> int:
+    return int(query(url, f"SELECT count(*) AS n FROM control_plane.{table}")[0]["n"])  # noqa: S608
+
+
+def test_send_records_a_pending_job_with_its_payload_as_jsonb(db_url: str) -> None:
+    # Given a complex payload
+    payload = {"project": {"id": "p1", "tags": ["a", "b"], "limits": {"cpu": 2.5, "on": True}}, "n": None}
+    # When it is sent
+    message = actors.noop.send(payload)
+    # Then control_plane.jobs holds a pending job with the payload as JSONB, queryable with SQL
+    row = job(db_url, message.message_id)
+    assert row["status"] == "pending"
+    assert row["type"] == "tests.noop"
+    assert row["queue"] == "default"
+    assert row["attempts"] == 0
+    assert row["payload"] == {"args": [payload], "kwargs": {}}
+    found = query(
+        db_url,
+        "SELECT id FROM control_plane.jobs WHERE payload #>> '{args,0,project,limits,cpu}' = '2.5'",
+    )
+    assert [str(r["id"]) for r in found] == [message.message_id]
+    # And the broker's table holds the message, ready now
+    assert query(db_url, "SELECT eta <= now() AS ready FROM control_plane.messages")[0]["ready"]
+
+
+def test_jobs_can_be_queried_by_type(db_url: str) -> None:
+    actors.noop.send(1)
+    actors.noop.send(2)
+    actors.always_fails.send("x")
+    rows = query(db_url, "SELECT type, count(*) AS n FROM control_plane.jobs GROUP BY type ORDER BY type")
+    assert [(r["type"], r["n"]) for r in rows] == [("tests.always_fails", 1), ("tests.noop", 2)]
+
+
+def test_max_attempts_comes_from_the_actor_or_the_message(db_url: str) -> None:
+    a = actors.always_fails.send("x")
+    b = actors.always_fails.send_with_options(args=("y",), max_attempts=7)
+    c = actors.noop.send_with_options(args=(1,), max_retries=0)
+    assert job(db_url, a.message_id)["max_attempts"] == 3
+    assert job(db_url, b.message_id)["max_attempts"] == 7
+    assert job(db_url, c.message_id)["max_attempts"] == 1
+
+
+def test_a_delayed_send_is_scheduled_in_the_database(db_url: str) -> None:
+    # When a message is sent with a one-hour delay
+    message = actors.noop.send_with_options(args=(1,), delay=3_600_000)
+    # Then its eta and scheduled_at are an hour ahead of the database's clock, not held in memory
+    row = query(
+        db_url,
+        "SELECT extract(epoch FROM m.eta - now()) AS eta_in, extract(epoch FROM j.scheduled_at - now()) AS sched_in"
+        " FROM control_plane.messages m JOIN control_plane.jobs j USING (id) WHERE id = %s",
+        (message.message_id,),
+    )[0]
+    assert 3500 < row["eta_in"] <= 3600
+    assert 3500 < row["sched_in"] <= 3600
+
+
+def test_send_inside_a_psycopg2_transaction_commits_with_it(db_url: str) -> None:
+    conn = psycopg2.connect(db_url)
+    try:
+        # Given a web request's transaction that writes its own row and sends a job
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE orders (id int)")
+            cur.execute("INSERT INTO orders VALUES (1)")
+        with tasks.enqueue_in(conn):
+            message = actors.noop.send(1)
+        # Then nothing is visible to anyone else before the commit
+        assert count(db_url) == 0
+        assert count(db_url, "messages") == 0
+        # When it commits
+        conn.commit()
+        # Then the job and the order appear together
+        assert job(db_url, message.message_id)["status"] == "pending"
+        assert count(db_url, "messages") == 1
+    finally:
+        conn.close()
+
+
+def test_send_inside_a_rolled_back_transaction_leaves_no_job(db_url: str) -> None:
+    conn = psycopg2.connect(db_url)
+    try:
+        with tasks.enqueue_in(conn):
+            actors.noop.send(1)
+            dramatiq.group([actors.noop.message(2), actors.noop.message(3)]).run()
+            dramatiq.pipeline([actors.noop.message(4), actors.noop.message(5)]).run()
+        conn.rollback()
+    finally:
+        conn.close()
+    assert count(db_url) == 0
+    assert count(db_url, "messages") == 0
+
+
+def test_send_inside_a_sqlalchemy_session_joins_its_transaction(db_url: str) -> None:
+    engine = create_engine(sqlalchemy_url(db_url), poolclass=NullPool)
+    try:
+        # Given a Session that rolls back
+        with Session(engine) as session:
+            with tasks.enqueue_in(session):
+                actors.noop.send("rolled back")
+            session.rollback()
+        assert count(db_url) == 0
+        # And one that commits, with a SQLAlchemy Connection too
+        with Session(engine) as session:
+            session.execute(text("SELECT 1"))
+            with tasks.enqueue_in(session):
+                kept = actors.noop.send("kept")
+            assert count(db_url) == 0
+            session.commit()
+        with engine.begin() as connection, tasks.enqueue_in(connection):
+            also = actors.noop.send("also kept")
+    finally:
+        engine.dispose()
+    # Then only the committed sends exist
+    ids = {str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.jobs")}
+    assert ids == {kept.message_id, also.message_id}
+
+
+def test_enqueue_in_rejects_what_is_not_a_connection() -> None:
+    with pytest.raises(TypeError, match="psycopg2 connection or a SQLAlchemy"), tasks.enqueue_in("nope"):
+        pass
+
+
+def test_batch_enqueue_writes_many_messages_in_one_statement(db_url: str) -> None:
+    # When 500 messages are enqueued as one batch
+    messages = [actors.noop.message(i) for i in range(500)]
+    sent = tasks.broker.enqueue_batch(messages)
+    # Then all 500 are queued and mirrored, with their payloads
+    assert len(sent) == 500
+    assert count(db_url) == 500
+    assert count(db_url, "messages") == 500
+    rows = query(db_url, "SELECT (payload #>> '{args,0}')::int AS i FROM control_plane.jobs ORDER BY 1")
+    assert [r["i"] for r in rows] == list(range(500))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "where"),
+    [
+        ((decimal.Decimal("1.5"),), {}, "args[0] (Decimal)"),
+        ((), {"when": object()}, "kwargs['when'] (object)"),
+        (({"nested": [1, {2, 3}]},), {}, "args[0]['nested'][1] (set)"),
+    ],
+)
+def test_arguments_that_are_not_json_are_refused_and_nothing_is_enqueued(
+    db_url: str, args: tuple[object, ...], kwargs: dict[str, object], where: str
+) -> None:
+    with pytest.raises(NotSerializable, match=rf"tests\.noop.*{__import__('re').escape(where)} is not JSON"):
+        actors.noop.send(*args, **kwargs)
+    assert count(db_url) == 0
+    assert count(db_url, "messages") == 0
+
+
+def test_a_nul_character_is_refused_with_a_clear_error(db_url: str) -> None:
+    with pytest.raises(NotSerializable, match="NUL character"):
+        actors.noop.send("a\x00b")
+    assert count(db_url) == 0
+
+
+def test_hostile_strings_round_trip_unchanged(db_url: str) -> None:
+    hostile = ["x\"; DROP DATABASE postgres; --", "'; DELETE FROM control_plane.jobs; --", "ünïcødé ✓ 🚀",
+               "back\\slash", "x" * 10_000]
+    message = actors.noop.send(hostile)
+    assert job(db_url, message.message_id)["payload"]["args"] == [hostile]
