@@ -213,9 +213,19 @@ class _Pool:
                 conn = self._idle.get_nowait()
             except queue_module.Empty:
                 conn = None
-            if not db.connection_is_usable(conn):
+            if not db.idle_connection_is_alive(conn):
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
                 conn = db.connect(self._url_factory(), autocommit=True, application_name="controlplane-send")
-            yield conn
+            try:
+                yield conn
+            except psycopg2.Error as exc:
+                if db.is_connection_error(exc):
+                    raise  # the finally below closes it instead of pooling it
+                self._idle.put(conn)
+                conn = None
+                raise
             self._idle.put(conn)
             conn = None
         finally:
@@ -714,4 +724,4 @@ def to_json(value: Any) -> str | None:
     return None if "\\u0000" in text else text
 
 
-__all__ = ["PgMessageProxy", "PostgresBroker", "enqueue_in", "encode_message", "get_encoder", "to_json"]
+__all__ = ["PgMessageProxy", "PostgresBroker", "encode_message", "enqueue_in", "get_encoder", "to_json"]

@@ -168,7 +168,7 @@ def _fetch(conn: Any, sql: str, params: dict[str, Any] | None = None) -> list[di
         return [dict(r) for r in cur.fetchall()]
 
 
-def _jsonable(rows: list[dict[str, Any]]) -> str:
+def _jsonable(rows: Any) -> str:
     return json.dumps(rows, default=str, indent=2)
 
 
@@ -256,7 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         os.environ["DATABASE_URL"] = url
         from tasks import demo
 
-        sent = [demo.resize_image.send(i, 640) for i in range(1, 4)]
+        sent: list[Any] = [demo.resize_image.send(i, 640) for i in range(1, 4)]
         sent.append(demo.charge_card.send(1001))
         ids = [m.message_id for m in sent]
         print(f"sent {len(ids)} jobs; watching control_plane.jobs (Ctrl-C to stop)\n")

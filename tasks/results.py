@@ -16,7 +16,7 @@ from models import queries
 from tasks.broker import PostgresBroker
 
 
-class PostgresBackend(ResultBackend):  # type: ignore[misc]
+class PostgresBackend(ResultBackend):
     """Stores results next to the messages, in the same database."""
 
     def __init__(self, broker: PostgresBroker, **kwargs: Any) -> None:

@@ -25,6 +25,8 @@ FAST_ENV = {
     "CONTROLPLANE_HEARTBEAT_INTERVAL": "0.5",
     "CONTROLPLANE_REAP_INTERVAL": "0.5",
     "dramatiq_restart_delay": "300",
+    "CONTROLPLANE_MIN_BACKOFF_MS": "200",
+    "CONTROLPLANE_MAX_BACKOFF_MS": "2000",
 }
 
 
@@ -86,17 +88,40 @@ def disagreements(url: str) -> list[dict[str, Any]]:
 class WorkerProcess:
     """A real ``dramatiq`` worker (main process + worker processes) on a test database."""
 
-    def __init__(self, url: str, *, processes: int = 1, threads: int = 4, module: str = "tests.actors",
-                 extra_env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        processes: int = 1,
+        threads: int = 4,
+        module: str = "tests.actors",
+        extra_env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.url = url
         env = {**os.environ, **FAST_ENV, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.log_path = log_path
-        self._log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "tasks", module, "--processes", str(processes),
-             "--threads", str(threads), "--worker-shutdown-timeout", "20000"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "dramatiq",
+                "tasks",
+                module,
+                "--processes",
+                str(processes),
+                "--threads",
+                str(threads),
+                "--worker-shutdown-timeout",
+                "20000",
+            ],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
         )
         self.processes = processes
 
@@ -109,6 +134,7 @@ class WorkerProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited early with {self.proc.returncode}: {self.log()}")
             return len(self.worker_pids()) >= self.processes
+
         wait_for(ready, timeout, "the worker processes to heartbeat")
 
     def log(self) -> str:

@@ -175,7 +175,12 @@ def test_a_nul_character_is_refused_with_a_clear_error(db_url: str) -> None:
 
 
 def test_hostile_strings_round_trip_unchanged(db_url: str) -> None:
-    hostile = ["x\"; DROP DATABASE postgres; --", "'; DELETE FROM control_plane.jobs; --", "ünïcødé ✓ 🚀",
-               "back\\slash", "x" * 10_000]
+    hostile = [
+        'x"; DROP DATABASE postgres; --',
+        "'; DELETE FROM control_plane.jobs; --",
+        "ünïcødé ✓ 🚀",
+        "back\\slash",
+        "x" * 10_000,
+    ]
     message = actors.noop.send(hostile)
     assert job(db_url, message.message_id)["payload"]["args"] == [hostile]

@@ -30,8 +30,16 @@ def test_migrate_creates_tables_and_views_and_is_idempotent(empty_db: str) -> No
             "SELECT table_name AS name FROM information_schema.tables WHERE table_schema = 'control_plane'",
         )
     }
-    assert {"messages", "jobs", "results", "worker_heartbeats", "failed_jobs", "retrying_jobs",
-            "queue_stats", "workers"} <= names
+    assert {
+        "messages",
+        "jobs",
+        "results",
+        "worker_heartbeats",
+        "failed_jobs",
+        "retrying_jobs",
+        "queue_stats",
+        "workers",
+    } <= names
     assert migrations.current(empty_db) == "0001"
 
 
@@ -39,8 +47,14 @@ def test_two_releases_migrating_at_once_both_succeed(empty_db: str) -> None:
     # Given two release processes started together on an empty database
     env = {**os.environ, "DATABASE_URL": empty_db}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tasks.cli", "migrate"], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", "migrate"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     # When both finish
@@ -60,9 +74,7 @@ def test_migrated_schema_matches_the_models(db_url: str) -> None:
                 conn,
                 opts={
                     "include_schemas": True,
-                    "include_name": lambda name, type_, parent: (
-                        type_ != "schema" or name == SCHEMA
-                    ),
+                    "include_name": lambda name, type_, parent: type_ != "schema" or name == SCHEMA,
                     "version_table_schema": SCHEMA,
                 },
             )

