@@ -36,12 +36,11 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def current(url: str) -> str | None:
     """The database's current revision, or None when it was never migrated."""
+    from alembic.runtime.migration import MigrationContext
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
     from tasks.db import sqlalchemy_url
-
-    from alembic.runtime.migration import MigrationContext
 
     engine = create_engine(sqlalchemy_url(url), poolclass=NullPool)
     try:

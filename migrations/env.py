@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from alembic import context
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from alembic import context
 from migrations import MIGRATION_LOCK_KEY
 from models import SCHEMA, metadata
 

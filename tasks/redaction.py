@@ -2,7 +2,9 @@
 
 Applied to every error message before it reaches ``last_error``, the
 per-attempt ``errors`` history or a log line: API keys, passwords, SCRAM
-verifiers and the password part of connection URLs become ``[REDACTED]``.
+verifiers, tokens and the password part of connection URLs become
+``[REDACTED]``. Each pattern keeps its keyword, so a reader still sees what was
+removed.
 """
 
 from __future__ import annotations
@@ -11,28 +13,37 @@ import re
 
 REDACTED = "[REDACTED]"
 
-#: API keys: ``<prefix>_<43 base62 body><6 base62 checksum>``.
-API_KEY_PATTERN = re.compile(r"\b[a-z][a-z0-9_]*_[0-9A-Za-z]{49}\b")
+#: Length of an API key's body: 43 base62 characters of randomness + a 6-character checksum.
+KEY_BODY_LEN = 49
 
-_PATTERNS = (
-    API_KEY_PATTERN,
-    re.compile(r"SCRAM-SHA-256\$[^\s'\"]+"),
-    re.compile(r"(?i)(password\s*[=:]\s*)('[^']*'|\"[^\"]*\"|\S+)"),
-    re.compile(r"(?i)(password\s+)('[^']*')"),
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
-    re.compile(r"(://[^:/@\s]+:)[^@\s]+(@)"),
+#: Matches any API key (``<prefix>_<49 base62 characters>``). Not anchored on the left, so
+#: a key glued to preceding text is still caught (possibly with a shorter prefix).
+SECRET_PATTERN = re.compile(rf"[a-z][a-z0-9_]*_[0-9A-Za-z]{{{KEY_BODY_LEN}}}(?![0-9A-Za-z])")
+
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # A SCRAM verifier: SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>.
+    (re.compile(r"SCRAM-SHA-256\$[^\s'\",;]*", re.IGNORECASE), REDACTED),
+    # DDL: PASSWORD 'secret' (with '' escapes) or E'...'.
+    (re.compile(r"(\bPASSWORD\s+)E?'(?:[^']|'')*'", re.IGNORECASE), rf"\g<1>{REDACTED}"),
+    # key=value, key: value, "key": "value" (libpq DSNs, config dumps, JSON).
+    (
+        re.compile(
+            r"""(\b(?:password|passwd|pwd|secret|token)["']?\s*[=:]\s*)"""
+            r"""(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&;,'"}]+)""",
+            re.IGNORECASE,
+        ),
+        rf"\g<1>{REDACTED}",
+    ),
+    # URL userinfo: scheme://user:secret@host.
+    (re.compile(r"(://[^/\s:@]*:)[^/\s@]*@"), rf"\g<1>{REDACTED}@"),
+    # Bearer tokens in echoed headers.
+    (re.compile(r"(\bBearer\s+)[^\s'\",;]+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
 )
 
 
 def redact(text: str) -> str:
-    """``text`` with every secret-looking part replaced by ``[REDACTED]``."""
-    for pattern in _PATTERNS:
-        if pattern.groups == 0:
-            text = pattern.sub(REDACTED, text)
-        elif pattern.groups == 1:
-            text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
-        elif pattern.pattern.startswith("(://"):
-            text = pattern.sub(lambda m: m.group(1) + REDACTED + m.group(2), text)
-        else:
-            text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    """``text`` with API keys, passwords, SCRAM verifiers, tokens and URL credentials replaced."""
+    text = SECRET_PATTERN.sub(REDACTED, text)
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
     return text

@@ -1,0 +1,1 @@
+"""provision_project: one module per step and the workflow that chains them."""

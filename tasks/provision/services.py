@@ -1,0 +1,153 @@
+"""Client for the admin APIs of the auth, realtime and storage services.
+
+The contract (see ``docs/services.md``)::
+
+    PUT    /tenants/{project_id}   JSON body with tenant_id; upsert; 200 or 201 + JSON object
+    GET    /tenants/{project_id}   200 + JSON object, or 404
+    DELETE /tenants/{project_id}   200/204, or 404 (already gone: counts as done)
+    Authorization: Bearer <token>
+
+Failures are classified for the retry policy: timeouts, dropped or refused connections, 408,
+429 and 5xx raise :class:`~tasks.errors.TransientError`; 409 raises
+:class:`~tasks.errors.Conflict`; any other unexpected status (401, 403, other 4xx, redirects)
+raises :class:`~tasks.errors.PermanentError`. Messages name the service, method, path and
+status, and never contain the token.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+from urllib.parse import quote, urlsplit
+
+from tasks.errors import Conflict, PermanentError, TransientError
+from tasks.provision.apikeys import REDACTED, redact
+
+__all__ = ["ServiceClient"]
+
+_TRANSIENT_STATUSES = frozenset({408, 429})
+# A snippet of the response body helps an operator; the whole body could be a page of HTML.
+_BODY_SNIPPET = 200
+_USER_AGENT = "controlplane-tasks"
+
+
+class ServiceClient:
+    """Talks to one service's admin API; a new connection per request, so it is thread-safe."""
+
+    def __init__(self, name: str, base_url: str, token: str, timeout: float) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{name}: service URL must be http:// or https:// with a host")
+        if parts.username or parts.password:
+            # Credentials travel in the token, and a URL is too easily logged.
+            raise ValueError(f"{name}: service URL must not contain credentials")
+        if not token or not token.isascii() or not token.isprintable() or " " in token:
+            # http.client would echo an invalid header value (the token) in its error.
+            raise ValueError(f"{name}: service token must be non-empty printable ASCII without spaces")
+        if timeout <= 0:
+            raise ValueError(f"{name}: timeout must be positive")
+        self.name = name
+        self.timeout = timeout
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._base_path = parts.path.rstrip("/")
+        self._token = token
+
+    def __repr__(self) -> str:
+        scheme = "https" if self._https else "http"
+        port = f":{self._port}" if self._port else ""
+        return f"ServiceClient({self.name!r}, '{scheme}://{self._host}{port}{self._base_path}')"
+
+    def put_tenant(self, project_id: str, body: dict[str, object]) -> dict[str, object]:
+        """Create or update the project's tenant; returns the service's record."""
+        if "tenant_id" not in body:
+            raise ValueError("the tenant body must include tenant_id")
+        status, data, path = self._request("PUT", project_id, body)
+        if 200 <= status < 300:
+            return self._json_object("PUT", path, status, data)
+        raise self._error("PUT", path, status, data)
+
+    def get_tenant(self, project_id: str) -> dict[str, object] | None:
+        """The service's record of the project's tenant, or None if it has none."""
+        status, data, path = self._request("GET", project_id, None)
+        if status == 200:
+            return self._json_object("GET", path, status, data)
+        if status == 404:
+            return None
+        raise self._error("GET", path, status, data)
+
+    def delete_tenant(self, project_id: str) -> None:
+        """Remove the project's tenant; a tenant that does not exist counts as removed."""
+        status, data, path = self._request("DELETE", project_id, None)
+        if 200 <= status < 300 or status == 404:
+            return
+        raise self._error("DELETE", path, status, data)
+
+    def _request(
+        self, method: str, project_id: str, body: dict[str, object] | None
+    ) -> tuple[int, bytes, str]:
+        path = f"{self._base_path}/tenants/{quote(project_id, safe='')}"
+        headers = {
+            "Authorization": f"Bearer {self._token}",
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+        }
+        payload: bytes | None = None
+        if body is not None:
+            payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        conn: http.client.HTTPConnection
+        if self._https:
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        where = f"{self.name} {method} {path}"
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read(), path
+        except TimeoutError as exc:
+            raise TransientError(f"{where}: no answer within {self.timeout:g}s") from exc
+        except ssl.SSLCertVerificationError as exc:
+            # A certificate that does not verify will not verify on the next attempt either.
+            raise PermanentError(f"{where}: TLS certificate verification failed") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            # Refused, reset, dropped after the request was sent, DNS failure: the request may
+            # or may not have been applied; PUT and DELETE are idempotent, so retrying is safe.
+            raise TransientError(f"{where}: connection failed ({type(exc).__name__})") from exc
+        finally:
+            conn.close()
+
+    def _json_object(self, method: str, path: str, status: int, data: bytes) -> dict[str, object]:
+        if not data.strip():
+            return {}
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            raise PermanentError(f"{self.name} {method} {path}: HTTP {status} with a non-JSON body") from exc
+        if not isinstance(value, dict):
+            raise PermanentError(f"{self.name} {method} {path}: HTTP {status} body is not a JSON object")
+        return value
+
+    def _error(self, method: str, path: str, status: int, data: bytes) -> Exception:
+        message = f"{self.name} {method} {path}: HTTP {status}"
+        snippet = self._snippet(data)
+        if snippet:
+            message = f"{message}: {snippet}"
+        if status >= 500 or status in _TRANSIENT_STATUSES:
+            return TransientError(message)
+        if status == 409:
+            return Conflict(message)
+        if status in (401, 403):
+            return PermanentError(f"{message} (check the {self.name} service token)")
+        return PermanentError(message)
+
+    def _snippet(self, data: bytes) -> str:
+        # A server may echo the request, headers included: scrub before it reaches a log.
+        # Replace before truncating, so no cut can leave part of the token behind.
+        text = redact(data.decode("utf-8", "replace").replace(self._token, REDACTED))
+        text = "".join(ch if ch.isprintable() else " " for ch in text)
+        text = " ".join(text.split())
+        return text[:_BODY_SNIPPET]

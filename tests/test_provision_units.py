@@ -1,0 +1,700 @@
+"""provision_project building blocks without a database: payload, API keys, service client.
+
+The service client runs against real stand-in HTTP servers on loopback, one per test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tasks.errors import Conflict, InvalidPayload, PermanentError, TransientError
+from tasks.provision import apikeys
+from tasks.provision.payload import (
+    MAX_IDENTIFIER_LEN,
+    PG_NAME_MAX_BYTES,
+    ProvisionPayload,
+    Services,
+    app_role,
+    database_name,
+    owner_role,
+    payload_hash,
+    schema_name,
+    validate,
+)
+from tasks.provision.services import ServiceClient
+from tasks.provision.standin import NO_ANSWER, StandinService
+
+TOKEN = "test-token-5d41402abc4b2a76"
+PEPPER = b"pepper-for-tests"
+BASE62 = set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+INJECTION = 'x"; DROP DATABASE postgres; --'
+HUGE = "a" * 10_240
+
+
+def minimal(**overrides: object) -> dict[str, object]:
+    """The smallest valid payload, with overrides (a value of ... removes the field)."""
+    raw: dict[str, object] = {"project_id": "proj_1", "tenant_id": "tenant-1", "region": "us-east-1"}
+    raw.update(overrides)
+    return {key: value for key, value in raw.items() if value is not ...}
+
+
+def assert_log_safe(exc: BaseException, *, not_containing: str = "") -> None:
+    """The message is short printable ASCII and does not echo the given value."""
+    message = str(exc)
+    assert len(message) < 300
+    assert message.isascii() and message.isprintable()
+    if not_containing:
+        assert not_containing not in message
+
+
+# --- payload: accepted ------------------------------------------------------------------------
+
+
+def test_minimal_payload_gets_defaults() -> None:
+    # Given only the required fields
+    raw = minimal()
+
+    # When validated
+    payload = validate(raw)
+
+    # Then every optional field has its default, the key prefix being the project id
+    assert payload == ProvisionPayload(
+        project_id="proj_1",
+        tenant_id="tenant-1",
+        region="us-east-1",
+        owner_id=None,
+        organization_id=None,
+        api_key_count=1,
+        api_key_prefix="proj_1",
+        services=Services(auth=False, realtime=False, storage=False),
+    )
+    assert payload.services.enabled() == ()
+
+
+def test_full_payload_with_ten_keys_and_all_services() -> None:
+    # Given every field, at the maximum key count
+    raw = minimal(
+        owner_id="user:42",
+        organization_id="org.acme-eu_1",
+        api_key_count=10,
+        api_key_prefix="acme",
+        services={"auth": True, "realtime": True, "storage": True},
+    )
+
+    # When validated
+    payload = validate(raw)
+
+    # Then the values are kept and services come in registration order
+    assert payload.api_key_count == 10
+    assert payload.api_key_prefix == "acme"
+    assert payload.owner_id == "user:42"
+    assert payload.organization_id == "org.acme-eu_1"
+    assert payload.services.enabled() == ("auth", "realtime", "storage")
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west", "ap-southeast-2", "eu-central-1", "local", "ab"])
+def test_region_formats_accepted(region: str) -> None:
+    # Given / When a payload in that region / Then it validates unchanged
+    assert validate(minimal(region=region)).region == region
+
+
+def test_null_optional_fields_mean_defaults() -> None:
+    # Given optional fields sent as JSON null
+    raw = minimal(owner_id=None, organization_id=None, api_key_count=None, api_key_prefix=None, services=None)
+
+    # When validated / Then they take their defaults
+    assert validate(raw) == validate(minimal())
+
+
+def test_longest_project_id_fits_every_derived_name() -> None:
+    # Given a project id of the maximum length
+    project_id = "p" * MAX_IDENTIFIER_LEN
+
+    # When validated
+    payload = validate(minimal(project_id=project_id))
+
+    # Then every derived Postgres name fits in 63 bytes, and the owner role uses them all
+    names = [owner_role(payload), app_role(payload), database_name(payload), schema_name(payload)]
+    assert all(len(name.encode()) <= PG_NAME_MAX_BYTES for name in names)
+    assert len(owner_role(payload).encode()) == PG_NAME_MAX_BYTES
+
+
+def test_derived_names() -> None:
+    # Given a payload / When deriving names / Then they follow the p_<id> convention
+    payload = validate(minimal())
+    assert owner_role(payload) == "p_proj_1_owner"
+    assert app_role(payload) == "p_proj_1_app"
+    assert database_name(payload) == "p_proj_1"
+    assert schema_name(payload) == "proj_1"
+
+
+def test_payload_is_frozen() -> None:
+    # Given a validated payload / When mutated / Then it refuses
+    payload = validate(minimal())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        payload.project_id = "other"  # type: ignore[misc]
+
+
+def test_canonical_json_round_trips_and_hash_ignores_spelled_out_defaults() -> None:
+    # Given a minimal payload and the same one with its defaults spelled out
+    short = validate(minimal())
+    spelled = validate(
+        minimal(
+            api_key_count=1,
+            api_key_prefix="proj_1",
+            services={"auth": False, "realtime": False, "storage": False},
+        )
+    )
+
+    # When hashing and re-validating the canonical form
+    canonical = short.to_json()
+
+    # Then both hash alike, the canonical form is JSON and validates back to the same payload
+    assert payload_hash(short) == payload_hash(spelled)
+    assert len(payload_hash(short)) == 64 and int(payload_hash(short), 16) >= 0
+    assert json.loads(json.dumps(canonical)) == canonical
+    assert validate(canonical) == short
+    assert canonical["api_key_prefix"] == "proj_1"
+    assert canonical["services"] == {"auth": False, "realtime": False, "storage": False}
+
+
+def test_hash_changes_with_any_field() -> None:
+    # Given a payload / When one field differs / Then the hash differs
+    base = payload_hash(validate(minimal()))
+    assert payload_hash(validate(minimal(api_key_count=2))) != base
+    assert payload_hash(validate(minimal(services={"auth": True}))) != base
+    assert payload_hash(validate(minimal(owner_id="someone"))) != base
+
+
+# --- payload: rejected ------------------------------------------------------------------------
+
+BAD_IDENTIFIERS = [
+    INJECTION,
+    "Proj",
+    "1proj",
+    "_proj",
+    "proj-1",
+    "proj 1",
+    "proj\x00",
+    "proj\n",
+    "projé",
+    "proj\u202e",
+    "",
+    "p" * (MAX_IDENTIFIER_LEN + 1),
+    HUGE,
+    42,
+    True,
+    ["proj"],
+]
+
+
+@pytest.mark.parametrize("value", BAD_IDENTIFIERS, ids=repr)
+def test_bad_project_id_rejected(value: object) -> None:
+    # Given a project id that is not a safe, short identifier
+    # When validated / Then the error names project_id and is safe to log
+    with pytest.raises(InvalidPayload) as info:
+        validate(minimal(project_id=value))
+    assert info.value.field == "project_id"
+    assert_log_safe(info.value)
+
+
+@pytest.mark.parametrize("value", BAD_IDENTIFIERS, ids=repr)
+def test_bad_api_key_prefix_rejected(value: object) -> None:
+    # Given a valid project but a bad key prefix / When validated / Then api_key_prefix is named
+    with pytest.raises(InvalidPayload) as info:
+        validate(minimal(api_key_prefix=value))
+    assert info.value.field == "api_key_prefix"
+    assert_log_safe(info.value)
+
+
+@pytest.mark.parametrize("field", ["tenant_id", "owner_id", "organization_id"])
+@pytest.mark.parametrize(
+    "value",
+    [INJECTION, "", "a b", "tab\t", "nul\x00", "quote'", "ünïcode", "a" * 129, HUGE, 7, False, {"id": "x"}],
+    ids=repr,
+)
+def test_bad_external_id_rejected(field: str, value: object) -> None:
+    # Given an external id with forbidden characters, the wrong type or length
+    # When validated / Then that field is named and the message is safe to log
+    with pytest.raises(InvalidPayload) as info:
+        validate(minimal(**{field: value}))
+    assert info.value.field == field
+    assert_log_safe(info.value)
+
+
+@pytest.mark.parametrize("field", ["tenant_id", "owner_id", "organization_id"])
+def test_external_ids_allow_their_alphabet(field: str) -> None:
+    # Given ids made of letters, digits, _ . : - up to 128 characters / Then they validate
+    for value in ("Tenant-1", "org:acme.eu_1", "A" * 128):
+        assert getattr(validate(minimal(**{field: value})), field) == value
+
+
+@pytest.mark.parametrize(
+    "value", ["US_EAST", "us east", "us_east_1", "-us", "1us", "u", "us-east-1\n", "a" * 33, "", HUGE, 1]
+)
+def test_bad_region_rejected(value: object) -> None:
+    # Given a region outside ^[a-z][a-z0-9-]{1,31}$ / When validated / Then region is named
+    with pytest.raises(InvalidPayload) as info:
+        validate(minimal(region=value))
+    assert info.value.field == "region"
+    assert_log_safe(info.value)
+
+
+@pytest.mark.parametrize("value", [0, 11, -1, True, False, "3", 3.0, [3]], ids=repr)
+def test_bad_api_key_count_rejected(value: object) -> None:
+    # Given a count outside 1..10 or not an integer (booleans included)
+    # When validated / Then api_key_count is named
+    with pytest.raises(InvalidPayload) as info:
+        validate(minimal(api_key_count=value))
+    assert info.value.field == "api_key_count"
+
+
+@pytest.mark.parametrize("field", ["project_id", "tenant_id", "region"])
+def test_missing_required_field_named(field: str) -> None:
+    # Given a payload without a required field / When validated / Then that field is named
+    with pytest.raises(InvalidPayload) as info:
+        validate(minimal(**{field: ...}))
+    assert info.value.field == field
+    assert info.value.problem == "is required"
+
+
+@pytest.mark.parametrize(
+    ("services", "field"),
+    [
+        ({"billing": True}, "services.billing"),
+        ({"auth": "yes"}, "services.auth"),
+        ({"realtime": 1}, "services.realtime"),
+        ({"storage": [True]}, "services.storage"),
+        (["auth"], "services"),
+        ("auth", "services"),
+        ({"x" * 100: True}, "services"),
+    ],
+    ids=repr,
+)
+def test_bad_services_rejected(services: object, field: str) -> None:
+    # Given a services object with an unknown name or a non-boolean flag
+    # When validated / Then the dotted field is named
+    with pytest.raises(InvalidPayload) as info:
+        validate(minimal(services=services))
+    assert info.value.field == field
+    assert_log_safe(info.value, not_containing="x" * 41)
+
+
+def test_unknown_top_level_field_rejected() -> None:
+    # Given a payload with a field the task does not know
+    # When validated / Then the unknown field is named
+    with pytest.raises(InvalidPayload) as info:
+        validate(minimal(database_password="hunter2"))
+    assert info.value.field == "database_password"
+
+
+@pytest.mark.parametrize("key", [HUGE, INJECTION, "k\x00ey", "clé"], ids=repr)
+def test_unsafe_unknown_field_is_not_echoed_as_field_name(key: str) -> None:
+    # Given an unknown field whose name is itself hostile
+    # When validated / Then the error blames the payload and does not carry the raw key
+    with pytest.raises(InvalidPayload) as info:
+        validate(minimal(**{key: 1}))
+    assert info.value.field == "payload"
+    assert_log_safe(info.value, not_containing=HUGE[:41])
+
+
+@pytest.mark.parametrize("raw", [None, [], "payload", 42, b"{}"], ids=repr)
+def test_non_object_payload_rejected(raw: object) -> None:
+    # Given something that is not a JSON object / When validated / Then payload is named
+    with pytest.raises(InvalidPayload) as info:
+        validate(raw)
+    assert info.value.field == "payload"
+
+
+def test_error_message_echoes_short_values_only() -> None:
+    # Given a short printable bad value, a long one and one with a NUL byte
+    with pytest.raises(InvalidPayload) as short:
+        validate(minimal(project_id=INJECTION))
+    with pytest.raises(InvalidPayload) as long:
+        validate(minimal(project_id="A" + "b" * 40))
+    with pytest.raises(InvalidPayload) as nul:
+        validate(minimal(tenant_id="abc\x00def"))
+
+    # Then only the short printable one appears (as a repr); the others are described
+    assert repr(INJECTION) in str(short.value)
+    assert "b" * 40 not in str(long.value)
+    assert "41 characters" in str(long.value)
+    assert "abc" not in str(nul.value) and "\x00" not in str(nul.value)
+
+
+# --- API keys ---------------------------------------------------------------------------------
+
+
+def test_generated_key_has_the_documented_format() -> None:
+    # Given a prefix / When a key is generated
+    key = apikeys.generate("acme_prod")
+
+    # Then it reads <prefix>_<49 base62 chars>, matches the secret pattern and its checksum
+    prefix, _, body = key.rpartition("_")
+    assert prefix == "acme_prod"
+    assert len(body) == 49 and set(body) <= BASE62
+    assert apikeys.SECRET_PATTERN.fullmatch(key)
+    assert apikeys.checksum_ok(key)
+
+
+def test_keys_are_unique() -> None:
+    # Given / When many keys are generated / Then no two are equal
+    keys = {apikeys.generate("p") for _ in range(2000)}
+    assert len(keys) == 2000
+
+
+@pytest.mark.parametrize("fill", [b"\x00", b"\xff"])
+def test_encoding_is_left_padded_to_fixed_width(fill: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given the extreme random values (all zero bits, all one bits)
+    monkeypatch.setattr(secrets, "token_bytes", lambda n: fill * n)
+
+    # When a key is generated
+    key = apikeys.generate("p")
+
+    # Then the body still has exactly 43 + 6 characters and a valid checksum
+    assert len(key) == len("p_") + 49
+    assert apikeys.checksum_ok(key)
+    if fill == b"\x00":
+        assert key.startswith("p_" + "0" * 43)
+
+
+def test_checksum_catches_every_single_character_change() -> None:
+    # Given a valid key
+    key = apikeys.generate("proj")
+    body_start = len("proj_")
+
+    # When any one body character is replaced / Then the checksum no longer matches
+    for i in range(body_start, len(key)):
+        replacement = "a" if key[i] != "a" else "b"
+        assert not apikeys.checksum_ok(key[:i] + replacement + key[i + 1 :])
+
+
+@pytest.mark.parametrize(
+    "text", ["", "proj", "proj_", "proj_abc", "Proj_" + "0" * 49, "proj_" + "0" * 48 + "!", "_" + "0" * 49]
+)
+def test_checksum_rejects_malformed_keys(text: str) -> None:
+    # Given text that is not a key / When checked / Then it fails, without raising
+    assert not apikeys.checksum_ok(text)
+
+
+def test_hash_is_hmac_under_the_pepper() -> None:
+    # Given a key
+    key = apikeys.generate("proj")
+
+    # When hashed with the pepper
+    digest = apikeys.hash_key(key, PEPPER)
+
+    # Then it is stable hex, depends on key and pepper, and does not contain the key
+    assert digest == apikeys.hash_key(key, PEPPER)
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert digest != apikeys.hash_key(key, b"another pepper")
+    assert digest != apikeys.hash_key(apikeys.generate("proj"), PEPPER)
+    assert key not in digest
+    with pytest.raises(ValueError):
+        apikeys.hash_key(key, b"")
+
+
+def test_hint_shows_prefix_and_a_few_characters_only() -> None:
+    # Given a key / When hinted
+    key = apikeys.generate("proj")
+    body = key.removeprefix("proj_")
+    shown = apikeys.hint(key)
+
+    # Then it shows the prefix and 4 + 4 body characters, and is not a key itself
+    assert shown == f"proj_{body[:4]}…{body[-4:]}"
+    assert not apikeys.SECRET_PATTERN.search(shown)
+
+
+def test_generate_refuses_a_bad_prefix() -> None:
+    # Given a prefix outside the identifier alphabet / When generating / Then it refuses
+    with pytest.raises(ValueError):
+        apikeys.generate('x"; --')
+
+
+def test_redact_removes_keys_and_passwords() -> None:
+    # Given text with a key, DSN and DDL passwords, a SCRAM verifier and URL credentials
+    key = apikeys.generate("acme")
+    scram = "SCRAM-SHA-256$4096:c2FsdA==$c3RvcmVk:c2VydmVy"
+    text = (
+        f"key {key} issued; dsn host=db password=s3cr3t user=u; "
+        f"ALTER ROLE r PASSWORD 'it''s secret'; verifier {scram}; "
+        "url postgresql://app:hunter2@db:5432/x; glued x{key}!"
+    )
+
+    # When redacted
+    cleaned = apikeys.redact(text)
+
+    # Then no secret survives and the surrounding words do
+    for secret in (key, "s3cr3t", "it''s secret", "secret'", scram, "c3RvcmVk", "hunter2"):
+        assert secret not in cleaned
+    assert "[REDACTED]" in cleaned
+    assert cleaned.startswith("key [REDACTED] issued; dsn host=db password=[REDACTED] user=u;")
+    assert "PASSWORD [REDACTED]" in cleaned
+    assert "postgresql://app:[REDACTED]@db:5432/x" in cleaned
+
+
+def test_redact_leaves_ordinary_text_alone() -> None:
+    # Given a log line without secrets / When redacted / Then it is unchanged
+    line = "provision_project.create_database finished for proj_1 in us-east-1 (attempt 2)"
+    assert apikeys.redact(line) == line
+
+
+# --- service client against the stand-ins -----------------------------------------------------
+
+
+@pytest.fixture
+def standin() -> Iterator[StandinService]:
+    service = StandinService("auth", TOKEN)
+    service.start()
+    yield service
+    service.stop()
+
+
+def client_for(service: StandinService, *, token: str = TOKEN, timeout: float = 5.0) -> ServiceClient:
+    return ServiceClient(service.name, service.url, token, timeout)
+
+
+def statuses(service: StandinService) -> list[int]:
+    return [status for _, _, status in service.request_log]
+
+
+def assert_no_token(exc: BaseException, token: str = TOKEN) -> None:
+    """Neither the message nor the chained traceback mentions the token."""
+    assert token not in str(exc)
+    assert token not in "".join(traceback.format_exception(exc))
+
+
+def test_put_get_delete_round_trip(standin: StandinService) -> None:
+    # Given a client with the right token
+    client = client_for(standin)
+
+    # When a tenant is created, updated, read, deleted and read again
+    created = client.put_tenant("proj_1", {"tenant_id": "tenant-1", "region": "eu-west"})
+    updated = client.put_tenant("proj_1", {"tenant_id": "tenant-1", "region": "us-east-1"})
+    fetched = client.get_tenant("proj_1")
+    client.delete_tenant("proj_1")
+    gone = client.get_tenant("proj_1")
+
+    # Then the upsert answers 201 then 200 and each step sees the latest state
+    assert created == {"tenant_id": "tenant-1", "region": "eu-west", "project_id": "proj_1"}
+    assert updated["region"] == "us-east-1"
+    assert fetched == updated
+    assert gone is None
+    assert statuses(standin) == [201, 200, 200, 204, 404]
+    assert standin.tenants == {}
+
+
+def test_delete_of_missing_tenant_is_done(standin: StandinService) -> None:
+    # Given no tenant / When deleted / Then no error (404 counts as done)
+    client_for(standin).delete_tenant("never_created")
+    assert statuses(standin) == [404]
+
+
+def test_project_id_is_url_quoted(standin: StandinService) -> None:
+    # Given a project id with URL metacharacters / When registered
+    client_for(standin).put_tenant("a/b?c", {"tenant_id": "t"})
+
+    # Then it travels as one quoted path segment and arrives intact
+    assert standin.request_log == [("PUT", "/tenants/a%2Fb%3Fc", 201)]
+    assert list(standin.tenants) == ["a/b?c"]
+
+
+def test_five_hundreds_are_transient_then_success(standin: StandinService) -> None:
+    # Given a service that fails the next two requests
+    standin.set_faults(fail_times=2)
+    client = client_for(standin)
+
+    # When the client retries until it succeeds
+    errors: list[TransientError] = []
+    for _ in range(3):
+        try:
+            client.put_tenant("proj_1", {"tenant_id": "t"})
+            break
+        except TransientError as exc:
+            errors.append(exc)
+
+    # Then the two failures were transient and named the service, method, path and status
+    assert len(errors) == 2
+    assert "auth PUT /tenants/proj_1: HTTP 500" in str(errors[0])
+    assert statuses(standin) == [500, 500, 201]
+    assert "proj_1" in standin.tenants
+    assert standin.state()["requests"] == 3
+
+
+def test_429_is_transient(standin: StandinService) -> None:
+    # Given a rate-limiting service / When called / Then TransientError names the status
+    standin.set_faults(status_429_times=1)
+    with pytest.raises(TransientError, match="HTTP 429"):
+        client_for(standin).get_tenant("proj_1")
+    assert client_for(standin).get_tenant("proj_1") is None
+
+
+def test_hang_past_timeout_is_transient(standin: StandinService) -> None:
+    # Given a service that answers far later than the client waits
+    standin.set_faults(hang_seconds=30)
+
+    # When called with a short timeout / Then the timeout is a TransientError
+    with pytest.raises(TransientError, match=r"no answer within 0\.5s") as info:
+        client_for(standin, timeout=0.5).put_tenant("proj_1", {"tenant_id": "t"})
+    assert_no_token(info.value)
+
+
+def test_rejected_token_is_permanent_and_not_echoed(standin: StandinService) -> None:
+    # Given a service that rejects every token
+    standin.set_faults(reject_token=True)
+
+    # When called / Then PermanentError names the service and status but never the token
+    with pytest.raises(PermanentError) as info:
+        client_for(standin).put_tenant("proj_1", {"tenant_id": "t"})
+    assert not isinstance(info.value, TransientError)
+    assert "auth PUT /tenants/proj_1: HTTP 401" in str(info.value)
+    assert_no_token(info.value)
+    assert standin.tenants == {}
+
+
+def test_wrong_token_is_permanent(standin: StandinService) -> None:
+    # Given a client holding the wrong token / When called / Then 401 is permanent, token unsaid
+    wrong = "wrong-token-e99a18c428cb38d5"
+    with pytest.raises(PermanentError, match="HTTP 401") as info:
+        client_for(standin, token=wrong).get_tenant("proj_1")
+    assert_no_token(info.value, wrong)
+
+
+def test_other_client_errors_are_permanent(standin: StandinService) -> None:
+    # Given a body the service refuses (empty tenant_id) / When sent / Then 400 is permanent
+    with pytest.raises(PermanentError, match="HTTP 400") as info:
+        client_for(standin).put_tenant("proj_1", {"tenant_id": ""})
+    assert not isinstance(info.value, Conflict)
+
+
+def test_drop_after_commit_is_transient_but_applied(standin: StandinService) -> None:
+    # Given a service that applies the next PUT and DELETE then hangs up
+    standin.set_faults(drop_after_commit_times=2)
+    client = client_for(standin)
+
+    # When the PUT is dropped / Then the error is transient but the tenant exists
+    with pytest.raises(TransientError, match="connection failed") as put_error:
+        client.put_tenant("proj_1", {"tenant_id": "t"})
+    assert "proj_1" in standin.tenants
+    assert_no_token(put_error.value)
+
+    # When the DELETE is dropped / Then transient again, the tenant is gone, and a retry is fine
+    with pytest.raises(TransientError):
+        client.delete_tenant("proj_1")
+    assert standin.tenants == {}
+    client.delete_tenant("proj_1")
+    assert statuses(standin) == [NO_ANSWER, NO_ANSWER, 404]
+
+
+def test_connection_refused_is_transient() -> None:
+    # Given a port nobody listens on
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    # When called / Then TransientError
+    client = ServiceClient("storage", f"http://127.0.0.1:{port}", TOKEN, 1.0)
+    with pytest.raises(TransientError, match="storage GET /tenants/proj_1: connection failed"):
+        client.get_tenant("proj_1")
+
+
+def test_client_repr_and_constructor_keep_the_token_out() -> None:
+    # Given a client / Then its repr omits the token, and a bad token is refused without echo
+    client = ServiceClient("auth", "http://127.0.0.1:1/admin/", TOKEN, 1.0)
+    assert TOKEN not in repr(client)
+    with pytest.raises(ValueError) as info:
+        ServiceClient("auth", "http://127.0.0.1:1", "bad token\n", 1.0)
+    assert "bad token" not in str(info.value)
+    with pytest.raises(ValueError):
+        ServiceClient("auth", "http://user:pw@127.0.0.1:1", TOKEN, 1.0)
+
+
+# --- stand-in control over HTTP ---------------------------------------------------------------
+
+
+def http_json(url: str, method: str = "GET", body: object = None) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_faults_state_and_reset_over_http(standin: StandinService) -> None:
+    # Given a fault set over HTTP, as a test in another process would
+    status, faults = http_json(f"{standin.url}/_faults", "POST", {"fail_times": 1})
+    assert status == 200 and isinstance(faults, dict) and faults["fail_times"] == 1
+
+    # When a request consumes it and another succeeds
+    client = client_for(standin)
+    with pytest.raises(TransientError):
+        client.put_tenant("proj_1", {"tenant_id": "t"})
+    client.put_tenant("proj_1", {"tenant_id": "t"})
+
+    # Then /_state reports tenants and request counts, and /_reset clears everything
+    status, state = http_json(f"{standin.url}/_state")
+    assert status == 200 and isinstance(state, dict)
+    assert state["tenants"] == {"proj_1": {"tenant_id": "t", "project_id": "proj_1"}}
+    assert state["requests"] == 2 and state["request_counts"] == {"PUT": 2}
+    assert http_json(f"{standin.url}/_reset", "POST", {})[0] == 200
+    assert standin.tenants == {} and standin.request_log == [] and standin.faults.fail_times == 0
+
+
+@pytest.mark.parametrize(
+    "body", [{"fail_times": -1}, {"fail_times": True}, {"reject_token": 1}, {"explode": 1}, [1]], ids=repr
+)
+def test_bad_fault_settings_are_refused(standin: StandinService, body: object) -> None:
+    # Given a malformed fault setting / When posted / Then 400 and nothing changes
+    status, _ = http_json(f"{standin.url}/_faults", "POST", body)
+    assert status == 400
+    assert standin.faults == type(standin.faults)()
+
+
+def test_cli_starts_three_standins_and_stops_on_sigterm() -> None:
+    # Given the stand-in CLI started in its own process
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tasks.provision.standin"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "AUTH_SERVICE_TOKEN": TOKEN},
+    )
+    try:
+        assert process.stdout is not None
+        lines = [json.loads(process.stdout.readline()) for _ in range(3)]
+
+        # When each announced URL is used
+        assert [line["service"] for line in lines] == ["auth", "realtime", "storage"]
+        assert [line["setting"] for line in lines] == [
+            "AUTH_SERVICE_URL",
+            "REALTIME_SERVICE_URL",
+            "STORAGE_SERVICE_URL",
+        ]
+        client = ServiceClient("auth", lines[0]["url"], TOKEN, 5.0)
+        client.put_tenant("proj_1", {"tenant_id": "t"})
+
+        # Then it serves, never prints the token, and exits cleanly on SIGTERM
+        _, state = http_json(f"{lines[0]['url']}/_state")
+        assert isinstance(state, dict)
+        assert state["tenants"] == {"proj_1": {"tenant_id": "t", "project_id": "proj_1"}}
+        assert TOKEN not in json.dumps(lines)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
