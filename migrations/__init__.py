@@ -34,6 +34,15 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(sqlalchemy_url(url)), revision)
 
 
+def head() -> str:
+    """The newest revision this release knows."""
+    from alembic.script import ScriptDirectory
+
+    revision = ScriptDirectory.from_config(alembic_config("postgresql://")).get_current_head()
+    assert revision is not None
+    return revision
+
+
 def current(url: str) -> str | None:
     """The database's current revision, or None when it was never migrated."""
     from alembic.runtime.migration import MigrationContext

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 from models.base import SCHEMA, Base, metadata
-from models.tables import JOB_STATUSES, Job, Message, Result, Worker
+from models.tables import JOB_STATUSES, PROJECT_STATUSES, ApiKey, Job, Message, Project, Result, Worker
 
-__all__ = ["JOB_STATUSES", "SCHEMA", "Base", "Job", "Message", "Result", "Worker", "metadata"]
+__all__ = [
+    "JOB_STATUSES",
+    "PROJECT_STATUSES",
+    "SCHEMA",
+    "ApiKey",
+    "Base",
+    "Job",
+    "Message",
+    "Project",
+    "Result",
+    "Worker",
+    "metadata",
+]

@@ -14,10 +14,12 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -130,3 +132,58 @@ class Worker(Base):
     queues: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'::text[]"))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+PROJECT_STATUSES = ("provisioning", "active", "compensating", "needs_operator")
+
+
+class Project(Base):
+    """A tenant project being provisioned (or provisioned): the workflow's own record."""
+
+    __tablename__ = "projects"
+
+    project_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    payload_hash: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default=text("'provisioning'"))
+    region: Mapped[str] = mapped_column(Text)
+    owner_id: Mapped[str | None] = mapped_column(Text)
+    organization_id: Mapped[str | None] = mapped_column(Text)
+    #: Which steps started and finished: {"roles": {"started_at": ..., "done_at": ...}, ...}
+    steps: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    #: Seed of the project's secrets (API keys, app role password) until the caller reads them once.
+    secret_nonce: Mapped[bytes | None] = mapped_column(LargeBinary)
+    secrets_expire_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The job the caller got from provision_project.send().
+    job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    provisioned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('provisioning', 'active', 'compensating', 'needs_operator')",
+            name="status",
+        ),
+        Index("ix_projects_tenant_id", "tenant_id"),
+    )
+
+
+class ApiKey(Base):
+    """One API key slot of a project: only a keyed hash and a display hint, never the key."""
+
+    __tablename__ = "api_keys"
+
+    project_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("control_plane.projects.project_id", ondelete="CASCADE"), primary_key=True
+    )
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(Text)
+    hint: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("key_hash"),)

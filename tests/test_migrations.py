@@ -40,7 +40,7 @@ def test_migrate_creates_tables_and_views_and_is_idempotent(empty_db: str) -> No
         "queue_stats",
         "workers",
     } <= names
-    assert migrations.current(empty_db) == "0001"
+    assert migrations.current(empty_db) == migrations.head()
 
 
 def test_two_releases_migrating_at_once_both_succeed(empty_db: str) -> None:
@@ -62,7 +62,7 @@ def test_two_releases_migrating_at_once_both_succeed(empty_db: str) -> None:
     # Then both succeeded (the advisory lock made the second wait) and the schema is at head once
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert query(empty_db, "SELECT count(*) AS n FROM control_plane.alembic_version")[0]["n"] == 1
-    assert migrations.current(empty_db) == "0001"
+    assert migrations.current(empty_db) == migrations.head()
 
 
 def test_migrated_schema_matches_the_models(db_url: str) -> None:
