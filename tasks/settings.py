@@ -14,6 +14,17 @@ from pathlib import Path
 from tasks.errors import ConfigurationError
 
 
+#: The services a project can be registered with, in registration order.
+SERVICE_NAMES = ("auth", "realtime", "storage")
+
+
+def _url(env: dict[str, str], name: str) -> str | None:
+    raw = env.get(name) or None
+    if raw is not None and not raw.startswith(("postgres://", "postgresql://")):
+        raise ConfigurationError(f"{name} must be a postgresql:// URL")
+    return raw
+
+
 def _float(env: dict[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -67,6 +78,24 @@ class Settings:
     #: Identifies this process in leases and in ``control_plane.jobs.worker``.
     hostname: str = field(default_factory=socket.gethostname)
 
+    # -- provision_project ----------------------------------------------------
+    #: The server tenant databases are created on (None: the control plane's own).
+    provision_database_url: str | None = None
+    #: Admin API base URL and bearer token of each service (None: not configured).
+    service_urls: dict[str, str] = field(default_factory=dict)
+    service_tokens: dict[str, str] = field(default_factory=dict)
+    #: Client timeout of one admin API call, in seconds.
+    service_timeout: float = 5.0
+    #: Server-side secret keying API key hashes and secret derivation (None: a per-home file).
+    api_key_pepper: bytes | None = None
+    #: How long the caller may read a project's secrets (once).
+    secrets_ttl_seconds: int = 86_400
+    #: Connection limit of each tenant's app role.
+    app_connection_limit: int = 20
+    #: statement_timeout and lock_timeout of every provisioning session, in milliseconds.
+    provision_statement_timeout_ms: int = 30_000
+    provision_lock_timeout_ms: int = 5_000
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         """Read and validate the settings; a bad value raises ConfigurationError naming it."""
@@ -92,6 +121,23 @@ class Settings:
             min_backoff_ms=_int(env, "CONTROLPLANE_MIN_BACKOFF_MS", 15_000, minimum=1),
             max_backoff_ms=_int(env, "CONTROLPLANE_MAX_BACKOFF_MS", 7 * 86_400_000, minimum=1),
             result_ttl_ms=_int(env, "CONTROLPLANE_RESULT_TTL_MS", 86_400_000, minimum=1),
+            provision_database_url=_url(env, "PROVISION_DATABASE_URL"),
+            service_urls={
+                name: env[f"{name.upper()}_SERVICE_URL"].rstrip("/")
+                for name in SERVICE_NAMES
+                if env.get(f"{name.upper()}_SERVICE_URL")
+            },
+            service_tokens={
+                name: env[f"{name.upper()}_SERVICE_TOKEN"]
+                for name in SERVICE_NAMES
+                if env.get(f"{name.upper()}_SERVICE_TOKEN")
+            },
+            service_timeout=_float(env, "SERVICE_TIMEOUT_SECONDS", 5.0),
+            api_key_pepper=env["API_KEY_PEPPER"].encode() if env.get("API_KEY_PEPPER") else None,
+            secrets_ttl_seconds=_int(env, "PROVISION_SECRETS_TTL_SECONDS", 86_400, minimum=1),
+            app_connection_limit=_int(env, "PROVISION_APP_CONNECTION_LIMIT", 20, minimum=1),
+            provision_statement_timeout_ms=_int(env, "PROVISION_STATEMENT_TIMEOUT_MS", 30_000, minimum=1),
+            provision_lock_timeout_ms=_int(env, "PROVISION_LOCK_TIMEOUT_MS", 5_000, minimum=1),
         )
 
 

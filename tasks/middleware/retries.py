@@ -4,6 +4,12 @@
 included: ``max_attempts=3`` is Dramatiq's ``max_retries=2``. Any
 :class:`tasks.errors.PermanentError` fails the job at once, with no retry,
 whether or not the actor lists it in ``throws``.
+
+``on_final_failure`` (an actor name, per actor or per message) is sent once
+when a job fails for good, permanent error or retries spent (Dramatiq's
+``on_failure`` fires on every failed attempt). It receives
+``{"message_id", "actor_name", "args", "kwargs"}`` and ``{"type", "message"}``,
+the message redacted, never the traceback.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ class Retries(dramatiq_retries.Retries):
 
     @property
     def actor_options(self) -> set[str]:
-        return set(super().actor_options) | {"max_attempts"}
+        return set(super().actor_options) | {"max_attempts", "on_final_failure"}
 
     def after_process_message(
         self,
@@ -64,9 +70,28 @@ class Retries(dramatiq_retries.Retries):
         if isinstance(exception, PermanentError):
             logger.info("message %s failed permanently; not retrying", message.message_id)
             message.fail()
+        else:
+            if "max_retries" not in message.options:
+                message.options["max_retries"] = max_attempts_for(broker, message) - 1
+            super().after_process_message(  # type: ignore[no-untyped-call]
+                broker, message, result=result, exception=exception
+            )
+        if message.failed:
+            self._send_final_failure(broker, message, exception)
+
+    def _send_final_failure(self, broker: dramatiq.Broker, message: Any, exception: BaseException) -> None:
+        actor = broker.actors.get(message.actor_name)
+        target = message.options.get("on_final_failure") or (actor.options.get("on_final_failure") if actor else None)
+        if not target:
             return
-        if "max_retries" not in message.options:
-            message.options["max_retries"] = max_attempts_for(broker, message) - 1
-        super().after_process_message(  # type: ignore[no-untyped-call]
-            broker, message, result=result, exception=exception
+        from tasks.middleware.jobs_mirror import describe_error
+
+        broker.get_actor(target).send(
+            {
+                "message_id": message.message_id,
+                "actor_name": message.actor_name,
+                "args": list(message.args),
+                "kwargs": dict(message.kwargs),
+            },
+            {"type": type(exception).__name__, "message": describe_error(exception, message, broker)},
         )

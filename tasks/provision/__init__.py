@@ -1,1 +1,11 @@
-"""provision_project: one module per step and the workflow that chains them."""
+"""provision_project: provision a tenant project (roles, database, schema, services, API keys).
+
+``dramatiq tasks tasks.provision`` runs its workers; ``provision_project.send(payload)`` starts one.
+"""
+
+from __future__ import annotations
+
+from tasks.provision.keys import reveal_secrets
+from tasks.provision.workflow import STEPS, compensate_project, provision_project, run_step
+
+__all__ = ["STEPS", "compensate_project", "provision_project", "reveal_secrets", "run_step"]

@@ -20,6 +20,7 @@ __all__ = [
     "REDACTED",
     "SECRET_PATTERN",
     "checksum_ok",
+    "from_random_bytes",
     "generate",
     "hash_key",
     "hint",
@@ -40,9 +41,16 @@ _PREFIX_RE = re.compile(r"[a-z][a-z0-9_]*")
 
 def generate(prefix: str) -> str:
     """A new random key with the given prefix (``^[a-z][a-z0-9_]*$``)."""
+    return from_random_bytes(prefix, secrets.token_bytes(_RANDOM_BYTES))
+
+
+def from_random_bytes(prefix: str, raw: bytes) -> str:
+    """The key whose random part is ``raw`` (32 bytes from a CSPRNG or a keyed derivation)."""
     if not _PREFIX_RE.fullmatch(prefix):
         raise ValueError("an API key prefix must match ^[a-z][a-z0-9_]*$")
-    random_part = _b62encode(int.from_bytes(secrets.token_bytes(_RANDOM_BYTES), "big"), _RANDOM_LEN)
+    if len(raw) != _RANDOM_BYTES:
+        raise ValueError(f"an API key needs {_RANDOM_BYTES} random bytes")
+    random_part = _b62encode(int.from_bytes(raw, "big"), _RANDOM_LEN)
     return f"{prefix}_{random_part}{_checksum(random_part)}"
 
 

@@ -1,0 +1,98 @@
+"""Every SQL statement on ``control_plane.projects`` and ``control_plane.api_keys``, named."""
+
+from __future__ import annotations
+
+#: Serialise everything that claims or changes one project (held to the end of the transaction).
+LOCK_PROJECT = "SELECT pg_advisory_xact_lock(hashtext('controlplane:project:' || %(project_id)s))"
+
+GET_PROJECT = """
+SELECT project_id, tenant_id, payload, payload_hash, status, steps, secret_nonce, job_id,
+       result, last_error, provisioned_at
+FROM control_plane.projects WHERE project_id = %(project_id)s
+"""
+
+INSERT_PROJECT = """
+INSERT INTO control_plane.projects (project_id, tenant_id, payload, payload_hash, region, owner_id,
+                                    organization_id, secret_nonce, secrets_expire_at, job_id)
+VALUES (%(project_id)s, %(tenant_id)s, %(payload)s, %(payload_hash)s, %(region)s, %(owner_id)s,
+        %(organization_id)s, %(secret_nonce)s,
+        now() + make_interval(secs => %(secrets_ttl)s), %(job_id)s)
+"""
+
+#: Record that a step started or finished (``event`` is 'started_at' or 'done_at').
+MARK_STEP = """
+UPDATE control_plane.projects
+   SET steps = jsonb_set(steps, ARRAY[%(step)s],
+                         coalesce(steps -> %(step)s, '{}'::jsonb)
+                         || jsonb_build_object(%(event)s::text, now(), 'detail', %(detail)s::jsonb)),
+       updated_at = now()
+WHERE project_id = %(project_id)s AND status = 'provisioning'
+RETURNING project_id
+"""
+
+INSERT_API_KEY = """
+INSERT INTO control_plane.api_keys (project_id, slot, key_hash, hint)
+VALUES (%(project_id)s, %(slot)s, %(key_hash)s, %(hint)s)
+ON CONFLICT (project_id, slot) DO NOTHING
+"""
+
+LIST_API_KEYS = """
+SELECT slot, hint, created_at, revoked_at FROM control_plane.api_keys
+WHERE project_id = %(project_id)s ORDER BY slot
+"""
+
+REVOKE_API_KEYS = """
+UPDATE control_plane.api_keys SET revoked_at = now()
+WHERE project_id = %(project_id)s AND revoked_at IS NULL
+"""
+
+ACTIVATE = """
+UPDATE control_plane.projects
+   SET status = 'active', provisioned_at = coalesce(provisioned_at, now()), result = %(result)s,
+       last_error = NULL, updated_at = now()
+WHERE project_id = %(project_id)s AND status = 'provisioning'
+RETURNING provisioned_at
+"""
+
+SET_PROJECT_RESULT = """
+UPDATE control_plane.projects SET result = %(result)s, updated_at = now() WHERE project_id = %(project_id)s
+"""
+
+#: Start compensating a project that is still being provisioned (never an active one).
+BEGIN_COMPENSATION = """
+UPDATE control_plane.projects
+   SET status = 'compensating', last_error = %(error)s, updated_at = now()
+WHERE project_id = %(project_id)s AND status IN ('provisioning', 'compensating')
+RETURNING payload, job_id
+"""
+
+#: Compensation finished: free the name (api_keys go with the row).
+DELETE_PROJECT = "DELETE FROM control_plane.projects WHERE project_id = %(project_id)s AND status = 'compensating'"
+
+MARK_NEEDS_OPERATOR = """
+UPDATE control_plane.projects
+   SET status = 'needs_operator', last_error = %(error)s, updated_at = now()
+WHERE project_id = %(project_id)s AND status <> 'active'
+"""
+
+#: Take the secrets' nonce, once: the caller reads the secrets, then they are gone.
+TAKE_SECRET_NONCE = """
+UPDATE control_plane.projects AS p SET secret_nonce = NULL, secrets_expire_at = NULL, updated_at = now()
+FROM (SELECT project_id, secret_nonce, secrets_expire_at FROM control_plane.projects
+      WHERE project_id = %(project_id)s FOR UPDATE) AS old
+WHERE p.project_id = old.project_id AND old.secret_nonce IS NOT NULL
+RETURNING old.secret_nonce, old.secrets_expire_at > now() AS fresh, p.status, p.payload
+"""
+
+#: The workflow's outcome, written onto the job the caller got from send().
+RECORD_ON_ENTRY_JOB = """
+UPDATE control_plane.jobs
+   SET result = coalesce(%(result)s, result),
+       status = CASE WHEN %(error)s::text IS NULL THEN status ELSE 'failed' END,
+       last_error = coalesce(%(error)s, last_error),
+       errors = CASE WHEN %(error)s::text IS NULL THEN errors
+                ELSE errors || jsonb_build_array(jsonb_build_object(
+                         'attempt', attempts, 'at', now(), 'error', %(error)s::text)) END,
+       updated_at = now()
+WHERE id = %(job_id)s AND status IN ('completed', 'failed')
+"""

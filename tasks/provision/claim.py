@@ -1,0 +1,59 @@
+"""Step 1, claim: record the project, or recognise it; a different payload is a conflict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg2.extras import Json
+
+from models import project_queries as q
+from tasks.errors import Conflict
+from tasks.provision import secrets
+from tasks.provision.payload import ProvisionPayload, payload_hash
+from tasks.provision.state import ProjectState, load
+from tasks.settings import Settings
+
+
+def claim(conn: Any, payload: ProvisionPayload, job_id: str, settings: Settings) -> tuple[ProjectState, bool]:
+    """Insert-or-compare the project under its advisory lock, inside the caller's transaction.
+
+    Returns the state and whether this call created it. The same payload again
+    resumes (nothing new is created); a different payload for the same
+    project_id raises :class:`Conflict`.
+    """
+    digest = payload_hash(payload)
+    with conn.cursor() as cur:
+        cur.execute(q.LOCK_PROJECT, {"project_id": payload.project_id})
+        cur.execute(q.GET_PROJECT, {"project_id": payload.project_id})
+        row = cur.fetchone()
+        if row is not None:
+            if row[3] != digest:
+                raise Conflict(
+                    f"project {payload.project_id!r} already exists with a different payload; "
+                    "a project id can be provisioned with one payload only"
+                )
+            if row[4] == "needs_operator":
+                raise Conflict(
+                    f"project {payload.project_id!r} needs an operator: an earlier cleanup failed ({row[9]})"
+                )
+            state = load(conn, payload.project_id)
+            assert state is not None
+            return state, False
+        cur.execute(
+            q.INSERT_PROJECT,
+            {
+                "project_id": payload.project_id,
+                "tenant_id": payload.tenant_id,
+                "payload": Json(payload.to_json()),
+                "payload_hash": digest,
+                "region": payload.region,
+                "owner_id": payload.owner_id,
+                "organization_id": payload.organization_id,
+                "secret_nonce": secrets.new_nonce(),
+                "secrets_ttl": settings.secrets_ttl_seconds,
+                "job_id": job_id,
+            },
+        )
+    state = load(conn, payload.project_id)
+    assert state is not None
+    return state, True

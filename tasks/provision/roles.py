@@ -1,0 +1,77 @@
+"""Step 2, roles: ``p_<id>_owner`` (NOLOGIN) and ``p_<id>_app`` (LOGIN, connection limit).
+
+Both roles, their ownership markers and the control role's membership of the
+owner are created in one transaction: a crash leaves all or nothing. A role
+that exists without our marker belongs to someone else: a conflict, never
+touched. The app role's password is set as a SCRAM verifier computed
+client-side (libpq's ``PQencryptPasswordConn``), never as plaintext DDL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg2.errors
+from psycopg2 import sql
+from psycopg2.extensions import encrypt_password
+
+from tasks.errors import Conflict
+from tasks.provision import payload as p
+from tasks.provision import secrets
+from tasks.provision.state import ProjectState
+from tasks.provision.target import marker, role_owner_marker, session, translated
+from tasks.settings import Settings
+
+
+def _ensure_role(cur: Any, role: str, project_id: str, create: sql.Composable) -> bool:
+    exists, comment = role_owner_marker(cur, role)
+    if exists:
+        if comment != marker(project_id):
+            raise Conflict(f"role {role} already exists and does not belong to project {project_id!r}")
+        return False
+    try:
+        cur.execute("SAVEPOINT create_role")
+        cur.execute(create)
+        cur.execute("RELEASE SAVEPOINT create_role")
+    except psycopg2.errors.DuplicateObject:
+        # Created concurrently: it is ours only if its marker says so.
+        cur.execute("ROLLBACK TO SAVEPOINT create_role")
+        return _ensure_role(cur, role, project_id, create)
+    cur.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(role), sql.Literal(marker(project_id))))
+    return True
+
+
+def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
+    """Create the project's roles if they are missing; idempotent."""
+    owner, app = p.owner_role(state.payload), p.app_role(state.payload)
+    if state.secret_nonce is None:
+        raise Conflict(f"project {state.project_id!r}: its secrets were already read or expired")
+    password = secrets.database_password(secrets.pepper(settings), state.project_id, state.secret_nonce)
+    with translated("creating roles"), session(settings, autocommit=False) as conn, conn.cursor() as cur:
+        created_owner = _ensure_role(
+            cur, owner, state.project_id, sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner))
+        )
+        verifier = encrypt_password(password, app, conn, "scram-sha-256")
+        created_app = _ensure_role(
+            cur,
+            app,
+            state.project_id,
+            sql.SQL("CREATE ROLE {} LOGIN NOINHERIT CONNECTION LIMIT {} PASSWORD {}").format(
+                sql.Identifier(app), sql.Literal(settings.app_connection_limit), sql.Literal(verifier)
+            ),
+        )
+        # The control role must be a member of the owner to create its database and grant on it.
+        cur.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(owner)))
+    return {"owner_role": owner, "app_role": app, "created": created_owner or created_app}
+
+
+def drop_roles(settings: Settings, payload: p.ProvisionPayload) -> list[str]:
+    """Drop the project's roles that carry its marker; others are left alone. Idempotent."""
+    dropped = []
+    with translated("dropping roles"), session(settings) as conn, conn.cursor() as cur:
+        for role in (p.app_role(payload), p.owner_role(payload)):
+            exists, comment = role_owner_marker(cur, role)
+            if exists and comment == marker(payload.project_id):
+                cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+                dropped.append(role)
+    return dropped

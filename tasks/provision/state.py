@@ -1,0 +1,61 @@
+"""A project's workflow state, read from ``control_plane.projects``, and the control-plane transaction."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from models import project_queries as q
+from tasks.provision.payload import ProvisionPayload, validate
+
+
+@dataclass(frozen=True)
+class ProjectState:
+    """What a step needs to know about its project."""
+
+    payload: ProvisionPayload
+    status: str
+    steps: dict[str, Any]
+    secret_nonce: bytes | None
+    job_id: str | None
+
+    @property
+    def project_id(self) -> str:
+        return self.payload.project_id
+
+
+def load(conn: Any, project_id: str) -> ProjectState | None:
+    """The project's state, or None when it does not exist (never claimed, or compensated)."""
+    with conn.cursor() as cur:
+        cur.execute(q.GET_PROJECT, {"project_id": project_id})
+        row = cur.fetchone()
+    if row is None:
+        return None
+    _, _, payload, _, status, steps, nonce, job_id, *_ = row
+    return ProjectState(
+        payload=validate(payload),
+        status=status,
+        steps=steps or {},
+        secret_nonce=bytes(nonce) if nonce is not None else None,
+        job_id=str(job_id) if job_id is not None else None,
+    )
+
+
+@contextlib.contextmanager
+def control_transaction() -> Iterator[Any]:
+    """One transaction on the control plane's database (a pooled connection, BEGIN/COMMIT)."""
+    import tasks
+
+    with tasks.broker.connection() as conn:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(Exception), conn.cursor() as cur:
+                cur.execute("ROLLBACK")
+            raise
+        with conn.cursor() as cur:
+            cur.execute("COMMIT")

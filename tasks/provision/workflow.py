@@ -1,0 +1,238 @@
+"""provision_project: the actors and the chain that runs the steps.
+
+``provision_project.send(payload)`` validates the payload (invalid input fails
+at once, never retried, naming the field) and claims the project; in the same
+transaction it sends the first step. Each step is its own actor
+(``provision_project.<step>``) with its own retries; when it succeeds it marks
+itself done and sends the next step in one transaction, so the chain neither
+skips nor forks. The steps:
+
+    roles -> database -> schema -> services -> api_keys -> activate
+
+When a step fails for good (permanent error or retries spent),
+``provision_project.compensate`` undoes in reverse order everything that
+could have been created (revoke keys, deregister, drop the database and roles
+that carry the project's marker), then frees the name. If compensation itself
+fails for good, the project is marked ``needs_operator`` and keeps its name.
+
+The job the caller got is completed once the workflow is accepted; its
+``result`` (mirror and results backend) becomes the full result when the project
+is active, or it turns ``failed`` with the reason when the workflow failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+from psycopg2.extras import Json
+
+import tasks
+from models import project_queries as q
+from tasks.errors import PermanentError
+from tasks.provision import payload as p
+from tasks.provision.claim import claim
+from tasks.provision.database import drop_database, ensure_database
+from tasks.provision.keys import ensure_api_keys, list_api_keys, revoke_api_keys
+from tasks.provision.register import deregister_services, register_services
+from tasks.provision.roles import drop_roles, ensure_roles
+from tasks.provision.schema import ensure_schema
+from tasks.provision.state import ProjectState, control_transaction, load
+from tasks.provision.target import target_url
+from tasks.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+QUEUE = "provisioning"
+ACTOR = "provision_project"
+STEPS = ("roles", "database", "schema", "services", "api_keys", "activate")
+
+_settings = tasks.settings
+#: Step retries: transient failures (a 5xx, a lost connection, a busy template) back off exponentially.
+STEP_OPTIONS: dict[str, Any] = {
+    "queue_name": QUEUE,
+    "max_attempts": 8,
+    "min_backoff": min(_settings.min_backoff_ms, 1000),
+    "max_backoff": min(_settings.max_backoff_ms, 60_000),
+    "on_final_failure": f"{ACTOR}.compensate",
+}
+
+
+def _current_message_id() -> str:
+    message = CurrentMessage.get_current_message()
+    if message is None:  # called directly, outside a worker
+        raise RuntimeError("provision_project must run as a Dramatiq actor")
+    return str(message.message_id)
+
+
+@dramatiq.actor(actor_name=ACTOR, queue_name=QUEUE, max_attempts=8, min_backoff=STEP_OPTIONS["min_backoff"],
+                max_backoff=STEP_OPTIONS["max_backoff"], store_results=False)
+def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
+    """Validate and claim a project, then start its steps. Returns the workflow's handle."""
+    settings = Settings.from_env()
+    valid = p.validate(payload)
+    job_id = _current_message_id()
+    with control_transaction() as conn:
+        state, created = claim(conn, valid, job_id, settings)
+        if created:
+            with tasks.enqueue_in(conn):
+                _STEP_ACTORS[STEPS[0]].send(valid.project_id)
+    logger.info("project %s %s", valid.project_id, "claimed" if created else f"already {state.status}")
+    return {"project_id": valid.project_id, "status": state.status, "job_id": state.job_id}
+
+
+def _result(settings: Settings, conn: Any, state: ProjectState, provisioned_at: Any = None) -> dict[str, Any]:
+    """Everything the caller needs except secrets."""
+    from sqlalchemy.engine import make_url
+
+    payload = state.payload
+    url = make_url(target_url(settings))
+    host = url.host or (url.query.get("host") if url.query else None) or "localhost"
+    return {
+        "project_id": payload.project_id,
+        "tenant_id": payload.tenant_id,
+        "status": "active",
+        "region": payload.region,
+        "owner_id": payload.owner_id,
+        "organization_id": payload.organization_id,
+        "provisioned_at": provisioned_at.isoformat() if provisioned_at else None,
+        "database": {
+            "host": host if isinstance(host, str) else host[0],
+            "port": url.port or 5432,
+            "database": p.database_name(payload),
+            "user": p.app_role(payload),
+            "schema_name": p.schema_name(payload),
+            "owner_role": p.owner_role(payload),
+        },
+        "services": {name: (name in payload.services.enabled()) for name in ("auth", "realtime", "storage")},
+        "api_key_prefix": payload.api_key_prefix,
+        "api_keys": list_api_keys(conn, payload.project_id),
+        "job_id": state.job_id,
+    }
+
+
+def _entry_message(job_id: str) -> dramatiq.Message[Any]:
+    return dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR, args=(), kwargs={}, options={},
+                            message_id=job_id)
+
+
+def activate(settings: Settings, state: ProjectState) -> dict[str, object]:
+    """Step 7: mark the project active and deliver the result to the caller's job."""
+    with control_transaction() as conn:
+        result = _result(settings, conn, state)
+        with conn.cursor() as cur:
+            cur.execute(q.ACTIVATE, {"project_id": state.project_id, "result": Json(result)})
+            row = cur.fetchone()
+            if row is None:
+                return {"skipped": "not provisioning"}
+            result["provisioned_at"] = row[0].isoformat()
+            cur.execute(q.SET_PROJECT_RESULT, {"project_id": state.project_id, "result": Json(result)})
+            if state.job_id:
+                cur.execute(q.RECORD_ON_ENTRY_JOB, {"job_id": state.job_id, "result": Json(result), "error": None})
+    if state.job_id:
+        tasks.broker.get_results_backend().store_result(
+            _entry_message(state.job_id), result, settings.result_ttl_ms
+        )
+    return result
+
+
+_STEP_FUNCTIONS: dict[str, Callable[[Settings, ProjectState], dict[str, object]]] = {
+    "roles": ensure_roles,
+    "database": ensure_database,
+    "schema": ensure_schema,
+    "services": register_services,
+    "api_keys": ensure_api_keys,
+    "activate": activate,
+}
+
+
+def _mark(conn: Any, project_id: str, step: str, event: str, detail: dict[str, object] | None = None) -> bool:
+    with conn.cursor() as cur:
+        cur.execute(q.MARK_STEP, {"project_id": project_id, "step": step, "event": event,
+                                  "detail": Json(detail or {})})
+        return cur.fetchone() is not None
+
+
+def run_step(step: str, project_id: str) -> dict[str, object]:
+    """Run one step of a project's workflow, then hand over to the next step."""
+    settings = Settings.from_env()
+    with control_transaction() as conn:
+        state = load(conn, project_id)
+        if state is None or state.status != "provisioning":
+            status = state.status if state else "gone"
+            logger.info("project %s is %s; step %s has nothing to do", project_id, status, step)
+            return {"skipped": status}
+        _mark(conn, project_id, step, "started_at")
+    detail = _STEP_FUNCTIONS[step](settings, state)
+    index = STEPS.index(step)
+    with control_transaction() as conn:
+        if step != "activate":
+            _mark(conn, project_id, step, "done_at", {k: v for k, v in detail.items() if k != "api_keys"})
+            if index + 1 < len(STEPS):
+                with tasks.enqueue_in(conn):
+                    _STEP_ACTORS[STEPS[index + 1]].send(project_id)
+    return {"project_id": project_id, "step": step, **({} if step == "activate" else detail)}
+
+
+def _make_step_actor(step: str) -> dramatiq.Actor[[str], dict[str, object]]:
+    def step_actor(project_id: str) -> dict[str, object]:
+        return run_step(step, project_id)
+
+    step_actor.__name__ = step_actor.__qualname__ = f"provision_{step}"
+    step_actor.__doc__ = f"provision_project step {step!r}."
+    decorate = dramatiq.actor(actor_name=f"{ACTOR}.{step}", **STEP_OPTIONS)
+    return decorate(step_actor)
+
+
+_STEP_ACTORS = {step: _make_step_actor(step) for step in STEPS}
+
+
+def compensate_project(settings: Settings, project_id: str, error: str) -> dict[str, object]:
+    """Undo, in reverse order, everything a failed workflow may have created; then free the name."""
+    with control_transaction() as conn, conn.cursor() as cur:
+        cur.execute(q.BEGIN_COMPENSATION, {"project_id": project_id, "error": error})
+        row = cur.fetchone()
+    if row is None:
+        return {"skipped": "nothing to compensate (active, gone, or waiting for an operator)"}
+    payload, job_id = p.validate(row[0]), (str(row[1]) if row[1] else None)
+    with control_transaction() as conn:
+        revoke_api_keys(conn, project_id)
+    services = deregister_services(settings, payload)
+    dropped_db = drop_database(settings, payload)
+    roles = drop_roles(settings, payload)
+    with control_transaction() as conn, conn.cursor() as cur:
+        cur.execute(q.DELETE_PROJECT, {"project_id": project_id})
+        if job_id:
+            cur.execute(q.RECORD_ON_ENTRY_JOB, {"job_id": job_id, "result": None,
+                                                "error": f"provisioning failed and was undone: {error}"})
+    if job_id:
+        tasks.broker.get_results_backend().store_exception(
+            _entry_message(job_id), PermanentError(f"provisioning failed and was undone: {error}"),
+            settings.result_ttl_ms,
+        )
+    return {"project_id": project_id, "deregistered": services, "dropped_database": dropped_db,
+            "dropped_roles": roles}
+
+
+@dramatiq.actor(actor_name=f"{ACTOR}.compensate", queue_name=QUEUE, max_attempts=8,
+                min_backoff=STEP_OPTIONS["min_backoff"], max_backoff=STEP_OPTIONS["max_backoff"],
+                on_final_failure=f"{ACTOR}.compensation_failed")
+def compensate(failed: dict[str, Any], error: dict[str, Any]) -> dict[str, object]:
+    """Undo a project whose step failed for good."""
+    project_id = str(failed["args"][0])
+    reason = f"step {failed['actor_name']} failed: {error.get('message')}"
+    return compensate_project(Settings.from_env(), project_id, reason)
+
+
+@dramatiq.actor(actor_name=f"{ACTOR}.compensation_failed", queue_name=QUEUE, max_attempts=20)
+def compensation_failed(failed: dict[str, Any], error: dict[str, Any]) -> None:
+    """Compensation failed for good: keep the name and flag the project for an operator."""
+    # failed is the compensate message: its first argument is the failed step's message.
+    project_id = str(failed["args"][0]["args"][0])
+    with control_transaction() as conn, conn.cursor() as cur:
+        cur.execute(q.MARK_NEEDS_OPERATOR, {"project_id": project_id,
+                                            "error": f"cleanup failed: {error.get('message')}"})
+    logger.error("project %s needs an operator: cleanup failed: %s", project_id, error.get("message"))
