@@ -58,12 +58,31 @@ SET_PROJECT_RESULT = """
 UPDATE control_plane.projects SET result = %(result)s, updated_at = now() WHERE project_id = %(project_id)s
 """
 
+#: Services a registration was attempted with (so compensation knows what to deregister).
+TOUCH_SERVICE = """
+UPDATE control_plane.projects
+   SET steps = jsonb_set(steps, '{touched_services}',
+                         (SELECT coalesce(jsonb_agg(DISTINCT s), '[]'::jsonb)
+                          FROM jsonb_array_elements_text(coalesce(steps -> 'touched_services', '[]'::jsonb)
+                                                         || to_jsonb(%(service)s::text)) AS s)),
+       updated_at = now()
+WHERE project_id = %(project_id)s
+"""
+
+UNTOUCH_SERVICE = """
+UPDATE control_plane.projects
+   SET steps = jsonb_set(steps, '{touched_services}',
+                         coalesce(steps -> 'touched_services', '[]'::jsonb) - %(service)s::text),
+       updated_at = now()
+WHERE project_id = %(project_id)s
+"""
+
 #: Start compensating a project that is still being provisioned (never an active one).
 BEGIN_COMPENSATION = """
 UPDATE control_plane.projects
    SET status = 'compensating', last_error = %(error)s, updated_at = now()
 WHERE project_id = %(project_id)s AND status IN ('provisioning', 'compensating')
-RETURNING payload, job_id
+RETURNING payload, job_id, coalesce(steps -> 'touched_services', '[]'::jsonb)
 """
 
 #: Compensation finished: free the name (api_keys go with the row).

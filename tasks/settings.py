@@ -13,7 +13,6 @@ from pathlib import Path
 
 from tasks.errors import ConfigurationError
 
-
 #: The services a project can be registered with, in registration order.
 SERVICE_NAMES = ("auth", "realtime", "storage")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import uuid
 from pathlib import Path
 
@@ -356,8 +355,3 @@ def test_workers_survive_a_postgres_restart(tmp_path: Path) -> None:
     finally:
         tasks.broker.close()
         db.stop_embedded(home)
-
-
-def test_signal_module_is_not_stubbed() -> None:
-    # Guard: the e2e helpers rely on real signals reaching real processes.
-    assert signal.SIGKILL != signal.SIGTERM

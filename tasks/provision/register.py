@@ -1,15 +1,19 @@
 """Step 5, services: register the tenant with auth, then realtime, then storage (those enabled).
 
 ``PUT /tenants/{project_id}`` is an upsert, so a retry or a re-run registers
-once. Compensation deletes in reverse order; 404 counts as done.
+once. Before each PUT the service is recorded as *touched*: a PUT whose answer
+was lost may still have registered the tenant. A PUT refused outright (a
+permanent 4xx) on the first try created nothing, so it is untouched again.
+Compensation deletes the touched services in reverse order; 404 counts as done.
 """
 
 from __future__ import annotations
 
+from models import project_queries as q
 from tasks.errors import PermanentError
 from tasks.provision import payload as p
 from tasks.provision.services import ServiceClient
-from tasks.provision.state import ProjectState
+from tasks.provision.state import ProjectState, control_transaction
 from tasks.settings import Settings
 
 
@@ -21,9 +25,15 @@ def client(settings: Settings, name: str) -> ServiceClient | None:
     return ServiceClient(name, url, settings.service_tokens.get(name, ""), settings.service_timeout)
 
 
+def _touch(project_id: str, service: str, touched: bool) -> None:
+    with control_transaction() as conn, conn.cursor() as cur:
+        cur.execute(q.TOUCH_SERVICE if touched else q.UNTOUCH_SERVICE, {"project_id": project_id, "service": service})
+
+
 def register_services(settings: Settings, state: ProjectState) -> dict[str, object]:
     """Register the project with every enabled service; idempotent."""
     payload = state.payload
+    already = set(state.steps.get("touched_services") or [])
     registered = []
     for name in payload.services.enabled():
         service = client(settings, name)
@@ -31,21 +41,28 @@ def register_services(settings: Settings, state: ProjectState) -> dict[str, obje
             raise PermanentError(
                 f"the {name} service is enabled in the payload but {name.upper()}_SERVICE_URL is not set"
             )
-        service.put_tenant(
-            payload.project_id,
-            {"tenant_id": payload.tenant_id, "project_id": payload.project_id, "region": payload.region},
-        )
+        if name not in already:
+            _touch(payload.project_id, name, True)
+        try:
+            service.put_tenant(
+                payload.project_id,
+                {"tenant_id": payload.tenant_id, "project_id": payload.project_id, "region": payload.region},
+            )
+        except PermanentError:
+            if name not in already:
+                _touch(payload.project_id, name, False)
+            raise
         registered.append(name)
     return {"services": registered}
 
 
-def deregister_services(settings: Settings, payload: p.ProvisionPayload) -> list[str]:
-    """Delete the project from every enabled service, in reverse order; idempotent."""
+def deregister_services(settings: Settings, payload: p.ProvisionPayload, touched: list[str]) -> list[str]:
+    """Delete the project from every touched service, in reverse order; idempotent."""
     removed = []
     for name in reversed(payload.services.enabled()):
         service = client(settings, name)
-        if service is None:
-            continue  # never configured, so nothing was registered
+        if service is None or name not in touched:
+            continue  # nothing could have been registered there
         service.delete_tenant(payload.project_id)
         removed.append(name)
     return removed

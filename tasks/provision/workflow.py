@@ -27,12 +27,13 @@ from collections.abc import Callable
 from typing import Any
 
 import dramatiq
+import psycopg2
 from dramatiq.middleware import CurrentMessage
 from psycopg2.extras import Json
 
 import tasks
 from models import project_queries as q
-from tasks.errors import PermanentError
+from tasks.errors import PermanentError, TaskError
 from tasks.provision import payload as p
 from tasks.provision.claim import claim
 from tasks.provision.database import drop_database, ensure_database
@@ -197,12 +198,30 @@ def compensate_project(settings: Settings, project_id: str, error: str) -> dict[
         row = cur.fetchone()
     if row is None:
         return {"skipped": "nothing to compensate (active, gone, or waiting for an operator)"}
-    payload, job_id = p.validate(row[0]), (str(row[1]) if row[1] else None)
-    with control_transaction() as conn:
-        revoke_api_keys(conn, project_id)
-    services = deregister_services(settings, payload)
-    dropped_db = drop_database(settings, payload)
-    roles = drop_roles(settings, payload)
+    payload, job_id, touched = p.validate(row[0]), (str(row[1]) if row[1] else None), list(row[2])
+    # Undo in reverse order, as much as possible: a failing part does not stop the
+    # others (each is idempotent, so a retry redoes only what is left).
+    failures: list[Exception] = []
+
+    def attempt(undo: Callable[[], Any], default: Any) -> Any:
+        try:
+            return undo()
+        except (TaskError, psycopg2.Error) as exc:
+            failures.append(exc)
+            return default
+
+    def revoke() -> None:
+        with control_transaction() as conn:
+            revoke_api_keys(conn, project_id)
+
+    attempt(revoke, None)
+    services = attempt(lambda: deregister_services(settings, payload, touched), [])
+    dropped_db = attempt(lambda: drop_database(settings, payload), False)
+    roles = attempt(lambda: drop_roles(settings, payload), [])
+    if failures:
+        # Transient first: the retry may succeed; permanent only when nothing else failed.
+        transient = [f for f in failures if not isinstance(f, PermanentError)]
+        raise (transient or failures)[0]
     with control_transaction() as conn, conn.cursor() as cur:
         cur.execute(q.DELETE_PROJECT, {"project_id": project_id})
         if job_id:
