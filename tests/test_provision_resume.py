@@ -1,0 +1,161 @@
+"""provision_project steps re-run after a crash at every boundary: exactly one of everything.
+
+The steps run in this process (no worker consumes the queue here), so each can
+be run twice, or interrupted where a SIGKILL would have struck.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import pytest
+from psycopg2 import sql
+
+from tasks.errors import Conflict, PermanentError, TransientError
+from tasks.provision import STEPS, compensate_project, run_step
+from tasks.provision.claim import claim
+from tasks.provision.payload import validate
+from tasks.provision.standin import StandinService
+from tasks.provision.state import control_transaction
+from tasks.provision.target import classify
+from tasks.settings import Settings
+from tests.conftest import _admin
+from tests.support import query
+
+
+@pytest.fixture
+def services(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, StandinService]]:
+    started = {name: StandinService(name, f"tok-{name}") for name in ("auth", "realtime", "storage")}
+    for name, s in started.items():
+        s.start()
+        monkeypatch.setenv(f"{name.upper()}_SERVICE_URL", s.url)
+        monkeypatch.setenv(f"{name.upper()}_SERVICE_TOKEN", f"tok-{name}")
+    monkeypatch.setenv("API_KEY_PEPPER", "resume-pepper")
+    try:
+        yield started
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+@pytest.fixture
+def project(db_url: str, monkeypatch: pytest.MonkeyPatch, server_url: str) -> Iterator[dict[str, Any]]:
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    project_id = "r" + uuid.uuid4().hex[:8]
+    body = {"project_id": project_id, "tenant_id": "tenant-r", "region": "eu-west", "api_key_count": 3,
+            "services": {"auth": True, "realtime": True, "storage": True}}
+    try:
+        yield body
+    finally:
+        _admin(server_url, f'DROP DATABASE IF EXISTS "p_{project_id}" WITH (FORCE)')
+        for role in (f"p_{project_id}_app", f"p_{project_id}_owner"):
+            _admin(server_url, f'DROP ROLE IF EXISTS "{role}"')
+
+
+def claimed(body: dict[str, Any]) -> None:
+    with control_transaction() as conn:
+        claim(conn, validate(body), str(uuid.uuid4()), Settings.from_env())
+
+
+def census(url: str, project_id: str, services: dict[str, StandinService]) -> dict[str, Any]:
+    return {
+        "databases": query(url, "SELECT count(*) AS n FROM pg_database WHERE datname = %s",
+                           (f"p_{project_id}",))[0]["n"],
+        "roles": query(url, "SELECT count(*) AS n FROM pg_roles WHERE rolname LIKE %s",
+                       (f"p\\_{project_id}\\_%",))[0]["n"],
+        "registrations": {name: list(s.tenants) for name, s in services.items()},
+        "keys": query(url, "SELECT count(*) AS n FROM control_plane.api_keys WHERE project_id = %s",
+                      (project_id,))[0]["n"],
+    }
+
+
+def test_every_step_run_twice_leaves_exactly_one_of_everything(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    # Given a claimed project
+    claimed(project)
+    pid = project["project_id"]
+    # When every step runs, and runs again as if its worker died before recording it
+    for step in STEPS:
+        run_step(step, pid)
+        if step != "activate":
+            query(db_url, "UPDATE control_plane.projects SET steps = steps - %s WHERE project_id = %s",
+                  (step, pid))
+            run_step(step, pid)
+    # Then there is one database, two roles, one registration per service and 3 keys
+    assert census(db_url, pid, services) == {
+        "databases": 1, "roles": 2, "registrations": {n: [pid] for n in services}, "keys": 3,
+    }
+    assert query(db_url, "SELECT status FROM control_plane.projects WHERE project_id = %s",
+                 (pid,))[0]["status"] == "active"
+
+
+def test_a_worker_killed_after_create_database_resumes_cleanly(
+    db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    # Given the roles exist and CREATE DATABASE ran, but the worker died before anything else
+    claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    _admin(db_url, f'CREATE DATABASE "p_{pid}" OWNER "p_{pid}_owner" TEMPLATE template0')
+    # When the database step runs again
+    run_step("database", pid)
+    # Then the database is recognised as ours, not duplicated, and locked down
+    rows = query(db_url, "SELECT shobj_description(oid, 'pg_database') AS marker, datacl::text AS acl "
+                         "FROM pg_database WHERE datname = %s", (f"p_{pid}",))
+    assert len(rows) == 1
+    assert rows[0]["marker"] == f"controlplane:project={pid}"
+    assert f"p_{pid}_app=Tc" in rows[0]["acl"] and "=Tc/" not in rows[0]["acl"].split(",")[0]
+
+
+def test_someone_elses_database_of_that_name_is_a_conflict_and_survives_compensation(
+    db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    # Given a database named like the project's, owned by someone else
+    claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    _admin(db_url, f'CREATE DATABASE "p_{pid}"')
+    # When the database step runs, it refuses to touch it
+    with pytest.raises(Conflict, match="does not belong"):
+        run_step("database", pid)
+    # And compensation removes our roles but leaves that database alone
+    compensate_project(Settings.from_env(), pid, "test")
+    assert query(db_url, "SELECT count(*) AS n FROM pg_database WHERE datname = %s", (f"p_{pid}",))[0]["n"] == 1
+    assert query(db_url, "SELECT count(*) AS n FROM pg_roles WHERE rolname LIKE %s", (f"p\\_{pid}\\_%",))[0]["n"] == 0
+
+
+def test_compensation_is_idempotent(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    claimed(project)
+    pid = project["project_id"]
+    for step in STEPS[:-1]:
+        run_step(step, pid)
+    compensate_project(Settings.from_env(), pid, "first")
+    again = compensate_project(Settings.from_env(), pid, "second")
+    assert "skipped" in again
+    assert census(db_url, pid, services) == {
+        "databases": 0, "roles": 0, "registrations": {n: [] for n in services}, "keys": 0,
+    }
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    ("55006", TransientError),  # template1 is being accessed by other users
+    ("55P03", TransientError),  # lock_timeout
+    ("57014", TransientError),  # statement_timeout
+    ("42501", PermanentError),  # insufficient privilege
+])
+def test_postgres_errors_are_classified(db_url: str, code: str, kind: type[Exception]) -> None:
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur, pytest.raises(psycopg2.Error) as caught:
+            cur.execute(sql.SQL("DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = {}; END $$").format(
+                sql.Literal(code)))
+    finally:
+        conn.close()
+    assert type(classify(caught.value, "testing")) is kind
