@@ -21,7 +21,7 @@ from dramatiq.middleware import (
 )
 
 from tasks.broker import PostgresBroker, enqueue_in
-from tasks.middleware import Cancellation, JobsMirror, LogContext, Retries
+from tasks.middleware import JobsMirror, LogContext, Retries
 from tasks.results import PostgresBackend, Results
 from tasks.settings import Settings
 
@@ -59,10 +59,6 @@ broker = PostgresBroker(
 broker.add_middleware(
     Results(backend=PostgresBackend(broker), result_ttl=settings.result_ttl_ms)  # type: ignore[no-untyped-call]
 )
-# interrupt jobs an operator cancels (control_plane.cancel_job). Last, so that
-# its before hook runs just before the actor and its after hook just after it:
-# the window in which a cancel can land outside the actor stays as small as possible.
-broker.add_middleware(Cancellation())
 dramatiq.set_broker(broker)
 
 __all__ = ["broker", "enqueue_in", "settings"]
