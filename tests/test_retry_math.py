@@ -1,0 +1,79 @@
+"""Retry policy arithmetic under a frozen clock: max_attempts, exponential backoff, permanent errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.stub import StubBroker
+from freezegun import freeze_time
+
+from tasks.errors import PermanentError
+from tasks.middleware.retries import Retries, max_attempts_for
+
+
+class RecordingBroker(StubBroker):
+    def __init__(self) -> None:
+        super().__init__(middleware=[Retries(max_retries=19, min_backoff=1000, max_backoff=30_000)])
+        self.delays: list[int | None] = []
+
+    def enqueue(self, message: Any, *, delay: int | None = None) -> Any:
+        self.delays.append(delay)
+        return message
+
+
+def fail(broker: RecordingBroker, message: Any, exc: BaseException) -> None:
+    for m in broker.middleware:
+        m.after_process_message(broker, message, exception=exc)
+
+
+@freeze_time("2026-11-24 12:00:00")
+def test_backoff_doubles_within_dramatiqs_bounds_and_stamps_the_frozen_clock() -> None:
+    # Given an actor allowed 6 attempts, with a 1 s minimum backoff
+    broker = RecordingBroker()
+
+    @dramatiq.actor(broker=broker, actor_name="math.flaky", max_attempts=6, min_backoff=1000, max_backoff=30_000)
+    def flaky() -> None: ...
+
+    proxy = dramatiq.MessageProxy(flaky.message())
+    # When it fails six times
+    for _ in range(6):
+        fail(broker, proxy, RuntimeError("boom"))
+    # Then five retries were scheduled, each delay in [b/2, b] with b = 1000 * 2^n, capped at 30 s
+    assert len(broker.delays) == 5
+    for n, delay in enumerate(broker.delays, start=1):
+        upper = min(1000 * 2**n, 30_000)
+        assert delay is not None and upper // 2 <= delay <= upper, (n, delay)
+    # And the sixth failure failed the message for good, stamped with the frozen clock
+    assert proxy.failed
+    assert proxy.options["retries"] == 6
+    assert proxy.options["requeue_timestamp"] == 1_795_521_600_000
+
+
+def test_a_permanent_error_is_never_retried() -> None:
+    broker = RecordingBroker()
+
+    @dramatiq.actor(broker=broker, actor_name="math.permanent", max_attempts=5)
+    def permanent() -> None: ...
+
+    proxy = dramatiq.MessageProxy(permanent.message())
+    fail(broker, proxy, PermanentError("never"))
+    assert proxy.failed and broker.delays == []
+
+
+def test_max_attempts_precedence() -> None:
+    broker = RecordingBroker()
+
+    @dramatiq.actor(broker=broker, actor_name="math.a", max_attempts=4)
+    def a() -> None: ...
+
+    @dramatiq.actor(broker=broker, actor_name="math.b", max_retries=2)
+    def b() -> None: ...
+
+    @dramatiq.actor(broker=broker, actor_name="math.c")
+    def c() -> None: ...
+
+    assert max_attempts_for(broker, a.message()) == 4
+    assert max_attempts_for(broker, a.message_with_options(max_attempts=9)) == 9
+    assert max_attempts_for(broker, b.message()) == 3
+    assert max_attempts_for(broker, c.message()) == 20
