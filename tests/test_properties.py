@@ -24,7 +24,7 @@ hostile_text = st.one_of(
 values = st.one_of(hostile_text, st.integers(-5, 20), st.booleans(), st.none(), st.floats(allow_nan=False),
                    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=8), st.booleans(),
                                                                          max_size=3))
-payloads = st.dictionaries(st.sampled_from(sorted(FIELDS - {"payload"}) + ["extra", "services"]), values,
+payloads = st.dictionaries(st.sampled_from([*sorted(FIELDS - {"payload"}), "extra", "services"]), values,
                            max_size=9)
 valid_base = st.fixed_dictionaries({
     "project_id": st.from_regex(r"[a-z][a-z0-9_]{0,30}", fullmatch=True),
