@@ -159,3 +159,47 @@ def test_postgres_errors_are_classified(db_url: str, code: str, kind: type[Excep
     finally:
         conn.close()
     assert type(classify(caught.value, "testing")) is kind
+
+
+def test_every_step_is_an_actor_with_a_stable_name_on_its_queue() -> None:
+    import tasks
+
+    names = {"provision_project", *(f"provision_project.{s}" for s in STEPS),
+             "provision_project.compensate", "provision_project.compensation_failed"}
+    assert names <= set(tasks.broker.actors)
+    assert {tasks.broker.actors[n].queue_name for n in names} == {"provisioning"}
+
+
+def test_a_control_role_without_superuser_provisions_and_undoes(
+    db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given the provisioning server is reached as a role with only CREATEDB and CREATEROLE
+    role = "cp_min_" + uuid.uuid4().hex[:8]
+    _admin(server_url, f'CREATE ROLE "{role}" LOGIN CREATEDB CREATEROLE NOSUPERUSER')
+    from sqlalchemy.engine import make_url
+
+    target = make_url(server_url).set(username=role).render_as_string(hide_password=False)
+    monkeypatch.setenv("PROVISION_DATABASE_URL", target)
+    pid = project["project_id"]
+    try:
+        claimed(project)
+        # When every step runs
+        for step in STEPS:
+            run_step(step, pid)
+        # Then the project is real, and owned by the project's roles, not by the control role
+        rows = query(db_url, "SELECT pg_get_userbyid(datdba) AS owner FROM pg_database WHERE datname = %s",
+                     (f"p_{pid}",))
+        assert rows == [{"owner": f"p_{pid}_owner"}]
+        assert query(db_url, "SELECT status FROM control_plane.projects WHERE project_id = %s",
+                     (pid,))[0]["status"] == "active"
+        # And the same role can undo all of it
+        query(db_url, "UPDATE control_plane.projects SET status = 'provisioning' WHERE project_id = %s", (pid,))
+        compensate_project(Settings.from_env(), pid, "test")
+        assert census(db_url, pid, services)["databases"] == 0
+        assert census(db_url, pid, services)["roles"] == 0
+    finally:
+        _admin(server_url, f'DROP DATABASE IF EXISTS "p_{pid}" WITH (FORCE)')
+        for r in (f"p_{pid}_app", f"p_{pid}_owner"):
+            _admin(server_url, f'DROP ROLE IF EXISTS "{r}"')
+        _admin(server_url, f'DROP ROLE IF EXISTS "{role}"')
