@@ -17,36 +17,69 @@ NOTIFY_CHANNEL = "control_plane_messages"
 #: workers of every queue that received a ready message. The mirror's payload
 #: and options are read from the JSON body server-side: the message is encoded
 #: once, in Python. Re-enqueueing an existing id is an upsert (dramatiq-pg's rule).
+#:
+#: Unique jobs: a message with a ``unique_key`` becomes a job only if no pending
+#: or running job holds that key. The jobs row is inserted first, with ON
+#: CONFLICT on the partial unique index ``uq_jobs_unique_key_live`` DO NOTHING
+#: (the index decides races between sessions and machines), and a message row
+#: is inserted only for the jobs rows actually inserted. Returns one row:
+#: ``duplicates``, a JSON object {sent id: id of the live job holding its key};
+#: that id is null when the holder was committed after this statement began (the
+#: statement's snapshot cannot see it): the caller sends those messages again.
 ENQUEUE = """
 WITH m AS (
     SELECT t.id, t.queue, t.actor, t.priority,
            coalesce(now() + make_interval(secs => t.delay_ms / 1000.0), t.eta, now()) AS eta, t.body,
-           t.max_attempts, t.unique_key, convert_from(t.body, 'UTF8')::jsonb AS doc
+           t.max_attempts, t.unique_key, t.ord, convert_from(t.body, 'UTF8')::jsonb AS doc,
+           -- a re-enqueue of an id that already has a job keeps the upsert path, key or not
+           t.unique_key IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM control_plane.jobs AS j WHERE j.id = t.id) AS keyed
     FROM unnest(%(ids)s::uuid[], %(queues)s::text[], %(actors)s::text[], %(priorities)s::int[],
                 %(etas)s::timestamptz[], %(delays)s::bigint[], %(bodies)s::bytea[], %(max_attempts)s::int[],
-                %(unique_keys)s::text[])
-         AS t(id, queue, actor, priority, eta, delay_ms, body, max_attempts, unique_key)
-), msg AS (
-    INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body)
-    SELECT id, queue, actor, priority, eta, body FROM m
-    ON CONFLICT (id) DO UPDATE
-       SET queue = excluded.queue, actor = excluded.actor, priority = excluded.priority,
-           eta = excluded.eta, body = excluded.body,
-           claim_token = NULL, worker = NULL, lease_expires_at = NULL
-    RETURNING cur.id, cur.queue, cur.eta
+                %(unique_keys)s::text[]) WITH ORDINALITY
+         AS t(id, queue, actor, priority, eta, delay_ms, body, max_attempts, unique_key, ord)
+), keyed_job AS (
+    -- the first message of each key in the batch; the others are its duplicates
+    INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts,
+                                           scheduled_at, unique_key)
+    SELECT DISTINCT ON (unique_key) id, actor, queue,
+           jsonb_build_object('args', doc -> 'args', 'kwargs', doc -> 'kwargs'),
+           coalesce(doc -> 'options', '{}'::jsonb), priority, max_attempts, eta, unique_key
+    FROM m WHERE keyed
+    ORDER BY unique_key, ord
+    ON CONFLICT (unique_key) WHERE status IN ('pending', 'running') DO NOTHING
+    RETURNING cur.id, cur.unique_key
 ), job AS (
     INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts,
                                     scheduled_at, unique_key)
     SELECT id, actor, queue,
            jsonb_build_object('args', doc -> 'args', 'kwargs', doc -> 'kwargs'),
            coalesce(doc -> 'options', '{}'::jsonb), priority, max_attempts, eta, unique_key
-    FROM m
+    FROM m WHERE NOT keyed
     ON CONFLICT (id) DO UPDATE
        SET status = 'pending', scheduled_at = excluded.scheduled_at, options = excluded.options,
            completed_at = NULL, updated_at = now()
+    RETURNING cur.id
+), msg AS (
+    INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body)
+    SELECT id, queue, actor, priority, eta, body FROM m
+    WHERE id IN (SELECT id FROM job UNION ALL SELECT id FROM keyed_job)
+    ON CONFLICT (id) DO UPDATE
+       SET queue = excluded.queue, actor = excluded.actor, priority = excluded.priority,
+           eta = excluded.eta, body = excluded.body,
+           claim_token = NULL, worker = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
+    RETURNING cur.id, cur.queue, cur.eta
 )
-SELECT pg_notify('control_plane_messages', q.queue)
-FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now()) AS q
+SELECT (SELECT count(pg_notify('control_plane_messages', q.queue))
+        FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now()) AS q) AS notified,
+       (SELECT coalesce(jsonb_object_agg(m.id, coalesce(winner.id, holder.id)), '{}'::jsonb)
+        FROM m
+        LEFT JOIN keyed_job AS winner ON winner.unique_key = m.unique_key
+        LEFT JOIN LATERAL (
+            SELECT j.id FROM control_plane.jobs AS j
+            WHERE j.unique_key = m.unique_key AND j.status IN ('pending', 'running')
+        ) AS holder ON true
+        WHERE m.keyed AND m.id NOT IN (SELECT id FROM keyed_job)) AS duplicates
 """
 
 #: Lease up to ``limit`` ready messages of one queue to this worker, in
@@ -73,15 +106,22 @@ WITH c AS (
 SELECT id::text, body FROM m ORDER BY priority, eta, id
 """
 
-#: Apply a batch of outcomes: ``ack`` (done), ``nack`` (failed for good) and
-#: ``retry`` (back to the queue at now + delay). Fenced by the claim token: a
-#: worker that lost its lease changes nothing. Returns the ids applied.
+#: Apply a batch of outcomes: ``ack`` (done), ``nack`` (failed for good),
+#: ``retry`` (back to the queue at now + delay) and ``cancel`` (interrupted by
+#: ``control_plane.cancel_job``). Fenced by the claim token: a worker that lost
+#: its lease changes nothing. A retry of a message whose cancellation was
+#: requested is a cancel: the attempt failed before the interrupt landed, but
+#: the job must not run again. Returns the ids applied.
 SETTLE = """
-WITH a AS (
+WITH t AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(kinds)s::text[],
                          %(delays)s::bigint[], %(bodies)s::bytea[], %(errors)s::text[],
                          %(results)s::jsonb[])
          AS t(id, token, kind, delay_ms, body, error, result)
+), a AS (
+    SELECT t.id, t.token, t.delay_ms, t.body, t.error, t.result,
+           CASE WHEN t.kind = 'retry' AND m.cancel_requested_at IS NOT NULL THEN 'cancel' ELSE t.kind END AS kind
+    FROM t LEFT JOIN control_plane.messages AS m ON m.id = t.id AND m.claim_token = t.token
 ), gone AS (
     DELETE FROM control_plane.messages AS m USING a
     WHERE a.kind <> 'retry' AND m.id = a.id AND m.claim_token = a.token
@@ -96,11 +136,13 @@ WITH a AS (
     SELECT id, eta FROM gone UNION ALL SELECT id, eta FROM back
 )
 UPDATE control_plane.jobs AS j
-   SET status = CASE a.kind WHEN 'ack' THEN 'completed' WHEN 'nack' THEN 'failed' ELSE 'pending' END,
+   SET status = CASE a.kind WHEN 'ack' THEN 'completed' WHEN 'nack' THEN 'failed'
+                            WHEN 'cancel' THEN 'cancelled' ELSE 'pending' END,
        completed_at = CASE WHEN a.kind = 'retry' THEN NULL ELSE now() END,
        scheduled_at = coalesce(done.eta, j.scheduled_at),
        result = CASE WHEN a.kind = 'ack' THEN a.result ELSE j.result END,
-       last_error = CASE WHEN a.kind = 'ack' THEN j.last_error ELSE a.error END,
+       last_error = CASE a.kind WHEN 'ack' THEN j.last_error WHEN 'cancel' THEN 'cancelled by operator'
+                                ELSE a.error END,
        errors = CASE WHEN a.kind = 'ack' THEN j.errors
                 ELSE j.errors || jsonb_build_array(jsonb_build_object(
                          'attempt', j.attempts, 'at', now(), 'error', a.error, 'worker', j.worker))
@@ -116,7 +158,8 @@ RETURNING j.id::text
 
 #: Give back messages this worker holds but will not finish (graceful shutdown,
 #: consumer restart). ``started`` false means the message never ran, so the
-#: attempt counted at claim time is returned too.
+#: attempt counted at claim time is returned too. A message whose cancellation
+#: was requested is not given back: its job ends cancelled.
 RELEASE = """
 WITH a AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(started)s::boolean[])
@@ -124,8 +167,12 @@ WITH a AS (
 ), r AS (
     UPDATE control_plane.messages AS m
        SET claim_token = NULL, worker = NULL, lease_expires_at = NULL
-    FROM a WHERE m.id = a.id AND m.claim_token = a.token
+    FROM a WHERE m.id = a.id AND m.claim_token = a.token AND m.cancel_requested_at IS NULL
     RETURNING m.id, m.queue, m.eta
+), x AS (
+    DELETE FROM control_plane.messages AS m USING a
+    WHERE m.id = a.id AND m.claim_token = a.token AND m.cancel_requested_at IS NOT NULL
+    RETURNING m.id
 ), j AS (
     UPDATE control_plane.jobs AS j
        SET status = 'pending', updated_at = now(), started_at = NULL,
@@ -133,31 +180,42 @@ WITH a AS (
            last_error = CASE WHEN a.started THEN 'interrupted: the worker shut down before the job finished'
                         ELSE j.last_error END
     FROM a JOIN r ON r.id = a.id WHERE j.id = a.id
+), jx AS (
+    UPDATE control_plane.jobs AS j
+       SET status = 'cancelled', completed_at = now(), updated_at = now(), last_error = 'cancelled by operator'
+    FROM x WHERE j.id = x.id
 )
 SELECT pg_notify('control_plane_messages', q.queue)
 FROM (SELECT DISTINCT queue FROM r WHERE eta <= now()) AS q
 """
 
 #: Extend the leases of the claims this worker holds, and record its heartbeat.
+#: Returns the ids of held messages whose cancellation an operator requested
+#: (``control_plane.cancel_job``): the worker interrupts them.
 HEARTBEAT = """
 WITH h AS (
     UPDATE control_plane.messages
        SET lease_expires_at = now() + make_interval(secs => %(lease)s)
     WHERE claim_token = ANY(%(tokens)s::uuid[])
-    RETURNING id
+    RETURNING id, cancel_requested_at
 )
 INSERT INTO control_plane.worker_heartbeats AS w (id, hostname, pid, queues, heartbeat_at)
 VALUES (%(worker)s, %(hostname)s, %(pid)s, %(queues)s::text[], now())
 ON CONFLICT (id) DO UPDATE
    SET heartbeat_at = now(), queues = excluded.queues
-RETURNING (SELECT count(*) FROM h)
+RETURNING (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE cancel_requested_at IS NOT NULL)
 """
+
+#: The NOTIFY payload prefix with which ``control_plane.cancel_job`` asks the
+#: workers of a queue to heartbeat now (``cancel:<queue>``), not at the next interval.
+CANCEL_NOTIFY_PREFIX = "cancel:"
 
 #: Put back the messages of workers whose lease expired (killed, machine lost),
 #: record why in the mirror, forget workers silent for long, and wake the queues.
+#: A message whose cancellation was requested is not put back: its job ends cancelled.
 REAP = """
 WITH r AS (
-    SELECT id FROM control_plane.messages
+    SELECT id, cancel_requested_at IS NOT NULL AS cancel FROM control_plane.messages
     WHERE claim_token IS NOT NULL AND lease_expires_at < now()
     ORDER BY lease_expires_at
     LIMIT 1000
@@ -165,8 +223,11 @@ WITH r AS (
 ), m AS (
     UPDATE control_plane.messages AS m
        SET claim_token = NULL, worker = NULL, lease_expires_at = NULL
-    FROM r WHERE m.id = r.id
+    FROM r WHERE m.id = r.id AND NOT r.cancel
     RETURNING m.id, m.queue
+), x AS (
+    DELETE FROM control_plane.messages AS m USING r WHERE m.id = r.id AND r.cancel
+    RETURNING m.id
 ), j AS (
     UPDATE control_plane.jobs AS j
        SET status = 'pending', updated_at = now(), scheduled_at = now(),
@@ -177,6 +238,14 @@ WITH r AS (
                         'error', 'lease expired: worker ' || coalesce(j.worker, 'unknown')
                                  || ' stopped heartbeating'))
     FROM m WHERE j.id = m.id
+), jx AS (
+    UPDATE control_plane.jobs AS j
+       SET status = 'cancelled', completed_at = now(), updated_at = now(), last_error = 'cancelled by operator',
+           errors = j.errors || jsonb_build_array(jsonb_build_object(
+                        'attempt', j.attempts, 'at', now(), 'worker', j.worker,
+                        'error', 'lease expired: worker ' || coalesce(j.worker, 'unknown')
+                                 || ' stopped heartbeating after its cancellation was requested'))
+    FROM x WHERE j.id = x.id
 ), w AS (
     DELETE FROM control_plane.worker_heartbeats
     WHERE heartbeat_at < now() - make_interval(secs => %(forget_after)s)
@@ -228,4 +297,36 @@ FROM d WHERE j.id = d.id AND j.status IN ('pending', 'running')
 #: Messages still waiting or running in some queues (Dramatiq's ``join``).
 COUNT_OUTSTANDING = """
 SELECT count(*) FROM control_plane.messages WHERE queue = ANY(%(queues)s::text[])
+"""
+
+# -- operators: what the ``controlplane`` CLI runs (the same functions serve psql) --
+
+#: Cancel a job (``control_plane.cancel_job``): ``cancelled`` (it was waiting),
+#: ``cancelling`` (it runs: its worker interrupts it), or NULL (nothing to cancel).
+CANCEL_JOB = "SELECT control_plane.cancel_job(%(id)s::uuid)"
+
+#: Put a failed or cancelled job back in its queue; false when it is in no such state.
+RETRY_JOB = "SELECT control_plane.retry_job(%(id)s::uuid)"
+
+#: The failed jobs (of one type, or all), oldest failure first: what ``jobs retry --failed`` retries.
+FAILED_JOB_IDS = """
+SELECT id::text FROM control_plane.jobs
+WHERE status = 'failed' AND (%(type)s::text IS NULL OR type = %(type)s::text)
+ORDER BY completed_at, id
+"""
+
+#: A job's status, to explain why an operation did nothing.
+JOB_STATUS = "SELECT status FROM control_plane.jobs WHERE id = %(id)s::uuid"
+
+#: Delete finished jobs older than the given ages, and expired results; returns the row count.
+PRUNE_JOBS = "SELECT control_plane.prune_jobs(%(completed)s::interval, %(failed)s::interval)"
+
+#: Per queue: ready, scheduled, running, failed, completed in the last minute, oldest wait.
+QUEUE_STATS = "SELECT * FROM control_plane.queue_stats ORDER BY queue"
+
+#: Live workers, their heartbeats and how many messages each holds.
+WORKERS = """
+SELECT id, hostname, pid, queues, started_at, heartbeat_at,
+       extract(epoch FROM silent_for)::double precision AS silent_seconds, in_flight
+FROM control_plane.workers ORDER BY hostname, pid
 """

@@ -46,6 +46,8 @@ class Message(Base):
     worker: Mapped[str | None] = mapped_column(Text)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    #: Set by ``control_plane.cancel_job`` on a running message: its worker interrupts it.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         # The claim query's index: only unclaimed rows, in claim order.

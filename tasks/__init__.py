@@ -10,6 +10,8 @@ in the process (or forked worker) that uses them.
 
 from __future__ import annotations
 
+import logging
+
 import dramatiq
 from dramatiq.middleware import (
     AgeLimit,
@@ -19,10 +21,11 @@ from dramatiq.middleware import (
     ShutdownNotifications,
     TimeLimit,
 )
+from dramatiq.results import Results
 
 from tasks.broker import PostgresBroker, enqueue_in
-from tasks.middleware import JobsMirror, LogContext, Retries
-from tasks.results import PostgresBackend, Results
+from tasks.middleware import Cancellation, JobsMirror, LogContext, Retries, UniqueKeys
+from tasks.results import PostgresBackend
 from tasks.settings import Settings
 
 settings = Settings.from_env()
@@ -54,11 +57,27 @@ broker = PostgresBroker(
         CurrentMessage(),
         # what started / returned / failed, for the jobs mirror writes
         JobsMirror(),
+        # unique_key computed from the arguments (actor option unique_key_from)
+        UniqueKeys(),
     ],
 )
 broker.add_middleware(
-    Results(backend=PostgresBackend(broker), result_ttl=settings.result_ttl_ms)  # type: ignore[no-untyped-call]
+    Results(backend=PostgresBackend(broker), result_ttl=settings.result_ttl_ms)
 )
+# interrupt jobs an operator cancels (control_plane.cancel_job). Last, so that
+# its before hook runs just before the actor and its after hook just after it:
+# the window in which a cancel can land outside the actor stays as small as possible.
+broker.add_middleware(Cancellation())
 dramatiq.set_broker(broker)
+
+
+def _not_discarded(record: logging.LogRecord) -> bool:
+    # Dramatiq's Results warns that a return value "has been discarded" when an
+    # actor does not store results; the jobs mirror keeps every return value in
+    # control_plane.jobs.result, so the warning would be false.
+    return "has been discarded" not in record.getMessage()
+
+
+logging.getLogger("dramatiq.results.middleware.Results").addFilter(_not_discarded)
 
 __all__ = ["broker", "enqueue_in", "settings"]

@@ -46,7 +46,7 @@ from dramatiq.middleware import Middleware
 
 from models import queries
 from tasks import db
-from tasks.errors import NotSerializable
+from tasks.errors import Cancelled, NotSerializable
 from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -153,11 +153,13 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.started = False
         self.result_json: str | None = None
         self.error_text: str | None = None
+        #: Set by the Cancellation middleware when an operator cancels this message.
+        self.cancel_requested = False
 
 
 @dataclass
 class _Outcome:
-    kind: str  # ack | nack | retry
+    kind: str  # ack | nack | retry | cancel
     message_id: str
     token: str
     delay_ms: int = 0
@@ -350,11 +352,16 @@ class PostgresBroker(dramatiq.Broker):
                 message.retry_delay_ms = max(int(delay or 0), 0)
                 return message
             message = message._message
-        self.enqueue_batch([message], delay=delay)
-        return message
+        (sent,) = self.enqueue_batch([message], delay=delay)
+        # A duplicate of a live unique job comes back carrying that job's id.
+        return message if sent.message_id == message.message_id else sent
 
     def enqueue_batch(self, messages: Sequence[Message[Any]], *, delay: int | None = None) -> list[Message[Any]]:
-        """Store many messages in one round trip (joining :func:`enqueue_in` if active)."""
+        """Store many messages in one round trip (joining :func:`enqueue_in` if active).
+
+        A message whose ``unique_key`` option is held by a pending or running job
+        is not stored: it comes back with that job's ``message_id`` instead.
+        """
         if not messages:
             return []
         rows: dict[str, list[Any]] = {
@@ -390,22 +397,48 @@ class PostgresBroker(dramatiq.Broker):
             unique_key = options.get("unique_key")
             rows["unique_keys"].append(unique_key if isinstance(unique_key, str) else None)
             sent.append(message)
-        self._execute_enqueue(rows)
-        for message in sent:
-            self.emit_after("enqueue", message, delay)
+        duplicates = self._execute_enqueue(rows)
+        for i, message in enumerate(sent):
+            existing = duplicates.get(rows["ids"][i])
+            if existing is None:
+                self.emit_after("enqueue", message, delay)
+                continue
+            logger.info(
+                "message %s not enqueued: job %s holds its unique key %r",
+                message.message_id,
+                existing,
+                rows["unique_keys"][i],
+            )
+            sent[i] = message.copy(message_id=existing)
         return sent
 
-    def _execute_enqueue(self, params: dict[str, list[Any]]) -> None:
+    def _execute_enqueue(self, params: dict[str, list[Any]]) -> dict[str, str]:
+        """Run ENQUEUE; returns {sent id: id of the live job holding its unique key} for duplicates."""
+        duplicates: dict[str, str] = {}
+        for _ in range(10):
+            found: dict[str, str | None] = self._run_enqueue(params)
+            duplicates.update((sent, job) for sent, job in found.items() if job is not None)
+            # A key's holder committed after the statement began is invisible to it:
+            # send those again; the next statement sees the holder, or that it finished.
+            again = [i for i, message_id in enumerate(params["ids"]) if message_id in found and not found[message_id]]
+            if not again:
+                return duplicates
+            params = {name: [values[i] for i in again] for name, values in params.items()}
+        raise RuntimeError("unique keys kept changing hands while enqueueing; try again")
+
+    def _run_enqueue(self, params: dict[str, list[Any]]) -> dict[str, str | None]:
         caller = _enqueue_connection.get()
         if caller is not None:
             with caller.cursor() as cur:
                 cur.execute(queries.ENQUEUE, params)
-            return
+                found: dict[str, str | None] = cur.fetchone()[1]
+            return found
         for attempt in (1, 2):
             try:
                 with self.connection() as conn, conn.cursor() as cur:
                     cur.execute(queries.ENQUEUE, params)
-                return
+                    found = cur.fetchone()[1]
+                return found
             except psycopg2.Error as exc:
                 # The statement is atomic and an upsert by id: after a lost
                 # connection, running it again on a fresh one is safe.
@@ -413,6 +446,7 @@ class PostgresBroker(dramatiq.Broker):
                     if db.is_connection_error(exc):
                         raise ConnectionClosed(exc) from exc
                     raise
+        raise AssertionError("unreachable")
 
     # -- consuming --------------------------------------------------------
 
@@ -502,7 +536,9 @@ class _PostgresConsumer(dramatiq.Consumer):
     def nack(self, message: dramatiq.MessageProxy) -> None:
         assert isinstance(message, PgMessageProxy)
         error = message.error_text or _describe(message) or "rejected by middleware"
-        self._hand_over(_Outcome("nack", message.message_id, message.claim_token, error=error))
+        # An attempt interrupted by control_plane.cancel_job ends its job cancelled, not failed.
+        kind = "cancel" if isinstance(message._exception, Cancelled) else "nack"
+        self._hand_over(_Outcome(kind, message.message_id, message.claim_token, error=error))
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
         """Give back prefetched messages at once (graceful shutdown)."""
@@ -565,8 +601,12 @@ class _PostgresConsumer(dramatiq.Consumer):
             now = time.monotonic()
             if now >= deadline:
                 return None
-            wait = min(deadline, self._next_poll, self._next_heartbeat, self._next_reap) - now
-            self._wait(max(wait, 0.0))
+            # With no free slot, polling is pointless: a finished message wakes us
+            # through the pipe. (Waiting on a past poll time would spin the CPU.)
+            wake_at = [deadline, self._next_heartbeat, self._next_reap]
+            if free > 0:
+                wake_at.append(self._next_poll)
+            self._wait(max(min(wake_at) - now, 0.0))
 
     def _wait(self, seconds: float) -> None:
         readable, _, _ = select.select([self.conn, self.state.wake_r], [], [], seconds)
@@ -577,6 +617,9 @@ class _PostgresConsumer(dramatiq.Consumer):
         if self.conn.notifies:
             if any(n.payload == self.queue_name for n in self.conn.notifies):
                 self._notified = True
+            # control_plane.cancel_job: heartbeat now, which finds the cancelled messages we hold.
+            if any(n.payload == queries.CANCEL_NOTIFY_PREFIX + self.queue_name for n in self.conn.notifies):
+                self._next_heartbeat = 0.0
             self.conn.notifies.clear()
 
     def _claim(self, limit: int) -> int:
@@ -676,7 +719,15 @@ class _PostgresConsumer(dramatiq.Consumer):
                         "queues": sorted(self.broker.queues),
                     },
                 )
+                (cancelled,) = cur.fetchone()
             self._next_heartbeat = now + self.settings.heartbeat_interval
+            if cancelled:
+                # An operator cancelled messages we hold: interrupt the threads running them.
+                from tasks.middleware.cancellation import interrupt
+
+                with self.state.lock:
+                    held = [self.state.inflight[i] for i in cancelled if i in self.state.inflight]
+                interrupt(self.broker, held)
         if now >= self._next_reap:
             with self.conn.cursor() as cur:
                 cur.execute(queries.REAP, {"forget_after": self.settings.lease_seconds * 4})

@@ -1,12 +1,10 @@
-"""The ``controlplane`` command: migrate, demo, send, inspect jobs, manage the embedded database."""
+"""The ``controlplane`` command: migrate, demo, send; inspect, retry and cancel jobs; queue stats,
+workers and pruning; manage the embedded database."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -15,7 +13,9 @@ from datetime import datetime
 from typing import Any
 
 import psycopg2
+from dramatiq.errors import ConnectionClosed
 
+from models import queries
 from tasks import db
 from tasks.errors import ConfigurationError
 from tasks.settings import Settings
@@ -133,7 +133,15 @@ def cmd_send(args: argparse.Namespace) -> int:
         sent = tasks.broker.enqueue(message, delay=int(args.delay * 1000) if args.delay else None)
     except TypeError as exc:
         raise UserError(str(exc)) from None
-    print(json.dumps({"id": sent.message_id}) if args.json else sent.message_id)
+    # With --unique-key, a live job holding the key comes back instead of a new one.
+    duplicate = sent.message_id != message.message_id
+    if duplicate:
+        print(
+            f"controlplane: job {sent.message_id} holds unique key {args.unique_key!r} "
+            "(pending or running): nothing new was sent",
+            file=sys.stderr,
+        )
+    print(json.dumps({"id": sent.message_id, "deduplicated": duplicate}) if args.json else sent.message_id)
     return 0
 
 
@@ -219,6 +227,156 @@ def _show(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _job_id(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise UserError(f"{raw!r} is not a job id (a UUID)") from None
+
+
+def _scalar(conn: Any, sql: str, params: dict[str, Any] | None = None) -> Any:
+    """The single value of a one-row, one-column statement; a refusal by a SQL function is a UserError."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params or {})
+            return cur.fetchone()[0]
+    except (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.InternalError) as exc:
+        # What control_plane.retry_job raises (a live duplicate, nothing to re-send), bad intervals.
+        raise UserError(_first_line(exc)) from None
+
+
+def _why_not(conn: Any, job_id: str, allowed: str, done: str) -> UserError:
+    """Why an operation on ``job_id`` did nothing: no such job, or the wrong state."""
+    rows = _fetch(conn, queries.JOB_STATUS, {"id": job_id})
+    if not rows:
+        return UserError(f"no job with id {job_id}")
+    return UserError(f"job {job_id} is {rows[0]['status']}: only {allowed} jobs can be {done}")
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    if (args.id is None) == (not args.failed):
+        raise UserError("give a job id, or --failed to retry every failed job (not both)")
+    if args.type and not args.failed:
+        raise UserError("--type goes with --failed")
+    conn = _connect(_url(_settings()))
+    try:
+        if args.id is not None:
+            job_id = _job_id(args.id)
+            if not _scalar(conn, queries.RETRY_JOB, {"id": job_id}):
+                raise _why_not(conn, job_id, "failed or cancelled", "retried")
+            print(f"retried {job_id}: pending again")
+            return 0
+        ids = [r["id"] for r in _fetch(conn, queries.FAILED_JOB_IDS, {"type": args.type})]
+        retried = refused = 0
+        for n, job_id in enumerate(ids, 1):
+            try:
+                # false: someone retried it since we listed it, which is as good
+                retried += bool(_scalar(conn, queries.RETRY_JOB, {"id": job_id}))
+            except UserError as exc:
+                refused += 1
+                print(f"controlplane: {exc}", file=sys.stderr)
+            if len(ids) > 100 and (n % 100 == 0 or n == len(ids)):
+                print(f"  {n}/{len(ids)} failed jobs done", file=sys.stderr, flush=True)
+        print(f"retried {retried} failed job(s)" + (f" of type {args.type}" if args.type else ""))
+        if refused:
+            raise UserError(f"{refused} failed job(s) could not be retried (see above)")
+        return 0
+    finally:
+        conn.close()
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    job_id = _job_id(args.id)
+    conn = _connect(_url(_settings()))
+    try:
+        outcome = _scalar(conn, queries.CANCEL_JOB, {"id": job_id})
+        if outcome is None:
+            raise _why_not(conn, job_id, "pending or running", "cancelled")
+        if outcome == "cancelled":
+            print(f"cancelled {job_id}")
+        else:
+            print(f"cancelling {job_id}: it is running; its worker interrupts it and the job ends cancelled")
+        return 0
+    finally:
+        conn.close()
+
+
+# -- stats, prune, workers ---------------------------------------------------------
+
+_STATS_COLUMNS = ("queue", "ready", "scheduled", "running", "failed", "completed_last_minute", "oldest_ready_age")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    conn = _connect(_url(_settings()))
+    try:
+        while True:
+            rows = _fetch(conn, queries.QUEUE_STATS)
+            if args.json:
+                # One document per refresh; one line each when watching, for a script to read.
+                print(json.dumps(rows, default=str, indent=None if args.watch else 2), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\033[H\033[J", end="")  # clear the screen
+                if args.watch:
+                    print(f"{time.strftime('%H:%M:%S')}  every {args.interval:g}s, Ctrl-C to stop")
+                for r in rows:
+                    r["oldest_ready_age"] = f"{r.pop('oldest_ready_age_seconds'):.1f}s"
+                if rows:
+                    print_table(rows, _STATS_COLUMNS)
+                else:
+                    print("no jobs in any queue")
+                sys.stdout.flush()
+            if not args.watch:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0  # the way to leave --watch
+    finally:
+        conn.close()
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    conn = _connect(_url(_settings()))
+    try:
+        for option, value in (("--completed-after", args.completed_after), ("--failed-after", args.failed_after)):
+            try:
+                _scalar(conn, "SELECT %(value)s::interval", {"value": value})
+            except UserError:
+                raise UserError(f"{option} must be a PostgreSQL interval such as '7 days', not {value!r}") from None
+        deleted = _scalar(
+            conn, queries.PRUNE_JOBS, {"completed": args.completed_after, "failed": args.failed_after}
+        )
+        print(
+            f"pruned {deleted} row(s): completed and cancelled jobs older than {args.completed_after}, "
+            f"failed jobs older than {args.failed_after}, expired results"
+        )
+        return 0
+    finally:
+        conn.close()
+
+
+_WORKER_COLUMNS = ("id", "queues", "started_at", "heartbeat_at", "silent_seconds", "in_flight")
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    conn = _connect(_url(_settings()))
+    try:
+        rows = _fetch(conn, queries.WORKERS)
+    finally:
+        conn.close()
+    if args.json:
+        print(_jsonable(rows))
+        return 0
+    if not rows:
+        print("no live workers")
+        return 0
+    for r in rows:
+        r["queues"] = ",".join(r["queues"])
+        r["silent_seconds"] = f"{r['silent_seconds']:.1f}"
+    print_table(rows, _WORKER_COLUMNS)
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------
 
 
@@ -231,82 +389,9 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import migrations
+    from tasks.demo_run import run_demo
 
-    settings = _settings()
-    print(f"database: {_describe_target(settings)}")
-    url = _url(settings)
-    _connect(url).close()
-    migrations.upgrade(url)
-    print(f"migrations: at revision {migrations.current(url)}")
-
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "CONTROLPLANE_POLL_INTERVAL": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    }
-    log_path = settings.home / "demo-worker.log"
-    settings.home.mkdir(parents=True, exist_ok=True)
-    worker_cmd = [sys.executable, "-m", "dramatiq", "tasks", "tasks.demo", "--processes", "1", "--threads", "4"]
-    print(f"worker: {' '.join(worker_cmd[1:])}  (log: {log_path})")
-    with open(log_path, "w") as log:
-        worker = subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        os.environ["DATABASE_URL"] = url
-        from tasks import demo
-
-        sent: list[Any] = [demo.resize_image.send(i, 640) for i in range(1, 4)]
-        sent.append(demo.charge_card.send(1001))
-        ids = [m.message_id for m in sent]
-        print(f"sent {len(ids)} jobs; watching control_plane.jobs (Ctrl-C to stop)\n")
-        conn = _connect(url)
-        seen: dict[str, tuple[str, int]] = {}
-
-        def all_done() -> bool:
-            rows = _fetch(
-                conn,
-                "SELECT id::text, type, status, attempts, last_error, scheduled_at - now() AS wait "
-                "FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[])",
-                {"ids": ids},
-            )
-            for r in rows:
-                key = (r["status"], r["attempts"])
-                if seen.get(r["id"]) != key:
-                    seen[r["id"]] = key
-                    note = ""
-                    if r["status"] == "pending" and r["attempts"]:
-                        wait = max(r["wait"].total_seconds(), 0.0)
-                        note = f"  retry in {wait:.1f}s after: {r['last_error']}"
-                    print(
-                        f"  {time.strftime('%H:%M:%S')}  {r['id'][:8]}  {r['type']:<18} "
-                        f"{r['status']:<9} attempts={r['attempts']}{note}"
-                    )
-            return len(rows) == len(ids) and all(r["status"] in ("completed", "failed") for r in rows)
-
-        _wait_for(all_done, timeout=120, what="the demo jobs to finish")
-        print("\nfinal state, as an operator sees it with SQL:\n")
-        print("  SELECT id, type, status, attempts, last_error FROM control_plane.jobs;\n")
-        rows = _fetch(
-            conn,
-            "SELECT id, type, status, attempts, max_attempts, last_error, result FROM control_plane.jobs "
-            "WHERE id = ANY(%(ids)s::uuid[]) ORDER BY created_at",
-            {"ids": ids},
-        )
-        print_table(rows, ("id", "type", "status", "attempts", "max_attempts", "last_error", "result"))
-        result = sent[0].get_result(block=True, timeout=10_000)
-        print(f"\nresult of the first job through the results backend: {result}")
-        conn.close()
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-    print("worker stopped; nothing left running.")
-    if settings.database_url is None:
-        print(f"the embedded PostgreSQL keeps running; psql: `psql '{url}'`; stop: `controlplane db stop`")
-    return 0
+    return run_demo()
 
 
 # -- main ------------------------------------------------------------------------
@@ -338,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_send)
 
-    jobs = sub.add_parser("jobs", help="inspect control_plane.jobs")
+    jobs = sub.add_parser("jobs", help="list, show, retry and cancel jobs (control_plane.jobs)")
     jsub = jobs.add_subparsers(dest="action", required=True)
     p = jsub.add_parser("list", help="recent jobs, newest first")
     p.add_argument("--status", choices=("pending", "running", "completed", "failed", "cancelled"))
@@ -352,7 +437,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_jobs)
+    p = jsub.add_parser(
+        "retry",
+        help="put a failed or cancelled job back in its queue (control_plane.retry_job)",
+        description="Put a failed or cancelled job back in its queue, its error history kept; "
+        "with --failed, every failed job (of one actor with --type).",
+    )
+    p.add_argument("id", nargs="?", help="the job's id")
+    p.add_argument("--failed", action="store_true", help="retry every failed job")
+    p.add_argument("--type", help="with --failed: only jobs of this actor")
+    p.set_defaults(func=cmd_jobs_retry)
+    p = jsub.add_parser(
+        "cancel",
+        help="cancel a pending or running job (control_plane.cancel_job)",
+        description="Cancel a job: a pending one at once; a running one is interrupted by its worker "
+        "within a heartbeat, and ends cancelled (never retried).",
+    )
+    p.add_argument("id", help="the job's id")
+    p.set_defaults(func=cmd_jobs_cancel)
+
+    p = sub.add_parser(
+        "stats", help="per queue: ready, scheduled, running, failed, completed in the last minute, oldest wait"
+    )
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument("--json", action="store_true", help="print JSON (one line per refresh with --watch)")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "prune",
+        help="delete old finished jobs and expired results (control_plane.prune_jobs)",
+        description="Delete completed and cancelled jobs finished longer ago than --completed-after, "
+        "failed ones finished longer ago than --failed-after, and expired results.",
+    )
+    p.add_argument("--completed-after", default="7 days", help="a PostgreSQL interval (default: '7 days')")
+    p.add_argument("--failed-after", default="30 days", help="a PostgreSQL interval (default: '30 days')")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("workers", help="live workers: heartbeats and the jobs they hold")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_workers)
     return parser
+
+
+def _first_line(exc: BaseException) -> str:
+    diag = getattr(exc, "diag", None)
+    text = (getattr(diag, "message_primary", None) or str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,6 +494,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except (UserError, ConfigurationError) as exc:
         print(f"controlplane: error: {exc}", file=sys.stderr)
+        return 1
+    except (psycopg2.OperationalError, ConnectionClosed) as exc:
+        # The database went away (or never answered) after the command started.
+        reason = _first_line(exc.__cause__ or exc)
+        print(f"controlplane: error: cannot connect to the database: {reason}", file=sys.stderr)
+        return 1
+    except psycopg2.Error as exc:
+        print(f"controlplane: error: the database refused: {_first_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

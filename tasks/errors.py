@@ -5,10 +5,14 @@ Actors raise these (wrapping driver errors with ``raise ... from exc``); the
 
 * :class:`TransientError` and any exception outside this tree are retried with
   Dramatiq's exponential backoff until ``max_attempts`` is spent;
-* :class:`PermanentError` (and its subclasses) fail the job at once, no retry.
+* :class:`PermanentError` (and its subclasses) fail the job at once, no retry;
+* :class:`Cancelled` is not raised by actors but into them, when an operator
+  cancels a running job: the job ends ``cancelled``, no retry.
 """
 
 from __future__ import annotations
+
+from dramatiq.middleware.threading import Interrupt
 
 
 class TaskError(Exception):
@@ -40,6 +44,17 @@ class InvalidPayload(PermanentError):
 
 class Conflict(PermanentError):
     """The job asks for something that contradicts what already exists."""
+
+
+class Cancelled(Interrupt):
+    """An operator cancelled the job (``control_plane.cancel_job``) while it ran.
+
+    Raised asynchronously in the worker thread that runs the job, as Dramatiq's
+    ``TimeLimitExceeded`` is (see :mod:`tasks.middleware.cancellation`). Like
+    every Dramatiq ``Interrupt`` it is a ``BaseException``, so ``except
+    Exception`` does not swallow it; an actor may catch it to clean up and
+    should re-raise it. The job ends ``cancelled`` and is never retried.
+    """
 
 
 class NotSerializable(TypeError):

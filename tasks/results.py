@@ -10,7 +10,6 @@ from typing import Any
 
 import psycopg2
 from dramatiq.results import ResultBackend
-from dramatiq.results import Results as DramatiqResults
 from dramatiq.results.backend import Missing
 
 from models import queries
@@ -40,17 +39,3 @@ class PostgresBackend(ResultBackend):
                 {"key": message_key, "value": psycopg2.Binary(value), "ttl_ms": ttl},
             )
 
-
-class Results(DramatiqResults):
-    """Dramatiq's Results middleware, without its "value discarded" warning.
-
-    Every return value is kept in ``control_plane.jobs.result`` by the mirror,
-    so nothing is discarded when an actor does not store results here too.
-    """
-
-    def after_process_message(
-        self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
-    ) -> None:
-        store_results, result_ttl = self._lookup_options(broker, message)  # type: ignore[no-untyped-call]
-        if store_results and exception is None:
-            self.backend.store_result(message, result, result_ttl)

@@ -167,3 +167,25 @@ def running_worker(url: str, tmp_path: Path, **kwargs: Any) -> Iterator[WorkerPr
         yield worker
     finally:
         worker.terminate()
+
+
+def claim_in_process(queue: str = "default") -> tuple[Any, Any]:
+    """Claim one message with a consumer of the global broker in this process, as a worker thread would get it."""
+    import tasks
+
+    consumer = tasks.broker.consume(queue, prefetch=1, timeout=5000)
+    held = next(consumer)
+    assert held is not None, f"nothing to claim in queue {queue!r}"
+    return consumer, held
+
+
+def settle_in_process(consumer: Any, held: Any, outcome: str, error: str = "RuntimeError: boom") -> None:
+    """Write ``outcome`` (ack or nack) for a message claimed with :func:`claim_in_process`, then close."""
+    if outcome == "ack":
+        consumer.ack(held)
+    else:
+        held.error_text = error
+        held.fail()
+        consumer.nack(held)
+    consumer._flush()
+    consumer.close()

@@ -15,6 +15,7 @@ import dramatiq
 from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware, TimeLimit, TimeLimitExceeded
 
+from tasks.errors import Cancelled
 from tasks.redaction import redact
 
 #: The longest error text kept in ``last_error`` and the errors history.
@@ -41,6 +42,8 @@ def describe_error(exc: BaseException, message: Any, broker: dramatiq.Broker | N
         text = "TimeLimitExceeded: the attempt ran longer than its time limit" + (
             f" of {limit} ms" if limit is not None else ""
         )
+    elif isinstance(exc, Cancelled):
+        text = "Cancelled: " + (str(exc).strip() or "an operator cancelled the job while it ran")
     elif isinstance(exc, ActorNotFound):
         text = (
             f"ActorNotFound: unknown actor {message.actor_name!r}: "

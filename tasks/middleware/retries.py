@@ -3,7 +3,8 @@
 ``max_attempts`` (per actor or per message) counts every attempt, the first
 included: ``max_attempts=3`` is Dramatiq's ``max_retries=2``. Any
 :class:`tasks.errors.PermanentError` fails the job at once, with no retry,
-whether or not the actor lists it in ``throws``.
+whether or not the actor lists it in ``throws``; a :class:`tasks.errors.Cancelled`
+interrupt is never retried either.
 
 ``on_final_failure`` (an actor name, per actor or per message) is sent once
 when a job fails for good, permanent error or retries spent (Dramatiq's
@@ -20,7 +21,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import retries as dramatiq_retries
 
-from tasks.errors import PermanentError
+from tasks.errors import Cancelled, PermanentError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,12 @@ class Retries(dramatiq_retries.Retries):
     ) -> None:
         if exception is None:
             return
-        if isinstance(exception, PermanentError):
+        if isinstance(exception, Cancelled):
+            # An operator stopped it (control_plane.cancel_job): running it again would undo that.
+            # on_final_failure still fires below, so a workflow can undo its half-done work.
+            logger.info("message %s was cancelled; not retrying", message.message_id)
+            message.fail()
+        elif isinstance(exception, PermanentError):
             logger.info("message %s failed permanently; not retrying", message.message_id)
             message.fail()
         else:

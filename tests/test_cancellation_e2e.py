@@ -1,0 +1,65 @@
+"""Cancelling a running job, and unique jobs, with real ``dramatiq`` worker processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests import actors
+from tests.support import disagreements, job, query, running_worker, wait_for
+
+
+def effects(url: str, kind: str) -> list[dict[str, object]]:
+    return query(url, "SELECT * FROM test_support.effects WHERE kind = %s ORDER BY id", (kind,))
+
+
+def test_a_running_job_cancelled_with_cancel_job_is_interrupted_and_ends_cancelled(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a worker with a single thread, running a job that waits for a gate nobody opens
+    # (the actor allows 3 attempts, so a failure would be retried)
+    message = actors.wait_for_gate.send("never opened")
+    with running_worker(db_url, tmp_path, threads=1) as worker:
+        wait_for(lambda: effects(db_url, "started"), what="the job to start")
+        assert job(db_url, message.message_id)["status"] == "running"
+        # When an operator cancels it from SQL
+        (row,) = query(db_url, "SELECT control_plane.cancel_job(%s) AS outcome", (message.message_id,))
+        assert row["outcome"] == "cancelling"
+        # Then the worker interrupts it and the job ends cancelled
+        final = wait_for(
+            lambda: job(db_url, message.message_id)["status"] != "running" and job(db_url, message.message_id),
+            what="the job to stop running",
+        )
+        assert final["status"] == "cancelled"
+        # And the worker's only thread survived the interrupt: the next job runs on it
+        after = actors.noop.send("after the cancel")
+        wait_for(lambda: job(db_url, after.message_id)["status"] == "completed", what="the next job")
+        assert worker.proc.poll() is None
+    # And the attempt was not retried: one attempt, one start, no finish, nothing left in the queue
+    assert final["attempts"] == 1
+    assert final["completed_at"] is not None
+    assert final["last_error"] == "cancelled by operator"
+    assert [e["error"] for e in final["errors"]] == ["Cancelled: an operator cancelled the job while it ran"]
+    assert len(effects(db_url, "started")) == 1
+    assert effects(db_url, "finished") == []
+    assert job(db_url, message.message_id)["status"] == "cancelled"
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0
+    assert disagreements(db_url) == []
+
+
+def test_a_duplicate_send_of_a_running_unique_job_gets_its_result(db_url: str, tmp_path: Path) -> None:
+    # Given a running job with unique key "gate:k" that stores its result
+    first = actors.wait_for_gate.send_with_options(args=("k",), unique_key="gate:k", store_results=True)
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: job(db_url, first.message_id)["status"] == "running", what="the job to run")
+        # When the same key is sent again while it runs
+        duplicate = actors.wait_for_gate.send_with_options(args=("k",), unique_key="gate:k", store_results=True)
+        # Then the send returned the running job, whose result it can wait for
+        assert duplicate.message_id == first.message_id
+        query(db_url, "INSERT INTO test_support.gates (name) VALUES ('k')")
+        assert duplicate.get_result(block=True, timeout=30_000) == "k"
+        # And once it has completed, the key makes a new job that runs too
+        again = actors.wait_for_gate.send_with_options(args=("k",), unique_key="gate:k")
+        assert again.message_id != first.message_id
+        wait_for(lambda: job(db_url, again.message_id)["status"] == "completed", what="the new job")
+    assert len(effects(db_url, "started")) == 2
+    assert disagreements(db_url) == []

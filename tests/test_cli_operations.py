@@ -1,0 +1,289 @@
+"""The operator subcommands of ``controlplane`` on the test database.
+
+Each subcommand runs at least once as a real subprocess; the variants of a
+user mistake run in-process through :func:`tasks.cli.main`, which is the same
+code without the interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+import tasks
+from tasks.cli import main
+from tests import actors
+from tests.support import ROOT, claim_in_process, job, query, wait_for
+
+UNREACHABLE = "postgresql://root@127.0.0.1:1/nowhere"
+
+
+def _popen(url: str, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tasks.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``controlplane ARGS`` against ``url`` and wait for it."""
+    return run_all(url, [args])[0]
+
+
+def run_all(url: str, commands: Sequence[Sequence[str]]) -> list[subprocess.CompletedProcess[str]]:
+    """Run several independent commands at once (they start in parallel) and collect them in order."""
+    procs = [(args, _popen(url, args)) for args in commands]
+    done = []
+    for args, proc in procs:
+        out, err = proc.communicate(timeout=60)
+        done.append(subprocess.CompletedProcess(list(args), proc.returncode, out, err))
+    return done
+
+
+def in_process(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, url: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``controlplane ARGS`` in this process (``tasks.cli.main``), its output captured."""
+    monkeypatch.setenv("DATABASE_URL", url)
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    """Exit status 1 and one line on stderr, ``controlplane: error: ...``, naming the problem; no traceback."""
+    assert result.returncode == 1, (result.args, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, (result.args, result.stderr)
+    assert lines[0].startswith("controlplane: error: "), lines[0]
+    assert fragment in lines[0], (fragment, lines[0])
+
+
+def fail_everything_queued() -> None:
+    """Claim every queued message in this process and record each as failed for good."""
+    consumer = tasks.broker.consume("default", prefetch=50, timeout=2000)
+    while True:
+        with consumer.state.lock:
+            waiting = bool(consumer.state.buffer)
+        if not waiting and consumer._claim(50) == 0:
+            break
+        held = next(consumer)
+        assert held is not None
+        held.error_text = "RuntimeError: failed on purpose"
+        held.fail()
+        consumer.nack(held)
+    consumer._flush()
+    consumer.close()
+
+
+@pytest.mark.parametrize("command", [("jobs", "retry"), ("jobs", "cancel"), ("stats",), ("prune",), ("workers",)])
+def test_every_operator_subcommand_has_help(capsys: pytest.CaptureFixture[str], command: tuple[str, ...]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: controlplane {' '.join(command)}")
+
+
+def test_jobs_retry_puts_a_failed_job_back_and_explains_when_it_cannot(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a failed job and a pending one
+    failed = actors.always_fails.send("x")
+    fail_everything_queued()
+    pending = actors.noop.send(1)
+    # When an operator retries the failed one
+    result = cli(db_url, "jobs", "retry", failed.message_id)
+    # Then it is pending again
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"retried {failed.message_id}: pending again"
+    assert job(db_url, failed.message_id)["status"] == "pending"
+    # And mistakes are one clear line each
+    missing = str(uuid.uuid4())
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return in_process(capsys, monkeypatch, db_url, "jobs", "retry", *args)
+
+    assert_user_error(run(pending.message_id), f"job {pending.message_id} is pending: only failed or cancelled jobs")
+    assert_user_error(run(missing), f"no job with id {missing}")
+    assert_user_error(run("42"), "'42' is not a job id")
+    assert_user_error(run(pending.message_id, "--failed"), "give a job id, or --failed")
+    assert_user_error(run("--type", "tests.noop"), "give a job id, or --failed")
+
+
+def test_jobs_retry_failed_retries_every_failed_job_of_a_type(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given two failed jobs of one actor, one of another, and a pending one
+    two = [actors.always_fails.send("a").message_id, actors.always_fails.send("b").message_id]
+    other = actors.noop.send("c").message_id
+    fail_everything_queued()
+    pending = actors.noop.send("d").message_id
+    # When the failed jobs of one actor are retried
+    result = cli(db_url, "jobs", "retry", "--failed", "--type", "tests.always_fails")
+    # Then those two are pending again, and the other failed job is still failed
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "retried 2 failed job(s) of type tests.always_fails"
+    assert {job(db_url, i)["status"] for i in two} == {"pending"}
+    assert job(db_url, other)["status"] == "failed"
+    assert job(db_url, pending)["status"] == "pending"
+    # When every failed job is retried, Then the last one is too
+    result = in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed")
+    assert result.stdout.strip() == "retried 1 failed job(s)"
+    assert job(db_url, other)["status"] == "pending"
+
+
+def test_jobs_cancel_cancels_pending_jobs_and_asks_for_running_ones(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a running job (claimed in this process) and a pending one
+    running = actors.noop.send("running")
+    consumer, held = claim_in_process()
+    assert held.message_id == running.message_id
+    pending = actors.noop.send("pending")
+    # When an operator cancels both
+    cancel_pending, cancel_running = run_all(
+        db_url, [("jobs", "cancel", pending.message_id), ("jobs", "cancel", running.message_id)]
+    )
+    # Then the pending one is cancelled at once and the running one is marked for its worker
+    assert cancel_pending.returncode == 0, cancel_pending.stderr
+    assert cancel_pending.stdout.strip() == f"cancelled {pending.message_id}"
+    assert job(db_url, pending.message_id)["status"] == "cancelled"
+    assert cancel_running.returncode == 0, cancel_running.stderr
+    assert cancel_running.stdout.startswith(f"cancelling {running.message_id}: it is running")
+    assert query(db_url, "SELECT cancel_requested_at IS NOT NULL AS asked FROM control_plane.messages")[0]["asked"]
+    consumer.close()
+    # And a job that cannot be cancelled, or does not exist, is one clear line
+    missing = str(uuid.uuid4())
+    again = in_process(capsys, monkeypatch, db_url, "jobs", "cancel", pending.message_id)
+    assert_user_error(again, f"job {pending.message_id} is cancelled: only pending or running jobs can be cancelled")
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "cancel", missing), f"no job with id {missing}")
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "cancel", "x"), "'x' is not a job id")
+
+
+def test_send_with_a_held_unique_key_prints_the_existing_job(db_url: str) -> None:
+    send = ("send", "tests.noop", "--module", "tests.actors", "--unique-key", "tenant:1")
+    # Given a job sent with a unique key
+    job_id = actors.noop.send_with_options(args=(1,), unique_key="tenant:1").message_id
+    # When the same key is sent again, plainly and with --json
+    plain, as_json = run_all(db_url, [(*send, "--args", "[2]"), (*send, "--args", "[3]", "--json")])
+    # Then both print the existing job, and no second job exists
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.strip() == job_id
+    assert f"job {job_id} holds unique key 'tenant:1'" in plain.stderr
+    assert json.loads(as_json.stdout) == {"id": job_id, "deduplicated": True}
+    assert [str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.jobs")] == [job_id]
+
+
+def test_stats_shows_each_queue_once_as_json_and_until_ctrl_c_when_watching(db_url: str) -> None:
+    # Given two ready jobs, one failed job and one delayed job in the default queue
+    actors.always_fails.send("x")
+    fail_everything_queued()
+    actors.noop.send(1)
+    actors.noop.send(2)
+    actors.noop.send_with_options(args=(3,), delay=3_600_000)
+    # When an operator asks for the stats, as a table and as JSON
+    table, as_json = run_all(db_url, [("stats",), ("stats", "--json")])
+    # Then both show the queue's counts
+    assert table.returncode == 0, table.stderr
+    header, _, row = table.stdout.splitlines()
+    assert header.split() == [
+        "queue", "ready", "scheduled", "running", "failed", "completed_last_minute", "oldest_ready_age"
+    ]
+    assert row.split()[:6] == ["default", "2", "1", "0", "1", "0"]
+    (stats,) = json.loads(as_json.stdout)
+    assert (stats["queue"], stats["ready"], stats["scheduled"], stats["failed"]) == ("default", 2, 1, 1)
+    # When it watches, Then it refreshes until Ctrl-C and then exits cleanly
+    watcher = _popen(db_url, ["stats", "--watch", "--interval", "0.2"])
+    try:
+        assert watcher.stdout is not None
+        stdout = watcher.stdout
+        lines: list[str] = []
+
+        def refreshed_twice() -> bool:
+            lines.append(stdout.readline())
+            return sum(line.startswith("default") for line in lines) >= 2
+
+        wait_for(refreshed_twice, what="two refreshes")
+        watcher.send_signal(signal.SIGINT)
+        _, err = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    assert watcher.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_prune_deletes_old_finished_jobs_and_refuses_a_bad_age(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job completed ten days ago, one completed an hour ago, and one failed ten days ago
+    for status, age in (("completed", "10 days"), ("completed", "1 hour"), ("failed", "10 days")):
+        query(
+            db_url,
+            "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
+            "VALUES (gen_random_uuid(), 'old', 'default', %s, now() - %s::interval)",
+            (status, age),
+        )
+    # When an operator prunes with the defaults (7 days, failed 30 days), Then only the first goes
+    result = cli(db_url, "prune")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("pruned 1 row(s)")
+    # When pruning with shorter ages, Then the others go too
+    shorter = ("prune", "--completed-after", "1 minute", "--failed-after", "1 day")
+    result = in_process(capsys, monkeypatch, db_url, *shorter)
+    assert result.stdout.startswith("pruned 2 row(s)")
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs")[0]["n"] == 0
+    # And an age that is not an interval is one clear line
+    assert_user_error(
+        in_process(capsys, monkeypatch, db_url, "prune", "--failed-after", "a while"),
+        "--failed-after must be a PostgreSQL interval",
+    )
+
+
+def test_workers_lists_live_workers_and_what_they_hold(db_url: str) -> None:
+    # Given a worker's heartbeat, and a message it holds
+    actors.noop.send(1)
+    consumer, _ = claim_in_process()
+    consumer._housekeeping()  # its heartbeat
+    try:
+        # When an operator lists the workers
+        table, as_json = run_all(db_url, [("workers",), ("workers", "--json")])
+    finally:
+        consumer.close()
+    # Then the worker is there with its queue and its one message in flight
+    assert as_json.returncode == 0, as_json.stderr
+    (worker,) = json.loads(as_json.stdout)
+    assert worker["id"] == tasks.broker.worker_id
+    assert "default" in worker["queues"]
+    assert worker["in_flight"] == 1
+    assert table.returncode == 0, table.stderr
+    assert tasks.broker.worker_id in table.stdout.splitlines()[2]
+
+
+def test_user_mistakes_are_one_line_errors_never_tracebacks(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = str(uuid.uuid4())
+    # An unreachable database, from a real process (connecting) and in-process (every subcommand)
+    for result in run_all(UNREACHABLE, [("stats",), ("send", "tests.noop", "--module", "tests.actors")]):
+        assert_user_error(result, "cannot connect to the database")
+    for args in (("workers",), ("prune",), ("jobs", "cancel", job_id), ("jobs", "retry", job_id), ("stats",)):
+        assert_user_error(in_process(capsys, monkeypatch, UNREACHABLE, *args), "cannot connect to the database")
+    # Bad JSON
+    bad_json = in_process(capsys, monkeypatch, db_url, "send", "tests.noop", "--args", "[1,")
+    assert_user_error(bad_json, "--args is not valid JSON")

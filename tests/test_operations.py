@@ -1,0 +1,384 @@
+"""Operating the queue: unique jobs, and cancel_job, retry_job, prune_jobs called from SQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from typing import Any
+
+import psycopg2
+import pytest
+from dramatiq.message import Message
+
+import tasks
+from tasks.broker import PostgresBroker
+from tasks.errors import Cancelled
+from tests import actors
+from tests.support import (
+    ROOT,
+    claim_in_process,
+    disagreements,
+    job,
+    query,
+    settle_in_process,
+    wait_for,
+)
+
+
+def count(url: str, table: str, where: str = "true") -> int:
+    return int(query(url, f"SELECT count(*) AS n FROM control_plane.{table} WHERE {where}")[0]["n"])  # noqa: S608
+
+
+def scalar(url: str, sql: str, *params: Any) -> Any:
+    return next(iter(query(url, sql, params)[0].values()))
+
+
+def listen(url: str) -> Any:
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("LISTEN control_plane_messages")
+    return conn
+
+
+def notifications(conn: Any) -> list[str]:
+    conn.poll()
+    payloads = [n.payload for n in conn.notifies]
+    conn.notifies.clear()
+    return payloads
+
+
+# -- unique jobs ---------------------------------------------------------------------
+
+
+def test_a_second_send_of_a_live_unique_key_returns_the_existing_job(db_url: str) -> None:
+    # Given a pending job with unique key "report:7"
+    first = actors.noop.send_with_options(args=(1,), unique_key="report:7")
+    # When the same key is sent again, alone and twice more inside one batch with another key
+    second = actors.noop.send_with_options(args=(2,), unique_key="report:7")
+    batch = tasks.broker.enqueue_batch(
+        [
+            actors.noop.message_with_options(args=(3,), unique_key="report:7"),
+            actors.noop.message_with_options(args=(4,), unique_key="report:8"),
+            actors.noop.message_with_options(args=(5,), unique_key="report:8"),
+        ]
+    )
+    # Then every duplicate carries the live job's id, and only one job and one message exist per key
+    assert second.message_id == first.message_id
+    assert batch[0].message_id == first.message_id
+    assert batch[2].message_id == batch[1].message_id != first.message_id
+    rows = query(db_url, "SELECT unique_key, payload FROM control_plane.jobs ORDER BY unique_key")
+    assert [(r["unique_key"], r["payload"]["args"]) for r in rows] == [("report:7", [1]), ("report:8", [4])]
+    assert count(db_url, "messages") == 2
+    assert disagreements(db_url) == []
+
+
+def test_unique_jobs_hold_across_processes_sending_at_once(db_url: str) -> None:
+    # Given four processes, each about to send the same unique key five times, held at one barrier
+    # (an advisory lock the test holds; each process waits for it in a shared mode)
+    child = (
+        "import os, sys, psycopg2\n"
+        "from tests import actors\n"
+        "gate = psycopg2.connect(os.environ['DATABASE_URL'])\n"
+        "gate.cursor().execute('SELECT pg_advisory_lock_shared(4242)')\n"
+        "ids = {actors.noop.send_with_options(args=(os.getpid(),), unique_key='tenant-1').message_id "
+        "for _ in range(5)}\n"
+        "print(' '.join(sorted(ids)))\n"
+    )
+    barrier = psycopg2.connect(db_url)
+    barrier.autocommit = True
+    barrier.cursor().execute("SELECT pg_advisory_lock(4242)")
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", child], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    try:
+        wait_for(
+            lambda: scalar(
+                db_url,
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            == 4,
+            what="four processes at the barrier",
+        )
+        # When they are let go together
+        barrier.cursor().execute("SELECT pg_advisory_unlock(4242)")
+        outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    finally:
+        barrier.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    # Then exactly one job exists, and every send of every process returned it
+    assert [p.returncode for p in procs] == [0] * 4
+    (only,) = [str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.jobs")]
+    assert all(ids == [only] for ids in outputs)
+    assert count(db_url, "messages") == 1
+    # And once it has completed, the key can be sent again and makes a new job
+    consumer, held = claim_in_process()
+    settle_in_process(consumer, held, "ack")
+    again = actors.noop.send_with_options(args=(0,), unique_key="tenant-1")
+    assert again.message_id != only
+    assert job(db_url, only)["status"] == "completed"
+    assert job(db_url, again.message_id)["status"] == "pending"
+
+
+@pytest.mark.parametrize("holder_commits", [True, False])
+def test_a_send_waits_for_an_uncommitted_holder_of_its_key(db_url: str, holder_commits: bool) -> None:
+    # Given a web request's transaction that has sent key "k" and not committed yet
+    conn = psycopg2.connect(db_url)
+    try:
+        with tasks.enqueue_in(conn):
+            holder = actors.noop.send_with_options(args=(1,), unique_key="k")
+        # When another session sends "k" (it must wait: the unique index cannot tell yet)
+        sent: list[Message[Any]] = []
+        sender = threading.Thread(target=lambda: sent.append(actors.noop.send_with_options(args=(2,), unique_key="k")))
+        sender.start()
+        wait_for(
+            lambda: scalar(
+                db_url,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            == 1,
+            what="the second send to wait for the first transaction",
+        )
+        # And the first transaction ends
+        if holder_commits:
+            conn.commit()
+        else:
+            conn.rollback()
+        sender.join(timeout=30)
+    finally:
+        conn.close()
+    # Then the second send returned the holder if it committed, or made its own job if it rolled back
+    assert len(sent) == 1
+    if holder_commits:
+        assert sent[0].message_id == holder.message_id
+    else:
+        assert sent[0].message_id != holder.message_id
+    assert [str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.jobs")] == [sent[0].message_id]
+    assert count(db_url, "messages") == 1
+
+
+# -- cancel_job --------------------------------------------------------------------------
+
+
+def test_cancel_job_cancels_a_pending_job_at_once(db_url: str) -> None:
+    # Given a pending job holding a unique key
+    message = actors.noop.send_with_options(args=(1,), unique_key="only-one")
+    # When an operator cancels it from SQL
+    outcome = scalar(db_url, "SELECT control_plane.cancel_job(%s)", message.message_id)
+    # Then it is cancelled at once and has left the queue
+    assert outcome == "cancelled"
+    row = job(db_url, message.message_id)
+    assert row["status"] == "cancelled"
+    assert row["completed_at"] is not None
+    assert row["last_error"] == "cancelled by operator"
+    assert count(db_url, "messages") == 0
+    assert disagreements(db_url) == []
+    # And its unique key is free again
+    assert actors.noop.send_with_options(args=(2,), unique_key="only-one").message_id != message.message_id
+
+
+def test_cancel_job_leaves_finished_and_unknown_jobs_alone(db_url: str) -> None:
+    # Given a completed job
+    message = actors.noop.send(1)
+    consumer, held = claim_in_process()
+    settle_in_process(consumer, held, "ack")
+    # When an operator cancels it, and a job that does not exist
+    # Then nothing happens (NULL) and the completed job stays completed
+    assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", message.message_id) is None
+    assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", str(uuid.uuid4())) is None
+    assert job(db_url, message.message_id)["status"] == "completed"
+
+
+def test_cancel_job_asks_the_worker_holding_a_running_job_to_interrupt_it(db_url: str) -> None:
+    # Given a message claimed by a consumer in this process, and a listener on the wake-up channel
+    message = actors.noop.send(1)
+    consumer, held = claim_in_process()
+    listener = listen(db_url)
+    try:
+        # When an operator cancels it
+        outcome = scalar(db_url, "SELECT control_plane.cancel_job(%s)", message.message_id)
+        # Then the job keeps running until its worker reacts, marked and announced to the queue's workers
+        assert outcome == "cancelling"
+        assert job(db_url, message.message_id)["status"] == "running"
+        assert count(db_url, "messages", "cancel_requested_at IS NOT NULL") == 1
+        assert wait_for(lambda: notifications(listener), what="a NOTIFY") == ["cancel:default"]
+    finally:
+        listener.close()
+    # When the consumer heartbeats, it hands the message to the Cancellation middleware;
+    # the message has not started, so the middleware refuses to start it
+    consumer._next_heartbeat = 0.0
+    consumer._housekeeping()
+    assert held.cancel_requested
+    with pytest.raises(Cancelled) as refused:
+        tasks.broker.emit_before("process_message", held)
+    # (what Dramatiq's worker thread does with an exception)
+    held.stuff_exception(refused.value)
+    tasks.broker.emit_after("process_message", held, exception=refused.value)
+    assert held.failed
+    consumer.nack(held)
+    consumer._flush()
+    consumer.close()
+    # Then the job ends cancelled, not failed and not retried
+    row = job(db_url, message.message_id)
+    assert row["status"] == "cancelled"
+    assert row["last_error"] == "cancelled by operator"
+    assert row["errors"][-1]["error"] == "Cancelled: cancelled before it started"
+    assert count(db_url, "messages") == 0
+    assert disagreements(db_url) == []
+
+
+@pytest.mark.parametrize("ending", ["worker died", "worker shut down", "attempt failed and would retry"])
+def test_a_cancelled_running_job_is_never_put_back_in_the_queue(db_url: str, ending: str) -> None:
+    # Given a running job whose cancellation was requested
+    message = actors.always_fails.send("x")
+    consumer, held = claim_in_process()
+    assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", message.message_id) == "cancelling"
+    # When its attempt ends without the interrupt: lease lost, graceful shutdown, or a failure to retry
+    if ending == "worker died":
+        query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
+        # (the reaper is another worker process: its own broker)
+        other = PostgresBroker(url=db_url, settings=tasks.settings)
+        reaper = other.consume("default", prefetch=1, timeout=100)
+        reaper._next_reap = 0.0
+        reaper._housekeeping()
+        reaper.close()
+        other.close()
+    elif ending == "worker shut down":
+        held.started = True
+        consumer.requeue([held])
+    else:
+        held.error_text = "RuntimeError: failed on purpose: x"
+        tasks.broker.enqueue(held, delay=100)  # what Dramatiq's Retries does
+        consumer.ack(held)
+        consumer._flush()
+    consumer.close()
+    # Then the job is cancelled instead of waiting for another attempt
+    row = job(db_url, message.message_id)
+    assert row["status"] == "cancelled"
+    assert row["last_error"] == "cancelled by operator"
+    assert count(db_url, "messages") == 0
+    assert disagreements(db_url) == []
+
+
+# -- retry_job -------------------------------------------------------------------------
+
+
+def test_retry_job_puts_a_failed_job_back_with_a_message_dramatiq_decodes(db_url: str) -> None:
+    # Given a job that failed for good after one attempt
+    message = actors.always_fails.send_with_options(args=("boom",), kwargs={}, priority=3)
+    consumer, held = claim_in_process()
+    held.options["retries"] = 2
+    settle_in_process(consumer, held, "nack", error="RuntimeError: failed on purpose: boom")
+    failed = job(db_url, message.message_id)
+    assert failed["status"] == "failed"
+    listener = listen(db_url)
+    try:
+        # When an operator retries it from SQL
+        retried = scalar(db_url, "SELECT control_plane.retry_job(%s)", message.message_id)
+        # Then it is pending again, its error history kept, and its queue's workers are woken
+        assert retried is True
+        assert wait_for(lambda: notifications(listener), what="a NOTIFY") == ["default"]
+    finally:
+        listener.close()
+    row = job(db_url, message.message_id)
+    assert row["status"] == "pending"
+    assert row["completed_at"] is None
+    assert row["errors"] == failed["errors"]
+    assert row["last_error"] == "RuntimeError: failed on purpose: boom"
+    assert disagreements(db_url) == []
+    # And the queue holds a message Dramatiq decodes into the same call, its retries counted from zero
+    body = query(db_url, "SELECT body, priority FROM control_plane.messages")[0]
+    decoded = Message.decode(bytes(body["body"]))
+    assert body["priority"] == 3
+    assert (decoded.message_id, decoded.queue_name, decoded.actor_name) == (
+        message.message_id,
+        "default",
+        "tests.always_fails",
+    )
+    assert (decoded.args, decoded.kwargs) == (("boom",), {})
+    assert decoded.options["retries"] == 0
+    assert decoded.options["priority"] == 3
+    assert isinstance(decoded.message_timestamp, int)
+    # And a worker claims it like any message
+    consumer, held = claim_in_process()
+    assert held.message_id == message.message_id and held.args == ("boom",)
+    settle_in_process(consumer, held, "ack")
+    assert job(db_url, message.message_id)["status"] == "completed"
+
+
+def test_retry_job_does_nothing_to_pending_completed_or_unknown_jobs(db_url: str) -> None:
+    pending = actors.noop.send(1)
+    done = actors.noop.send(2)
+    consumer, held = claim_in_process()
+    assert held.message_id == pending.message_id
+    settle_in_process(consumer, held, "ack")
+    for job_id in (done.message_id, pending.message_id, str(uuid.uuid4())):
+        assert scalar(db_url, "SELECT control_plane.retry_job(%s)", job_id) is False
+    assert count(db_url, "messages") == 1
+
+
+def test_retry_job_refuses_while_another_job_holds_its_unique_key(db_url: str) -> None:
+    # Given a cancelled job with key "k", and a newer pending one with the same key
+    old = actors.noop.send_with_options(args=(1,), unique_key="k")
+    assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", old.message_id) == "cancelled"
+    new = actors.noop.send_with_options(args=(2,), unique_key="k")
+    # When the old one is retried, Then the database refuses, naming the job that holds the key
+    with pytest.raises(psycopg2.errors.UniqueViolation, match=f"job {new.message_id} with the same unique key k"):
+        query(db_url, "SELECT control_plane.retry_job(%s)", (old.message_id,))
+    assert job(db_url, old.message_id)["status"] == "cancelled"
+
+
+def test_retry_job_refuses_a_job_whose_message_could_not_be_decoded(db_url: str) -> None:
+    garbage = str(uuid.uuid4())
+    query(
+        db_url,
+        "INSERT INTO control_plane.jobs (id, type, queue, status) VALUES (%s, '?', 'default', 'failed')",
+        (garbage,),
+    )
+    with pytest.raises(psycopg2.errors.RaiseException, match="could not be decoded"):
+        query(db_url, "SELECT control_plane.retry_job(%s)", (garbage,))
+
+
+# -- prune_jobs ------------------------------------------------------------------------
+
+
+def test_prune_jobs_deletes_old_finished_jobs_and_expired_results(db_url: str) -> None:
+    # Given jobs finished at various ages, live jobs however old, and results expired or not
+    ages = {
+        "completed 8 days ago": ("completed", "8 days"),
+        "completed 6 days ago": ("completed", "6 days"),
+        "cancelled 8 days ago": ("cancelled", "8 days"),
+        "failed 8 days ago": ("failed", "8 days"),
+        "failed 31 days ago": ("failed", "31 days"),
+        "pending for 60 days": ("pending", None),
+        "running for 60 days": ("running", None),
+    }
+    for name, (status, age) in ages.items():
+        query(
+            db_url,
+            "INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at) "
+            "VALUES (gen_random_uuid(), %s, 'default', %s, now() - interval '60 days', now() - %s::interval)",
+            (name, status, age),
+        )
+    query(
+        db_url,
+        "INSERT INTO control_plane.results (key, value, expires_at) VALUES "
+        "('expired', 'x', now() - interval '1 second'), ('live', 'x', now() + interval '1 hour')",
+    )
+    # When they are pruned with 7 days for finished jobs and 30 for failed ones
+    deleted = scalar(db_url, "SELECT control_plane.prune_jobs('7 days', '30 days')")
+    # Then old completed, cancelled and failed jobs and the expired result are gone, and nothing else
+    assert deleted == 4
+    kept = {r["type"] for r in query(db_url, "SELECT type FROM control_plane.jobs")}
+    assert kept == {"completed 6 days ago", "failed 8 days ago", "pending for 60 days", "running for 60 days"}
+    assert [r["key"] for r in query(db_url, "SELECT key FROM control_plane.results")] == ["live"]
+    # And pruning again finds nothing more
+    assert scalar(db_url, "SELECT control_plane.prune_jobs('7 days', '30 days')") == 0
