@@ -203,3 +203,17 @@ def test_a_control_role_without_superuser_provisions_and_undoes(
         for r in (f"p_{pid}_app", f"p_{pid}_owner"):
             _admin(server_url, f'DROP ROLE IF EXISTS "{r}"')
         _admin(server_url, f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_two_sends_for_one_project_make_one_live_job(db_url: str) -> None:
+    # Given no worker has picked up a provisioning yet
+    from tasks.provision import provision_project
+
+    body = {"project_id": "uniq_" + uuid.uuid4().hex[:6], "tenant_id": "t", "region": "eu-west"}
+    # When the same project is sent twice (a double-clicked button)
+    first = provision_project.send(body)
+    second = provision_project.send(body)
+    # Then the second send returns the first job: one job, keyed by the project
+    assert second.message_id == first.message_id
+    rows = query(db_url, "SELECT unique_key FROM control_plane.jobs")
+    assert rows == [{"unique_key": f"provision_project:{body['project_id']}"}]

@@ -69,8 +69,16 @@ def _current_message_id() -> str:
     return str(message.message_id)
 
 
+def _project_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    payload = args[0] if args else kwargs.get("payload")
+    project_id = payload.get("project_id") if isinstance(payload, dict) else None
+    return f"{ACTOR}:{project_id}" if isinstance(project_id, str) else None
+
+
 @dramatiq.actor(actor_name=ACTOR, queue_name=QUEUE, max_attempts=8, min_backoff=STEP_OPTIONS["min_backoff"],
-                max_backoff=STEP_OPTIONS["max_backoff"], store_results=False)
+                max_backoff=STEP_OPTIONS["max_backoff"], store_results=False,
+                # one live provisioning job per project: a second send returns the first
+                unique_key_from=_project_key)
 def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
     """Validate and claim a project, then start its steps. Returns the workflow's handle."""
     settings = Settings.from_env()
