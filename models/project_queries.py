@@ -103,6 +103,22 @@ WHERE p.project_id = old.project_id AND old.secret_nonce IS NOT NULL
 RETURNING old.secret_nonce, old.secrets_expire_at > now() AS fresh, p.status, p.payload
 """
 
+#: Projects mid-workflow with no live job to move them on (a pending step cancelled by an
+#: operator, a message deleted by hand): the sweeper hands them to compensation.
+ORPHANED_PROJECTS = """
+SELECT p.project_id FROM control_plane.projects AS p
+WHERE p.status IN ('provisioning', 'compensating')
+  AND p.updated_at < now() - make_interval(secs => %(older_than)s)
+  AND NOT EXISTS (
+      SELECT 1 FROM control_plane.jobs AS j
+      WHERE j.status IN ('pending', 'running')
+        AND (j.type = 'provision_project' OR j.type LIKE 'provision_project.%%')
+        AND p.project_id IN (j.payload #>> '{args,0}', j.payload #>> '{args,0,project_id}',
+                             j.payload #>> '{args,0,args,0}', j.payload #>> '{args,0,args,0,args,0}'))
+ORDER BY p.updated_at
+LIMIT 100
+"""
+
 #: The workflow's outcome, written onto the job the caller got from send().
 RECORD_ON_ENTRY_JOB = """
 UPDATE control_plane.jobs

@@ -217,3 +217,29 @@ def test_two_sends_for_one_project_make_one_live_job(db_url: str) -> None:
     assert second.message_id == first.message_id
     rows = query(db_url, "SELECT unique_key FROM control_plane.jobs")
     assert rows == [{"unique_key": f"provision_project:{body['project_id']}"}]
+
+
+def test_a_project_whose_pending_step_was_cancelled_is_swept_into_compensation(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    from tasks.provision import sweep_orphans
+
+    # Given a project half provisioned whose next step an operator cancelled while it was pending
+    claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    run_step("database", pid)
+    # (steps ran in this process, so the messages they sent are all still pending: cancel them all)
+    pending = query(db_url, "SELECT id FROM control_plane.jobs WHERE status = 'pending'")
+    assert {r["r"] for r in query(db_url, "SELECT control_plane.cancel_job(id) AS r FROM control_plane.jobs "
+                                          "WHERE status = 'pending'")} == {"cancelled"}
+    assert pending
+    # When the sweeper runs
+    swept = sweep_orphans(Settings.from_env(), older_than_seconds=0)
+    # Then it hands the project to compensation (once), and compensation undoes it
+    assert swept == [pid]
+    assert sweep_orphans(Settings.from_env(), older_than_seconds=0) == []  # the compensate job is live now
+    compensate_project(Settings.from_env(), pid, "swept")
+    assert census(db_url, pid, services) == {
+        "databases": 0, "roles": 0, "registrations": {n: [] for n in services}, "keys": 0,
+    }

@@ -263,3 +263,26 @@ def compensation_failed(failed: dict[str, Any], error: dict[str, Any]) -> None:
         cur.execute(q.MARK_NEEDS_OPERATOR, {"project_id": project_id,
                                             "error": f"cleanup failed: {error.get('message')}"})
     logger.error("project %s needs an operator: cleanup failed: %s", project_id, error.get("message"))
+
+
+def sweep_orphans(settings: Settings, older_than_seconds: float = 600.0) -> list[str]:
+    """Send compensation for projects stuck mid-workflow with no live job; returns their ids."""
+    with control_transaction() as conn:
+        with conn.cursor() as cur:
+            cur.execute(q.ORPHANED_PROJECTS, {"older_than": older_than_seconds})
+            orphans = [row[0] for row in cur.fetchall()]
+        with tasks.enqueue_in(conn):
+            for project_id in orphans:
+                compensate.send(
+                    {"message_id": None, "actor_name": f"{ACTOR}.sweep", "args": [project_id], "kwargs": {}},
+                    {"type": "Orphaned", "message": "no step of its workflow was pending or running"},
+                )
+    for project_id in orphans:
+        logger.warning("project %s was stuck mid-workflow with no live job; compensating it", project_id)
+    return orphans
+
+
+@dramatiq.actor(actor_name=f"{ACTOR}.sweep", queue_name=QUEUE, max_attempts=3)
+def sweep(older_than_seconds: float = 600.0) -> list[str]:
+    """Periodic: hand projects stuck mid-workflow to compensation (see sweep_orphans)."""
+    return sweep_orphans(Settings.from_env(), older_than_seconds)
