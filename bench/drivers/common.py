@@ -1,0 +1,122 @@
+"""The command line every driver shares, and the timing loops behind it.
+
+``python -m bench.drivers.<system>_driver COMMAND --url URL ...``:
+
+* ``setup``: create the system's schema in an empty database.
+* ``enqueue --n N --batch B``: send N backlog jobs (``sent`` = 0), B per call
+  (B = 1: the system's one-job call); prints ``{"seconds": ...}`` for the
+  sending loop alone (imports and connecting excluded).
+* ``latency --n N --rate R``: send N jobs, one per call, R per second on a fixed
+  schedule, each carrying ``time.time()`` read just before its send call.
+* ``worker --threads T``: one worker process (for systems whose worker is not
+  a ``dramatiq`` command line); runs until SIGTERM.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Args:
+    """Parsed driver arguments."""
+
+    command: str
+    url: str
+    n: int
+    batch: int
+    rate: float
+    threads: int
+    claim: int
+
+
+def parse(argv: Sequence[str] | None = None) -> Args:
+    """Parse a driver command line."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("command", choices=["setup", "enqueue", "latency", "worker"])
+    parser.add_argument("--url", required=True, help="libpq URL of the database (or redis:// for Celery)")
+    parser.add_argument("--n", type=int, default=0, help="jobs to send")
+    parser.add_argument("--batch", type=int, default=1, help="jobs per send call (enqueue)")
+    parser.add_argument("--rate", type=float, default=50.0, help="jobs per second (latency)")
+    parser.add_argument("--threads", type=int, default=8, help="worker threads (worker)")
+    parser.add_argument("--claim", type=int, default=1, help="jobs claimed per statement (floor worker)")
+    ns = parser.parse_args(argv)
+    return Args(ns.command, ns.url, ns.n, ns.batch, ns.rate, ns.threads, ns.claim)
+
+
+def emit(result: dict[str, object]) -> None:
+    """Print the driver's result as the last line of its output."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def timed_enqueue(n: int, batch: int, send_one: Callable[[float], object], send_many: Callable[[int], object]) -> None:
+    """Send ``n`` backlog jobs, ``batch`` per call, and emit the seconds the loop took."""
+    started = time.perf_counter()
+    if batch <= 1:
+        for _ in range(n):
+            send_one(0.0)
+    else:
+        left = n
+        while left > 0:
+            count = min(batch, left)
+            send_many(count)
+            left -= count
+    emit({"seconds": time.perf_counter() - started, "n": n, "batch": batch})
+
+
+def paced_send(n: int, rate: float, send_one: Callable[[float], object]) -> None:
+    """Send ``n`` jobs at ``rate`` per second, each stamped just before its send call."""
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    late = 0
+    for i in range(n):
+        due = start + i * interval
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
+        elif now - due > interval:
+            late += 1
+        send_one(time.time())
+    emit({"seconds": time.perf_counter() - start, "n": n, "late": late})
+
+
+async def atimed_enqueue(
+    n: int, batch: int, send_one: Callable[[float], Awaitable[object]], send_many: Callable[[int], Awaitable[object]]
+) -> None:
+    """:func:`timed_enqueue` for asyncio clients."""
+    started = time.perf_counter()
+    if batch <= 1:
+        for _ in range(n):
+            await send_one(0.0)
+    else:
+        left = n
+        while left > 0:
+            count = min(batch, left)
+            await send_many(count)
+            left -= count
+    emit({"seconds": time.perf_counter() - started, "n": n, "batch": batch})
+
+
+async def apaced_send(n: int, rate: float, send_one: Callable[[float], Awaitable[object]]) -> None:
+    """:func:`paced_send` for asyncio clients."""
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    late = 0
+    for i in range(n):
+        due = start + i * interval
+        now = time.perf_counter()
+        if due > now:
+            await asyncio.sleep(due - now)
+        elif now - due > interval:
+            late += 1
+        await send_one(time.time())
+    emit({"seconds": time.perf_counter() - start, "n": n, "late": late})

@@ -1,0 +1,960 @@
+"""The benchmark harness: ``python -m bench run [--quick] [--rounds N] [--only floor,ours,...]``.
+
+Every system runs the same phases, interleaved (for each round, for each phase,
+each system in turn, the order rotating between rounds), each phase on a fresh
+database of its own (``bench_*``, cloned from a template the system set up
+once) on the same PostgreSQL, with no-op jobs. Every number is reported as
+a median with min-max over the rounds, and as a ratio to ``floor`` measured in
+the same round.
+
+Phases and what they measure:
+
+``enqueue``
+    jobs/s sending ``--enqueue-n`` jobs one per call, then ``--drain-n`` jobs in
+    calls of ``--batch-size`` (systems without a batch call report none).
+``drain_1x8``, ``drain_2x8``
+    a backlog of ``--drain-n`` jobs is sent first; then 1 (or 2) worker
+    processes of 8 threads start; rate = completions / (last start - first
+    start), from the jobs' own records, so worker start-up is not counted.
+``latency``
+    2x8 workers, warmed up and idle; ``--latency-n`` jobs sent one per call at
+    ``--latency-rate``/s; latency = the job's start - the sender's clock just
+    before its send call; p50/p95/p99 in ms.
+``growth``
+    drain rate (2x8) with the larger of ``--growth-sizes`` divided by the rate
+    with the smaller.
+``memory``
+    2x8 workers; RSS of the whole worker process tree after the smaller of
+    ``--memory-sizes`` jobs and after the larger, and their ratio.
+
+Jobs record themselves with :func:`bench.record.record` in a file per phase.
+Workers are stopped with SIGTERM, then SIGKILL, in ``finally`` blocks; every
+database this run created is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+
+from bench.systems import (
+    DEFAULT_SYSTEMS,
+    QUICK_SYSTEMS,
+    ROOT,
+    SYSTEMS,
+    VERSION_PACKAGES,
+    System,
+    ensure_venv,
+    versions,
+)
+
+RESULTS = ROOT / "bench" / "results"
+DEFAULT_ADMIN_URL = "postgresql://root@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
+PHASES = ("enqueue", "drain_1x8", "drain_2x8", "latency", "growth", "memory")
+THREADS = 8
+
+#: metric -> (unit, True when higher is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "enqueue_single_per_s": ("jobs/s", True),
+    "enqueue_batch_per_s": ("jobs/s", True),
+    "drain_1x8_per_s": ("jobs/s", True),
+    "drain_2x8_per_s": ("jobs/s", True),
+    "latency_p50_ms": ("ms", False),
+    "latency_p95_ms": ("ms", False),
+    "latency_p99_ms": ("ms", False),
+    "growth_small_per_s": ("jobs/s", True),
+    "growth_big_per_s": ("jobs/s", True),
+    "growth_ratio": ("big/small", True),
+    "memory_small_mb": ("MB", False),
+    "memory_big_mb": ("MB", False),
+    "memory_ratio": ("big/small", False),
+}
+
+#: The issue's targets for ``ours``: (metric, compared as, operator, bound, description).
+TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
+    ("drain_2x8_per_s", "ratio", ">=", 3.0, "drain 2x8 at least 3x floor, ahead of every peer"),
+    ("enqueue_single_per_s", "ratio", ">=", 1.0, "enqueue one per call at least 1x floor"),
+    ("enqueue_batch_per_s", "ratio", ">=", 0.5, "enqueue batch at least 0.5x floor's batch insert"),
+    ("latency_p99_ms", "ratio", "<=", 1.25, "pickup p99 at most 1.25x floor, ahead of every Postgres peer"),
+    ("growth_ratio", "value", ">=", 0.9, "growth (big backlog rate / small) at least 0.9"),
+    ("memory_ratio", "value", "<=", 1.10, "worker RSS after the big run within 10% of after the small"),
+)
+
+
+class BenchError(Exception):
+    """A phase of one system could not be measured (the run goes on without it)."""
+
+
+@dataclass
+class Config:
+    """What one run measures, and how big."""
+
+    rounds: int
+    systems: list[str]
+    phases: list[str]
+    enqueue_n: int
+    drain_n: int
+    batch_size: int
+    latency_n: int
+    latency_rate: float
+    growth_sizes: tuple[int, int]
+    memory_sizes: tuple[int, int]
+    big_phases_for: list[str]
+    admin_url: str
+    redis_url: str
+    quick: bool
+    stall_timeout: float
+    keep_logs: bool
+    ours_root: Path = ROOT
+    uncapped: bool = False
+    stop_grace: float = 20.0
+    output: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# -- processes ---------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces or parentheses: split after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class WorkerGroup:
+    """Worker processes of one system, each command in its own process group."""
+
+    def __init__(self, commands: list[list[str]], env: dict[str, str], log: Path, cwd: Path) -> None:
+        self.log = log
+        self._out = log.open("ab")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for command in commands:
+                self.procs.append(
+                    subprocess.Popen(
+                        command, cwd=cwd, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+        except BaseException:
+            self.stop()
+            raise
+
+    def check_alive(self) -> None:
+        """Raise if a worker command exited on its own."""
+        for proc in self.procs:
+            if proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-1500:]
+                raise BenchError(f"a worker exited with {proc.returncode}: {tail}")
+
+    def pids(self) -> list[int]:
+        """Every process of the group (the commands and their descendants)."""
+        tree = _children()
+        found: list[int] = []
+        stack = [p.pid for p in self.procs if p.poll() is None]
+        while stack:
+            pid = stack.pop()
+            found.append(pid)
+            stack.extend(tree.get(pid, []))
+        return found
+
+    def rss_mb(self) -> float:
+        """Resident memory of every worker process, summed, in MB."""
+        return sum(_rss_kb(pid) for pid in self.pids()) / 1024
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM every process group, wait up to ``grace`` s, then SIGKILL what is left."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            # Kill the group even if its leader is gone: forked workers may outlive it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.wait()
+        self._out.close()
+
+
+class Records:
+    """The record file of one phase: ``sent started pid`` per job that ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._count = 0
+
+    def count(self) -> int:
+        """Lines written so far (read incrementally)."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return 0
+        complete = chunk.rfind(b"\n") + 1
+        self._count += chunk.count(b"\n", 0, complete)
+        self._offset += complete
+        return self._count
+
+    def rows(self) -> list[tuple[float, float, int]]:
+        """Every complete line, parsed."""
+        rows = []
+        with self.path.open("rb") as f:
+            for line in f:
+                if line.endswith(b"\n"):
+                    sent, started, pid = line.split()
+                    rows.append((float(sent), float(started), int(pid)))
+        return rows
+
+    def wait_for(self, target: int, group: WorkerGroup, stall_timeout: float) -> None:
+        """Wait until ``target`` jobs ran; raise if the workers die or stall."""
+        last, last_change = self.count(), time.monotonic()
+        while True:
+            now_count = self.count()
+            if now_count >= target:
+                return
+            now = time.monotonic()
+            if now_count != last:
+                last, last_change = now_count, now
+            elif now - last_change > stall_timeout:
+                raise BenchError(f"stalled: {now_count}/{target} jobs ran, none in the last {stall_timeout:.0f} s")
+            group.check_alive()
+            time.sleep(0.02)
+
+
+def drain_rate(rows: list[tuple[float, float, int]]) -> float:
+    """Jobs per second between the first and the last job start."""
+    starts = [r[1] for r in rows]
+    span = max(starts) - min(starts)
+    if len(starts) < 2 or span <= 0:
+        raise BenchError("too few jobs to measure a rate")
+    return (len(starts) - 1) / span
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(p / 100 * len(ordered)) - 1, 0)]
+
+
+# -- the run -------------------------------------------------------------------
+
+
+class Run:
+    """One benchmark run: templates, rounds, results file."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.run_id = uuid.uuid4().hex[:8]
+        self.started = dt.datetime.now(dt.UTC)
+        stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
+        self.output = config.output or RESULTS / f"{stamp}.json"
+        self.scratch = RESULTS / f"{stamp}-{self.run_id}.tmp"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.templates: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.systems: list[System] = []
+        self.rounds: list[dict[str, Any]] = []
+        self.created_dbs: set[str] = set()
+        # HEAD may move while a long run goes on: record it at the start.
+        self.git = _git_state(ROOT)
+        self.ours_source = source_digest(config.ours_root)
+
+    # -- databases -------------------------------------------------------------
+
+    def url_for(self, database: str) -> str:
+        from tasks.db import with_database
+
+        return with_database(self.config.admin_url, database)
+
+    def admin(self, sql: str) -> list[tuple[Any, ...]]:
+        conn = psycopg2.connect(self.config.admin_url, application_name="bench-harness")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return list(cur.fetchall()) if cur.description else []
+        finally:
+            conn.close()
+
+    def create_db(self, name: str, template: str | None = None) -> str:
+        self.created_dbs.add(name)
+        self.admin(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+        return self.url_for(name)
+
+    def drop_db(self, name: str) -> None:
+        try:
+            self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            self.created_dbs.discard(name)
+        except psycopg2.Error as exc:
+            print(f"  warning: could not drop {name}: {exc}".rstrip(), file=sys.stderr)
+
+    @contextlib.contextmanager
+    def target(self, system: System, label: str) -> Iterator[str]:
+        """A fresh database (or flushed Redis database) for one phase of one system."""
+        if system.uses_redis:
+            self.driver(system, "setup", self.config.redis_url)
+            try:
+                yield self.config.redis_url
+            finally:
+                with contextlib.suppress(BenchError):
+                    self.driver(system, "setup", self.config.redis_url)
+            return
+        name = f"bench_{system.name}_{label}_{self.run_id}"[:63]
+        url = self.create_db(name, self.templates[system.name])
+        try:
+            yield url
+        finally:
+            self.drop_db(name)
+
+    # -- subprocesses ----------------------------------------------------------
+
+    def cwd(self, system: System) -> Path:
+        """Where the system's processes start: ``--ours-root`` for ours (Dramatiq puts the cwd first on sys.path)."""
+        return self.config.ours_root if system.name == "ours" else ROOT
+
+    def env(self, system: System, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+        # ``tasks``, ``models`` and ``migrations`` from --ours-root; ``bench`` from this checkout.
+        roots = [self.cwd(system), ROOT]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(str(r) for r in roots))
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra or {})
+        return env
+
+    def driver(self, system: System, command: str, url: str, *args: str, timeout: float = 900) -> dict[str, Any]:
+        """Run ``system``'s driver; its last output line is a JSON object (or nothing)."""
+        cmd = [str(system.python), "-m", system.driver, command, "--url", url, *args]
+        try:
+            done = subprocess.run(
+                cmd,
+                cwd=self.cwd(system),
+                env=self.env(system, system.worker_env(url)),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"{system.name} {command} timed out after {timeout:.0f} s") from exc
+        if done.returncode != 0:
+            raise BenchError(f"{system.name} {command} exited {done.returncode}: {done.stderr.strip()[-1500:]}")
+        lines = done.stdout.strip().splitlines()
+        if not lines:
+            return {}
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+
+    @contextlib.contextmanager
+    def workers(self, system: System, url: str, processes: int, records: Records) -> Iterator[WorkerGroup]:
+        env = self.env(system, {**system.worker_env(url), "BENCH_RECORD_FILE": str(records.path)})
+        log = records.path.with_suffix(".log")
+        group = WorkerGroup(system.worker_commands(url, processes, THREADS), env, log, self.cwd(system))
+        try:
+            yield group
+        finally:
+            group.stop(self.config.stop_grace)
+
+    def records(self, system: System, label: str, round_no: int) -> Records:
+        return Records(self.scratch / f"r{round_no}-{system.name}-{label}.rec")
+
+    def fill(self, system: System, url: str, n: int) -> dict[str, Any]:
+        """Send ``n`` backlog jobs the fastest way the system offers."""
+        batch = self.config.batch_size if system.batch_api else 1
+        return self.driver(system, "enqueue", url, "--n", str(n), "--batch", str(batch))
+
+    def cap(self, system: System) -> tuple[int | None, str]:
+        """The largest backlog ``system`` gets in this run, and why (None: no cap)."""
+        if system.max_backlog is not None:
+            return system.max_backlog, system.cap_reason
+        if system.time_cap is not None and not self.config.uncapped:
+            return system.time_cap, (
+                f"backlogs capped at {system.time_cap:,} to keep the run near 20 minutes (lift with --uncapped)"
+            )
+        return None, ""
+
+    def capped(self, system: System, n: int) -> int:
+        limit, _ = self.cap(system)
+        return n if limit is None else min(n, limit)
+
+    # -- phases ------------------------------------------------------------------
+
+    def phase_enqueue(self, system: System, round_no: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with self.target(system, "enq") as url:
+            n = self.config.enqueue_n
+            res = self.driver(system, "enqueue", url, "--n", str(n), "--batch", "1")
+            out["enqueue_single_per_s"] = res["n"] / res["seconds"]
+            if system.batch_api:
+                n = self.capped(system, self.config.drain_n)
+                res = self.driver(system, "enqueue", url, "--n", str(n), "--batch", str(self.config.batch_size))
+                out["enqueue_batch_per_s"] = res["n"] / res["seconds"]
+        return out
+
+    def _drain(self, system: System, round_no: int, label: str, processes: int, n: int) -> float:
+        records = self.records(system, label, round_no)
+        with self.target(system, label) as url:
+            self.fill(system, url, n)
+            with self.workers(system, url, processes, records) as group:
+                records.wait_for(n, group, self.config.stall_timeout)
+        return drain_rate(records.rows())
+
+    def phase_drain_1x8(self, system: System, round_no: int) -> dict[str, Any]:
+        n = self.capped(system, self.config.drain_n)
+        return {"drain_1x8_per_s": self._drain(system, round_no, "d1", 1, n), "drain_n": n}
+
+    def phase_drain_2x8(self, system: System, round_no: int) -> dict[str, Any]:
+        n = self.capped(system, self.config.drain_n)
+        return {"drain_2x8_per_s": self._drain(system, round_no, "d2", 2, n), "drain_n": n}
+
+    def phase_latency(self, system: System, round_no: int) -> dict[str, Any]:
+        records = self.records(system, "lat", round_no)
+        n = self.config.latency_n
+        with self.target(system, "lat") as url, self.workers(system, url, 2, records) as group:
+            # Warm up until both worker processes have run a job, then let them go idle.
+            sent = 0
+            for _ in range(6):
+                warm = 4 * THREADS * 2
+                self.driver(system, "enqueue", url, "--n", str(warm), "--batch", "1")
+                sent += warm
+                records.wait_for(sent, group, self.config.stall_timeout)
+                if len({r[2] for r in records.rows()}) >= 2:
+                    break
+            time.sleep(1.0)
+            self.driver(system, "latency", url, "--n", str(n), "--rate", str(self.config.latency_rate))
+            records.wait_for(sent + n, group, self.config.stall_timeout)
+            rows = [r for r in records.rows() if r[0] > 0]
+        latencies = [(started - sent_at) * 1000 for sent_at, started, _ in rows]
+        return {
+            "latency_p50_ms": percentile(latencies, 50),
+            "latency_p95_ms": percentile(latencies, 95),
+            "latency_p99_ms": percentile(latencies, 99),
+            "latency_max_ms": max(latencies),
+            "latency_n": len(latencies),
+        }
+
+    def phase_growth(self, system: System, round_no: int) -> dict[str, Any]:
+        small, big = self.config.growth_sizes
+        rate_small = self._drain(system, round_no, "gs", 2, small)
+        rate_big = self._drain(system, round_no, "gb", 2, big)
+        return {"growth_small_per_s": rate_small, "growth_big_per_s": rate_big, "growth_ratio": rate_big / rate_small}
+
+    def phase_memory(self, system: System, round_no: int) -> dict[str, Any]:
+        small, big = self.config.memory_sizes
+        records = self.records(system, "mem", round_no)
+        with self.target(system, "mem") as url, self.workers(system, url, 2, records) as group:
+            self.fill(system, url, small)
+            records.wait_for(small, group, self.config.stall_timeout)
+            time.sleep(0.5)
+            rss_small = group.rss_mb()
+            self.fill(system, url, big - small)
+            records.wait_for(big, group, self.config.stall_timeout)
+            time.sleep(0.5)
+            rss_big = group.rss_mb()
+        return {"memory_small_mb": rss_small, "memory_big_mb": rss_big, "memory_ratio": rss_big / rss_small}
+
+    def skip_reason(self, system: System, phase: str) -> str | None:
+        """Why ``phase`` is not run for ``system`` in this configuration, if it is not."""
+        if phase in ("growth", "memory"):
+            if system.name not in self.config.big_phases_for:
+                return "not in --big-phases-for"
+            big = max(self.config.growth_sizes if phase == "growth" else self.config.memory_sizes)
+            limit, reason = self.cap(system)
+            if limit is not None and big > limit:
+                return reason
+        return None
+
+    # -- driving the rounds ------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Build peer virtualenvs and one template database per system; skip what fails."""
+        for name in self.config.systems:
+            system = SYSTEMS[name]
+            if system.venv is not None:
+                print(f"preparing {name}: virtualenv bench/.venvs/{system.venv} ...", flush=True)
+                reason = ensure_venv(system.venv, self.scratch / f"venv-{system.venv}.log")
+                if reason is not None:
+                    self.skipped[name] = f"virtualenv could not be built: {reason}"
+                    print(f"  skipped: {self.skipped[name]}", flush=True)
+                    continue
+            if not system.uses_redis:
+                template = f"bench_tmpl_{name}_{self.run_id}"
+                try:
+                    url = self.create_db(template)
+                    self.driver(system, "setup", url, timeout=300)
+                except (BenchError, psycopg2.Error) as exc:
+                    self.skipped[name] = f"setup failed: {exc}"
+                    print(f"  skipped {name}: {self.skipped[name]}", flush=True)
+                    self.drop_db(template)
+                    continue
+                self.templates[name] = template
+            else:
+                try:
+                    self.driver(system, "setup", self.config.redis_url, timeout=60)
+                except BenchError as exc:
+                    self.skipped[name] = f"Redis not usable: {exc}"
+                    print(f"  skipped {name}: {self.skipped[name]}", flush=True)
+                    continue
+            self.systems.append(system)
+
+    def run_rounds(self) -> None:
+        for round_no in range(1, self.config.rounds + 1):
+            shift = (round_no - 1) % max(len(self.systems), 1)
+            order = self.systems[shift:] + self.systems[:shift]
+            results: dict[str, dict[str, Any]] = {s.name: {} for s in order}
+            errors: dict[str, dict[str, str]] = {}
+            notes: dict[str, dict[str, str]] = {}
+            print(f"round {round_no}/{self.config.rounds}: {' '.join(s.name for s in order)}", flush=True)
+            for phase in self.config.phases:
+                for system in order:
+                    reason = self.skip_reason(system, phase)
+                    if reason is not None:
+                        notes.setdefault(system.name, {})[phase] = f"not run: {reason}"
+                        continue
+                    began = time.monotonic()
+                    try:
+                        metrics = getattr(self, f"phase_{phase}")(system, round_no)
+                    except BenchError as exc:
+                        errors.setdefault(system.name, {})[phase] = str(exc)
+                        print(f"  {phase:<10} {system.name:<14} FAILED: {str(exc)[:300]}", flush=True)
+                        continue
+                    results[system.name].update(metrics)
+                    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k in METRICS)
+                    print(f"  {phase:<10} {system.name:<14} {shown}  ({time.monotonic() - began:.1f} s)", flush=True)
+            self.rounds.append(
+                {
+                    "round": round_no,
+                    "order": [s.name for s in order],
+                    "results": results,
+                    "errors": errors,
+                    "notes": notes,
+                }
+            )
+            self.write()
+
+    def cleanup(self) -> None:
+        for name in list(self.created_dbs):
+            self.drop_db(name)
+        if not self.config.keep_logs:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    # -- results -------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per system and metric: median/min/max of the values and of the ratios to floor."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for system in self.systems:
+            for metric in METRICS:
+                values, ratios = [], []
+                for rnd in self.rounds:
+                    value = rnd["results"].get(system.name, {}).get(metric)
+                    if value is None:
+                        continue
+                    values.append(value)
+                    floor = rnd["results"].get("floor", {}).get(metric)
+                    if floor:
+                        ratios.append(value / floor)
+                if not values:
+                    continue
+                entry: dict[str, Any] = {
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                    "n": len(values),
+                    "unit": METRICS[metric][0],
+                }
+                if ratios:
+                    entry.update(ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+                out.setdefault(system.name, {})[metric] = entry
+        return out
+
+    def targets(self, summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The issue's targets for ``ours``, met or missed, on the medians."""
+        ours = summary.get("ours", {})
+        verdicts = []
+        for metric, kind, op, bound, text in TARGETS:
+            entry = ours.get(metric)
+            key = "ratio_median" if kind == "ratio" else "median"
+            value = entry.get(key) if entry else None
+            verdict: dict[str, Any] = {"target": text, "metric": metric, "compared": kind, "bound": f"{op} {bound}"}
+            if value is None:
+                verdict.update(value=None, met=None, detail="not measured")
+                verdicts.append(verdict)
+                continue
+            assert entry is not None
+            met = value >= bound if op == ">=" else value <= bound
+            detail = []
+            if metric in ("drain_2x8_per_s", "latency_p99_ms"):
+                higher = METRICS[metric][1]
+                for peer, entries in summary.items():
+                    if peer in ("floor", "floor_batch", "ours") or metric not in entries:
+                        continue
+                    if metric == "latency_p99_ms" and not SYSTEMS[peer].postgres:
+                        continue
+                    theirs = entries[metric]["median"]
+                    mine = entry["median"]
+                    ahead = mine > theirs if higher else mine < theirs
+                    if not ahead:
+                        met = False
+                        detail.append(f"behind {peer} ({_fmt(mine)} vs {_fmt(theirs)})")
+            verdict.update(value=value, met=met, detail="; ".join(detail))
+            verdicts.append(verdict)
+        return verdicts
+
+    def machine(self) -> dict[str, Any]:
+        cpu = ""
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        mem_kb = 0
+        with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+            mem_kb = int(f.readline().split()[1])
+        try:
+            pg = str(self.admin("SELECT version()")[0][0])
+            settings = dict(
+                (str(k), str(v))
+                for k, v in self.admin(
+                    "SELECT name, setting FROM pg_settings WHERE name IN ('max_connections', 'shared_buffers', "
+                    "'synchronous_commit', 'fsync', 'max_locks_per_transaction', 'work_mem')"
+                )
+            )
+        except psycopg2.Error:
+            pg, settings = "unknown", {}
+        return {
+            "nproc": os.cpu_count(),
+            "cpu_model": cpu,
+            "memory_gb": round(mem_kb / 1024 / 1024, 1),
+            "loadavg_at_start": os.getloadavg(),
+            "kernel": platform.release(),
+            "postgres": pg,
+            "postgres_settings": settings,
+            "python": platform.python_version(),
+        }
+
+    def write(self) -> None:
+        summary = self.summary()
+        machine = dict(getattr(self, "_machine", None) or self.machine())
+        machine["loadavg_at_write"] = os.getloadavg()
+        doc = {
+            "run_id": self.run_id,
+            "ours_source": self.ours_source,
+            "started_at": self.started.isoformat(),
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+            "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "bench", *sys.argv[1:]]),
+            "git": self.git,
+            "machine": machine,
+            "versions": getattr(self, "_versions", {}),
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
+            "systems": [s.name for s in self.systems],
+            "skipped": self.skipped,
+            "caps": {s.name: self.cap(s)[1] for s in self.systems if self.cap(s)[0] is not None},
+            "rounds": self.rounds,
+            "summary": summary,
+            "targets": self.targets(summary),
+        }
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.output.with_name(self.output.name + ".partial")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+        tmp.replace(self.output)
+
+    def collect_versions(self) -> None:
+        found = {"project": versions(Path(sys.executable), VERSION_PACKAGES["project"])}
+        for system in self.systems:
+            if system.venv is not None:
+                found[system.name] = versions(system.python, VERSION_PACKAGES[system.venv])
+        self._versions = found
+        self._machine = self.machine()
+
+
+def _git_state(root: Path) -> dict[str, Any]:
+    """HEAD and whether the work tree has changes, at ``root``."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
+def source_digest(root: Path) -> dict[str, Any]:
+    """What ``ours`` ran: a digest of tasks/, models/ and migrations/ under ``root``, and its commit if known.
+
+    The commit is this checkout's HEAD (and whether it had changes) when ``root``
+    is this checkout, else the first line of ``root/COMMIT`` if there is one (the
+    documented snapshot command writes it).
+    """
+    digest = hashlib.sha256()
+    for folder in ("tasks", "models", "migrations"):
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    found: dict[str, Any] = {"root": str(root), "sha256": digest.hexdigest()}
+    if root == ROOT:
+        found.update(_git_state(root))
+    elif (root / "COMMIT").is_file():
+        found["commit"] = (root / "COMMIT").read_text().split("\n", 1)[0].strip()
+    return found
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(doc: dict[str, Any]) -> str:
+    """The summary as a Markdown table: one row per metric and system."""
+    lines = [
+        "| metric | system | median | min-max | x floor (median, min-max) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for metric, (unit, higher) in METRICS.items():
+        for system, entries in doc["summary"].items():
+            entry = entries.get(metric)
+            if entry is None:
+                continue
+            ratio = (
+                f"{entry['ratio_median']:.2f} ({entry['ratio_min']:.2f}-{entry['ratio_max']:.2f})"
+                if "ratio_median" in entry
+                else "-"
+            )
+            arrow = "↑" if higher else "↓"
+            lines.append(
+                f"| {metric} ({unit}{arrow}) | {system} | {_fmt(entry['median'])} | "
+                f"{_fmt(entry['min'])}-{_fmt(entry['max'])} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def target_lines(doc: dict[str, Any]) -> str:
+    lines = []
+    for t in doc["targets"]:
+        state = "not measured" if t["met"] is None else ("MET" if t["met"] else "MISSED")
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        extra = f" ({t['detail']})" if t.get("detail") and t["met"] is not None else ""
+        lines.append(f"- {t['target']}: {state} ({t['compared']} {value}, wanted {t['bound']}){extra}")
+    return "\n".join(lines)
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def _pair(text: str) -> tuple[int, int]:
+    a, b = (int(x) for x in text.split(","))
+    if not 0 < a < b:
+        raise argparse.ArgumentTypeError("want SMALL,BIG with 0 < SMALL < BIG")
+    return a, b
+
+
+def _names(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(allowed)})")
+    return names
+
+
+def parse_config(argv: list[str]) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="one round, small sizes, floor and ours only")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick: 1)")
+    parser.add_argument("--only", help=f"systems, comma-separated (default: {','.join(DEFAULT_SYSTEMS)})")
+    parser.add_argument("--phases", help=f"phases, comma-separated (default: {','.join(PHASES)})")
+    parser.add_argument("--enqueue-n", type=int, help="jobs sent one per call (default 2000; quick 200)")
+    parser.add_argument(
+        "--drain-n", type=int, help="backlog drained, and jobs sent in batches (default 20000; quick 2000)"
+    )
+    parser.add_argument("--batch-size", type=int, default=500, help="jobs per batch call (default 500)")
+    parser.add_argument("--latency-n", type=int, help="jobs sent for pickup latency (default 200; quick 50)")
+    parser.add_argument("--latency-rate", type=float, default=50.0, help="latency jobs per second (default 50)")
+    parser.add_argument("--growth-sizes", type=_pair, help="SMALL,BIG backlogs (default 2000,50000; quick 500,2000)")
+    parser.add_argument("--memory-sizes", type=_pair, help="SMALL,BIG jobs (default 1000,100000; quick 200,2000)")
+    parser.add_argument("--big-phases-for", help="systems that run growth and memory (default: floor,floor_batch,ours)")
+    parser.add_argument(
+        "--redis-url", default=DEFAULT_REDIS_URL, help=f"Celery's Redis database, flushed (default {DEFAULT_REDIS_URL})"
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="give up a phase when no job ran for this many seconds (default 60)",
+    )
+    parser.add_argument(
+        "--uncapped",
+        action="store_true",
+        help="lift the time caps on slow peers' backlogs (procrastinate, celery); dramatiq-pg's safety cap stays",
+    )
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        default=20.0,
+        help="seconds workers get to stop after SIGTERM before SIGKILL (default 20)",
+    )
+    parser.add_argument("--output", type=Path, help="results file (default bench/results/<UTC time>.json)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep worker logs and record files")
+    parser.add_argument(
+        "--ours-root",
+        type=Path,
+        default=ROOT,
+        help="the source tree whose tasks/, models/ and "
+        "migrations/ ours runs (default: this checkout; e.g. a `git archive HEAD` snapshot)",
+    )
+    ns = parser.parse_args(argv)
+    quick = bool(ns.quick)
+    systems = _names(ns.only, list(SYSTEMS), "system") if ns.only else list(QUICK_SYSTEMS if quick else DEFAULT_SYSTEMS)
+    if "floor" not in systems:
+        systems.insert(0, "floor")  # every number is a ratio to floor
+    return Config(
+        rounds=ns.rounds or (1 if quick else 3),
+        systems=systems,
+        phases=_names(ns.phases, PHASES, "phase") if ns.phases else list(PHASES),
+        enqueue_n=ns.enqueue_n or (200 if quick else 2000),
+        drain_n=ns.drain_n or (2000 if quick else 20000),
+        batch_size=ns.batch_size,
+        latency_n=ns.latency_n or (50 if quick else 200),
+        latency_rate=ns.latency_rate,
+        growth_sizes=ns.growth_sizes or ((500, 2000) if quick else (2000, 50000)),
+        memory_sizes=ns.memory_sizes or ((200, 2000) if quick else (1000, 100000)),
+        big_phases_for=_names(ns.big_phases_for, list(SYSTEMS), "system")
+        if ns.big_phases_for
+        else ["floor", "floor_batch", "ours"],
+        admin_url=os.environ.get("DATABASE_URL") or DEFAULT_ADMIN_URL,
+        redis_url=ns.redis_url,
+        quick=quick,
+        stall_timeout=ns.stall_timeout,
+        keep_logs=ns.keep_logs,
+        output=ns.output,
+        ours_root=ns.ours_root.resolve(),
+        stop_grace=ns.stop_grace,
+        uncapped=ns.uncapped,
+    )
+
+
+def size_notes(config: Config) -> list[str]:
+    """Where this run's sizes depart from the issue's, said in the output and the results file."""
+    notes = []
+    if config.drain_n != 20000:
+        notes.append(f"drain backlogs of {config.drain_n:,} jobs (the issue's: 20,000)")
+    if config.growth_sizes != (2000, 200000) and "growth" in config.phases:
+        small, big = config.growth_sizes
+        notes.append(
+            f"growth measured {small:,} vs {big:,} jobs (the issue's: 2,000 vs 200,000; --growth-sizes 2000,200000)"
+        )
+    if config.memory_sizes != (1000, 100000) and "memory" in config.phases:
+        small, big = config.memory_sizes
+        notes.append(
+            f"memory measured after {small:,} and {big:,} jobs (the issue's: 1,000 and 100,000; "
+            "--memory-sizes 1000,100000)"
+        )
+    return notes
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(argv: list[str]) -> int:
+    """``python -m bench run ...``: measure, write the results file, print the summary."""
+    config = parse_config(argv)
+    config.notes = size_notes(config)
+    for note in config.notes:
+        print(f"note: {note}", flush=True)
+    # A SIGTERM to the harness still stops the workers and drops the databases.
+    signal.signal(signal.SIGTERM, _interrupt)
+    bench_run = Run(config)
+    began = time.monotonic()
+    try:
+        bench_run.prepare()
+        bench_run.collect_versions()
+        bench_run.run_rounds()
+    finally:
+        bench_run.cleanup()
+    bench_run.write()
+    doc = json.loads(bench_run.output.read_text())
+    print()
+    print(table(doc))
+    print()
+    print("targets for ours:")
+    print(target_lines(doc))
+    for name, reason in doc["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    for name, reason in doc["caps"].items():
+        print(f"note {name}: {reason}")
+    for note in config.notes:
+        print(f"note: {note}")
+    shown = bench_run.output.relative_to(ROOT) if bench_run.output.is_relative_to(ROOT) else bench_run.output
+    print(f"\nresults: {shown} ({time.monotonic() - began:.0f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``python -m bench`` entry point."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(
+            "usage: python -m bench run [--quick] [--rounds N] [--only floor,ours,...] [options]\n"
+            "       python -m bench run --help"
+        )
+        return 0 if args else 2
+    if args[0] != "run":
+        print(f"unknown command {args[0]!r}; try: python -m bench run --help", file=sys.stderr)
+        return 2
+    return run(args[1:])

@@ -1,0 +1,84 @@
+"""The benchmark harness runs end to end (``python -m bench run --quick``), with tiny sizes.
+
+This proves the harness works, not how fast anything is: no timing thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from tests.support import ROOT
+
+#: The phases the test runs: drain_1x8 and growth are left out to keep it short; they are
+#: the same backlog drain as drain_2x8 (``Run._drain``) with other sizes and process counts.
+PHASES = "enqueue,drain_2x8,latency,memory"
+
+#: Every metric those phases must report for floor and ours.
+METRICS = {
+    "enqueue_single_per_s",
+    "enqueue_batch_per_s",
+    "drain_2x8_per_s",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "memory_small_mb",
+    "memory_big_mb",
+    "memory_ratio",
+}
+
+
+@pytest.mark.e2e
+def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) -> None:
+    # Given the quick mode, made tinier still so that the test stays short (and workers that get
+    # one second to stop after SIGTERM before SIGKILL: their databases are dropped anyway)
+    output = tmp_path / "results.json"
+    command = [
+        sys.executable, "-m", "bench", "run", "--quick", "--phases", PHASES,
+        "--enqueue-n", "20", "--drain-n", "200", "--batch-size", "50",
+        "--latency-n", "10", "--memory-sizes", "50,200",
+        "--stall-timeout", "30", "--stop-grace", "1", "--output", str(output),
+    ]  # fmt: skip
+    env = {**os.environ, "DATABASE_URL": server_url}
+
+    # When it runs
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+
+    # Then it succeeds and writes a results file with the machine, versions, every metric and the targets
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads(output.read_text())
+    assert {"run_id", "command", "machine", "versions", "config", "rounds", "summary", "targets", "skipped"} <= set(doc)
+    assert {"nproc", "cpu_model", "postgres", "python"} <= set(doc["machine"])
+    assert "dramatiq" in doc["versions"]["project"]
+    assert doc["systems"] == ["floor", "ours"]
+    assert len(doc["rounds"]) == 1
+    assert doc["rounds"][0]["errors"] == {}
+    for system in ("floor", "ours"):
+        assert METRICS <= set(doc["summary"][system])
+        assert doc["summary"][system]["drain_2x8_per_s"]["ratio_median"] > 0
+    assert [t["metric"] for t in doc["targets"]] == [
+        "drain_2x8_per_s",
+        "enqueue_single_per_s",
+        "enqueue_batch_per_s",
+        "latency_p99_ms",
+        "growth_ratio",
+        "memory_ratio",
+    ]
+    measured = {t["metric"]: t["met"] is not None for t in doc["targets"]}
+    assert measured == {m: m != "growth_ratio" for m in measured}
+    # and the table it prints names every metric
+    assert "| drain_2x8_per_s" in done.stdout
+    # and it left no database of its own behind
+    conn = psycopg2.connect(server_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"bench%{doc['run_id']}",))
+            assert cur.fetchall() == []
+    finally:
+        conn.close()
