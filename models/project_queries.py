@@ -30,6 +30,19 @@ WHERE project_id = %(project_id)s AND status = 'provisioning'
 RETURNING project_id
 """
 
+#: Record that a step finished, once: a step delivered again after it finished
+#: gets no row back and must not send the next step (the chain would fork).
+MARK_STEP_DONE = """
+UPDATE control_plane.projects
+   SET steps = jsonb_set(steps, ARRAY[%(step)s],
+                         coalesce(steps -> %(step)s, '{}'::jsonb)
+                         || jsonb_build_object('done_at', now(), 'detail', %(detail)s::jsonb)),
+       updated_at = now()
+WHERE project_id = %(project_id)s AND status = 'provisioning'
+  AND (steps -> %(step)s ->> 'done_at') IS NULL
+RETURNING project_id
+"""
+
 INSERT_API_KEY = """
 INSERT INTO control_plane.api_keys (project_id, slot, key_hash, hint)
 VALUES (%(project_id)s, %(slot)s, %(key_hash)s, %(hint)s)

@@ -243,3 +243,17 @@ def test_a_project_whose_pending_step_was_cancelled_is_swept_into_compensation(
     assert census(db_url, pid, services) == {
         "databases": 0, "roles": 0, "registrations": {n: [] for n in services}, "keys": 0,
     }
+
+
+def test_a_step_delivered_again_after_it_finished_does_not_fork_the_chain(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    # Given the roles step finished and handed over to the database step
+    claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    # When the roles step is delivered again (its worker died after the step's last commit)
+    run_step("roles", pid)
+    # Then there is still exactly one database step
+    rows = query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'provision_project.database'")
+    assert rows[0]["n"] == 1

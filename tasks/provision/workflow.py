@@ -179,8 +179,13 @@ def run_step(step: str, project_id: str) -> dict[str, object]:
     index = STEPS.index(step)
     with control_transaction() as conn:
         if step != "activate":
-            _mark(conn, project_id, step, "done_at", {k: v for k, v in detail.items() if k != "api_keys"})
-            if index + 1 < len(STEPS):
+            with conn.cursor() as cur:
+                cur.execute(q.MARK_STEP_DONE, {"project_id": project_id, "step": step,
+                                               "detail": Json({k: v for k, v in detail.items() if k != "api_keys"})})
+                first_time = cur.fetchone() is not None
+            # Hand over only the first time this step finishes: a redelivered step
+            # (its worker died after this transaction committed) must not fork the chain.
+            if first_time and index + 1 < len(STEPS):
                 with tasks.enqueue_in(conn):
                     _STEP_ACTORS[STEPS[index + 1]].send(project_id)
     return {"project_id": project_id, "step": step, **({} if step == "activate" else detail)}
