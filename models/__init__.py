@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from models.base import SCHEMA, Base, metadata
-from models.tables import JOB_STATUSES, PROJECT_STATUSES, ApiKey, Job, Message, Project, Result, Worker
+from models.tables import (
+    JOB_STATUSES,
+    PROJECT_STATUSES,
+    ApiKey,
+    Job,
+    Message,
+    Project,
+    RateLimit,
+    Result,
+    ScheduleTick,
+    Worker,
+)
 
 __all__ = [
     "JOB_STATUSES",
@@ -14,7 +25,9 @@ __all__ = [
     "Job",
     "Message",
     "Project",
+    "RateLimit",
     "Result",
+    "ScheduleTick",
     "Worker",
     "metadata",
 ]

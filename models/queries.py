@@ -330,3 +330,184 @@ SELECT id, hostname, pid, queues, started_at, heartbeat_at,
        extract(epoch FROM silent_for)::double precision AS silent_seconds, in_flight
 FROM control_plane.workers ORDER BY hostname, pid
 """
+
+# -- periodic tasks: the clock (tasks.periodic) -----------------------------------
+
+#: The latest tick recorded for each of some schedules.
+SCHEDULE_LAST_TICKS = """
+SELECT schedule_name, max(tick_at) AS tick_at FROM control_plane.schedule_ticks
+WHERE schedule_name = ANY(%(names)s::text[])
+GROUP BY schedule_name
+"""
+
+#: Claim one tick of a schedule, in the clock's transaction (the job's message
+#: is inserted in the same one). The primary key (schedule_name, tick_at)
+#: decides between clocks: a second clock's insert waits for the first one's
+#: transaction, then does nothing, and returns no row: only the winner
+#: enqueues. A tick older than one already recorded is never claimed (a late
+#: clock cannot run a tick that a newer one superseded).
+CLAIM_TICK = """
+INSERT INTO control_plane.schedule_ticks (schedule_name, tick_at, job_id)
+SELECT %(name)s, %(tick_at)s, %(job_id)s::uuid
+WHERE NOT EXISTS (SELECT 1 FROM control_plane.schedule_ticks
+                  WHERE schedule_name = %(name)s AND tick_at > %(tick_at)s)
+ON CONFLICT (schedule_name, tick_at) DO NOTHING
+RETURNING tick_at
+"""
+
+#: The job a claimed tick ended up with (the live job holding its unique key, when it had one).
+SET_TICK_JOB = """
+UPDATE control_plane.schedule_ticks SET job_id = %(job_id)s::uuid
+WHERE schedule_name = %(name)s AND tick_at = %(tick_at)s
+"""
+
+#: Forget ticks older than an age, but always keep each schedule's latest
+#: (it tells the clock which tick ran last).
+PRUNE_SCHEDULE_TICKS = """
+DELETE FROM control_plane.schedule_ticks AS t
+WHERE t.tick_at < now() - %(older_than)s::interval
+  AND t.tick_at < (SELECT max(l.tick_at) FROM control_plane.schedule_ticks AS l
+                   WHERE l.schedule_name = t.schedule_name)
+"""
+
+# -- rate limits (tasks.rate_limits): Dramatiq's RateLimiterBackend on a table ------
+#
+# A row whose expires_at has passed counts as absent: every statement reads
+# ``CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END`` as the live value,
+# and writes refresh expires_at, as Redis' SET ... PX does.
+
+#: Set ``key`` to ``value`` unless a live row has it. Returns a row when it did.
+RATE_LIMIT_ADD = """
+INSERT INTO control_plane.rate_limits AS r (key, value, expires_at)
+VALUES (%(key)s, %(value)s, now() + make_interval(secs => %(ttl_ms)s / 1000.0))
+ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+WHERE r.expires_at <= now()
+RETURNING r.value
+"""
+
+#: Add ``amount`` (negative to decrement) to ``key`` if the result stays within
+#: [minimum, maximum] (a NULL bound: none); a missing key counts as 0. Returns a row when it did. The
+#: upsert locks the row, so concurrent callers are applied one after the other,
+#: each against the value the previous one left.
+RATE_LIMIT_ADJUST = """
+INSERT INTO control_plane.rate_limits AS r (key, value, expires_at)
+SELECT %(key)s, %(amount)s::bigint, now() + make_interval(secs => %(ttl_ms)s / 1000.0)
+WHERE %(amount)s::bigint BETWEEN coalesce(%(minimum)s::bigint, %(amount)s::bigint)
+                             AND coalesce(%(maximum)s::bigint, %(amount)s::bigint)
+   OR EXISTS (SELECT 1 FROM control_plane.rate_limits WHERE key = %(key)s)
+ON CONFLICT (key) DO UPDATE
+   SET value = CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value,
+       expires_at = excluded.expires_at
+ WHERE (%(minimum)s::bigint IS NULL
+        OR CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value >= %(minimum)s::bigint)
+   AND (%(maximum)s::bigint IS NULL
+        OR CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value <= %(maximum)s::bigint)
+RETURNING r.value
+"""
+
+#: Add ``amount`` to ``key`` unless the sum of ``keys`` (a sliding window's
+#: buckets, ``key`` among them) would pass ``maximum``. Two statements sent as
+#: one query string, hence one implicit transaction: the advisory lock on the
+#: window (``group``) serialises its callers, and the upsert, which takes a new
+#: snapshot, then sees every bucket its predecessors wrote.
+RATE_LIMIT_INCR_AND_SUM = """
+SELECT pg_advisory_xact_lock(hashtext('control_plane.rate_limits'), hashtext(%(group)s));
+WITH others AS (
+    SELECT coalesce(sum(value), 0)::bigint AS total FROM control_plane.rate_limits
+    WHERE key = ANY(%(keys)s::text[]) AND key <> %(key)s AND expires_at > now()
+)
+INSERT INTO control_plane.rate_limits AS r (key, value, expires_at)
+SELECT %(key)s, %(amount)s::bigint, now() + make_interval(secs => %(ttl_ms)s / 1000.0)
+FROM others WHERE others.total + %(amount)s::bigint <= %(maximum)s::bigint
+ON CONFLICT (key) DO UPDATE
+   SET value = CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value,
+       expires_at = excluded.expires_at
+ WHERE CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value
+       + (SELECT total FROM others) <= %(maximum)s::bigint
+RETURNING r.value
+"""
+
+#: The NOTIFY channel of barrier events (``wait_notify``); the payload is the event key.
+RATE_LIMIT_CHANNEL = "control_plane_rate_limits"
+
+#: Publish an event on ``key`` (kept for ``ttl_ms``, so a late waiter sees it) and wake its waiters.
+RATE_LIMIT_NOTIFY = """
+WITH e AS (
+    INSERT INTO control_plane.rate_limits AS r (key, value, expires_at)
+    VALUES (%(key)s, 1, now() + make_interval(secs => %(ttl_ms)s / 1000.0))
+    ON CONFLICT (key) DO UPDATE SET value = 1, expires_at = excluded.expires_at
+    RETURNING r.key
+)
+SELECT pg_notify('control_plane_rate_limits', e.key) FROM e
+"""
+
+#: Whether an event was published on ``key`` (and has not expired).
+RATE_LIMIT_EVENT = """
+SELECT 1 FROM control_plane.rate_limits WHERE key = %(key)s AND expires_at > now() AND value > 0
+"""
+
+#: Delete expired counters, a batch at a time, skipping rows being written.
+RATE_LIMIT_SWEEP = """
+DELETE FROM control_plane.rate_limits
+WHERE key IN (SELECT key FROM control_plane.rate_limits WHERE expires_at < now()
+              ORDER BY expires_at LIMIT 10000 FOR UPDATE SKIP LOCKED)
+"""
+
+# -- the jobs mirror without the Postgres broker (BROKER_URL=amqp://...) ------------
+#
+# With the Postgres broker, the mirror rides on ENQUEUE, CLAIM and SETTLE above.
+# With another broker, tasks.middleware.jobs_mirror writes these on its own
+# connection, one statement per event of a message's life.
+
+#: A message was sent. A row that already exists is left alone: a worker may have
+#: started (or finished) the message before the sender got here, and a delayed
+#: message moved to its queue by a worker is the same job.
+MIRROR_ENQUEUED = """
+INSERT INTO control_plane.jobs (id, type, queue, payload, options, priority, max_attempts, scheduled_at)
+VALUES (%(id)s::uuid, %(actor)s, %(queue)s, %(payload)s::jsonb, %(options)s::jsonb, %(priority)s,
+        %(max_attempts)s, coalesce(%(eta)s::timestamptz, now()))
+ON CONFLICT (id) DO NOTHING
+"""
+
+#: An attempt started: running, one more attempt (the row is created if the send's write was lost or is late).
+MIRROR_STARTED = """
+INSERT INTO control_plane.jobs AS j (id, type, queue, payload, options, priority, max_attempts,
+                                     status, attempts, started_at, worker)
+VALUES (%(id)s::uuid, %(actor)s, %(queue)s, %(payload)s::jsonb, %(options)s::jsonb, %(priority)s,
+        %(max_attempts)s, 'running', 1, now(), %(worker)s)
+ON CONFLICT (id) DO UPDATE
+   SET status = 'running', attempts = j.attempts + 1, started_at = now(), completed_at = NULL,
+       updated_at = now(), worker = excluded.worker
+"""
+
+#: The attempt succeeded.
+MIRROR_COMPLETED = """
+UPDATE control_plane.jobs
+   SET status = 'completed', result = %(result)s::jsonb, completed_at = now(), updated_at = now()
+WHERE id = %(id)s::uuid
+"""
+
+#: The attempt failed and will be retried after ``delay_ms``.
+MIRROR_RETRY = """
+UPDATE control_plane.jobs AS j
+   SET status = 'pending', last_error = %(error)s, completed_at = NULL, updated_at = now(),
+       scheduled_at = now() + make_interval(secs => %(delay_ms)s / 1000.0),
+       options = %(options)s::jsonb,
+       errors = j.errors || jsonb_build_array(jsonb_build_object(
+                    'attempt', j.attempts, 'at', now(), 'error', %(error)s, 'worker', j.worker))
+WHERE j.id = %(id)s::uuid
+"""
+
+#: The job failed for good.
+MIRROR_FAILED = """
+UPDATE control_plane.jobs AS j
+   SET status = 'failed', last_error = %(error)s, completed_at = now(), updated_at = now(),
+       errors = j.errors || jsonb_build_array(jsonb_build_object(
+                    'attempt', j.attempts, 'at', now(), 'error', %(error)s, 'worker', j.worker))
+WHERE j.id = %(id)s::uuid
+"""
+
+# -- metrics (tasks.metrics) --------------------------------------------------------
+
+#: Live workers (Postgres broker only: RabbitMQ workers do not heartbeat here).
+LIVE_WORKERS = "SELECT count(*) FROM control_plane.workers"

@@ -1,4 +1,5 @@
-"""The tables: the broker's hot message table, the jobs mirror, results, workers.
+"""The tables: the broker's hot message table, the jobs mirror, results, workers,
+schedule ticks, rate-limit counters, and provision_project's projects and API keys.
 
 ``messages`` holds only what is waiting or running (rows leave on ack) so that
 claims stay fast; ``jobs`` is the history an operator reads with SQL.
@@ -134,6 +135,30 @@ class Worker(Base):
     queues: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'::text[]"))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ScheduleTick(Base):
+    """One tick of a periodic task that a clock enqueued: its primary key makes each tick run once."""
+
+    __tablename__ = "schedule_ticks"
+
+    schedule_name: Mapped[str] = mapped_column(Text, primary_key=True)
+    tick_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    #: The job the tick enqueued (or the live job holding its unique key).
+    job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class RateLimit(Base):
+    """A counter of a Dramatiq rate limiter or group barrier; past ``expires_at`` it counts as absent."""
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_rate_limits_expires_at", "expires_at"),)
 
 
 PROJECT_STATUSES = ("provisioning", "active", "compensating", "needs_operator")

@@ -4,37 +4,75 @@ Run workers with ``dramatiq tasks your_module`` (your module declares actors
 with ``@dramatiq.actor``); send with ``actor.send(...)``, inside your own
 transaction with ``with tasks.enqueue_in(conn): ...``.
 
-Nothing here connects to the database: connections are opened on first use,
-in the process (or forked worker) that uses them.
+The broker is ours (PostgreSQL) unless ``BROKER_URL=amqp://...`` names a
+RabbitMQ server; either way the jobs mirror, results, schedules
+(:mod:`tasks.periodic`) and rate limits (``tasks.rate_limiter_backend``) live
+in PostgreSQL, reached with ``tasks.connection()``.
+
+Nothing here connects to the database (or to RabbitMQ): connections are opened
+on first use, in the process (or forked worker) that uses them.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
+from typing import Any
 
 import dramatiq
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
     CurrentMessage,
+    GroupCallbacks,
+    Middleware,
     Pipelines,
     ShutdownNotifications,
     TimeLimit,
 )
 from dramatiq.results import Results
 
+from tasks import db
 from tasks.broker import PostgresBroker, enqueue_in
 from tasks.middleware import Cancellation, JobsMirror, LogContext, Retries, UniqueKeys
+from tasks.rate_limits import PostgresRateLimiterBackend
 from tasks.results import PostgresBackend
 from tasks.settings import Settings
 
 settings = Settings.from_env()
 
-broker = PostgresBroker(
-    settings=settings,
+#: Connections to the control plane's database when another broker carries the
+#: messages (with the Postgres broker, its own pool serves: see :func:`connection`).
+_pool = db.Pool(lambda: db.database_url(settings), settings.pool_size, application_name="controlplane")
+
+
+def connection() -> AbstractContextManager[Any]:
+    """A pooled autocommit connection to the control plane's database, whichever broker carries the messages.
+
+    ``with tasks.connection() as conn: ...``. With the Postgres broker it is the
+    broker's pool (``CONTROLPLANE_POOL_SIZE`` connections per process).
+    """
+    if isinstance(broker, PostgresBroker):
+        return broker.connection()
+    return _pool.connection()
+
+
+def database_url() -> str:
+    """The libpq URL of the control plane's database (this may start the embedded server)."""
+    if isinstance(broker, PostgresBroker):
+        return broker.url()
+    return db.database_url(settings)
+
+
+#: Dramatiq's rate limiters and group barriers on PostgreSQL (``control_plane.rate_limits``):
+#: ``ConcurrentRateLimiter(tasks.rate_limiter_backend, "key", limit=1)``.
+rate_limiter_backend = PostgresRateLimiterBackend(connection)
+
+
+def _middleware() -> list[Middleware]:
     # Declared in full, in order. Dramatiq runs "before" hooks top-down and
     # "after" hooks bottom-up, so LogContext, first, wraps everything else.
-    middleware=[
+    middleware: list[Middleware] = [
         # message id + actor name on every log line of a message
         LogContext(),
         # drop messages older than their max_age (Dramatiq's)
@@ -47,6 +85,8 @@ broker = PostgresBroker(
         Callbacks(),
         # pipelines: message | message (Dramatiq's)
         Pipelines(),
+        # group(...).add_completion_callback(...): Dramatiq's, its barriers in control_plane.rate_limits
+        GroupCallbacks(rate_limiter_backend),
         # exponential backoff, max_attempts, permanent errors
         Retries(
             max_retries=settings.max_attempts - 1,
@@ -55,19 +95,36 @@ broker = PostgresBroker(
         ),
         # the actor being run, for actors that need their own message id
         CurrentMessage(),
-        # what started / returned / failed, for the jobs mirror writes
-        JobsMirror(),
+        # what started / returned / failed, for the jobs mirror writes (written on
+        # its own connections when BROKER_URL names another broker)
+        JobsMirror(connection),
         # unique_key computed from the arguments (actor option unique_key_from)
         UniqueKeys(),
-    ],
-)
-broker.add_middleware(
-    Results(backend=PostgresBackend(broker), result_ttl=settings.result_ttl_ms)
-)
-# interrupt jobs an operator cancels (control_plane.cancel_job). Last, so that
-# its before hook runs just before the actor and its after hook just after it:
-# the window in which a cancel can land outside the actor stays as small as possible.
-broker.add_middleware(Cancellation())
+        # the results backend, in control_plane.results
+        Results(backend=PostgresBackend(connection), result_ttl=settings.result_ttl_ms),
+    ]
+    if settings.metrics_port:
+        # Dramatiq's Prometheus metrics, served by the worker's main process on
+        # CONTROLPLANE_METRICS_PORT. Second, so its timings include every other hook.
+        from tasks.metrics import WorkerMetrics
+
+        middleware.insert(1, WorkerMetrics())
+    return middleware
+
+
+broker: dramatiq.Broker
+if settings.broker_url is None:
+    broker = PostgresBroker(settings=settings, middleware=_middleware())
+    # interrupt jobs an operator cancels (control_plane.cancel_job). Last, so that
+    # its before hook runs just before the actor and its after hook just after it:
+    # the window in which a cancel can land outside the actor stays as small as possible.
+    broker.add_middleware(Cancellation())
+else:
+    # BROKER_URL=amqp://...: Dramatiq's RabbitMQ broker carries the messages;
+    # control_plane.jobs, results, schedules and rate limits stay in PostgreSQL.
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker = RabbitmqBroker(url=settings.broker_url, middleware=_middleware())
 dramatiq.set_broker(broker)
 
 
@@ -80,4 +137,4 @@ def _not_discarded(record: logging.LogRecord) -> bool:
 
 logging.getLogger("dramatiq.results.middleware.Results").addFilter(_not_discarded)
 
-__all__ = ["broker", "enqueue_in", "settings"]
+__all__ = ["broker", "connection", "database_url", "enqueue_in", "rate_limiter_backend", "settings"]

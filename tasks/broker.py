@@ -25,7 +25,6 @@ import contextvars
 import json
 import logging
 import os
-import queue as queue_module
 import select
 import socket
 import threading
@@ -182,6 +181,8 @@ class _QueueState:
     buffer: deque[PgMessageProxy] = field(default_factory=deque)
     wake_r: int = -1
     wake_w: int = -1
+    #: When the oldest outcome not yet written was handed over (monotonic seconds).
+    first_outcome_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.wake_r, self.wake_w = os.pipe()
@@ -196,54 +197,6 @@ class _QueueState:
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self.wake_r, 4096):
                 pass
-
-
-class _Pool:
-    """A small blocking pool of autocommit connections for sends and results."""
-
-    def __init__(self, url_factory: Any, size: int) -> None:
-        self._url_factory = url_factory
-        self._idle: queue_module.LifoQueue[Any] = queue_module.LifoQueue()
-        self._slots = threading.BoundedSemaphore(size)
-
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[Any]:
-        self._slots.acquire()
-        conn = None
-        try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue_module.Empty:
-                conn = None
-            if not db.idle_connection_is_alive(conn):
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                conn = db.connect(self._url_factory(), autocommit=True, application_name="controlplane-send")
-            try:
-                yield conn
-            except psycopg2.Error as exc:
-                if db.is_connection_error(exc):
-                    raise  # the finally below closes it instead of pooling it
-                self._idle.put(conn)
-                conn = None
-                raise
-            self._idle.put(conn)
-            conn = None
-        finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
-            self._slots.release()
-
-    def close(self) -> None:
-        while True:
-            try:
-                conn = self._idle.get_nowait()
-            except queue_module.Empty:
-                return
-            with contextlib.suppress(Exception):
-                conn.close()
 
 
 class PostgresBroker(dramatiq.Broker):
@@ -270,7 +223,7 @@ class PostgresBroker(dramatiq.Broker):
         self.queues: set[str] = set()
         self._states: dict[str, _QueueState] = {}
         self._states_lock = threading.Lock()
-        self._pool = _Pool(self.url, self.settings.pool_size)
+        self._pool = db.Pool(self.url, self.settings.pool_size)
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
@@ -285,7 +238,7 @@ class PostgresBroker(dramatiq.Broker):
             return self._url
 
     def _after_fork(self) -> None:
-        self._pool = _Pool(self.url, self.settings.pool_size)
+        self._pool = db.Pool(self.url, self.settings.pool_size)
         self._states = {}
         self._states_lock = threading.Lock()
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
@@ -309,7 +262,7 @@ class PostgresBroker(dramatiq.Broker):
         """Point this broker at another database (tests, tools); closes pooled connections."""
         with self._url_lock:
             self._url = url
-        old, self._pool = self._pool, _Pool(self.url, self.settings.pool_size)
+        old, self._pool = self._pool, db.Pool(self.url, self.settings.pool_size)
         old.close()
 
     # -- declaring --------------------------------------------------------
@@ -513,6 +466,11 @@ class _PostgresConsumer(dramatiq.Consumer):
         )
         with self.conn.cursor() as cur:
             cur.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
+            # Claims and settles need not wait for the WAL flush: a server crash can
+            # only undo the last moments of them, and then the job runs again
+            # (at-least-once, as after any crash) and the mirror, written in the
+            # same transactions, is undone with them. Sends stay synchronous.
+            cur.execute("SET synchronous_commit = off")
 
     # -- Dramatiq's interface ----------------------------------------------
 
@@ -578,20 +536,51 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def _hand_over(self, outcome: _Outcome) -> None:
         with self.state.lock:
+            first = not self.state.outcomes
+            if first:
+                self.state.first_outcome_at = time.monotonic()
             self.state.outcomes.append(outcome)
-        self.state.wake()
+            pending = len(self.state.outcomes)
+        # Wake the consumer thread only when it has something new to decide: the
+        # first outcome of a batch, or a batch big enough to write at once (a
+        # write to the pipe per message cost a sixth of a worker's samples).
+        if first or pending == max(1, self.prefetch // 2):
+            self.state.wake()
+
+    def _settle_due(self) -> float:
+        """0 when the gathered outcomes should be written now, else how long to wait for more.
+
+        With a backlog (the last claim filled every free slot), outcomes are
+        gathered for up to ``settle_window`` or until half the prefetch finished,
+        so that one SETTLE and one CLAIM serve many messages. An idle queue
+        settles at once: latency matters more than batching there.
+        """
+        with self.state.lock:
+            pending = len(self.state.outcomes)
+            first = self.state.first_outcome_at
+        if pending == 0:
+            return -1.0
+        window = self.settings.settle_window_ms / 1000
+        if not self._more or window <= 0 or pending >= max(1, self.prefetch // 2):
+            return 0.0
+        return max(first + window - time.monotonic(), 0.0)
 
     def _next(self) -> dramatiq.MessageProxy | None:
         deadline = time.monotonic() + self.timeout
         while True:
-            self._flush()
+            settle_in = self._settle_due()
+            if settle_in == 0.0:
+                self._flush()
             self._housekeeping()
             with self.state.lock:
                 if self.state.buffer:
                     return self.state.buffer.popleft()
                 free = self.prefetch - len(self.state.inflight)
+            # With a backlog, claim in batches of at least half the prefetch: with a
+            # prefetch of twice the threads, a thread can only be idle when that many are free.
+            threshold = max(1, self.prefetch // 2) if self._more and self.settings.settle_window_ms > 0 else 1
             now = time.monotonic()
-            if free > 0 and (self._notified or self._more or now >= self._next_poll):
+            if free >= threshold and (self._notified or self._more or now >= self._next_poll):
                 self._notified = False
                 got = self._claim(free)
                 self._more = got == free
@@ -604,8 +593,10 @@ class _PostgresConsumer(dramatiq.Consumer):
             # With no free slot, polling is pointless: a finished message wakes us
             # through the pipe. (Waiting on a past poll time would spin the CPU.)
             wake_at = [deadline, self._next_heartbeat, self._next_reap]
-            if free > 0:
+            if free >= threshold:
                 wake_at.append(self._next_poll)
+            if settle_in > 0:
+                wake_at.append(now + settle_in)
             self._wait(max(min(wake_at) - now, 0.0))
 
     def _wait(self, seconds: float) -> None:

@@ -1,5 +1,5 @@
 """The ``controlplane`` command: migrate, demo, send; inspect, retry and cancel jobs; queue stats,
-workers and pruning; manage the embedded database."""
+workers and pruning; the clock of periodic tasks; queue metrics; manage the embedded database."""
 
 from __future__ import annotations
 
@@ -336,7 +336,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    conn = _connect(_url(_settings()))
+    settings = _settings()
+    args.completed_after = args.completed_after or settings.retention_completed
+    args.failed_after = args.failed_after or settings.retention_failed
+    conn = _connect(_url(settings))
     try:
         for option, value in (("--completed-after", args.completed_after), ("--failed-after", args.failed_after)):
             try:
@@ -374,6 +377,98 @@ def cmd_workers(args: argparse.Namespace) -> int:
         r["queues"] = ",".join(r["queues"])
         r["silent_seconds"] = f"{r['silent_seconds']:.1f}"
     print_table(rows, _WORKER_COLUMNS)
+    return 0
+
+
+# -- clock, metrics -------------------------------------------------------------------
+
+
+def _import_modules(modules: Sequence[str]) -> None:
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UserError(f"cannot import module {module!r}: {exc}") from None
+
+
+def cmd_clock(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from tasks.periodic import Clock
+
+    # The built-in schedules (controlplane.prune), then the application's.
+    _import_modules(["tasks.maintenance", *(args.module or [])])
+    clock = Clock()
+    if args.list:
+        now = datetime.now().astimezone()
+        last = clock.last_ticks()
+        rows: list[dict[str, Any]] = [
+            {
+                "name": s.name,
+                "cron": s.cron.expression,
+                "actor": s.actor_name,
+                "queue": s.queue_name,
+                "last_tick": last.get(s.name),
+                "next_tick": s.cron.next(now),
+            }
+            for s in clock.schedules
+        ]
+        clock.close()
+        if args.json:
+            print(_jsonable(rows))
+        else:
+            print_table([{**r, "last_tick": _day(r["last_tick"]), "next_tick": _day(r["next_tick"])} for r in rows],
+                        ("name", "cron", "actor", "queue", "last_tick", "next_tick"))
+        return 0
+    if args.once:
+        ticks = clock.run_pending()
+        clock.close()
+        if args.json:
+            print(_jsonable([{"schedule": t.schedule_name, "tick_at": t.tick_at, "job_id": t.job_id}
+                             for t in ticks]))
+        else:
+            for t in ticks:
+                print(f"{t.schedule_name}  {t.tick_at.isoformat()}  {t.job_id}")
+            print(f"enqueued {len(ticks)} tick(s)")
+        return 0
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"clock: {len(clock.schedules)} schedule(s): {', '.join(s.name for s in clock.schedules)}", flush=True)
+    clock.run_forever(stop)
+    return 0
+
+
+def _day(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value is not None else ""
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import tasks
+    from tasks.metrics import serve_queue_metrics
+
+    settings = _settings()
+    _connect(_url(settings)).close()  # fail now, with one line, if the database does not answer
+    host = args.host or settings.metrics_host
+    try:
+        server, _ = serve_queue_metrics(tasks.connection, args.port, host)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{args.port}: {exc.strerror}") from None
+    print(f"serving queue metrics on http://{host}:{server.server_port}/metrics", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
     return 0
 
 
@@ -470,9 +565,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Delete completed and cancelled jobs finished longer ago than --completed-after, "
         "failed ones finished longer ago than --failed-after, and expired results.",
     )
-    p.add_argument("--completed-after", default="7 days", help="a PostgreSQL interval (default: '7 days')")
-    p.add_argument("--failed-after", default="30 days", help="a PostgreSQL interval (default: '30 days')")
+    p.add_argument(
+        "--completed-after", help="a PostgreSQL interval (default: CONTROLPLANE_RETENTION_COMPLETED, '7 days')"
+    )
+    p.add_argument("--failed-after", help="a PostgreSQL interval (default: CONTROLPLANE_RETENTION_FAILED, '30 days')")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "clock",
+        help="enqueue periodic tasks at their cron times (each tick once, however many clocks run)",
+        description="Load the schedules declared with tasks.periodic (@periodic, schedule()) in the given "
+        "modules, plus the built-in controlplane.prune, and enqueue each due tick once. Run one or more "
+        "(the Procfile's clock: line); every tick still runs once.",
+    )
+    p.add_argument(
+        "--module", action="extend", nargs="+", help="modules declaring schedules (--module a b, or repeated)"
+    )
+    p.add_argument("--once", action="store_true", help="enqueue what is due now, then exit")
+    p.add_argument("--list", action="store_true", help="list the schedules, their last and next ticks, then exit")
+    p.add_argument("--json", action="store_true", help="with --once or --list: print JSON")
+    p.set_defaults(func=cmd_clock)
+
+    p = sub.add_parser(
+        "metrics",
+        help="serve queue depth, lag and failure gauges for Prometheus (from control_plane.queue_stats)",
+    )
+    p.add_argument("--port", type=int, default=9192, help="port to listen on (default 9192; 0: any free port)")
+    p.add_argument("--host", help="address to listen on (default: CONTROLPLANE_METRICS_HOST, 0.0.0.0)")
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("workers", help="live workers: heartbeats and the jobs they hold")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -9,9 +9,12 @@ database; ``controlplane db stop`` stops it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue as queue_module
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +134,65 @@ def idle_connection_is_alive(conn: Any) -> bool:
     except (psycopg2.Error, OSError, ValueError):
         return False
     return not conn.closed
+
+
+class Pool:
+    """A small blocking pool of at most ``size`` autocommit connections (sends, results, mirror writes).
+
+    Safe across ``fork``: a child process never uses its parent's sockets, it
+    opens its own connections on first use.
+    """
+
+    def __init__(self, url_factory: Callable[[], str], size: int, application_name: str = "controlplane-send") -> None:
+        self._url_factory = url_factory
+        self._size = size
+        self._application_name = application_name
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._idle: queue_module.LifoQueue[Any] = queue_module.LifoQueue()
+        self._slots = threading.BoundedSemaphore(self._size)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A connection for the duration of the block, returned to the pool after it."""
+        if self._pid != os.getpid():
+            self._reset()  # forked: the parent's connections are not ours to use (nor to close)
+        self._slots.acquire()
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue_module.Empty:
+                conn = None
+            if not idle_connection_is_alive(conn):
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = connect(self._url_factory(), autocommit=True, application_name=self._application_name)
+            try:
+                yield conn
+            except psycopg2.Error as exc:
+                if is_connection_error(exc):
+                    raise  # the finally below closes it instead of pooling it
+                self._idle.put(conn)
+                conn = None
+                raise
+            self._idle.put(conn)
+            conn = None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._slots.release()
+
+    def close(self) -> None:
+        """Close the idle connections (connections in use go back to the pool when their block ends)."""
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue_module.Empty:
+                return
+            with contextlib.suppress(Exception):
+                conn.close()

@@ -82,8 +82,11 @@ def run_demo() -> int:
         os.environ["DATABASE_URL"] = url
         import tasks
         from tasks import demo
+        from tasks.broker import PostgresBroker
         from tasks.provision import provision_project, reveal_secrets
 
+        if not isinstance(tasks.broker, PostgresBroker):
+            raise SystemExit("controlplane demo runs on the PostgreSQL broker: unset BROKER_URL")
         tasks.broker.reconfigure(url)
         project_id = "demo_" + uuid.uuid4().hex[:6]
         sent: list[Any] = [demo.resize_image.send(i, 640) for i in range(1, 4)]

@@ -1,11 +1,13 @@
 """A PostgreSQL results backend, so ``message.get_result(block=True)`` works.
 
 Results live in ``control_plane.results`` with an expiry; they are written on
-the broker's pooled connections.
+pooled connections (the Postgres broker's, or ``tasks.connection``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg2
@@ -17,14 +19,20 @@ from tasks.broker import PostgresBroker
 
 
 class PostgresBackend(ResultBackend):
-    """Stores results next to the messages, in the same database."""
+    """Stores results next to the messages, in the same database.
 
-    def __init__(self, broker: PostgresBroker, **kwargs: Any) -> None:
+    ``source`` is the Postgres broker, or any callable giving a pooled autocommit
+    connection as a context manager (``tasks.connection``, whichever broker runs).
+    """
+
+    def __init__(
+        self, source: PostgresBroker | Callable[[], AbstractContextManager[Any]], **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
-        self.broker = broker
+        self._connection = source.connection if isinstance(source, PostgresBroker) else source
 
     def _get(self, message_key: str) -> Any:
-        with self.broker.connection() as conn, conn.cursor() as cur:
+        with self._connection() as conn, conn.cursor() as cur:
             cur.execute(queries.RESULT_GET, {"key": message_key})
             row = cur.fetchone()
         if row is None:
@@ -33,7 +41,7 @@ class PostgresBackend(ResultBackend):
 
     def _store(self, message_key: str, result: Any, ttl: int) -> None:
         value = self.encoder.encode(result)
-        with self.broker.connection() as conn, conn.cursor() as cur:
+        with self._connection() as conn, conn.cursor() as cur:
             cur.execute(
                 queries.RESULT_STORE,
                 {"key": message_key, "value": psycopg2.Binary(value), "ttl_ms": ttl},

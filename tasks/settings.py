@@ -24,6 +24,46 @@ def _url(env: dict[str, str], name: str) -> str | None:
     return raw
 
 
+def _broker_url(env: dict[str, str]) -> str | None:
+    raw = env.get("BROKER_URL") or None
+    if raw is not None and not raw.startswith(("amqp://", "amqps://")):
+        raise ConfigurationError(
+            "BROKER_URL must be an amqp:// URL (RabbitMQ); leave it unset for the PostgreSQL broker"
+        )
+    return raw
+
+
+def _interval(env: dict[str, str], name: str, default: str) -> str:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    if not any(ch.isdigit() for ch in raw):
+        raise ConfigurationError(f"{name} must be a PostgreSQL interval such as {default!r}, got {raw!r}")
+    return raw
+
+
+def _schedule(env: dict[str, str], name: str, default: str) -> str | None:
+    raw = " ".join((env.get(name) or "").split())
+    if not raw:
+        return default
+    if raw.lower() == "off":
+        return None
+    from tasks.cron import CronError, parse
+
+    try:
+        parse(raw)
+    except CronError as exc:
+        raise ConfigurationError(f"{name}: {exc}") from None
+    return raw
+
+
+def _port(env: dict[str, str], name: str) -> int | None:
+    port = _int(env, name, 0, minimum=0)
+    if port > 65535:
+        raise ConfigurationError(f"{name} must be a TCP port (1-65535), got {port}")
+    return port or None
+
+
 def _float(env: dict[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -66,6 +106,8 @@ class Settings:
     heartbeat_interval: float = 10.0
     #: How often a worker looks for expired leases of dead workers.
     reap_interval: float = 5.0
+    #: Under a backlog, how long a consumer gathers finished messages before one SETTLE (0: never wait).
+    settle_window_ms: float = 5.0
     #: Connections a worker process keeps for sends and results (besides one per queue).
     pool_size: int = 2
     #: Retry policy defaults (Dramatiq's backoff, in milliseconds).
@@ -76,6 +118,19 @@ class Settings:
     result_ttl_ms: int = 86_400_000
     #: Identifies this process in leases and in ``control_plane.jobs.worker``.
     hostname: str = field(default_factory=socket.gethostname)
+
+    # -- brokers, periodic tasks, retention, metrics -----------------------------
+    #: ``amqp://...``: Dramatiq's RabbitMQ broker instead of ours (the jobs mirror stays in PostgreSQL).
+    broker_url: str | None = None
+    #: How long completed (and cancelled) jobs, and failed ones, are kept by the daily ``controlplane.prune``.
+    retention_completed: str = "7 days"
+    retention_failed: str = "30 days"
+    #: When ``controlplane.prune`` runs (cron, UTC); None: never.
+    prune_schedule: str | None = "0 3 * * *"
+    #: Port of the workers' Prometheus endpoint (Dramatiq's metrics); None: no endpoint.
+    metrics_port: int | None = None
+    #: Address the workers' and ``controlplane metrics``' endpoints listen on.
+    metrics_host: str = "0.0.0.0"  # Prometheus scrapes from another machine
 
     # -- provision_project ----------------------------------------------------
     #: The server tenant databases are created on (None: the control plane's own).
@@ -116,10 +171,17 @@ class Settings:
             heartbeat_interval=heartbeat,
             reap_interval=_float(env, "CONTROLPLANE_REAP_INTERVAL", min(5.0, lease / 2)),
             pool_size=_int(env, "CONTROLPLANE_POOL_SIZE", 2, minimum=1),
+            settle_window_ms=_int(env, "CONTROLPLANE_SETTLE_WINDOW_MS", 5, minimum=0),
             max_attempts=_int(env, "CONTROLPLANE_MAX_ATTEMPTS", 20, minimum=1),
             min_backoff_ms=_int(env, "CONTROLPLANE_MIN_BACKOFF_MS", 15_000, minimum=1),
             max_backoff_ms=_int(env, "CONTROLPLANE_MAX_BACKOFF_MS", 7 * 86_400_000, minimum=1),
             result_ttl_ms=_int(env, "CONTROLPLANE_RESULT_TTL_MS", 86_400_000, minimum=1),
+            broker_url=_broker_url(env),
+            retention_completed=_interval(env, "CONTROLPLANE_RETENTION_COMPLETED", "7 days"),
+            retention_failed=_interval(env, "CONTROLPLANE_RETENTION_FAILED", "30 days"),
+            prune_schedule=_schedule(env, "CONTROLPLANE_PRUNE_SCHEDULE", "0 3 * * *"),
+            metrics_port=_port(env, "CONTROLPLANE_METRICS_PORT"),
+            metrics_host=env.get("CONTROLPLANE_METRICS_HOST") or "0.0.0.0",
             provision_database_url=_url(env, "PROVISION_DATABASE_URL"),
             service_urls={
                 name: env[f"{name.upper()}_SERVICE_URL"].rstrip("/")

@@ -11,6 +11,7 @@ import time
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
+from dramatiq.rate_limits import ConcurrentRateLimiter
 
 import tasks
 from tasks.errors import PermanentError
@@ -18,7 +19,7 @@ from tasks.errors import PermanentError
 
 def record(kind: str, value: str = "") -> None:
     message = CurrentMessage.get_current_message()
-    with tasks.broker.connection() as conn, conn.cursor() as cur:
+    with tasks.connection() as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO test_support.effects (message_id, kind, value, pid) VALUES (%s, %s, %s, %s)",
             (message.message_id if message else None, kind, value, os.getpid()),
@@ -26,7 +27,7 @@ def record(kind: str, value: str = "") -> None:
 
 
 def gate_open(name: str) -> bool:
-    with tasks.broker.connection() as conn, conn.cursor() as cur:
+    with tasks.connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM test_support.gates WHERE name = %s", (name,))
         return cur.fetchone() is not None
 
@@ -81,3 +82,22 @@ def slow_noop(seconds: float) -> None:
     record("started")
     time.sleep(seconds)
     record("finished")
+
+
+#: A distributed mutex on control_plane.rate_limits: one tests.limited job at a time, across processes.
+LIMITED_MUTEX = ConcurrentRateLimiter(tasks.rate_limiter_backend, "tests.limited", limit=1, ttl=60_000)
+
+
+@dramatiq.actor(actor_name="tests.limited", max_attempts=100, min_backoff=50, max_backoff=300)
+def limited(seconds: float) -> None:
+    """Holds the mutex for ``seconds``; when another job holds it, RateLimitExceeded retries this one."""
+    with LIMITED_MUTEX.acquire():
+        record("started")
+        time.sleep(seconds)  # the work: long enough for the other process to try the mutex
+        record("finished")
+
+
+@dramatiq.actor(actor_name="tests.group_done")
+def group_done(label: str) -> None:
+    """A group's completion callback."""
+    record("group_done", label)

@@ -17,6 +17,9 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+# The suite runs on the Postgres broker; the RabbitMQ tests set BROKER_URL for their own processes.
+os.environ.pop("BROKER_URL", None)
+
 import migrations
 import tasks
 from tasks import db

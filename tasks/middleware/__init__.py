@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from tasks.middleware.cancellation import Cancellation
-from tasks.middleware.jobs_mirror import JobsMirror, describe_error
+from tasks.middleware.jobs_mirror import JobsMirror, StandaloneMirror, describe_error
 from tasks.middleware.log_context import LogContext
 from tasks.middleware.retries import Retries, max_attempts_for
 from tasks.middleware.unique_keys import UniqueKeys
 
-__all__ = ["Cancellation", "JobsMirror", "LogContext", "Retries", "UniqueKeys", "describe_error", "max_attempts_for"]
+__all__ = [
+    "Cancellation",
+    "JobsMirror",
+    "LogContext",
+    "Retries",
+    "StandaloneMirror",
+    "UniqueKeys",
+    "describe_error",
+    "max_attempts_for",
+]

@@ -5,18 +5,39 @@ statements (see :mod:`models.queries`), so broker and mirror can never
 disagree. This middleware feeds those statements what only the worker thread
 knows: that a message started, what it returned, and why it failed, as one safe
 line (secrets redacted, bounded length).
+
+With any other broker (``BROKER_URL=amqp://...``: Dramatiq's RabbitMQ broker),
+nothing else writes the mirror, so this middleware does, on its own pooled
+connections: :class:`StandaloneMirror`, one statement per event of a message's
+life (sent, started, completed, retried, failed). That path is separate and
+only taken when the broker is not a ``PostgresBroker``; it is best effort (a
+write that fails is logged, the message goes on) and not transactional with
+the broker: the mirror can lag behind RabbitMQ, or miss an event when the
+database is down.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
+from dramatiq.common import q_name
 from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware, TimeLimit, TimeLimitExceeded
 
+from models import queries
 from tasks.errors import Cancelled
 from tasks.redaction import redact
+
+logger = logging.getLogger(__name__)
 
 #: The longest error text kept in ``last_error`` and the errors history.
 MAX_ERROR_LENGTH = 2000
@@ -58,10 +79,30 @@ def describe_error(exc: BaseException, message: Any, broker: dramatiq.Broker | N
     return text
 
 
+def _rides_on_broker(broker: dramatiq.Broker) -> bool:
+    """True when the broker writes the mirror itself (our PostgresBroker)."""
+    from tasks.broker import PostgresBroker
+
+    return isinstance(broker, PostgresBroker)
+
+
 class JobsMirror(Middleware):
-    """Tells the broker's mirror writes when a message started, its result and its error."""
+    """Tells the broker's mirror writes when a message started, its result and its error.
+
+    ``connection`` (a context manager factory giving an autocommit connection to
+    the control plane's database, default ``tasks.connection``) is used only
+    when the broker is not a ``PostgresBroker``: see :class:`StandaloneMirror`.
+    """
+
+    def __init__(self, connection: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+        self._standalone = StandaloneMirror(connection)
+
+    # -- the Postgres broker: hand what the worker knows to its SETTLE statement --
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if not _rides_on_broker(broker):
+            self._standalone.started(broker, message)
+            return
         if hasattr(message, "started"):
             message.started = True
 
@@ -73,6 +114,9 @@ class JobsMirror(Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
+        if not _rides_on_broker(broker):
+            self._standalone.processed(broker, message, result=result, exception=exception)
+            return
         if not hasattr(message, "result_json"):
             return
         from tasks.broker import to_json
@@ -83,5 +127,132 @@ class JobsMirror(Middleware):
             message.error_text = describe_error(exception, message, broker)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if not _rides_on_broker(broker):
+            self._standalone.skipped(message)
+            return
         if hasattr(message, "error_text") and message.failed:
             message.error_text = "skipped by middleware"
+
+    # -- other brokers only (the Postgres broker's own statements cover these) --
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        if not _rides_on_broker(broker):
+            self._standalone.enqueued(broker, message, delay)
+
+    def after_ack(self, broker: dramatiq.Broker, message: Any) -> None:
+        if not _rides_on_broker(broker):
+            self._standalone.acked(message)
+
+    def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        if not _rides_on_broker(broker):
+            self._standalone.nacked(message)
+
+
+def _eta(message: Any) -> datetime | None:
+    eta = message.options.get("eta")
+    return datetime.fromtimestamp(eta / 1000, UTC) if isinstance(eta, (int, float)) else None
+
+
+def _options(message: Any) -> str:
+    # Tracebacks may quote secrets (errors are kept, redacted, in errors); eta is the broker's business.
+    kept = {k: v for k, v in message.options.items() if k not in ("traceback", "eta")}
+    return json.dumps(kept, default=str)
+
+
+class StandaloneMirror:
+    """Writes ``control_plane.jobs`` when the broker does not (another broker than ours).
+
+    The events, in the order Dramatiq emits them:
+
+    * ``after_enqueue``: a new job, ``pending`` (``scheduled_at`` = its eta);
+    * ``before_process_message``: ``running``, ``attempts + 1``, ``started_at``, ``worker``;
+    * ``after_process_message``: ``completed`` with its result; on an exception
+      the error is kept in memory until the next event says what became of it:
+    * ``after_enqueue`` of the same message (``Retries`` re-enqueued it):
+      ``pending`` again, ``last_error``, an ``errors`` entry, ``scheduled_at``
+      = now + backoff;
+    * ``after_nack`` (it failed for good): ``failed``, ``last_error``, an ``errors`` entry.
+    """
+
+    def __init__(self, connection: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+        self._connection = connection
+        #: message id -> the error of its attempt that just failed in this process.
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _write(self, what: str, message: Any, sql: str, params: dict[str, Any]) -> None:
+        connection = self._connection
+        if connection is None:
+            import tasks
+
+            connection = tasks.connection
+        try:
+            with connection() as conn, conn.cursor() as cur:
+                cur.execute(sql, params)
+        except Exception as exc:  # the mirror must never break sending or processing
+            logger.warning("message %s: the jobs mirror could not record %s: %s", message.message_id, what, exc)
+
+    def _job(self, broker: dramatiq.Broker, message: Any) -> dict[str, Any]:
+        from tasks.middleware.retries import max_attempts_for
+
+        actor = broker.actors.get(message.actor_name)
+        priority = message.options.get("priority", actor.priority if actor is not None else 0)
+        return {
+            "id": message.message_id,
+            "actor": message.actor_name,
+            "queue": q_name(message.queue_name),
+            "payload": json.dumps({"args": list(message.args), "kwargs": dict(message.kwargs)}, default=str),
+            "options": _options(message),
+            "priority": priority if isinstance(priority, int) else 0,
+            "max_attempts": max_attempts_for(broker, message),
+        }
+
+    def enqueued(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        with self._lock:
+            error = self._errors.pop(message.message_id, None)
+        if error is not None:
+            # Retries re-enqueued the message whose attempt just failed here.
+            self._write(
+                "a retry",
+                message,
+                queries.MIRROR_RETRY,
+                {"id": message.message_id, "error": error, "delay_ms": delay or 0, "options": _options(message)},
+            )
+            return
+        self._write("a send", message, queries.MIRROR_ENQUEUED, {**self._job(broker, message), "eta": _eta(message)})
+
+    def started(self, broker: dramatiq.Broker, message: Any) -> None:
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._write("a start", message, queries.MIRROR_STARTED, {**self._job(broker, message), "worker": worker})
+
+    def processed(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        if exception is None:
+            from tasks.broker import to_json
+
+            self._write(
+                "a success", message, queries.MIRROR_COMPLETED, {"id": message.message_id, "result": to_json(result)}
+            )
+            return
+        with self._lock:
+            self._errors[message.message_id] = describe_error(exception, message, broker)
+
+    def skipped(self, message: Any) -> None:
+        if message.failed:
+            with self._lock:
+                self._errors[message.message_id] = "skipped by middleware"
+
+    def acked(self, message: Any) -> None:
+        with self._lock:
+            self._errors.pop(message.message_id, None)
+
+    def nacked(self, message: Any) -> None:
+        with self._lock:
+            error = self._errors.pop(message.message_id, None)
+        self._write(
+            "a failure",
+            message,
+            queries.MIRROR_FAILED,
+            {"id": message.message_id, "error": error or "rejected by middleware"},
+        )

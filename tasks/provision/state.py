@@ -48,7 +48,7 @@ def control_transaction() -> Iterator[Any]:
     """One transaction on the control plane's database (a pooled connection, BEGIN/COMMIT)."""
     import tasks
 
-    with tasks.broker.connection() as conn:
+    with tasks.connection() as conn:
         with conn.cursor() as cur:
             cur.execute("BEGIN")
         try:

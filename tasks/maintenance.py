@@ -1,0 +1,59 @@
+"""Built-in periodic tasks: retention.
+
+``controlplane.prune`` runs daily (``CONTROLPLANE_PRUNE_SCHEDULE``, default
+``0 3 * * *`` UTC) on the ``controlplane`` queue: it calls
+``control_plane.prune_jobs(CONTROLPLANE_RETENTION_COMPLETED,
+CONTROLPLANE_RETENTION_FAILED)`` (completed and cancelled jobs after 7 days,
+failed ones after 30 by default, and expired results), forgets schedule ticks
+older than the completed retention (each schedule's latest is kept) and
+deletes expired rate-limit counters.
+
+``controlplane clock`` always loads this module; a worker runs the job when it
+loads it too: ``dramatiq tasks tasks.maintenance your.module`` (the Procfile's
+``worker:`` line does).
+"""
+
+from __future__ import annotations
+
+import dramatiq
+import psycopg2
+
+import tasks
+from models import queries
+from tasks.errors import PermanentError
+from tasks.periodic import schedule
+
+#: The queue of the built-in maintenance jobs.
+QUEUE = "controlplane"
+
+
+@dramatiq.actor(
+    actor_name="controlplane.prune",
+    queue_name=QUEUE,
+    max_attempts=3,
+    # One prune at a time: a second send while one is pending or running returns it.
+    unique_key_from=lambda args, kwargs: "controlplane.prune",
+)
+def prune() -> dict[str, int]:
+    """Delete what the retention settings say is old; returns how many rows of each kind went."""
+    settings = tasks.settings
+    try:
+        with tasks.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                queries.PRUNE_JOBS,
+                {"completed": settings.retention_completed, "failed": settings.retention_failed},
+            )
+            (jobs,) = cur.fetchone()
+            cur.execute(queries.PRUNE_SCHEDULE_TICKS, {"older_than": settings.retention_completed})
+            ticks = cur.rowcount
+            cur.execute(queries.RATE_LIMIT_SWEEP)
+            rate_limits = cur.rowcount
+    except psycopg2.DataError as exc:  # a retention setting is not an interval: retrying cannot help
+        raise PermanentError(f"CONTROLPLANE_RETENTION_*: {str(exc).strip().splitlines()[0]}") from exc
+    return {"jobs_and_results": int(jobs), "schedule_ticks": int(ticks), "rate_limits": int(rate_limits)}
+
+
+if tasks.settings.prune_schedule is not None:
+    schedule(tasks.settings.prune_schedule, prune, name="controlplane.prune")
+
+__all__ = ["QUEUE", "prune"]

@@ -1,0 +1,168 @@
+"""Prometheus metrics: Dramatiq's own, from the workers, and queue gauges read from SQL.
+
+Two endpoints, because they answer different questions:
+
+* **Workers** (``CONTROLPLANE_METRICS_PORT`` set): Dramatiq's ``Prometheus``
+  middleware counts messages, errors, retries and durations in every worker
+  process (prometheus_client's multiprocess mode, files under
+  ``dramatiq_prom_db``); the ``dramatiq`` main process serves their sum on that
+  port. One endpoint per worker machine.
+* **Queues** (``controlplane metrics --port N``): depth, lag and failures of
+  every queue, read from ``control_plane.queue_stats`` at each scrape. They
+  describe the whole system, not one machine, so one such endpoint is enough
+  (every worker serving them would multiply the series by the machine count).
+
+prometheus_client is imported only inside functions: in a worker it must be
+imported after ``PROMETHEUS_MULTIPROC_DIR`` is set, which the middleware does
+at process boot. (Importing Dramatiq's middleware module creates its
+``dramatiq_prom_db`` folder, by default ``/tmp/dramatiq-prometheus``.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from http.server import HTTPServer
+from typing import Any
+
+from dramatiq.middleware.prometheus import Prometheus
+
+from models import queries
+
+logger = logging.getLogger(__name__)
+
+#: The gauges read from ``control_plane.queue_stats``: (metric name, column, help).
+QUEUE_GAUGES = (
+    ("controlplane_queue_ready", "ready", "Jobs waiting to run now, per queue (queue depth)."),
+    ("controlplane_queue_scheduled", "scheduled", "Jobs waiting for a delay or a retry backoff, per queue."),
+    ("controlplane_queue_running", "running", "Jobs running now, per queue."),
+    ("controlplane_queue_failed", "failed", "Failed jobs kept in control_plane.jobs (until pruned), per queue."),
+    (
+        "controlplane_queue_completed_last_minute",
+        "completed_last_minute",
+        "Jobs completed in the last minute, per queue.",
+    ),
+    (
+        "controlplane_queue_oldest_ready_age_seconds",
+        "oldest_ready_age_seconds",
+        "How long the oldest job ready to run has waited, per queue (lag); 0 when none waits.",
+    ),
+)
+
+
+class QueueStatsCollector:
+    """A prometheus_client collector: one SQL read of ``control_plane.queue_stats`` per scrape.
+
+    ``connection`` gives an autocommit connection as a context manager
+    (``tasks.connection``). When the database cannot be read, only
+    ``controlplane_stats_up 0`` is exported (and the error logged).
+    """
+
+    def __init__(self, connection: Callable[[], AbstractContextManager[Any]]) -> None:
+        self._connection = connection
+
+    def describe(self) -> list[Any]:
+        return []  # no metric is exported on registration: collect() reads the database
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("controlplane_stats_up", "1 when control_plane.queue_stats could be read.")
+        try:
+            with self._connection() as conn, conn.cursor() as cur:
+                cur.execute(queries.QUEUE_STATS)
+                columns = [d[0] for d in cur.description]
+                rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+                cur.execute(queries.LIVE_WORKERS)
+                (workers,) = cur.fetchone()
+        except Exception as exc:  # a scrape must answer even when the database does not
+            logger.warning("metrics: cannot read control_plane.queue_stats: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        for name, column, text in QUEUE_GAUGES:
+            family = GaugeMetricFamily(name, text, labels=["queue"])
+            for row in rows:
+                family.add_metric([row["queue"]], float(row[column] or 0))
+            yield family
+        live = GaugeMetricFamily("controlplane_workers", "Live worker processes (heartbeating), Postgres broker.")
+        live.add_metric([], float(workers))
+        yield live
+
+
+def serve_queue_metrics(
+    connection: Callable[[], AbstractContextManager[Any]], port: int, host: str = "0.0.0.0"
+) -> tuple[HTTPServer, threading.Thread]:
+    """Serve the queue gauges at ``http://host:port/metrics`` from a daemon thread.
+
+    ``port`` 0 picks a free port: read it from ``server.server_port``. Stop with
+    ``server.shutdown()``.
+    """
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QueueStatsCollector(connection))
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return server, thread
+
+
+class WorkerMetrics(Prometheus):
+    """Dramatiq's ``Prometheus`` middleware, served on ``CONTROLPLANE_METRICS_PORT``.
+
+    Dramatiq's exposition server listens on ``dramatiq_prom_port`` (9191), read
+    when its module is imported; this subclass serves the same multiprocess
+    registry on the port our settings name instead.
+    """
+
+    @property
+    def forks(self) -> list[Callable[[], int]]:
+        return [serve_worker_metrics]
+
+
+def serve_worker_metrics() -> int:
+    """Dramatiq fork process: serve the workers' multiprocess metrics on ``CONTROLPLANE_METRICS_PORT``."""
+    import os
+    from http.server import BaseHTTPRequestHandler
+
+    from dramatiq.middleware import prometheus as dramatiq_prometheus
+
+    from tasks.settings import Settings
+
+    settings = Settings.from_env()
+    path = dramatiq_prometheus.DB_PATH
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    os.environ["prometheus_multiproc_dir"] = path
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            import prometheus_client as prom
+            from prometheus_client import multiprocess
+
+            registry = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+            output = prom.generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", prom.CONTENT_TYPE_LATEST)
+            self.end_headers()
+            self.wfile.write(output)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug(format, *args)
+
+    port = settings.metrics_port or dramatiq_prometheus.HTTP_PORT
+    httpd = HTTPServer((settings.metrics_host, port), Handler)
+    logger.info("serving the workers' Prometheus metrics on %s:%d", settings.metrics_host, port)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
+
+
+__all__ = ["QUEUE_GAUGES", "QueueStatsCollector", "WorkerMetrics", "serve_queue_metrics", "serve_worker_metrics"]

@@ -1,0 +1,306 @@
+"""Periodic tasks: schedules declared in code, enqueued by ``controlplane clock``.
+
+Declare a schedule next to the actor, in cron syntax (UTC, see :mod:`tasks.cron`)::
+
+    @periodic("*/5 * * * *")                     # above @dramatiq.actor
+    @dramatiq.actor(actor_name="billing.sync", queue_name="billing")
+    def sync() -> None: ...
+
+    schedule("0 3 * * *", reports.send, args=("daily",), name="reports.daily")
+
+and run one or more clocks (``controlplane clock --module yourapp.jobs``; the
+Procfile's ``clock:`` line). Every tick runs **once**, however many clocks run:
+a clock inserts the tick into ``control_plane.schedule_ticks`` (primary key:
+schedule name and tick time) and the job's message in the same transaction,
+``ON CONFLICT DO NOTHING``; the other clocks' inserts wait for that
+transaction and then do nothing, so they enqueue nothing.
+
+Which tick runs: at each look (every minute), a schedule's latest tick at or
+before now, if it is newer than the last one recorded. So a clock that was
+down runs each schedule once for the latest tick it missed, not once per
+missed tick; a schedule never seen before starts with its tick of the current
+minute, if any, or its next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import dramatiq
+import psycopg2
+from dramatiq.message import Message
+
+from models import queries
+from tasks import db
+from tasks.cron import CronSchedule
+
+logger = logging.getLogger(__name__)
+
+A = TypeVar("A", bound="dramatiq.Actor[Any, Any]")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What to send, and when: one named cron schedule of one actor."""
+
+    name: str
+    cron: CronSchedule
+    actor_name: str
+    queue_name: str = "default"
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Message options (priority, unique_key, max_attempts, ...), as for ``send_with_options``.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def message(self, broker: dramatiq.Broker) -> Message[Any]:
+        """A new message for one tick (a new job id every time)."""
+        actor = broker.actors.get(self.actor_name)
+        if actor is not None:
+            message: Message[Any] = actor.message_with_options(args=self.args, kwargs=dict(self.kwargs), **self.options)
+            return message
+        # An actor declared only in the workers' code: addressed by name.
+        return Message(
+            queue_name=self.queue_name,
+            actor_name=self.actor_name,
+            args=self.args,
+            kwargs=dict(self.kwargs),
+            options=dict(self.options),
+        )
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A tick a clock enqueued."""
+
+    schedule_name: str
+    tick_at: datetime
+    job_id: str
+
+
+_registry: dict[str, Schedule] = {}
+_registry_lock = threading.Lock()
+
+
+def schedule(
+    cron: str,
+    actor: dramatiq.Actor[Any, Any] | str,
+    *,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    name: str | None = None,
+    queue_name: str = "default",
+    **options: Any,
+) -> Schedule:
+    """Run ``actor`` with ``args``/``kwargs`` at every tick of ``cron`` (UTC).
+
+    ``actor`` is a Dramatiq actor, or an actor's name (then ``queue_name`` says
+    where its messages go). ``name`` identifies the schedule in
+    ``control_plane.schedule_ticks`` (default: the actor's name); give one when
+    an actor has several schedules. Declaring the same name again replaces the
+    schedule (a module imported twice); ``options`` are message options.
+    Raises :class:`tasks.cron.CronError` for a bad expression.
+    """
+    parsed = CronSchedule.parse(cron)
+    if isinstance(actor, str):
+        actor_name, queue = actor, queue_name
+    else:
+        actor_name, queue = actor.actor_name, actor.queue_name
+    entry = Schedule(
+        name=name or actor_name,
+        cron=parsed,
+        actor_name=actor_name,
+        queue_name=queue,
+        args=tuple(args),
+        kwargs=dict(kwargs or {}),
+        options=dict(options),
+    )
+    with _registry_lock:
+        _registry[entry.name] = entry
+    return entry
+
+
+def periodic(
+    cron: str,
+    *,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    name: str | None = None,
+    **options: Any,
+) -> Callable[[A], A]:
+    """Decorate a Dramatiq actor (put it above ``@dramatiq.actor``) to run it at every tick of ``cron``."""
+
+    def decorate(actor: A) -> A:
+        if not isinstance(actor, dramatiq.Actor):
+            raise TypeError(
+                f"@periodic({cron!r}) decorates a Dramatiq actor: put it above @dramatiq.actor, "
+                f"not below (got {type(actor).__name__})"
+            )
+        schedule(cron, actor, args=args, kwargs=kwargs, name=name, **options)
+        return actor
+
+    return decorate
+
+
+def schedules() -> list[Schedule]:
+    """Every schedule declared in this process, by name."""
+    with _registry_lock:
+        return [_registry[name] for name in sorted(_registry)]
+
+
+def unschedule(name: str) -> None:
+    """Forget a schedule (it stops running once the clocks restart without it)."""
+    with _registry_lock:
+        _registry.pop(name, None)
+
+
+def _minute(when: datetime) -> datetime:
+    return when.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+def utc_now() -> datetime:
+    """The time now, in UTC: the clock's default ``now``."""
+    return datetime.now(UTC)
+
+
+class Clock:
+    """Enqueues the due ticks of some schedules, once each across every clock.
+
+    Parameters:
+      schedules: what to run (default: every schedule declared, at each look).
+      url: the control plane's database (default: the one ``tasks`` uses).
+      broker: where messages go (default: Dramatiq's global broker, ``tasks.broker``).
+      now: the time source (tests inject one); UTC datetimes.
+    """
+
+    def __init__(
+        self,
+        *,
+        schedules: Iterable[Schedule] | None = None,
+        url: str | None = None,
+        broker: dramatiq.Broker | None = None,
+        now: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._schedules = list(schedules) if schedules is not None else None
+        self._url = url
+        self._broker = broker
+        self.now = now
+        self._conn: Any = None
+
+    @property
+    def schedules(self) -> list[Schedule]:
+        return list(self._schedules) if self._schedules is not None else schedules()
+
+    @property
+    def broker(self) -> dramatiq.Broker:
+        return self._broker or dramatiq.get_broker()
+
+    def _connection(self) -> Any:
+        if not db.connection_is_usable(self._conn):
+            self.close()
+            if self._url is None:
+                import tasks
+
+                self._url = tasks.database_url()
+            self._conn = db.connect(self._url, application_name="controlplane-clock")
+        return self._conn
+
+    def close(self) -> None:
+        """Close the clock's connection (it reconnects on its next look)."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def last_ticks(self) -> dict[str, datetime]:
+        """The latest tick recorded for each schedule that has one."""
+        conn = self._connection()
+        with conn, conn.cursor() as cur:
+            cur.execute(queries.SCHEDULE_LAST_TICKS, {"names": [s.name for s in self.schedules]})
+            return {name: tick for name, tick in cur.fetchall()}
+
+    def due(self, now: datetime | None = None) -> list[tuple[Schedule, datetime]]:
+        """The schedules with a tick to enqueue at ``now``, and that tick."""
+        now = now or self.now()
+        last = self.last_ticks()
+        found = []
+        for entry in self.schedules:
+            tick = entry.cron.previous(now)
+            if tick is None:
+                continue
+            previous = last.get(entry.name)
+            if previous is not None and tick <= previous:
+                continue  # already enqueued (by this clock or another)
+            if previous is None and tick < _minute(now):
+                continue  # a new schedule starts at its next tick, not with one long past
+            found.append((entry, tick))
+        return found
+
+    def run_pending(self, now: datetime | None = None) -> list[Tick]:
+        """Enqueue every due tick at ``now`` (default: the clock's ``now()``); returns those this clock won."""
+        won = []
+        for entry, tick in self.due(now):
+            try:
+                job_id = self._enqueue_tick(entry, tick)
+            except Exception as exc:  # one broken schedule must not stop the others
+                logger.error("schedule %s: tick %s not enqueued: %s", entry.name, tick.isoformat(), exc)
+                if not db.connection_is_usable(self._conn):
+                    self.close()
+                continue
+            if job_id is not None:
+                logger.info("schedule %s: tick %s enqueued as job %s", entry.name, tick.isoformat(), job_id)
+                won.append(Tick(entry.name, tick, job_id))
+        return won
+
+    def _enqueue_tick(self, entry: Schedule, tick: datetime) -> str | None:
+        """Claim the tick and send its message in one transaction; None when another clock has it."""
+        from tasks.broker import PostgresBroker, enqueue_in
+
+        broker = self.broker
+        message = entry.message(broker)
+        params = {"name": entry.name, "tick_at": tick, "job_id": message.message_id}
+        conn = self._connection()
+        with conn:  # BEGIN ... COMMIT (ROLLBACK on an exception)
+            with conn.cursor() as cur:
+                cur.execute(queries.CLAIM_TICK, params)
+                if cur.fetchone() is None:
+                    return None  # another clock enqueued this tick (or a newer one)
+            if isinstance(broker, PostgresBroker):
+                with enqueue_in(conn):
+                    sent = broker.enqueue(message)
+            else:
+                # Another broker cannot join this transaction: publish, then commit the
+                # tick. A crash between the two lets another clock send the tick again.
+                sent = broker.enqueue(message)
+            if sent.message_id != message.message_id:
+                # A live job holds the message's unique key: the tick is that job.
+                with conn.cursor() as cur:
+                    cur.execute(queries.SET_TICK_JOB, {**params, "job_id": sent.message_id})
+            return str(sent.message_id)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Look for due ticks at the start of every minute until ``stop`` is set."""
+        names = ", ".join(s.name for s in self.schedules) or "none"
+        logger.info("clock started; schedules: %s", names)
+        failures = 0
+        while not stop.is_set():
+            try:
+                self.run_pending()
+                failures = 0
+            except (psycopg2.Error, OSError) as exc:
+                failures += 1
+                logger.error("clock: cannot read the schedule ticks (%s); trying again", exc)
+                self.close()
+            now = utc_now()
+            wake = _minute(now) + timedelta(minutes=1, milliseconds=50)
+            wait = (wake - now).total_seconds()
+            stop.wait(min(wait, 5.0 * failures) if failures else wait)
+        self.close()
+
+
+__all__ = ["Clock", "Schedule", "Tick", "periodic", "schedule", "schedules", "unschedule", "utc_now"]

@@ -1,0 +1,151 @@
+"""Prometheus metrics scraped over HTTP: queue gauges from SQL, and Dramatiq's own from a worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import tasks
+from tasks import db
+from tasks.metrics import serve_queue_metrics
+from tests import actors
+from tests.support import ROOT, jobs_in, query, running_worker, wait_for
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample at ``url``: {(name, sorted labels): value}."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def try_scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    try:
+        return scrape(url)
+    except (urllib.error.URLError, ConnectionError):
+        return None  # not listening yet
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def add_job(url: str, queue: str, status: str, scheduled: str = "0 seconds") -> None:
+    query(
+        url,
+        "INSERT INTO control_plane.jobs (id, type, queue, status, scheduled_at) "
+        "VALUES (gen_random_uuid(), 'tests.noop', %s, %s, now() + %s::interval)",
+        (queue, status, scheduled),
+    )
+
+
+def test_queue_gauges_are_served_from_sql(db_url: str) -> None:
+    # Given, in queue "default", two ready jobs (the oldest waiting for 90 s), one
+    # scheduled for later and one running; in queue "other", two failed jobs
+    add_job(db_url, "default", "pending", "-90 seconds")
+    add_job(db_url, "default", "pending", "-5 seconds")
+    add_job(db_url, "default", "pending", "1 hour")
+    add_job(db_url, "default", "running")
+    add_job(db_url, "other", "failed")
+    add_job(db_url, "other", "failed")
+    server, _ = serve_queue_metrics(tasks.connection, 0, "127.0.0.1")
+    try:
+        # When the endpoint is scraped over HTTP
+        samples = scrape(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+    # Then depth, lag and failures read from control_plane.queue_stats are there, per queue
+    default, other = (("queue", "default"),), (("queue", "other"),)
+    assert samples[("controlplane_stats_up", ())] == 1
+    assert samples[("controlplane_queue_ready", default)] == 2
+    assert samples[("controlplane_queue_scheduled", default)] == 1
+    assert samples[("controlplane_queue_running", default)] == 1
+    assert samples[("controlplane_queue_failed", default)] == 0
+    assert samples[("controlplane_queue_failed", other)] == 2
+    assert samples[("controlplane_queue_ready", other)] == 0
+    assert samples[("controlplane_queue_completed_last_minute", default)] == 0
+    # (the oldest ready job was scheduled 90 s before it was inserted, so it has waited at least that)
+    assert samples[("controlplane_queue_oldest_ready_age_seconds", default)] >= 90
+    assert samples[("controlplane_queue_oldest_ready_age_seconds", other)] == 0
+    assert samples[("controlplane_workers", ())] == 0
+
+
+def test_an_unreachable_database_is_reported_not_raised() -> None:
+    # Given a collector whose database does not answer
+    pool = db.Pool(lambda: "postgresql://root@127.0.0.1:1/nowhere", 1)
+    server, _ = serve_queue_metrics(pool.connection, 0, "127.0.0.1")
+    try:
+        # When it is scraped
+        samples = scrape(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+    # Then the scrape succeeds and says the stats are down
+    assert samples == {("controlplane_stats_up", ()): 0}
+
+
+def test_controlplane_metrics_serves_the_gauges(db_url: str) -> None:
+    # Given `controlplane metrics --port 0` (any free port) and one ready job
+    add_job(db_url, "default", "pending")
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.cli", "metrics", "--port", "0", "--host", "127.0.0.1"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("serving queue metrics on http://127.0.0.1:"), (line, proc.stderr)
+        # When its endpoint is scraped
+        samples = scrape(line.split(" on ", 1)[1].strip())
+        # Then the queue gauges are there
+        assert samples[("controlplane_queue_ready", (("queue", "default"),))] == 1
+    finally:
+        # And SIGTERM stops it cleanly
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_a_worker_serves_dramatiqs_metrics_on_the_configured_port(db_url: str, tmp_path: Path) -> None:
+    # Given a worker with CONTROLPLANE_METRICS_PORT set (its own multiprocess folder)
+    port = free_port()
+    env = {
+        "CONTROLPLANE_METRICS_PORT": str(port),
+        "CONTROLPLANE_METRICS_HOST": "127.0.0.1",
+        "dramatiq_prom_db": str(tmp_path / "prometheus"),
+    }
+    (tmp_path / "prometheus").mkdir()
+    ids = [actors.noop.send(i).message_id for i in range(3)]
+    with running_worker(db_url, tmp_path, processes=2, threads=2, extra_env=env):
+        wait_for(lambda: jobs_in(db_url, ids, "completed"), what="3 jobs to complete")
+        # When its endpoint is scraped
+        labels = (("actor_name", "tests.noop"), ("queue_name", "default"))
+        samples = wait_for(
+            lambda: (
+                (s := try_scrape(f"http://127.0.0.1:{port}/metrics"))
+                and s.get(("dramatiq_messages_total", labels)) == 3
+                and s
+            ),
+            what="dramatiq_messages_total to count 3 messages",
+        )
+    # Then Dramatiq's counters, summed over the worker processes, say what ran
+    assert samples[("dramatiq_message_duration_milliseconds_count", labels)] == 3
+    assert samples[("dramatiq_messages_inprogress", labels)] == 0
+    assert ("dramatiq_message_errors_total", labels) not in samples  # no error ever counted

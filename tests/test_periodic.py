@@ -1,0 +1,288 @@
+"""Periodic tasks: the clock enqueues each tick once, however many clocks run; retention runs daily."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+
+import tasks
+from tasks import maintenance
+from tasks.cron import CronSchedule
+from tasks.errors import ConfigurationError
+from tasks.periodic import Clock, Schedule, periodic, schedule, schedules, unschedule
+from tasks.settings import Settings
+from tests import actors
+from tests.support import ROOT, query, running_worker, wait_for
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def every(cron: str, name: str, *args: Any) -> Schedule:
+    return Schedule(name=name, cron=CronSchedule.parse(cron), actor_name="tests.noop", args=args)
+
+
+def ticks(url: str, name: str) -> list[dict[str, Any]]:
+    return query(
+        url,
+        "SELECT t.tick_at, t.job_id::text, j.status, j.payload FROM control_plane.schedule_ticks t "
+        "LEFT JOIN control_plane.jobs j ON j.id = t.job_id WHERE t.schedule_name = %s ORDER BY t.tick_at",
+        (name,),
+    )
+
+
+def noop_jobs(url: str) -> list[dict[str, Any]]:
+    return query(url, "SELECT id::text, payload FROM control_plane.jobs WHERE type = 'tests.noop'")
+
+
+def test_two_clocks_in_threads_enqueue_each_tick_once(db_url: str) -> None:
+    # Given a schedule every five minutes and two clocks, each with its own connection
+    entry = every("*/5 * * * *", "tests.every5", "five")
+    clocks = [Clock(schedules=[entry], url=db_url, broker=tasks.broker) for _ in range(2)]
+    won: list[list[Any]] = [[], []]
+    start = threading.Barrier(2)
+
+    def run(i: int, now: datetime) -> None:
+        start.wait()  # both look at the same moment
+        won[i].extend(clocks[i].run_pending(now))
+
+    # When both look at every minute from 10:00 to 10:30 (the injected clock), at the same time
+    minute = at("2026-03-02 10:00")
+    while minute <= at("2026-03-02 10:30"):
+        threads = [threading.Thread(target=run, args=(i, minute + timedelta(seconds=1))) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        minute += timedelta(minutes=1)
+    for clock in clocks:
+        clock.close()
+    # Then each of the seven ticks was enqueued exactly once, as one pending job
+    rows = ticks(db_url, "tests.every5")
+    assert [r["tick_at"] for r in rows] == [at("2026-03-02 10:00") + timedelta(minutes=5 * i) for i in range(7)]
+    assert all(r["status"] == "pending" and r["payload"] == {"args": ["five"], "kwargs": {}} for r in rows)
+    assert sorted(r["id"] for r in noop_jobs(db_url)) == sorted(r["job_id"] for r in rows)
+    # And the clocks split the ticks between them: what one won, the other did not
+    assert len(won[0]) + len(won[1]) == 7
+    assert {t.job_id for t in won[0]}.isdisjoint({t.job_id for t in won[1]})
+
+
+def test_two_clock_processes_enqueue_each_tick_once(db_url: str) -> None:
+    # Given two `controlplane clock --once` processes started together, with an every-minute schedule
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "tasks.cli", "clock", "--once", "--json", "--module", "tests.periodic_schedules"]
+    procs = [
+        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    # When both have run
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    # Then every tick recorded (one, or two if they straddled a minute) has exactly one job,
+    # enqueued by exactly one of the two processes
+    won = [t for out, _ in outputs for t in json.loads(out) if t["schedule"] == "tests.every_minute"]
+    rows = ticks(db_url, "tests.every_minute")
+    assert rows and len(won) == len(rows)
+    assert sorted(t["job_id"] for t in won) == sorted(r["job_id"] for r in rows)
+    assert sorted(j["id"] for j in noop_jobs(db_url)) == sorted(r["job_id"] for r in rows)
+
+
+def test_a_clock_that_was_down_runs_the_latest_missed_tick_once(db_url: str) -> None:
+    # Given an every-five-minutes schedule whose 10:00 tick ran
+    entry = every("*/5 * * * *", "tests.catch_up")
+    clock = Clock(schedules=[entry], url=db_url, broker=tasks.broker)
+    assert len(clock.run_pending(at("2026-03-02 10:00:02"))) == 1
+    # When the clock comes back at 10:17, having missed 10:05, 10:10 and 10:15
+    caught_up = clock.run_pending(at("2026-03-02 10:17:30"))
+    # Then only the latest missed tick runs, once
+    assert [t.tick_at for t in caught_up] == [at("2026-03-02 10:15")]
+    assert clock.run_pending(at("2026-03-02 10:18:00")) == []
+    # And the next tick runs on time
+    assert [t.tick_at for t in clock.run_pending(at("2026-03-02 10:20:00.5"))] == [at("2026-03-02 10:20")]
+    clock.close()
+    assert len(noop_jobs(db_url)) == 3
+
+
+def test_a_new_schedule_starts_at_its_next_tick_not_a_past_one(db_url: str) -> None:
+    # Given a daily 03:00 schedule first seen by a clock at 10:00
+    clock = Clock(schedules=[every("0 3 * * *", "tests.daily")], url=db_url, broker=tasks.broker)
+    # When the clock looks at 10:00, then the next day at 03:00
+    first = clock.run_pending(at("2026-03-02 10:00:00"))
+    second = clock.run_pending(at("2026-03-03 03:00:01"))
+    clock.close()
+    # Then the tick long past did not run; the next day's did
+    assert first == []
+    assert [t.tick_at for t in second] == [at("2026-03-03 03:00")]
+
+
+def test_a_tick_whose_message_cannot_be_sent_is_not_recorded(db_url: str) -> None:
+    # Given one schedule whose arguments JSON cannot encode, and a good one
+    bad = every("* * * * *", "tests.bad", object())
+    good = every("* * * * *", "tests.good")
+    clock = Clock(schedules=[bad, good], url=db_url, broker=tasks.broker)
+    # When the clock looks
+    won = clock.run_pending(at("2026-03-02 10:00:00"))
+    clock.close()
+    # Then the good tick ran, and the bad one left no tick row (its transaction rolled back)
+    assert [t.schedule_name for t in won] == ["tests.good"]
+    assert ticks(db_url, "tests.bad") == []
+    assert len(ticks(db_url, "tests.good")) == 1
+
+
+def test_a_tick_of_a_unique_job_records_the_live_job(db_url: str) -> None:
+    # Given a schedule with a unique key, and a live job already holding that key
+    holder = actors.noop.send_with_options(args=("held",), unique_key="tests.unique_tick")
+    entry = dataclasses.replace(every("* * * * *", "tests.unique"), options={"unique_key": "tests.unique_tick"})
+    clock = Clock(schedules=[entry], url=db_url, broker=tasks.broker)
+    # When a tick comes
+    won = clock.run_pending(at("2026-03-02 10:00:00"))
+    clock.close()
+    # Then no second job exists, and the tick points at the live one
+    assert [t.job_id for t in won] == [holder.message_id]
+    assert [r["job_id"] for r in ticks(db_url, "tests.unique")] == [holder.message_id]
+    assert len(noop_jobs(db_url)) == 1
+
+
+def test_periodic_decorates_actors_and_refuses_plain_functions() -> None:
+    # Given an actor decorated with @periodic
+    @periodic("*/10 * * * *", args=(1,), name="tests.decorated", priority=5)
+    @dramatiq.actor(actor_name="tests.decorated_actor", queue_name="default")
+    def decorated(n: int) -> None: ...
+
+    try:
+        # Then its schedule is declared with the actor, its queue, arguments and options
+        (found,) = [s for s in schedules() if s.name == "tests.decorated"]
+        assert (found.actor_name, found.queue_name, found.args, found.options) == (
+            "tests.decorated_actor",
+            "default",
+            (1,),
+            {"priority": 5},
+        )
+        assert found.cron.minutes == frozenset(range(0, 60, 10))
+    finally:
+        unschedule("tests.decorated")
+        tasks.broker.actors.pop("tests.decorated_actor", None)
+    # And @periodic below @dramatiq.actor (on a plain function) is refused with a clear error
+    with pytest.raises(TypeError, match=r"above @dramatiq\.actor"):
+        periodic("* * * * *")(lambda: None)  # type: ignore[type-var]
+    # And a bad cron expression is refused when declared
+    with pytest.raises(ValueError, match="minute: 61 is out of range"):
+        schedule("61 * * * *", "tests.noop")
+
+
+def test_the_new_settings_are_validated() -> None:
+    # Given the defaults
+    defaults = Settings.from_env({})
+    # Then the Postgres broker, 7 and 30 days of retention, a daily prune at 03:00 and no metrics port
+    assert (defaults.broker_url, defaults.retention_completed, defaults.retention_failed) == (None, "7 days", "30 days")
+    assert (defaults.prune_schedule, defaults.metrics_port) == ("0 3 * * *", None)
+    # And values are read, "off" disables the prune
+    custom = Settings.from_env(
+        {
+            "BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/%2F",
+            "CONTROLPLANE_PRUNE_SCHEDULE": "off",
+            "CONTROLPLANE_METRICS_PORT": "9191",
+            "CONTROLPLANE_RETENTION_FAILED": "90 days",
+        }
+    )
+    assert (custom.broker_url, custom.prune_schedule, custom.metrics_port) == (
+        "amqp://guest:guest@127.0.0.1:5672/%2F",
+        None,
+        9191,
+    )
+    assert custom.retention_failed == "90 days"
+    # And a bad value is refused, naming the setting
+    for name, value, fragment in [
+        ("BROKER_URL", "redis://localhost", "BROKER_URL must be an amqp:// URL"),
+        ("CONTROLPLANE_PRUNE_SCHEDULE", "0 25 * * *", "CONTROLPLANE_PRUNE_SCHEDULE: hour: 25 is out of range"),
+        ("CONTROLPLANE_METRICS_PORT", "70000", "CONTROLPLANE_METRICS_PORT must be a TCP port"),
+        ("CONTROLPLANE_RETENTION_COMPLETED", "forever", "CONTROLPLANE_RETENTION_COMPLETED must be a PostgreSQL"),
+    ]:
+        with pytest.raises(ConfigurationError, match=fragment):
+            Settings.from_env({name: value})
+
+
+# -- retention ------------------------------------------------------------------------
+
+
+def insert_finished(url: str, label: str, status: str, age: str) -> None:
+    query(
+        url,
+        "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
+        "VALUES (gen_random_uuid(), %s, 'default', %s, now() - %s::interval)",
+        (label, status, age),
+    )
+
+
+def test_prune_is_a_daily_periodic_task() -> None:
+    # Given the built-in maintenance module (loaded by every clock)
+    # Then controlplane.prune runs every day at 03:00 UTC on the controlplane queue
+    (found,) = [s for s in schedules() if s.name == "controlplane.prune"]
+    assert (found.cron.expression, found.actor_name, found.queue_name) == (
+        "0 3 * * *",
+        "controlplane.prune",
+        "controlplane",
+    )
+
+
+def test_prune_applies_the_retention_settings(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given retention of 2 days for completed jobs and 5 for failed ones
+    monkeypatch.setattr(
+        tasks, "settings", dataclasses.replace(tasks.settings, retention_completed="2 days", retention_failed="5 days")
+    )
+    for label, status, age in [
+        ("completed 3 days ago", "completed", "3 days"),
+        ("completed 1 day ago", "completed", "1 day"),
+        ("failed 3 days ago", "failed", "3 days"),
+        ("failed 6 days ago", "failed", "6 days"),
+    ]:
+        insert_finished(db_url, label, status, age)
+    # And old schedule ticks, the latest of which must stay, and expired rate-limit counters
+    query(
+        db_url,
+        "INSERT INTO control_plane.schedule_ticks (schedule_name, tick_at) VALUES "
+        "('s', now() - interval '9 days'), ('s', now() - interval '8 days')",
+    )
+    query(db_url, "INSERT INTO control_plane.rate_limits VALUES ('gone', 1, now() - interval '1 second')")
+    # When the prune actor runs
+    counts = maintenance.prune()
+    # Then what the settings call old is gone, and nothing else
+    assert counts == {"jobs_and_results": 2, "schedule_ticks": 1, "rate_limits": 1}
+    kept = {r["type"] for r in query(db_url, "SELECT type FROM control_plane.jobs")}
+    assert kept == {"completed 1 day ago", "failed 3 days ago"}
+    assert len(query(db_url, "SELECT 1 FROM control_plane.schedule_ticks")) == 1
+
+
+def test_the_clock_sends_prune_and_a_worker_runs_it(db_url: str, tmp_path: Path) -> None:
+    # Given a completed job 8 days old and one a day old (default retention: 7 days)
+    insert_finished(db_url, "old", "completed", "8 days")
+    insert_finished(db_url, "recent", "completed", "1 day")
+    (prune_schedule,) = [s for s in schedules() if s.name == "controlplane.prune"]
+    clock = Clock(schedules=[prune_schedule], url=db_url, broker=tasks.broker)
+    with running_worker(db_url, tmp_path, module="tasks.maintenance"):
+        # When the clock reaches 03:00 UTC
+        (tick,) = clock.run_pending(at("2026-03-03 03:00:00.2"))
+        clock.close()
+        # Then a worker of the controlplane queue runs the prune job
+        wait_for(
+            lambda: (
+                query(db_url, "SELECT status FROM control_plane.jobs WHERE id = %s", (tick.job_id,))[0]["status"]
+                == "completed"
+            ),
+            what="the prune job to complete",
+        )
+    # And the old job is gone, the recent one kept
+    assert {r["type"] for r in query(db_url, "SELECT type FROM control_plane.jobs")} == {"recent", "controlplane.prune"}
+    result = query(db_url, "SELECT result FROM control_plane.jobs WHERE id = %s", (tick.job_id,))[0]["result"]
+    assert result["jobs_and_results"] == 1

@@ -1,0 +1,154 @@
+"""BROKER_URL=amqp://...: Dramatiq's RabbitMQ broker carries the messages, control_plane.jobs still mirrors them.
+
+Runs against the RabbitMQ server at 127.0.0.1:5672 (``TEST_RABBITMQ_URL`` to
+change it) with real ``dramatiq`` worker processes and real ``controlplane
+send`` processes; skipped when no RabbitMQ answers there. Each run uses a
+queue of its own, deleted at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import ROOT, WorkerProcess, job, query, wait_for
+
+pika = pytest.importorskip("pika", reason="pika is not installed (pip install 'dramatiq[rabbitmq]')")
+
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+def _rabbitmq() -> Any:
+    params = pika.URLParameters(RABBITMQ_URL)
+    params.socket_timeout = 3
+    params.connection_attempts = 1
+    return pika.BlockingConnection(params)
+
+
+@pytest.fixture(scope="module")
+def rabbit_queue() -> Iterator[str]:
+    """A queue name of this run; its queues (with delay and dead-letter ones) are deleted afterwards."""
+    try:
+        _rabbitmq().close()
+    except Exception as exc:
+        pytest.skip(f"no RabbitMQ answers at {RABBITMQ_URL.split('@')[-1]}: {type(exc).__name__} {exc}")
+    name = f"cp_test_{uuid.uuid4().hex[:10]}"
+    yield name
+    conn = _rabbitmq()
+    try:
+        channel = conn.channel()
+        for queue in (name, f"{name}.DQ", f"{name}.XQ"):
+            channel.queue_delete(queue)
+    finally:
+        conn.close()
+
+
+def rabbit_env(db_url: str, queue: str) -> dict[str, str]:
+    return {"BROKER_URL": RABBITMQ_URL, "DATABASE_URL": db_url, "CONTROLPLANE_TEST_QUEUE": queue}
+
+
+def send_all(db_url: str, queue: str, *sends: tuple[str, str]) -> list[str]:
+    """Run ``controlplane send ACTOR --args ARGS`` with BROKER_URL set, one process per send, all at once;
+    returns the job ids they printed."""
+    env = {**os.environ, **rabbit_env(db_url, queue), "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", "send", actor, "--module", "tests.rabbit_actors", "--args", args],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for actor, args in sends
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), outputs
+    return [out.strip() for out, _ in outputs]
+
+
+def rabbit_worker(db_url: str, queue: str, tmp_path: Path) -> WorkerProcess:
+    # No wait_ready: RabbitMQ workers do not heartbeat in control_plane.worker_heartbeats.
+    return WorkerProcess(
+        db_url,
+        module="tests.rabbit_actors",
+        extra_env=rabbit_env(db_url, queue),
+        log_path=tmp_path / f"rabbit-worker-{uuid.uuid4().hex[:6]}.log",
+    )
+
+
+def open_gate(url: str, name: str) -> None:
+    query(url, "INSERT INTO test_support.gates (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
+
+
+def status_is(url: str, job_id: str, status: str) -> dict[str, Any] | None:
+    row = job(url, job_id)
+    return row if row["status"] == status else None
+
+
+def test_lifecycle_retries_and_failure_are_mirrored(db_url: str, rabbit_queue: str, tmp_path: Path) -> None:
+    # Given, sent through RabbitMQ before any worker runs: a job that runs until a gate opens,
+    # one that fails until another gate opens, and one that always fails (2 attempts)
+    gated, retried, failing = send_all(
+        db_url,
+        rabbit_queue,
+        ("tests.rabbit.wait_for_gate", '["rabbit"]'),
+        ("tests.rabbit.fails_until_gate", '["retry"]'),
+        ("tests.rabbit.always_fails", '["hopeless"]'),
+    )
+    # Then the mirror has them pending, with payload, queue and max_attempts
+    pending = job(db_url, gated)
+    assert (pending["status"], pending["type"], pending["queue"]) == (
+        "pending",
+        "tests.rabbit.wait_for_gate",
+        rabbit_queue,
+    )
+    assert (pending["payload"], pending["max_attempts"], pending["attempts"]) == (
+        {"args": ["rabbit"], "kwargs": {}},
+        3,
+        0,
+    )
+    assert job(db_url, failing)["status"] == "pending"
+    worker = rabbit_worker(db_url, rabbit_queue, tmp_path)
+    try:
+        # When a worker takes them
+        # Then the first is running, with its first attempt, a start time and its worker
+        running = wait_for(lambda: status_is(db_url, gated, "running"), what=f"the job to run: {worker.log()}")
+        assert running["attempts"] == 1 and running["started_at"] is not None and running["worker"]
+        # And the second waits for its retry: pending, its error recorded, scheduled after its attempt
+        waiting = wait_for(
+            lambda: (row := job(db_url, retried))["status"] == "pending" and row["attempts"] >= 1 and row,
+            what="the first retry to be scheduled",
+        )
+        assert waiting["last_error"] == "ConnectionError: gate retry is closed"
+        assert waiting["errors"][0]["error"] == "ConnectionError: gate retry is closed"
+        assert waiting["errors"][0]["attempt"] == 1
+        assert waiting["scheduled_at"] > waiting["started_at"]
+        # And the third fails for good after its 2 attempts, each error kept
+        failed = wait_for(lambda: status_is(db_url, failing, "failed"), what="the final failure")
+        assert failed["attempts"] == 2 and failed["completed_at"] is not None
+        assert [e["error"] for e in failed["errors"]] == ["RuntimeError: failed on purpose: hopeless"] * 2
+        assert failed["last_error"] == "RuntimeError: failed on purpose: hopeless"
+        # When the gates open
+        open_gate(db_url, "rabbit")
+        open_gate(db_url, "retry")
+        # Then the first completes with its result, and the second on a later attempt
+        done = wait_for(lambda: status_is(db_url, gated, "completed"), what="completion")
+        through = wait_for(lambda: status_is(db_url, retried, "completed"), what="the retried job to complete")
+    finally:
+        worker.terminate()
+    assert done["result"] == "rabbit" and done["completed_at"] >= done["started_at"]
+    assert done["errors"] == [] and done["last_error"] is None
+    assert through["result"] == "through" and through["attempts"] >= 2
+    assert len(through["errors"]) == through["attempts"] - 1  # every failed attempt, none for the last
+    attempts = query(db_url, "SELECT count(*) AS n FROM test_support.effects WHERE value = 'retry'")[0]["n"]
+    assert attempts == through["attempts"]
+    # And the Postgres broker's queue table was never used
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0

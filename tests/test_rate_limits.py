@@ -1,0 +1,182 @@
+"""Dramatiq's rate limiters and group barriers on control_plane.rate_limits (no Redis)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from dramatiq import group
+from dramatiq.rate_limits import Barrier, ConcurrentRateLimiter, WindowRateLimiter
+from freezegun import freeze_time
+
+import tasks
+from tasks.rate_limits import PostgresRateLimiterBackend
+from tests import actors
+from tests.support import jobs_in, query, running_worker, wait_for
+
+
+def backend() -> PostgresRateLimiterBackend:
+    return tasks.rate_limiter_backend
+
+
+def test_add_sets_a_key_once_until_it_expires(db_url: str) -> None:
+    # Given a key added with a long TTL, and one with a 1 ms TTL
+    assert backend().add("long", 3, ttl=60_000)
+    assert backend().add("short", 3, ttl=1)
+    # When each is added again
+    # Then the live key refuses, and the expired one is set anew (expired counts as absent)
+    assert not backend().add("long", 5, ttl=60_000)
+    wait_for(lambda: backend().add("short", 5, ttl=60_000), what="the 1 ms key to expire")
+    values = {r["key"]: r["value"] for r in query(db_url, "SELECT key, value FROM control_plane.rate_limits")}
+    assert values == {"long": 3, "short": 5}
+
+
+def test_incr_and_decr_stay_within_their_bounds(db_url: str) -> None:
+    # Given a missing key (it counts as 0)
+    b = backend()
+    # When it is incremented up to a maximum of 2
+    assert [b.incr("k", 1, maximum=2, ttl=60_000) for _ in range(3)] == [True, True, False]
+    # And decremented down to a minimum of 0
+    assert [b.decr("k", 1, minimum=0, ttl=60_000) for _ in range(3)] == [True, True, False]
+    # Then it ends at 0, and a missing key cannot go below 0 either
+    assert query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = 'k'")[0]["value"] == 0
+    assert not b.decr("missing", 1, minimum=0, ttl=60_000)
+    # And an amount larger than the maximum never applies
+    assert not b.incr("big", 5, maximum=4, ttl=60_000)
+
+
+def test_a_concurrent_limiter_holds_its_limit_across_threads(db_url: str) -> None:
+    # Given a limiter of 2 and 6 threads that each want it 5 times
+    limiter = ConcurrentRateLimiter(backend(), "threads", limit=2, ttl=60_000)
+    lock = threading.Lock()
+    holding, peak, done = [0], [0], [0]
+
+    def work() -> None:
+        got = 0
+        while got < 5:
+            with limiter.acquire(raise_on_failure=False) as acquired:
+                if not acquired:
+                    continue
+                with lock:
+                    holding[0] += 1
+                    peak[0] = max(peak[0], holding[0])
+                with lock:
+                    holding[0] -= 1
+                got += 1
+        with lock:
+            done[0] += got
+
+    # When they all run at once
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then never more than 2 held it at a time, everyone got their turns, and the count is back to 0
+    assert done[0] == 30
+    assert 1 <= peak[0] <= 2
+    assert query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = 'threads'")[0]["value"] == 0
+
+
+def test_a_window_limiter_allows_limit_per_window(db_url: str) -> None:
+    # Given a window limiter of 3 per minute, at a fixed moment
+    limiter = WindowRateLimiter(backend(), "window", limit=3, window=60)
+
+    def attempt() -> bool:
+        with limiter.acquire(raise_on_failure=False) as acquired:
+            return bool(acquired)
+
+    with freeze_time(datetime(2026, 3, 2, 10, 0, 0)) as frozen:
+        # When 5 attempts are made within the window, from 5 threads at once
+        results: list[bool] = []
+        threads = [threading.Thread(target=lambda: results.append(attempt())) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # Then exactly 3 pass
+        assert sorted(results) == [False, False, True, True, True]
+        # And 30 s later the window is still full
+        frozen.tick(30)
+        assert not attempt()
+        # And once the first second has left the window, there is room again
+        frozen.tick(31)
+        assert attempt()
+
+
+def test_a_barrier_releases_a_blocked_party_when_the_last_arrives(db_url: str) -> None:
+    # Given a barrier for 2 parties, and a first party blocked on it in a thread
+    barrier = Barrier(backend(), "barrier-1", ttl=60_000)
+    assert barrier.create(parties=2)
+    assert not barrier.create(parties=2)  # created once
+    released: list[bool] = []
+    first = threading.Thread(target=lambda: released.append(barrier.wait(block=True, timeout=30_000)))
+    first.start()
+    wait_for(
+        lambda: query(
+            db_url,
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = 'controlplane-barrier' "
+            "AND state = 'idle' AND query LIKE '%value > 0%'",
+        ),
+        what="the first party to listen",
+    )
+    # When the second party arrives
+    assert barrier.wait(block=False)
+    first.join()
+    # Then the first party is released (by NOTIFY), and a late waiter passes at once
+    assert released == [True]
+    assert barrier.wait(block=True, timeout=1000)
+
+
+def test_a_blocked_wait_times_out_without_an_event(db_url: str) -> None:
+    # Given a barrier for 3 parties of which one arrives
+    barrier = Barrier(backend(), "barrier-2", ttl=60_000)
+    barrier.create(parties=3)
+    # When it waits with a timeout
+    # Then it returns False: not everyone came
+    assert barrier.wait(block=True, timeout=1000) is False
+
+
+def effects(url: str, kind: str) -> list[dict[str, Any]]:
+    return query(url, "SELECT * FROM test_support.effects WHERE kind = %s ORDER BY at", (kind,))
+
+
+def test_a_concurrency_limit_of_one_holds_across_two_worker_processes(db_url: str, tmp_path: Path) -> None:
+    # Given 6 jobs that each hold a ConcurrentRateLimiter(limit=1) for a while
+    ids = [actors.limited.send(0.2).message_id for _ in range(6)]
+    # When 2 worker processes with 2 threads each run them
+    with running_worker(db_url, tmp_path, processes=2, threads=2):
+        wait_for(lambda: jobs_in(db_url, ids, "completed"), timeout=90, what="6 limited jobs to complete")
+    # Then every job ran once
+    started, finished = effects(db_url, "started"), effects(db_url, "finished")
+    assert sorted(str(r["message_id"]) for r in started) == sorted(ids)
+    assert sorted(str(r["message_id"]) for r in finished) == sorted(ids)
+    # And no two runs overlapped: each started after the previous one finished (one database clock)
+    end = {str(r["message_id"]): r["at"] for r in finished}
+    runs = sorted((r["at"], end[str(r["message_id"])]) for r in started)
+    for (_, previous_end), (next_start, _) in pairwise(runs):
+        assert next_start >= previous_end, runs
+    # And the mutex is free again
+    assert query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = 'tests.limited'")[0]["value"] == 0
+
+
+def test_a_group_completion_callback_fires_once(db_url: str, tmp_path: Path) -> None:
+    # Given a group of 4 jobs with a completion callback (its barrier in control_plane.rate_limits)
+    members = group([actors.noop.message(i) for i in range(4)])
+    members.add_completion_callback(actors.group_done.message("all four"))
+    members.run()
+    member_ids = [m.message_id for m in members.children]
+    # When workers in 2 processes run the group
+    with running_worker(db_url, tmp_path, processes=2, threads=4):
+        wait_for(lambda: effects(db_url, "group_done"), what="the completion callback")
+        wait_for(lambda: jobs_in(db_url, member_ids, "completed"), what="the members to complete")
+        callbacks = query(db_url, "SELECT id::text, status FROM control_plane.jobs WHERE type = 'tests.group_done'")
+        wait_for(lambda: jobs_in(db_url, [c["id"] for c in callbacks], "completed"), what="the callback job")
+    # Then the callback ran once, after all 4 members, as one job
+    assert len(callbacks) == 1
+    done = effects(db_url, "group_done")
+    assert [r["value"] for r in done] == ["all four"]
+    assert all(r["at"] <= done[0]["at"] for r in effects(db_url, "noop"))
