@@ -186,6 +186,13 @@ def test_unknown_actor_and_malformed_rows_fail_clearly_and_the_worker_goes_on(
         "INSERT INTO control_plane.messages (id, queue, actor, body) VALUES (%s, 'default', '?', %s)",
         (garbage_id, psycopg2.Binary(b"\xff\x00not json")),
     )
+    # and a huge one: 2 MB of JSON that is not a message
+    huge_id = str(uuid.uuid4())
+    query(
+        db_url,
+        "INSERT INTO control_plane.messages (id, queue, actor, body) VALUES (%s, 'default', '?', %s)",
+        (huge_id, psycopg2.Binary(b'{"x": "' + b"y" * 2_000_000 + b'"}')),
+    )
     with running_worker(db_url, tmp_path) as worker:
         ghost_row = wait_for(
             lambda: job(db_url, ghost.message_id)["status"] == "failed" and job(db_url, ghost.message_id),
@@ -195,12 +202,18 @@ def test_unknown_actor_and_malformed_rows_fail_clearly_and_the_worker_goes_on(
             lambda: query(db_url, "SELECT * FROM control_plane.jobs WHERE id = %s", (garbage_id,)),
             what="the garbage row to be recorded",
         )[0]
+        huge_row = wait_for(
+            lambda: query(db_url, "SELECT * FROM control_plane.jobs WHERE id = %s", (huge_id,)),
+            what="the huge row to be recorded",
+        )[0]
         # Then the worker is still alive and still works
         ok = actors.noop.send("still alive")
         wait_for(lambda: job(db_url, ok.message_id)["status"] == "completed", what="a later job")
         assert worker.proc.poll() is None
     assert ghost_row["last_error"].startswith("ActorNotFound: unknown actor 'tests.no_such_actor'")
     assert garbage_row["status"] == "failed"
+    assert huge_row["status"] == "failed"
+    assert huge_row["last_error"].startswith("malformed message: its body could not be decoded")
     assert garbage_row["last_error"].startswith("malformed message: its body could not be decoded")
     assert disagreements(db_url) == []
 
