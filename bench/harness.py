@@ -57,6 +57,7 @@ from typing import Any
 
 import psycopg2
 
+from bench import procfs
 from bench.systems import (
     DEFAULT_SYSTEMS,
     QUICK_SYSTEMS,
@@ -136,33 +137,6 @@ class Config:
 # -- processes ---------------------------------------------------------------
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces or parentheses: split after the last ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 class WorkerGroup:
     """Worker processes of one system, each command in its own process group."""
 
@@ -190,7 +164,7 @@ class WorkerGroup:
 
     def pids(self) -> list[int]:
         """Every process of the group (the commands and their descendants)."""
-        tree = _children()
+        tree = procfs.children()
         found: list[int] = []
         stack = [p.pid for p in self.procs if p.poll() is None]
         while stack:
@@ -201,7 +175,7 @@ class WorkerGroup:
 
     def rss_mb(self) -> float:
         """Resident memory of every worker process, summed, in MB."""
-        return sum(_rss_kb(pid) for pid in self.pids()) / 1024
+        return sum(procfs.rss_kb(pid) for pid in self.pids()) / 1024
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM every process group, wait up to ``grace`` s, then SIGKILL what is left."""

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import procfs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Short leases and backoffs, so that a dead worker's jobs are back within seconds.
@@ -29,34 +31,6 @@ WORKER_ENV = {
     "dramatiq_restart_delay": "500",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces or parentheses: split after the last ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def rss_kb(pid: int) -> int:
-    """Resident memory of one process, in kB (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 class SoakWorker:
@@ -111,7 +85,7 @@ class SoakWorker:
         if not self.alive():
             return []
         assert self.proc is not None
-        tree = _children()
+        tree = procfs.children()
         found: list[int] = []
         stack = [self.proc.pid]
         while stack:
@@ -178,7 +152,7 @@ class MemorySampler:
         total = 0
         for worker in workers:
             for pid in worker.pids():
-                kb = rss_kb(pid)
+                kb = procfs.rss_kb(pid)
                 total += kb
                 self.peak_process_kb = max(self.peak_process_kb, kb)
         self.peak_total_kb = max(self.peak_total_kb, total)
