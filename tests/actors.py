@@ -6,7 +6,6 @@ test can check from SQL what ran, how often, and in which process.
 
 from __future__ import annotations
 
-import os
 import time
 
 import dramatiq
@@ -15,21 +14,7 @@ from dramatiq.rate_limits import ConcurrentRateLimiter
 
 import tasks
 from tasks.errors import PermanentError
-
-
-def record(kind: str, value: str = "") -> None:
-    message = CurrentMessage.get_current_message()
-    with tasks.connection() as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO test_support.effects (message_id, kind, value, pid) VALUES (%s, %s, %s, %s)",
-            (message.message_id if message else None, kind, value, os.getpid()),
-        )
-
-
-def gate_open(name: str) -> bool:
-    with tasks.connection() as conn, conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM test_support.gates WHERE name = %s", (name,))
-        return cur.fetchone() is not None
+from tests.effects import gate_open, record
 
 
 @dramatiq.actor(actor_name="tests.noop", store_results=True)

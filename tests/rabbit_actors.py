@@ -11,26 +11,10 @@ import os
 import time
 
 import dramatiq
-from dramatiq.middleware import CurrentMessage
 
-import tasks
+from tests.effects import gate_open, record
 
 QUEUE = os.environ.get("CONTROLPLANE_TEST_QUEUE", "controlplane_test")
-
-
-def record(kind: str, value: str = "") -> None:
-    message = CurrentMessage.get_current_message()
-    with tasks.connection() as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO test_support.effects (message_id, kind, value, pid) VALUES (%s, %s, %s, %s)",
-            (message.message_id if message else None, kind, value, os.getpid()),
-        )
-
-
-def gate_open(name: str) -> bool:
-    with tasks.connection() as conn, conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM test_support.gates WHERE name = %s", (name,))
-        return cur.fetchone() is not None
 
 
 @dramatiq.actor(actor_name="tests.rabbit.wait_for_gate", queue_name=QUEUE, max_attempts=3)
