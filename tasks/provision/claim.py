@@ -10,7 +10,7 @@ from models import project_queries as q
 from tasks.errors import Conflict
 from tasks.provision import secrets
 from tasks.provision.payload import ProvisionPayload, payload_hash
-from tasks.provision.state import ProjectState, load
+from tasks.provision.state import ProjectState, from_row, load
 from tasks.settings import Settings
 
 
@@ -36,9 +36,7 @@ def claim(conn: Any, payload: ProvisionPayload, job_id: str, settings: Settings)
                 raise Conflict(
                     f"project {payload.project_id!r} needs an operator: an earlier cleanup failed ({row[9]})"
                 )
-            state = load(conn, payload.project_id)
-            assert state is not None
-            return state, False
+            return from_row(row), False
         cur.execute(
             q.INSERT_PROJECT,
             {

@@ -31,8 +31,11 @@ def load(conn: Any, project_id: str) -> ProjectState | None:
     with conn.cursor() as cur:
         cur.execute(q.GET_PROJECT, {"project_id": project_id})
         row = cur.fetchone()
-    if row is None:
-        return None
+    return from_row(row) if row is not None else None
+
+
+def from_row(row: tuple[Any, ...]) -> ProjectState:
+    """The state from a row of ``GET_PROJECT``."""
     _, _, payload, _, status, steps, nonce, job_id, *_ = row
     return ProjectState(
         payload=validate(payload),
