@@ -82,8 +82,43 @@ SELECT (SELECT count(pg_notify('control_plane_messages', q.queue))
         WHERE m.keyed AND m.id NOT IN (SELECT id FROM keyed_job)) AS duplicates
 """
 
+#: ENQUEUE for a batch in which no message has a unique key (most sends): the
+#: same rows and the same upserts, without the duplicate lookups. Returns one
+#: row, the count of queues woken.
+ENQUEUE_PLAIN = """
+WITH m AS (
+    SELECT t.id, t.queue, t.actor, t.priority,
+           coalesce(now() + make_interval(secs => t.delay_ms / 1000.0), t.eta, now()) AS eta, t.body,
+           t.max_attempts, convert_from(t.body, 'UTF8')::jsonb AS doc
+    FROM unnest(%(ids)s::uuid[], %(queues)s::text[], %(actors)s::text[], %(priorities)s::int[],
+                %(etas)s::timestamptz[], %(delays)s::bigint[], %(bodies)s::bytea[], %(max_attempts)s::int[])
+         AS t(id, queue, actor, priority, eta, delay_ms, body, max_attempts)
+), job AS (
+    INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts, scheduled_at)
+    SELECT id, actor, queue,
+           jsonb_build_object('args', doc -> 'args', 'kwargs', doc -> 'kwargs'),
+           coalesce(doc -> 'options', '{}'::jsonb), priority, max_attempts, eta
+    FROM m
+    ON CONFLICT (id) DO UPDATE
+       SET status = 'pending', scheduled_at = excluded.scheduled_at, options = excluded.options,
+           completed_at = NULL, updated_at = now()
+), msg AS (
+    INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body)
+    SELECT id, queue, actor, priority, eta, body FROM m
+    ON CONFLICT (id) DO UPDATE
+       SET queue = excluded.queue, actor = excluded.actor, priority = excluded.priority,
+           eta = excluded.eta, body = excluded.body,
+           claim_token = NULL, worker = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
+    RETURNING cur.queue, cur.eta
+)
+SELECT count(pg_notify('control_plane_messages', q.queue))
+FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now()) AS q
+"""
+
 #: Lease up to ``limit`` ready messages of one queue to this worker, in
 #: priority-then-eta order, skipping rows other workers hold; mark them running.
+#: The broker writes the limit into the text (one prepared statement per size,
+#: see ``tasks.broker._claim_size``); ``%(limit)s`` works for a plain run.
 CLAIM = """
 WITH c AS (
     SELECT id FROM control_plane.messages

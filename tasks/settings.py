@@ -77,6 +77,17 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+def _switch(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "on", "true", "yes"):
+        return True
+    if raw in ("0", "off", "false", "no"):
+        return False
+    raise ConfigurationError(f"{name} must be on or off, got {env.get(name)!r}")
+
+
 def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -108,6 +119,8 @@ class Settings:
     reap_interval: float = 5.0
     #: Under a backlog, how long a consumer gathers finished messages before one SETTLE (0: never wait).
     settle_window_ms: float = 5.0
+    #: Run the broker's hot statements as prepared statements (off behind PgBouncer's transaction pooling).
+    prepared_statements: bool = True
     #: Connections a worker process keeps for sends and results (besides one per queue).
     pool_size: int = 2
     #: Retry policy defaults (Dramatiq's backoff, in milliseconds).
@@ -172,6 +185,7 @@ class Settings:
             reap_interval=_float(env, "CONTROLPLANE_REAP_INTERVAL", min(5.0, lease / 2)),
             pool_size=_int(env, "CONTROLPLANE_POOL_SIZE", 2, minimum=1),
             settle_window_ms=_int(env, "CONTROLPLANE_SETTLE_WINDOW_MS", 5, minimum=0),
+            prepared_statements=_switch(env, "CONTROLPLANE_PREPARED_STATEMENTS", True),
             max_attempts=_int(env, "CONTROLPLANE_MAX_ATTEMPTS", 20, minimum=1),
             min_backoff_ms=_int(env, "CONTROLPLANE_MIN_BACKOFF_MS", 15_000, minimum=1),
             max_backoff_ms=_int(env, "CONTROLPLANE_MAX_BACKOFF_MS", 7 * 86_400_000, minimum=1),

@@ -1,0 +1,187 @@
+"""The broker's fast paths: prepared statements, keyless sends, middleware events that skip no-ops.
+
+Each fast path must behave exactly like the slow one it replaces, and fall
+back when the server takes its prepared statements away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import dramatiq
+import psycopg2
+import pytest
+
+import tasks
+from tasks.broker import PostgresBroker
+from tasks.errors import ConfigurationError
+from tasks.prepared import Statement
+from tasks.settings import Settings
+from tests import actors
+from tests.support import job, query
+
+
+def _broker() -> PostgresBroker:
+    assert isinstance(tasks.broker, PostgresBroker)
+    return tasks.broker
+
+
+def _prepared_names(conn: Any) -> set[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT name FROM pg_prepared_statements")
+        return {row[0] for row in cur.fetchall()}
+
+
+def test_a_statement_numbers_its_placeholders_once_each_and_keeps_their_casts() -> None:
+    statement = Statement("s", "SELECT %(a)s::uuid[], %(b)s, %(a)s::uuid[] WHERE x LIKE 'a%%'")
+    assert statement.params == ("a", "b")
+    assert statement.prepare_sql == "PREPARE s AS SELECT $1::uuid[], $2, $1::uuid[] WHERE x LIKE 'a%'"
+    assert statement.execute_sql == "EXECUTE s (%(a)s::uuid[], %(b)s)"
+
+
+def test_sends_run_a_prepared_statement_on_the_pooled_connection(db_url: str) -> None:
+    # When a keyless message and a keyed one are sent
+    plain = actors.noop.send(1)
+    keyed = actors.noop.send_with_options(args=(2,), unique_key="prepared-test")
+    # Then both are stored, and the pooled connection holds both prepared statements
+    assert job(db_url, plain.message_id)["status"] == "pending"
+    assert job(db_url, keyed.message_id)["unique_key"] == "prepared-test"
+    with _broker().connection() as conn:
+        assert {"control_plane_enqueue", "control_plane_enqueue_plain"} <= _prepared_names(conn)
+
+
+def test_a_connection_that_lost_its_prepared_statements_falls_back_to_plain_ones(db_url: str) -> None:
+    # Given a pooled connection that prepared ENQUEUE, then lost it (what a pooler's DISCARD ALL does)
+    actors.noop.send(1)
+    with _broker().connection() as conn, conn.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+    # When more messages are sent on it
+    sent = [actors.noop.send(i) for i in range(3)]
+    # Then every one is stored, and the connection no longer prepares anything
+    assert all(job(db_url, m.message_id)["status"] == "pending" for m in sent)
+    with _broker().connection() as conn:
+        assert _prepared_names(conn) == set()
+
+
+def test_prepared_statements_can_be_turned_off(db_url: str) -> None:
+    broker = _broker()
+    original = broker.settings
+    broker.settings = dataclasses.replace(original, prepared_statements=False)
+    try:
+        with broker.connection() as conn, conn.cursor() as cur:
+            cur.execute("DEALLOCATE ALL")
+        message = actors.noop.send(1)
+        assert job(db_url, message.message_id)["status"] == "pending"
+        with broker.connection() as conn:
+            assert _prepared_names(conn) == set()
+    finally:
+        broker.settings = original
+
+
+def test_the_switch_reads_on_and_off_and_names_a_bad_value() -> None:
+    assert Settings.from_env({"CONTROLPLANE_PREPARED_STATEMENTS": "off"}).prepared_statements is False
+    assert Settings.from_env({"CONTROLPLANE_PREPARED_STATEMENTS": "ON"}).prepared_statements is True
+    assert Settings.from_env({}).prepared_statements is True
+    with pytest.raises(ConfigurationError, match="CONTROLPLANE_PREPARED_STATEMENTS"):
+        Settings.from_env({"CONTROLPLANE_PREPARED_STATEMENTS": "maybe"})
+
+
+def test_a_send_inside_the_callers_transaction_prepares_nothing_there(db_url: str) -> None:
+    conn = psycopg2.connect(db_url)
+    try:
+        with tasks.enqueue_in(conn):
+            message = actors.noop.send(1)
+        assert _prepared_names(conn) == set()
+        conn.rollback()
+    finally:
+        conn.close()
+    assert query(db_url, "SELECT id FROM control_plane.jobs WHERE id = %s", (message.message_id,)) == []
+
+
+def test_sending_the_same_message_again_through_the_keyless_path_resets_its_job(db_url: str) -> None:
+    # Given a job that ran and failed
+    message = actors.noop.send(1)
+    query(
+        db_url,
+        "UPDATE control_plane.jobs SET status = 'failed', completed_at = now() WHERE id = %s",
+        (message.message_id,),
+    )
+    query(db_url, "DELETE FROM control_plane.messages WHERE id = %s", (message.message_id,))
+    # When the same message is enqueued again (as a re-delivery does)
+    _broker().enqueue(message)
+    # Then its one job is pending again, and its message is back in the queue
+    row = job(db_url, message.message_id)
+    assert (row["status"], row["completed_at"]) == ("pending", None)
+    assert len(query(db_url, "SELECT id FROM control_plane.messages WHERE id = %s", (message.message_id,))) == 1
+
+
+class _Counting(dramatiq.Middleware):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None) -> None:
+        self.seen.append(message.message_id)
+
+
+def test_middleware_added_after_the_first_event_still_sees_the_next_ones(db_url: str) -> None:
+    broker = _broker()
+    actors.noop.send(0)  # the event tables are built here
+    counting = _Counting()
+    broker.add_middleware(counting)
+    try:
+        message = actors.noop.send(1)
+        assert counting.seen == [message.message_id]
+    finally:
+        broker.middleware.remove(counting)
+    actors.noop.send(2)
+    assert len(counting.seen) == 1
+
+
+def test_a_method_set_on_a_middleware_instance_is_called(db_url: str) -> None:
+    # Given a middleware whose class has no after_enqueue, after the event table was built
+    broker = _broker()
+    actors.noop.send(0)
+    results = next(m for m in broker.middleware if type(m).__name__ == "Results")
+    assert "after_enqueue" not in type(results).__dict__
+    calls: list[str] = []
+    # When a test double is set on the instance
+    results.after_enqueue = lambda _broker, message, _delay: calls.append(message.message_id)  # type: ignore[method-assign]
+    try:
+        message = actors.noop.send(1)
+    finally:
+        del results.after_enqueue
+    # Then it is called
+    assert calls == [message.message_id]
+
+
+def test_claims_run_from_a_cached_plan_after_a_few_runs(db_url: str) -> None:
+    # Given ten messages and a consumer that takes one at a time
+    sent = [actors.noop.send(i) for i in range(10)]
+    consumer = _broker().consume("default", prefetch=1, timeout=2000)
+    try:
+        # When it claims and acks each of them
+        received = []
+        for _ in sent:
+            message = next(consumer)
+            assert message is not None
+            received.append(message.message_id)
+            consumer.ack(message)
+        # Then PostgreSQL stopped planning the claim: it runs a generic (cached) plan
+        with consumer.conn.cursor() as cur:
+            cur.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = 'control_plane_claim_1'"
+            )
+            ((generic, custom),) = cur.fetchall()
+    finally:
+        consumer.close()
+    assert sorted(received) == sorted(m.message_id for m in sent)
+    assert generic >= 4 and custom <= 6
+    assert all(job(db_url, m.message_id)["status"] == "completed" for m in sent)
+
+
+def test_claim_sizes_are_exact_up_to_64_then_powers_of_two() -> None:
+    from tasks.broker import _claim_size
+
+    assert [_claim_size(n) for n in (1, 8, 16, 64)] == [1, 8, 16, 64]
+    assert [_claim_size(n) for n in (65, 127, 128, 200, 1000)] == [64, 64, 128, 128, 512]
