@@ -9,13 +9,14 @@ Dramatiq ``message_id``); every change to a message also changes its
 * claim: batches with ``FOR UPDATE SKIP LOCKED``, ordered by priority then eta,
   under a lease (``lease_expires_at``) and a claim token.
 * settle: acks, failures and retries gathered from the worker threads and
-  written in one statement per flush, fenced by the claim token.
+  written in one statement per flush, fenced by the claim token, by a settler
+  thread on its own connection (claims never wait behind settles).
 * delays and retry backoff are an ``eta`` in the table, never a worker's memory.
 * heartbeats extend leases; any worker re-queues the messages of a dead one.
 
-Connection budget per worker process: one connection per consumed queue (claims,
-settles, LISTEN, heartbeats) plus a pool of at most ``pool_size`` connections
-for sends and results made from actors.
+Connection budget per worker process: two connections per consumed queue (one
+for claims, LISTEN and heartbeats, one for settles) plus a pool of at most
+``pool_size`` connections for sends and results made from actors.
 """
 
 from __future__ import annotations
@@ -217,8 +218,11 @@ class _QueueState:
     wake_w: int = -1
     #: When the oldest outcome not yet written was handed over (monotonic seconds).
     first_outcome_at: float = 0.0
+    #: Signals the settler thread (shares ``lock``).
+    settle_cond: threading.Condition = field(init=False)
 
     def __post_init__(self) -> None:
+        self.settle_cond = threading.Condition(self.lock)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -515,10 +519,13 @@ class PostgresBroker(dramatiq.Broker):
 
 
 class _PostgresConsumer(dramatiq.Consumer):
-    """Claims, settles and keeps leases for one queue, on one connection.
+    """Claims and keeps leases for one queue on one connection; settles on another.
 
-    Only the consumer thread runs SQL on the connection; worker threads hand
-    their outcomes over through the queue state and a wake-up pipe.
+    Only the consumer thread runs SQL on its connection (claims, LISTEN,
+    heartbeats, the reaper). Worker threads hand their outcomes to the queue
+    state; a settler thread writes them with its own connection, so a claim
+    never waits behind a settle, and wakes the consumer through a pipe when
+    slots are free again.
     """
 
     def __init__(self, broker: PostgresBroker, queue_name: str, prefetch: int, timeout: int) -> None:
@@ -539,6 +546,8 @@ class _PostgresConsumer(dramatiq.Consumer):
             self._connect()
         except psycopg2.Error as exc:
             raise ConnectionClosed(exc) from exc
+        self._settler = _Settler(self)
+        self._settler.start()
 
     def _connect(self) -> None:
         self.conn = db.connect(
@@ -585,6 +594,7 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def close(self) -> None:
         """Flush what the worker threads finished, give back the rest, close."""
+        self._settler.stop()
         try:
             if self._usable():
                 self._flush()
@@ -620,12 +630,10 @@ class _PostgresConsumer(dramatiq.Consumer):
             if first:
                 self.state.first_outcome_at = time.monotonic()
             self.state.outcomes.append(outcome)
-            pending = len(self.state.outcomes)
-        # Wake the consumer thread only when it has something new to decide: the
-        # first outcome of a batch, or a batch big enough to write at once (a
-        # write to the pipe per message cost a sixth of a worker's samples).
-        if first or pending == max(1, self.prefetch // 2):
-            self.state.wake()
+            # Wake the settler only when it has something new to decide: the first
+            # outcome of a batch, or a batch big enough to write at once.
+            if first or len(self.state.outcomes) == max(1, self.prefetch // 2):
+                self.state.settle_cond.notify()
 
     def _settle_due(self) -> float:
         """0 when the gathered outcomes should be written now, else how long to wait for more.
@@ -648,9 +656,6 @@ class _PostgresConsumer(dramatiq.Consumer):
     def _next(self) -> dramatiq.MessageProxy | None:
         deadline = time.monotonic() + self.timeout
         while True:
-            settle_in = self._settle_due()
-            if settle_in == 0.0:
-                self._flush()
             self._housekeeping()
             with self.state.lock:
                 if self.state.buffer:
@@ -671,13 +676,11 @@ class _PostgresConsumer(dramatiq.Consumer):
             now = time.monotonic()
             if now >= deadline:
                 return None
-            # With no free slot, polling is pointless: a finished message wakes us
-            # through the pipe. (Waiting on a past poll time would spin the CPU.)
+            # With no free slot, polling is pointless: the settler wakes us through
+            # the pipe when it frees slots. (Waiting on a past poll time would spin the CPU.)
             wake_at = [deadline, self._next_heartbeat, self._next_reap]
             if free >= threshold:
                 wake_at.append(self._next_poll)
-            if settle_in > 0:
-                wake_at.append(now + settle_in)
             self._wait(max(min(wake_at) - now, 0.0))
 
     def _wait(self, seconds: float) -> None:
@@ -727,7 +730,9 @@ class _PostgresConsumer(dramatiq.Consumer):
         with self.conn.cursor() as cur:
             cur.execute(queries.REJECT_MALFORMED, {"id": message_id, "token": token, "error": error})
 
-    def _flush(self) -> None:
+    def _flush(self, conn: Any = None) -> None:
+        """Write the gathered outcomes in one SETTLE, on ``conn`` (default: the consumer's)."""
+        conn = conn if conn is not None else self.conn
         with self.state.lock:
             if not self.state.outcomes:
                 return
@@ -753,7 +758,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             params["errors"].append(o.error)
             params["results"].append(o.result_json)
         try:
-            with self.conn.cursor() as cur:
+            with conn.cursor() as cur:
                 _SETTLE.execute(cur, params, prepare=self.settings.prepared_statements)
                 applied = {row[0] for row in cur.fetchall()}
         except psycopg2.Error:
@@ -826,6 +831,80 @@ class _PostgresConsumer(dramatiq.Consumer):
                     "started": [p.started for p in proxies],
                 },
             )
+
+
+class _Settler(threading.Thread):
+    """Writes a consumer's outcomes (acks, failures, retries) on its own connection.
+
+    It waits for outcomes, gathers them for the settle window under a backlog
+    (at once when the queue is idle), writes them in one SETTLE and wakes the
+    consumer, whose freed slots it can claim again. A lost connection keeps
+    the outcomes for the next try, reconnects with a backoff, and meanwhile
+    the claims' leases are still extended by the consumer's heartbeats.
+    """
+
+    def __init__(self, consumer: _PostgresConsumer) -> None:
+        super().__init__(name=f"controlplane-settler:{consumer.queue_name}", daemon=True)
+        self.consumer = consumer
+        self.state = consumer.state
+        self.conn: Any = None
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Stop after the write in progress, if any; the consumer writes what is left."""
+        with self.state.settle_cond:
+            self._stopping = True
+            self.state.settle_cond.notify_all()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout=60)
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+
+    def _connection(self) -> Any:
+        if not db.connection_is_usable(self.conn):
+            if self.conn is not None:
+                with contextlib.suppress(Exception):
+                    self.conn.close()
+            self.conn = db.connect(
+                self.consumer.broker.url(),
+                autocommit=True,
+                application_name=f"controlplane-settle:{self.consumer.queue_name}",
+            )
+            with self.conn.cursor() as cur:
+                cur.execute("SET synchronous_commit = off")  # as the consumer's: see _PostgresConsumer._connect
+        return self.conn
+
+    def run(self) -> None:
+        failures = 0
+        while True:
+            with self.state.settle_cond:
+                while not self.state.outcomes and not self._stopping:
+                    self.state.settle_cond.wait()
+                if self._stopping:
+                    return
+            due = self.consumer._settle_due()
+            if due > 0:
+                with self.state.settle_cond:
+                    if not self._stopping:
+                        self.state.settle_cond.wait(due)
+                continue
+            try:
+                self.consumer._flush(self._connection())
+                failures = 0
+            except Exception as exc:  # keep settling whatever happened to this batch
+                failures += 1
+                if isinstance(exc, psycopg2.Error) and db.is_connection_error(exc):
+                    logger.warning("settling outcomes: lost the connection (%s); retrying", type(exc).__name__)
+                    with contextlib.suppress(Exception):
+                        self.conn.close()
+                else:
+                    logger.exception("settling outcomes failed; retrying")
+                with self.state.settle_cond:
+                    if not self._stopping:
+                        self.state.settle_cond.wait(min(0.05 * 2**failures, 5.0))
+                continue
+            self.state.wake()
 
 
 def _describe(message: PgMessageProxy) -> str | None:
