@@ -1,4 +1,4 @@
-"""The broker's fast paths: prepared statements, keyless sends, middleware events that skip no-ops.
+"""The broker's fast paths: prepared statements, keyless sends, middleware events that skip no-ops, the settler."""
 
 Each fast path must behave exactly like the slow one it replaces, and fall
 back when the server takes its prepared statements away.
@@ -19,7 +19,7 @@ from tasks.errors import ConfigurationError
 from tasks.prepared import Statement
 from tasks.settings import Settings
 from tests import actors
-from tests.support import job, query
+from tests.support import job, query, wait_for
 
 
 def _broker() -> PostgresBroker:
@@ -185,3 +185,32 @@ def test_claim_sizes_are_exact_up_to_64_then_powers_of_two() -> None:
 
     assert [_claim_size(n) for n in (1, 8, 16, 64)] == [1, 8, 16, 64]
     assert [_claim_size(n) for n in (65, 127, 128, 200, 1000)] == [64, 64, 128, 128, 512]
+
+
+def test_outcomes_survive_the_settler_losing_its_connection(db_url: str) -> None:
+    # Given a consumer that settled one message, so its settler holds a connection
+    first, second = actors.noop.send(1), actors.noop.send(2)
+    consumer = _broker().consume("default", prefetch=1, timeout=2000)
+    try:
+        message = next(consumer)
+        assert message is not None
+        consumer.ack(message)
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "completed", what="the first ack")
+        # When that connection is cut, and the next message is acked
+        cut = query(
+            db_url,
+            "SELECT pg_terminate_backend(pid) AS cut FROM pg_stat_activity "
+            "WHERE application_name = 'controlplane-settle:default'",
+        )
+        assert [row["cut"] for row in cut] == [True]
+        message = next(consumer)
+        assert message is not None
+        consumer.ack(message)
+        # Then the settler reconnects and writes it: the job completes, its message leaves the queue
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "completed", what="the ack after the cut")
+    finally:
+        consumer.close()
+    assert {first.message_id, second.message_id} == {
+        row["id"] for row in query(db_url, "SELECT id::text FROM control_plane.jobs WHERE status = 'completed'")
+    }
+    assert query(db_url, "SELECT id FROM control_plane.messages") == []
