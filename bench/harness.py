@@ -26,6 +26,17 @@ Phases and what they measure:
 ``memory``
     2x8 workers; RSS of the whole worker process tree after the smaller of
     ``--memory-sizes`` jobs and after the larger, and their ratio.
+``provision`` (floor and ours only)
+    ``--provision-n`` tenant projects provisioned for real (roles, ``CREATE
+    DATABASE``, schema, registrations with loopback stand-in services, API keys,
+    the project row), seconds per project = total / n. ``ours`` sends
+    ``provision_project`` jobs to ``dramatiq tasks tasks.provision`` workers
+    (``--provision-workers``) at once (``--provision-serial``: one after the
+    other) and waits until every project's last step is completed in
+    ``control_plane.jobs``; ``floor`` runs the same SQL by hand, one
+    project after another, calling the project's own step functions directly
+    (``bench/drivers/provision_driver.py``). Tenant databases and roles carry
+    the run id and are dropped after the phase.
 
 Jobs record themselves with :func:`bench.record.record` in a file per phase.
 Workers are stopped with SIGTERM, then SIGKILL, in ``finally`` blocks; every
@@ -56,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from psycopg2.sql import SQL, Composable, Identifier
 
 from bench import procfs
 from bench.systems import (
@@ -72,7 +84,9 @@ from bench.systems import (
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_ADMIN_URL = "postgresql://root@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
-PHASES = ("enqueue", "drain_1x8", "drain_2x8", "latency", "growth", "memory")
+PHASES = ("enqueue", "drain_1x8", "drain_2x8", "latency", "growth", "memory", "provision")
+#: The systems the provision phase runs for: floor is the hand-run SQL, ours is provision_project.
+PROVISION_SYSTEMS = ("floor", "ours")
 THREADS = 8
 
 #: metric -> (unit, True when higher is better)
@@ -90,6 +104,8 @@ METRICS: dict[str, tuple[str, bool]] = {
     "memory_small_mb": ("MB", False),
     "memory_big_mb": ("MB", False),
     "memory_ratio": ("big/small", False),
+    "provision_per_project_s": ("s/project", False),
+    "provision_p50_s": ("s", False),
 }
 
 #: The issue's targets for ``ours``: (metric, compared as, operator, bound, description).
@@ -100,6 +116,7 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("latency_p99_ms", "ratio", "<=", 1.25, "pickup p99 at most 1.25x floor, ahead of every Postgres peer"),
     ("growth_ratio", "value", ">=", 0.9, "growth (big backlog rate / small) at least 0.9"),
     ("memory_ratio", "value", "<=", 1.10, "worker RSS after the big run within 10% of after the small"),
+    ("provision_per_project_s", "ratio", "<=", 1.25, "provision_project at most 1.25x the hand-run SQL per project"),
 )
 
 
@@ -128,6 +145,9 @@ class Config:
     stall_timeout: float
     keep_logs: bool
     ours_root: Path = ROOT
+    provision_n: int = 20
+    provision_workers: tuple[int, int] = (2, THREADS)
+    provision_serial: bool = False
     uncapped: bool = False
     stop_grace: float = 20.0
     output: Path | None = None
@@ -290,12 +310,12 @@ class Run:
 
         return with_database(self.config.admin_url, database)
 
-    def admin(self, sql: str) -> list[tuple[Any, ...]]:
+    def admin(self, sql: str | Composable, params: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:
         conn = psycopg2.connect(self.config.admin_url, application_name="bench-harness")
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
-                cur.execute(sql)
+                cur.execute(sql, params)
                 return list(cur.fetchall()) if cur.description else []
         finally:
             conn.close()
@@ -345,22 +365,33 @@ class Run:
         env.update(extra or {})
         return env
 
-    def driver(self, system: System, command: str, url: str, *args: str, timeout: float = 900) -> dict[str, Any]:
-        """Run ``system``'s driver; its last output line is a JSON object (or nothing)."""
-        cmd = [str(system.python), "-m", system.driver, command, "--url", url, *args]
+    def driver(
+        self,
+        system: System,
+        command: str,
+        url: str,
+        *args: str,
+        timeout: float = 900,
+        module: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        label: str | None = None,
+    ) -> dict[str, Any]:
+        """Run ``system``'s driver (or ``module``); its last output line is a JSON object (or nothing)."""
+        cmd = [str(system.python), "-m", module or system.driver, command, "--url", url, *args]
+        label = label or system.name
         try:
             done = subprocess.run(
                 cmd,
                 cwd=self.cwd(system),
-                env=self.env(system, system.worker_env(url)),
+                env=self.env(system, {**system.worker_env(url), **(extra_env or {})}),
                 capture_output=True,
                 text=True,
                 timeout=timeout,
             )
         except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"{system.name} {command} timed out after {timeout:.0f} s") from exc
+            raise BenchError(f"{label} {command} timed out after {timeout:.0f} s") from exc
         if done.returncode != 0:
-            raise BenchError(f"{system.name} {command} exited {done.returncode}: {done.stderr.strip()[-1500:]}")
+            raise BenchError(f"{label} {command} exited {done.returncode}: {done.stderr.strip()[-1500:]}")
         lines = done.stdout.strip().splitlines()
         if not lines:
             return {}
@@ -475,8 +506,147 @@ class Run:
             rss_big = group.rss_mb()
         return {"memory_small_mb": rss_small, "memory_big_mb": rss_big, "memory_ratio": rss_big / rss_small}
 
+    # -- provision: provision_project end to end against the same SQL by hand ------------------
+
+    def provision_prefix(self, round_no: int | None = None, system: System | None = None) -> str:
+        """Project ids of this run (and round and system) start with this; tenant names with ``p_`` + it."""
+        prefix = f"bp{self.run_id}"
+        if round_no is not None and system is not None:
+            prefix += f"_r{round_no}_{system.name}"
+        return prefix
+
+    def drop_tenants(self, prefix: str) -> None:
+        """Drop the tenant databases, then the roles, whose names start with ``p_<prefix>``."""
+        pattern = "p\\_" + prefix.replace("_", "\\_") + "%"
+        try:
+            databases = self.admin("SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,))
+            roles = self.admin("SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (pattern,))
+        except psycopg2.Error as exc:
+            print(f"  warning: could not list tenants {prefix}: {exc}".rstrip(), file=sys.stderr)
+            return
+        for (name,) in databases:
+            with contextlib.suppress(psycopg2.Error):
+                self.admin(SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(Identifier(name)))
+        # The app roles first: nothing depends on them once the databases are gone.
+        for (name,) in sorted(roles, key=lambda r: not str(r[0]).endswith("_app")):
+            try:
+                self.admin(SQL("DROP ROLE IF EXISTS {}").format(Identifier(name)))
+            except psycopg2.Error as exc:
+                print(f"  warning: could not drop role {name}: {exc}".rstrip(), file=sys.stderr)
+
+    @contextlib.contextmanager
+    def standins(self) -> Iterator[dict[str, str]]:
+        """The auth, realtime and storage stand-in admin APIs on loopback; yields their settings."""
+        from tasks.provision.standin import SERVICE_NAMES, StandinService
+
+        tokens = {name: f"bench-{name}-{uuid.uuid4().hex}" for name in SERVICE_NAMES}
+        services = [StandinService(name, token) for name, token in tokens.items()]
+        try:
+            env = {}
+            for service in services:
+                service.start()
+                env[f"{service.name.upper()}_SERVICE_URL"] = service.url
+                env[f"{service.name.upper()}_SERVICE_TOKEN"] = tokens[service.name]
+            yield env
+        finally:
+            for service in services:
+                service.stop()
+
+    def provision_template(self) -> str:
+        """A migrated control-plane database to clone (ours' template, or one made for this phase)."""
+        if "ours" in self.templates:
+            return self.templates["ours"]
+        name = f"bench_tmpl_prov_{self.run_id}"
+        if name not in self.created_dbs:
+            url = self.create_db(name)
+            try:
+                self.driver(SYSTEMS["ours"], "setup", url, timeout=300)
+            except BenchError:
+                self.drop_db(name)
+                raise
+        return name
+
+    def wait_heartbeats(self, url: str, processes: int, group: WorkerGroup) -> None:
+        """Wait until ``processes`` worker processes heartbeat in ``control_plane.worker_heartbeats``."""
+        deadline = time.monotonic() + max(self.config.stall_timeout, 30.0)
+        conn = psycopg2.connect(url, application_name="bench-harness")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                while True:
+                    cur.execute("SELECT count(*) FROM control_plane.worker_heartbeats")
+                    row = cur.fetchone()
+                    if row is not None and row[0] >= processes:
+                        return
+                    group.check_alive()
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"the provisioning workers did not heartbeat: {group.log}")
+                    time.sleep(0.05)
+        finally:
+            conn.close()
+
+    def provision_worker_command(self) -> list[str]:
+        """ours' provisioning workers: ``dramatiq tasks tasks.provision`` with ``--provision-workers``."""
+        processes, threads = self.config.provision_workers
+        return [
+            str(SYSTEMS["ours"].python), "-m", "dramatiq", "tasks", "tasks.provision",
+            "--processes", str(processes), "--threads", str(threads),
+        ]  # fmt: skip
+
+    def phase_provision(self, system: System, round_no: int) -> dict[str, Any]:
+        n = self.config.provision_n
+        prefix = self.provision_prefix(round_no, system)
+        ours = SYSTEMS["ours"]
+        name = f"bench_{system.name}_prov_{self.run_id}"
+        try:
+            with self.standins() as services:
+                url = self.create_db(name, self.provision_template())
+                env = {
+                    **services,
+                    "DATABASE_URL": url,
+                    "PROVISION_DATABASE_URL": self.config.admin_url,
+                    "API_KEY_PEPPER": f"bench-pepper-{self.run_id}",
+                    "CONTROLPLANE_HOME": str(self.scratch / "controlplane-home"),
+                }
+                args = ["--prefix", prefix, "--n", str(n), "--stall-timeout", str(self.config.stall_timeout)]
+                module = "bench.drivers.provision_driver"
+                if system.name == "floor":
+                    # The same SQL by hand, run with ours' source tree (--ours-root), so it is the same SQL.
+                    res = self.driver(ours, "hand", url, *args, module=module, extra_env=env, label="floor provision")
+                else:
+                    processes, _ = self.config.provision_workers
+                    log = self.scratch / f"r{round_no}-{system.name}-prov.log"
+                    group = WorkerGroup([self.provision_worker_command()], self.env(ours, env), log, self.cwd(ours))
+                    try:
+                        self.wait_heartbeats(url, processes, group)
+                        if self.config.provision_serial:
+                            args.append("--serial")
+                        res = self.driver(
+                            ours, "send", url, *args, module=module, extra_env=env, label="ours provision"
+                        )
+                        group.check_alive()
+                    finally:
+                        group.stop(self.config.stop_grace)
+        finally:
+            self.drop_db(name)
+            self.drop_tenants(prefix)
+        if res.get("n") != n or len(res.get("per_project_s", [])) != n:
+            raise BenchError(f"provisioned {len(res.get('per_project_s', []))} of {n} projects")
+        out: dict[str, Any] = {
+            "provision_per_project_s": res["seconds"] / n,
+            "provision_p50_s": statistics.median(res["per_project_s"]),
+            "provision_n": n,
+            "provision_steps": res.get("steps", {}),
+        }
+        if system.name == "ours":
+            out["provision_workers"] = "{}x{}".format(*self.config.provision_workers)
+            out["provision_serial"] = self.config.provision_serial
+        return out
+
     def skip_reason(self, system: System, phase: str) -> str | None:
         """Why ``phase`` is not run for ``system`` in this configuration, if it is not."""
+        if phase == "provision" and system.name not in PROVISION_SYSTEMS:
+            return "provision compares ours with the same SQL by hand (floor) only"
         if phase in ("growth", "memory"):
             if system.name not in self.config.big_phases_for:
                 return "not in --big-phases-for"
@@ -555,6 +725,8 @@ class Run:
             self.write()
 
     def cleanup(self) -> None:
+        if "provision" in self.config.phases:
+            self.drop_tenants(self.provision_prefix())
         for name in list(self.created_dbs):
             self.drop_db(name)
         if not self.config.keep_logs:
@@ -776,6 +948,16 @@ def _pair(text: str) -> tuple[int, int]:
     return a, b
 
 
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        processes, threads = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("want PROCESSESxTHREADS, e.g. 2x8") from None
+    if processes < 1 or threads < 1:
+        raise argparse.ArgumentTypeError("want at least one process and one thread")
+    return processes, threads
+
+
 def _names(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [n for n in names if n not in allowed]
@@ -801,6 +983,18 @@ def parse_config(argv: list[str]) -> Config:
     parser.add_argument("--latency-rate", type=float, default=50.0, help="latency jobs per second (default 50)")
     parser.add_argument("--growth-sizes", type=_pair, help="SMALL,BIG backlogs (default 2000,50000; quick 500,2000)")
     parser.add_argument("--memory-sizes", type=_pair, help="SMALL,BIG jobs (default 1000,100000; quick 200,2000)")
+    parser.add_argument("--provision-n", type=int, help="projects provisioned per system (default 20; quick 3)")
+    parser.add_argument(
+        "--provision-workers",
+        type=_shape,
+        default=(2, THREADS),
+        help=f"ours' provisioning workers, PROCESSESxTHREADS (default 2x{THREADS})",
+    )
+    parser.add_argument(
+        "--provision-serial",
+        action="store_true",
+        help="ours sends one project at a time, each after the last is done (default: all at once)",
+    )
     parser.add_argument("--big-phases-for", help="systems that run growth and memory (default: floor,floor_batch,ours)")
     parser.add_argument(
         "--redis-url", default=DEFAULT_REDIS_URL, help=f"Celery's Redis database, flushed (default {DEFAULT_REDIS_URL})"
@@ -857,6 +1051,9 @@ def parse_config(argv: list[str]) -> Config:
         keep_logs=ns.keep_logs,
         output=ns.output,
         ours_root=ns.ours_root.resolve(),
+        provision_n=ns.provision_n or (3 if quick else 20),
+        provision_workers=ns.provision_workers,
+        provision_serial=ns.provision_serial,
         stop_grace=ns.stop_grace,
         uncapped=ns.uncapped,
     )
@@ -878,6 +1075,8 @@ def size_notes(config: Config) -> list[str]:
             f"memory measured after {small:,} and {big:,} jobs (the issue's: 1,000 and 100,000; "
             "--memory-sizes 1000,100000)"
         )
+    if config.provision_n != 20 and "provision" in config.phases:
+        notes.append(f"provision measured with {config.provision_n} projects (the issue's: 20; --provision-n 20)")
     return notes
 
 

@@ -18,7 +18,7 @@ from tests.support import ROOT
 
 #: The phases the test runs: drain_1x8 and growth are left out to keep it short; they are
 #: the same backlog drain as drain_2x8 (``Run._drain``) with other sizes and process counts.
-PHASES = "enqueue,drain_2x8,latency,memory"
+PHASES = "enqueue,drain_2x8,latency,memory,provision"
 
 #: Every metric those phases must report for floor and ours.
 METRICS = {
@@ -31,6 +31,8 @@ METRICS = {
     "memory_small_mb",
     "memory_big_mb",
     "memory_ratio",
+    "provision_per_project_s",
+    "provision_p50_s",
 }
 
 
@@ -42,7 +44,7 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
     command = [
         sys.executable, "-m", "bench", "run", "--quick", "--phases", PHASES,
         "--enqueue-n", "20", "--drain-n", "200", "--batch-size", "50",
-        "--latency-n", "10", "--memory-sizes", "50,200",
+        "--latency-n", "10", "--memory-sizes", "50,200", "--provision-n", "2", "--provision-workers", "1x2",
         "--stall-timeout", "30", "--stop-grace", "1", "--output", str(output),
     ]  # fmt: skip
     env = {**os.environ, "DATABASE_URL": server_url}
@@ -62,6 +64,12 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
     for system in ("floor", "ours"):
         assert METRICS <= set(doc["summary"][system])
         assert doc["summary"][system]["drain_2x8_per_s"]["ratio_median"] > 0
+        assert doc["summary"][system]["provision_per_project_s"]["ratio_median"] > 0
+        assert doc["rounds"][0]["results"][system]["provision_n"] == 2
+    # and the provision phase reported where ours' time went, step by step
+    steps = doc["rounds"][0]["results"]["ours"]["provision_steps"]
+    assert {"wait_ms", "job_ms", "work_ms"} <= set(steps)
+    assert set(steps["job_ms"]) == {"claim", "roles", "database", "schema", "services", "api_keys", "activate"}
     assert [t["metric"] for t in doc["targets"]] == [
         "drain_2x8_per_s",
         "enqueue_single_per_s",
@@ -69,16 +77,23 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
         "latency_p99_ms",
         "growth_ratio",
         "memory_ratio",
+        "provision_per_project_s",
     ]
     measured = {t["metric"]: t["met"] is not None for t in doc["targets"]}
     assert measured == {m: m != "growth_ratio" for m in measured}
     # and the table it prints names every metric
     assert "| drain_2x8_per_s" in done.stdout
-    # and it left no database of its own behind
+    assert "| provision_per_project_s" in done.stdout
+    # and it left no database of its own behind, nor any tenant database or role it provisioned
     conn = psycopg2.connect(server_url)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"bench%{doc['run_id']}",))
+            assert cur.fetchall() == []
+            tenants = f"p\\_bp{doc['run_id']}%"
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (tenants,))
+            assert cur.fetchall() == []
+            cur.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (tenants,))
             assert cur.fetchall() == []
     finally:
         conn.close()
