@@ -1,4 +1,4 @@
-"""The broker's fast paths: prepared statements, keyless sends, middleware events that skip no-ops, the settler."""
+"""The broker's fast paths: prepared statements, keyless sends, middleware events that skip no-ops, the settler.
 
 Each fast path must behave exactly like the slow one it replaces, and fall
 back when the server takes its prepared statements away.
