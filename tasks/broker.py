@@ -684,6 +684,10 @@ class _PostgresConsumer(dramatiq.Consumer):
             self._wait(max(min(wake_at) - now, 0.0))
 
     def _wait(self, seconds: float) -> None:
+        # A NOTIFY that arrived while the last statement ran was read off the socket
+        # with its result and already sits in conn.notifies: select() would not see it.
+        if self.conn.notifies:
+            seconds = 0.0
         readable, _, _ = select.select([self.conn, self.state.wake_r], [], [], seconds)
         if self.state.wake_r in readable:
             self.state.drain_wake()

@@ -7,6 +7,7 @@ back when the server takes its prepared statements away.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import dramatiq
@@ -214,3 +215,31 @@ def test_outcomes_survive_the_settler_losing_its_connection(db_url: str) -> None
         row["id"] for row in query(db_url, "SELECT id::text FROM control_plane.jobs WHERE status = 'completed'")
     }
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
+
+
+def test_a_notify_read_during_a_statement_wakes_the_consumer_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an idle consumer whose connection already read a NOTIFY off the socket (as
+    # happens when it arrives while a claim or a heartbeat runs)
+    consumer = _broker().consume("default", prefetch=1, timeout=1000)
+    try:
+        assert next(consumer) is None  # nothing to do: it claimed nothing and waited
+        actors.noop.send(1)
+        wait_for(lambda: consumer.conn.poll() or consumer.conn.notifies, what="the NOTIFY")
+        # When it waits
+        broker_module = sys.modules["tasks.broker"]  # (tasks.broker, the attribute, is the broker)
+        timeouts: list[float] = []
+        real_select = broker_module.select.select
+
+        def recording_select(r: Any, w: Any, x: Any, timeout: float) -> Any:
+            timeouts.append(timeout)
+            return real_select(r, w, x, timeout)
+
+        monkeypatch.setattr(broker_module.select, "select", recording_select)
+        consumer._wait(30.0)
+        # Then it does not sleep on the socket, and knows the queue has work
+        assert timeouts == [0.0]
+        assert consumer._notified
+    finally:
+        consumer.close()
