@@ -184,14 +184,7 @@ class WorkerGroup:
 
     def pids(self) -> list[int]:
         """Every process of the group (the commands and their descendants)."""
-        tree = procfs.children()
-        found: list[int] = []
-        stack = [p.pid for p in self.procs if p.poll() is None]
-        while stack:
-            pid = stack.pop()
-            found.append(pid)
-            stack.extend(tree.get(pid, []))
-        return found
+        return procfs.tree(*(p.pid for p in self.procs if p.poll() is None))
 
     def rss_mb(self) -> float:
         """Resident memory of every worker process, summed, in MB."""

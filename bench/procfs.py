@@ -32,3 +32,25 @@ def rss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree(*pids: int) -> list[int]:
+    """``pids`` and all their descendants."""
+    kids = children()
+    found: list[int] = []
+    todo = list(pids)
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(kids.get(current, []))
+    return found

@@ -97,3 +97,22 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
             assert cur.fetchall() == []
     finally:
         conn.close()
+
+
+@pytest.mark.e2e
+def test_the_drain_ab_and_the_dramatiq_floor_aids_run(server_url: str) -> None:
+    # Given this checkout as both trees of an A/B, with a tiny drain
+    env = {**os.environ, "DATABASE_URL": server_url}
+    command = [sys.executable, "-m", "bench.ab_drain", str(ROOT), f"{ROOT}::dramatiq_queue_prefetch=4",
+               "--n", "500", "--rounds", "1", "--processes", "1"]  # fmt: skip
+    # When they run
+    ab = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    floor = subprocess.run([sys.executable, "-m", "bench.dramatiq_floor", "--n", "200"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    # Then each prints its summary: one median line per tree, and Dramatiq's own cost per message
+    assert ab.returncode == 0, ab.stdout[-3000:] + ab.stderr[-3000:]
+    medians = [line for line in ab.stdout.splitlines() if ": median " in line]
+    assert [line.split(": median ")[0] for line in medians] == [str(ROOT), f"{ROOT}::dramatiq_queue_prefetch=4"]
+    assert all("jobs/s" in line and "PostgreSQL" in line for line in medians)
+    assert floor.returncode == 0, floor.stderr[-3000:]
+    assert "µs of CPU per message" in floor.stdout

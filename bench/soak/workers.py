@@ -85,14 +85,7 @@ class SoakWorker:
         if not self.alive():
             return []
         assert self.proc is not None
-        tree = procfs.children()
-        found: list[int] = []
-        stack = [self.proc.pid]
-        while stack:
-            pid = stack.pop()
-            found.append(pid)
-            stack.extend(tree.get(pid, []))
-        return found
+        return procfs.tree(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL the whole process group: the main process and its worker die mid-flight."""

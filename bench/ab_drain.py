@@ -1,0 +1,111 @@
+"""Interleaved A/B of ours' drain: ``python -m bench.ab_drain ROOT[::ENV=V,...] ROOT2 ... [--n 20000]``.
+
+A measurement aid for the broker's authors, quicker than a harness run: for
+each round and each source tree (a ``git archive`` snapshot, or this checkout),
+a fresh database gets ``--n`` no-op jobs in batches, then ``dramatiq tasks
+bench.drivers.ours_actors --processes P --threads 8`` starts, and the rate is
+the jobs drained from the first one taken until ``control_plane.messages`` is
+empty. The order alternates every round. It also reports CPU per job of the
+worker process tree and of its PostgreSQL backends (``/proc``), which moves
+less than the rate on a shared machine.
+
+``ROOT::dramatiq_queue_prefetch=48`` runs a tree with extra environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg2
+
+from bench import procfs
+from bench.systems import ROOT
+from tasks.db import with_database
+
+ADMIN_URL = os.environ.get("DATABASE_URL") or "postgresql://root@127.0.0.1:5432/postgres"
+DATABASE = "bench_ab_drain"
+
+
+def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float]:
+    """Drain ``n`` jobs with the tree ``spec``; returns (jobs/s, worker CPU µs/job, PostgreSQL CPU µs/job)."""
+    path, _, extra = spec.partition("::")
+    admin = psycopg2.connect(ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+        cur.execute(f"CREATE DATABASE {DATABASE}")
+    url = with_database(ADMIN_URL, DATABASE)
+    env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
+    env.update(pair.split("=", 1) for pair in extra.split(",") if pair)
+    fill = (
+        "import migrations, tasks\n"
+        "from bench.drivers.ours_actors import noop\n"
+        f"migrations.upgrade({url!r})\n"
+        f"for _ in range({n} // 500): tasks.broker.enqueue_batch([noop.message(0.0) for _ in range(500)])\n"
+    )
+    subprocess.run([sys.executable, "-c", fill], env=env, cwd=path, check=True)
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    dramatiq = str(Path(sys.executable).with_name("dramatiq"))
+    workers = subprocess.Popen(
+        [dramatiq, "tasks", "bench.drivers.ours_actors", "--processes", str(processes), "--threads", "8"],
+        env=env, cwd=path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        started: tuple[float, int] | None = None
+        with conn.cursor() as cur:
+            while True:
+                cur.execute("SELECT count(*) FROM control_plane.messages")
+                (left,) = cur.fetchone()
+                if started is None and left < n:
+                    started = (time.monotonic(), left)
+                if left == 0:
+                    break
+                if workers.poll() is not None:
+                    raise SystemExit(f"{spec}: the workers exited with {workers.returncode}")
+                time.sleep(0.02)
+            assert started is not None
+            rate = started[1] / (time.monotonic() - started[0])
+            cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (DATABASE,))
+            backends = [row[0] for row in cur.fetchall()]
+        worker_cpu = sum(procfs.cpu_seconds(pid) for pid in procfs.tree(workers.pid))
+        pg_cpu = sum(procfs.cpu_seconds(pid) for pid in backends)
+        return rate, worker_cpu / n * 1e6, pg_cpu / n * 1e6
+    finally:
+        workers.terminate()
+        workers.wait(timeout=60)
+        conn.close()
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+        admin.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab_drain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("trees", nargs="+", help="source trees (each with tasks/, models/, migrations/)")
+    parser.add_argument("--n", type=int, default=20000, help="jobs per drain (default 20000)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes of 8 threads (default 2)")
+    args = parser.parse_args(argv)
+    results: dict[str, list[tuple[float, float, float]]] = {spec: [] for spec in args.trees}
+    for round_no in range(args.rounds):
+        for spec in args.trees if round_no % 2 == 0 else reversed(args.trees):
+            rate, worker, pg = run_once(spec, args.n, args.processes)
+            results[spec].append((rate, worker, pg))
+            print(f"round {round_no} {spec}: {rate:,.0f} jobs/s, CPU per job: workers {worker:.0f} µs, "
+                  f"PostgreSQL {pg:.0f} µs", flush=True)
+    for spec, rows in results.items():
+        rates = [r[0] for r in rows]
+        print(f"{spec}: median {statistics.median(rates):,.0f} jobs/s {[round(r) for r in rates]}, CPU per job: "
+              f"workers {statistics.median(r[1] for r in rows):.0f} µs, "
+              f"PostgreSQL {statistics.median(r[2] for r in rows):.0f} µs")
+
+
+if __name__ == "__main__":
+    main()
