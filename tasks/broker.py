@@ -60,6 +60,9 @@ _ENQUEUE_PLAIN = Statement("control_plane_enqueue_plain", queries.ENQUEUE_PLAIN)
 _SETTLE = Statement("control_plane_settle", queries.SETTLE)
 _CLAIMS: dict[int, Statement] = {}
 
+#: Jobs shorter than this on average let a consumer hold ``burst_prefetch`` times more messages.
+SHORT_JOB_SECONDS = 0.05
+
 
 def _claim_size(free: int) -> int:
     """How many messages to claim for ``free`` slots: all of them up to 64, then a power of two.
@@ -189,6 +192,8 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.error_text: str | None = None
         #: Set by the Cancellation middleware when an operator cancels this message.
         self.cancel_requested = False
+        #: When a worker thread started it (monotonic seconds; 0: not started).
+        self.started_mono = 0.0
 
 
 @dataclass
@@ -290,6 +295,8 @@ class PostgresBroker(dramatiq.Broker):
         return cached[1]
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        if signal == "process_message" and args and isinstance(args[0], PgMessageProxy):
+            args[0].started_mono = time.monotonic()  # its consumer sizes its claims by run times
         signal = "before_" + signal
         for middleware, implemented, instance in self._hooks_for(signal):
             if not implemented and (instance is None or signal not in instance):
@@ -532,6 +539,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         self.broker = broker
         self.queue_name = queue_name
         self.prefetch = max(prefetch, 1)
+        #: Mean run time of this queue's recent jobs (seconds, moving average); None until one ran.
+        self.mean_run: float | None = None
         self.timeout = timeout / 1000
         self.settings = broker.settings
         self.state = broker.state(queue_name)
@@ -565,6 +574,7 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def ack(self, message: dramatiq.MessageProxy) -> None:
         assert isinstance(message, PgMessageProxy)
+        self._observe(message)
         if message.retry_delay_ms is not None:
             options = message.options
             options.pop("traceback", None)  # tracebacks may quote secrets; errors are kept in the mirror
@@ -582,6 +592,7 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def nack(self, message: dramatiq.MessageProxy) -> None:
         assert isinstance(message, PgMessageProxy)
+        self._observe(message)
         error = message.error_text or _describe(message) or "rejected by middleware"
         # An attempt interrupted by control_plane.cancel_job ends its job cancelled, not failed.
         kind = "cancel" if isinstance(message._exception, Cancelled) else "nack"
@@ -624,6 +635,28 @@ class _PostgresConsumer(dramatiq.Consumer):
     def _usable(self) -> bool:
         return db.connection_is_usable(self.conn)
 
+    def _capacity(self) -> int:
+        """How many messages this consumer may hold: Dramatiq's prefetch, times
+        ``burst_prefetch`` while its jobs are short.
+
+        Each claim and each settle costs a round trip, a commit and a plan
+        lookup whatever its size, so short jobs drain faster in bigger batches
+        (a 2x8 drain of no-op jobs: ~3,300 jobs/s at prefetch 16, ~4,400 at 32
+        or 64). Holding more than the threads can start is only cheap when the
+        jobs are short: a worker sitting on long jobs would starve the others.
+        """
+        mean = self.mean_run
+        if self.settings.burst_prefetch > 1 and mean is not None and mean < SHORT_JOB_SECONDS:
+            return self.prefetch * self.settings.burst_prefetch
+        return self.prefetch
+
+    def _observe(self, message: PgMessageProxy) -> None:
+        """Fold the run time of a message that just finished into the moving average."""
+        if message.started_mono:
+            seconds = time.monotonic() - message.started_mono
+            mean = self.mean_run
+            self.mean_run = seconds if mean is None else mean + 0.1 * (seconds - mean)
+
     def _hand_over(self, outcome: _Outcome) -> None:
         with self.state.lock:
             first = not self.state.outcomes
@@ -632,7 +665,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             self.state.outcomes.append(outcome)
             # Wake the settler only when it has something new to decide: the first
             # outcome of a batch, or a batch big enough to write at once.
-            if first or len(self.state.outcomes) == max(1, self.prefetch // 2):
+            if first or len(self.state.outcomes) == max(1, self._capacity() // 2):
                 self.state.settle_cond.notify()
 
     def _settle_due(self) -> float:
@@ -649,7 +682,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         if pending == 0:
             return -1.0
         window = self.settings.settle_window_ms / 1000
-        if not self._more or window <= 0 or pending >= max(1, self.prefetch // 2):
+        if not self._more or window <= 0 or pending >= max(1, self._capacity() // 2):
             return 0.0
         return max(first + window - time.monotonic(), 0.0)
 
@@ -660,10 +693,11 @@ class _PostgresConsumer(dramatiq.Consumer):
             with self.state.lock:
                 if self.state.buffer:
                     return self.state.buffer.popleft()
-                free = self.prefetch - len(self.state.inflight)
+                capacity = self._capacity()
+                free = capacity - len(self.state.inflight)
             # With a backlog, claim in batches of at least half the prefetch: with a
             # prefetch of twice the threads, a thread can only be idle when that many are free.
-            threshold = max(1, self.prefetch // 2) if self._more and self.settings.settle_window_ms > 0 else 1
+            threshold = max(1, capacity // 2) if self._more and self.settings.settle_window_ms > 0 else 1
             now = time.monotonic()
             if free >= threshold and (self._notified or self._more or now >= self._next_poll):
                 self._notified = False

@@ -243,3 +243,45 @@ def test_a_notify_read_during_a_statement_wakes_the_consumer_at_once(
         assert consumer._notified
     finally:
         consumer.close()
+
+
+def _held(db_url: str) -> int:
+    return int(query(db_url, "SELECT count(*) AS n FROM control_plane.messages WHERE claim_token IS NOT NULL")[0]["n"])
+
+
+def _run(consumer: Any, message: Any, seconds_ago: float = 0.0) -> None:
+    """What a worker thread does with a message: start it (the broker's event), then ack it."""
+    _broker().emit_before("process_message", message)
+    message.started_mono -= seconds_ago
+    consumer.ack(message)
+
+
+def test_a_consumer_holds_more_messages_while_its_jobs_are_short_and_fewer_when_they_are_long(db_url: str) -> None:
+    # Given 40 waiting messages and a consumer with Dramatiq's prefetch of 2
+    for i in range(40):
+        actors.noop.send(i)
+    consumer = _broker().consume("default", prefetch=2, timeout=1000)
+    try:
+        # Before any job ran it holds 2
+        first = next(consumer)
+        assert _held(db_url) == 2
+        # When short jobs run, it holds up to burst_prefetch (4) x 2 = 8
+        _run(consumer, first)
+        for _ in range(6):
+            _run(consumer, next(consumer))
+        wait_for(lambda: _held(db_url) == 8, what="a claim sized for short jobs")
+        # When jobs turn long (a second each, on average), it goes back to 2
+        while _held(db_url) > 2:
+            _run(consumer, next(consumer), seconds_ago=5.0)
+        for _ in range(4):
+            _run(consumer, next(consumer), seconds_ago=5.0)
+            wait_for(lambda: _held(db_url) <= 2, what="claims back to the prefetch")
+    finally:
+        consumer.close()
+
+
+def test_burst_prefetch_can_be_turned_off() -> None:
+    assert Settings.from_env({}).burst_prefetch == 4
+    assert Settings.from_env({"CONTROLPLANE_BURST_PREFETCH": "1"}).burst_prefetch == 1
+    with pytest.raises(ConfigurationError, match="CONTROLPLANE_BURST_PREFETCH"):
+        Settings.from_env({"CONTROLPLANE_BURST_PREFETCH": "0"})
