@@ -13,6 +13,31 @@ from __future__ import annotations
 
 NOTIFY_CHANNEL = "control_plane_messages"
 
+# -- ENQUEUE's parts that its keyless twin shares (one copy of the upsert rules) --
+
+#: A jobs row's values, read from the message's JSON body (``doc``) in CTE ``m``.
+_JOB_VALUES = """id, actor, queue,
+           jsonb_build_object('args', doc -> 'args', 'kwargs', doc -> 'kwargs'),
+           coalesce(doc -> 'options', '{}'::jsonb), priority, max_attempts, eta"""
+
+#: Re-enqueueing an id that already has a job makes that job pending again.
+_JOB_AGAIN = """ON CONFLICT (id) DO UPDATE
+       SET status = 'pending', scheduled_at = excluded.scheduled_at, options = excluded.options,
+           completed_at = NULL, updated_at = now()"""
+
+#: The message rows, from CTE ``m``; re-enqueueing an id puts its message back in the queue.
+_MESSAGES_FROM_M = """INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body)
+    SELECT id, queue, actor, priority, eta, body FROM m"""
+_MESSAGE_AGAIN = """ON CONFLICT (id) DO UPDATE
+       SET queue = excluded.queue, actor = excluded.actor, priority = excluded.priority,
+           eta = excluded.eta, body = excluded.body,
+           claim_token = NULL, worker = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
+    RETURNING cur.id, cur.queue, cur.eta"""
+
+#: Wake each queue that got a ready message in CTE ``msg`` (a count, to return one value).
+_NOTIFY_READY = """count(pg_notify('control_plane_messages', q.queue))
+        FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now()) AS q"""
+
 #: Insert (or re-insert) a batch of messages and their jobs rows, then wake the
 #: workers of every queue that received a ready message. The mirror's payload
 #: and options are read from the JSON body server-side: the message is encoded
@@ -26,7 +51,8 @@ NOTIFY_CHANNEL = "control_plane_messages"
 #: ``duplicates``, a JSON object {sent id: id of the live job holding its key};
 #: that id is null when the holder was committed after this statement began (the
 #: statement's snapshot cannot see it): the caller sends those messages again.
-ENQUEUE = """
+ENQUEUE = (
+    """
 WITH m AS (
     SELECT t.id, t.queue, t.actor, t.priority,
            coalesce(now() + make_interval(secs => t.delay_ms / 1000.0), t.eta, now()) AS eta, t.body,
@@ -42,9 +68,7 @@ WITH m AS (
     -- the first message of each key in the batch; the others are its duplicates
     INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts,
                                            scheduled_at, unique_key)
-    SELECT DISTINCT ON (unique_key) id, actor, queue,
-           jsonb_build_object('args', doc -> 'args', 'kwargs', doc -> 'kwargs'),
-           coalesce(doc -> 'options', '{}'::jsonb), priority, max_attempts, eta, unique_key
+    SELECT DISTINCT ON (unique_key) """ + _JOB_VALUES + """, unique_key
     FROM m WHERE keyed
     ORDER BY unique_key, ord
     ON CONFLICT (unique_key) WHERE status IN ('pending', 'running') DO NOTHING
@@ -52,26 +76,16 @@ WITH m AS (
 ), job AS (
     INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts,
                                     scheduled_at, unique_key)
-    SELECT id, actor, queue,
-           jsonb_build_object('args', doc -> 'args', 'kwargs', doc -> 'kwargs'),
-           coalesce(doc -> 'options', '{}'::jsonb), priority, max_attempts, eta, unique_key
+    SELECT """ + _JOB_VALUES + """, unique_key
     FROM m WHERE NOT keyed
-    ON CONFLICT (id) DO UPDATE
-       SET status = 'pending', scheduled_at = excluded.scheduled_at, options = excluded.options,
-           completed_at = NULL, updated_at = now()
+    """ + _JOB_AGAIN + """
     RETURNING cur.id
 ), msg AS (
-    INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body)
-    SELECT id, queue, actor, priority, eta, body FROM m
+    """ + _MESSAGES_FROM_M + """
     WHERE id IN (SELECT id FROM job UNION ALL SELECT id FROM keyed_job)
-    ON CONFLICT (id) DO UPDATE
-       SET queue = excluded.queue, actor = excluded.actor, priority = excluded.priority,
-           eta = excluded.eta, body = excluded.body,
-           claim_token = NULL, worker = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
-    RETURNING cur.id, cur.queue, cur.eta
+    """ + _MESSAGE_AGAIN + """
 )
-SELECT (SELECT count(pg_notify('control_plane_messages', q.queue))
-        FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now()) AS q) AS notified,
+SELECT (SELECT """ + _NOTIFY_READY + """) AS notified,
        (SELECT coalesce(jsonb_object_agg(m.id, coalesce(winner.id, holder.id)), '{}'::jsonb)
         FROM m
         LEFT JOIN keyed_job AS winner ON winner.unique_key = m.unique_key
@@ -80,12 +94,14 @@ SELECT (SELECT count(pg_notify('control_plane_messages', q.queue))
             WHERE j.unique_key = m.unique_key AND j.status IN ('pending', 'running')
         ) AS holder ON true
         WHERE m.keyed AND m.id NOT IN (SELECT id FROM keyed_job)) AS duplicates
-"""
+"""  # noqa: S608 (joined from this module's constants only, no input)
+)
 
 #: ENQUEUE for a batch in which no message has a unique key (most sends): the
 #: same rows and the same upserts, without the duplicate lookups. Returns one
 #: row, the count of queues woken.
-ENQUEUE_PLAIN = """
+ENQUEUE_PLAIN = (
+    """
 WITH m AS (
     SELECT t.id, t.queue, t.actor, t.priority,
            coalesce(now() + make_interval(secs => t.delay_ms / 1000.0), t.eta, now()) AS eta, t.body,
@@ -95,25 +111,16 @@ WITH m AS (
          AS t(id, queue, actor, priority, eta, delay_ms, body, max_attempts)
 ), job AS (
     INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts, scheduled_at)
-    SELECT id, actor, queue,
-           jsonb_build_object('args', doc -> 'args', 'kwargs', doc -> 'kwargs'),
-           coalesce(doc -> 'options', '{}'::jsonb), priority, max_attempts, eta
+    SELECT """ + _JOB_VALUES + """
     FROM m
-    ON CONFLICT (id) DO UPDATE
-       SET status = 'pending', scheduled_at = excluded.scheduled_at, options = excluded.options,
-           completed_at = NULL, updated_at = now()
+    """ + _JOB_AGAIN + """
 ), msg AS (
-    INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body)
-    SELECT id, queue, actor, priority, eta, body FROM m
-    ON CONFLICT (id) DO UPDATE
-       SET queue = excluded.queue, actor = excluded.actor, priority = excluded.priority,
-           eta = excluded.eta, body = excluded.body,
-           claim_token = NULL, worker = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
-    RETURNING cur.queue, cur.eta
+    """ + _MESSAGES_FROM_M + """
+    """ + _MESSAGE_AGAIN + """
 )
-SELECT count(pg_notify('control_plane_messages', q.queue))
-FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now()) AS q
-"""
+SELECT """ + _NOTIFY_READY + """
+"""  # noqa: S608 (joined from this module's constants only, no input)
+)
 
 #: Lease up to ``limit`` ready messages of one queue to this worker, in
 #: priority-then-eta order, skipping rows other workers hold; mark them running.
