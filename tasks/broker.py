@@ -294,13 +294,18 @@ class PostgresBroker(dramatiq.Broker):
             cached = hooks[signal] = (key, table)
         return cached[1]
 
+    def _listeners(self, signal: str, *, reverse: bool = False) -> Iterator[Middleware]:
+        """The middleware to call for ``signal``, in order (or in reverse order)."""
+        table = self._hooks_for(signal)
+        for middleware, implemented, instance in reversed(table) if reverse else table:
+            if implemented or (instance is not None and signal in instance):
+                yield middleware
+
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         if signal == "process_message" and args and isinstance(args[0], PgMessageProxy):
             args[0].started_mono = time.monotonic()  # its consumer sizes its claims by run times
         signal = "before_" + signal
-        for middleware, implemented, instance in self._hooks_for(signal):
-            if not implemented and (instance is None or signal not in instance):
-                continue
+        for middleware in self._listeners(signal):
             try:
                 getattr(middleware, signal)(self, *args, **kwargs)
             except dramatiq.middleware.MiddlewareError:
@@ -310,9 +315,7 @@ class PostgresBroker(dramatiq.Broker):
 
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
         signal = "after_" + signal
-        for middleware, implemented, instance in reversed(self._hooks_for(signal)):
-            if not implemented and (instance is None or signal not in instance):
-                continue
+        for middleware in self._listeners(signal, reverse=True):
             try:
                 getattr(middleware, signal)(self, *args, **kwargs)
             except Exception:
@@ -559,16 +562,9 @@ class _PostgresConsumer(dramatiq.Consumer):
         self._settler.start()
 
     def _connect(self) -> None:
-        self.conn = db.connect(
-            self.broker.url(), autocommit=True, application_name=f"controlplane-worker:{self.queue_name}"
-        )
+        self.conn = _claims_connection(self.broker, f"controlplane-worker:{self.queue_name}")
         with self.conn.cursor() as cur:
             cur.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
-            # Claims and settles need not wait for the WAL flush: a server crash can
-            # only undo the last moments of them, and then the job runs again
-            # (at-least-once, as after any crash) and the mirror, written in the
-            # same transactions, is undone with them. Sends stay synchronous.
-            cur.execute("SET synchronous_commit = off")
 
     # -- Dramatiq's interface ----------------------------------------------
 
@@ -650,6 +646,10 @@ class _PostgresConsumer(dramatiq.Consumer):
             return self.prefetch * self.settings.burst_prefetch
         return self.prefetch
 
+    def _half_capacity(self) -> int:
+        """Under a backlog, the size of a batch: outcomes written together, slots claimed together."""
+        return max(1, self._capacity() // 2)
+
     def _observe(self, message: PgMessageProxy) -> None:
         """Fold the run time of a message that just finished into the moving average."""
         if message.started_mono:
@@ -665,7 +665,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             self.state.outcomes.append(outcome)
             # Wake the settler only when it has something new to decide: the first
             # outcome of a batch, or a batch big enough to write at once.
-            if first or len(self.state.outcomes) == max(1, self._capacity() // 2):
+            if first or len(self.state.outcomes) == self._half_capacity():
                 self.state.settle_cond.notify()
 
     def _settle_due(self) -> float:
@@ -682,7 +682,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         if pending == 0:
             return -1.0
         window = self.settings.settle_window_ms / 1000
-        if not self._more or window <= 0 or pending >= max(1, self._capacity() // 2):
+        if not self._more or window <= 0 or pending >= self._half_capacity():
             return 0.0
         return max(first + window - time.monotonic(), 0.0)
 
@@ -871,6 +871,19 @@ class _PostgresConsumer(dramatiq.Consumer):
             )
 
 
+def _claims_connection(broker: PostgresBroker, application_name: str) -> Any:
+    """An autocommit connection for claims or settles, whose commits do not wait for the WAL flush.
+
+    A server crash can only undo the last moments of claims and settles; then
+    the job runs again (at-least-once, as after any crash) and the mirror,
+    written in the same transactions, is undone with them. Sends stay synchronous.
+    """
+    conn = db.connect(broker.url(), autocommit=True, application_name=application_name)
+    with conn.cursor() as cur:
+        cur.execute("SET synchronous_commit = off")
+    return conn
+
+
 class _Settler(threading.Thread):
     """Writes a consumer's outcomes (acks, failures, retries) on its own connection.
 
@@ -904,13 +917,7 @@ class _Settler(threading.Thread):
             if self.conn is not None:
                 with contextlib.suppress(Exception):
                     self.conn.close()
-            self.conn = db.connect(
-                self.consumer.broker.url(),
-                autocommit=True,
-                application_name=f"controlplane-settle:{self.consumer.queue_name}",
-            )
-            with self.conn.cursor() as cur:
-                cur.execute("SET synchronous_commit = off")  # as the consumer's: see _PostgresConsumer._connect
+            self.conn = _claims_connection(self.consumer.broker, f"controlplane-settle:{self.consumer.queue_name}")
         return self.conn
 
     def run(self) -> None:
