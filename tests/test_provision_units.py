@@ -36,6 +36,7 @@ from tasks.provision.payload import (
 )
 from tasks.provision.services import ServiceClient
 from tasks.provision.standin import NO_ANSWER, StandinService
+from tests.support import wait_for
 
 TOKEN = "test-token-5d41402abc4b2a76"
 PEPPER = b"pepper-for-tests"
@@ -550,6 +551,19 @@ def test_hang_past_timeout_is_transient(standin: StandinService) -> None:
     with pytest.raises(TransientError, match=r"no answer within 0\.5s") as info:
         client_for(standin, timeout=0.5).put_tenant("proj_1", {"tenant_id": "t"})
     assert_no_token(info.value)
+
+
+def test_a_request_that_hung_does_not_use_up_faults_set_after_it_arrived(standin: StandinService) -> None:
+    # Given a request that hangs past its client's timeout
+    standin.set_faults(hang_seconds=1.0)
+    with pytest.raises(TransientError, match="no answer"):
+        client_for(standin, timeout=0.2).put_tenant("proj_stale", {"tenant_id": "t"})
+    # When the next test's faults are set while it still hangs
+    standin.set_faults(hang_seconds=0, drop_after_commit_times=1)
+    wait_for(lambda: "proj_stale" in standin.tenants, what="the stale request to be applied")
+    # Then the fault is still there for the next request
+    with pytest.raises(TransientError, match="connection failed"):
+        client_for(standin).put_tenant("proj_1", {"tenant_id": "t"})
 
 
 def test_rejected_token_is_permanent_and_not_echoed(standin: StandinService) -> None:

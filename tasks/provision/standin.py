@@ -212,15 +212,21 @@ class StandinService:
     ) -> _Outcome:
         """Apply faults, then the tenant operation; the caller writes the outcome."""
         with self._lock:
-            hang = self._faults.hang_seconds
+            entry = self._faults
+            hang = entry.hang_seconds
         if hang > 0 and self._stopping.wait(hang):
             return self._record(method, path, _Outcome(NO_ANSWER, drop=True))
         expected = f"Bearer {self._token}".encode()
         authorized = hmac.compare_digest(authorization.encode(), expected)
         with self._lock:
             faults = self._faults
+            # A request that hung across a change of faults (its client long gone) must not
+            # use up the counted faults set after it arrived: they are meant for new requests.
+            counted = faults is entry or hang <= 0
             if faults.reject_token or not authorized:
                 outcome = _Outcome(401, {"error": "invalid token"})
+            elif not counted:
+                outcome = self._apply(method, project_id, body)
             elif faults.status_429_times > 0:
                 faults.status_429_times -= 1
                 outcome = _Outcome(429, {"error": "slow down"})
