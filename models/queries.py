@@ -123,7 +123,9 @@ SELECT """ + _NOTIFY_READY + """
 )
 
 #: Lease up to ``limit`` ready messages of one queue to this worker, in
-#: priority-then-eta order, skipping rows other workers hold; mark them running.
+#: priority-then-eta order, skipping rows other workers hold. The jobs rows are
+#: not touched: a job becomes ``running`` when a worker thread starts it (SETTLE's
+#: ``start`` rows, or its outcome when it finished before its start was written).
 #: The broker writes the limit into the text (one prepared statement per size,
 #: see ``tasks.broker._claim_size``); ``%(limit)s`` works for a plain run.
 CLAIM = """
@@ -139,34 +141,42 @@ WITH c AS (
            lease_expires_at = now() + make_interval(secs => %(lease)s)
     FROM c WHERE m.id = c.id
     RETURNING m.id, m.priority, m.eta, m.body
-), j AS (
-    UPDATE control_plane.jobs AS j
-       SET status = 'running', attempts = j.attempts + 1, started_at = now(),
-           completed_at = NULL, updated_at = now(), worker = %(worker)s
-    FROM m WHERE j.id = m.id
 )
 SELECT id::text, body FROM m ORDER BY priority, eta, id
 """
 
 #: Apply a batch of outcomes: ``ack`` (done), ``nack`` (failed for good),
 #: ``retry`` (back to the queue at now + delay) and ``cancel`` (interrupted by
-#: ``control_plane.cancel_job``). Fenced by the claim token: a worker that lost
-#: its lease changes nothing. A retry of a message whose cancellation was
-#: requested is a cancel: the attempt failed before the interrupt landed, but
-#: the job must not run again. Returns the ids applied.
+#: ``control_plane.cancel_job``), and ``start`` (a worker thread started it:
+#: the job is ``running``; the message stays claimed). Fenced by the claim
+#: token: a worker that lost its lease changes nothing. A retry of a message
+#: whose cancellation was requested is a cancel: the attempt failed before the
+#: interrupt landed, but the job must not run again.
+#:
+#: An attempt is counted when the job becomes ``running``; an outcome whose job
+#: is not ``running`` (a short job that finished before its start was written,
+#: or a message refused before it ran) counts it itself, so a short job writes
+#: its jobs row twice (pending, then its outcome), not three times. Only this
+#: statement and the ones that end a claim (REAP, RELEASE) move a job out of
+#: ``running``, so under a matching token ``running`` means this claim's start
+#: was written. ``started_ms`` is how long ago the attempt started (null: not
+#: started), measured on the worker's clock but applied to the database's.
+#: Returns the ids applied.
 SETTLE = """
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(kinds)s::text[],
                          %(delays)s::bigint[], %(bodies)s::bytea[], %(errors)s::text[],
-                         %(results)s::jsonb[])
-         AS t(id, token, kind, delay_ms, body, error, result)
+                         %(results)s::jsonb[], %(started_ms)s::bigint[])
+         AS t(id, token, kind, delay_ms, body, error, result, started_ms)
 ), a AS (
     SELECT t.id, t.token, t.delay_ms, t.body, t.error, t.result,
+           now() - make_interval(secs => coalesce(t.started_ms, 0) / 1000.0) AS started_at,
+           m.id IS NOT NULL AS held,
            CASE WHEN t.kind = 'retry' AND m.cancel_requested_at IS NOT NULL THEN 'cancel' ELSE t.kind END AS kind
     FROM t LEFT JOIN control_plane.messages AS m ON m.id = t.id AND m.claim_token = t.token
 ), gone AS (
     DELETE FROM control_plane.messages AS m USING a
-    WHERE a.kind <> 'retry' AND m.id = a.id AND m.claim_token = a.token
+    WHERE a.kind NOT IN ('retry', 'start') AND m.id = a.id AND m.claim_token = a.token
     RETURNING m.id, NULL::timestamptz AS eta
 ), back AS (
     UPDATE control_plane.messages AS m
@@ -176,31 +186,41 @@ WITH t AS (
     RETURNING m.id, m.eta
 ), done AS (
     SELECT id, eta FROM gone UNION ALL SELECT id, eta FROM back
+    UNION ALL SELECT id, NULL FROM a WHERE a.kind = 'start' AND a.held
+), n AS (
+    -- the attempt's number: counted by its start mark when that was written
+    SELECT a.*, done.eta, j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END AS attempt,
+           j.status = 'running' AS counted
+    FROM a JOIN done ON done.id = a.id JOIN control_plane.jobs AS j ON j.id = a.id
 )
 UPDATE control_plane.jobs AS j
-   SET status = CASE a.kind WHEN 'ack' THEN 'completed' WHEN 'nack' THEN 'failed'
-                            WHEN 'cancel' THEN 'cancelled' ELSE 'pending' END,
-       completed_at = CASE WHEN a.kind = 'retry' THEN NULL ELSE now() END,
-       scheduled_at = coalesce(done.eta, j.scheduled_at),
-       result = CASE WHEN a.kind = 'ack' THEN a.result ELSE j.result END,
-       last_error = CASE a.kind WHEN 'ack' THEN j.last_error WHEN 'cancel' THEN 'cancelled by operator'
-                                ELSE a.error END,
-       errors = CASE WHEN a.kind = 'ack' THEN j.errors
+   SET status = CASE n.kind WHEN 'ack' THEN 'completed' WHEN 'nack' THEN 'failed'
+                            WHEN 'cancel' THEN 'cancelled' WHEN 'start' THEN 'running' ELSE 'pending' END,
+       attempts = n.attempt,
+       started_at = CASE WHEN n.counted THEN j.started_at ELSE n.started_at END,
+       worker = CASE WHEN n.counted THEN j.worker ELSE %(worker)s END,
+       completed_at = CASE WHEN n.kind IN ('retry', 'start') THEN NULL ELSE now() END,
+       scheduled_at = coalesce(n.eta, j.scheduled_at),
+       result = CASE WHEN n.kind = 'ack' THEN n.result ELSE j.result END,
+       last_error = CASE n.kind WHEN 'ack' THEN j.last_error WHEN 'start' THEN j.last_error
+                                WHEN 'cancel' THEN 'cancelled by operator' ELSE n.error END,
+       errors = CASE WHEN n.kind IN ('ack', 'start') THEN j.errors
                 ELSE j.errors || jsonb_build_array(jsonb_build_object(
-                         'attempt', j.attempts, 'at', now(), 'error', a.error, 'worker', j.worker))
+                         'attempt', n.attempt, 'at', now(), 'error', n.error,
+                         'worker', CASE WHEN n.counted THEN j.worker ELSE %(worker)s END))
                 END,
-       options = CASE WHEN a.kind = 'retry' THEN coalesce(convert_from(a.body, 'UTF8')::jsonb -> 'options',
+       options = CASE WHEN n.kind = 'retry' THEN coalesce(convert_from(n.body, 'UTF8')::jsonb -> 'options',
                                                           j.options)
                  ELSE j.options END,
        updated_at = now()
-FROM a JOIN done ON done.id = a.id
-WHERE j.id = a.id
+FROM n
+WHERE j.id = n.id AND (n.kind <> 'start' OR NOT n.counted)
 RETURNING j.id::text
 """
 
 #: Give back messages this worker holds but will not finish (graceful shutdown,
-#: consumer restart). ``started`` false means the message never ran, so the
-#: attempt counted at claim time is returned too. A message whose cancellation
+#: consumer restart). ``started`` true means an attempt ran and was interrupted:
+#: it counts (unless its start mark already counted it). A message whose cancellation
 #: was requested is not given back: its job ends cancelled.
 RELEASE = """
 WITH a AS (
@@ -218,7 +238,8 @@ WITH a AS (
 ), j AS (
     UPDATE control_plane.jobs AS j
        SET status = 'pending', updated_at = now(), started_at = NULL,
-           attempts = CASE WHEN a.started THEN j.attempts ELSE greatest(j.attempts - 1, 0) END,
+           -- a started attempt counts, if its start mark (which counted it) was not written yet
+           attempts = j.attempts + CASE WHEN a.started AND j.status <> 'running' THEN 1 ELSE 0 END,
            last_error = CASE WHEN a.started THEN 'interrupted: the worker shut down before the job finished'
                         ELSE j.last_error END
     FROM a JOIN r ON r.id = a.id WHERE j.id = a.id
@@ -257,7 +278,7 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 #: A message whose cancellation was requested is not put back: its job ends cancelled.
 REAP = """
 WITH r AS (
-    SELECT id, cancel_requested_at IS NOT NULL AS cancel FROM control_plane.messages
+    SELECT id, worker, cancel_requested_at IS NOT NULL AS cancel FROM control_plane.messages
     WHERE claim_token IS NOT NULL AND lease_expires_at < now()
     ORDER BY lease_expires_at
     LIMIT 1000
@@ -266,28 +287,32 @@ WITH r AS (
     UPDATE control_plane.messages AS m
        SET claim_token = NULL, worker = NULL, lease_expires_at = NULL
     FROM r WHERE m.id = r.id AND NOT r.cancel
-    RETURNING m.id, m.queue
+    RETURNING m.id, m.queue, r.worker
 ), x AS (
     DELETE FROM control_plane.messages AS m USING r WHERE m.id = r.id AND r.cancel
-    RETURNING m.id
+    RETURNING m.id, r.worker
+), lost AS (
+    SELECT id, coalesce(worker, 'unknown') AS worker, false AS cancel FROM m
+    UNION ALL SELECT id, coalesce(worker, 'unknown'), true FROM x
 ), j AS (
+    -- The lost claim counts as an attempt (unless its start mark counted it):
+    -- its worker may have started it without the mark being written.
     UPDATE control_plane.jobs AS j
-       SET status = 'pending', updated_at = now(), scheduled_at = now(),
-           last_error = 'lease expired: worker ' || coalesce(j.worker, 'unknown')
-                        || ' stopped heartbeating (killed or cut off); the job was re-queued',
+       SET status = CASE WHEN lost.cancel THEN 'cancelled' ELSE 'pending' END,
+           completed_at = CASE WHEN lost.cancel THEN now() ELSE j.completed_at END,
+           scheduled_at = CASE WHEN lost.cancel THEN j.scheduled_at ELSE now() END,
+           updated_at = now(),
+           attempts = j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END,
+           worker = lost.worker,
+           last_error = CASE WHEN lost.cancel THEN 'cancelled by operator'
+                        ELSE 'lease expired: worker ' || lost.worker
+                             || ' stopped heartbeating (killed or cut off); the job was re-queued' END,
            errors = j.errors || jsonb_build_array(jsonb_build_object(
-                        'attempt', j.attempts, 'at', now(), 'worker', j.worker,
-                        'error', 'lease expired: worker ' || coalesce(j.worker, 'unknown')
-                                 || ' stopped heartbeating'))
-    FROM m WHERE j.id = m.id
-), jx AS (
-    UPDATE control_plane.jobs AS j
-       SET status = 'cancelled', completed_at = now(), updated_at = now(), last_error = 'cancelled by operator',
-           errors = j.errors || jsonb_build_array(jsonb_build_object(
-                        'attempt', j.attempts, 'at', now(), 'worker', j.worker,
-                        'error', 'lease expired: worker ' || coalesce(j.worker, 'unknown')
-                                 || ' stopped heartbeating after its cancellation was requested'))
-    FROM x WHERE j.id = x.id
+                        'attempt', j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END,
+                        'at', now(), 'worker', lost.worker,
+                        'error', 'lease expired: worker ' || lost.worker || ' stopped heartbeating'
+                                 || CASE WHEN lost.cancel THEN ' after its cancellation was requested' ELSE '' END))
+    FROM lost WHERE j.id = lost.id
 ), w AS (
     DELETE FROM control_plane.worker_heartbeats
     WHERE heartbeat_at < now() - make_interval(secs => %(forget_after)s)
@@ -310,7 +335,7 @@ SELECT id, actor, queue, 'failed', priority, 1, 1, %(error)s,
 FROM d
 ON CONFLICT (id) DO UPDATE
    SET status = 'failed', last_error = excluded.last_error, completed_at = now(), updated_at = now(),
-       errors = j.errors || excluded.errors
+       attempts = j.attempts + 1, errors = j.errors || excluded.errors
 """
 
 #: Forget a worker that shut down cleanly.

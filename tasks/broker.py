@@ -63,6 +63,11 @@ _CLAIMS: dict[int, Statement] = {}
 #: Jobs shorter than this on average let a consumer hold ``burst_prefetch`` times more messages.
 SHORT_JOB_SECONDS = 0.05
 
+#: A started job is marked ``running`` in ``control_plane.jobs`` once it has run this long
+#: (sooner if an outcome is written meanwhile). A job that ends first writes its outcome
+#: alone: one row version less per short job.
+RUNNING_MARK_DELAY_SECONDS = 0.05
+
 
 def _claim_size(free: int) -> int:
     """How many messages to claim for ``free`` slots: all of them up to 64, then a power of two.
@@ -198,13 +203,15 @@ class PgMessageProxy(dramatiq.MessageProxy):
 
 @dataclass
 class _Outcome:
-    kind: str  # ack | nack | retry | cancel
+    kind: str  # ack | nack | retry | cancel | start (a start mark: the job is running)
     message_id: str
     token: str
     delay_ms: int = 0
     body: bytes | None = None
     error: str | None = None
     result_json: str | None = None
+    #: When a worker thread started the attempt (monotonic seconds; 0: it never started).
+    started_mono: float = 0.0
 
 
 @dataclass
@@ -219,6 +226,8 @@ class _QueueState:
     inflight: dict[str, PgMessageProxy] = field(default_factory=dict)
     #: claimed, not yet handed to Dramatiq.
     buffer: deque[PgMessageProxy] = field(default_factory=deque)
+    #: started by a worker thread, ``running`` not yet written (oldest first).
+    starts: dict[str, PgMessageProxy] = field(default_factory=dict)
     wake_r: int = -1
     wake_w: int = -1
     #: When the oldest outcome not yet written was handed over (monotonic seconds).
@@ -303,7 +312,7 @@ class PostgresBroker(dramatiq.Broker):
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         if signal == "process_message" and args and isinstance(args[0], PgMessageProxy):
-            args[0].started_mono = time.monotonic()  # its consumer sizes its claims by run times
+            self._started(args[0])
         signal = "before_" + signal
         for middleware in self._listeners(signal):
             try:
@@ -335,6 +344,19 @@ class PostgresBroker(dramatiq.Broker):
         self._states = {}
         self._states_lock = threading.Lock()
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
+
+    def _started(self, message: PgMessageProxy) -> None:
+        """A worker thread is starting ``message``: its settler writes ``running`` if it lasts.
+
+        The start time also sizes its consumer's claims (see ``_capacity``).
+        """
+        message.started_mono = time.monotonic()
+        state = self.state(message.queue_name)
+        with state.lock:
+            first = not state.starts
+            state.starts[message.message_id] = message
+            if first:
+                state.settle_cond.notify()
 
     def state(self, queue_name: str) -> _QueueState:
         with self._states_lock:
@@ -581,9 +603,16 @@ class _PostgresConsumer(dramatiq.Consumer):
                 delay_ms=message.retry_delay_ms,
                 body=encode_message(message._message),
                 error=message.error_text or _describe(message),
+                started_mono=message.started_mono,
             )
         else:
-            outcome = _Outcome("ack", message.message_id, message.claim_token, result_json=message.result_json)
+            outcome = _Outcome(
+                "ack",
+                message.message_id,
+                message.claim_token,
+                result_json=message.result_json,
+                started_mono=message.started_mono,
+            )
         self._hand_over(outcome)
 
     def nack(self, message: dramatiq.MessageProxy) -> None:
@@ -592,7 +621,9 @@ class _PostgresConsumer(dramatiq.Consumer):
         error = message.error_text or _describe(message) or "rejected by middleware"
         # An attempt interrupted by control_plane.cancel_job ends its job cancelled, not failed.
         kind = "cancel" if isinstance(message._exception, Cancelled) else "nack"
-        self._hand_over(_Outcome(kind, message.message_id, message.claim_token, error=error))
+        self._hand_over(
+            _Outcome(kind, message.message_id, message.claim_token, error=error, started_mono=message.started_mono)
+        )
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
         """Give back prefetched messages at once (graceful shutdown)."""
@@ -669,22 +700,27 @@ class _PostgresConsumer(dramatiq.Consumer):
                 self.state.settle_cond.notify()
 
     def _settle_due(self) -> float:
-        """0 when the gathered outcomes should be written now, else how long to wait for more.
+        """0 when something should be written now, else how long to wait; -1: nothing to write.
 
         With a backlog (the last claim filled every free slot), outcomes are
         gathered for up to ``settle_window`` or until half the prefetch finished,
         so that one SETTLE and one CLAIM serve many messages. An idle queue
-        settles at once: latency matters more than batching there.
+        settles at once: latency matters more than batching there. A start is
+        due once its job has run for ``RUNNING_MARK_DELAY_SECONDS``.
         """
         with self.state.lock:
             pending = len(self.state.outcomes)
             first = self.state.first_outcome_at
+            oldest = next(iter(self.state.starts.values())).started_mono if self.state.starts else None
+        now = time.monotonic()
+        marks = -1.0 if oldest is None else max(oldest + RUNNING_MARK_DELAY_SECONDS - now, 0.0)
         if pending == 0:
-            return -1.0
+            return marks
         window = self.settings.settle_window_ms / 1000
         if not self._more or window <= 0 or pending >= self._half_capacity():
             return 0.0
-        return max(first + window - time.monotonic(), 0.0)
+        due = max(first + window - now, 0.0)
+        return due if marks < 0 else min(due, marks)
 
     def _next(self) -> dramatiq.MessageProxy | None:
         deadline = time.monotonic() + self.timeout
@@ -769,16 +805,29 @@ class _PostgresConsumer(dramatiq.Consumer):
             cur.execute(queries.REJECT_MALFORMED, {"id": message_id, "token": token, "error": error})
 
     def _flush(self, conn: Any = None) -> None:
-        """Write the gathered outcomes in one SETTLE, on ``conn`` (default: the consumer's)."""
+        """Write the gathered outcomes and the due start marks in one SETTLE, on ``conn``
+        (default: the consumer's).
+
+        A start whose outcome is in the same batch is dropped: the outcome row
+        marks the attempt itself. Younger starts wait for a later flush.
+        """
         conn = conn if conn is not None else self.conn
+        now = time.monotonic()
         with self.state.lock:
-            if not self.state.outcomes:
-                return
             batch = self.state.outcomes
             self.state.outcomes = []
-        # One row per message: a message cannot be settled twice in one statement.
-        latest: dict[str, _Outcome] = {o.message_id: o for o in batch}
-        params: dict[str, list[Any]] = {
+            # One row per message: a message cannot be settled twice in one statement.
+            latest: dict[str, _Outcome] = {o.message_id: o for o in batch}
+            starts: list[PgMessageProxy] = []
+            for message_id, proxy in list(self.state.starts.items()):
+                if message_id in latest:
+                    del self.state.starts[message_id]
+                elif proxy.started_mono + RUNNING_MARK_DELAY_SECONDS <= now:  # as _settle_due reckons
+                    del self.state.starts[message_id]
+                    starts.append(proxy)
+        if not latest and not starts:
+            return
+        params: dict[str, Any] = {
             "ids": [],
             "tokens": [],
             "kinds": [],
@@ -786,8 +835,11 @@ class _PostgresConsumer(dramatiq.Consumer):
             "bodies": [],
             "errors": [],
             "results": [],
+            "started_ms": [],
+            "worker": self.broker.worker_id,
         }
-        for o in latest.values():
+        marks = (_Outcome("start", p.message_id, p.claim_token, started_mono=p.started_mono) for p in starts)
+        for o in [*latest.values(), *marks]:
             params["ids"].append(o.message_id)
             params["tokens"].append(o.token)
             params["kinds"].append(o.kind)
@@ -795,14 +847,16 @@ class _PostgresConsumer(dramatiq.Consumer):
             params["bodies"].append(psycopg2.Binary(o.body) if o.body is not None else None)
             params["errors"].append(o.error)
             params["results"].append(o.result_json)
+            params["started_ms"].append(int((now - o.started_mono) * 1000) if o.started_mono else None)
         try:
             with conn.cursor() as cur:
                 _SETTLE.execute(cur, params, prepare=self.settings.prepared_statements)
                 applied = {row[0] for row in cur.fetchall()}
         except psycopg2.Error:
-            # Keep the outcomes for the next consumer (after a reconnect).
+            # Keep the outcomes and the start marks for the next try (or the next consumer).
             with self.state.lock:
                 self.state.outcomes[:0] = list(latest.values())
+                self.state.starts = {p.message_id: p for p in starts} | self.state.starts
             raise
         with self.state.lock:
             for o in latest.values():
@@ -858,6 +912,8 @@ class _PostgresConsumer(dramatiq.Consumer):
             for p in proxies:
                 if self.state.inflight.get(p.message_id) is p:
                     del self.state.inflight[p.message_id]
+                if self.state.starts.get(p.message_id) is p:
+                    del self.state.starts[p.message_id]
         if not self._usable():
             return  # their leases will expire and the reaper will put them back
         with self.conn.cursor() as cur:
@@ -924,7 +980,7 @@ class _Settler(threading.Thread):
         failures = 0
         while True:
             with self.state.settle_cond:
-                while not self.state.outcomes and not self._stopping:
+                while not self.state.outcomes and not self.state.starts and not self._stopping:
                     self.state.settle_cond.wait()
                 if self._stopping:
                     return

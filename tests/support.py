@@ -70,7 +70,11 @@ def jobs_in(url: str, ids: list[str], *statuses: str) -> bool:
 
 
 def disagreements(url: str) -> list[dict[str, Any]]:
-    """Rows where the mirror and the broker's table tell different stories."""
+    """Rows where the mirror and the broker's table tell different stories.
+
+    A claimed message's job is ``pending`` (no thread started it yet, or its
+    start mark is not written yet) or ``running``; an unclaimed one's is ``pending``.
+    """
     return query(
         url,
         """
@@ -79,7 +83,6 @@ def disagreements(url: str) -> list[dict[str, Any]]:
         WHERE j.id IS NULL
            OR (m.id IS NULL AND j.status IN ('pending', 'running'))
            OR (m.id IS NOT NULL AND j.status NOT IN ('pending', 'running'))
-           OR (m.claim_token IS NOT NULL AND j.status <> 'running')
            OR (m.id IS NOT NULL AND m.claim_token IS NULL AND j.status <> 'pending')
         """,
     )

@@ -20,7 +20,7 @@ from tasks.errors import ConfigurationError
 from tasks.prepared import Statement
 from tasks.settings import Settings
 from tests import actors
-from tests.support import job, query, wait_for
+from tests.support import job, jobs_in, query, wait_for
 
 
 def _broker() -> PostgresBroker:
@@ -285,3 +285,82 @@ def test_burst_prefetch_can_be_turned_off() -> None:
     assert Settings.from_env({"CONTROLPLANE_BURST_PREFETCH": "1"}).burst_prefetch == 1
     with pytest.raises(ConfigurationError, match="CONTROLPLANE_BURST_PREFETCH"):
         Settings.from_env({"CONTROLPLANE_BURST_PREFETCH": "0"})
+
+
+def _transitions(db_url: str) -> None:
+    """Record every status change of a jobs row in test_support.transitions."""
+    query(
+        db_url,
+        """
+        CREATE TABLE test_support.transitions (n bigserial, id uuid, old text, new text);
+        CREATE FUNCTION test_support.transition() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO test_support.transitions (id, old, new) VALUES (NEW.id, OLD.status, NEW.status);
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER transition AFTER UPDATE ON control_plane.jobs
+        FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION test_support.transition();
+        """,
+    )
+
+
+def _changes(db_url: str, message_id: str) -> list[tuple[str, str]]:
+    rows = query(db_url, "SELECT old, new FROM test_support.transitions WHERE id = %s ORDER BY n", (message_id,))
+    return [(r["old"], r["new"]) for r in rows]
+
+
+def test_a_claimed_job_stays_pending_until_a_thread_has_run_it_a_while_then_shows_running(db_url: str) -> None:
+    # Given a message claimed by a consumer (prefetched: no thread has started it)
+    _transitions(db_url)
+    message = actors.noop.send("long")
+    consumer = _broker().consume("default", prefetch=1, timeout=1000)
+    try:
+        held = next(consumer)
+        row = job(db_url, message.message_id)
+        assert (row["status"], row["attempts"], row["started_at"]) == ("pending", 0, None)
+        # When a worker thread starts it and it keeps running
+        _broker().emit_before("process_message", held)
+        # Then the settler marks it running: one attempt, this worker, not completed
+        running = wait_for(
+            lambda: (r := job(db_url, message.message_id))["status"] == "running" and r, what="the start mark"
+        )
+        assert running["attempts"] == 1
+        assert running["worker"] == _broker().worker_id
+        assert running["completed_at"] is None
+        # When it ends, the outcome keeps the start the mark wrote and counts no second attempt
+        consumer.ack(held)
+        done = wait_for(
+            lambda: (r := job(db_url, message.message_id))["status"] == "completed" and r, what="the ack"
+        )
+        assert done["attempts"] == 1
+        assert done["started_at"] == running["started_at"]
+        assert _changes(db_url, message.message_id) == [("pending", "running"), ("running", "completed")]
+    finally:
+        consumer.close()
+
+
+def test_a_job_that_ends_before_its_start_mark_writes_its_row_once_with_its_start(db_url: str) -> None:
+    # Given two claimed messages
+    _transitions(db_url)
+    ok, bad = actors.noop.send("ok"), actors.noop.send("bad")
+    consumer = _broker().consume("default", prefetch=2, timeout=1000)
+    try:
+        first, second = next(consumer), next(consumer)
+        by_id = {first.message_id: first, second.message_id: second}
+        # When each starts and ends at once, one acked and one failed for good
+        _run(consumer, by_id[ok.message_id])
+        _broker().emit_before("process_message", by_id[bad.message_id])
+        by_id[bad.message_id].fail()
+        consumer.nack(by_id[bad.message_id])
+        wait_for(lambda: jobs_in(db_url, [ok.message_id, bad.message_id], "completed", "failed"), what="both outcomes")
+    finally:
+        consumer.close()
+    # Then each jobs row changed once, straight from pending, and still says when it started and that
+    # it was attempt 1
+    assert _changes(db_url, ok.message_id) == [("pending", "completed")]
+    assert _changes(db_url, bad.message_id) == [("pending", "failed")]
+    done, failed = job(db_url, ok.message_id), job(db_url, bad.message_id)
+    assert done["attempts"] == failed["attempts"] == 1
+    assert done["started_at"] is not None and done["started_at"] <= done["completed_at"]
+    assert done["worker"] == _broker().worker_id
+    assert [e["attempt"] for e in failed["errors"]] == [1]

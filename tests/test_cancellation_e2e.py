@@ -20,7 +20,8 @@ def test_a_running_job_cancelled_with_cancel_job_is_interrupted_and_ends_cancell
     message = actors.wait_for_gate.send("never opened")
     with running_worker(db_url, tmp_path, threads=1) as worker:
         wait_for(lambda: effects(db_url, "started"), what="the job to start")
-        assert job(db_url, message.message_id)["status"] == "running"
+        # (its worker marks it running once it has run for RUNNING_MARK_DELAY_SECONDS)
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "running", what="the job to be marked running")
         # When an operator cancels it from SQL
         (row,) = query(db_url, "SELECT control_plane.cancel_job(%s) AS outcome", (message.message_id,))
         assert row["outcome"] == "cancelling"

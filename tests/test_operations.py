@@ -205,9 +205,10 @@ def test_cancel_job_asks_the_worker_holding_a_running_job_to_interrupt_it(db_url
     try:
         # When an operator cancels it
         outcome = scalar(db_url, "SELECT control_plane.cancel_job(%s)", message.message_id)
-        # Then the job keeps running until its worker reacts, marked and announced to the queue's workers
+        # Then the job stays as it is until its worker reacts (claimed, no thread started it yet:
+        # pending), marked and announced to the queue's workers
         assert outcome == "cancelling"
-        assert job(db_url, message.message_id)["status"] == "running"
+        assert job(db_url, message.message_id)["status"] == "pending"
         assert count(db_url, "messages", "cancel_requested_at IS NOT NULL") == 1
         assert wait_for(lambda: notifications(listener), what="a NOTIFY") == ["cancel:default"]
     finally:

@@ -298,9 +298,11 @@ def test_a_worker_that_lost_its_lease_cannot_overwrite_the_job(db_url: str) -> N
     held.fail()
     consumer_a.nack(held)
     consumer_a._flush()
-    # Then nothing changed: the job is B's and still running
+    # Then nothing changed: the job is B's, waiting for B's thread, and A's failure is nowhere
     row = job(db_url, message.message_id)
-    assert row["status"] == "running"
+    assert row["status"] == "pending"
+    expired = f"lease expired: worker {tasks.broker.worker_id} stopped heartbeating"
+    assert [e["error"] for e in row["errors"]] == [expired]
     assert (
         query(db_url, "SELECT claim_token::text AS t FROM control_plane.messages")[0]["t"]
         == reclaimed.claim_token
