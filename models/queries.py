@@ -190,7 +190,8 @@ WITH t AS (
 ), n AS (
     -- the attempt's number: counted by its start mark when that was written
     SELECT a.*, done.eta, j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END AS attempt,
-           j.status = 'running' AS counted
+           j.status = 'running' AS counted,
+           CASE WHEN j.status = 'running' THEN j.worker ELSE %(worker)s END AS worker
     FROM a JOIN done ON done.id = a.id JOIN control_plane.jobs AS j ON j.id = a.id
 )
 UPDATE control_plane.jobs AS j
@@ -198,7 +199,7 @@ UPDATE control_plane.jobs AS j
                             WHEN 'cancel' THEN 'cancelled' WHEN 'start' THEN 'running' ELSE 'pending' END,
        attempts = n.attempt,
        started_at = CASE WHEN n.counted THEN j.started_at ELSE n.started_at END,
-       worker = CASE WHEN n.counted THEN j.worker ELSE %(worker)s END,
+       worker = n.worker,
        completed_at = CASE WHEN n.kind IN ('retry', 'start') THEN NULL ELSE now() END,
        scheduled_at = coalesce(n.eta, j.scheduled_at),
        result = CASE WHEN n.kind = 'ack' THEN n.result ELSE j.result END,
@@ -206,8 +207,7 @@ UPDATE control_plane.jobs AS j
                                 WHEN 'cancel' THEN 'cancelled by operator' ELSE n.error END,
        errors = CASE WHEN n.kind IN ('ack', 'start') THEN j.errors
                 ELSE j.errors || jsonb_build_array(jsonb_build_object(
-                         'attempt', n.attempt, 'at', now(), 'error', n.error,
-                         'worker', CASE WHEN n.counted THEN j.worker ELSE %(worker)s END))
+                         'attempt', n.attempt, 'at', now(), 'error', n.error, 'worker', n.worker))
                 END,
        options = CASE WHEN n.kind = 'retry' THEN coalesce(convert_from(n.body, 'UTF8')::jsonb -> 'options',
                                                           j.options)
@@ -292,24 +292,25 @@ WITH r AS (
     DELETE FROM control_plane.messages AS m USING r WHERE m.id = r.id AND r.cancel
     RETURNING m.id, r.worker
 ), lost AS (
-    SELECT id, coalesce(worker, 'unknown') AS worker, false AS cancel FROM m
-    UNION ALL SELECT id, coalesce(worker, 'unknown'), true FROM x
-), j AS (
     -- The lost claim counts as an attempt (unless its start mark counted it):
     -- its worker may have started it without the mark being written.
+    SELECT l.id, coalesce(l.worker, 'unknown') AS worker, l.cancel,
+           j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END AS attempt
+    FROM (SELECT id, worker, false AS cancel FROM m UNION ALL SELECT id, worker, true FROM x) AS l
+    JOIN control_plane.jobs AS j ON j.id = l.id
+), j AS (
     UPDATE control_plane.jobs AS j
        SET status = CASE WHEN lost.cancel THEN 'cancelled' ELSE 'pending' END,
            completed_at = CASE WHEN lost.cancel THEN now() ELSE j.completed_at END,
            scheduled_at = CASE WHEN lost.cancel THEN j.scheduled_at ELSE now() END,
            updated_at = now(),
-           attempts = j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END,
+           attempts = lost.attempt,
            worker = lost.worker,
            last_error = CASE WHEN lost.cancel THEN 'cancelled by operator'
                         ELSE 'lease expired: worker ' || lost.worker
                              || ' stopped heartbeating (killed or cut off); the job was re-queued' END,
            errors = j.errors || jsonb_build_array(jsonb_build_object(
-                        'attempt', j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END,
-                        'at', now(), 'worker', lost.worker,
+                        'attempt', lost.attempt, 'at', now(), 'worker', lost.worker,
                         'error', 'lease expired: worker ' || lost.worker || ' stopped heartbeating'
                                  || CASE WHEN lost.cancel THEN ' after its cancellation was requested' ELSE '' END))
     FROM lost WHERE j.id = lost.id
