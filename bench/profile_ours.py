@@ -30,18 +30,9 @@ from typing import Any
 import psycopg2
 
 from bench.systems import ROOT
+from tests.support import query
 
 ADMIN_URL = os.environ.get("DATABASE_URL") or "postgresql://root@127.0.0.1:5432/postgres"
-
-
-def _admin(sql: str) -> None:
-    conn = psycopg2.connect(ADMIN_URL)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
 
 
 def _wal_bytes(plan: dict[str, Any]) -> int:
@@ -128,7 +119,7 @@ def main() -> None:
         "BENCH_RECORD_FILE": str(scratch / "records"), "BENCH_PROFILE_DIR": str(scratch),
     }  # fmt: skip
     py = sys.executable
-    _admin(f"CREATE DATABASE {name}")
+    query(ADMIN_URL, f"CREATE DATABASE {name}")
     try:
         subprocess.run([py, "-m", "bench.drivers.ours_driver", "setup", "--url", url], env=env, cwd=ROOT, check=True)
         subprocess.run(
@@ -162,7 +153,7 @@ def main() -> None:
             print(f"worker process {path.stem.split('.')[1]}: {path.read_text().strip()}")
         print("server side:", json.dumps(_explain(url), indent=2))
     finally:
-        _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        query(ADMIN_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 if __name__ == "__main__":

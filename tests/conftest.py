@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 # The suite runs on the Postgres broker; the RabbitMQ tests set BROKER_URL for their own processes.
@@ -23,6 +22,7 @@ os.environ.pop("BROKER_URL", None)
 import migrations
 import tasks
 from tasks import db
+from tests.support import query
 
 SUPPORT_SCHEMA = """
 CREATE SCHEMA test_support;
@@ -32,16 +32,6 @@ CREATE TABLE test_support.effects (
 );
 CREATE TABLE test_support.gates (name text PRIMARY KEY);
 """
-
-
-def _admin(url: str, sql: str) -> None:
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -63,36 +53,36 @@ def server_url() -> Iterator[str]:
 def template_db(server_url: str) -> Iterator[str]:
     """A database migrated once per session, cloned by every test that needs one."""
     name = f"cp_tmpl_{uuid.uuid4().hex[:10]}"
-    _admin(server_url, f"CREATE DATABASE {name}")
+    query(server_url, f"CREATE DATABASE {name}")
     url = db.with_database(server_url, name)
     try:
         migrations.upgrade(url)
-        _admin(url, SUPPORT_SCHEMA)
+        query(url, SUPPORT_SCHEMA)
         yield name
     finally:
-        _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        query(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
 def db_url(server_url: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database for one test; the global broker points at it."""
     name = f"cp_t_{uuid.uuid4().hex[:12]}"
-    _admin(server_url, f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    query(server_url, f"CREATE DATABASE {name} TEMPLATE {template_db}")
     url = db.with_database(server_url, name)
     tasks.broker.reconfigure(url)
     try:
         yield url
     finally:
         tasks.broker.close()
-        _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        query(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
 def empty_db(server_url: str) -> Iterator[str]:
     """A database with nothing in it (for migration tests)."""
     name = f"cp_e_{uuid.uuid4().hex[:12]}"
-    _admin(server_url, f"CREATE DATABASE {name}")
+    query(server_url, f"CREATE DATABASE {name}")
     try:
         yield db.with_database(server_url, name)
     finally:
-        _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        query(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
