@@ -116,3 +116,17 @@ def test_the_drain_ab_and_the_dramatiq_floor_aids_run(server_url: str) -> None:
     assert all("jobs/s" in line and "PostgreSQL" in line for line in medians)
     assert floor.returncode == 0, floor.stderr[-3000:]
     assert "µs of CPU per message" in floor.stdout
+
+
+@pytest.mark.e2e
+def test_the_drain_profile_runs_against_the_broker_as_it_is(server_url: str) -> None:
+    # Given a tiny drain to profile (it wraps the consumer's claim and flush, and EXPLAINs the hot statements)
+    env = {**os.environ, "DATABASE_URL": server_url}
+    command = [sys.executable, "-m", "bench.profile_ours", "--n", "300", "--processes", "1"]
+    # When it runs
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    # Then it drained every job, counted the claims and settles, and explained all three statements
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "drained 300 jobs" in done.stdout
+    assert '"settle": {"statements": ' in done.stdout
+    assert all(f'"{label}"' in done.stdout for label in ("enqueue_500", "claim_16", "settle_16"))

@@ -34,11 +34,11 @@ def _counted_claim(self: Any, limit: int) -> int:
     return got
 
 
-def _counted_flush(self: Any) -> None:
+def _counted_flush(self: Any, conn: Any = None) -> None:
     with self.state.lock:
         pending = len(self.state.outcomes)
     began = time.perf_counter()
-    _flush(self)
+    _flush(self, conn)  # the settler thread passes its own connection
     if pending:
         _seconds["settle"] += time.perf_counter() - began
         _sizes["settle"][pending] += 1
