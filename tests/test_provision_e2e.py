@@ -21,7 +21,6 @@ from tasks.provision import provision_project, reveal_secrets
 from tasks.provision.standin import StandinService
 from tasks.redaction import SECRET_PATTERN
 from tasks.settings import Settings
-from tests.conftest import _admin
 from tests.support import WorkerProcess, job, query, wait_for
 
 PEPPER = "test-pepper-" + uuid.uuid4().hex
@@ -58,7 +57,7 @@ def service_env(services: dict[str, StandinService]) -> dict[str, str]:
 def pdb(server_url: str, template_db: str, services: dict[str, StandinService],
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, WorkerProcess]]:
     name = f"cp_p_{uuid.uuid4().hex[:12]}"
-    _admin(server_url, f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    query(server_url, f"CREATE DATABASE {name} TEMPLATE {template_db}")
     url = db.with_database(server_url, name)
     log = tmp_path_factory.mktemp("provision") / "worker.log"
     worker = WorkerProcess(url, processes=1, threads=4, module="tasks.provision", log_path=log,
@@ -69,15 +68,15 @@ def pdb(server_url: str, template_db: str, services: dict[str, StandinService],
     finally:
         worker.terminate()
         tasks.broker.close()
-        _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        query(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         drop_tenants(server_url)
 
 
 def drop_tenants(server_url: str) -> None:
     for row in query(server_url, "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"p\\_{PREFIX}%",)):
-        _admin(server_url, f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
+        query(server_url, f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
     for row in query(server_url, "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (f"p\\_{PREFIX}%",)):
-        _admin(server_url, f'DROP ROLE IF EXISTS "{row["rolname"]}"')
+        query(server_url, f'DROP ROLE IF EXISTS "{row["rolname"]}"')
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from tasks.provision.standin import StandinService
 from tasks.provision.state import control_transaction
 from tasks.provision.target import classify
 from tasks.settings import Settings
-from tests.conftest import _admin
 from tests.support import query
 
 
@@ -51,9 +50,9 @@ def project(db_url: str, monkeypatch: pytest.MonkeyPatch, server_url: str) -> It
     try:
         yield body
     finally:
-        _admin(server_url, f'DROP DATABASE IF EXISTS "p_{project_id}" WITH (FORCE)')
+        query(server_url, f'DROP DATABASE IF EXISTS "p_{project_id}" WITH (FORCE)')
         for role in (f"p_{project_id}_app", f"p_{project_id}_owner"):
-            _admin(server_url, f'DROP ROLE IF EXISTS "{role}"')
+            query(server_url, f'DROP ROLE IF EXISTS "{role}"')
 
 
 def claimed(body: dict[str, Any]) -> None:
@@ -101,7 +100,7 @@ def test_a_worker_killed_after_create_database_resumes_cleanly(
     claimed(project)
     pid = project["project_id"]
     run_step("roles", pid)
-    _admin(db_url, f'CREATE DATABASE "p_{pid}" OWNER "p_{pid}_owner" TEMPLATE template0')
+    query(db_url, f'CREATE DATABASE "p_{pid}" OWNER "p_{pid}_owner" TEMPLATE template0')
     # When the database step runs again
     run_step("database", pid)
     # Then the database is recognised as ours, not duplicated, and locked down
@@ -119,7 +118,7 @@ def test_someone_elses_database_of_that_name_is_a_conflict_and_survives_compensa
     claimed(project)
     pid = project["project_id"]
     run_step("roles", pid)
-    _admin(db_url, f'CREATE DATABASE "p_{pid}"')
+    query(db_url, f'CREATE DATABASE "p_{pid}"')
     # When the database step runs, it refuses to touch it
     with pytest.raises(Conflict, match="does not belong"):
         run_step("database", pid)
@@ -176,7 +175,7 @@ def test_a_control_role_without_superuser_provisions_and_undoes(
 ) -> None:
     # Given the provisioning server is reached as a role with only CREATEDB and CREATEROLE
     role = "cp_min_" + uuid.uuid4().hex[:8]
-    _admin(server_url, f'CREATE ROLE "{role}" LOGIN CREATEDB CREATEROLE NOSUPERUSER')
+    query(server_url, f'CREATE ROLE "{role}" LOGIN CREATEDB CREATEROLE NOSUPERUSER')
     from sqlalchemy.engine import make_url
 
     target = make_url(server_url).set(username=role).render_as_string(hide_password=False)
@@ -199,10 +198,10 @@ def test_a_control_role_without_superuser_provisions_and_undoes(
         assert census(db_url, pid, services)["databases"] == 0
         assert census(db_url, pid, services)["roles"] == 0
     finally:
-        _admin(server_url, f'DROP DATABASE IF EXISTS "p_{pid}" WITH (FORCE)')
+        query(server_url, f'DROP DATABASE IF EXISTS "p_{pid}" WITH (FORCE)')
         for r in (f"p_{pid}_app", f"p_{pid}_owner"):
-            _admin(server_url, f'DROP ROLE IF EXISTS "{r}"')
-        _admin(server_url, f'DROP ROLE IF EXISTS "{role}"')
+            query(server_url, f'DROP ROLE IF EXISTS "{r}"')
+        query(server_url, f'DROP ROLE IF EXISTS "{role}"')
 
 
 def test_two_sends_for_one_project_make_one_live_job(db_url: str) -> None:

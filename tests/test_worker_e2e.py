@@ -336,13 +336,13 @@ def test_workers_survive_a_postgres_restart(tmp_path: Path) -> None:
     # Given a private PostgreSQL (so that restarting it disturbs no other test) and a worker on it
     import migrations
     from tasks import db
-    from tests.conftest import SUPPORT_SCHEMA, _admin
+    from tests.conftest import SUPPORT_SCHEMA
 
     home = tmp_path / "pg"
     url = db.embedded_url(home, "postgres")
     try:
         migrations.upgrade(url)
-        _admin(url, SUPPORT_SCHEMA)
+        query(url, SUPPORT_SCHEMA)
         tasks.broker.reconfigure(url)
         before = [
             m.message_id for m in tasks.broker.enqueue_batch([actors.noop.message(i) for i in range(20)])
