@@ -566,6 +566,20 @@ def test_a_request_that_hung_does_not_use_up_faults_set_after_it_arrived(standin
         client_for(standin).put_tenant("proj_1", {"tenant_id": "t"})
 
 
+def test_a_request_that_hung_across_a_reset_leaves_the_fresh_state_alone(standin: StandinService) -> None:
+    # Given a request that hangs past its client's timeout
+    standin.set_faults(hang_seconds=0.5)
+    with pytest.raises(TransientError, match="no answer"):
+        client_for(standin, timeout=0.1).put_tenant("proj_stale", {"tenant_id": "t"})
+    # When the stand-in is reset for the next test while it still hangs, and a new request is served
+    standin.reset()
+    client_for(standin).put_tenant("proj_1", {"tenant_id": "t"})
+    # Then the stale request, once awake, is dropped: the fresh state holds only what came after the reset
+    wait_for(lambda: standin.state()["stale_requests"] == 1, what="the stale request to be dropped")
+    assert list(standin.tenants) == ["proj_1"]
+    assert standin.state()["requests"] == 1
+
+
 def test_rejected_token_is_permanent_and_not_echoed(standin: StandinService) -> None:
     # Given a service that rejects every token
     standin.set_faults(reject_token=True)

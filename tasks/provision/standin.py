@@ -90,6 +90,10 @@ class StandinService:
         self._tenants: dict[str, Record] = {}
         self._log: list[tuple[str, str, int]] = []
         self._faults = Faults()
+        #: Bumped by reset(): a request that hung across it belongs to a test that is over.
+        self._generation = 0
+        #: Requests dropped unanswered because they hung across a reset.
+        self._stale = 0
         # Set by stop(): wakes requests that hang, so stopping never waits for them.
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -177,6 +181,7 @@ class StandinService:
             self._tenants.clear()
             self._log.clear()
             self._faults = Faults()
+            self._generation += 1
 
     def state(self) -> dict[str, object]:
         """Tenants, request counts and faults, as served by ``GET /_state``."""
@@ -188,6 +193,7 @@ class StandinService:
                 "requests": len(self._log),
                 "request_counts": dict(counts),
                 "faults": self._faults.to_json(),
+                "stale_requests": self._stale,
             }
 
     def _update_faults(self, changes: Mapping[str, object]) -> None:
@@ -212,13 +218,17 @@ class StandinService:
     ) -> _Outcome:
         """Apply faults, then the tenant operation; the caller writes the outcome."""
         with self._lock:
-            entry = self._faults
+            entry, generation = self._faults, self._generation
             hang = entry.hang_seconds
         if hang > 0 and self._stopping.wait(hang):
             return self._record(method, path, _Outcome(NO_ANSWER, drop=True))
         expected = f"Bearer {self._token}".encode()
         authorized = hmac.compare_digest(authorization.encode(), expected)
         with self._lock:
+            if self._generation != generation:
+                # Hung across a reset: its client is long gone, and the fresh state is not its.
+                self._stale += 1
+                return _Outcome(NO_ANSWER, drop=True)
             faults = self._faults
             # A request that hung across a change of faults (its client long gone) must not
             # use up the counted faults set after it arrived: they are meant for new requests.
