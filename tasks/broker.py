@@ -26,6 +26,7 @@ import contextvars
 import dataclasses
 import json
 import logging
+import operator
 import os
 import re
 import select
@@ -37,6 +38,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any
 
 import dramatiq
@@ -67,6 +69,11 @@ SHORT_JOB_SECONDS = 0.05
 #: (sooner if an outcome is written meanwhile). A job that ends first writes its outcome
 #: alone: one row version less per short job.
 RUNNING_MARK_DELAY_SECONDS = 0.05
+
+#: A middleware class attribute: the hooks (``after_ack``, say) that only matter
+#: under other brokers because a PostgresBroker's own statements do their work.
+#: The broker does not call them (see ``PostgresBroker._listeners``).
+COVERED_SIGNALS = "covered_by_postgres_broker"
 
 
 def _claim_size(free: int) -> int:
@@ -191,8 +198,9 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.claim_token = token
         #: Set by ``broker.enqueue`` when Dramatiq's Retries re-enqueues this message.
         self.retry_delay_ms: int | None = None
-        #: Set by the JobsMirror middleware.
+        #: Set when a worker thread starts it (an attempt is under way).
         self.started = False
+        #: Set by the JobsMirror middleware.
         self.result_json: str | None = None
         self.error_text: str | None = None
         #: Set by the Cancellation middleware when an operator cancels this message.
@@ -282,33 +290,45 @@ class PostgresBroker(dramatiq.Broker):
 
     # -- middleware events ------------------------------------------------
 
-    def _hooks_for(self, signal: str) -> tuple[tuple[Middleware, bool, dict[str, Any] | None], ...]:
-        """Per middleware, in order: whether its class implements ``signal``, and its instance dict.
+    def _listeners(self, signal: str) -> list[Middleware]:
+        """The middleware to call for ``signal`` (``before_...`` or ``after_...``), in order.
 
         Dramatiq's ``emit_*`` calls every middleware's method for every event,
         most of them the base class's no-ops: thirteen calls per event, six
-        events per message. The emitters below skip a middleware whose class
-        leaves ``signal`` to the base class, unless the instance itself was
-        given one (a test double). The table is keyed on the middleware list,
-        so adding, removing or replacing middleware rebuilds it.
+        events per message. Here a middleware takes part when its class
+        implements ``signal`` (and does not leave it to this broker, see
+        :attr:`COVERED_SIGNALS`) or when the instance itself was given one (a
+        test double, even one set after the first event). The lists are kept
+        per signal and rebuilt when the middleware list changes; checking
+        that costs one list comparison and one dict lookup per middleware.
         """
-        hooks: dict[str, tuple[tuple[int, ...], tuple[Any, ...]]] = self.__dict__.setdefault("_hooks", {})
-        key = tuple(map(id, self.middleware))
-        cached = hooks.get(signal)
-        if cached is None or cached[0] != key:
-            noop = getattr(Middleware, signal, None)
-            table = tuple(
-                (m, getattr(type(m), signal, None) is not noop, getattr(m, "__dict__", None)) for m in self.middleware
-            )
-            cached = hooks[signal] = (key, table)
-        return cached[1]
-
-    def _listeners(self, signal: str, *, reverse: bool = False) -> Iterator[Middleware]:
-        """The middleware to call for ``signal``, in order (or in reverse order)."""
-        table = self._hooks_for(signal)
-        for middleware, implemented, instance in reversed(table) if reverse else table:
-            if implemented or (instance is not None and signal in instance):
-                yield middleware
+        tables: dict[str, tuple[list[Middleware], tuple[dict[str, Any], ...], list[Middleware]]]
+        tables = self.__dict__.setdefault("_listener_tables", {})
+        table = tables.get(signal)
+        if (
+            table is not None
+            and table[0] == self.middleware  # the same objects in the same order (compared by identity)
+            and not any(map(operator.contains, table[1], repeat(signal)))
+        ):
+            return table[2]
+        noop = getattr(Middleware, signal, None)
+        listeners: list[Middleware] = []
+        dicts: list[dict[str, Any]] = []
+        cacheable = True
+        for middleware in self.middleware:
+            instance = getattr(middleware, "__dict__", None)
+            if instance is not None:
+                if signal in instance:
+                    listeners.append(middleware)
+                    cacheable = False  # a test double: look the list up again on each event
+                    continue
+                dicts.append(instance)
+            cls = type(middleware)
+            if getattr(cls, signal, None) is not noop and signal not in getattr(cls, COVERED_SIGNALS, ()):
+                listeners.append(middleware)
+        if cacheable:
+            tables[signal] = (list(self.middleware), tuple(dicts), listeners)
+        return listeners
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         if signal == "process_message" and args and isinstance(args[0], PgMessageProxy):
@@ -324,7 +344,7 @@ class PostgresBroker(dramatiq.Broker):
 
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
         signal = "after_" + signal
-        for middleware in self._listeners(signal, reverse=True):
+        for middleware in reversed(self._listeners(signal)):
             try:
                 getattr(middleware, signal)(self, *args, **kwargs)
             except Exception:
@@ -350,6 +370,7 @@ class PostgresBroker(dramatiq.Broker):
 
         The start time also sizes its consumer's claims (see ``_capacity``).
         """
+        message.started = True
         message.started_mono = time.monotonic()
         state = self.state(message.queue_name)
         with state.lock:

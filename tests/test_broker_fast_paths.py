@@ -156,6 +156,54 @@ def test_a_method_set_on_a_middleware_instance_is_called(db_url: str) -> None:
     assert calls == [message.message_id]
 
 
+def test_a_test_double_for_a_hook_the_class_implements_is_called_instead_then_the_hook_again(db_url: str) -> None:
+    # Given a middleware whose class implements before_enqueue, after the event table was built
+    broker = _broker()
+    counting = _Counting()
+    broker.add_middleware(counting)
+    try:
+        actors.noop.send(0)
+        # When a test double replaces its hook on the instance, and is then taken away
+        doubled: list[str] = []
+        counting.before_enqueue = lambda _broker, message, _delay: doubled.append(message.message_id)  # type: ignore[method-assign]
+        try:
+            during = actors.noop.send(1)
+        finally:
+            del counting.before_enqueue
+        after = actors.noop.send(2)
+    finally:
+        broker.middleware.remove(counting)
+    # Then the double saw the send made while it was there, and the class's hook every other one
+    assert doubled == [during.message_id]
+    assert during.message_id not in counting.seen
+    assert counting.seen[-1] == after.message_id
+
+
+def test_the_broker_does_not_call_the_mirror_hooks_its_own_statements_cover(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.middleware.jobs_mirror import JobsMirror
+
+    # Given JobsMirror hooks that would record being called, on a broker that has built no event table
+    called: list[str] = []
+    for hook in ("before_process_message", "after_enqueue", "after_ack", "after_nack", "after_process_message"):
+        monkeypatch.setattr(JobsMirror, hook, lambda self, *args, _hook=hook, **kwargs: called.append(_hook))
+    broker = PostgresBroker(url=db_url, settings=tasks.settings, middleware=[JobsMirror()])
+    try:
+        proxy = dramatiq.MessageProxy(actors.noop.message(1))
+        # When the events of a message's life are emitted
+        broker.emit_after("enqueue", proxy, None)
+        broker.emit_before("process_message", proxy)
+        broker.emit_after("process_message", proxy, result=None)
+        broker.emit_after("ack", proxy)
+        broker.emit_after("nack", proxy)
+    finally:
+        broker.close()
+    # Then only the hook that hands the broker something (the result) ran: ENQUEUE, the start
+    # marks and SETTLE write the rest themselves
+    assert called == ["after_process_message"]
+
+
 def test_claims_run_from_a_cached_plan_after_a_few_runs(db_url: str) -> None:
     # Given ten messages and a consumer that takes one at a time
     sent = [actors.noop.send(i) for i in range(10)]
@@ -364,3 +412,4 @@ def test_a_job_that_ends_before_its_start_mark_writes_its_row_once_with_its_star
     assert done["started_at"] is not None and done["started_at"] <= done["completed_at"]
     assert done["worker"] == _broker().worker_id
     assert [e["attempt"] for e in failed["errors"]] == [1]
+

@@ -94,6 +94,10 @@ class JobsMirror(Middleware):
     when the broker is not a ``PostgresBroker``: see :class:`StandaloneMirror`.
     """
 
+    #: What a PostgresBroker's own statements record (its start marks, ENQUEUE and
+    #: SETTLE): it does not call these hooks (see ``tasks.broker.COVERED_SIGNALS``).
+    covered_by_postgres_broker = frozenset({"before_process_message", "after_enqueue", "after_ack", "after_nack"})
+
     def __init__(self, connection: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
         self._standalone = StandaloneMirror(connection)
 
