@@ -83,7 +83,7 @@ def _explain(url: str) -> dict[str, Any]:
     fields = ("ids", "queues", "actors", "priorities", "etas", "delays", "bodies", "max_attempts", "unique_keys")
     params: dict[str, list[Any]] = {k: [] for k in fields}
     for m in messages:
-        values = (m.message_id, "bench", "bench.noop", 0, None, None, psycopg2.Binary(m.encode()), 20, None)
+        values = (m.message_id, "bench", "bench.noop", 0, None, None, m.encode().decode(), 20, None)
         for key, value in zip(fields, values, strict=True):
             params[key].append(value)
     explain("enqueue_500", queries.ENQUEUE, params, 500)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import uuid
 from typing import Any
 
 import dramatiq
@@ -413,3 +414,41 @@ def test_a_job_that_ends_before_its_start_mark_writes_its_row_once_with_its_star
     assert done["worker"] == _broker().worker_id
     assert [e["attempt"] for e in failed["errors"]] == [1]
 
+
+def test_outcomes_of_messages_with_ids_in_any_uuid_spelling_are_written(db_url: str) -> None:
+    # Given two messages, one sent with its id in braces and capitals (a UUID, not its canonical spelling)
+    plain = actors.noop.send(1)
+    braced = "{" + str(uuid.uuid4()).upper() + "}"
+    shouted = _broker().enqueue(actors.noop.message(2).copy(message_id=braced))
+    consumer = _broker().consume("default", prefetch=2, timeout=1000)
+    try:
+        # When a consumer takes both and they succeed, and their outcomes are written together
+        held = [next(consumer), next(consumer)]
+        assert sorted(m.message_id for m in held) == sorted([plain.message_id, shouted.message_id])
+        for message in held:
+            _run(consumer, message)
+        consumer._flush()
+    finally:
+        consumer.close()
+    # Then both jobs completed and left the queue
+    assert jobs_in(db_url, [plain.message_id, braced], "completed")
+    assert query(db_url, "SELECT id FROM control_plane.messages") == []
+
+
+def test_array_literals_carry_any_text_and_numbers_to_postgres_unchanged(db_url: str) -> None:
+    from tasks.broker import _int_array, _text_array
+
+    # Given texts that an array literal could misread: separators, braces, quotes, backslashes,
+    # the word NULL, blanks, an empty string, other scripts; and a missing value
+    texts = ["a,b", "{x}", 'q"uote', "back\\slash", '\\"', "NULL", "null", " sp ", "", "é 漢", "\t\n", None]
+    numbers = [1, None, -3, 2**40]
+    # When each list is sent as one literal
+    (row,) = query(
+        db_url,
+        "SELECT %s::text[] AS texts, %s::bigint[] AS numbers, %s::text[] AS nothing",
+        (_text_array(texts), _int_array(numbers), _text_array([None, None])),
+    )
+    # Then PostgreSQL reads back exactly the lists (and all-missing as NULL, which unnest pads)
+    assert row["texts"] == texts
+    assert row["numbers"] == numbers
+    assert row["nothing"] is None
