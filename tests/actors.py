@@ -55,6 +55,11 @@ def permanent() -> None:
     raise PermanentError("the input can never work")
 
 
+@dramatiq.actor(actor_name="tests.fails_with_a_nul", max_attempts=1)
+def fails_with_a_nul() -> None:
+    raise PermanentError("a driver quoted raw bytes: \x00\x01 and went on")
+
+
 @dramatiq.actor(actor_name="tests.too_slow", time_limit=300, max_attempts=1)
 def too_slow() -> None:
     record("attempt")

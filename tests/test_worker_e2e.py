@@ -162,6 +162,20 @@ def test_a_permanent_error_fails_at_once_without_retry(db_url: str, tmp_path: Pa
     assert len(effects(db_url, "attempt")) == 1
 
 
+def test_an_error_whose_text_holds_a_nul_character_is_recorded_without_it(db_url: str, tmp_path: Path) -> None:
+    # Given a job whose error message quotes raw bytes, NUL included (PostgreSQL text cannot hold NUL)
+    message = actors.fails_with_a_nul.send()
+    # When a worker runs it
+    with running_worker(db_url, tmp_path):
+        final = wait_for(
+            lambda: job(db_url, message.message_id)["status"] == "failed" and job(db_url, message.message_id),
+            what="the job to fail",
+        )
+    # Then the failure is recorded, the NUL written as an escape, and the queue is empty
+    assert final["last_error"] == "PermanentError: a driver quoted raw bytes: \\x00\x01 and went on"
+    assert query(db_url, "SELECT id FROM control_plane.messages") == []
+
+
 def test_an_exceeded_time_limit_fails_the_attempt_with_a_clear_error(db_url: str, tmp_path: Path) -> None:
     message = actors.too_slow.send()
     with running_worker(db_url, tmp_path):

@@ -73,7 +73,8 @@ def describe_error(exc: BaseException, message: Any, broker: dramatiq.Broker | N
     else:
         detail = str(exc).strip()
         text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    text = redact(" ".join(text.split()))
+    # PostgreSQL text cannot hold NUL: written as an escape, or the outcome could never be stored.
+    text = redact(" ".join(text.split()).replace("\x00", "\\x00"))
     if len(text) > MAX_ERROR_LENGTH:
         text = text[: MAX_ERROR_LENGTH - 1] + "…"
     return text
