@@ -7,6 +7,7 @@ back when the server takes its prepared statements away.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 import uuid
 from typing import Any
@@ -21,7 +22,7 @@ from tasks.errors import ConfigurationError
 from tasks.prepared import Statement
 from tasks.settings import Settings
 from tests import actors
-from tests.support import job, jobs_in, query, wait_for
+from tests.support import ROOT, job, jobs_in, query, wait_for
 
 
 def _broker() -> PostgresBroker:
@@ -452,3 +453,23 @@ def test_array_literals_carry_any_text_and_numbers_to_postgres_unchanged(db_url:
     assert row["texts"] == texts
     assert row["numbers"] == numbers
     assert row["nothing"] is None
+
+
+def test_a_worker_process_imports_the_broker_without_sqlalchemy() -> None:
+    # Given a fresh interpreter, as a `dramatiq tasks ...` worker process or the CLI starts
+    code = (
+        "import sys, tasks, tasks.provision, tasks.cli; "
+        "from models import queries, project_queries; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sqlalchemy'))"
+    )
+    # When it imports the broker, the provisioning actors, the CLI and the SQL modules
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    # Then SQLAlchemy (0.4 s of CPU to import) was not loaded: only the models need it
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_models_load_on_first_use_with_every_table() -> None:
+    code = "import models; print(len(models.metadata.tables), models.Job.__tablename__)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    count, name = out.stdout.split()
+    assert int(count) >= 8 and name == "jobs"
