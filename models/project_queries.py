@@ -118,19 +118,25 @@ RETURNING old.secret_nonce, old.secrets_expire_at > now() AS fresh, p.status, p.
 
 #: Projects mid-workflow with no live job to move them on (a pending step cancelled by an
 #: operator, a message deleted by hand): the sweeper hands them to compensation.
-ORPHANED_PROJECTS = """
+_ORPHANED_PROJECTS = """
 SELECT p.project_id FROM control_plane.projects AS p
 WHERE p.status IN ('provisioning', 'compensating')
   AND p.updated_at < now() - make_interval(secs => %(older_than)s)
   AND NOT EXISTS (
-      SELECT 1 FROM control_plane.jobs AS j
+      SELECT 1 FROM {live_jobs}
       WHERE j.status IN ('pending', 'running')
         AND (j.type = 'provision_project' OR j.type LIKE 'provision_project.%%')
-        AND p.project_id IN (j.payload #>> '{args,0}', j.payload #>> '{args,0,project_id}',
-                             j.payload #>> '{args,0,args,0}', j.payload #>> '{args,0,args,0,args,0}'))
+        AND p.project_id IN (j.payload #>> '{{args,0}}', j.payload #>> '{{args,0,project_id}}',
+                             j.payload #>> '{{args,0,args,0}}', j.payload #>> '{{args,0,args,0,args,0}}'))
 ORDER BY p.updated_at
 LIMIT 100
 """
+#: With any broker: a scan of the jobs history (it has no index on ``status``) per stuck project.
+ORPHANED_PROJECTS = _ORPHANED_PROJECTS.format(live_jobs="control_plane.jobs AS j")
+#: With the Postgres broker, whose message table holds exactly the live jobs: through that small table.
+ORPHANED_PROJECTS_VIA_MESSAGES = _ORPHANED_PROJECTS.format(
+    live_jobs="control_plane.messages AS m JOIN control_plane.jobs AS j ON j.id = m.id"
+)
 
 #: The workflow's outcome, written onto the job the caller got from send().
 RECORD_ON_ENTRY_JOB = """

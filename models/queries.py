@@ -47,8 +47,8 @@ _NOTIFY_READY = """count(pg_notify('control_plane_messages', q.queue))
 #:
 #: Unique jobs: a message with a ``unique_key`` becomes a job only if no pending
 #: or running job holds that key. The jobs row is inserted first, with ON
-#: CONFLICT on the partial unique index ``uq_jobs_unique_key_live`` DO NOTHING
-#: (the index decides races between sessions and machines), and a message row
+#: CONFLICT on the unique index ``uq_jobs_live_key`` DO NOTHING (``live_key`` is
+#: the key of a live job; the index decides races between sessions and machines), and a message row
 #: is inserted only for the jobs rows actually inserted. Returns one row:
 #: ``duplicates``, a JSON object {sent id: id of the live job holding its key};
 #: that id is null when the holder was committed after this statement began (the
@@ -73,7 +73,7 @@ WITH m AS (
     SELECT DISTINCT ON (unique_key) """ + _JOB_VALUES + """, unique_key
     FROM m WHERE keyed
     ORDER BY unique_key, ord
-    ON CONFLICT (unique_key) WHERE status IN ('pending', 'running') DO NOTHING
+    ON CONFLICT (live_key) WHERE live_key IS NOT NULL DO NOTHING
     RETURNING cur.id, cur.unique_key
 ), job AS (
     INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts,
@@ -92,8 +92,7 @@ SELECT (SELECT """ + _NOTIFY_READY + """) AS notified,
         FROM m
         LEFT JOIN keyed_job AS winner ON winner.unique_key = m.unique_key
         LEFT JOIN LATERAL (
-            SELECT j.id FROM control_plane.jobs AS j
-            WHERE j.unique_key = m.unique_key AND j.status IN ('pending', 'running')
+            SELECT j.id FROM control_plane.jobs AS j WHERE j.live_key = m.unique_key
         ) AS holder ON true
         WHERE m.keyed AND m.id NOT IN (SELECT id FROM keyed_job)) AS duplicates
 """  # noqa: S608 (joined from this module's constants only, no input)
@@ -381,8 +380,8 @@ RETRY_JOB = "SELECT control_plane.retry_job(%(id)s::uuid)"
 #: The failed jobs (of one type, or all), oldest failure first: what ``jobs retry --failed`` retries.
 FAILED_JOB_IDS = """
 SELECT id::text FROM control_plane.jobs
-WHERE status = 'failed' AND (%(type)s::text IS NULL OR type = %(type)s::text)
-ORDER BY completed_at, id
+WHERE failed_at IS NOT NULL AND (%(type)s::text IS NULL OR type = %(type)s::text)
+ORDER BY failed_at, id
 """
 
 #: A job's status, to explain why an operation did nothing.

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Computed,
     DateTime,
     ForeignKey,
     Index,
@@ -93,22 +94,36 @@ class Job(Base):
     result: Mapped[Any | None] = mapped_column(JSONB)
     worker: Mapped[str | None] = mapped_column(Text)
     unique_key: Mapped[str | None] = mapped_column(Text)
+    # Generated columns, NULL while a job just runs and completes, so that the
+    # indexes on them never stop a completion from being a HOT update (see
+    # migration 0005 and docs/design.md, "The jobs table's indexes").
+    #: ``unique_key`` while the job is pending or running.
+    live_key: Mapped[str | None] = mapped_column(
+        Text, Computed("CASE WHEN status IN ('pending', 'running') THEN unique_key END", persisted=True)
+    )
+    #: When a failed job failed.
+    failed_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True),
+        Computed("CASE WHEN status = 'failed' THEN coalesce(completed_at, updated_at) END", persisted=True),
+    )
+    #: When a job waiting for another attempt runs next.
+    retry_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True),
+        Computed("CASE WHEN status = 'pending' AND attempts >= 1 THEN scheduled_at END", persisted=True),
+    )
 
     __table_args__ = (
         CheckConstraint(
             "status IN ('pending', 'running', 'completed', 'failed', 'cancelled')",
             name="status",
         ),
-        Index("ix_jobs_status_type", "status", "type"),
         Index("ix_jobs_type_created_at", "type", "created_at"),
         Index("ix_jobs_created_at", "created_at"),
         # One live job per unique key: a second send finds the first.
-        Index(
-            "uq_jobs_unique_key_live",
-            "unique_key",
-            unique=True,
-            postgresql_where=text("status IN ('pending', 'running')"),
-        ),
+        Index("uq_jobs_live_key", "live_key", unique=True, postgresql_where=text("live_key IS NOT NULL")),
+        Index("ix_jobs_failed_at", "failed_at", postgresql_where=text("failed_at IS NOT NULL")),
+        Index("ix_jobs_retry_at", "retry_at", postgresql_where=text("retry_at IS NOT NULL")),
+        {"postgresql_with": {"fillfactor": 70}},
     )
 
 

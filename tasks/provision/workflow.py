@@ -33,6 +33,7 @@ from psycopg2.extras import Json
 
 import tasks
 from models import project_queries as q
+from tasks.broker import PostgresBroker
 from tasks.errors import PermanentError, TaskError
 from tasks.provision import payload as p
 from tasks.provision.claim import claim
@@ -274,7 +275,10 @@ def sweep_orphans(settings: Settings, older_than_seconds: float = 600.0) -> list
     """Send compensation for projects stuck mid-workflow with no live job; returns their ids."""
     with control_transaction() as conn:
         with conn.cursor() as cur:
-            cur.execute(q.ORPHANED_PROJECTS, {"older_than": older_than_seconds})
+            # Our broker's message table holds exactly the live jobs: look there, not at the whole history.
+            via_messages = isinstance(tasks.broker, PostgresBroker)
+            orphaned = q.ORPHANED_PROJECTS_VIA_MESSAGES if via_messages else q.ORPHANED_PROJECTS
+            cur.execute(orphaned, {"older_than": older_than_seconds})
             orphans = [row[0] for row in cur.fetchall()]
         with tasks.enqueue_in(conn):
             for project_id in orphans:

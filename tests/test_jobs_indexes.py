@@ -1,0 +1,133 @@
+"""The jobs table's indexes: a completion rewrites its row in place, lookups by state stay indexed.
+
+No index of ``control_plane.jobs`` covers a column that a job's normal run
+changes, so a completion is a HOT update (no index entry written); operators'
+lookups by state go through generated columns that are NULL for such jobs
+(``live_key``, ``failed_at``, ``retry_at``) or through the message table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+
+import tasks
+from tasks.cli import main
+from tests import actors
+from tests.support import claim_in_process, job, query, running_worker, settle_in_process, wait_for
+
+
+def _plan(url: str, sql: str) -> str:
+    """EXPLAIN of ``sql`` with sequential scans priced out: a scan shows only where no index can serve."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET enable_seqscan = off")
+            cur.execute("ANALYZE control_plane.jobs")
+            cur.execute("EXPLAIN " + sql)
+            return "\n".join(row[0] for row in cur.fetchall())
+    finally:
+        conn.close()
+
+
+def _jobs_updates(url: str) -> dict[str, Any]:
+    rows = query(
+        url,
+        "SELECT n_tup_upd AS updates, n_tup_hot_upd AS hot FROM pg_stat_user_tables "
+        "WHERE relid = 'control_plane.jobs'::regclass",
+    )
+    return rows[0]
+
+
+def test_jobs_that_run_and_complete_are_rewritten_in_place_without_index_entries(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given 300 jobs drained by a real worker
+    messages = tasks.broker.enqueue_batch([actors.noop.message(i) for i in range(300)])
+    with running_worker(db_url, tmp_path, processes=1, threads=4):
+        wait_for(
+            lambda: query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE status = 'completed'")[0]["n"]
+            == 300,
+            what="300 completed jobs",
+        )
+    # When the worker's connections have closed (they report their table statistics as they go)
+    def reported() -> dict[str, Any] | None:
+        stats = _jobs_updates(db_url)
+        return stats if stats["updates"] >= 300 else None
+
+    stats = wait_for(reported, what="the workers' statistics")
+    # Then most completions were HOT updates: no index covers what a completion changes
+    assert stats["hot"] >= stats["updates"] * 0.5, stats
+    done = job(db_url, messages[0].message_id)
+    assert (done["status"], done["attempts"], done["live_key"], done["failed_at"], done["retry_at"]) == (
+        "completed", 1, None, None, None,
+    )  # fmt: skip
+
+
+def test_lookups_by_state_are_served_by_indexes_not_a_scan_of_the_history(db_url: str) -> None:
+    for sql, index in (
+        ("SELECT * FROM control_plane.failed_jobs", "ix_jobs_failed_at"),
+        ("SELECT * FROM control_plane.retrying_jobs", "ix_jobs_retry_at"),
+        ("SELECT id FROM control_plane.jobs WHERE live_key = 'k'", "uq_jobs_live_key"),
+    ):
+        plan = _plan(db_url, sql)
+        assert index in plan and "Seq Scan on jobs" not in plan, (sql, plan)
+
+
+def test_the_generated_columns_follow_a_job_through_retry_failure_and_retry_by_operator(db_url: str) -> None:
+    # Given a keyed job that fails its first attempt and waits for another
+    sent = actors.always_fails.send_with_options(args=("x",), unique_key="gen-cols")
+    assert job(db_url, sent.message_id)["live_key"] == "gen-cols"
+    consumer, held = claim_in_process()
+    held.error_text = "RuntimeError: once"
+    tasks.broker.enqueue(held, delay=60_000)  # what Dramatiq's Retries does with a failed attempt
+    settle_in_process(consumer, held, "ack")
+    waiting = job(db_url, sent.message_id)
+    assert (waiting["status"], waiting["live_key"], waiting["failed_at"]) == ("pending", "gen-cols", None)
+    assert waiting["retry_at"] == waiting["scheduled_at"]
+    assert [r["id"] for r in query(db_url, "SELECT id::text FROM control_plane.retrying_jobs")] == [sent.message_id]
+    # When it fails for good
+    query(db_url, "UPDATE control_plane.messages SET eta = now() WHERE id = %s", (sent.message_id,))
+    consumer, held = claim_in_process()
+    settle_in_process(consumer, held, "nack")
+    # Then it is failed, its key free, and found by failed_jobs
+    failed = job(db_url, sent.message_id)
+    assert (failed["status"], failed["live_key"], failed["retry_at"]) == ("failed", None, None)
+    assert failed["failed_at"] == failed["completed_at"]
+    assert [r["id"] for r in query(db_url, "SELECT id::text FROM control_plane.failed_jobs")] == [sent.message_id]
+    # And a job retried by an operator holds its key again, so a second send finds it
+    assert query(db_url, "SELECT control_plane.retry_job(%s::uuid) AS ok", (sent.message_id,))[0]["ok"] is True
+    again = job(db_url, sent.message_id)
+    assert (again["live_key"], again["failed_at"]) == ("gen-cols", None)
+    duplicate = actors.always_fails.send_with_options(args=("y",), unique_key="gen-cols")
+    assert duplicate.message_id == sent.message_id
+
+
+@pytest.mark.parametrize("status", ["pending", "running", "completed", "failed"])
+def test_jobs_list_by_status_lists_exactly_the_jobs_in_that_state(
+    db_url: str, status: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given one job in each state (running: claimed and started, its start mark written)
+    ids = {}
+    for state in ("completed", "failed"):
+        ids[state] = actors.noop.send(state).message_id
+        consumer, held = claim_in_process()
+        settle_in_process(consumer, held, "ack" if state == "completed" else "nack")
+    ids["running"] = actors.noop.send("running").message_id
+    running, held = claim_in_process()
+    tasks.broker._started(held)  # what a worker thread does as it starts the job
+    wait_for(lambda: job(db_url, ids["running"])["status"] == "running", what="the start mark")
+    ids["pending"] = actors.noop.send("pending").message_id
+    try:
+        # When an operator lists the jobs in one state
+        monkeypatch.setenv("DATABASE_URL", db_url)
+        capsys.readouterr()
+        assert main(["jobs", "list", "--status", status, "--json"]) == 0
+        # Then exactly that job is listed
+        assert [row["id"] for row in json.loads(capsys.readouterr().out)] == [ids[status]]
+    finally:
+        running.close()
