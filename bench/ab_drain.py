@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 
@@ -32,8 +33,16 @@ ADMIN_URL = os.environ.get("DATABASE_URL") or "postgresql://root@127.0.0.1:5432/
 DATABASE = "bench_ab_drain"
 
 
-def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float]:
-    """Drain ``n`` jobs with the tree ``spec``; returns (jobs/s, worker CPU µs/job, PostgreSQL CPU µs/job)."""
+def _hot_share(cur: Any) -> float:
+    """The share of ``control_plane.jobs`` row updates that were HOT (wrote no index entry)."""
+    cur.execute("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'control_plane.jobs'::regclass")
+    updates, hot = cur.fetchone()
+    return hot / updates if updates else 0.0
+
+
+def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float, float, float]:
+    """Drain ``n`` jobs with the tree ``spec``; returns (jobs/s, worker CPU µs/job, PostgreSQL CPU µs/job,
+    WAL bytes per job, share of the jobs rows' updates that were HOT)."""
     path, _, extra = spec.partition("::")
     admin = psycopg2.connect(ADMIN_URL)
     admin.autocommit = True
@@ -52,6 +61,9 @@ def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float]:
     subprocess.run([sys.executable, "-c", fill], env=env, cwd=path, check=True)
     conn = psycopg2.connect(url)
     conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_current_wal_lsn()::text")
+        (wal_start,) = cur.fetchone()
     dramatiq = str(Path(sys.executable).with_name("dramatiq"))
     workers = subprocess.Popen(
         [dramatiq, "tasks", "bench.drivers.ours_actors", "--processes", str(processes), "--threads", "8"],
@@ -72,14 +84,27 @@ def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float]:
                 time.sleep(0.02)
             assert started is not None
             rate = started[1] / (time.monotonic() - started[0])
+            cur.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (wal_start,))
+            (wal,) = cur.fetchone()
             cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (DATABASE,))
             backends = [row[0] for row in cur.fetchall()]
         worker_cpu = sum(procfs.cpu_seconds(pid) for pid in procfs.tree(workers.pid))
         pg_cpu = sum(procfs.cpu_seconds(pid) for pid in backends)
-        return rate, worker_cpu / n * 1e6, pg_cpu / n * 1e6
-    finally:
         workers.terminate()
         workers.wait(timeout=60)
+        with conn.cursor() as cur:  # the backends report their table statistics as they exit
+            for _ in range(100):
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                            (DATABASE,))
+                if cur.fetchone()[0] == 0:
+                    break
+                time.sleep(0.05)
+            hot = _hot_share(cur)
+        return rate, worker_cpu / n * 1e6, pg_cpu / n * 1e6, float(wal) / n, hot
+    finally:
+        if workers.poll() is None:
+            workers.terminate()
+            workers.wait(timeout=60)
         conn.close()
         with admin.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
@@ -93,18 +118,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes of 8 threads (default 2)")
     args = parser.parse_args(argv)
-    results: dict[str, list[tuple[float, float, float]]] = {spec: [] for spec in args.trees}
+    results: dict[str, list[tuple[float, float, float, float, float]]] = {spec: [] for spec in args.trees}
     for round_no in range(args.rounds):
         for spec in args.trees if round_no % 2 == 0 else reversed(args.trees):
-            rate, worker, pg = run_once(spec, args.n, args.processes)
-            results[spec].append((rate, worker, pg))
+            rate, worker, pg, wal, hot = run_once(spec, args.n, args.processes)
+            results[spec].append((rate, worker, pg, wal, hot))
             print(f"round {round_no} {spec}: {rate:,.0f} jobs/s, CPU per job: workers {worker:.0f} µs, "
-                  f"PostgreSQL {pg:.0f} µs", flush=True)
+                  f"PostgreSQL {pg:.0f} µs; WAL {wal:,.0f} B/job, HOT jobs updates {hot:.0%}", flush=True)
     for spec, rows in results.items():
         rates = [r[0] for r in rows]
         print(f"{spec}: median {statistics.median(rates):,.0f} jobs/s {[round(r) for r in rates]}, CPU per job: "
               f"workers {statistics.median(r[1] for r in rows):.0f} µs, "
-              f"PostgreSQL {statistics.median(r[2] for r in rows):.0f} µs")
+              f"PostgreSQL {statistics.median(r[2] for r in rows):.0f} µs; "
+              f"WAL {statistics.median(r[3] for r in rows):,.0f} B/job, "
+              f"HOT jobs updates {statistics.median(r[4] for r in rows):.0%}")
 
 
 if __name__ == "__main__":
