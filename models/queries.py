@@ -98,6 +98,21 @@ SELECT (SELECT """ + _NOTIFY_READY + """) AS notified,
 """  # noqa: S608 (joined from this module's constants only, no input)
 )
 
+#: What ENQUEUE_PLAIN and ENQUEUE_ONE do with the messages of their CTE ``m``.
+_KEYLESS_FROM_M = (
+    """, job AS (
+    INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts, scheduled_at)
+    SELECT """ + _JOB_VALUES + """
+    FROM m
+    """ + _JOB_AGAIN + """
+), msg AS (
+    """ + _MESSAGES_FROM_M + """
+    """ + _MESSAGE_AGAIN + """
+)
+SELECT """ + _NOTIFY_READY + """
+"""  # noqa: S608 (joined from this module's constants only, no input)
+)
+
 #: ENQUEUE for a batch in which no message has a unique key (most sends): the
 #: same rows and the same upserts, without the duplicate lookups. Returns one
 #: row, the count of queues woken.
@@ -110,17 +125,20 @@ WITH m AS (
     FROM unnest(%(ids)s::uuid[], %(queues)s::text[], %(actors)s::text[], %(priorities)s::int[],
                 %(etas)s::timestamptz[], %(delays)s::bigint[], %(bodies)s::text[], %(max_attempts)s::int[])
          AS t(id, queue, actor, priority, eta, delay_ms, body, max_attempts)
-), job AS (
-    INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts, scheduled_at)
-    SELECT """ + _JOB_VALUES + """
-    FROM m
-    """ + _JOB_AGAIN + """
-), msg AS (
-    """ + _MESSAGES_FROM_M + """
-    """ + _MESSAGE_AGAIN + """
+)""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
-SELECT """ + _NOTIFY_READY + """
-"""  # noqa: S608 (joined from this module's constants only, no input)
+
+#: ENQUEUE_PLAIN for one message (``actor.send``), its values as scalars: no
+#: array literals to build, send and parse, no ``unnest``. About 50 µs less
+#: per send than ENQUEUE_PLAIN with one-element arrays on the benchmark machine.
+ENQUEUE_ONE = (
+    """
+WITH m AS (
+    SELECT %(id)s::uuid AS id, %(queue)s::text AS queue, %(actor)s::text AS actor, %(priority)s::int AS priority,
+           coalesce(now() + make_interval(secs => %(delay)s::bigint / 1000.0), %(eta)s::timestamptz, now()) AS eta,
+           convert_to(t.body, 'UTF8') AS body, %(max_attempts)s::int AS max_attempts, t.body::jsonb AS doc
+    FROM (SELECT %(body)s::text AS body) AS t
+)""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
 
 #: Lease up to ``limit`` ready messages of one queue to this worker, in

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 # The hot statements, prepared once per connection (see tasks.prepared).
 _ENQUEUE = Statement("control_plane_enqueue", queries.ENQUEUE)
 _ENQUEUE_PLAIN = Statement("control_plane_enqueue_plain", queries.ENQUEUE_PLAIN)
+_ENQUEUE_ONE = Statement("control_plane_enqueue_one", queries.ENQUEUE_ONE)
 _SETTLE = Statement("control_plane_settle", queries.SETTLE)
 _CLAIMS: dict[int, Statement] = {}
 
@@ -427,9 +428,25 @@ class PostgresBroker(dramatiq.Broker):
     # -- enqueue ----------------------------------------------------------
 
     def _max_attempts(self, message: Message[Any]) -> int:
+        """``max_attempts_for(self, message)``, kept per actor for messages that do not set their own.
+
+        Working it out walks the actor's options and the middleware list: 5 µs, a
+        quarter of a batched send's Python. The kept value is used while the
+        actor and the middleware list are the same objects as when it was worked out.
+        """
         from tasks.middleware.retries import max_attempts_for
 
-        return max_attempts_for(self, message)
+        options = message.options
+        if "max_attempts" in options or "max_retries" in options:
+            return max_attempts_for(self, message)
+        actor = self.actors.get(message.actor_name)
+        kept: dict[str, tuple[Any, list[Middleware], int]] = self.__dict__.setdefault("_attempts_kept", {})
+        known = kept.get(message.actor_name)
+        if known is not None and known[0] is actor and known[1] == self.middleware:
+            return known[2]
+        attempts = max_attempts_for(self, message)
+        kept[message.actor_name] = (actor, list(self.middleware), attempts)
+        return attempts
 
     def _priority(self, message: Message[Any]) -> int:
         priority = message.options.get("priority")
@@ -475,11 +492,15 @@ class PostgresBroker(dramatiq.Broker):
             queue_name = q_name(message.queue_name)
             if queue_name not in self.queues and message.actor_name in self.actors:
                 self.declare_queue(queue_name)
-            # One copy per message: the eta option becomes the row's eta, and a
-            # delay queue's name (Dramatiq's convention) the queue's own name.
-            options = dict(message.options)
-            eta_ms = options.pop("eta", None)
-            message = dataclasses.replace(message, queue_name=queue_name, options=options)
+            # The eta option becomes the row's eta, and a delay queue's name (Dramatiq's
+            # convention) the queue's own name, in a copy; other messages go as they are,
+            # as Dramatiq's own brokers send them (a copy costs 5 µs of a batch's 20 per message).
+            options = message.options
+            eta_ms = None
+            if queue_name != message.queue_name or "eta" in options:
+                options = dict(options)
+                eta_ms = options.pop("eta", None)
+                message = dataclasses.replace(message, queue_name=queue_name, options=options)
             self.emit_before("enqueue", message, delay)
             body = encode_message(message)
             rows["ids"].append(_check_uuid(message.message_id))
@@ -527,18 +548,32 @@ class PostgresBroker(dramatiq.Broker):
 
     def _run_enqueue(self, rows: dict[str, list[Any]]) -> dict[str, str | None]:
         keyed = any(key is not None for key in rows["unique_keys"])
-        statement = _ENQUEUE if keyed else _ENQUEUE_PLAIN
-        params: dict[str, Any] = {
-            "ids": _text_array(rows["ids"]),
-            "queues": _text_array(rows["queues"]),
-            "actors": _text_array(rows["actors"]),
-            "priorities": _int_array(rows["priorities"]),
-            "etas": _sparse(rows["etas"]),
-            "delays": _int_array(rows["delays"]),
-            "bodies": _text_array(rows["bodies"]),
-            "max_attempts": _int_array(rows["max_attempts"]),
-            "unique_keys": _text_array(rows["unique_keys"]),
-        }
+        params: dict[str, Any]
+        if not keyed and len(rows["ids"]) == 1:  # actor.send(): scalars, no arrays
+            statement = _ENQUEUE_ONE
+            params = {
+                "id": rows["ids"][0],
+                "queue": rows["queues"][0],
+                "actor": rows["actors"][0],
+                "priority": rows["priorities"][0],
+                "eta": rows["etas"][0],
+                "delay": rows["delays"][0],
+                "body": rows["bodies"][0],
+                "max_attempts": rows["max_attempts"][0],
+            }
+        else:
+            statement = _ENQUEUE if keyed else _ENQUEUE_PLAIN
+            params = {
+                "ids": _text_array(rows["ids"]),
+                "queues": _text_array(rows["queues"]),
+                "actors": _text_array(rows["actors"]),
+                "priorities": _int_array(rows["priorities"]),
+                "etas": _sparse(rows["etas"]),
+                "delays": _int_array(rows["delays"]),
+                "bodies": _text_array(rows["bodies"]),
+                "max_attempts": _int_array(rows["max_attempts"]),
+                "unique_keys": _text_array(rows["unique_keys"]),
+            }
         caller = _enqueue_connection.get()
         if caller is not None:
             with caller.cursor() as cur:

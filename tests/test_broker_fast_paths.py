@@ -44,14 +44,17 @@ def test_a_statement_numbers_its_placeholders_once_each_and_keeps_their_casts() 
 
 
 def test_sends_run_a_prepared_statement_on_the_pooled_connection(db_url: str) -> None:
-    # When a keyless message and a keyed one are sent
+    # When a keyless message, a keyed one and a batch are sent
     plain = actors.noop.send(1)
     keyed = actors.noop.send_with_options(args=(2,), unique_key="prepared-test")
-    # Then both are stored, and the pooled connection holds both prepared statements
+    batch = _broker().enqueue_batch([actors.noop.message(3), actors.noop.message(4)])
+    # Then all are stored, and the pooled connection holds the three prepared statements
     assert job(db_url, plain.message_id)["status"] == "pending"
     assert job(db_url, keyed.message_id)["unique_key"] == "prepared-test"
+    assert [job(db_url, m.message_id)["payload"]["args"] for m in batch] == [[3], [4]]
     with _broker().connection() as conn:
-        assert {"control_plane_enqueue", "control_plane_enqueue_plain"} <= _prepared_names(conn)
+        names = _prepared_names(conn)
+    assert {"control_plane_enqueue", "control_plane_enqueue_plain", "control_plane_enqueue_one"} <= names
 
 
 def test_a_connection_that_lost_its_prepared_statements_falls_back_to_plain_ones(db_url: str) -> None:
@@ -102,7 +105,8 @@ def test_a_send_inside_the_callers_transaction_prepares_nothing_there(db_url: st
     assert query(db_url, "SELECT id FROM control_plane.jobs WHERE id = %s", (message.message_id,)) == []
 
 
-def test_sending_the_same_message_again_through_the_keyless_path_resets_its_job(db_url: str) -> None:
+@pytest.mark.parametrize("batch", [False, True], ids=["alone", "in-a-batch"])
+def test_sending_the_same_message_again_through_the_keyless_path_resets_its_job(db_url: str, batch: bool) -> None:
     # Given a job that ran and failed
     message = actors.noop.send(1)
     query(
@@ -111,8 +115,11 @@ def test_sending_the_same_message_again_through_the_keyless_path_resets_its_job(
         (message.message_id,),
     )
     query(db_url, "DELETE FROM control_plane.messages WHERE id = %s", (message.message_id,))
-    # When the same message is enqueued again (as a re-delivery does)
-    _broker().enqueue(message)
+    # When the same message is enqueued again (as a re-delivery does), alone or with another one
+    if batch:
+        _broker().enqueue_batch([message, actors.noop.message(2)])
+    else:
+        _broker().enqueue(message)
     # Then its one job is pending again, and its message is back in the queue
     row = job(db_url, message.message_id)
     assert (row["status"], row["completed_at"]) == ("pending", None)
