@@ -6,7 +6,9 @@ migrations/), a fresh database gets ``--n`` jobs through
 ``broker.enqueue_batch`` in batches of ``--batch`` (the messages built inside
 the timed loop, as the harness does), then ``--single`` jobs through
 ``actor.send``, each tree in its own Python process. Prints microseconds per
-job for both.
+job for both, and the CPU time per job of the sending process and of its
+PostgreSQL backend, which moves much less than the wall time when commits wait
+on a shared disk.
 """
 
 from __future__ import annotations
@@ -27,20 +29,29 @@ _CHILD = """
 import json, os, sys, time
 import migrations, tasks
 from bench.drivers.ours_actors import noop
+from bench.procfs import cpu_seconds
 n, batch, single = (int(a) for a in sys.argv[1:4])
 migrations.upgrade(os.environ["DATABASE_URL"])
 broker = tasks.broker
-with broker.connection():
-    pass
-started = time.perf_counter()
-for _ in range(n // batch):
-    broker.enqueue_batch([noop.message(0.0) for _ in range(batch)])
-batch_us = (time.perf_counter() - started) / n * 1e6
-started = time.perf_counter()
-for _ in range(single):
-    noop.send(0.0)
-single_us = (time.perf_counter() - started) / single * 1e6
-print(json.dumps({"tasks": tasks.__file__, "batch_us": batch_us, "single_us": single_us}))
+with broker.connection() as conn, conn.cursor() as cur:  # the pool holds this one connection
+    cur.execute("SELECT pg_backend_pid()")
+    (backend,) = cur.fetchone()
+
+def timed(loop, jobs):
+    wall, cpu, server = time.perf_counter(), time.process_time(), cpu_seconds(backend)
+    loop()
+    wall, cpu, server = time.perf_counter() - wall, time.process_time() - cpu, cpu_seconds(backend) - server
+    return wall / jobs * 1e6, cpu / jobs * 1e6, server / jobs * 1e6
+
+def batches():
+    for _ in range(n // batch):
+        broker.enqueue_batch([noop.message(0.0) for _ in range(batch)])
+
+def singles():
+    for _ in range(single):
+        noop.send(0.0)
+
+print(json.dumps({"tasks": tasks.__file__, "batch": timed(batches, n), "single": timed(singles, single)}))
 """
 
 
@@ -63,9 +74,11 @@ def main() -> None:
                 env=env, cwd=tree, check=True, capture_output=True, text=True,
             )  # fmt: skip
             res = json.loads(out.stdout.strip().splitlines()[-1])
+            (b_wall, b_cpu, b_server), (s_wall, s_cpu, s_server) = res["batch"], res["single"]
             print(
-                f"round {round_no} {tree} ({res['tasks']}): batch {res['batch_us']:.1f} µs/job, "
-                f"one per call {res['single_us']:.0f} µs/job"
+                f"round {round_no} {tree} ({res['tasks']}): batch {b_wall:.1f} µs/job "
+                f"(CPU: sender {b_cpu:.1f}, PostgreSQL {b_server:.1f}), one per call {s_wall:.0f} µs/job "
+                f"(CPU: sender {s_cpu:.0f}, PostgreSQL {s_server:.0f})"
             )
     query(ADMIN_URL, f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
 
