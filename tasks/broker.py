@@ -73,7 +73,7 @@ RUNNING_MARK_DELAY_SECONDS = 0.05
 
 #: A middleware class attribute: the hooks (``after_ack``, say) that only matter
 #: under other brokers because a PostgresBroker's own statements do their work.
-#: The broker does not call them (see ``PostgresBroker._listeners``).
+#: The broker does not call them (see ``PostgresBroker._hooks``).
 COVERED_SIGNALS = "covered_by_postgres_broker"
 
 
@@ -219,6 +219,17 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.cancel_requested = False
         #: When a worker thread started it (monotonic seconds; 0: not started).
         self.started_mono = 0.0
+        # The message's fields as the proxy's own attributes: Dramatiq and the
+        # middleware read them a score of times per message, each time through
+        # MessageProxy.__getattr__ otherwise. The message is frozen; options and
+        # kwargs are the message's own (mutable) objects.
+        self.queue_name = message.queue_name
+        self.actor_name = message.actor_name
+        self.args = message.args
+        self.kwargs = message.kwargs
+        self.options = message.options
+        self.message_id = message.message_id
+        self.message_timestamp = message.message_timestamp
 
 
 @dataclass
@@ -302,8 +313,9 @@ class PostgresBroker(dramatiq.Broker):
 
     # -- middleware events ------------------------------------------------
 
-    def _listeners(self, signal: str) -> list[Middleware]:
-        """The middleware to call for ``signal`` (``before_...`` or ``after_...``), in order.
+    def _hooks(self, signal: str) -> list[Any]:
+        """The bound methods to call for ``signal`` (``before_...`` or ``after_...``), in calling
+        order: the middleware list's for ``before_``, reversed for ``after_``, as Dramatiq calls them.
 
         Dramatiq's ``emit_*`` calls every middleware's method for every event,
         most of them the base class's no-ops: thirteen calls per event, six
@@ -314,7 +326,7 @@ class PostgresBroker(dramatiq.Broker):
         per signal and rebuilt when the middleware list changes; checking
         that costs one list comparison and one dict lookup per middleware.
         """
-        tables: dict[str, tuple[list[Middleware], tuple[dict[str, Any], ...], list[Middleware]]]
+        tables: dict[str, tuple[list[Middleware], tuple[dict[str, Any], ...], list[Any]]]
         tables = self.__dict__.setdefault("_listener_tables", {})
         table = tables.get(signal)
         if (
@@ -324,43 +336,43 @@ class PostgresBroker(dramatiq.Broker):
         ):
             return table[2]
         noop = getattr(Middleware, signal, None)
-        listeners: list[Middleware] = []
+        hooks: list[Any] = []
         dicts: list[dict[str, Any]] = []
         cacheable = True
         for middleware in self.middleware:
             instance = getattr(middleware, "__dict__", None)
             if instance is not None:
                 if signal in instance:
-                    listeners.append(middleware)
+                    hooks.append(getattr(middleware, signal))
                     cacheable = False  # a test double: look the list up again on each event
                     continue
                 dicts.append(instance)
             cls = type(middleware)
             if getattr(cls, signal, None) is not noop and signal not in getattr(cls, COVERED_SIGNALS, ()):
-                listeners.append(middleware)
+                hooks.append(getattr(middleware, signal))
+        if signal.startswith("after_"):
+            hooks.reverse()
         if cacheable:
-            tables[signal] = (list(self.middleware), tuple(dicts), listeners)
-        return listeners
+            tables[signal] = (list(self.middleware), tuple(dicts), hooks)
+        return hooks
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         if signal == "process_message" and args and isinstance(args[0], PgMessageProxy):
             self._started(args[0])
-        signal = "before_" + signal
-        for middleware in self._listeners(signal):
+        for hook in self._hooks("before_" + signal):
             try:
-                getattr(middleware, signal)(self, *args, **kwargs)
+                hook(self, *args, **kwargs)
             except dramatiq.middleware.MiddlewareError:
                 raise
             except Exception:
-                self.logger.critical("Unexpected failure in %s of %r.", signal, middleware, exc_info=True)
+                self.logger.critical("Unexpected failure in before_%s of %r.", signal, hook.__self__, exc_info=True)
 
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        signal = "after_" + signal
-        for middleware in reversed(self._listeners(signal)):
+        for hook in self._hooks("after_" + signal):
             try:
-                getattr(middleware, signal)(self, *args, **kwargs)
+                hook(self, *args, **kwargs)
             except Exception:
-                self.logger.critical("Unexpected failure in %s of %r.", signal, middleware, exc_info=True)
+                self.logger.critical("Unexpected failure in after_%s of %r.", signal, hook.__self__, exc_info=True)
 
     # -- plumbing ---------------------------------------------------------
 
