@@ -188,6 +188,44 @@ def test_a_test_double_for_a_hook_the_class_implements_is_called_instead_then_th
     assert counting.seen[-1] == after.message_id
 
 
+def test_a_hook_patched_on_its_class_after_the_first_event_is_the_one_called(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a middleware class's hook, after the event table was built
+    broker = _broker()
+    counting = _Counting()
+    broker.add_middleware(counting)
+    try:
+        actors.noop.send(0)
+        # When the class's hook is patched
+        patched: list[str] = []
+        monkeypatch.setattr(
+            _Counting, "before_enqueue", lambda self, _broker, message, _delay: patched.append(message.message_id)
+        )
+        message = actors.noop.send(1)
+    finally:
+        broker.middleware.remove(counting)
+    # Then the patched hook ran for the next send
+    assert patched == [message.message_id]
+
+
+def test_a_computed_unique_key_stays_off_the_callers_message_and_the_copies_it_makes(db_url: str) -> None:
+    # Given an actor whose jobs are keyed on their argument, and a message built for "a"
+    @dramatiq.actor(actor_name="tests.keyed_by_argument", unique_key_from=lambda args, kwargs: f"keyed:{args[0]}")
+    def keyed(value: str) -> None:
+        del value
+
+    first = keyed.message("a")
+    # When it is sent in a batch, then a copy of it for "b"
+    (sent,) = _broker().enqueue_batch([first])
+    second = first.copy(args=("b",), message_id=str(uuid.uuid4()))
+    (sent_second,) = _broker().enqueue_batch([second])
+    # Then the caller's message carries no key computed for it, and the copy got its own job and key
+    assert "unique_key" not in first.options
+    assert sent_second.message_id == second.message_id != sent.message_id
+    assert [job(db_url, m.message_id)["unique_key"] for m in (sent, sent_second)] == ["keyed:a", "keyed:b"]
+
+
 def test_the_broker_does_not_call_the_mirror_hooks_its_own_statements_cover(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
