@@ -223,13 +223,15 @@ def _status_lookup(status: str | None) -> list[str]:
 
     ``jobs`` has no index on ``status`` (a completion would then never be a HOT
     update, see docs/design.md): failed jobs are found through ``failed_at``'s
-    index, and with the Postgres broker pending and running ones through the
-    message table, which holds exactly the live jobs.
+    index, and with the Postgres broker running ones through the message table
+    (a running job's message is claimed until its outcome is written, in the
+    same statement). Pending jobs are looked for in the history itself: a
+    pending job without a message is one an operator must be able to see.
     """
     if status == "failed":
         return ["failed_at IS NOT NULL"]
-    if status in ("pending", "running") and _settings().broker_url is None:
-        return ["id IN (SELECT id FROM control_plane.messages)"]
+    if status == "running" and _settings().broker_url is None:
+        return ["id IN (SELECT id FROM control_plane.messages WHERE claim_token IS NOT NULL)"]
     return []
 
 

@@ -18,8 +18,17 @@ the same page, no index entry), given room on the page (``fillfactor`` 70):
 * ``retry_at``: when a job waiting for another attempt runs next, else NULL;
   ``ix_jobs_retry_at`` serves ``retrying_jobs``.
 
-Adding stored generated columns rewrites ``jobs`` under an exclusive lock: on
-a large history, prune it first or run this release in a quiet moment.
+Deploying it:
+
+* Adding stored generated columns rewrites ``jobs`` under an exclusive lock: on
+  a large history, prune it first or run this release in a quiet moment.
+* The previous release's sends with a unique key name the dropped index
+  (``ON CONFLICT (unique_key) WHERE status IN ...``): from this migration until
+  its processes are replaced, they fail with "there is no unique or exclusion
+  constraint matching the ON CONFLICT specification" (sends without a key, and
+  its workers, go on). Stop the old release's senders and clocks before
+  ``controlplane migrate``, or accept keyed sends failing for that moment
+  (``docs/operations.md``, "Upgrading").
 
 Revision ID: 0005
 Revises: 0004
@@ -67,6 +76,9 @@ def _views(new: bool) -> None:
 
 
 def upgrade() -> None:
+    # Room on each page for the new version of its rows: set first, so that the
+    # rewrite below lays out the existing rows with it too.
+    op.execute(f"ALTER TABLE {S}.jobs SET (fillfactor = 70)")
     op.execute(
         f"ALTER TABLE {S}.jobs "
         + ", ".join(f"ADD COLUMN {name} {type_} GENERATED ALWAYS AS ({expr}) STORED" for name, type_, expr in GENERATED)
@@ -83,8 +95,6 @@ def upgrade() -> None:
     op.create_index(
         "ix_jobs_retry_at", "jobs", ["retry_at"], schema=S, postgresql_where=sa.text("retry_at IS NOT NULL")
     )
-    # Room on each page for the new version of its rows (pages written from now on).
-    op.execute(f"ALTER TABLE {S}.jobs SET (fillfactor = 70)")
     _views(new=True)
 
 
