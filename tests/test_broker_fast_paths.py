@@ -6,10 +6,12 @@ back when the server takes its prepared statements away.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
@@ -165,13 +167,21 @@ def test_a_method_set_on_a_middleware_instance_is_called(db_url: str) -> None:
     assert calls == [message.message_id]
 
 
-def test_a_test_double_for_a_hook_the_class_implements_is_called_instead_then_the_hook_again(db_url: str) -> None:
-    # Given a middleware whose class implements before_enqueue, after the event table was built
-    broker = _broker()
+@contextlib.contextmanager
+def _counting_after_a_first_send() -> Iterator[_Counting]:
+    """A ``_Counting`` middleware on the broker, after one send built the event tables; removed after."""
     counting = _Counting()
-    broker.add_middleware(counting)
+    _broker().add_middleware(counting)
     try:
         actors.noop.send(0)
+        yield counting
+    finally:
+        _broker().middleware.remove(counting)
+
+
+def test_a_test_double_for_a_hook_the_class_implements_is_called_instead_then_the_hook_again(db_url: str) -> None:
+    # Given a middleware whose class implements before_enqueue, after the event table was built
+    with _counting_after_a_first_send() as counting:
         # When a test double replaces its hook on the instance, and is then taken away
         doubled: list[str] = []
         counting.before_enqueue = lambda _broker, message, _delay: doubled.append(message.message_id)  # type: ignore[method-assign]
@@ -180,8 +190,6 @@ def test_a_test_double_for_a_hook_the_class_implements_is_called_instead_then_th
         finally:
             del counting.before_enqueue
         after = actors.noop.send(2)
-    finally:
-        broker.middleware.remove(counting)
     # Then the double saw the send made while it was there, and the class's hook every other one
     assert doubled == [during.message_id]
     assert during.message_id not in counting.seen
@@ -192,19 +200,13 @@ def test_a_hook_patched_on_its_class_after_the_first_event_is_the_one_called(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a middleware class's hook, after the event table was built
-    broker = _broker()
-    counting = _Counting()
-    broker.add_middleware(counting)
-    try:
-        actors.noop.send(0)
+    with _counting_after_a_first_send():
         # When the class's hook is patched
         patched: list[str] = []
         monkeypatch.setattr(
             _Counting, "before_enqueue", lambda self, _broker, message, _delay: patched.append(message.message_id)
         )
         message = actors.noop.send(1)
-    finally:
-        broker.middleware.remove(counting)
     # Then the patched hook ran for the next send
     assert patched == [message.message_id]
 
