@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 
-
 def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -563,18 +563,9 @@ class PostgresBroker(dramatiq.Broker):
     def _run_enqueue(self, rows: dict[str, list[Any]]) -> dict[str, str | None]:
         keyed = any(key is not None for key in rows["unique_keys"])
         params: dict[str, Any]
-        if not keyed and len(rows["ids"]) == 1:  # actor.send(): scalars, no arrays
+        if not keyed and len(rows["ids"]) == 1:  # actor.send(): each value as a scalar, no arrays
             statement = _ENQUEUE_ONE
-            params = {
-                "id": rows["ids"][0],
-                "queue": rows["queues"][0],
-                "actor": rows["actors"][0],
-                "priority": rows["priorities"][0],
-                "eta": rows["etas"][0],
-                "delay": rows["delays"][0],
-                "body": rows["bodies"][0],
-                "max_attempts": rows["max_attempts"][0],
-            }
+            params = {name: values[0] for name, values in rows.items()}
         else:
             statement = _ENQUEUE if keyed else _ENQUEUE_PLAIN
             params = {
