@@ -413,6 +413,51 @@ PRUNE_JOBS = "SELECT control_plane.prune_jobs(%(completed)s::interval, %(failed)
 #: Per queue: ready, scheduled, running, failed, completed in the last minute, oldest wait.
 QUEUE_STATS = "SELECT * FROM control_plane.queue_stats ORDER BY queue"
 
+#: QUEUE_STATS's rows under the Postgres broker, without reading the whole
+#: history: the view counts live jobs by scanning every row of ``jobs``; the
+#: message table holds exactly the live ones. A claimed message is ``running``
+#: once its job is (a prefetched one is still ready, as in the view), failures
+#: come from ``ix_jobs_failed_at`` and recent completions from the BRIN index of
+#: migration 0006 (a scan of ``jobs`` where the server is older than 16). Lists
+#: the queues with live, failed or just-completed jobs and those that live
+#: workers consume; a queue with only old finished jobs is left out.
+QUEUE_STATS_VIA_MESSAGES = """
+WITH live AS (
+    SELECT queue, eta, CASE WHEN eta <= now() THEN 'ready' ELSE 'scheduled' END AS state
+    FROM control_plane.messages WHERE claim_token IS NULL
+    UNION ALL
+    -- claimed: a few per worker thread, each looked up by id
+    SELECT m.queue, m.eta, CASE WHEN j.status = 'running' THEN 'running' ELSE 'ready' END
+    FROM control_plane.messages AS m LEFT JOIN control_plane.jobs AS j ON j.id = m.id
+    WHERE m.claim_token IS NOT NULL
+), live_stats AS (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'ready') AS ready,
+           count(*) FILTER (WHERE state = 'scheduled') AS scheduled,
+           count(*) FILTER (WHERE state = 'running') AS running,
+           min(eta) FILTER (WHERE state = 'ready') AS oldest_ready
+    FROM live GROUP BY queue
+), failed AS (
+    SELECT queue, count(*) AS n FROM control_plane.jobs WHERE failed_at IS NOT NULL GROUP BY queue
+), completed AS (
+    SELECT queue, count(*) AS n FROM control_plane.jobs
+    WHERE completed_at > now() - interval '1 minute' AND status = 'completed'
+    GROUP BY queue
+), queues AS (
+    SELECT queue FROM live_stats UNION SELECT queue FROM failed UNION SELECT queue FROM completed
+    UNION SELECT unnest(queues) FROM control_plane.worker_heartbeats
+)
+SELECT q.queue,
+       coalesce(l.ready, 0) AS ready, coalesce(l.scheduled, 0) AS scheduled, coalesce(l.running, 0) AS running,
+       coalesce(f.n, 0) AS failed, coalesce(c.n, 0) AS completed_last_minute,
+       coalesce(extract(epoch FROM now() - l.oldest_ready), 0)::double precision AS oldest_ready_age_seconds
+FROM queues AS q
+LEFT JOIN live_stats AS l USING (queue)
+LEFT JOIN failed AS f USING (queue)
+LEFT JOIN completed AS c USING (queue)
+ORDER BY q.queue
+"""
+
 #: Live workers, their heartbeats and how many messages each holds.
 WORKERS = """
 SELECT id, hostname, pid, queues, started_at, heartbeat_at,

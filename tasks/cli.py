@@ -324,11 +324,18 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 _STATS_COLUMNS = ("queue", "ready", "scheduled", "running", "failed", "completed_last_minute", "oldest_ready_age")
 
 
+def _stats_query(settings: Settings) -> str:
+    """The queue stats' query: the Postgres broker's message table holds the live jobs; else the view."""
+    return queries.QUEUE_STATS_VIA_MESSAGES if settings.broker_url is None else queries.QUEUE_STATS
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    conn = _connect(_url(_settings()))
+    settings = _settings()
+    stats = _stats_query(settings)
+    conn = _connect(_url(settings))
     try:
         while True:
-            rows = _fetch(conn, queries.QUEUE_STATS)
+            rows = _fetch(conn, stats)
             if args.json:
                 # One document per refresh; one line each when watching, for a script to read.
                 print(json.dumps(rows, default=str, indent=None if args.watch else 2), flush=True)
@@ -478,7 +485,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     _connect(_url(settings)).close()  # fail now, with one line, if the database does not answer
     host = args.host or settings.metrics_host
     try:
-        server, _ = serve_queue_metrics(tasks.connection, args.port, host)
+        server, _ = serve_queue_metrics(tasks.connection, args.port, host, _stats_query(settings))
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{args.port}: {exc.strerror}") from None
     print(f"serving queue metrics on http://{host}:{server.server_port}/metrics", flush=True)

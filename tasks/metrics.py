@@ -8,7 +8,9 @@ Two endpoints, because they answer different questions:
   ``dramatiq_prom_db``); the ``dramatiq`` main process serves their sum on that
   port. One endpoint per worker machine.
 * **Queues** (``controlplane metrics --port N``): depth, lag and failures of
-  every queue, read from ``control_plane.queue_stats`` at each scrape. They
+  every queue, read at each scrape from ``control_plane.queue_stats`` (with the
+  Postgres broker, from the message table and two indexes instead: the view
+  reads the whole history). They
   describe the whole system, not one machine, so one such endpoint is enough
   (every worker serving them would multiply the series by the machine count).
 
@@ -53,15 +55,20 @@ QUEUE_GAUGES = (
 
 
 class QueueStatsCollector:
-    """A prometheus_client collector: one SQL read of ``control_plane.queue_stats`` per scrape.
+    """A prometheus_client collector: one SQL read of the queue stats per scrape.
 
     ``connection`` gives an autocommit connection as a context manager
-    (``tasks.connection``). When the database cannot be read, only
-    ``controlplane_stats_up 0`` is exported (and the error logged).
+    (``tasks.connection``); ``stats`` is the query, ``queries.QUEUE_STATS`` (the
+    view) or, with the Postgres broker, ``queries.QUEUE_STATS_VIA_MESSAGES``.
+    When the database cannot be read, only ``controlplane_stats_up 0`` is
+    exported (and the error logged).
     """
 
-    def __init__(self, connection: Callable[[], AbstractContextManager[Any]]) -> None:
+    def __init__(
+        self, connection: Callable[[], AbstractContextManager[Any]], stats: str = queries.QUEUE_STATS
+    ) -> None:
         self._connection = connection
+        self._stats = stats
 
     def describe(self) -> list[Any]:
         return []  # no metric is exported on registration: collect() reads the database
@@ -72,7 +79,7 @@ class QueueStatsCollector:
         up = GaugeMetricFamily("controlplane_stats_up", "1 when control_plane.queue_stats could be read.")
         try:
             with self._connection() as conn, conn.cursor() as cur:
-                cur.execute(queries.QUEUE_STATS)
+                cur.execute(self._stats)
                 columns = [d[0] for d in cur.description]
                 rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
                 cur.execute(queries.LIVE_WORKERS)
@@ -95,17 +102,20 @@ class QueueStatsCollector:
 
 
 def serve_queue_metrics(
-    connection: Callable[[], AbstractContextManager[Any]], port: int, host: str = "0.0.0.0"
+    connection: Callable[[], AbstractContextManager[Any]],
+    port: int,
+    host: str = "0.0.0.0",
+    stats: str = queries.QUEUE_STATS,
 ) -> tuple[HTTPServer, threading.Thread]:
     """Serve the queue gauges at ``http://host:port/metrics`` from a daemon thread.
 
     ``port`` 0 picks a free port: read it from ``server.server_port``. Stop with
-    ``server.shutdown()``.
+    ``server.shutdown()``. ``stats``: see :class:`QueueStatsCollector`.
     """
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueStatsCollector(connection))
+    registry.register(QueueStatsCollector(connection, stats))
     server, thread = start_http_server(port, addr=host, registry=registry)
     return server, thread
 

@@ -16,6 +16,7 @@ import psycopg2
 import pytest
 
 import tasks
+from models import queries
 from tasks.cli import main
 from tests import actors
 from tests.support import claim_in_process, job, query, running_worker, settle_in_process, wait_for
@@ -131,3 +132,89 @@ def test_jobs_list_by_status_lists_exactly_the_jobs_in_that_state(
         assert [row["id"] for row in json.loads(capsys.readouterr().out)] == [ids[status]]
     finally:
         running.close()
+
+
+def _both_stats(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The view's and the message table's stats, read in one snapshot at one ``now()``."""
+    from psycopg2.extras import RealDictCursor
+
+    conn = psycopg2.connect(url)
+    try:
+        conn.set_session(isolation_level="REPEATABLE READ")
+        with conn.cursor(cursor_factory=RealDictCursor) as cur:
+            cur.execute(queries.QUEUE_STATS)
+            view = [dict(r) for r in cur.fetchall()]
+            cur.execute(queries.QUEUE_STATS_VIA_MESSAGES)
+            fast = [dict(r) for r in cur.fetchall()]
+        conn.rollback()
+        return view, fast
+    finally:
+        conn.close()
+
+
+def test_queue_stats_from_the_message_table_agree_with_the_view(db_url: str) -> None:
+    # Given, in queue "default", one job of each kind: completed, failed, running,
+    # claimed but not started (prefetched), ready, delayed, waiting for a retry;
+    # and one ready job in queue "slow"
+    for outcome in ("ack", "nack"):
+        actors.noop.send(outcome)
+        consumer, held = claim_in_process()
+        settle_in_process(consumer, held, outcome)
+    retried = actors.always_fails.send("x")
+    consumer, held = claim_in_process()
+    tasks.broker.enqueue(held, delay=60_000)  # what Dramatiq's Retries does with a failed attempt
+    settle_in_process(consumer, held, "ack")
+    started = actors.noop.send("running").message_id
+    actors.noop.send("prefetched")
+    running = tasks.broker.consume("default", prefetch=2, timeout=5000)
+    held, prefetched = next(running), next(running)
+    assert held is not None and held.message_id == started and prefetched is not None
+    tasks.broker._started(held)  # what a worker thread does as it starts the job
+    wait_for(lambda: job(db_url, started)["status"] == "running", what="the start mark")
+    actors.noop.send("ready")
+    actors.noop.send_with_options(args=("later",), delay=3_600_000)
+    actors.slow_noop.send(0)
+    try:
+        # When the stats are read both ways in one snapshot
+        view, fast = _both_stats(db_url)
+    finally:
+        running.close()
+    # Then they agree on every count, and the counts are the ones given
+    assert fast == view
+    counts = {r["queue"]: tuple(r[c] for c in ("ready", "scheduled", "running", "failed", "completed_last_minute"))
+              for r in fast}  # fmt: skip
+    assert counts == {"default": (2, 2, 1, 1, 1), "slow": (1, 0, 0, 0, 0)}
+    assert job(db_url, retried.message_id)["attempts"] == 1
+    assert all(r["oldest_ready_age_seconds"] >= 0 for r in fast)
+
+
+def test_queue_stats_from_the_message_table_list_consumed_queues_and_skip_old_history(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a queue whose only job completed an hour ago, and a worker consuming other queues
+    query(
+        db_url,
+        "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
+        "VALUES (gen_random_uuid(), 'old', 'archive', 'completed', now() - interval '1 hour')",
+    )
+    with running_worker(db_url, tmp_path, processes=1, threads=1):
+        # When the stats are read from the message table
+        _, fast = _both_stats(db_url)
+    # Then the consumed queues are listed with zeros, and the queue with only old history is not
+    queues = {r["queue"]: r for r in fast}
+    assert {"default", "slow"} <= set(queues) and "archive" not in queues, queues
+    assert (queues["default"]["ready"], queues["default"]["completed_last_minute"]) == (0, 0)
+
+
+def test_recent_completions_are_counted_from_a_brin_index_where_it_keeps_updates_hot(db_url: str) -> None:
+    version = int(query(db_url, "SHOW server_version_num")[0]["server_version_num"])
+    brin = query(db_url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_completed_at_brin'")
+    if version >= 160000:
+        # Given PostgreSQL 16 or later, where a BRIN index does not stop HOT updates:
+        # Then the index exists and the stats read no whole table
+        assert brin and "USING brin (completed_at)" in brin[0]["indexdef"], brin
+        plan = _plan(db_url, queries.QUEUE_STATS_VIA_MESSAGES)
+        assert "ix_jobs_completed_at_brin" in plan and "Seq Scan on jobs" not in plan, plan
+    else:
+        # Given an older server, where it would: Then there is no such index (completions stay HOT)
+        assert brin == []

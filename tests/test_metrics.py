@@ -17,7 +17,7 @@ import tasks
 from tasks import db
 from tasks.metrics import serve_queue_metrics
 from tests import actors
-from tests.support import ROOT, jobs_in, query, running_worker, wait_for
+from tests.support import ROOT, claim_in_process, jobs_in, query, running_worker, settle_in_process, wait_for
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -98,8 +98,11 @@ def test_an_unreachable_database_is_reported_not_raised() -> None:
 
 
 def test_controlplane_metrics_serves_the_gauges(db_url: str) -> None:
-    # Given `controlplane metrics --port 0` (any free port) and one ready job
-    add_job(db_url, "default", "pending")
+    # Given `controlplane metrics --port 0` (any free port), one ready job and one failed for good
+    actors.noop.send(1)
+    actors.noop.send(2)
+    consumer, held = claim_in_process()
+    settle_in_process(consumer, held, "nack")
     env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tasks.cli", "metrics", "--port", "0", "--host", "127.0.0.1"],
@@ -115,8 +118,9 @@ def test_controlplane_metrics_serves_the_gauges(db_url: str) -> None:
         assert line.startswith("serving queue metrics on http://127.0.0.1:"), (line, proc.stderr)
         # When its endpoint is scraped
         samples = scrape(line.split(" on ", 1)[1].strip())
-        # Then the queue gauges are there
+        # Then the queue gauges are there (read from the message table: the Postgres broker's)
         assert samples[("controlplane_queue_ready", (("queue", "default"),))] == 1
+        assert samples[("controlplane_queue_failed", (("queue", "default"),))] == 1
     finally:
         # And SIGTERM stops it cleanly
         proc.send_signal(signal.SIGTERM)
