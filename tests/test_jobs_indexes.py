@@ -179,10 +179,12 @@ def test_queue_stats_from_the_message_table_agree_with_the_view(db_url: str) -> 
         view, fast = _both_stats(db_url)
     finally:
         running.close()
-    # Then they agree on every count, and the counts are the ones given
-    assert fast == view
+    # Then they agree on every queue that has jobs (the others listed are consumed
+    # by this process's heartbeating consumers: all zeros), and the counts are the ones given
+    assert [r for r in fast if r["queue"] in {"default", "slow"}] == view
+    assert all(not any(v for k, v in r.items() if k != "queue") for r in fast if r["queue"] not in {"default", "slow"})
     counts = {r["queue"]: tuple(r[c] for c in ("ready", "scheduled", "running", "failed", "completed_last_minute"))
-              for r in fast}  # fmt: skip
+              for r in view}  # fmt: skip
     assert counts == {"default": (2, 2, 1, 1, 1), "slow": (1, 0, 0, 0, 0)}
     assert job(db_url, retried.message_id)["attempts"] == 1
     assert all(r["oldest_ready_age_seconds"] >= 0 for r in fast)
