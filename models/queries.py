@@ -20,9 +20,12 @@ _JOB_VALUES = """id, actor, queue,
            jsonb_build_object('args', doc -> 'args', 'kwargs', doc -> 'kwargs'),
            coalesce(doc -> 'options', '{}'::jsonb), priority, max_attempts, eta"""
 
-#: Re-enqueueing an id that already has a job makes that job pending again.
+#: Re-enqueueing an id that already has a job makes that job pending again, in
+#: the queue, under the actor and at the priority of the message (as
+#: _MESSAGE_AGAIN does for the message).
 _JOB_AGAIN = """ON CONFLICT (id) DO UPDATE
        SET status = 'pending', scheduled_at = excluded.scheduled_at, options = excluded.options,
+           queue = excluded.queue, type = excluded.type, priority = excluded.priority,
            completed_at = NULL, updated_at = now()"""
 
 #: The message rows, from CTE ``m``; re-enqueueing an id puts its message back in the queue.

@@ -117,15 +117,18 @@ def test_sending_the_same_message_again_through_the_keyless_path_resets_its_job(
         (message.message_id,),
     )
     query(db_url, "DELETE FROM control_plane.messages WHERE id = %s", (message.message_id,))
-    # When the same message is enqueued again (as a re-delivery does), alone or with another one
+    # When the same message is enqueued again (as a re-delivery does), alone or with another
+    # one, into another queue and at another priority
+    again = message.copy(queue_name="slow", options={**message.options, "priority": 7})
     if batch:
-        _broker().enqueue_batch([message, actors.noop.message(2)])
+        _broker().enqueue_batch([again, actors.noop.message(2)])
     else:
-        _broker().enqueue(message)
-    # Then its one job is pending again, and its message is back in the queue
+        _broker().enqueue(again)
+    # Then its one job is pending again, in the message's queue, and its message is back in that queue
     row = job(db_url, message.message_id)
-    assert (row["status"], row["completed_at"]) == ("pending", None)
-    assert len(query(db_url, "SELECT id FROM control_plane.messages WHERE id = %s", (message.message_id,))) == 1
+    assert (row["status"], row["completed_at"], row["queue"], row["priority"]) == ("pending", None, "slow", 7)
+    sent = query(db_url, "SELECT queue, priority FROM control_plane.messages WHERE id = %s", (message.message_id,))
+    assert sent == [{"queue": "slow", "priority": 7}]
 
 
 class _Counting(dramatiq.Middleware):
