@@ -19,6 +19,20 @@ HERE = Path(__file__).resolve().parent
 MIGRATION_LOCK_KEY = 0x636F6E74726F6C  # "control"
 
 
+#: Objects that exist on some servers only, so not in the SQLAlchemy models
+#: (migration 0006's BRIN index: PostgreSQL 16+).
+NOT_IN_MODELS = frozenset({"ix_jobs_completed_at_brin"})
+
+
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """What Alembic compares with the models: our schema, less :data:`NOT_IN_MODELS`."""
+    from models import SCHEMA
+
+    if type_ == "schema":
+        return name == SCHEMA
+    return name not in NOT_IN_MODELS
+
+
 def alembic_config(url: str) -> Config:
     """An Alembic config for ``url`` that needs no alembic.ini on disk."""
     config = Config()

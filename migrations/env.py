@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from migrations import MIGRATION_LOCK_KEY
+from migrations import MIGRATION_LOCK_KEY, include_name
 from models import SCHEMA, metadata
 
 config = context.config
@@ -24,6 +24,7 @@ def run_migrations_online() -> None:
                 target_metadata=metadata,
                 version_table_schema=SCHEMA,
                 include_schemas=True,
+                include_name=include_name,
                 transaction_per_migration=False,
             )
             context.run_migrations()

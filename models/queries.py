@@ -422,16 +422,21 @@ QUEUE_STATS = "SELECT * FROM control_plane.queue_stats ORDER BY queue"
 #: once its job is (a prefetched one is still ready, as in the view), failures
 #: come from ``ix_jobs_failed_at`` and recent completions from the BRIN index of
 #: migration 0006 (a scan of ``jobs`` where the server is older than 16). Lists
-#: the queues with live, failed or just-completed jobs and those that live
-#: workers consume; a queue with only old finished jobs is left out.
+#: the queues with live, failed or just-completed jobs and those that the
+#: heartbeating workers' brokers declare; a queue with only old finished jobs is
+#: left out. One difference: a job re-queued by REAP (its worker died) counts
+#: its wait from its message's ``eta``, when it first became due; the view,
+#: from the reap, which sets ``scheduled_at``.
 QUEUE_STATS_VIA_MESSAGES = """
 WITH live AS (
     SELECT queue, eta, CASE WHEN eta <= now() THEN 'ready' ELSE 'scheduled' END AS state
     FROM control_plane.messages WHERE claim_token IS NULL
     UNION ALL
-    -- claimed: a few per worker thread, each looked up by id
-    SELECT m.queue, m.eta, CASE WHEN j.status = 'running' THEN 'running' ELSE 'ready' END
-    FROM control_plane.messages AS m LEFT JOIN control_plane.jobs AS j ON j.id = m.id
+    -- claimed: a few per worker thread, each job looked up by id
+    SELECT m.queue, m.eta,
+           CASE WHEN (SELECT j.status FROM control_plane.jobs AS j WHERE j.id = m.id) = 'running'
+                THEN 'running' ELSE 'ready' END
+    FROM control_plane.messages AS m
     WHERE m.claim_token IS NOT NULL
 ), live_stats AS (
     SELECT queue,
