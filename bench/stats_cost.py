@@ -8,19 +8,27 @@ ones then complete, as a queue that keeps working would. It then times
 ``control_plane.queue_stats`` (the view: what psql users and other brokers
 read) and ``QUEUE_STATS_VIA_MESSAGES`` (what ``controlplane stats`` and
 ``controlplane metrics`` read with the Postgres broker), ``--repeat`` times
-each, and checks that both give the same counts.
+each, and checks in one snapshot that both give the same rows.
+
+``--late N`` then completes N jobs of the old history now (jobs done long after
+they were written: a long delay or backoff, ``jobs retry --failed``), which
+widens the old block ranges of the BRIN index on ``completed_at``, and times
+both reads again. Results go to ``bench/results/stats-<UTC time>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from datetime import UTC, datetime
 
 import psycopg2
 
 import migrations
+from bench.harness import RESULTS
 from models import queries
 from tasks.db import with_database
 
@@ -59,14 +67,49 @@ FILL = (
 )
 
 
-def timed(cur: psycopg2.extensions.cursor, sql: str, repeat: int) -> tuple[list[float], list[tuple[object, ...]]]:
-    times, rows = [], []
+#: Jobs of the old history completed now (``--late``).
+LATE = """UPDATE control_plane.jobs SET completed_at = now(), updated_at = now()
+   WHERE id IN (SELECT id FROM control_plane.jobs WHERE status = 'completed'
+                AND completed_at < now() - interval '1 hour' ORDER BY random() LIMIT %(late)s)"""
+
+READS = {"the view": queries.QUEUE_STATS, "via messages": queries.QUEUE_STATS_VIA_MESSAGES}
+
+
+def timed(cur: psycopg2.extensions.cursor, sql: str, repeat: int) -> list[float]:
+    times = []
     for _ in range(repeat):
         start = time.perf_counter()
         cur.execute(sql)
-        rows = cur.fetchall()
+        cur.fetchall()
         times.append((time.perf_counter() - start) * 1000)
-    return times, rows
+    return times
+
+
+def measure(conn: psycopg2.extensions.connection, repeat: int) -> dict[str, object]:
+    """Both reads' times, and their rows read in one snapshot (one ``now()``), which must be equal."""
+    out: dict[str, object] = {}
+    with conn.cursor() as cur:
+        for name, sql in READS.items():
+            times = timed(cur, sql, repeat)
+            out[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+    conn.autocommit = False
+    conn.set_session(isolation_level="REPEATABLE READ")
+    with conn.cursor() as cur:
+        rows = {}
+        for name, sql in READS.items():
+            cur.execute(sql)
+            rows[name] = [list(row) for row in cur.fetchall()]
+    conn.rollback()
+    conn.autocommit = True
+    if rows["the view"] != rows["via messages"]:
+        raise SystemExit(f"the two reads disagree: {rows}")
+    out["rows"] = rows["the view"]
+    for name in READS:
+        t = out[name]
+        assert isinstance(t, dict)
+        print(f"  {name}: median {t['median_ms']:.1f} ms (min {t['min_ms']:.1f}, max {t['max_ms']:.1f})")
+    print(f"  rows (both): {out['rows']}")
+    return out
 
 
 def main() -> None:
@@ -74,6 +117,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=1_000_000, help="completed jobs in the history (1000000)")
     parser.add_argument("--live", type=int, default=20_000, help="live jobs, each with its message (20000)")
     parser.add_argument("--repeat", type=int, default=7, help="reads of each query (7)")
+    parser.add_argument("--late", type=int, default=0, help="old jobs then completed now, and read again (0)")
     ns = parser.parse_args()
     admin = psycopg2.connect(ADMIN_URL)
     admin.autocommit = True
@@ -94,16 +138,21 @@ def main() -> None:
             (version,) = cur.fetchone()
             cur.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_jobs_completed_at_brin'")
             (brin,) = cur.fetchone()
-            print(f"PostgreSQL {version}, BRIN index on completed_at: {'yes' if brin else 'no'}; "
-                  f"{ns.history:,} completed jobs in the history, {ns.live:,} live")  # fmt: skip
-            counts = {}
-            for name, sql in (("the view", queries.QUEUE_STATS), ("via messages", queries.QUEUE_STATS_VIA_MESSAGES)):
-                times, rows = timed(cur, sql, ns.repeat)
-                counts[name] = [row[:6] for row in rows]
-                print(f"{name}: median {statistics.median(times):.1f} ms (min {min(times):.1f}, "
-                      f"max {max(times):.1f}); rows {counts[name]}")  # fmt: skip
-            if counts["the view"] != counts["via messages"]:
-                raise SystemExit("the two reads disagree")
+        print(f"PostgreSQL {version}, BRIN index on completed_at: {'yes' if brin else 'no'}; "
+              f"{ns.history:,} completed jobs in the history, {ns.live:,} live")  # fmt: skip
+        result: dict[str, object] = {
+            "server": version, "brin": bool(brin), "history": ns.history, "live": ns.live, "repeat": ns.repeat,
+        }  # fmt: skip
+        result["in_order"] = measure(conn, ns.repeat)
+        if ns.late:
+            with conn.cursor() as cur:
+                cur.execute(LATE, {"late": ns.late})
+            print(f"after {ns.late:,} jobs of the old history completed now:")
+            result["late"] = {"jobs": ns.late, **measure(conn, ns.repeat)}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"stats-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"results: {path}")
     finally:
         conn.close()
         with admin.cursor() as cur:
