@@ -337,6 +337,33 @@ def test_retry_job_refuses_while_another_job_holds_its_unique_key(db_url: str) -
     assert job(db_url, old.message_id)["status"] == "cancelled"
 
 
+def test_a_refused_retry_finds_the_key_holder_through_its_index_not_a_scan_of_the_history(db_url: str) -> None:
+    # Given a cancelled job with key "k", and a newer pending one with the same key
+    old = actors.noop.send_with_options(args=(1,), unique_key="k")
+    assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", old.message_id) == "cancelled"
+    new = actors.noop.send_with_options(args=(2,), unique_key="k")
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            # (sequential scans priced out: one shows only where no index can serve)
+            cur.execute("SET enable_seqscan = off")
+            scans = "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = 'control_plane.jobs'::regclass"
+            cur.execute(scans)
+            (before,) = cur.fetchone()
+            # When the old one is retried and refused
+            cur.execute("SAVEPOINT retry")
+            with pytest.raises(psycopg2.errors.UniqueViolation, match=f"job {new.message_id} with the same"):
+                cur.execute("SELECT control_plane.retry_job(%s)", (old.message_id,))
+            cur.execute("ROLLBACK TO SAVEPOINT retry")
+            cur.execute(scans)
+            (after,) = cur.fetchone()
+    finally:
+        conn.rollback()
+        conn.close()
+    # Then the job holding the key was found without reading the jobs table from end to end
+    assert after == before
+
+
 def test_retry_job_refuses_a_job_whose_message_could_not_be_decoded(db_url: str) -> None:
     garbage = str(uuid.uuid4())
     query(
