@@ -7,7 +7,9 @@ looked it up with ``WHERE unique_key = ... AND status IN ('pending',
 history per refused retry, and ``jobs retry --failed`` can be refused once per
 failed keyed job. ``live_key`` (0005) is that key while the job is live, and
 its unique index finds the holder at once. Nothing else in the function
-changes: it is 0003's text with that one condition replaced.
+changes: the migration reads the function as the database has it and replaces
+that one condition (and back on downgrade), so it does not depend on how any
+other migration's source reads later.
 
 Revision ID: 0007
 Revises: 0006
@@ -16,8 +18,6 @@ Create Date: 2026-12-02
 
 from __future__ import annotations
 
-import importlib
-
 from alembic import op
 
 revision = "0007"
@@ -25,16 +25,24 @@ down_revision = "0006"
 branch_labels = None
 depends_on = None
 
-_0003 = importlib.import_module("migrations.versions.0003_operations")
-
 SCAN = "WHERE j.unique_key = job.unique_key AND j.status IN ('pending', 'running')"
 BY_INDEX = "WHERE j.live_key = job.unique_key"
 
 
+def _replace(old: str, new: str) -> None:
+    definition = (
+        op.get_bind()
+        .exec_driver_sql("SELECT pg_get_functiondef('control_plane.retry_job(uuid)'::regprocedure)")
+        .scalar()
+    )
+    if definition.count(old) != 1:
+        raise RuntimeError(f"control_plane.retry_job does not read as expected: no single {old!r}")
+    op.execute(definition.replace(old, new))
+
+
 def upgrade() -> None:
-    assert _0003.RETRY_JOB.count(SCAN) == 1, "retry_job's holder lookup moved; update this migration"
-    op.execute(_0003.RETRY_JOB.replace(SCAN, BY_INDEX))
+    _replace(SCAN, BY_INDEX)
 
 
 def downgrade() -> None:
-    op.execute(_0003.RETRY_JOB)
+    _replace(BY_INDEX, SCAN)
