@@ -215,6 +215,7 @@ def test_recent_completions_are_counted_from_a_brin_index_where_it_keeps_updates
         # Given PostgreSQL 16 or later, where a BRIN index does not stop HOT updates:
         # Then the index exists and the stats read no whole table
         assert brin and "USING brin (completed_at)" in brin[0]["indexdef"], brin
+        assert "pages_per_range='16'" in brin[0]["indexdef"], brin
         plan = _plan(db_url, queries.QUEUE_STATS_VIA_MESSAGES)
         assert "ix_jobs_completed_at_brin" in plan and "Seq Scan on jobs" not in plan, plan
     else:
