@@ -113,7 +113,7 @@ def _middleware() -> list[Middleware]:
 
 
 broker: dramatiq.Broker
-if settings.broker_url is None:
+if settings.postgres_broker:
     broker = PostgresBroker(settings=settings, middleware=_middleware())
     # interrupt jobs an operator cancels (control_plane.cancel_job). Last, so that
     # its before hook runs just before the actor and its after hook just after it:

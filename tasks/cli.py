@@ -181,7 +181,8 @@ def _jsonable(rows: Any) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    conn = _connect(_url(_settings()))
+    settings = _settings()
+    conn = _connect(_url(settings))
     try:
         if args.action == "list":
             where, params = ["true"], {}
@@ -190,7 +191,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 if value:
                     where.append(f"{column} = %({column})s")
                     params[column] = value
-            where += _status_lookup(args.status)
+            where += _status_lookup(args.status, settings)
             if args.since:
                 where.append("created_at >= now() - %(since)s::interval")
                 params["since"] = args.since
@@ -218,7 +219,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_lookup(status: str | None) -> list[str]:
+def _status_lookup(status: str | None, settings: Settings) -> list[str]:
     """Conditions that let PostgreSQL find jobs of ``status`` without reading the whole history.
 
     ``jobs`` has no index on ``status`` (a completion would then never be a HOT
@@ -230,7 +231,7 @@ def _status_lookup(status: str | None) -> list[str]:
     """
     if status == "failed":
         return ["failed_at IS NOT NULL"]
-    if status == "running" and _settings().broker_url is None:
+    if status == "running" and settings.postgres_broker:
         return ["id IN (SELECT id FROM control_plane.messages WHERE claim_token IS NOT NULL)"]
     return []
 
@@ -326,7 +327,7 @@ _STATS_COLUMNS = ("queue", "ready", "scheduled", "running", "failed", "completed
 
 def _stats_query(settings: Settings) -> str:
     """The queue stats' query: the Postgres broker's message table holds the live jobs; else the view."""
-    return queries.QUEUE_STATS_VIA_MESSAGES if settings.broker_url is None else queries.QUEUE_STATS
+    return queries.QUEUE_STATS_VIA_MESSAGES if settings.postgres_broker else queries.QUEUE_STATS
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -166,6 +166,12 @@ class Settings:
     provision_statement_timeout_ms: int = 30_000
     provision_lock_timeout_ms: int = 5_000
 
+    @property
+    def postgres_broker(self) -> bool:
+        """Whether the messages go through our broker (no ``BROKER_URL``): its message
+        table then holds exactly the live jobs, a cheaper place to look than the history."""
+        return self.broker_url is None
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         """Read and validate the settings; a bad value raises ConfigurationError naming it."""
