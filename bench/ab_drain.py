@@ -26,10 +26,9 @@ from typing import Any
 import psycopg2
 
 from bench import procfs
+from bench.scratch import drop_database, fresh_database
 from bench.systems import ROOT
-from tasks.db import with_database
 
-ADMIN_URL = os.environ.get("DATABASE_URL") or "postgresql://root@127.0.0.1:5432/postgres"
 DATABASE = "bench_ab_drain"
 
 
@@ -44,12 +43,7 @@ def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float, fl
     """Drain ``n`` jobs with the tree ``spec``; returns (jobs/s, worker CPU µs/job, PostgreSQL CPU µs/job,
     WAL bytes per job, share of the jobs rows' updates that were HOT)."""
     path, _, extra = spec.partition("::")
-    admin = psycopg2.connect(ADMIN_URL)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        cur.execute(f"CREATE DATABASE {DATABASE}")
-    url = with_database(ADMIN_URL, DATABASE)
+    url = fresh_database(DATABASE)
     env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
     env.update(pair.split("=", 1) for pair in extra.split(",") if pair)
     fill = (
@@ -106,9 +100,7 @@ def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float, fl
             workers.terminate()
             workers.wait(timeout=60)
         conn.close()
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        admin.close()
+        drop_database(DATABASE)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,10 +19,9 @@ import os
 import subprocess
 import sys
 
+from bench.scratch import drop_database, fresh_database
 from bench.systems import ROOT
-from tests.support import query
 
-ADMIN_URL = os.environ.get("DATABASE_URL") or "postgresql://root@127.0.0.1:5432/postgres"
 DATABASE = "bench_ab_enqueue"
 
 _CHILD = """
@@ -63,11 +62,9 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=1000, help="jobs sent one per call (default 1000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
     ns = parser.parse_args()
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + DATABASE
     for round_no in range(ns.rounds):
         for tree in ns.trees if round_no % 2 == 0 else list(reversed(ns.trees)):
-            query(ADMIN_URL, f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-            query(ADMIN_URL, f"CREATE DATABASE {DATABASE}")
+            url = fresh_database(DATABASE)
             env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": f"{os.path.abspath(tree)}{os.pathsep}{ROOT}"}
             out = subprocess.run(
                 [sys.executable, "-c", _CHILD, str(ns.n), str(ns.batch), str(ns.single)],
@@ -80,7 +77,7 @@ def main() -> None:
                 f"(CPU: sender {b_cpu:.1f}, PostgreSQL {b_server:.1f}), one per call {s_wall:.0f} µs/job "
                 f"(CPU: sender {s_cpu:.0f}, PostgreSQL {s_server:.0f})"
             )
-    query(ADMIN_URL, f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+    drop_database(DATABASE)
 
 
 if __name__ == "__main__":

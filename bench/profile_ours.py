@@ -29,10 +29,8 @@ from typing import Any
 
 import psycopg2
 
+from bench.scratch import drop_database, fresh_database
 from bench.systems import ROOT
-from tests.support import query
-
-ADMIN_URL = os.environ.get("DATABASE_URL") or "postgresql://root@127.0.0.1:5432/postgres"
 
 
 def _wal_bytes(plan: dict[str, Any]) -> int:
@@ -111,16 +109,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="worker processes of 8 threads (default 2)")
     ns = parser.parse_args()
     name = f"bench_profile_{uuid.uuid4().hex[:8]}"
-    from tasks.db import with_database
-
-    url = with_database(ADMIN_URL, name)
+    url = fresh_database(name)
     scratch = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     env = {
         **os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": url,
         "BENCH_RECORD_FILE": str(scratch / "records"), "BENCH_PROFILE_DIR": str(scratch),
     }  # fmt: skip
     py = sys.executable
-    query(ADMIN_URL, f"CREATE DATABASE {name}")
     try:
         subprocess.run([py, "-m", "bench.drivers.ours_driver", "setup", "--url", url], env=env, cwd=ROOT, check=True)
         subprocess.run(
@@ -154,7 +149,7 @@ def main() -> None:
             print(f"worker process {path.stem.split('.')[1]}: {path.read_text().strip()}")
         print("server side:", json.dumps(_explain(url), indent=2))
     finally:
-        query(ADMIN_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        drop_database(name)
 
 
 if __name__ == "__main__":

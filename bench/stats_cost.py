@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from datetime import UTC, datetime
@@ -29,10 +28,9 @@ import psycopg2
 
 import migrations
 from bench.harness import RESULTS
+from bench.scratch import drop_database, fresh_database
 from models import queries
-from tasks.db import with_database
 
-ADMIN_URL = os.environ.get("DATABASE_URL") or "postgresql://root@127.0.0.1:5432/postgres"
 DATABASE = "bench_stats_cost"
 
 FILL = (
@@ -119,12 +117,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="reads of each query (7)")
     parser.add_argument("--late", type=int, default=0, help="old jobs then completed now, and read again (0)")
     ns = parser.parse_args()
-    admin = psycopg2.connect(ADMIN_URL)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        cur.execute(f"CREATE DATABASE {DATABASE}")
-    url = with_database(ADMIN_URL, DATABASE)
+    url = fresh_database(DATABASE)
     migrations.upgrade(url)
     conn = psycopg2.connect(url)
     conn.autocommit = True
@@ -155,9 +148,7 @@ def main() -> None:
         print(f"results: {path}")
     finally:
         conn.close()
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        admin.close()
+        drop_database(DATABASE)
 
 
 if __name__ == "__main__":
