@@ -30,6 +30,7 @@ import migrations
 from bench.harness import RESULTS
 from bench.scratch import drop_database, fresh_database
 from models import queries
+from tests.support import queue_stats_both_ways
 
 DATABASE = "bench_stats_cost"
 
@@ -83,25 +84,17 @@ def timed(cur: psycopg2.extensions.cursor, sql: str, repeat: int) -> list[float]
     return times
 
 
-def measure(conn: psycopg2.extensions.connection, repeat: int) -> dict[str, object]:
+def measure(conn: psycopg2.extensions.connection, url: str, repeat: int) -> dict[str, object]:
     """Both reads' times, and their rows read in one snapshot (one ``now()``), which must be equal."""
     out: dict[str, object] = {}
     with conn.cursor() as cur:
         for name, sql in READS.items():
             times = timed(cur, sql, repeat)
             out[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
-    conn.autocommit = False
-    conn.set_session(isolation_level="REPEATABLE READ")
-    with conn.cursor() as cur:
-        rows = {}
-        for name, sql in READS.items():
-            cur.execute(sql)
-            rows[name] = [list(row) for row in cur.fetchall()]
-    conn.rollback()
-    conn.autocommit = True
-    if rows["the view"] != rows["via messages"]:
-        raise SystemExit(f"the two reads disagree: {rows}")
-    out["rows"] = rows["the view"]
+    view, via_messages = queue_stats_both_ways(url)
+    if view != via_messages:
+        raise SystemExit(f"the two reads disagree: {view} against {via_messages}")
+    out["rows"] = [list(row.values()) for row in view]
     for name in READS:
         t = out[name]
         assert isinstance(t, dict)
@@ -136,12 +129,12 @@ def main() -> None:
         result: dict[str, object] = {
             "server": version, "brin": bool(brin), "history": ns.history, "live": ns.live, "repeat": ns.repeat,
         }  # fmt: skip
-        result["in_order"] = measure(conn, ns.repeat)
+        result["in_order"] = measure(conn, url, ns.repeat)
         if ns.late:
             with conn.cursor() as cur:
                 cur.execute(LATE, {"late": ns.late})
             print(f"after {ns.late:,} jobs of the old history completed now:")
-            result["late"] = {"jobs": ns.late, **measure(conn, ns.repeat)}
+            result["late"] = {"jobs": ns.late, **measure(conn, url, ns.repeat)}
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"stats-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")

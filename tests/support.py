@@ -54,6 +54,25 @@ def query(url: str, sql: str, params: Any = None) -> list[dict[str, Any]]:
         conn.close()
 
 
+def queue_stats_both_ways(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The queue stats as the view and as the message-table query give them, read in one
+    snapshot at one ``now()`` (so that they can be compared row for row)."""
+    from models import queries
+
+    conn = psycopg2.connect(url)
+    try:
+        conn.set_session(isolation_level="REPEATABLE READ")
+        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            cur.execute(queries.QUEUE_STATS)
+            view = [dict(r) for r in cur.fetchall()]
+            cur.execute(queries.QUEUE_STATS_VIA_MESSAGES)
+            fast = [dict(r) for r in cur.fetchall()]
+        conn.rollback()
+        return view, fast
+    finally:
+        conn.close()
+
+
 def job(url: str, job_id: str) -> dict[str, Any]:
     rows = query(url, "SELECT * FROM control_plane.jobs WHERE id = %s", (job_id,))
     assert rows, f"no jobs row for {job_id}"

@@ -19,7 +19,15 @@ import tasks
 from models import queries
 from tasks.cli import main
 from tests import actors
-from tests.support import claim_in_process, job, query, running_worker, settle_in_process, wait_for
+from tests.support import (
+    claim_in_process,
+    job,
+    query,
+    queue_stats_both_ways,
+    running_worker,
+    settle_in_process,
+    wait_for,
+)
 
 
 def _plan(url: str, sql: str) -> str:
@@ -134,24 +142,6 @@ def test_jobs_list_by_status_lists_exactly_the_jobs_in_that_state(
         running.close()
 
 
-def _both_stats(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The view's and the message table's stats, read in one snapshot at one ``now()``."""
-    from psycopg2.extras import RealDictCursor
-
-    conn = psycopg2.connect(url)
-    try:
-        conn.set_session(isolation_level="REPEATABLE READ")
-        with conn.cursor(cursor_factory=RealDictCursor) as cur:
-            cur.execute(queries.QUEUE_STATS)
-            view = [dict(r) for r in cur.fetchall()]
-            cur.execute(queries.QUEUE_STATS_VIA_MESSAGES)
-            fast = [dict(r) for r in cur.fetchall()]
-        conn.rollback()
-        return view, fast
-    finally:
-        conn.close()
-
-
 def test_queue_stats_from_the_message_table_agree_with_the_view(db_url: str) -> None:
     # Given, in queue "default", one job of each kind: completed, failed, running,
     # claimed but not started (prefetched), ready, delayed, waiting for a retry;
@@ -176,7 +166,7 @@ def test_queue_stats_from_the_message_table_agree_with_the_view(db_url: str) -> 
     actors.slow_noop.send(0)
     try:
         # When the stats are read both ways in one snapshot
-        view, fast = _both_stats(db_url)
+        view, fast = queue_stats_both_ways(db_url)
     finally:
         running.close()
     # Then they agree on every queue that has jobs (the others listed are consumed
@@ -201,7 +191,7 @@ def test_queue_stats_from_the_message_table_list_consumed_queues_and_skip_old_hi
     )
     with running_worker(db_url, tmp_path, processes=1, threads=1):
         # When the stats are read from the message table
-        _, fast = _both_stats(db_url)
+        _, fast = queue_stats_both_ways(db_url)
     # Then the consumed queues are listed with zeros, and the queue with only old history is not
     queues = {r["queue"]: r for r in fast}
     assert {"default", "slow"} <= set(queues) and "archive" not in queues, queues
