@@ -195,9 +195,14 @@ WITH t AS (
 ), a AS (
     SELECT t.id, t.token, t.delay_ms, t.body, t.error, t.result,
            now() - make_interval(secs => coalesce(t.started_ms, 0) / 1000.0) AS started_at,
-           m.id IS NOT NULL AS held,
            CASE WHEN t.kind = 'retry' AND m.cancel_requested_at IS NOT NULL THEN 'cancel' ELSE t.kind END AS kind
     FROM t LEFT JOIN control_plane.messages AS m ON m.id = t.id AND m.claim_token = t.token
+), held AS (
+    -- A start is written only while its claim holds, and the lock keeps REAP and
+    -- RELEASE from taking the message back before the jobs row says running.
+    SELECT m.id FROM t JOIN control_plane.messages AS m ON m.id = t.id AND m.claim_token = t.token
+    WHERE t.kind = 'start'
+    FOR SHARE OF m
 ), gone AS (
     DELETE FROM control_plane.messages AS m USING a
     WHERE a.kind NOT IN ('retry', 'start') AND m.id = a.id AND m.claim_token = a.token
@@ -210,7 +215,7 @@ WITH t AS (
     RETURNING m.id, m.eta
 ), done AS (
     SELECT id, eta FROM gone UNION ALL SELECT id, eta FROM back
-    UNION ALL SELECT id, NULL FROM a WHERE a.kind = 'start' AND a.held
+    UNION ALL SELECT id, NULL FROM held
 ), n AS (
     -- the attempt's number: counted by its start mark when that was written
     SELECT a.*, done.eta, j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END AS attempt,
@@ -279,12 +284,23 @@ FROM (SELECT DISTINCT queue FROM r WHERE eta <= now()) AS q
 #: Extend the leases of the claims this worker holds, and record its heartbeat.
 #: Returns the ids of held messages whose cancellation an operator requested
 #: (``control_plane.cancel_job``): the worker interrupts them.
+#:
+#: A message another transaction has locked is skipped, not waited for: that is
+#: this worker's settler writing its outcome (or an operator cancelling it) right
+#: now. Waiting made a cycle: the settler locks its messages in the order they
+#: finished, the heartbeat in table order, and two statements that each hold a
+#: row the other wants deadlock. A skipped lease is extended by the next
+#: heartbeat, well within the lease (a third of it by default).
 HEARTBEAT = """
-WITH h AS (
-    UPDATE control_plane.messages
-       SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+WITH l AS (
+    SELECT id FROM control_plane.messages
     WHERE claim_token = ANY(%(tokens)s::uuid[])
-    RETURNING id, cancel_requested_at
+    FOR NO KEY UPDATE SKIP LOCKED
+), h AS (
+    UPDATE control_plane.messages AS m
+       SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+    FROM l WHERE m.id = l.id
+    RETURNING m.id, m.cancel_requested_at
 )
 INSERT INTO control_plane.worker_heartbeats AS w (id, hostname, pid, queues, heartbeat_at)
 VALUES (%(worker)s, %(hostname)s, %(pid)s, %(queues)s::text[], now())

@@ -593,8 +593,8 @@ class PostgresBroker(dramatiq.Broker):
                 return row[1] if keyed else {}
             except psycopg2.Error as exc:
                 # The statement is atomic and an upsert by id: after a lost
-                # connection, running it again on a fresh one is safe.
-                if attempt == 2 or not db.is_connection_error(exc):
+                # connection or a deadlock, running it again is safe.
+                if attempt == 2 or not (db.is_connection_error(exc) or db.is_transient(exc)):
                     if db.is_connection_error(exc):
                         raise ConnectionClosed(exc) from exc
                     raise
@@ -1113,6 +1113,8 @@ class _Settler(threading.Thread):
                     logger.warning("settling outcomes: lost the connection (%s); retrying", type(exc).__name__)
                     with contextlib.suppress(Exception):
                         self.conn.close()
+                elif isinstance(exc, psycopg2.Error) and db.is_transient(exc):
+                    logger.warning("settling outcomes: rolled back by the server (%s); retrying", type(exc).__name__)
                 else:
                     logger.exception("settling outcomes failed; retrying")
                 with self.state.settle_cond:

@@ -103,10 +103,21 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """True when ``exc`` means the connection is gone (server restart, network cut)."""
-    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
-        return True
-    return isinstance(exc, psycopg2.errors.AdminShutdown)
+    """True when ``exc`` means the connection is gone (server restart, network cut).
+
+    psycopg2 files a deadlock, a serialization failure and a cancelled statement
+    under ``OperationalError`` too; their connection is fine (the transaction was
+    rolled back), so they are not connection errors: see :func:`is_transient`.
+    """
+    if is_transient(exc) or isinstance(exc, psycopg2.extensions.QueryCanceledError):
+        return False
+    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when PostgreSQL rolled back ``exc``'s transaction to break a conflict
+    (deadlock, serialization failure): running it again may succeed."""
+    return isinstance(exc, psycopg2.extensions.TransactionRollbackError)
 
 
 def connection_is_usable(conn: Any) -> bool:

@@ -19,6 +19,7 @@ import psycopg2
 import pytest
 
 import tasks
+from models import queries
 from tasks.broker import PostgresBroker
 from tasks.errors import ConfigurationError
 from tasks.prepared import Statement
@@ -315,6 +316,82 @@ def test_outcomes_survive_the_settler_losing_its_connection(db_url: str) -> None
         row["id"] for row in query(db_url, "SELECT id::text FROM control_plane.jobs WHERE status = 'completed'")
     }
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
+
+
+def test_a_heartbeat_skips_a_message_another_statement_holds_instead_of_waiting_for_it(db_url: str) -> None:
+    # Given a consumer holding two messages, one of them locked by another transaction (as its
+    # settler's statement locks the messages it writes: waiting on it could deadlock)
+    first, second = actors.noop.send(1), actors.noop.send(2)
+    consumer = _broker().consume("default", prefetch=2, timeout=1000)
+    other = psycopg2.connect(db_url)
+    try:
+        assert next(consumer) is not None and next(consumer) is not None
+        leases = "SELECT id::text, lease_expires_at FROM control_plane.messages"
+        before = {r["id"]: r["lease_expires_at"] for r in query(db_url, leases)}
+        with other.cursor() as cur:
+            cur.execute("SELECT 1 FROM control_plane.messages WHERE id = %s FOR UPDATE", (first.message_id,))
+        # When the consumer heartbeats (a wait would end in an error here, not hang the test)
+        with consumer.conn.cursor() as cur:
+            cur.execute("SET lock_timeout = '10s'")
+        consumer._next_heartbeat = 0.0
+        consumer._housekeeping()
+        # Then it extended the other lease at once and left the locked one for its next heartbeat
+        after = {r["id"]: r["lease_expires_at"] for r in query(db_url, leases)}
+        assert after[second.message_id] > before[second.message_id]
+        assert after[first.message_id] == before[first.message_id]
+    finally:
+        other.close()
+        consumer.close()
+
+
+def test_a_deadlock_or_a_cancelled_statement_is_not_taken_for_a_lost_connection() -> None:
+    # psycopg2 files them under OperationalError, as it does a dropped connection: the consumer
+    # would drop its connection and restart, the pool would throw a good connection away
+    from tasks import db
+
+    for rolled_back in (psycopg2.errors.DeadlockDetected(), psycopg2.errors.SerializationFailure()):
+        assert not db.is_connection_error(rolled_back)
+        assert db.is_transient(rolled_back)
+    assert not db.is_connection_error(psycopg2.errors.QueryCanceled())
+    assert not db.is_transient(psycopg2.errors.QueryCanceled())
+    for gone in (psycopg2.OperationalError("server closed the connection"), psycopg2.errors.AdminShutdown()):
+        assert db.is_connection_error(gone)
+        assert not db.is_transient(gone)
+
+
+def test_a_start_mark_racing_the_reaper_leaves_the_job_pending_and_its_message_back_in_the_queue(
+    db_url: str,
+) -> None:
+    # Given a claimed message whose lease expired, and a reaper that has taken it back but not committed
+    message = actors.noop.send("late")
+    consumer = _broker().consume("default", prefetch=1, timeout=1000)
+    reaper = psycopg2.connect(db_url)
+    try:
+        held = next(consumer)
+        assert held is not None
+        query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 minute'")
+        with reaper.cursor() as cur:
+            cur.execute(queries.REAP, {"forget_after": 3600})
+            assert cur.fetchone()[0] == 1
+        # When the worker starts the job anyway, and its settler writes the start mark
+        # while the reaper commits
+        _broker().emit_before("process_message", held)
+        settler = (
+            "SELECT state, wait_event_type FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'controlplane-settle:default'"
+        )
+        wait_for(lambda: query(db_url, settler) == [{"state": "active", "wait_event_type": "Lock"}], what="the wait")
+        reaper.commit()
+        wait_for(lambda: query(db_url, settler)[0]["state"] == "idle", what="the start mark's statement")
+        # Then the reaper's outcome stands: the job is pending again, its lost attempt counted,
+        # and its message is in the queue for any worker
+        row = job(db_url, message.message_id)
+        assert (row["status"], row["attempts"]) == ("pending", 1)
+        assert "lease expired" in row["last_error"]
+        assert query(db_url, "SELECT claim_token FROM control_plane.messages") == [{"claim_token": None}]
+    finally:
+        reaper.close()
+        consumer.close()
 
 
 def test_a_notify_read_during_a_statement_wakes_the_consumer_at_once(
