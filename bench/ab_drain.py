@@ -7,7 +7,8 @@ bench.drivers.ours_actors --processes P --threads 8`` starts, and the rate is
 the jobs drained from the first one taken until ``control_plane.messages`` is
 empty. The order alternates every round. It also reports CPU per job of the
 worker process tree and of its PostgreSQL backends (``/proc``), which moves
-less than the rate on a shared machine.
+less than the rate on a shared machine, and how many statements the server
+rolled back as deadlocks and how often a consumer restarted (from the workers' log).
 
 ``ROOT::dramatiq_queue_prefetch=48`` runs a tree with extra environment.
 """
@@ -19,9 +20,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg2
 
@@ -39,9 +41,18 @@ def _hot_share(cur: Any) -> float:
     return hot / updates if updates else 0.0
 
 
-def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float, float, float]:
-    """Drain ``n`` jobs with the tree ``spec``; returns (jobs/s, worker CPU µs/job, PostgreSQL CPU µs/job,
-    WAL bytes per job, share of the jobs rows' updates that were HOT)."""
+class Drain(NamedTuple):
+    rate: float  # jobs/s
+    worker_cpu: float  # µs per job, the worker process tree
+    pg_cpu: float  # µs per job, their PostgreSQL backends
+    wal: float  # bytes per job
+    hot: float  # share of the jobs rows' updates that were HOT
+    deadlocks: int  # lines of the workers' log that report a deadlock
+    restarts: int  # consumers Dramatiq restarted after an error
+
+
+def run_once(spec: str, n: int, processes: int) -> Drain:
+    """Drain ``n`` jobs with the tree ``spec``."""
     path, _, extra = spec.partition("::")
     url = fresh_database(DATABASE)
     env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
@@ -59,9 +70,10 @@ def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float, fl
         cur.execute("SELECT pg_current_wal_lsn()::text")
         (wal_start,) = cur.fetchone()
     dramatiq = str(Path(sys.executable).with_name("dramatiq"))
+    log = tempfile.TemporaryFile("w+")
     workers = subprocess.Popen(
         [dramatiq, "tasks", "bench.drivers.ours_actors", "--processes", str(processes), "--threads", "8"],
-        env=env, cwd=path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, cwd=path, stdout=subprocess.DEVNULL, stderr=log,
     )
     try:
         started: tuple[float, int] | None = None
@@ -94,8 +106,12 @@ def run_once(spec: str, n: int, processes: int) -> tuple[float, float, float, fl
                     break
                 time.sleep(0.05)
             hot = _hot_share(cur)
-        return rate, worker_cpu / n * 1e6, pg_cpu / n * 1e6, float(wal) / n, hot
+        log.seek(0)
+        text = log.read()
+        return Drain(rate, worker_cpu / n * 1e6, pg_cpu / n * 1e6, float(wal) / n, hot,
+                     sum("deadlock" in line.lower() for line in text.splitlines()), text.count("Restarting consumer"))
     finally:
+        log.close()
         if workers.poll() is None:
             workers.terminate()
             workers.wait(timeout=60)
@@ -110,20 +126,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes of 8 threads (default 2)")
     args = parser.parse_args(argv)
-    results: dict[str, list[tuple[float, float, float, float, float]]] = {spec: [] for spec in args.trees}
+    results: dict[str, list[Drain]] = {spec: [] for spec in args.trees}
     for round_no in range(args.rounds):
         for spec in args.trees if round_no % 2 == 0 else reversed(args.trees):
-            rate, worker, pg, wal, hot = run_once(spec, args.n, args.processes)
-            results[spec].append((rate, worker, pg, wal, hot))
-            print(f"round {round_no} {spec}: {rate:,.0f} jobs/s, CPU per job: workers {worker:.0f} µs, "
-                  f"PostgreSQL {pg:.0f} µs; WAL {wal:,.0f} B/job, HOT jobs updates {hot:.0%}", flush=True)
+            d = run_once(spec, args.n, args.processes)
+            results[spec].append(d)
+            print(f"round {round_no} {spec}: {d.rate:,.0f} jobs/s, CPU per job: workers {d.worker_cpu:.0f} µs, "
+                  f"PostgreSQL {d.pg_cpu:.0f} µs; WAL {d.wal:,.0f} B/job, HOT jobs updates {d.hot:.0%}; "
+                  f"deadlocks {d.deadlocks}, consumer restarts {d.restarts}", flush=True)
     for spec, rows in results.items():
-        rates = [r[0] for r in rows]
+        rates = [r.rate for r in rows]
         print(f"{spec}: median {statistics.median(rates):,.0f} jobs/s {[round(r) for r in rates]}, CPU per job: "
-              f"workers {statistics.median(r[1] for r in rows):.0f} µs, "
-              f"PostgreSQL {statistics.median(r[2] for r in rows):.0f} µs; "
-              f"WAL {statistics.median(r[3] for r in rows):,.0f} B/job, "
-              f"HOT jobs updates {statistics.median(r[4] for r in rows):.0%}")
+              f"workers {statistics.median(r.worker_cpu for r in rows):.0f} µs, "
+              f"PostgreSQL {statistics.median(r.pg_cpu for r in rows):.0f} µs; "
+              f"WAL {statistics.median(r.wal for r in rows):,.0f} B/job, "
+              f"HOT jobs updates {statistics.median(r.hot for r in rows):.0%}; "
+              f"deadlocks {sum(r.deadlocks for r in rows)}, consumer restarts {sum(r.restarts for r in rows)} in all")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ def test_the_drain_ab_and_the_dramatiq_floor_aids_run(server_url: str) -> None:
     medians = [line for line in ab.stdout.splitlines() if ": median " in line]
     assert [line.split(": median ")[0] for line in medians] == [str(ROOT), f"{ROOT}::dramatiq_queue_prefetch=4"]
     assert all("jobs/s" in line and "PostgreSQL" in line for line in medians)
+    assert all("deadlocks 0, consumer restarts 0 in all" in line for line in medians)
     assert floor.returncode == 0, floor.stderr[-3000:]
     assert "µs of CPU per message" in floor.stdout
 
