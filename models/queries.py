@@ -289,8 +289,8 @@ FROM (SELECT DISTINCT queue FROM r WHERE eta <= now()) AS q
 #: this worker's settler writing its outcome (or an operator cancelling it) right
 #: now. Waiting made a cycle: the settler locks its messages in the order they
 #: finished, the heartbeat in table order, and two statements that each hold a
-#: row the other wants deadlock. A skipped lease is extended by the next
-#: heartbeat, well within the lease (a third of it by default).
+#: row the other wants deadlock. Returns, second, how many held messages were
+#: skipped so: the worker heartbeats again soon, not a whole interval later.
 HEARTBEAT = """
 WITH l AS (
     SELECT id FROM control_plane.messages
@@ -306,7 +306,9 @@ INSERT INTO control_plane.worker_heartbeats AS w (id, hostname, pid, queues, hea
 VALUES (%(worker)s, %(hostname)s, %(pid)s, %(queues)s::text[], now())
 ON CONFLICT (id) DO UPDATE
    SET heartbeat_at = now(), queues = excluded.queues
-RETURNING (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE cancel_requested_at IS NOT NULL)
+RETURNING (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE cancel_requested_at IS NOT NULL),
+          (SELECT count(*) FROM control_plane.messages WHERE claim_token = ANY(%(tokens)s::uuid[]))
+          - (SELECT count(*) FROM h) AS skipped
 """
 
 #: The NOTIFY payload prefix with which ``control_plane.cancel_job`` asks the

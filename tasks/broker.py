@@ -71,6 +71,10 @@ SHORT_JOB_SECONDS = 0.05
 #: alone: one row version less per short job.
 RUNNING_MARK_DELAY_SECONDS = 0.05
 
+#: How soon a consumer heartbeats again when its heartbeat skipped messages
+#: another statement held (its settler, an operator's cancel).
+SKIPPED_HEARTBEAT_RETRY_SECONDS = 0.5
+
 #: A middleware class attribute: the hooks (``after_ack``, say) that only matter
 #: under other brokers because a PostgresBroker's own statements do their work.
 #: The broker does not call them (see ``PostgresBroker._listeners``).
@@ -738,6 +742,13 @@ class _PostgresConsumer(dramatiq.Consumer):
         except psycopg2.Error as exc:
             if db.is_connection_error(exc):
                 raise ConnectionClosed(exc) from exc
+            if db.is_transient(exc):
+                # The server rolled back one claim, heartbeat or reap to break a deadlock:
+                # nothing was half done and the connection is fine. Dramatiq would restart
+                # the consumer and give back every message it holds; the next call runs it again.
+                logger.warning("%s rolled back by the server (%s); running it again", self.queue_name,
+                               type(exc).__name__)
+                return None
             raise
 
     # -- internals ------------------------------------------------------------
@@ -963,8 +974,11 @@ class _PostgresConsumer(dramatiq.Consumer):
                         "queues": sorted(self.broker.queues),
                     },
                 )
-                (cancelled,) = cur.fetchone()
-            self._next_heartbeat = now + self.settings.heartbeat_interval
+                cancelled, skipped = cur.fetchone()
+            # A lease skipped because its row was being written is extended soon, not a whole
+            # interval later (which, with an interval over half the lease, could let it expire).
+            interval = self.settings.heartbeat_interval
+            self._next_heartbeat = now + (min(interval, SKIPPED_HEARTBEAT_RETRY_SECONDS) if skipped else interval)
             if cancelled:
                 # An operator cancelled messages we hold: interrupt the threads running them.
                 from tasks.middleware.cancellation import interrupt

@@ -641,13 +641,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ConfigurationError) as exc:
         print(f"controlplane: error: {exc}", file=sys.stderr)
         return 1
-    except (psycopg2.OperationalError, ConnectionClosed) as exc:
-        # The database went away (or never answered) after the command started.
-        reason = _first_line(exc.__cause__ or exc)
-        print(f"controlplane: error: cannot connect to the database: {reason}", file=sys.stderr)
-        return 1
-    except psycopg2.Error as exc:
-        print(f"controlplane: error: the database refused: {_first_line(exc)}", file=sys.stderr)
+    except (psycopg2.Error, ConnectionClosed) as exc:
+        if isinstance(exc, ConnectionClosed) or db.is_connection_error(exc):
+            # The database went away (or never answered) after the command started.
+            reason = _first_line(exc.__cause__ or exc)
+            print(f"controlplane: error: cannot connect to the database: {reason}", file=sys.stderr)
+        else:  # including a deadlock or a cancelled statement, which psycopg2 files as OperationalError
+            print(f"controlplane: error: the database refused: {_first_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

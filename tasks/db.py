@@ -102,16 +102,26 @@ def sqlalchemy_url(url: str) -> str:
     return url.replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
+#: SQLSTATEs that end a session from the server's side: connection exceptions
+#: (class 08), and the server shutting down or not yet accepting connections.
+_SESSION_ENDED = ("08", "57P01", "57P02", "57P03")
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True when ``exc`` means the connection is gone (server restart, network cut).
 
-    psycopg2 files a deadlock, a serialization failure and a cancelled statement
-    under ``OperationalError`` too; their connection is fine (the transaction was
-    rolled back), so they are not connection errors: see :func:`is_transient`.
+    psycopg2 files much more under ``OperationalError``: a deadlock, a
+    serialization failure (see :func:`is_transient`), a cancelled statement, a
+    lock timeout, a full disk. Their connection is fine, the statement was
+    rolled back; only an error without a SQLSTATE (raised by libpq: refused,
+    closed, timed out) or one of ``_SESSION_ENDED`` means the connection is gone.
     """
-    if is_transient(exc) or isinstance(exc, psycopg2.extensions.QueryCanceledError):
+    if isinstance(exc, psycopg2.InterfaceError):
+        return True
+    if not isinstance(exc, psycopg2.OperationalError):
         return False
-    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+    code = exc.pgcode
+    return code is None or code.startswith(_SESSION_ENDED)
 
 
 def is_transient(exc: BaseException) -> bool:

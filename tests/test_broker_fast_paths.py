@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 
 import tasks
 from models import queries
-from tasks.broker import PostgresBroker
+from tasks.broker import SKIPPED_HEARTBEAT_RETRY_SECONDS, PostgresBroker
 from tasks.errors import ConfigurationError
 from tasks.prepared import Statement
 from tasks.settings import Settings
@@ -335,28 +336,96 @@ def test_a_heartbeat_skips_a_message_another_statement_holds_instead_of_waiting_
             cur.execute("SET lock_timeout = '10s'")
         consumer._next_heartbeat = 0.0
         consumer._housekeeping()
-        # Then it extended the other lease at once and left the locked one for its next heartbeat
+        # Then it extended the other lease at once and left the locked one for its next heartbeat,
+        # which comes soon, not a whole interval later
         after = {r["id"]: r["lease_expires_at"] for r in query(db_url, leases)}
         assert after[second.message_id] > before[second.message_id]
         assert after[first.message_id] == before[first.message_id]
+        assert consumer._next_heartbeat <= time.monotonic() + SKIPPED_HEARTBEAT_RETRY_SECONDS
+        # When the lock is gone, that heartbeat extends it, and the next one is an interval away
+        other.rollback()
+        consumer._next_heartbeat = 0.0
+        consumer._housekeeping()
+        assert query(db_url, leases + " WHERE id = %s", (first.message_id,))[0]["lease_expires_at"] > before[
+            first.message_id
+        ]
+        assert consumer._next_heartbeat > time.monotonic() + SKIPPED_HEARTBEAT_RETRY_SECONDS
     finally:
         other.close()
         consumer.close()
 
 
-def test_a_deadlock_or_a_cancelled_statement_is_not_taken_for_a_lost_connection() -> None:
-    # psycopg2 files them under OperationalError, as it does a dropped connection: the consumer
-    # would drop its connection and restart, the pool would throw a good connection away
+@pytest.mark.parametrize(
+    ("sqlstate", "connection_gone", "transient"),
+    [
+        ("40P01", False, True),  # deadlock_detected
+        ("40001", False, True),  # serialization_failure
+        ("57014", False, False),  # query_canceled (statement_timeout)
+        ("55P03", False, False),  # lock_not_available (lock_timeout)
+        ("53100", False, False),  # disk_full
+        ("57P01", True, False),  # admin_shutdown
+        ("08006", True, False),  # connection_failure
+    ],
+)
+def test_only_errors_that_end_the_session_are_taken_for_a_lost_connection(
+    db_url: str, sqlstate: str, connection_gone: bool, transient: bool
+) -> None:
+    # psycopg2 files all of these under OperationalError; taking a deadlock for a lost connection
+    # restarted the consumer, and the pool threw a good connection away
     from tasks import db
 
-    for rolled_back in (psycopg2.errors.DeadlockDetected(), psycopg2.errors.SerializationFailure()):
-        assert not db.is_connection_error(rolled_back)
-        assert db.is_transient(rolled_back)
-    assert not db.is_connection_error(psycopg2.errors.QueryCanceled())
-    assert not db.is_transient(psycopg2.errors.QueryCanceled())
-    for gone in (psycopg2.OperationalError("server closed the connection"), psycopg2.errors.AdminShutdown()):
-        assert db.is_connection_error(gone)
-        assert not db.is_transient(gone)
+    conn = psycopg2.connect(db_url)
+    conn.autocommit = True
+    try:
+        # Given the error as the server sends it
+        with pytest.raises(psycopg2.Error) as raised, conn.cursor() as cur:
+            cur.execute(f"DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{sqlstate}'; END $$")
+        assert raised.value.pgcode == sqlstate
+        # Then it is sorted as what it means
+        assert db.is_connection_error(raised.value) is connection_gone
+        assert db.is_transient(raised.value) is transient
+    finally:
+        conn.close()
+
+
+def test_a_refused_connection_is_a_lost_connection() -> None:
+    from tasks import db
+
+    with pytest.raises(psycopg2.OperationalError) as refused:
+        psycopg2.connect("postgresql://root@127.0.0.1:1/nothing", connect_timeout=5)
+    assert db.is_connection_error(refused.value)
+    assert not db.is_transient(refused.value)
+
+
+def test_a_statement_the_server_rolled_back_does_not_restart_the_consumer(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer whose next heartbeat the server rolls back to break a deadlock
+    message = actors.noop.send(1)
+    consumer = _broker().consume("default", prefetch=1, timeout=1000)
+    try:
+        real = consumer._housekeeping
+        calls = []
+
+        def deadlocked_once() -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                with consumer.conn.cursor() as cur:
+                    cur.execute("DO $$ BEGIN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; END $$")
+            real()
+
+        monkeypatch.setattr(consumer, "_housekeeping", deadlocked_once)
+        conn = consumer.conn
+        # When Dramatiq asks it for a message, twice
+        first = next(consumer)
+        second = next(consumer)
+        assert consumer.conn is conn
+        # Then the first call gave nothing (Dramatiq would otherwise restart the consumer and release
+        # what it holds) and the second, on the same connection, the message
+        assert first is None
+        assert second is not None and second.message_id == message.message_id
+    finally:
+        consumer.close()
 
 
 def test_a_start_mark_racing_the_reaper_leaves_the_job_pending_and_its_message_back_in_the_queue(

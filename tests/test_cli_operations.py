@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg2
 import pytest
 
 import tasks
@@ -280,6 +281,26 @@ def test_workers_lists_live_workers_and_what_they_hold(db_url: str) -> None:
     assert worker["in_flight"] == 1
     assert table.returncode == 0, table.stderr
     assert tasks.broker.worker_id in table.stdout.splitlines()[2]
+
+
+def test_a_statement_the_database_cancels_is_reported_as_refused_not_as_a_lost_connection(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a waiting job whose message another session holds locked, and a lock_timeout
+    message = actors.noop.send(1)
+    holder = psycopg2.connect(db_url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT 1 FROM control_plane.messages WHERE id = %s FOR UPDATE", (message.message_id,))
+        monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=100")
+        # When an operator cancels it
+        result = in_process(capsys, monkeypatch, db_url, "jobs", "cancel", message.message_id)
+    finally:
+        holder.close()
+    # Then the error says what the database said (psycopg2 files it as an OperationalError, as it
+    # does a lost connection), and the job was left as it was
+    assert_user_error(result, "the database refused: canceling statement due to lock timeout")
+    assert job(db_url, message.message_id)["status"] == "pending"
 
 
 def test_user_mistakes_are_one_line_errors_never_tracebacks(
