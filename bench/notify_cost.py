@@ -1,0 +1,110 @@
+"""What the NOTIFY of a send costs concurrent senders: ``python -m bench.notify_cost [--senders 1,4,16]``.
+
+A measurement aid, like :mod:`bench.ab_drain`. PostgreSQL serializes the
+commits of transactions that NOTIFY (one lock, held through the commit's WAL
+flush, so that notifications are queued in commit order), and every send
+(``ENQUEUE_ONE``, what ``actor.send`` runs) NOTIFYs its queue. This runs
+``--senders`` processes, each sending one message per statement on its own
+connection for ``--seconds``, with the statement as it is and with its
+``pg_notify`` taken out, interleaved for ``--rounds``, on a fresh database,
+and prints sends per second for each. No worker runs: only the sending is
+measured. Results go to ``bench/results/notify-<UTC time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg2
+
+import migrations
+from bench.harness import RESULTS
+from bench.scratch import drop_database, fresh_database
+from models import queries
+from tasks.prepared import Statement
+
+DATABASE = "bench_notify_cost"
+NOTIFY = "count(pg_notify('control_plane_messages', q.queue))"
+VARIANTS = {
+    "with NOTIFY": queries.ENQUEUE_ONE,
+    "without NOTIFY": queries.ENQUEUE_ONE.replace(NOTIFY, "count(*)"),
+}
+BODY = json.dumps({"queue_name": "bench", "actor_name": "bench.noop", "args": [0.0], "kwargs": {},
+                   "options": {}, "message_id": "x", "message_timestamp": 0})  # fmt: skip
+
+
+def _sender(url: str, sql: str, start_at: float, stop_at: float, counts: Any, slot: int) -> None:
+    statement = Statement("bench_notify_cost", sql)
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    sent = 0
+    with conn.cursor() as cur:
+        while time.time() < start_at:
+            time.sleep(0.001)
+        while time.time() < stop_at:
+            params = {"ids": str(uuid.uuid4()), "queues": "bench", "actors": "bench.noop", "priorities": 0,
+                      "etas": None, "delays": None, "bodies": BODY, "max_attempts": 3}  # fmt: skip
+            statement.execute(cur, params)
+            cur.fetchone()
+            sent += 1
+    conn.close()
+    counts[slot] = sent
+
+
+def run_once(url: str, sql: str, senders: int, seconds: float) -> float:
+    """Sends per second of ``senders`` processes running ``sql`` for ``seconds``."""
+    counts = multiprocessing.Array("l", senders)
+    start_at = time.time() + 1.0  # every process connected before the clock starts
+    procs = [
+        multiprocessing.Process(target=_sender, args=(url, sql, start_at, start_at + seconds, counts, i))
+        for i in range(senders)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return sum(counts) / seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.notify_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--senders", default="1,4,16", help="sender process counts (default 1,4,16)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="sending time per measurement (default 4)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
+    args = parser.parse_args(argv)
+    url = fresh_database(DATABASE)
+    results: dict[str, dict[int, list[float]]] = {name: {} for name in VARIANTS}
+    try:
+        migrations.upgrade(url)
+        for round_no in range(args.rounds):
+            names = list(VARIANTS) if round_no % 2 == 0 else list(reversed(VARIANTS))
+            for senders in (int(n) for n in args.senders.split(",")):
+                for name in names:
+                    rate = run_once(url, VARIANTS[name], senders, args.seconds)
+                    results[name].setdefault(senders, []).append(rate)
+                    print(f"round {round_no} {senders:>3} senders, {name}: {rate:,.0f} sends/s", flush=True)
+    finally:
+        drop_database(DATABASE)
+    print("\n| senders | " + " | ".join(VARIANTS) + " |\n|---:|" + "---:|" * len(VARIANTS))
+    for senders in results["with NOTIFY"]:
+        cells = []
+        for name in VARIANTS:
+            rates = results[name][senders]
+            cells.append(f"{statistics.median(rates):,.0f} ({', '.join(f'{r:,.0f}' for r in rates)})")
+        print(f"| {senders} | " + " | ".join(cells) + " |")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"notify-{stamp}.json"
+    out.write_text(json.dumps({"command": "python -m bench.notify_cost", "args": vars(args), "sends_per_s": results},
+                              indent=2) + "\n")  # fmt: skip
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
