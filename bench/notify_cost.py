@@ -3,11 +3,14 @@
 A measurement aid, like :mod:`bench.ab_drain`. PostgreSQL serializes the
 commits of transactions that NOTIFY (one lock, held through the commit's WAL
 flush, so that notifications are queued in commit order), and every send
-(``ENQUEUE_ONE``, what ``actor.send`` runs) NOTIFYs its queue. This runs
-``--senders`` processes, each sending one message per statement on its own
-connection for ``--seconds``, with the statement as it is and with its
-``pg_notify`` taken out, interleaved for ``--rounds``, on a fresh database,
-and prints sends per second for each. No worker runs: only the sending is
+(``ENQUEUE_ONE``, what ``actor.send`` runs) NOTIFYed its queue until sends
+learned to NOTIFY only a queue whose consumer waits (``models.queries.
+WAITING_LOCK``). This runs ``--senders`` processes, each sending one message
+per statement on its own connection for ``--seconds``, with three variants of
+the statement: NOTIFY always (``CONTROLPLANE_WAKE_ONLY_WAITING=off``), NOTIFY
+only a waiting consumer (the default; here none waits, so the advisory locks
+are taken and no NOTIFY is sent), and no NOTIFY at all; interleaved for
+``--rounds``, on a fresh database. No worker runs: only the sending is
 measured. Results go to ``bench/results/notify-<UTC time>.json``.
 """
 
@@ -32,15 +35,18 @@ from tasks.prepared import Statement
 
 DATABASE = "bench_notify_cost"
 NOTIFY = "count(pg_notify('control_plane_messages', q.queue))"
+#: name: (statement, always_wake)
 VARIANTS = {
-    "with NOTIFY": queries.ENQUEUE_ONE,
-    "without NOTIFY": queries.ENQUEUE_ONE.replace(NOTIFY, "count(*)"),
+    "NOTIFY always": (queries.ENQUEUE_ONE, True),
+    "NOTIFY a waiting consumer (none)": (queries.ENQUEUE_ONE, False),
+    "no NOTIFY": (queries.ENQUEUE_ONE.replace(NOTIFY, "count(*)"), True),
 }
 BODY = json.dumps({"queue_name": "bench", "actor_name": "bench.noop", "args": [0.0], "kwargs": {},
                    "options": {}, "message_id": "x", "message_timestamp": 0})  # fmt: skip
 
 
-def _sender(url: str, sql: str, start_at: float, stop_at: float, counts: Any, slot: int) -> None:
+def _sender(url: str, variant: str, start_at: float, stop_at: float, counts: Any, slot: int) -> None:
+    sql, always_wake = VARIANTS[variant]
     statement = Statement("bench_notify_cost", sql)
     conn = psycopg2.connect(url)
     conn.autocommit = True
@@ -50,7 +56,8 @@ def _sender(url: str, sql: str, start_at: float, stop_at: float, counts: Any, sl
             time.sleep(0.001)
         while time.time() < stop_at:
             params = {"ids": str(uuid.uuid4()), "queues": "bench", "actors": "bench.noop", "priorities": 0,
-                      "etas": None, "delays": None, "bodies": BODY, "max_attempts": 3}  # fmt: skip
+                      "etas": None, "delays": None, "bodies": BODY, "max_attempts": 3,
+                      "always_wake": always_wake}  # fmt: skip
             statement.execute(cur, params)
             cur.fetchone()
             sent += 1
@@ -58,12 +65,12 @@ def _sender(url: str, sql: str, start_at: float, stop_at: float, counts: Any, sl
     counts[slot] = sent
 
 
-def run_once(url: str, sql: str, senders: int, seconds: float) -> float:
-    """Sends per second of ``senders`` processes running ``sql`` for ``seconds``."""
+def run_once(url: str, variant: str, senders: int, seconds: float) -> float:
+    """Sends per second of ``senders`` processes sending with ``variant`` for ``seconds``."""
     counts = multiprocessing.Array("l", senders)
     start_at = time.time() + 1.0  # every process connected before the clock starts
     procs = [
-        multiprocessing.Process(target=_sender, args=(url, sql, start_at, start_at + seconds, counts, i))
+        multiprocessing.Process(target=_sender, args=(url, variant, start_at, start_at + seconds, counts, i))
         for i in range(senders)
     ]
     for p in procs:
@@ -87,13 +94,13 @@ def main(argv: list[str] | None = None) -> None:
             names = list(VARIANTS) if round_no % 2 == 0 else list(reversed(VARIANTS))
             for senders in (int(n) for n in args.senders.split(",")):
                 for name in names:
-                    rate = run_once(url, VARIANTS[name], senders, args.seconds)
+                    rate = run_once(url, name, senders, args.seconds)
                     results[name].setdefault(senders, []).append(rate)
                     print(f"round {round_no} {senders:>3} senders, {name}: {rate:,.0f} sends/s", flush=True)
     finally:
         drop_database(DATABASE)
     print("\n| senders | " + " | ".join(VARIANTS) + " |\n|---:|" + "---:|" * len(VARIANTS))
-    for senders in results["with NOTIFY"]:
+    for senders in results["NOTIFY always"]:
         cells = []
         for name in VARIANTS:
             rates = results[name][senders]

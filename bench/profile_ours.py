@@ -79,12 +79,12 @@ def _explain(url: str) -> dict[str, Any]:
 
     messages = [noop.message(0.0) for _ in range(500)]
     fields = ("ids", "queues", "actors", "priorities", "etas", "delays", "bodies", "max_attempts", "unique_keys")
-    params: dict[str, list[Any]] = {k: [] for k in fields}
+    arrays: dict[str, list[Any]] = {k: [] for k in fields}
     for m in messages:
         values = (m.message_id, "bench", "bench.noop", 0, None, None, m.encode().decode(), 20, None)
         for key, value in zip(fields, values, strict=True):
-            params[key].append(value)
-    explain("enqueue_500", queries.ENQUEUE, params, 500)
+            arrays[key].append(value)
+    explain("enqueue_500", queries.ENQUEUE, {**arrays, "always_wake": False}, 500)
     token = str(uuid.uuid4())
     claim = {"queue": "bench", "limit": 16, "token": token, "worker": "profile:1", "lease": 30}
     with conn.cursor() as cur:

@@ -37,9 +37,41 @@ _MESSAGE_AGAIN = """ON CONFLICT (id) DO UPDATE
            claim_token = NULL, worker = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
     RETURNING cur.id, cur.queue, cur.eta"""
 
-#: Wake each queue that got a ready message in CTE ``msg`` (a count, to return one value).
-_NOTIFY_READY = """count(pg_notify('control_plane_messages', q.queue))
-        FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now()) AS q"""
+#: Advisory lock classes (the first key; the second is ``hashtext(queue)``) of the
+#: wake-up protocol: a send NOTIFYs a queue only when a consumer of it is waiting.
+#: PostgreSQL serializes the commits of notifying transactions (one lock, held
+#: through the WAL flush), so a NOTIFY per send caps concurrent senders
+#: (``python -m bench.notify_cost``). A consumer whose last claim came back short
+#: holds WAITING_LOCK shared until a claim comes back full; a send holds
+#: SENDING_LOCK shared until it commits, and NOTIFYs when WAITING_LOCK is held.
+#: A consumer starting to wait takes SENDING_LOCK exclusive for a moment after
+#: WAITING_LOCK (ARM_WAIT), so every send either saw it waiting or committed before
+#: its next claim, which then sees the message: no wake-up is lost.
+SENDING_LOCK = 1668284417
+WAITING_LOCK = 1668284418
+
+#: Wake each queue that got a ready message in CTE ``msg`` (a count, to return
+#: one value), if a consumer of it waits, or always when ``always_wake`` (a send
+#: in the caller's transaction, which must not hold SENDING_LOCK until its commit).
+_NOTIFY_READY = f"""count(pg_notify('control_plane_messages', q.queue))
+        FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now()) AS q
+        WHERE CASE WHEN %(always_wake)s::boolean THEN true
+                   -- first (CASE keeps the order): a consumer about to wait lets this commit first
+                   WHEN pg_advisory_xact_lock_shared({SENDING_LOCK}, hashtext(q.queue))::text IS NULL THEN true
+                   -- then: if no consumer holds the waiting lock, none needs waking
+                   WHEN pg_try_advisory_lock({WAITING_LOCK}, hashtext(q.queue))
+                        THEN NOT pg_advisory_unlock({WAITING_LOCK}, hashtext(q.queue))
+                   ELSE true END"""  # noqa: S608 (module constants only, no input)
+
+#: A consumer starts waiting for NOTIFYs on ``queue``: it holds WAITING_LOCK, and
+#: lets the sends in flight (which may not have seen it) commit; its next claim
+#: sees their messages. Three statements, one round trip.
+ARM_WAIT = f"""SELECT pg_advisory_lock_shared({WAITING_LOCK}, hashtext(%(queue)s));
+SELECT pg_advisory_lock({SENDING_LOCK}, hashtext(%(queue)s));
+SELECT pg_advisory_unlock({SENDING_LOCK}, hashtext(%(queue)s));"""
+
+#: The consumer has work again (a full claim): sends need not wake it.
+DISARM_WAIT = f"SELECT pg_advisory_unlock_shared({WAITING_LOCK}, hashtext(%(queue)s))"
 
 #: Insert (or re-insert) a batch of messages and their jobs rows, then wake the
 #: workers of every queue that received a ready message. The mirror's payload

@@ -584,6 +584,8 @@ class PostgresBroker(dramatiq.Broker):
                 "unique_keys": _text_array(rows["unique_keys"]),
             }
         caller = _enqueue_connection.get()
+        # In the caller's transaction a send must not hold SENDING_LOCK until that commits: it wakes always.
+        params["always_wake"] = caller is not None or not self.settings.wake_only_waiting
         if caller is not None:
             with caller.cursor() as cur:
                 statement.execute(cur, params, prepare=False)
@@ -659,6 +661,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         self.conn: Any = None
         self._notified = True  # look at once on start
         self._more = False
+        #: Holds WAITING_LOCK: its last claim came back short, sends must NOTIFY it.
+        self._waiting = False
         now = time.monotonic()
         self._next_poll = now
         self._next_heartbeat = now
@@ -835,6 +839,13 @@ class _PostgresConsumer(dramatiq.Consumer):
                 got = self._claim(size)
                 self._more = got == size
                 self._next_poll = time.monotonic() + self.settings.poll_interval
+                if self._more == self._waiting:
+                    self._set_waiting(not self._more)
+                    if self._waiting:
+                        # Sends that committed since that claim's snapshot may not have seen us
+                        # waiting: the next claim finds them.
+                        self._notified = True
+                        continue
                 if got:
                     continue
             now = time.monotonic()
@@ -846,6 +857,12 @@ class _PostgresConsumer(dramatiq.Consumer):
             if free >= threshold:
                 wake_at.append(self._next_poll)
             self._wait(max(min(wake_at) - now, 0.0))
+
+    def _set_waiting(self, waiting: bool) -> None:
+        """Start or stop waiting for NOTIFYs (``models.queries.SENDING_LOCK``, ``WAITING_LOCK``)."""
+        with self.conn.cursor() as cur:
+            cur.execute(queries.ARM_WAIT if waiting else queries.DISARM_WAIT, {"queue": self.queue_name})
+        self._waiting = waiting
 
     def _wait(self, seconds: float) -> None:
         # A NOTIFY that arrived while the last statement ran was read off the socket

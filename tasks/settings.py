@@ -121,6 +121,9 @@ class Settings:
     settle_window_ms: float = 5.0
     #: Run the broker's hot statements as prepared statements (off behind PgBouncer's transaction pooling).
     prepared_statements: bool = True
+    #: A send NOTIFYs a queue only while one of its consumers waits for work (off: every
+    #: send NOTIFYs, as releases before this one did; for a rolling upgrade from them).
+    wake_only_waiting: bool = True
     #: While a queue's jobs run under 50 ms on average, a consumer holds this many times
     #: Dramatiq's prefetch (bigger claims and settles); 1 turns it off.
     burst_prefetch: int = 4
@@ -195,6 +198,7 @@ class Settings:
             pool_size=_int(env, "CONTROLPLANE_POOL_SIZE", 2, minimum=1),
             settle_window_ms=_int(env, "CONTROLPLANE_SETTLE_WINDOW_MS", 5, minimum=0),
             prepared_statements=_switch(env, "CONTROLPLANE_PREPARED_STATEMENTS", True),
+            wake_only_waiting=_switch(env, "CONTROLPLANE_WAKE_ONLY_WAITING", True),
             burst_prefetch=_int(env, "CONTROLPLANE_BURST_PREFETCH", 4, minimum=1),
             max_attempts=_int(env, "CONTROLPLANE_MAX_ATTEMPTS", 20, minimum=1),
             min_backoff_ms=_int(env, "CONTROLPLANE_MIN_BACKOFF_MS", 15_000, minimum=1),

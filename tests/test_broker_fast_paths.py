@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -95,6 +96,103 @@ def test_the_switch_reads_on_and_off_and_names_a_bad_value() -> None:
     assert Settings.from_env({}).prepared_statements is True
     with pytest.raises(ConfigurationError, match="CONTROLPLANE_PREPARED_STATEMENTS"):
         Settings.from_env({"CONTROLPLANE_PREPARED_STATEMENTS": "maybe"})
+
+
+def _listener(db_url: str) -> Any:
+    conn = psycopg2.connect(db_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
+    return conn
+
+
+def _notifications(listener: Any) -> list[str]:
+    listener.poll()
+    return [n.payload for n in listener.notifies]
+
+
+def test_a_send_wakes_a_queue_only_while_a_consumer_of_it_waits(db_url: str) -> None:
+    # PostgreSQL serializes the commits of notifying transactions: a NOTIFY nobody needs costs
+    # concurrent senders (python -m bench.notify_cost)
+    listener = _listener(db_url)
+    consumer = None
+    try:
+        # Given no consumer: a send, then one in a caller's transaction (which always wakes)
+        actors.noop.send(1)
+        sender = psycopg2.connect(db_url)
+        with tasks.enqueue_in(sender):
+            actors.noop.send(2)
+        sender.commit()
+        sender.close()
+        # Then only the second one woke the queue (notifications arrive in commit order)
+        wait_for(lambda: _notifications(listener), what="the caller's send's NOTIFY")
+        assert _notifications(listener) == ["default"]
+        # Given a consumer that took both and now waits for work
+        consumer = _broker().consume("default", prefetch=4, timeout=200)
+        for _ in range(2):
+            held = next(consumer)
+            assert held is not None
+            consumer.ack(held)
+        assert next(consumer) is None
+        listener.notifies.clear()
+        # When a message is sent, the queue is woken, and the consumer gets it
+        message = actors.noop.send(3)
+        wait_for(lambda: _notifications(listener) == ["default"], what="the NOTIFY to the waiting consumer")
+        held = wait_for(lambda: next(consumer), what="the consumer to take the message")
+        assert held.message_id == message.message_id
+    finally:
+        listener.close()
+        if consumer is not None:
+            consumer.close()
+
+
+def test_a_consumer_starting_to_wait_lets_a_send_in_flight_commit_then_takes_its_message(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a send in flight: its statement ran (it saw no consumer waiting, so it will not
+    # NOTIFY) but has not committed
+    message = actors.noop.message(1)
+    sender = psycopg2.connect(db_url)
+    with sender.cursor() as cur:
+        cur.execute(queries.ENQUEUE_ONE, {
+            "ids": message.message_id, "queues": "default", "actors": "tests.noop", "priorities": 0, "etas": None,
+            "delays": None, "bodies": message.encode().decode(), "max_attempts": 3, "always_wake": False,
+        })  # fmt: skip
+    # and a consumer that only finds work by claiming or by a NOTIFY (no polling in this test)
+    consumer = _broker().consume("default", prefetch=1, timeout=30000)
+    monkeypatch.setattr(consumer, "settings", dataclasses.replace(consumer.settings, poll_interval=3600))
+    got: list[Any] = []
+    try:
+        # When the consumer finds nothing and starts waiting, while the send commits
+        taker = threading.Thread(target=lambda: got.append(next(consumer)))
+        taker.start()
+        waiting = (
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'controlplane-worker:default' AND wait_event = 'advisory'"
+        )
+        wait_for(lambda: query(db_url, waiting)[0]["n"] == 1, what="the consumer to wait for the send in flight")
+        sender.commit()
+        taker.join(timeout=60)
+        # Then it got the message: it let the send commit before its last look
+        assert [m.message_id for m in got] == [message.message_id]
+    finally:
+        sender.close()
+        consumer.close()
+
+
+def test_wake_only_waiting_can_be_turned_off(db_url: str) -> None:
+    assert Settings.from_env({"CONTROLPLANE_WAKE_ONLY_WAITING": "off"}).wake_only_waiting is False
+    assert Settings.from_env({}).wake_only_waiting is True
+    broker = _broker()
+    original = broker.settings
+    broker.settings = dataclasses.replace(original, wake_only_waiting=False)
+    listener = _listener(db_url)
+    try:
+        actors.noop.send(1)
+        wait_for(lambda: _notifications(listener) == ["default"], what="a NOTIFY with no consumer waiting")
+    finally:
+        broker.settings = original
+        listener.close()
 
 
 def test_a_send_inside_the_callers_transaction_prepares_nothing_there(db_url: str) -> None:
