@@ -54,7 +54,7 @@ WAITING_LOCK = 1668284418
 #: one value), if a consumer of it waits, or always when ``always_wake`` (a send
 #: in the caller's transaction, which must not hold SENDING_LOCK until its commit).
 _NOTIFY_READY = f"""count(pg_notify('control_plane_messages', q.queue))
-        FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now()) AS q
+        FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now() ORDER BY queue) AS q
         WHERE CASE WHEN %(always_wake)s::boolean THEN true
                    -- first (CASE keeps the order): a consumer about to wait lets this commit first
                    WHEN pg_advisory_xact_lock_shared({SENDING_LOCK}, hashtext(q.queue))::text IS NULL THEN true
@@ -63,10 +63,17 @@ _NOTIFY_READY = f"""count(pg_notify('control_plane_messages', q.queue))
                         THEN NOT pg_advisory_unlock({WAITING_LOCK}, hashtext(q.queue))
                    ELSE true END"""  # noqa: S608 (module constants only, no input)
 
+#: How long a consumer starting to wait lets the sends in flight take to commit
+#: (a send held up by a row lock or a synchronous standby); past it, the ones
+#: still in flight are found by its next poll. Sends wait behind it meanwhile.
+ARM_WAIT_TIMEOUT_MS = 200
+
 #: A consumer starts waiting for NOTIFYs on ``queue``: it holds WAITING_LOCK, and
 #: lets the sends in flight (which may not have seen it) commit; its next claim
-#: sees their messages. Three statements, one round trip.
+#: sees their messages. One round trip; the session lock stays held if the
+#: wait for SENDING_LOCK times out (``LockNotAvailable``).
 ARM_WAIT = f"""SELECT pg_advisory_lock_shared({WAITING_LOCK}, hashtext(%(queue)s));
+SET LOCAL lock_timeout = {ARM_WAIT_TIMEOUT_MS};
 SELECT pg_advisory_lock({SENDING_LOCK}, hashtext(%(queue)s));
 SELECT pg_advisory_unlock({SENDING_LOCK}, hashtext(%(queue)s));"""
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import dramatiq
 import psycopg2
+import psycopg2.errors
 from dramatiq.common import compute_backoff, q_name
 from dramatiq.errors import ConnectionClosed, DecodeError, QueueJoinTimeout
 from dramatiq.message import Message, get_encoder
@@ -860,8 +861,15 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def _set_waiting(self, waiting: bool) -> None:
         """Start or stop waiting for NOTIFYs (``models.queries.SENDING_LOCK``, ``WAITING_LOCK``)."""
-        with self.conn.cursor() as cur:
-            cur.execute(queries.ARM_WAIT if waiting else queries.DISARM_WAIT, {"queue": self.queue_name})
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(queries.ARM_WAIT if waiting else queries.DISARM_WAIT, {"queue": self.queue_name})
+        except psycopg2.errors.LockNotAvailable:
+            # A send took longer than ARM_WAIT_TIMEOUT_MS to commit. We hold WAITING_LOCK (a
+            # session lock outlives the rolled-back statement): later sends wake us, and the
+            # next poll finds what the slow one sent.
+            logger.info("%s: a send in flight is slow to commit; its message waits for the next poll",
+                        self.queue_name)
         self._waiting = waiting
 
     def _wait(self, seconds: float) -> None:

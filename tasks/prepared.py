@@ -18,10 +18,15 @@ vanished (``DISCARD ALL`` from a pooler, a connection swapped under us by
 PgBouncer's transaction pooling) is detected by its error and that connection
 falls back to plain statements. ``CONTROLPLANE_PREPARED_STATEMENTS=off``
 turns them off everywhere.
+
+A statement's name ends with a hash of its text (``control_plane_claim_1_``
+and 8 hex digits): two releases whose statements differ never run each
+other's under one name when a pooler lets them share a server session.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import weakref
@@ -53,12 +58,12 @@ class Statement:
                 casts[param] = cast
             return f"${order.index(param) + 1}{cast}"
 
-        self.name = name
+        self.name = f"{name}_{hashlib.sha1(sql.encode(), usedforsecurity=False).hexdigest()[:8]}"
         self.sql = sql
-        self.prepare_sql = f"PREPARE {name} AS {_PLACEHOLDER.sub(number, sql).replace('%%', '%')}"
+        self.prepare_sql = f"PREPARE {self.name} AS {_PLACEHOLDER.sub(number, sql).replace('%%', '%')}"
         self.params = tuple(order)
         args = ", ".join(f"%({param})s{casts.get(param, '')}" for param in order)
-        self.execute_sql = f"EXECUTE {name} ({args})"
+        self.execute_sql = f"EXECUTE {self.name} ({args})"
 
     def execute(self, cur: Any, params: dict[str, Any], *, prepare: bool = True) -> None:
         """Run the statement on ``cur``: prepared when allowed and possible, else plain."""

@@ -22,7 +22,7 @@ import pytest
 
 import tasks
 from models import queries
-from tasks.broker import SKIPPED_HEARTBEAT_RETRY_SECONDS, PostgresBroker
+from tasks.broker import SKIPPED_HEARTBEAT_RETRY_SECONDS, PostgresBroker, _claim_statement
 from tasks.errors import ConfigurationError
 from tasks.prepared import Statement
 from tasks.settings import Settings
@@ -44,8 +44,16 @@ def _prepared_names(conn: Any) -> set[str]:
 def test_a_statement_numbers_its_placeholders_once_each_and_keeps_their_casts() -> None:
     statement = Statement("s", "SELECT %(a)s::uuid[], %(b)s, %(a)s::uuid[] WHERE x LIKE 'a%%'")
     assert statement.params == ("a", "b")
-    assert statement.prepare_sql == "PREPARE s AS SELECT $1::uuid[], $2, $1::uuid[] WHERE x LIKE 'a%'"
-    assert statement.execute_sql == "EXECUTE s (%(a)s::uuid[], %(b)s)"
+    name = statement.name
+    assert statement.prepare_sql == f"PREPARE {name} AS SELECT $1::uuid[], $2, $1::uuid[] WHERE x LIKE 'a%'"
+    assert statement.execute_sql == f"EXECUTE {name} (%(a)s::uuid[], %(b)s)"
+
+
+def test_a_statement_whose_text_changed_is_prepared_under_another_name() -> None:
+    # Two releases sharing a pooler's server session must not run each other's text under one name
+    one, same, other = Statement("s", "SELECT 1"), Statement("s", "SELECT 1"), Statement("s", "SELECT 2")
+    assert one.name == same.name != other.name
+    assert one.name.startswith("s_") and other.name.startswith("s_")
 
 
 def test_sends_run_a_prepared_statement_on_the_pooled_connection(db_url: str) -> None:
@@ -59,7 +67,9 @@ def test_sends_run_a_prepared_statement_on_the_pooled_connection(db_url: str) ->
     assert [job(db_url, m.message_id)["payload"]["args"] for m in batch] == [[3], [4]]
     with _broker().connection() as conn:
         names = _prepared_names(conn)
-    assert {"control_plane_enqueue", "control_plane_enqueue_plain", "control_plane_enqueue_one"} <= names
+    assert {"control_plane_enqueue", "control_plane_enqueue_plain", "control_plane_enqueue_one"} <= {
+        name.rsplit("_", 1)[0] for name in names
+    }
 
 
 def test_a_connection_that_lost_its_prepared_statements_falls_back_to_plain_ones(db_url: str) -> None:
@@ -162,9 +172,9 @@ def test_a_consumer_starting_to_wait_lets_a_send_in_flight_commit_then_takes_its
     consumer = _broker().consume("default", prefetch=1, timeout=30000)
     monkeypatch.setattr(consumer, "settings", dataclasses.replace(consumer.settings, poll_interval=3600))
     got: list[Any] = []
+    taker = threading.Thread(target=lambda: got.append(next(consumer)))
     try:
         # When the consumer finds nothing and starts waiting, while the send commits
-        taker = threading.Thread(target=lambda: got.append(next(consumer)))
         taker.start()
         waiting = (
             "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
@@ -177,6 +187,33 @@ def test_a_consumer_starting_to_wait_lets_a_send_in_flight_commit_then_takes_its
         assert [m.message_id for m in got] == [message.message_id]
     finally:
         sender.close()
+        taker.join(timeout=60)
+        consumer.close()
+
+
+def test_a_consumer_starting_to_wait_gives_up_on_a_slow_send_and_still_hears_of_later_ones(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a send that is slow to commit (its transaction holds the sending lock of the queue)
+    slow = psycopg2.connect(db_url)
+    with slow.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock_shared(%s, hashtext('default'))", (queries.SENDING_LOCK,))
+    consumer = _broker().consume("default", prefetch=1, timeout=1000)
+    monkeypatch.setattr(consumer, "settings", dataclasses.replace(consumer.settings, poll_interval=3600))
+    first: list[Any] = []
+    taker = threading.Thread(target=lambda: first.append(next(consumer)))
+    try:
+        # When the consumer finds nothing and starts waiting
+        taker.start()
+        taker.join(timeout=30)
+        # Then it did not wait for that send to end, and counts as waiting: the next send wakes it
+        assert first == [None]
+        message = actors.noop.send(1)
+        held = wait_for(lambda: next(consumer), what="the consumer to be woken by the next send")
+        assert held.message_id == message.message_id
+    finally:
+        slow.close()
+        taker.join(timeout=60)
         consumer.close()
 
 
@@ -371,7 +408,8 @@ def test_claims_run_from_a_cached_plan_after_a_few_runs(db_url: str) -> None:
         # Then PostgreSQL stopped planning the claim: it runs a generic (cached) plan
         with consumer.conn.cursor() as cur:
             cur.execute(
-                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = 'control_plane_claim_1'"
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = %s",
+                (_claim_statement(1).name,),
             )
             ((generic, custom),) = cur.fetchall()
     finally:
