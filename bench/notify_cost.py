@@ -23,6 +23,7 @@ import statistics
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--senders", default="1,4,16", help="sender process counts (default 1,4,16)")
     parser.add_argument("--seconds", type=float, default=4.0, help="sending time per measurement (default 4)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
+    parser.add_argument("--output", type=Path, help="results file (default bench/results/notify-<UTC time>.json)")
     args = parser.parse_args(argv)
     url = fresh_database(DATABASE)
     results: dict[str, dict[int, list[float]]] = {name: {} for name in VARIANTS}
@@ -107,9 +109,9 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(f"{statistics.median(rates):,.0f} ({', '.join(f'{r:,.0f}' for r in rates)})")
         print(f"| {senders} | " + " | ".join(cells) + " |")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = RESULTS / f"notify-{stamp}.json"
+    out = args.output or RESULTS / f"notify-{stamp}.json"
     out.write_text(json.dumps({"command": "python -m bench.notify_cost", "args": vars(args), "sends_per_s": results},
-                              indent=2) + "\n")  # fmt: skip
+                              indent=2, default=str) + "\n")  # fmt: skip
     print(f"\nresults: {out}")
 
 

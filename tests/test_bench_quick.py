@@ -120,6 +120,23 @@ def test_the_drain_ab_and_the_dramatiq_floor_aids_run(server_url: str) -> None:
 
 
 @pytest.mark.e2e
+def test_the_notify_cost_aid_measures_its_three_variants(server_url: str, tmp_path: Path) -> None:
+    # Given one and two senders for a moment each
+    env = {**os.environ, "DATABASE_URL": server_url}
+    output = tmp_path / "notify.json"
+    command = [sys.executable, "-m", "bench.notify_cost", "--senders", "1,2", "--seconds", "0.3", "--rounds", "1",
+               "--output", str(output)]  # fmt: skip
+    # When it runs
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Then every variant sent something at both sizes, and the table names them
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rates = json.loads(output.read_text())["sends_per_s"]
+    assert set(rates) == {"NOTIFY always", "NOTIFY a waiting consumer (none)", "no NOTIFY"}
+    assert all(rates[v][n][0] > 0 for v in rates for n in ("1", "2"))
+    assert "| senders | NOTIFY always |" in done.stdout
+
+
+@pytest.mark.e2e
 def test_the_drain_profile_runs_against_the_broker_as_it_is(server_url: str) -> None:
     # Given a tiny drain to profile (it wraps the consumer's claim and flush, and EXPLAINs the hot statements)
     env = {**os.environ, "DATABASE_URL": server_url}
