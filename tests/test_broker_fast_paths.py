@@ -156,6 +156,15 @@ def test_a_send_wakes_a_queue_only_while_a_consumer_of_it_waits(db_url: str) -> 
             consumer.close()
 
 
+def _unpolled_taker(monkeypatch: pytest.MonkeyPatch, timeout_ms: int) -> tuple[Any, list[Any], threading.Thread]:
+    """A consumer of ``default`` that finds work only by claiming or by a NOTIFY (it never polls),
+    and a thread, not started, that asks it for one message and appends what it got to the list."""
+    consumer = _broker().consume("default", prefetch=1, timeout=timeout_ms)
+    monkeypatch.setattr(consumer, "settings", dataclasses.replace(consumer.settings, poll_interval=3600))
+    got: list[Any] = []
+    return consumer, got, threading.Thread(target=lambda: got.append(next(consumer)))
+
+
 def test_a_consumer_starting_to_wait_lets_a_send_in_flight_commit_then_takes_its_message(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -169,10 +178,7 @@ def test_a_consumer_starting_to_wait_lets_a_send_in_flight_commit_then_takes_its
             "delays": None, "bodies": message.encode().decode(), "max_attempts": 3, "always_wake": False,
         })  # fmt: skip
     # and a consumer that only finds work by claiming or by a NOTIFY (no polling in this test)
-    consumer = _broker().consume("default", prefetch=1, timeout=30000)
-    monkeypatch.setattr(consumer, "settings", dataclasses.replace(consumer.settings, poll_interval=3600))
-    got: list[Any] = []
-    taker = threading.Thread(target=lambda: got.append(next(consumer)))
+    consumer, got, taker = _unpolled_taker(monkeypatch, timeout_ms=30000)
     try:
         # When the consumer finds nothing and starts waiting, while the send commits
         taker.start()
@@ -198,10 +204,7 @@ def test_a_consumer_starting_to_wait_gives_up_on_a_slow_send_and_still_hears_of_
     slow = psycopg2.connect(db_url)
     with slow.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock_shared(%s, hashtext('default'))", (queries.SENDING_LOCK,))
-    consumer = _broker().consume("default", prefetch=1, timeout=1000)
-    monkeypatch.setattr(consumer, "settings", dataclasses.replace(consumer.settings, poll_interval=3600))
-    first: list[Any] = []
-    taker = threading.Thread(target=lambda: first.append(next(consumer)))
+    consumer, first, taker = _unpolled_taker(monkeypatch, timeout_ms=1000)
     try:
         # When the consumer finds nothing and starts waiting
         taker.start()
