@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import psycopg2
 
 from bench import procfs
-from bench.scratch import drop_database, fresh_database
+from bench.scratch import drop_database, fresh_database, tree_spec
 from bench.systems import ROOT
 
 DATABASE = "bench_ab_drain"
@@ -53,10 +53,10 @@ class Drain(NamedTuple):
 
 def run_once(spec: str, n: int, processes: int) -> Drain:
     """Drain ``n`` jobs with the tree ``spec``."""
-    path, _, extra = spec.partition("::")
+    path, extra = tree_spec(spec)
     url = fresh_database(DATABASE)
     env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
-    env.update(pair.split("=", 1) for pair in extra.split(",") if pair)
+    env.update(extra)
     fill = (
         "import migrations, tasks\n"
         "from bench.drivers.ours_actors import noop\n"

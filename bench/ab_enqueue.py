@@ -1,4 +1,4 @@
-"""Interleaved A/B of ours' sends: ``python -m bench.ab_enqueue ROOT ROOT2 ... [--rounds 2]``.
+"""Interleaved A/B of ours' sends: ``python -m bench.ab_enqueue ROOT[::ENV=V,...] ROOT2 ... [--rounds 2]``.
 
 A measurement aid for the broker's authors, like :mod:`bench.ab_drain`: for each
 round and each source tree (a ``git archive`` snapshot with tasks/, models/ and
@@ -8,7 +8,8 @@ the timed loop, as the harness does), then ``--single`` jobs through
 ``actor.send``, each tree in its own Python process. Prints microseconds per
 job for both, and the CPU time per job of the sending process and of its
 PostgreSQL backend, which moves much less than the wall time when commits wait
-on a shared disk.
+on a shared disk. ``ROOT::CONTROLPLANE_PREPARED_STATEMENTS=off`` runs a tree
+with extra environment, as in :mod:`bench.ab_drain`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
-from bench.scratch import drop_database, fresh_database
+from bench.scratch import drop_database, fresh_database, tree_spec
 from bench.systems import ROOT
 
 DATABASE = "bench_ab_enqueue"
@@ -62,22 +64,36 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=1000, help="jobs sent one per call (default 1000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
     ns = parser.parse_args()
+    results: dict[str, list[tuple[list[float], list[float]]]] = {tree: [] for tree in ns.trees}
     for round_no in range(ns.rounds):
         for tree in ns.trees if round_no % 2 == 0 else list(reversed(ns.trees)):
+            path, extra = tree_spec(tree)
             url = fresh_database(DATABASE)
-            env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": f"{os.path.abspath(tree)}{os.pathsep}{ROOT}"}
+            env = {**os.environ, **extra, "DATABASE_URL": url,
+                   "PYTHONPATH": f"{os.path.abspath(path)}{os.pathsep}{ROOT}"}  # fmt: skip
             out = subprocess.run(
                 [sys.executable, "-c", _CHILD, str(ns.n), str(ns.batch), str(ns.single)],
-                env=env, cwd=tree, check=True, capture_output=True, text=True,
+                env=env, cwd=path, check=True, capture_output=True, text=True,
             )  # fmt: skip
             res = json.loads(out.stdout.strip().splitlines()[-1])
             (b_wall, b_cpu, b_server), (s_wall, s_cpu, s_server) = res["batch"], res["single"]
+            results[tree].append((res["batch"], res["single"]))
             print(
                 f"round {round_no} {tree} ({res['tasks']}): batch {b_wall:.1f} µs/job "
                 f"(CPU: sender {b_cpu:.1f}, PostgreSQL {b_server:.1f}), one per call {s_wall:.0f} µs/job "
                 f"(CPU: sender {s_cpu:.0f}, PostgreSQL {s_server:.0f})"
             )
     drop_database(DATABASE)
+    for tree, rounds in results.items():
+        batch, single = _summary([b for b, _ in rounds]), _summary([s for _, s in rounds])
+        print(f"{tree}: median batch {batch}; one per call {single}")
+
+
+def _summary(samples: list[list[float]]) -> str:
+    """Medians of (wall, sender CPU, PostgreSQL CPU) µs per job, with each round's wall time."""
+    wall, cpu, server = (statistics.median(column) for column in zip(*samples, strict=True))
+    rounds = [round(s[0], 1) for s in samples]
+    return f"{wall:.1f} µs/job {rounds} (CPU: sender {cpu:.1f}, PostgreSQL {server:.1f})"
 
 
 if __name__ == "__main__":

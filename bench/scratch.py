@@ -23,3 +23,15 @@ def fresh_database(name: str) -> str:
 
 def drop_database(name: str) -> None:
     query(ADMIN_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def tree_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``ROOT[::NAME=VALUE,...]``, a source tree to measure with extra environment, as (ROOT, {NAME: VALUE})."""
+    path, _, extra = spec.partition("::")
+    env: dict[str, str] = {}
+    for pair in filter(None, extra.split(",")):
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"{spec!r}: expected ROOT::NAME=VALUE[,NAME=VALUE...], got {pair!r}")
+        env[name] = value
+    return path, env

@@ -120,6 +120,34 @@ def test_the_drain_ab_and_the_dramatiq_floor_aids_run(server_url: str) -> None:
 
 
 @pytest.mark.e2e
+def test_the_send_ab_runs_a_tree_with_extra_environment(server_url: str) -> None:
+    # Given this checkout as both trees, the second with its statements unprepared
+    env = {**os.environ, "DATABASE_URL": server_url}
+    unprepared = f"{ROOT}::CONTROLPLANE_PREPARED_STATEMENTS=off"
+    command = [sys.executable, "-m", "bench.ab_enqueue", str(ROOT), unprepared,
+               "--n", "200", "--batch", "100", "--single", "20", "--rounds", "1"]  # fmt: skip
+    # When it runs
+    ab = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Then it prints one median line per tree, in the order given
+    assert ab.returncode == 0, ab.stdout[-3000:] + ab.stderr[-3000:]
+    medians = [line for line in ab.stdout.splitlines() if ": median " in line]
+    assert [line.split(": median ")[0] for line in medians] == [str(ROOT), unprepared]
+    assert all("µs/job" in line and "one per call" in line for line in medians)
+
+
+@pytest.mark.e2e
+def test_a_tree_spec_without_a_value_is_refused(server_url: str) -> None:
+    # Given an extra-environment pair with no "="
+    env = {**os.environ, "DATABASE_URL": server_url}
+    command = [sys.executable, "-m", "bench.ab_enqueue", f"{ROOT}::CONTROLPLANE_PREPARED_STATEMENTS", "--rounds", "1"]
+    # When the A/B starts
+    ab = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    # Then it stops at once, naming the malformed pair
+    assert ab.returncode != 0
+    assert "expected ROOT::NAME=VALUE" in ab.stderr and "'CONTROLPLANE_PREPARED_STATEMENTS'" in ab.stderr
+
+
+@pytest.mark.e2e
 def test_the_notify_cost_aid_measures_its_three_variants(server_url: str, tmp_path: Path) -> None:
     # Given one and two senders for a moment each
     env = {**os.environ, "DATABASE_URL": server_url}
