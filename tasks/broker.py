@@ -175,10 +175,44 @@ def _find_unserializable(value: Any, path: str) -> str | None:
     return f"{path} ({type(value).__name__})"
 
 
+#: Dramatiq's default encoder's output (``json.dumps(data, separators=(",", ":"))``), from one
+#: encoder object instead of one built per call by ``json.dumps`` with arguments.
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_message(message: Message[Any]) -> bytes:
     """Encode a message, refusing what JSON or PostgreSQL's jsonb cannot hold."""
+    return _body_text(message).encode("utf-8")
+
+
+def _body_text(message: Message[Any]) -> str:
+    """``message`` encoded, as the text ENQUEUE takes (it stores the UTF-8 bytes).
+
+    With Dramatiq's own ``Message`` and JSON encoder, the JSON is written here
+    directly, the same text as ``message.encode()`` without its per-call field
+    listing, encoder construction and bytes round trip; any other encoder or
+    message class is used as given.
+    """
     try:
-        body: bytes = message.encode()
+        if type(message) is Message and type(get_encoder()) is dramatiq.JSONEncoder:
+            text: str = _JSON.encode(
+                {
+                    "queue_name": message.queue_name,
+                    "actor_name": message.actor_name,
+                    "args": message.args,
+                    "kwargs": message.kwargs,
+                    "options": message.options,
+                    "message_id": message.message_id,
+                    "message_timestamp": message.message_timestamp,
+                }
+            )
+        else:
+            text = message.encode().decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotSerializable(
+            f"cannot send to actor {message.actor_name!r}: the message encoder produced bytes that are not "
+            "UTF-8 JSON, which this broker stores and the jobs mirror reads"
+        ) from None
     except (TypeError, ValueError) as exc:
         where = (
             _find_unserializable(list(message.args), "args")
@@ -188,12 +222,12 @@ def encode_message(message: Message[Any]) -> bytes:
         raise NotSerializable(
             f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
         ) from exc
-    if b"\\u0000" in body:
+    if "\\u0000" in text:
         raise NotSerializable(
             f"cannot send to actor {message.actor_name!r}: a string contains a NUL character, "
             "which PostgreSQL cannot store"
         )
-    return body
+    return text
 
 
 def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any]) -> Message[Any]:
@@ -210,17 +244,6 @@ def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any
             message_timestamp=message.message_timestamp,
         )
     return dataclasses.replace(message, queue_name=queue_name, options=options)
-
-
-def _body_text(message: Message[Any], body: bytes) -> str:
-    """An encoded message as text, the form ENQUEUE takes it in (it stores the UTF-8 bytes)."""
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise NotSerializable(
-            f"cannot send to actor {message.actor_name!r}: the message encoder produced bytes that are not "
-            "UTF-8 JSON, which this broker stores and the jobs mirror reads"
-        ) from None
 
 
 class PgMessageProxy(dramatiq.MessageProxy):
@@ -521,7 +544,6 @@ class PostgresBroker(dramatiq.Broker):
             eta_ms = options.pop("eta", None)
             message = _copy_message(message, queue_name, options)
             self.emit_before("enqueue", message, delay)
-            body = encode_message(message)
             rows["ids"].append(_check_uuid(message.message_id))
             rows["queues"].append(queue_name)
             rows["actors"].append(message.actor_name)
@@ -531,7 +553,7 @@ class PostgresBroker(dramatiq.Broker):
                 datetime.fromtimestamp(eta_ms / 1000, tz=UTC) if isinstance(eta_ms, (int, float)) else None
             )
             rows["delays"].append(max(int(delay), 0) if delay else None)
-            rows["bodies"].append(_body_text(message, body))
+            rows["bodies"].append(_body_text(message))
             rows["max_attempts"].append(self._max_attempts(message))
             unique_key = options.get("unique_key")
             rows["unique_keys"].append(unique_key if isinstance(unique_key, str) else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import decimal
+import json
 
 import dramatiq
 import psycopg2
@@ -172,6 +173,34 @@ def test_a_nul_character_is_refused_with_a_clear_error(db_url: str) -> None:
     with pytest.raises(NotSerializable, match="NUL character"):
         actors.noop.send("a\x00b")
     assert count(db_url) == 0
+
+
+class _SortedJSON(dramatiq.JSONEncoder):
+    """A user's own encoder: JSON with its keys sorted."""
+
+    def encode(self, data: dict[str, object]) -> bytes:
+        return json.dumps(data, sort_keys=True).encode("utf-8")
+
+
+def test_a_json_encoder_of_the_users_own_writes_the_body(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given an encoder of the user's own, set as Dramatiq's global encoder
+    monkeypatch.setattr(dramatiq.message, "global_encoder", _SortedJSON())
+    # When a message is sent
+    message = actors.noop.send({"b": 1, "a": 2})
+    # Then the stored body is that encoder's output, and the mirror reads it
+    (row,) = query(db_url, "SELECT body FROM control_plane.messages WHERE id = %s", (message.message_id,))
+    assert bytes(row["body"]) == _SortedJSON().encode(message.asdict())
+    assert job(db_url, message.message_id)["payload"] == {"args": [{"a": 2, "b": 1}], "kwargs": {}}
+
+
+def test_an_encoder_that_does_not_write_utf8_json_is_refused(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given Dramatiq's pickle encoder, whose bytes the jobs mirror cannot read
+    monkeypatch.setattr(dramatiq.message, "global_encoder", dramatiq.PickleEncoder())
+    # When a message is sent, Then it is refused by name and nothing is stored
+    with pytest.raises(NotSerializable, match=r"tests\.noop.*not UTF-8 JSON"):
+        actors.noop.send(1)
+    assert count(db_url) == 0
+    assert count(db_url, "messages") == 0
 
 
 def test_hostile_strings_round_trip_unchanged(db_url: str) -> None:

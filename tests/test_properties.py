@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+from dramatiq.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasks.broker import encode_message
 from tasks.errors import InvalidPayload, NotSerializable
 from tasks.provision.payload import ProvisionPayload, validate
 from tests import actors
@@ -81,3 +84,22 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     return bool(a == b)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(json_values, max_size=3), st.dictionaries(st.text(max_size=8), json_values, max_size=3),
+       st.dictionaries(st.text(max_size=8), json_values, max_size=3))
+def test_the_broker_writes_the_bytes_dramatiqs_encoder_would(args: list[Any], kwargs: dict[str, Any],
+                                                              options: dict[str, Any]) -> None:
+    # Given a message of any JSON arguments and options
+    message = Message(queue_name="default", actor_name="tests.noop", args=tuple(args), kwargs=kwargs, options=options)
+    # When the broker encodes it (its own fast path), Then the bytes are Dramatiq's own, or both refuse
+    try:
+        expected = message.encode()
+    except (TypeError, ValueError):
+        expected = None
+    if expected is None or b"\\u0000" in expected:
+        with pytest.raises(NotSerializable):
+            encode_message(message)
+    else:
+        assert encode_message(message) == expected
