@@ -82,6 +82,10 @@ SKIPPED_HEARTBEAT_RETRY_SECONDS = 0.5
 COVERED_SIGNALS = "covered_by_postgres_broker"
 
 
+#: Message options that can set a job's priority or attempts apart from its actor's.
+_PER_MESSAGE_OPTIONS = frozenset({"priority", "max_attempts", "max_retries"})
+
+
 def _claim_size(free: int) -> int:
     """How many messages to claim for ``free`` slots: all of them up to 64, then a power of two.
 
@@ -406,20 +410,21 @@ class PostgresBroker(dramatiq.Broker):
         if signal == "process_message" and args and isinstance(args[0], PgMessageProxy):
             self._started(args[0])
         signal = "before_" + signal
-        for middleware in self._listeners(signal):
-            try:
-                getattr(middleware, signal)(self, *args, **kwargs)
-            except dramatiq.middleware.MiddlewareError:
-                raise
-            except Exception:
-                self.logger.critical("Unexpected failure in %s of %r.", signal, middleware, exc_info=True)
+        self._call(self._listeners(signal), signal, *args, **kwargs)
 
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
         signal = "after_" + signal
-        for middleware in self._listeners(signal):
+        self._call(self._listeners(signal), signal, *args, **kwargs)
+
+    def _call(self, listeners: list[Middleware], signal: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``signal`` on each of ``listeners`` as Dramatiq does: a failure is logged, except
+        that a ``MiddlewareError`` in a ``before_`` hook stops the event (and the send)."""
+        for middleware in listeners:
             try:
                 getattr(middleware, signal)(self, *args, **kwargs)
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, dramatiq.middleware.MiddlewareError) and signal.startswith("before_"):
+                    raise
                 self.logger.critical("Unexpected failure in %s of %r.", signal, middleware, exc_info=True)
 
     # -- plumbing ---------------------------------------------------------
@@ -525,13 +530,19 @@ class PostgresBroker(dramatiq.Broker):
         """
         if not messages:
             return []
-        rows: dict[str, list[Any]] = {
-            k: []
-            for k in (
-                "ids", "queues", "actors", "priorities", "etas", "delays", "bodies", "max_attempts", "unique_keys",
-            )
-        }
+        ids: list[str] = []
+        queues: list[str] = []
+        actors: list[str] = []
+        priorities: list[int] = []
+        etas: list[datetime | None] = []
+        bodies: list[str] = []
+        attempts: list[int] = []
+        unique_keys: list[str | None] = []
         sent: list[Message[Any]] = []
+        # Looked up once per batch: the before_enqueue middleware, and each actor's
+        # priority and attempts for the messages whose options set neither.
+        before, after = self._listeners("before_enqueue"), self._listeners("after_enqueue")
+        actor_defaults: dict[str, tuple[int, int]] = {}
         for message in messages:
             queue_name = q_name(message.queue_name)
             if queue_name not in self.queues and message.actor_name in self.actors:
@@ -543,26 +554,46 @@ class PostgresBroker(dramatiq.Broker):
             options = dict(message.options)
             eta_ms = options.pop("eta", None)
             message = _copy_message(message, queue_name, options)
-            self.emit_before("enqueue", message, delay)
-            rows["ids"].append(_check_uuid(message.message_id))
-            rows["queues"].append(queue_name)
-            rows["actors"].append(message.actor_name)
-            rows["priorities"].append(self._priority(message))
+            if before:
+                self._call(before, "before_enqueue", message, delay)
+            ids.append(_check_uuid(message.message_id))
+            queues.append(queue_name)
+            actors.append(message.actor_name)
+            if _PER_MESSAGE_OPTIONS.isdisjoint(options):
+                defaults = actor_defaults.get(message.actor_name)
+                if defaults is None:
+                    defaults = actor_defaults[message.actor_name] = (
+                        self._priority(message),
+                        self._max_attempts(message),
+                    )
+                priorities.append(defaults[0])
+                attempts.append(defaults[1])
+            else:
+                priorities.append(self._priority(message))
+                attempts.append(self._max_attempts(message))
             # A relative delay is added to the database's clock, not this machine's.
-            rows["etas"].append(
-                datetime.fromtimestamp(eta_ms / 1000, tz=UTC) if isinstance(eta_ms, (int, float)) else None
-            )
-            rows["delays"].append(max(int(delay), 0) if delay else None)
-            rows["bodies"].append(_body_text(message))
-            rows["max_attempts"].append(self._max_attempts(message))
+            etas.append(datetime.fromtimestamp(eta_ms / 1000, tz=UTC) if isinstance(eta_ms, (int, float)) else None)
+            bodies.append(_body_text(message))
             unique_key = options.get("unique_key")
-            rows["unique_keys"].append(unique_key if isinstance(unique_key, str) else None)
+            unique_keys.append(unique_key if isinstance(unique_key, str) else None)
             sent.append(message)
+        rows: dict[str, list[Any]] = {
+            "ids": ids,
+            "queues": queues,
+            "actors": actors,
+            "priorities": priorities,
+            "etas": etas,
+            "delays": [max(int(delay), 0) if delay else None] * len(ids),
+            "bodies": bodies,
+            "max_attempts": attempts,
+            "unique_keys": unique_keys,
+        }
         duplicates = self._execute_enqueue(rows)
         for i, message in enumerate(sent):
             existing = duplicates.get(rows["ids"][i])
             if existing is None:
-                self.emit_after("enqueue", message, delay)
+                if after:
+                    self._call(after, "after_enqueue", message, delay)
                 continue
             logger.info(
                 "message %s not enqueued: job %s holds its unique key %r",

@@ -61,6 +61,23 @@ def test_max_attempts_comes_from_the_actor_or_the_message(db_url: str) -> None:
     assert job(db_url, c.message_id)["max_attempts"] == 1
 
 
+def test_a_batch_gives_each_message_its_own_priority_and_attempts(db_url: str) -> None:
+    # Given one batch mixing two actors' plain messages with ones that set priority or attempts
+    plain = actors.always_fails.message("a")
+    urgent = actors.always_fails.message_with_options(args=("b",), priority=9)
+    once = actors.always_fails.message_with_options(args=("c",), max_retries=0)
+    other = actors.noop.message(1)
+    again = actors.always_fails.message("d")
+    # When it is sent in one call
+    tasks.broker.enqueue_batch([plain, urgent, once, other, again])
+    # Then each jobs row has what its own options and actor say
+    rows = query(db_url, "SELECT payload #>> '{args,0}' AS arg, priority, max_attempts FROM control_plane.jobs "
+                         "ORDER BY 1")  # fmt: skip
+    assert [(r["arg"], r["priority"], r["max_attempts"]) for r in rows] == [
+        ("1", 0, 20), ("a", 0, 3), ("b", 9, 3), ("c", 0, 1), ("d", 0, 3),
+    ]  # fmt: skip
+
+
 def test_a_delayed_send_is_scheduled_in_the_database(db_url: str) -> None:
     # When a message is sent with a one-hour delay
     message = actors.noop.send_with_options(args=(1,), delay=3_600_000)
