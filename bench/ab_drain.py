@@ -126,15 +126,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes of 8 threads (default 2)")
     args = parser.parse_args(argv)
-    results: dict[str, list[Drain]] = {spec: [] for spec in args.trees}
+    for spec in args.trees:
+        tree_spec(spec)  # a malformed one stops the run before it starts
+    results: list[list[Drain]] = [[] for _ in args.trees]  # by position: an A/A run keeps two lines
+    order = list(range(len(args.trees)))
     for round_no in range(args.rounds):
-        for spec in args.trees if round_no % 2 == 0 else reversed(args.trees):
+        for index in order if round_no % 2 == 0 else order[::-1]:
+            spec = args.trees[index]
             d = run_once(spec, args.n, args.processes)
-            results[spec].append(d)
+            results[index].append(d)
             print(f"round {round_no} {spec}: {d.rate:,.0f} jobs/s, CPU per job: workers {d.worker_cpu:.0f} µs, "
                   f"PostgreSQL {d.pg_cpu:.0f} µs; WAL {d.wal:,.0f} B/job, HOT jobs updates {d.hot:.0%}; "
                   f"deadlocks {d.deadlocks}, consumer restarts {d.restarts}", flush=True)
-    for spec, rows in results.items():
+    for spec, rows in zip(args.trees, results, strict=True):
         rates = [r.rate for r in rows]
         print(f"{spec}: median {statistics.median(rates):,.0f} jobs/s {[round(r) for r in rates]}, CPU per job: "
               f"workers {statistics.median(r.worker_cpu for r in rows):.0f} µs, "

@@ -64,10 +64,12 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=1000, help="jobs sent one per call (default 1000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
     ns = parser.parse_args()
-    results: dict[str, list[tuple[list[float], list[float]]]] = {tree: [] for tree in ns.trees}
+    specs = [tree_spec(tree) for tree in ns.trees]  # a malformed one stops the run before it starts
+    results: list[list[tuple[list[float], list[float]]]] = [[] for _ in ns.trees]
+    order = list(range(len(ns.trees)))
     for round_no in range(ns.rounds):
-        for tree in ns.trees if round_no % 2 == 0 else list(reversed(ns.trees)):
-            path, extra = tree_spec(tree)
+        for index in order if round_no % 2 == 0 else order[::-1]:
+            tree, (path, extra) = ns.trees[index], specs[index]
             url = fresh_database(DATABASE)
             env = {**os.environ, **extra, "DATABASE_URL": url,
                    "PYTHONPATH": f"{os.path.abspath(path)}{os.pathsep}{ROOT}"}  # fmt: skip
@@ -77,14 +79,14 @@ def main() -> None:
             )  # fmt: skip
             res = json.loads(out.stdout.strip().splitlines()[-1])
             (b_wall, b_cpu, b_server), (s_wall, s_cpu, s_server) = res["batch"], res["single"]
-            results[tree].append((res["batch"], res["single"]))
+            results[index].append((res["batch"], res["single"]))
             print(
                 f"round {round_no} {tree} ({res['tasks']}): batch {b_wall:.1f} µs/job "
                 f"(CPU: sender {b_cpu:.1f}, PostgreSQL {b_server:.1f}), one per call {s_wall:.0f} µs/job "
                 f"(CPU: sender {s_cpu:.0f}, PostgreSQL {s_server:.0f})"
             )
     drop_database(DATABASE)
-    for tree, rounds in results.items():
+    for tree, rounds in zip(ns.trees, results, strict=True):
         batch, single = _summary([b for b, _ in rounds]), _summary([s for _, s in rounds])
         print(f"{tree}: median batch {batch}; one per call {single}")
 

@@ -26,6 +26,7 @@ import contextvars
 import dataclasses
 import json
 import logging
+import math
 import operator
 import os
 import re
@@ -158,21 +159,33 @@ def _check_uuid(message_id: str) -> str:
         raise ValueError(f"message_id must be a UUID, got {message_id!r}") from None
 
 
-def _find_unserializable(value: Any, path: str) -> str | None:
-    """The path of the first value JSON cannot encode, for a clear error."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+#: Dictionary keys JSON writes (as strings).
+_JSON_KEYS = (str, int, float, bool, type(None))
+
+
+def _find_unserializable(value: Any, path: str, within: tuple[int, ...] = ()) -> str | None:
+    """The path of the first value JSON (or PostgreSQL's jsonb) cannot hold, for a clear error.
+
+    ``within`` holds the ids of the containers on the path, to name a circular reference.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
         return None
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} ({value!r}, which JSON cannot hold)"
+    if isinstance(value, (list, tuple, dict)):
+        if id(value) in within:
+            return f"{path} (a circular reference)"
+        within = (*within, id(value))
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, _JSON_KEYS):
+                    return f"{path} (key {key!r} is not a string)"
+                found = _find_unserializable(item, f"{path}[{key!r}]", within)
+                if found:
+                    return found
+            return None
         for i, item in enumerate(value):
-            found = _find_unserializable(item, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{path} (key {key!r} is not a string)"
-            found = _find_unserializable(item, f"{path}[{key!r}]")
+            found = _find_unserializable(item, f"{path}[{i}]", within)
             if found:
                 return found
         return None
@@ -180,8 +193,24 @@ def _find_unserializable(value: Any, path: str) -> str | None:
 
 
 #: Dramatiq's default encoder's output (``json.dumps(data, separators=(",", ":"))``), from one
-#: encoder object instead of one built per call by ``json.dumps`` with arguments.
-_JSON = json.JSONEncoder(separators=(",", ":"))
+#: encoder object instead of one built per call by ``json.dumps`` with arguments; it refuses
+#: NaN and infinities, which Dramatiq's writes and PostgreSQL's jsonb rejects.
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+#: What ``message.encode()`` runs when nobody replaced it: Dramatiq's own methods.
+_DRAMATIQ_ENCODING = (dramatiq.JSONEncoder.encode, Message.encode, Message.asdict)
+
+
+def _dramatiq_encoding(message: Message[Any]) -> bool:
+    """Whether ``message.encode()`` would be Dramatiq's JSON, untouched: its own ``Message`` and
+    JSON encoder, with no method replaced on their classes or on the encoder object."""
+    encoder = get_encoder()
+    return (
+        type(message) is Message
+        and type(encoder) is dramatiq.JSONEncoder
+        and "encode" not in getattr(encoder, "__dict__", ())
+        and (dramatiq.JSONEncoder.encode, Message.encode, Message.asdict) == _DRAMATIQ_ENCODING
+    )
 
 
 def encode_message(message: Message[Any]) -> bytes:
@@ -195,10 +224,10 @@ def _body_text(message: Message[Any]) -> str:
     With Dramatiq's own ``Message`` and JSON encoder, the JSON is written here
     directly, the same text as ``message.encode()`` without its per-call field
     listing, encoder construction and bytes round trip; any other encoder or
-    message class is used as given.
+    message class (or a method replaced on one) is used as given.
     """
     try:
-        if type(message) is Message and type(get_encoder()) is dramatiq.JSONEncoder:
+        if _dramatiq_encoding(message):
             text: str = _JSON.encode(
                 {
                     "queue_name": message.queue_name,
@@ -559,6 +588,8 @@ class PostgresBroker(dramatiq.Broker):
             ids.append(_check_uuid(message.message_id))
             queues.append(queue_name)
             actors.append(message.actor_name)
+            # The copy's options, as the hooks left them (a subclass's __post_init__ may copy the dict).
+            options = message.options
             if _PER_MESSAGE_OPTIONS.isdisjoint(options):
                 defaults = actor_defaults.get(message.actor_name)
                 if defaults is None:

@@ -169,12 +169,23 @@ def test_batch_enqueue_writes_many_messages_in_one_statement(db_url: str) -> Non
     assert [r["i"] for r in rows] == list(range(500))
 
 
+def _circular() -> list[object]:
+    """A list that holds itself."""
+    loop: list[object] = ["start"]
+    loop.append(loop)
+    return loop
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "where"),
     [
         ((decimal.Decimal("1.5"),), {}, "args[0] (Decimal)"),
         ((), {"when": object()}, "kwargs['when'] (object)"),
         (({"nested": [1, {2, 3}]},), {}, "args[0]['nested'][1] (set)"),
+        ((float("nan"),), {}, "args[0] (nan, which JSON cannot hold)"),
+        ((), {"limit": float("inf")}, "kwargs['limit'] (inf, which JSON cannot hold)"),
+        (({1: "one", 2: object()},), {}, "args[0][2] (object)"),
+        ((_circular(),), {}, "args[0][1] (a circular reference)"),
     ],
 )
 def test_arguments_that_are_not_json_are_refused_and_nothing_is_enqueued(
@@ -184,6 +195,12 @@ def test_arguments_that_are_not_json_are_refused_and_nothing_is_enqueued(
         actors.noop.send(*args, **kwargs)
     assert count(db_url) == 0
     assert count(db_url, "messages") == 0
+
+
+def test_integer_keys_are_sent_as_json_writes_them(db_url: str) -> None:
+    # When a dictionary with integer keys is sent, Then JSON's string keys are what the job holds
+    message = actors.noop.send({1: "one", 2: [3]})
+    assert job(db_url, message.message_id)["payload"] == {"args": [{"1": "one", "2": [3]}], "kwargs": {}}
 
 
 def test_a_nul_character_is_refused_with_a_clear_error(db_url: str) -> None:
@@ -208,6 +225,41 @@ def test_a_json_encoder_of_the_users_own_writes_the_body(db_url: str, monkeypatc
     (row,) = query(db_url, "SELECT body FROM control_plane.messages WHERE id = %s", (message.message_id,))
     assert bytes(row["body"]) == _SortedJSON().encode(message.asdict())
     assert job(db_url, message.message_id)["payload"] == {"args": [{"a": 2, "b": 1}], "kwargs": {}}
+
+
+def test_an_encode_method_replaced_on_the_encoder_is_the_one_used(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given Dramatiq's own encoder object with its encode method replaced (a user's redaction, say)
+    encoder = dramatiq.message.global_encoder
+    monkeypatch.setattr(encoder, "encode", lambda data: _SortedJSON().encode({**data, "options": {"tag": "mine"}}))
+    # When a message is sent, Then the stored body is what that method wrote
+    message = actors.noop.send(1)
+    (row,) = query(db_url, "SELECT body FROM control_plane.messages WHERE id = %s", (message.message_id,))
+    assert json.loads(bytes(row["body"]))["options"] == {"tag": "mine"}
+
+
+class _Urgent(dramatiq.Middleware):
+    """Gives the messages of one argument a priority and one attempt, in before_enqueue."""
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message[object], delay: int) -> None:
+        if message.args == ("urgent",):
+            message.options.update(priority=5, max_retries=0)
+
+
+def test_priority_and_attempts_set_by_a_before_enqueue_hook_count(db_url: str) -> None:
+    # Given a middleware that makes some messages urgent as they are sent
+    urgent = _Urgent()
+    tasks.broker.add_middleware(urgent)
+    try:
+        # When one batch holds plain and urgent messages of one actor
+        tasks.broker.enqueue_batch([actors.always_fails.message(v) for v in ("plain", "urgent", "again")])
+    finally:
+        tasks.broker.middleware.remove(urgent)
+    # Then only the urgent one has the hook's priority and attempts
+    rows = query(db_url, "SELECT payload #>> '{args,0}' AS arg, priority, max_attempts FROM control_plane.jobs "
+                         "ORDER BY 1")  # fmt: skip
+    assert [(r["arg"], r["priority"], r["max_attempts"]) for r in rows] == [
+        ("again", 0, 3), ("plain", 0, 3), ("urgent", 5, 1),
+    ]  # fmt: skip
 
 
 def test_an_encoder_that_does_not_write_utf8_json_is_refused(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
