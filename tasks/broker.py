@@ -192,6 +192,16 @@ def _find_unserializable(value: Any, path: str, within: tuple[int, ...] = ()) ->
     return f"{path} ({type(value).__name__})"
 
 
+#: JSON's escape of U+0000: ``\\u0000`` after an even number of backslashes (after an odd
+#: number, the first backslash is an escaped one and the rest is text).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _holds_nul(text: str) -> bool:
+    """Whether the JSON ``text`` holds a NUL character, which PostgreSQL's jsonb cannot store."""
+    return "\\u0000" in text and _NUL_ESCAPE.search(text) is not None
+
+
 #: Dramatiq's default encoder's output (``json.dumps(data, separators=(",", ":"))``), from one
 #: encoder object instead of one built per call by ``json.dumps`` with arguments; it refuses
 #: NaN and infinities, which Dramatiq's writes and PostgreSQL's jsonb rejects.
@@ -255,7 +265,7 @@ def _body_text(message: Message[Any]) -> str:
         raise NotSerializable(
             f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
         ) from exc
-    if "\\u0000" in text:
+    if _holds_nul(text):
         raise NotSerializable(
             f"cannot send to actor {message.actor_name!r}: a string contains a NUL character, "
             "which PostgreSQL cannot store"
@@ -1260,10 +1270,10 @@ def to_json(value: Any) -> str | None:
     if value is None:
         return None
     try:
-        text = json.dumps(value, default=str)
+        text = json.dumps(value, default=str, allow_nan=False)  # jsonb holds no NaN or infinity
     except (TypeError, ValueError):
         return None
-    return None if "\\u0000" in text else text
+    return None if _holds_nul(text) else text
 
 
 __all__ = ["PgMessageProxy", "PostgresBroker", "encode_message", "enqueue_in", "get_encoder", "to_json"]

@@ -23,6 +23,16 @@ def noop(value: object = None) -> object:
     return value
 
 
+#: Return values that jsonb cannot hold (NaN, a NUL) and one that only looks like a NUL.
+AWKWARD_RESULTS = {"nan": float("nan"), "nul": "a\x00b", "escaped": "C:\\u0000 is text"}
+
+
+@dramatiq.actor(actor_name="tests.returns_awkward", store_results=True, max_attempts=1)
+def returns_awkward(kind: str) -> object:
+    record("returns_awkward", kind)
+    return AWKWARD_RESULTS[kind]
+
+
 @dramatiq.actor(actor_name="tests.wait_for_gate", max_attempts=3)
 def wait_for_gate(name: str) -> str:
     """Runs until a test opens the gate (a row in test_support.gates)."""

@@ -278,6 +278,7 @@ def test_hostile_strings_round_trip_unchanged(db_url: str) -> None:
         "'; DELETE FROM control_plane.jobs; --",
         "ünïcødé ✓ 🚀",
         "back\\slash",
+        "C:\\u0000 only looks like a NUL",
         "x" * 10_000,
     ]
     message = actors.noop.send(hostile)

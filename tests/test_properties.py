@@ -10,7 +10,7 @@ from dramatiq.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.broker import encode_message
+from tasks.broker import _holds_nul, encode_message
 from tasks.errors import InvalidPayload, NotSerializable
 from tasks.provision.payload import ProvisionPayload, validate
 from tests import actors
@@ -103,3 +103,11 @@ def test_the_broker_writes_the_bytes_dramatiqs_encoder_would(args: list[Any], kw
             encode_message(message)
     else:
         assert encode_message(message) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(["\\", "u", "0", "\x00", "a", '"']), max_size=12))
+def test_a_nul_is_found_in_json_exactly_when_the_string_holds_one(value: str) -> None:
+    # Given any string of backslashes, NULs and the letters of an escape
+    # When it is written as JSON, Then the NUL check sees a NUL exactly when the string holds one
+    assert _holds_nul(json.dumps(value)) == ("\x00" in value)

@@ -87,6 +87,26 @@ def test_results_backend_returns_the_actors_value(db_url: str, tmp_path: Path) -
         assert message.get_result(block=True, timeout=30_000) == {"answer": 42}
 
 
+def test_a_result_jsonb_cannot_hold_completes_the_job_without_it(db_url: str, tmp_path: Path) -> None:
+    # Given jobs that return NaN, a string with a NUL, and a string that only spells "\u0000",
+    # sent with a plain job behind them
+    sent = {kind: actors.returns_awkward.send(kind) for kind in actors.AWKWARD_RESULTS}
+    plain = actors.noop.send("after")
+    # When a worker runs them
+    with running_worker(db_url, tmp_path):
+        for message in [*sent.values(), plain]:
+            wait_for(lambda m=message: job(db_url, m.message_id)["status"] == "completed",
+                     what=f"job {message.message_id} to complete")  # fmt: skip
+        # Then every job completed; the mirror keeps the results jsonb can hold, and the
+        # results backend returns each value as the actor returned it
+        assert sent["escaped"].get_result(block=True, timeout=10_000) == "C:\\u0000 is text"
+        assert sent["nul"].get_result(block=True, timeout=10_000) == "a\x00b"
+    results = {kind: job(db_url, m.message_id)["result"] for kind, m in sent.items()}
+    assert results == {"nan": None, "nul": None, "escaped": "C:\\u0000 is text"}
+    assert job(db_url, plain.message_id)["result"] == "after"
+    assert query(db_url, "SELECT id FROM control_plane.messages") == []
+
+
 def test_a_failing_job_retries_with_exponential_backoff_then_fails(db_url: str, tmp_path: Path) -> None:
     # Given an actor that always fails, with max_attempts=3 and a 200 ms minimum backoff
     message = actors.always_fails.send("boom")
