@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import psycopg2
 
 from bench import procfs
-from bench.scratch import drop_database, fresh_database, tree_spec
+from bench.scratch import drop_database, fresh_database, interleaved
 from bench.systems import ROOT
 
 DATABASE = "bench_ab_drain"
@@ -51,9 +51,8 @@ class Drain(NamedTuple):
     restarts: int  # consumers Dramatiq restarted after an error
 
 
-def run_once(spec: str, n: int, processes: int) -> Drain:
-    """Drain ``n`` jobs with the tree ``spec``."""
-    path, extra = tree_spec(spec)
+def run_once(spec: str, path: str, extra: dict[str, str], n: int, processes: int) -> Drain:
+    """Drain ``n`` jobs with the tree at ``path`` and the ``extra`` environment (``spec``, parsed)."""
     url = fresh_database(DATABASE)
     env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
     env.update(extra)
@@ -126,18 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes of 8 threads (default 2)")
     args = parser.parse_args(argv)
-    for spec in args.trees:
-        tree_spec(spec)  # a malformed one stops the run before it starts
     results: list[list[Drain]] = [[] for _ in args.trees]  # by position: an A/A run keeps two lines
-    order = list(range(len(args.trees)))
-    for round_no in range(args.rounds):
-        for index in order if round_no % 2 == 0 else order[::-1]:
-            spec = args.trees[index]
-            d = run_once(spec, args.n, args.processes)
-            results[index].append(d)
-            print(f"round {round_no} {spec}: {d.rate:,.0f} jobs/s, CPU per job: workers {d.worker_cpu:.0f} µs, "
-                  f"PostgreSQL {d.pg_cpu:.0f} µs; WAL {d.wal:,.0f} B/job, HOT jobs updates {d.hot:.0%}; "
-                  f"deadlocks {d.deadlocks}, consumer restarts {d.restarts}", flush=True)
+    for round_no, index, path, extra in interleaved(args.trees, args.rounds):
+        spec = args.trees[index]
+        d = run_once(spec, path, extra, args.n, args.processes)
+        results[index].append(d)
+        print(f"round {round_no} {spec}: {d.rate:,.0f} jobs/s, CPU per job: workers {d.worker_cpu:.0f} µs, "
+              f"PostgreSQL {d.pg_cpu:.0f} µs; WAL {d.wal:,.0f} B/job, HOT jobs updates {d.hot:.0%}; "
+              f"deadlocks {d.deadlocks}, consumer restarts {d.restarts}", flush=True)
     for spec, rows in zip(args.trees, results, strict=True):
         rates = [r.rate for r in rows]
         print(f"{spec}: median {statistics.median(rates):,.0f} jobs/s {[round(r) for r in rates]}, CPU per job: "

@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 
-from bench.scratch import drop_database, fresh_database, tree_spec
+from bench.scratch import drop_database, fresh_database, interleaved
 from bench.systems import ROOT
 
 DATABASE = "bench_ab_enqueue"
@@ -64,27 +64,24 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=1000, help="jobs sent one per call (default 1000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
     ns = parser.parse_args()
-    specs = [tree_spec(tree) for tree in ns.trees]  # a malformed one stops the run before it starts
     results: list[list[tuple[list[float], list[float]]]] = [[] for _ in ns.trees]
-    order = list(range(len(ns.trees)))
-    for round_no in range(ns.rounds):
-        for index in order if round_no % 2 == 0 else order[::-1]:
-            tree, (path, extra) = ns.trees[index], specs[index]
-            url = fresh_database(DATABASE)
-            env = {**os.environ, **extra, "DATABASE_URL": url,
-                   "PYTHONPATH": f"{os.path.abspath(path)}{os.pathsep}{ROOT}"}  # fmt: skip
-            out = subprocess.run(
-                [sys.executable, "-c", _CHILD, str(ns.n), str(ns.batch), str(ns.single)],
-                env=env, cwd=path, check=True, capture_output=True, text=True,
-            )  # fmt: skip
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            (b_wall, b_cpu, b_server), (s_wall, s_cpu, s_server) = res["batch"], res["single"]
-            results[index].append((res["batch"], res["single"]))
-            print(
-                f"round {round_no} {tree} ({res['tasks']}): batch {b_wall:.1f} µs/job "
-                f"(CPU: sender {b_cpu:.1f}, PostgreSQL {b_server:.1f}), one per call {s_wall:.0f} µs/job "
-                f"(CPU: sender {s_cpu:.0f}, PostgreSQL {s_server:.0f})"
-            )
+    for round_no, index, path, extra in interleaved(ns.trees, ns.rounds):
+        tree = ns.trees[index]
+        url = fresh_database(DATABASE)
+        env = {**os.environ, **extra, "DATABASE_URL": url,
+               "PYTHONPATH": f"{os.path.abspath(path)}{os.pathsep}{ROOT}"}  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(ns.n), str(ns.batch), str(ns.single)],
+            env=env, cwd=path, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        (b_wall, b_cpu, b_server), (s_wall, s_cpu, s_server) = res["batch"], res["single"]
+        results[index].append((res["batch"], res["single"]))
+        print(
+            f"round {round_no} {tree} ({res['tasks']}): batch {b_wall:.1f} µs/job "
+            f"(CPU: sender {b_cpu:.1f}, PostgreSQL {b_server:.1f}), one per call {s_wall:.0f} µs/job "
+            f"(CPU: sender {s_cpu:.0f}, PostgreSQL {s_server:.0f})"
+        )
     drop_database(DATABASE)
     for tree, rounds in zip(ns.trees, results, strict=True):
         batch, single = _summary([b for b, _ in rounds]), _summary([s for _, s in rounds])

@@ -7,6 +7,7 @@ measure on, the embedded one's socket URL included); else the local server.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from tasks.db import with_database
 from tests.support import query
@@ -35,3 +36,14 @@ def tree_spec(spec: str) -> tuple[str, dict[str, str]]:
             raise SystemExit(f"{spec!r}: expected ROOT::NAME=VALUE[,NAME=VALUE...], got {pair!r}")
         env[name] = value
     return path, env
+
+
+def interleaved(specs: list[str], rounds: int) -> Iterator[tuple[int, int, str, dict[str, str]]]:
+    """The A/B order of ``specs`` (``ROOT[::NAME=VALUE,...]``): (round, position, ROOT, extra
+    environment), every other round reversed. All are parsed before the first is yielded,
+    so a malformed one stops the run before it starts."""
+    parsed = [tree_spec(spec) for spec in specs]
+    order = list(range(len(specs)))
+    for round_no in range(rounds):
+        for index in order if round_no % 2 == 0 else order[::-1]:
+            yield round_no, index, *parsed[index]
