@@ -106,6 +106,7 @@ def _claim_statement(size: int) -> Statement:
         statement = _CLAIMS.setdefault(size, Statement(f"control_plane_claim_{size}", sql))
     return statement
 
+
 #: The connection (psycopg2) that sends made inside :func:`enqueue_in` join.
 _enqueue_connection: contextvars.ContextVar[Any | None] = contextvars.ContextVar(
     "controlplane_enqueue_connection", default=None
@@ -126,8 +127,7 @@ def _dbapi_connection(conn: Any) -> Any:
     if isinstance(conn, SAConnection):
         return conn.connection.dbapi_connection
     raise TypeError(
-        "enqueue_in() takes a psycopg2 connection or a SQLAlchemy Session or Connection, "
-        f"not {type(conn).__name__}"
+        f"enqueue_in() takes a psycopg2 connection or a SQLAlchemy Session or Connection, not {type(conn).__name__}"
     )
 
 
@@ -163,10 +163,13 @@ def _check_uuid(message_id: str) -> str:
 _JSON_KEYS = (str, int, float, bool, type(None))
 
 
-def _find_unserializable(value: Any, path: str, within: tuple[int, ...] = ()) -> str | None:
+def find_unserializable(
+    value: Any, path: str, within: tuple[int, ...] = (), *, stringified: bool = False
+) -> str | None:
     """The path of the first value JSON (or PostgreSQL's jsonb) cannot hold, for a clear error.
 
     ``within`` holds the ids of the containers on the path, to name a circular reference.
+    ``stringified``: a value of another type is no problem (the caller writes its ``str()``).
     """
     if value is None or isinstance(value, (bool, int, str)):
         return None
@@ -180,16 +183,18 @@ def _find_unserializable(value: Any, path: str, within: tuple[int, ...] = ()) ->
             for key, item in value.items():
                 if not isinstance(key, _JSON_KEYS):
                     return f"{path} (key {key!r} is not a string)"
-                found = _find_unserializable(item, f"{path}[{key!r}]", within)
+                if isinstance(key, float) and not math.isfinite(key):
+                    return f"{path} (key {key!r}, which JSON cannot hold)"
+                found = find_unserializable(item, f"{path}[{key!r}]", within, stringified=stringified)
                 if found:
                     return found
             return None
         for i, item in enumerate(value):
-            found = _find_unserializable(item, f"{path}[{i}]", within)
+            found = find_unserializable(item, f"{path}[{i}]", within, stringified=stringified)
             if found:
                 return found
         return None
-    return f"{path} ({type(value).__name__})"
+    return None if stringified else f"{path} ({type(value).__name__})"
 
 
 #: JSON's escape of U+0000: ``\\u0000`` after an even number of backslashes (after an odd
@@ -197,7 +202,7 @@ def _find_unserializable(value: Any, path: str, within: tuple[int, ...] = ()) ->
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
-def _holds_nul(text: str) -> bool:
+def holds_nul(text: str) -> bool:
     """Whether the JSON ``text`` holds a NUL character, which PostgreSQL's jsonb cannot store."""
     return "\\u0000" in text and _NUL_ESCAPE.search(text) is not None
 
@@ -258,14 +263,14 @@ def _body_text(message: Message[Any]) -> str:
         ) from None
     except (TypeError, ValueError) as exc:
         where = (
-            _find_unserializable(list(message.args), "args")
-            or _find_unserializable(message.kwargs, "kwargs")
-            or _find_unserializable(message.options, "options")
+            find_unserializable(list(message.args), "args")
+            or find_unserializable(message.kwargs, "kwargs")
+            or find_unserializable(message.options, "options")
         )
         raise NotSerializable(
             f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
         ) from exc
-    if _holds_nul(text):
+    if holds_nul(text):
         raise NotSerializable(
             f"cannot send to actor {message.actor_name!r}: a string contains a NUL character, "
             "which PostgreSQL cannot store"
@@ -845,8 +850,9 @@ class _PostgresConsumer(dramatiq.Consumer):
                 # The server rolled back one claim, heartbeat or reap to break a deadlock:
                 # nothing was half done and the connection is fine. Dramatiq would restart
                 # the consumer and give back every message it holds; the next call runs it again.
-                logger.warning("%s rolled back by the server (%s); running it again", self.queue_name,
-                               type(exc).__name__)
+                logger.warning(
+                    "%s rolled back by the server (%s); running it again", self.queue_name, type(exc).__name__
+                )
                 return None
             raise
 
@@ -962,8 +968,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             # A send took longer than ARM_WAIT_TIMEOUT_MS to commit. We hold WAITING_LOCK (a
             # session lock outlives the rolled-back statement): later sends wake us, and the
             # next poll finds what the slow one sent.
-            logger.info("%s: a send in flight is slow to commit; its message waits for the next poll",
-                        self.queue_name)
+            logger.info("%s: a send in flight is slow to commit; its message waits for the next poll", self.queue_name)
         self._waiting = waiting
 
     def _wait(self, seconds: float) -> None:
@@ -1155,9 +1160,7 @@ def _text_array(values: Sequence[str | None]) -> str | None:
         return None
     return (
         "{"
-        + ",".join(
-            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values
-        )
+        + ",".join("NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
         + "}"
     )
 
@@ -1248,6 +1251,8 @@ class _Settler(threading.Thread):
                         self.conn.close()
                 elif isinstance(exc, psycopg2.Error) and db.is_transient(exc):
                     logger.warning("settling outcomes: rolled back by the server (%s); retrying", type(exc).__name__)
+                elif isinstance(exc, psycopg2.Error):  # its text would quote the statement's values
+                    logger.error("settling outcomes failed (%s); retrying", db.loggable_error(exc))
                 else:
                     logger.exception("settling outcomes failed; retrying")
                 with self.state.settle_cond:
@@ -1273,7 +1278,7 @@ def to_json(value: Any) -> str | None:
         text = json.dumps(value, default=str, allow_nan=False)  # jsonb holds no NaN or infinity
     except (TypeError, ValueError):
         return None
-    return None if _holds_nul(text) else text
+    return None if holds_nul(text) else text
 
 
 __all__ = ["PgMessageProxy", "PostgresBroker", "encode_message", "enqueue_in", "get_encoder", "to_json"]

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from tasks.redaction import redact
 from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,24 @@ def is_transient(exc: BaseException) -> bool:
     """True when PostgreSQL rolled back ``exc``'s transaction to break a conflict
     (deadlock, serialization failure): running it again may succeed."""
     return isinstance(exc, psycopg2.extensions.TransactionRollbackError)
+
+
+def loggable_error(exc: BaseException) -> str:
+    """``exc`` as one line safe to log: its type and PostgreSQL's primary message.
+
+    ``str()`` of a psycopg2 error quotes the statement around the error position
+    with its parameters filled in (psycopg2 fills them in on the client) and the
+    server's DETAIL, which quotes row values: either can hold a job's arguments,
+    so a secret. Neither is kept; a libpq error (no SQLSTATE) keeps its first line.
+    """
+    detail = ""
+    if isinstance(exc, psycopg2.Error):
+        detail = getattr(exc.diag, "message_primary", None) or ""
+        if exc.pgcode:
+            detail = f"{detail} (SQLSTATE {exc.pgcode})"
+    if not detail:
+        detail = next(iter(str(exc).strip().splitlines()), "")
+    return redact(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
 
 
 def connection_is_usable(conn: Any) -> bool:

@@ -32,6 +32,7 @@ from typing import Any
 from dramatiq.middleware.prometheus import Prometheus
 
 from models import queries
+from tasks.db import loggable_error
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class QueueStatsCollector:
                 cur.execute(queries.LIVE_WORKERS)
                 (workers,) = cur.fetchone()
         except Exception as exc:  # a scrape must answer even when the database does not
-            logger.warning("metrics: cannot read control_plane.queue_stats: %s", exc)
+            logger.warning("metrics: cannot read control_plane.queue_stats: %s", loggable_error(exc))
             up.add_metric([], 0)
             yield up
             return

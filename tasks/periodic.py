@@ -248,7 +248,9 @@ class Clock:
             try:
                 job_id = self._enqueue_tick(entry, tick)
             except Exception as exc:  # one broken schedule must not stop the others
-                logger.error("schedule %s: tick %s not enqueued: %s", entry.name, tick.isoformat(), exc)
+                logger.error(
+                    "schedule %s: tick %s not enqueued: %s", entry.name, tick.isoformat(), db.loggable_error(exc)
+                )
                 if not db.connection_is_usable(self._conn):
                     self.close()
                 continue
@@ -294,7 +296,7 @@ class Clock:
                 failures = 0
             except (psycopg2.Error, OSError) as exc:
                 failures += 1
-                logger.error("clock: cannot read the schedule ticks (%s); trying again", exc)
+                logger.error("clock: cannot read the schedule ticks (%s); trying again", db.loggable_error(exc))
                 self.close()
             now = utc_now()
             wake = _minute(now) + timedelta(minutes=1, milliseconds=50)

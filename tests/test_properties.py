@@ -10,7 +10,7 @@ from dramatiq.message import Message
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tasks.broker import _holds_nul, encode_message
+from tasks.broker import encode_message, holds_nul
 from tasks.errors import InvalidPayload, NotSerializable
 from tasks.provision.payload import ProvisionPayload, validate
 from tests import actors
@@ -112,7 +112,7 @@ def test_the_broker_writes_the_bytes_dramatiqs_encoder_would(args: list[Any], kw
 def test_a_nul_is_found_in_json_exactly_when_the_string_holds_one(value: str) -> None:
     # Given any string of backslashes, NULs and the letters of an escape
     # When it is written as JSON, Then the NUL check sees a NUL exactly when the string holds one
-    assert _holds_nul(json.dumps(value)) == ("\x00" in value)
+    assert holds_nul(json.dumps(value)) == ("\x00" in value)
 
 
 def _has_nul(value: Any) -> bool:

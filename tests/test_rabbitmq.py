@@ -152,3 +152,57 @@ def test_lifecycle_retries_and_failure_are_mirrored(db_url: str, rabbit_queue: s
     assert attempts == through["attempts"]
     # And the Postgres broker's queue table was never used
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0
+
+
+def _ready_in(queue: str) -> int:
+    """Messages waiting in RabbitMQ's ``queue`` (0 when it was never declared)."""
+    conn = _rabbitmq()
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def _jobs(url: str) -> int:
+    return int(query(url, "SELECT count(*) AS n FROM control_plane.jobs")[0]["n"])
+
+
+def test_a_send_the_mirror_could_not_record_is_refused_before_rabbitmq_has_it(db_url: str, rabbit_queue: str) -> None:
+    env = {**os.environ, **rabbit_env(db_url, rabbit_queue), "PYTHONPATH": str(ROOT)}
+
+    def send(args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "tasks.cli", "send", "tests.rabbit.wait_for_gate"]
+        command += ["--module", "tests.rabbit_actors", "--args", args]
+        return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    before, jobs_before = _ready_in(rabbit_queue), _jobs(db_url)
+    # Given arguments control_plane.jobs (jsonb) cannot hold: an infinity, a NaN deep inside, a NUL character
+    refused = {
+        "[1e999]": "args[0] (inf, which JSON cannot hold)",
+        '[{"k": [1, NaN]}]': "args[0]['k'][1] (nan, which JSON cannot hold)",
+        '["a\\u0000b"]': "a string contains a NUL character",
+    }
+    for args, problem in refused.items():
+        # When each is sent through RabbitMQ
+        result = send(args)
+        # Then the send fails and says which value and why, as the Postgres broker's sends do
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert f"cannot send to actor 'tests.rabbit.wait_for_gate': {problem}" in result.stderr
+        assert "Unexpected failure" not in result.stderr and not result.stdout
+    # And none of them reached RabbitMQ or the mirror: no job runs that control_plane.jobs does not show
+    assert _ready_in(rabbit_queue) == before
+    assert _jobs(db_url) == jobs_before
+    # While a send of plain arguments goes through, to RabbitMQ and to the mirror
+    sent = send('["fine"]')
+    assert sent.returncode == 0, sent.stderr
+    job_id = sent.stdout.strip()
+    assert job(db_url, job_id)["payload"] == {"args": ["fine"], "kwargs": {}}
+    assert _ready_in(rabbit_queue) == before + 1
+    conn = _rabbitmq()
+    try:
+        conn.channel().queue_purge(rabbit_queue)  # no worker of another test takes it
+    finally:
+        conn.close()

@@ -31,10 +31,11 @@ from typing import Any
 import dramatiq
 from dramatiq.common import q_name
 from dramatiq.errors import ActorNotFound
-from dramatiq.middleware import Middleware, TimeLimit, TimeLimitExceeded
+from dramatiq.middleware import Middleware, MiddlewareError, TimeLimit, TimeLimitExceeded
 
 from models import queries
-from tasks.errors import Cancelled
+from tasks.db import loggable_error
+from tasks.errors import Cancelled, NotSerializable
 from tasks.redaction import redact
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,11 @@ class JobsMirror(Middleware):
     """
 
     #: What a PostgresBroker's own statements record (its start marks, ENQUEUE and
-    #: SETTLE): it does not call these hooks (see ``tasks.broker.COVERED_SIGNALS``).
-    covered_by_postgres_broker = frozenset({"before_process_message", "after_enqueue", "after_ack", "after_nack"})
+    #: SETTLE) or check (its sends refuse what jsonb cannot hold): it does not call
+    #: these hooks (see ``tasks.broker.COVERED_SIGNALS``).
+    covered_by_postgres_broker = frozenset(
+        {"before_enqueue", "before_process_message", "after_enqueue", "after_ack", "after_nack"}
+    )
 
     def __init__(self, connection: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
         self._standalone = StandaloneMirror(connection)
@@ -140,6 +144,10 @@ class JobsMirror(Middleware):
 
     # -- other brokers only (the Postgres broker's own statements cover these) --
 
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        if not _rides_on_broker(broker):
+            refuse_unrecordable(message)
+
     def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
         if not _rides_on_broker(broker):
             self._standalone.enqueued(broker, message, delay)
@@ -158,10 +166,53 @@ def _eta(message: Any) -> datetime | None:
     return datetime.fromtimestamp(eta / 1000, UTC) if isinstance(eta, (int, float)) else None
 
 
+def _json(value: Any) -> str:
+    # A value JSON cannot write is written as its str(); jsonb holds no NaN or infinity.
+    return json.dumps(value, default=str, allow_nan=False)
+
+
+def _payload(message: Any) -> str:
+    return _json({"args": list(message.args), "kwargs": dict(message.kwargs)})
+
+
 def _options(message: Any) -> str:
     # Tracebacks may quote secrets (errors are kept, redacted, in errors); eta is the broker's business.
-    kept = {k: v for k, v in message.options.items() if k not in ("traceback", "eta")}
-    return json.dumps(kept, default=str)
+    return _json({k: v for k, v in message.options.items() if k not in ("traceback", "eta")})
+
+
+class Unrecordable(NotSerializable, MiddlewareError):
+    """A send the standalone mirror refused: a ``NotSerializable`` to the sender, and a
+    ``MiddlewareError`` so that Dramatiq's brokers let it stop the send (they log and
+    ignore any other exception raised in a ``before_enqueue`` hook)."""
+
+
+def refuse_unrecordable(message: Any) -> None:
+    """Raise ``Unrecordable`` for a message whose job ``control_plane.jobs`` could not hold.
+
+    The standalone mirror's payload and options are JSON with any other value
+    written as its ``str()``; what is left that jsonb refuses (NaN, infinities,
+    a NUL character) or that JSON cannot write (a circular reference) would
+    leave a job running that the mirror never shows. The Postgres broker's
+    sends refuse the same values with the same words.
+    """
+    from tasks.broker import find_unserializable, holds_nul
+
+    try:
+        texts = (_payload(message), _options(message))
+    except (TypeError, ValueError) as exc:
+        where = (
+            find_unserializable(list(message.args), "args", stringified=True)
+            or find_unserializable(dict(message.kwargs), "kwargs", stringified=True)
+            or find_unserializable(dict(message.options), "options", stringified=True)
+        )
+        raise Unrecordable(
+            f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
+        ) from exc
+    if any(holds_nul(text) for text in texts):
+        raise Unrecordable(
+            f"cannot send to actor {message.actor_name!r}: a string contains a NUL character, "
+            "which PostgreSQL cannot store"
+        )
 
 
 class StandaloneMirror:
@@ -185,17 +236,20 @@ class StandaloneMirror:
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def _write(self, what: str, message: Any, sql: str, params: dict[str, Any]) -> None:
+    def _write(self, what: str, message: Any, sql: str, params: Callable[[], dict[str, Any]]) -> None:
         connection = self._connection
         if connection is None:
             import tasks
 
             connection = tasks.connection
         try:
+            values = params()  # a message sent around the checks of before_enqueue may not encode
             with connection() as conn, conn.cursor() as cur:
-                cur.execute(sql, params)
+                cur.execute(sql, values)
         except Exception as exc:  # the mirror must never break sending or processing
-            logger.warning("message %s: the jobs mirror could not record %s: %s", message.message_id, what, exc)
+            logger.warning(
+                "message %s: the jobs mirror could not record %s: %s", message.message_id, what, loggable_error(exc)
+            )
 
     def _job(self, broker: dramatiq.Broker, message: Any) -> dict[str, Any]:
         from tasks.middleware.retries import max_attempts_for
@@ -206,7 +260,7 @@ class StandaloneMirror:
             "id": message.message_id,
             "actor": message.actor_name,
             "queue": q_name(message.queue_name),
-            "payload": json.dumps({"args": list(message.args), "kwargs": dict(message.kwargs)}, default=str),
+            "payload": _payload(message),
             "options": _options(message),
             "priority": priority if isinstance(priority, int) else 0,
             "max_attempts": max_attempts_for(broker, message),
@@ -221,14 +275,23 @@ class StandaloneMirror:
                 "a retry",
                 message,
                 queries.MIRROR_RETRY,
-                {"id": message.message_id, "error": error, "delay_ms": delay or 0, "options": _options(message)},
+                lambda: {
+                    "id": message.message_id,
+                    "error": error,
+                    "delay_ms": delay or 0,
+                    "options": _options(message),
+                },
             )
             return
-        self._write("a send", message, queries.MIRROR_ENQUEUED, {**self._job(broker, message), "eta": _eta(message)})
+        self._write(
+            "a send", message, queries.MIRROR_ENQUEUED, lambda: {**self._job(broker, message), "eta": _eta(message)}
+        )
 
     def started(self, broker: dramatiq.Broker, message: Any) -> None:
         worker = f"{socket.gethostname()}:{os.getpid()}"
-        self._write("a start", message, queries.MIRROR_STARTED, {**self._job(broker, message), "worker": worker})
+        self._write(
+            "a start", message, queries.MIRROR_STARTED, lambda: {**self._job(broker, message), "worker": worker}
+        )
 
     def processed(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
@@ -237,7 +300,10 @@ class StandaloneMirror:
             from tasks.broker import to_json
 
             self._write(
-                "a success", message, queries.MIRROR_COMPLETED, {"id": message.message_id, "result": to_json(result)}
+                "a success",
+                message,
+                queries.MIRROR_COMPLETED,
+                lambda: {"id": message.message_id, "result": to_json(result)},
             )
             return
         with self._lock:
@@ -259,5 +325,5 @@ class StandaloneMirror:
             "a failure",
             message,
             queries.MIRROR_FAILED,
-            {"id": message.message_id, "error": error or "rejected by middleware"},
+            lambda: {"id": message.message_id, "error": error or "rejected by middleware"},
         )

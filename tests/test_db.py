@@ -1,0 +1,39 @@
+"""What the control plane logs of a database error: enough to act on, nothing of the data."""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+
+from tasks import db
+
+
+def test_a_database_error_is_logged_without_the_values_it_quotes(db_url: str) -> None:
+    # Given a statement that fails on a job's arguments, one of which is a secret
+    secret = "sk_live_hunter2hunter2"
+    conn = db.connect(db_url, autocommit=True)
+    try:
+        with conn.cursor() as cur, pytest.raises(psycopg2.Error) as raised:
+            cur.execute(
+                "INSERT INTO control_plane.jobs (id, type, queue, payload) VALUES (gen_random_uuid(), 'x', 'q', %s)",
+                (f'{{"args": ["{secret}", oops]}}',),
+            )
+    finally:
+        conn.close()
+    # (psycopg2's own text quotes the statement with the secret filled in)
+    assert secret in str(raised.value)
+    # When it is described for a log line
+    line = db.loggable_error(raised.value)
+    # Then the line names the error and its SQLSTATE, on one line, without the secret
+    assert line == "InvalidTextRepresentation: invalid input syntax for type json (SQLSTATE 22P02)"
+
+
+def test_an_error_without_a_sqlstate_keeps_its_first_line_redacted() -> None:
+    # Given libpq's error for a server that does not answer (no SQLSTATE, several lines), and another exception
+    with pytest.raises(psycopg2.OperationalError) as raised:
+        psycopg2.connect("postgresql://app@127.0.0.1:1/x", connect_timeout=2)
+    assert "\n" in str(raised.value).strip()
+    # When described for a log line / Then each is one line, its type first, secrets redacted
+    line = db.loggable_error(raised.value)
+    assert line.startswith("OperationalError: connection to server at") and "\n" not in line
+    assert db.loggable_error(ValueError("token=abc123 bad\nsecond line")) == "ValueError: token=[REDACTED] bad"
