@@ -61,13 +61,14 @@ def test_sends_run_a_prepared_statement_on_the_pooled_connection(db_url: str) ->
     plain = actors.noop.send(1)
     keyed = actors.noop.send_with_options(args=(2,), unique_key="prepared-test")
     batch = _broker().enqueue_batch([actors.noop.message(3), actors.noop.message(4)])
-    # Then all are stored, and the pooled connection holds the three prepared statements
+    # Then all are stored, and the pooled connection holds the three prepared statements (the
+    # keyless ones as plain inserts: the ids are new)
     assert job(db_url, plain.message_id)["status"] == "pending"
     assert job(db_url, keyed.message_id)["unique_key"] == "prepared-test"
     assert [job(db_url, m.message_id)["payload"]["args"] for m in batch] == [[3], [4]]
     with _broker().connection() as conn:
         names = _prepared_names(conn)
-    assert {"control_plane_enqueue", "control_plane_enqueue_plain", "control_plane_enqueue_one"} <= {
+    assert {"control_plane_enqueue", "control_plane_enqueue_plain_new", "control_plane_enqueue_one_new"} <= {
         name.rsplit("_", 1)[0] for name in names
     }
 
@@ -247,8 +248,8 @@ def test_a_send_inside_the_callers_transaction_prepares_nothing_there(db_url: st
     assert query(db_url, "SELECT id FROM control_plane.jobs WHERE id = %s", (message.message_id,)) == []
 
 
-@pytest.mark.parametrize("batch", [False, True], ids=["alone", "in-a-batch"])
-def test_sending_the_same_message_again_through_the_keyless_path_resets_its_job(db_url: str, batch: bool) -> None:
+@pytest.mark.parametrize("how", ["alone", "in-a-batch", "in-a-transaction"])
+def test_sending_the_same_message_again_through_the_keyless_path_resets_its_job(db_url: str, how: str) -> None:
     # Given a job that ran and failed
     message = actors.noop.send(1)
     query(
@@ -257,13 +258,23 @@ def test_sending_the_same_message_again_through_the_keyless_path_resets_its_job(
         (message.message_id,),
     )
     query(db_url, "DELETE FROM control_plane.messages WHERE id = %s", (message.message_id,))
-    # When the same message is enqueued again (as a re-delivery does), alone or with another
-    # one, into another queue and at another priority
+    # When the same message is enqueued again (as a re-delivery does), alone, with another one,
+    # or in a caller's transaction that goes on after it, into another queue and at another priority
     again = message.copy(queue_name="slow", options={**message.options, "priority": 7})
-    if batch:
+    if how == "in-a-batch":
         _broker().enqueue_batch([again, actors.noop.message(2)])
-    else:
+    elif how == "alone":
         _broker().enqueue(again)
+    else:
+        conn = psycopg2.connect(db_url)
+        try:
+            with tasks.enqueue_in(conn):
+                _broker().enqueue(again)
+            with conn.cursor() as cur:  # (a failed plain insert would have aborted the transaction here)
+                cur.execute("CREATE TABLE after_the_send (id int)")
+            conn.commit()
+        finally:
+            conn.close()
     # Then its one job is pending again, in the message's queue, and its message is back in that queue
     row = job(db_url, message.message_id)
     assert (row["status"], row["completed_at"], row["queue"], row["priority"]) == ("pending", None, "slow", 7)
