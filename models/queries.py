@@ -140,29 +140,26 @@ SELECT (SELECT """ + _NOTIFY_READY + """) AS notified,
 """  # noqa: S608 (joined from this module's constants only, no input)
 )
 
-
-def _keyless_from_m(again: bool) -> str:
-    """What ENQUEUE_PLAIN and ENQUEUE_ONE (``again``: upserts) and their ``_NEW`` twins (plain
-    inserts) do with the messages of their CTE ``m``."""
-    job_again = _JOB_AGAIN if again else ""
-    message_again = _MESSAGE_AGAIN if again else "RETURNING cur.id, cur.queue, cur.eta"
-    return (
-        """, job AS (
+#: What ENQUEUE_PLAIN and ENQUEUE_ONE do with the messages of their CTE ``m``.
+_KEYLESS_FROM_M = (
+    """, job AS (
     INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts, scheduled_at)
     SELECT """ + _JOB_VALUES + """
     FROM m
-    """ + job_again + """
+    """ + _JOB_AGAIN + """
 ), msg AS (
     """ + _MESSAGES_FROM_M + """
-    """ + message_again + """
+    """ + _MESSAGE_AGAIN + """
 )
 SELECT """ + _NOTIFY_READY + """
 """  # noqa: S608 (joined from this module's constants only, no input)
-    )
+)
 
-
-#: ENQUEUE_PLAIN's and ENQUEUE_PLAIN_NEW's messages: one row per array element.
-_PLAIN_M = """
+#: ENQUEUE for a batch in which no message has a unique key (most sends): the
+#: same rows and the same upserts, without the duplicate lookups. Returns one
+#: row, the count of queues woken.
+ENQUEUE_PLAIN = (
+    """
 WITH m AS (
     SELECT t.id, t.queue, t.actor, t.priority,
            coalesce(now() + make_interval(secs => t.delay_ms / 1000.0), t.eta, now()) AS eta,
@@ -170,38 +167,23 @@ WITH m AS (
     FROM unnest(%(ids)s::uuid[], %(queues)s::text[], %(actors)s::text[], %(priorities)s::int[],
                 %(etas)s::timestamptz[], %(delays)s::bigint[], %(bodies)s::text[], %(max_attempts)s::int[])
          AS t(id, queue, actor, priority, eta, delay_ms, body, max_attempts)
-)"""
+)""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
+)
 
-#: ENQUEUE_ONE's and ENQUEUE_ONE_NEW's message: its values as scalars under
+#: ENQUEUE_PLAIN for one message (``actor.send``), its values as scalars under
 #: ENQUEUE_PLAIN's parameter names: no array literals to build, send and parse,
-#: no ``unnest``. About 50 µs less per send than one-element arrays on the
-#: benchmark machine.
-_ONE_M = """
+#: no ``unnest``. About 50 µs less per send than ENQUEUE_PLAIN with one-element
+#: arrays on the benchmark machine.
+ENQUEUE_ONE = (
+    """
 WITH m AS (
     SELECT %(ids)s::uuid AS id, %(queues)s::text AS queue, %(actors)s::text AS actor,
            %(priorities)s::int AS priority,
            coalesce(now() + make_interval(secs => %(delays)s::bigint / 1000.0), %(etas)s::timestamptz, now()) AS eta,
            convert_to(t.body, 'UTF8') AS body, %(max_attempts)s::int AS max_attempts, t.body::jsonb AS doc
     FROM (SELECT %(bodies)s::text AS body) AS t
-)"""
-
-#: ENQUEUE for a batch in which no message has a unique key (most sends): the
-#: same rows and the same upserts, without the duplicate lookups. Returns one
-#: row, the count of queues woken.
-ENQUEUE_PLAIN = _PLAIN_M + _keyless_from_m(again=True)
-
-#: ENQUEUE_PLAIN for one message (``actor.send``).
-ENQUEUE_ONE = _ONE_M + _keyless_from_m(again=True)
-
-#: ENQUEUE_PLAIN and ENQUEUE_ONE for ids never sent before (Dramatiq's messages
-#: get a fresh uuid4): plain inserts, without the two ``ON CONFLICT`` clauses,
-#: which cost about a tenth of a send on the benchmark machine (change 19 in
-#: docs/performance.md). An id that is there already fails the statement with a
-#: unique violation, and the broker runs the upsert instead; in a caller's
-#: transaction, where that failure would abort the caller's work, it runs the
-#: upsert from the start.
-ENQUEUE_PLAIN_NEW = _PLAIN_M + _keyless_from_m(again=False)
-ENQUEUE_ONE_NEW = _ONE_M + _keyless_from_m(again=False)
+)""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
+)
 
 #: Lease up to ``limit`` ready messages of one queue to this worker, in
 #: priority-then-eta order, skipping rows other workers hold. The jobs rows are

@@ -62,11 +62,6 @@ logger = logging.getLogger(__name__)
 _ENQUEUE = Statement("control_plane_enqueue", queries.ENQUEUE)
 _ENQUEUE_PLAIN = Statement("control_plane_enqueue_plain", queries.ENQUEUE_PLAIN)
 _ENQUEUE_ONE = Statement("control_plane_enqueue_one", queries.ENQUEUE_ONE)
-#: The plain-insert twin of each keyless statement, tried first outside a caller's transaction.
-_NEW_TWIN = {
-    _ENQUEUE_PLAIN: Statement("control_plane_enqueue_plain_new", queries.ENQUEUE_PLAIN_NEW),
-    _ENQUEUE_ONE: Statement("control_plane_enqueue_one_new", queries.ENQUEUE_ONE_NEW),
-}
 _SETTLE = Statement("control_plane_settle", queries.SETTLE)
 _CLAIMS: dict[int, Statement] = {}
 
@@ -696,21 +691,10 @@ class PostgresBroker(dramatiq.Broker):
                 statement.execute(cur, params, prepare=False)
                 row = cur.fetchone()
             return row[1] if keyed else {}
-        prepare = self.settings.prepared_statements
-        new = _NEW_TWIN.get(statement)
         for attempt in (1, 2):
             try:
                 with self.connection() as conn, conn.cursor() as cur:
-                    if new is None:
-                        statement.execute(cur, params, prepare=prepare)
-                    else:
-                        try:
-                            new.execute(cur, params, prepare=prepare)
-                        except psycopg2.errors.UniqueViolation:
-                            # An id sent before (a re-send; or this send, committed before its
-                            # connection was lost): the upsert. Autocommit: nothing else was undone.
-                            new = None
-                            statement.execute(cur, params, prepare=prepare)
+                    statement.execute(cur, params, prepare=self.settings.prepared_statements)
                     row = cur.fetchone()
                 return row[1] if keyed else {}
             except psycopg2.Error as exc:

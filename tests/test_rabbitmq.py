@@ -8,9 +8,11 @@ queue of its own, deleted at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +208,51 @@ def test_a_send_the_mirror_could_not_record_is_refused_before_rabbitmq_has_it(db
         conn.channel().queue_purge(rabbit_queue)  # no worker of another test takes it
     finally:
         conn.close()
+
+
+def test_dramatiqs_own_resends_of_a_message_the_mirror_cannot_record_still_run(
+    db_url: str, rabbit_queue: str, tmp_path: Path
+) -> None:
+    # Given a job sent by a producer without the mirror's check (another service, or a send
+    # made before it existed): a NaN argument, delayed, so that a worker's consumer thread
+    # sends it on when it comes due, to an actor that fails and is retried once
+    (control,) = send_all(db_url, rabbit_queue, ("tests.rabbit.always_fails", '["control"]'))  # declares the queues
+    now = int(time.time() * 1000)
+    message_id = str(uuid.uuid4())
+    body = {
+        "queue_name": f"{rabbit_queue}.DQ",
+        "actor_name": "tests.rabbit.always_fails",
+        "args": [float("nan")],
+        "kwargs": {},
+        "options": {"eta": now},
+        "message_id": message_id,
+        "message_timestamp": now,
+    }
+    conn = _rabbitmq()
+    try:
+        conn.channel().basic_publish(
+            exchange="",
+            routing_key=f"{rabbit_queue}.DQ",
+            body=json.dumps(body).encode(),
+            properties=pika.BasicProperties(delivery_mode=2),
+        )
+    finally:
+        conn.close()
+    worker = rabbit_worker(db_url, rabbit_queue, tmp_path)
+    try:
+        # When a worker takes it
+        # Then it runs both its attempts, like the control job: neither the consumer thread's
+        # send when it came due nor the retry's was refused
+        def attempts(of: str) -> int:
+            sql = "SELECT count(*) AS n FROM test_support.effects WHERE message_id = %s AND kind = 'attempt'"
+            return int(query(db_url, sql, (of,))[0]["n"])
+
+        wait_for(lambda: attempts(message_id) == 2 and attempts(control) == 2, what=f"both attempts: {worker.log()}")
+        assert job(db_url, control)["status"] == "failed"
+    finally:
+        worker.terminate()
+    log = worker.log()
+    assert "Unexpected failure" not in log and "Restarting consumer" not in log, log
+    # And the mirror, which cannot hold that job, said so without quoting its arguments
+    assert f"message {message_id}: the jobs mirror could not record a start" in log
+    assert "Infinity" not in log and "NaN" not in log

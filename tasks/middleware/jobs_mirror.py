@@ -40,6 +40,9 @@ from tasks.redaction import redact
 
 logger = logging.getLogger(__name__)
 
+#: ``consumer``: this thread is a Dramatiq consumer thread.
+_thread = threading.local()
+
 #: The longest error text kept in ``last_error`` and the errors history.
 MAX_ERROR_LENGTH = 2000
 
@@ -100,7 +103,8 @@ class JobsMirror(Middleware):
     #: SETTLE) or check (its sends refuse what jsonb cannot hold): it does not call
     #: these hooks (see ``tasks.broker.COVERED_SIGNALS``).
     covered_by_postgres_broker = frozenset(
-        {"before_enqueue", "before_process_message", "after_enqueue", "after_ack", "after_nack"}
+        {"after_consumer_thread_boot", "before_enqueue", "before_process_message", "after_enqueue", "after_ack",
+         "after_nack"}
     )
 
     def __init__(self, connection: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
@@ -144,9 +148,16 @@ class JobsMirror(Middleware):
 
     # -- other brokers only (the Postgres broker's own statements cover these) --
 
+    def after_consumer_thread_boot(self, broker: dramatiq.Broker, thread: Any) -> None:
+        _thread.consumer = True
+
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        if not _rides_on_broker(broker):
-            refuse_unrecordable(message)
+        # Refused: what a caller sends, who can be told. Not Dramatiq's own re-sends of a
+        # message already in the broker: a delayed one that came due (the consumer thread
+        # sends it) or a retry (nobody to tell; the retry's mirror write is its options only).
+        if _rides_on_broker(broker) or getattr(_thread, "consumer", False) or self._standalone.failed_here(message):
+            return
+        refuse_unrecordable(message)
 
     def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
         if not _rides_on_broker(broker):
@@ -265,6 +276,11 @@ class StandaloneMirror:
             "priority": priority if isinstance(priority, int) else 0,
             "max_attempts": max_attempts_for(broker, message),
         }
+
+    def failed_here(self, message: Any) -> bool:
+        """Whether an attempt of ``message`` just failed in this process (a send of it is a retry)."""
+        with self._lock:
+            return message.message_id in self._errors
 
     def enqueued(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
         with self._lock:
