@@ -95,11 +95,12 @@ def _middleware() -> list[Middleware]:
         ),
         # the actor being run, for actors that need their own message id
         CurrentMessage(),
+        # unique_key computed from the arguments (actor option unique_key_from); before
+        # the mirror, whose before_enqueue checks the options the key is written in
+        UniqueKeys(),
         # what started / returned / failed, for the jobs mirror writes (written on
         # its own connections when BROKER_URL names another broker)
         JobsMirror(connection),
-        # unique_key computed from the arguments (actor option unique_key_from)
-        UniqueKeys(),
         # the results backend, in control_plane.results
         Results(backend=PostgresBackend(connection), result_ttl=settings.result_ttl_ms),
     ]
