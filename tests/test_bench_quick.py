@@ -165,6 +165,25 @@ def test_the_notify_cost_aid_measures_its_three_variants(server_url: str, tmp_pa
 
 
 @pytest.mark.e2e
+def test_the_latency_parts_aid_splits_each_pickup_into_the_send_and_the_rest(server_url: str, tmp_path: Path) -> None:
+    # Given a few jobs to send into idle workers
+    env = {**os.environ, "DATABASE_URL": server_url}
+    output = tmp_path / "parts.json"
+    command = [sys.executable, "-m", "bench.latency_parts", "--n", "20", "--rate", "100", "--output", str(output)]
+    # When it runs
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Then every job ran, and each part's percentiles add up: a pickup is its send plus what came after
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert result["n"] == 20
+    assert set(result["percentiles_ms"]) == {"pickup", "send", "after the send returned"}
+    for job in result["slowest_ms"]:
+        assert job["send"] > 0
+        assert job["pickup"] == pytest.approx(job["send"] + job["after"], abs=0.01)
+    assert "the slowest 1 pickups" in done.stdout
+
+
+@pytest.mark.e2e
 def test_the_drain_profile_runs_against_the_broker_as_it_is(server_url: str) -> None:
     # Given a tiny drain to profile (it wraps the consumer's claim and flush, and EXPLAINs the hot statements)
     env = {**os.environ, "DATABASE_URL": server_url}

@@ -1,0 +1,136 @@
+"""Where ours' pickup latency goes: ``python -m bench.latency_parts [--n 1000] [--rate 50]``.
+
+A measurement aid, like :mod:`bench.ab_drain`. The harness's pickup latency of a
+job runs from just before its ``actor.send`` to the start of the job in a worker,
+so it holds the send itself (one statement and a synchronous commit, which waits
+for the WAL flush) as well as the queue's part (the NOTIFY, the claim, Dramatiq's
+hand-off to a worker thread). This starts ``dramatiq tasks bench.drivers.ours_actors
+--processes 2 --threads 8`` on a fresh database, lets it go idle, sends ``--n``
+no-op jobs at ``--rate`` per second as the harness does, also noting when each send
+returned, and prints both parts' percentiles and the slowest jobs taken apart.
+Results go to ``bench/results/latency-parts-<UTC time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.harness import RESULTS
+from bench.scratch import drop_database, fresh_database
+from bench.systems import ROOT
+
+DATABASE = "bench_latency_parts"
+WARM_UP = 64
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(math.ceil(p / 100 * len(ordered)) - 1, 0)]
+
+
+def _records(path: Path) -> list[tuple[float, float]]:
+    """(sent, started) of each job that ran, from the record file (``bench.record``)."""
+    if not path.exists():
+        return []
+    rows = (line.split() for line in path.read_text().splitlines())
+    return [(float(sent), float(started)) for sent, started, _ in rows]
+
+
+def _wait_for(path: Path, count: int, worker: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_records(path)) < count:
+        if worker.poll() is not None:
+            raise SystemExit(f"the worker exited ({worker.returncode}) after {len(_records(path))} of {count} jobs")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {len(_records(path))} of {count} jobs ran in {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def measure(n: int, rate: float) -> dict[str, Any]:
+    url = fresh_database(DATABASE)
+    with tempfile.TemporaryDirectory() as scratch:
+        record_file = Path(scratch) / "records.txt"
+        env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=str(ROOT), BENCH_RECORD_FILE=str(record_file))
+        subprocess.run([sys.executable, "-c", f"import migrations; migrations.upgrade({url!r})"], env=env, check=True)
+        os.environ.update(DATABASE_URL=url, BENCH_RECORD_FILE=str(record_file))
+        import tasks
+        from bench.drivers.ours_actors import noop
+
+        tasks.broker.reconfigure(url)
+        command = [sys.executable, "-m", "dramatiq", "tasks", "bench.drivers.ours_actors",
+                   "--processes", "2", "--threads", "8"]  # fmt: skip
+        worker = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        returned: dict[float, float] = {}
+        try:
+            for _ in range(WARM_UP):
+                noop.send(0.0)
+            _wait_for(record_file, WARM_UP, worker)
+            time.sleep(1.0)  # idle: the consumers wait for a NOTIFY
+            interval, start = 1.0 / rate, time.perf_counter()
+            for i in range(n):
+                due = start + i * interval
+                now = time.perf_counter()
+                if due > now:
+                    time.sleep(due - now)
+                sent = float(f"{time.time():.6f}")  # as bench.record writes it back
+                noop.send(sent)
+                returned[sent] = time.time()
+            _wait_for(record_file, WARM_UP + n, worker)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+            tasks.broker.close()
+            drop_database(DATABASE)
+        jobs = [(sent, returned[sent], started) for sent, started in _records(record_file) if sent > 0]
+    parts = {
+        "pickup": [(started - sent) * 1000 for sent, _, started in jobs],
+        "send": [(back - sent) * 1000 for sent, back, _ in jobs],
+        "after the send returned": [(started - back) * 1000 for _, back, started in jobs],
+    }
+    slowest = sorted(jobs, key=lambda j: j[2] - j[0])[-max(1, n // 100) :]
+    return {
+        "n": len(jobs),
+        "rate": rate,
+        "percentiles_ms": {
+            name: {p: _percentile(v, float(p[1:])) for p in ("p50", "p95", "p99")} | {"max": max(v)}
+            for name, v in parts.items()
+        },
+        "slowest_ms": [
+            {"pickup": (s - t) * 1000, "send": (b - t) * 1000, "after": (s - b) * 1000} for t, b, s in slowest
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000, help="jobs sent into the idle workers (default 1000)")
+    parser.add_argument("--rate", type=float, default=50.0, help="sends per second (default 50, the harness's)")
+    parser.add_argument("--output", type=Path, help="results file (default bench/results/latency-parts-<time>.json)")
+    args = parser.parse_args()
+    result = measure(args.n, args.rate)
+    for name, p in result["percentiles_ms"].items():
+        print(f"{name}: p50 {p['p50']:.2f} ms, p95 {p['p95']:.2f}, p99 {p['p99']:.2f}, max {p['max']:.1f}")
+    print(f"the slowest {len(result['slowest_ms'])} pickups, ms = send + after the send returned:")
+    for job in result["slowest_ms"]:
+        print(f"  {job['pickup']:.2f} = {job['send']:.2f} + {job['after']:.2f}")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    output = args.output or RESULTS / f"latency-parts-{stamp}.json"
+    output.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results: {output}")
+
+
+if __name__ == "__main__":
+    main()
