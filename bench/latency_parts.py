@@ -14,6 +14,7 @@ Results go to ``bench/results/latency-parts-<UTC time>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,9 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import migrations
+import tasks
+from bench.drivers.ours_actors import noop
 from bench.harness import RESULTS
 from bench.scratch import drop_database, fresh_database
 from bench.systems import ROOT
+from tasks.broker import PostgresBroker
 
 DATABASE = "bench_latency_parts"
 WARM_UP = 64
@@ -43,11 +48,12 @@ def _records(path: Path) -> list[tuple[float, float]]:
     """(sent, started) of each job that ran, from the record file (``bench.record``)."""
     if not path.exists():
         return []
-    rows = (line.split() for line in path.read_text().splitlines())
-    return [(float(sent), float(started)) for sent, started, _ in rows]
+    text = path.read_text()
+    lines = text.splitlines()[: text.count("\n")]  # not a line still being written
+    return [(float(sent), float(started)) for sent, started, _ in (line.split() for line in lines)]
 
 
-def _wait_for(path: Path, count: int, worker: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+def _wait_for(path: Path, count: int, worker: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while len(_records(path)) < count:
         if worker.poll() is not None:
@@ -57,44 +63,55 @@ def _wait_for(path: Path, count: int, worker: subprocess.Popen[bytes], timeout: 
         time.sleep(0.05)
 
 
-def measure(n: int, rate: float) -> dict[str, Any]:
-    url = fresh_database(DATABASE)
-    with tempfile.TemporaryDirectory() as scratch:
-        record_file = Path(scratch) / "records.txt"
-        env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=str(ROOT), BENCH_RECORD_FILE=str(record_file))
-        subprocess.run([sys.executable, "-c", f"import migrations; migrations.upgrade({url!r})"], env=env, check=True)
-        os.environ.update(DATABASE_URL=url, BENCH_RECORD_FILE=str(record_file))
-        import tasks
-        from bench.drivers.ours_actors import noop
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the worker's process group (its main process may be gone already), SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
 
-        tasks.broker.reconfigure(url)
-        command = [sys.executable, "-m", "dramatiq", "tasks", "bench.drivers.ours_actors",
-                   "--processes", "2", "--threads", "8"]  # fmt: skip
-        worker = subprocess.Popen(
-            command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        returned: dict[float, float] = {}
-        try:
-            for _ in range(WARM_UP):
-                noop.send(0.0)
-            _wait_for(record_file, WARM_UP, worker)
-            time.sleep(1.0)  # idle: the consumers wait for a NOTIFY
-            interval, start = 1.0 / rate, time.perf_counter()
-            for i in range(n):
-                due = start + i * interval
-                now = time.perf_counter()
-                if due > now:
-                    time.sleep(due - now)
-                sent = float(f"{time.time():.6f}")  # as bench.record writes it back
-                noop.send(sent)
-                returned[sent] = time.time()
-            _wait_for(record_file, WARM_UP + n, worker)
-        finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
-            tasks.broker.close()
-            drop_database(DATABASE)
-        jobs = [(sent, returned[sent], started) for sent, started in _records(record_file) if sent > 0]
+
+def measure(n: int, rate: float) -> dict[str, Any]:
+    if not isinstance(tasks.broker, PostgresBroker):
+        raise SystemExit("bench.latency_parts measures the PostgreSQL broker: unset BROKER_URL")
+    url = fresh_database(DATABASE)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            record_file = Path(scratch) / "records.txt"
+            env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=str(ROOT), BENCH_RECORD_FILE=str(record_file))
+            migrations.upgrade(url)
+            tasks.broker.reconfigure(url)
+            command = [sys.executable, "-m", "dramatiq", "tasks", "bench.drivers.ours_actors",
+                       "--processes", "2", "--threads", "8"]  # fmt: skip
+            worker = subprocess.Popen(
+                command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+            returned: dict[float, float] = {}
+            try:
+                for _ in range(WARM_UP):
+                    noop.send(0.0)
+                _wait_for(record_file, WARM_UP, worker)
+                time.sleep(1.0)  # idle: the consumers wait for a NOTIFY
+                interval, start = 1.0 / rate, time.perf_counter()
+                for i in range(n):
+                    due = start + i * interval
+                    now = time.perf_counter()
+                    if due > now:
+                        time.sleep(due - now)
+                    sent = float(f"{time.time():.6f}")  # as bench.record writes it back
+                    noop.send(sent)
+                    returned[sent] = time.time()
+                _wait_for(record_file, WARM_UP + n, worker)
+            finally:
+                _stop(worker)
+                tasks.broker.close()
+            jobs = [(sent, returned[sent], started) for sent, started in _records(record_file) if sent > 0]
+    finally:
+        drop_database(DATABASE)
     parts = {
         "pickup": [(started - sent) * 1000 for sent, _, started in jobs],
         "send": [(back - sent) * 1000 for sent, back, _ in jobs],

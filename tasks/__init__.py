@@ -99,7 +99,8 @@ def _middleware() -> list[Middleware]:
         # the mirror, whose before_enqueue checks the options the key is written in
         UniqueKeys(),
         # what started / returned / failed, for the jobs mirror writes (written on
-        # its own connections when BROKER_URL names another broker)
+        # its own connections when BROKER_URL names another broker); after Retries,
+        # so that its after_process_message (run in reverse order) sees a failure first
         JobsMirror(connection),
         # the results backend, in control_plane.results
         Results(backend=PostgresBackend(connection), result_ttl=settings.result_ttl_ms),

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import queue as queue_module
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -131,21 +132,30 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, psycopg2.extensions.TransactionRollbackError)
 
 
+#: A double-quoted value in a data exception's primary message (``invalid input syntax
+#: for type uuid: "..."``, ``value "..." is out of range``).
+_QUOTED = re.compile(r'"(?:[^"]|"")*"')
+
+
 def loggable_error(exc: BaseException) -> str:
-    """``exc`` as one line safe to log: its type and PostgreSQL's primary message.
+    """``exc`` as one line safe to log: its type, PostgreSQL's primary message and SQLSTATE.
 
     ``str()`` of a psycopg2 error quotes the statement around the error position
     with its parameters filled in (psycopg2 fills them in on the client) and the
     server's DETAIL, which quotes row values: either can hold a job's arguments,
-    so a secret. Neither is kept; a libpq error (no SQLSTATE) keeps its first line.
+    so a secret. Neither is kept, nor the value a data exception (SQLSTATE class
+    22) quotes in its primary message; a libpq error (no SQLSTATE) keeps its first line.
     """
     detail = ""
     if isinstance(exc, psycopg2.Error):
         detail = getattr(exc.diag, "message_primary", None) or ""
+        if exc.pgcode and exc.pgcode.startswith("22"):
+            detail = _QUOTED.sub('"…"', detail)
         if exc.pgcode:
             detail = f"{detail} (SQLSTATE {exc.pgcode})"
     if not detail:
         detail = next(iter(str(exc).strip().splitlines()), "")
+    detail = " ".join(detail.split())
     return redact(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
 
 

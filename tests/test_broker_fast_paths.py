@@ -674,7 +674,8 @@ def test_a_consumer_holds_more_messages_while_its_jobs_are_short_and_fewer_when_
         _run(consumer, first)
         for _ in range(6):
             _run(consumer, next(consumer))
-        assert 2 < max(claims) <= 8, claims
+        # (the first claim's 2, at most, are held when the second sizes itself for 8)
+        assert 6 <= max(claims) <= 8, claims
         # When jobs turn long (a second each, on average), it goes back to 2
         while _held(db_url) > 2:
             _run(consumer, next(consumer), seconds_ago=5.0)

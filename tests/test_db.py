@@ -28,6 +28,21 @@ def test_a_database_error_is_logged_without_the_values_it_quotes(db_url: str) ->
     assert line == "InvalidTextRepresentation: invalid input syntax for type json (SQLSTATE 22P02)"
 
 
+def test_a_value_a_data_exception_quotes_is_left_out(db_url: str) -> None:
+    # Given a value PostgreSQL quotes in its own message when it cannot read it
+    conn = db.connect(db_url, autocommit=True)
+    try:
+        with conn.cursor() as cur, pytest.raises(psycopg2.Error) as raised:
+            cur.execute("SELECT %s::uuid", ("pw-hunter2",))
+    finally:
+        conn.close()
+    assert "hunter2" in raised.value.diag.message_primary
+    # When described for a log line / Then the message stays, the value does not
+    assert db.loggable_error(raised.value) == (
+        'InvalidTextRepresentation: invalid input syntax for type uuid: "…" (SQLSTATE 22P02)'
+    )
+
+
 def test_an_error_without_a_sqlstate_keeps_its_first_line_redacted() -> None:
     # Given libpq's error for a server that does not answer (no SQLSTATE, several lines), and another exception
     with pytest.raises(psycopg2.OperationalError) as raised:

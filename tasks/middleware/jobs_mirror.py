@@ -152,9 +152,12 @@ class JobsMirror(Middleware):
         _thread.consumer = True
 
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        # Refused: what a caller sends, who can be told. Not Dramatiq's own re-sends of a
-        # message already in the broker: a delayed one that came due (the consumer thread
+        # Refused: a new message, as the Postgres broker refuses it (a caller's send, and what
+        # middleware sends after a job: a pipeline's next step, a callback). Not a re-send of
+        # a message already in the broker: a delayed one that came due (the consumer thread
         # sends it) or a retry (nobody to tell; the retry's mirror write is its options only).
+        # The retry is known by the error recorded in after_process_message, which runs before
+        # the Retries middleware's because this middleware comes after it in the list.
         if _rides_on_broker(broker) or getattr(_thread, "consumer", False) or self._standalone.failed_here(message):
             return
         refuse_unrecordable(message)
