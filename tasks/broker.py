@@ -262,20 +262,29 @@ def _body_text(message: Message[Any]) -> str:
             "UTF-8 JSON, which this broker stores and the jobs mirror reads"
         ) from None
     except (TypeError, ValueError) as exc:
-        where = (
-            find_unserializable(list(message.args), "args")
-            or find_unserializable(message.kwargs, "kwargs")
-            or find_unserializable(message.options, "options")
-        )
-        raise NotSerializable(
-            f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
-        ) from exc
+        raise NotSerializable(unserializable_reason(message)) from exc
     if holds_nul(text):
-        raise NotSerializable(
-            f"cannot send to actor {message.actor_name!r}: a string contains a NUL character, "
-            "which PostgreSQL cannot store"
-        )
+        raise NotSerializable(nul_reason(message))
     return text
+
+
+def unserializable_reason(message: Any, *, stringified: bool = False) -> str:
+    """Why a send of ``message`` is refused, naming the first value of its arguments or
+    options that JSON or jsonb cannot hold (``stringified``: see :func:`find_unserializable`)."""
+    where = (
+        find_unserializable(list(message.args), "args", stringified=stringified)
+        or find_unserializable(dict(message.kwargs), "kwargs", stringified=stringified)
+        or find_unserializable(dict(message.options), "options", stringified=stringified)
+    )
+    return f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
+
+
+def nul_reason(message: Any) -> str:
+    """Why a send of ``message``, whose JSON holds a NUL character, is refused."""
+    return (
+        f"cannot send to actor {message.actor_name!r}: a string contains a NUL character, "
+        "which PostgreSQL cannot store"
+    )
 
 
 def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any]) -> Message[Any]:

@@ -209,24 +209,14 @@ def refuse_unrecordable(message: Any) -> None:
     leave a job running that the mirror never shows. The Postgres broker's
     sends refuse the same values with the same words.
     """
-    from tasks.broker import find_unserializable, holds_nul
+    from tasks.broker import holds_nul, nul_reason, unserializable_reason
 
     try:
         texts = (_payload(message), _options(message))
     except (TypeError, ValueError) as exc:
-        where = (
-            find_unserializable(list(message.args), "args", stringified=True)
-            or find_unserializable(dict(message.kwargs), "kwargs", stringified=True)
-            or find_unserializable(dict(message.options), "options", stringified=True)
-        )
-        raise Unrecordable(
-            f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
-        ) from exc
+        raise Unrecordable(unserializable_reason(message, stringified=True)) from exc
     if any(holds_nul(text) for text in texts):
-        raise Unrecordable(
-            f"cannot send to actor {message.actor_name!r}: a string contains a NUL character, "
-            "which PostgreSQL cannot store"
-        )
+        raise Unrecordable(nul_reason(message))
 
 
 class StandaloneMirror:
