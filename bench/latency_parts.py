@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -29,19 +28,15 @@ from typing import Any
 
 import migrations
 import tasks
+from bench.drivers.common import paced_send
 from bench.drivers.ours_actors import noop
-from bench.harness import RESULTS
+from bench.harness import RESULTS, percentile
 from bench.scratch import drop_database, fresh_database
 from bench.systems import ROOT
 from tasks.broker import PostgresBroker
 
 DATABASE = "bench_latency_parts"
 WARM_UP = 64
-
-
-def _percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(math.ceil(p / 100 * len(ordered)) - 1, 0)]
 
 
 def _records(path: Path) -> list[tuple[float, float]]:
@@ -96,15 +91,12 @@ def measure(n: int, rate: float) -> dict[str, Any]:
                     noop.send(0.0)
                 _wait_for(record_file, WARM_UP, worker)
                 time.sleep(1.0)  # idle: the consumers wait for a NOTIFY
-                interval, start = 1.0 / rate, time.perf_counter()
-                for i in range(n):
-                    due = start + i * interval
-                    now = time.perf_counter()
-                    if due > now:
-                        time.sleep(due - now)
-                    sent = float(f"{time.time():.6f}")  # as bench.record writes it back
+
+                def send(sent: float) -> None:  # the harness's latency driver's send, noting its return
                     noop.send(sent)
-                    returned[sent] = time.time()
+                    returned[float(f"{sent:.6f}")] = time.time()  # keyed as bench.record writes it back
+
+                paced_send(n, rate, send)
                 _wait_for(record_file, WARM_UP + n, worker)
             finally:
                 _stop(worker)
@@ -122,7 +114,7 @@ def measure(n: int, rate: float) -> dict[str, Any]:
         "n": len(jobs),
         "rate": rate,
         "percentiles_ms": {
-            name: {p: _percentile(v, float(p[1:])) for p in ("p50", "p95", "p99")} | {"max": max(v)}
+            name: {p: percentile(v, float(p[1:])) for p in ("p50", "p95", "p99")} | {"max": max(v)}
             for name, v in parts.items()
         },
         "slowest_ms": [
