@@ -18,8 +18,9 @@ Phases and what they measure:
     start), from the jobs' own records, so worker start-up is not counted.
 ``latency``
     2x8 workers, warmed up and idle; ``--latency-n`` jobs sent one per call at
-    ``--latency-rate``/s; latency = the job's start - the sender's clock just
-    before its send call; p50/p95/p99 in ms.
+    ``--latency-rate``/s by a sender whose first call (an untimed job) is behind
+    it; latency = the job's start - the sender's clock just before its send
+    call; p50/p95/p99 in ms.
 ``growth``
     drain rate (2x8) with the larger of ``--growth-sizes`` divided by the rate
     with the smaller.
@@ -476,8 +477,8 @@ class Run:
                 if len({r[2] for r in records.rows()}) >= 2:
                     break
             time.sleep(1.0)
-            self.driver(system, "latency", url, "--n", str(n), "--rate", str(self.config.latency_rate))
-            records.wait_for(sent + n, group, self.config.stall_timeout)
+            res = self.driver(system, "latency", url, "--n", str(n), "--rate", str(self.config.latency_rate))
+            records.wait_for(sent + res.get("warm_up", 0) + n, group, self.config.stall_timeout)
             rows = [r for r in records.rows() if r[0] > 0]
         latencies = [(started - sent_at) * 1000 for sent_at, started, _ in rows]
         return {

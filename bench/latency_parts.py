@@ -96,7 +96,7 @@ def measure(n: int, rate: float) -> dict[str, Any]:
                     noop.send(sent)
                     returned[float(f"{sent:.6f}")] = time.time()  # keyed as bench.record writes it back
 
-                paced_send(n, rate, send)
+                paced_send(n, rate, send, warm_up=False)  # warmed up above, in this process
                 _wait_for(record_file, WARM_UP + n, worker)
             finally:
                 _stop(worker)

@@ -67,6 +67,8 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
         assert doc["summary"][system]["drain_2x8_per_s"]["ratio_median"] > 0
         assert doc["summary"][system]["provision_per_project_s"]["ratio_median"] > 0
         assert doc["rounds"][0]["results"][system]["provision_n"] == 2
+        # every timed latency job, and not the sender's untimed warm-up job
+        assert doc["rounds"][0]["results"][system]["latency_n"] == 10
     # and the provision phase reported where ours' time went, step by step
     steps = doc["rounds"][0]["results"]["ours"]["provision_steps"]
     assert {"wait_ms", "job_ms", "work_ms"} <= set(steps)

@@ -6,8 +6,9 @@
 * ``enqueue --n N --batch B``: send N backlog jobs (``sent`` = 0), B per call
   (B = 1: the system's one-job call); prints ``{"seconds": ...}`` for the
   sending loop alone (imports and connecting excluded).
-* ``latency --n N --rate R``: send N jobs, one per call, R per second on a fixed
-  schedule, each carrying ``time.time()`` read just before its send call.
+* ``latency --n N --rate R``: send one untimed job (``sent`` = 0) and pause,
+  then N jobs, one per call, R per second on a fixed schedule, each carrying
+  ``time.time()`` read just before its send call; pause again before exiting.
 * ``worker --threads T``: one worker process (for systems whose worker is not
   a ``dramatiq`` command line); runs until SIGTERM.
 
@@ -73,9 +74,26 @@ def timed_enqueue(n: int, batch: int, send_one: Callable[[float], object], send_
     emit({"seconds": time.perf_counter() - started, "n": n, "batch": batch})
 
 
-def paced_send(n: int, rate: float, send_one: Callable[[float], object]) -> None:
-    """Send ``n`` jobs at ``rate`` per second, each stamped just before its send call."""
+#: Seconds between the untimed first send of ``paced_send`` and its timed ones:
+#: the workers run the warm-up job and go idle again.
+WARM_UP_PAUSE = 1.0
+#: Seconds ``paced_send`` waits after its last send, so that the sender's exit
+#: (closing connections, tearing the interpreter down) does not compete for the
+#: CPU with the last jobs' pickups.
+TAIL_PAUSE = 0.5
+
+
+def paced_send(n: int, rate: float, send_one: Callable[[float], object], *, warm_up: bool = True) -> None:
+    """Send ``n`` jobs at ``rate`` per second, each stamped just before its send call.
+
+    With ``warm_up``, one untimed job (``sent`` = 0) goes first: a client's first
+    call pays for what later ones reuse (a lazily opened connection, a statement
+    prepared on first use, caches filled), which is not the queue's pickup
+    latency. Emits ``warm_up``, the number of such jobs, for the caller's count."""
     interval = 1.0 / rate
+    if warm_up:
+        send_one(0.0)
+        time.sleep(WARM_UP_PAUSE)
     start = time.perf_counter()
     late = 0
     for i in range(n):
@@ -86,7 +104,9 @@ def paced_send(n: int, rate: float, send_one: Callable[[float], object]) -> None
         elif now - due > interval:
             late += 1
         send_one(time.time())
-    emit({"seconds": time.perf_counter() - start, "n": n, "late": late})
+    seconds = time.perf_counter() - start
+    time.sleep(TAIL_PAUSE)
+    emit({"seconds": seconds, "n": n, "late": late, "warm_up": int(warm_up)})
 
 
 async def atimed_enqueue(
@@ -107,8 +127,10 @@ async def atimed_enqueue(
 
 
 async def apaced_send(n: int, rate: float, send_one: Callable[[float], Awaitable[object]]) -> None:
-    """:func:`paced_send` for asyncio clients."""
+    """:func:`paced_send` for asyncio clients (warm-up job included)."""
     interval = 1.0 / rate
+    await send_one(0.0)
+    await asyncio.sleep(WARM_UP_PAUSE)
     start = time.perf_counter()
     late = 0
     for i in range(n):
@@ -119,4 +141,6 @@ async def apaced_send(n: int, rate: float, send_one: Callable[[float], Awaitable
         elif now - due > interval:
             late += 1
         await send_one(time.time())
-    emit({"seconds": time.perf_counter() - start, "n": n, "late": late})
+    seconds = time.perf_counter() - start
+    await asyncio.sleep(TAIL_PAUSE)
+    emit({"seconds": seconds, "n": n, "late": late, "warm_up": 1})
