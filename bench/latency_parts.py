@@ -14,11 +14,8 @@ Results go to ``bench/results/latency-parts-<UTC time>.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,44 +27,15 @@ import migrations
 import tasks
 from bench.drivers.common import paced_send
 from bench.drivers.ours_actors import noop
-from bench.harness import RESULTS, percentile
+from bench.harness import RESULTS, BenchError, Records, WorkerGroup, percentile
 from bench.scratch import drop_database, fresh_database
 from bench.systems import ROOT
 from tasks.broker import PostgresBroker
 
 DATABASE = "bench_latency_parts"
 WARM_UP = 64
-
-
-def _records(path: Path) -> list[tuple[float, float]]:
-    """(sent, started) of each job that ran, from the record file (``bench.record``)."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    lines = text.splitlines()[: text.count("\n")]  # not a line still being written
-    return [(float(sent), float(started)) for sent, started, _ in (line.split() for line in lines)]
-
-
-def _wait_for(path: Path, count: int, worker: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(_records(path)) < count:
-        if worker.poll() is not None:
-            raise SystemExit(f"the worker exited ({worker.returncode}) after {len(_records(path))} of {count} jobs")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"only {len(_records(path))} of {count} jobs ran in {timeout:.0f} s")
-        time.sleep(0.05)
-
-
-def _stop(worker: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the worker's process group (its main process may be gone already), SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(worker.pid, signal.SIGTERM)
-    try:
-        worker.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+#: Seconds without a job run before the workers count as stalled.
+STALL_TIMEOUT = 60.0
 
 
 def measure(n: int, rate: float) -> dict[str, Any]:
@@ -82,14 +50,13 @@ def measure(n: int, rate: float) -> dict[str, Any]:
             tasks.broker.reconfigure(url)
             command = [sys.executable, "-m", "dramatiq", "tasks", "bench.drivers.ours_actors",
                        "--processes", "2", "--threads", "8"]  # fmt: skip
-            worker = subprocess.Popen(
-                command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-            )
+            worker = WorkerGroup([command], env, Path(scratch) / "worker.log", ROOT)
+            records = Records(record_file)
             returned: dict[float, float] = {}
             try:
                 for _ in range(WARM_UP):
                     noop.send(0.0)
-                _wait_for(record_file, WARM_UP, worker)
+                records.wait_for(WARM_UP, worker, STALL_TIMEOUT)
                 time.sleep(1.0)  # idle: the consumers wait for a NOTIFY
 
                 def send(sent: float) -> None:  # the harness's latency driver's send, noting its return
@@ -97,11 +64,11 @@ def measure(n: int, rate: float) -> dict[str, Any]:
                     returned[float(f"{sent:.6f}")] = time.time()  # keyed as bench.record writes it back
 
                 paced_send(n, rate, send, warm_up=False)  # warmed up above, in this process
-                _wait_for(record_file, WARM_UP + n, worker)
+                records.wait_for(WARM_UP + n, worker, STALL_TIMEOUT)
             finally:
-                _stop(worker)
+                worker.stop(grace=60)
                 tasks.broker.close()
-            jobs = [(sent, returned[sent], started) for sent, started in _records(record_file) if sent > 0]
+            jobs = [(sent, returned[sent], started) for sent, started, _ in records.rows() if sent > 0]
     finally:
         drop_database(DATABASE)
     parts = {
@@ -129,7 +96,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="sends per second (default 50, the harness's)")
     parser.add_argument("--output", type=Path, help="results file (default bench/results/latency-parts-<time>.json)")
     args = parser.parse_args()
-    result = measure(args.n, args.rate)
+    try:
+        result = measure(args.n, args.rate)
+    except BenchError as exc:  # the workers died or stalled
+        raise SystemExit(str(exc)) from None
     for name, p in result["percentiles_ms"].items():
         print(f"{name}: p50 {p['p50']:.2f} ms, p95 {p['p95']:.2f}, p99 {p['p99']:.2f}, max {p['max']:.1f}")
     print(f"the slowest {len(result['slowest_ms'])} pickups, ms = send + after the send returned:")
