@@ -23,7 +23,10 @@ Phases and what they measure:
     call; p50/p95/p99 in ms.
 ``growth``
     drain rate (2x8) with the larger of ``--growth-sizes`` divided by the rate
-    with the smaller.
+    with the smaller. The smaller backlog drains in a fraction of a second, so
+    one stall moves its rate by a third: it is drained ``--growth-repeats``
+    times per round (once before the larger, the rest after it) and its rate
+    is the median of those.
 ``memory``
     2x8 workers; RSS of the whole worker process tree after the smaller of
     ``--memory-sizes`` jobs and after the larger, and their ratio.
@@ -147,6 +150,7 @@ class Config:
     keep_logs: bool
     ours_root: Path = ROOT
     provision_n: int = 20
+    growth_repeats: int = 3
     provision_workers: tuple[int, int] = (2, THREADS)
     provision_serial: bool = False
     uncapped: bool = False
@@ -491,9 +495,16 @@ class Run:
 
     def phase_growth(self, system: System, round_no: int) -> dict[str, Any]:
         small, big = self.config.growth_sizes
-        rate_small = self._drain(system, round_no, "gs", 2, small)
+        samples = [self._drain(system, round_no, "gs1", 2, small)]
         rate_big = self._drain(system, round_no, "gb", 2, big)
-        return {"growth_small_per_s": rate_small, "growth_big_per_s": rate_big, "growth_ratio": rate_big / rate_small}
+        samples += [self._drain(system, round_no, f"gs{i}", 2, small) for i in range(2, self.config.growth_repeats + 1)]
+        rate_small = statistics.median(samples)
+        return {
+            "growth_small_per_s": rate_small,
+            "growth_big_per_s": rate_big,
+            "growth_ratio": rate_big / rate_small,
+            "growth_small_samples_per_s": samples,
+        }
 
     def phase_memory(self, system: System, round_no: int) -> dict[str, Any]:
         small, big = self.config.memory_sizes
@@ -986,6 +997,11 @@ def parse_config(argv: list[str]) -> Config:
     parser.add_argument("--latency-n", type=int, help="jobs sent for pickup latency (default 200; quick 50)")
     parser.add_argument("--latency-rate", type=float, default=50.0, help="latency jobs per second (default 50)")
     parser.add_argument("--growth-sizes", type=_pair, help="SMALL,BIG backlogs (default 2000,50000; quick 500,2000)")
+    parser.add_argument(
+        "--growth-repeats",
+        type=int,
+        help="drains of the smaller growth backlog per round, median taken (default 3; quick 1)",
+    )
     parser.add_argument("--memory-sizes", type=_pair, help="SMALL,BIG jobs (default 1000,100000; quick 200,2000)")
     parser.add_argument("--provision-n", type=int, help="projects provisioned per system (default 20; quick 3)")
     parser.add_argument(
@@ -1030,6 +1046,8 @@ def parse_config(argv: list[str]) -> Config:
         "migrations/ ours runs (default: this checkout; e.g. a `git archive HEAD` snapshot)",
     )
     ns = parser.parse_args(argv)
+    if ns.growth_repeats is not None and ns.growth_repeats < 1:
+        parser.error("--growth-repeats must be at least 1")
     quick = bool(ns.quick)
     systems = _names(ns.only, list(SYSTEMS), "system") if ns.only else list(QUICK_SYSTEMS if quick else DEFAULT_SYSTEMS)
     if "floor" not in systems:
@@ -1056,6 +1074,7 @@ def parse_config(argv: list[str]) -> Config:
         output=ns.output,
         ours_root=ns.ours_root.resolve(),
         provision_n=ns.provision_n or (3 if quick else 20),
+        growth_repeats=ns.growth_repeats or (1 if quick else 3),
         provision_workers=ns.provision_workers,
         provision_serial=ns.provision_serial,
         stop_grace=ns.stop_grace,

@@ -22,7 +22,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 
@@ -59,18 +59,34 @@ def emit(result: dict[str, object]) -> None:
     sys.stdout.flush()
 
 
+def _calls(n: int, batch: int) -> Iterator[int]:
+    """The number of jobs in each send call when ``n`` are sent ``batch`` per call."""
+    batch = max(batch, 1)
+    for first in range(0, n, batch):
+        yield min(batch, n - first)
+
+
 def timed_enqueue(n: int, batch: int, send_one: Callable[[float], object], send_many: Callable[[int], object]) -> None:
     """Send ``n`` backlog jobs, ``batch`` per call, and emit the seconds the loop took."""
     started = time.perf_counter()
-    if batch <= 1:
-        for _ in range(n):
+    for count in _calls(n, batch):
+        if batch <= 1:
             send_one(0.0)
-    else:
-        left = n
-        while left > 0:
-            count = min(batch, left)
+        else:
             send_many(count)
-            left -= count
+    emit({"seconds": time.perf_counter() - started, "n": n, "batch": batch})
+
+
+async def atimed_enqueue(
+    n: int, batch: int, send_one: Callable[[float], Awaitable[object]], send_many: Callable[[int], Awaitable[object]]
+) -> None:
+    """:func:`timed_enqueue` for asyncio clients."""
+    started = time.perf_counter()
+    for count in _calls(n, batch):
+        if batch <= 1:
+            await send_one(0.0)
+        else:
+            await send_many(count)
     emit({"seconds": time.perf_counter() - started, "n": n, "batch": batch})
 
 
@@ -83,6 +99,25 @@ WARM_UP_PAUSE = 1.0
 TAIL_PAUSE = 0.5
 
 
+class _Pace:
+    """The fixed schedule of a paced send: send ``i`` is due ``i / rate`` seconds after the start."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self.start = time.perf_counter()
+        self.late = 0  # sends that went out more than one interval after they were due
+
+    def wait(self, i: int) -> float:
+        """Seconds to sleep before send ``i`` (0 when it is due or overdue)."""
+        late = time.perf_counter() - (self.start + i * self.interval)
+        if late > self.interval:
+            self.late += 1
+        return max(-late, 0.0)
+
+    def result(self, n: int, warm_up: bool) -> dict[str, object]:
+        return {"seconds": time.perf_counter() - self.start, "n": n, "late": self.late, "warm_up": int(warm_up)}
+
+
 def paced_send(n: int, rate: float, send_one: Callable[[float], object], *, warm_up: bool = True) -> None:
     """Send ``n`` jobs at ``rate`` per second, each stamped just before its send call.
 
@@ -90,57 +125,26 @@ def paced_send(n: int, rate: float, send_one: Callable[[float], object], *, warm
     call pays for what later ones reuse (a lazily opened connection, a statement
     prepared on first use, caches filled), which is not the queue's pickup
     latency. Emits ``warm_up``, the number of such jobs, for the caller's count."""
-    interval = 1.0 / rate
     if warm_up:
         send_one(0.0)
         time.sleep(WARM_UP_PAUSE)
-    start = time.perf_counter()
-    late = 0
+    pace = _Pace(rate)
     for i in range(n):
-        due = start + i * interval
-        now = time.perf_counter()
-        if due > now:
-            time.sleep(due - now)
-        elif now - due > interval:
-            late += 1
+        time.sleep(pace.wait(i))
         send_one(time.time())
-    seconds = time.perf_counter() - start
+    result = pace.result(n, warm_up)
     time.sleep(TAIL_PAUSE)
-    emit({"seconds": seconds, "n": n, "late": late, "warm_up": int(warm_up)})
-
-
-async def atimed_enqueue(
-    n: int, batch: int, send_one: Callable[[float], Awaitable[object]], send_many: Callable[[int], Awaitable[object]]
-) -> None:
-    """:func:`timed_enqueue` for asyncio clients."""
-    started = time.perf_counter()
-    if batch <= 1:
-        for _ in range(n):
-            await send_one(0.0)
-    else:
-        left = n
-        while left > 0:
-            count = min(batch, left)
-            await send_many(count)
-            left -= count
-    emit({"seconds": time.perf_counter() - started, "n": n, "batch": batch})
+    emit(result)
 
 
 async def apaced_send(n: int, rate: float, send_one: Callable[[float], Awaitable[object]]) -> None:
     """:func:`paced_send` for asyncio clients (warm-up job included)."""
-    interval = 1.0 / rate
     await send_one(0.0)
     await asyncio.sleep(WARM_UP_PAUSE)
-    start = time.perf_counter()
-    late = 0
+    pace = _Pace(rate)
     for i in range(n):
-        due = start + i * interval
-        now = time.perf_counter()
-        if due > now:
-            await asyncio.sleep(due - now)
-        elif now - due > interval:
-            late += 1
+        await asyncio.sleep(pace.wait(i))
         await send_one(time.time())
-    seconds = time.perf_counter() - start
+    result = pace.result(n, True)
     await asyncio.sleep(TAIL_PAUSE)
-    emit({"seconds": seconds, "n": n, "late": late, "warm_up": 1})
+    emit(result)
