@@ -203,3 +203,20 @@ def test_the_drain_profile_runs_against_the_broker_as_it_is(server_url: str) -> 
     assert "drained 300 jobs" in done.stdout
     assert '"settle": {"statements": ' in done.stdout
     assert all(f'"{label}"' in done.stdout for label in ("enqueue_500", "claim_16", "settle_16"))
+
+
+def test_growth_drains_the_small_backlog_three_times_per_round_unless_told_otherwise(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given the harness's command line (the small backlog drains in a fraction of a second,
+    # so its rate is the median of several drains per round)
+    from bench.harness import parse_config
+
+    # Then a full run drains it three times, the quick mode once, and --growth-repeats decides
+    assert parse_config([]).growth_repeats == 3
+    assert parse_config(["--quick"]).growth_repeats == 1
+    assert parse_config(["--growth-repeats", "5"]).growth_repeats == 5
+    # and a count under one is refused, naming the flag
+    with pytest.raises(SystemExit):
+        parse_config(["--growth-repeats", "0"])
+    assert "--growth-repeats must be at least 1" in capsys.readouterr().err
