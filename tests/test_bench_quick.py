@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from bench.harness import parse_config
 from tests.support import ROOT
 
 #: The phases the test runs: drain_1x8 and growth are left out to keep it short; they are
@@ -210,8 +211,6 @@ def test_growth_drains_the_small_backlog_three_times_per_round_unless_told_other
 ) -> None:
     # Given the harness's command line (the small backlog drains in a fraction of a second,
     # so its rate is the median of several drains per round)
-    from bench.harness import parse_config
-
     # Then a full run drains it three times, the quick mode once, and --growth-repeats decides
     assert parse_config([]).growth_repeats == 3
     assert parse_config(["--quick"]).growth_repeats == 1

@@ -108,7 +108,7 @@ class _Pace:
         self.late = 0  # sends that went out more than one interval after they were due
 
     def wait(self, i: int) -> float:
-        """Seconds to sleep before send ``i`` (0 when it is due or overdue)."""
+        """Seconds to sleep before send ``i`` (0 when it is due or overdue: no sleep then)."""
         late = time.perf_counter() - (self.start + i * self.interval)
         if late > self.interval:
             self.late += 1
@@ -130,7 +130,8 @@ def paced_send(n: int, rate: float, send_one: Callable[[float], object], *, warm
         time.sleep(WARM_UP_PAUSE)
     pace = _Pace(rate)
     for i in range(n):
-        time.sleep(pace.wait(i))
+        if (pause := pace.wait(i)) > 0:
+            time.sleep(pause)
         send_one(time.time())
     result = pace.result(n, warm_up)
     time.sleep(TAIL_PAUSE)
@@ -143,7 +144,8 @@ async def apaced_send(n: int, rate: float, send_one: Callable[[float], Awaitable
     await asyncio.sleep(WARM_UP_PAUSE)
     pace = _Pace(rate)
     for i in range(n):
-        await asyncio.sleep(pace.wait(i))
+        if (pause := pace.wait(i)) > 0:
+            await asyncio.sleep(pause)
         await send_one(time.time())
     result = pace.result(n, True)
     await asyncio.sleep(TAIL_PAUSE)
