@@ -40,6 +40,10 @@ def _popen(url: str, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[str
     )
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``controlplane ARGS`` against ``url`` and wait for it."""
     return run_all(url, [args])[0]
@@ -216,7 +220,9 @@ def test_stats_shows_each_queue_once_as_json_and_until_ctrl_c_when_watching(db_u
     (stats,) = json.loads(as_json.stdout)
     assert (stats["queue"], stats["ready"], stats["scheduled"], stats["failed"]) == ("default", 2, 1, 1)
     # When it watches, Then it refreshes until Ctrl-C and then exits cleanly
-    watcher = _popen(db_url, ["stats", "--watch", "--interval", "0.2"])
+    # (SIGINT as a terminal delivers it: not ignored, even when pytest itself was started
+    # with SIGINT ignored, as a background job of a script is, which its children inherit)
+    watcher = _popen(db_url, ["stats", "--watch", "--interval", "0.2"], preexec_fn=_sigint_default)
     try:
         assert watcher.stdout is not None
         stdout = watcher.stdout
