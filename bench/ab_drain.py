@@ -51,8 +51,9 @@ class Drain(NamedTuple):
     restarts: int  # consumers Dramatiq restarted after an error
 
 
-def run_once(spec: str, path: str, extra: dict[str, str], n: int, processes: int) -> Drain:
-    """Drain ``n`` jobs with the tree at ``path`` and the ``extra`` environment (``spec``, parsed)."""
+def run_once(spec: str, path: str, extra: dict[str, str], n: int, processes: int, fill_batch: int = 500) -> Drain:
+    """Drain ``n`` jobs with the tree at ``path`` and the ``extra`` environment (``spec``, parsed),
+    sent in batches of ``fill_batch`` (1: one ``send`` per job)."""
     url = fresh_database(DATABASE)
     env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
     env.update(extra)
@@ -60,7 +61,9 @@ def run_once(spec: str, path: str, extra: dict[str, str], n: int, processes: int
         "import migrations, tasks\n"
         "from bench.drivers.ours_actors import noop\n"
         f"migrations.upgrade({url!r})\n"
-        f"for _ in range({n} // 500): tasks.broker.enqueue_batch([noop.message(0.0) for _ in range(500)])\n"
+        + (f"for _ in range({n}): noop.send(0.0)\n" if fill_batch == 1 else
+           f"for _ in range({n} // {fill_batch}): "
+           f"tasks.broker.enqueue_batch([noop.message(0.0) for _ in range({fill_batch})])\n")
     )
     subprocess.run([sys.executable, "-c", fill], env=env, cwd=path, check=True)
     conn = psycopg2.connect(url)
@@ -124,11 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=20000, help="jobs per drain (default 20000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes of 8 threads (default 2)")
+    parser.add_argument("--fill-batch", type=int, default=500,
+                        help="jobs per send while filling the backlog (default 500; 1: one send per job)")  # fmt: skip
     args = parser.parse_args(argv)
     results: list[list[Drain]] = [[] for _ in args.trees]  # by position: an A/A run keeps two lines
     for round_no, index, path, extra in interleaved(args.trees, args.rounds):
         spec = args.trees[index]
-        d = run_once(spec, path, extra, args.n, args.processes)
+        d = run_once(spec, path, extra, args.n, args.processes, args.fill_batch)
         results[index].append(d)
         print(f"round {round_no} {spec}: {d.rate:,.0f} jobs/s, CPU per job: workers {d.worker_cpu:.0f} µs, "
               f"PostgreSQL {d.pg_cpu:.0f} µs; WAL {d.wal:,.0f} B/job, HOT jobs updates {d.hot:.0%}; "
