@@ -34,7 +34,7 @@ from dramatiq.results import Results
 
 from tasks import db
 from tasks.broker import PostgresBroker, enqueue_in
-from tasks.middleware import Cancellation, JobsMirror, LogContext, Retries, UniqueKeys
+from tasks.middleware import Cancellation, JobsMirror, LogContext, Retries, TimeOrderedIds, UniqueKeys
 from tasks.rate_limits import PostgresRateLimiterBackend
 from tasks.results import PostgresBackend
 from tasks.settings import Settings
@@ -75,6 +75,8 @@ def _middleware() -> list[Middleware]:
     middleware: list[Middleware] = [
         # message id + actor name on every log line of a message
         LogContext(),
+        # new messages get time-ordered ids (UUIDv7): the jobs table's key index grows at its end
+        TimeOrderedIds(),
         # drop messages older than their max_age (Dramatiq's)
         AgeLimit(),
         # interrupt attempts that run past their time_limit (Dramatiq's; 10 min default)

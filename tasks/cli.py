@@ -122,12 +122,15 @@ def cmd_send(args: argparse.Namespace) -> int:
         message = actor.message_with_options(args=tuple(send_args), kwargs=send_kwargs, **options)
     else:
         # An actor declared only in the workers' code: address it by name.
+        from tasks.middleware import time_ordered_id
+
         message = dramatiq.Message(
             queue_name=args.queue,
             actor_name=args.actor,
             args=tuple(send_args),
             kwargs=send_kwargs,
             options=options,
+            message_id=time_ordered_id(),
         )
     try:
         sent = tasks.broker.enqueue(message, delay=int(args.delay * 1000) if args.delay else None)

@@ -39,6 +39,7 @@ from dramatiq.message import Message
 from models import queries
 from tasks import db
 from tasks.cron import CronSchedule
+from tasks.middleware.time_ordered_ids import time_ordered_id
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Schedule:
             args=self.args,
             kwargs=dict(self.kwargs),
             options=dict(self.options),
+            message_id=time_ordered_id(),
         )
 
 

@@ -6,6 +6,7 @@ from tasks.middleware.cancellation import Cancellation
 from tasks.middleware.jobs_mirror import JobsMirror, StandaloneMirror, describe_error
 from tasks.middleware.log_context import LogContext
 from tasks.middleware.retries import Retries, max_attempts_for
+from tasks.middleware.time_ordered_ids import TimeOrderedActor, TimeOrderedIds, time_ordered_id
 from tasks.middleware.unique_keys import UniqueKeys
 
 __all__ = [
@@ -14,7 +15,10 @@ __all__ = [
     "LogContext",
     "Retries",
     "StandaloneMirror",
+    "TimeOrderedActor",
+    "TimeOrderedIds",
     "UniqueKeys",
     "describe_error",
     "max_attempts_for",
+    "time_ordered_id",
 ]
