@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from typing import Any
 
 import dramatiq
 import pytest
+from dramatiq.brokers.stub import StubBroker
 
 import tasks
-from tasks.middleware import TimeOrderedActor, time_ordered_id
+from tasks.cron import CronSchedule
+from tasks.middleware import TimeOrderedActor, TimeOrderedIds, time_ordered_id
 from tasks.middleware import time_ordered_ids as ids_module
+from tasks.periodic import Schedule
 from tests import actors
 from tests.support import query
 from tests.test_cli_operations import in_process
@@ -73,7 +77,7 @@ def test_a_time_ordered_message_is_dramatiqs_own_but_for_its_id() -> None:
 def test_ids_keep_increasing_when_the_clock_steps_back(monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a clock that goes back a second between calls
     clock = iter(range(10**18, 10**18 - 100 * 10**9, -(10**9)))
-    monkeypatch.setattr(ids_module.time, "time_ns", lambda: next(clock))
+    monkeypatch.setattr(ids_module, "time_ns", lambda: next(clock))
     # When ids are made
     made = [time_ordered_id() for _ in range(100)]
     # Then each is still greater than the one before, and a valid UUIDv7
@@ -82,10 +86,26 @@ def test_ids_keep_increasing_when_the_clock_steps_back(monkeypatch: pytest.Monke
     assert {uuid.UUID(i).variant for i in made} == {uuid.RFC_4122}
 
 
+def test_an_id_lays_out_its_millisecond_and_random_bits_as_rfc_9562_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a known millisecond and known random bytes
+    monkeypatch.setattr(ids_module, "time_ns", lambda: 0x0123456789AB * 1_000_000 + 999_999)
+    monkeypatch.setattr(ids_module, "urandom", lambda n: bytes.fromhex("fedcba98765432101234")[:n])
+    monkeypatch.setattr(ids_module, "_last", 0)
+    # When an id is made
+    made = time_ordered_id()
+    # Then it is the millisecond (48 bits), version 7, 12 random bits, variant 0b10, 62 random bits:
+    # the first 74 bits of the random bytes, in order
+    random74 = int("fedcba98765432101234", 16) >> 6
+    rand_a, rand_b = random74 >> 62, random74 & (1 << 62) - 1
+    expected = uuid.UUID(int=0x0123456789AB << 80 | 7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b)
+    assert made == str(expected)
+    assert made.startswith("01234567-89ab-7")
+
+
 def test_a_forked_child_does_not_make_its_parents_next_id(monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a clock stopped at one millisecond, and a process that made the greatest id of it
     # (so that the next id of this millisecond can only follow on from it)
-    monkeypatch.setattr(ids_module.time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    monkeypatch.setattr(ids_module, "time_ns", lambda: 1_700_000_000_000_000_000)
     monkeypatch.setattr(ids_module, "_last", 1_700_000_000_000 << 74 | (1 << 74) - 1)
     read, write = os.pipe()
     pid = os.fork()
@@ -105,12 +125,35 @@ def test_a_forked_child_does_not_make_its_parents_next_id(monkeypatch: pytest.Mo
     assert childs != parents
 
 
+def test_a_child_forked_while_another_thread_made_an_id_can_make_its_own() -> None:
+    # Given a thread of this process in the middle of making an id (holding its lock)
+    with ids_module._lock:
+        read, write = os.pipe()
+        # When the process forks then
+        pid = os.fork()
+        if pid == 0:  # the child: its first id, or killed by the alarm if it cannot make one
+            try:
+                signal.alarm(10)
+                os.write(write, time_ordered_id().encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        made = pipe.read()
+    # Then the child made its id (the lock it inherited held by a thread it does not have is not its lock)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert uuid.UUID(made).version == 7
+
+
 def test_actors_of_another_class_keep_dramatiqs_ids() -> None:
     # Given an actor of a class of the user's own
     class AuditedActor(dramatiq.Actor[Any, Any]):
         pass
 
-    @dramatiq.actor(actor_name="tests.audited", actor_class=AuditedActor)
+    broker = StubBroker(middleware=[TimeOrderedIds()])
+
+    @dramatiq.actor(actor_name="tests.audited", actor_class=AuditedActor, broker=broker)
     def audited() -> None:
         pass
 
@@ -133,3 +176,14 @@ def test_a_send_by_actor_name_from_the_cli_gets_a_time_ordered_id(
     assert query(db_url, "SELECT type FROM control_plane.jobs WHERE id = %(id)s", {"id": job_id}) == [
         {"type": "elsewhere.only_in_workers"}
     ]
+
+
+def test_a_tick_of_an_actor_addressed_by_name_gets_a_time_ordered_id() -> None:
+    # Given a schedule of an actor that only the workers' code declares
+    entry = Schedule(name="far.nightly", cron=CronSchedule.parse("0 3 * * *"), actor_name="elsewhere.nightly",
+                     queue_name="far")  # fmt: skip
+    # When the clock builds a tick's message
+    message = entry.message(tasks.broker)
+    # Then its id is a UUIDv7
+    assert message.actor_name == "elsewhere.nightly"
+    assert uuid.UUID(message.message_id).version == 7

@@ -8,13 +8,15 @@ PostgreSQL writes the whole leaf into the WAL the first time it changes after
 one (a full-page image). A UUIDv7 starts with the millisecond it was made, so
 new ids land at the index's right edge, as ``created_at`` entries do. Measured
 with ``python -m bench.history_cost`` (``docs/performance.md``, change 22): with
-2,000,000 jobs in the history, random ids wrote 6.7 kB of WAL per send after a
+2,000,000 jobs in the history, random ids wrote 6.6 kB of WAL per send after a
 checkpoint, time-ordered ones 1.1 kB.
 
 The ids stay UUID strings; Dramatiq, the broker and the mirror see no
 difference. They show the millisecond they were made (as ``created_at`` does).
 Ids made by one process increase, so a batch's messages, which share their
-eta, are claimed in the order they were built.
+eta, are claimed in the order they were built (a backlog sent in batches then
+drains as one of single sends always did: ``docs/performance.md``, change 22).
+They are not secrets: two ids one process makes in one millisecond may differ by one.
 
 Only messages that Dramatiq's own :class:`dramatiq.Actor` builds get them
 (``send``, ``send_with_options``, ``message``, ``message_with_options``): the
@@ -28,11 +30,15 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from typing import Any
+from os import urandom
+from time import time_ns
+from typing import Any, ParamSpec, TypeVar
 
 import dramatiq
 from dramatiq.middleware import Middleware
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _lock = threading.Lock()
 #: The last id this process made, as its 122 bits of time and randomness.
@@ -41,9 +47,11 @@ _last = 0
 
 def _forget_last() -> None:
     # A forked child starts afresh: continuing its parent's sequence (last + 1)
-    # could give both processes the same next id.
-    global _last
+    # could give both processes the same next id. And with a lock of its own:
+    # another thread of the parent may have held this one at the fork.
+    global _last, _lock
     _last = 0
+    _lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_last)
@@ -53,7 +61,7 @@ def time_ordered_id() -> str:
     """A new UUIDv7 string, greater than every id this process made before."""
     global _last
     # 48 bits of Unix milliseconds, then 74 random bits.
-    bits = (time.time_ns() // 1_000_000) << 74 | int.from_bytes(os.urandom(10), "big") >> 6
+    bits = (time_ns() // 1_000_000) << 74 | int.from_bytes(urandom(10), "big") >> 6
     with _lock:
         if bits <= _last:  # the same millisecond, or the clock stepped back
             bits = _last + 1
@@ -64,12 +72,12 @@ def time_ordered_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-class TimeOrderedActor(dramatiq.Actor[Any, Any]):
+class TimeOrderedActor(dramatiq.Actor[P, R]):
     """A Dramatiq actor whose messages get time-ordered ids."""
 
     def message_with_options(
         self, *, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, **options: Any
-    ) -> dramatiq.Message[Any]:
+    ) -> dramatiq.Message[R]:
         # What Dramatiq's Actor.message_with_options does, with the id given: its message
         # would get a uuid4 first, and replacing it costs a second Message.
         for name in ("on_failure", "on_success"):
