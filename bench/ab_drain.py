@@ -51,21 +51,31 @@ class Drain(NamedTuple):
     restarts: int  # consumers Dramatiq restarted after an error
 
 
-def run_once(spec: str, path: str, extra: dict[str, str], n: int, processes: int, fill_batch: int = 500) -> Drain:
+def run_once(
+    spec: str, path: str, extra: dict[str, str], n: int, processes: int,
+    fill_batch: int = 500, rate: float | None = None,
+) -> Drain:  # fmt: skip
     """Drain ``n`` jobs with the tree at ``path`` and the ``extra`` environment (``spec``, parsed),
-    sent in batches of ``fill_batch`` (1: one ``send`` per job)."""
+    sent in batches of ``fill_batch`` (1: one ``send`` per job) before the workers start, or,
+    with ``rate``, one per call at that many per second while they run (its rate is then the
+    sends' rate)."""
     url = fresh_database(DATABASE)
     env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
     env.update(extra)
-    fill = (
-        "import migrations, tasks\n"
-        "from bench.drivers.ours_actors import noop\n"
-        f"migrations.upgrade({url!r})\n"
-        + (f"for _ in range({n}): noop.send(0.0)\n" if fill_batch == 1 else
-           f"for _ in range({n} // {fill_batch}): "
-           f"tasks.broker.enqueue_batch([noop.message(0.0) for _ in range({fill_batch})])\n")
-    )
-    subprocess.run([sys.executable, "-c", fill], env=env, cwd=path, check=True)
+    setup = f"import time, migrations, tasks\nfrom bench.drivers.ours_actors import noop\nmigrations.upgrade({url!r})\n"
+    if rate is not None:
+        subprocess.run([sys.executable, "-c", setup], env=env, cwd=path, check=True)
+        fill = setup + (
+            f"start = time.monotonic()\nfor i in range({n}):\n"
+            f"    time.sleep(max(0.0, start + i / {rate} - time.monotonic()))\n    noop.send(0.0)\n"
+        )
+    elif fill_batch == 1:
+        fill = setup + f"for _ in range({n}): noop.send(0.0)\n"
+    else:
+        fill = setup + (f"for _ in range({n} // {fill_batch}): "
+                        f"tasks.broker.enqueue_batch([noop.message(0.0) for _ in range({fill_batch})])\n")  # fmt: skip
+    if rate is None:
+        subprocess.run([sys.executable, "-c", fill], env=env, cwd=path, check=True)
     conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cur:
@@ -79,6 +89,9 @@ def run_once(spec: str, path: str, extra: dict[str, str], n: int, processes: int
     )
     try:
         started: tuple[float, int] | None = None
+        if rate is not None:  # the sends, paced, while the workers run
+            started = (time.monotonic(), n)
+            subprocess.run([sys.executable, "-c", fill], env=env, cwd=path, check=True)
         with conn.cursor() as cur:
             while True:
                 cur.execute("SELECT count(*) FROM control_plane.messages")
@@ -129,11 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=2, help="worker processes of 8 threads (default 2)")
     parser.add_argument("--fill-batch", type=int, default=500,
                         help="jobs per send while filling the backlog (default 500; 1: one send per job)")  # fmt: skip
+    parser.add_argument("--rate", type=float,
+                        help="no backlog: send one per call at this many jobs/s while the workers run")  # fmt: skip
     args = parser.parse_args(argv)
     results: list[list[Drain]] = [[] for _ in args.trees]  # by position: an A/A run keeps two lines
     for round_no, index, path, extra in interleaved(args.trees, args.rounds):
         spec = args.trees[index]
-        d = run_once(spec, path, extra, args.n, args.processes, args.fill_batch)
+        d = run_once(spec, path, extra, args.n, args.processes, args.fill_batch, args.rate)
         results[index].append(d)
         print(f"round {round_no} {spec}: {d.rate:,.0f} jobs/s, CPU per job: workers {d.worker_cpu:.0f} µs, "
               f"PostgreSQL {d.pg_cpu:.0f} µs; WAL {d.wal:,.0f} B/job, HOT jobs updates {d.hot:.0%}; "
