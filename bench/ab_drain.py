@@ -57,18 +57,16 @@ def run_once(
 ) -> Drain:  # fmt: skip
     """Drain ``n`` jobs with the tree at ``path`` and the ``extra`` environment (``spec``, parsed),
     sent in batches of ``fill_batch`` (1: one ``send`` per job) before the workers start, or,
-    with ``rate``, one per call at that many per second while they run (its rate is then the
+    with ``rate``, one per call at that many per second while they run (its rate is then about the
     sends' rate)."""
     url = fresh_database(DATABASE)
     env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
     env.update(extra)
-    setup = f"import time, migrations, tasks\nfrom bench.drivers.ours_actors import noop\nmigrations.upgrade({url!r})\n"
-    if rate is not None:
+    setup = f"import migrations, tasks\nfrom bench.drivers.ours_actors import noop\nmigrations.upgrade({url!r})\n"
+    if rate is not None:  # the schema now, the sends (the harness's paced loop) once the workers run
         subprocess.run([sys.executable, "-c", setup], env=env, cwd=path, check=True)
-        fill = setup + (
-            f"start = time.monotonic()\nfor i in range({n}):\n"
-            f"    time.sleep(max(0.0, start + i / {rate} - time.monotonic()))\n    noop.send(0.0)\n"
-        )
+        fill = setup + (f"from bench.drivers.common import paced_send\n"
+                        f"paced_send({n}, {rate}, noop.send, warm_up=False)\n")  # fmt: skip
     elif fill_batch == 1:
         fill = setup + f"for _ in range({n}): noop.send(0.0)\n"
     else:
@@ -91,7 +89,7 @@ def run_once(
         started: tuple[float, int] | None = None
         if rate is not None:  # the sends, paced, while the workers run
             started = (time.monotonic(), n)
-            subprocess.run([sys.executable, "-c", fill], env=env, cwd=path, check=True)
+            subprocess.run([sys.executable, "-c", fill], env=env, cwd=path, check=True, stdout=subprocess.DEVNULL)
         with conn.cursor() as cur:
             while True:
                 cur.execute("SELECT count(*) FROM control_plane.messages")
