@@ -142,8 +142,7 @@ def main() -> None:
             drop_database(name)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"history-cost-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    config = {k: v for k, v in vars(ns).items()}
-    path.write_text(json.dumps({"config": config, "rounds": samples, "medians": summary}, indent=1) + "\n")
+    path.write_text(json.dumps({"config": vars(ns), "rounds": samples, "medians": summary}, indent=1) + "\n")
     print(f"results: {path}")
 
 
@@ -165,8 +164,7 @@ def _walinspect(url: str) -> bool:
 
 
 def _round(url: str, tree: str, extra: dict[str, str], single: int, n: int, walinspect: bool) -> dict[str, Any]:
-    path = os.pathsep.join(filter(None, [extra.get("PYTHONPATH"), os.path.abspath(tree), str(ROOT)]))
-    env = {**os.environ, **extra, "DATABASE_URL": url, "PYTHONPATH": path}
+    env = {**os.environ, **extra, "DATABASE_URL": url, "PYTHONPATH": f"{os.path.abspath(tree)}{os.pathsep}{ROOT}"}
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, str(single), str(n)],
         env=env, cwd=tree, check=True, capture_output=True, text=True,
