@@ -6,6 +6,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -102,24 +103,36 @@ def test_an_id_lays_out_its_millisecond_and_random_bits_as_rfc_9562_says(monkeyp
     assert made.startswith("01234567-89ab-7")
 
 
+def _fork_a_child_that_makes_an_id() -> Callable[[], tuple[str, int]]:
+    """Fork a child that makes one id and exits (killed by an alarm if it cannot make one in
+    10 s); returns what waits for it and gives its id and its exit code."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.alarm(10)
+            os.write(write, time_ordered_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+
+    def wait() -> tuple[str, int]:
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(read) as pipe:
+            return pipe.read(), os.waitstatus_to_exitcode(status)
+
+    return wait
+
+
 def test_a_forked_child_does_not_make_its_parents_next_id(monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a clock stopped at one millisecond, and a process that made the greatest id of it
     # (so that the next id of this millisecond can only follow on from it)
     monkeypatch.setattr(ids_module, "time_ns", lambda: 1_700_000_000_000_000_000)
     monkeypatch.setattr(ids_module, "_last", 1_700_000_000_000 << 74 | (1 << 74) - 1)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its next id, then exit at once
-        try:
-            os.write(write, time_ordered_id().encode())
-        finally:
-            os._exit(0)
-    os.close(write)
     # When parent and child each make their next id in that same millisecond
+    child = _fork_a_child_that_makes_an_id()
     parents = time_ordered_id()
-    os.waitpid(pid, 0)
-    with os.fdopen(read) as pipe:
-        childs = pipe.read()
+    childs, _ = child()
     # Then they differ: the child did not go on from its parent's last id
     assert uuid.UUID(childs).version == 7
     assert childs != parents
@@ -128,21 +141,11 @@ def test_a_forked_child_does_not_make_its_parents_next_id(monkeypatch: pytest.Mo
 def test_a_child_forked_while_another_thread_made_an_id_can_make_its_own() -> None:
     # Given a thread of this process in the middle of making an id (holding its lock)
     with ids_module._lock:
-        read, write = os.pipe()
         # When the process forks then
-        pid = os.fork()
-        if pid == 0:  # the child: its first id, or killed by the alarm if it cannot make one
-            try:
-                signal.alarm(10)
-                os.write(write, time_ordered_id().encode())
-            finally:
-                os._exit(0)
-        os.close(write)
-    _, status = os.waitpid(pid, 0)
-    with os.fdopen(read) as pipe:
-        made = pipe.read()
+        child = _fork_a_child_that_makes_an_id()
+    made, exit_code = child()
     # Then the child made its id (the lock it inherited held by a thread it does not have is not its lock)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert exit_code == 0
     assert uuid.UUID(made).version == 7
 
 
