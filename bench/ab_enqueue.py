@@ -15,45 +15,14 @@ with extra environment, as in :mod:`bench.ab_drain`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 
 from bench.scratch import drop_database, fresh_database, interleaved
-from bench.systems import ROOT
+from bench.send_child import measure
 
 DATABASE = "bench_ab_enqueue"
-
-_CHILD = """
-import json, os, sys, time
-import migrations, tasks
-from bench.drivers.ours_actors import noop
-from bench.procfs import cpu_seconds
-n, batch, single = (int(a) for a in sys.argv[1:4])
-migrations.upgrade(os.environ["DATABASE_URL"])
-broker = tasks.broker
-with broker.connection() as conn, conn.cursor() as cur:  # the pool holds this one connection
-    cur.execute("SELECT pg_backend_pid()")
-    (backend,) = cur.fetchone()
-
-def timed(loop, jobs):
-    wall, cpu, server = time.perf_counter(), time.process_time(), cpu_seconds(backend)
-    loop()
-    wall, cpu, server = time.perf_counter() - wall, time.process_time() - cpu, cpu_seconds(backend) - server
-    return wall / jobs * 1e6, cpu / jobs * 1e6, server / jobs * 1e6
-
-def batches():
-    for _ in range(n // batch):
-        broker.enqueue_batch([noop.message(0.0) for _ in range(batch)])
-
-def singles():
-    for _ in range(single):
-        noop.send(0.0)
-
-print(json.dumps({"tasks": tasks.__file__, "batch": timed(batches, n), "single": timed(singles, single)}))
-"""
+#: What is printed of each part, in µs per job.
+COLUMNS = ("us_per_job", "sender_cpu_us_per_job", "server_cpu_us_per_job")
 
 
 def main() -> None:
@@ -68,15 +37,10 @@ def main() -> None:
     for round_no, index, path, extra in interleaved(ns.trees, ns.rounds):
         tree = ns.trees[index]
         url = fresh_database(DATABASE)
-        env = {**os.environ, **extra, "DATABASE_URL": url,
-               "PYTHONPATH": f"{os.path.abspath(path)}{os.pathsep}{ROOT}"}  # fmt: skip
-        out = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(ns.n), str(ns.batch), str(ns.single)],
-            env=env, cwd=path, check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-        (b_wall, b_cpu, b_server), (s_wall, s_cpu, s_server) = res["batch"], res["single"]
-        results[index].append((res["batch"], res["single"]))
+        res = measure(url, path, extra, f"batch={ns.n}", f"single={ns.single}", "--batch", str(ns.batch))
+        batch, single = ([res[part][column] for column in COLUMNS] for part in ("batch", "single"))
+        results[index].append((batch, single))
+        (b_wall, b_cpu, b_server), (s_wall, s_cpu, s_server) = batch, single
         print(
             f"round {round_no} {tree} ({res['tasks']}): batch {b_wall:.1f} µs/job "
             f"(CPU: sender {b_cpu:.1f}, PostgreSQL {b_server:.1f}), one per call {s_wall:.0f} µs/job "

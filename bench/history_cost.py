@@ -17,20 +17,18 @@ One unrecorded round per tree and database comes first. Printed per round and
 as medians: µs per job, the PostgreSQL backend's CPU per job, WAL bytes per
 job, and, where the ``pg_walinspect`` extension can be created (PostgreSQL 15
 and newer, a superuser), the full-page images per job of each relation.
-Results go to ``bench/results/history-cost-<UTC time>.json``.
+Results go to ``bench/results/history-cost-<UTC time>.json`` (or ``--output``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import subprocess
-import sys
 from contextlib import closing
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -38,6 +36,7 @@ import psycopg2
 import migrations
 from bench.harness import RESULTS
 from bench.scratch import drop_database, fresh_database, tree_spec
+from bench.send_child import measure
 from bench.systems import ROOT
 
 DATABASES = {"empty": "bench_history_empty", "history": "bench_history_big"}
@@ -47,44 +46,6 @@ INSERT INTO control_plane.jobs (id, type, queue, payload, status, attempts, sche
                                 started_at, completed_at, updated_at)
 SELECT gen_random_uuid(), 'bench.noop', 'bench', '{"args": [0.0], "kwargs": {}}', 'completed', 1, t, t, t, t, t
 FROM generate_series(%(history)s, 1, -1) AS g, LATERAL (SELECT now() - g * interval '10 ms') AS s(t)
-"""
-
-_CHILD = """
-import json, os, sys, time
-import migrations, tasks
-from bench.drivers.ours_actors import noop
-from bench.procfs import cpu_seconds
-single, n = int(sys.argv[1]), int(sys.argv[2])
-migrations.upgrade(os.environ["DATABASE_URL"])  # this tree's migrations, if newer
-broker = tasks.broker
-with broker.connection() as conn, conn.cursor() as cur:  # the pool holds this one connection
-    cur.execute("SELECT pg_backend_pid()")
-    (backend,) = cur.fetchone()
-    cur.execute("TRUNCATE control_plane.messages")
-    conn.commit()
-    cur.execute("CHECKPOINT")
-
-def lsn():
-    with broker.connection() as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_current_wal_lsn()::text")
-        return cur.fetchone()[0]
-
-def singles():
-    for _ in range(single):
-        noop.send(0.0)
-
-def batches():
-    for _ in range(n // 500):
-        broker.enqueue_batch([noop.message(0.0) for _ in range(500)])
-
-out = {}
-for name, loop, jobs in (("single", singles, single), ("batch", batches, n // 500 * 500)):
-    start, wall, server = lsn(), time.perf_counter(), cpu_seconds(backend)
-    loop()
-    wall, server = time.perf_counter() - wall, cpu_seconds(backend) - server
-    out[name] = {"jobs": jobs, "us_per_job": wall / jobs * 1e6, "server_cpu_us_per_job": server / jobs * 1e6,
-                 "wal": [start, lsn()]}
-print(json.dumps(out))
 """
 
 #: One block reference with a full-page image in ``pg_get_wal_records_info``'s ``block_ref``
@@ -100,6 +61,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=2000, help="jobs sent one per call per round (default 2000)")
     parser.add_argument("--n", type=int, default=20000, help="jobs sent in batches of 500 per round (default 20000)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
+    parser.add_argument("--output", type=Path, help="results file (default bench/results/history-cost-<UTC time>.json)")
     ns = parser.parse_args()
     # (name, database, tree, extra environment)
     variants: list[tuple[str, str, str, dict[str, str]]] = []
@@ -140,9 +102,10 @@ def main() -> None:
     finally:
         for name in DATABASES.values():
             drop_database(name)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"history-cost-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps({"config": vars(ns), "rounds": samples, "medians": summary}, indent=1) + "\n")
+    path = ns.output or RESULTS / f"history-cost-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {**vars(ns), "output": str(path)}
+    path.write_text(json.dumps({"config": config, "rounds": samples, "medians": summary}, indent=1) + "\n")
     print(f"results: {path}")
 
 
@@ -164,12 +127,8 @@ def _walinspect(url: str) -> bool:
 
 
 def _round(url: str, tree: str, extra: dict[str, str], single: int, n: int, walinspect: bool) -> dict[str, Any]:
-    env = {**os.environ, **extra, "DATABASE_URL": url, "PYTHONPATH": f"{os.path.abspath(tree)}{os.pathsep}{ROOT}"}
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(single), str(n)],
-        env=env, cwd=tree, check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    parts: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    parts = measure(url, tree, extra, f"single={single}", f"batch={n}", "--empty-and-checkpoint")
+    del parts["tasks"]
     with closing(_connect(url)) as conn, conn.cursor() as cur:
         for part in parts.values():
             start, end = part.pop("wal")

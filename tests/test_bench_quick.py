@@ -152,6 +152,29 @@ def test_a_tree_spec_without_a_value_is_refused(server_url: str) -> None:
 
 
 @pytest.mark.e2e
+def test_the_history_cost_aid_sends_into_a_filled_history_and_an_empty_one(server_url: str, tmp_path: Path) -> None:
+    # Given a small history and a few sends of each kind
+    env = {**os.environ, "DATABASE_URL": server_url}
+    output = tmp_path / "history.json"
+    command = [sys.executable, "-m", "bench.history_cost", "--history", "3000", "--single", "20", "--n", "1000",
+               "--rounds", "1", "--output", str(output)]  # fmt: skip
+    # When it runs
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    # Then both databases got every send, each part with its WAL per job, and the medians are printed
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert set(result["rounds"]) == {"empty", "history"}
+    for (sample,) in result["rounds"].values():
+        assert sample["single"]["jobs"] == 20 and sample["batch"]["jobs"] == 1000
+        assert sample["single"]["wal_bytes_per_job"] > 0 and sample["batch"]["wal_bytes_per_job"] > 0
+    assert "history: control_plane.jobs" in done.stdout
+    assert [line.split(": median ")[0] for line in done.stdout.splitlines() if ": median " in line] == [
+        "empty",
+        "history",
+    ]
+
+
+@pytest.mark.e2e
 def test_the_notify_cost_aid_measures_its_three_variants(server_url: str, tmp_path: Path) -> None:
     # Given one and two senders for a moment each
     env = {**os.environ, "DATABASE_URL": server_url}
