@@ -13,8 +13,8 @@ logs a whole page (a full-page image) the first time it changes after a
 checkpoint, and a random id lands on a random leaf of the primary key's index;
 the bigger the history, the fewer of its leaves were written since.
 
-One unrecorded round per tree and database comes first. Printed per round and
-as medians: µs per job, the PostgreSQL backend's CPU per job, WAL bytes per
+One unrecorded round per tree and database comes first (``--no-warm-up``: none).
+Printed per round and as medians: µs per job, the PostgreSQL backend's CPU per job, WAL bytes per
 job, and, where the ``pg_walinspect`` extension can be created (PostgreSQL 15
 and newer, a superuser), the full-page images per job of each relation.
 Results go to ``bench/results/history-cost-<UTC time>.json`` (or ``--output``).
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=2000, help="jobs sent one per call per round (default 2000)")
     parser.add_argument("--n", type=int, default=20000, help="jobs sent in batches of 500 per round (default 20000)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
+    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false", help="skip the unrecorded rounds")
     parser.add_argument("--output", type=Path, help="results file (default bench/results/history-cost-<UTC time>.json)")
     ns = parser.parse_args()
     # (name, database, tree, extra environment)
@@ -86,7 +87,7 @@ def main() -> None:
                 cur.execute("SELECT pg_size_pretty(pg_total_relation_size('control_plane.jobs'))")
                 print(f"{key}: control_plane.jobs {cur.fetchone()[0]}", flush=True)
         walinspect = all(_walinspect(url) for url in urls.values())
-        for _, key, path, extra in variants:  # unrecorded: the fill's last pages, the first plans
+        for _, key, path, extra in variants if ns.warm_up else ():  # the fill's last pages, the first plans
             _round(urls[key], path, extra, ns.single, ns.n, False)
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _, _ in variants}
         order = list(range(len(variants)))
