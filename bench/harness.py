@@ -1147,9 +1147,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(
             "usage: python -m bench run [--quick] [--rounds N] [--only floor,ours,...] [options]\n"
-            "       python -m bench run --help"
+            "       python -m bench run --help\n"
+            "       python -m bench runs [FILE ...]   (ours against the targets, one row per full run)"
         )
         return 0 if args else 2
+    if args[0] == "runs":
+        from bench.runs import main as runs
+
+        return runs(args[1:])
     if args[0] != "run":
         print(f"unknown command {args[0]!r}; try: python -m bench run --help", file=sys.stderr)
         return 2
