@@ -36,19 +36,36 @@ HEADINGS = {
 _RUN_FILE = re.compile(r"\d{8}T\d{6}Z\.json")
 
 
+#: The issue's sizes and the harness's defaults, as a results file's ``config`` holds them.
+#: A key a file lacks was an option not yet there: the run had its default.
+ISSUE_CONFIG: dict[str, Any] = {
+    "quick": False,
+    "enqueue_n": 2000,
+    "drain_n": 20000,
+    "batch_size": 500,
+    "latency_n": 200,
+    "latency_rate": 50.0,
+    "growth_sizes": [2000, 200000],
+    "memory_sizes": [1000, 100000],
+    "provision_n": 20,
+    "provision_workers": [2, 8],
+    "provision_serial": False,
+}
+
+
 def is_full_run(doc: dict[str, Any]) -> bool:
-    """Whether a results file is a run of every system and phase at the issue's sizes."""
+    """Whether a results file is a run of every system and phase at the issue's sizes, 3 rounds or more."""
     config = doc.get("config") or {}
     return (
-        not config.get("quick")
-        and (config.get("rounds") or 0) >= 3
+        (config.get("rounds") or 0) >= 3
         and set(config.get("phases") or ()) >= set(PHASES)
         and set(doc.get("systems") or ()) >= set(DEFAULT_SYSTEMS)
-        and config.get("drain_n") == 20000
-        and list(config.get("growth_sizes") or ()) == [2000, 200000]
-        and list(config.get("memory_sizes") or ()) == [1000, 100000]
-        and config.get("provision_n") == 20
+        and all(_plain(config.get(key, value)) == value for key, value in ISSUE_CONFIG.items())
     )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def cell(verdict: dict[str, Any] | None) -> str:
@@ -56,6 +73,26 @@ def cell(verdict: dict[str, Any] | None) -> str:
         return "-"
     suffix = "×" if verdict["compared"] == "ratio" else ""  # noqa: RUF001
     return f"{verdict['value']:.2f}{suffix} {'✓' if verdict['met'] else '✗'}"
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A results file of ``python -m bench run``; SystemExit naming the file if it is not one."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"no such results file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{path}: not a results file of `python -m bench run` ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("targets"), list):
+        raise SystemExit(f"{path}: not a results file of `python -m bench run` (it has no targets)")
+    return doc
+
+
+def _is_full_run_file(path: Path) -> bool:
+    try:
+        return is_full_run(load(path))
+    except SystemExit:  # an interrupted run's file, or one from before the harness judged targets
+        return False
 
 
 def table(files: list[Path]) -> str:
@@ -68,7 +105,7 @@ def table(files: list[Path]) -> str:
     met = dict.fromkeys(metrics, 0)
     judged = dict.fromkeys(metrics, 0)
     for path in files:
-        doc = json.loads(path.read_text())
+        doc = load(path)
         verdicts = {v["metric"]: v for v in doc.get("targets", [])}
         for metric in metrics:
             verdict = verdicts.get(metric)
@@ -87,19 +124,21 @@ def main(argv: list[str]) -> int:
         prog="python -m bench runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("files", nargs="*", type=Path, help="results files (default: the full runs in bench/results)")
-    parser.add_argument("--since", default="", metavar="YYYYMMDD", help="only the full runs started on or after")
+    parser.add_argument("--since", metavar="YYYYMMDD", help="only the full runs started on or after that day (UTC)")
     ns = parser.parse_args(argv)
+    if ns.since is not None and not re.fullmatch(r"\d{8}", ns.since):
+        parser.error(f"--since wants a day as YYYYMMDD, e.g. 20261202, not {ns.since!r}")
+    if ns.since is not None and ns.files:
+        parser.error("--since selects among bench/results' full runs; named files are shown as given")
     files: list[Path] = ns.files
     if not files:
-        candidates = sorted(p for p in RESULTS.glob("*.json") if _RUN_FILE.fullmatch(p.name) and p.name >= ns.since)
-        files = [p for p in candidates if is_full_run(json.loads(p.read_text()))]
-    if not files:
-        print(f"no full runs in {RESULTS}; `python -m bench run --growth-sizes 2000,200000 "
-              "--memory-sizes 1000,100000` makes one")  # fmt: skip
-        return 1
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        print(f"no such results file: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        since = ns.since or ""
+        candidates = sorted(p for p in RESULTS.glob("*.json") if _RUN_FILE.fullmatch(p.name) and p.name >= since)
+        files = [p for p in candidates if _is_full_run_file(p)]
+        if not files:
+            where = f"{RESULTS}" + (f" since {ns.since}" if ns.since else "")
+            print(f"no full runs in {where}; `python -m bench run --growth-sizes 2000,200000 "
+                  "--memory-sizes 1000,100000` makes one", file=sys.stderr)  # fmt: skip
+            return 1
     print(table(files))
     return 0

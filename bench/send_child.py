@@ -34,11 +34,15 @@ PARTS = ("batch", "single")
 def measure(url: str, tree: str, extra: dict[str, str], *args: str) -> dict[str, Any]:
     """Run this module from ``tree`` (with ``extra`` environment) on the database ``url``;
     ``args`` are its command line. Returns what it printed."""
+    if not os.path.isdir(os.path.join(tree, "tasks")):
+        raise SystemExit(f"{tree}: not a source tree (no tasks/ in it); see --ours-root in docs/performance.md")
     env = {**os.environ, **extra, "DATABASE_URL": url, "PYTHONPATH": f"{os.path.abspath(tree)}{os.pathsep}{ROOT}"}
     out = subprocess.run(
         [sys.executable, "-m", "bench.send_child", *args],
-        env=env, cwd=tree, check=True, capture_output=True, text=True,
+        env=env, cwd=tree, capture_output=True, text=True,
     )  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"the sends from {tree} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 

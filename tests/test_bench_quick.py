@@ -11,15 +11,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import psycopg2
 import pytest
 
 from bench import runs
-from bench.harness import PHASES as PHASES_ALL
 from bench.harness import parse_config
-from bench.systems import DEFAULT_SYSTEMS
 from tests.support import ROOT
 
 #: The phases the test runs: drain_1x8 and growth are left out to keep it short; they are
@@ -40,13 +37,6 @@ METRICS = {
     "provision_per_project_s",
     "provision_p50_s",
 }
-
-
-def _as_full_run(doc: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` as if it were a run of every system and phase at the issue's sizes."""
-    config = {**doc["config"], "quick": False, "rounds": 3, "phases": list(PHASES_ALL), "drain_n": 20000,
-              "growth_sizes": [2000, 200000], "memory_sizes": [1000, 100000], "provision_n": 20}  # fmt: skip
-    return {**doc, "config": config, "systems": list(DEFAULT_SYSTEMS)}
 
 
 @pytest.mark.e2e
@@ -116,15 +106,13 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
     listed = subprocess.run([sys.executable, "-m", "bench", "runs", str(output)], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert listed.returncode == 0, listed.stderr
-    row, met = listed.stdout.splitlines()[2:4]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[0] == f"`{output.name}`"
-    verdicts = {t["metric"]: t for t in doc["targets"]}
-    assert cells[2].endswith("✓" if verdicts["drain_2x8_per_s"]["met"] else "✗")
-    assert cells[6] == "-"  # growth: not measured
-    assert met.startswith("| met |") and "0 of 0" in met
+    row, met = ([c.strip() for c in line.strip("|").split("|")] for line in listed.stdout.splitlines()[2:4])
+    assert row[0] == f"`{output.name}`"
+    assert [cell[-1] if cell != "-" else None for cell in row[2:]] == [
+        None if t["met"] is None else ("✓" if t["met"] else "✗") for t in doc["targets"]
+    ]
+    assert met[2:] == [f"{int(bool(t['met']))} of {int(t['met'] is not None)}" for t in doc["targets"]]
     assert not runs.is_full_run(doc)
-    assert runs.is_full_run(_as_full_run(doc))
 
 
 @pytest.mark.e2e
@@ -184,7 +172,7 @@ def test_the_history_cost_aid_sends_into_a_filled_history_and_an_empty_one(serve
                "--rounds", "1", "--no-warm-up", "--output", str(output)]  # fmt: skip
     # When it runs
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    # Then both databases got every send, each part with its WAL per job, and the medians are printed
+    # Then the sender made every send into each database, each part with its WAL per job, and the medians are printed
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(output.read_text())
     assert set(result["rounds"]) == {"empty", "history"}
