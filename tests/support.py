@@ -26,7 +26,7 @@ FAST_ENV = {
     "CONTROLPLANE_REAP_INTERVAL": "0.5",
     "dramatiq_restart_delay": "300",
     "CONTROLPLANE_MIN_BACKOFF_MS": "200",
-    "CONTROLPLANE_MAX_BACKOFF_MS": "2000",
+    "CONTROLPLANE_MAX_BACKOFF_MS": "500",
 }
 
 
