@@ -60,12 +60,8 @@ def is_full_run(doc: dict[str, Any]) -> bool:
         (config.get("rounds") or 0) >= 3
         and set(config.get("phases") or ()) >= set(PHASES)
         and set(doc.get("systems") or ()) >= set(DEFAULT_SYSTEMS)
-        and all(_plain(config.get(key, value)) == value for key, value in ISSUE_CONFIG.items())
+        and all(config.get(key, value) == value for key, value in ISSUE_CONFIG.items())
     )
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def cell(verdict: dict[str, Any] | None) -> str:
@@ -88,15 +84,16 @@ def load(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _is_full_run_file(path: Path) -> bool:
+def _full_run_or_none(path: Path) -> dict[str, Any] | None:
     try:
-        return is_full_run(load(path))
+        doc = load(path)
     except SystemExit:  # an interrupted run's file, or one from before the harness judged targets
-        return False
+        return None
+    return doc if is_full_run(doc) else None
 
 
-def table(files: list[Path]) -> str:
-    """The Markdown table: one row per file, then the count of runs that met each target."""
+def table(runs: list[tuple[Path, dict[str, Any]]]) -> str:
+    """The Markdown table of (file, its contents): one row per file, then the count of runs that met each target."""
     metrics = [metric for metric, *_ in TARGETS]
     lines = [
         "| run | ours | " + " | ".join(HEADINGS[m] for m in metrics) + " |",
@@ -104,9 +101,8 @@ def table(files: list[Path]) -> str:
     ]
     met = dict.fromkeys(metrics, 0)
     judged = dict.fromkeys(metrics, 0)
-    for path in files:
-        doc = load(path)
-        verdicts = {v["metric"]: v for v in doc.get("targets", [])}
+    for path, doc in runs:
+        verdicts = {v["metric"]: v for v in doc["targets"]}
         for metric in metrics:
             verdict = verdicts.get(metric)
             if verdict is not None and verdict.get("met") is not None:
@@ -130,15 +126,15 @@ def main(argv: list[str]) -> int:
         parser.error(f"--since wants a day as YYYYMMDD, e.g. 20261202, not {ns.since!r}")
     if ns.since is not None and ns.files:
         parser.error("--since selects among bench/results' full runs; named files are shown as given")
-    files: list[Path] = ns.files
-    if not files:
+    runs = [(path, load(path)) for path in ns.files]
+    if not runs:
         since = ns.since or ""
         candidates = sorted(p for p in RESULTS.glob("*.json") if _RUN_FILE.fullmatch(p.name) and p.name >= since)
-        files = [p for p in candidates if _is_full_run_file(p)]
-        if not files:
+        runs = [(p, doc) for p in candidates if (doc := _full_run_or_none(p)) is not None]
+        if not runs:
             where = f"{RESULTS}" + (f" since {ns.since}" if ns.since else "")
             print(f"no full runs in {where}; `python -m bench run --growth-sizes 2000,200000 "
                   "--memory-sizes 1000,100000` makes one", file=sys.stderr)  # fmt: skip
             return 1
-    print(table(files))
+    print(table(runs))
     return 0

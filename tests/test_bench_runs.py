@@ -69,7 +69,7 @@ def test_a_run_that_departs_from_the_issue_in_one_thing_is_not_a_full_run(
 
 def test_the_table_shows_each_targets_value_and_verdict_and_counts_them(full_run: dict[str, Any]) -> None:
     # Given the full run twice (as two files would be)
-    lines = runs.table([FULL_RUN, FULL_RUN]).splitlines()
+    lines = runs.table([(FULL_RUN, full_run), (FULL_RUN, full_run)]).splitlines()
     # Then one row per file, and a last row counting the runs that met each target
     assert len(lines) == 2 + 2 + 1
     verdicts = full_run["targets"]
