@@ -38,6 +38,7 @@ from bench.harness import RESULTS
 from bench.scratch import drop_database, fresh_database, tree_spec
 from bench.send_child import measure
 from bench.systems import ROOT
+from tasks import db
 
 DATABASES = {"empty": "bench_history_empty", "history": "bench_history_big"}
 
@@ -112,9 +113,7 @@ def main() -> None:
 
 def _connect(url: str) -> Any:
     """An autocommit connection (VACUUM and CREATE EXTENSION outside a transaction)."""
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    return conn
+    return db.connect(url, autocommit=True, application_name="bench.history_cost")
 
 
 def _walinspect(url: str) -> bool:
@@ -147,8 +146,8 @@ def _full_page_images(cur: Any, start: str, end: str, jobs: int) -> dict[str, fl
     cur.execute("SELECT block_ref FROM pg_get_wal_records_info(%s, %s) WHERE block_ref LIKE '%%FPW%%'", (start, end))
     counts: dict[int, int] = {}
     for (block_ref,) in cur.fetchall():
-        for db, node in _FPW.findall(block_ref):
-            if int(db) == database:
+        for db_oid, node in _FPW.findall(block_ref):
+            if int(db_oid) == database:
                 counts[int(node)] = counts.get(int(node), 0) + 1
     names: dict[str, float] = {}
     for node, count in counts.items():
