@@ -38,7 +38,8 @@ Phases and what they measure:
     (``--provision-workers``) at once (``--provision-serial``: one after the
     other) and waits until every project's last step is completed in
     ``control_plane.jobs``; ``floor`` runs the same SQL by hand, one
-    project after another, calling the project's own step functions directly
+    project after another (``--provision-hand-threads``: that many at once),
+    calling the project's own step functions directly
     (``bench/drivers/provision_driver.py``). Tenant databases and roles carry
     the run id and are dropped after the phase.
 
@@ -153,6 +154,7 @@ class Config:
     growth_repeats: int = 3
     provision_workers: tuple[int, int] = (2, THREADS)
     provision_serial: bool = False
+    provision_hand_threads: int = 1
     uncapped: bool = False
     stop_grace: float = 20.0
     output: Path | None = None
@@ -626,7 +628,10 @@ class Run:
                 module = "bench.drivers.provision_driver"
                 if system.name == "floor":
                     # The same SQL by hand, run with ours' source tree (--ours-root), so it is the same SQL.
-                    res = self.driver(ours, "hand", url, *args, module=module, extra_env=env, label="floor provision")
+                    hand_args = [*args, "--threads", str(self.config.provision_hand_threads)]
+                    res = self.driver(
+                        ours, "hand", url, *hand_args, module=module, extra_env=env, label="floor provision"
+                    )
                 else:
                     processes, _ = self.config.provision_workers
                     log = self.scratch / f"r{round_no}-{system.name}-prov.log"
@@ -655,6 +660,8 @@ class Run:
         if system.name == "ours":
             out["provision_workers"] = "{}x{}".format(*self.config.provision_workers)
             out["provision_serial"] = self.config.provision_serial
+        else:
+            out["provision_hand_threads"] = self.config.provision_hand_threads
         return out
 
     def skip_reason(self, system: System, phase: str) -> str | None:
@@ -1015,6 +1022,12 @@ def parse_config(argv: list[str]) -> Config:
         action="store_true",
         help="ours sends one project at a time, each after the last is done (default: all at once)",
     )
+    parser.add_argument(
+        "--provision-hand-threads",
+        type=int,
+        default=1,
+        help="floor provisions this many projects at once (default 1: in sequence, the issue's reference)",
+    )
     parser.add_argument("--big-phases-for", help="systems that run growth and memory (default: floor,floor_batch,ours)")
     parser.add_argument(
         "--redis-url", default=DEFAULT_REDIS_URL, help=f"Celery's Redis database, flushed (default {DEFAULT_REDIS_URL})"
@@ -1048,6 +1061,8 @@ def parse_config(argv: list[str]) -> Config:
     ns = parser.parse_args(argv)
     if ns.growth_repeats is not None and ns.growth_repeats < 1:
         parser.error("--growth-repeats must be at least 1")
+    if ns.provision_hand_threads < 1:
+        parser.error("--provision-hand-threads must be at least 1")
     quick = bool(ns.quick)
     systems = _names(ns.only, list(SYSTEMS), "system") if ns.only else list(QUICK_SYSTEMS if quick else DEFAULT_SYSTEMS)
     if "floor" not in systems:
@@ -1077,6 +1092,7 @@ def parse_config(argv: list[str]) -> Config:
         growth_repeats=ns.growth_repeats or (1 if quick else 3),
         provision_workers=ns.provision_workers,
         provision_serial=ns.provision_serial,
+        provision_hand_threads=ns.provision_hand_threads,
         stop_grace=ns.stop_grace,
         uncapped=ns.uncapped,
     )

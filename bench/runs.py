@@ -50,6 +50,7 @@ ISSUE_CONFIG: dict[str, Any] = {
     "provision_n": 20,
     "provision_workers": [2, 8],
     "provision_serial": False,
+    "provision_hand_threads": 1,
 }
 
 

@@ -48,7 +48,7 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
         sys.executable, "-m", "bench", "run", "--quick", "--phases", PHASES,
         "--enqueue-n", "20", "--drain-n", "200", "--batch-size", "50",
         "--latency-n", "10", "--memory-sizes", "50,200", "--provision-n", "2", "--provision-workers", "1x2",
-        "--stall-timeout", "30", "--stop-grace", "1", "--output", str(output),
+        "--provision-hand-threads", "2", "--stall-timeout", "30", "--stop-grace", "1", "--output", str(output),
     ]  # fmt: skip
     env = {**os.environ, "DATABASE_URL": server_url}
 
@@ -71,6 +71,9 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
         assert doc["rounds"][0]["results"][system]["provision_n"] == 2
         # every timed latency job, and not the sender's untimed warm-up job
         assert doc["rounds"][0]["results"][system]["latency_n"] == 10
+    # and floor provisioned its projects two at a time, as told
+    assert doc["config"]["provision_hand_threads"] == 2
+    assert doc["rounds"][0]["results"]["floor"]["provision_hand_threads"] == 2
     # and the provision phase reported where ours' time went, step by step
     steps = doc["rounds"][0]["results"]["ours"]["provision_steps"]
     assert {"wait_ms", "job_ms", "work_ms"} <= set(steps)
@@ -254,3 +257,14 @@ def test_growth_drains_the_small_backlog_three_times_per_round_unless_told_other
     with pytest.raises(SystemExit):
         parse_config(["--growth-repeats", "0"])
     assert "--growth-repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_floor_provisions_in_sequence_unless_told_how_many_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    # Given the harness's command line (the issue's reference runs the SQL by hand in sequence)
+    # Then floor provisions one project at a time by default, and as many at once as told
+    assert parse_config([]).provision_hand_threads == 1
+    assert parse_config(["--provision-hand-threads", "16"]).provision_hand_threads == 16
+    # and a count under one is refused, naming the flag
+    with pytest.raises(SystemExit):
+        parse_config(["--provision-hand-threads", "0"])
+    assert "--provision-hand-threads must be at least 1" in capsys.readouterr().err

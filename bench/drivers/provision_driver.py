@@ -3,7 +3,8 @@
 ``python -m bench.drivers.provision_driver COMMAND --url CONTROL_DB --prefix P --n N``
 
 * ``hand`` (the ``floor`` row): provisions N projects one after another in this
-  process, calling the project's own building blocks directly, in sequence:
+  process (``--threads K``: K at a time, for reference), calling the project's
+  own building blocks directly, each project's in this order:
   the ``control_plane.projects`` row (``INSERT_PROJECT``), then
   :func:`~tasks.provision.roles.ensure_roles`,
   :func:`~tasks.provision.database.ensure_database` (``CREATE DATABASE ...
@@ -41,6 +42,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 #: The step names, in order, as both commands report them.
@@ -72,8 +74,12 @@ def _median_ms(values: list[float]) -> float | None:
 # -- hand: the same SQL, in sequence -------------------------------------------------
 
 
-def hand(prefix: str, n: int) -> dict[str, Any]:
-    """Provision ``n`` projects one after another with the project's own functions, without Dramatiq."""
+def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
+    """Provision ``n`` projects with the project's own functions, without Dramatiq.
+
+    One after another (the issue's reference), or ``threads`` at a time: what
+    running the same SQL concurrently, with nothing else, allows on this machine.
+    """
     from psycopg2.extras import Json
 
     import tasks
@@ -144,8 +150,8 @@ def hand(prefix: str, n: int) -> dict[str, Any]:
     }
     per_project: list[float] = []
     per_step: dict[str, list[float]] = {step: [] for step in STEPS}
-    started = time.perf_counter()
-    for i, project_id in enumerate(project_ids(prefix, n)):
+
+    def one(i: int, project_id: str) -> None:
         t0 = time.perf_counter()
         state = claim(p.validate(payload(project_id, i)))
         t1 = time.perf_counter()
@@ -159,10 +165,20 @@ def hand(prefix: str, n: int) -> dict[str, Any]:
         t2 = time.perf_counter()
         per_step["activate"].append(t2 - t1)
         per_project.append(t2 - t0)
+
+    started = time.perf_counter()
+    if threads == 1:
+        for i, project_id in enumerate(project_ids(prefix, n)):
+            one(i, project_id)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            for future in [pool.submit(one, i, pid) for i, pid in enumerate(project_ids(prefix, n))]:
+                future.result()
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
         "n": n,
+        "threads": threads,
         "per_project_s": per_project,
         "steps": {"work_ms": {step: _median_ms(v) for step, v in per_step.items()}},
     }
@@ -341,11 +357,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=20, help="projects to provision")
     parser.add_argument("--stall-timeout", type=float, default=60.0, help="send: give up after no progress (s)")
     parser.add_argument("--serial", action="store_true", help="send: one project at a time, each after the last")
+    parser.add_argument("--threads", type=int, default=1, help="hand: projects provisioned at once (default 1)")
     args = parser.parse_args(argv)
     # The broker and control_transaction read DATABASE_URL when ``tasks`` is imported.
     os.environ["DATABASE_URL"] = args.url
     if args.command == "hand":
-        result = hand(args.prefix, args.n)
+        result = hand(args.prefix, args.n, args.threads)
     else:
         result = send(args.prefix, args.n, args.stall_timeout, args.serial)
     sys.stdout.write(json.dumps(result) + "\n")
