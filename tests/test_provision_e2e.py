@@ -152,6 +152,18 @@ def test_provisioning_creates_a_real_project_and_reports_it(env: str, services: 
     assert [s["type"] for s in steps] == [f"provision_project.{s}" for s in
                                           ("roles", "database", "schema", "services", "api_keys", "activate")]
     assert all(s["status"] == "completed" and s["attempts"] == 1 for s in steps)
+    # And the project's record says when each step started and finished, in order, between its job's send
+    # and its end
+    marks = query(env, "SELECT s.key AS step, (s.value ->> 'started_at')::timestamptz AS started_at, "
+                       "(s.value ->> 'done_at')::timestamptz AS done_at, j.created_at AS job_created_at, "
+                       "j.completed_at AS job_completed_at FROM control_plane.projects p, jsonb_each(p.steps) s "
+                       "JOIN control_plane.jobs j ON j.type = 'provision_project.' || s.key "
+                       "AND j.payload -> 'args' ->> 0 = %s WHERE p.project_id = %s ORDER BY 2",
+                  (pid("full"), pid("full")))  # fmt: skip
+    assert [m["step"] for m in marks] == ["roles", "database", "schema", "services", "api_keys", "activate"]
+    for m in marks:
+        assert m["job_created_at"] <= m["started_at"] <= m["job_completed_at"], m
+        assert m["step"] == "activate" or m["started_at"] <= m["done_at"] <= m["job_completed_at"], m
     # And the database, roles and registrations are real
     assert databases(env, pid("full")) == [f"p_{pid('full')}"]
     assert roles(env, pid("full")) == [f"p_{pid('full')}_app", f"p_{pid('full')}_owner"]
