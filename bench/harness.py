@@ -74,7 +74,7 @@ from typing import Any
 import psycopg2
 from psycopg2.sql import SQL, Composable, Identifier
 
-from bench import procfs
+from bench import procfs, server
 from bench.systems import (
     DEFAULT_SYSTEMS,
     QUICK_SYSTEMS,
@@ -87,7 +87,6 @@ from bench.systems import (
 )
 
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_ADMIN_URL = "postgresql://root@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
 PHASES = ("enqueue", "drain_1x8", "drain_2x8", "latency", "growth", "memory", "provision")
 #: The systems the provision phase runs for: floor is the hand-run SQL, ours is provision_project.
@@ -1081,7 +1080,7 @@ def parse_config(argv: list[str]) -> Config:
         big_phases_for=_names(ns.big_phases_for, list(SYSTEMS), "system")
         if ns.big_phases_for
         else ["floor", "floor_batch", "ours"],
-        admin_url=os.environ.get("DATABASE_URL") or DEFAULT_ADMIN_URL,
+        admin_url=os.environ.get("DATABASE_URL") or "",  # unset: bench.server.admin_url() when the run starts
         redis_url=ns.redis_url,
         quick=quick,
         stall_timeout=ns.stall_timeout,
@@ -1129,6 +1128,11 @@ def run(argv: list[str]) -> int:
     config.notes = size_notes(config)
     for note in config.notes:
         print(f"note: {note}", flush=True)
+    config.admin_url = config.admin_url or server.admin_url()
+    problem = server.unusable(config.admin_url)
+    if problem:
+        print(f"bench: {problem}; set DATABASE_URL to the server to measure on", file=sys.stderr)
+        return 2
     # A SIGTERM to the harness still stops the workers and drops the databases.
     signal.signal(signal.SIGTERM, _interrupt)
     bench_run = Run(config)

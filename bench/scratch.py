@@ -1,29 +1,27 @@
 """The scratch database of the measurement aids (``ab_drain``, ``ab_enqueue``, ``stats_cost``, ``profile_ours``).
 
-``DATABASE_URL``, if set, is the admin URL (any database on the server to
-measure on, the embedded one's socket URL included); else the local server.
+The server is :func:`bench.server.admin_url`'s: ``DATABASE_URL`` if set, else the
+local server at 127.0.0.1:5432 if one answers, else the embedded PostgreSQL.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
+from bench.server import admin_url
 from tasks.db import with_database
 from tests.support import query
-
-ADMIN_URL = os.environ.get("DATABASE_URL") or "postgresql://root@127.0.0.1:5432/postgres"
 
 
 def fresh_database(name: str) -> str:
     """Create the database ``name`` empty (dropping what a stopped run left); returns its URL."""
     drop_database(name)
-    query(ADMIN_URL, f"CREATE DATABASE {name}")
-    return with_database(ADMIN_URL, name)
+    query(admin_url(), f"CREATE DATABASE {name}")
+    return with_database(admin_url(), name)
 
 
 def drop_database(name: str) -> None:
-    query(ADMIN_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    query(admin_url(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def tree_spec(spec: str) -> tuple[str, dict[str, str]]:

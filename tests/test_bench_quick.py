@@ -8,16 +8,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psycopg2
 import pytest
+from sqlalchemy.engine import make_url
 
-from bench import runs
+from bench import runs, server
 from bench.harness import parse_config
-from tests.support import ROOT
+from tasks import db
+from tests.support import ROOT, query
 
 #: The phases the test runs: drain_1x8 and growth are left out to keep it short; they are
 #: the same backlog drain as drain_2x8 (``Run._drain``) with other sizes and process counts.
@@ -268,3 +272,55 @@ def test_floor_provisions_in_sequence_unless_told_how_many_at_once(capsys: pytes
     with pytest.raises(SystemExit):
         parse_config(["--provision-hand-threads", "0"])
     assert "--provision-hand-threads must be at least 1" in capsys.readouterr().err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_run_against_a_server_it_cannot_use_stops_at_once_naming_it(server_url: str, tmp_path: Path) -> None:
+    # Given a DATABASE_URL where no server answers, and one whose role may not create databases
+    dead = f"postgresql://root:s3cret@127.0.0.1:{_closed_port()}/postgres"
+    role = f"bench_nocreate_{uuid.uuid4().hex[:8]}"
+    query(server_url, f"CREATE ROLE {role} LOGIN NOCREATEDB")
+    try:
+        limited = db.with_database(server_url, "postgres")
+        limited = make_url(limited).set(username=role).render_as_string(hide_password=False)
+        for url, says in ((dead, "cannot connect to PostgreSQL at"), (limited, "may not create databases")):
+            output = tmp_path / "results.json"
+            # When a run starts on it
+            command = [sys.executable, "-m", "bench", "run", "--quick", "--output", str(output)]
+            done = subprocess.run(command, cwd=ROOT, env={**os.environ, "DATABASE_URL": url},
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+            # Then it stops before measuring anything, saying why and which server, without its password,
+            # and writes no results file
+            assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+            assert says in done.stderr and "set DATABASE_URL" in done.stderr
+            assert "s3cret" not in done.stderr + done.stdout
+            assert not output.exists()
+            assert "round 1" not in done.stdout
+    finally:
+        query(server_url, f"DROP ROLE IF EXISTS {role}")
+
+
+def test_without_database_url_or_a_local_server_the_benchmarks_use_the_embedded_postgres(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given no DATABASE_URL, and no server answering at 127.0.0.1:5432 (taken away for this process only)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("CONTROLPLANE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(server, "_answers", lambda host, port: False)
+    server.admin_url.cache_clear()
+    try:
+        # When the benchmarks ask where to measure
+        url = server.admin_url()
+        # Then they get the project's embedded PostgreSQL, started under CONTROLPLANE_HOME, and usable
+        assert (tmp_path / "home" / "pgdata" / "postmaster.pid").exists()
+        assert server.unusable(url) is None
+        assert int(query(url, "SHOW server_version_num")[0]["server_version_num"]) >= 180000
+        assert "measuring on the embedded PostgreSQL" in capsys.readouterr().err
+    finally:
+        server.admin_url.cache_clear()
+        db.stop_embedded(tmp_path / "home")

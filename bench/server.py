@@ -1,0 +1,72 @@
+"""Which PostgreSQL the benchmarks measure on.
+
+``DATABASE_URL``, if set, is the admin URL (any database on the server to
+measure on). Unset, the server at 127.0.0.1:5432 when one answers there (the
+machine whose numbers ``docs/performance.md`` reports), else the project's
+embedded PostgreSQL, started as the rest of the project starts it
+(:func:`tasks.db.embedded_url`, under ``CONTROLPLANE_HOME``), so that the
+harness runs on a machine without a PostgreSQL server. ``controlplane db stop``
+stops it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+
+import psycopg2
+
+from tasks.redaction import redact
+
+#: The server the documented runs used: PostgreSQL on the same box, over TCP.
+LOCAL_URL = "postgresql://root@127.0.0.1:5432/postgres"
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@functools.cache
+def admin_url() -> str:
+    """The admin URL: ``DATABASE_URL``, else the local server if it answers, else the embedded one."""
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        return configured
+    if _answers("127.0.0.1", 5432):
+        return LOCAL_URL
+    from tasks.db import embedded_url
+    from tasks.settings import Settings
+
+    home = Settings.from_env().home
+    print(
+        f"note: DATABASE_URL is unset and no server answers at 127.0.0.1:5432: "
+        f"measuring on the embedded PostgreSQL in {home / 'pgdata'} (`controlplane db stop` stops it)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return embedded_url(home)
+
+
+def unusable(url: str) -> str | None:
+    """Why the benchmarks cannot use the server at ``url`` (it does not answer, or refuses this
+    role), or None. Said before anything is measured, not once per system."""
+    try:
+        conn = psycopg2.connect(url, connect_timeout=10, application_name="bench-check")
+    except psycopg2.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return redact(f"cannot connect to PostgreSQL at {url}: {first}")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
+            row = cur.fetchone()
+            if not (row and row[0]):
+                return redact(f"the role of {url} may not create databases, and every phase needs its own")
+    finally:
+        conn.close()
+    return None
