@@ -34,8 +34,9 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
         ),
         rf"\g<1>{REDACTED}",
     ),
-    # URL userinfo: scheme://user:secret@host.
-    (re.compile(r"(://[^/\s:@]*:)[^/\s@]*@"), rf"\g<1>{REDACTED}@"),
+    # URL userinfo: scheme://user:secret@host, up to the authority's last '@' (a password
+    # pasted without percent-encoding may hold one); host:port/path?q=a@b is not userinfo.
+    (re.compile(r"(://[^/\s:@]*:)[^/\s'\"]*@"), rf"\g<1>{REDACTED}@"),
     # Bearer tokens in echoed headers.
     (re.compile(r"(\bBearer\s+)[^\s'\",;]+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
 )

@@ -447,6 +447,21 @@ def test_redact_removes_keys_and_passwords() -> None:
     assert "postgresql://app:[REDACTED]@db:5432/x" in cleaned
 
 
+def test_redact_removes_url_passwords_holding_an_at_sign() -> None:
+    # Given connection URLs whose passwords were pasted without percent-encoding, one of them quoted,
+    # and a service URL with an address in its query string
+    text = ("cannot connect to 'postgresql://app:p@ss@w0rd@db:5432/x' nor postgres://u:a@b@h/y; "
+            "PUT http://auth:9999/tenants/t?owner=ann@example.com failed")  # fmt: skip
+    # When redacted
+    cleaned = apikeys.redact(text)
+    # Then no part of either password survives, and the users, hosts, databases and the service URL do
+    for part in ("p@ss", "ss@w0rd", "w0rd", "u:a@"):
+        assert part not in cleaned
+    assert "'postgresql://app:[REDACTED]@db:5432/x'" in cleaned
+    assert "postgres://u:[REDACTED]@h/y" in cleaned
+    assert "http://auth:9999/tenants/t?owner=ann@example.com" in cleaned
+
+
 def test_redact_leaves_ordinary_text_alone() -> None:
     # Given a log line without secrets / When redacted / Then it is unchanged
     line = "provision_project.create_database finished for proj_1 in us-east-1 (attempt 2)"
