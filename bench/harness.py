@@ -85,6 +85,7 @@ from bench.systems import (
     ensure_venv,
     versions,
 )
+from tasks.db import loggable_error
 from tasks.redaction import redact
 
 RESULTS = ROOT / "bench" / "results"
@@ -1084,7 +1085,7 @@ def parse_config(argv: list[str]) -> Config:
         big_phases_for=_names(ns.big_phases_for, list(SYSTEMS), "system")
         if ns.big_phases_for
         else ["floor", "floor_batch", "ours"],
-        admin_url=os.environ.get("DATABASE_URL") or "",  # unset: bench.server.admin_url() when the run starts
+        admin_url="",  # run() sets it: bench.server.admin_url() (DATABASE_URL, the local server or the embedded one)
         redis_url=ns.redis_url,
         quick=quick,
         stall_timeout=ns.stall_timeout,
@@ -1133,9 +1134,9 @@ def run(argv: list[str]) -> int:
     for note in config.notes:
         print(f"note: {note}", flush=True)
     try:
-        config.admin_url = config.admin_url or server.admin_url()
+        config.admin_url = server.admin_url()
     except Exception as exc:  # the embedded server did not start, or a CONTROLPLANE_* setting is bad
-        print(f"bench: no PostgreSQL to measure on: {redact(str(exc))}; set DATABASE_URL", file=sys.stderr)
+        print(f"bench: no PostgreSQL to measure on: {loggable_error(exc)}; set DATABASE_URL", file=sys.stderr)
         return 2
     problem = server.unusable(config.admin_url, roles="provision" in config.phases)
     if problem:

@@ -19,6 +19,7 @@ import sys
 
 import psycopg2
 
+from tasks.db import loggable_error
 from tasks.redaction import redact
 
 #: The server the documented runs used: PostgreSQL on the same box, over TCP.
@@ -63,8 +64,7 @@ def unusable(url: str, *, roles: bool = False) -> str | None:
     try:
         conn = psycopg2.connect(url, connect_timeout=10, application_name="bench-check")
     except psycopg2.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        why = f"cannot connect to PostgreSQL at {url}: {first}"
+        why = f"cannot connect to PostgreSQL at {url}: {loggable_error(exc)}"
     else:
         try:
             with conn.cursor() as cur:
