@@ -54,3 +54,59 @@ def tree(*pids: int) -> list[int]:
         found.append(current)
         todo.extend(kids.get(current, []))
     return found
+
+
+
+def _stat_fields(pid: int | str) -> tuple[str, list[str]] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU used so far by every PostgreSQL process on the machine, backends that have exited included.
+
+    A backend's time is added to its postmaster's children's time when it exits, so the
+    short-lived connections (a tenant database's, for instance) count too.
+    """
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        found = _stat_fields(entry)
+        if found is None or found[0] != "postgres":
+            continue
+        fields = found[1]
+        total += int(fields[11]) + int(fields[12])
+        if (parent := _stat_fields(fields[1])) is None or parent[0] != "postgres":  # the postmaster
+            total += int(fields[13]) + int(fields[14])
+    return total / tick
+
+
+def cpu_by_role(driver: int, harness: int) -> dict[str, float]:
+    """CPU seconds used so far, by role, for a benchmark driver ``driver`` started by ``harness``.
+
+    ``machine_busy``, ``machine_iowait``, ``machine_idle``: the whole machine (all cores
+    summed; busy is user, nice, system, irq, softirq and steal); ``postgres``: every
+    PostgreSQL process (:func:`postgres_cpu_seconds`); ``driver``; ``harness`` (the stand-in
+    services run in it); ``workers``: the harness's other descendants alive now. The machine
+    is shared: what is busy and in none of the roles is other work.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    mine = set(tree(driver))
+    return {
+        "machine_busy": (user + nice + system + irq + softirq + steal) / tick,
+        "machine_iowait": iowait / tick,
+        "machine_idle": idle / tick,
+        "postgres": postgres_cpu_seconds(),
+        "driver": sum(cpu_seconds(pid) for pid in mine),
+        "harness": cpu_seconds(harness),
+        "workers": sum(cpu_seconds(pid) for pid in tree(harness) if pid != harness and pid not in mine),
+    }

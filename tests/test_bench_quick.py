@@ -88,6 +88,13 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
     steps = doc["rounds"][0]["results"]["ours"]["provision_steps"]
     assert {"wait_ms", "job_ms", "work_ms"} <= set(steps)
     assert set(steps["job_ms"]) == {"claim", "roles", "database", "schema", "services", "api_keys", "activate"}
+    # and the CPU each way cost while its clock ran, by role: floor's SQL runs in its driver,
+    # ours' in its worker processes; PostgreSQL worked for both (it created their databases)
+    cpu = {system: doc["rounds"][0]["results"][system]["provision_cpu_ms_per_project"] for system in ("floor", "ours")}
+    assert set(cpu["ours"]) == {"machine_busy", "machine_iowait", "machine_idle", "postgres", "driver", "harness",
+                                "workers"}
+    assert cpu["floor"]["workers"] == 0 and cpu["ours"]["workers"] > 0
+    assert cpu["floor"]["postgres"] > 0 and cpu["ours"]["postgres"] > 0
     assert [t["metric"] for t in doc["targets"]] == [
         "drain_2x8_per_s",
         "enqueue_single_per_s",

@@ -16,7 +16,9 @@
 * ``send`` (the ``ours`` row): sends N ``provision_project`` jobs to workers
   the harness started (``dramatiq tasks tasks.provision``), then polls
   ``control_plane.jobs`` until every project's last step
-  (``provision_project.activate``) is completed. With ``--serial``, it sends
+  (``provision_project.activate``) is completed, looking at the projects by
+  their primary key until all are active so that the poll costs the server
+  little. With ``--serial``, it sends
   one project, waits for it, then sends the next: ours in sequence too.
 
 Both time from the first project's first statement (or send) to the last
@@ -24,8 +26,10 @@ project's end, with ``time.perf_counter``; imports, connecting and warming the
 pool happen before the clock starts. The last output line is a JSON object:
 ``seconds``, ``n``, ``per_project_s`` (each project's own duration: by hand,
 its turn in the sequence; sent, from its send to its ``activate`` job's
-``completed_at``) and ``steps`` (median milliseconds per step, for profiles:
-see :func:`_steps_breakdown`).
+``completed_at``), ``steps`` (median milliseconds per step, for profiles:
+see :func:`_steps_breakdown`) and ``cpu_s``, the CPU seconds used while the clock
+ran, by role (:func:`bench.procfs.cpu_by_role`: the machine, PostgreSQL, the
+driver, the harness with the stand-ins, ours' workers).
 
 The settings (``PROVISION_DATABASE_URL``, the service URLs and tokens,
 ``API_KEY_PEPPER``) come from the environment the harness sets.
@@ -45,6 +49,8 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from bench import procfs
 
 #: The step names, in order, as both commands report them.
 STEPS = ("claim", "roles", "database", "schema", "services", "api_keys", "activate")
@@ -66,6 +72,12 @@ def payload(project_id: str, i: int) -> dict[str, Any]:
         "api_key_count": 2,
         "services": {"auth": True, "realtime": True, "storage": True},
     }
+
+
+def _cpu_since(before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds by role since ``before`` (see :func:`bench.procfs.cpu_by_role`)."""
+    now = procfs.cpu_by_role(os.getpid(), os.getppid())
+    return {role: round(now[role] - before[role], 3) for role in now}
 
 
 def _median_ms(values: list[float]) -> float | None:
@@ -168,6 +180,7 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
         per_step["activate"].append(t2 - t1)
         per_project.append(t2 - t0)
 
+    cpu = procfs.cpu_by_role(os.getpid(), os.getppid())
     started = time.perf_counter()
     if threads == 1:
         for i, project_id in enumerate(project_ids(prefix, n)):
@@ -181,6 +194,7 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
         "seconds": seconds,
         "n": n,
         "threads": threads,
+        "cpu_s": _cpu_since(cpu),
         "per_project_s": per_project,
         "steps": {"work_ms": {step: _median_ms(v) for step, v in per_step.items()}},
     }
@@ -209,14 +223,27 @@ FROM control_plane.projects, jsonb_each(steps) AS s
 WHERE project_id = ANY(%(ids)s) AND jsonb_typeof(s.value) = 'object' AND s.value ? 'started_at'
 """
 
-_PROGRESS = """
-SELECT (SELECT count(*) FROM control_plane.jobs
-         WHERE type = 'provision_project.activate' AND status = 'completed'
-           AND payload #>> '{args,0}' = ANY(%(ids)s)),
-       (SELECT string_agg(type || ': ' || coalesce(last_error, status), '; ') FROM control_plane.jobs
-         WHERE status IN ('failed', 'cancelled') AND type LIKE 'provision\\_project%%'),
-       (SELECT string_agg(project_id || ' ' || status, ', ') FROM control_plane.projects
-         WHERE project_id = ANY(%(ids)s) AND status IN ('compensating', 'needs_operator'))
+#: How far the projects are, read by their primary key on every poll: the poll must cost the
+#: server little, as it runs beside the system it measures (three scans of the jobs table on
+#: every poll cost PostgreSQL about 10 ms of CPU per project in sequence;
+#: bench/results/provision-cpu-20261204-*.json).
+_PROJECTS = """
+SELECT count(*) FILTER (WHERE status = 'active'),
+       string_agg(project_id || ' ' || status, ', ') FILTER (WHERE status IN ('compensating', 'needs_operator'))
+FROM control_plane.projects
+WHERE project_id = ANY(%(ids)s)
+"""
+
+#: The end of the clock: each project's activate job completed (read once every project is active).
+_ACTIVATED = """
+SELECT count(*) FROM control_plane.jobs
+WHERE type = 'provision_project.activate' AND status = 'completed' AND payload #>> '{args,0}' = ANY(%(ids)s)
+"""
+
+#: Jobs that failed for good, for the error message (read a few times a second, not on every poll).
+_FAILED = """
+SELECT string_agg(type || ': ' || coalesce(last_error, status), '; ') FROM control_plane.jobs
+WHERE status IN ('failed', 'cancelled') AND type LIKE 'provision\\_project%%'
 """
 
 
@@ -310,23 +337,34 @@ def send(prefix: str, n: int, stall_timeout: float, serial: bool = False) -> dic
     sent_at: dict[str, float] = {}
 
     def wait_until(count: int) -> None:
-        last_change, last_done = time.monotonic(), -1
+        last_change, last_seen = time.monotonic(), (-1, -1)
+        next_failure_check = last_change + 0.5
         while True:
+            done = 0
             with tasks.connection() as conn, conn.cursor() as cur:
-                cur.execute(_PROGRESS, {"ids": ids})
-                done, failed, stuck = cur.fetchone()
-            if done >= count:
-                return
+                cur.execute(_PROJECTS, {"ids": ids})
+                active, stuck = cur.fetchone()
+                if active >= count:
+                    cur.execute(_ACTIVATED, {"ids": ids})
+                    (done,) = cur.fetchone()
+                    if done >= count:
+                        return
+                now = time.monotonic()
+                failed = None
+                if stuck or now >= next_failure_check:
+                    cur.execute(_FAILED)
+                    (failed,) = cur.fetchone()
+                    next_failure_check = now + 0.5
             if failed or stuck:
                 raise SystemExit(f"provisioning failed: {failed or ''} {stuck or ''}".strip())
-            now = time.monotonic()
-            if done != last_done:
-                last_done, last_change = done, now
+            if (active, done) != last_seen:
+                last_seen, last_change = (active, done), now
             elif now - last_change > stall_timeout:
-                raise SystemExit(f"stalled: {done}/{n} projects active, none in the last {stall_timeout:.0f} s")
+                raise SystemExit(f"stalled: {active}/{n} projects active, none more in the last {stall_timeout:.0f} s")
             # One project at a time: look often, the wait is part of each project's time.
             time.sleep(0.002 if serial else 0.01)
 
+    cpu = procfs.cpu_by_role(os.getpid(), os.getppid())
     started = time.perf_counter()
     for i, body in enumerate(bodies):
         sent_at[body["project_id"]] = time.time()
@@ -335,6 +373,7 @@ def send(prefix: str, n: int, stall_timeout: float, serial: bool = False) -> dic
             wait_until(i + 1)
     wait_until(n)
     seconds = time.perf_counter() - started
+    cpu_s = _cpu_since(cpu)
     with tasks.connection() as conn, conn.cursor() as cur:
         cur.execute(_TIMELINE, {"ids": ids})
         rows = cur.fetchall()
@@ -346,6 +385,7 @@ def send(prefix: str, n: int, stall_timeout: float, serial: bool = False) -> dic
         "seconds": seconds,
         "n": n,
         "serial": serial,
+        "cpu_s": cpu_s,
         "per_project_s": per_project,
         "steps": _steps_breakdown(rows, marks, sent_at),
     }
