@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import subprocess
 import sys
 import threading
@@ -822,6 +823,40 @@ def test_a_worker_process_imports_the_broker_without_sqlalchemy() -> None:
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     # Then SQLAlchemy (0.4 s of CPU to import) was not loaded: only the models need it
     assert out.stdout.strip() == "[]"
+
+
+def test_provisioning_reaches_tenant_databases_and_reports_the_server_without_sqlalchemy(
+    server_url: str, db_url: str
+) -> None:
+    # Given a fresh interpreter, as a worker process running the provisioning steps
+    # (SQLAlchemy's import, 0.15 s of CPU, used to land in a worker's first project)
+    code = (
+        "import sys\n"
+        "from tasks.settings import Settings\n"
+        "from tasks.provision import payload as p, state, workflow\n"
+        "from tasks.provision.target import session\n"
+        "settings = Settings.from_env()\n"
+        "with session(settings, 'postgres') as conn, conn.cursor() as cur:\n"
+        "    cur.execute('SELECT current_database()')\n"
+        "    print(cur.fetchone()[0])\n"
+        "valid = p.validate({'project_id': 'no_sqlalchemy', 'tenant_id': 't', 'region': 'us-east-1'})\n"
+        "project = state.ProjectState(payload=valid, status='provisioning', steps={}, secret_nonce=None, job_id=None)\n"
+        "with state.control_transaction() as conn:\n"
+        "    result = workflow._result(settings, conn, project)\n"
+        "print(result['database']['host'], result['database']['port'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sqlalchemy'))\n"
+    )
+    env = {**os.environ, "DATABASE_URL": db_url, "PROVISION_DATABASE_URL": db_url}
+    # When it opens a session on another database of the target server and builds a project's result
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    reached, server, modules = out.stdout.strip().splitlines()
+    # Then the session is on the database asked for, the result names the server the tests connect to...
+    with contextlib.closing(psycopg2.connect(server_url)) as conn:
+        expected = f"{conn.info.host} {conn.info.port}"
+    assert reached == "postgres"
+    assert server == expected
+    # ...and SQLAlchemy was never imported
+    assert modules == "[]"
 
 
 def test_the_models_load_on_first_use_with_every_table() -> None:

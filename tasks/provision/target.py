@@ -69,12 +69,12 @@ def translated(doing: str) -> Iterator[None]:
 @contextlib.contextmanager
 def session(settings: Settings, database: str | None = None, *, autocommit: bool = True) -> Iterator[Any]:
     """A provisioning session on the target server (optionally in ``database``), with timeouts."""
-    url = target_url(settings)
-    if database is not None:
-        url = db.with_database(url, database)
+    # libpq takes the database beside the URL: no URL is rebuilt (nor SQLAlchemy imported) per step.
+    other_database = {} if database is None else {"dbname": database}
     with translated(f"connecting to {database or 'the target server'}"):
         conn = psycopg2.connect(
-            url,
+            target_url(settings),
+            **other_database,
             application_name="controlplane-provision",
             connect_timeout=10,
             options=(

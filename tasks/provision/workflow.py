@@ -96,11 +96,9 @@ def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _result(settings: Settings, conn: Any, state: ProjectState, provisioned_at: Any = None) -> dict[str, Any]:
     """Everything the caller needs except secrets."""
-    from sqlalchemy.engine import make_url
-
     payload = state.payload
-    url = make_url(target_url(settings))
-    host = url.host or (url.query.get("host") if url.query else None) or "localhost"
+    # libpq's own parser (no SQLAlchemy in the workers); a list of hosts gives its first.
+    server = psycopg2.extensions.parse_dsn(target_url(settings))
     return {
         "project_id": payload.project_id,
         "tenant_id": payload.tenant_id,
@@ -110,8 +108,8 @@ def _result(settings: Settings, conn: Any, state: ProjectState, provisioned_at: 
         "organization_id": payload.organization_id,
         "provisioned_at": provisioned_at.isoformat() if provisioned_at else None,
         "database": {
-            "host": host if isinstance(host, str) else host[0],
-            "port": url.port or 5432,
+            "host": (server.get("host") or "localhost").split(",")[0],
+            "port": int((server.get("port") or "5432").split(",")[0]),
             "database": p.database_name(payload),
             "user": p.app_role(payload),
             "schema_name": p.schema_name(payload),
