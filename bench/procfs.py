@@ -1,4 +1,4 @@
-"""Reading processes from /proc: the process tree and resident memory (Linux)."""
+"""Reading processes from /proc: the process tree, resident memory and CPU time (Linux)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,6 @@ def tree(*pids: int) -> list[int]:
         found.append(current)
         todo.extend(kids.get(current, []))
     return found
-
 
 
 def _stat_fields(pid: int | str) -> tuple[str, list[str]] | None:
