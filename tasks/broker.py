@@ -761,11 +761,13 @@ class _PostgresConsumer(dramatiq.Consumer):
     def __init__(self, broker: PostgresBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         self.broker = broker
         self.queue_name = queue_name
-        self.prefetch = max(prefetch, 1)
+        self.settings = broker.settings
+        #: CONTROLPLANE_QUEUE_CONCURRENCY: at most this many of the queue's jobs held (and run) at once.
+        self.limit = self.settings.queue_concurrency.get(queue_name)
+        self.prefetch = max(min(prefetch, self.limit or prefetch), 1)
         #: Mean run time of this queue's recent jobs (seconds, moving average); None until one ran.
         self.mean_run: float | None = None
         self.timeout = timeout / 1000
-        self.settings = broker.settings
         self.state = broker.state(queue_name)
         self.conn: Any = None
         self._notified = True  # look at once on start
@@ -879,9 +881,10 @@ class _PostgresConsumer(dramatiq.Consumer):
         (a 2x8 drain of no-op jobs: ~3,300 jobs/s at prefetch 16, ~4,400 at 32
         or 64). Holding more than the threads can start is only cheap when the
         jobs are short: a worker sitting on long jobs would starve the others.
+        A queue with a concurrency limit never bursts above it.
         """
         mean = self.mean_run
-        if self.settings.burst_prefetch > 1 and mean is not None and mean < SHORT_JOB_SECONDS:
+        if self.limit is None and self.settings.burst_prefetch > 1 and mean is not None and mean < SHORT_JOB_SECONDS:
             return self.prefetch * self.settings.burst_prefetch
         return self.prefetch
 

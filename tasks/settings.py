@@ -7,6 +7,7 @@ an embedded PostgreSQL kept under ``CONTROLPLANE_HOME`` (``./.controlplane``).
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,35 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+#: Queues whose jobs one worker process runs at most this many of at once, unless told otherwise:
+#: a provisioning step is DDL on the tenant server, and sixteen at once on two cores cost a fifth
+#: more CPU per project than four and finished later (docs/performance.md, change 26).
+DEFAULT_QUEUE_CONCURRENCY = {"provisioning": 2}
+
+_QUEUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
+
+
+def _queue_concurrency(env: dict[str, str], name: str) -> dict[str, int]:
+    """``queue=N,...`` (``queue=off`` lifts one queue's limit, ``off`` every limit) over the defaults."""
+    limits = dict(DEFAULT_QUEUE_CONCURRENCY)
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return limits
+    if raw.lower() == "off":
+        return {}
+    for entry in raw.split(","):
+        queue, sep, value = (part.strip() for part in entry.partition("="))
+        if not sep or not _QUEUE_NAME.fullmatch(queue):
+            raise ConfigurationError(f"{name} must read queue=N,... (or off), got {entry.strip()!r}")
+        if value.lower() == "off":
+            limits.pop(queue, None)
+            continue
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigurationError(f"{name}: the limit of queue {queue!r} must be a whole number from 1, or off")
+        limits[queue] = int(value)
+    return limits
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the broker, the workers and the CLI need to know about their world."""
@@ -127,6 +157,10 @@ class Settings:
     #: While a queue's jobs run under 50 ms on average, a consumer holds this many times
     #: Dramatiq's prefetch (bigger claims and settles); 1 turns it off.
     burst_prefetch: int = 4
+    #: Queue -> the most of its jobs one worker process holds, and so runs, at once (below
+    #: Dramatiq's prefetch, never bursting above it): work that contends for something outside
+    #: the worker, such as provisioning's DDL on the tenant server, gains nothing from more.
+    queue_concurrency: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_QUEUE_CONCURRENCY))
     #: Connections a worker process keeps for sends and results (besides one per queue).
     pool_size: int = 2
     #: Retry policy defaults (Dramatiq's backoff, in milliseconds).
@@ -200,6 +234,7 @@ class Settings:
             prepared_statements=_switch(env, "CONTROLPLANE_PREPARED_STATEMENTS", True),
             wake_only_waiting=_switch(env, "CONTROLPLANE_WAKE_ONLY_WAITING", True),
             burst_prefetch=_int(env, "CONTROLPLANE_BURST_PREFETCH", 4, minimum=1),
+            queue_concurrency=_queue_concurrency(env, "CONTROLPLANE_QUEUE_CONCURRENCY"),
             max_attempts=_int(env, "CONTROLPLANE_MAX_ATTEMPTS", 20, minimum=1),
             min_backoff_ms=_int(env, "CONTROLPLANE_MIN_BACKOFF_MS", 15_000, minimum=1),
             max_backoff_ms=_int(env, "CONTROLPLANE_MAX_BACKOFF_MS", 7 * 86_400_000, minimum=1),

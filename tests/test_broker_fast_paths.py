@@ -694,6 +694,21 @@ def test_burst_prefetch_can_be_turned_off() -> None:
         Settings.from_env({"CONTROLPLANE_BURST_PREFETCH": "0"})
 
 
+def test_queue_concurrency_limits_provisioning_by_default_and_reads_queue_equals_n() -> None:
+    # Given no setting: provisioning is limited to 2 at once per worker process, nothing else
+    assert Settings.from_env({}).queue_concurrency == {"provisioning": 2}
+    # When queues are named: they are added, a named default is replaced, and "off" lifts limits
+    read = Settings.from_env({"CONTROLPLANE_QUEUE_CONCURRENCY": " emails=4, provisioning=8 "})
+    assert read.queue_concurrency == {"provisioning": 8, "emails": 4}
+    assert Settings.from_env({"CONTROLPLANE_QUEUE_CONCURRENCY": "provisioning=off"}).queue_concurrency == {}
+    assert Settings.from_env({"CONTROLPLANE_QUEUE_CONCURRENCY": "OFF"}).queue_concurrency == {}
+    # Then bad input names the setting and what is wrong
+    for bad, why in [("emails", "queue=N"), ("emails=0", "from 1"), ("emails=two", "from 1"), ("=3", "queue=N"),
+                     ("bad queue=1", "queue=N")]:
+        with pytest.raises(ConfigurationError, match=f"CONTROLPLANE_QUEUE_CONCURRENCY.*{why}"):
+            Settings.from_env({"CONTROLPLANE_QUEUE_CONCURRENCY": bad})
+
+
 def _transitions(db_url: str) -> None:
     """Record every status change of a jobs row in test_support.transitions."""
     query(
