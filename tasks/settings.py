@@ -105,7 +105,8 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
 #: Queues whose jobs one worker process runs at most this many of at once, unless told otherwise:
 #: a provisioning step is DDL on the tenant server, and sixteen at once on two cores cost a fifth
 #: more CPU per project than four and finished later (docs/performance.md, change 26).
-DEFAULT_QUEUE_CONCURRENCY = {"provisioning": 2}
+PROVISIONING_QUEUE = "provisioning"
+DEFAULT_QUEUE_CONCURRENCY = {PROVISIONING_QUEUE: 2}
 
 _QUEUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
 
@@ -125,7 +126,7 @@ def _queue_concurrency(env: dict[str, str], name: str) -> dict[str, int]:
         if value.lower() == "off":
             limits.pop(queue, None)
             continue
-        if not value.isdigit() or int(value) < 1:
+        if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
             raise ConfigurationError(f"{name}: the limit of queue {queue!r} must be a whole number from 1, or off")
         limits[queue] = int(value)
     return limits

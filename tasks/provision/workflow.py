@@ -44,11 +44,11 @@ from tasks.provision.roles import drop_roles, ensure_roles
 from tasks.provision.schema import ensure_schema
 from tasks.provision.state import ProjectState, control_transaction, load
 from tasks.provision.target import target_url
-from tasks.settings import Settings
+from tasks.settings import PROVISIONING_QUEUE, Settings
 
 logger = logging.getLogger(__name__)
 
-QUEUE = "provisioning"
+QUEUE = PROVISIONING_QUEUE  # limited per worker process by default: CONTROLPLANE_QUEUE_CONCURRENCY
 ACTOR = "provision_project"
 STEPS = ("roles", "database", "schema", "services", "api_keys", "activate")
 
