@@ -704,8 +704,7 @@ def test_queue_concurrency_limits_provisioning_by_default_and_reads_queue_equals
     assert Settings.from_env({"CONTROLPLANE_QUEUE_CONCURRENCY": "OFF"}).queue_concurrency == {}
     # Then bad input names the setting and what is wrong
     for bad, why in [("emails", "queue=N"), ("emails=0", "from 1"), ("emails=two", "from 1"), ("emails=²", "from 1"),
-                     ("=3", "queue=N"),
-                     ("bad queue=1", "queue=N")]:
+                     ("=3", "queue=N"), ("bad queue=1", "queue=N")]:
         with pytest.raises(ConfigurationError, match=f"CONTROLPLANE_QUEUE_CONCURRENCY.*{why}"):
             Settings.from_env({"CONTROLPLANE_QUEUE_CONCURRENCY": bad})
 
