@@ -54,6 +54,7 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -687,6 +688,11 @@ class Run:
 
     def prepare(self) -> None:
         """Build peer virtualenvs and one template database per system; skip what fails."""
+        if "provision" in self.config.phases:
+            # The stand-in services run in this process: import them now, so that a run is not
+            # broken (or made of two versions) by edits to the work tree in the minutes before
+            # its provision phase.
+            importlib.import_module("tasks.provision.standin")
         for name in self.config.systems:
             system = SYSTEMS[name]
             if system.venv is not None:
