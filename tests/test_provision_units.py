@@ -741,3 +741,23 @@ def test_cli_starts_three_standins_and_stops_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize(("url", "address"), [
+    ("postgresql://root@127.0.0.1:5432/postgres", ("127.0.0.1", 5432)),
+    ("postgresql://u:p%40ss@[::1]:6000/d", ("::1", 6000)),
+    ("postgresql://db.internal/d", ("db.internal", 5432)),
+    # several hosts, each with its port or none: the first host and its own port (or the default)
+    ("postgresql://h1,h2:5433/d", ("h1", 5432)),
+    ("postgresql://h1:5434,h2:5433/d", ("h1", 5434)),
+    # a unix socket directory in the query, and no host at all
+    ("postgresql:///d?host=/var/run/postgresql&port=5433", ("/var/run/postgresql", 5433)),
+    ("postgresql:///d", ("localhost", 5432)),
+])
+def test_a_projects_result_names_the_first_server_of_the_target_url(url: str, address: tuple[str, int]) -> None:
+    from tasks.provision.workflow import _server_address
+
+    # Given the tenant server's URL as an operator may write it
+    # When the result's host and port are read from it
+    # Then they are the first server's, never an error that would fail a finished project's activate step
+    assert _server_address(url) == address

@@ -94,11 +94,22 @@ def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
     return {"project_id": valid.project_id, "status": state.status, "job_id": state.job_id}
 
 
+def _server_address(url: str) -> tuple[str, int]:
+    """The first host of a libpq URL and its port, with libpq's defaults for what is left out.
+
+    libpq's own parser, not SQLAlchemy's (no SQLAlchemy in the workers). In a list of hosts
+    each may have its port or none (``h1,h2:5433`` gives the ports ``,5433``).
+    """
+    server = psycopg2.extensions.parse_dsn(url)
+    host = (server.get("host") or "").split(",")[0] or "localhost"
+    port = (server.get("port") or "").split(",")[0]
+    return host, int(port) if port else 5432
+
+
 def _result(settings: Settings, conn: Any, state: ProjectState, provisioned_at: Any = None) -> dict[str, Any]:
     """Everything the caller needs except secrets."""
     payload = state.payload
-    # libpq's own parser (no SQLAlchemy in the workers); a list of hosts gives its first.
-    server = psycopg2.extensions.parse_dsn(target_url(settings))
+    host, port = _server_address(target_url(settings))
     return {
         "project_id": payload.project_id,
         "tenant_id": payload.tenant_id,
@@ -108,8 +119,8 @@ def _result(settings: Settings, conn: Any, state: ProjectState, provisioned_at: 
         "organization_id": payload.organization_id,
         "provisioned_at": provisioned_at.isoformat() if provisioned_at else None,
         "database": {
-            "host": (server.get("host") or "localhost").split(",")[0],
-            "port": int((server.get("port") or "5432").split(",")[0]),
+            "host": host,
+            "port": port,
             "database": p.database_name(payload),
             "user": p.app_role(payload),
             "schema_name": p.schema_name(payload),
