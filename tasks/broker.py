@@ -771,6 +771,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         self.state = broker.state(queue_name)
         self.conn: Any = None
         self._notified = True  # look at once on start
+        #: An error left __next__: Dramatiq restarts this consumer, its worker threads go on.
+        self._failed = False
         self._more = False
         #: Holds WAITING_LOCK: its last claim came back short, sends must NOTIFY it.
         self._waiting = False
@@ -833,17 +835,26 @@ class _PostgresConsumer(dramatiq.Consumer):
         self._release(proxies)
 
     def close(self) -> None:
-        """Flush what the worker threads finished, give back the rest, close."""
+        """Flush what the worker threads finished, give back the rest, close.
+
+        After an error Dramatiq closes a consumer and starts another while its worker
+        threads go on: then nothing is given back. What they run or have waiting was
+        handed over already; given back, another worker could run it at the same time
+        (and the queue's concurrency limit would not hold). The queue's state outlives
+        this consumer: the next one extends those claims, settles them, and yields what
+        was claimed and not yet handed over, as after a lost connection.
+        """
         self._settler.stop()
         try:
             if self._usable():
                 self._flush()
-                with self.state.lock:
-                    leftovers = list(self.state.inflight.values())
-                    self.state.buffer.clear()
-                self._release(leftovers)
-                with self.conn.cursor() as cur:
-                    cur.execute(queries.WORKER_GONE, {"worker": self.broker.worker_id})
+                if not self._failed:
+                    with self.state.lock:
+                        leftovers = list(self.state.inflight.values())
+                        self.state.buffer.clear()
+                    self._release(leftovers)
+                    with self.conn.cursor() as cur:
+                        cur.execute(queries.WORKER_GONE, {"worker": self.broker.worker_id})
         except psycopg2.Error:
             logger.warning("could not settle or release messages while closing; leases will expire")
         finally:
@@ -856,15 +867,20 @@ class _PostgresConsumer(dramatiq.Consumer):
             return self._next()
         except psycopg2.Error as exc:
             if db.is_connection_error(exc):
+                self._failed = True
                 raise ConnectionClosed(exc) from exc
             if db.is_transient(exc):
                 # The server rolled back one claim, heartbeat or reap to break a deadlock:
                 # nothing was half done and the connection is fine. Dramatiq would restart
-                # the consumer and give back every message it holds; the next call runs it again.
+                # the consumer; the next call runs it again.
                 logger.warning(
                     "%s rolled back by the server (%s); running it again", self.queue_name, type(exc).__name__
                 )
                 return None
+            self._failed = True
+            raise
+        except Exception:
+            self._failed = True  # Dramatiq will close this consumer and start another (see close)
             raise
 
     # -- internals ------------------------------------------------------------

@@ -433,6 +433,50 @@ def test_claims_run_from_a_cached_plan_after_a_few_runs(db_url: str) -> None:
     assert all(job(db_url, m.message_id)["status"] == "completed" for m in sent)
 
 
+def test_a_consumer_restarted_after_an_error_gives_back_nothing_its_worker_threads_hold(db_url: str) -> None:
+    # Given a consumer that claimed two messages and handed one to a worker thread
+    sent = [actors.noop.send(i).message_id for i in range(2)]
+    consumer = _broker().consume("default", prefetch=2, timeout=1000)
+    handed = next(consumer)
+    assert handed is not None and _held(db_url) == 2
+    _broker().emit_before("process_message", handed)  # the worker thread starts it
+
+    # When its next call fails with an unexpected error, and Dramatiq closes it to start another
+    def broken() -> None:
+        raise RuntimeError("a bug in a heartbeat")
+
+    consumer._next = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        next(consumer)
+    consumer.close()
+    # Then both messages are still claimed by this worker: neither went back to run twice elsewhere
+    assert _held(db_url) == 2
+    assert job(db_url, handed.message_id)["status"] in ("pending", "running")
+    # And the new consumer yields the one not handed over yet, and settles both
+    again = _broker().consume("default", prefetch=2, timeout=1000)
+    try:
+        other = next(again)
+        assert other is not None and {handed.message_id, other.message_id} == set(sent)
+        again.ack(handed)
+        _run(again, other)
+        wait_for(lambda: jobs_in(db_url, sent, "completed"), what="both jobs to be settled by the new consumer")
+    finally:
+        again.close()
+    assert [job(db_url, m)["attempts"] for m in sent] == [1, 1]
+    assert _held(db_url) == 0
+
+
+def test_a_consumer_closed_without_an_error_gives_back_what_it_holds(db_url: str) -> None:
+    # Given a consumer holding two claimed messages, one handed over and not started
+    actors.noop.send(1), actors.noop.send(2)
+    consumer = _broker().consume("default", prefetch=2, timeout=1000)
+    assert next(consumer) is not None and _held(db_url) == 2
+    # When it is closed (a worker's shutdown, or a caller's own consumer)
+    consumer.close()
+    # Then both went back to the queue at once, for any worker to take
+    assert _held(db_url) == 0
+
+
 def test_claim_sizes_are_exact_up_to_64_then_powers_of_two() -> None:
     from tasks.broker import _claim_size
 
