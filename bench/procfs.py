@@ -34,14 +34,20 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far; 0 once it is gone."""
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
+    """User + system CPU time a process has used so far; 0 once it is gone.
+
+    ``reaped_children``: plus the time of its children that have exited and been waited for.
+    """
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tree(*pids: int) -> list[int]:
@@ -92,8 +98,11 @@ def cpu_by_role(driver: int, harness: int) -> dict[str, float]:
     ``machine_busy``, ``machine_iowait``, ``machine_idle``: the whole machine (all cores
     summed; busy is user, nice, system, irq, softirq and steal); ``postgres``: every
     PostgreSQL process (:func:`postgres_cpu_seconds`); ``driver``; ``harness`` (the stand-in
-    services run in it); ``workers``: the harness's other descendants alive now. The machine
-    is shared: what is busy and in none of the roles is other work.
+    services run in it); ``workers``: the harness's other descendants alive now, with the
+    children they have reaped (a worker process that exits leaves its time with its parent).
+    The machine is shared: what is busy and in none of the roles is other work. A backend
+    that exits between the postmaster's reading and its own is missed by that reading: at
+    most one short session's time.
     """
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:9]]
@@ -107,5 +116,7 @@ def cpu_by_role(driver: int, harness: int) -> dict[str, float]:
         "postgres": postgres_cpu_seconds(),
         "driver": sum(cpu_seconds(pid) for pid in mine),
         "harness": cpu_seconds(harness),
-        "workers": sum(cpu_seconds(pid) for pid in tree(harness) if pid != harness and pid not in mine),
+        "workers": sum(
+            cpu_seconds(pid, reaped_children=True) for pid in tree(harness) if pid != harness and pid not in mine
+        ),
     }

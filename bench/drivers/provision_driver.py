@@ -243,7 +243,7 @@ WHERE type = 'provision_project.activate' AND status = 'completed' AND payload #
 #: Jobs that failed for good, for the error message (read a few times a second, not on every poll).
 _FAILED = """
 SELECT string_agg(type || ': ' || coalesce(last_error, status), '; ') FROM control_plane.jobs
-WHERE status IN ('failed', 'cancelled') AND type LIKE 'provision\\_project%%'
+WHERE status IN ('failed', 'cancelled') AND type LIKE 'provision\\_project%'
 """
 
 
