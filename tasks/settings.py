@@ -104,7 +104,7 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
 
 #: Queues whose jobs one worker process runs at most this many of at once, unless told otherwise:
 #: a provisioning step is DDL on the tenant server, and sixteen at once on two cores cost a fifth
-#: more CPU per project than four and finished later (docs/performance.md, change 26).
+#: to a third more CPU per project than four and finished later (docs/performance.md, change 26).
 PROVISIONING_QUEUE = "provisioning"
 DEFAULT_QUEUE_CONCURRENCY = {PROVISIONING_QUEUE: 2}
 
