@@ -658,12 +658,9 @@ class Run:
             "provision_p50_s": statistics.median(res["per_project_s"]),
             "provision_n": n,
             "provision_steps": res.get("steps", {}),
-        }
-        if "cpu_s" in res:
             # CPU while the clock ran, per project and by role: what each system's way costs the cores.
-            out["provision_cpu_ms_per_project"] = {
-                role: round(seconds * 1000 / n, 1) for role, seconds in res["cpu_s"].items()
-            }
+            "provision_cpu_ms_per_project": {role: round(sec * 1000 / n, 1) for role, sec in res["cpu_s"].items()},
+        }
         if system.name == "ours":
             out["provision_workers"] = "{}x{}".format(*self.config.provision_workers)
             out["provision_serial"] = self.config.provision_serial

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import os
 
+#: Fields of /proc/<pid>/stat after the command name, counted from 0 (``state`` is 0).
+_PPID, _UTIME, _STIME, _CUTIME, _CSTIME = 1, 11, 12, 13, 14
+
+
+def _stat(pid: int | str) -> tuple[str, list[str]] | None:
+    """A process's command name and the fields after it, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces or parentheses: it ends at the last ')'.
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+
+
+def _processes() -> dict[int, tuple[str, list[str]]]:
+    """Every process visible now: pid -> (command name, stat fields)."""
+    found: dict[int, tuple[str, list[str]]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(entry)) is not None:
+            found[int(entry)] = stat
+    return found
+
 
 def children() -> dict[int, list[int]]:
     """Parent pid -> child pids, for every process visible now."""
     tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces or parentheses: split after the last ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
+    for pid, (_, fields) in _processes().items():
+        tree.setdefault(int(fields[_PPID]), []).append(pid)
     return tree
 
 
@@ -39,14 +53,13 @@ def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
 
     ``reaped_children``: plus the time of its children that have exited and been waited for.
     """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+    stat = _stat(pid)
+    if stat is None:
         return 0.0
-    ticks = int(fields[11]) + int(fields[12])
+    fields = stat[1]
+    ticks = int(fields[_UTIME]) + int(fields[_STIME])
     if reaped_children:
-        ticks += int(fields[13]) + int(fields[14])
+        ticks += int(fields[_CUTIME]) + int(fields[_CSTIME])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -62,34 +75,19 @@ def tree(*pids: int) -> list[int]:
     return found
 
 
-def _stat_fields(pid: int | str) -> tuple[str, list[str]] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-
-
 def postgres_cpu_seconds() -> float:
     """CPU used so far by every PostgreSQL process on the machine, backends that have exited included.
 
     A backend's time is added to its postmaster's children's time when it exits, so the
     short-lived connections (a tenant database's, for instance) count too.
     """
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        found = _stat_fields(entry)
-        if found is None or found[0] != "postgres":
-            continue
-        fields = found[1]
-        total += int(fields[11]) + int(fields[12])
-        if (parent := _stat_fields(fields[1])) is None or parent[0] != "postgres":  # the postmaster
-            total += int(fields[13]) + int(fields[14])
-    return total / tick
+    postgres = {pid: fields for pid, (name, fields) in _processes().items() if name == "postgres"}
+    ticks = 0
+    for fields in postgres.values():
+        ticks += int(fields[_UTIME]) + int(fields[_STIME])
+        if int(fields[_PPID]) not in postgres:  # a postmaster: its exited backends' time
+            ticks += int(fields[_CUTIME]) + int(fields[_CSTIME])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_by_role(driver: int, harness: int) -> dict[str, float]:
