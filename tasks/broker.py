@@ -866,10 +866,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         try:
             return self._next()
         except psycopg2.Error as exc:
-            if db.is_connection_error(exc):
-                self._failed = True
-                raise ConnectionClosed(exc) from exc
-            if db.is_transient(exc):
+            lost = db.is_connection_error(exc)
+            if not lost and db.is_transient(exc):
                 # The server rolled back one claim, heartbeat or reap to break a deadlock:
                 # nothing was half done and the connection is fine. Dramatiq would restart
                 # the consumer; the next call runs it again.
@@ -877,10 +875,12 @@ class _PostgresConsumer(dramatiq.Consumer):
                     "%s rolled back by the server (%s); running it again", self.queue_name, type(exc).__name__
                 )
                 return None
-            self._failed = True
+            self._failed = True  # Dramatiq will close this consumer and start another (see close)
+            if lost:
+                raise ConnectionClosed(exc) from exc
             raise
         except Exception:
-            self._failed = True  # Dramatiq will close this consumer and start another (see close)
+            self._failed = True
             raise
 
     # -- internals ------------------------------------------------------------
