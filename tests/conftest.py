@@ -3,6 +3,10 @@
 With ``DATABASE_URL`` set, its server is used (the tests create and drop their
 own databases there and never touch the one named in the URL). Unset, an
 embedded PostgreSQL is started for the session in a temporary folder.
+
+The clones are made and dropped by two threads beside the tests (``Clones``):
+a clone costs the server 30-300 ms, most of it waiting on the disk, and the
+suite takes one for each of about four hundred tests.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ os.environ.pop("BROKER_URL", None)
 import migrations
 import tasks
 from tasks import db
-from tests.support import query
+from tests.support import Clones, query
 
 SUPPORT_SCHEMA = """
 CREATE SCHEMA test_support;
@@ -63,18 +67,33 @@ def template_db(server_url: str) -> Iterator[str]:
         query(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@pytest.fixture(scope="session")
+def clones(server_url: str, template_db: str) -> Iterator[Clones]:
+    made = Clones(server_url, template_db)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 @pytest.fixture
-def db_url(server_url: str, template_db: str) -> Iterator[str]:
+def quiet_server(clones: Clones) -> Iterator[None]:
+    """No database is cloned or dropped beside this test (see ``Clones``)."""
+    with clones.quiet():
+        yield
+
+
+@pytest.fixture
+def db_url(server_url: str, clones: Clones) -> Iterator[str]:
     """A fresh, migrated database for one test; the global broker points at it."""
-    name = f"cp_t_{uuid.uuid4().hex[:12]}"
-    query(server_url, f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    name = clones.take()
     url = db.with_database(server_url, name)
     tasks.broker.reconfigure(url)
     try:
         yield url
     finally:
         tasks.broker.close()
-        query(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        clones.give_back(name)
 
 
 @pytest.fixture

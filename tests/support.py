@@ -1,12 +1,15 @@
-"""Helpers for the tests: waiting on conditions, reading the mirror, running workers."""
+"""Helpers for the tests: waiting on conditions, reading the mirror, running workers, cloning databases."""
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +28,9 @@ FAST_ENV = {
     "CONTROLPLANE_HEARTBEAT_INTERVAL": "0.5",
     "CONTROLPLANE_REAP_INTERVAL": "0.5",
     "dramatiq_restart_delay": "300",
+    # Dramatiq's worker threads and consumers look for a stop every second by default, so an
+    # idle worker took 3-4 s to stop; at 100 ms about 2 (the rest is its CLI's one-second sleeps).
+    "dramatiq_worker_timeout": "100",
     "CONTROLPLANE_MIN_BACKOFF_MS": "200",
     "CONTROLPLANE_MAX_BACKOFF_MS": "500",
 }
@@ -211,3 +217,87 @@ def settle_in_process(consumer: Any, held: Any, outcome: str, error: str = "Runt
         consumer.nack(held)
     consumer._flush()
     consumer.close()
+
+
+class Clones:
+    """Clones of the template, made ahead of the tests that take them and dropped after.
+
+    One thread keeps ``ahead`` clones ready; another drops the ones given back. A
+    clone that cannot be made (the server gone for good) is raised in the test
+    that takes it, not in a thread.
+
+    While a clone is made or dropped, its transaction holds back the horizon
+    below which PostgreSQL may prune dead row versions in every database: a test
+    that counts HOT updates or dead rows runs ``quiet()`` (see ``quiet_server``).
+    """
+
+    def __init__(self, server_url: str, template: str, ahead: int = 2) -> None:
+        self.server_url = server_url
+        self.template = template
+        self._ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=ahead)
+        self._dropping: queue.Queue[str | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._busy = threading.Lock()  # held by a CREATE or DROP in flight, or by quiet()
+        self._threads = [
+            threading.Thread(target=self._make, name="clone-maker", daemon=True),
+            threading.Thread(target=self._drop, name="clone-dropper", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def take(self) -> str:
+        got = self._ready.get(timeout=120)
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def give_back(self, name: str) -> None:
+        self._dropping.put(name)
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No clone is made or dropped inside this block."""
+        with self._busy:
+            yield
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock the maker's put, dropping what it made
+            try:
+                got = self._ready.get(timeout=0.1)
+            except queue.Empty:
+                if not self._threads[0].is_alive():
+                    break
+                continue
+            if isinstance(got, str):
+                self._dropping.put(got)
+        self._dropping.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _make(self) -> None:
+        while not self._stop.is_set():
+            name = f"cp_t_{uuid.uuid4().hex[:12]}"
+            try:
+                self._create(name)
+            except BaseException as exc:  # handed to the test that takes it
+                self._ready.put(exc)
+                return
+            self._ready.put(name)
+
+    def _create(self, name: str) -> None:
+        # A server that restarts or is briefly busy gets a few tries before a test sees it.
+        for attempt in range(10):
+            try:
+                with self._busy:
+                    query(self.server_url, f"CREATE DATABASE {name} TEMPLATE {self.template}")
+                return
+            except Exception:
+                if attempt == 9:
+                    raise
+                time.sleep(0.5)
+
+    def _drop(self) -> None:
+        while (name := self._dropping.get()) is not None:
+            with self._busy:
+                query(self.server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

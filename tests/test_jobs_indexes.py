@@ -53,7 +53,7 @@ def _jobs_updates(url: str) -> dict[str, Any]:
 
 
 def test_jobs_that_run_and_complete_are_rewritten_in_place_without_index_entries(
-    db_url: str, tmp_path: Path
+    db_url: str, quiet_server: None, tmp_path: Path
 ) -> None:
     # Given 300 jobs drained by a real worker
     messages = tasks.broker.enqueue_batch([actors.noop.message(i) for i in range(300)])

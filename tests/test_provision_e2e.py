@@ -21,7 +21,7 @@ from tasks.provision import provision_project, reveal_secrets
 from tasks.provision.standin import StandinService
 from tasks.redaction import SECRET_PATTERN
 from tasks.settings import Settings
-from tests.support import WorkerProcess, job, query, wait_for
+from tests.support import Clones, WorkerProcess, job, query, wait_for
 
 PEPPER = "test-pepper-" + uuid.uuid4().hex
 PREFIX = "t" + uuid.uuid4().hex[:6]
@@ -54,10 +54,9 @@ def service_env(services: dict[str, StandinService]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pdb(server_url: str, template_db: str, services: dict[str, StandinService],
+def pdb(server_url: str, clones: Clones, services: dict[str, StandinService],
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, WorkerProcess]]:
-    name = f"cp_p_{uuid.uuid4().hex[:12]}"
-    query(server_url, f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    name = clones.take()
     url = db.with_database(server_url, name)
     log = tmp_path_factory.mktemp("provision") / "worker.log"
     worker = WorkerProcess(url, processes=1, threads=4, module="tasks.provision", log_path=log,
@@ -68,7 +67,7 @@ def pdb(server_url: str, template_db: str, services: dict[str, StandinService],
     finally:
         worker.terminate()
         tasks.broker.close()
-        query(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        clones.give_back(name)
         drop_tenants(server_url)
 
 
