@@ -5,8 +5,9 @@ own databases there and never touch the one named in the URL). Unset, an
 embedded PostgreSQL is started for the session in a temporary folder.
 
 The clones are made and dropped by two threads beside the tests (``Clones``):
-a clone costs the server 30-300 ms, most of it waiting on the disk, and the
-suite takes one for each of about four hundred tests.
+a ``CREATE DATABASE ... TEMPLATE`` took 30-300 ms here, and the suite takes one
+clone for each of about four hundred tests. A test that must have the server
+to itself asks for ``quiet_server``.
 """
 
 from __future__ import annotations

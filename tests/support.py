@@ -79,6 +79,20 @@ def queue_stats_both_ways(url: str) -> tuple[list[dict[str, Any]], list[dict[str
         conn.close()
 
 
+def effects(url: str, kind: str | None = None) -> list[dict[str, Any]]:
+    """What the test actors recorded (``tests.effects``), of one kind or all, in the order written."""
+    if kind is None:
+        return query(url, "SELECT * FROM test_support.effects ORDER BY id")
+    return query(url, "SELECT * FROM test_support.effects WHERE kind = %s ORDER BY id", (kind,))
+
+
+def runs(url: str) -> list[tuple[Any, Any]]:
+    """(start, end) of every run of an actor that records ``started`` and ``finished``,
+    by the database's clock, in start order."""
+    end = {str(r["message_id"]): r["at"] for r in effects(url, "finished")}
+    return sorted((r["at"], end[str(r["message_id"])]) for r in effects(url, "started"))
+
+
 def job(url: str, job_id: str) -> dict[str, Any]:
     rows = query(url, "SELECT * FROM control_plane.jobs WHERE id = %s", (job_id,))
     assert rows, f"no jobs row for {job_id}"
@@ -224,11 +238,12 @@ class Clones:
 
     One thread keeps ``ahead`` clones ready; another drops the ones given back. A
     clone that cannot be made (the server gone for good) is raised in the test
-    that takes it, not in a thread.
+    that takes it, not in a thread, and the next test's clone is tried anew.
 
-    While a clone is made or dropped, its transaction holds back the horizon
-    below which PostgreSQL may prune dead row versions in every database: a test
-    that counts HOT updates or dead rows runs ``quiet()`` (see ``quiet_server``).
+    A test that counts HOT updates saw 102-118 of 302 updates HOT with clones made
+    beside it, in five runs of five, and over half in runs without (why was not
+    pinned down: the clones are other databases). Such a test runs ``quiet()``
+    (see ``quiet_server``).
     """
 
     def __init__(self, server_url: str, template: str, ahead: int = 2) -> None:
@@ -280,9 +295,9 @@ class Clones:
             name = f"cp_t_{uuid.uuid4().hex[:12]}"
             try:
                 self._create(name)
-            except BaseException as exc:  # handed to the test that takes it
+            except Exception as exc:  # handed to the test that takes it; the next test tries anew
                 self._ready.put(exc)
-                return
+                continue
             self._ready.put(name)
 
     def _create(self, name: str) -> None:
@@ -299,5 +314,8 @@ class Clones:
 
     def _drop(self) -> None:
         while (name := self._dropping.get()) is not None:
-            with self._busy:
-                query(self.server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            try:
+                with self._busy:
+                    query(self.server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            except Exception:  # the server is gone: the clone went with it or is left to the next run's
+                continue

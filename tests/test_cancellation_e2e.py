@@ -5,11 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests import actors
-from tests.support import disagreements, job, query, running_worker, wait_for
-
-
-def effects(url: str, kind: str) -> list[dict[str, object]]:
-    return query(url, "SELECT * FROM test_support.effects WHERE kind = %s ORDER BY id", (kind,))
+from tests.support import disagreements, effects, job, query, running_worker, wait_for
 
 
 def test_a_running_job_cancelled_with_cancel_job_is_interrupted_and_ends_cancelled(

@@ -6,7 +6,6 @@ import threading
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 from dramatiq import group
 from dramatiq.rate_limits import Barrier, ConcurrentRateLimiter, WindowRateLimiter
@@ -15,7 +14,7 @@ from freezegun import freeze_time
 import tasks
 from tasks.rate_limits import PostgresRateLimiterBackend
 from tests import actors
-from tests.support import jobs_in, query, running_worker, wait_for
+from tests.support import effects, jobs_in, query, running_worker, runs, wait_for
 
 
 def backend() -> PostgresRateLimiterBackend:
@@ -140,10 +139,6 @@ def test_a_blocked_wait_times_out_without_an_event(db_url: str) -> None:
     assert barrier.wait(block=True, timeout=1000) is False
 
 
-def effects(url: str, kind: str) -> list[dict[str, Any]]:
-    return query(url, "SELECT * FROM test_support.effects WHERE kind = %s ORDER BY at", (kind,))
-
-
 def test_a_concurrency_limit_of_one_holds_across_two_worker_processes(db_url: str, tmp_path: Path) -> None:
     # Given 6 jobs that each hold a ConcurrentRateLimiter(limit=1) for a while
     ids = [actors.limited.send(0.2).message_id for _ in range(6)]
@@ -155,10 +150,9 @@ def test_a_concurrency_limit_of_one_holds_across_two_worker_processes(db_url: st
     assert sorted(str(r["message_id"]) for r in started) == sorted(ids)
     assert sorted(str(r["message_id"]) for r in finished) == sorted(ids)
     # And no two runs overlapped: each started after the previous one finished (one database clock)
-    end = {str(r["message_id"]): r["at"] for r in finished}
-    runs = sorted((r["at"], end[str(r["message_id"])]) for r in started)
-    for (_, previous_end), (next_start, _) in pairwise(runs):
-        assert next_start >= previous_end, runs
+    held = runs(db_url)
+    for (_, previous_end), (next_start, _) in pairwise(held):
+        assert next_start >= previous_end, held
     # And the mutex is free again
     assert query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = 'tests.limited'")[0]["value"] == 0
 

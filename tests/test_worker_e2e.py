@@ -15,22 +15,18 @@ from tasks.broker import PostgresBroker
 from tests import actors
 from tests.support import (
     disagreements,
+    effects,
     job,
     jobs_in,
     query,
     running_worker,
+    runs,
     wait_for,
 )
 
 
 def open_gate(url: str, name: str) -> None:
     query(url, "INSERT INTO test_support.gates (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
-
-
-def effects(url: str, kind: str | None = None) -> list[dict[str, object]]:
-    if kind is None:
-        return query(url, "SELECT * FROM test_support.effects ORDER BY id")
-    return query(url, "SELECT * FROM test_support.effects WHERE kind = %s ORDER BY id", (kind,))
 
 
 def test_lifecycle_pending_running_completed(db_url: str, tmp_path: Path) -> None:
@@ -108,12 +104,6 @@ def test_a_result_jsonb_cannot_hold_completes_the_job_without_it(db_url: str, tm
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
 
 
-def _runs(url: str) -> list[tuple[object, object]]:
-    """(start, end) of every tests.slow_noop run, by the database's clock, in start order."""
-    end = {r["message_id"]: r["at"] for r in effects(url, "finished")}
-    return sorted((r["at"], end[r["message_id"]]) for r in effects(url, "started"))
-
-
 def test_a_queue_concurrency_limit_runs_that_queues_jobs_one_at_a_time(db_url: str, tmp_path: Path) -> None:
     # Given 4 jobs of 0.3 s on queue "slow" waiting for a worker with 4 threads
     ids = [actors.slow_noop.send(0.3).message_id for _ in range(4)]
@@ -121,7 +111,7 @@ def test_a_queue_concurrency_limit_runs_that_queues_jobs_one_at_a_time(db_url: s
     with running_worker(db_url, tmp_path, threads=4, extra_env={"CONTROLPLANE_QUEUE_CONCURRENCY": "off"}):
         wait_for(lambda: jobs_in(db_url, ids, "completed"), what="4 unlimited jobs to complete")
     # Then some ran at the same time
-    unlimited = _runs(db_url)
+    unlimited = runs(db_url)
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(unlimited)), unlimited
     query(db_url, "DELETE FROM test_support.effects")
     # When 4 more run on a worker with the queue limited to one at a time
@@ -129,7 +119,7 @@ def test_a_queue_concurrency_limit_runs_that_queues_jobs_one_at_a_time(db_url: s
     with running_worker(db_url, tmp_path, threads=4, extra_env={"CONTROLPLANE_QUEUE_CONCURRENCY": "slow=1"}):
         wait_for(lambda: jobs_in(db_url, ids, "completed"), what="4 limited jobs to complete")
     # Then each started after the one before it had finished, and every one ran once
-    limited = _runs(db_url)
+    limited = runs(db_url)
     assert len(limited) == 4
     assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(limited)), limited
 
