@@ -240,10 +240,11 @@ class Clones:
     clone that cannot be made (the server gone for good) is raised in the test
     that takes it, not in a thread, and the next test's clone is tried anew.
 
-    A test that counts HOT updates saw 102-118 of 302 updates HOT with clones made
-    beside it, in five runs of five, and over half in runs without (why was not
-    pinned down: the clones are other databases). Such a test runs ``quiet()``
-    (see ``quiet_server``).
+    A write transaction in any database, a clone's included, delays pruning in all
+    of them (snapshots count every database's running transactions): a test that
+    counted HOT updates saw 102-118 of 302 with clones made beside it, over half
+    without (docs/performance.md, change 11). Such a test runs ``quiet()`` (see
+    ``quiet_server``).
     """
 
     def __init__(self, server_url: str, template: str, ahead: int = 2) -> None:
