@@ -497,7 +497,7 @@ def test_outcomes_survive_the_settler_losing_its_connection(db_url: str) -> None
         cut = query(
             db_url,
             "SELECT pg_terminate_backend(pid) AS cut FROM pg_stat_activity "
-            "WHERE application_name = 'controlplane-settle:default'",
+            "WHERE datname = current_database() AND application_name = 'controlplane-settle:default'",
         )
         assert [row["cut"] for row in cut] == [True]
         message = next(consumer)

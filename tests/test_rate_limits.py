@@ -117,7 +117,8 @@ def test_a_barrier_releases_a_blocked_party_when_the_last_arrives(db_url: str) -
     wait_for(
         lambda: query(
             db_url,
-            "SELECT 1 FROM pg_stat_activity WHERE application_name = 'controlplane-barrier' "
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'controlplane-barrier' "
             "AND state = 'idle' AND query LIKE '%value > 0%'",
         ),
         what="the first party to listen",
