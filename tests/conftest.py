@@ -78,13 +78,6 @@ def clones(server_url: str, template_db: str) -> Iterator[Clones]:
 
 
 @pytest.fixture
-def quiet_server(clones: Clones) -> Iterator[None]:
-    """No database is cloned or dropped beside this test (see ``Clones``)."""
-    with clones.quiet():
-        yield
-
-
-@pytest.fixture
 def db_url(server_url: str, clones: Clones) -> Iterator[str]:
     """A fresh, migrated database for one test; the global broker points at it."""
     name = clones.take()
@@ -95,6 +88,13 @@ def db_url(server_url: str, clones: Clones) -> Iterator[str]:
     finally:
         tasks.broker.close()
         clones.give_back(name)
+
+
+@pytest.fixture
+def quiet_server(clones: Clones, db_url: str) -> Iterator[None]:
+    """No database is cloned or dropped beside this test (see ``Clones``); implies ``db_url``."""
+    with clones.quiet():
+        yield
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -236,9 +237,10 @@ def settle_in_process(consumer: Any, held: Any, outcome: str, error: str = "Runt
 class Clones:
     """Clones of the template, made ahead of the tests that take them and dropped after.
 
-    One thread keeps ``ahead`` clones ready; another drops the ones given back. A
-    clone that cannot be made (the server gone for good) is raised in the test
-    that takes it, not in a thread, and the next test's clone is tried anew.
+    One thread keeps ``ahead`` clones ready (and one more made, waiting for room);
+    another drops the ones given back. A clone that cannot be made is raised in the
+    test that takes it, not in a thread, and the next test's clone is tried anew. A
+    clone that cannot be dropped is reported as a warning at the session's end.
 
     A write transaction in any database, a clone's included, delays pruning in all
     of them (snapshots count every database's running transactions): a test that
@@ -247,6 +249,9 @@ class Clones:
     ``quiet_server``).
     """
 
+    #: Seconds a test waits for its clone before it fails (the maker retries for about 5 s).
+    TAKE_TIMEOUT = 120.0
+
     def __init__(self, server_url: str, template: str, ahead: int = 2) -> None:
         self.server_url = server_url
         self.template = template
@@ -254,15 +259,20 @@ class Clones:
         self._dropping: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
         self._busy = threading.Lock()  # held by a CREATE or DROP in flight, or by quiet()
-        self._threads = [
-            threading.Thread(target=self._make, name="clone-maker", daemon=True),
-            threading.Thread(target=self._drop, name="clone-dropper", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._not_dropped: list[str] = []
+        self._maker = threading.Thread(target=self._make, name="clone-maker", daemon=True)
+        self._dropper = threading.Thread(target=self._drop, name="clone-dropper", daemon=True)
+        self._maker.start()
+        self._dropper.start()
 
     def take(self) -> str:
-        got = self._ready.get(timeout=120)
+        try:
+            got = self._ready.get(timeout=self.TAKE_TIMEOUT)
+        except queue.Empty:
+            state = "running" if self._maker.is_alive() else "stopped"
+            raise AssertionError(
+                f"no database clone of {self.template} within {self.TAKE_TIMEOUT:.0f}s (the clone maker is {state})"
+            ) from None
         if isinstance(got, BaseException):
             raise got
         return got
@@ -272,24 +282,41 @@ class Clones:
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
-        """No clone is made or dropped inside this block."""
+        """No clone is made or dropped inside this block, and the ones given back before it are gone."""
+        self._dropping.join()
         with self._busy:
             yield
 
     def close(self) -> None:
         self._stop.set()
-        while True:  # unblock the maker's put, dropping what it made
+        while self._maker.is_alive():  # unblock the maker's put, dropping what it made
             try:
-                got = self._ready.get(timeout=0.1)
+                self._drop_made(self._ready.get(timeout=0.1))
             except queue.Empty:
-                if not self._threads[0].is_alive():
-                    break
                 continue
-            if isinstance(got, str):
-                self._dropping.put(got)
+        while True:  # what it put between the last get and its exit
+            try:
+                self._drop_made(self._ready.get_nowait())
+            except queue.Empty:
+                break
         self._dropping.put(None)
-        for thread in self._threads:
-            thread.join()
+        self._dropper.join()
+        if self._not_dropped:
+            warnings.warn(f"test databases left on the server: {', '.join(self._not_dropped)}", stacklevel=2)
+
+    def _drop_made(self, got: str | BaseException) -> None:
+        if isinstance(got, str):
+            self._dropping.put(got)
+
+    def _run(self, sql: str) -> None:
+        # Bounded, so that a server that stops answering fails a test instead of hanging the session.
+        conn = psycopg2.connect(self.server_url, connect_timeout=10, options="-c statement_timeout=120000")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
 
     def _make(self) -> None:
         while not self._stop.is_set():
@@ -306,7 +333,7 @@ class Clones:
         for attempt in range(10):
             try:
                 with self._busy:
-                    query(self.server_url, f"CREATE DATABASE {name} TEMPLATE {self.template}")
+                    self._run(f"CREATE DATABASE {name} TEMPLATE {self.template}")
                 return
             except Exception:
                 if attempt == 9:
@@ -314,9 +341,14 @@ class Clones:
                 time.sleep(0.5)
 
     def _drop(self) -> None:
-        while (name := self._dropping.get()) is not None:
+        while True:
+            name = self._dropping.get()
             try:
+                if name is None:
+                    return
                 with self._busy:
-                    query(self.server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            except Exception:  # the server is gone: the clone went with it or is left to the next run's
-                continue
+                    self._run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            except Exception:
+                self._not_dropped.append(str(name))
+            finally:
+                self._dropping.task_done()
