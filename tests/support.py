@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg2
+import psycopg2.extensions
 import psycopg2.extras
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,6 +255,10 @@ class Clones:
 
     def __init__(self, server_url: str, template: str, ahead: int = 2) -> None:
         self.server_url = server_url
+        # Bounded, so that a server that stops answering fails a test instead of hanging the session.
+        self._admin_dsn = psycopg2.extensions.make_dsn(
+            server_url, connect_timeout=10, options="-c statement_timeout=120000"
+        )
         self.template = template
         self._ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=ahead)
         self._dropping: queue.Queue[str | None] = queue.Queue()
@@ -308,16 +313,6 @@ class Clones:
         if isinstance(got, str):
             self._dropping.put(got)
 
-    def _run(self, sql: str) -> None:
-        # Bounded, so that a server that stops answering fails a test instead of hanging the session.
-        conn = psycopg2.connect(self.server_url, connect_timeout=10, options="-c statement_timeout=120000")
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql)
-        finally:
-            conn.close()
-
     def _make(self) -> None:
         while not self._stop.is_set():
             name = f"cp_t_{uuid.uuid4().hex[:12]}"
@@ -333,7 +328,7 @@ class Clones:
         for attempt in range(10):
             try:
                 with self._busy:
-                    self._run(f"CREATE DATABASE {name} TEMPLATE {self.template}")
+                    query(self._admin_dsn, f"CREATE DATABASE {name} TEMPLATE {self.template}")
                 return
             except Exception:
                 if attempt == 9:
@@ -347,7 +342,7 @@ class Clones:
                 if name is None:
                     return
                 with self._busy:
-                    self._run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                    query(self._admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             except Exception:
                 self._not_dropped.append(str(name))
             finally:
