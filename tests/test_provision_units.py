@@ -202,6 +202,17 @@ BAD_IDENTIFIERS = [
 ]
 
 
+@pytest.mark.parametrize("value", ["pg_catalog", "pg_shop", "information_schema", "public"])
+def test_project_id_naming_a_system_schema_is_rejected(value: str) -> None:
+    # Given a project id that is a schema name PostgreSQL keeps for itself or every database has
+    # When validated / Then it is refused up front, naming the field, before anything is created
+    with pytest.raises(InvalidPayload, match="reserves") as info:
+        validate(minimal(project_id=value))
+    assert info.value.field == "project_id"
+    # while names that merely contain them are fine
+    assert validate(minimal(project_id=value.replace("_", "") + "_x")).project_id.endswith("_x")
+
+
 @pytest.mark.parametrize("value", BAD_IDENTIFIERS, ids=repr)
 def test_bad_project_id_rejected(value: object) -> None:
     # Given a project id that is not a safe, short identifier

@@ -59,6 +59,8 @@ MAX_IDENTIFIER_LEN = PG_NAME_MAX_BYTES - max(
 MIN_API_KEYS = 1
 MAX_API_KEYS = 10
 _EXTERNAL_ID_MAX = 128
+#: Schemas every database has; a project id is its schema's name, so these are refused (as is ``pg_*``).
+_RESERVED_SCHEMAS = frozenset({"information_schema", "public"})
 
 #: The services a project can be registered with, in registration order.
 SERVICE_NAMES: tuple[str, ...] = ("auth", "realtime", "storage")
@@ -175,6 +177,14 @@ def validate(raw: object) -> ProvisionPayload:
     _reject_unknown(raw, _FIELDS, prefix="")
 
     project_id = _identifier(raw, "project_id")
+    if project_id.startswith("pg_") or project_id in _RESERVED_SCHEMAS:
+        # The project id is its schema's name: PostgreSQL refuses "pg_" names, and the others
+        # are schemas every database already has, which CREATE SCHEMA IF NOT EXISTS would reuse.
+        raise InvalidPayload(
+            "project_id",
+            f"{project_id!r} is a name PostgreSQL reserves for its own schemas "
+            "(pg_*, information_schema, public); choose another",
+        )
     tenant_id = _external_id(raw, "tenant_id", required=True)
     region = _region(raw)
     owner_id = _external_id(raw, "owner_id", required=False)
