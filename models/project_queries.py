@@ -7,7 +7,7 @@ LOCK_PROJECT = "SELECT pg_advisory_xact_lock(hashtext('controlplane:project:' ||
 
 GET_PROJECT = """
 SELECT project_id, tenant_id, payload, payload_hash, status, steps, secret_nonce, job_id,
-       result, last_error, provisioned_at
+       result, last_error, provisioned_at, waiting_job_ids::text[]
 FROM control_plane.projects WHERE project_id = %(project_id)s
 """
 
@@ -64,7 +64,7 @@ UPDATE control_plane.projects
    SET status = 'active', provisioned_at = coalesce(provisioned_at, now()), result = %(result)s,
        last_error = NULL, updated_at = now()
 WHERE project_id = %(project_id)s AND status = 'provisioning'
-RETURNING provisioned_at
+RETURNING provisioned_at, job_id, waiting_job_ids::text[]
 """
 
 SET_PROJECT_RESULT = """
@@ -99,12 +99,33 @@ RETURNING payload, job_id, coalesce(steps -> 'touched_services', '[]'::jsonb)
 """
 
 #: Compensation finished: free the name (api_keys go with the row).
-DELETE_PROJECT = "DELETE FROM control_plane.projects WHERE project_id = %(project_id)s AND status = 'compensating'"
+DELETE_PROJECT = """
+DELETE FROM control_plane.projects WHERE project_id = %(project_id)s AND status = 'compensating'
+RETURNING job_id, waiting_job_ids::text[]
+"""
 
 MARK_NEEDS_OPERATOR = """
 UPDATE control_plane.projects
    SET status = 'needs_operator', last_error = %(error)s, updated_at = now()
-WHERE project_id = %(project_id)s AND status <> 'active'
+WHERE project_id = %(project_id)s AND status IN ('provisioning', 'compensating')
+RETURNING job_id, waiting_job_ids::text[]
+"""
+
+#: A later provision_project job of the same payload waits for the outcome with the first
+#: (``job_id``); run under LOCK_PROJECT, as everything that delivers the outcome is.
+ADD_WAITING_JOB = """
+UPDATE control_plane.projects
+   SET waiting_job_ids = array_append(waiting_job_ids, %(job_id)s::uuid)
+WHERE project_id = %(project_id)s AND status IN ('provisioning', 'compensating')
+  AND job_id IS DISTINCT FROM %(job_id)s::uuid AND NOT %(job_id)s::uuid = ANY(waiting_job_ids)
+"""
+
+#: Erase the secrets' nonce of projects past their secrets' expiry that no step needs any more
+#: (active, being undone, or waiting for an operator): nobody can derive those secrets again.
+FORGET_EXPIRED_SECRETS = """
+UPDATE control_plane.projects SET secret_nonce = NULL, secrets_expire_at = NULL, updated_at = now()
+WHERE secret_nonce IS NOT NULL AND secrets_expire_at < now() AND status <> 'provisioning'
+RETURNING project_id
 """
 
 #: Take the secrets' nonce, once: the caller reads the secrets, then they are gone.
@@ -138,8 +159,8 @@ ORPHANED_PROJECTS_VIA_MESSAGES = _ORPHANED_PROJECTS.format(
     live_jobs="control_plane.messages AS m JOIN control_plane.jobs AS j ON j.id = m.id"
 )
 
-#: The workflow's outcome, written onto the job the caller got from send().
-RECORD_ON_ENTRY_JOB = """
+#: The workflow's outcome, written onto the jobs its callers got from send().
+RECORD_ON_ENTRY_JOBS = """
 UPDATE control_plane.jobs
    SET result = coalesce(%(result)s, result),
        status = CASE WHEN %(error)s::text IS NULL THEN status ELSE 'failed' END,
@@ -148,5 +169,5 @@ UPDATE control_plane.jobs
                 ELSE errors || jsonb_build_array(jsonb_build_object(
                          'attempt', attempts, 'at', now(), 'error', %(error)s::text)) END,
        updated_at = now()
-WHERE id = %(job_id)s AND status IN ('completed', 'failed')
+WHERE id = ANY(%(job_ids)s::uuid[]) AND status IN ('completed', 'failed')
 """

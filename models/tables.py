@@ -199,6 +199,10 @@ class Project(Base):
     secrets_expire_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: The job the caller got from provision_project.send().
     job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    #: Later provision_project jobs of the same payload: told the outcome with job_id (migration 0008).
+    waiting_job_ids: Mapped[list[uuid.UUID]] = mapped_column(
+        ARRAY(UUID(as_uuid=True)), server_default=text("'{}'::uuid[]")
+    )
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     last_error: Mapped[str | None] = mapped_column(Text)
     provisioned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,21 +1,28 @@
 """A PostgreSQL results backend, so ``message.get_result(block=True)`` works.
 
 Results live in ``control_plane.results`` with an expiry; they are written on
-pooled connections (the Postgres broker's, or ``tasks.connection``).
+pooled connections (the Postgres broker's, or ``tasks.connection``), or with
+:meth:`PostgresBackend.store_in` in a transaction of the caller's, which
+delivers them at its commit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from contextvars import ContextVar
 from typing import Any
 
 import psycopg2
+from dramatiq import Message
 from dramatiq.results import ResultBackend
 from dramatiq.results.backend import Missing
 
 from models import queries
 from tasks.broker import PostgresBroker
+
+#: The connection :meth:`PostgresBackend.store_in` stores with (None: a pooled one of its own).
+_store_with: ContextVar[Any] = ContextVar("controlplane_results_store_with", default=None)
 
 
 class PostgresBackend(ResultBackend):
@@ -40,10 +47,31 @@ class PostgresBackend(ResultBackend):
         return self.encoder.decode(bytes(row[0]))
 
     def _store(self, message_key: str, result: Any, ttl: int) -> None:
-        value = self.encoder.encode(result)
-        with self._connection() as conn, conn.cursor() as cur:
+        conn = _store_with.get()
+        if conn is not None:
+            self._write(conn, message_key, result, ttl)
+            return
+        with self._connection() as conn:
+            self._write(conn, message_key, result, ttl)
+
+    def store_in(self, conn: Any, message: Message[Any], outcome: Any, ttl: int) -> None:
+        """Store ``message``'s result, or the exception when ``outcome`` is one, with ``conn``.
+
+        ``conn`` is a connection to the control plane's database, typically in an open
+        transaction: the result then appears when that commits, and not if it rolls back.
+        """
+        token = _store_with.set(conn)
+        try:
+            if isinstance(outcome, Exception):
+                self.store_exception(message, outcome, ttl)
+            else:
+                self.store_result(message, outcome, ttl)
+        finally:
+            _store_with.reset(token)
+
+    def _write(self, conn: Any, message_key: str, result: Any, ttl: int) -> None:
+        with conn.cursor() as cur:
             cur.execute(
                 queries.RESULT_STORE,
-                {"key": message_key, "value": psycopg2.Binary(value), "ttl_ms": ttl},
+                {"key": message_key, "value": psycopg2.Binary(self.encoder.encode(result)), "ttl_ms": ttl},
             )
-

@@ -198,6 +198,9 @@ class Settings:
     api_key_pepper: bytes | None = None
     #: How long the caller may read a project's secrets (once).
     secrets_ttl_seconds: int = 86_400
+    #: When ``provision_project.sweep`` runs (cron, UTC): stuck projects to compensation,
+    #: expired secrets erased; None: never.
+    provision_sweep_schedule: str | None = "*/10 * * * *"
     #: Connection limit of each tenant's app role.
     app_connection_limit: int = 20
     #: statement_timeout and lock_timeout of every provisioning session, in milliseconds.
@@ -260,6 +263,7 @@ class Settings:
             service_timeout=_float(env, "SERVICE_TIMEOUT_SECONDS", 5.0),
             api_key_pepper=env["API_KEY_PEPPER"].encode() if env.get("API_KEY_PEPPER") else None,
             secrets_ttl_seconds=_int(env, "PROVISION_SECRETS_TTL_SECONDS", 86_400, minimum=1),
+            provision_sweep_schedule=_schedule(env, "PROVISION_SWEEP_SCHEDULE", "*/10 * * * *"),
             app_connection_limit=_int(env, "PROVISION_APP_CONNECTION_LIMIT", 20, minimum=1),
             provision_statement_timeout_ms=_int(env, "PROVISION_STATEMENT_TIMEOUT_MS", 30_000, minimum=1),
             provision_lock_timeout_ms=_int(env, "PROVISION_LOCK_TIMEOUT_MS", 5_000, minimum=1),

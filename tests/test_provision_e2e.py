@@ -304,14 +304,36 @@ def test_invalid_payload_fails_at_once_naming_the_field(env: str, body: dict[str
 
 def test_the_same_payload_twice_makes_one_project(env: str, services: dict[str, StandinService]) -> None:
     body = payload("twice", api_key_count=2, services={"auth": True})
-    provisioned(env, body)
+    _, first_result = provisioned(env, body)
     second = provision_project.send(body)
-    wait_for(lambda: job(env, second.message_id)["status"] == "completed", what="the second send")
-    assert job(env, second.message_id)["result"]["status"] == "active"
+    # the second caller is told the project's result at once, as the first was
+    assert second.get_result(block=True, timeout=60_000) == first_result
+    assert job(env, second.message_id)["result"] == first_result
     assert databases(env, pid("twice")) == [f"p_{pid('twice')}"]
     assert query(env, "SELECT count(*) AS n FROM control_plane.api_keys WHERE project_id = %s",
                  (pid("twice"),))[0]["n"] == 2
     assert len(services["auth"].tenants) == 1
+
+
+def test_a_second_send_while_the_first_provisions_hears_the_outcome_too(
+    env: str, services: dict[str, StandinService]
+) -> None:
+    # Given a provisioning held up at its services step (auth hangs past the client's timeout)
+    services["auth"].set_faults(hang_seconds=1.0)
+    body = payload("waiting", services={"auth": True})
+    first = provision_project.send(body)
+    wait_for(lambda: job(env, first.message_id)["status"] == "completed", what="the first job to be accepted")
+    # When the same payload is sent again (its first job is done, so this is a job of its own)
+    second = provision_project.send(body)
+    assert second.message_id != first.message_id
+    wait_for(lambda: job(env, second.message_id)["status"] == "completed", what="the second job to be accepted")
+    assert wait_project(env, pid("waiting"), "provisioning")["status"] == "provisioning"
+    services["auth"].set_faults(hang_seconds=0.0)
+    # Then both callers get the full result, in get_result and in control_plane.jobs
+    result = first.get_result(block=True, timeout=60_000)
+    assert result["status"] == "active"
+    assert second.get_result(block=True, timeout=60_000) == result
+    assert job(env, second.message_id)["result"] == job(env, first.message_id)["result"] == result
 
 
 def test_the_same_project_id_with_a_different_payload_is_a_conflict(env: str) -> None:
@@ -401,6 +423,10 @@ def test_a_failing_cleanup_leaves_the_project_for_an_operator(
     project = wait_project(env, pid("stuck"), "needs_operator", timeout=120)
     # Then the name is kept (never freed over data) and the reason is recorded
     assert "cleanup failed" in project["last_error"]
+    # And the caller is told: its job failed, naming the operator, and get_result raises it
+    assert "needs an operator" in wait_entry_failed(env, message.message_id)["last_error"]
+    with pytest.raises(Exception, match="needs an operator"):
+        message.get_result(block=True, timeout=10_000)
     assert databases(env, pid("stuck")) == []  # what could be undone was undone
     # And a new send for the same project is refused clearly
     again = provision_project.send(payload("stuck", services={"auth": True}))

@@ -10,11 +10,14 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import dramatiq
 import psycopg2
 import psycopg2.errors
 import pytest
+from dramatiq.results import ResultFailure, ResultMissing
 from psycopg2 import sql
 
+import tasks
 from tasks.errors import Conflict, PermanentError, TransientError
 from tasks.provision import STEPS, compensate_project, run_step
 from tasks.provision.claim import claim
@@ -22,6 +25,7 @@ from tasks.provision.payload import validate
 from tasks.provision.standin import StandinService
 from tasks.provision.state import control_transaction
 from tasks.provision.target import classify
+from tasks.provision.workflow import QUEUE
 from tasks.settings import Settings
 from tests.support import query
 
@@ -55,9 +59,19 @@ def project(db_url: str, monkeypatch: pytest.MonkeyPatch, server_url: str) -> It
             query(server_url, f'DROP ROLE IF EXISTS "{role}"')
 
 
-def claimed(body: dict[str, Any]) -> None:
+def claimed(body: dict[str, Any]) -> str:
+    """Claim the project as a provision_project job would; returns that job's id."""
+    job_id = str(uuid.uuid4())
     with control_transaction() as conn:
-        claim(conn, validate(body), str(uuid.uuid4()), Settings.from_env())
+        claim(conn, validate(body), job_id, Settings.from_env())
+    return job_id
+
+
+def told(job_id: str) -> Any:
+    """What get_result gives the caller of provision_project job ``job_id`` (raises its failure)."""
+    message = dramatiq.Message(queue_name=QUEUE, actor_name="provision_project", args=(), kwargs={}, options={},
+                               message_id=job_id)
+    return message.get_result(backend=tasks.broker.get_results_backend())
 
 
 def census(url: str, project_id: str, services: dict[str, StandinService]) -> dict[str, Any]:
@@ -209,13 +223,31 @@ def test_two_sends_for_one_project_make_one_live_job(db_url: str) -> None:
     from tasks.provision import provision_project
 
     body = {"project_id": "uniq_" + uuid.uuid4().hex[:6], "tenant_id": "t", "region": "eu-west"}
-    # When the same project is sent twice (a double-clicked button)
+    # When the same project is sent twice (a double-clicked button), keys in another order the second time
     first = provision_project.send(body)
-    second = provision_project.send(body)
-    # Then the second send returns the first job: one job, keyed by the project
+    second = provision_project.send(dict(reversed(body.items())))
+    # Then the second send returns the first job: one job, keyed by the project and its payload
     assert second.message_id == first.message_id
     rows = query(db_url, "SELECT unique_key FROM control_plane.jobs")
-    assert rows == [{"unique_key": f"provision_project:{body['project_id']}"}]
+    assert len(rows) == 1 and rows[0]["unique_key"].startswith(f"provision_project:{body['project_id']}:")
+
+
+def test_a_different_payload_for_a_project_being_provisioned_is_a_conflict_not_the_first_job(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    from tasks.provision import provision_project
+
+    # Given a provisioning sent and not yet picked up
+    first = provision_project.send(project)
+    # When the same project id is sent with another payload
+    other = {**project, "region": "us-east-1", "api_key_count": 1}
+    second = provision_project.send(other)
+    # Then that send is a job of its own, not the first one (whose outcome it would take for its own)
+    assert second.message_id != first.message_id
+    # And when both run, the first claims the project and the second is refused with a Conflict
+    claimed(project)
+    with pytest.raises(Conflict, match="different payload"):
+        claimed(other)
 
 
 def test_a_project_whose_pending_step_was_cancelled_is_swept_into_compensation(
@@ -256,3 +288,137 @@ def test_a_step_delivered_again_after_it_finished_does_not_fork_the_chain(
     # Then there is still exactly one database step
     rows = query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'provision_project.database'")
     assert rows[0]["n"] == 1
+
+
+def test_every_caller_of_a_project_hears_its_outcome(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    # Given a project claimed by a first job, and the same payload sent again while it provisions
+    first = claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    second = claimed(project)
+    claimed_again = claimed(project)  # (a third, and a retry of it must not count twice)
+    with control_transaction() as conn:
+        claim(conn, validate(project), claimed_again, Settings.from_env())
+    assert query(db_url, "SELECT cardinality(waiting_job_ids) AS n FROM control_plane.projects "
+                         "WHERE project_id = %s", (pid,))[0]["n"] == 2
+    # When the rest of the steps run
+    for step in STEPS[1:]:
+        run_step(step, pid)
+    # Then every caller gets the full result, the first as before
+    results = [told(job_id) for job_id in (first, second, claimed_again)]
+    assert results[0]["status"] == "active" and results[0]["project_id"] == pid
+    assert results[1] == results[0] and results[2] == results[0]
+
+
+def test_every_caller_of_a_failed_project_hears_the_failure(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    # Given a project half provisioned, sent twice
+    first = claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    second = claimed(project)
+    # When its workflow fails for good and is undone
+    compensate_project(Settings.from_env(), pid, "step provision_project.database failed: boom")
+    # Then both callers' get_result raise the reason
+    for job_id in (first, second):
+        with pytest.raises(ResultFailure, match=r"provisioning failed and was undone: step .*boom"):
+            told(job_id)
+
+
+def test_an_activation_that_cannot_deliver_its_result_is_undone_and_its_retry_delivers(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.results import PostgresBackend
+
+    # Given a project whose steps all ran but the last
+    first = claimed(project)
+    pid = project["project_id"]
+    for step in STEPS[:-1]:
+        run_step(step, pid)
+    # When activation fails while delivering the result (a lost connection, say)
+    store_in = PostgresBackend.store_in
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(PostgresBackend, "store_in", broken)
+    with pytest.raises(psycopg2.OperationalError):
+        run_step("activate", pid)
+    # Then nothing of it stays: the project is not active, so the step's retry is not skipped
+    assert query(db_url, "SELECT status FROM control_plane.projects WHERE project_id = %s",
+                 (pid,))[0]["status"] == "provisioning"
+    with pytest.raises(ResultMissing):
+        told(first)
+    # And the retry activates and delivers
+    monkeypatch.setattr(PostgresBackend, "store_in", store_in)
+    run_step("activate", pid)
+    assert told(first)["status"] == "active"
+
+
+def test_a_compensation_that_cannot_deliver_its_failure_is_undone_and_its_retry_delivers(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.results import PostgresBackend
+
+    first = claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    store_in = PostgresBackend.store_in
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+    # When compensation fails while delivering the failure
+    monkeypatch.setattr(PostgresBackend, "store_in", broken)
+    with pytest.raises(psycopg2.OperationalError):
+        compensate_project(Settings.from_env(), pid, "first")
+    # Then the project row (and so the callers to tell) is still there, and the retry tells them
+    assert query(db_url, "SELECT status FROM control_plane.projects WHERE project_id = %s",
+                 (pid,))[0]["status"] == "compensating"
+    monkeypatch.setattr(PostgresBackend, "store_in", store_in)
+    compensate_project(Settings.from_env(), pid, "second")
+    with pytest.raises(ResultFailure, match="provisioning failed and was undone"):
+        told(first)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.projects WHERE project_id = %s",
+                 (pid,))[0]["n"] == 0
+
+
+def test_secrets_expired_unread_are_erased_by_a_late_reveal_and_by_the_sweep(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    from tasks.provision import forget_expired_secrets, reveal_secrets
+
+    # Given two active projects whose secrets expired unread, and a third still provisioning
+    late = project
+    never = {**project, "project_id": project["project_id"] + "n"}
+    busy = {**project, "project_id": project["project_id"] + "b"}
+    try:
+        for body in (late, never, busy):
+            claimed(body)
+        for body in (late, never):
+            for step in STEPS:
+                run_step(step, body["project_id"])
+        query(db_url, "UPDATE control_plane.projects SET secrets_expire_at = now() - interval '1 second'")
+
+        def nonce(body: dict[str, Any]) -> bool:
+            return bool(query(db_url, "SELECT secret_nonce IS NOT NULL AS has FROM control_plane.projects "
+                                      "WHERE project_id = %s", (body["project_id"],))[0]["has"])
+
+        # When the caller of one comes too late
+        with pytest.raises(PermanentError, match="expired unread"):
+            reveal_secrets(Settings.from_env(), late["project_id"])
+        # Then its nonce is gone with the refusal (nobody can derive its keys any more)
+        assert not nonce(late)
+        with pytest.raises(PermanentError, match="already read"):
+            reveal_secrets(Settings.from_env(), late["project_id"])
+        # And the sweep erases the one nobody came for, and leaves the one whose steps still need it
+        assert forget_expired_secrets() == [never["project_id"]]
+        assert not nonce(never) and nonce(busy)
+    finally:
+        for body in (never, busy):
+            query(db_url, f'DROP DATABASE IF EXISTS "p_{body["project_id"]}" WITH (FORCE)')
+            for role in (f'p_{body["project_id"]}_app', f'p_{body["project_id"]}_owner'):
+                query(db_url, f'DROP ROLE IF EXISTS "{role}"')

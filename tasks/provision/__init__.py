@@ -6,6 +6,21 @@
 from __future__ import annotations
 
 from tasks.provision.keys import reveal_secrets
-from tasks.provision.workflow import STEPS, compensate_project, provision_project, run_step, sweep_orphans
+from tasks.provision.workflow import (
+    STEPS,
+    compensate_project,
+    forget_expired_secrets,
+    provision_project,
+    run_step,
+    sweep_orphans,
+)
 
-__all__ = ["STEPS", "compensate_project", "provision_project", "reveal_secrets", "run_step", "sweep_orphans"]
+__all__ = [
+    "STEPS",
+    "compensate_project",
+    "forget_expired_secrets",
+    "provision_project",
+    "reveal_secrets",
+    "run_step",
+    "sweep_orphans",
+]

@@ -18,7 +18,8 @@ def claim(conn: Any, payload: ProvisionPayload, job_id: str, settings: Settings)
     """Insert-or-compare the project under its advisory lock, inside the caller's transaction.
 
     Returns the state and whether this call created it. The same payload again
-    resumes (nothing new is created); a different payload for the same
+    resumes (nothing new is created) and, while the project is not yet active,
+    ``job_id`` joins the jobs told its outcome; a different payload for the same
     project_id raises :class:`Conflict`.
     """
     digest = payload_hash(payload)
@@ -36,6 +37,9 @@ def claim(conn: Any, payload: ProvisionPayload, job_id: str, settings: Settings)
                 raise Conflict(
                     f"project {payload.project_id!r} needs an operator: an earlier cleanup failed ({row[9]})"
                 )
+            if row[4] in ("provisioning", "compensating"):
+                # A later job of the same payload: it hears the outcome with the first.
+                cur.execute(q.ADD_WAITING_JOB, {"project_id": payload.project_id, "job_id": job_id})
             return from_row(row), False
         cur.execute(
             q.INSERT_PROJECT,

@@ -65,10 +65,11 @@ def reveal_secrets(settings: Settings, project_id: str) -> dict[str, object]:
         cur.execute(q.TAKE_SECRET_NONCE, {"project_id": project_id})
         taken = cur.fetchone()
         if taken is None:
-            raise PermanentError(f"the secrets of project {project_id!r} were already read")
+            raise PermanentError(f"the secrets of project {project_id!r} were already read, or expired unread")
         nonce, fresh, _, raw_payload = taken
-        if not fresh:
-            raise PermanentError(f"the secrets of project {project_id!r} expired unread")
+    # Raised after the commit: the nonce taken above must stay gone when it had expired.
+    if not fresh:
+        raise PermanentError(f"the secrets of project {project_id!r} expired unread")
     payload = p.validate(raw_payload)
     key = secrets.pepper(settings)
     nonce = bytes(nonce)

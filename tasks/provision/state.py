@@ -20,6 +20,8 @@ class ProjectState:
     steps: dict[str, Any]
     secret_nonce: bytes | None
     job_id: str | None
+    #: The full result once the project is active (what the callers were told), else None.
+    result: dict[str, Any] | None = None
 
     @property
     def project_id(self) -> str:
@@ -36,13 +38,14 @@ def load(conn: Any, project_id: str) -> ProjectState | None:
 
 def from_row(row: tuple[Any, ...]) -> ProjectState:
     """The state from a row of ``GET_PROJECT``."""
-    _, _, payload, _, status, steps, nonce, job_id, *_ = row
+    _, _, payload, _, status, steps, nonce, job_id, result, *_ = row
     return ProjectState(
         payload=validate(payload),
         status=status,
         steps=steps or {},
         secret_nonce=bytes(nonce) if nonce is not None else None,
         job_id=str(job_id) if job_id is not None else None,
+        result=result,
     )
 
 

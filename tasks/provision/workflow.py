@@ -22,6 +22,8 @@ is active, or it turns ``failed`` with the reason when the workflow failed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +37,7 @@ import tasks
 from models import project_queries as q
 from tasks.broker import PostgresBroker
 from tasks.errors import PermanentError, TaskError
+from tasks.periodic import schedule
 from tasks.provision import payload as p
 from tasks.provision.claim import claim
 from tasks.provision.database import drop_database, ensure_database
@@ -44,6 +47,7 @@ from tasks.provision.roles import drop_roles, ensure_roles
 from tasks.provision.schema import ensure_schema
 from tasks.provision.state import ProjectState, control_transaction, load
 from tasks.provision.target import target_url
+from tasks.results import PostgresBackend
 from tasks.settings import PROVISIONING_QUEUE, Settings
 
 logger = logging.getLogger(__name__)
@@ -71,14 +75,26 @@ def _current_message_id() -> str:
 
 
 def _project_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """One live provisioning job per project and payload: a second send of the same returns the first.
+
+    The payload's digest is in the key, so that a different payload for the same project
+    is a job of its own, which fails with a Conflict when it runs (instead of returning
+    the first payload's job, whose outcome its caller would take for its own).
+    """
     payload = args[0] if args else kwargs.get("payload")
     project_id = payload.get("project_id") if isinstance(payload, dict) else None
-    return f"{ACTOR}:{project_id}" if isinstance(project_id, str) else None
+    if not isinstance(project_id, str):
+        return None
+    try:
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None  # the send fails anyway, naming what JSON cannot hold
+    return f"{ACTOR}:{project_id}:{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
 
 
 @dramatiq.actor(actor_name=ACTOR, queue_name=QUEUE, max_attempts=8, min_backoff=STEP_OPTIONS["min_backoff"],
                 max_backoff=STEP_OPTIONS["max_backoff"], store_results=False,
-                # one live provisioning job per project: a second send returns the first
+                # one live provisioning job per project and payload: a second send returns the first
                 unique_key_from=_project_key)
 def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
     """Validate and claim a project, then start its steps. Returns the workflow's handle."""
@@ -90,7 +106,12 @@ def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
         if created:
             with tasks.enqueue_in(conn):
                 _STEP_ACTORS[STEPS[0]].send(valid.project_id)
+        elif state.status == "active" and state.result is not None:
+            # Provisioned already, with this payload: this caller gets the result now.
+            _deliver(settings, conn, [job_id], result=state.result)
     logger.info("project %s %s", valid.project_id, "claimed" if created else f"already {state.status}")
+    if state.status == "active" and state.result is not None:
+        return state.result
     return {"project_id": valid.project_id, "status": state.status, "job_id": state.job_id}
 
 
@@ -138,9 +159,43 @@ def _entry_message(job_id: str) -> dramatiq.Message[Any]:
                             message_id=job_id)
 
 
+def _deliver(settings: Settings, conn: Any, job_ids: list[str], *, result: dict[str, Any] | None = None,
+             error: str | None = None) -> None:
+    """Tell the callers' jobs the workflow's outcome, in ``conn``'s transaction.
+
+    Each job's ``control_plane.jobs`` row gets the result (or turns failed with the error),
+    and so does its entry in the results backend (``get_result``): both appear when the
+    transaction that decided the outcome commits, or neither does.
+    """
+    if not job_ids:
+        return
+    with conn.cursor() as cur:
+        cur.execute(q.RECORD_ON_ENTRY_JOBS, {"job_ids": job_ids, "result": Json(result) if result is not None else None,
+                                             "error": error})
+    backend = tasks.broker.get_results_backend()
+    if not isinstance(backend, PostgresBackend):
+        raise RuntimeError(f"provision_project delivers results to PostgresBackend, not {type(backend).__name__}")
+    outcome: Any = result if error is None else PermanentError(error)
+    for job_id in job_ids:
+        backend.store_in(conn, _entry_message(job_id), outcome, settings.result_ttl_ms)
+
+
+def _lock_project(conn: Any, project_id: str) -> None:
+    """Serialise with claims of the project (see ``claim``): a caller joins before the outcome or sees it."""
+    with conn.cursor() as cur:
+        cur.execute(q.LOCK_PROJECT, {"project_id": project_id})
+
+
+def _callers(row: tuple[Any, ...]) -> list[str]:
+    """The jobs to tell from a row of (job_id, waiting_job_ids)."""
+    job_id, waiting = row
+    return ([str(job_id)] if job_id is not None else []) + [str(w) for w in waiting or ()]
+
+
 def activate(settings: Settings, state: ProjectState) -> dict[str, object]:
-    """Step 7: mark the project active and deliver the result to the caller's job."""
+    """Step 7: mark the project active and deliver the result to the callers' jobs, in one transaction."""
     with control_transaction() as conn:
+        _lock_project(conn, state.project_id)
         result = _result(settings, conn, state)
         with conn.cursor() as cur:
             cur.execute(q.ACTIVATE, {"project_id": state.project_id, "result": Json(result)})
@@ -149,12 +204,7 @@ def activate(settings: Settings, state: ProjectState) -> dict[str, object]:
                 return {"skipped": "not provisioning"}
             result["provisioned_at"] = row[0].isoformat()
             cur.execute(q.SET_PROJECT_RESULT, {"project_id": state.project_id, "result": Json(result)})
-            if state.job_id:
-                cur.execute(q.RECORD_ON_ENTRY_JOB, {"job_id": state.job_id, "result": Json(result), "error": None})
-    if state.job_id:
-        tasks.broker.get_results_backend().store_result(
-            _entry_message(state.job_id), result, settings.result_ttl_ms
-        )
+        _deliver(settings, conn, _callers(row[1:]), result=result)
     return result
 
 
@@ -221,7 +271,7 @@ def compensate_project(settings: Settings, project_id: str, error: str) -> dict[
         row = cur.fetchone()
     if row is None:
         return {"skipped": "nothing to compensate (active, gone, or waiting for an operator)"}
-    payload, job_id, touched = p.validate(row[0]), (str(row[1]) if row[1] else None), list(row[2])
+    payload, touched = p.validate(row[0]), list(row[2])
     # Undo in reverse order, as much as possible: a failing part does not stop the
     # others (each is idempotent, so a retry redoes only what is left).
     failures: list[Exception] = []
@@ -245,16 +295,13 @@ def compensate_project(settings: Settings, project_id: str, error: str) -> dict[
         # Transient first: the retry may succeed; permanent only when nothing else failed.
         transient = [f for f in failures if not isinstance(f, PermanentError)]
         raise (transient or failures)[0]
-    with control_transaction() as conn, conn.cursor() as cur:
-        cur.execute(q.DELETE_PROJECT, {"project_id": project_id})
-        if job_id:
-            cur.execute(q.RECORD_ON_ENTRY_JOB, {"job_id": job_id, "result": None,
-                                                "error": f"provisioning failed and was undone: {error}"})
-    if job_id:
-        tasks.broker.get_results_backend().store_exception(
-            _entry_message(job_id), PermanentError(f"provisioning failed and was undone: {error}"),
-            settings.result_ttl_ms,
-        )
+    with control_transaction() as conn:
+        _lock_project(conn, project_id)
+        with conn.cursor() as cur:
+            cur.execute(q.DELETE_PROJECT, {"project_id": project_id})
+            deleted = cur.fetchone()
+        if deleted is not None:
+            _deliver(settings, conn, _callers(deleted), error=f"provisioning failed and was undone: {error}")
     return {"project_id": project_id, "deregistered": services, "dropped_database": dropped_db,
             "dropped_roles": roles}
 
@@ -274,9 +321,16 @@ def compensation_failed(failed: dict[str, Any], error: dict[str, Any]) -> None:
     """Compensation failed for good: keep the name and flag the project for an operator."""
     # failed is the compensate message: its first argument is the failed step's message.
     project_id = str(failed["args"][0]["args"][0])
-    with control_transaction() as conn, conn.cursor() as cur:
-        cur.execute(q.MARK_NEEDS_OPERATOR, {"project_id": project_id,
-                                            "error": f"cleanup failed: {error.get('message')}"})
+    with control_transaction() as conn:
+        _lock_project(conn, project_id)
+        with conn.cursor() as cur:
+            cur.execute(q.MARK_NEEDS_OPERATOR, {"project_id": project_id,
+                                                "error": f"cleanup failed: {error.get('message')}"})
+            marked = cur.fetchone()
+        if marked is not None:
+            _deliver(Settings.from_env(), conn, _callers(marked),
+                     error=f"provisioning failed and so did its cleanup; project {project_id!r} needs an operator "
+                           f"(control_plane.projects.last_error): {error.get('message')}")
     logger.error("project %s needs an operator: cleanup failed: %s", project_id, error.get("message"))
 
 
@@ -300,7 +354,29 @@ def sweep_orphans(settings: Settings, older_than_seconds: float = 600.0) -> list
     return orphans
 
 
-@dramatiq.actor(actor_name=f"{ACTOR}.sweep", queue_name=QUEUE, max_attempts=3)
-def sweep(older_than_seconds: float = 600.0) -> list[str]:
-    """Periodic: hand projects stuck mid-workflow to compensation (see sweep_orphans)."""
-    return sweep_orphans(Settings.from_env(), older_than_seconds)
+def forget_expired_secrets() -> list[str]:
+    """Erase the secrets' nonce of projects whose secrets expired unread; returns their ids.
+
+    Only projects no step needs the nonce for (active, being undone, waiting for an
+    operator): once erased, nobody can derive their API keys or app password again.
+    """
+    with control_transaction() as conn, conn.cursor() as cur:
+        cur.execute(q.FORGET_EXPIRED_SECRETS)
+        forgotten = [row[0] for row in cur.fetchall()]
+    if forgotten:
+        logger.info("secrets of %d project(s) expired unread and were erased: %s", len(forgotten),
+                    ", ".join(forgotten))
+    return forgotten
+
+
+@dramatiq.actor(actor_name=f"{ACTOR}.sweep", queue_name=QUEUE, max_attempts=3,
+                # one sweep at a time: a second send while one is pending or running returns it
+                unique_key_from=lambda args, kwargs: f"{ACTOR}.sweep")
+def sweep(older_than_seconds: float = 600.0) -> dict[str, list[str]]:
+    """Periodic (PROVISION_SWEEP_SCHEDULE): stuck projects to compensation, expired secrets erased."""
+    return {"compensating": sweep_orphans(Settings.from_env(), older_than_seconds),
+            "secrets_erased": forget_expired_secrets()}
+
+
+if _settings.provision_sweep_schedule is not None:
+    schedule(_settings.provision_sweep_schedule, sweep, name=f"{ACTOR}.sweep")
