@@ -201,10 +201,33 @@ def find_unserializable(
 #: number, the first backslash is an escaped one and the rest is text).
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
+#: JSON's escape of a surrogate that is not half of a pair (a high one not followed by a low
+#: one, a low one not preceded by a high one), after an even number of backslashes.
+_HIGH, _LOW = r"\\u[dD][89abAB][0-9a-fA-F]{2}", r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_LONE_SURROGATE_ESCAPE = re.compile(rf"(?<!\\)(?:\\\\)*(?:{_HIGH}(?!{_LOW})|(?<!{_HIGH}){_LOW})")
+
+#: A surrogate code point in a Python string: always unpaired (a pair is one code point).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 def holds_nul(text: str) -> bool:
     """Whether the JSON ``text`` holds a NUL character, which PostgreSQL's jsonb cannot store."""
     return "\\u0000" in text and _NUL_ESCAPE.search(text) is not None
+
+
+def holds_lone_surrogate(text: str) -> bool:
+    """Whether the JSON ``text`` holds an unpaired surrogate, which PostgreSQL's jsonb refuses.
+
+    Python makes them when it decodes bytes that are not UTF-8 with ``surrogateescape``:
+    file names from ``os.listdir``, command-line arguments, environment variables.
+    """
+    return ("\\ud" in text or "\\uD" in text) and _LONE_SURROGATE_ESCAPE.search(text) is not None
+
+
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL's text can hold it: NUL as ``\\x00``, an unpaired surrogate as U+FFFD."""
+    text = text.replace("\x00", "\\x00")
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 #: Dramatiq's default encoder's output (``json.dumps(data, separators=(",", ":"))``), from one
@@ -263,8 +286,8 @@ def _body_text(message: Message[Any]) -> str:
         ) from None
     except (TypeError, ValueError) as exc:
         raise NotSerializable(unserializable_reason(message)) from exc
-    if holds_nul(text):
-        raise NotSerializable(nul_reason(message))
+    if holds_nul(text) or holds_lone_surrogate(text):
+        raise NotSerializable(nul_reason(message, text))
     return text
 
 
@@ -279,12 +302,14 @@ def unserializable_reason(message: Any, *, stringified: bool = False) -> str:
     return f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
 
 
-def nul_reason(message: Any) -> str:
-    """Why a send of ``message``, whose JSON holds a NUL character, is refused."""
-    return (
-        f"cannot send to actor {message.actor_name!r}: a string contains a NUL character, "
-        "which PostgreSQL cannot store"
+def nul_reason(message: Any, text: str) -> str:
+    """Why a send of ``message``, whose JSON ``text`` holds what jsonb refuses, is refused."""
+    what = (
+        "a NUL character"
+        if holds_nul(text)
+        else "an unpaired surrogate (text decoded with surrogateescape, such as a file name that is not UTF-8)"
     )
+    return f"cannot send to actor {message.actor_name!r}: a string contains {what}, which PostgreSQL cannot store"
 
 
 def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any]) -> Message[Any]:
@@ -331,6 +356,11 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.options = message.options
         self.message_id = message.message_id
         self.message_timestamp = message.message_timestamp
+
+
+#: Failed SETTLEs in a row (not for the connection, not rolled back) after which the waiting
+#: outcomes are retried without their results (see ``_PostgresConsumer._plain_outcomes``).
+PLAIN_OUTCOMES_AFTER = 3
 
 
 @dataclass
@@ -1090,8 +1120,9 @@ class _PostgresConsumer(dramatiq.Consumer):
             with conn.cursor() as cur:
                 _SETTLE.execute(cur, params, prepare=self.settings.prepared_statements)
                 applied = {row[0] for row in cur.fetchall()}
-        except psycopg2.Error:
-            # Keep the outcomes and the start marks for the next try (or the next consumer).
+        except Exception:
+            # Keep the outcomes and the start marks for the next try (or the next consumer),
+            # whatever failed: an error raised before the statement reached the server too.
             with self.state.lock:
                 self.state.outcomes[:0] = list(latest.values())
                 self.state.starts = {p.message_id: p for p in starts} | self.state.starts
@@ -1108,6 +1139,23 @@ class _PostgresConsumer(dramatiq.Consumer):
                     o.message_id,
                     o.kind,
                 )
+
+    def _plain_outcomes(self) -> None:
+        """Strip the waiting outcomes to what any server takes: no results, errors in ASCII.
+
+        After a SETTLE failed for another reason than the connection or a rollback: a value
+        the server refuses would otherwise fail every retry, and every outcome of the queue
+        that joins it (the sends and results checks keep known ones out; this is the backstop).
+        """
+        with self.state.lock:
+            self.state.outcomes = [
+                dataclasses.replace(
+                    o,
+                    result_json=None,
+                    error=o.error.encode("ascii", "backslashreplace").decode("ascii") if o.error else o.error,
+                )
+                for o in self.state.outcomes
+            ]
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -1279,10 +1327,15 @@ class _Settler(threading.Thread):
                         self.conn.close()
                 elif isinstance(exc, psycopg2.Error) and db.is_transient(exc):
                     logger.warning("settling outcomes: rolled back by the server (%s); retrying", type(exc).__name__)
-                elif isinstance(exc, psycopg2.Error):  # its text would quote the statement's values
-                    logger.error("settling outcomes failed (%s); retrying", db.loggable_error(exc))
                 else:
-                    logger.exception("settling outcomes failed; retrying")
+                    if isinstance(exc, psycopg2.Error):  # its text would quote the statement's values
+                        logger.error("settling outcomes failed (%s); retrying", db.loggable_error(exc))
+                    else:
+                        logger.exception("settling outcomes failed; retrying")
+                    if failures >= PLAIN_OUTCOMES_AFTER:
+                        logger.error("settling outcomes failed %d times in a row: retrying without their results",
+                                     failures)
+                        self.consumer._plain_outcomes()
                 with self.state.settle_cond:
                     if not self._stopping:
                         self.state.settle_cond.wait(min(0.05 * 2**failures, 5.0))
@@ -1306,7 +1359,8 @@ def to_json(value: Any) -> str | None:
         text = json.dumps(value, default=str, allow_nan=False)  # jsonb holds no NaN or infinity
     except (TypeError, ValueError):
         return None
-    return None if holds_nul(text) else text
+    # jsonb refuses both: a result it cannot hold is not stored (the job still completes).
+    return None if holds_nul(text) or holds_lone_surrogate(text) else text
 
 
 __all__ = ["PgMessageProxy", "PostgresBroker", "encode_message", "enqueue_in", "get_encoder", "to_json"]

@@ -23,8 +23,11 @@ def noop(value: object = None) -> object:
     return value
 
 
-#: Return values that jsonb cannot hold (NaN, a NUL) and one that only looks like a NUL.
-AWKWARD_RESULTS = {"nan": float("nan"), "nul": "a\x00b", "escaped": "C:\\u0000 is text"}
+#: A file name that is not UTF-8, as os.listdir() decodes it (an unpaired surrogate).
+NOT_UTF8_NAME = b"report-\xff.csv".decode("utf-8", "surrogateescape")
+
+#: Return values that jsonb cannot hold (NaN, a NUL, an unpaired surrogate) and one that only looks like a NUL.
+AWKWARD_RESULTS = {"nan": float("nan"), "nul": "a\x00b", "surrogate": NOT_UTF8_NAME, "escaped": "C:\\u0000 is text"}
 
 
 @dramatiq.actor(actor_name="tests.returns_awkward", store_results=True, max_attempts=1)
@@ -68,6 +71,11 @@ def permanent() -> None:
 @dramatiq.actor(actor_name="tests.fails_with_a_nul", max_attempts=1)
 def fails_with_a_nul() -> None:
     raise PermanentError("a driver quoted raw bytes: \x00\x01 and went on")
+
+
+@dramatiq.actor(actor_name="tests.fails_with_a_surrogate", max_attempts=1)
+def fails_with_a_surrogate() -> None:
+    raise PermanentError(f"cannot open {NOT_UTF8_NAME}")
 
 
 @dramatiq.actor(actor_name="tests.too_slow", time_limit=300, max_attempts=1)

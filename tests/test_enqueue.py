@@ -209,6 +209,14 @@ def test_a_nul_character_is_refused_with_a_clear_error(db_url: str) -> None:
     assert count(db_url) == 0
 
 
+def test_a_name_that_is_not_utf8_is_refused_with_a_clear_error(db_url: str) -> None:
+    with pytest.raises(NotSerializable, match=r"unpaired surrogate .*file name"):
+        actors.noop.send({"path": actors.NOT_UTF8_NAME})
+    assert count(db_url) == 0
+    # while characters outside the BMP (a surrogate pair in JSON) are fine
+    assert actors.noop.send("report 📈").message_id
+
+
 class _SortedJSON(dramatiq.JSONEncoder):
     """A user's own encoder: JSON with its keys sorted."""
 

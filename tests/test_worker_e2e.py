@@ -98,8 +98,9 @@ def test_a_result_jsonb_cannot_hold_completes_the_job_without_it(db_url: str, tm
         # results backend returns each value as the actor returned it
         assert sent["escaped"].get_result(block=True, timeout=10_000) == "C:\\u0000 is text"
         assert sent["nul"].get_result(block=True, timeout=10_000) == "a\x00b"
+        assert sent["surrogate"].get_result(block=True, timeout=10_000) == actors.NOT_UTF8_NAME
     results = {kind: job(db_url, m.message_id)["result"] for kind, m in sent.items()}
-    assert results == {"nan": None, "nul": None, "escaped": "C:\\u0000 is text"}
+    assert results == {"nan": None, "nul": None, "surrogate": None, "escaped": "C:\\u0000 is text"}
     assert job(db_url, plain.message_id)["result"] == "after"
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
 
@@ -210,6 +211,24 @@ def test_an_error_whose_text_holds_a_nul_character_is_recorded_without_it(db_url
         )
     # Then the failure is recorded, the NUL written as an escape, and the queue is empty
     assert final["last_error"] == "PermanentError: a driver quoted raw bytes: \\x00\x01 and went on"
+    assert query(db_url, "SELECT id FROM control_plane.messages") == []
+
+
+def test_an_error_quoting_a_name_that_is_not_utf8_is_recorded_and_stalls_nothing(db_url: str, tmp_path: Path) -> None:
+    # Given a job whose error quotes a file name that is not UTF-8 (an unpaired surrogate,
+    # which PostgreSQL refuses), and jobs behind it on the same queue
+    message = actors.fails_with_a_surrogate.send()
+    behind = [actors.noop.send(i) for i in range(3)]
+    # When a worker runs them
+    with running_worker(db_url, tmp_path):
+        final = wait_for(
+            lambda: job(db_url, message.message_id)["status"] == "failed" and job(db_url, message.message_id),
+            what="the job to fail",
+        )
+        for m in behind:
+            wait_for(lambda m=m: job(db_url, m.message_id)["status"] == "completed", what="the jobs behind it")
+    # Then the failure is recorded with U+FFFD in the surrogate's place, and the queue is empty
+    assert final["last_error"] == "PermanentError: cannot open report-\ufffd.csv"
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
 
 

@@ -77,8 +77,11 @@ def describe_error(exc: BaseException, message: Any, broker: dramatiq.Broker | N
     else:
         detail = str(exc).strip()
         text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    # PostgreSQL text cannot hold NUL: written as an escape, or the outcome could never be stored.
-    text = redact(" ".join(text.split()).replace("\x00", "\\x00"))
+    # PostgreSQL text cannot hold NUL nor an unpaired surrogate (a file name decoded with
+    # surrogateescape): written as an escape and U+FFFD, or the outcome could never be stored.
+    from tasks.broker import storable_text
+
+    text = redact(storable_text(" ".join(text.split())))
     if len(text) > MAX_ERROR_LENGTH:
         text = text[: MAX_ERROR_LENGTH - 1] + "…"
     return text
@@ -209,14 +212,15 @@ def refuse_unrecordable(message: Any) -> None:
     leave a job running that the mirror never shows. The Postgres broker's
     sends refuse the same values with the same words.
     """
-    from tasks.broker import holds_nul, nul_reason, unserializable_reason
+    from tasks.broker import holds_lone_surrogate, holds_nul, nul_reason, unserializable_reason
 
     try:
         texts = (_payload(message), _options(message))
     except (TypeError, ValueError) as exc:
         raise Unrecordable(unserializable_reason(message, stringified=True)) from exc
-    if any(holds_nul(text) for text in texts):
-        raise Unrecordable(nul_reason(message))
+    for text in texts:
+        if holds_nul(text) or holds_lone_surrogate(text):
+            raise Unrecordable(nul_reason(message, text))
 
 
 class StandaloneMirror:
