@@ -22,7 +22,6 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import (
     AgeLimit,
-    Callbacks,
     CurrentMessage,
     GroupCallbacks,
     Middleware,
@@ -34,7 +33,7 @@ from dramatiq.results import Results
 
 from tasks import db
 from tasks.broker import PostgresBroker, enqueue_in
-from tasks.middleware import Cancellation, JobsMirror, LogContext, Retries, TimeOrderedIds, UniqueKeys
+from tasks.middleware import Callbacks, Cancellation, JobsMirror, LogContext, Retries, TimeOrderedIds, UniqueKeys
 from tasks.rate_limits import PostgresRateLimiterBackend
 from tasks.results import PostgresBackend
 from tasks.settings import Settings
@@ -83,7 +82,7 @@ def _middleware() -> list[Middleware]:
         TimeLimit(),
         # deliver Shutdown to actors that ask for it (Dramatiq's)
         ShutdownNotifications(),
-        # on_success / on_failure callbacks (Dramatiq's)
+        # on_success / on_failure callbacks (Dramatiq's; on_failure gets the error redacted)
         Callbacks(),
         # pipelines: message | message (Dramatiq's)
         Pipelines(),

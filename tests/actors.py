@@ -73,6 +73,22 @@ def fails_with_a_nul() -> None:
     raise PermanentError("a driver quoted raw bytes: \x00\x01 and went on")
 
 
+#: What a driver's error might quote: a URL with its password.
+LEAKY_ERROR = "could not connect to postgresql://admin:hunter2@db.internal/prod"
+
+
+@dramatiq.actor(actor_name="tests.callback_sink")
+def callback_sink(message: object, info: object) -> None:
+    record("callback")
+
+
+@dramatiq.actor(actor_name="tests.fails_quoting_a_password", max_attempts=2, min_backoff=50, max_backoff=100,
+                on_retry_exhausted="tests.callback_sink", on_failure="tests.callback_sink")
+def fails_quoting_a_password() -> None:
+    record("attempt")
+    raise RuntimeError(LEAKY_ERROR)
+
+
 @dramatiq.actor(actor_name="tests.fails_with_a_surrogate", max_attempts=1)
 def fails_with_a_surrogate() -> None:
     raise PermanentError(f"cannot open {NOT_UTF8_NAME}")

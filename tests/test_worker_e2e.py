@@ -232,6 +232,26 @@ def test_an_error_quoting_a_name_that_is_not_utf8_is_recorded_and_stalls_nothing
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
 
 
+def test_a_password_in_an_error_reaches_no_table_through_retries_or_callbacks(db_url: str, tmp_path: Path) -> None:
+    # Given a job whose error quotes a connection URL with its password, retried once, with
+    # Dramatiq's on_failure (each attempt) and on_retry_exhausted callbacks
+    message = actors.fails_quoting_a_password.send()
+    # When a worker runs it until it fails for good and its callbacks have run
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "failed", what="the job to fail")
+        wait_for(lambda: len(effects(db_url, "callback")) == 3, what="two on_failure and one on_retry_exhausted")
+    # Then the password is nowhere: not in the failed job, nor in the callbacks' arguments
+    # (the retried message's traceback, the failure's text), nor in any other column
+    rows = query(db_url, "SELECT type, payload::text || options::text || coalesce(result::text, '') || "
+                         "coalesce(last_error, '') || errors::text AS everything FROM control_plane.jobs")
+    assert {r["type"] for r in rows} == {"tests.fails_quoting_a_password", "tests.callback_sink"}
+    assert [r["type"] for r in rows if "hunter2" in r["everything"]] == []
+    # while what was redacted still says what it was
+    assert "postgresql://admin:[REDACTED]@db.internal/prod" in job(db_url, message.message_id)["last_error"]
+    exhausted = [r for r in rows if "traceback" in r["everything"]]
+    assert exhausted and all("[REDACTED]" in r["everything"] for r in exhausted)
+
+
 def test_an_exceeded_time_limit_fails_the_attempt_with_a_clear_error(db_url: str, tmp_path: Path) -> None:
     message = actors.too_slow.send()
     with running_worker(db_url, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tasks.middleware.callbacks import Callbacks
 from tasks.middleware.cancellation import Cancellation
 from tasks.middleware.jobs_mirror import JobsMirror, StandaloneMirror, describe_error
 from tasks.middleware.log_context import LogContext
@@ -10,6 +11,7 @@ from tasks.middleware.time_ordered_ids import TimeOrderedActor, TimeOrderedIds, 
 from tasks.middleware.unique_keys import UniqueKeys
 
 __all__ = [
+    "Callbacks",
     "Cancellation",
     "JobsMirror",
     "LogContext",

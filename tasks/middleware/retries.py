@@ -11,19 +11,45 @@ when a job fails for good, permanent error or retries spent (Dramatiq's
 ``on_failure`` fires on every failed attempt). It receives
 ``{"message_id", "actor_name", "args", "kwargs"}`` and ``{"type", "message"}``,
 the message redacted, never the traceback.
+
+Dramatiq's Retries writes the attempt's traceback into the message's options
+(``traceback``), which travel with the retried message and in the message
+Dramatiq's ``on_retry_exhausted`` sends; both are stored in PostgreSQL. The
+traceback is redacted (:func:`tasks.redaction.redact`) before either sees it,
+as every error text is.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 import dramatiq
 from dramatiq.middleware import retries as dramatiq_retries
 
 from tasks.errors import Cancelled, PermanentError
+from tasks.redaction import redact
 
 logger = logging.getLogger(__name__)
+
+
+class _RedactedTracebacks:
+    """Dramatiq's Retries' view of the ``traceback`` module: ``format_exc`` redacted.
+
+    ``dramatiq.middleware.retries`` calls ``traceback.format_exc(limit=30)`` and puts the
+    text in the message's options before it re-enqueues the message or sends it to
+    ``on_retry_exhausted``, with nothing between the two for a subclass to hook into.
+    """
+
+    def format_exc(self, limit: int | None = None, chain: bool = True) -> str:
+        return redact(traceback.format_exc(limit, chain))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(traceback, name)
+
+
+setattr(dramatiq_retries, "traceback", _RedactedTracebacks())  # noqa: B010 (Dramatiq does not export it)
 
 
 def _as_attempts(value: Any) -> int | None:

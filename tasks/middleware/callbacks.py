@@ -1,0 +1,44 @@
+"""Dramatiq's Callbacks, with the failure's text made safe to store.
+
+Dramatiq's ``on_failure`` callback receives ``{"type", "message": str(exception)}``:
+the exception's raw text, which a connection error quotes with its URL and a
+failed DDL with its password, stored as the callback job's arguments in
+``control_plane.jobs``. Here ``message`` is :func:`describe_error`'s line (the
+text of ``last_error``: one line, redacted, what PostgreSQL can store);
+``on_success`` is Dramatiq's, unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import callbacks as dramatiq_callbacks
+
+from tasks.middleware.jobs_mirror import describe_error
+
+
+class Callbacks(dramatiq_callbacks.Callbacks):
+    """``on_success`` and ``on_failure`` callbacks (Dramatiq's), the failure's text redacted."""
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None:
+            super().after_process_message(broker, message, result=result)  # type: ignore[no-untyped-call]
+            return
+        actor = broker.get_actor(message.actor_name)
+        target = message.options.get("on_failure") or actor.options.get("on_failure")
+        if target:
+            broker.get_actor(target).send(
+                message.asdict(),
+                {"type": type(exception).__name__, "message": describe_error(exception, message, broker)},
+            )
+
+
+__all__ = ["Callbacks"]
