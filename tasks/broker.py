@@ -552,6 +552,27 @@ class PostgresBroker(dramatiq.Broker):
             yield conn
 
     def close(self) -> None:
+        """Write the outcomes no consumer is left to write, then close the pooled connections.
+
+        Dramatiq's worker stops its threads before its consumers, and a consumer that lost
+        its connection is replaced only after a delay: a SIGTERM in that delay leaves the
+        attempts that finish during the shutdown with no consumer to settle them (their
+        jobs would run again once their leases expired). The ``dramatiq`` command closes
+        the broker after stopping the worker; this writes them then.
+        """
+        with self._states_lock:
+            states = list(self._states.items())
+        for queue_name, state in states:
+            with state.lock:
+                waiting = bool(state.outcomes)
+            if not waiting:
+                continue
+            try:
+                with self.connection() as conn:
+                    _settle(self, state, conn)
+            except Exception as exc:  # closing goes on: the leases expire and the reaper takes over
+                logger.warning("queue %s: could not settle outcomes while closing (%s); leases will expire",
+                               queue_name, db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else exc)
         self._pool.close()
 
     def reconfigure(self, url: str) -> None:
@@ -862,7 +883,13 @@ class _PostgresConsumer(dramatiq.Consumer):
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
         """Give back prefetched messages at once (graceful shutdown)."""
         proxies = [m for m in messages if isinstance(m, PgMessageProxy)]
-        self._release(proxies)
+        try:
+            self._release(proxies)
+        except psycopg2.Error as exc:
+            # Dramatiq's Worker.stop catches only its own ConnectionError: raised, this would
+            # end the shutdown before the consumers close and settle what finished.
+            logger.warning("could not give back %d prefetched message(s) (%s); their leases will expire",
+                           len(proxies), db.loggable_error(exc))
 
     def close(self) -> None:
         """Flush what the worker threads finished, give back the rest, close.
@@ -1082,63 +1109,8 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def _flush(self, conn: Any = None) -> None:
         """Write the gathered outcomes and the due start marks in one SETTLE, on ``conn``
-        (default: the consumer's).
-
-        A start whose outcome is in the same batch is dropped: the outcome row
-        marks the attempt itself. Younger starts wait for a later flush.
-        """
-        conn = conn if conn is not None else self.conn
-        now = time.monotonic()
-        with self.state.lock:
-            batch = self.state.outcomes
-            self.state.outcomes = []
-            # One row per message: a message cannot be settled twice in one statement.
-            latest: dict[str, _Outcome] = {o.message_id: o for o in batch}
-            starts: list[PgMessageProxy] = []
-            for message_id, proxy in list(self.state.starts.items()):
-                if message_id in latest:
-                    del self.state.starts[message_id]
-                elif proxy.started_mono + RUNNING_MARK_DELAY_SECONDS <= now:  # as _settle_due reckons
-                    del self.state.starts[message_id]
-                    starts.append(proxy)
-        if not latest and not starts:
-            return
-        marks = (_Outcome("start", p.message_id, p.claim_token, started_mono=p.started_mono) for p in starts)
-        rows = [*latest.values(), *marks]
-        params: dict[str, Any] = {
-            "ids": _text_array([o.message_id for o in rows]),
-            "tokens": _text_array([o.token for o in rows]),
-            "kinds": _text_array([o.kind for o in rows]),
-            "delays": _int_array([o.delay_ms for o in rows]),
-            "bodies": _sparse([psycopg2.Binary(o.body) if o.body is not None else None for o in rows]),
-            "errors": _text_array([o.error for o in rows]),
-            "results": _text_array([o.result_json for o in rows]),
-            "started_ms": _int_array([int((now - o.started_mono) * 1000) if o.started_mono else None for o in rows]),
-            "worker": self.broker.worker_id,
-        }
-        try:
-            with conn.cursor() as cur:
-                _SETTLE.execute(cur, params, prepare=self.settings.prepared_statements)
-                applied = {row[0] for row in cur.fetchall()}
-        except Exception:
-            # Keep the outcomes and the start marks for the next try (or the next consumer),
-            # whatever failed: an error raised before the statement reached the server too.
-            with self.state.lock:
-                self.state.outcomes[:0] = list(latest.values())
-                self.state.starts = {p.message_id: p for p in starts} | self.state.starts
-            raise
-        with self.state.lock:
-            for o in latest.values():
-                held = self.state.inflight.get(o.message_id)
-                if held is not None and held.claim_token == o.token:
-                    del self.state.inflight[o.message_id]
-        for o in latest.values():
-            if o.message_id not in applied:
-                logger.warning(
-                    "message %s: its lease was lost before its %s was written; another worker owns it now",
-                    o.message_id,
-                    o.kind,
-                )
+        (default: the consumer's). See :func:`_settle`."""
+        _settle(self.broker, self.state, conn if conn is not None else self.conn)
 
     def _plain_outcomes(self) -> None:
         """Strip the waiting outcomes to what any server takes: no results, errors in ASCII.
@@ -1341,6 +1313,65 @@ class _Settler(threading.Thread):
                         self.state.settle_cond.wait(min(0.05 * 2**failures, 5.0))
                 continue
             self.state.wake()
+
+
+def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
+    """Write a queue's gathered outcomes and its due start marks in one SETTLE, on ``conn``.
+
+    A start whose outcome is in the same batch is dropped: the outcome row
+    marks the attempt itself. Younger starts wait for a later flush.
+    """
+    now = time.monotonic()
+    with state.lock:
+        batch = state.outcomes
+        state.outcomes = []
+        # One row per message: a message cannot be settled twice in one statement.
+        latest: dict[str, _Outcome] = {o.message_id: o for o in batch}
+        starts: list[PgMessageProxy] = []
+        for message_id, proxy in list(state.starts.items()):
+            if message_id in latest:
+                del state.starts[message_id]
+            elif proxy.started_mono + RUNNING_MARK_DELAY_SECONDS <= now:  # as _settle_due reckons
+                del state.starts[message_id]
+                starts.append(proxy)
+    if not latest and not starts:
+        return
+    marks = (_Outcome("start", p.message_id, p.claim_token, started_mono=p.started_mono) for p in starts)
+    rows = [*latest.values(), *marks]
+    params: dict[str, Any] = {
+        "ids": _text_array([o.message_id for o in rows]),
+        "tokens": _text_array([o.token for o in rows]),
+        "kinds": _text_array([o.kind for o in rows]),
+        "delays": _int_array([o.delay_ms for o in rows]),
+        "bodies": _sparse([psycopg2.Binary(o.body) if o.body is not None else None for o in rows]),
+        "errors": _text_array([o.error for o in rows]),
+        "results": _text_array([o.result_json for o in rows]),
+        "started_ms": _int_array([int((now - o.started_mono) * 1000) if o.started_mono else None for o in rows]),
+        "worker": broker.worker_id,
+    }
+    try:
+        with conn.cursor() as cur:
+            _SETTLE.execute(cur, params, prepare=broker.settings.prepared_statements)
+            applied = {row[0] for row in cur.fetchall()}
+    except Exception:
+        # Keep the outcomes and the start marks for the next try (or the next consumer),
+        # whatever failed: an error raised before the statement reached the server too.
+        with state.lock:
+            state.outcomes[:0] = list(latest.values())
+            state.starts = {p.message_id: p for p in starts} | state.starts
+        raise
+    with state.lock:
+        for o in latest.values():
+            held = state.inflight.get(o.message_id)
+            if held is not None and held.claim_token == o.token:
+                del state.inflight[o.message_id]
+    for o in latest.values():
+        if o.message_id not in applied:
+            logger.warning(
+                "message %s: its lease was lost before its %s was written; another worker owns it now",
+                o.message_id,
+                o.kind,
+            )
 
 
 def _describe(message: PgMessageProxy) -> str | None:

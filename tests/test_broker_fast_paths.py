@@ -513,6 +513,47 @@ def test_outcomes_survive_the_settler_losing_its_connection(db_url: str) -> None
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
 
 
+def test_an_ack_after_its_consumer_failed_is_written_when_the_broker_closes(db_url: str) -> None:
+    # Given a consumer that lost its connection and was closed by Dramatiq (which starts the
+    # next one only after a delay), while a worker thread still runs the message it handed over
+    sent = actors.noop.send(1)
+    consumer = _broker().consume("default", prefetch=1, timeout=1000)
+    message = next(consumer)
+    assert message is not None
+    consumer._failed = True
+    consumer.close()
+    # When the thread finishes it during the shutdown, with no consumer left, and the worker
+    # process closes the broker (as the dramatiq command does after stopping the worker)
+    consumer.ack(message)
+    assert job(db_url, sent.message_id)["status"] != "completed"
+    _broker().close()
+    # Then the ack is written: the job completed, and nothing is left to run it again
+    assert job(db_url, sent.message_id)["status"] == "completed"
+    assert query(db_url, "SELECT id FROM control_plane.messages") == []
+
+
+def test_prefetched_messages_that_cannot_be_given_back_do_not_break_the_shutdown(db_url: str) -> None:
+    # Given a consumer holding a prefetched message whose row another transaction has locked
+    actors.noop.send(1)
+    consumer = _broker().consume("default", prefetch=1, timeout=1000)
+    other = psycopg2.connect(db_url)
+    try:
+        message = next(consumer)
+        assert message is not None
+        with other.cursor() as cur:
+            cur.execute("SELECT 1 FROM control_plane.messages FOR UPDATE")
+        with consumer.conn.cursor() as cur:
+            cur.execute("SET lock_timeout = '100ms'")
+        # When the worker gives it back at shutdown and the release times out
+        consumer.requeue([message])  # Then that is no error for Dramatiq's Worker.stop to trip on
+    finally:
+        other.rollback()
+        other.close()
+        consumer.close()
+    # and its lease, left to expire, is still the broker's to reap
+    assert _held(db_url) == 1
+
+
 def test_a_heartbeat_skips_a_message_another_statement_holds_instead_of_waiting_for_it(db_url: str) -> None:
     # Given a consumer holding two messages, one of them locked by another transaction (as its
     # settler's statement locks the messages it writes: waiting on it could deadlock)
