@@ -185,6 +185,10 @@ WITH m AS (
 )""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
 
+#: The jobs rows of some message ids, as ENQUEUE writes them (a send that lost its
+#: connection looks for what it may have committed before sending again).
+STORED_JOBS = "SELECT id::text, payload, options FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[])"
+
 #: Lease up to ``limit`` ready messages of one queue to this worker, in
 #: priority-then-eta order, skipping rows other workers hold. The jobs rows are
 #: not touched: a job becomes ``running`` when a worker thread starts it (SETTLE's

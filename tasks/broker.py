@@ -725,45 +725,37 @@ class PostgresBroker(dramatiq.Broker):
         raise RuntimeError("unique keys kept changing hands while enqueueing; try again")
 
     def _run_enqueue(self, rows: dict[str, list[Any]]) -> dict[str, str | None]:
-        keyed = any(key is not None for key in rows["unique_keys"])
-        params: dict[str, Any]
-        if not keyed and len(rows["ids"]) == 1:  # actor.send(): each value as a scalar, no arrays
-            statement = _ENQUEUE_ONE
-            params = {name: values[0] for name, values in rows.items()}
-        else:
-            statement = _ENQUEUE if keyed else _ENQUEUE_PLAIN
-            params = {
-                "ids": _text_array(rows["ids"]),
-                "queues": _text_array(rows["queues"]),
-                "actors": _text_array(rows["actors"]),
-                "priorities": _int_array(rows["priorities"]),
-                "etas": _sparse(rows["etas"]),
-                "delays": _int_array(rows["delays"]),
-                "bodies": _text_array(rows["bodies"]),
-                "max_attempts": _int_array(rows["max_attempts"]),
-                "unique_keys": _text_array(rows["unique_keys"]),
-            }
         caller = _enqueue_connection.get()
-        # In the caller's transaction a send must not hold SENDING_LOCK until that commits: it wakes always.
-        params["always_wake"] = caller is not None or not self.settings.wake_only_waiting
         if caller is not None:
+            # In the caller's transaction a send must not hold SENDING_LOCK until that commits: it wakes always.
+            statement, params, keyed = _enqueue_statement(rows, always_wake=True)
             with caller.cursor() as cur:
                 statement.execute(cur, params, prepare=False)
                 row = cur.fetchone()
             return row[1] if keyed else {}
+        lost_reply = False
         for attempt in (1, 2):
             try:
                 with self.connection() as conn, conn.cursor() as cur:
+                    if lost_reply:
+                        rows = _not_stored(cur, rows)
+                        if not rows["ids"]:
+                            return {}
+                    statement, params, keyed = _enqueue_statement(
+                        rows, always_wake=not self.settings.wake_only_waiting
+                    )
                     statement.execute(cur, params, prepare=self.settings.prepared_statements)
                     row = cur.fetchone()
                 return row[1] if keyed else {}
             except psycopg2.Error as exc:
-                # The statement is atomic and an upsert by id: after a lost
-                # connection or a deadlock, running it again is safe.
+                # The statement is atomic: after a deadlock (rolled back) running it again is
+                # safe. After a lost connection it may have committed with its reply lost;
+                # the second try first leaves out what it finds stored (see _not_stored).
                 if attempt == 2 or not (db.is_connection_error(exc) or db.is_transient(exc)):
                     if db.is_connection_error(exc):
                         raise ConnectionClosed(exc) from exc
                     raise
+                lost_reply = db.is_connection_error(exc)
         raise AssertionError("unreachable")
 
     # -- consuming --------------------------------------------------------
@@ -1372,6 +1364,53 @@ def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
                 o.message_id,
                 o.kind,
             )
+
+
+def _enqueue_statement(rows: dict[str, list[Any]], *, always_wake: bool) -> tuple[Statement, dict[str, Any], bool]:
+    """The ENQUEUE variant for ``rows``, its parameters, and whether it reports duplicates (keyed)."""
+    keyed = any(key is not None for key in rows["unique_keys"])
+    params: dict[str, Any]
+    if not keyed and len(rows["ids"]) == 1:  # actor.send(): each value as a scalar, no arrays
+        statement = _ENQUEUE_ONE
+        params = {name: values[0] for name, values in rows.items()}
+    else:
+        statement = _ENQUEUE if keyed else _ENQUEUE_PLAIN
+        params = {
+            "ids": _text_array(rows["ids"]),
+            "queues": _text_array(rows["queues"]),
+            "actors": _text_array(rows["actors"]),
+            "priorities": _int_array(rows["priorities"]),
+            "etas": _sparse(rows["etas"]),
+            "delays": _int_array(rows["delays"]),
+            "bodies": _text_array(rows["bodies"]),
+            "max_attempts": _int_array(rows["max_attempts"]),
+            "unique_keys": _text_array(rows["unique_keys"]),
+        }
+    params["always_wake"] = always_wake
+    return statement, params, keyed
+
+
+def _not_stored(cur: Any, rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``rows`` without the messages whose jobs rows are stored as these messages would write them.
+
+    A send whose connection was lost may have committed with only its reply lost. Sent
+    again as it was, its upsert would put back in the queue a job a worker had already
+    claimed (two would run it at once) or finished (it would run again). A jobs row with
+    this id, payload and options is taken for the lost send's: that message is left out.
+    (An identical re-send of a job that already existed, whose first try was lost with
+    the connection, is left out too: the rows cannot tell the two apart.)
+    """
+    cur.execute(queries.STORED_JOBS, {"ids": rows["ids"]})
+    stored = {job_id: (payload, options) for job_id, payload, options in cur.fetchall()}
+    keep = []
+    for i, (message_id, body) in enumerate(zip(rows["ids"], rows["bodies"], strict=True)):
+        found = stored.get(message_id)
+        if found is not None:
+            doc = json.loads(body)
+            if found == ({"args": doc.get("args"), "kwargs": doc.get("kwargs")}, doc.get("options") or {}):
+                continue
+        keep.append(i)
+    return {name: [values[i] for i in keep] for name, values in rows.items()}
 
 
 def _describe(message: PgMessageProxy) -> str | None:

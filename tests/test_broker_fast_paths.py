@@ -513,6 +513,46 @@ def test_outcomes_survive_the_settler_losing_its_connection(db_url: str) -> None
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
 
 
+@pytest.mark.parametrize("batch", [1, 3], ids=["send", "batch"])
+def test_a_send_whose_reply_is_lost_after_its_commit_does_not_requeue_the_claimed_job(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    from tasks.broker import _ENQUEUE_ONE, _ENQUEUE_PLAIN
+
+    statement = _ENQUEUE_ONE if batch == 1 else _ENQUEUE_PLAIN
+    real = statement.execute
+    calls = []
+
+    def commits_then_loses_the_reply(cur: Any, params: dict[str, Any], *, prepare: bool = True) -> None:
+        calls.append(params)
+        real(cur, params, prepare=prepare)  # autocommit: committed
+        if len(calls) == 1:
+            # a worker claims the new jobs before the lost reply is noticed
+            query(db_url, "UPDATE control_plane.messages SET claim_token = gen_random_uuid(), worker = 'w', "
+                          "lease_expires_at = now() + interval '1 minute'")
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(statement, "execute", commits_then_loses_the_reply)
+    # When a send commits and its connection is lost before the reply
+    if batch == 1:
+        sent = [actors.noop.send(1)]
+    else:
+        sent = _broker().enqueue_batch([actors.noop.message(i) for i in range(batch)])
+    # Then the send succeeds without sending again what it finds stored: the claims hold
+    assert len(calls) == 1
+    rows = query(db_url, "SELECT id::text, claim_token IS NOT NULL AS claimed FROM control_plane.messages")
+    assert sorted(r["id"] for r in rows) == sorted(m.message_id for m in sent)
+    assert all(r["claimed"] for r in rows)
+    # And a second try that finds only some stored sends the others (a batch cut short)
+    query(db_url, "DELETE FROM control_plane.jobs WHERE id = %s", (sent[0].message_id,))
+    from tasks.broker import _not_stored
+
+    with psycopg2.connect(db_url) as conn, conn.cursor() as cur:
+        rows_in = {"ids": [m.message_id for m in sent], "bodies": [m.encode().decode() for m in sent]}
+        assert _not_stored(cur, rows_in)["ids"] == [sent[0].message_id]
+    conn.close()
+
+
 def test_an_ack_after_its_consumer_failed_is_written_when_the_broker_closes(db_url: str) -> None:
     # Given a consumer that lost its connection and was closed by Dramatiq (which starts the
     # next one only after a delay), while a worker thread still runs the message it handed over
