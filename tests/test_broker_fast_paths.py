@@ -738,6 +738,39 @@ def test_a_start_mark_racing_the_reaper_leaves_the_job_pending_and_its_message_b
         consumer.close()
 
 
+def test_a_cancel_committed_while_a_retry_is_being_written_keeps_the_job_out_of_the_queue(db_url: str) -> None:
+    # Given a worker holding a message, and an operator's cancel_job not yet committed
+    message = actors.noop.send("cancel me")
+    consumer = _broker().consume("default", prefetch=1, timeout=1000)
+    operator = psycopg2.connect(db_url)
+    try:
+        held = next(consumer)
+        assert held is not None
+        with operator.cursor() as cur:
+            cur.execute("SELECT control_plane.cancel_job(%s)", (message.message_id,))
+            assert cur.fetchone()[0] == "cancelling"
+        # When the attempt fails and its retry is written while the cancel commits
+        held.retry_delay_ms = 0
+        consumer.ack(held)
+        settler = (
+            "SELECT state, wait_event_type FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'controlplane-settle:default'"
+        )
+        wait_for(lambda: query(db_url, settler) == [{"state": "active", "wait_event_type": "Lock"}], what="the wait")
+        operator.commit()
+        wait_for(lambda: query(db_url, settler)[0]["state"] == "idle", what="the retry's statement")
+        # Then the message did not go back to the queue: no worker can claim it again
+        assert query(db_url, "SELECT claim_token IS NOT NULL AS held FROM control_plane.messages") == [{"held": True}]
+        # And once its lease runs out the reaper ends the job, cancelled
+        query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 minute'")
+        query(db_url, queries.REAP, {"forget_after": 3600})
+        assert job(db_url, message.message_id)["status"] == "cancelled"
+        assert query(db_url, "SELECT id FROM control_plane.messages") == []
+    finally:
+        operator.close()
+        consumer.close()
+
+
 def test_a_notify_read_during_a_statement_wakes_the_consumer_at_once(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
