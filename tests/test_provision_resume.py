@@ -23,7 +23,7 @@ from tasks.provision import STEPS, compensate_project, run_step
 from tasks.provision.claim import claim
 from tasks.provision.payload import validate
 from tasks.provision.standin import StandinService
-from tasks.provision.state import control_transaction
+from tasks.provision.state import control_transaction, load
 from tasks.provision.target import classify
 from tasks.provision.workflow import QUEUE
 from tasks.settings import Settings
@@ -162,6 +162,7 @@ def test_compensation_is_idempotent(
     ("55P03", TransientError),  # lock_timeout
     ("57014", TransientError),  # statement_timeout
     ("42501", PermanentError),  # insufficient privilege
+    ("XX000", PermanentError),  # internal_error, unless it is the catalog race below
 ])
 def test_postgres_errors_are_classified(db_url: str, code: str, kind: type[Exception]) -> None:
     conn = psycopg2.connect(db_url)
@@ -172,6 +173,16 @@ def test_postgres_errors_are_classified(db_url: str, code: str, kind: type[Excep
     finally:
         conn.close()
     assert type(classify(caught.value, "testing")) is kind
+
+
+def test_a_catalog_row_updated_by_two_sessions_at_once_is_transient(db_url: str) -> None:
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur, pytest.raises(psycopg2.Error) as caught:
+            cur.execute("DO $$ BEGIN RAISE EXCEPTION 'tuple concurrently updated' USING ERRCODE = 'XX000'; END $$")
+    finally:
+        conn.close()
+    assert type(classify(caught.value, "testing")) is TransientError
 
 
 def test_every_step_is_an_actor_with_a_stable_name_on_its_queue() -> None:
@@ -422,3 +433,45 @@ def test_secrets_expired_unread_are_erased_by_a_late_reveal_and_by_the_sweep(
             query(db_url, f'DROP DATABASE IF EXISTS "p_{body["project_id"]}" WITH (FORCE)')
             for role in (f'p_{body["project_id"]}_app', f'p_{body["project_id"]}_owner'):
                 query(db_url, f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_a_step_delivered_twice_at_once_succeeds_in_both(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    import threading
+
+    from tasks.provision.roles import ensure_roles
+    from tasks.provision.schema import ensure_schema
+
+    # Given a claimed project, and a step running twice at the same time (its first worker was
+    # cut off until its lease ran out, and another took the step while the first went on)
+    claimed(project)
+    pid = project["project_id"]
+
+    def at_once(step: Any, n: int = 4) -> list[str]:
+        with control_transaction() as conn:
+            state = load(conn, pid)
+        assert state is not None
+        start, outcomes = threading.Barrier(n), []
+
+        def run() -> None:
+            start.wait()
+            try:
+                step(Settings.from_env(), state)
+                outcomes.append("ok")
+            except Exception as exc:  # what a step's job would record
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=run) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return outcomes
+
+    # When the roles step and the schema step each run four times at once
+    assert at_once(ensure_roles) == ["ok"] * 4
+    run_step("database", pid)
+    assert at_once(ensure_schema) == ["ok"] * 4
+    # Then each made its objects once, and none failed the workflow (which would undo it)
+    assert census(db_url, pid, services)["roles"] == 2

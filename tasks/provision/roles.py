@@ -33,8 +33,9 @@ def _ensure_role(cur: Any, role: str, project_id: str, create: sql.Composable) -
         cur.execute("SAVEPOINT create_role")
         cur.execute(create)
         cur.execute("RELEASE SAVEPOINT create_role")
-    except psycopg2.errors.DuplicateObject:
-        # Created concurrently: it is ours only if its marker says so.
+    except (psycopg2.errors.DuplicateObject, psycopg2.errors.UniqueViolation):
+        # Created concurrently (a CREATE ROLE that waited for another's commit fails on the
+        # catalog's unique index, 23505): it is ours only if its marker says so.
         cur.execute("ROLLBACK TO SAVEPOINT create_role")
         return _ensure_role(cur, role, project_id, create)
     cur.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(role), sql.Literal(marker(project_id))))
@@ -48,6 +49,10 @@ def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
         raise Conflict(f"project {state.project_id!r}: its secrets were already read or expired")
     password = secrets.database_password(secrets.pepper(settings), state.project_id, state.secret_nonce)
     with translated("creating roles"), session(settings, autocommit=False) as conn, conn.cursor() as cur:
+        # One delivery of this step at a time per project (see ensure_schema): a second waits, then
+        # finds the roles and their markers.
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:roles:' || %s))",
+                    (state.project_id,))
         created_owner = _ensure_role(
             cur, owner, state.project_id, sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner))
         )

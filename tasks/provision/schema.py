@@ -32,6 +32,11 @@ def ensure_schema(settings: Settings, state: ProjectState) -> dict[str, object]:
     ]
     with translated(f"creating schema in {database}"), session(settings, database, autocommit=False) as conn:
         with conn.cursor() as cur:
+            # One at a time in this database: the same step delivered twice at once (its first
+            # worker cut off until its lease ran out) would otherwise fail on the catalogs
+            # (23505 on pg_namespace, "tuple concurrently updated"); the second now waits, then
+            # finds everything done.
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:schema'))")
             for statement in statements:
                 cur.execute(statement)
     return {"schema": p.schema_name(payload)}

@@ -52,7 +52,9 @@ def classify(exc: psycopg2.Error, doing: str) -> Exception:
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and code is None:
         return TransientError(f"{doing}: lost the connection to PostgreSQL ({first_line})")
-    if code in TRANSIENT_SQLSTATES:
+    if code in TRANSIENT_SQLSTATES or (code == "XX000" and "tuple concurrently updated" in first_line):
+        # (XX000 "tuple concurrently updated": two sessions changed one catalog row at once,
+        # as the same step delivered twice does with CREATE SCHEMA IF NOT EXISTS or a GRANT)
         return TransientError(f"{doing}: {first_line} (SQLSTATE {code})")
     return PermanentError(f"{doing}: {first_line} (SQLSTATE {code})")
 
