@@ -475,3 +475,24 @@ def test_a_step_delivered_twice_at_once_succeeds_in_both(
     assert at_once(ensure_schema) == ["ok"] * 4
     # Then each made its objects once, and none failed the workflow (which would undo it)
     assert census(db_url, pid, services)["roles"] == 2
+
+
+def test_compensation_that_cannot_reach_a_service_it_registered_with_keeps_the_project(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project registered with its services, whose auth URL was then removed from the settings
+    claimed(project)
+    pid = project["project_id"]
+    for step in ("roles", "database", "schema", "services"):
+        run_step(step, pid)
+    monkeypatch.delenv("AUTH_SERVICE_URL")
+    # When it is compensated
+    with pytest.raises(PermanentError, match="AUTH_SERVICE_URL is no longer set"):
+        compensate_project(Settings.from_env(), pid, "test")
+    # Then the name is not freed over the registration left behind (an operator will look),
+    # and what could be undone was
+    assert query(db_url, "SELECT status FROM control_plane.projects WHERE project_id = %s",
+                 (pid,))[0]["status"] == "compensating"
+    assert census(db_url, pid, services) == {
+        "databases": 0, "roles": 0, "registrations": {"auth": [pid], "realtime": [], "storage": []}, "keys": 0,
+    }

@@ -60,9 +60,16 @@ def deregister_services(settings: Settings, payload: p.ProvisionPayload, touched
     """Delete the project from every touched service, in reverse order; idempotent."""
     removed = []
     for name in reversed(payload.services.enabled()):
-        service = client(settings, name)
-        if service is None or name not in touched:
+        if name not in touched:
             continue  # nothing could have been registered there
+        service = client(settings, name)
+        if service is None:
+            # Registered (or maybe), and no way to undo it now: freeing the name would leave the
+            # tenant registered there. Compensation fails, and the project waits for an operator.
+            raise PermanentError(
+                f"the project may be registered with the {name} service, but {name.upper()}_SERVICE_URL "
+                "is no longer set: cannot deregister it"
+            )
         service.delete_tenant(payload.project_id)
         removed.append(name)
     return removed
