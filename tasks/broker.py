@@ -1080,16 +1080,20 @@ class _PostgresConsumer(dramatiq.Consumer):
                 prepare=self.settings.prepared_statements,
             )
             rows = cur.fetchall()
+        malformed: list[tuple[str, DecodeError]] = []
         for message_id, body in rows:
             try:
                 message = Message.decode(bytes(body))
             except DecodeError as exc:
-                self._reject_malformed(message_id, token, exc)
+                malformed.append((message_id, exc))
                 continue
             proxy = PgMessageProxy(message, token)
             with self.state.lock:
                 self.state.inflight[message.message_id] = proxy
                 self.state.buffer.append(proxy)
+        # After the others are held: a failed rejection must not leave them claimed and unknown.
+        for message_id, error in malformed:
+            self._reject_malformed(message_id, token, error)
         return len(rows)
 
     def _reject_malformed(self, message_id: str, token: str, exc: DecodeError) -> None:
@@ -1225,8 +1229,12 @@ def _claims_connection(broker: PostgresBroker, application_name: str) -> Any:
     written in the same transactions, is undone with them. Sends stay synchronous.
     """
     conn = db.connect(broker.url(), autocommit=True, application_name=application_name)
-    with conn.cursor() as cur:
-        cur.execute("SET synchronous_commit = off")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET synchronous_commit = off")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

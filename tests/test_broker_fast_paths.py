@@ -738,6 +738,30 @@ def test_a_start_mark_racing_the_reaper_leaves_the_job_pending_and_its_message_b
         consumer.close()
 
 
+def test_a_malformed_message_whose_rejection_fails_does_not_orphan_the_rest_of_its_claim(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a good message behind a malformed one (a body that is not a message)
+    query(db_url, "INSERT INTO control_plane.messages (id, queue, actor, body, eta) "
+                  "VALUES (%s, 'default', '?', %s, now() - interval '1 minute')",
+          (str(uuid.uuid4()), psycopg2.Binary(b"\xff not json")))
+    good = actors.noop.send(1)
+    consumer = _broker().consume("default", prefetch=2, timeout=1000)
+    try:
+        # When both are claimed at once and writing the rejection fails
+        def fails(*args: Any) -> None:
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(consumer, "_reject_malformed", fails)
+        with pytest.raises(psycopg2.OperationalError):
+            consumer._claim(2)
+        # Then the good one is held all the same: its lease is extended and it will be handed over
+        assert list(consumer.state.inflight) == [good.message_id]
+        assert [p.message_id for p in consumer.state.buffer] == [good.message_id]
+    finally:
+        consumer.close()
+
+
 def test_a_cancel_committed_while_a_retry_is_being_written_keeps_the_job_out_of_the_queue(db_url: str) -> None:
     # Given a worker holding a message, and an operator's cancel_job not yet committed
     message = actors.noop.send("cancel me")
