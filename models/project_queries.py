@@ -5,6 +5,11 @@ from __future__ import annotations
 #: Serialise everything that claims or changes one project (held to the end of the transaction).
 LOCK_PROJECT = "SELECT pg_advisory_xact_lock(hashtext('controlplane:project:' || %(project_id)s))"
 
+#: On the tenant server: one delivery of a project's roles step at a time (a second waits, then
+#: finds the roles made), and in a tenant database one of its schema step at a time.
+LOCK_ROLES_STEP = "SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:roles:' || %(project_id)s))"
+LOCK_SCHEMA_STEP = "SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:schema'))"
+
 GET_PROJECT = """
 SELECT project_id, tenant_id, payload, payload_hash, status, steps, secret_nonce, job_id,
        result, last_error, provisioned_at, waiting_job_ids::text[]
@@ -158,6 +163,17 @@ ORPHANED_PROJECTS = _ORPHANED_PROJECTS.format(live_jobs="control_plane.jobs AS j
 ORPHANED_PROJECTS_VIA_MESSAGES = _ORPHANED_PROJECTS.format(
     live_jobs="control_plane.messages AS m JOIN control_plane.jobs AS j ON j.id = m.id"
 )
+
+#: Callers' jobs that still show the accepted handle as their result: candidates whose outcome
+#: may have been delivered before their own completion was written (which then wrote the handle
+#: over it). Through ``ix_jobs_type_created_at``, within the results' lifetime.
+STALE_ENTRY_JOBS = """
+SELECT id::text FROM control_plane.jobs
+WHERE type = 'provision_project' AND created_at > now() - make_interval(secs => %(within)s)
+  AND status = 'completed' AND result ->> 'status' IN ('provisioning', 'compensating')
+ORDER BY created_at
+LIMIT 1000
+"""
 
 #: The workflow's outcome, written onto the jobs its callers got from send().
 RECORD_ON_ENTRY_JOBS = """

@@ -224,6 +224,11 @@ def holds_lone_surrogate(text: str) -> bool:
     return ("\\ud" in text or "\\uD" in text) and _LONE_SURROGATE_ESCAPE.search(text) is not None
 
 
+def jsonb_refuses(text: str) -> bool:
+    """Whether PostgreSQL's jsonb refuses the JSON ``text`` (a NUL, an unpaired surrogate)."""
+    return holds_nul(text) or holds_lone_surrogate(text)
+
+
 def storable_text(text: str) -> str:
     """``text`` as PostgreSQL's text can hold it: NUL as ``\\x00``, an unpaired surrogate as U+FFFD."""
     text = text.replace("\x00", "\\x00")
@@ -286,8 +291,8 @@ def _body_text(message: Message[Any]) -> str:
         ) from None
     except (TypeError, ValueError) as exc:
         raise NotSerializable(unserializable_reason(message)) from exc
-    if holds_nul(text) or holds_lone_surrogate(text):
-        raise NotSerializable(nul_reason(message, text))
+    if jsonb_refuses(text):
+        raise NotSerializable(refused_reason(message, text))
     return text
 
 
@@ -302,7 +307,7 @@ def unserializable_reason(message: Any, *, stringified: bool = False) -> str:
     return f"cannot send to actor {message.actor_name!r}: {where or 'a value'} is not JSON-serialisable"
 
 
-def nul_reason(message: Any, text: str) -> str:
+def refused_reason(message: Any, text: str) -> str:
     """Why a send of ``message``, whose JSON ``text`` holds what jsonb refuses, is refused."""
     what = (
         "a NUL character"
@@ -356,11 +361,6 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.options = message.options
         self.message_id = message.message_id
         self.message_timestamp = message.message_timestamp
-
-
-#: Failed SETTLEs in a row (not for the connection, not rolled back) after which the waiting
-#: outcomes are retried without their results (see ``_PostgresConsumer._plain_outcomes``).
-PLAIN_OUTCOMES_AFTER = 3
 
 
 @dataclass
@@ -1109,19 +1109,15 @@ class _PostgresConsumer(dramatiq.Consumer):
         _settle(self.broker, self.state, conn if conn is not None else self.conn)
 
     def _plain_outcomes(self) -> None:
-        """Strip the waiting outcomes to what any server takes: no results, errors in ASCII.
+        """Strip the waiting outcomes of their results, and their errors of what text cannot hold.
 
-        After a SETTLE failed for another reason than the connection or a rollback: a value
-        the server refuses would otherwise fail every retry, and every outcome of the queue
-        that joins it (the sends and results checks keep known ones out; this is the backstop).
+        After a SETTLE whose values were refused: the same batch would fail every retry, and
+        every outcome of the queue that joins it. ``to_json`` and ``describe_error`` keep the
+        known ones out; this is the backstop.
         """
         with self.state.lock:
             self.state.outcomes = [
-                dataclasses.replace(
-                    o,
-                    result_json=None,
-                    error=o.error.encode("ascii", "backslashreplace").decode("ascii") if o.error else o.error,
-                )
+                dataclasses.replace(o, result_json=None, error=storable_text(o.error) if o.error else o.error)
                 for o in self.state.outcomes
             ]
 
@@ -1299,15 +1295,16 @@ class _Settler(threading.Thread):
                         self.conn.close()
                 elif isinstance(exc, psycopg2.Error) and db.is_transient(exc):
                     logger.warning("settling outcomes: rolled back by the server (%s); retrying", type(exc).__name__)
+                elif isinstance(exc, (psycopg2.DataError, UnicodeError)):
+                    # A value of the batch was refused (by the server, or by the driver encoding it):
+                    # the same batch would fail every time, and hold up every outcome of the queue.
+                    logger.error("settling outcomes: a value was refused (%s); retrying without their results",
+                                 db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else type(exc).__name__)
+                    self.consumer._plain_outcomes()
+                elif isinstance(exc, psycopg2.Error):  # its text would quote the statement's values
+                    logger.error("settling outcomes failed (%s); retrying", db.loggable_error(exc))
                 else:
-                    if isinstance(exc, psycopg2.Error):  # its text would quote the statement's values
-                        logger.error("settling outcomes failed (%s); retrying", db.loggable_error(exc))
-                    else:
-                        logger.exception("settling outcomes failed; retrying")
-                    if failures >= PLAIN_OUTCOMES_AFTER:
-                        logger.error("settling outcomes failed %d times in a row: retrying without their results",
-                                     failures)
-                        self.consumer._plain_outcomes()
+                    logger.exception("settling outcomes failed; retrying")
                 with self.state.settle_cond:
                     if not self._stopping:
                         self.state.settle_cond.wait(min(0.05 * 2**failures, 5.0))
@@ -1365,13 +1362,22 @@ def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
             held = state.inflight.get(o.message_id)
             if held is not None and held.claim_token == o.token:
                 del state.inflight[o.message_id]
+    # A retry not written because a cancel reached the message first (SETTLE leaves such a
+    # message claimed): written again as the cancel, which ends the job now. Were the claim
+    # another worker's, the cancel would not be written either.
+    cancels = [dataclasses.replace(o, kind="cancel") for o in latest.values()
+               if o.kind == "retry" and o.message_id not in applied]
     for o in latest.values():
-        if o.message_id not in applied:
+        if o.message_id not in applied and o.kind != "retry":
             logger.warning(
                 "message %s: its lease was lost before its %s was written; another worker owns it now",
                 o.message_id,
                 o.kind,
             )
+    if cancels:
+        with state.lock:
+            state.outcomes.extend(cancels)
+        _settle(broker, state, conn)  # at once (a cancel is never turned into anything else)
 
 
 def _enqueue_statement(rows: dict[str, list[Any]], *, always_wake: bool) -> tuple[Statement, dict[str, Any], bool]:
@@ -1438,7 +1444,7 @@ def to_json(value: Any) -> str | None:
     except (TypeError, ValueError):
         return None
     # jsonb refuses both: a result it cannot hold is not stored (the job still completes).
-    return None if holds_nul(text) or holds_lone_surrogate(text) else text
+    return None if jsonb_refuses(text) else text
 
 
 __all__ = ["PgMessageProxy", "PostgresBroker", "encode_message", "enqueue_in", "get_encoder", "to_json"]

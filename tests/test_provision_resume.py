@@ -6,6 +6,7 @@ be run twice, or interrupted where a SIGKILL would have struck.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -496,3 +497,38 @@ def test_compensation_that_cannot_reach_a_service_it_registered_with_keeps_the_p
     assert census(db_url, pid, services) == {
         "databases": 0, "roles": 0, "registrations": {"auth": [pid], "realtime": [], "storage": []}, "keys": 0,
     }
+
+
+@pytest.mark.parametrize("outcome", ["active", "undone"])
+def test_a_caller_whose_completion_is_written_after_the_outcome_gets_it_from_the_sweep(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], outcome: str
+) -> None:
+    from tasks.provision import reconcile_entry_jobs
+
+    # Given a project provisioning, and a second caller's job that joined it and is still running
+    claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    second = str(uuid.uuid4())
+    query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, status) "
+                  "VALUES (%s, 'provision_project', 'provisioning', 'running')", (second,))
+    with control_transaction() as conn:
+        claim(conn, validate(project), second, Settings.from_env())
+    # When the outcome is delivered before that job's completion is written (which then writes
+    # the accepted handle over nothing)
+    if outcome == "active":
+        for step in STEPS[1:]:
+            run_step(step, pid)
+    else:
+        compensate_project(Settings.from_env(), pid, "step provision_project.database failed: boom")
+    handle = json.dumps({"project_id": pid, "status": "provisioning", "job_id": None})
+    query(db_url, "UPDATE control_plane.jobs SET status = 'completed', result = %s WHERE id = %s", (handle, second))
+    # Then the sweep copies the outcome onto it, once
+    assert reconcile_entry_jobs(Settings.from_env()) == [second]
+    assert reconcile_entry_jobs(Settings.from_env()) == []
+    row = query(db_url, "SELECT status, result, last_error FROM control_plane.jobs WHERE id = %s", (second,))[0]
+    if outcome == "active":
+        assert (row["status"], row["result"]) == ("completed", told(second))
+    else:
+        assert row["status"] == "failed"
+        assert row["last_error"] == "provisioning failed and was undone: step provision_project.database failed: boom"

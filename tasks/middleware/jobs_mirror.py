@@ -212,15 +212,15 @@ def refuse_unrecordable(message: Any) -> None:
     leave a job running that the mirror never shows. The Postgres broker's
     sends refuse the same values with the same words.
     """
-    from tasks.broker import holds_lone_surrogate, holds_nul, nul_reason, unserializable_reason
+    from tasks.broker import jsonb_refuses, refused_reason, unserializable_reason
 
     try:
         texts = (_payload(message), _options(message))
     except (TypeError, ValueError) as exc:
         raise Unrecordable(unserializable_reason(message, stringified=True)) from exc
     for text in texts:
-        if holds_nul(text) or holds_lone_surrogate(text):
-            raise Unrecordable(nul_reason(message, text))
+        if jsonb_refuses(text):
+            raise Unrecordable(refused_reason(message, text))
 
 
 class StandaloneMirror:

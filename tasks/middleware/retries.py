@@ -15,8 +15,9 @@ the message redacted, never the traceback.
 Dramatiq's Retries writes the attempt's traceback into the message's options
 (``traceback``), which travel with the retried message and in the message
 Dramatiq's ``on_retry_exhausted`` sends; both are stored in PostgreSQL. The
-traceback is redacted (:func:`tasks.redaction.redact`) before either sees it,
-as every error text is.
+traceback is redacted (:func:`tasks.redaction.redact`) and made storable (a NUL
+as ``\\x00``, an unpaired surrogate as U+FFFD) before either sees it, as every
+error text is.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class _RedactedTracebacks:
     """
 
     def format_exc(self, limit: int | None = None, chain: bool = True) -> str:
-        return redact(traceback.format_exc(limit, chain))
+        from tasks.broker import storable_text
+
+        return storable_text(redact(traceback.format_exc(limit, chain)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(traceback, name)

@@ -11,6 +11,7 @@ from tasks.provision.workflow import (
     compensate_project,
     forget_expired_secrets,
     provision_project,
+    reconcile_entry_jobs,
     run_step,
     sweep_orphans,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "compensate_project",
     "forget_expired_secrets",
     "provision_project",
+    "reconcile_entry_jobs",
     "reveal_secrets",
     "run_step",
     "sweep_orphans",

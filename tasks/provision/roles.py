@@ -15,6 +15,7 @@ import psycopg2.errors
 from psycopg2 import sql
 from psycopg2.extensions import encrypt_password
 
+from models import project_queries as q
 from tasks.errors import Conflict
 from tasks.provision import payload as p
 from tasks.provision import secrets
@@ -51,8 +52,7 @@ def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
     with translated("creating roles"), session(settings, autocommit=False) as conn, conn.cursor() as cur:
         # One delivery of this step at a time per project (see ensure_schema): a second waits, then
         # finds the roles and their markers.
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:roles:' || %s))",
-                    (state.project_id,))
+        cur.execute(q.LOCK_ROLES_STEP, {"project_id": state.project_id})
         created_owner = _ensure_role(
             cur, owner, state.project_id, sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner))
         )

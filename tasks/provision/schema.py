@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from psycopg2 import sql
 
+from models import project_queries as q
 from tasks.provision import payload as p
 from tasks.provision.state import ProjectState
 from tasks.provision.target import session, translated
@@ -36,7 +37,7 @@ def ensure_schema(settings: Settings, state: ProjectState) -> dict[str, object]:
             # worker cut off until its lease ran out) would otherwise fail on the catalogs
             # (23505 on pg_namespace, "tuple concurrently updated"); the second now waits, then
             # finds everything done.
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:schema'))")
+            cur.execute(q.LOCK_SCHEMA_STEP)
             for statement in statements:
                 cur.execute(statement)
     return {"schema": p.schema_name(payload)}

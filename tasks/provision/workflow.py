@@ -31,6 +31,7 @@ from typing import Any
 import dramatiq
 import psycopg2
 from dramatiq.middleware import CurrentMessage
+from dramatiq.results import ResultFailure, ResultMissing
 from psycopg2.extras import Json
 
 import tasks
@@ -354,6 +355,37 @@ def sweep_orphans(settings: Settings, older_than_seconds: float = 600.0) -> list
     return orphans
 
 
+def reconcile_entry_jobs(settings: Settings) -> list[str]:
+    """Write onto callers' jobs rows the outcome ``get_result`` already gives; returns their ids.
+
+    A later caller's job joins the waiting list in its own transaction, and its completion
+    (the accepted handle) is written after it returns: an outcome delivered in between finds
+    the row still running and leaves it, and the handle then lands over nothing. The results
+    backend has the outcome all the same; this copies it onto such rows.
+    """
+    backend = tasks.broker.get_results_backend()
+    fixed = []
+    with control_transaction() as conn:
+        with conn.cursor() as cur:
+            cur.execute(q.STALE_ENTRY_JOBS, {"within": settings.result_ttl_ms / 1000})
+            candidates = [row[0] for row in cur.fetchall()]
+        for job_id in candidates:
+            try:
+                outcome = backend.get_result(_entry_message(job_id))
+            except ResultMissing:
+                continue  # not decided yet
+            except ResultFailure as exc:
+                record = {"job_ids": [job_id], "result": None, "error": exc.orig_exc_msg or str(exc)}
+            else:
+                record = {"job_ids": [job_id], "result": Json(outcome), "error": None}
+            with conn.cursor() as cur:
+                cur.execute(q.RECORD_ON_ENTRY_JOBS, record)
+            fixed.append(job_id)
+    if fixed:
+        logger.info("wrote the outcome onto %d caller job(s) whose completion had come after it", len(fixed))
+    return fixed
+
+
 def forget_expired_secrets() -> list[str]:
     """Erase the secrets' nonce of projects whose secrets expired unread; returns their ids.
 
@@ -373,9 +405,12 @@ def forget_expired_secrets() -> list[str]:
                 # one sweep at a time: a second send while one is pending or running returns it
                 unique_key_from=lambda args, kwargs: f"{ACTOR}.sweep")
 def sweep(older_than_seconds: float = 600.0) -> dict[str, list[str]]:
-    """Periodic (PROVISION_SWEEP_SCHEDULE): stuck projects to compensation, expired secrets erased."""
-    return {"compensating": sweep_orphans(Settings.from_env(), older_than_seconds),
-            "secrets_erased": forget_expired_secrets()}
+    """Periodic (PROVISION_SWEEP_SCHEDULE): stuck projects to compensation, expired secrets erased,
+    callers' jobs rows brought up to their outcome."""
+    settings = Settings.from_env()
+    return {"compensating": sweep_orphans(settings, older_than_seconds),
+            "secrets_erased": forget_expired_secrets(),
+            "caller_jobs_updated": reconcile_entry_jobs(settings)}
 
 
 if _settings.provision_sweep_schedule is not None:
