@@ -256,7 +256,8 @@ WITH t AS (
            eta = now() + make_interval(secs => a.delay_ms / 1000.0), body = a.body
     FROM a WHERE a.kind = 'retry' AND m.id = a.id AND m.claim_token = a.token
       -- re-checked on the row as it is once locked: a cancellation that committed while this
-      -- statement waited for the row keeps it out of the queue (the reaper ends it, cancelled)
+      -- statement waited for the row keeps it out of the queue (the settler, finding this retry
+      -- not written, writes it again as a cancel)
       AND m.cancel_requested_at IS NULL
     RETURNING m.id, m.eta
 ), done AS (
