@@ -513,13 +513,13 @@ def test_outcomes_survive_the_settler_losing_its_connection(db_url: str) -> None
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
 
 
-@pytest.mark.parametrize("batch", [1, 3], ids=["send", "batch"])
+@pytest.mark.parametrize("batch", [1, 3, 0], ids=["send", "batch", "keyed"])
 def test_a_send_whose_reply_is_lost_after_its_commit_does_not_requeue_the_claimed_job(
     db_url: str, monkeypatch: pytest.MonkeyPatch, batch: int
 ) -> None:
-    from tasks.broker import _ENQUEUE_ONE, _ENQUEUE_PLAIN
+    from tasks.broker import _ENQUEUE, _ENQUEUE_ONE, _ENQUEUE_PLAIN
 
-    statement = _ENQUEUE_ONE if batch == 1 else _ENQUEUE_PLAIN
+    statement = {1: _ENQUEUE_ONE, 3: _ENQUEUE_PLAIN, 0: _ENQUEUE}[batch]
     real = statement.execute
     calls = []
 
@@ -536,6 +536,8 @@ def test_a_send_whose_reply_is_lost_after_its_commit_does_not_requeue_the_claime
     # When a send commits and its connection is lost before the reply
     if batch == 1:
         sent = [actors.noop.send(1)]
+    elif batch == 0:  # with a unique key: the statement that reports duplicates
+        sent = [actors.noop.send_with_options(args=(1,), unique_key="lost-reply")]
     else:
         sent = _broker().enqueue_batch([actors.noop.message(i) for i in range(batch)])
     # Then the send succeeds without sending again what it finds stored: the claims hold
