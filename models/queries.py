@@ -593,23 +593,39 @@ RETURNING r.value
 """
 
 #: Add ``amount`` (negative to decrement) to ``key`` if the result stays within
-#: [minimum, maximum] (a NULL bound: none); a missing key counts as 0. Returns a row when it did. The
-#: upsert locks the row, so concurrent callers are applied one after the other,
-#: each against the value the previous one left.
+#: [minimum, maximum] (a NULL bound: none); a missing or expired key counts as 0. Returns a
+#: row when it did. An existing row is updated under its row lock, so concurrent callers are
+#: applied one after the other, each against the value the previous one left; only when no
+#: row was updated is one inserted, and only with a value within the bounds, so a row deleted
+#: while this statement waited for it (the expired-row sweep, an operator) counts as missing,
+#: never as a licence to store an out-of-bounds value.
 RATE_LIMIT_ADJUST = """
-INSERT INTO control_plane.rate_limits AS r (key, value, expires_at)
-SELECT %(key)s, %(amount)s::bigint, now() + make_interval(secs => %(ttl_ms)s / 1000.0)
-WHERE %(amount)s::bigint BETWEEN coalesce(%(minimum)s::bigint, %(amount)s::bigint)
-                             AND coalesce(%(maximum)s::bigint, %(amount)s::bigint)
-   OR EXISTS (SELECT 1 FROM control_plane.rate_limits WHERE key = %(key)s)
-ON CONFLICT (key) DO UPDATE
-   SET value = CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value,
-       expires_at = excluded.expires_at
- WHERE (%(minimum)s::bigint IS NULL
-        OR CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value >= %(minimum)s::bigint)
-   AND (%(maximum)s::bigint IS NULL
-        OR CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value <= %(maximum)s::bigint)
-RETURNING r.value
+WITH bumped AS (
+    UPDATE control_plane.rate_limits AS r
+       SET value = CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + %(amount)s::bigint,
+           expires_at = now() + make_interval(secs => %(ttl_ms)s / 1000.0)
+     WHERE r.key = %(key)s
+       AND (%(minimum)s::bigint IS NULL
+            OR CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + %(amount)s::bigint >= %(minimum)s::bigint)
+       AND (%(maximum)s::bigint IS NULL
+            OR CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + %(amount)s::bigint <= %(maximum)s::bigint)
+    RETURNING r.value
+), created AS (
+    INSERT INTO control_plane.rate_limits AS r (key, value, expires_at)
+    SELECT %(key)s, %(amount)s::bigint, now() + make_interval(secs => %(ttl_ms)s / 1000.0)
+    WHERE NOT EXISTS (SELECT 1 FROM bumped)
+      AND %(amount)s::bigint BETWEEN coalesce(%(minimum)s::bigint, %(amount)s::bigint)
+                                 AND coalesce(%(maximum)s::bigint, %(amount)s::bigint)
+    ON CONFLICT (key) DO UPDATE
+       SET value = CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value,
+           expires_at = excluded.expires_at
+     WHERE (%(minimum)s::bigint IS NULL
+            OR CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value >= %(minimum)s::bigint)
+       AND (%(maximum)s::bigint IS NULL
+            OR CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value <= %(maximum)s::bigint)
+    RETURNING r.value
+)
+SELECT value FROM bumped UNION ALL SELECT value FROM created
 """
 
 #: Add ``amount`` to ``key`` unless the sum of ``keys`` (a sliding window's

@@ -7,6 +7,7 @@ from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
 
+import psycopg2
 from dramatiq import group
 from dramatiq.rate_limits import Barrier, ConcurrentRateLimiter, WindowRateLimiter
 from freezegun import freeze_time
@@ -31,6 +32,36 @@ def test_add_sets_a_key_once_until_it_expires(db_url: str) -> None:
     wait_for(lambda: backend().add("short", 5, ttl=60_000), what="the 1 ms key to expire")
     values = {r["key"]: r["value"] for r in query(db_url, "SELECT key, value FROM control_plane.rate_limits")}
     assert values == {"long": 3, "short": 5}
+
+
+def test_a_release_racing_the_deletion_of_its_row_does_not_open_the_mutex_twice(db_url: str) -> None:
+    # Given a held mutex whose row an operator is deleting (docs/operations.md), not yet committed
+    key = "mutex"
+    mutex = ConcurrentRateLimiter(backend(), key, limit=1, ttl=60_000)
+    assert backend().incr(key, 1, maximum=1, ttl=60_000)
+    operator = psycopg2.connect(db_url)
+    try:
+        with operator.cursor() as cur:
+            cur.execute("DELETE FROM control_plane.rate_limits WHERE key = %s", (key,))
+        # When the holder releases its slot while the deletion commits
+        released: list[bool] = []
+        release = threading.Thread(target=lambda: released.append(backend().decr(key, 1, minimum=0, ttl=60_000)))
+        release.start()
+        waiting = (
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        )
+        wait_for(lambda: query(db_url, waiting)[0]["n"] == 1, what="the release to wait for the row")
+        operator.commit()
+        release.join()
+    finally:
+        operator.close()
+    # Then the release finds nothing to take from (as with a missing key in Redis), stores no
+    # negative count, and the mutex admits one holder, not two
+    assert released == [False]
+    assert query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = %s", (key,)) == []
+    first, second = mutex.acquire(raise_on_failure=False), mutex.acquire(raise_on_failure=False)
+    assert [first.__enter__(), second.__enter__()] == [True, False]
 
 
 def test_incr_and_decr_stay_within_their_bounds(db_url: str) -> None:
