@@ -18,7 +18,7 @@ from dramatiq.errors import ConnectionClosed
 from models import queries
 from tasks import db
 from tasks.errors import ConfigurationError
-from tasks.settings import Settings
+from tasks.settings import Settings, retention_problem
 
 
 class UserError(Exception):
@@ -371,10 +371,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     conn = _connect(_url(settings))
     try:
         for option, value in (("--completed-after", args.completed_after), ("--failed-after", args.failed_after)):
+            problem = retention_problem(value)
             try:
                 _scalar(conn, "SELECT %(value)s::interval", {"value": value})
             except UserError:
-                raise UserError(f"{option} must be a PostgreSQL interval such as '7 days', not {value!r}") from None
+                problem = problem or f"{value!r} is not a PostgreSQL interval"
+            if problem:
+                raise UserError(f"{option} must be a PostgreSQL interval such as '7 days': {problem}")
         deleted = _scalar(
             conn, queries.PRUNE_JOBS, {"completed": args.completed_after, "failed": args.failed_after}
         )

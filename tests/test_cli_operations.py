@@ -267,6 +267,11 @@ def test_prune_deletes_old_finished_jobs_and_refuses_a_bad_age(
         in_process(capsys, monkeypatch, db_url, "prune", "--failed-after", "a while"),
         "--failed-after must be a PostgreSQL interval",
     )
+    # and so is one PostgreSQL would read as seconds
+    assert_user_error(
+        in_process(capsys, monkeypatch, db_url, "prune", "--completed-after", "7"),
+        "'7' has no unit",
+    )
 
 
 def test_workers_lists_live_workers_and_what_they_hold(db_url: str) -> None:

@@ -208,6 +208,10 @@ def test_the_new_settings_are_validated() -> None:
         ("CONTROLPLANE_PRUNE_SCHEDULE", "0 25 * * *", "CONTROLPLANE_PRUNE_SCHEDULE: hour: 25 is out of range"),
         ("CONTROLPLANE_METRICS_PORT", "70000", "CONTROLPLANE_METRICS_PORT must be a TCP port"),
         ("CONTROLPLANE_RETENTION_COMPLETED", "forever", "CONTROLPLANE_RETENTION_COMPLETED must be a PostgreSQL"),
+        # what PostgreSQL would take as 30 seconds, or as a negative period: every finished job pruned
+        ("CONTROLPLANE_RETENTION_FAILED", "30", "'30' has no unit .*seconds.*'30 days'"),
+        ("CONTROLPLANE_RETENTION_COMPLETED", "7 days ago", "not a positive period"),
+        ("CONTROLPLANE_RETENTION_COMPLETED", "-7 days", "not a positive period"),
     ]:
         with pytest.raises(ConfigurationError, match=fragment):
             Settings.from_env({name: value})
