@@ -670,11 +670,12 @@ SELECT 1 FROM control_plane.rate_limits WHERE key = %(key)s AND expires_at > now
 """
 
 #: Delete expired counters, a batch at a time, skipping rows being written.
-RATE_LIMIT_SWEEP = """
+RATE_LIMIT_SWEEP_BATCH = 10_000
+RATE_LIMIT_SWEEP = f"""
 DELETE FROM control_plane.rate_limits
 WHERE key IN (SELECT key FROM control_plane.rate_limits WHERE expires_at < now()
-              ORDER BY expires_at LIMIT 10000 FOR UPDATE SKIP LOCKED)
-"""
+              ORDER BY expires_at LIMIT {RATE_LIMIT_SWEEP_BATCH} FOR UPDATE SKIP LOCKED)
+"""  # noqa: S608 (a module constant, no input)
 
 # -- the jobs mirror without the Postgres broker (BROKER_URL=amqp://...) ------------
 #

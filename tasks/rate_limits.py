@@ -154,7 +154,10 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
             return
         try:
             self._next_sweep = now + SWEEP_INTERVAL
-            self.sweep()
+            if self.sweep() >= queries.RATE_LIMIT_SWEEP_BATCH:
+                # More expired than one batch (many window keys): sweep again on the next call
+                # rather than a minute later, or they would pile up faster than they go.
+                self._next_sweep = now
         finally:
             self._sweep_lock.release()
 

@@ -64,6 +64,18 @@ def test_a_release_racing_the_deletion_of_its_row_does_not_open_the_mutex_twice(
     assert [first.__enter__(), second.__enter__()] == [True, False]
 
 
+def test_more_expired_counters_than_one_sweep_takes_are_swept_on_the_next_call(db_url: str) -> None:
+    # Given more expired counters than one sweep deletes (many window keys, one row per second each)
+    query(db_url, "INSERT INTO control_plane.rate_limits (key, value, expires_at) "
+                  "SELECT 'w@' || i, 1, now() - interval '1 minute' FROM generate_series(1, 10001) AS i")
+    fresh = PostgresRateLimiterBackend(tasks.connection)
+    # When the backend is used twice in a row (its sweep is due on the first call only, a minute apart)
+    assert fresh.incr("k", 1, maximum=5, ttl=60_000)
+    assert fresh.incr("k", 1, maximum=5, ttl=60_000)
+    # Then a full batch made the second call sweep the rest, instead of leaving it for a minute
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.rate_limits WHERE expires_at < now()")[0]["n"] == 0
+
+
 def test_incr_and_decr_stay_within_their_bounds(db_url: str) -> None:
     # Given a missing key (it counts as 0)
     b = backend()
