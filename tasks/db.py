@@ -186,6 +186,24 @@ def idle_connection_is_alive(conn: Any) -> bool:
     return not conn.closed
 
 
+def _clean_for_reuse(conn: Any) -> bool:
+    """Whether ``conn`` can go back to a pool: idle, or made idle by rolling back what its
+    borrower left open (a ``BEGIN`` without ``COMMIT``, a failed statement in a transaction).
+    Pooled as it was, the next borrower's statements would join that transaction, or fail."""
+    idle = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    status = conn.get_transaction_status()
+    if status == idle:
+        return True
+    if status not in (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR):
+        return False  # a statement still running, or the connection is gone: close it
+    try:
+        with conn.cursor() as cur:
+            cur.execute("ROLLBACK")
+    except psycopg2.Error:
+        return False
+    return bool(conn.get_transaction_status() == idle)
+
+
 class Pool:
     """A small blocking pool of at most ``size`` autocommit connections (sends, results, mirror writes).
 
@@ -224,13 +242,19 @@ class Pool:
             try:
                 yield conn
             except psycopg2.Error as exc:
-                if is_connection_error(exc):
+                if is_connection_error(exc) or not _clean_for_reuse(conn):
                     raise  # the finally below closes it instead of pooling it
                 self._idle.put(conn)
                 conn = None
                 raise
-            self._idle.put(conn)
-            conn = None
+            except BaseException:
+                if _clean_for_reuse(conn):
+                    self._idle.put(conn)
+                    conn = None
+                raise
+            if _clean_for_reuse(conn):
+                self._idle.put(conn)
+                conn = None
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):

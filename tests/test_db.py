@@ -52,3 +52,23 @@ def test_an_error_without_a_sqlstate_keeps_its_first_line_redacted() -> None:
     line = db.loggable_error(raised.value)
     assert line.startswith("OperationalError: connection to server at") and "\n" not in line
     assert db.loggable_error(ValueError("token=abc123 bad\nsecond line")) == "ValueError: token=[REDACTED] bad"
+
+
+def test_a_connection_given_back_inside_a_transaction_is_rolled_back_not_handed_on(db_url: str) -> None:
+    import tasks
+    from tests import actors
+    from tests.support import job, query
+
+    # Given code that borrows a pooled connection and leaves a failed transaction in it,
+    # and code that leaves one open
+    with pytest.raises(psycopg2.errors.DivisionByZero), tasks.connection() as conn, conn.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("SELECT 1/0")
+    with tasks.connection() as conn, conn.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("CREATE TABLE left_open (x int)")
+    # When the process sends jobs on the same pool
+    message = actors.noop.send(1)
+    # Then the sends work and commit on their own; what was left open was rolled back
+    assert job(db_url, message.message_id)["status"] == "pending"
+    assert query(db_url, "SELECT to_regclass('left_open')::text AS t")[0]["t"] is None
