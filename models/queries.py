@@ -734,4 +734,9 @@ WHERE j.id = %(id)s::uuid
 # -- metrics (tasks.metrics) --------------------------------------------------------
 
 #: Live workers (Postgres broker only: RabbitMQ workers do not heartbeat here).
-LIVE_WORKERS = "SELECT count(*) FROM control_plane.workers"
+#: Worker processes that heartbeated within ``silent_after`` seconds (a lease: past it their
+#: claims are taken back). A row of one killed outright stays until a live worker's reaper
+#: forgets it; with every worker dead, nothing would, so the count must not rely on that.
+LIVE_WORKERS = """
+SELECT count(*) FROM control_plane.workers WHERE silent_for < make_interval(secs => %(silent_after)s)
+"""

@@ -492,7 +492,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     _connect(_url(settings)).close()  # fail now, with one line, if the database does not answer
     host = args.host or settings.metrics_host
     try:
-        server, _ = serve_queue_metrics(tasks.connection, args.port, host, _stats_query(settings))
+        server, _ = serve_queue_metrics(
+            tasks.connection, args.port, host, _stats_query(settings), settings.lease_seconds
+        )
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{args.port}: {exc.strerror}") from None
     print(f"serving queue metrics on http://{host}:{server.server_port}/metrics", flush=True)

@@ -66,10 +66,14 @@ class QueueStatsCollector:
     """
 
     def __init__(
-        self, connection: Callable[[], AbstractContextManager[Any]], stats: str = queries.QUEUE_STATS
+        self,
+        connection: Callable[[], AbstractContextManager[Any]],
+        stats: str = queries.QUEUE_STATS,
+        silent_after: float = 30.0,
     ) -> None:
         self._connection = connection
         self._stats = stats
+        self._silent_after = silent_after
 
     def describe(self) -> list[Any]:
         return []  # no metric is exported on registration: collect() reads the database
@@ -83,7 +87,7 @@ class QueueStatsCollector:
                 cur.execute(self._stats)
                 columns = [d[0] for d in cur.description]
                 rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
-                cur.execute(queries.LIVE_WORKERS)
+                cur.execute(queries.LIVE_WORKERS, {"silent_after": self._silent_after})
                 (workers,) = cur.fetchone()
         except Exception as exc:  # a scrape must answer even when the database does not
             logger.warning("metrics: cannot read control_plane.queue_stats: %s", loggable_error(exc))
@@ -97,7 +101,9 @@ class QueueStatsCollector:
             for row in rows:
                 family.add_metric([row["queue"]], float(row[column] or 0))
             yield family
-        live = GaugeMetricFamily("controlplane_workers", "Live worker processes (heartbeating), Postgres broker.")
+        live = GaugeMetricFamily(
+            "controlplane_workers", "Worker processes that heartbeated within a lease, Postgres broker."
+        )
         live.add_metric([], float(workers))
         yield live
 
@@ -107,16 +113,18 @@ def serve_queue_metrics(
     port: int,
     host: str = "0.0.0.0",
     stats: str = queries.QUEUE_STATS,
+    silent_after: float = 30.0,
 ) -> tuple[HTTPServer, threading.Thread]:
     """Serve the queue gauges at ``http://host:port/metrics`` from a daemon thread.
 
     ``port`` 0 picks a free port: read it from ``server.server_port``. Stop with
-    ``server.shutdown()``. ``stats``: see :class:`QueueStatsCollector`.
+    ``server.shutdown()``. ``stats`` and ``silent_after`` (the workers' lease, in
+    seconds): see :class:`QueueStatsCollector`.
     """
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueStatsCollector(connection, stats))
+    registry.register(QueueStatsCollector(connection, stats, silent_after))
     server, thread = start_http_server(port, addr=host, registry=registry)
     return server, thread
 

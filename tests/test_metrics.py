@@ -62,6 +62,9 @@ def test_queue_gauges_are_served_from_sql(db_url: str) -> None:
     add_job(db_url, "default", "running")
     add_job(db_url, "other", "failed")
     add_job(db_url, "other", "failed")
+    # and two workers' heartbeats: one of now, one of a worker killed ten minutes ago
+    query(db_url, "INSERT INTO control_plane.worker_heartbeats (id, hostname, pid, heartbeat_at) "
+                  "VALUES ('alive', 'h', 1, now()), ('killed', 'h', 2, now() - interval '10 minutes')")
     server, _ = serve_queue_metrics(tasks.connection, 0, "127.0.0.1")
     try:
         # When the endpoint is scraped over HTTP
@@ -81,7 +84,8 @@ def test_queue_gauges_are_served_from_sql(db_url: str) -> None:
     # (the oldest ready job was scheduled 90 s before it was inserted, so it has waited at least that)
     assert samples[("controlplane_queue_oldest_ready_age_seconds", default)] >= 90
     assert samples[("controlplane_queue_oldest_ready_age_seconds", other)] == 0
-    assert samples[("controlplane_workers", ())] == 0
+    # and only the worker that heartbeated within a lease counts as live
+    assert samples[("controlplane_workers", ())] == 1
 
 
 def test_an_unreachable_database_is_reported_not_raised() -> None:
