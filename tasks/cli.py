@@ -196,7 +196,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                     params[column] = value
             where += _status_lookup(args.status, settings)
             if args.since:
-                where.append("created_at >= now() - %(since)s::interval")
+                # failed jobs by when they failed (a job may fail days after it was sent), others by creation
+                since_column = "failed_at" if args.status == "failed" else "created_at"
+                where.append(f"{since_column} >= now() - %(since)s::interval")
                 params["since"] = args.since
             rows = _fetch(
                 conn,
@@ -275,7 +277,17 @@ def _why_not(conn: Any, job_id: str, allowed: str, done: str) -> UserError:
     return UserError(f"job {job_id} is {rows[0]['status']}: only {allowed} jobs can be {done}")
 
 
+def _needs_postgres_broker(settings: Settings, what: str) -> None:
+    """Refuse ``what`` when RabbitMQ carries the messages: it works on control_plane.messages."""
+    if not settings.postgres_broker:
+        raise UserError(
+            f"{what} needs the PostgreSQL broker: with BROKER_URL set the messages are in RabbitMQ, "
+            "which this cannot reach (to run a job again, send it again: controlplane send)"
+        )
+
+
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    _needs_postgres_broker(_settings(), "jobs retry")
     if (args.id is None) == (not args.failed):
         raise UserError("give a job id, or --failed to retry every failed job (not both)")
     if args.type and not args.failed:
@@ -308,6 +320,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    _needs_postgres_broker(_settings(), "jobs cancel")
     job_id = _job_id(args.id)
     conn = _connect(_url(_settings()))
     try:
@@ -558,7 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=("pending", "running", "completed", "failed", "cancelled"))
     p.add_argument("--type", help="actor name")
     p.add_argument("--queue")
-    p.add_argument("--since", help="a PostgreSQL interval, e.g. '1 hour'")
+    p.add_argument(
+        "--since",
+        help="a PostgreSQL interval, e.g. '1 hour': jobs created since then (with --status failed: failed since then)",
+    )
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_jobs)

@@ -326,3 +326,33 @@ def test_user_mistakes_are_one_line_errors_never_tracebacks(
     # Bad JSON
     bad_json = in_process(capsys, monkeypatch, db_url, "send", "tests.noop", "--args", "[1,")
     assert_user_error(bad_json, "--args is not valid JSON")
+
+
+def test_jobs_retry_and_cancel_refuse_when_rabbitmq_carries_the_messages(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the RabbitMQ broker (the messages are not in control_plane.messages) and a failed job
+    query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
+                  "VALUES (gen_random_uuid(), 'tests.noop', 'default', 'failed', now())")
+    (failed,) = [r["id"] for r in query(db_url, "SELECT id::text FROM control_plane.jobs")]
+    monkeypatch.setenv("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    # When an operator retries or cancels a job, Then it is told why that cannot work here
+    for args in (("jobs", "retry", failed), ("jobs", "retry", "--failed"), ("jobs", "cancel", failed)):
+        assert_user_error(in_process(capsys, monkeypatch, db_url, *args), "needs the PostgreSQL broker")
+    # and the job was not made pending (no worker would ever run it)
+    assert job(db_url, failed)["status"] == "failed"
+
+
+def test_jobs_list_since_finds_failed_jobs_by_when_they_failed(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job sent two days ago that failed for good a minute ago, and one that failed long ago
+    for kind, failed_ago in (("late", "1 minute"), ("old", "1 day")):
+        query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at) "
+                      "VALUES (gen_random_uuid(), %s, 'default', 'failed', now() - interval '2 days', "
+                      "now() - %s::interval)", (kind, failed_ago))
+    # When the operator lists what failed in the last hour
+    listing = ("jobs", "list", "--status", "failed", "--since", "1 hour", "--json")
+    result = in_process(capsys, monkeypatch, db_url, *listing)
+    # Then the late failure is there, though it was sent long before
+    assert [row["type"] for row in json.loads(result.stdout)] == ["late"]
