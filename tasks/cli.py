@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 import uuid
@@ -79,7 +80,11 @@ def cmd_db(args: argparse.Namespace) -> int:
     elif args.action == "stop":
         if settings.database_url is not None:
             raise UserError("DATABASE_URL is set: that server is not ours to stop")
-        print("stopped" if db.stop_embedded(settings.home) else "the embedded server was not running")
+        try:
+            stopped = db.stop_embedded(settings.home)
+        except subprocess.CalledProcessError as exc:
+            raise UserError(f"cannot stop the embedded PostgreSQL (pg_ctl exited with {exc.returncode})") from None
+        print("stopped" if stopped else "the embedded server was not running")
     return 0
 
 

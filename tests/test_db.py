@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg2
 import pytest
 
@@ -72,3 +74,39 @@ def test_a_connection_given_back_inside_a_transaction_is_rolled_back_not_handed_
     # Then the sends work and commit on their own; what was left open was rolled back
     assert job(db_url, message.message_id)["status"] == "pending"
     assert query(db_url, "SELECT to_regclass('left_open')::text AS t")[0]["t"] is None
+
+
+def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support import query, wait_for
+
+    # Given an embedded server that was killed outright (its postmaster.pid left behind)
+    home = tmp_path / "home"
+    db.embedded_url(home)
+    pid = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(gone, what="the postmaster to die")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"CONTROLPLANE_HOME": str(home)}
+    controlplane = [sys.executable, "-m", "tasks.cli"]
+    try:
+        # When an operator stops it, Then that is no error: there was nothing to stop
+        stop = subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, text=True, timeout=60)
+        assert (stop.returncode, stop.stdout.strip()) == (0, "the embedded server was not running"), stop.stderr
+        # And the next process starts it again
+        started = subprocess.run([*controlplane, "db", "url"], env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr
+        assert query(started.stdout.strip(), "SELECT 1 AS one") == [{"one": 1}]
+    finally:
+        subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, timeout=60)
