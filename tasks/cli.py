@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from dramatiq.errors import ConnectionClosed
 from models import queries
 from tasks import db
 from tasks.errors import ConfigurationError
+from tasks.redaction import redact
 from tasks.settings import Settings, retention_problem
 
 
@@ -40,8 +42,11 @@ def _url(settings: Settings) -> str:
 def _connect(url: str) -> Any:
     try:
         return db.connect(url, autocommit=True, application_name="controlplane-cli")
-    except psycopg2.OperationalError as exc:
+    except psycopg2.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection refused"
+        if first.startswith("invalid dsn"):
+            # libpq quotes the part of the URL it could not read, which may be the password
+            raise UserError(f"DATABASE_URL is not a valid PostgreSQL URL ({db.unquoted(first)})") from None
         raise UserError(f"cannot connect to the database: {first}") from exc
 
 
@@ -50,19 +55,28 @@ def _describe_target(settings: Settings) -> str:
         return f"embedded PostgreSQL (data in {settings.home / 'pgdata'})"
     from sqlalchemy.engine import make_url
 
-    return "DATABASE_URL " + make_url(settings.database_url).render_as_string(hide_password=True)
+    # hide_password covers the user part; a password in the query string (?password=) is redacted
+    return "DATABASE_URL " + redact(make_url(settings.database_url).render_as_string(hide_password=True))
 
 
 # -- migrate -------------------------------------------------------------------
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
     import migrations
 
     settings = _settings()
     url = _url(settings)
     _connect(url).close()
-    migrations.upgrade(url)
+    try:
+        migrations.upgrade(url)
+    except DBAPIError as exc:  # what the database said, in one line (e.g. no CREATE privilege)
+        raise UserError(f"cannot migrate: the database refused: {_first_line(exc.orig or exc)}") from None
+    except (CommandError, SQLAlchemyError) as exc:  # e.g. a newer release's revision in the database
+        raise UserError(f"cannot migrate: {_first_line(exc)}") from None
     print(f"migrated {_describe_target(settings)} to revision {migrations.current(url)}")
     return 0
 
@@ -562,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("actor", help="actor name, e.g. provision_project")
     p.add_argument("--args", help="positional arguments, a JSON array")
     p.add_argument("--kwargs", help="keyword arguments, a JSON object")
-    p.add_argument("--delay", type=float, help="seconds to wait before it may run")
+    p.add_argument("--delay", type=_seconds, help="seconds to wait before it may run")
     p.add_argument("--priority", type=int, help="lower runs first (default: the actor's)")
     p.add_argument("--unique-key", help="at most one live job per key")
     p.add_argument("--queue", default="default", help="queue, for actors not importable here")
@@ -610,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", help="per queue: ready, scheduled, running, failed, completed in the last minute, oldest wait"
     )
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument("--interval", type=_seconds, default=2.0, help="seconds between refreshes (default 2)")
     p.add_argument("--json", action="store_true", help="print JSON (one line per refresh with --watch)")
     p.set_defaults(func=cmd_stats)
 
@@ -645,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics",
         help="serve queue depth, lag and failure gauges for Prometheus (from control_plane.queue_stats)",
     )
-    p.add_argument("--port", type=int, default=9192, help="port to listen on (default 9192; 0: any free port)")
+    p.add_argument("--port", type=_port, default=9192, help="port to listen on (default 9192; 0: any free port)")
     p.add_argument("--host", help="address to listen on (default: CONTROLPLANE_METRICS_HOST, 0.0.0.0)")
     p.set_defaults(func=cmd_metrics)
 
@@ -653,6 +667,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_workers)
     return parser
+
+
+def _seconds(raw: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number of seconds, 0 or more")
+    return value
+
+
+def _port(raw: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    if not raw.isdigit() or int(raw) > 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port (0-65535)")
+    return int(raw)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -668,15 +700,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except (UserError, ConfigurationError) as exc:
-        print(f"controlplane: error: {exc}", file=sys.stderr)
+        print(f"controlplane: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     except (psycopg2.Error, ConnectionClosed) as exc:
         if isinstance(exc, ConnectionClosed) or db.is_connection_error(exc):
             # The database went away (or never answered) after the command started.
             reason = _first_line(exc.__cause__ or exc)
-            print(f"controlplane: error: cannot connect to the database: {reason}", file=sys.stderr)
+            print(f"controlplane: error: cannot connect to the database: {redact(reason)}", file=sys.stderr)
         else:  # including a deadlock or a cancelled statement, which psycopg2 files as OperationalError
-            print(f"controlplane: error: the database refused: {_first_line(exc)}", file=sys.stderr)
+            print(f"controlplane: error: the database refused: {redact(_first_line(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

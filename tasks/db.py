@@ -163,13 +163,18 @@ def loggable_error(exc: BaseException) -> str:
     if isinstance(exc, psycopg2.Error):
         detail = getattr(exc.diag, "message_primary", None) or ""
         if exc.pgcode and exc.pgcode.startswith("22"):
-            detail = _QUOTED.sub('"…"', detail)
+            detail = unquoted(detail)
         if exc.pgcode:
             detail = f"{detail} (SQLSTATE {exc.pgcode})"
     if not detail:
         detail = next(iter(str(exc).strip().splitlines()), "")
     detail = " ".join(detail.split())
     return redact(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
+
+
+def unquoted(text: str) -> str:
+    """``text`` with what it quotes left out (``"…"``): a value, a statement's data, a URL's part."""
+    return _QUOTED.sub('"…"', text)
 
 
 def connection_is_usable(conn: Any) -> bool:

@@ -6,6 +6,7 @@ an embedded PostgreSQL kept under ``CONTROLPLANE_HOME`` (``./.controlplane``).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -93,8 +94,8 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be positive, got {raw!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive, finite number of seconds, got {raw!r}")
     return value
 
 

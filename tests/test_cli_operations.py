@@ -356,3 +356,38 @@ def test_jobs_list_since_finds_failed_jobs_by_when_they_failed(
     result = in_process(capsys, monkeypatch, db_url, *listing)
     # Then the late failure is there, though it was sent long before
     assert [row["type"] for row in json.loads(result.stdout)] == ["late"]
+
+
+def test_cli_errors_are_one_line_and_never_print_a_password(empty_db: str, server_url: str, db_url: str) -> None:
+    # A URL libpq cannot read (a '%' in the password that is not percent-encoding)
+    broken = cli("postgresql://root:Top%zzSecret@127.0.0.1:5432/postgres", "stats")
+    assert_user_error(broken, "DATABASE_URL is not a valid PostgreSQL URL")
+    assert "zzSecret" not in broken.stderr + broken.stdout
+    # A password in the URL's query string, on success
+    with_query_password = db_url + ("&" if "?" in db_url else "?") + "password=S3cret"
+    migrated = cli(with_query_password, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "migrated DATABASE_URL" in migrated.stdout and "S3cret" not in migrated.stdout + migrated.stderr
+    # A role that may not create anything: the database's refusal in one line, not a traceback
+    role = f"cp_nocreate_{uuid.uuid4().hex[:8]}"
+    query(server_url, f"CREATE ROLE {role} LOGIN")
+    try:
+        from sqlalchemy.engine import make_url
+
+        as_role = make_url(empty_db).set(username=role, password=None).render_as_string(hide_password=False)
+        refused = cli(as_role, "migrate")
+        assert_user_error(refused, "cannot migrate: the database refused: permission denied")
+    finally:
+        query(server_url, f"DROP ROLE {role}")
+
+
+def test_bad_numbers_on_the_command_line_are_usage_errors_not_tracebacks(db_url: str) -> None:
+    for args, option in [
+        (("send", "tests.noop", "--delay", "nan"), "--delay"),
+        (("send", "tests.noop", "--delay", "inf"), "--delay"),
+        (("stats", "--watch", "--interval", "-1"), "--interval"),
+        (("metrics", "--port", "99999"), "--port"),
+    ]:
+        result = cli(db_url, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert f"argument {option}" in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -212,6 +212,8 @@ def test_the_new_settings_are_validated() -> None:
         ("CONTROLPLANE_RETENTION_FAILED", "30", "'30' has no unit .*seconds.*'30 days'"),
         ("CONTROLPLANE_RETENTION_COMPLETED", "7 days ago", "not a positive period"),
         ("CONTROLPLANE_RETENTION_COMPLETED", "-7 days", "not a positive period"),
+        ("CONTROLPLANE_LEASE_SECONDS", "nan", "CONTROLPLANE_LEASE_SECONDS must be a positive, finite number"),
+        ("SERVICE_TIMEOUT_SECONDS", "inf", "SERVICE_TIMEOUT_SECONDS must be a positive, finite number"),
     ]:
         with pytest.raises(ConfigurationError, match=fragment):
             Settings.from_env({name: value})
