@@ -715,4 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # ``python -m tasks.cli``: run the module's importable copy, so that the errors other modules
+    # raise (``from tasks.cli import UserError``) are the classes ``main`` catches.
+    from tasks.cli import main as _main
+
+    raise SystemExit(_main())

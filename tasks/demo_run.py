@@ -106,7 +106,14 @@ def run_demo() -> int:
             step_ids = [r["id"] for r in _fetch(
                 conn, "SELECT id::text FROM control_plane.jobs WHERE type LIKE 'provision_project.%%' "
                       "AND payload -> 'args' ->> 0 = %(p)s", {"p": project_id})]
-            return _watch(conn, ids + step_ids, seen) and len(step_ids) == 6
+            done = _watch(conn, ids + step_ids, seen)
+            # The workflow failed for good and was undone (or waits for an operator): say why now,
+            # rather than wait for the step jobs a successful run would have made.
+            entry = _fetch(conn, "SELECT status, last_error FROM control_plane.jobs WHERE id = %(id)s",
+                           {"id": provision.message_id})
+            if entry and entry[0]["status"] == "failed":
+                raise UserError(f"provisioning the demo project failed: {entry[0]['last_error']}")
+            return done and len(step_ids) == 6
 
         _wait_for(everything_done, timeout=180, what="the demo jobs to finish")
         print("\nfinal state, as an operator sees it with SQL:\n")

@@ -1,0 +1,40 @@
+"""``controlplane demo`` when the provisioning it shows cannot succeed: it says why, at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from tests.support import ROOT, query
+
+
+def test_the_demo_reports_a_failed_provisioning_at_once_instead_of_timing_out(
+    server_url: str, tmp_path: Path
+) -> None:
+    # Given a database whose role may create databases but not roles (the provisioning's first
+    # step creates two), owned by that role
+    role, name = f"cp_demo_{uuid.uuid4().hex[:8]}", f"cp_demo_{uuid.uuid4().hex[:8]}"
+    query(server_url, f"CREATE ROLE {role} LOGIN CREATEDB")
+    query(server_url, f"CREATE DATABASE {name} OWNER {role}")
+    url = make_url(server_url).set(username=role, password=None, database=name).render_as_string(hide_password=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "PROVISION_DATABASE_URL")}
+    env |= {"DATABASE_URL": url, "CONTROLPLANE_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    try:
+        # When the demo runs there
+        result = subprocess.run([sys.executable, "-m", "tasks.cli", "demo"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=170)
+    finally:
+        query(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        query(server_url, f"DROP ROLE IF EXISTS {role}")
+    # Then it ends with one line saying provisioning failed and why (not a 180 s timeout),
+    # and stops its worker
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert lines[-1].startswith("controlplane: error: provisioning the demo project failed:"), result.stderr
+    assert "permission denied to create role" in lines[-1]
+    assert "Traceback" not in result.stderr
