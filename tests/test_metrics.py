@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psycopg2
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import tasks
@@ -165,3 +167,25 @@ def test_a_worker_serves_dramatiqs_metrics_on_the_configured_port(db_url: str, t
     assert samples[("dramatiq_message_duration_milliseconds_count", labels)] == 3
     assert samples[("dramatiq_messages_inprogress", labels)] == 0
     assert ("dramatiq_message_errors_total", labels) not in samples  # no error ever counted
+
+
+def test_a_scrape_while_the_tables_are_locked_says_the_stats_are_down_instead_of_hanging(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import metrics
+
+    # Given a migration (or an operator) holding control_plane.jobs exclusively
+    monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_MS", 200)
+    locker = psycopg2.connect(db_url)
+    server, _ = serve_queue_metrics(tasks.connection, 0, "127.0.0.1")
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE control_plane.jobs IN ACCESS EXCLUSIVE MODE")
+        # When the endpoint is scraped, Then it answers, saying the stats could not be read
+        assert scrape(f"http://127.0.0.1:{server.server_port}/metrics") == {("controlplane_stats_up", ()): 0}
+        locker.rollback()
+        # and once the lock is gone it reads them again, on the same pool
+        assert scrape(f"http://127.0.0.1:{server.server_port}/metrics")[("controlplane_stats_up", ())] == 1
+    finally:
+        locker.close()
+        server.shutdown()
