@@ -107,14 +107,22 @@ def _claim_statement(size: int) -> Statement:
     return statement
 
 
-#: The connection (psycopg2) that sends made inside :func:`enqueue_in` join.
+#: What sends made inside :func:`enqueue_in` join: a psycopg2 connection, or a SQLAlchemy
+#: Session or Connection, whose DBAPI connection is looked up at each send.
 _enqueue_connection: contextvars.ContextVar[Any | None] = contextvars.ContextVar(
     "controlplane_enqueue_connection", default=None
 )
 
 
 def _dbapi_connection(conn: Any) -> Any:
-    """The psycopg2 connection behind a psycopg2 connection or a SQLAlchemy Session/Connection."""
+    """The psycopg2 connection behind a psycopg2 connection or a SQLAlchemy Session/Connection,
+    in a transaction SQLAlchemy knows about, so that its commit (or rollback) covers the send.
+
+    Looked up at each send, not once: a Session that committed or rolled back inside the
+    block has given its connection back to the pool, and its next transaction may be on
+    another one. A Connection that has run nothing yet has no transaction for SQLAlchemy
+    (it begins one on its first statement): one is begun, or its ``commit()`` would do nothing.
+    """
     if isinstance(conn, psycopg2.extensions.connection):
         return conn
     try:
@@ -125,6 +133,8 @@ def _dbapi_connection(conn: Any) -> Any:
     if isinstance(conn, Session):
         conn = conn.connection()  # begins the session's transaction if needed
     if isinstance(conn, SAConnection):
+        if not conn.in_transaction():
+            conn.begin()
         return conn.connection.dbapi_connection
     raise TypeError(
         f"enqueue_in() takes a psycopg2 connection or a SQLAlchemy Session or Connection, not {type(conn).__name__}"
@@ -140,7 +150,8 @@ def enqueue_in(conn: Any) -> Iterator[None]:
     the block join too. ``conn`` is a psycopg2 connection or a SQLAlchemy
     ``Session``/``Connection`` on the control plane's database.
     """
-    token = _enqueue_connection.set(_dbapi_connection(conn))
+    _dbapi_connection(conn)  # a clear TypeError now, for what is not a connection
+    token = _enqueue_connection.set(conn)
     try:
         yield
     finally:
@@ -725,8 +736,9 @@ class PostgresBroker(dramatiq.Broker):
         raise RuntimeError("unique keys kept changing hands while enqueueing; try again")
 
     def _run_enqueue(self, rows: dict[str, list[Any]]) -> dict[str, str | None]:
-        caller = _enqueue_connection.get()
-        if caller is not None:
+        joined = _enqueue_connection.get()
+        if joined is not None:
+            caller = _dbapi_connection(joined)
             # In the caller's transaction a send must not hold SENDING_LOCK until that commits: it wakes always.
             statement, params, keyed = _enqueue_statement(rows, always_wake=True)
             with caller.cursor() as cur:

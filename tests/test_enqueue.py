@@ -152,6 +152,38 @@ def test_send_inside_a_sqlalchemy_session_joins_its_transaction(db_url: str) -> 
     assert ids == {kept.message_id, also.message_id}
 
 
+def test_sqlalchemy_transactions_that_begin_or_end_inside_the_block_keep_their_sends(db_url: str) -> None:
+    # Given a pooled engine, as a web app has
+    engine = create_engine(sqlalchemy_url(db_url), pool_size=1, max_overflow=0)
+    try:
+        # When a fresh Connection (no statement yet) sends, then commits
+        with engine.connect() as connection:
+            with tasks.enqueue_in(connection):
+                fresh = actors.noop.send("fresh connection")
+            connection.commit()
+        # And a Session commits, then sends and commits again, all inside the block
+        with Session(engine) as session, tasks.enqueue_in(session):
+            session.execute(text("SELECT 1"))
+            session.commit()
+            second = actors.noop.send("after the first commit")
+            session.commit()
+        # And a Session rolls back, then sends, and is closed without committing
+        with Session(engine) as session, tasks.enqueue_in(session):
+            session.execute(text("SELECT 1"))
+            session.rollback()
+            actors.noop.send("never committed")
+        # and another request on the pool commits something of its own
+        with Session(engine) as other:
+            other.execute(text("SELECT 1"))
+            other.commit()
+    finally:
+        engine.dispose()
+    # Then exactly the sends whose transactions committed exist
+    ids = {str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.jobs")}
+    assert ids == {fresh.message_id, second.message_id}
+    assert count(db_url, "messages") == 2
+
+
 def test_enqueue_in_rejects_what_is_not_a_connection() -> None:
     with pytest.raises(TypeError, match="psycopg2 connection or a SQLAlchemy"), tasks.enqueue_in("nope"):
         pass
