@@ -54,7 +54,7 @@ WAITING_LOCK = 1668284418
 #: one value), if a consumer of it waits, or always when ``always_wake`` (a send
 #: in the caller's transaction, which must not hold SENDING_LOCK until its commit).
 _NOTIFY_READY = f"""count(pg_notify('control_plane_messages', q.queue))
-        FROM (SELECT DISTINCT queue FROM msg WHERE eta <= now() ORDER BY queue) AS q
+        FROM (SELECT DISTINCT queue FROM msg WHERE eta <= statement_timestamp() ORDER BY queue) AS q
         WHERE CASE WHEN %(always_wake)s::boolean THEN true
                    -- first (CASE keeps the order): a consumer about to wait lets this commit first
                    WHEN pg_advisory_xact_lock_shared({SENDING_LOCK}, hashtext(q.queue))::text IS NULL THEN true
@@ -80,6 +80,11 @@ SELECT pg_advisory_unlock({SENDING_LOCK}, hashtext(%(queue)s));"""
 #: The consumer has work again (a full claim): sends need not wake it.
 DISARM_WAIT = f"SELECT pg_advisory_unlock_shared({WAITING_LOCK}, hashtext(%(queue)s))"
 
+#: A send's eta counts from ``statement_timestamp()``, the send itself, not ``now()``: inside a
+#: caller's transaction (``enqueue_in``) ``now()`` is when that transaction began, and a delay
+#: would be shortened by however long it had been open. Alone, a send is its own transaction
+#: and the two are the same.
+#:
 #: Insert (or re-insert) a batch of messages and their jobs rows, then wake the
 #: workers of every queue that received a ready message. The mirror's payload
 #: and options are read from the JSON body server-side: the message is encoded
@@ -99,7 +104,8 @@ ENQUEUE = (
     """
 WITH m AS (
     SELECT t.id, t.queue, t.actor, t.priority,
-           coalesce(now() + make_interval(secs => t.delay_ms / 1000.0), t.eta, now()) AS eta,
+           coalesce(statement_timestamp() + make_interval(secs => t.delay_ms / 1000.0), t.eta,
+                    statement_timestamp()) AS eta,
            convert_to(t.body, 'UTF8') AS body, t.max_attempts, t.unique_key, t.ord, t.body::jsonb AS doc,
            -- a re-enqueue of an id that already has a job keeps the upsert path, key or not
            t.unique_key IS NOT NULL
@@ -162,7 +168,8 @@ ENQUEUE_PLAIN = (
     """
 WITH m AS (
     SELECT t.id, t.queue, t.actor, t.priority,
-           coalesce(now() + make_interval(secs => t.delay_ms / 1000.0), t.eta, now()) AS eta,
+           coalesce(statement_timestamp() + make_interval(secs => t.delay_ms / 1000.0), t.eta,
+                    statement_timestamp()) AS eta,
            convert_to(t.body, 'UTF8') AS body, t.max_attempts, t.body::jsonb AS doc
     FROM unnest(%(ids)s::uuid[], %(queues)s::text[], %(actors)s::text[], %(priorities)s::int[],
                 %(etas)s::timestamptz[], %(delays)s::bigint[], %(bodies)s::text[], %(max_attempts)s::int[])
@@ -179,7 +186,8 @@ ENQUEUE_ONE = (
 WITH m AS (
     SELECT %(ids)s::uuid AS id, %(queues)s::text AS queue, %(actors)s::text AS actor,
            %(priorities)s::int AS priority,
-           coalesce(now() + make_interval(secs => %(delays)s::bigint / 1000.0), %(etas)s::timestamptz, now()) AS eta,
+           coalesce(statement_timestamp() + make_interval(secs => %(delays)s::bigint / 1000.0), %(etas)s::timestamptz,
+                    statement_timestamp()) AS eta,
            convert_to(t.body, 'UTF8') AS body, %(max_attempts)s::int AS max_attempts, t.body::jsonb AS doc
     FROM (SELECT %(bodies)s::text AS body) AS t
 )""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)

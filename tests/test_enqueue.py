@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import json
+from datetime import timedelta
 
 import dramatiq
 import psycopg2
@@ -182,6 +183,25 @@ def test_sqlalchemy_transactions_that_begin_or_end_inside_the_block_keep_their_s
     ids = {str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.jobs")}
     assert ids == {fresh.message_id, second.message_id}
     assert count(db_url, "messages") == 2
+
+
+def test_a_delay_inside_a_long_transaction_counts_from_the_send(db_url: str) -> None:
+    # Given a transaction that has been open a while (a request doing other work first)
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_sleep(0.5)")  # the scenario: time spent in the transaction
+            cur.execute("SELECT clock_timestamp()")
+            (before_send,) = cur.fetchone()
+        # When a job is sent in it with a 10 s delay, and the transaction commits
+        with tasks.enqueue_in(conn):
+            message = actors.noop.send_with_options(args=(1,), delay=10_000)
+        conn.commit()
+    finally:
+        conn.close()
+    # Then it becomes due 10 s after the send, not 10 s after the transaction began
+    (row,) = query(db_url, "SELECT eta FROM control_plane.messages WHERE id = %s", (message.message_id,))
+    assert row["eta"] >= before_send + timedelta(seconds=10)
 
 
 def test_enqueue_in_rejects_what_is_not_a_connection() -> None:
