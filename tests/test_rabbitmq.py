@@ -257,3 +257,22 @@ def test_dramatiqs_own_resends_of_a_message_the_mirror_cannot_record_still_run(
     # And the mirror, which cannot hold that job, said why in one line, without the statement
     mirror = f"message {message_id}: the jobs mirror could not record a start: "
     assert mirror + "ValueError: Out of range float values are not JSON compliant" in log, log
+
+
+def test_a_message_for_an_unknown_actor_is_recorded_as_such(db_url: str, rabbit_queue: str, tmp_path: Path) -> None:
+    # Given, through RabbitMQ, a message for an actor no worker declares
+    env = {**os.environ, **rabbit_env(db_url, rabbit_queue), "PYTHONPATH": str(ROOT)}
+    sent = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "send", "tests.rabbit.no_such_actor", "--queue", rabbit_queue],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr
+    job_id = sent.stdout.strip()
+    # When a worker of that queue takes it
+    worker = rabbit_worker(db_url, rabbit_queue, tmp_path)
+    try:
+        failed = wait_for(lambda: status_is(db_url, job_id, "failed"), what=f"the rejection: {worker.log()}")
+    finally:
+        worker.terminate()
+    # Then the mirror says why, as with the Postgres broker
+    assert failed["last_error"].startswith("ActorNotFound: unknown actor 'tests.rabbit.no_such_actor'")

@@ -175,7 +175,7 @@ class JobsMirror(Middleware):
 
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         if not _rides_on_broker(broker):
-            self._standalone.nacked(message)
+            self._standalone.nacked(message, broker)
 
 
 def _eta(message: Any) -> datetime | None:
@@ -331,9 +331,12 @@ class StandaloneMirror:
         with self._lock:
             self._errors.pop(message.message_id, None)
 
-    def nacked(self, message: Any) -> None:
+    def nacked(self, message: Any, broker: dramatiq.Broker) -> None:
         with self._lock:
             error = self._errors.pop(message.message_id, None)
+        if error is None and message.actor_name not in broker.actors:
+            # The worker rejected it before any attempt: no actor of that name here.
+            error = describe_error(ActorNotFound(message.actor_name), message, broker)
         self._write(
             "a failure",
             message,
