@@ -12,6 +12,7 @@ message, a result or a log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -36,14 +37,31 @@ def pepper(settings: Settings) -> bytes:
     path = settings.home / "api-key-pepper"
     if not path.exists():
         settings.home.mkdir(parents=True, exist_ok=True)
-        _write_private(path, secrets.token_hex(32))
-    return path.read_text().strip().encode()
+        _create_private(path, secrets.token_hex(32))
+    value = path.read_text().strip().encode()
+    if not value:
+        raise RuntimeError(f"{path} is empty: restore it from a backup, or set API_KEY_PEPPER")
+    return value
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+def _create_private(path: Path, text: str) -> None:
+    """Create ``path`` (mode 0600) holding ``text``, unless it exists; never half-written.
+
+    The text goes to a file of this process's own, flushed to disk, then is linked under
+    ``path`` in one step: a process that finds ``path`` finds it whole, and of two processes
+    creating it at once one wins and the other reads the winner's.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):  # another process created it first: theirs stands
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _derive(key: bytes, purpose: str, project_id: str, nonce: bytes) -> bytes:
