@@ -5,6 +5,7 @@ The service client runs against real stand-in HTTP servers on loopback, one per 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -13,11 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +40,7 @@ from tasks.provision.payload import (
 )
 from tasks.provision.services import ServiceClient
 from tasks.provision.standin import NO_ANSWER, StandinService
+from tasks.provision.state import ProjectState
 from tasks.settings import Settings
 from tests.support import wait_for
 
@@ -665,6 +669,89 @@ def test_connection_refused_is_transient() -> None:
     client = ServiceClient("storage", f"http://127.0.0.1:{port}", TOKEN, 1.0)
     with pytest.raises(TransientError, match="storage GET /tenants/proj_1: connection failed"):
         client.get_tenant("proj_1")
+
+
+class _RawServer:
+    """A one-answer-at-a-time HTTP server on loopback that answers each request with ``answer(sock)``."""
+
+    def __init__(self, answer: Any) -> None:
+        self.requests: list[bytes] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen()
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._answer = answer
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                self.requests.append(conn.recv(65536).split(b"\r\n", 1)[0])
+                with contextlib.suppress(OSError):
+                    self._answer(conn)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_an_answer_trickled_past_the_timeout_is_a_timeout_not_a_partial_answer() -> None:
+    # Given a service that sends its answer one byte at a time, slower than the client's timeout
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{" + b" " * 200 + b"}":
+            if stop.wait(0.05):
+                return
+            conn.sendall(bytes([byte]))
+
+    server = _RawServer(trickle)
+    try:
+        client = ServiceClient("auth", server.url, TOKEN, 0.5)
+        # When a PUT is made / Then it ends as a transient timeout, not a success or a bad answer
+        with pytest.raises(TransientError, match=r"no (whole )?answer within 0\.5s"):
+            client.put_tenant("proj_1", {"tenant_id": "t"})
+    finally:
+        stop.set()
+        server.close()
+
+
+def test_a_put_applied_but_answered_unreadably_stays_touched_so_compensation_undoes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tasks.provision import register
+
+    # Given a service that registers the tenant, then answers 200 with a body that is not JSON
+    def applied_then_plain_text(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nOK")
+
+    server = _RawServer(applied_then_plain_text)
+    touched: list[tuple[str, bool]] = []
+    monkeypatch.setattr(register, "_touch", lambda project_id, service, on: touched.append((service, on)))
+    settings = Settings.from_env({"AUTH_SERVICE_URL": server.url, "AUTH_SERVICE_TOKEN": TOKEN})
+    state = ProjectState(payload=validate(minimal(services={"auth": True})), status="provisioning", steps={},
+                         secret_nonce=None, job_id=None)
+    try:
+        # When the services step runs / Then it fails for good, and auth stays touched (not untouched)
+        with pytest.raises(PermanentError, match="non-JSON body"):
+            register.register_services(settings, state)
+    finally:
+        server.close()
+    assert touched == [("auth", True)]
+    # while a 4xx (the service refused: it applied nothing) is untouched again
+    refusing = _RawServer(lambda conn: conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"))
+    touched.clear()
+    try:
+        settings = Settings.from_env({"AUTH_SERVICE_URL": refusing.url, "AUTH_SERVICE_TOKEN": TOKEN})
+        with pytest.raises(PermanentError, match="HTTP 400"):
+            register.register_services(settings, state)
+    finally:
+        refusing.close()
+    assert touched == [("auth", True), ("auth", False)]
 
 
 def test_client_repr_and_constructor_keep_the_token_out() -> None:

@@ -3,7 +3,9 @@
 ``PUT /tenants/{project_id}`` is an upsert, so a retry or a re-run registers
 once. Before each PUT the service is recorded as *touched*: a PUT whose answer
 was lost may still have registered the tenant. A PUT refused outright (a
-permanent 4xx) on the first try created nothing, so it is untouched again.
+4xx) on the first try created nothing, so it is untouched again; any other
+failure (a 2xx whose body is not JSON, a 1xx) may have come after the tenant
+was registered, and stays touched.
 Compensation deletes the touched services in reverse order; 404 counts as done.
 """
 
@@ -48,8 +50,10 @@ def register_services(settings: Settings, state: ProjectState) -> dict[str, obje
                 payload.project_id,
                 {"tenant_id": payload.tenant_id, "project_id": payload.project_id, "region": payload.region},
             )
-        except PermanentError:
-            if name not in already:
+        except PermanentError as exc:
+            # Untouched again only when the service refused it (a 4xx): an answer it gave after
+            # applying the PUT (a 2xx body it could not read, say) leaves it for compensation.
+            if name not in already and getattr(exc, "refused", False):
                 _touch(payload.project_id, name, False)
             raise
         registered.append(name)

@@ -16,9 +16,12 @@ status, and never contain the token.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import ssl
+import threading
 from urllib.parse import quote, urlsplit
 
 from tasks.errors import Conflict, PermanentError, TransientError
@@ -29,6 +32,11 @@ __all__ = ["ServiceClient"]
 _TRANSIENT_STATUSES = frozenset({408, 429})
 # A snippet of the response body helps an operator; the whole body could be a page of HTML.
 _BODY_SNIPPET = 200
+#: The most of an answer's body read: an admin API answers with a small JSON object.
+_MAX_BODY = 1 << 20
+#: How much of an error body is scrubbed before its snippet is cut from it (redaction
+#: costs grow with the text; whatever lies past this is cut off anyway).
+_SCRUBBED = 4096
 _USER_AGENT = "controlplane-tasks"
 
 
@@ -104,20 +112,37 @@ class ServiceClient:
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         where = f"{self.name} {method} {path}"
+        # The socket's timeout bounds each read, not the request: a server that trickles its
+        # answer a byte at a time would hold the step for as long as it likes. The whole
+        # request gets SERVICE_TIMEOUT_SECONDS; past it, the connection is cut under the read.
+        expired = threading.Event()
+
+        def cut() -> None:
+            expired.set()
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(self.timeout, cut)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
-            return response.status, response.read(), path
-        except TimeoutError as exc:
-            raise TransientError(f"{where}: no answer within {self.timeout:g}s") from exc
-        except ssl.SSLCertVerificationError as exc:
-            # A certificate that does not verify will not verify on the next attempt either.
-            raise PermanentError(f"{where}: TLS certificate verification failed") from exc
-        except (OSError, http.client.HTTPException) as exc:
+            status, data = response.status, response.read(_MAX_BODY)
+            if expired.is_set():  # cut short: what was read is not the whole answer
+                raise TransientError(f"{where}: no whole answer within {self.timeout:g}s")
+            return status, data, path
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+            if expired.is_set() or isinstance(exc, TimeoutError):
+                raise TransientError(f"{where}: no answer within {self.timeout:g}s") from exc
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                # A certificate that does not verify will not verify on the next attempt either.
+                raise PermanentError(f"{where}: TLS certificate verification failed") from exc
             # Refused, reset, dropped after the request was sent, DNS failure: the request may
             # or may not have been applied; PUT and DELETE are idempotent, so retrying is safe.
             raise TransientError(f"{where}: connection failed ({type(exc).__name__})") from exc
         finally:
+            watchdog.cancel()
             conn.close()
 
     def _json_object(self, method: str, path: str, status: int, data: bytes) -> dict[str, object]:
@@ -138,16 +163,20 @@ class ServiceClient:
             message = f"{message}: {snippet}"
         if status >= 500 or status in _TRANSIENT_STATUSES:
             return TransientError(message)
-        if status == 409:
-            return Conflict(message)
-        if status in (401, 403):
-            return PermanentError(f"{message} (check the {self.name} service token)")
-        return PermanentError(message)
+        error = (
+            Conflict(message) if status == 409
+            else PermanentError(f"{message} (check the {self.name} service token)") if status in (401, 403)
+            else PermanentError(message)
+        )
+        # A 4xx is the service refusing the request: it applied nothing. Any other answer
+        # (a 2xx it could not read, a 1xx, a 3xx) may have come after it applied it.
+        error.refused = 400 <= status < 500  # type: ignore[attr-defined]
+        return error
 
     def _snippet(self, data: bytes) -> str:
         # A server may echo the request, headers included: scrub before it reaches a log.
         # Replace before truncating, so no cut can leave part of the token behind.
-        text = redact(data.decode("utf-8", "replace").replace(self._token, REDACTED))
+        text = redact(data[:_SCRUBBED].decode("utf-8", "replace").replace(self._token, REDACTED))
         text = "".join(ch if ch.isprintable() else " " for ch in text)
         text = " ".join(text.split())
         return text[:_BODY_SNIPPET]
