@@ -25,10 +25,11 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"SCRAM-SHA-256\$[^\s'\",;]*", re.IGNORECASE), REDACTED),
     # DDL: PASSWORD 'secret' (with '' escapes) or E'...'.
     (re.compile(r"(\bPASSWORD\s+)E?'(?:[^']|'')*'", re.IGNORECASE), rf"\g<1>{REDACTED}"),
-    # key=value, key: value, "key": "value" (libpq DSNs, config dumps, JSON).
+    # key=value, key: value, "key": "value" (libpq DSNs, config dumps, JSON), the keyword also
+    # at the end of a longer name: PGPASSWORD=, AUTH_SERVICE_TOKEN=, "client_secret":, API_KEY_PEPPER=.
     (
         re.compile(
-            r"""(\b(?:password|passwd|pwd|secret|token)["']?\s*[=:]\s*)"""
+            r"""((?:password|passwd|pwd|secret|token|pepper)["']?\s*[=:]\s*)"""
             r"""(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&;,'"}]+)""",
             re.IGNORECASE,
         ),
@@ -37,8 +38,10 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # URL userinfo: scheme://user:secret@host, up to the authority's last '@' (a password
     # pasted without percent-encoding may hold one); host:port/path?q=a@b is not userinfo.
     (re.compile(r"(://[^/\s:@]*:)[^/\s'\"]*@"), rf"\g<1>{REDACTED}@"),
-    # Bearer tokens in echoed headers.
+    # Bearer tokens, and other schemes' credentials in echoed Authorization headers.
     (re.compile(r"(\bBearer\s+)[^\s'\",;]+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
+    (re.compile(r"(\bAuthorization[\"']?\s*[=:]\s*[\"']?(?:Token|Basic)\s+)[^\s'\",;]+", re.IGNORECASE),
+     rf"\g<1>{REDACTED}"),
 )
 
 

@@ -479,6 +479,20 @@ def test_redact_removes_url_passwords_holding_an_at_sign() -> None:
     assert "http://auth:9999/tenants/t?owner=ann@example.com" in cleaned
 
 
+def test_redact_removes_secrets_under_longer_setting_and_field_names() -> None:
+    # Given secrets as environment dumps, JSON answers and echoed headers write them
+    text = ("AUTH_SERVICE_TOKEN=tok-1 PGPASSWORD=pw-2 API_KEY_PEPPER=pep-3; "
+            '{"access_token": "at-4", "client_secret": "cs-5"}; Authorization: Token tk-6; '
+            "Authorization: Basic YmFzaWM=; the token expired")  # fmt: skip
+    # When redacted
+    cleaned = apikeys.redact(text)
+    # Then none survives, the names do, and prose about a token is left alone
+    for secret in ("tok-1", "pw-2", "pep-3", "at-4", "cs-5", "tk-6", "YmFzaWM="):
+        assert secret not in cleaned
+    assert "AUTH_SERVICE_TOKEN=[REDACTED]" in cleaned and "PGPASSWORD=[REDACTED]" in cleaned
+    assert cleaned.endswith("the token expired")
+
+
 def test_redact_leaves_ordinary_text_alone() -> None:
     # Given a log line without secrets / When redacted / Then it is unchanged
     line = "provision_project.create_database finished for proj_1 in us-east-1 (attempt 2)"
