@@ -532,3 +532,19 @@ def test_a_caller_whose_completion_is_written_after_the_outcome_gets_it_from_the
     else:
         assert row["status"] == "failed"
         assert row["last_error"] == "provisioning failed and was undone: step provision_project.database failed: boom"
+
+
+def test_a_provision_url_keeps_its_own_libpq_options(db_url: str) -> None:
+    from tasks.provision.target import session
+
+    # Given PROVISION_DATABASE_URL with options of its own (as "-c role=..." would be)
+    url = db_url + ("&" if "?" in db_url else "?") + "options=-c%20search_path%3Dcp_custom&application_name=ops"
+    settings = Settings.from_env({"DATABASE_URL": db_url, "PROVISION_DATABASE_URL": url})
+    # When a provisioning session opens
+    with session(settings) as conn, conn.cursor() as cur:
+        cur.execute("SELECT current_setting('search_path'), current_setting('statement_timeout'), "
+                    "current_setting('application_name')")
+        search_path, statement_timeout, application_name = cur.fetchone()
+    # Then the URL's options hold, beside the provisioning's own timeouts
+    assert (search_path, application_name) == ("cp_custom", "ops")
+    assert statement_timeout == f"{Settings.from_env({}).provision_statement_timeout_ms // 1000}s"

@@ -73,16 +73,19 @@ def session(settings: Settings, database: str | None = None, *, autocommit: bool
     """A provisioning session on the target server (optionally in ``database``), with timeouts."""
     # libpq takes the database beside the URL: no URL is rebuilt (nor SQLAlchemy imported) per step.
     other_database = {} if database is None else {"dbname": database}
+    url = target_url(settings)
+    # Keywords given here replace the URL's own: keep what the URL sets (its options, such as
+    # "-c role=provisioner", a connect_timeout, an application_name) and add the timeouts.
+    given = psycopg2.extensions.parse_dsn(url)
+    timeouts = (f"-c statement_timeout={settings.provision_statement_timeout_ms} "
+                f"-c lock_timeout={settings.provision_lock_timeout_ms}")
     with translated(f"connecting to {database or 'the target server'}"):
         conn = psycopg2.connect(
-            target_url(settings),
+            url,
             **other_database,
-            application_name="controlplane-provision",
-            connect_timeout=10,
-            options=(
-                f"-c statement_timeout={settings.provision_statement_timeout_ms} "
-                f"-c lock_timeout={settings.provision_lock_timeout_ms}"
-            ),
+            application_name=given.get("application_name") or "controlplane-provision",
+            connect_timeout=given.get("connect_timeout") or 10,
+            options=f"{given.get('options', '')} {timeouts}".strip(),
         )
     conn.autocommit = autocommit
     try:
