@@ -114,6 +114,20 @@ _enqueue_connection: contextvars.ContextVar[Any | None] = contextvars.ContextVar
 )
 
 
+def _check_joinable(conn: Any) -> None:
+    """Raise TypeError unless ``conn`` is something :func:`enqueue_in` can join (no side effect)."""
+    if isinstance(conn, psycopg2.extensions.connection):
+        return
+    from sqlalchemy.engine import Connection as SAConnection
+    from sqlalchemy.orm import Session
+
+    if not isinstance(conn, (SAConnection, Session)):
+        raise TypeError(
+            "enqueue_in() takes a psycopg2 connection or a SQLAlchemy Session or Connection, "
+            f"not {type(conn).__name__}"
+        )
+
+
 def _dbapi_connection(conn: Any) -> Any:
     """The psycopg2 connection behind a psycopg2 connection or a SQLAlchemy Session/Connection,
     in a transaction SQLAlchemy knows about, so that its commit (or rollback) covers the send.
@@ -150,7 +164,7 @@ def enqueue_in(conn: Any) -> Iterator[None]:
     the block join too. ``conn`` is a psycopg2 connection or a SQLAlchemy
     ``Session``/``Connection`` on the control plane's database.
     """
-    _dbapi_connection(conn)  # a clear TypeError now, for what is not a connection
+    _check_joinable(conn)  # a clear TypeError now; the transaction is joined at the first send
     token = _enqueue_connection.set(conn)
     try:
         yield

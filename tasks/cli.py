@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", help="per queue: ready, scheduled, running, failed, completed in the last minute, oldest wait"
     )
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=_seconds, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument("--interval", type=_interval_seconds, default=2.0, help="seconds between refreshes (default 2)")
     p.add_argument("--json", action="store_true", help="print JSON (one line per refresh with --watch)")
     p.set_defaults(func=cmd_stats)
 
@@ -675,8 +675,20 @@ def _seconds(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number of seconds, 0 or more")
+    if not math.isfinite(value) or not 0 <= value <= _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds from 0 to {_MAX_SECONDS:,}")
+    return value
+
+
+#: Ten years: the longest delay or interval the command line takes.
+_MAX_SECONDS = 10 * 365 * 86_400
+
+
+def _interval_seconds(raw: str) -> float:
+    """An argparse type: a finite number of seconds, more than 0."""
+    value = _seconds(raw)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{raw!r}: the interval must be more than 0 seconds")
     return value
 
 

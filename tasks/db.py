@@ -211,7 +211,7 @@ def _clean_for_reuse(conn: Any) -> bool:
     idle = psycopg2.extensions.TRANSACTION_STATUS_IDLE
     status = conn.get_transaction_status()
     if status == idle:
-        return True
+        return _autocommit_again(conn)
     if status not in (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR):
         return False  # a statement still running, or the connection is gone: close it
     try:
@@ -219,7 +219,18 @@ def _clean_for_reuse(conn: Any) -> bool:
             cur.execute("ROLLBACK")
     except psycopg2.Error:
         return False
-    return bool(conn.get_transaction_status() == idle)
+    return conn.get_transaction_status() == idle and _autocommit_again(conn)
+
+
+def _autocommit_again(conn: Any) -> bool:
+    """Put back the pool's autocommit a borrower turned off (its next borrower's sends commit)."""
+    if conn.autocommit:
+        return True
+    try:
+        conn.autocommit = True
+    except psycopg2.Error:
+        return False
+    return True
 
 
 class Pool:

@@ -35,30 +35,27 @@ def _broker_url(env: dict[str, str]) -> str | None:
     return raw
 
 
-#: A retention period: one or more "<number> <unit>" (PostgreSQL's interval input), positive.
-_RETENTION_RE = re.compile(
-    r"(?:\d+(?:\.\d+)?\s*(?:years?|yrs?|y|months?|mons?|weeks?|w|days?|d|hours?|hrs?|h"
-    r"|minutes?|mins?|m|seconds?|secs?|s)\s*)+",
-    re.IGNORECASE,
-)
+#: What makes a PostgreSQL interval negative: a minus sign, or "ago".
+_NEGATIVE_RE = re.compile(r"-|\bago\b", re.IGNORECASE)
 
 
 def retention_problem(value: str) -> str | None:
-    """Why ``value`` is not a retention period (None when it is): a bare number is seconds to
-    PostgreSQL, and "7 days ago" or "-7 days" is negative; either would prune every finished job."""
+    """Why ``value`` is not a retention period (None when it may be: PostgreSQL has the last word):
+    a bare number is seconds to PostgreSQL, and "7 days ago" or "-7 days" is negative; either
+    would prune every finished job."""
     text = value.strip()
-    if _RETENTION_RE.fullmatch(text):
-        return None
     if text.replace(".", "", 1).isdigit():
         return f"{value!r} has no unit (PostgreSQL would read seconds); write e.g. '{text} days'"
-    return f"{value!r} is not a positive period of time such as '7 days', '12 hours' or '1 week 2 days'"
+    if _NEGATIVE_RE.search(text):
+        return f"{value!r} is negative: a retention is a positive period such as '7 days'"
+    return None
 
 
 def _interval(env: dict[str, str], name: str, default: str) -> str:
     raw = (env.get(name) or "").strip()
     if not raw:
         return default
-    problem = retention_problem(raw)
+    problem = retention_problem(raw) or (None if any(ch.isdigit() for ch in raw) else f"{raw!r} has no number")
     if problem:
         raise ConfigurationError(f"{name} must be a PostgreSQL interval such as {default!r}: {problem}")
     return raw

@@ -386,6 +386,8 @@ def test_bad_numbers_on_the_command_line_are_usage_errors_not_tracebacks(db_url:
         (("send", "tests.noop", "--delay", "nan"), "--delay"),
         (("send", "tests.noop", "--delay", "inf"), "--delay"),
         (("stats", "--watch", "--interval", "-1"), "--interval"),
+        (("stats", "--watch", "--interval", "0"), "--interval"),
+        (("send", "tests.noop", "--delay", "1e20"), "--delay"),
         (("metrics", "--port", "99999"), "--port"),
     ]:
         result = cli(db_url, *args)

@@ -69,6 +69,11 @@ def test_a_connection_given_back_inside_a_transaction_is_rolled_back_not_handed_
     with tasks.connection() as conn, conn.cursor() as cur:
         cur.execute("BEGIN")
         cur.execute("CREATE TABLE left_open (x int)")
+    # and code that turns autocommit off and leaves
+    with tasks.connection() as conn:
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
     # When the process sends jobs on the same pool
     message = actors.noop.send(1)
     # Then the sends work and commit on their own; what was left open was rolled back

@@ -162,6 +162,9 @@ def test_sqlalchemy_transactions_that_begin_or_end_inside_the_block_keep_their_s
             with tasks.enqueue_in(connection):
                 fresh = actors.noop.send("fresh connection")
             connection.commit()
+        # And a Connection whose own transaction block is opened inside (SQLAlchemy's usual way)
+        with engine.connect() as connection, tasks.enqueue_in(connection), connection.begin():
+            begun = actors.noop.send("inside connection.begin()")
         # And a Session commits, then sends and commits again, all inside the block
         with Session(engine) as session, tasks.enqueue_in(session):
             session.execute(text("SELECT 1"))
@@ -181,8 +184,8 @@ def test_sqlalchemy_transactions_that_begin_or_end_inside_the_block_keep_their_s
         engine.dispose()
     # Then exactly the sends whose transactions committed exist
     ids = {str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.jobs")}
-    assert ids == {fresh.message_id, second.message_id}
-    assert count(db_url, "messages") == 2
+    assert ids == {fresh.message_id, begun.message_id, second.message_id}
+    assert count(db_url, "messages") == 3
 
 
 def test_a_delay_inside_a_long_transaction_counts_from_the_send(db_url: str) -> None:

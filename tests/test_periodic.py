@@ -202,6 +202,9 @@ def test_the_new_settings_are_validated() -> None:
         9191,
     )
     assert custom.retention_failed == "90 days"
+    # and PostgreSQL's other interval forms are taken as they are
+    for value in ("1 day 12:00:00", "36:00:00", "P7D", "@ 7 days"):
+        assert Settings.from_env({"CONTROLPLANE_RETENTION_COMPLETED": value}).retention_completed == value
     # And a bad value is refused, naming the setting
     for name, value, fragment in [
         ("BROKER_URL", "redis://localhost", "BROKER_URL must be an amqp:// URL"),
@@ -210,8 +213,8 @@ def test_the_new_settings_are_validated() -> None:
         ("CONTROLPLANE_RETENTION_COMPLETED", "forever", "CONTROLPLANE_RETENTION_COMPLETED must be a PostgreSQL"),
         # what PostgreSQL would take as 30 seconds, or as a negative period: every finished job pruned
         ("CONTROLPLANE_RETENTION_FAILED", "30", "'30' has no unit .*seconds.*'30 days'"),
-        ("CONTROLPLANE_RETENTION_COMPLETED", "7 days ago", "not a positive period"),
-        ("CONTROLPLANE_RETENTION_COMPLETED", "-7 days", "not a positive period"),
+        ("CONTROLPLANE_RETENTION_COMPLETED", "7 days ago", "is negative"),
+        ("CONTROLPLANE_RETENTION_COMPLETED", "-7 days", "is negative"),
         ("CONTROLPLANE_LEASE_SECONDS", "nan", "CONTROLPLANE_LEASE_SECONDS must be a positive, finite number"),
         ("SERVICE_TIMEOUT_SECONDS", "inf", "SERVICE_TIMEOUT_SECONDS must be a positive, finite number"),
     ]:

@@ -58,8 +58,17 @@ def _create_private(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):  # another process created it first: theirs stands
+        try:
             os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: theirs stands
+        except OSError:  # a file system without hard links: create it in place, exclusively
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
     finally:
         tmp.unlink(missing_ok=True)
 

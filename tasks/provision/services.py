@@ -119,8 +119,10 @@ class ServiceClient:
 
         def cut() -> None:
             expired.set()
-            with contextlib.suppress(OSError, AttributeError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                # socket.socket's own shutdown, not SSLSocket's, which unwraps the TLS layer
+                # under the reading thread's feet
+                socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
 
         watchdog = threading.Timer(self.timeout, cut)
         watchdog.daemon = True
@@ -132,12 +134,15 @@ class ServiceClient:
             if expired.is_set():  # cut short: what was read is not the whole answer
                 raise TransientError(f"{where}: no whole answer within {self.timeout:g}s")
             return status, data, path
-        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+        except (TimeoutError, OSError, ValueError, http.client.HTTPException) as exc:
             if expired.is_set() or isinstance(exc, TimeoutError):
                 raise TransientError(f"{where}: no answer within {self.timeout:g}s") from exc
             if isinstance(exc, ssl.SSLCertVerificationError):
                 # A certificate that does not verify will not verify on the next attempt either.
-                raise PermanentError(f"{where}: TLS certificate verification failed") from exc
+                # The request was never sent: nothing can have been applied.
+                refused = PermanentError(f"{where}: TLS certificate verification failed")
+                refused.refused = True  # type: ignore[attr-defined]
+                raise refused from exc
             # Refused, reset, dropped after the request was sent, DNS failure: the request may
             # or may not have been applied; PUT and DELETE are idempotent, so retrying is safe.
             raise TransientError(f"{where}: connection failed ({type(exc).__name__})") from exc

@@ -74,12 +74,12 @@ def session(settings: Settings, database: str | None = None, *, autocommit: bool
     # libpq takes the database beside the URL: no URL is rebuilt (nor SQLAlchemy imported) per step.
     other_database = {} if database is None else {"dbname": database}
     url = target_url(settings)
-    # Keywords given here replace the URL's own: keep what the URL sets (its options, such as
-    # "-c role=provisioner", a connect_timeout, an application_name) and add the timeouts.
-    given = psycopg2.extensions.parse_dsn(url)
     timeouts = (f"-c statement_timeout={settings.provision_statement_timeout_ms} "
                 f"-c lock_timeout={settings.provision_lock_timeout_ms}")
     with translated(f"connecting to {database or 'the target server'}"):
+        # Keywords given here replace the URL's own: keep what the URL sets (its options, such as
+        # "-c role=provisioner", a connect_timeout, an application_name) and add the timeouts.
+        given = psycopg2.extensions.parse_dsn(url)
         conn = psycopg2.connect(
             url,
             **other_database,
