@@ -268,22 +268,17 @@ class Pool:
                     with contextlib.suppress(Exception):
                         conn.close()
                 conn = connect(self._url_factory(), autocommit=True, application_name=self._application_name)
+            lost = False
             try:
                 yield conn
             except psycopg2.Error as exc:
-                if is_connection_error(exc) or not _clean_for_reuse(conn):
-                    raise  # the finally below closes it instead of pooling it
-                self._idle.put(conn)
-                conn = None
+                lost = is_connection_error(exc)
                 raise
-            except BaseException:
-                if _clean_for_reuse(conn):
+            finally:
+                # Pooled again unless it is gone or cannot be made idle: the outer finally closes it.
+                if not lost and _clean_for_reuse(conn):
                     self._idle.put(conn)
                     conn = None
-                raise
-            if _clean_for_reuse(conn):
-                self._idle.put(conn)
-                conn = None
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
