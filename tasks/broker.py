@@ -139,20 +139,14 @@ def _dbapi_connection(conn: Any) -> Any:
     """
     if isinstance(conn, psycopg2.extensions.connection):
         return conn
-    try:
-        from sqlalchemy.engine import Connection as SAConnection
-        from sqlalchemy.orm import Session
-    except ImportError:  # pragma: no cover - SQLAlchemy is a dependency
-        SAConnection = Session = ()  # type: ignore[assignment,misc]
+    from sqlalchemy.orm import Session
+
     if isinstance(conn, Session):
         conn = conn.connection()  # begins the session's transaction if needed
-    if isinstance(conn, SAConnection):
-        if not conn.in_transaction():
-            conn.begin()
-        return conn.connection.dbapi_connection
-    raise TypeError(
-        f"enqueue_in() takes a psycopg2 connection or a SQLAlchemy Session or Connection, not {type(conn).__name__}"
-    )
+    # A SQLAlchemy Connection: enqueue_in checked the type on entry (_check_joinable).
+    if not conn.in_transaction():
+        conn.begin()
+    return conn.connection.dbapi_connection
 
 
 @contextlib.contextmanager
