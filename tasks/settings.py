@@ -44,6 +44,8 @@ def retention_problem(value: str) -> str | None:
     a bare number is seconds to PostgreSQL, and "7 days ago" or "-7 days" is negative; either
     would prune every finished job."""
     text = value.strip()
+    if not any(ch.isdigit() for ch in text):
+        return f"{value!r} has no number"
     if text.replace(".", "", 1).isdigit():
         return f"{value!r} has no unit (PostgreSQL would read seconds); write e.g. '{text} days'"
     if _NEGATIVE_RE.search(text):
@@ -55,7 +57,7 @@ def _interval(env: dict[str, str], name: str, default: str) -> str:
     raw = (env.get(name) or "").strip()
     if not raw:
         return default
-    problem = retention_problem(raw) or (None if any(ch.isdigit() for ch in raw) else f"{raw!r} has no number")
+    problem = retention_problem(raw)
     if problem:
         raise ConfigurationError(f"{name} must be a PostgreSQL interval such as {default!r}: {problem}")
     return raw

@@ -15,7 +15,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import callbacks as dramatiq_callbacks
 
-from tasks.middleware.jobs_mirror import describe_error
+from tasks.middleware.jobs_mirror import describe_failure
 
 
 class Callbacks(dramatiq_callbacks.Callbacks):
@@ -37,7 +37,7 @@ class Callbacks(dramatiq_callbacks.Callbacks):
         if target:
             broker.get_actor(target).send(
                 message.asdict(),
-                {"type": type(exception).__name__, "message": describe_error(exception, message, broker)},
+                describe_failure(exception, message, broker),
             )
 
 

@@ -87,6 +87,11 @@ def describe_error(exc: BaseException, message: Any, broker: dramatiq.Broker | N
     return text
 
 
+def describe_failure(exc: BaseException, message: Any, broker: dramatiq.Broker) -> dict[str, str]:
+    """What a failure callback receives: ``{"type", "message"}``, the message as ``last_error`` has it."""
+    return {"type": type(exc).__name__, "message": describe_error(exc, message, broker)}
+
+
 def _rides_on_broker(broker: dramatiq.Broker) -> bool:
     """True when the broker writes the mirror itself (our PostgresBroker)."""
     from tasks.broker import PostgresBroker

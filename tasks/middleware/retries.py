@@ -119,7 +119,7 @@ class Retries(dramatiq_retries.Retries):
         target = message.options.get("on_final_failure") or (actor.options.get("on_final_failure") if actor else None)
         if not target:
             return
-        from tasks.middleware.jobs_mirror import describe_error
+        from tasks.middleware.jobs_mirror import describe_failure
 
         broker.get_actor(target).send(
             {
@@ -128,5 +128,5 @@ class Retries(dramatiq_retries.Retries):
                 "args": list(message.args),
                 "kwargs": dict(message.kwargs),
             },
-            {"type": type(exception).__name__, "message": describe_error(exception, message, broker)},
+            describe_failure(exception, message, broker),
         )
