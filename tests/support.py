@@ -50,6 +50,26 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60.0, what: str = "a c
         time.sleep(0.05)
 
 
+def at_once(call: Callable[[], T], n: int) -> list[T | str]:
+    """Run ``call`` in ``n`` threads released together; what each returned, or ``"Type: message"``
+    for what it raised (as a job would record it), in the order they finished."""
+    start, outcomes = threading.Barrier(n), []
+
+    def run() -> None:
+        start.wait()
+        try:
+            outcomes.append(call())
+        except Exception as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
 def query(url: str, sql: str, params: Any = None) -> list[dict[str, Any]]:
     """Run one statement in autocommit and return its rows as dicts."""
     conn = psycopg2.connect(url)

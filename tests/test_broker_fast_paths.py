@@ -705,6 +705,18 @@ def test_a_statement_the_server_rolled_back_does_not_restart_the_consumer(
         consumer.close()
 
 
+def _commit_while_the_settler_waits(db_url: str, other: Any, statement: str) -> None:
+    """Once the default queue's settler waits on a lock ``other`` holds, commit ``other`` and
+    wait for the settler's ``statement`` to finish."""
+    settler = (
+        "SELECT state, wait_event_type FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = 'controlplane-settle:default'"
+    )
+    wait_for(lambda: query(db_url, settler) == [{"state": "active", "wait_event_type": "Lock"}], what="the wait")
+    other.commit()
+    wait_for(lambda: query(db_url, settler)[0]["state"] == "idle", what=statement)
+
+
 def test_a_start_mark_racing_the_reaper_leaves_the_job_pending_and_its_message_back_in_the_queue(
     db_url: str,
 ) -> None:
@@ -722,13 +734,7 @@ def test_a_start_mark_racing_the_reaper_leaves_the_job_pending_and_its_message_b
         # When the worker starts the job anyway, and its settler writes the start mark
         # while the reaper commits
         _broker().emit_before("process_message", held)
-        settler = (
-            "SELECT state, wait_event_type FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'controlplane-settle:default'"
-        )
-        wait_for(lambda: query(db_url, settler) == [{"state": "active", "wait_event_type": "Lock"}], what="the wait")
-        reaper.commit()
-        wait_for(lambda: query(db_url, settler)[0]["state"] == "idle", what="the start mark's statement")
+        _commit_while_the_settler_waits(db_url, reaper, "the start mark's statement")
         # Then the reaper's outcome stands: the job is pending again, its lost attempt counted,
         # and its message is in the queue for any worker
         row = job(db_url, message.message_id)
@@ -796,13 +802,7 @@ def test_a_cancel_committed_while_a_retry_is_being_written_keeps_the_job_out_of_
         # When the attempt fails and its retry is written while the cancel commits
         held.retry_delay_ms = 0
         consumer.ack(held)
-        settler = (
-            "SELECT state, wait_event_type FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'controlplane-settle:default'"
-        )
-        wait_for(lambda: query(db_url, settler) == [{"state": "active", "wait_event_type": "Lock"}], what="the wait")
-        operator.commit()
-        wait_for(lambda: query(db_url, settler)[0]["state"] == "idle", what="the retry's statement")
+        _commit_while_the_settler_waits(db_url, operator, "the retry's statement")
         # Then the message did not go back to the queue for another worker: the job ends cancelled
         final = wait_for(lambda: job(db_url, message.message_id)["status"] == "cancelled"
                          and job(db_url, message.message_id), what="the cancel")

@@ -28,7 +28,7 @@ from tasks.provision.state import control_transaction, load
 from tasks.provision.target import classify
 from tasks.provision.workflow import QUEUE
 from tasks.settings import Settings
-from tests.support import query
+from tests.support import at_once, query
 
 
 @pytest.fixture
@@ -439,8 +439,6 @@ def test_secrets_expired_unread_are_erased_by_a_late_reveal_and_by_the_sweep(
 def test_a_step_delivered_twice_at_once_succeeds_in_both(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:
-    import threading
-
     from tasks.provision.roles import ensure_roles
     from tasks.provision.schema import ensure_schema
 
@@ -449,31 +447,21 @@ def test_a_step_delivered_twice_at_once_succeeds_in_both(
     claimed(project)
     pid = project["project_id"]
 
-    def at_once(step: Any, n: int = 4) -> list[str]:
+    def four_at_once(step: Any) -> list[Any]:
         with control_transaction() as conn:
             state = load(conn, pid)
         assert state is not None
-        start, outcomes = threading.Barrier(n), []
 
-        def run() -> None:
-            start.wait()
-            try:
-                step(Settings.from_env(), state)
-                outcomes.append("ok")
-            except Exception as exc:  # what a step's job would record
-                outcomes.append(f"{type(exc).__name__}: {exc}")
+        def run() -> str:
+            step(Settings.from_env(), state)
+            return "ok"
 
-        threads = [threading.Thread(target=run) for _ in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return outcomes
+        return at_once(run, 4)
 
     # When the roles step and the schema step each run four times at once
-    assert at_once(ensure_roles) == ["ok"] * 4
+    assert four_at_once(ensure_roles) == ["ok"] * 4
     run_step("database", pid)
-    assert at_once(ensure_schema) == ["ok"] * 4
+    assert four_at_once(ensure_schema) == ["ok"] * 4
     # Then each made its objects once, and none failed the workflow (which would undo it)
     assert census(db_url, pid, services)["roles"] == 2
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -42,7 +43,7 @@ from tasks.provision.services import ServiceClient
 from tasks.provision.standin import NO_ANSWER, StandinService
 from tasks.provision.state import ProjectState
 from tasks.settings import Settings
-from tests.support import wait_for
+from tests.support import at_once, wait_for
 
 TOKEN = "test-token-5d41402abc4b2a76"
 PEPPER = b"pepper-for-tests"
@@ -877,33 +878,13 @@ def test_a_projects_result_names_the_first_server_of_the_target_url(url: str, ad
     assert _server_address(url) == address
 
 
-def _peppers_read_at_once(settings: Settings, readers: int) -> list[bytes]:
-    import threading
-
+def test_processes_creating_the_pepper_at_once_all_get_the_same_whole_one(tmp_path: Path) -> None:
     from tasks.provision import secrets as project_secrets
 
-    start, got = threading.Barrier(readers), []
-
-    def read() -> None:
-        start.wait()
-        try:
-            got.append(project_secrets.pepper(settings))
-        except Exception as exc:  # what a worker would fail with
-            got.append(repr(exc).encode())
-
-    threads = [threading.Thread(target=read) for _ in range(readers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return got
-
-
-def test_processes_creating_the_pepper_at_once_all_get_the_same_whole_one(tmp_path: Path) -> None:
     # Given a fresh home, no API_KEY_PEPPER, and several workers starting at once (20 times over)
     for attempt in range(20):
         settings = Settings.from_env({"CONTROLPLANE_HOME": str(tmp_path / f"home{attempt}")})
-        got = _peppers_read_at_once(settings, 6)
+        got = at_once(functools.partial(project_secrets.pepper, settings), 6)
         # Then each read the one pepper, whole (64 hex characters), and only that 0600 file exists
         assert len(set(got)) == 1 and len(got[0]) == 64, got
         assert [p.name for p in settings.home.iterdir()] == ["api-key-pepper"]
