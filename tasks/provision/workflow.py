@@ -170,15 +170,20 @@ def _deliver(settings: Settings, conn: Any, job_ids: list[str], *, result: dict[
     """
     if not job_ids:
         return
-    with conn.cursor() as cur:
-        cur.execute(q.RECORD_ON_ENTRY_JOBS, {"job_ids": job_ids, "result": Json(result) if result is not None else None,
-                                             "error": error})
+    _record_on_entry_jobs(conn, job_ids, result=result, error=error)
     backend = tasks.broker.get_results_backend()
     if not isinstance(backend, PostgresBackend):
         raise RuntimeError(f"provision_project delivers results to PostgresBackend, not {type(backend).__name__}")
     outcome: Any = result if error is None else PermanentError(error)
     for job_id in job_ids:
         backend.store_in(conn, _entry_message(job_id), outcome, settings.result_ttl_ms)
+
+
+def _record_on_entry_jobs(conn: Any, job_ids: list[str], *, result: Any = None, error: str | None = None) -> None:
+    """The outcome onto the callers' ``control_plane.jobs`` rows (a result, or failed with the error)."""
+    with conn.cursor() as cur:
+        cur.execute(q.RECORD_ON_ENTRY_JOBS, {"job_ids": job_ids, "result": Json(result) if result is not None else None,
+                                             "error": error})
 
 
 def _lock_project(conn: Any, project_id: str) -> None:
@@ -375,11 +380,9 @@ def reconcile_entry_jobs(settings: Settings) -> list[str]:
             except ResultMissing:
                 continue  # not decided yet
             except ResultFailure as exc:
-                record = {"job_ids": [job_id], "result": None, "error": exc.orig_exc_msg or str(exc)}
+                _record_on_entry_jobs(conn, [job_id], error=exc.orig_exc_msg or str(exc))
             else:
-                record = {"job_ids": [job_id], "result": Json(outcome), "error": None}
-            with conn.cursor() as cur:
-                cur.execute(q.RECORD_ON_ENTRY_JOBS, record)
+                _record_on_entry_jobs(conn, [job_id], result=outcome)
             fixed.append(job_id)
     if fixed:
         logger.info("wrote the outcome onto %d caller job(s) whose completion had come after it", len(fixed))
