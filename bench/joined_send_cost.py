@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> None:
 
         from tasks.broker import PostgresBroker, enqueue_in
         from tasks.prepared import Statement
+        from tasks.prepared import _prepared as prepared_on
+
+        def forget_prepared(conn: Any) -> None:
+            """After DEALLOCATE ALL: the connection prepares again at its next prepared send."""
+            prepared_on.pop(conn, None)
 
         broker = PostgresBroker(url=url)
         dramatiq.set_broker(broker)
@@ -74,8 +79,18 @@ def main(argv: list[str] | None = None) -> None:
                             cur.execute("COMMIT")
                     wall, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu
                     with conn.cursor() as cur:
-                        cur.execute("RESET synchronous_commit; DELETE FROM control_plane.messages; "
+                        # what ran: every send stored, and ENQUEUE_ONE prepared on this session or not
+                        cur.execute("SELECT count(*) FROM control_plane.jobs")
+                        stored = cur.fetchone()[0]
+                        cur.execute(
+                            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'control_plane_enqueue%'"
+                        )
+                        was_prepared = cur.fetchone()[0] > 0
+                        cur.execute("DEALLOCATE ALL; RESET synchronous_commit; DELETE FROM control_plane.messages; "
                                     "DELETE FROM control_plane.jobs")  # fmt: skip
+                    forget_prepared(conn)
+                if stored != args.sends or was_prepared != (name == "prepared"):
+                    raise SystemExit(f"{name}: {stored} of {args.sends} sends stored, prepared: {was_prepared}")
                 Statement.execute = plain  # type: ignore[method-assign]
                 results[name]["cpu_us"].append(cpu / args.sends * 1e6)
                 results[name]["wall_us"].append(wall / args.sends * 1e6)

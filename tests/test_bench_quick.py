@@ -224,6 +224,23 @@ def test_the_notify_cost_aid_measures_its_three_variants(server_url: str, tmp_pa
 
 
 @pytest.mark.e2e
+def test_the_joined_send_cost_aid_sends_plain_and_prepared_in_transactions(server_url: str, tmp_path: Path) -> None:
+    # Given a few sends per variant
+    env = {**os.environ, "DATABASE_URL": server_url}
+    output = tmp_path / "joined.json"
+    command = [sys.executable, "-m", "bench.joined_send_cost", "--sends", "30", "--rounds", "2",
+               "--output", str(output)]  # fmt: skip
+    # When it runs (it exits non-zero if a variant lost a send or ran prepared when it should not, or the reverse)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Then both variants were measured in both rounds, and the table names them
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    per_send = json.loads(output.read_text())["per_send"]
+    assert set(per_send) == {"plain (as enqueue_in runs it)", "prepared"}
+    assert all(len(v["wall_us"]) == 2 and min(v["wall_us"]) > 0 for v in per_send.values())
+    assert "| backend CPU |" in done.stdout
+
+
+@pytest.mark.e2e
 def test_the_latency_parts_aid_splits_each_pickup_into_the_send_and_the_rest(server_url: str, tmp_path: Path) -> None:
     # Given a few jobs to send into idle workers
     env = {**os.environ, "DATABASE_URL": server_url}
