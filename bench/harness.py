@@ -789,7 +789,12 @@ class Run:
                     "unit": METRICS[metric][0],
                 }
                 if ratios:
-                    entry.update(ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+                    entry.update(
+                        ratio_median=statistics.median(ratios),
+                        ratio_min=min(ratios),
+                        ratio_max=max(ratios),
+                        ratio_n=len(ratios),  # rounds with a floor to divide by
+                    )
                 out.setdefault(system.name, {})[metric] = entry
         return out
 
@@ -807,21 +812,29 @@ class Run:
                 verdicts.append(verdict)
                 continue
             assert entry is not None
-            met = value >= bound if op == ">=" else value <= bound
+            met: bool | None = value >= bound if op == ">=" else value <= bound
             detail = []
             if metric in ("drain_2x8_per_s", "latency_p99_ms"):
                 higher = METRICS[metric][1]
-                for peer, entries in summary.items():
-                    if peer in ("floor", "floor_batch", "ours") or metric not in entries:
+                unmeasured = []
+                for peer in (system.name for system in self.systems):
+                    if peer in ("floor", "floor_batch", "ours"):
                         continue
                     if metric == "latency_p99_ms" and not SYSTEMS[peer].postgres:
                         continue
-                    theirs = entries[metric]["median"]
+                    if metric not in summary.get(peer, {}):
+                        unmeasured.append(peer)  # it ran, but failed this phase in every round
+                        continue
+                    theirs = summary[peer][metric]["median"]
                     mine = entry["median"]
                     ahead = mine > theirs if higher else mine < theirs
                     if not ahead:
                         met = False
                         detail.append(f"behind {peer} ({_fmt(mine)} vs {_fmt(theirs)})")
+                if unmeasured:
+                    detail.append(f"not compared with {', '.join(unmeasured)} (not measured)")
+                    if met:
+                        met = None  # "ahead of every peer" is unproven
             verdict.update(value=value, met=met, detail="; ".join(detail))
             verdicts.append(verdict)
         return verdicts

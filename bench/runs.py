@@ -55,10 +55,19 @@ ISSUE_CONFIG: dict[str, Any] = {
 
 
 def is_full_run(doc: dict[str, Any]) -> bool:
-    """Whether a results file is a run of every system and phase at the issue's sizes, 3 rounds or more."""
+    """Whether a results file is a run of every system and phase at the issue's sizes, 3 rounds or more.
+
+    The rounds counted are the ones written, not the ones asked for (the harness writes the
+    file after every round, so an interrupted run's file holds fewer), and a round in which
+    floor or ours failed a phase does not count.
+    """
     config = doc.get("config") or {}
+    rounds = doc.get("rounds") or []
+    complete = [r for r in rounds if not any((r.get("errors") or {}).get(name) for name in ("floor", "ours"))]
     return (
         (config.get("rounds") or 0) >= 3
+        and len(complete) >= 3
+        and len(complete) == len(rounds)
         and set(config.get("phases") or ()) >= set(PHASES)
         and set(doc.get("systems") or ()) >= set(DEFAULT_SYSTEMS)
         and all(config.get(key, value) == value for key, value in ISSUE_CONFIG.items())
@@ -69,7 +78,8 @@ def cell(verdict: dict[str, Any] | None) -> str:
     if verdict is None or verdict.get("value") is None:
         return "-"
     suffix = "×" if verdict["compared"] == "ratio" else ""  # noqa: RUF001
-    return f"{verdict['value']:.2f}{suffix} {'✓' if verdict['met'] else '✗'}"
+    mark = "?" if verdict.get("met") is None else "✓" if verdict["met"] else "✗"  # ?: measured, not judged
+    return f"{verdict['value']:.2f}{suffix} {mark}"
 
 
 def load(path: Path) -> dict[str, Any]:

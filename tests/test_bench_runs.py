@@ -67,6 +67,46 @@ def test_a_run_that_departs_from_the_issue_in_one_thing_is_not_a_full_run(
     assert not runs.is_full_run(_changed(full_run, key, value))
 
 
+def test_an_interrupted_run_or_one_whose_floor_or_ours_failed_a_phase_is_not_a_full_run(
+    full_run: dict[str, Any],
+) -> None:
+    # Given the file an interrupted run leaves (written after each round: one of three rounds)
+    interrupted = copy.deepcopy(full_run)
+    interrupted["rounds"] = interrupted["rounds"][:1]
+    # And a run whose ours failed its drain in one round
+    failed = copy.deepcopy(full_run)
+    failed["rounds"][1]["errors"] = {"ours": {"drain_2x8": "stalled: 19000/20000 jobs ran"}}
+    # And one where only a peer failed a phase
+    peer_failed = copy.deepcopy(full_run)
+    peer_failed["rounds"][1]["errors"] = {"celery": {"latency": "stalled"}}
+    # Then neither of the first two counts, and the third does
+    assert not runs.is_full_run(interrupted)
+    assert not runs.is_full_run(failed)
+    assert runs.is_full_run(peer_failed)
+
+
+def test_a_peer_that_ran_but_was_never_measured_leaves_ahead_of_every_peer_unjudged(full_run: dict[str, Any]) -> None:
+    # Given the full run's rounds with PgQueuer's drains and latencies gone (its phases failed every round)
+    from bench.harness import SYSTEMS, Run
+
+    run = Run.__new__(Run)  # only its rounds and systems: no database, no run
+    run.systems = [SYSTEMS[name] for name in full_run["systems"]]
+    run.rounds = copy.deepcopy(full_run["rounds"])
+    for rnd in run.rounds:
+        for metric in ("drain_2x8_per_s", "latency_p99_ms"):
+            rnd["results"]["pgqueuer"].pop(metric, None)
+    # When the targets are judged
+    verdicts = {v["metric"]: v for v in run.targets(run.summary())}
+    # Then pickup, met on its ratio (0.66x) in that run, is not claimed as met without the peer, and says why
+    assert "not compared with pgqueuer" in verdicts["latency_p99_ms"]["detail"]
+    assert verdicts["latency_p99_ms"]["met"] is None
+    # And drain, missed on its ratio (2.40x), stays missed
+    assert "not compared with pgqueuer" in verdicts["drain_2x8_per_s"]["detail"]
+    assert verdicts["drain_2x8_per_s"]["met"] is False
+    # And the table shows the unjudged one as such
+    assert "0.66× ?" in runs.cell(verdicts["latency_p99_ms"])  # noqa: RUF001
+
+
 def test_the_table_shows_each_targets_value_and_verdict_and_counts_them(full_run: dict[str, Any]) -> None:
     # Given the full run twice (as two files would be)
     lines = runs.table([(FULL_RUN, full_run), (FULL_RUN, full_run)]).splitlines()
