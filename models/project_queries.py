@@ -31,7 +31,7 @@ UPDATE control_plane.projects
                          coalesce(steps -> %(step)s, '{}'::jsonb)
                          || jsonb_build_object(%(event)s::text, now(), 'detail', %(detail)s::jsonb)),
        updated_at = now()
-WHERE project_id = %(project_id)s AND status = 'provisioning'
+WHERE project_id = %(project_id)s AND status = 'provisioning' AND job_id IS NOT DISTINCT FROM %(run)s::uuid
 RETURNING project_id
 """
 
@@ -43,7 +43,7 @@ UPDATE control_plane.projects
                          coalesce(steps -> %(step)s, '{}'::jsonb)
                          || jsonb_build_object('done_at', now(), 'detail', %(detail)s::jsonb)),
        updated_at = now()
-WHERE project_id = %(project_id)s AND status = 'provisioning'
+WHERE project_id = %(project_id)s AND status = 'provisioning' AND job_id IS NOT DISTINCT FROM %(run)s::uuid
   AND (steps -> %(step)s ->> 'done_at') IS NULL
 RETURNING project_id
 """
@@ -68,7 +68,7 @@ ACTIVATE = """
 UPDATE control_plane.projects
    SET status = 'active', provisioned_at = coalesce(provisioned_at, now()), result = %(result)s,
        last_error = NULL, updated_at = now()
-WHERE project_id = %(project_id)s AND status = 'provisioning'
+WHERE project_id = %(project_id)s AND status = 'provisioning' AND job_id IS NOT DISTINCT FROM %(run)s::uuid
 RETURNING provisioned_at, job_id, waiting_job_ids::text[]
 """
 
@@ -100,12 +100,14 @@ BEGIN_COMPENSATION = """
 UPDATE control_plane.projects
    SET status = 'compensating', last_error = %(error)s, updated_at = now()
 WHERE project_id = %(project_id)s AND status IN ('provisioning', 'compensating')
-RETURNING payload, job_id, coalesce(steps -> 'touched_services', '[]'::jsonb)
+  AND (%(run)s::uuid IS NULL OR job_id = %(run)s::uuid)
+RETURNING payload, job_id::text, coalesce(steps -> 'touched_services', '[]'::jsonb)
 """
 
 #: Compensation finished: free the name (api_keys go with the row).
 DELETE_PROJECT = """
-DELETE FROM control_plane.projects WHERE project_id = %(project_id)s AND status = 'compensating'
+DELETE FROM control_plane.projects
+WHERE project_id = %(project_id)s AND status = 'compensating' AND job_id IS NOT DISTINCT FROM %(run)s::uuid
 RETURNING job_id, waiting_job_ids::text[]
 """
 
@@ -113,6 +115,7 @@ MARK_NEEDS_OPERATOR = """
 UPDATE control_plane.projects
    SET status = 'needs_operator', last_error = %(error)s, updated_at = now()
 WHERE project_id = %(project_id)s AND status IN ('provisioning', 'compensating')
+  AND (%(run)s::uuid IS NULL OR job_id = %(run)s::uuid)
 RETURNING job_id, waiting_job_ids::text[]
 """
 
@@ -145,7 +148,7 @@ RETURNING old.secret_nonce, old.secrets_expire_at > now() AS fresh, p.status, p.
 #: Projects mid-workflow with no live job to move them on (a pending step cancelled by an
 #: operator, a message deleted by hand): the sweeper hands them to compensation.
 _ORPHANED_PROJECTS = """
-SELECT p.project_id FROM control_plane.projects AS p
+SELECT p.project_id, p.job_id::text FROM control_plane.projects AS p
 WHERE p.status IN ('provisioning', 'compensating')
   AND p.updated_at < now() - make_interval(secs => %(older_than)s)
   AND NOT EXISTS (

@@ -143,6 +143,82 @@ def test_someone_elses_database_of_that_name_is_a_conflict_and_survives_compensa
     assert query(db_url, "SELECT count(*) AS n FROM pg_roles WHERE rolname LIKE %s", (f"p\\_{pid}\\_%",))[0]["n"] == 0
 
 
+def test_a_message_of_an_undone_run_does_not_touch_the_next_run_of_the_same_project_id(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    # Given a first run of the project, failed and undone (its id freed)
+    first = claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid, first)
+    compensate_project(Settings.from_env(), pid, "step provision_project.database failed: boom", first)
+    # And a second run of the same id, with the same payload, through its schema step
+    second = claimed(project)
+    for step in ("roles", "database", "schema"):
+        run_step(step, pid, second)
+    before = census(db_url, pid, services)
+    steps_before = load_steps(pid)
+    # When the first run's compensate message is delivered again, and so is one of its steps
+    again = compensate_project(Settings.from_env(), pid, "step provision_project.database failed: boom", first)
+    late = run_step("services", pid, first)
+    # Then neither acts on the second run: its database and roles stay, no step is marked or sent
+    assert "skipped" in again and late == {"skipped": "superseded"}
+    assert census(db_url, pid, services) == before and before["databases"] == 1 and before["roles"] == 2
+    assert load_steps(pid) == steps_before
+    with control_transaction() as conn:
+        state = load(conn, pid)
+    assert state is not None and state.status == "provisioning" and state.job_id == second
+    # And the second run's own compensation still undoes it
+    compensate_project(Settings.from_env(), pid, "step provision_project.services failed: boom", second)
+    assert census(db_url, pid, services)["databases"] == 0
+
+
+def test_roles_an_undone_run_left_behind_get_the_next_runs_password(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    from tasks.provision import reveal_secrets
+    from tasks.provision.roles import ensure_roles
+
+    # Given a first run undone while its roles step was still running: the roles it created after
+    # the compensation dropped them stay behind, with the first run's password
+    first = claimed(project)
+    pid = project["project_id"]
+    with control_transaction() as conn:
+        straggler = load(conn, pid)
+    assert straggler is not None
+    compensate_project(Settings.from_env(), pid, "step provision_project.roles failed: lease lost", first)
+    ensure_roles(Settings.from_env(), straggler)
+    # When the project id is provisioned again, to the end
+    second = claimed(project)
+    for step in STEPS:
+        run_step(step, pid, second)
+    # Then the password its caller reads is the app role's (checked against the stored SCRAM
+    # verifier: this server trusts loopback connections, so a login would prove nothing)
+    revealed = reveal_secrets(Settings.from_env(), pid)
+    stored = query(db_url, "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (f"p_{pid}_app",))[0]["rolpassword"]
+    assert scram_matches(stored, revealed["database_password"])
+
+
+def scram_matches(verifier: str, password: str) -> bool:
+    """Whether ``password`` made a ``SCRAM-SHA-256$iterations:salt$StoredKey:ServerKey`` verifier."""
+    import base64
+    import hashlib
+    import hmac
+
+    scheme, rest = verifier.split("$", 1)
+    counts, keys = rest.split("$")
+    iterations, salt = counts.split(":")
+    stored_key = keys.split(":")[0]
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return scheme == "SCRAM-SHA-256" and hashlib.sha256(client_key).digest() == base64.b64decode(stored_key)
+
+
+def load_steps(project_id: str) -> Any:
+    with control_transaction() as conn:
+        state = load(conn, project_id)
+    return state.steps if state is not None else None
+
+
 def test_compensation_is_idempotent(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:

@@ -4,7 +4,9 @@ Both roles, their ownership markers and the control role's membership of the
 owner are created in one transaction: a crash leaves all or nothing. A role
 that exists without our marker belongs to someone else: a conflict, never
 touched. The app role's password is set as a SCRAM verifier computed
-client-side (libpq's ``PQencryptPasswordConn``), never as plaintext DDL.
+client-side (libpq's ``PQencryptPasswordConn``), never as plaintext DDL; it
+is set again when the role is found, so roles an earlier run of the project
+id left behind get this run's password.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
                 sql.Identifier(app), sql.Literal(settings.app_connection_limit), sql.Literal(verifier)
             ),
         )
+        if not created_app:
+            # Found, with our marker: this step done before, or roles left by an earlier run of this
+            # project id (a step still running while that run was undone). Either way the password
+            # is this run's, as reveal_secrets derives it.
+            cur.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(app), sql.Literal(verifier)))
         # The control role must be a member of the owner to create its database and grant on it.
         cur.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(owner)))
     return {"owner_role": owner, "app_role": app, "created": created_owner or created_app}

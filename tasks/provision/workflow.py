@@ -106,7 +106,7 @@ def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
         state, created = claim(conn, valid, job_id, settings)
         if created:
             with tasks.enqueue_in(conn):
-                _STEP_ACTORS[STEPS[0]].send(valid.project_id)
+                _STEP_ACTORS[STEPS[0]].send(valid.project_id, job_id)
         elif state.status == "active" and state.result is not None:
             # Provisioned already, with this payload: this caller gets the result now.
             _deliver(settings, conn, [job_id], result=state.result)
@@ -204,7 +204,7 @@ def activate(settings: Settings, state: ProjectState) -> dict[str, object]:
         _lock_project(conn, state.project_id)
         result = _result(settings, conn, state)
         with conn.cursor() as cur:
-            cur.execute(q.ACTIVATE, {"project_id": state.project_id, "result": Json(result)})
+            cur.execute(q.ACTIVATE, {"project_id": state.project_id, "run": state.job_id, "result": Json(result)})
             row = cur.fetchone()
             if row is None:
                 return {"skipped": "not provisioning"}
@@ -224,42 +224,54 @@ _STEP_FUNCTIONS: dict[str, Callable[[Settings, ProjectState], dict[str, object]]
 }
 
 
-def _mark(conn: Any, project_id: str, step: str, event: str, detail: dict[str, object] | None = None) -> bool:
+def _mark(conn: Any, project_id: str, step: str, event: str, detail: dict[str, object] | None = None, *,
+          run: str | None = None) -> bool:
     with conn.cursor() as cur:
-        cur.execute(q.MARK_STEP, {"project_id": project_id, "step": step, "event": event,
+        cur.execute(q.MARK_STEP, {"project_id": project_id, "step": step, "event": event, "run": run,
                                   "detail": Json(detail or {})})
         return cur.fetchone() is not None
 
 
-def run_step(step: str, project_id: str) -> dict[str, object]:
+def _superseded(state: ProjectState | None, run: str | None) -> bool:
+    """Whether the project row is another run of the project id than the message's (``run``: its claim's job id).
+
+    A project undone frees its id, and a later provision_project claims it again: a message of
+    the earlier run delivered again must not act on the later one. ``run`` is None in messages
+    sent before steps carried it; they match any run, as they did.
+    """
+    return state is not None and run is not None and state.job_id != run
+
+
+def run_step(step: str, project_id: str, run: str | None = None) -> dict[str, object]:
     """Run one step of a project's workflow, then hand over to the next step."""
     settings = Settings.from_env()
     with control_transaction() as conn:
         state = load(conn, project_id)
-        if state is None or state.status != "provisioning":
-            status = state.status if state else "gone"
+        if state is None or state.status != "provisioning" or _superseded(state, run):
+            status = "superseded" if _superseded(state, run) else state.status if state else "gone"
             logger.info("project %s is %s; step %s has nothing to do", project_id, status, step)
             return {"skipped": status}
-        _mark(conn, project_id, step, "started_at")
+        run = state.job_id  # every write below is to this run's row only
+        _mark(conn, project_id, step, "started_at", run=run)
     detail = _STEP_FUNCTIONS[step](settings, state)
     index = STEPS.index(step)
     with control_transaction() as conn:
         if step != "activate":
             with conn.cursor() as cur:
-                cur.execute(q.MARK_STEP_DONE, {"project_id": project_id, "step": step,
+                cur.execute(q.MARK_STEP_DONE, {"project_id": project_id, "step": step, "run": run,
                                                "detail": Json({k: v for k, v in detail.items() if k != "api_keys"})})
                 first_time = cur.fetchone() is not None
             # Hand over only the first time this step finishes: a redelivered step
             # (its worker died after this transaction committed) must not fork the chain.
             if first_time and index + 1 < len(STEPS):
                 with tasks.enqueue_in(conn):
-                    _STEP_ACTORS[STEPS[index + 1]].send(project_id)
+                    _STEP_ACTORS[STEPS[index + 1]].send(project_id, run)
     return {"project_id": project_id, "step": step, **({} if step == "activate" else detail)}
 
 
-def _make_step_actor(step: str) -> dramatiq.Actor[[str], dict[str, object]]:
-    def step_actor(project_id: str) -> dict[str, object]:
-        return run_step(step, project_id)
+def _make_step_actor(step: str) -> dramatiq.Actor[[str, str | None], dict[str, object]]:
+    def step_actor(project_id: str, run: str | None = None) -> dict[str, object]:
+        return run_step(step, project_id, run)
 
     step_actor.__name__ = step_actor.__qualname__ = f"provision_{step}"
     step_actor.__doc__ = f"provision_project step {step!r}."
@@ -270,14 +282,17 @@ def _make_step_actor(step: str) -> dramatiq.Actor[[str], dict[str, object]]:
 _STEP_ACTORS = {step: _make_step_actor(step) for step in STEPS}
 
 
-def compensate_project(settings: Settings, project_id: str, error: str) -> dict[str, object]:
-    """Undo, in reverse order, everything a failed workflow may have created; then free the name."""
+def compensate_project(settings: Settings, project_id: str, error: str, run: str | None = None) -> dict[str, object]:
+    """Undo, in reverse order, everything a failed workflow may have created; then free the name.
+
+    ``run``: the claim's job id of the run that failed (None: whichever run holds the id).
+    """
     with control_transaction() as conn, conn.cursor() as cur:
-        cur.execute(q.BEGIN_COMPENSATION, {"project_id": project_id, "error": error})
+        cur.execute(q.BEGIN_COMPENSATION, {"project_id": project_id, "run": run, "error": error})
         row = cur.fetchone()
     if row is None:
-        return {"skipped": "nothing to compensate (active, gone, or waiting for an operator)"}
-    payload, touched = p.validate(row[0]), list(row[2])
+        return {"skipped": "nothing to compensate (active, gone, another run, or waiting for an operator)"}
+    payload, run, touched = p.validate(row[0]), row[1], list(row[2])
     # Undo in reverse order, as much as possible: a failing part does not stop the
     # others (each is idempotent, so a retry redoes only what is left).
     failures: list[Exception] = []
@@ -304,7 +319,7 @@ def compensate_project(settings: Settings, project_id: str, error: str) -> dict[
     with control_transaction() as conn:
         _lock_project(conn, project_id)
         with conn.cursor() as cur:
-            cur.execute(q.DELETE_PROJECT, {"project_id": project_id})
+            cur.execute(q.DELETE_PROJECT, {"project_id": project_id, "run": run})
             deleted = cur.fetchone()
         if deleted is not None:
             _deliver(settings, conn, _callers(deleted), error=f"provisioning failed and was undone: {error}")
@@ -317,20 +332,25 @@ def compensate_project(settings: Settings, project_id: str, error: str) -> dict[
                 on_final_failure=f"{ACTOR}.compensation_failed")
 def compensate(failed: dict[str, Any], error: dict[str, Any]) -> dict[str, object]:
     """Undo a project whose step failed for good."""
-    project_id = str(failed["args"][0])
+    project_id, run = _project_and_run(failed["args"])
     reason = f"step {failed['actor_name']} failed: {error.get('message')}"
-    return compensate_project(Settings.from_env(), project_id, reason)
+    return compensate_project(Settings.from_env(), project_id, reason, run)
+
+
+def _project_and_run(args: list[Any]) -> tuple[str, str | None]:
+    """A step message's arguments: the project id, and the run (absent from messages sent before steps carried it)."""
+    return str(args[0]), (str(args[1]) if len(args) > 1 and args[1] is not None else None)
 
 
 @dramatiq.actor(actor_name=f"{ACTOR}.compensation_failed", queue_name=QUEUE, max_attempts=20)
 def compensation_failed(failed: dict[str, Any], error: dict[str, Any]) -> None:
     """Compensation failed for good: keep the name and flag the project for an operator."""
     # failed is the compensate message: its first argument is the failed step's message.
-    project_id = str(failed["args"][0]["args"][0])
+    project_id, run = _project_and_run(failed["args"][0]["args"])
     with control_transaction() as conn:
         _lock_project(conn, project_id)
         with conn.cursor() as cur:
-            cur.execute(q.MARK_NEEDS_OPERATOR, {"project_id": project_id,
+            cur.execute(q.MARK_NEEDS_OPERATOR, {"project_id": project_id, "run": run,
                                                 "error": f"cleanup failed: {error.get('message')}"})
             marked = cur.fetchone()
         if marked is not None:
@@ -348,11 +368,12 @@ def sweep_orphans(settings: Settings, older_than_seconds: float = 600.0) -> list
             via_messages = isinstance(tasks.broker, PostgresBroker)
             orphaned = q.ORPHANED_PROJECTS_VIA_MESSAGES if via_messages else q.ORPHANED_PROJECTS
             cur.execute(orphaned, {"older_than": older_than_seconds})
-            orphans = [row[0] for row in cur.fetchall()]
+            found = [(row[0], str(row[1]) if row[1] is not None else None) for row in cur.fetchall()]
+            orphans = [project_id for project_id, _ in found]
         with tasks.enqueue_in(conn):
-            for project_id in orphans:
+            for project_id, run in found:
                 compensate.send(
-                    {"message_id": None, "actor_name": f"{ACTOR}.sweep", "args": [project_id], "kwargs": {}},
+                    {"message_id": None, "actor_name": f"{ACTOR}.sweep", "args": [project_id, run], "kwargs": {}},
                     {"type": "Orphaned", "message": "no step of its workflow was pending or running"},
                 )
     for project_id in orphans:
