@@ -349,6 +349,9 @@ class Clones:
             try:
                 with self._busy:
                     query(self._admin_dsn, f"CREATE DATABASE {name} TEMPLATE {self.template}")
+                    # A copy does not keep its template's own privileges: close it as migration 0009
+                    # leaves a migrated database (tests connect as a superuser).
+                    query(self._admin_dsn, f"REVOKE CONNECT, TEMPORARY ON DATABASE {name} FROM PUBLIC")
                 return
             except Exception:
                 if attempt == 9:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
@@ -84,3 +85,31 @@ def test_migrated_schema_matches_the_models(db_url: str) -> None:
         engine.dispose()
     # Then there is no difference at all
     assert diff == []
+
+
+def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_control_plane(empty_db: str) -> None:
+    # Given a database at the revision before, a role an operator granted the control plane to,
+    # and a role with no business there (as a tenant's app role is)
+    suffix = empty_db.rsplit("/", 1)[1][-12:]
+    reader, stranger = f"cp_reader_{suffix}", f"cp_stranger_{suffix}"
+    migrations.upgrade(empty_db, "0008")
+    try:
+        query(empty_db, f"CREATE ROLE {reader} LOGIN; CREATE ROLE {stranger} LOGIN; "
+                        f"GRANT USAGE ON SCHEMA control_plane TO {reader}")  # fmt: skip
+        # When it is migrated to head
+        migrations.upgrade(empty_db)
+
+        # Then the stranger may no longer connect or make temporary tables there, and the reader still may
+        def may(role: str, privilege: str) -> bool:
+            sql = "SELECT has_database_privilege(%s, current_database(), %s) AS ok"
+            return bool(query(empty_db, sql, (role, privilege))[0]["ok"])
+
+        assert not may(stranger, "CONNECT") and not may(stranger, "TEMPORARY")
+        assert may(reader, "CONNECT") and may(reader, "TEMPORARY")
+        # And downgrading gives PUBLIC its default back
+        command.downgrade(migrations.alembic_config(sqlalchemy_url(empty_db)), "0008")
+        assert may(stranger, "CONNECT")
+    finally:
+        db = empty_db.rsplit("/", 1)[1]
+        query(empty_db, f'REVOKE ALL ON DATABASE "{db}" FROM {reader}; DROP OWNED BY {reader}; '
+                        f"DROP ROLE {reader}; DROP ROLE {stranger}")  # fmt: skip

@@ -191,14 +191,11 @@ def test_the_app_role_connects_to_its_database_and_not_to_anothers(env: str) -> 
     params["dbname"] = f"p_{pid('conn_b')}"
     with pytest.raises(psycopg2.OperationalError, match=r"permission denied|not permitted|password"):
         psycopg2.connect(**params)
-    # And it cannot read the control plane's tables, even where it may connect
+    # And it cannot connect to the control plane's database, on the same server (where it could
+    # otherwise hold the broker's advisory locks and stall every send)
     params["dbname"] = psycopg2.extensions.parse_dsn(env)["dbname"]
-    control = psycopg2.connect(**params)
-    try:
-        with control.cursor() as cur, pytest.raises(psycopg2.errors.InsufficientPrivilege):
-            cur.execute("SELECT count(*) FROM control_plane.jobs")
-    finally:
-        control.close()
+    with pytest.raises(psycopg2.OperationalError, match="permission denied for database"):
+        psycopg2.connect(**params)
     # And the secrets can be read only once
     with pytest.raises(Exception, match="already read"):
         reveal_secrets(settings, pid("conn_a"))
