@@ -566,6 +566,8 @@ INSERT INTO control_plane.schedule_ticks (schedule_name, tick_at, job_id)
 SELECT %(name)s, %(tick_at)s, %(job_id)s::uuid
 WHERE NOT EXISTS (SELECT 1 FROM control_plane.schedule_ticks
                   WHERE schedule_name = %(name)s AND tick_at > %(tick_at)s)
+  -- never a tick ahead of the database's clock (a clock whose host runs ahead, of an older release)
+  AND %(tick_at)s::timestamptz <= statement_timestamp() + interval '5 seconds'
 ON CONFLICT (schedule_name, tick_at) DO NOTHING
 RETURNING tick_at
 """

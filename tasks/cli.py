@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg2
@@ -467,7 +467,7 @@ def cmd_clock(args: argparse.Namespace) -> int:
     _import_modules(["tasks.maintenance", *(args.module or [])])
     clock = Clock()
     if args.list:
-        now = datetime.now().astimezone()
+        now = clock.now()
         last = clock.last_ticks()
         rows: list[dict[str, Any]] = [
             {
@@ -510,7 +510,7 @@ def cmd_clock(args: argparse.Namespace) -> int:
 
 
 def _day(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M UTC") if value is not None else ""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value is not None else ""
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:

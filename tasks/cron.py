@@ -44,8 +44,9 @@ _FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
 )
 
 #: How far :meth:`CronSchedule.previous` and :meth:`CronSchedule.next` look before
-#: deciding an expression never matches (``0 0 30 2 *``: February 30th).
-_HORIZON = timedelta(days=366 * 5)
+#: deciding an expression never matches (``0 0 30 2 *``: February 30th): eight years,
+#: the longest gap between two February 29ths (2096 to 2104).
+_HORIZON = timedelta(days=366 * 8 + 1)
 
 
 class CronError(ValueError):
@@ -56,7 +57,7 @@ def _value(token: str, field: str, low: int, high: int, names: dict[str, int]) -
     lowered = token.lower()
     if lowered in names:
         return names[lowered]
-    if not token.isdigit():
+    if not (token.isascii() and token.isdigit()):
         raise CronError(f"{field}: {token!r} is not a number" + (" or a name" if names else ""))
     value = int(token)
     if not low <= value <= high:
@@ -72,13 +73,15 @@ def _parse_field(text: str, field: str, low: int, high: int, names: dict[str, in
         base, slash, step_text = part.partition("/")
         step = 1
         if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
                 raise CronError(f"{field}: step {step_text!r} must be a positive number")
             step = int(step_text)
         if base == "*":
             start, end = low, high
         elif "-" in base:
             first, _, last = base.partition("-")
+            if not first or not last:
+                raise CronError(f"{field}: range {base!r} needs a value on each side of '-'")
             start = _value(first, field, low, high, names)
             end = _value(last, field, low, high, names)
             if start > end:
@@ -141,12 +144,12 @@ class CronSchedule:
 
     def matches(self, when: datetime) -> bool:
         """True when the schedule fires in the minute of ``when`` (a naive time is taken as UTC)."""
-        when = _utc(when)
+        when = as_utc(when)
         return when.minute in self.minutes and when.hour in self.hours and self._day_matches(when)
 
     def previous(self, when: datetime) -> datetime | None:
         """The latest firing time at or before ``when`` (to the minute), or None if there is none."""
-        t = _utc(when).replace(second=0, microsecond=0)
+        t = as_utc(when).replace(second=0, microsecond=0)
         limit = t - _HORIZON
         while t > limit:
             if not self._day_matches(t):
@@ -162,7 +165,7 @@ class CronSchedule:
 
     def next(self, when: datetime) -> datetime | None:
         """The first firing time strictly after ``when``, or None if there is none."""
-        t = _utc(when).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        t = as_utc(when).replace(second=0, microsecond=0) + timedelta(minutes=1)
         limit = t + _HORIZON
         while t < limit:
             if not self._day_matches(t):
@@ -180,7 +183,8 @@ class CronSchedule:
         return self.expression
 
 
-def _utc(when: datetime) -> datetime:
+def as_utc(when: datetime) -> datetime:
+    """``when`` in UTC; a naive datetime is taken as UTC already."""
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
@@ -189,4 +193,4 @@ def parse(expression: str) -> CronSchedule:
     return CronSchedule.parse(expression)
 
 
-__all__ = ["ALIASES", "CronError", "CronSchedule", "parse"]
+__all__ = ["ALIASES", "CronError", "CronSchedule", "as_utc", "parse"]

@@ -16,7 +16,8 @@ schedule name and tick time) and the job's message in the same transaction,
 transaction and then do nothing, so they enqueue nothing.
 
 Which tick runs: at each look (every minute), a schedule's latest tick at or
-before now, if it is newer than the last one recorded. So a clock that was
+before now (the database's time, whatever the host's clock says), if it is
+newer than the last one recorded. So a clock that was
 down runs each schedule once for the latest tick it missed, not once per
 missed tick; a schedule never seen before starts with its tick of the current
 minute, if any, or its next one.
@@ -38,7 +39,7 @@ from dramatiq.message import Message
 
 from models import queries
 from tasks import db
-from tasks.cron import CronSchedule
+from tasks.cron import CronError, CronSchedule, as_utc
 from tasks.middleware.time_ordered_ids import time_ordered_id
 
 logger = logging.getLogger(__name__)
@@ -105,10 +106,15 @@ def schedule(
     where its messages go). ``name`` identifies the schedule in
     ``control_plane.schedule_ticks`` (default: the actor's name); give one when
     an actor has several schedules. Declaring the same name again replaces the
-    schedule (a module imported twice); ``options`` are message options.
-    Raises :class:`tasks.cron.CronError` for a bad expression.
+    schedule only if it is the same (a module imported twice); a different
+    schedule under a name already taken raises ``ValueError`` (two schedules of
+    one actor need a ``name`` each). ``options`` are message options.
+    Raises :class:`tasks.cron.CronError` for a bad expression, or one that
+    never fires (``0 0 31 2 *``).
     """
     parsed = CronSchedule.parse(cron)
+    if parsed.next(datetime(2000, 1, 1, tzinfo=UTC)) is None:
+        raise CronError(f"{cron!r} never fires: no date matches its day of month and month")
     if isinstance(actor, str):
         actor_name, queue = actor, queue_name
     else:
@@ -123,6 +129,12 @@ def schedule(
         options=dict(options),
     )
     with _registry_lock:
+        taken = _registry.get(entry.name)
+        if taken is not None and taken != entry:
+            raise ValueError(
+                f"a different schedule is already named {entry.name!r} ({taken.cron.expression!r}, "
+                f"args {taken.args!r}); give each schedule of one actor its own name=, or unschedule() the old one"
+            )
         _registry[entry.name] = entry
     return entry
 
@@ -162,12 +174,16 @@ def unschedule(name: str) -> None:
 
 
 def _minute(when: datetime) -> datetime:
-    return when.astimezone(UTC).replace(second=0, microsecond=0)
+    return as_utc(when).replace(second=0, microsecond=0)
 
 
 def utc_now() -> datetime:
-    """The time now, in UTC: the clock's default ``now``."""
+    """This host's time now, in UTC."""
     return datetime.now(UTC)
+
+
+#: A host clock this far from the database's is worth a warning (the clock goes by the database's).
+SKEW_WARNING = timedelta(seconds=2)
 
 
 class Clock:
@@ -177,7 +193,11 @@ class Clock:
       schedules: what to run (default: every schedule declared, at each look).
       url: the control plane's database (default: the one ``tasks`` uses).
       broker: where messages go (default: Dramatiq's global broker, ``tasks.broker``).
-      now: the time source (tests inject one); UTC datetimes.
+      now: the time source (tests inject one); UTC datetimes. By default the
+        database's clock (``statement_timestamp()``), read with the recorded ticks
+        at each look: every clock then agrees on the time whatever its host's
+        clock says, and a host whose clock runs ahead cannot run a tick early
+        (nor, by recording it, keep the other clocks from the ticks before it).
     """
 
     def __init__(
@@ -186,12 +206,14 @@ class Clock:
         schedules: Iterable[Schedule] | None = None,
         url: str | None = None,
         broker: dramatiq.Broker | None = None,
-        now: Callable[[], datetime] = utc_now,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self._schedules = list(schedules) if schedules is not None else None
         self._url = url
         self._broker = broker
-        self.now = now
+        self._now = now
+        #: The database's clock minus this host's, as of the last look.
+        self.skew = timedelta(0)
         self._conn: Any = None
 
     @property
@@ -219,17 +241,38 @@ class Clock:
                 self._conn.close()
             self._conn = None
 
+    def now(self) -> datetime:
+        """The time now, in UTC: the injected time source's, else the database's."""
+        if self._now is not None:
+            return as_utc(self._now())
+        return self._look()[1]
+
     def last_ticks(self) -> dict[str, datetime]:
-        """The latest tick recorded for each schedule that has one."""
+        """The latest tick recorded for each schedule that has one (in UTC)."""
+        return self._look()[0]
+
+    def _look(self) -> tuple[dict[str, datetime], datetime]:
+        """The latest recorded ticks, and the database's time now; notes how far this host's clock is off."""
         conn = self._connection()
         with conn, conn.cursor() as cur:
             cur.execute(queries.SCHEDULE_LAST_TICKS, {"names": [s.name for s in self.schedules]})
-            return {name: tick for name, tick in cur.fetchall()}
+            last = {name: as_utc(tick) for name, tick in cur.fetchall()}
+            cur.execute("SELECT statement_timestamp()")
+            now = as_utc(cur.fetchone()[0])
+        skew = now - utc_now()
+        if abs(skew) > SKEW_WARNING and abs(skew - self.skew) > SKEW_WARNING:
+            logger.warning("clock: this host's clock is %.1f s %s the database's; the clock goes by the database's",
+                           abs(skew.total_seconds()), "behind" if skew > timedelta(0) else "ahead of")
+        self.skew = skew
+        return last, now
 
     def due(self, now: datetime | None = None) -> list[tuple[Schedule, datetime]]:
-        """The schedules with a tick to enqueue at ``now``, and that tick."""
-        now = now or self.now()
-        last = self.last_ticks()
+        """The schedules with a tick to enqueue at ``now`` (default: :meth:`now`), and that tick."""
+        if now is not None or self._now is not None:
+            now = as_utc(now or self.now())
+            last = self.last_ticks()
+        else:
+            last, now = self._look()
         found = []
         for entry in self.schedules:
             tick = entry.cron.previous(now)
@@ -300,7 +343,7 @@ class Clock:
                 failures += 1
                 logger.error("clock: cannot read the schedule ticks (%s); trying again", db.loggable_error(exc))
                 self.close()
-            now = utc_now()
+            now = utc_now() + self.skew  # the database's time, as of the last look
             wake = _minute(now) + timedelta(minutes=1, milliseconds=50)
             wait = (wake - now).total_seconds()
             stop.wait(min(wait, 5.0 * failures) if failures else wait)

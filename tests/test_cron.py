@@ -131,6 +131,14 @@ def test_an_impossible_date_never_fires() -> None:
     assert cron.previous(at("2026-01-01 00:00")) is None
 
 
+def test_february_29th_is_found_across_the_eight_years_without_one() -> None:
+    # Given a schedule on February 29th, looked for after the 2096 one (2100 is not a leap year)
+    cron = parse("0 0 29 2 *")
+    # Then the next is in 2104, and the previous from 2104 is 2096's
+    assert cron.next(at("2096-03-01 00:00")) == at("2104-02-29 00:00")
+    assert cron.previous(at("2104-02-28 00:00")) == at("2096-02-29 00:00")
+
+
 def test_matches_ignores_seconds_and_reads_naive_times_as_utc() -> None:
     # Given a schedule at 10:15 UTC
     cron = parse("15 10 * * *")
@@ -154,6 +162,10 @@ def test_matches_ignores_seconds_and_reads_naive_times_as_utc() -> None:
         ("10-5 * * * *", "runs backwards"),
         ("* * * foo *", "month: 'foo' is not a number or a name"),
         ("1,,2 * * * *", "empty list item"),
+        ("\u00b2 * * * *", "minute: '\u00b2' is not a number"),  # a superscript two: a digit to str.isdigit
+        ("* * * * */\u00b2", "step '\u00b2' must be a positive number"),
+        ("-1 * * * *", "minute: range '-1' needs a value on each side"),
+        ("1- * * * *", "minute: range '1-' needs a value on each side"),
     ],
 )
 def test_bad_expressions_name_the_field(expression: str, message: str) -> None:

@@ -114,6 +114,98 @@ def test_a_clock_that_was_down_runs_the_latest_missed_tick_once(db_url: str) -> 
     assert len(noop_jobs(db_url)) == 3
 
 
+def test_clock_list_shows_ticks_in_utc_whatever_the_sessions_time_zone(db_url: str) -> None:
+    # Given a tick recorded, and a session whose time zone is Tokyo's (PGTZ, or the server's TimeZone)
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "tasks.cli", "clock", "--module", "tests.periodic_schedules"]
+    done = subprocess.run([*base, "--once"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    (row,) = ticks(db_url, "tests.every_minute")[-1:]
+    # When the schedules are listed
+    listed = subprocess.run([*base, "--list"], env={**env, "PGTZ": "Asia/Tokyo"}, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    # Then the last tick shows as the UTC time it is, labelled UTC
+    assert listed.returncode == 0, listed.stderr
+    line = next(line for line in listed.stdout.splitlines() if line.startswith("tests.every_minute"))
+    assert row["tick_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") in line
+
+
+def test_the_clock_goes_by_the_databases_time_not_its_hosts(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a clock on a host whose clock runs three hours ahead of the database's
+    real = datetime.now(UTC)
+    monkeypatch.setattr("tasks.periodic.utc_now", lambda: datetime.now(UTC) + timedelta(hours=3))
+    clock = Clock(schedules=[every("* * * * *", "tests.skewed")], url=db_url, broker=tasks.broker)
+    # When it looks
+    with caplog.at_level("WARNING", logger="tasks.periodic"):
+        (tick,) = clock.run_pending()
+    clock.close()
+    # Then it ran the database's current minute, not one three hours ahead, and said its host is off
+    assert abs(tick.tick_at - real.replace(second=0, microsecond=0)) <= timedelta(minutes=1)
+    assert clock.skew < -timedelta(hours=2)
+    assert "s ahead of the database's" in caplog.text
+
+
+def test_a_tick_ahead_of_the_databases_time_is_refused_and_blocks_nothing(db_url: str) -> None:
+    # Given a clock told it is three hours later than the database says (as an older release's
+    # clock on a fast host was), and a clock that is not
+    minutely = every("* * * * *", "tests.minutely")
+    now = datetime.now(UTC)
+    fast = Clock(schedules=[minutely], url=db_url, broker=tasks.broker, now=lambda: now + timedelta(hours=3))
+    right = Clock(schedules=[minutely], url=db_url, broker=tasks.broker, now=lambda: now)
+    # When both look, the fast one first
+    early = fast.run_pending()
+    on_time = right.run_pending()
+    fast.close()
+    right.close()
+    # Then the fast one's tick was not recorded nor sent, and the right one's ran
+    assert early == []
+    assert [t.tick_at for t in on_time] == [now.replace(second=0, microsecond=0)]
+    assert [r["tick_at"] for r in ticks(db_url, "tests.minutely")] == [t.tick_at for t in on_time]
+    assert len(noop_jobs(db_url)) == 1
+
+
+def test_a_naive_time_is_utc_to_the_clock_as_to_cron(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a process whose local time zone is not UTC, and a new every-minute schedule
+    monkeypatch.setenv("TZ", "America/New_York")
+    import time
+
+    time.tzset()
+    try:
+        clock = Clock(schedules=[every("* * * * *", "tests.naive")], url=db_url, broker=tasks.broker)
+        # When it looks at a naive 10:00:30
+        won = clock.run_pending(datetime(2026, 3, 2, 10, 0, 30))
+        clock.close()
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    # Then the 10:00 UTC tick ran (not skipped as five hours past)
+    assert [t.tick_at for t in won] == [at("2026-03-02 10:00")]
+
+
+def test_two_different_schedules_under_one_name_are_refused() -> None:
+    try:
+        # Given a schedule of an actor under its default name
+        schedule("0 3 * * *", "tests.report", args=("daily",))
+        # When the same definition is declared again (a module imported twice), nothing happens
+        schedule("0 3 * * *", "tests.report", args=("daily",))
+        # But a second schedule of the actor without a name of its own is refused, naming the way out
+        with pytest.raises(ValueError, match=r"already named 'tests.report'.*name="):
+            schedule("0 4 * * 1", "tests.report", args=("weekly",))
+        # And with a name it is a second schedule
+        schedule("0 4 * * 1", "tests.report", args=("weekly",), name="tests.report.weekly")
+        assert {"tests.report", "tests.report.weekly"} <= {s.name for s in schedules()}
+        # And an expression that never fires is refused at once
+        from tasks.cron import CronError
+
+        with pytest.raises(CronError, match="never fires"):
+            schedule("0 0 31 2 *", "tests.report", name="tests.report.never")
+    finally:
+        for name in ("tests.report", "tests.report.weekly", "tests.report.never"):
+            unschedule(name)
+
+
 def test_a_new_schedule_starts_at_its_next_tick_not_a_past_one(db_url: str) -> None:
     # Given a daily 03:00 schedule first seen by a clock at 10:00
     clock = Clock(schedules=[every("0 3 * * *", "tests.daily")], url=db_url, broker=tasks.broker)
