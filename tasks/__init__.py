@@ -78,8 +78,6 @@ def _middleware() -> list[Middleware]:
         TimeOrderedIds(),
         # drop messages older than their max_age (Dramatiq's)
         AgeLimit(),
-        # interrupt attempts that run past their time_limit (Dramatiq's; 10 min default)
-        TimeLimit(),
         # deliver Shutdown to actors that ask for it (Dramatiq's)
         ShutdownNotifications(),
         # on_success / on_failure callbacks (Dramatiq's; on_failure gets the error redacted)
@@ -105,6 +103,10 @@ def _middleware() -> list[Middleware]:
         JobsMirror(connection),
         # the results backend, in control_plane.results
         Results(backend=PostgresBackend(connection), result_ttl=settings.result_ttl_ms),
+        # interrupt attempts that run past their time_limit (Dramatiq's; 10 min default). Near
+        # the end, so its after hook clears the deadline before the others run: a slow results
+        # or mirror write after the actor returned must not be interrupted as if the job ran over
+        TimeLimit(),
     ]
     if settings.metrics_port:
         # Dramatiq's Prometheus metrics, served by the worker's main process on

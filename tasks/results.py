@@ -17,9 +17,12 @@ import psycopg2
 from dramatiq import Message
 from dramatiq.results import ResultBackend
 from dramatiq.results.backend import Missing
+from dramatiq.results.result import wrap_exception
 
 from models import queries
-from tasks.broker import PostgresBroker
+from tasks.broker import PostgresBroker, storable_text
+from tasks.errors import NotSerializable
+from tasks.redaction import redact
 
 #: The connection :meth:`PostgresBackend.store_in` stores with (None: a pooled one of its own).
 _store_with: ContextVar[Any] = ContextVar("controlplane_results_store_with", default=None)
@@ -53,6 +56,26 @@ class PostgresBackend(ResultBackend):
             return
         with self._connection() as conn:
             self._write(conn, message_key, result, ttl)
+
+    def store_result(self, message: Message[Any], result: Any, ttl: int) -> None:
+        """Store ``message``'s return value; one JSON cannot hold is stored as a ``NotSerializable`` failure.
+
+        Dropped silently, a caller blocked in ``get_result`` would wait out its whole timeout
+        for a job that completed; it gets a ``ResultFailure`` saying why instead.
+        """
+        try:
+            super().store_result(message, result, ttl)  # the encoding comes before any write
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            refused = NotSerializable(
+                f"the return value of {message.actor_name} cannot be stored as a result: {type(exc).__name__}: {exc}"
+            )
+            self.store_exception(message, refused, ttl)
+
+    def store_exception(self, message: Message[Any], exception: Exception, ttl: int) -> None:
+        """Store the failure with its message redacted, as ``control_plane.jobs.last_error`` holds it."""
+        wrapped = wrap_exception(exception)
+        wrapped["exn"]["msg"] = storable_text(redact(wrapped["exn"]["msg"]))
+        self._store(self.build_message_key(message), wrapped, ttl)
 
     def store_in(self, conn: Any, message: Message[Any], outcome: Any, ttl: int) -> None:
         """Store ``message``'s result, or the exception when ``outcome`` is one, with ``conn``.

@@ -101,6 +101,20 @@ def too_slow() -> None:
         time.sleep(0.05)
 
 
+@dramatiq.actor(actor_name="tests.quick_with_a_time_limit", time_limit=1000, max_attempts=2, min_backoff=50,
+                max_backoff=100, store_results=True)
+def quick_with_a_time_limit() -> str:
+    record("attempt")
+    return "done"
+
+
+@dramatiq.actor(actor_name="tests.returns_a_datetime", store_results=True, max_attempts=1)
+def returns_a_datetime() -> object:
+    import datetime
+
+    return {"at": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)}
+
+
 @dramatiq.actor(actor_name="tests.slow_noop", queue_name="slow")
 def slow_noop(seconds: float) -> None:
     record("started")

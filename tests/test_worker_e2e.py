@@ -9,6 +9,8 @@ from pathlib import Path
 
 import dramatiq
 import psycopg2
+import pytest
+from dramatiq.results import ResultFailure
 
 import tasks
 from tasks.broker import PostgresBroker
@@ -235,7 +237,7 @@ def test_an_error_quoting_a_name_that_is_not_utf8_is_recorded_and_stalls_nothing
 def test_a_password_in_an_error_reaches_no_table_through_retries_or_callbacks(db_url: str, tmp_path: Path) -> None:
     # Given a job whose error quotes a connection URL with its password, retried once, with
     # Dramatiq's on_failure (each attempt) and on_retry_exhausted callbacks
-    message = actors.fails_quoting_a_password.send()
+    message = actors.fails_quoting_a_password.send_with_options(store_results=True)
     # When a worker runs it until it fails for good and its callbacks have run
     with running_worker(db_url, tmp_path):
         wait_for(lambda: job(db_url, message.message_id)["status"] == "failed", what="the job to fail")
@@ -250,6 +252,52 @@ def test_a_password_in_an_error_reaches_no_table_through_retries_or_callbacks(db
     assert "postgresql://admin:[REDACTED]@db.internal/prod" in job(db_url, message.message_id)["last_error"]
     exhausted = [r for r in rows if "traceback" in r["everything"]]
     assert exhausted and all("[REDACTED]" in r["everything"] for r in exhausted)
+    # And the failure its caller gets from the results backend is redacted too
+    stored = query(db_url, "SELECT convert_from(value, 'UTF8') AS value FROM control_plane.results")
+    assert stored and not [r for r in stored if "hunter2" in r["value"]]
+    with pytest.raises(ResultFailure, match=r"admin:\[REDACTED\]@db.internal") as failure:
+        message.get_result(block=True, timeout=10_000)
+    assert "hunter2" not in str(failure.value) and failure.value.orig_exc_type == "RuntimeError"
+
+
+def test_a_return_value_json_cannot_hold_fails_its_result_at_once(db_url: str, tmp_path: Path) -> None:
+    # Given a job that returns a datetime, with its result stored
+    message = actors.returns_a_datetime.send()
+    # When a worker runs it
+    with running_worker(db_url, tmp_path):
+        # Then its caller hears at once why there is no result, instead of waiting out its timeout
+        with pytest.raises(ResultFailure, match=r"cannot be stored as a result.*datetime") as failure:
+            message.get_result(block=True, timeout=60_000)
+    assert failure.value.orig_exc_type == "NotSerializable"
+    # And the job itself completed (the mirror keeps the value's text)
+    assert job(db_url, message.message_id)["status"] == "completed"
+
+
+def test_a_slow_write_after_the_actor_returned_is_not_cut_by_its_time_limit(db_url: str, tmp_path: Path) -> None:
+    # Given the results table locked (a results write that takes longer than the job's 1 s time limit)
+    locker = psycopg2.connect(db_url)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE control_plane.results IN ACCESS EXCLUSIVE MODE")
+        message = actors.quick_with_a_time_limit.send()
+        with running_worker(db_url, tmp_path):
+            # When the actor has returned, its result write waits, and the time limit has passed
+            wait_for(lambda: len(effects(db_url, "attempt")) == 1, what="the attempt")
+            waiting = ("SELECT count(*) AS n FROM pg_locks WHERE NOT granted "
+                       "AND relation = 'control_plane.results'::regclass")  # fmt: skip
+            wait_for(lambda: query(db_url, waiting)[0]["n"] > 0, what="the results write to wait")
+            since = ("SELECT extract(epoch FROM clock_timestamp() - max(at)) AS s FROM test_support.effects "
+                     "WHERE kind = 'attempt'")  # fmt: skip
+            # (the limit is 1 s; TimeLimit looks at its deadlines once a second)
+            wait_for(lambda: query(db_url, since)[0]["s"] > 3.0, what="the time limit to pass")
+            locker.rollback()
+            # Then the job completed with its one attempt, and its caller gets its result
+            assert message.get_result(block=True, timeout=30_000) == "done"
+            wait_for(lambda: job(db_url, message.message_id)["status"] == "completed", what="the job to complete")
+        assert job(db_url, message.message_id)["attempts"] == 1
+        assert len(effects(db_url, "attempt")) == 1
+    finally:
+        locker.close()
 
 
 def test_an_exceeded_time_limit_fails_the_attempt_with_a_clear_error(db_url: str, tmp_path: Path) -> None:
