@@ -193,6 +193,9 @@ WITH m AS (
 )""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
 
+#: The actor and queue of some jobs (a send returns the job holding its unique key under them).
+JOB_ACTORS = "SELECT id::text, type, queue FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[])"
+
 #: The jobs rows of some message ids, as ENQUEUE writes them (a send that lost its
 #: connection looks for what it may have committed before sending again).
 STORED_JOBS = "SELECT id::text, payload, options FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[])"

@@ -714,6 +714,7 @@ class PostgresBroker(dramatiq.Broker):
             "unique_keys": unique_keys,
         }
         duplicates = self._execute_enqueue(rows)
+        holders = self._holders(list(set(duplicates.values()))) if duplicates else {}
         for i, message in enumerate(sent):
             existing = duplicates.get(rows["ids"][i])
             if existing is None:
@@ -726,8 +727,25 @@ class PostgresBroker(dramatiq.Broker):
                 existing,
                 rows["unique_keys"][i],
             )
-            sent[i] = message.copy(message_id=existing)
+            # The holder's actor and queue too: its result is found under them (keys span actors).
+            actor_name, queue_name = holders.get(existing, (message.actor_name, message.queue_name))
+            sent[i] = message.copy(message_id=existing, actor_name=actor_name, queue_name=queue_name)
         return sent
+
+    def _holders(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """The actor and queue of the jobs holding unique keys a send found taken (those it can see)."""
+        joined = _enqueue_connection.get()
+        if joined is not None:  # in the caller's transaction, where a holder may be uncommitted
+            with _dbapi_connection(joined).cursor() as cur:
+                cur.execute(queries.JOB_ACTORS, {"ids": job_ids})
+                return {job_id: (actor, queue) for job_id, actor, queue in cur.fetchall()}
+        try:
+            with self.connection() as conn, conn.cursor() as cur:
+                cur.execute(queries.JOB_ACTORS, {"ids": job_ids})
+                return {job_id: (actor, queue) for job_id, actor, queue in cur.fetchall()}
+        except psycopg2.Error as exc:  # the send is done: name the holder by its id only
+            logger.warning("could not look up the jobs holding unique keys: %s", db.loggable_error(exc))
+            return {}
 
     def _execute_enqueue(self, params: dict[str, list[Any]]) -> dict[str, str]:
         """Run ENQUEUE; returns {sent id: id of the live job holding its unique key} for duplicates."""

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg2
 import pytest
 from dramatiq.message import Message
+from dramatiq.results import ResultFailure, ResultMissing
 
 import tasks
 from tasks.broker import PostgresBroker
@@ -74,6 +75,27 @@ def test_a_second_send_of_a_live_unique_key_returns_the_existing_job(db_url: str
     assert [(r["unique_key"], r["payload"]["args"]) for r in rows] == [("report:7", [1]), ("report:8", [4])]
     assert count(db_url, "messages") == 2
     assert disagreements(db_url) == []
+
+
+def test_a_duplicate_sent_by_another_actor_names_the_holders_actor_and_queue(db_url: str) -> None:
+    # Given a live job of one actor (queue "slow") holding a key
+    holder = actors.slow_noop.send_with_options(args=(0.1,), unique_key="nightly")
+    # When another actor (queue "default") sends with the same key, alone and in a transaction of the caller's
+    alone = actors.noop.send_with_options(args=(1,), unique_key="nightly")
+    conn = psycopg2.connect(db_url)
+    try:
+        with tasks.enqueue_in(conn):
+            joined = actors.noop.send_with_options(args=(2,), unique_key="nightly")
+        conn.commit()
+    finally:
+        conn.close()
+    # Then each gets the holder's job under its actor and queue, so its result is the holder's
+    for duplicate in (alone, joined):
+        assert (duplicate.message_id, duplicate.actor_name, duplicate.queue_name) == (
+            holder.message_id, "tests.slow_noop", "slow",
+        )
+    tasks.broker.get_results_backend().store_result(holder, "ran once", 60_000)
+    assert alone.get_result() == "ran once"
 
 
 def test_unique_jobs_hold_across_processes_sending_at_once(db_url: str) -> None:
@@ -183,6 +205,25 @@ def test_cancel_job_cancels_a_pending_job_at_once(db_url: str) -> None:
     assert disagreements(db_url) == []
     # And its unique key is free again
     assert actors.noop.send_with_options(args=(2,), unique_key="only-one").message_id != message.message_id
+
+
+def test_a_job_cancelled_before_it_ran_tells_its_caller_at_once(db_url: str) -> None:
+    # Given a job waiting for its delay, whose caller waits for its result
+    message = actors.noop.send_with_options(args=(1,), delay=3_600_000)
+    # When an operator cancels it
+    assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", message.message_id) == "cancelled"
+    # Then its caller gets a Cancelled failure now, not a timeout, as from a job cancelled while it ran
+    with pytest.raises(ResultFailure, match="Cancelled: cancelled by operator before it ran") as failure:
+        message.get_result(block=True, timeout=10_000)
+    assert failure.value.orig_exc_type == "Cancelled"
+    # for a day, or the message's result_ttl
+    ttl = scalar(db_url, "SELECT extract(epoch FROM max(expires_at) - now()) FROM control_plane.results")
+    assert 86_000 < ttl <= 86_400
+    short = actors.noop.send_with_options(args=(2,), delay=3_600_000, result_ttl=60_000)
+    scalar(db_url, "SELECT control_plane.cancel_job(%s)", short.message_id)
+    with pytest.raises(ResultFailure):
+        short.get_result()
+    assert scalar(db_url, "SELECT extract(epoch FROM min(expires_at) - now()) FROM control_plane.results") <= 60
 
 
 def test_cancel_job_leaves_finished_and_unknown_jobs_alone(db_url: str) -> None:
@@ -313,6 +354,27 @@ def test_retry_job_puts_a_failed_job_back_with_a_message_dramatiq_decodes(db_url
     assert held.message_id == message.message_id and held.args == ("boom",)
     settle_in_process(consumer, held, "ack")
     assert job(db_url, message.message_id)["status"] == "completed"
+
+
+def test_a_retried_job_forgets_the_failure_its_caller_would_have_read(db_url: str) -> None:
+    # Given a job that failed for good, its failure stored for its caller
+    message = actors.always_fails.send_with_options(args=("boom",), store_results=True)
+    consumer, held = claim_in_process()
+    held.options["retries"] = 2
+    settle_in_process(consumer, held, "nack", error="RuntimeError: failed on purpose: boom")
+    tasks.broker.get_results_backend().store_exception(message, RuntimeError("failed on purpose: boom"), 60_000)
+    with pytest.raises(ResultFailure):
+        message.get_result()
+    # When an operator retries it
+    assert scalar(db_url, "SELECT control_plane.retry_job(%s)", message.message_id) is True
+    # Then its caller waits for the new attempt instead of reading the old failure
+    with pytest.raises(ResultMissing):
+        message.get_result()
+    # And the new attempt's outcome is what it then reads
+    consumer, held = claim_in_process()
+    settle_in_process(consumer, held, "ack")
+    tasks.broker.get_results_backend().store_result(message, "second time", 60_000)
+    assert message.get_result() == "second time"
 
 
 def test_retry_job_does_nothing_to_pending_completed_or_unknown_jobs(db_url: str) -> None:
