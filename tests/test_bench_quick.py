@@ -38,7 +38,9 @@ METRICS = {
     "memory_small_mb",
     "memory_big_mb",
     "memory_ratio",
+    "memory_ratio_tree",
     "provision_per_project_s",
+    "provision_concurrent_per_project_s",
     "provision_p50_s",
 }
 
@@ -59,6 +61,8 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
     if not url.password and not os.environ.get("PGPASSWORD"):
         url = url.set(password="bench-quick-pw")
     env = {**os.environ, "DATABASE_URL": url.render_as_string(hide_password=False)}
+    # (and a setting of ours in the caller's shell, which the systems must not see)
+    env["CONTROLPLANE_SETTLE_WINDOW_MS"] = "7"
 
     # When it runs
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
@@ -79,9 +83,14 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
         assert doc["rounds"][0]["results"][system]["provision_n"] == 3
         # every timed latency job, and not the sender's untimed warm-up job
         assert doc["rounds"][0]["results"][system]["latency_n"] == 10
+    # and memory is the job-running processes' (the whole tree's beside it), and the ignored setting is named
+    assert doc["rounds"][0]["results"]["ours"]["memory_ratio_tree"] > 0
+    assert any("CONTROLPLANE_SETTLE_WINDOW_MS" in note for note in doc["config"]["notes"])
     # and floor provisioned its projects three at a time, as told (more than the pool's default of two)
     assert doc["config"]["provision_hand_threads"] == 3
     assert doc["rounds"][0]["results"]["floor"]["provision_hand_threads"] == 3
+    # and again as many at once as ours' 1x2 workers run (two: the provisioning queue's limit per process)
+    assert doc["rounds"][0]["results"]["floor"]["provision_concurrent_threads"] == 2
     # and the file does not keep the server's password
     assert url.password not in output.read_text()
     # and the provision phase reported where ours' time went, step by step

@@ -143,3 +143,16 @@ def test_bad_arguments_and_files_are_refused_by_name(tmp_path: Path, capsys: pyt
         runs.main([str(other)])
     with pytest.raises(SystemExit, match="no such results file"):
         runs.main([str(tmp_path / "missing.json")])
+
+
+def test_growth_compares_steady_rates_not_the_ramp_up_of_a_short_drain() -> None:
+    from bench.harness import drain_rate, steady_rate
+
+    # Given a 2,000-job drain whose first 200 jobs start over 0.1 s (a second process starting late,
+    # the first claims) and the rest at 20,000 jobs/s
+    ramp = [(0.0, i * 0.0005, 1) for i in range(200)]
+    steady = [(0.0, 0.1 + i / 20000, 2) for i in range(1800)]
+    rows = ramp + steady
+    # Then the steady rate is the pace once under way, and the whole drain's is pulled down by the ramp
+    assert 19_000 < steady_rate(rows) < 21_000
+    assert drain_rate(rows) < 12_000
