@@ -10,6 +10,13 @@ LOCK_PROJECT = "SELECT pg_advisory_xact_lock(hashtext('controlplane:project:' ||
 LOCK_ROLES_STEP = "SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:roles:' || %(project_id)s))"
 LOCK_SCHEMA_STEP = "SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:schema'))"
 
+#: Whether the project is still being provisioned by this run (its claiming job's id); run under
+#: LOCK_PROJECT, which keeps a new claim of the id out until the caller's transaction ends.
+IS_CURRENT_RUN = """
+SELECT 1 FROM control_plane.projects
+WHERE project_id = %(project_id)s AND status = 'provisioning' AND job_id IS NOT DISTINCT FROM %(run)s::uuid
+"""
+
 GET_PROJECT = """
 SELECT project_id, tenant_id, payload, payload_hash, status, steps, secret_nonce, job_id,
        result, last_error, provisioned_at, waiting_job_ids::text[]
@@ -84,7 +91,7 @@ UPDATE control_plane.projects
                           FROM jsonb_array_elements_text(coalesce(steps -> 'touched_services', '[]'::jsonb)
                                                          || to_jsonb(%(service)s::text)) AS s)),
        updated_at = now()
-WHERE project_id = %(project_id)s
+WHERE project_id = %(project_id)s AND job_id IS NOT DISTINCT FROM %(run)s::uuid
 """
 
 UNTOUCH_SERVICE = """
@@ -92,7 +99,7 @@ UPDATE control_plane.projects
    SET steps = jsonb_set(steps, '{touched_services}',
                          coalesce(steps -> 'touched_services', '[]'::jsonb) - %(service)s::text),
        updated_at = now()
-WHERE project_id = %(project_id)s
+WHERE project_id = %(project_id)s AND job_id IS NOT DISTINCT FROM %(run)s::uuid
 """
 
 #: Start compensating a project that is still being provisioned (never an active one).

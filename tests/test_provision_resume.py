@@ -176,17 +176,19 @@ def test_roles_an_undone_run_left_behind_get_the_next_runs_password(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:
     from tasks.provision import reveal_secrets
-    from tasks.provision.roles import ensure_roles
+    from tasks.provision.roles import _create_roles
+    from tasks.provision.secrets import database_password, pepper
 
-    # Given a first run undone while its roles step was still running: the roles it created after
-    # the compensation dropped them stay behind, with the first run's password
+    # Given a first run undone while its roles step was still running: that step had found the
+    # project its own before the undoing began, and its roles land after they were dropped
     first = claimed(project)
     pid = project["project_id"]
     with control_transaction() as conn:
         straggler = load(conn, pid)
-    assert straggler is not None
+    assert straggler is not None and straggler.secret_nonce is not None
     compensate_project(Settings.from_env(), pid, "step provision_project.roles failed: lease lost", first)
-    ensure_roles(Settings.from_env(), straggler)
+    old_password = database_password(pepper(Settings.from_env()), pid, straggler.secret_nonce)
+    _create_roles(Settings.from_env(), straggler, f"p_{pid}_owner", f"p_{pid}_app", old_password)
     # When the project id is provisioned again, to the end
     second = claimed(project)
     for step in STEPS:
@@ -194,8 +196,54 @@ def test_roles_an_undone_run_left_behind_get_the_next_runs_password(
     # Then the password its caller reads is the app role's (checked against the stored SCRAM
     # verifier: this server trusts loopback connections, so a login would prove nothing)
     revealed = reveal_secrets(Settings.from_env(), pid)
-    stored = query(db_url, "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (f"p_{pid}_app",))[0]["rolpassword"]
-    assert scram_matches(stored, revealed["database_password"])
+    assert scram_matches(app_verifier(db_url, pid), revealed["database_password"])
+
+
+def test_a_late_step_of_an_undone_run_leaves_the_next_runs_secrets_alone(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    from tasks.provision import reveal_secrets
+    from tasks.provision.apikeys import hash_key
+    from tasks.provision.keys import ensure_api_keys
+    from tasks.provision.roles import ensure_roles
+    from tasks.provision.secrets import pepper
+
+    # Given a first run undone, and a second run of the id through its api_keys step
+    first = claimed(project)
+    pid = project["project_id"]
+    with control_transaction() as conn:
+        straggler = load(conn, pid)
+    assert straggler is not None
+    compensate_project(Settings.from_env(), pid, "step provision_project.roles failed: lease lost", first)
+    second = claimed(project)
+    for step in STEPS:
+        run_step(step, pid, second)
+    # When the first run's roles and api_keys steps come late, with the first run's secrets
+    late = [ensure_roles(Settings.from_env(), straggler), ensure_api_keys(Settings.from_env(), straggler)]
+    # Then they did nothing, and the secrets the second run's caller reads are the stored ones
+    assert [r.get("skipped") for r in late] == ["superseded", "superseded"]
+    revealed = reveal_secrets(Settings.from_env(), pid)
+    assert scram_matches(app_verifier(db_url, pid), revealed["database_password"])
+    stored = {r["key_hash"] for r in query(db_url, "SELECT key_hash FROM control_plane.api_keys WHERE project_id = %s",
+                                             (pid,))}  # fmt: skip
+    key = pepper(Settings.from_env())
+    assert {hash_key(k, key) for k in revealed["api_keys"]} == stored
+
+
+def test_a_run_sent_in_capitals_is_the_same_run(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    # Given a project claimed by a job whose id a client sent in capitals
+    run = claimed(project)
+    # When its first step carries the id as the client wrote it
+    done = run_step("roles", project["project_id"], run.upper())
+    # Then it is the same run: the step ran
+    assert done.get("skipped") is None and done["step"] == "roles"
+
+
+def app_verifier(url: str, project_id: str) -> str:
+    rows = query(url, "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (f"p_{project_id}_app",))
+    return str(rows[0]["rolpassword"])
 
 
 def scram_matches(verifier: str, password: str) -> bool:

@@ -8,7 +8,7 @@ from models import project_queries as q
 from tasks.errors import Conflict, PermanentError
 from tasks.provision import apikeys, secrets
 from tasks.provision import payload as p
-from tasks.provision.state import ProjectState, control_transaction
+from tasks.provision.state import ProjectState, control_transaction, hold_current_run
 from tasks.settings import Settings
 
 
@@ -19,6 +19,8 @@ def ensure_api_keys(settings: Settings, state: ProjectState) -> dict[str, object
         raise Conflict(f"project {state.project_id!r}: its secrets were already read or expired")
     key = secrets.pepper(settings)
     with control_transaction() as conn, conn.cursor() as cur:
+        if not hold_current_run(conn, state):
+            return {"skipped": "superseded"}  # a late step of an undone run: the keys are another run's
         for slot in range(1, payload.api_key_count + 1):
             plaintext = secrets.api_key(key, payload.project_id, payload.api_key_prefix, slot, state.secret_nonce)
             cur.execute(

@@ -27,9 +27,10 @@ def client(settings: Settings, name: str) -> ServiceClient | None:
     return ServiceClient(name, url, settings.service_tokens.get(name, ""), settings.service_timeout)
 
 
-def _touch(project_id: str, service: str, touched: bool) -> None:
+def _touch(state: ProjectState, service: str, touched: bool) -> None:
     with control_transaction() as conn, conn.cursor() as cur:
-        cur.execute(q.TOUCH_SERVICE if touched else q.UNTOUCH_SERVICE, {"project_id": project_id, "service": service})
+        cur.execute(q.TOUCH_SERVICE if touched else q.UNTOUCH_SERVICE,
+                    {"project_id": state.project_id, "service": service, "run": state.job_id})
 
 
 def register_services(settings: Settings, state: ProjectState) -> dict[str, object]:
@@ -44,7 +45,7 @@ def register_services(settings: Settings, state: ProjectState) -> dict[str, obje
                 f"the {name} service is enabled in the payload but {name.upper()}_SERVICE_URL is not set"
             )
         if name not in already:
-            _touch(payload.project_id, name, True)
+            _touch(state, name, True)
         try:
             service.put_tenant(
                 payload.project_id,
@@ -54,7 +55,7 @@ def register_services(settings: Settings, state: ProjectState) -> dict[str, obje
             # Untouched again only when the service refused it (a 4xx): an answer it gave after
             # applying the PUT (a 2xx body it could not read, say) leaves it for compensation.
             if name not in already and getattr(exc, "refused", False):
-                _touch(payload.project_id, name, False)
+                _touch(state, name, False)
             raise
         registered.append(name)
     return {"services": registered}

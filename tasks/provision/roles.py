@@ -21,7 +21,7 @@ from models import project_queries as q
 from tasks.errors import Conflict
 from tasks.provision import payload as p
 from tasks.provision import secrets
-from tasks.provision.state import ProjectState
+from tasks.provision.state import ProjectState, control_transaction, hold_current_run
 from tasks.provision.target import marker, role_owner_marker, session, translated
 from tasks.settings import Settings
 
@@ -51,6 +51,14 @@ def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
     if state.secret_nonce is None:
         raise Conflict(f"project {state.project_id!r}: its secrets were already read or expired")
     password = secrets.database_password(secrets.pepper(settings), state.project_id, state.secret_nonce)
+    with control_transaction() as control:
+        # The project locked until the roles are committed: the password is this run's
+        if not hold_current_run(control, state):
+            return {"owner_role": owner, "app_role": app, "skipped": "superseded"}
+        return _create_roles(settings, state, owner, app, password)
+
+
+def _create_roles(settings: Settings, state: ProjectState, owner: str, app: str, password: str) -> dict[str, object]:
     with translated("creating roles"), session(settings, autocommit=False) as conn, conn.cursor() as cur:
         # One delivery of this step at a time per project (see ensure_schema): a second waits, then
         # finds the roles and their markers.

@@ -49,6 +49,19 @@ def from_row(row: tuple[Any, ...]) -> ProjectState:
     )
 
 
+def hold_current_run(conn: Any, state: ProjectState) -> bool:
+    """Lock the project until ``conn``'s transaction ends, and say whether ``state``'s run still provisions it.
+
+    A step whose work holds secrets of its run (the app role's password, the API keys' hashes)
+    does that work inside this lock: a step of an undone run that comes late finds the project
+    gone or claimed again, and a new claim of the id waits until the step's work is done.
+    """
+    with conn.cursor() as cur:
+        cur.execute(q.LOCK_PROJECT, {"project_id": state.project_id})
+        cur.execute(q.IS_CURRENT_RUN, {"project_id": state.project_id, "run": state.job_id})
+        return cur.fetchone() is not None
+
+
 @contextlib.contextmanager
 def control_transaction() -> Iterator[Any]:
     """One transaction on the control plane's database (a pooled connection, BEGIN/COMMIT)."""

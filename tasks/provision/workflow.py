@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -72,7 +73,15 @@ def _current_message_id() -> str:
     message = CurrentMessage.get_current_message()
     if message is None:  # called directly, outside a worker
         raise RuntimeError("provision_project must run as a Dramatiq actor")
-    return str(message.message_id)
+    return _canonical(str(message.message_id))
+
+
+def _canonical(job_id: str) -> str:
+    """A job id as PostgreSQL's uuid prints it (a message id may be sent in capitals, or braced)."""
+    try:
+        return str(uuid.UUID(job_id))
+    except ValueError:
+        return job_id
 
 
 def _project_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -245,6 +254,7 @@ def _superseded(state: ProjectState | None, run: str | None) -> bool:
 def run_step(step: str, project_id: str, run: str | None = None) -> dict[str, object]:
     """Run one step of a project's workflow, then hand over to the next step."""
     settings = Settings.from_env()
+    run = _canonical(run) if run is not None else None
     with control_transaction() as conn:
         state = load(conn, project_id)
         if state is None or state.status != "provisioning" or _superseded(state, run):
@@ -339,7 +349,7 @@ def compensate(failed: dict[str, Any], error: dict[str, Any]) -> dict[str, objec
 
 def _project_and_run(args: list[Any]) -> tuple[str, str | None]:
     """A step message's arguments: the project id, and the run (absent from messages sent before steps carried it)."""
-    return str(args[0]), (str(args[1]) if len(args) > 1 and args[1] is not None else None)
+    return str(args[0]), (_canonical(str(args[1])) if len(args) > 1 and args[1] is not None else None)
 
 
 @dramatiq.actor(actor_name=f"{ACTOR}.compensation_failed", queue_name=QUEUE, max_attempts=20)
