@@ -18,7 +18,7 @@ Times are minutes: seconds are ignored. Schedules are evaluated in UTC.
 from __future__ import annotations
 
 import calendar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 ALIASES = {
@@ -97,7 +97,8 @@ def _parse_field(text: str, field: str, low: int, high: int, names: dict[str, in
 class CronSchedule:
     """A parsed cron expression: which minutes it fires at (UTC)."""
 
-    expression: str
+    #: As written (normalised spaces); two expressions of the same times are equal (``@hourly``, ``0 * * * *``).
+    expression: str = field(compare=False)
     minutes: frozenset[int]
     hours: frozenset[int]
     days: frozenset[int]
@@ -109,7 +110,8 @@ class CronSchedule:
 
     @classmethod
     def parse(cls, expression: str) -> CronSchedule:
-        """Parse ``expression``; raises :class:`CronError` naming the bad field."""
+        """Parse ``expression``; raises :class:`CronError` naming the bad field, or saying that no
+        date matches it (``0 0 30 2 *``, February 30th: cron would accept it and never run it)."""
         text = " ".join(expression.split())
         fields = ALIASES.get(text.lower(), text).split(" ")
         if len(fields) != 5:
@@ -122,7 +124,7 @@ class CronSchedule:
             for raw, (name, low, high, names) in zip(fields, _FIELDS, strict=True)
         ]
         weekdays = frozenset(d % 7 for d in parsed[4])  # 7 is Sunday too
-        return cls(
+        schedule = cls(
             expression=text,
             minutes=parsed[0],
             hours=parsed[1],
@@ -132,6 +134,10 @@ class CronSchedule:
             days_restricted=not fields[2].startswith("*"),
             weekdays_restricted=not fields[4].startswith("*"),
         )
+        # Every day-of-month and month combination recurs within the horizon from 2000, a leap year.
+        if schedule.next(datetime(2000, 1, 1, tzinfo=UTC)) is None:
+            raise CronError(f"{expression!r} never fires: no date has that day of month in that month")
+        return schedule
 
     def _day_matches(self, when: datetime) -> bool:
         if when.month not in self.months:

@@ -123,12 +123,19 @@ def test_next_crosses_month_and_year_ends() -> None:
     assert parse("0 0 29 2 *").next(at("2026-03-01 00:00")) == at("2028-02-29 00:00")
 
 
-def test_an_impossible_date_never_fires() -> None:
-    # Given February 30th
-    cron = parse("0 0 30 2 *")
-    # Then there is no next nor previous firing
-    assert cron.next(at("2026-01-01 00:00")) is None
-    assert cron.previous(at("2026-01-01 00:00")) is None
+def test_an_impossible_date_is_refused_as_never_firing() -> None:
+    # Given February 30th, and April 31st: cron would accept them and never run them
+    for expression in ("0 0 30 2 *", "0 0 31 4 *"):
+        with pytest.raises(CronError, match="never fires"):
+            parse(expression)
+    # But a day that only some years have, or either day when both day fields are set, is fine
+    assert parse("0 0 29 2 *").next(at("2026-01-01 00:00")) == at("2028-02-29 00:00")
+    assert parse("0 0 30 2 mon").next(at("2026-01-01 00:00")) == at("2026-02-02 00:00")  # a Monday in February
+
+
+def test_the_same_times_written_two_ways_are_the_same_schedule() -> None:
+    assert parse("@hourly") == parse("0 * * * *")
+    assert parse("@hourly") != parse("5 * * * *")
 
 
 def test_february_29th_is_found_across_the_eight_years_without_one() -> None:

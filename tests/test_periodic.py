@@ -301,6 +301,7 @@ def test_the_new_settings_are_validated() -> None:
     for name, value, fragment in [
         ("BROKER_URL", "redis://localhost", "BROKER_URL must be an amqp:// URL"),
         ("CONTROLPLANE_PRUNE_SCHEDULE", "0 25 * * *", "CONTROLPLANE_PRUNE_SCHEDULE: hour: 25 is out of range"),
+        ("CONTROLPLANE_PRUNE_SCHEDULE", "0 0 31 2 *", "CONTROLPLANE_PRUNE_SCHEDULE: '0 0 31 2 \\*' never fires"),
         ("CONTROLPLANE_METRICS_PORT", "70000", "CONTROLPLANE_METRICS_PORT must be a TCP port"),
         ("CONTROLPLANE_RETENTION_COMPLETED", "forever", "CONTROLPLANE_RETENTION_COMPLETED must be a PostgreSQL"),
         # what PostgreSQL would take as 30 seconds, or as a negative period: every finished job pruned
