@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -118,17 +119,12 @@ def _json_arg(raw: str | None, name: str, kind: type) -> Any:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    import importlib
-
     import dramatiq
 
     import tasks
 
-    for module in args.module or []:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise UserError(f"cannot import module {module!r}: {exc}") from None
+    # The built-in actors (provision_project and its steps, controlplane.prune), then the caller's.
+    _import_modules([*_BUILTIN_ACTOR_MODULES, *(args.module or [])])
     send_args = _json_arg(args.args, "--args", list)
     send_kwargs = _json_arg(args.kwargs, "--kwargs", dict)
     options: dict[str, Any] = {}
@@ -143,8 +139,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         # An actor declared only in the workers' code: address it by name.
         from tasks.middleware import time_ordered_id
 
+        if args.queue is None:
+            print(
+                f"controlplane: actor {args.actor!r} is not declared in the modules loaded here; sending it to "
+                "queue 'default' (give --module to load its module, or --queue)",
+                file=sys.stderr,
+            )
         message = dramatiq.Message(
-            queue_name=args.queue,
+            queue_name=args.queue or "default",
             actor_name=args.actor,
             args=tuple(send_args),
             kwargs=send_kwargs,
@@ -447,9 +449,16 @@ def cmd_workers(args: argparse.Namespace) -> int:
 # -- clock, metrics -------------------------------------------------------------------
 
 
+#: Modules declaring the control plane's own actors and schedules.
+_BUILTIN_ACTOR_MODULES = ("tasks.maintenance", "tasks.provision")
+
+
 def _import_modules(modules: Sequence[str]) -> None:
+    """Import ``modules``, the current directory first on the path (as the ``dramatiq`` command does)."""
     import importlib
 
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for module in modules:
         try:
             importlib.import_module(module)
@@ -463,7 +472,8 @@ def cmd_clock(args: argparse.Namespace) -> int:
 
     from tasks.periodic import Clock
 
-    # The built-in schedules (controlplane.prune), then the application's.
+    # The built-in schedule (controlplane.prune), then the application's (the Procfile's line adds
+    # tasks.provision, whose sweep needs provisioning workers).
     _import_modules(["tasks.maintenance", *(args.module or [])])
     clock = Clock()
     if args.list:
@@ -579,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay", type=_seconds, help="seconds to wait before it may run")
     p.add_argument("--priority", type=int, help="lower runs first (default: the actor's)")
     p.add_argument("--unique-key", help="at most one live job per key")
-    p.add_argument("--queue", default="default", help="queue, for actors not importable here")
+    p.add_argument("--queue", help="queue, for an actor not declared in the modules loaded (default: 'default')")
     p.add_argument("--module", action="append", help="module declaring the actor (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_send)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -25,6 +26,10 @@ from tests import actors
 from tests.support import ROOT, claim_in_process, job, query, wait_for
 
 UNREACHABLE = "postgresql://root@127.0.0.1:1/nowhere"
+
+
+#: The console script, as a user runs it (installed with the package, beside this interpreter).
+CONTROLPLANE = str(Path(sys.executable).with_name("controlplane"))
 
 
 def _popen(url: str, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
@@ -192,6 +197,43 @@ def test_send_with_a_held_unique_key_prints_the_existing_job(db_url: str) -> Non
     assert f"job {job_id} holds unique key 'tenant:1'" in plain.stderr
     assert json.loads(as_json.stdout) == {"id": job_id, "deduplicated": True}
     assert [str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.jobs")] == [job_id]
+
+
+def test_send_knows_the_built_in_actors_and_says_when_it_does_not_know_one(db_url: str) -> None:
+    # Given provision_project sent by name, as `controlplane send --help` shows, and an actor no
+    # module loaded here declares
+    payload = json.dumps([{"project_id": "cli_sent", "tenant_id": "t", "region": "eu"}])
+    built_in, unknown = run_all(db_url, [("send", "provision_project", "--args", payload), ("send", "billing.sync")])
+    # Then provision_project goes where its workers look, with its unique key
+    assert built_in.returncode == 0, built_in.stderr
+    row = query(db_url, "SELECT queue, unique_key FROM control_plane.jobs WHERE id = %s", (built_in.stdout.strip(),))
+    assert row[0]["queue"] == "provisioning" and row[0]["unique_key"].startswith("provision_project:cli_sent:")
+    # And the unknown one goes to "default", saying so and how to do better
+    assert unknown.returncode == 0, unknown.stderr
+    assert "'billing.sync' is not declared" in unknown.stderr and "--module" in unknown.stderr
+    row = query(db_url, "SELECT queue FROM control_plane.jobs WHERE id = %s", (unknown.stdout.strip(),))
+    assert row[0]["queue"] == "default"
+
+
+def test_modules_are_found_in_the_current_directory_as_the_dramatiq_command_finds_them(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given an app module in the directory the command runs in, not installed, not on PYTHONPATH
+    (tmp_path / "myapp_jobs.py").write_text(
+        "import dramatiq\nfrom tasks.periodic import periodic\n\n"
+        "@periodic('*/5 * * * *')\n@dramatiq.actor(actor_name='myapp.sync', queue_name='myapp')\n"
+        "def sync() -> None: ...\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["DATABASE_URL"] = db_url
+    commands = [["clock", "--list", "--module", "myapp_jobs"], ["send", "myapp.sync", "--module", "myapp_jobs"]]
+    done = [subprocess.run([CONTROLPLANE, *c], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+            for c in commands]  # fmt: skip
+    # Then both load it, as `dramatiq myapp_jobs` would
+    assert [d.returncode for d in done] == [0, 0], [d.stderr for d in done]
+    assert "myapp.sync" in done[0].stdout
+    row = query(db_url, "SELECT queue FROM control_plane.jobs WHERE id = %s", (done[1].stdout.strip(),))
+    assert row[0]["queue"] == "myapp"
 
 
 def test_stats_shows_each_queue_once_as_json_and_until_ctrl_c_when_watching(db_url: str) -> None:
