@@ -624,8 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = jsub.add_parser(
         "cancel",
         help="cancel a pending or running job (control_plane.cancel_job)",
-        description="Cancel a job: a pending one at once; a running one is interrupted by its worker "
-        "within a heartbeat, and ends cancelled (never retried).",
+        description="Cancel a job: a pending one at once; a running one is interrupted by its worker, "
+        "woken at once (NOTIFY) or at the latest at its next heartbeat, and ends cancelled (never retried).",
     )
     p.add_argument("id", help="the job's id")
     p.set_defaults(func=cmd_jobs_cancel)
@@ -667,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "metrics",
-        help="serve queue depth, lag and failure gauges for Prometheus (from control_plane.queue_stats)",
+        help="serve queue depth, lag and failure gauges for Prometheus (control_plane.queue_stats' figures)",
     )
     p.add_argument("--port", type=_port, default=9192, help="port to listen on (default 9192; 0: any free port)")
     p.add_argument("--host", help="address to listen on (default: CONTROLPLANE_METRICS_HOST, 0.0.0.0)")

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg2
 import pytest
+from dramatiq.results import ResultFailure
 
 import tasks
 from tasks import db
@@ -294,6 +295,9 @@ def test_invalid_payload_fails_at_once_naming_the_field(env: str, body: dict[str
     assert row["last_error"].startswith(f"InvalidPayload: invalid {field}")
     assert query(env, "SELECT count(*) AS n FROM control_plane.projects WHERE project_id = 'okname'")[0]["n"] == 0
     assert databases(env, "okname") == []
+    # and the caller waiting on its result hears why, at once
+    with pytest.raises(ResultFailure, match=f"InvalidPayload: invalid {field}"):
+        message.get_result(block=True, timeout=5_000)
 
 
 # -- Idempotency, conflicts ------------------------------------------------------------------------
@@ -340,6 +344,8 @@ def test_the_same_project_id_with_a_different_payload_is_a_conflict(env: str) ->
     assert row["attempts"] == 1
     assert "already exists with a different payload" in row["last_error"]
     assert row["last_error"].startswith("Conflict:")
+    with pytest.raises(ResultFailure, match=r"Conflict: .*already exists with a different payload"):
+        message.get_result(block=True, timeout=5_000)
     # And the existing project is untouched
     assert wait_project(env, pid("conflict"), "active")["region"] == "us-east-1"
 

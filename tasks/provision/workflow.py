@@ -109,8 +109,18 @@ def _project_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
 def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
     """Validate and claim a project, then start its steps. Returns the workflow's handle."""
     settings = Settings.from_env()
-    valid = p.validate(payload)
     job_id = _current_message_id()
+    try:
+        valid = p.validate(payload)
+        return _claim_and_start(settings, valid, job_id)
+    except PermanentError as exc:
+        # Failed at once, never retried (an invalid payload, a conflict): the caller's get_result
+        # hears why, as it hears the workflow's outcome, instead of waiting out its timeout.
+        tasks.broker.get_results_backend().store_exception(_entry_message(job_id), exc, settings.result_ttl_ms)
+        raise
+
+
+def _claim_and_start(settings: Settings, valid: p.ProvisionPayload, job_id: str) -> dict[str, Any]:
     with control_transaction() as conn:
         state, created = claim(conn, valid, job_id, settings)
         if created:
