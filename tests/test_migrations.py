@@ -113,3 +113,27 @@ def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_contr
         db = empty_db.rsplit("/", 1)[1]
         query(empty_db, f'REVOKE ALL ON DATABASE "{db}" FROM {reader}; DROP OWNED BY {reader}; '
                         f"DROP ROLE {reader}; DROP ROLE {stranger}")  # fmt: skip
+
+
+def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_stays_open(empty_db: str) -> None:
+    # Given a role that may create schemas in the database but does not own it
+    role = f"cp_migrator_{empty_db.rsplit('/', 1)[1][-12:]}"
+    db = empty_db.rsplit("/", 1)[1]
+    query(empty_db, f'CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE "{db}" TO {role}')
+    try:
+        from sqlalchemy.engine import make_url
+
+        as_role = make_url(empty_db).set(username=role, password=None).render_as_string(hide_password=False)
+        # When it migrates
+        env = {**os.environ, "DATABASE_URL": as_role}
+        done = subprocess.run([sys.executable, "-m", "tasks.cli", "migrate"], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        # Then the migration succeeds, and says on stderr that the database is still open to every role
+        assert done.returncode == 0, done.stderr
+        assert "stays open to every role" in done.stderr and "REVOKE CONNECT" in done.stderr
+        assert query(empty_db, "SELECT has_database_privilege('public', current_database(), 'CONNECT') AS open")[0][
+            "open"
+        ]
+    finally:
+        query(empty_db, f'DROP SCHEMA IF EXISTS control_plane CASCADE; REVOKE ALL ON DATABASE "{db}" FROM {role}; '
+                        f"DROP OWNED BY {role}; DROP ROLE {role}")  # fmt: skip

@@ -213,7 +213,7 @@ def test_a_job_cancelled_before_it_ran_tells_its_caller_at_once(db_url: str) -> 
     # When an operator cancels it
     assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", message.message_id) == "cancelled"
     # Then its caller gets a Cancelled failure now, not a timeout, as from a job cancelled while it ran
-    with pytest.raises(ResultFailure, match="Cancelled: cancelled by operator before it ran") as failure:
+    with pytest.raises(ResultFailure, match="Cancelled: cancelled by operator while it waited") as failure:
         message.get_result(block=True, timeout=10_000)
     assert failure.value.orig_exc_type == "Cancelled"
     # for a day, or the message's result_ttl

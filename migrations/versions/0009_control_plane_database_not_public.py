@@ -12,10 +12,10 @@ This revokes both from ``PUBLIC`` on the database being migrated, after
 granting them to every existing role that can use the control plane (holds
 ``USAGE`` on the ``control_plane`` schema: its owner and the roles an operator
 granted it to), so no role that works with it now loses it. Roles made later
-need ``GRANT CONNECT ON DATABASE ...`` (docs/operations.md, "Roles"). Only
-the database's owner or a superuser may change its privileges: run by another
-role, this changes nothing and says so (a warning in the server's log and in
-the migration's output).
+need ``GRANT CONNECT ON DATABASE ...`` (docs/operations.md, "Upgrading",
+0009). Only the database's owner or a superuser may change its privileges:
+run by another role, this changes nothing and says so on stderr (and in the
+server's log).
 
 Revision ID: 0009
 Revises: 0008
@@ -23,6 +23,8 @@ Create Date: 2026-12-05
 """
 
 from __future__ import annotations
+
+import sys
 
 from alembic import op
 
@@ -58,6 +60,16 @@ END
 $$
 """
     )
+    still_open = op.get_bind().exec_driver_sql(
+        "SELECT has_database_privilege('public', current_database(), 'CONNECT')"
+    ).scalar()
+    if still_open:
+        print(
+            "controlplane migrate: warning: this database stays open to every role of the server (CONNECT for "
+            "PUBLIC): only its owner or a superuser can close it; run REVOKE CONNECT, TEMPORARY ON DATABASE "
+            "<db> FROM PUBLIC as one (docs/operations.md, Upgrading, 0009)",
+            file=sys.stderr,
+        )
 
 
 def downgrade() -> None:

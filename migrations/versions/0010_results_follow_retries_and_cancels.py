@@ -5,7 +5,7 @@ Both functions (migration 0003) left ``control_plane.results`` as it was:
 * a failed job put back in its queue kept its failure there, so a caller's
   ``get_result(block=True)`` raised the old failure at once, while the job was
   pending again, instead of waiting for the new attempt;
-* a job cancelled before it ran (waiting, delayed or in backoff) stored
+* a job cancelled while it waited (pending, delayed or in backoff) stored
   nothing, so a caller waited out its whole timeout; a job cancelled while it
   ran stores ``Cancelled`` (its worker's Results middleware does).
 
@@ -46,7 +46,7 @@ CANCEL_AFTER = f"""         WHERE j.id = cancel_job.id;
         INSERT INTO control_plane.results AS r (key, value, expires_at)
         SELECT {RESULT_KEY.format(queue="j.queue", actor="j.type", id="j.id")},
                convert_to(jsonb_build_object('__t', 'dramatiq.results.Result', 'exn', jsonb_build_object(
-                   'type', 'Cancelled', 'msg', 'cancelled by operator before it ran'))::text, 'UTF8'),
+                   'type', 'Cancelled', 'msg', 'cancelled by operator while it waited'))::text, 'UTF8'),
                now() + make_interval(secs => (CASE WHEN j.options ->> 'result_ttl' ~ '^[0-9]{{1,15}}$'
                                                    THEN (j.options ->> 'result_ttl')::bigint
                                                    ELSE 86400000 END) / 1000.0)
