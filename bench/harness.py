@@ -201,9 +201,9 @@ class WorkerGroup:
         """Every process of the group (the commands and their descendants)."""
         return procfs.tree(*(p.pid for p in self.procs if p.poll() is None))
 
-    def rss_mb(self, only: set[int] | None = None) -> float:
-        """Resident memory of the worker processes (those in ``only``, if given), summed, in MB."""
-        return sum(procfs.rss_kb(pid) for pid in self.pids() if only is None or pid in only) / 1024
+    def rss_kb(self) -> dict[int, int]:
+        """Resident memory of each worker process now, in kB."""
+        return {pid: procfs.rss_kb(pid) for pid in self.pids()}
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM every process group, wait up to ``grace`` s, then SIGKILL what is left."""
@@ -517,8 +517,9 @@ class Run:
             res = self.driver(system, "latency", url, "--n", str(n), "--rate", str(self.config.latency_rate))
             records.wait_for(sent + res.get("warm_up", 0) + n, group, self.config.stall_timeout)
             rows = [r for r in records.rows() if r[0] > 0]
-        if len({r[0] for r in rows}) != n:  # each timed job carries its own send time
-            raise BenchError(f"{len({r[0] for r in rows})} of the {n} timed jobs ran (some twice, some never)")
+        if len(rows) != n or len({r[0] for r in rows}) != n:  # each timed job carries its own send time
+            distinct = len({r[0] for r in rows})
+            raise BenchError(f"{distinct} of the {n} timed jobs ran, in {len(rows)} runs: each must run once")
         latencies = [(started - sent_at) * 1000 for sent_at, started, _ in rows]
         return {
             "latency_p50_ms": percentile(latencies, 50),
@@ -553,15 +554,17 @@ class Run:
             self.fill(system, url, small)
             records.wait_for(small, group, self.config.stall_timeout)
             time.sleep(0.5)
-            # The processes that ran jobs: a supervisor (Dramatiq's main process) that runs none
-            # would add a constant to both and pull the ratio towards 1. The whole tree's is kept too.
-            ran = {pid for _, _, pid in records.rows()}
-            rss_small, tree_small = group.rss_mb(ran), group.rss_mb()
+            at_small = group.rss_kb()
             self.fill(system, url, big - small)
             records.wait_for(big, group, self.config.stall_timeout)
             time.sleep(0.5)
-            ran = {pid for _, _, pid in records.rows()}
-            rss_big, tree_big = group.rss_mb(ran), group.rss_mb()
+            at_big = group.rss_kb()
+        # The processes that ran jobs, the same ones at both points: a supervisor (Dramatiq's main
+        # process) that runs none would add a constant to both and pull the ratio towards 1. The
+        # whole tree's ratio is kept too.
+        ran = {pid for _, _, pid in records.rows()}
+        rss_small, rss_big = (sum(kb for pid, kb in at.items() if pid in ran) / 1024 for at in (at_small, at_big))
+        tree_small, tree_big = (sum(at.values()) / 1024 for at in (at_small, at_big))
         return {
             "memory_small_mb": rss_small,
             "memory_big_mb": rss_big,
