@@ -193,6 +193,11 @@ WITH m AS (
 )""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
 
+#: A message sent once (a pipeline's next step, ``tasks.middleware.canvas``): deliveries of the
+#: step before it wait for each other here, then look whether the job exists.
+LOCK_SEND_ONCE = "SELECT pg_advisory_xact_lock(hashtext('controlplane:send-once:' || %(id)s))"
+JOB_EXISTS = "SELECT 1 FROM control_plane.jobs WHERE id = %(id)s::uuid"
+
 #: The actor and queue of some jobs (a send returns the job holding its unique key under them).
 JOB_ACTORS = "SELECT id::text, type, queue FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[])"
 

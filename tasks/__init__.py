@@ -20,20 +20,22 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import dramatiq
-from dramatiq.middleware import (
-    AgeLimit,
-    CurrentMessage,
-    GroupCallbacks,
-    Middleware,
-    Pipelines,
-    ShutdownNotifications,
-    TimeLimit,
-)
+from dramatiq.middleware import AgeLimit, CurrentMessage, Middleware, ShutdownNotifications, TimeLimit
 from dramatiq.results import Results
 
 from tasks import db
 from tasks.broker import PostgresBroker, enqueue_in
-from tasks.middleware import Callbacks, Cancellation, JobsMirror, LogContext, Retries, TimeOrderedIds, UniqueKeys
+from tasks.middleware import (
+    Callbacks,
+    Cancellation,
+    GroupCallbacks,
+    JobsMirror,
+    LogContext,
+    Pipelines,
+    Retries,
+    TimeOrderedIds,
+    UniqueKeys,
+)
 from tasks.rate_limits import PostgresRateLimiterBackend
 from tasks.results import PostgresBackend
 from tasks.settings import Settings

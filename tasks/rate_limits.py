@@ -76,8 +76,21 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
             return cur.fetchone() is not None
 
     def add(self, key: str, value: int, ttl: int) -> bool:
-        """Set ``key`` to ``value`` for ``ttl`` ms, unless it exists; True when it did."""
-        return self._execute(queries.RATE_LIMIT_ADD, {"key": key, "value": value, "ttl_ms": ttl})
+        """Set ``key`` to ``value`` for ``ttl`` ms, unless it exists; True when it did.
+
+        A group's barrier is made with ``add`` when the group is sent: inside
+        ``tasks.enqueue_in(conn)`` it is written in that transaction, with the group's
+        messages, so that a rollback leaves no barrier behind either.
+        """
+        from tasks.broker import _dbapi_connection, _enqueue_connection
+
+        params = {"key": key, "value": value, "ttl_ms": ttl}
+        joined = _enqueue_connection.get()
+        if joined is None:
+            return self._execute(queries.RATE_LIMIT_ADD, params)
+        with _dbapi_connection(joined).cursor() as cur:
+            cur.execute(queries.RATE_LIMIT_ADD, params)
+            return cur.fetchone() is not None
 
     def incr(self, key: str, amount: int, maximum: int, ttl: int) -> bool:
         """Add ``amount`` to ``key`` (absent: 0) unless it would pass ``maximum``; True when it did."""

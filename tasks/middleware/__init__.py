@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tasks.middleware.callbacks import Callbacks
 from tasks.middleware.cancellation import Cancellation
+from tasks.middleware.canvas import GroupCallbacks, Pipelines
 from tasks.middleware.jobs_mirror import JobsMirror, StandaloneMirror, describe_error
 from tasks.middleware.log_context import LogContext
 from tasks.middleware.retries import Retries, max_attempts_for
@@ -13,8 +14,10 @@ from tasks.middleware.unique_keys import UniqueKeys
 __all__ = [
     "Callbacks",
     "Cancellation",
+    "GroupCallbacks",
     "JobsMirror",
     "LogContext",
+    "Pipelines",
     "Retries",
     "StandaloneMirror",
     "TimeOrderedActor",

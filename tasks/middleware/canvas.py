@@ -1,0 +1,162 @@
+"""Dramatiq's pipelines and group callbacks, made safe against a message delivered twice.
+
+Delivery is at least once: a worker killed after a job's work but before its
+outcome was written gets the message delivered again. Dramatiq's middleware
+acts on each delivery:
+
+* ``GroupCallbacks`` counted the redelivered child a second time on the group's
+  barrier: the completion callback fired before the last child had run, and
+  again when it had;
+* ``Pipelines`` sent the next step again, under its fixed id, which put a step
+  that had already completed back in the queue (and every step after it).
+
+On the Postgres broker both now act once per message, in one transaction with
+what they send: a group child is counted with a marker row of its own
+(``<group>@done:<message id>`` in ``control_plane.rate_limits``, as long-lived as
+the barrier) and the callbacks are sent in the transaction that releases the
+barrier; a pipeline's next step is sent only if no job has its id yet (under an
+advisory lock on the id, so two deliveries at once send it once). Either
+commits with its sends, or neither happens and the redelivery does it.
+
+A pipeline step whose result cannot be sent on (JSON or PostgreSQL cannot hold
+it) breaks the chain: Dramatiq logged it and the caller of
+``pipeline.get_result`` waited out its timeout. Its last message's result is
+now a ``NotSerializable`` failure saying so.
+
+With another broker (``BROKER_URL``) sends cannot join a transaction: Dramatiq's
+behaviour, unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+from dramatiq.message import Message
+from dramatiq.middleware import group_callbacks as dramatiq_groups
+from dramatiq.middleware import pipelines as dramatiq_pipelines
+from dramatiq.results import Results
+
+from models import queries
+from tasks.errors import NotSerializable
+
+
+def _postgres(broker: dramatiq.Broker) -> bool:
+    from tasks.broker import PostgresBroker
+
+    return isinstance(broker, PostgresBroker)
+
+
+class GroupCallbacks(dramatiq_groups.GroupCallbacks):
+    """A group's completion callbacks, sent once: each child counted once, with the sends."""
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        group = message.options.get("group_completion_uuid")
+        callbacks = message.options.get("group_completion_callbacks")
+        if exception is not None or not (group and callbacks) or not _postgres(broker):
+            super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
+            return
+        from tasks.broker import enqueue_in
+
+        ttl = {"ttl_ms": self.barrier_ttl}
+        with broker.connection() as conn:  # type: ignore[attr-defined]
+            with conn.cursor() as cur:
+                cur.execute("BEGIN")
+            try:
+                with conn.cursor() as cur:
+                    marker = f"{group}@done:{message.message_id}"
+                    cur.execute(queries.RATE_LIMIT_ADD, {"key": marker, "value": 1, **ttl})
+                    first = cur.fetchone() is not None
+                    # Dramatiq's Barrier.wait: the last party finds it cannot go below 1.
+                    released = False
+                    if first:
+                        cur.execute(
+                            queries.RATE_LIMIT_ADJUST,
+                            {"key": group, "amount": -1, "minimum": 1, "maximum": None, **ttl},
+                        )
+                        released = cur.fetchone() is None
+                if released:
+                    with enqueue_in(conn):
+                        for callback in callbacks:
+                            broker.enqueue(Message(**callback))
+            except BaseException:
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK")
+                raise
+            with conn.cursor() as cur:
+                cur.execute("COMMIT")
+
+
+class Pipelines(dramatiq_pipelines.Pipelines):
+    """A pipeline's next step, sent once; a result that cannot be sent on fails the pipeline's result."""
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        target = message.options.get("pipe_target")
+        if exception is not None or message.failed or target is None:
+            return
+        next_message: Message[Any] = Message(**target)
+        pipe_ignore = next_message.options.get("pipe_ignore") or broker.get_actor(message.actor_name).options.get(
+            "pipe_ignore"
+        )
+        if not pipe_ignore:
+            next_message = next_message.copy(args=(*next_message.args, result))
+        try:
+            if _postgres(broker):
+                self._send_once(broker, next_message)
+            else:
+                broker.enqueue(next_message, delay=next_message.options.get("delay"))
+        except NotSerializable as exc:
+            self._fail_the_pipeline(broker, next_message, exc)
+            raise
+
+    @staticmethod
+    def _send_once(broker: Any, next_message: Message[Any]) -> None:
+        from tasks.broker import enqueue_in
+
+        with broker.connection() as conn:
+            with conn.cursor() as cur:
+                cur.execute("BEGIN")
+            try:
+                with conn.cursor() as cur:
+                    # Two deliveries at once wait here for each other; the second finds the job.
+                    cur.execute(queries.LOCK_SEND_ONCE, {"id": next_message.message_id})
+                    cur.execute(queries.JOB_EXISTS, {"id": next_message.message_id})
+                    sent_before = cur.fetchone() is not None
+                if not sent_before:
+                    with enqueue_in(conn):
+                        broker.enqueue(next_message, delay=next_message.options.get("delay"))
+            except BaseException:
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK")
+                raise
+            with conn.cursor() as cur:
+                cur.execute("COMMIT")
+
+    @staticmethod
+    def _fail_the_pipeline(broker: dramatiq.Broker, next_message: Message[Any], exc: NotSerializable) -> None:
+        """Store the failure as the result of the pipeline's last message, which its caller waits on."""
+        last = next_message
+        while last.options.get("pipe_target") is not None:
+            last = Message(**last.options["pipe_target"])
+        for middleware in broker.middleware:
+            if isinstance(middleware, Results):  # none: nobody waits on a result
+                ttl = last.options.get("result_ttl") or middleware.result_ttl
+                refused = NotSerializable(f"the pipeline stopped before {next_message.actor_name}: {exc}")
+                middleware.backend.store_exception(last, refused, ttl)
+
+
+__all__ = ["GroupCallbacks", "Pipelines"]

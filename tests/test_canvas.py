@@ -1,0 +1,112 @@
+"""Pipelines and group callbacks when a message is delivered twice (at least once), and in transactions.
+
+The middleware's after-hooks run here in-process, once per delivery, as a worker's
+thread runs them after the job: a second call with the same message is the delivery
+of a message whose worker died after the job's work but before its outcome was written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg2
+import pytest
+from dramatiq import group, pipeline
+from dramatiq.message import Message
+from dramatiq.middleware import GroupCallbacks, Pipelines
+from dramatiq.results import ResultFailure
+
+import tasks
+from tests import actors
+from tests.support import claim_in_process, query, settle_in_process
+
+
+def middleware(kind: type) -> Any:
+    """The broker's middleware of Dramatiq's ``kind`` (the control plane's subclass of it)."""
+    return next(m for m in tasks.broker.middleware if isinstance(m, kind))
+
+
+def queued(url: str, actor: str) -> list[Message[Any]]:
+    rows = query(url, "SELECT body FROM control_plane.messages WHERE actor = %s ORDER BY id", (actor,))
+    return [Message.decode(bytes(r["body"])) for r in rows]
+
+
+def test_a_child_delivered_twice_is_counted_once_and_the_callback_is_sent_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a group of three with a completion callback, and every send of the callback counted
+    members = group([actors.noop.message(i) for i in range(3)])
+    members.add_completion_callback(actors.group_done.message("all three"))
+    members.run()
+    children = queued(db_url, "tests.noop")
+    sends: list[str] = []
+    enqueue = tasks.broker.enqueue
+
+    def counting(message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        if message.actor_name == "tests.group_done":
+            sends.append(message.message_id)
+        return enqueue(message, delay=delay)
+
+    monkeypatch.setattr(tasks.broker, "enqueue", counting)
+    callbacks = middleware(GroupCallbacks)
+    # When the first child is delivered twice, then the second once
+    for child in (children[0], children[0], children[1]):
+        callbacks.after_process_message(tasks.broker, child, result=None)
+    # Then the callback is not sent yet: the group has a child left
+    assert sends == []
+    # And when the last child completes, and is delivered again, it is sent once
+    for child in (children[2], children[2], children[0]):
+        callbacks.after_process_message(tasks.broker, child, result=None)
+    assert len(sends) == 1
+    assert len(queued(db_url, "tests.group_done")) == 1
+
+
+def test_a_pipeline_step_delivered_again_does_not_send_its_finished_next_step_again(db_url: str) -> None:
+    # Given a pipeline whose first step ran and sent the second, which then completed
+    chain = pipeline([actors.noop.message("a"), actors.noop.message()])
+    chain.run()
+    pipes = middleware(Pipelines)
+    consumer, first = claim_in_process()
+    pipes.after_process_message(tasks.broker, first, result="a")
+    settle_in_process(consumer, first, "ack")
+    consumer, second = claim_in_process()
+    assert second.args == ("a",)
+    settle_in_process(consumer, second, "ack")
+    # When the first step is delivered again (its worker died before its outcome was written)
+    pipes.after_process_message(tasks.broker, first, result="a")
+    # Then the second step stays completed, once, and nothing is queued again
+    rows = query(db_url, "SELECT status, attempts FROM control_plane.jobs WHERE id = %s", (second.message_id,))
+    assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 1)]
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0
+
+
+def test_a_result_the_next_step_cannot_take_fails_the_pipelines_result_at_once(db_url: str) -> None:
+    # Given a pipeline of three whose first step returns a string with a NUL (PostgreSQL cannot hold it)
+    chain = pipeline([actors.noop.message("a"), actors.noop.message(), actors.noop.message()])
+    chain.run()
+    consumer, first = claim_in_process()
+    # When its pipelines hook tries to send the result on
+    with pytest.raises(TypeError, match="NUL"):
+        middleware(Pipelines).after_process_message(tasks.broker, first, result="a\x00b")
+    settle_in_process(consumer, first, "ack")
+    # Then the caller of the pipeline's result hears why at once, instead of waiting out its timeout
+    with pytest.raises(ResultFailure, match=r"pipeline stopped before tests\.noop") as failure:
+        chain.get_result(block=True, timeout=5_000)
+    assert failure.value.orig_exc_type == "NotSerializable"
+
+
+def test_a_group_sent_in_a_transaction_that_rolls_back_leaves_no_barrier(db_url: str) -> None:
+    # Given a group with a completion callback sent inside a caller's transaction
+    members = group([actors.noop.message(i) for i in range(3)])
+    members.add_completion_callback(actors.group_done.message("never"))
+    conn = psycopg2.connect(db_url)
+    try:
+        with tasks.enqueue_in(conn):
+            members.run()
+        # When the caller rolls back
+        conn.rollback()
+    finally:
+        conn.close()
+    # Then neither its jobs nor its barrier are left
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs")[0]["n"] == 0
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.rate_limits")[0]["n"] == 0
