@@ -454,11 +454,13 @@ _BUILTIN_ACTOR_MODULES = ("tasks.maintenance", "tasks.provision")
 
 
 def _import_modules(modules: Sequence[str]) -> None:
-    """Import ``modules``, the current directory first on the path (as the ``dramatiq`` command does)."""
+    """Import ``modules``; the application's are also looked for in the current directory, as the
+    ``dramatiq`` command looks, but last on the path: a file there named like a module the
+    control plane imports (``secrets.py``) does not shadow it."""
     import importlib
 
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    if any(m not in _BUILTIN_ACTOR_MODULES for m in modules) and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     for module in modules:
         try:
             importlib.import_module(module)

@@ -18,6 +18,7 @@ Times are minutes: seconds are ignored. Schedules are evaluated in UTC.
 from __future__ import annotations
 
 import calendar
+import functools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -194,8 +195,14 @@ def as_utc(when: datetime) -> datetime:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
+@functools.lru_cache(maxsize=256)
 def parse(expression: str) -> CronSchedule:
-    """Parse a five-field cron expression (or an ``@alias``); raises :class:`CronError`."""
+    """Parse a five-field cron expression (or an ``@alias``); raises :class:`CronError`.
+
+    Cached: the settings parse their schedules at every ``Settings.from_env()``, and
+    proving that an expression fires at all (``0 0 31 12 *`` looks up to a year ahead)
+    is worth doing once per expression.
+    """
     return CronSchedule.parse(expression)
 
 

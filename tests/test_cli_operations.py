@@ -224,6 +224,8 @@ def test_modules_are_found_in_the_current_directory_as_the_dramatiq_command_find
         "@periodic('*/5 * * * *')\n@dramatiq.actor(actor_name='myapp.sync', queue_name='myapp')\n"
         "def sync() -> None: ...\n"
     )
+    # and, beside it, a file named like a module the control plane imports (Python's `secrets`)
+    (tmp_path / "secrets.py").write_text("raise SystemExit('shadowed: this is not the secrets module')\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["DATABASE_URL"] = db_url
     commands = [["clock", "--list", "--module", "myapp_jobs"], ["send", "myapp.sync", "--module", "myapp_jobs"]]

@@ -178,6 +178,7 @@ def test_roles_an_undone_run_left_behind_get_the_next_runs_password(
     from tasks.provision import reveal_secrets
     from tasks.provision.roles import _create_roles
     from tasks.provision.secrets import database_password, pepper
+    from tasks.provision.target import session
 
     # Given a first run undone while its roles step was still running: that step had found the
     # project its own before the undoing began, and its roles land after they were dropped
@@ -188,7 +189,8 @@ def test_roles_an_undone_run_left_behind_get_the_next_runs_password(
     assert straggler is not None and straggler.secret_nonce is not None
     compensate_project(Settings.from_env(), pid, "step provision_project.roles failed: lease lost", first)
     old_password = database_password(pepper(Settings.from_env()), pid, straggler.secret_nonce)
-    _create_roles(Settings.from_env(), straggler, f"p_{pid}_owner", f"p_{pid}_app", old_password)
+    with session(Settings.from_env(), autocommit=False) as conn:
+        _create_roles(Settings.from_env(), straggler, conn, f"p_{pid}_owner", f"p_{pid}_app", old_password)
     # When the project id is provisioned again, to the end
     second = claimed(project)
     for step in STEPS:
@@ -205,10 +207,11 @@ def test_a_late_step_of_an_undone_run_leaves_the_next_runs_secrets_alone(
     from tasks.provision import reveal_secrets
     from tasks.provision.apikeys import hash_key
     from tasks.provision.keys import ensure_api_keys
+    from tasks.provision.register import register_services
     from tasks.provision.roles import ensure_roles
     from tasks.provision.secrets import pepper
 
-    # Given a first run undone, and a second run of the id through its api_keys step
+    # Given a first run undone, and a second run of the id through its roles step (still provisioning)
     first = claimed(project)
     pid = project["project_id"]
     with control_transaction() as conn:
@@ -216,12 +219,18 @@ def test_a_late_step_of_an_undone_run_leaves_the_next_runs_secrets_alone(
     assert straggler is not None
     compensate_project(Settings.from_env(), pid, "step provision_project.roles failed: lease lost", first)
     second = claimed(project)
-    for step in STEPS:
-        run_step(step, pid, second)
+    run_step("roles", pid, second)
     # When the first run's roles and api_keys steps come late, with the first run's secrets
-    late = [ensure_roles(Settings.from_env(), straggler), ensure_api_keys(Settings.from_env(), straggler)]
-    # Then they did nothing, and the secrets the second run's caller reads are the stored ones
-    assert [r.get("skipped") for r in late] == ["superseded", "superseded"]
+    puts_before = sum(len(s.request_log) for s in services.values())
+    late = [ensure_roles(Settings.from_env(), straggler), ensure_api_keys(Settings.from_env(), straggler),
+            register_services(Settings.from_env(), straggler)]  # fmt: skip
+    puts_after = sum(len(s.request_log) for s in services.values())
+    # and the second run goes on to the end
+    for step in STEPS[1:]:
+        run_step(step, pid, second)
+    # Then the late steps did nothing, and the secrets the second run's caller reads are the stored ones
+    assert [r.get("skipped") for r in late] == ["superseded", "superseded", "superseded"]
+    assert puts_after == puts_before  # no registration that nobody would know to undo
     revealed = reveal_secrets(Settings.from_env(), pid)
     assert scram_matches(app_verifier(db_url, pid), revealed["database_password"])
     stored = {r["key_hash"] for r in query(db_url, "SELECT key_hash FROM control_plane.api_keys WHERE project_id = %s",

@@ -746,7 +746,7 @@ def test_a_put_applied_but_answered_unreadably_stays_touched_so_compensation_und
 
     server = _RawServer(applied_then_plain_text)
     touched: list[tuple[str, bool]] = []
-    monkeypatch.setattr(register, "_touch", lambda project_id, service, on: touched.append((service, on)))
+    monkeypatch.setattr(register, "_touch", lambda state, service, on: touched.append((service, on)) or True)
     settings = Settings.from_env({"AUTH_SERVICE_URL": server.url, "AUTH_SERVICE_TOKEN": TOKEN})
     state = ProjectState(payload=validate(minimal(services={"auth": True})), status="provisioning", steps={},
                          secret_nonce=None, job_id=None)

@@ -27,25 +27,28 @@ def client(settings: Settings, name: str) -> ServiceClient | None:
     return ServiceClient(name, url, settings.service_tokens.get(name, ""), settings.service_timeout)
 
 
-def _touch(state: ProjectState, service: str, touched: bool) -> None:
+def _touch(state: ProjectState, service: str, touched: bool) -> bool:
+    """Record on this run's row that ``service`` may hold a registration (or not); False: the row is another run's."""
     with control_transaction() as conn, conn.cursor() as cur:
         cur.execute(q.TOUCH_SERVICE if touched else q.UNTOUCH_SERVICE,
                     {"project_id": state.project_id, "service": service, "run": state.job_id})
+        return bool(cur.rowcount)
 
 
 def register_services(settings: Settings, state: ProjectState) -> dict[str, object]:
     """Register the project with every enabled service; idempotent."""
     payload = state.payload
     already = set(state.steps.get("touched_services") or [])
-    registered = []
+    registered: list[str] = []
     for name in payload.services.enabled():
         service = client(settings, name)
         if service is None:
             raise PermanentError(
                 f"the {name} service is enabled in the payload but {name.upper()}_SERVICE_URL is not set"
             )
-        if name not in already:
-            _touch(state, name, True)
+        if name not in already and not _touch(state, name, True):
+            # A late step of an undone run: a registration nobody would know to undo. Not made.
+            return {"services": registered, "skipped": "superseded"}
         try:
             service.put_tenant(
                 payload.project_id,

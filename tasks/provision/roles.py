@@ -51,15 +51,24 @@ def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
     if state.secret_nonce is None:
         raise Conflict(f"project {state.project_id!r}: its secrets were already read or expired")
     password = secrets.database_password(secrets.pepper(settings), state.project_id, state.secret_nonce)
-    with control_transaction() as control:
-        # The project locked until the roles are committed: the password is this run's
-        if not hold_current_run(control, state):
-            return {"owner_role": owner, "app_role": app, "skipped": "superseded"}
-        return _create_roles(settings, state, owner, app, password)
+    with translated("creating roles"), session(settings, autocommit=False) as conn:
+        done = _create_roles(settings, state, conn, owner, app, password)
+        # Committed only while this run still provisions the project, under its lock (held for
+        # this commit only): a late step of an undone run rolls back, and a new claim of the id
+        # waits for the commit, then its own roles step finds the roles and sets its password.
+        with control_transaction() as control:
+            if not hold_current_run(control, state):
+                conn.rollback()
+                return {"owner_role": owner, "app_role": app, "skipped": "superseded"}
+            conn.commit()
+    return done
 
 
-def _create_roles(settings: Settings, state: ProjectState, owner: str, app: str, password: str) -> dict[str, object]:
-    with translated("creating roles"), session(settings, autocommit=False) as conn, conn.cursor() as cur:
+def _create_roles(
+    settings: Settings, state: ProjectState, conn: Any, owner: str, app: str, password: str
+) -> dict[str, object]:
+    """The roles' DDL in ``conn``'s transaction (the caller commits it)."""
+    with conn.cursor() as cur:
         # One delivery of this step at a time per project (see ensure_schema): a second waits, then
         # finds the roles and their markers.
         cur.execute(q.LOCK_ROLES_STEP, {"project_id": state.project_id})

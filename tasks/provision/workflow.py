@@ -37,6 +37,7 @@ from psycopg2.extras import Json
 
 import tasks
 from models import project_queries as q
+from tasks import db
 from tasks.broker import PostgresBroker
 from tasks.errors import PermanentError, TaskError
 from tasks.periodic import schedule
@@ -116,7 +117,12 @@ def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
     except PermanentError as exc:
         # Failed at once, never retried (an invalid payload, a conflict): the caller's get_result
         # hears why, as it hears the workflow's outcome, instead of waiting out its timeout.
-        tasks.broker.get_results_backend().store_exception(_entry_message(job_id), exc, settings.result_ttl_ms)
+        try:
+            tasks.broker.get_results_backend().store_exception(_entry_message(job_id), exc, settings.result_ttl_ms)
+        except Exception as store_error:  # the job's own failure is what it ends with
+            logger.warning("project %s: could not store its failure for its caller: %s",
+                           payload.get("project_id") if isinstance(payload, dict) else None,
+                           db.loggable_error(store_error))
         raise
 
 
