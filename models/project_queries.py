@@ -91,7 +91,7 @@ UPDATE control_plane.projects
                           FROM jsonb_array_elements_text(coalesce(steps -> 'touched_services', '[]'::jsonb)
                                                          || to_jsonb(%(service)s::text)) AS s)),
        updated_at = now()
-WHERE project_id = %(project_id)s AND job_id IS NOT DISTINCT FROM %(run)s::uuid
+WHERE project_id = %(project_id)s AND job_id IS NOT DISTINCT FROM %(run)s::uuid AND status = 'provisioning'
 """
 
 UNTOUCH_SERVICE = """

@@ -193,6 +193,21 @@ WITH m AS (
 )""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
 
+#: A group child passing its group's barrier (``tasks.middleware.canvas``), under the barrier
+#: row's lock: returns the count before it (no row: the barrier is gone, expired or swept), and
+#: takes one off while more than one party is left. At 1 the last party releases it.
+BARRIER_PASS = """
+WITH b AS (
+    SELECT key, value FROM control_plane.rate_limits WHERE key = %(key)s AND expires_at > now() FOR UPDATE
+), passed AS (
+    UPDATE control_plane.rate_limits AS r
+       SET value = r.value - 1, expires_at = now() + make_interval(secs => %(ttl_ms)s / 1000.0)
+    FROM b WHERE r.key = b.key AND b.value > 1
+    RETURNING r.key
+)
+SELECT b.value, (SELECT count(*) FROM passed) FROM b
+"""
+
 #: A message sent once (a pipeline's next step, ``tasks.middleware.canvas``): deliveries of the
 #: step before it wait for each other here, then look whether the job exists.
 LOCK_SEND_ONCE = "SELECT pg_advisory_xact_lock(hashtext('controlplane:send-once:' || %(id)s))"

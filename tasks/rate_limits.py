@@ -82,11 +82,13 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         ``tasks.enqueue_in(conn)`` it is written in that transaction, with the group's
         messages, so that a rollback leaves no barrier behind either.
         """
-        from tasks.broker import _dbapi_connection, _enqueue_connection
+        import tasks
+        from tasks.broker import PostgresBroker, _dbapi_connection, _enqueue_connection
 
         params = {"key": key, "value": value, "ttl_ms": ttl}
         joined = _enqueue_connection.get()
-        if joined is None:
+        # With RabbitMQ the group's messages are published at once: the barrier must be too.
+        if joined is None or not isinstance(tasks.broker, PostgresBroker):
             return self._execute(queries.RATE_LIMIT_ADD, params)
         with _dbapi_connection(joined).cursor() as cur:
             cur.execute(queries.RATE_LIMIT_ADD, params)

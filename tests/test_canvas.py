@@ -110,3 +110,58 @@ def test_a_group_sent_in_a_transaction_that_rolls_back_leaves_no_barrier(db_url:
     # Then neither its jobs nor its barrier are left
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs")[0]["n"] == 0
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.rate_limits")[0]["n"] == 0
+
+
+def test_a_group_whose_barrier_expired_sends_no_callback_and_says_so(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a group of three whose barrier expired while a child kept retrying (past barrier_ttl)
+    members = group([actors.noop.message(i) for i in range(3)])
+    members.add_completion_callback(actors.group_done.message("too late"))
+    members.run()
+    children = queued(db_url, "tests.noop")
+    query(db_url, "UPDATE control_plane.rate_limits SET expires_at = now() - interval '1 second'")
+    # When two of its children finish
+    with caplog.at_level("WARNING", logger="tasks.middleware.canvas"):
+        for child in children[:2]:
+            middleware(GroupCallbacks).after_process_message(tasks.broker, child, result=None)
+    # Then no callback was sent (Dramatiq's fired it at once, before the group was done), and the log says why
+    assert queued(db_url, "tests.group_done") == []
+    assert "its barrier expired before all its children finished" in caplog.text
+
+
+def test_with_another_broker_a_groups_barrier_is_written_at_once_as_its_messages_are_published(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+    from collections.abc import Iterator
+
+    from dramatiq.brokers.stub import StubBroker
+
+    from tasks.rate_limits import PostgresRateLimiterBackend
+
+    # Given RabbitMQ (here a stub) carrying the messages: they are published at once, outside any transaction
+    monkeypatch.setattr(tasks, "broker", StubBroker())
+
+    @contextlib.contextmanager
+    def pooled() -> Iterator[Any]:  # the control plane's pool, as under RabbitMQ
+        own = psycopg2.connect(db_url)
+        own.autocommit = True
+        try:
+            yield own
+        finally:
+            own.close()
+
+    backend = PostgresRateLimiterBackend(pooled)
+    conn = psycopg2.connect(db_url)
+    try:
+        # When a barrier is made inside enqueue_in, and the caller rolls back
+        with tasks.enqueue_in(conn):
+            assert backend.add("group-under-rabbitmq", 3, 60_000)
+        conn.rollback()
+    finally:
+        conn.close()
+    # Then the barrier is there, as the published children need it
+    assert query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = 'group-under-rabbitmq'") == [
+        {"value": 3}
+    ]

@@ -239,6 +239,27 @@ def test_a_late_step_of_an_undone_run_leaves_the_next_runs_secrets_alone(
     assert {hash_key(k, key) for k in revealed["api_keys"]} == stored
 
 
+def test_a_services_step_that_comes_while_its_run_is_undone_registers_nothing(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    from tasks.provision.register import register_services
+
+    # Given a run through its schema step, whose compensation has begun (it read the services touched)
+    run = claimed(project)
+    pid = project["project_id"]
+    for step in ("roles", "database", "schema"):
+        run_step(step, pid, run)
+    with control_transaction() as conn:
+        late = load(conn, pid)
+    assert late is not None
+    query(db_url, "UPDATE control_plane.projects SET status = 'compensating' WHERE project_id = %s", (pid,))
+    # When the run's services step comes now (it was past its own check when the undoing began)
+    done = register_services(Settings.from_env(), late)
+    # Then it registers with no service: nothing would deregister it
+    assert done.get("skipped") == "superseded"
+    assert [s.request_log for s in services.values()] == [[], [], []]
+
+
 def test_a_run_sent_in_capitals_is_the_same_run(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:

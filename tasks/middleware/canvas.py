@@ -12,11 +12,19 @@ acts on each delivery:
 
 On the Postgres broker both now act once per message, in one transaction with
 what they send: a group child is counted with a marker row of its own
-(``<group>@done:<message id>`` in ``control_plane.rate_limits``, as long-lived as
-the barrier) and the callbacks are sent in the transaction that releases the
+(``<group>@done:<message id>`` in ``control_plane.rate_limits``, for the
+barrier's TTL: a redelivery comes within a lease) and the callbacks are sent in the transaction that releases the
 barrier; a pipeline's next step is sent only if no job has its id yet (under an
 advisory lock on the id, so two deliveries at once send it once). Either
-commits with its sends, or neither happens and the redelivery does it.
+commits with its sends, or neither happens. A hook's failure is not redelivered
+(the message is acknowledged after its hooks whatever they raise), so a lost
+connection or a deadlock is tried again here, three times; past that the
+failure is logged, and the group's callbacks or the pipeline's next step are
+not sent, as with Dramatiq's own hooks. A barrier gone before its last child
+(expired: children retried past ``barrier_ttl``) sends no callback, and says so,
+where Dramatiq's fired it at the next child and again at each one after. A
+pipeline step redelivered after its next step's job was pruned (days later)
+sends it again.
 
 A pipeline step whose result cannot be sent on (JSON or PostgreSQL cannot hold
 it) breaks the chain: Dramatiq logged it and the caller of
@@ -29,16 +37,52 @@ behaviour, unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
+import psycopg2
 from dramatiq.message import Message
 from dramatiq.middleware import group_callbacks as dramatiq_groups
 from dramatiq.middleware import pipelines as dramatiq_pipelines
 from dramatiq.results import Results
 
 from models import queries
+from tasks import db
 from tasks.errors import NotSerializable
+
+logger = logging.getLogger(__name__)
+
+
+#: Tries of a hook's transaction: its failure cannot be retried by redelivery (the message is
+#: acked after its hooks whatever they raise), so a lost connection or a deadlock is tried again here.
+TRIES = 3
+
+
+def _in_one_transaction(broker: Any, work: Callable[[Any], None]) -> None:
+    """Run ``work(conn)`` in one transaction on a pooled connection; again on a transient failure."""
+    for attempt in range(1, TRIES + 1):
+        try:
+            with broker.connection() as conn:
+                with conn.cursor() as cur:
+                    cur.execute("BEGIN")
+                try:
+                    work(conn)
+                except BaseException:
+                    with contextlib.suppress(Exception), conn.cursor() as cur:
+                        cur.execute("ROLLBACK")
+                    raise
+                with conn.cursor() as cur:
+                    cur.execute("COMMIT")
+            return
+        except psycopg2.Error as exc:
+            if attempt == TRIES or not (db.is_transient(exc) or db.is_connection_error(exc)):
+                raise
+            logger.warning("%s; trying again (%d of %d)", db.loggable_error(exc), attempt + 1, TRIES)
+            time.sleep(0.1 * 2**attempt)
 
 
 def _postgres(broker: dramatiq.Broker) -> bool:
@@ -63,35 +107,33 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
         if exception is not None or not (group and callbacks) or not _postgres(broker):
             super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
             return
+        _in_one_transaction(broker, lambda conn: self._pass(broker, conn, message, group, callbacks))
+
+    def _pass(self, broker: Any, conn: Any, message: Any, group: str, callbacks: list[dict[str, Any]]) -> None:
         from tasks.broker import enqueue_in
 
         ttl = {"ttl_ms": self.barrier_ttl}
-        with broker.connection() as conn:  # type: ignore[attr-defined]
-            with conn.cursor() as cur:
-                cur.execute("BEGIN")
-            try:
-                with conn.cursor() as cur:
-                    marker = f"{group}@done:{message.message_id}"
-                    cur.execute(queries.RATE_LIMIT_ADD, {"key": marker, "value": 1, **ttl})
-                    first = cur.fetchone() is not None
-                    # Dramatiq's Barrier.wait: the last party finds it cannot go below 1.
-                    released = False
-                    if first:
-                        cur.execute(
-                            queries.RATE_LIMIT_ADJUST,
-                            {"key": group, "amount": -1, "minimum": 1, "maximum": None, **ttl},
-                        )
-                        released = cur.fetchone() is None
-                if released:
-                    with enqueue_in(conn):
-                        for callback in callbacks:
-                            broker.enqueue(Message(**callback))
-            except BaseException:
-                with conn.cursor() as cur:
-                    cur.execute("ROLLBACK")
-                raise
-            with conn.cursor() as cur:
-                cur.execute("COMMIT")
+        with conn.cursor() as cur:
+            # The child's marker lives the barrier's TTL from now: a redelivery comes within a lease.
+            cur.execute(queries.RATE_LIMIT_ADD, {"key": f"{group}@done:{message.message_id}", "value": 1, **ttl})
+            if cur.fetchone() is None:
+                return  # this child was counted (and, if it was the last, the callbacks sent) before
+            cur.execute(queries.BARRIER_PASS, {"key": group, **ttl})
+            row = cur.fetchone()
+        if row is None:
+            # Gone: expired (children retried past barrier_ttl) or swept. Dramatiq would fire the
+            # callbacks now, before the group is done, and again at each later child: not here.
+            logger.warning(
+                "group %s: its barrier expired before all its children finished (barrier_ttl %d ms); "
+                "its completion callbacks are not sent",
+                group,
+                self.barrier_ttl,
+            )
+            return
+        if row[0] <= 1:  # the last party
+            with enqueue_in(conn):
+                for callback in callbacks:
+                    broker.enqueue(Message(**callback))
 
 
 class Pipelines(dramatiq_pipelines.Pipelines):
@@ -127,24 +169,17 @@ class Pipelines(dramatiq_pipelines.Pipelines):
     def _send_once(broker: Any, next_message: Message[Any]) -> None:
         from tasks.broker import enqueue_in
 
-        with broker.connection() as conn:
+        def send(conn: Any) -> None:
             with conn.cursor() as cur:
-                cur.execute("BEGIN")
-            try:
-                with conn.cursor() as cur:
-                    # Two deliveries at once wait here for each other; the second finds the job.
-                    cur.execute(queries.LOCK_SEND_ONCE, {"id": next_message.message_id})
-                    cur.execute(queries.JOB_EXISTS, {"id": next_message.message_id})
-                    sent_before = cur.fetchone() is not None
-                if not sent_before:
-                    with enqueue_in(conn):
-                        broker.enqueue(next_message, delay=next_message.options.get("delay"))
-            except BaseException:
-                with conn.cursor() as cur:
-                    cur.execute("ROLLBACK")
-                raise
-            with conn.cursor() as cur:
-                cur.execute("COMMIT")
+                # Two deliveries at once wait here for each other; the second finds the job.
+                cur.execute(queries.LOCK_SEND_ONCE, {"id": next_message.message_id})
+                cur.execute(queries.JOB_EXISTS, {"id": next_message.message_id})
+                if cur.fetchone() is not None:
+                    return
+            with enqueue_in(conn):
+                broker.enqueue(next_message, delay=next_message.options.get("delay"))
+
+        _in_one_transaction(broker, send)
 
     @staticmethod
     def _fail_the_pipeline(broker: dramatiq.Broker, next_message: Message[Any], exc: NotSerializable) -> None:

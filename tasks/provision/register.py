@@ -46,8 +46,9 @@ def register_services(settings: Settings, state: ProjectState) -> dict[str, obje
             raise PermanentError(
                 f"the {name} service is enabled in the payload but {name.upper()}_SERVICE_URL is not set"
             )
-        if name not in already and not _touch(state, name, True):
-            # A late step of an undone run: a registration nobody would know to undo. Not made.
+        if not _touch(state, name, True):
+            # A late step of a run undone or being undone: a registration nobody would know to
+            # undo. Not made. (Looked at before every PUT, touched before or not.)
             return {"services": registered, "skipped": "superseded"}
         try:
             service.put_tenant(
