@@ -260,6 +260,37 @@ def test_a_services_step_that_comes_while_its_run_is_undone_registers_nothing(
     assert [s.request_log for s in services.values()] == [[], [], []]
 
 
+def test_a_registration_whose_run_began_to_be_undone_during_its_put_is_taken_back(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.provision import register
+
+    # Given a run at its services step, whose undoing begins while its PUT to auth is in flight
+    # (compensation read the touched services before this PUT landed)
+    project = {**project, "services": {"auth": True, "realtime": False, "storage": False}}
+    run = claimed(project)
+    pid = project["project_id"]
+    for step in ("roles", "database", "schema"):
+        run_step(step, pid, run)
+    with control_transaction() as conn:
+        state = load(conn, pid)
+    assert state is not None
+    put = register.ServiceClient.put_tenant
+
+    def put_then_undoing_begins(self: Any, project_id: str, body: dict[str, Any]) -> Any:
+        answer = put(self, project_id, body)
+        query(db_url, "UPDATE control_plane.projects SET status = 'compensating' WHERE project_id = %s", (pid,))
+        return answer
+
+    monkeypatch.setattr(register.ServiceClient, "put_tenant", put_then_undoing_begins)
+    # When the step goes on
+    done = register.register_services(Settings.from_env(), state)
+    # Then it took its registration back itself: no tenant is left that nobody would remove
+    assert done.get("skipped") == "superseded"
+    assert services["auth"].tenants == {}
+    assert [method for method, _, _ in services["auth"].request_log] == ["PUT", "DELETE"]
+
+
 def test_a_run_sent_in_capitals_is_the_same_run(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:

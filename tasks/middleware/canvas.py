@@ -191,7 +191,10 @@ class Pipelines(dramatiq_pipelines.Pipelines):
             if isinstance(middleware, Results):  # none: nobody waits on a result
                 ttl = last.options.get("result_ttl") or middleware.result_ttl
                 refused = NotSerializable(f"the pipeline stopped before {next_message.actor_name}: {exc}")
-                middleware.backend.store_exception(last, refused, ttl)
+                try:
+                    middleware.backend.store_exception(last, refused, ttl)
+                except Exception as store_error:  # the hook's own failure is what is reported
+                    logger.warning("could not store the pipeline's failure: %s", db.loggable_error(store_error))
 
 
 __all__ = ["GroupCallbacks", "Pipelines"]

@@ -61,6 +61,11 @@ def register_services(settings: Settings, state: ProjectState) -> dict[str, obje
             if name not in already and getattr(exc, "refused", False):
                 _touch(state, name, False)
             raise
+        if not _touch(state, name, True):
+            # The undoing began during the PUT, after it had read the services to deregister
+            # (or deregistered this one before the PUT landed): take it back ourselves.
+            service.delete_tenant(payload.project_id)
+            return {"services": registered, "skipped": "superseded"}
         registered.append(name)
     return {"services": registered}
 
