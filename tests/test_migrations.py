@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 
+import psycopg2
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -90,7 +92,7 @@ def test_migrated_schema_matches_the_models(db_url: str) -> None:
 def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_control_plane(empty_db: str) -> None:
     # Given a database at the revision before, a role an operator granted the control plane to,
     # and a role with no business there (as a tenant's app role is)
-    suffix = empty_db.rsplit("/", 1)[1][-12:]
+    suffix = uuid.uuid4().hex[:12]
     reader, stranger = f"cp_reader_{suffix}", f"cp_stranger_{suffix}"
     migrations.upgrade(empty_db, "0008")
     try:
@@ -110,15 +112,15 @@ def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_contr
         command.downgrade(migrations.alembic_config(sqlalchemy_url(empty_db)), "0008")
         assert may(stranger, "CONNECT")
     finally:
-        db = empty_db.rsplit("/", 1)[1]
+        db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]
         query(empty_db, f'REVOKE ALL ON DATABASE "{db}" FROM {reader}; DROP OWNED BY {reader}; '
                         f"DROP ROLE {reader}; DROP ROLE {stranger}")  # fmt: skip
 
 
 def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_stays_open(empty_db: str) -> None:
     # Given a role that may create schemas in the database but does not own it
-    role = f"cp_migrator_{empty_db.rsplit('/', 1)[1][-12:]}"
-    db = empty_db.rsplit("/", 1)[1]
+    role = f"cp_migrator_{uuid.uuid4().hex[:12]}"
+    db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]
     query(empty_db, f'CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE "{db}" TO {role}')
     try:
         from sqlalchemy.engine import make_url
