@@ -233,6 +233,23 @@ def _autocommit_again(conn: Any) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def transaction(connection: Callable[[], contextlib.AbstractContextManager[Any]]) -> Iterator[Any]:
+    """One transaction (BEGIN ... COMMIT, ROLLBACK on an exception) on a connection from
+    ``connection``, a pool's autocommit connections (``Pool.connection``, ``tasks.connection``)."""
+    with connection() as conn:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(Exception), conn.cursor() as cur:
+                cur.execute("ROLLBACK")
+            raise
+        with conn.cursor() as cur:
+            cur.execute("COMMIT")
+
+
 class Pool:
     """A small blocking pool of at most ``size`` autocommit connections (sends, results, mirror writes).
 

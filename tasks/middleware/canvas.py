@@ -37,7 +37,6 @@ behaviour, unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -66,17 +65,8 @@ def _in_one_transaction(broker: Any, work: Callable[[Any], None]) -> None:
     """Run ``work(conn)`` in one transaction on a pooled connection; again on a transient failure."""
     for attempt in range(1, TRIES + 1):
         try:
-            with broker.connection() as conn:
-                with conn.cursor() as cur:
-                    cur.execute("BEGIN")
-                try:
-                    work(conn)
-                except BaseException:
-                    with contextlib.suppress(Exception), conn.cursor() as cur:
-                        cur.execute("ROLLBACK")
-                    raise
-                with conn.cursor() as cur:
-                    cur.execute("COMMIT")
+            with db.transaction(broker.connection) as conn:
+                work(conn)
             return
         except psycopg2.Error as exc:
             if attempt == TRIES or not (db.is_transient(exc) or db.is_connection_error(exc)):

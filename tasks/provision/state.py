@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from models import project_queries as q
+from tasks import db
 from tasks.provision.payload import ProvisionPayload, validate
 
 
@@ -62,19 +62,8 @@ def hold_current_run(conn: Any, state: ProjectState) -> bool:
         return cur.fetchone() is not None
 
 
-@contextlib.contextmanager
-def control_transaction() -> Iterator[Any]:
+def control_transaction() -> AbstractContextManager[Any]:
     """One transaction on the control plane's database (a pooled connection, BEGIN/COMMIT)."""
     import tasks
 
-    with tasks.connection() as conn:
-        with conn.cursor() as cur:
-            cur.execute("BEGIN")
-        try:
-            yield conn
-        except BaseException:
-            with contextlib.suppress(Exception), conn.cursor() as cur:
-                cur.execute("ROLLBACK")
-            raise
-        with conn.cursor() as cur:
-            cur.execute("COMMIT")
+    return db.transaction(tasks.connection)
