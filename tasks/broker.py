@@ -149,6 +149,13 @@ def _dbapi_connection(conn: Any) -> Any:
     return conn.connection.dbapi_connection
 
 
+def joined_connection() -> Any | None:
+    """Inside :func:`enqueue_in`, the psycopg2 connection of the caller's transaction that
+    sends join (looked up now); None outside it."""
+    joined = _enqueue_connection.get()
+    return None if joined is None else _dbapi_connection(joined)
+
+
 @contextlib.contextmanager
 def enqueue_in(conn: Any) -> Iterator[None]:
     """Make every send inside the block join ``conn``'s transaction.
@@ -734,15 +741,18 @@ class PostgresBroker(dramatiq.Broker):
 
     def _holders(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
         """The actor and queue of the jobs holding unique keys a send found taken (those it can see)."""
-        joined = _enqueue_connection.get()
-        if joined is not None:  # in the caller's transaction, where a holder may be uncommitted
-            with _dbapi_connection(joined).cursor() as cur:
+
+        def read(conn: Any) -> dict[str, tuple[str, str]]:
+            with conn.cursor() as cur:
                 cur.execute(queries.JOB_ACTORS, {"ids": job_ids})
                 return {job_id: (actor, queue) for job_id, actor, queue in cur.fetchall()}
+
+        caller = joined_connection()
+        if caller is not None:  # in the caller's transaction, where a holder may be uncommitted
+            return read(caller)
         try:
-            with self.connection() as conn, conn.cursor() as cur:
-                cur.execute(queries.JOB_ACTORS, {"ids": job_ids})
-                return {job_id: (actor, queue) for job_id, actor, queue in cur.fetchall()}
+            with self.connection() as conn:
+                return read(conn)
         except psycopg2.Error as exc:  # the send is done: name the holder by its id only
             logger.warning("could not look up the jobs holding unique keys: %s", db.loggable_error(exc))
             return {}
@@ -762,9 +772,8 @@ class PostgresBroker(dramatiq.Broker):
         raise RuntimeError("unique keys kept changing hands while enqueueing; try again")
 
     def _run_enqueue(self, rows: dict[str, list[Any]]) -> dict[str, str | None]:
-        joined = _enqueue_connection.get()
-        if joined is not None:
-            caller = _dbapi_connection(joined)
+        caller = joined_connection()
+        if caller is not None:
             # In the caller's transaction a send must not hold SENDING_LOCK until that commits: it wakes always.
             statement, params, keyed = _enqueue_statement(rows, always_wake=True)
             with caller.cursor() as cur:

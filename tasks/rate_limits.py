@@ -83,14 +83,14 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         messages, so that a rollback leaves no barrier behind either.
         """
         import tasks
-        from tasks.broker import PostgresBroker, _dbapi_connection, _enqueue_connection
+        from tasks.broker import PostgresBroker, joined_connection
 
         params = {"key": key, "value": value, "ttl_ms": ttl}
-        joined = _enqueue_connection.get()
         # With RabbitMQ the group's messages are published at once: the barrier must be too.
-        if joined is None or not isinstance(tasks.broker, PostgresBroker):
+        caller = joined_connection() if isinstance(tasks.broker, PostgresBroker) else None
+        if caller is None:
             return self._execute(queries.RATE_LIMIT_ADD, params)
-        with _dbapi_connection(joined).cursor() as cur:
+        with caller.cursor() as cur:
             cur.execute(queries.RATE_LIMIT_ADD, params)
             return cur.fetchone() is not None
 
