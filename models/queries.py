@@ -195,7 +195,8 @@ WITH m AS (
 
 #: A group child passing its group's barrier (``tasks.middleware.canvas``), under the barrier
 #: row's lock: returns the count before it (no row: the barrier is gone, expired or swept), and
-#: takes one off while more than one party is left. At 1 the last party releases it.
+#: takes one off while more than one party is left (the update runs unreferenced: a data-modifying
+#: CTE always does). At 1 the last party releases it.
 BARRIER_PASS = """
 WITH b AS (
     SELECT key, value FROM control_plane.rate_limits WHERE key = %(key)s AND expires_at > now() FOR UPDATE
@@ -205,7 +206,7 @@ WITH b AS (
     FROM b WHERE r.key = b.key AND b.value > 1
     RETURNING r.key
 )
-SELECT b.value, (SELECT count(*) FROM passed) FROM b
+SELECT b.value FROM b
 """
 
 #: A message sent once (a pipeline's next step, ``tasks.middleware.canvas``): deliveries of the
