@@ -273,8 +273,9 @@ def run_step(step: str, project_id: str, run: str | None = None) -> dict[str, ob
     run = _canonical(run) if run is not None else None
     with control_transaction() as conn:
         state = load(conn, project_id)
-        if state is None or state.status != "provisioning" or _superseded(state, run):
-            status = "superseded" if _superseded(state, run) else state.status if state else "gone"
+        superseded = _superseded(state, run)
+        if state is None or state.status != "provisioning" or superseded:
+            status = "superseded" if superseded else state.status if state else "gone"
             logger.info("project %s is %s; step %s has nothing to do", project_id, status, step)
             return {"skipped": status}
         run = state.job_id  # every write below is to this run's row only
