@@ -266,11 +266,8 @@ class Clock:
 
     def due(self, now: datetime | None = None) -> list[tuple[Schedule, datetime]]:
         """The schedules with a tick to enqueue at ``now`` (default: :meth:`now`), and that tick."""
-        if now is not None or self._now is not None:
-            now = as_utc(now or self.now())
-            last = self.last_ticks()
-        else:
-            last, now = self._look()
+        last, database_now = self._look()
+        now = as_utc(now) if now is not None else self.now() if self._now is not None else database_now
         found = []
         for entry in self.schedules:
             tick = entry.cron.previous(now)
