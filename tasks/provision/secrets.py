@@ -52,25 +52,26 @@ def _create_private(path: Path, text: str) -> None:
     creating it at once one wins and the other reads the winner's.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_new(tmp, text)
         try:
             os.link(tmp, path)
         except FileExistsError:
             pass  # another process created it first: theirs stands
         except OSError:  # a file system without hard links: create it in place, exclusively
             with contextlib.suppress(FileExistsError):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_new(path, text)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create ``path`` (mode 0600, ``FileExistsError`` if it exists) holding ``text``, flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _derive(key: bytes, purpose: str, project_id: str, nonce: bytes) -> bytes:
