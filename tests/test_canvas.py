@@ -31,14 +31,19 @@ def queued(url: str, actor: str) -> list[Message[Any]]:
     return [Message.decode(bytes(r["body"])) for r in rows]
 
 
+def sent_group(url: str, label: str) -> list[Message[Any]]:
+    """Send a group of three noop jobs with a completion callback; its children as queued (visible ones)."""
+    members = group([actors.noop.message(i) for i in range(3)])
+    members.add_completion_callback(actors.group_done.message(label))
+    members.run()
+    return queued(url, "tests.noop")
+
+
 def test_a_child_delivered_twice_is_counted_once_and_the_callback_is_sent_once(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a group of three with a completion callback, and every send of the callback counted
-    members = group([actors.noop.message(i) for i in range(3)])
-    members.add_completion_callback(actors.group_done.message("all three"))
-    members.run()
-    children = queued(db_url, "tests.noop")
+    children = sent_group(db_url, "all three")
     sends: list[str] = []
     enqueue = tasks.broker.enqueue
 
@@ -97,12 +102,10 @@ def test_a_result_the_next_step_cannot_take_fails_the_pipelines_result_at_once(d
 
 def test_a_group_sent_in_a_transaction_that_rolls_back_leaves_no_barrier(db_url: str) -> None:
     # Given a group with a completion callback sent inside a caller's transaction
-    members = group([actors.noop.message(i) for i in range(3)])
-    members.add_completion_callback(actors.group_done.message("never"))
     conn = psycopg2.connect(db_url)
     try:
         with tasks.enqueue_in(conn):
-            members.run()
+            sent_group(db_url, "never")
         # When the caller rolls back
         conn.rollback()
     finally:
@@ -116,10 +119,7 @@ def test_a_group_whose_barrier_expired_sends_no_callback_and_says_so(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a group of three whose barrier expired while a child kept retrying (past barrier_ttl)
-    members = group([actors.noop.message(i) for i in range(3)])
-    members.add_completion_callback(actors.group_done.message("too late"))
-    members.run()
-    children = queued(db_url, "tests.noop")
+    children = sent_group(db_url, "too late")
     query(db_url, "UPDATE control_plane.rate_limits SET expires_at = now() - interval '1 second'")
     # When two of its children finish
     with caplog.at_level("WARNING", logger="tasks.middleware.canvas"):

@@ -172,6 +172,17 @@ def test_a_message_of_an_undone_run_does_not_touch_the_next_run_of_the_same_proj
     assert census(db_url, pid, services)["databases"] == 0
 
 
+def undone_run(project: dict[str, Any]) -> Any:
+    """Claim a run of ``project``, undo it, and return its state as its late steps still hold it."""
+    first = claimed(project)
+    with control_transaction() as conn:
+        state = load(conn, project["project_id"])
+    assert state is not None
+    compensate_project(Settings.from_env(), project["project_id"], "step provision_project.roles failed: lease lost",
+                       first)  # fmt: skip
+    return state
+
+
 def test_roles_an_undone_run_left_behind_get_the_next_runs_password(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:
@@ -182,12 +193,9 @@ def test_roles_an_undone_run_left_behind_get_the_next_runs_password(
 
     # Given a first run undone while its roles step was still running: that step had found the
     # project its own before the undoing began, and its roles land after they were dropped
-    first = claimed(project)
+    straggler = undone_run(project)
     pid = project["project_id"]
-    with control_transaction() as conn:
-        straggler = load(conn, pid)
-    assert straggler is not None and straggler.secret_nonce is not None
-    compensate_project(Settings.from_env(), pid, "step provision_project.roles failed: lease lost", first)
+    assert straggler.secret_nonce is not None
     old_password = database_password(pepper(Settings.from_env()), pid, straggler.secret_nonce)
     with session(Settings.from_env(), autocommit=False) as conn:
         _create_roles(Settings.from_env(), straggler, conn, f"p_{pid}_owner", f"p_{pid}_app", old_password)
@@ -212,12 +220,8 @@ def test_a_late_step_of_an_undone_run_leaves_the_next_runs_secrets_alone(
     from tasks.provision.secrets import pepper
 
     # Given a first run undone, and a second run of the id through its roles step (still provisioning)
-    first = claimed(project)
+    straggler = undone_run(project)
     pid = project["project_id"]
-    with control_transaction() as conn:
-        straggler = load(conn, pid)
-    assert straggler is not None
-    compensate_project(Settings.from_env(), pid, "step provision_project.roles failed: lease lost", first)
     second = claimed(project)
     run_step("roles", pid, second)
     # When the first run's roles and api_keys steps come late, with the first run's secrets
