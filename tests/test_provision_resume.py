@@ -243,19 +243,25 @@ def test_a_late_step_of_an_undone_run_leaves_the_next_runs_secrets_alone(
     assert {hash_key(k, key) for k in revealed["api_keys"]} == stored
 
 
+def through_schema(project: dict[str, Any]) -> Any:
+    """Claim a run of ``project`` and run its steps up to the services step; its state as that step gets it."""
+    run = claimed(project)
+    for step in ("roles", "database", "schema"):
+        run_step(step, project["project_id"], run)
+    with control_transaction() as conn:
+        state = load(conn, project["project_id"])
+    assert state is not None
+    return state
+
+
 def test_a_services_step_that_comes_while_its_run_is_undone_registers_nothing(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:
     from tasks.provision.register import register_services
 
     # Given a run through its schema step, whose compensation has begun (it read the services touched)
-    run = claimed(project)
+    late = through_schema(project)
     pid = project["project_id"]
-    for step in ("roles", "database", "schema"):
-        run_step(step, pid, run)
-    with control_transaction() as conn:
-        late = load(conn, pid)
-    assert late is not None
     query(db_url, "UPDATE control_plane.projects SET status = 'compensating' WHERE project_id = %s", (pid,))
     # When the run's services step comes now (it was past its own check when the undoing began)
     done = register_services(Settings.from_env(), late)
@@ -272,13 +278,8 @@ def test_a_registration_whose_run_began_to_be_undone_during_its_put_is_taken_bac
     # Given a run at its services step, whose undoing begins while its PUT to auth is in flight
     # (compensation read the touched services before this PUT landed)
     project = {**project, "services": {"auth": True, "realtime": False, "storage": False}}
-    run = claimed(project)
+    state = through_schema(project)
     pid = project["project_id"]
-    for step in ("roles", "database", "schema"):
-        run_step(step, pid, run)
-    with control_transaction() as conn:
-        state = load(conn, pid)
-    assert state is not None
     put = register.ServiceClient.put_tenant
 
     def put_then_undoing_begins(self: Any, project_id: str, body: dict[str, Any]) -> Any:
