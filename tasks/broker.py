@@ -54,6 +54,7 @@ from models import queries
 from tasks import db
 from tasks.errors import Cancelled, NotSerializable
 from tasks.prepared import Statement
+from tasks.redaction import storable_text
 from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -232,8 +233,6 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _HIGH, _LOW = r"\\u[dD][89abAB][0-9a-fA-F]{2}", r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 _LONE_SURROGATE_ESCAPE = re.compile(rf"(?<!\\)(?:\\\\)*(?:{_HIGH}(?!{_LOW})|(?<!{_HIGH}){_LOW})")
 
-#: A surrogate code point in a Python string: always unpaired (a pair is one code point).
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def holds_nul(text: str) -> bool:
@@ -253,12 +252,6 @@ def holds_lone_surrogate(text: str) -> bool:
 def jsonb_refuses(text: str) -> bool:
     """Whether PostgreSQL's jsonb refuses the JSON ``text`` (a NUL, an unpaired surrogate)."""
     return holds_nul(text) or holds_lone_surrogate(text)
-
-
-def storable_text(text: str) -> str:
-    """``text`` as PostgreSQL's text can hold it: NUL as ``\\x00``, an unpaired surrogate as U+FFFD."""
-    text = text.replace("\x00", "\\x00")
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 #: Dramatiq's default encoder's output (``json.dumps(data, separators=(",", ":"))``), from one

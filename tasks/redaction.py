@@ -51,3 +51,22 @@ def redact(text: str) -> str:
     for pattern, replacement in _REDACTIONS:
         text = pattern.sub(replacement, text)
     return text
+
+
+#: A surrogate code point in a Python string: always unpaired (a pair is one code point).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL's text can hold it: NUL as ``\\x00``, an unpaired surrogate as U+FFFD.
+
+    Python makes such surrogates when it decodes bytes that are not UTF-8 with
+    ``surrogateescape`` (file names, arguments); a statement carrying one is refused.
+    """
+    text = text.replace("\x00", "\\x00")
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def persistable(text: str) -> str:
+    """An error's text as it may be written to a table or a result: redacted, then storable."""
+    return storable_text(redact(text))

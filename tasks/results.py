@@ -20,9 +20,9 @@ from dramatiq.results.backend import Missing
 from dramatiq.results.result import wrap_exception
 
 from models import queries
-from tasks.broker import PostgresBroker, storable_text
+from tasks.broker import PostgresBroker
 from tasks.errors import NotSerializable
-from tasks.redaction import redact
+from tasks.redaction import persistable
 
 #: The connection :meth:`PostgresBackend.store_in` stores with (None: a pooled one of its own).
 _store_with: ContextVar[Any] = ContextVar("controlplane_results_store_with", default=None)
@@ -74,7 +74,7 @@ class PostgresBackend(ResultBackend):
     def store_exception(self, message: Message[Any], exception: Exception, ttl: int) -> None:
         """Store the failure with its message redacted, as ``control_plane.jobs.last_error`` holds it."""
         wrapped = wrap_exception(exception)
-        wrapped["exn"]["msg"] = storable_text(redact(wrapped["exn"]["msg"]))
+        wrapped["exn"]["msg"] = persistable(wrapped["exn"]["msg"])
         self._store(self.build_message_key(message), wrapped, ttl)
 
     def store_in(self, conn: Any, message: Message[Any], outcome: Any, ttl: int) -> None:

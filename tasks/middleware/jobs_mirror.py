@@ -36,7 +36,7 @@ from dramatiq.middleware import Middleware, MiddlewareError, TimeLimit, TimeLimi
 from models import queries
 from tasks.db import loggable_error
 from tasks.errors import Cancelled, NotSerializable
-from tasks.redaction import redact
+from tasks.redaction import persistable
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ def describe_error(exc: BaseException, message: Any, broker: dramatiq.Broker | N
         text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     # PostgreSQL text cannot hold NUL nor an unpaired surrogate (a file name decoded with
     # surrogateescape): written as an escape and U+FFFD, or the outcome could never be stored.
-    from tasks.broker import storable_text
-
-    text = redact(storable_text(" ".join(text.split())))
+    text = persistable(" ".join(text.split()))
     if len(text) > MAX_ERROR_LENGTH:
         text = text[: MAX_ERROR_LENGTH - 1] + "…"
     return text

@@ -30,7 +30,7 @@ import dramatiq
 from dramatiq.middleware import retries as dramatiq_retries
 
 from tasks.errors import Cancelled, PermanentError
-from tasks.redaction import redact
+from tasks.redaction import persistable
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ class _RedactedTracebacks:
     """
 
     def format_exc(self, limit: int | None = None, chain: bool = True) -> str:
-        from tasks.broker import storable_text
-
-        return storable_text(redact(traceback.format_exc(limit, chain)))
+        return persistable(traceback.format_exc(limit, chain))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(traceback, name)
