@@ -32,7 +32,7 @@ from typing import Any
 from dramatiq.middleware.prometheus import Prometheus
 
 from models import queries
-from tasks.db import loggable_error
+from tasks.db import loggable_error, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +88,16 @@ class QueueStatsCollector:
 
         up = GaugeMetricFamily("controlplane_stats_up", "1 when control_plane.queue_stats could be read.")
         try:
-            with self._connection() as conn, conn.cursor() as cur:
+            with transaction(self._connection) as conn, conn.cursor() as cur:
                 # A scrape answers within Prometheus's timeout even while a migration or an
                 # operator's lock holds the tables: then it says the stats are down.
-                cur.execute("BEGIN; SET LOCAL statement_timeout = %(ms)s; SET LOCAL lock_timeout = %(ms)s",
+                cur.execute("SET LOCAL statement_timeout = %(ms)s; SET LOCAL lock_timeout = %(ms)s",
                             {"ms": SCRAPE_TIMEOUT_MS})
                 cur.execute(self._stats)
                 columns = [d[0] for d in cur.description]
                 rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
                 cur.execute(queries.LIVE_WORKERS, {"silent_after": self._silent_after})
                 (workers,) = cur.fetchone()
-                cur.execute("COMMIT")
         except Exception as exc:  # a scrape must answer even when the database does not
             logger.warning("metrics: cannot read control_plane.queue_stats: %s", loggable_error(exc))
             up.add_metric([], 0)
