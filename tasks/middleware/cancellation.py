@@ -10,19 +10,25 @@ message claimed but not started yet is refused when it starts. ``Retries`` does
 not retry ``Cancelled`` and the broker settles the attempt as ``cancel``: the
 job ends ``cancelled``.
 
+A thread is interrupted only while it runs an actor's function (each actor's
+``fn`` is wrapped when its first message starts here): an exception raised
+into Dramatiq's own bookkeeping after the actor raised would escape
+``process_message``, kill the worker thread and ack the message as completed.
+A message cancelled after it was handed to a thread, before its function
+began, is refused when the function is entered.
+
 Limits, shared with Dramatiq's ``TimeLimit``: the exception lands at the
 thread's next Python bytecode, so a system call (a long ``time.sleep``, a
-blocking read) finishes first; and it may land just after the actor returned,
-in which case the attempt is cancelled although its work was done. To keep that
-window small this middleware is the last one installed (its after hook runs
-first), and a thread whose actor already raised is not interrupted.
+blocking read) finishes first; and it may land just after the function
+returned, in which case the attempt is cancelled although its work was done.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import dramatiq
@@ -33,6 +39,9 @@ from tasks.errors import Cancelled
 
 logger = logging.getLogger(__name__)
 
+#: Marks an actor function wrapped by :meth:`Cancellation._interruptible`.
+_WRAPPED = "_controlplane_interruptible"
+
 
 class Cancellation(Middleware):
     """Knows which worker thread runs which message, and interrupts it on request."""
@@ -41,6 +50,10 @@ class Cancellation(Middleware):
         self._lock = threading.Lock()
         #: message_id -> (thread id, message proxy) of every message being processed now.
         self._running: dict[str, tuple[int, Any]] = {}
+        #: thread id -> how many actor functions it is inside now (an actor may call another).
+        self._in_actor: dict[int, int] = {}
+        #: The message each worker thread processes now.
+        self._current = threading.local()
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         with self._lock:
@@ -48,6 +61,10 @@ class Cancellation(Middleware):
             if getattr(message, "cancel_requested", False):
                 raise Cancelled("cancelled before it started")
             self._running[message.message_id] = (threading.get_ident(), message)
+            self._current.message = message
+            actor = broker.actors.get(message.actor_name)
+            if actor is not None and not getattr(actor.fn, _WRAPPED, False):
+                actor.fn = self._interruptible(actor.fn)
 
     def after_process_message(
         self,
@@ -59,7 +76,12 @@ class Cancellation(Middleware):
     ) -> None:
         try:
             with self._lock:
-                self._running.pop(message.message_id, None)
+                self._current.message = None
+                # Only its own entry: the same id may run again in another thread of this
+                # process (a lease that expired while it ran), and that one stays cancellable.
+                entry = self._running.get(message.message_id)
+                if entry is not None and entry[1] is message:
+                    del self._running[message.message_id]
         except Cancelled:
             # The interrupt landed here, after the actor had returned: too late, the outcome stands.
             logger.info("message %s: the cancellation arrived after it had finished", message.message_id)
@@ -67,18 +89,42 @@ class Cancellation(Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         self.after_process_message(broker, message)
 
+    def _interruptible(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, recording that the calling thread is inside it (see :meth:`cancel`)."""
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            thread_id = threading.get_ident()
+            with self._lock:
+                message = getattr(self._current, "message", None)
+                if message is not None and getattr(message, "cancel_requested", False):
+                    raise Cancelled("cancelled before it started")
+                self._in_actor[thread_id] = self._in_actor.get(thread_id, 0) + 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    depth = self._in_actor.pop(thread_id) - 1
+                    if depth:
+                        self._in_actor[thread_id] = depth
+
+        setattr(run, _WRAPPED, True)
+        return run
+
     def cancel(self, messages: Iterable[Any]) -> None:
         """Interrupt the threads running ``messages`` (claimed message proxies); refuse them if not started."""
         with self._lock:
             for message in messages:
+                if getattr(message, "cancel_requested", False):
+                    continue  # asked already: each running message is interrupted once
                 message.cancel_requested = True
-                # Popped so that each running message is interrupted once, however many heartbeats ask.
-                entry = self._running.pop(message.message_id, None)
-                if entry is None:
+                entry = self._running.get(message.message_id)
+                if entry is None or entry[1] is not message:
                     continue  # not started yet: before_process_message refuses it
-                thread_id, running = entry
-                if running._exception is not None:
-                    continue  # its actor already raised: that failure is being recorded (and not retried)
+                thread_id = entry[0]
+                if thread_id not in self._in_actor:
+                    # Not in its function: before it (refused on entry) or after it (its outcome stands).
+                    continue
                 logger.warning(
                     "message %s: cancelled by an operator; interrupting worker thread %d",
                     message.message_id,
