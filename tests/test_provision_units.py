@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
+import logging
 import os
 import secrets
 import signal
@@ -26,6 +28,7 @@ from typing import Any
 import pytest
 
 from tasks.errors import Conflict, InvalidPayload, PermanentError, TransientError
+from tasks.middleware.log_context import MessageContextFilter
 from tasks.provision import apikeys
 from tasks.provision.payload import (
     MAX_IDENTIFIER_LEN,
@@ -492,6 +495,46 @@ def test_redact_removes_secrets_under_longer_setting_and_field_names() -> None:
         assert secret not in cleaned
     assert "AUTH_SERVICE_TOKEN=[REDACTED]" in cleaned and "PGPASSWORD=[REDACTED]" in cleaned
     assert cleaned.endswith("the token expired")
+
+
+def test_redact_removes_secrets_as_python_reprs_and_dollar_quoted_ddl_write_them() -> None:
+    # Given secrets as an exception quoting its arguments would show them: bytes, containers,
+    # a plural name, a (name, value) pair, and DDL with dollar quotes and E'' escapes
+    text = ("{'password': b'pw-1', 'user': 'app'}; connect(password=b'pw-2'); {'token': {'access': 'pw-3'}}; "
+            "{'passwords': ['pw-4', 'x']}; [('client_secret', 'pw-5')]; ALTER ROLE r PASSWORD $$pw-6$$ LOGIN; "
+            "ALTER ROLE r PASSWORD $q$pw-7'$q$; ALTER ROLE r PASSWORD E'it\\'s pw-8' LOGIN")  # fmt: skip
+    # When redacted
+    cleaned = apikeys.redact(text)
+    # Then none survives, and the names, the other fields and the statements around them do
+    for n in range(1, 9):
+        assert f"pw-{n}" not in cleaned
+    assert "{'password': [REDACTED], 'user': 'app'}" in cleaned
+    assert "{'token': [REDACTED]}" in cleaned
+    assert "[('client_secret', [REDACTED])]" in cleaned
+    assert cleaned.endswith("ALTER ROLE r PASSWORD [REDACTED] LOGIN")
+
+
+def test_a_traceback_another_handler_formatted_first_is_redacted_in_the_workers_log() -> None:
+    # Given the worker's log handler with the filter, and an application's own handler on its
+    # package's logger, which formats (and caches) a record's traceback before the root's runs
+    worker_log, app_log = io.StringIO(), io.StringIO()
+    worker_handler = logging.StreamHandler(worker_log)
+    worker_handler.addFilter(MessageContextFilter())
+    app_logger = logging.getLogger("myapp.redaction_test")
+    app_logger.addHandler(logging.StreamHandler(app_log))
+    logging.getLogger().addHandler(worker_handler)
+    try:
+        # When the application logs an exception quoting a connection URL
+        try:
+            raise RuntimeError("could not connect to postgresql://app:pw-9@db/app")
+        except RuntimeError:
+            app_logger.exception("connect failed")
+    finally:
+        logging.getLogger().removeHandler(worker_handler)
+        app_logger.handlers.clear()
+    # Then the worker's log has the traceback, without the password
+    assert "RuntimeError: could not connect to postgresql://app:[REDACTED]@db/app" in worker_log.getvalue()
+    assert "pw-9" not in worker_log.getvalue()
 
 
 def test_redact_leaves_ordinary_text_alone() -> None:

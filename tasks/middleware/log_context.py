@@ -32,8 +32,14 @@ class MessageContextFilter(logging.Filter):
         if message is not None:
             text = f"[{message.actor_name} {message.message_id}] {text}"
         record.msg, record.args = text, ()
-        if record.exc_info and not record.exc_text:
+        # A handler that ran before this one (on the record's own logger) may have formatted
+        # the traceback already: its cached text is what every later handler prints.
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        elif record.exc_info:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         record._controlplane_done = True
         return True
 
