@@ -255,6 +255,11 @@ class Pool:
 
     Safe across ``fork``: a child process never uses its parent's sockets, it
     opens its own connections on first use.
+
+    A thread that already holds one of its connections gets another at once, beyond
+    ``size``, instead of waiting for one: code that sends (or writes a result, or the
+    jobs mirror) while it holds ``tasks.connection()`` would otherwise wait, with
+    ``size`` threads doing so at once, for each other forever.
     """
 
     def __init__(self, url_factory: Callable[[], str], size: int, application_name: str = "controlplane-send") -> None:
@@ -267,13 +272,18 @@ class Pool:
         self._pid = os.getpid()
         self._idle: queue_module.LifoQueue[Any] = queue_module.LifoQueue()
         self._slots = threading.BoundedSemaphore(self._size)
+        #: How many of this pool's connections the current thread holds.
+        self._held = threading.local()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
         """A connection for the duration of the block, returned to the pool after it."""
         if self._pid != os.getpid():
             self._reset()  # forked: the parent's connections are not ours to use (nor to close)
-        self._slots.acquire()
+        held = getattr(self._held, "count", 0)
+        if not held:
+            self._slots.acquire()
+        self._held.count = held + 1
         conn = None
         try:
             try:
@@ -292,15 +302,18 @@ class Pool:
                 lost = is_connection_error(exc)
                 raise
             finally:
-                # Pooled again unless it is gone or cannot be made idle: the outer finally closes it.
-                if not lost and _clean_for_reuse(conn):
+                # Pooled again unless it is gone, cannot be made idle, or is one too many
+                # (a nested borrow's): the outer finally closes it.
+                if not lost and self._idle.qsize() < self._size and _clean_for_reuse(conn):
                     self._idle.put(conn)
                     conn = None
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.close()
-            self._slots.release()
+            self._held.count = held
+            if not held:
+                self._slots.release()
 
     def close(self) -> None:
         """Close the idle connections (connections in use go back to the pool when their block ends)."""

@@ -81,6 +81,35 @@ def test_a_connection_given_back_inside_a_transaction_is_rolled_back_not_handed_
     assert query(db_url, "SELECT to_regclass('left_open')::text AS t")[0]["t"] is None
 
 
+def test_threads_that_send_while_holding_a_pooled_connection_do_not_wait_for_each_other(db_url: str) -> None:
+    import threading
+
+    import tasks
+    from tests import actors
+    from tests.support import job
+
+    # Given as many threads as the pool has connections, each holding one of them
+    size = tasks.broker.settings.pool_size
+    all_holding = threading.Barrier(size, timeout=30)
+    sent: list[str] = []
+
+    def hold_and_send(n: int) -> None:
+        with tasks.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            all_holding.wait()
+            # When each sends a job while it holds its connection (the send needs one too)
+            sent.append(actors.noop.send(n).message_id)
+
+    threads = [threading.Thread(target=hold_and_send, args=(n,), daemon=True) for n in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    # Then every send went through (they waited for each other forever before) and committed
+    assert len(sent) == size
+    assert all(job(db_url, message_id)["status"] == "pending" for message_id in sent)
+
+
 def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_path: Path) -> None:
     import os
     import signal
