@@ -397,44 +397,72 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 #: Put back the messages of workers whose lease expired (killed, machine lost),
 #: record why in the mirror, forget workers silent for long, and wake the queues.
 #: A message whose cancellation was requested is not put back: its job ends cancelled.
+#: Nor is one whose job has used up its attempts (a job that kills its worker would
+#: otherwise take down one worker per lease forever): its job ends failed. A caller
+#: waiting for the result of either hears it (the key and lifetime as
+#: ``control_plane.cancel_job`` stores them, migration 0010).
+#: ``j.attempts >= j.max_attempts`` is the whole rule: a job marked running has had
+#: this attempt counted; one that was not (claimed, maybe started, lost within
+#: ``RUNNING_MARK_DELAY_SECONDS``) has it counted now and fails once over the limit.
 REAP = """
 WITH r AS (
-    SELECT id, worker, cancel_requested_at IS NOT NULL AS cancel FROM control_plane.messages
-    WHERE claim_token IS NOT NULL AND lease_expires_at < now()
-    ORDER BY lease_expires_at
+    SELECT m.id, m.worker,
+           CASE WHEN m.cancel_requested_at IS NOT NULL THEN 'cancel'
+                WHEN j.attempts >= j.max_attempts THEN 'fail'
+                ELSE 'requeue' END AS fate
+    FROM control_plane.messages AS m LEFT JOIN control_plane.jobs AS j ON j.id = m.id
+    WHERE m.claim_token IS NOT NULL AND m.lease_expires_at < now()
+    ORDER BY m.lease_expires_at
     LIMIT 1000
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF m SKIP LOCKED
 ), m AS (
     UPDATE control_plane.messages AS m
        SET claim_token = NULL, worker = NULL, lease_expires_at = NULL
-    FROM r WHERE m.id = r.id AND NOT r.cancel
+    FROM r WHERE m.id = r.id AND r.fate = 'requeue'
     RETURNING m.id, m.queue, r.worker
 ), x AS (
-    DELETE FROM control_plane.messages AS m USING r WHERE m.id = r.id AND r.cancel
-    RETURNING m.id, r.worker
+    DELETE FROM control_plane.messages AS m USING r WHERE m.id = r.id AND r.fate <> 'requeue'
+    RETURNING m.id, r.worker, r.fate
 ), lost AS (
     -- The lost claim counts as an attempt (unless its start mark counted it):
     -- its worker may have started it without the mark being written.
-    SELECT l.id, coalesce(l.worker, 'unknown') AS worker, l.cancel,
-           j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END AS attempt
-    FROM (SELECT id, worker, false AS cancel FROM m UNION ALL SELECT id, worker, true FROM x) AS l
+    SELECT l.id, coalesce(l.worker, 'unknown') AS worker, l.fate,
+           j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END AS attempt,
+           'lease expired: worker ' || coalesce(l.worker, 'unknown') || ' stopped heartbeating' AS error
+    FROM (SELECT id, worker, 'requeue' AS fate FROM m UNION ALL SELECT id, worker, fate FROM x) AS l
     JOIN control_plane.jobs AS j ON j.id = l.id
 ), j AS (
     UPDATE control_plane.jobs AS j
-       SET status = CASE WHEN lost.cancel THEN 'cancelled' ELSE 'pending' END,
-           completed_at = CASE WHEN lost.cancel THEN now() ELSE j.completed_at END,
-           scheduled_at = CASE WHEN lost.cancel THEN j.scheduled_at ELSE now() END,
+       SET status = CASE lost.fate WHEN 'cancel' THEN 'cancelled' WHEN 'fail' THEN 'failed' ELSE 'pending' END,
+           completed_at = CASE WHEN lost.fate = 'requeue' THEN j.completed_at ELSE now() END,
+           scheduled_at = CASE WHEN lost.fate = 'requeue' THEN now() ELSE j.scheduled_at END,
            updated_at = now(),
            attempts = lost.attempt,
            worker = lost.worker,
-           last_error = CASE WHEN lost.cancel THEN 'cancelled by operator'
-                        ELSE 'lease expired: worker ' || lost.worker
-                             || ' stopped heartbeating (killed or cut off); the job was re-queued' END,
+           last_error = CASE lost.fate
+                        WHEN 'cancel' THEN 'cancelled by operator'
+                        WHEN 'fail' THEN lost.error || ' (killed or cut off) on attempt ' || lost.attempt
+                             || '; not re-queued, its attempts are used up (max_attempts '
+                             || j.max_attempts || ')'
+                        ELSE lost.error || ' (killed or cut off); the job was re-queued' END,
            errors = j.errors || jsonb_build_array(jsonb_build_object(
                         'attempt', lost.attempt, 'at', now(), 'worker', lost.worker,
-                        'error', 'lease expired: worker ' || lost.worker || ' stopped heartbeating'
-                                 || CASE WHEN lost.cancel THEN ' after its cancellation was requested' ELSE '' END))
+                        'error', lost.error
+                                 || CASE WHEN lost.fate = 'cancel' THEN ' after its cancellation was requested'
+                                         ELSE '' END))
     FROM lost WHERE j.id = lost.id
+    RETURNING j.id, j.queue, j.type, j.options, j.last_error, lost.fate
+), outcome AS (
+    INSERT INTO control_plane.results AS res (key, value, expires_at)
+    SELECT md5('dramatiq-results:' || j.queue || ':' || j.type || ':' || j.id::text),
+           convert_to(jsonb_build_object('__t', 'dramatiq.results.Result', 'exn', jsonb_build_object(
+               'type', CASE j.fate WHEN 'fail' THEN 'WorkerLost' ELSE 'Cancelled' END,
+               'msg', j.last_error))::text, 'UTF8'),
+           now() + make_interval(secs => (CASE WHEN j.options ->> 'result_ttl' ~ '^[0-9]{1,15}$'
+                                               THEN (j.options ->> 'result_ttl')::bigint
+                                               ELSE 86400000 END) / 1000.0)
+    FROM j WHERE j.fate <> 'requeue'
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
 ), w AS (
     DELETE FROM control_plane.worker_heartbeats
     WHERE heartbeat_at < now() - make_interval(secs => %(forget_after)s)

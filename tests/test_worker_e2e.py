@@ -454,6 +454,40 @@ def test_a_worker_that_lost_its_lease_cannot_overwrite_the_job(db_url: str) -> N
     other.close()
 
 
+def test_a_job_whose_worker_is_lost_on_every_attempt_fails_once_its_attempts_are_used_up(db_url: str) -> None:
+    # Given a job allowed two attempts, whose every worker dies with it (a job that
+    # crashes its process: the lease expires each time, nothing reports a failure)
+    message = actors.noop.send_with_options(args=("poison",), max_attempts=2)
+    workers: list[PostgresBroker] = []
+    claims = 0
+    while True:
+        # (each worker is another process: its own broker; it reaps what expired first)
+        workers.append(PostgresBroker(url=db_url, settings=tasks.settings))
+        consumer = workers[-1].consume("default", prefetch=1, timeout=500)
+        consumer._next_reap = 0
+        held = next(consumer)
+        if held is None:
+            break
+        claims += 1
+        assert claims <= 3, "the job was put back in the queue past its attempts"
+        query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
+    # Then it was handed out at most once past its limit (two losses within the start
+    # mark's delay, where a worker may not have started it, count as its two attempts),
+    # and it ended failed, out of the queue, saying why
+    assert claims == 3
+    row = job(db_url, message.message_id)
+    assert row["status"] == "failed"
+    assert row["attempts"] == 3
+    assert "its attempts are used up" in row["last_error"]
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0
+    # And a caller waiting for its result hears it at once
+    with pytest.raises(ResultFailure, match="attempts are used up"):
+        message.get_result(block=True, timeout=5_000)
+    for broker in workers:
+        broker.close()
+    assert disagreements(db_url) == []
+
+
 def test_claims_follow_priority_then_eta(db_url: str) -> None:
     low = actors.noop.send_with_options(args=("low",), priority=10)
     high = actors.noop.send_with_options(args=("high",), priority=-5)

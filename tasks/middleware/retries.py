@@ -8,7 +8,8 @@ interrupt is never retried either.
 
 ``on_final_failure`` (an actor name, per actor or per message) is sent once
 when a job fails for good, permanent error or retries spent (Dramatiq's
-``on_failure`` fires on every failed attempt). It receives
+``on_failure`` fires on every failed attempt); not when the reaper fails a job
+whose worker died on its last attempt (no process of it is left to send it). It receives
 ``{"message_id", "actor_name", "args", "kwargs"}`` and ``{"type", "message"}``,
 the message redacted, never the traceback.
 
