@@ -764,6 +764,7 @@ VALUES (%(id)s::uuid, %(actor)s, %(queue)s, %(payload)s::jsonb, %(options)s::jso
 ON CONFLICT (id) DO UPDATE
    SET status = 'running', attempts = j.attempts + 1, started_at = now(), completed_at = NULL,
        updated_at = now(), worker = excluded.worker
+RETURNING attempts
 """
 
 #: The attempt succeeded.
@@ -773,24 +774,45 @@ UPDATE control_plane.jobs
 WHERE id = %(id)s::uuid
 """
 
-#: The attempt failed and will be retried after ``delay_ms``.
+#: The attempt failed and will be retried after ``delay_ms``. The row is set ``pending``
+#: only while it is still that attempt's (``attempt``, as ``MIRROR_STARTED`` returned it;
+#: NULL when its start could not be recorded): the retry was published first, and a late
+#: write would turn the retry's own start, or its completion, back into ``pending``. The
+#: attempt's error is kept in ``errors`` either way.
 MIRROR_RETRY = """
+WITH t AS (
+    SELECT id, status = 'running' AND (%(attempt)s::int IS NULL OR attempts = %(attempt)s) AS current
+    FROM control_plane.jobs WHERE id = %(id)s::uuid FOR UPDATE
+)
 UPDATE control_plane.jobs AS j
-   SET status = 'pending', last_error = %(error)s, completed_at = NULL, updated_at = now(),
-       scheduled_at = now() + make_interval(secs => %(delay_ms)s / 1000.0),
-       options = %(options)s::jsonb,
+   SET status = CASE WHEN t.current THEN 'pending' ELSE j.status END,
+       last_error = CASE WHEN t.current THEN %(error)s ELSE j.last_error END,
+       completed_at = CASE WHEN t.current THEN NULL ELSE j.completed_at END,
+       scheduled_at = CASE WHEN t.current THEN now() + make_interval(secs => %(delay_ms)s / 1000.0)
+                           ELSE j.scheduled_at END,
+       options = CASE WHEN t.current THEN %(options)s::jsonb ELSE j.options END,
+       updated_at = now(),
        errors = j.errors || jsonb_build_array(jsonb_build_object(
-                    'attempt', j.attempts, 'at', now(), 'error', %(error)s, 'worker', j.worker))
-WHERE j.id = %(id)s::uuid
+                    'attempt', coalesce(%(attempt)s::int, j.attempts), 'at', now(), 'error', %(error)s,
+                    'worker', %(worker)s::text))
+FROM t WHERE j.id = t.id
 """
 
-#: The job failed for good.
+#: The job failed for good: ``failed`` unless a later attempt holds the row (see ``MIRROR_RETRY``).
 MIRROR_FAILED = """
+WITH t AS (
+    SELECT id, %(attempt)s::int IS NULL OR attempts = %(attempt)s AS current
+    FROM control_plane.jobs WHERE id = %(id)s::uuid FOR UPDATE
+)
 UPDATE control_plane.jobs AS j
-   SET status = 'failed', last_error = %(error)s, completed_at = now(), updated_at = now(),
+   SET status = CASE WHEN t.current THEN 'failed' ELSE j.status END,
+       last_error = CASE WHEN t.current THEN %(error)s ELSE j.last_error END,
+       completed_at = CASE WHEN t.current THEN now() ELSE j.completed_at END,
+       updated_at = now(),
        errors = j.errors || jsonb_build_array(jsonb_build_object(
-                    'attempt', j.attempts, 'at', now(), 'error', %(error)s, 'worker', j.worker))
-WHERE j.id = %(id)s::uuid
+                    'attempt', coalesce(%(attempt)s::int, j.attempts), 'at', now(), 'error', %(error)s,
+                    'worker', coalesce(%(worker)s::text, j.worker)))
+FROM t WHERE j.id = t.id
 """
 
 # -- metrics (tasks.metrics) --------------------------------------------------------

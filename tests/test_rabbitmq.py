@@ -276,3 +276,32 @@ def test_a_message_for_an_unknown_actor_is_recorded_as_such(db_url: str, rabbit_
         worker.terminate()
     # Then the mirror says why, as with the Postgres broker
     assert failed["last_error"].startswith("ActorNotFound: unknown actor 'tests.rabbit.no_such_actor'")
+
+
+def test_a_retry_recorded_late_leaves_the_retrys_own_outcome_alone(db_url: str) -> None:
+    import dramatiq
+
+    import tasks
+    from tasks.middleware.jobs_mirror import StandaloneMirror
+
+    # Given two worker processes' mirrors (no RabbitMQ needed: the mirror's writes in
+    # the order Dramatiq's events can reach PostgreSQL), and a job sent
+    first, second = StandaloneMirror(tasks.connection), StandaloneMirror(tasks.connection)
+    message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={}, options={})
+    first.enqueued(tasks.broker, message, None)
+    # whose first attempt fails in the first process, which publishes the retry
+    first.started(tasks.broker, message)
+    first.processed(tasks.broker, message, exception=ValueError("first attempt fails"))
+    # When the second process runs the retry to completion before the first one's
+    # record of the retry reaches the database (its connection was slow)
+    second.started(tasks.broker, message)
+    second.processed(tasks.broker, message, result="ok")
+    retry = message.copy(options={"retries": 1})
+    first.enqueued(tasks.broker, retry, 150)
+    # Then the job stays completed, with its result, and the first attempt's error is
+    # recorded against that attempt
+    row = job(db_url, message.message_id)
+    assert row["status"] == "completed"
+    assert row["result"] == "ok"
+    assert row["attempts"] == 2
+    assert [(e["attempt"], e["error"]) for e in row["errors"]] == [(1, "ValueError: first attempt fails")]

@@ -226,6 +226,11 @@ def refuse_unrecordable(message: Any) -> None:
             raise Unrecordable(refused_reason(message, text))
 
 
+def _worker() -> str:
+    """This process as the mirror names a worker: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class StandaloneMirror:
     """Writes ``control_plane.jobs`` when the broker does not (another broker than ours).
 
@@ -245,9 +250,13 @@ class StandaloneMirror:
         self._connection = connection
         #: message id -> the error of its attempt that just failed in this process.
         self._errors: dict[str, str] = {}
+        #: message id -> the attempt number its start in this process was recorded as: a
+        #: retry or failure written late (after another worker took the retry) must not land.
+        self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _write(self, what: str, message: Any, sql: str, params: Callable[[], dict[str, Any]]) -> None:
+    def _write(self, what: str, message: Any, sql: str, params: Callable[[], dict[str, Any]]) -> Any:
+        """Run ``sql``; its first row, if it returns rows (None when it could not be written)."""
         connection = self._connection
         if connection is None:
             import tasks
@@ -257,10 +266,12 @@ class StandaloneMirror:
             values = params()  # a message sent around the checks of before_enqueue may not encode
             with connection() as conn, conn.cursor() as cur:
                 cur.execute(sql, values)
+                return cur.fetchone() if cur.description else None
         except Exception as exc:  # the mirror must never break sending or processing
             logger.warning(
                 "message %s: the jobs mirror could not record %s: %s", message.message_id, what, loggable_error(exc)
             )
+            return None
 
     def _job(self, broker: dramatiq.Broker, message: Any) -> dict[str, Any]:
         from tasks.middleware.retries import max_attempts_for
@@ -285,6 +296,7 @@ class StandaloneMirror:
     def enqueued(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
         with self._lock:
             error = self._errors.pop(message.message_id, None)
+            attempt = self._attempts.pop(message.message_id, None)
         if error is not None:
             # Retries re-enqueued the message whose attempt just failed here.
             self._write(
@@ -296,6 +308,8 @@ class StandaloneMirror:
                     "error": error,
                     "delay_ms": delay or 0,
                     "options": _options(message),
+                    "attempt": attempt,
+                    "worker": _worker(),
                 },
             )
             return
@@ -304,10 +318,12 @@ class StandaloneMirror:
         )
 
     def started(self, broker: dramatiq.Broker, message: Any) -> None:
-        worker = f"{socket.gethostname()}:{os.getpid()}"
-        self._write(
-            "a start", message, queries.MIRROR_STARTED, lambda: {**self._job(broker, message), "worker": worker}
+        row = self._write(
+            "a start", message, queries.MIRROR_STARTED, lambda: {**self._job(broker, message), "worker": _worker()}
         )
+        if row is not None:
+            with self._lock:
+                self._attempts[message.message_id] = row[0]
 
     def processed(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
@@ -333,10 +349,12 @@ class StandaloneMirror:
     def acked(self, message: Any) -> None:
         with self._lock:
             self._errors.pop(message.message_id, None)
+            self._attempts.pop(message.message_id, None)
 
     def nacked(self, message: Any, broker: dramatiq.Broker) -> None:
         with self._lock:
             error = self._errors.pop(message.message_id, None)
+            attempt = self._attempts.pop(message.message_id, None)
         if error is None and message.actor_name not in broker.actors:
             # The worker rejected it before any attempt: no actor of that name here.
             error = describe_error(ActorNotFound(message.actor_name), message, broker)
@@ -344,5 +362,11 @@ class StandaloneMirror:
             "a failure",
             message,
             queries.MIRROR_FAILED,
-            lambda: {"id": message.message_id, "error": error or "rejected by middleware"},
+            lambda: {
+                "id": message.message_id,
+                "error": error or "rejected by middleware",
+                "attempt": attempt,
+                # a message rejected before any attempt: no worker of it to name
+                "worker": _worker() if attempt is not None else None,
+            },
         )
