@@ -140,13 +140,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         from tasks.middleware import time_ordered_id
 
         if args.queue is None:
-            print(
-                f"controlplane: actor {args.actor!r} is not declared in the modules loaded here; sending it to "
-                "queue 'default' (give --module to load its module, or --queue)",
-                file=sys.stderr,
+            # Sent to 'default' with the defaults' attempts, a misspelt name (or a module not
+            # loaded) would wait forever in a queue no worker of that actor reads.
+            raise UserError(
+                f"actor {args.actor!r} is not declared in the modules loaded here: give --module with the "
+                "module that declares it, or --queue with the queue its workers read to send it by name"
             )
         message = dramatiq.Message(
-            queue_name=args.queue or "default",
+            queue_name=args.queue,
             actor_name=args.actor,
             args=tuple(send_args),
             kwargs=send_kwargs,
@@ -591,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay", type=_seconds, help="seconds to wait before it may run")
     p.add_argument("--priority", type=int, help="lower runs first (default: the actor's)")
     p.add_argument("--unique-key", help="at most one live job per key")
-    p.add_argument("--queue", help="queue, for an actor not declared in the modules loaded (default: 'default')")
+    p.add_argument("--queue", help="the queue of an actor no --module declares, to send it by name")
     p.add_argument("--module", action="append", help="module declaring the actor (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_send)

@@ -203,16 +203,22 @@ def test_send_knows_the_built_in_actors_and_says_when_it_does_not_know_one(db_ur
     # Given provision_project sent by name, as `controlplane send --help` shows, and an actor no
     # module loaded here declares
     payload = json.dumps([{"project_id": "cli_sent", "tenant_id": "t", "region": "eu"}])
-    built_in, unknown = run_all(db_url, [("send", "provision_project", "--args", payload), ("send", "billing.sync")])
+    built_in, unknown, by_name = run_all(db_url, [("send", "provision_project", "--args", payload),
+                                                  ("send", "billing.sync"),
+                                                  ("send", "billing.sync", "--queue", "billing")])  # fmt: skip
     # Then provision_project goes where its workers look, with its unique key
     assert built_in.returncode == 0, built_in.stderr
     row = query(db_url, "SELECT queue, unique_key FROM control_plane.jobs WHERE id = %s", (built_in.stdout.strip(),))
     assert row[0]["queue"] == "provisioning" and row[0]["unique_key"].startswith("provision_project:cli_sent:")
-    # And the unknown one goes to "default", saying so and how to do better
-    assert unknown.returncode == 0, unknown.stderr
-    assert "'billing.sync' is not declared" in unknown.stderr and "--module" in unknown.stderr
-    row = query(db_url, "SELECT queue FROM control_plane.jobs WHERE id = %s", (unknown.stdout.strip(),))
-    assert row[0]["queue"] == "default"
+    # And the unknown one is refused (a misspelt name would wait forever in a queue nobody
+    # reads), saying how to send it, and nothing is sent
+    assert unknown.returncode == 1 and not unknown.stdout
+    assert "'billing.sync' is not declared" in unknown.stderr
+    assert "--module" in unknown.stderr and "--queue" in unknown.stderr
+    # While, given its queue, it is sent by name
+    assert by_name.returncode == 0, by_name.stderr
+    rows = query(db_url, "SELECT id::text, queue FROM control_plane.jobs WHERE type = 'billing.sync'")
+    assert rows == [{"id": by_name.stdout.strip(), "queue": "billing"}]
 
 
 def test_modules_are_found_in_the_current_directory_as_the_dramatiq_command_finds_them(
