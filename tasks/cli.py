@@ -217,15 +217,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                     where.append(f"{column} = %({column})s")
                     params[column] = value
             where += _status_lookup(args.status, settings)
+            # Failed jobs by when they failed (a job may fail days after it was sent), newest
+            # first, read from failed_at's index: by creation, PostgreSQL may walk the whole
+            # history's created_at index past the completions to find them.
+            time_column = "failed_at" if args.status == "failed" else "created_at"
             if args.since:
-                # failed jobs by when they failed (a job may fail days after it was sent), others by creation
-                since_column = "failed_at" if args.status == "failed" else "created_at"
-                where.append(f"{since_column} >= now() - %(since)s::interval")
+                where.append(f"{time_column} >= now() - %(since)s::interval")
                 params["since"] = args.since
             rows = _fetch(
                 conn,
                 f"SELECT {', '.join(_LIST_COLUMNS)} FROM control_plane.jobs WHERE {' AND '.join(where)} "  # noqa: S608
-                "ORDER BY created_at DESC LIMIT %(limit)s",
+                f"ORDER BY {time_column} DESC LIMIT %(limit)s",
                 {**params, "limit": args.limit},
             )
             if args.json:

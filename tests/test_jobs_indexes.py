@@ -78,13 +78,18 @@ def test_jobs_that_run_and_complete_are_rewritten_in_place_without_index_entries
 
 
 def test_lookups_by_state_are_served_by_indexes_not_a_scan_of_the_history(db_url: str) -> None:
-    for sql, index in (
-        ("SELECT * FROM control_plane.failed_jobs", "ix_jobs_failed_at"),
-        ("SELECT * FROM control_plane.retrying_jobs", "ix_jobs_retry_at"),
-        ("SELECT id FROM control_plane.jobs WHERE live_key = 'k'", "uq_jobs_live_key"),
-    ):
+    for sql, index, table in (
+        ("SELECT * FROM control_plane.failed_jobs", "ix_jobs_failed_at", "jobs"),
+        ("SELECT * FROM control_plane.retrying_jobs", "ix_jobs_retry_at", "jobs"),
+        ("SELECT id FROM control_plane.jobs WHERE live_key = 'k'", "uq_jobs_live_key", "jobs"),
+        # `controlplane jobs list --status failed`'s order, and `controlplane workers`' count of
+        # each worker's messages (the whole message table once per worker, before migration 0011)
+        ("SELECT id FROM control_plane.jobs WHERE failed_at IS NOT NULL ORDER BY failed_at DESC LIMIT 50",
+         "ix_jobs_failed_at", "jobs"),
+        ("SELECT * FROM control_plane.workers", "ix_messages_lease", "messages"),
+    ):  # fmt: skip
         plan = _plan(db_url, sql)
-        assert index in plan and "Seq Scan on jobs" not in plan, (sql, plan)
+        assert index in plan and f"Seq Scan on {table}" not in plan, (sql, plan)
 
 
 def test_the_generated_columns_follow_a_job_through_retry_failure_and_retry_by_operator(db_url: str) -> None:
