@@ -540,7 +540,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     host = args.host or settings.metrics_host
     try:
         server, _ = serve_queue_metrics(
-            tasks.connection, args.port, host, _stats_query(settings), settings.lease_seconds
+            tasks.connection, args.port, host, _stats_query(settings), settings.lease_seconds, settings.postgres_broker
         )
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{args.port}: {exc.strerror}") from None

@@ -65,7 +65,8 @@ class QueueStatsCollector:
 
     ``connection`` gives an autocommit connection as a context manager
     (``tasks.connection``); ``stats`` is the query, ``queries.QUEUE_STATS`` (the
-    view) or, with the Postgres broker, ``queries.QUEUE_STATS_VIA_MESSAGES``.
+    view) or, with the Postgres broker, ``queries.QUEUE_STATS_VIA_MESSAGES``;
+    ``workers`` false (another broker) leaves ``controlplane_workers`` out.
     When the database cannot be read, only ``controlplane_stats_up 0`` is
     exported (and the error logged).
     """
@@ -75,10 +76,12 @@ class QueueStatsCollector:
         connection: Callable[[], AbstractContextManager[Any]],
         stats: str = queries.QUEUE_STATS,
         silent_after: float = 30.0,
+        workers: bool = True,
     ) -> None:
         self._connection = connection
         self._stats = stats
         self._silent_after = silent_after
+        self._workers = workers
 
     def describe(self) -> list[Any]:
         return []  # no metric is exported on registration: collect() reads the database
@@ -96,8 +99,10 @@ class QueueStatsCollector:
                 cur.execute(self._stats)
                 columns = [d[0] for d in cur.description]
                 rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
-                cur.execute(queries.LIVE_WORKERS, {"silent_after": self._silent_after})
-                (workers,) = cur.fetchone()
+                workers = None
+                if self._workers:
+                    cur.execute(queries.LIVE_WORKERS, {"silent_after": self._silent_after})
+                    (workers,) = cur.fetchone()
         except Exception as exc:  # a scrape must answer even when the database does not
             logger.warning("metrics: cannot read control_plane.queue_stats: %s", loggable_error(exc))
             up.add_metric([], 0)
@@ -110,6 +115,8 @@ class QueueStatsCollector:
             for row in rows:
                 family.add_metric([row["queue"]], float(row[column] or 0))
             yield family
+        if workers is None:  # another broker's workers do not heartbeat here: no gauge, not a false 0
+            return
         live = GaugeMetricFamily(
             "controlplane_workers", "Worker processes that heartbeated within a lease, Postgres broker."
         )
@@ -123,17 +130,19 @@ def serve_queue_metrics(
     host: str = "0.0.0.0",
     stats: str = queries.QUEUE_STATS,
     silent_after: float = 30.0,
+    workers: bool = True,
 ) -> tuple[HTTPServer, threading.Thread]:
     """Serve the queue gauges at ``http://host:port/metrics`` from a daemon thread.
 
     ``port`` 0 picks a free port: read it from ``server.server_port``. Stop with
-    ``server.shutdown()``. ``stats`` and ``silent_after`` (the workers' lease, in
-    seconds): see :class:`QueueStatsCollector`.
+    ``server.shutdown()``. ``stats``, ``silent_after`` (the workers' lease, in
+    seconds) and ``workers`` (whether to export ``controlplane_workers``: the
+    Postgres broker's workers heartbeat, RabbitMQ's do not): see :class:`QueueStatsCollector`.
     """
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueStatsCollector(connection, stats, silent_after))
+    registry.register(QueueStatsCollector(connection, stats, silent_after, workers))
     server, thread = start_http_server(port, addr=host, registry=registry)
     return server, thread
 

@@ -90,6 +90,21 @@ def test_queue_gauges_are_served_from_sql(db_url: str) -> None:
     assert samples[("controlplane_workers", ())] == 1
 
 
+def test_without_the_postgres_broker_no_worker_count_is_exported(db_url: str) -> None:
+    # Given a live heartbeat in the table, and metrics served for another broker (RabbitMQ's
+    # workers do not heartbeat here: a 0 would fire the "no workers" alert for good)
+    query(db_url, "INSERT INTO control_plane.worker_heartbeats (id, hostname, pid) VALUES ('w', 'h', 1)")
+    server, _ = serve_queue_metrics(tasks.connection, 0, "127.0.0.1", workers=False)
+    try:
+        # When scraped
+        samples = scrape(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+    # Then the stats are up and there, and no worker gauge is
+    assert samples[("controlplane_stats_up", ())] == 1
+    assert not any(name == "controlplane_workers" for name, _ in samples)
+
+
 def test_an_unreachable_database_is_reported_not_raised() -> None:
     # Given a collector whose database does not answer
     pool = db.Pool(lambda: "postgresql://root@127.0.0.1:1/nowhere", 1)
