@@ -29,6 +29,7 @@ import logging
 import math
 import operator
 import os
+import queue as queue_module
 import re
 import select
 import socket
@@ -458,6 +459,9 @@ class PostgresBroker(dramatiq.Broker):
         self._states_lock = threading.Lock()
         self._pool = db.Pool(self.url, self.settings.pool_size)
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
+        #: This process's Dramatiq worker is stopping: see :meth:`_stop_claiming`.
+        self.stopping = False
+        self.stopping_work_queue: Any = None
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -511,10 +515,14 @@ class PostgresBroker(dramatiq.Broker):
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         if signal == "process_message" and args and isinstance(args[0], PgMessageProxy):
             self._started(args[0])
+        elif signal == "worker_shutdown":
+            self._stop_claiming(args[0] if args else None)
         signal = "before_" + signal
         self._call(self._listeners(signal), signal, *args, **kwargs)
 
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        if signal == "worker_shutdown":  # its consumers are closed: a worker started later claims again
+            self.stopping, self.stopping_work_queue = False, None
         signal = "after_" + signal
         self._call(self._listeners(signal), signal, *args, **kwargs)
 
@@ -538,8 +546,25 @@ class PostgresBroker(dramatiq.Broker):
                 self._url = db.database_url(self.settings)
             return self._url
 
+    def _stop_claiming(self, worker: Any) -> None:
+        """This process's worker is stopping (SIGTERM): its consumers claim nothing more and
+        give back at once what no worker thread started (see ``_give_back_unstarted``).
+
+        Dramatiq stops the worker threads, waits for their jobs (up to its shutdown
+        timeout, 10 minutes by default), and only then stops the consumers: until then
+        they went on claiming into a work queue no thread reads any more, and what they
+        held waited for the longest job to end while other workers sat idle.
+        """
+        self.stopping_work_queue = getattr(worker, "work_queue", None)
+        self.stopping = True
+        with self._states_lock:
+            states = list(self._states.values())
+        for state in states:
+            state.wake()
+
     def _after_fork(self) -> None:
         self._pool = db.Pool(self.url, self.settings.pool_size)
+        self.stopping, self.stopping_work_queue = False, None
         self._states = {}
         self._states_lock = threading.Lock()
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
@@ -857,6 +882,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         #: An error left __next__: Dramatiq restarts this consumer, its worker threads go on.
         self._failed = False
         self._more = False
+        #: Gave back what no thread started, its worker stopping (once: it claims no more).
+        self._gave_back = False
         #: Holds WAITING_LOCK: its last claim came back short, sends must NOTIFY it.
         self._waiting = False
         now = time.monotonic()
@@ -1042,6 +1069,14 @@ class _PostgresConsumer(dramatiq.Consumer):
         deadline = time.monotonic() + self.timeout
         while True:
             self._housekeeping()
+            if self.broker.stopping:
+                # Heartbeats go on for the jobs still running; nothing new is claimed or handed out.
+                self._give_back_unstarted()
+                now = time.monotonic()
+                if now >= deadline:
+                    return None
+                self._wait(max(min(deadline, self._next_heartbeat, self._next_reap) - now, 0.0))
+                continue
             with self.state.lock:
                 if self.state.buffer:
                     return self.state.buffer.popleft()
@@ -1075,6 +1110,36 @@ class _PostgresConsumer(dramatiq.Consumer):
             if free >= threshold:
                 wake_at.append(self._next_poll)
             self._wait(max(min(wake_at) - now, 0.0))
+
+    def _give_back_unstarted(self) -> None:
+        """Release, once, the messages claimed and not started: those not handed to Dramatiq
+        yet, and those waiting in the stopping worker's work queue (Dramatiq would give
+        them back only after its threads' last jobs end)."""
+        if self._gave_back:
+            return
+        self._gave_back = True
+        with self.state.lock:
+            unstarted = list(self.state.buffer)
+            self.state.buffer.clear()
+        work_queue = self.broker.stopping_work_queue
+        if work_queue is not None:
+            others = []
+            for _ in range(work_queue.qsize()):  # each consumer thread takes its own queue's items
+                try:
+                    item = work_queue.get_nowait()
+                except queue_module.Empty:
+                    break
+                work_queue.task_done()
+                message = getattr(item, "message", None)
+                if isinstance(message, PgMessageProxy) and message.queue_name == self.queue_name:
+                    unstarted.append(message)
+                else:
+                    others.append(item)
+            for item in others:
+                work_queue.put(item)
+        if unstarted:
+            logger.info("%s: stopping; giving back %d message(s) no thread started", self.queue_name, len(unstarted))
+            self.requeue(unstarted)
 
     def _set_waiting(self, waiting: bool) -> None:
         """Start or stop waiting for NOTIFYs (``models.queries.SENDING_LOCK``, ``WAITING_LOCK``)."""

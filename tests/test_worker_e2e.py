@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import tasks
 from tasks.broker import PostgresBroker
 from tests import actors
 from tests.support import (
+    WorkerProcess,
     disagreements,
     effects,
     job,
@@ -416,6 +418,37 @@ def test_sigterm_finishes_running_jobs_and_returns_prefetched_ones(db_url: str, 
     )
     unstarted = query(db_url, "SELECT attempts FROM control_plane.jobs WHERE status = 'pending'")
     assert all(r["attempts"] == 0 for r in unstarted)
+    assert disagreements(db_url) == []
+
+
+def test_a_stopping_worker_gives_back_at_once_what_no_thread_started(db_url: str, tmp_path: Path) -> None:
+    def claimed() -> int:
+        sql = "SELECT count(*) AS n FROM control_plane.messages WHERE claim_token IS NOT NULL"
+        return int(query(db_url, sql)[0]["n"])
+
+    # Given a worker whose two threads run long jobs, holding more jobs that no thread is free for
+    long_jobs = [actors.wait_for_gate.send(f"stopping {n}") for n in range(2)]
+    worker = WorkerProcess(db_url, threads=2, log_path=tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        wait_for(lambda: len(effects(db_url, "started")) == 2, what="both long jobs to start")
+        waiting = [actors.noop.send(n) for n in range(6)]
+        wait_for(lambda: claimed() > 2, what="the worker to claim jobs it has no free thread for")
+        # When it is told to stop (a deploy) while its long jobs run on
+        worker.proc.send_signal(signal.SIGTERM)
+        # Then, before those end, it gives back what it held and had not started, for other workers
+        wait_for(lambda: claimed() == 2, timeout=15, what="the unstarted jobs to be given back")
+        assert worker.proc.poll() is None  # still finishing its long jobs
+        assert {job(db_url, m.message_id)["status"] for m in waiting} == {"pending"}
+        # And it finishes those long jobs and exits cleanly
+        for n in range(2):
+            open_gate(db_url, f"stopping {n}")
+        assert worker.proc.wait(60) == 0, worker.log()
+    finally:
+        worker.terminate()
+    assert [job(db_url, m.message_id)["status"] for m in long_jobs] == ["completed", "completed"]
+    assert all(job(db_url, m.message_id)["attempts"] == 0 for m in waiting)
+    assert claimed() == 0
     assert disagreements(db_url) == []
 
 
