@@ -54,6 +54,7 @@ from dramatiq.middleware import Middleware
 from models import queries
 from tasks import db
 from tasks.errors import Cancelled, NotSerializable
+from tasks.middleware.unique_keys import unique_key_of
 from tasks.prepared import Statement
 from tasks.redaction import storable_text
 from tasks.settings import Settings
@@ -724,8 +725,10 @@ class PostgresBroker(dramatiq.Broker):
             # A relative delay is added to the database's clock, not this machine's.
             etas.append(datetime.fromtimestamp(eta_ms / 1000, tz=UTC) if isinstance(eta_ms, (int, float)) else None)
             bodies.append(_body_text(message))
-            unique_key = options.get("unique_key")
-            unique_keys.append(unique_key if isinstance(unique_key, str) else None)
+            unique_key = unique_key_of(options.get("unique_key"), message.actor_name)
+            if unique_key is not None:
+                options["unique_key"] = unique_key  # stored as the key it is (an integer as its string)
+            unique_keys.append(unique_key)
             sent.append(message)
         rows: dict[str, list[Any]] = {
             "ids": ids,

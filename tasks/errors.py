@@ -12,6 +12,7 @@ Actors raise these (wrapping driver errors with ``raise ... from exc``); the
 
 from __future__ import annotations
 
+from dramatiq.middleware import MiddlewareError
 from dramatiq.middleware.threading import Interrupt
 
 
@@ -59,6 +60,11 @@ class Cancelled(Interrupt):
 
 class NotSerializable(TypeError):
     """Arguments of a message cannot be encoded as JSON; nothing was enqueued."""
+
+
+class InvalidUniqueKey(MiddlewareError, ValueError):
+    """A message's unique key (its ``unique_key`` option, or what its actor's
+    ``unique_key_from`` returned or raised) is not one; nothing was enqueued."""
 
 
 class ConfigurationError(TaskError):

@@ -382,6 +382,35 @@ def test_a_computed_unique_key_stays_off_the_callers_message_and_the_copies_it_m
     assert [job(db_url, m.message_id)["unique_key"] for m in (sent, sent_second)] == ["keyed:a", "keyed:b"]
 
 
+def test_a_unique_key_is_a_string_or_an_integer_and_a_broken_key_function_fails_the_send(db_url: str) -> None:
+    from tasks.errors import InvalidUniqueKey
+
+    # Given actors keyed by an integer argument, by a function that raises, and by a float
+    @dramatiq.actor(actor_name="tests.keyed_by_number", unique_key_from=lambda args, kwargs: args[0])
+    def by_number(value: Any) -> None:
+        del value
+
+    @dramatiq.actor(actor_name="tests.keyed_by_missing", unique_key_from=lambda args, kwargs: kwargs["tenant"])
+    def by_missing(value: Any) -> None:
+        del value
+
+    # When each is sent twice
+    first, again = by_number.send(7), by_number.send(7)
+    explicit = [actors.noop.send_with_options(args=(n,), unique_key=42) for n in range(2)]
+    # Then integer keys hold as their strings do: the second send of each returns the first job
+    assert again.message_id == first.message_id and explicit[1].message_id == explicit[0].message_id
+    assert job(db_url, first.message_id)["unique_key"] == "7"
+    # And a key function that raises, or a key that is neither, fails the send, naming it, and stores nothing
+    before = len(query(db_url, "SELECT id FROM control_plane.jobs"))
+    with pytest.raises(InvalidUniqueKey, match="unique_key_from raised KeyError"):
+        by_missing.send(1)
+    with pytest.raises(InvalidUniqueKey, match=r"not 1\.5"):
+        by_number.send(1.5)
+    with pytest.raises(InvalidUniqueKey, match="not ''"):
+        actors.noop.send_with_options(args=(1,), unique_key="")
+    assert len(query(db_url, "SELECT id FROM control_plane.jobs")) == before
+
+
 def test_the_broker_does_not_call_the_mirror_hooks_its_own_statements_cover(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

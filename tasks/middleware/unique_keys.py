@@ -4,6 +4,11 @@ An actor declared with ``unique_key_from=fn`` gets ``unique_key=fn(args, kwargs)
 on every message sent to it (unless the sender set one): while a job with that
 key is pending or running, another send returns that job instead of a
 duplicate (the broker enforces it with a partial unique index).
+
+A key is a non-empty string, or an integer (sent as its decimal string); ``None``
+from ``unique_key_from`` means no key for that message. Anything else, or a
+``unique_key_from`` that raises, fails the send (:class:`tasks.errors.InvalidUniqueKey`)
+instead of sending a duplicate the key was meant to prevent.
 """
 
 from __future__ import annotations
@@ -12,6 +17,20 @@ from typing import Any
 
 import dramatiq
 from dramatiq.middleware import Middleware
+
+from tasks.errors import InvalidUniqueKey
+
+
+def unique_key_of(value: Any, actor_name: str) -> str | None:
+    """``value`` as a unique key (None: none), or :class:`InvalidUniqueKey` naming what is wrong."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidUniqueKey(
+        f"cannot send to actor {actor_name!r}: its unique key must be a non-empty string or an integer, "
+        f"not {value!r}"
+    )
 
 
 class UniqueKeys(Middleware):
@@ -28,6 +47,12 @@ class UniqueKeys(Middleware):
         compute = actor.options.get("unique_key_from") if actor is not None else None
         if compute is None:
             return
-        key = compute(tuple(message.args), dict(message.kwargs))
-        if isinstance(key, str) and key:
+        try:
+            key = compute(tuple(message.args), dict(message.kwargs))
+        except Exception as exc:
+            raise InvalidUniqueKey(
+                f"cannot send to actor {message.actor_name!r}: its unique_key_from raised {type(exc).__name__}: {exc}"
+            ) from exc
+        key = unique_key_of(key, message.actor_name)
+        if key is not None:
             message.options["unique_key"] = key
