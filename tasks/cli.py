@@ -179,7 +179,9 @@ def _fmt(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
-        return value.astimezone().strftime("%H:%M:%S.%f")[:-3]
+        # The date too (a job that failed three days ago must not read like one of a minute
+        # ago), in UTC as `clock --list` prints it, whatever the session's time zone.
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
     return str(value)
 
 

@@ -443,3 +443,26 @@ def test_bad_numbers_on_the_command_line_are_usage_errors_not_tracebacks(db_url:
         result = cli(db_url, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert f"argument {option}" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_jobs_show_and_list_print_dates_in_utc_whatever_the_local_time_zone(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    import time
+
+    # Given a job that failed years ago, and a session in Tokyo
+    message = actors.noop.send(1)
+    query(db_url, "UPDATE control_plane.jobs SET status = 'failed', scheduled_at = '2020-01-02 03:04:05.678+00', "
+                  "completed_at = '2020-01-02 03:04:05.678+00' WHERE id = %s", (message.message_id,))  # fmt: skip
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        # When it is shown and listed
+        shown = in_process(capsys, monkeypatch, db_url, "jobs", "show", message.message_id)
+        listed = in_process(capsys, monkeypatch, db_url, "jobs", "list", "--status", "failed")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    # Then each time carries its date, in UTC, saying so
+    assert "completed_at: 2020-01-02 03:04:05.678 UTC" in shown.stdout
+    assert "2020-01-02 03:04:05.678 UTC" in listed.stdout
