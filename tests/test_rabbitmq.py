@@ -305,3 +305,24 @@ def test_a_retry_recorded_late_leaves_the_retrys_own_outcome_alone(db_url: str) 
     assert row["result"] == "ok"
     assert row["attempts"] == 2
     assert [(e["attempt"], e["error"]) for e in row["errors"]] == [(1, "ValueError: first attempt fails")]
+
+
+def test_a_failed_attempt_whose_retry_could_not_be_sent_is_recorded_failed_not_left_running(db_url: str) -> None:
+    import dramatiq
+
+    import tasks
+    from tasks.middleware.jobs_mirror import StandaloneMirror
+
+    # Given a job whose attempt fails in a worker process
+    mirror = StandaloneMirror(tasks.connection)
+    message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={}, options={})
+    mirror.enqueued(tasks.broker, message, None)
+    mirror.started(tasks.broker, message)
+    mirror.processed(tasks.broker, message, exception=ValueError("the attempt fails"))
+    # When Dramatiq acks it without a retry (Retries could not publish one: RabbitMQ was down)
+    mirror.acked(message)
+    # Then the job is recorded failed, saying why, not running forever
+    row = job(db_url, message.message_id)
+    assert row["status"] == "failed"
+    assert row["last_error"] == "ValueError: the attempt fails (its retry could not be sent: see the worker's log)"
+    assert [e["attempt"] for e in row["errors"]] == [1]

@@ -348,8 +348,13 @@ class StandaloneMirror:
 
     def acked(self, message: Any) -> None:
         with self._lock:
-            self._errors.pop(message.message_id, None)
-            self._attempts.pop(message.message_id, None)
+            error = self._errors.pop(message.message_id, None)
+            attempt = self._attempts.pop(message.message_id, None)
+        if error is not None:
+            # The attempt failed and Dramatiq acked it without a retry being sent: Retries could
+            # not publish one (RabbitMQ refused or was unreachable; Dramatiq logged it). Nothing
+            # will run the job again: recorded as failed, not left running for good.
+            self._failed(message, f"{error} (its retry could not be sent: see the worker's log)", attempt)
 
     def nacked(self, message: Any, broker: dramatiq.Broker) -> None:
         with self._lock:
@@ -358,13 +363,16 @@ class StandaloneMirror:
         if error is None and message.actor_name not in broker.actors:
             # The worker rejected it before any attempt: no actor of that name here.
             error = describe_error(ActorNotFound(message.actor_name), message, broker)
+        self._failed(message, error or "rejected by middleware", attempt)
+
+    def _failed(self, message: Any, error: str, attempt: int | None) -> None:
         self._write(
             "a failure",
             message,
             queries.MIRROR_FAILED,
             lambda: {
                 "id": message.message_id,
-                "error": error or "rejected by middleware",
+                "error": error,
                 "attempt": attempt,
                 # a message rejected before any attempt: no worker of it to name
                 "worker": _worker() if attempt is not None else None,
