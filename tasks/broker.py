@@ -152,6 +152,10 @@ def _dbapi_connection(conn: Any) -> Any:
     return conn.connection.dbapi_connection
 
 
+#: Whether this process has warned that enqueue_in cannot join another broker's sends.
+_warned_not_joinable = False
+
+
 def joined_connection() -> Any | None:
     """Inside :func:`enqueue_in`, the psycopg2 connection of the caller's transaction that
     sends join (looked up now); None outside it."""
@@ -167,8 +171,20 @@ def enqueue_in(conn: Any) -> Iterator[None]:
     caller commits and vanish if it rolls back. Pipelines and groups sent inside
     the block join too. ``conn`` is a psycopg2 connection or a SQLAlchemy
     ``Session``/``Connection`` on the control plane's database.
+
+    With another broker (``BROKER_URL``, RabbitMQ) it changes nothing: a send is
+    published at once and a rollback does not take it back; the first such block of
+    a process logs a warning saying so.
     """
     _check_joinable(conn)  # a clear TypeError now; the transaction is joined at the first send
+    global _warned_not_joinable
+    if not _warned_not_joinable and not isinstance(dramatiq.get_broker(), PostgresBroker):
+        _warned_not_joinable = True
+        logger.warning(
+            "tasks.enqueue_in has no effect with %s: sends are published at once, and a rollback of "
+            "the transaction does not take them back (only the Postgres broker joins it)",
+            type(dramatiq.get_broker()).__name__,
+        )
     token = _enqueue_connection.set(conn)
     try:
         yield

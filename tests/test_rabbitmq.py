@@ -326,3 +326,21 @@ def test_a_failed_attempt_whose_retry_could_not_be_sent_is_recorded_failed_not_l
     assert row["status"] == "failed"
     assert row["last_error"] == "ValueError: the attempt fails (its retry could not be sent: see the worker's log)"
     assert [e["attempt"] for e in row["errors"]] == [1]
+
+
+def test_enqueue_in_says_once_per_process_that_it_cannot_join_rabbitmqs_sends(db_url: str) -> None:
+    # Given a process that sends through RabbitMQ, inside transactions of its own
+    code = (
+        "import logging, psycopg2, tasks\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "conn = psycopg2.connect(tasks.database_url())\n"
+        "for _ in range(3):\n"
+        "    with tasks.enqueue_in(conn):\n"
+        "        pass\n"
+    )
+    env = {**os.environ, **rabbit_env(db_url, "unused"), "PYTHONPATH": str(ROOT)}
+    # When it runs
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Then it is told, once, that those blocks change nothing
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("tasks.enqueue_in has no effect with RabbitmqBroker") == 1, done.stderr
