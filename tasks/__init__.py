@@ -16,6 +16,8 @@ on first use, in the process (or forked worker) that uses them.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -25,6 +27,7 @@ from dramatiq.results import Results
 
 from tasks import db
 from tasks.broker import PostgresBroker, enqueue_in
+from tasks.errors import ConfigurationError
 from tasks.middleware import (
     Callbacks,
     Cancellation,
@@ -37,10 +40,26 @@ from tasks.middleware import (
     UniqueKeys,
 )
 from tasks.rate_limits import PostgresRateLimiterBackend
+from tasks.redaction import redact
 from tasks.results import PostgresBackend
 from tasks.settings import Settings
 
-settings = Settings.from_env()
+
+def _settings() -> Settings:
+    """The settings from the environment; in the ``controlplane`` command, a bad one is one line."""
+    try:
+        return Settings.from_env()
+    except ConfigurationError as exc:
+        argv = sys.orig_argv
+        as_module = "-m" in argv[:-1] and argv[argv.index("-m") + 1] == "tasks.cli"
+        if as_module or (sys.argv and os.path.basename(sys.argv[0]) == "controlplane"):
+            # Raised while `controlplane` imports this package, before its main() could catch it.
+            print(f"controlplane: error: {redact(str(exc))}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
+
+
+settings = _settings()
 
 #: Connections to the control plane's database when another broker carries the
 #: messages (with the Postgres broker, its own pool serves: see :func:`connection`).

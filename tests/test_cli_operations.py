@@ -413,6 +413,10 @@ def test_cli_errors_are_one_line_and_never_print_a_password(empty_db: str, serve
     broken = cli("postgresql://root:Top%zzSecret@127.0.0.1:5432/postgres", "stats")
     assert_user_error(broken, "DATABASE_URL is not a valid PostgreSQL URL")
     assert "zzSecret" not in broken.stderr + broken.stdout
+    # A URL that is not PostgreSQL's at all (refused while the command loads its settings), even for --help
+    for args in (("stats",), ("--help",)):
+        other = cli("mysql://root:S3cret@127.0.0.1/db", *args)
+        assert_user_error(other, "DATABASE_URL must be a postgresql:// URL")
     # A password in the URL's query string, on success
     with_query_password = db_url + ("&" if "?" in db_url else "?") + "password=S3cret"
     migrated = cli(with_query_password, "migrate")
