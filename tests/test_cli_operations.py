@@ -417,6 +417,11 @@ def test_cli_errors_are_one_line_and_never_print_a_password(empty_db: str, serve
     for args in (("stats",), ("--help",)):
         other = cli("mysql://root:S3cret@127.0.0.1/db", *args)
         assert_user_error(other, "DATABASE_URL must be a postgresql:// URL")
+    # A database nobody migrated: what to do about it
+    for args in (("stats",), ("jobs", "list")):
+        unmigrated = cli(empty_db, *args)
+        assert_user_error(unmigrated, "the database has no control-plane tables yet")
+        assert "run `controlplane migrate`" in unmigrated.stderr
     # A password in the URL's query string, on success
     with_query_password = db_url + ("&" if "?" in db_url else "?") + "password=S3cret"
     migrated = cli(with_query_password, "migrate")

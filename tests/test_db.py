@@ -118,9 +118,14 @@ def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_p
 
     from tests.support import query, wait_for
 
-    # Given an embedded server that was killed outright (its postmaster.pid left behind)
+    # Given an embedded server, whose first start says it made a new one and where,
     home = tmp_path / "home"
-    db.embedded_url(home)
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"CONTROLPLANE_HOME": str(home)}
+    controlplane = [sys.executable, "-m", "tasks.cli"]
+    first = subprocess.run([*controlplane, "db", "url"], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert f"created a new, empty embedded PostgreSQL in {home / 'pgdata'}" in first.stderr
+    # that was then killed outright (its postmaster.pid left behind)
     pid = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
 
@@ -132,8 +137,6 @@ def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_p
         return False
 
     wait_for(gone, what="the postmaster to die")
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"CONTROLPLANE_HOME": str(home)}
-    controlplane = [sys.executable, "-m", "tasks.cli"]
     try:
         # When an operator stops it, Then that is no error: there was nothing to stop
         stop = subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, text=True, timeout=60)
@@ -142,5 +145,6 @@ def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_p
         started = subprocess.run([*controlplane, "db", "url"], env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stderr
         assert query(started.stdout.strip(), "SELECT 1 AS one") == [{"one": 1}]
+        assert "created a new" not in started.stderr  # the same one, started again
     finally:
         subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, timeout=60)
