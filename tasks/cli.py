@@ -587,7 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("db", help="the embedded PostgreSQL (used when DATABASE_URL is unset)")
-    p.add_argument("action", choices=("start", "stop", "url"))
+    p.add_argument(
+        "action",
+        choices=("start", "stop", "url"),
+        help="start: start it (made under CONTROLPLANE_HOME, ./.controlplane, on first use); "
+        "stop: stop it; url: print its URL (for psql), starting it if needed",
+    )
     p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("send", help="send a message to an actor and print its job id")

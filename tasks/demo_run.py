@@ -75,7 +75,7 @@ def run_demo() -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     worker_cmd = [sys.executable, "-m", "dramatiq", "tasks", "tasks.demo", "tasks.provision",
                   "--processes", "1", "--threads", "4"]
-    print(f"worker: {' '.join(worker_cmd[1:])}  (log: {log_path})")
+    print(f"worker: python {' '.join(worker_cmd[1:])}  (log: {log_path})")
     with open(log_path, "w") as log:
         worker = subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -131,7 +131,8 @@ def run_demo() -> int:
         result = provision.get_result(block=True, timeout=60_000)
         print(f"\nprovisioned project {project_id}:")
         d = result["database"]
-        print(f"  database   {d['database']} on {d['host']}:{d['port']}, schema {d['schema_name']}, "
+        where = f"{d['host']}:{d['port']}" if not str(d["host"]).startswith("/") else f"the socket in {d['host']}"
+        print(f"  database   {d['database']} on {where}, schema {d['schema_name']}, "
               f"app role {d['user']} (owner {d['owner_role']})")
         print(f"  services   {', '.join(n for n, on in result['services'].items() if on)} "
               f"(tenant {result['tenant_id']})")
