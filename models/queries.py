@@ -398,9 +398,9 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 #: record why in the mirror, forget workers silent for long, and wake the queues.
 #: A message whose cancellation was requested is not put back: its job ends cancelled.
 #: Nor is one whose job has used up its attempts (a job that kills its worker would
-#: otherwise take down one worker per lease forever): its job ends failed. A caller
-#: waiting for the result of either hears it (the key and lifetime as
-#: ``control_plane.cancel_job`` stores them, migration 0010).
+#: otherwise take down one worker per lease forever): its job ends failed. The ids of
+#: the jobs ended so come back, for ``STORE_REAPED_RESULTS`` (a statement of its own:
+#: here, an insert into ``results`` would make every reap wait for any lock on that table).
 #: ``j.attempts >= j.max_attempts`` is the whole rule: a job marked running has had
 #: this attempt counted; one that was not (claimed, maybe started, lost within
 #: ``RUNNING_MARK_DELAY_SECONDS``) has it counted now and fails once over the limit.
@@ -451,24 +451,31 @@ WITH r AS (
                                  || CASE WHEN lost.fate = 'cancel' THEN ' after its cancellation was requested'
                                          ELSE '' END))
     FROM lost WHERE j.id = lost.id
-    RETURNING j.id, j.queue, j.type, j.options, j.last_error, lost.fate
-), outcome AS (
-    INSERT INTO control_plane.results AS res (key, value, expires_at)
-    SELECT md5('dramatiq-results:' || j.queue || ':' || j.type || ':' || j.id::text),
-           convert_to(jsonb_build_object('__t', 'dramatiq.results.Result', 'exn', jsonb_build_object(
-               'type', CASE j.fate WHEN 'fail' THEN 'WorkerLost' ELSE 'Cancelled' END,
-               'msg', j.last_error))::text, 'UTF8'),
-           now() + make_interval(secs => (CASE WHEN j.options ->> 'result_ttl' ~ '^[0-9]{1,15}$'
-                                               THEN (j.options ->> 'result_ttl')::bigint
-                                               ELSE 86400000 END) / 1000.0)
-    FROM j WHERE j.fate <> 'requeue'
-    ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+    RETURNING j.id, lost.fate
 ), w AS (
     DELETE FROM control_plane.worker_heartbeats
     WHERE heartbeat_at < now() - make_interval(secs => %(forget_after)s)
 )
 SELECT (SELECT count(*) FROM m),
-       (SELECT count(pg_notify('control_plane_messages', q.queue)) FROM (SELECT DISTINCT queue FROM m) AS q)
+       (SELECT count(pg_notify('control_plane_messages', q.queue)) FROM (SELECT DISTINCT queue FROM m) AS q),
+       (SELECT coalesce(array_agg(id::text), '{}') FROM j WHERE fate <> 'requeue')
+"""
+
+#: What a caller blocked in ``get_result`` hears of jobs ``REAP`` ended: ``WorkerLost`` for a
+#: failed one, ``Cancelled`` for a cancelled one, with the key and lifetime
+#: ``control_plane.cancel_job`` stores a cancel's under (migration 0010).
+STORE_REAPED_RESULTS = """
+INSERT INTO control_plane.results AS r (key, value, expires_at)
+SELECT md5('dramatiq-results:' || j.queue || ':' || j.type || ':' || j.id::text),
+       convert_to(jsonb_build_object('__t', 'dramatiq.results.Result', 'exn', jsonb_build_object(
+           'type', CASE j.status WHEN 'failed' THEN 'WorkerLost' ELSE 'Cancelled' END,
+           'msg', j.last_error))::text, 'UTF8'),
+       now() + make_interval(secs => (CASE WHEN j.options ->> 'result_ttl' ~ '^[0-9]{1,15}$'
+                                           THEN (j.options ->> 'result_ttl')::bigint
+                                           ELSE 86400000 END) / 1000.0)
+FROM control_plane.jobs AS j
+WHERE j.id = ANY(%(ids)s::uuid[]) AND j.status IN ('failed', 'cancelled')
+ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
 """
 
 #: A row whose body cannot be decoded: take it out of the queue and record why.

@@ -1277,10 +1277,25 @@ class _PostgresConsumer(dramatiq.Consumer):
         if now >= self._next_reap:
             with self.conn.cursor() as cur:
                 cur.execute(queries.REAP, {"forget_after": self.settings.lease_seconds * 4})
-                (reaped, _) = cur.fetchone()
+                (reaped, _, ended) = cur.fetchone()
             if reaped:
                 logger.warning("re-queued %d message(s) whose worker's lease expired", reaped)
+            if ended:
+                logger.warning("ended %d job(s) whose worker's lease expired on their last attempt (or "
+                               "after a cancel): %s", len(ended), ", ".join(ended))
+                self._store_reaped_results(ended)
             self._next_reap = now + self.settings.reap_interval
+
+    def _store_reaped_results(self, job_ids: list[str]) -> None:
+        """Tell the callers of jobs the reaper ended, waiting a second at most for the results
+        table (this thread heartbeats: a lock an operator holds there must not stall it)."""
+        try:
+            with db.transaction(self.broker.connection) as conn, conn.cursor() as cur:
+                cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")
+                cur.execute(queries.STORE_REAPED_RESULTS, {"ids": job_ids})
+        except psycopg2.Error as exc:
+            logger.warning("could not store the results of the jobs the reaper ended (%s); their callers "
+                           "wait out their timeouts", db.loggable_error(exc))
 
     def _release(self, proxies: Sequence[PgMessageProxy]) -> None:
         if not proxies:
