@@ -401,14 +401,16 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 #: otherwise take down one worker per lease forever): its job ends failed. The ids of
 #: the jobs ended so come back, for ``STORE_REAPED_RESULTS`` (a statement of its own:
 #: here, an insert into ``results`` would make every reap wait for any lock on that table).
-#: ``j.attempts >= j.max_attempts`` is the whole rule: a job marked running has had
-#: this attempt counted; one that was not (claimed, maybe started, lost within
-#: ``RUNNING_MARK_DELAY_SECONDS``) has it counted now and fails once over the limit.
+#: A job marked running fails once its attempts reach ``max_attempts``. One that was not
+#: (claimed, and maybe never started: a dying worker's prefetch is charged an attempt too)
+#: fails only at twice that: a job that kills its worker within
+#: ``RUNNING_MARK_DELAY_SECONDS`` still ends, an innocent bystander of a few deaths does not.
 REAP = """
 WITH r AS (
     SELECT m.id, m.worker,
            CASE WHEN m.cancel_requested_at IS NOT NULL THEN 'cancel'
-                WHEN j.attempts >= j.max_attempts THEN 'fail'
+                WHEN j.attempts >= j.max_attempts
+                     AND (j.status = 'running' OR j.attempts >= 2 * j.max_attempts) THEN 'fail'
                 ELSE 'requeue' END AS fate
     FROM control_plane.messages AS m LEFT JOIN control_plane.jobs AS j ON j.id = m.id
     WHERE m.claim_token IS NOT NULL AND m.lease_expires_at < now()
@@ -788,7 +790,8 @@ WHERE id = %(id)s::uuid
 #: attempt's error is kept in ``errors`` either way.
 MIRROR_RETRY = """
 WITH t AS (
-    SELECT id, status = 'running' AND (%(attempt)s::int IS NULL OR attempts = %(attempt)s) AS current
+    SELECT id, CASE WHEN %(attempt)s::int IS NULL THEN status IN ('pending', 'running')
+                    ELSE status = 'running' AND attempts = %(attempt)s END AS current
     FROM control_plane.jobs WHERE id = %(id)s::uuid FOR UPDATE
 )
 UPDATE control_plane.jobs AS j

@@ -425,6 +425,8 @@ class _QueueState:
     inflight: dict[str, PgMessageProxy] = field(default_factory=dict)
     #: claimed, not yet handed to Dramatiq.
     buffer: deque[PgMessageProxy] = field(default_factory=deque)
+    #: handed to Dramatiq, taken back out of its work queue unstarted: its worker is stopping.
+    unstarted: list[PgMessageProxy] = field(default_factory=list)
     #: started by a worker thread, ``running`` not yet written (oldest first).
     starts: dict[str, PgMessageProxy] = field(default_factory=dict)
     wake_r: int = -1
@@ -478,7 +480,6 @@ class PostgresBroker(dramatiq.Broker):
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
         #: This process's Dramatiq worker is stopping: see :meth:`_stop_claiming`.
         self.stopping = False
-        self.stopping_work_queue: Any = None
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -539,7 +540,7 @@ class PostgresBroker(dramatiq.Broker):
 
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
         if signal == "worker_shutdown":  # its consumers are closed: a worker started later claims again
-            self.stopping, self.stopping_work_queue = False, None
+            self.stopping = False
         signal = "after_" + signal
         self._call(self._listeners(signal), signal, *args, **kwargs)
 
@@ -572,8 +573,11 @@ class PostgresBroker(dramatiq.Broker):
         they went on claiming into a work queue no thread reads any more, and what they
         held waited for the longest job to end while other workers sat idle.
         """
-        self.stopping_work_queue = getattr(worker, "work_queue", None)
         self.stopping = True
+        for message in _take_our_items(getattr(worker, "work_queue", None)):
+            state = self.state(message.queue_name)
+            with state.lock:
+                state.unstarted.append(message)
         with self._states_lock:
             states = list(self._states.values())
         for state in states:
@@ -581,7 +585,7 @@ class PostgresBroker(dramatiq.Broker):
 
     def _after_fork(self) -> None:
         self._pool = db.Pool(self.url, self.settings.pool_size)
-        self.stopping, self.stopping_work_queue = False, None
+        self.stopping = False
         self._states = {}
         self._states_lock = threading.Lock()
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
@@ -740,11 +744,11 @@ class PostgresBroker(dramatiq.Broker):
                 attempts.append(self._max_attempts(message))
             # A relative delay is added to the database's clock, not this machine's.
             etas.append(datetime.fromtimestamp(eta_ms / 1000, tz=UTC) if isinstance(eta_ms, (int, float)) else None)
-            bodies.append(_body_text(message))
             unique_key = unique_key_of(options.get("unique_key"), message.actor_name)
             if unique_key is not None:
-                options["unique_key"] = unique_key  # stored as the key it is (an integer as its string)
+                options["unique_key"] = unique_key  # stored, body and row, as the key it is (an integer's string)
             unique_keys.append(unique_key)
+            bodies.append(_body_text(message))
             sent.append(message)
         rows: dict[str, list[Any]] = {
             "ids": ids,
@@ -901,8 +905,6 @@ class _PostgresConsumer(dramatiq.Consumer):
         #: An error left __next__: Dramatiq restarts this consumer, its worker threads go on.
         self._failed = False
         self._more = False
-        #: Gave back what no thread started, its worker stopping (once: it claims no more).
-        self._gave_back = False
         #: Holds WAITING_LOCK: its last claim came back short, sends must NOTIFY it.
         self._waiting = False
         now = time.monotonic()
@@ -1131,31 +1133,13 @@ class _PostgresConsumer(dramatiq.Consumer):
             self._wait(max(min(wake_at) - now, 0.0))
 
     def _give_back_unstarted(self) -> None:
-        """Release, once, the messages claimed and not started: those not handed to Dramatiq
-        yet, and those waiting in the stopping worker's work queue (Dramatiq would give
-        them back only after its threads' last jobs end)."""
-        if self._gave_back:
-            return
-        self._gave_back = True
+        """Release the messages claimed and not started: those not handed to Dramatiq yet, and
+        those ``_stop_claiming`` took out of the stopping worker's work queue (Dramatiq would
+        give them back only after its threads' last jobs end)."""
         with self.state.lock:
-            unstarted = list(self.state.buffer)
+            unstarted = [*self.state.buffer, *self.state.unstarted]
             self.state.buffer.clear()
-        work_queue = self.broker.stopping_work_queue
-        if work_queue is not None:
-            others = []
-            for _ in range(work_queue.qsize()):  # each consumer thread takes its own queue's items
-                try:
-                    item = work_queue.get_nowait()
-                except queue_module.Empty:
-                    break
-                work_queue.task_done()
-                message = getattr(item, "message", None)
-                if isinstance(message, PgMessageProxy) and message.queue_name == self.queue_name:
-                    unstarted.append(message)
-                else:
-                    others.append(item)
-            for item in others:
-                work_queue.put(item)
+            self.state.unstarted.clear()
         if unstarted:
             logger.info("%s: stopping; giving back %d message(s) no thread started", self.queue_name, len(unstarted))
             self.requeue(unstarted)
@@ -1289,8 +1273,8 @@ class _PostgresConsumer(dramatiq.Consumer):
     def _store_reaped_results(self, job_ids: list[str]) -> None:
         """Tell the callers of jobs the reaper ended, waiting a second at most for the results
         table (this thread heartbeats: a lock an operator holds there must not stall it)."""
-        try:
-            with db.transaction(self.broker.connection) as conn, conn.cursor() as cur:
+        try:  # on this thread's own connection: waiting for a pooled one could take any time
+            with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn, conn.cursor() as cur:
                 cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")
                 cur.execute(queries.STORE_REAPED_RESULTS, {"ids": job_ids})
         except psycopg2.Error as exc:
@@ -1327,6 +1311,28 @@ class _PostgresConsumer(dramatiq.Consumer):
 # worker alone. The hot statements get one array literal per array instead
 # (one string to quote, parsed by the array type's input function), and an
 # array of nothing but NULLs as NULL, which unnest() pads like one.
+
+
+def _take_our_items(work_queue: Any) -> list[PgMessageProxy]:
+    """Take this broker's messages out of a stopping Dramatiq worker's work queue (others go back)."""
+    if work_queue is None:
+        return []
+    ours: list[PgMessageProxy] = []
+    others = []
+    while True:
+        try:
+            item = work_queue.get_nowait()
+        except queue_module.Empty:
+            break
+        work_queue.task_done()  # Dramatiq's join() counts what is still to do
+        message = getattr(item, "message", None)
+        if isinstance(message, PgMessageProxy):
+            ours.append(message)
+        else:
+            others.append(item)
+    for item in others:
+        work_queue.put(item)
+    return ours
 
 
 def _text_array(values: Sequence[str | None]) -> str | None:

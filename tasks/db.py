@@ -320,7 +320,9 @@ class Pool:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.close()
-            self._held.count = held
+            # One fewer held (not "as many as on entry": blocks may end out of order, a
+            # generator's closed after the block that opened it).
+            self._held.count -= 1
             if not held:
                 self._slots.release()
 

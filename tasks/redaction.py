@@ -21,7 +21,7 @@ KEY_BODY_LEN = 49
 SECRET_PATTERN = re.compile(rf"[a-z][a-z0-9_]*_[0-9A-Za-z]{{{KEY_BODY_LEN}}}(?![0-9A-Za-z])")
 
 #: The words that name a secret, in a setting's, a field's or a keyword argument's name.
-_KEYWORDS = "password|passwd|pwd|secret|token|pepper"
+_KEYWORDS = "passwords?|passwd|pwd|secret|token|pepper"
 
 #: A quoted string, with a Python prefix (b'...', r"..."), backslash escapes inside.
 _QUOTED = r"""[bBrRuU]{0,2}(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
@@ -32,24 +32,24 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # DDL: PASSWORD 'secret' (with '' escapes), E'...' (with backslash escapes too), $tag$...$tag$.
     (
         re.compile(
-            r"(\bPASSWORD\s+)(?:E'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\$(?P<tag>\w*)\$[\s\S]*?\$(?P=tag)\$)",
+            r"(\bPASSWORD\s+)(?:E'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\$(?P<tag>\w*)\$[\s\S]{0,4096}?\$(?P=tag)\$)",
             re.IGNORECASE,
         ),
         rf"\g<1>{REDACTED}",
     ),
     # key=value, key: value, "key": "value" (libpq DSNs, config dumps, JSON, Python reprs), the
     # keyword also at the end of a longer name (PGPASSWORD=, AUTH_SERVICE_TOKEN=, "client_secret":)
-    # or plural; the value a (b'', r'') quoted string, a list, tuple or dict (to its first
-    # closing bracket), or a bare word.
+    # or "passwords"; the value a (b'', r'') quoted string, a list, tuple or dict (to its first
+    # closing bracket, within its line), or a bare word.
     (
         re.compile(
-            rf"""((?:{_KEYWORDS})s?["']?\s*[=:]\s*)(?:{_QUOTED}|\[[^\]]*\]?|\([^)]*\)?|\{{[^}}]*\}}?|[^\s&;,'"}}\])]+)""",
+            rf"""((?:{_KEYWORDS})["']?\s*[=:]\s*)(?:{_QUOTED}|\[[^\]\n]*\]?|\([^)\n]*\)?|\{{[^}}\n]*\}}?|[^\s&;,'"}}\])]+)""",
             re.IGNORECASE,
         ),
         rf"\g<1>{REDACTED}",
     ),
     # ('password', 'secret'): a quoted name and a quoted value as a pair in a tuple or a list.
-    (re.compile(rf"""(["']\w*(?:{_KEYWORDS})s?["']\s*,\s*){_QUOTED}""", re.IGNORECASE), rf"\g<1>{REDACTED}"),
+    (re.compile(rf"""(["']\w*(?:{_KEYWORDS})["']\s*,\s*){_QUOTED}""", re.IGNORECASE), rf"\g<1>{REDACTED}"),
     # URL userinfo: scheme://user:secret@host, up to the authority's last '@' (a password
     # pasted without percent-encoding may hold one); host:port/path?q=a@b is not userinfo.
     (re.compile(r"(://[^/\s:@]*:)[^/\s'\"]*@"), rf"\g<1>{REDACTED}@"),

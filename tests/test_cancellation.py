@@ -170,3 +170,58 @@ def test_a_cancel_between_the_hand_over_and_the_actors_function_refuses_the_func
     # Then the function is refused, not started
     assert outcome == ["cancelled before it started"]
     assert ran == []
+
+
+def test_a_cancel_landing_as_an_actor_called_by_another_returns_cancels_the_job(
+    stub: tuple[StubBroker, Cancellation, _Outcomes],
+) -> None:
+    import sys
+    import time
+
+    from dramatiq.middleware.threading import raise_thread_exception
+
+    broker, cancellation, _ = stub
+    go, returned = threading.Event(), threading.Event()
+
+    @dramatiq.actor(broker=broker, actor_name="inner")
+    def inner() -> str:
+        go.wait(30)
+        returned.set()
+        return "inner"
+
+    @dramatiq.actor(broker=broker, actor_name="outer")
+    def outer() -> str:
+        return inner() + " via outer"  # one actor calling another directly
+
+    # (the inner actor's function is wrapped once one of its messages has started here)
+    warm = MessageProxy(inner.message())
+    cancellation.before_process_message(broker, warm)
+    cancellation.after_process_message(broker, warm)
+    proxy = MessageProxy(outer.message())
+    outcome: list[str] = []
+
+    def process() -> None:
+        cancellation.before_process_message(broker, proxy)
+        try:
+            outcome.append(broker.actors["outer"].fn())
+        except BaseException as exc:  # what escapes is what this test is about
+            outcome.append(type(exc).__name__)
+        cancellation.after_process_message(broker, proxy)
+
+    thread = threading.Thread(target=process)
+    thread.start()
+    # Given the inner actor returning while an operator's cancel holds the middleware's lock
+    # (so the interrupt lands as the inner wrapper takes the lock to leave)
+    with cancellation._lock:
+        go.set()
+        deadline = time.monotonic() + 30
+        while not (returned.is_set() and sys._current_frames()[thread.ident].f_code.co_name == "run"):
+            assert time.monotonic() < deadline, "the inner actor did not return"
+            time.sleep(0.001)
+        proxy.cancel_requested = True
+        raise_thread_exception(thread.ident, Cancelled)
+    thread.join(30)
+    # Then the job is cancelled (not failed by a bookkeeping error, which would be retried),
+    # and the thread is left counted in no actor's function
+    assert outcome == ["Cancelled"]
+    assert cancellation._in_actor == {}

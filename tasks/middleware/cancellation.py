@@ -62,6 +62,8 @@ class Cancellation(Middleware):
                 raise Cancelled("cancelled before it started")
             self._running[message.message_id] = (threading.get_ident(), message)
             self._current.message = message
+            # In no actor's function yet, whatever an interrupt cut short before (see _interruptible).
+            self._in_actor.pop(threading.get_ident(), None)
             actor = broker.actors.get(message.actor_name)
             if actor is not None and not getattr(actor.fn, _WRAPPED, False):
                 actor.fn = self._interruptible(actor.fn)
@@ -77,6 +79,7 @@ class Cancellation(Middleware):
         try:
             with self._lock:
                 self._current.message = None
+                self._in_actor.pop(threading.get_ident(), None)
                 # Only its own entry: the same id may run again in another thread of this
                 # process (a lease that expired while it ran), and that one stays cancellable.
                 entry = self._running.get(message.message_id)
@@ -103,9 +106,12 @@ class Cancellation(Middleware):
             try:
                 return fn(*args, **kwargs)
             finally:
+                # An interrupt raised while this waited for the lock lands in here: tolerated (the
+                # count may be left off by one until the message's after hook clears it; the only
+                # cancel it could mislead is its own message's, already asked for).
                 with self._lock:
-                    depth = self._in_actor.pop(thread_id) - 1
-                    if depth:
+                    depth = self._in_actor.pop(thread_id, 0) - 1
+                    if depth > 0:
                         self._in_actor[thread_id] = depth
 
         setattr(run, _WRAPPED, True)
