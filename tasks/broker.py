@@ -252,7 +252,6 @@ _HIGH, _LOW = r"\\u[dD][89abAB][0-9a-fA-F]{2}", r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 _LONE_SURROGATE_ESCAPE = re.compile(rf"(?<!\\)(?:\\\\)*(?:{_HIGH}(?!{_LOW})|(?<!{_HIGH}){_LOW})")
 
 
-
 def holds_nul(text: str) -> bool:
     """Whether the JSON ``text`` holds a NUL character, which PostgreSQL's jsonb cannot store."""
     return "\\u0000" in text and _NUL_ESCAPE.search(text) is not None
