@@ -294,9 +294,9 @@ def test_a_retry_recorded_late_leaves_the_retrys_own_outcome_alone(db_url: str) 
     first.processed(tasks.broker, message, exception=ValueError("first attempt fails"))
     # When the second process runs the retry to completion before the first one's
     # record of the retry reaches the database (its connection was slow)
-    second.started(tasks.broker, message)
-    second.processed(tasks.broker, message, result="ok")
-    retry = message.copy(options={"retries": 1})
+    retry = message.copy(options={"retries": 1})  # (Dramatiq's Retries counts it in the message)
+    second.started(tasks.broker, retry)
+    second.processed(tasks.broker, retry, result="ok")
     first.enqueued(tasks.broker, retry, 150)
     # Then the job stays completed, with its result, and the first attempt's error is
     # recorded against that attempt
@@ -344,3 +344,32 @@ def test_enqueue_in_says_once_per_process_that_it_cannot_join_rabbitmqs_sends(db
     # Then it is told, once, that those blocks change nothing
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("tasks.enqueue_in has no effect with RabbitmqBroker") == 1, done.stderr
+
+
+def test_a_delivery_again_after_a_lost_worker_records_the_lost_attempt(db_url: str) -> None:
+    import dramatiq
+
+    import tasks
+    from tasks.middleware.jobs_mirror import StandaloneMirror
+
+    # Given a job whose first attempt started in a worker process that was then killed
+    # (nothing more was recorded: no outcome, no ack), and a retry's late record aside
+    lost, survivor = StandaloneMirror(tasks.connection), StandaloneMirror(tasks.connection)
+    message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={}, options={})
+    lost.enqueued(tasks.broker, message, None)
+    lost.started(tasks.broker, message)
+    # When RabbitMQ delivers it again to another worker, which completes it
+    survivor.started(tasks.broker, message)
+    survivor.processed(tasks.broker, message, result="ok")
+    # Then the lost attempt is in the history, as the Postgres broker's reaper records one
+    row = job(db_url, message.message_id)
+    assert (row["status"], row["attempts"]) == ("completed", 2)
+    assert [e["attempt"] for e in row["errors"]] == [1]
+    assert "did not finish the attempt" in row["errors"][0]["error"]
+    # While a retry that starts before its own record lands is not taken for a lost attempt
+    retried = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(2,), kwargs={}, options={})
+    lost.enqueued(tasks.broker, retried, None)
+    lost.started(tasks.broker, retried)
+    lost.processed(tasks.broker, retried, exception=ValueError("first attempt fails"))
+    survivor.started(tasks.broker, retried.copy(options={"retries": 1}))
+    assert job(db_url, retried.message_id)["errors"] == []
