@@ -41,11 +41,47 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Migrate the database at ``url`` (a libpq URL) to ``revision``."""
+class LockNotAvailable(Exception):
+    """The migration could not get a table's lock within its timeout, on any of its tries."""
+
+
+def upgrade(url: str, revision: str = "head", *, lock_timeout: float = 0.0, attempts: int = 1) -> None:
+    """Migrate the database at ``url`` (a libpq URL) to ``revision``.
+
+    ``lock_timeout`` (seconds, 0: wait as long as it takes) bounds each wait for a
+    table's lock; a try that times out is rolled back whole and made again, up to
+    ``attempts`` times, a little later each time, then :class:`LockNotAvailable`.
+    """
+    import time
+
+    import psycopg2.errors
+    from sqlalchemy.exc import DBAPIError
+
     from tasks.db import sqlalchemy_url
 
-    command.upgrade(alembic_config(sqlalchemy_url(url)), revision)
+    config = alembic_config(sqlalchemy_url(url))
+    config.attributes["lock_timeout_ms"] = min(int(lock_timeout * 1000), 2_147_483_647)  # PostgreSQL's most
+    for attempt in range(1, attempts + 1):
+        try:
+            command.upgrade(config, revision)
+            return
+        except DBAPIError as exc:
+            if not isinstance(exc.orig, psycopg2.errors.LockNotAvailable) or attempt == attempts:
+                if isinstance(exc.orig, psycopg2.errors.LockNotAvailable):
+                    raise LockNotAvailable(str(exc.orig).strip()) from exc
+                raise
+            time.sleep(min(0.5 * 2**attempt, 5.0))
+
+
+def known(revision: str) -> bool:
+    """Whether this release knows ``revision`` (a database a newer release migrated does not)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    try:
+        return ScriptDirectory.from_config(alembic_config("postgresql://")).get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 def head() -> str:

@@ -18,7 +18,16 @@ def run_migrations_online() -> None:
         with connection.begin():
             # Serialise concurrent runs; released at commit.
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
-            connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+            # Waiting for a table's lock behind a long transaction, a migration's ALTER would
+            # queue every send and read of that table behind it: give up soon instead
+            # (migrations.upgrade tries again, then names the sessions in the way).
+            lock_timeout_ms = int(config.attributes.get("lock_timeout_ms", 0))
+            connection.execute(text(f"SET LOCAL lock_timeout = {lock_timeout_ms}"))
+            # Not CREATE SCHEMA IF NOT EXISTS: PostgreSQL checks the CREATE privilege on the
+            # database first, which a role owning a schema its DBA made need not have.
+            exists = connection.execute(text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": SCHEMA})
+            if exists.first() is None:
+                connection.execute(text(f"CREATE SCHEMA {SCHEMA}"))
             context.configure(
                 connection=connection,
                 target_metadata=metadata,

@@ -849,3 +849,19 @@ FROM t WHERE j.id = t.id
 LIVE_WORKERS = """
 SELECT count(*) FROM control_plane.workers WHERE silent_for < make_interval(secs => %(silent_after)s)
 """
+
+
+# -- controlplane migrate -------------------------------------------------------------
+
+#: The other sessions holding locks on the control plane's tables, longest-running transaction first.
+LOCK_HOLDERS = """
+SELECT a.pid, a.usename, a.application_name, a.state,
+       date_trunc('second', now() - coalesce(a.xact_start, a.query_start))::text AS for, a.query
+FROM pg_stat_activity AS a
+WHERE a.pid <> pg_backend_pid()
+  AND a.pid IN (SELECT l.pid FROM pg_locks AS l
+                JOIN pg_class AS c ON c.oid = l.relation
+                JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                WHERE n.nspname = 'control_plane' AND l.granted)
+ORDER BY a.xact_start NULLS LAST
+"""

@@ -73,14 +73,43 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     url = _url(settings)
     _connect(url).close()
+    found = migrations.current(url)
+    if found is not None and not migrations.known(found):
+        # A newer release migrated it (this one is being rolled back to): its schema is a
+        # superset this release runs on (docs/operations.md, "Upgrading"); nothing to do.
+        print(f"controlplane migrate: {_describe_target(settings)} is at revision {found}, newer than this "
+              f"release's {migrations.head()}: left as it is", file=sys.stderr)
+        return 0
     try:
-        migrations.upgrade(url)
+        migrations.upgrade(url, lock_timeout=args.lock_timeout, attempts=args.lock_attempts)
+    except migrations.LockNotAvailable:
+        raise UserError(
+            f"cannot migrate: a table stayed locked for {args.lock_timeout:g} s on each of "
+            f"{args.lock_attempts} tries (nothing was changed); {_lock_holders(url)}"
+        ) from None
     except DBAPIError as exc:  # what the database said, in one line (e.g. no CREATE privilege)
         raise UserError(f"cannot migrate: the database refused: {_first_line(exc.orig or exc)}") from None
-    except (CommandError, SQLAlchemyError) as exc:  # e.g. a newer release's revision in the database
-        raise UserError(f"cannot migrate: {_first_line(exc)}") from None
+    except (CommandError, SQLAlchemyError, RuntimeError) as exc:  # e.g. a function edited by hand
+        raise UserError(f"cannot migrate (nothing was changed): {_first_line(exc)}") from None
     print(f"migrated {_describe_target(settings)} to revision {migrations.current(url)}")
     return 0
+
+
+def _lock_holders(url: str) -> str:
+    """The sessions holding locks on the control plane's tables, for a migration that could not get one."""
+    conn = _connect(url)
+    try:
+        rows = _fetch(conn, queries.LOCK_HOLDERS, {})
+    finally:
+        conn.close()
+    if not rows:
+        return "the sessions in the way have ended: try again"
+    described = "; ".join(
+        f"pid {r['pid']} ({r['usename']}, {r['application_name'] or 'no application name'}, {r['state']} "
+        f"for {r['for']}: {redact(' '.join((r['query'] or '').split()))[:80]})"
+        for r in rows[:5]
+    )
+    return f"sessions holding the control plane's tables: {described} (end them, or try when they are done)"
 
 
 # -- db --------------------------------------------------------------------------
@@ -581,6 +610,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("migrate", help="create or upgrade the control plane's tables (idempotent)")
+    p.add_argument(
+        "--lock-timeout",
+        type=_seconds,
+        default=2.0,
+        help="seconds to wait for a table's lock before trying again (0 waits as long as it takes): a "
+        "migration waiting behind a long transaction holds up every send meanwhile (default: 2)",
+    )
+    p.add_argument("--lock-attempts", type=_positive_int, default=10, help="tries before giving up (default: 10)")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("demo", help="start a worker, send jobs and watch them in control_plane.jobs")
@@ -715,6 +752,13 @@ def _interval_seconds(raw: str) -> float:
     return value
 
 
+def _positive_int(raw: str) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of 1 or more")
+    return int(raw)
+
+
 def _port(raw: str) -> int:
     """An argparse type: a TCP port, 0 (any free one) to 65535."""
     if not raw.isdigit() or int(raw) > 65535:
@@ -728,10 +772,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _unmigrated(exc: BaseException) -> bool:
-    """Whether ``exc`` says a table, schema or function of ``control_plane`` does not exist."""
-    missing = (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName, psycopg2.errors.UndefinedFunction)
-    return isinstance(exc, missing) and "control_plane" in str(exc)
+def _schema_behind(exc: BaseException) -> str | None:
+    """For an error saying a table, column, schema or function does not exist: what is wrong
+    when the database's schema is behind this release's (None when it is not)."""
+    missing = (psycopg2.errors.UndefinedTable, psycopg2.errors.UndefinedColumn,
+               psycopg2.errors.InvalidSchemaName, psycopg2.errors.UndefinedFunction)  # fmt: skip
+    if not isinstance(exc, missing):
+        return None
+    import migrations
+
+    try:
+        found = migrations.current(_url(_settings()))
+    except Exception:  # the error at hand is the one to report
+        return None
+    if found is None:
+        return "the database has no control-plane tables yet"
+    if found != migrations.head() and migrations.known(found):
+        return f"the database's schema is at revision {found}, this release needs {migrations.head()}"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -748,12 +806,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The database went away (or never answered) after the command started.
             reason = _first_line(exc.__cause__ or exc)
             print(f"controlplane: error: cannot connect to the database: {redact(reason)}", file=sys.stderr)
-        elif _unmigrated(exc):
-            print(
-                f"controlplane: error: the database has no control-plane tables yet ({redact(_first_line(exc))}): "
-                "run `controlplane migrate`",
-                file=sys.stderr,
-            )
+        elif (behind := _schema_behind(exc)) is not None:
+            print(f"controlplane: error: {behind} ({redact(_first_line(exc))}): run `controlplane migrate`",
+                  file=sys.stderr)
         else:  # including a deadlock or a cancelled statement, which psycopg2 files as OperationalError
             print(f"controlplane: error: the database refused: {redact(_first_line(exc))}", file=sys.stderr)
         return 1

@@ -139,3 +139,82 @@ def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_
     finally:
         query(empty_db, f'DROP SCHEMA IF EXISTS control_plane CASCADE; REVOKE ALL ON DATABASE "{db}" FROM {role}; '
                         f"DROP OWNED BY {role}; DROP ROLE {role}")  # fmt: skip
+
+
+def _migrate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": url}
+    command_line = [sys.executable, "-m", "tasks.cli", "migrate", *args]
+    return subprocess.run(command_line, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_a_migration_behind_a_long_transaction_gives_up_instead_of_holding_up_every_send(empty_db: str) -> None:
+    # Given a database one migration behind, and a session whose open transaction read the
+    # view that migration replaces (a report, a pg_dump)
+    migrations.upgrade(empty_db, "0010")
+    holder = psycopg2.connect(empty_db)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid(), count(*) FROM control_plane.workers")
+            (holder_pid, _) = cur.fetchone()
+        # When the release migrates, waiting a tenth of a second for each lock, twice
+        blocked = _migrate(empty_db, "--lock-timeout", "0.1", "--lock-attempts", "2")
+        # Then it gives up (instead of queueing every other session behind its wait), changes
+        # nothing, and names the session in the way
+        assert blocked.returncode == 1, blocked.stderr
+        assert "a table stayed locked for 0.1 s on each of 2 tries (nothing was changed)" in blocked.stderr
+        assert f"pid {holder_pid} " in blocked.stderr and "Traceback" not in blocked.stderr
+        assert migrations.current(empty_db) == "0010"
+    finally:
+        holder.close()
+    # And once that transaction ended, the same command migrates
+    done = _migrate(empty_db, "--lock-timeout", "0.1", "--lock-attempts", "2")
+    assert done.returncode == 0, done.stderr
+    assert migrations.current(empty_db) == migrations.head()
+
+
+def test_a_database_a_newer_release_migrated_is_left_as_it_is(empty_db: str) -> None:
+    # Given a database at a revision a newer release made (this one is being rolled back to)
+    migrations.upgrade(empty_db)
+    query(empty_db, "UPDATE control_plane.alembic_version SET version_num = '9999'")
+    # When this release's `controlplane migrate` runs (its release step)
+    result = _migrate(empty_db)
+    # Then it succeeds, saying so, and leaves the revision alone
+    assert result.returncode == 0, result.stderr
+    assert "is at revision 9999, newer than this release's" in result.stderr
+    assert query(empty_db, "SELECT version_num FROM control_plane.alembic_version")[0]["version_num"] == "9999"
+
+
+def test_a_role_owning_the_schema_its_dba_made_migrates_without_the_right_to_create_schemas(
+    empty_db: str, server_url: str
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    # Given a deploy role that may not create schemas in the database, owning the one its DBA made
+    role = f"cp_deploy_{uuid.uuid4().hex[:8]}"
+    query(server_url, f"CREATE ROLE {role} LOGIN")
+    try:
+        query(empty_db, f"REVOKE CREATE ON DATABASE {make_url(empty_db).database} FROM PUBLIC")
+        query(empty_db, f"CREATE SCHEMA {SCHEMA} AUTHORIZATION {role}")
+        as_role = make_url(empty_db).set(username=role, password=None).render_as_string(hide_password=False)
+        # When it migrates
+        result = _migrate(as_role)
+        # Then it works (CREATE SCHEMA IF NOT EXISTS would be refused: the database's CREATE is checked first)
+        assert result.returncode == 0, result.stderr
+        assert migrations.current(empty_db) == migrations.head()
+    finally:
+        query(empty_db, f"DROP SCHEMA {SCHEMA} CASCADE")
+        query(server_url, f"DROP ROLE {role}")
+
+
+def test_commands_on_a_database_an_older_release_migrated_say_to_migrate(empty_db: str) -> None:
+    # Given a database an older release migrated (before failed_at and live_key existed)
+    migrations.upgrade(empty_db, "0004")
+    env = {**os.environ, "DATABASE_URL": empty_db}
+    # When this release's commands read it
+    stats = subprocess.run([sys.executable, "-m", "tasks.cli", "stats"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    # Then they say what is wrong and what to do, in one line
+    assert stats.returncode == 1
+    assert stats.stderr.strip().splitlines() == [stats.stderr.strip()]
+    assert f"the database's schema is at revision 0004, this release needs {migrations.head()}" in stats.stderr
+    assert "run `controlplane migrate`" in stats.stderr
