@@ -28,7 +28,7 @@ from tasks.provision.state import control_transaction, load
 from tasks.provision.target import classify
 from tasks.provision.workflow import QUEUE
 from tasks.settings import Settings
-from tests.support import at_once, query
+from tests.support import at_once, query, wait_for
 
 
 @pytest.fixture
@@ -726,3 +726,27 @@ def test_a_provision_url_keeps_its_own_libpq_options(db_url: str) -> None:
     # Then the URL's options hold, beside the provisioning's own timeouts
     assert (search_path, application_name) == ("cp_custom", "ops")
     assert statement_timeout == f"{Settings.from_env({}).provision_statement_timeout_ms // 1000}s"
+
+
+def test_a_step_delivered_before_its_claim_commits_waits_for_it(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    import threading
+
+    # Given a claim not yet committed (its transaction still open), and its first step
+    # delivered meanwhile (a broker that cannot join the claim's transaction: RabbitMQ)
+    job_id = str(uuid.uuid4())
+    pid = project["project_id"]
+    outcome: list[dict[str, object]] = []
+    with control_transaction() as conn:
+        claim(conn, validate(project), job_id, Settings.from_env())
+        step = threading.Thread(target=lambda: outcome.append(run_step("roles", pid, job_id)))
+        step.start()
+        waiting = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        wait_for(lambda: not step.is_alive() or query(db_url, waiting)[0]["n"] > 0,
+                 what="the step to finish or to wait for the claim")  # fmt: skip
+    # When the claim commits
+    step.join(60)
+    # Then the step ran for the claimed run, instead of finding the project gone
+    assert outcome and outcome[0].get("skipped") is None, outcome
+    assert outcome[0]["step"] == "roles"
