@@ -218,3 +218,29 @@ def test_commands_on_a_database_an_older_release_migrated_say_to_migrate(empty_d
     assert stats.stderr.strip().splitlines() == [stats.stderr.strip()]
     assert f"the database's schema is at revision 0004, this release needs {migrations.head()}" in stats.stderr
     assert "run `controlplane migrate`" in stats.stderr
+
+
+def test_roles_using_the_databases_other_tables_keep_connecting_once_it_is_closed_to_public(
+    empty_db: str, server_url: str
+) -> None:
+    # Given the control plane sharing its database with an application: a reporting role
+    # reading the application's table, and a role that only exists (a tenant's, say)
+    reporter, stranger = (f"cp_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("report", "tenant"))
+    for role in (reporter, stranger):
+        query(server_url, f"CREATE ROLE {role} LOGIN")
+    try:
+        migrations.upgrade(empty_db, "0008")
+        query(empty_db, f"CREATE TABLE public.invoices (id int); GRANT SELECT ON public.invoices TO {reporter}")
+        # When the control plane's migrations run to the end
+        result = _migrate(empty_db)
+        assert result.returncode == 0, result.stderr
+        # Then the reporting role still connects (and is named), and the other role does not
+        can = "SELECT has_database_privilege(%s, current_database(), 'CONNECT') AS ok"
+        assert query(empty_db, can, (reporter,))[0]["ok"] is True
+        assert query(empty_db, can, (stranger,))[0]["ok"] is False
+        assert f"may connect again: {reporter}" in result.stderr
+    finally:
+        query(empty_db, "DROP TABLE IF EXISTS public.invoices")
+        for role in (reporter, stranger):
+            query(empty_db, f"REVOKE ALL ON DATABASE {empty_db.rsplit('/', 1)[-1].split('?')[0]} FROM {role}")
+            query(server_url, f"DROP ROLE {role}")
