@@ -150,7 +150,10 @@ else:
     # control_plane.jobs, results, schedules and rate limits stay in PostgreSQL.
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-    broker = RabbitmqBroker(url=settings.broker_url, middleware=_middleware())
+    # confirm_delivery: a send returns once RabbitMQ has the message, not when it left the
+    # socket; a publish lost as the connection dropped raises instead of leaving a pending
+    # jobs row no worker will ever run.
+    broker = RabbitmqBroker(url=settings.broker_url, middleware=_middleware(), confirm_delivery=True)
 dramatiq.set_broker(broker)
 
 

@@ -373,3 +373,14 @@ def test_a_delivery_again_after_a_lost_worker_records_the_lost_attempt(db_url: s
     lost.processed(tasks.broker, retried, exception=ValueError("first attempt fails"))
     survivor.started(tasks.broker, retried.copy(options={"retries": 1}))
     assert job(db_url, retried.message_id)["errors"] == []
+
+
+def test_sends_through_rabbitmq_wait_for_its_confirmation(db_url: str) -> None:
+    # Given the broker a process configures with BROKER_URL set
+    env = {**os.environ, **rabbit_env(db_url, "unused"), "PYTHONPATH": str(ROOT)}
+    code = "import tasks; print(type(tasks.broker).__name__, tasks.broker.confirm_delivery)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Then its publishes wait for RabbitMQ's confirmation: one lost as the connection drops
+    # raises to the sender instead of leaving a pending jobs row that no worker will run
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["RabbitmqBroker", "True"]
