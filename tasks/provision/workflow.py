@@ -275,8 +275,7 @@ def run_step(step: str, project_id: str, run: str | None = None) -> dict[str, ob
         # Wait for a claim (or another holder of the project's lock) still committing: with a
         # broker that cannot join the claim's transaction (RabbitMQ) this step may be delivered
         # before it commits, and would find the project gone, or an older run's.
-        with conn.cursor() as cur:
-            cur.execute(q.LOCK_PROJECT, {"project_id": project_id})
+        _lock_project(conn, project_id)
         state = load(conn, project_id)
         superseded = _superseded(state, run)
         if state is None or state.status != "provisioning" or superseded:
