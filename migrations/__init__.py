@@ -9,9 +9,13 @@ nothing left to do.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
 
 HERE = Path(__file__).resolve().parent
 
@@ -66,29 +70,33 @@ def upgrade(url: str, revision: str = "head", *, lock_timeout: float = 0.0, atte
             command.upgrade(config, revision)
             return
         except DBAPIError as exc:
-            if not isinstance(exc.orig, psycopg2.errors.LockNotAvailable) or attempt == attempts:
-                if isinstance(exc.orig, psycopg2.errors.LockNotAvailable):
-                    raise LockNotAvailable(str(exc.orig).strip()) from exc
+            if not isinstance(exc.orig, psycopg2.errors.LockNotAvailable):
                 raise
+            if attempt == attempts:
+                raise LockNotAvailable(str(exc.orig).strip()) from exc
             time.sleep(min(0.5 * 2**attempt, 5.0))
+
+
+def _scripts() -> ScriptDirectory:
+    """This release's migration scripts (Alembic's ``ScriptDirectory``)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("postgresql://"))
 
 
 def known(revision: str) -> bool:
     """Whether this release knows ``revision`` (a database a newer release migrated does not)."""
-    from alembic.script import ScriptDirectory
     from alembic.util.exc import CommandError
 
     try:
-        return ScriptDirectory.from_config(alembic_config("postgresql://")).get_revision(revision) is not None
+        return _scripts().get_revision(revision) is not None
     except CommandError:
         return False
 
 
 def head() -> str:
     """The newest revision this release knows."""
-    from alembic.script import ScriptDirectory
-
-    revision = ScriptDirectory.from_config(alembic_config("postgresql://")).get_current_head()
+    revision = _scripts().get_current_head()
     assert revision is not None
     return revision
 
