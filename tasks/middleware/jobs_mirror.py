@@ -288,15 +288,19 @@ class StandaloneMirror:
             "max_attempts": max_attempts_for(broker, message),
         }
 
+    def _take(self, message: Any) -> tuple[str | None, int | None]:
+        """What this process kept of ``message``'s attempt: its error (if it failed) and its
+        number (if its start was recorded), forgotten now that the attempt's outcome is known."""
+        with self._lock:
+            return self._errors.pop(message.message_id, None), self._attempts.pop(message.message_id, None)
+
     def failed_here(self, message: Any) -> bool:
         """Whether an attempt of ``message`` just failed in this process (a send of it is a retry)."""
         with self._lock:
             return message.message_id in self._errors
 
     def enqueued(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        with self._lock:
-            error = self._errors.pop(message.message_id, None)
-            attempt = self._attempts.pop(message.message_id, None)
+        error, attempt = self._take(message)
         if error is not None:
             # Retries re-enqueued the message whose attempt just failed here.
             self._write(
@@ -347,9 +351,7 @@ class StandaloneMirror:
                 self._errors[message.message_id] = "skipped by middleware"
 
     def acked(self, message: Any) -> None:
-        with self._lock:
-            error = self._errors.pop(message.message_id, None)
-            attempt = self._attempts.pop(message.message_id, None)
+        error, attempt = self._take(message)
         if error is not None:
             # The attempt failed and Dramatiq acked it without a retry being sent: Retries could
             # not publish one (RabbitMQ refused or was unreachable; Dramatiq logged it). Nothing
@@ -357,9 +359,7 @@ class StandaloneMirror:
             self._failed(message, f"{error} (its retry could not be sent: see the worker's log)", attempt)
 
     def nacked(self, message: Any, broker: dramatiq.Broker) -> None:
-        with self._lock:
-            error = self._errors.pop(message.message_id, None)
-            attempt = self._attempts.pop(message.message_id, None)
+        error, attempt = self._take(message)
         if error is None and message.actor_name not in broker.actors:
             # The worker rejected it before any attempt: no actor of that name here.
             error = describe_error(ActorNotFound(message.actor_name), message, broker)
