@@ -787,8 +787,9 @@ def _schema_behind(exc: BaseException) -> str | None:
         return None
     if found is None:
         return "the database has no control-plane tables yet"
-    if found != migrations.head() and migrations.known(found):
-        return f"the database's schema is at revision {found}, this release needs {migrations.head()}"
+    needed = migrations.head()
+    if found != needed and migrations.known(found):
+        return f"the database's schema is at revision {found}, this release needs {needed}"
     return None
 
 
