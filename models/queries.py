@@ -398,9 +398,11 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 #: record why in the mirror, forget workers silent for long, and wake the queues.
 #: A message whose cancellation was requested is not put back: its job ends cancelled.
 #: Nor is one whose job has used up its attempts (a job that kills its worker would
-#: otherwise take down one worker per lease forever): its job ends failed. The ids of
-#: the jobs ended so come back, for ``STORE_REAPED_RESULTS`` (a statement of its own:
-#: here, an insert into ``results`` would make every reap wait for any lock on that table).
+#: otherwise take down one worker per lease forever): its job ends failed. The jobs
+#: ended so come back (id, fate, error, attempts) with their messages' bodies, for their
+#: failure hooks (sent in the reap's transaction) and ``STORE_REAPED_RESULTS`` (a statement
+#: of its own: here, an insert into ``results`` would make every reap wait for any lock on
+#: that table).
 #: A job marked running fails once its attempts reach ``max_attempts``. One that was not
 #: (claimed, and maybe never started: a dying worker's prefetch is charged an attempt too)
 #: fails only at twice that: a job that kills its worker within
@@ -424,14 +426,15 @@ WITH r AS (
     RETURNING m.id, m.queue, r.worker
 ), x AS (
     DELETE FROM control_plane.messages AS m USING r WHERE m.id = r.id AND r.fate <> 'requeue'
-    RETURNING m.id, r.worker, r.fate
+    RETURNING m.id, r.worker, r.fate, m.body
 ), lost AS (
     -- The lost claim counts as an attempt (unless its start mark counted it):
     -- its worker may have started it without the mark being written.
-    SELECT l.id, coalesce(l.worker, 'unknown') AS worker, l.fate,
+    SELECT l.id, coalesce(l.worker, 'unknown') AS worker, l.fate, l.body,
            j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END AS attempt,
            'lease expired: worker ' || coalesce(l.worker, 'unknown') || ' stopped heartbeating' AS error
-    FROM (SELECT id, worker, 'requeue' AS fate FROM m UNION ALL SELECT id, worker, fate FROM x) AS l
+    FROM (SELECT id, worker, 'requeue' AS fate, NULL::bytea AS body FROM m
+          UNION ALL SELECT id, worker, fate, body FROM x) AS l
     JOIN control_plane.jobs AS j ON j.id = l.id
 ), j AS (
     UPDATE control_plane.jobs AS j
@@ -453,14 +456,18 @@ WITH r AS (
                                  || CASE WHEN lost.fate = 'cancel' THEN ' after its cancellation was requested'
                                          ELSE '' END))
     FROM lost WHERE j.id = lost.id
-    RETURNING j.id, lost.fate
+    RETURNING j.id, lost.fate, lost.body, j.last_error, j.attempts, j.max_attempts
 ), w AS (
     DELETE FROM control_plane.worker_heartbeats
     WHERE heartbeat_at < now() - make_interval(secs => %(forget_after)s)
 )
 SELECT (SELECT count(*) FROM m),
        (SELECT count(pg_notify('control_plane_messages', q.queue)) FROM (SELECT DISTINCT queue FROM m) AS q),
-       (SELECT coalesce(array_agg(id::text), '{}') FROM j WHERE fate <> 'requeue')
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'fate', fate, 'error', last_error,
+                                                     'attempts', attempts, 'max_attempts', max_attempts)
+                                  ORDER BY id), '[]')
+        FROM j WHERE fate <> 'requeue'),
+       (SELECT coalesce(array_agg(body ORDER BY id), '{}') FROM j WHERE fate <> 'requeue')
 """
 
 #: What a caller blocked in ``get_result`` hears of jobs ``REAP`` ended: ``WorkerLost`` for a

@@ -1258,16 +1258,55 @@ class _PostgresConsumer(dramatiq.Consumer):
                     held = [self.state.inflight[i] for i in cancelled if i in self.state.inflight]
                 interrupt(self.broker, held)
         if now >= self._next_reap:
-            with self.conn.cursor() as cur:
-                cur.execute(queries.REAP, {"forget_after": self.settings.lease_seconds * 4})
-                (reaped, _, ended) = cur.fetchone()
-            if reaped:
-                logger.warning("re-queued %d message(s) whose worker's lease expired", reaped)
-            if ended:
-                logger.warning("ended %d job(s) whose worker's lease expired on their last attempt (or "
-                               "after a cancel): %s", len(ended), ", ".join(ended))
-                self._store_reaped_results(ended)
+            self._reap()
             self._next_reap = now + self.settings.reap_interval
+
+    def _reap(self) -> None:
+        """Put back what lost workers held; end the jobs among them that must not run again,
+        sending their failure hooks in the same transaction (sent once, or not at all)."""
+        with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn:
+            with conn.cursor() as cur:
+                cur.execute(queries.REAP, {"forget_after": self.settings.lease_seconds * 4})
+                (reaped, _, ended, bodies) = cur.fetchone()
+            if ended:
+                with enqueue_in(conn):
+                    for job, body in zip(ended, bodies, strict=True):
+                        self._send_hooks_of_lost(conn, job, bytes(body))
+        if reaped:
+            logger.warning("re-queued %d message(s) whose worker's lease expired", reaped)
+        if ended:
+            ids = [job["id"] for job in ended]
+            logger.warning("ended %d job(s) whose worker's lease expired on their last attempt (or "
+                           "after a cancel): %s", len(ids), ", ".join(ids))
+            self._store_reaped_results(ids)
+
+    def _send_hooks_of_lost(self, conn: Any, job: dict[str, Any], body: bytes) -> None:
+        """The ``on_failure``, ``on_final_failure`` and ``on_retry_exhausted`` messages of a job
+        the reaper ended, as its worker would have sent them had it lived (each middleware's
+        ``after_worker_lost``). A hook that cannot be sent (its actor is not declared in this
+        process) is logged and skipped: the reap goes on."""
+        try:
+            message = Message.decode(body)
+        except DecodeError:
+            logger.warning("job %s ended by the reaper: its message cannot be decoded; no failure hooks sent",
+                           job["id"])
+            return
+        failure = {"type": "WorkerLost" if job["fate"] == "fail" else "Cancelled", "message": job["error"]}
+        for middleware in self.broker.middleware:
+            hook = getattr(middleware, "after_worker_lost", None)
+            if hook is None:
+                continue
+            with conn.cursor() as cur:
+                cur.execute("SAVEPOINT control_plane_reaped_hook")
+            try:
+                hook(self.broker, message, failure, attempts=job["attempts"], max_attempts=job["max_attempts"])
+            except Exception as exc:
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK TO SAVEPOINT control_plane_reaped_hook")
+                logger.warning("job %s ended by the reaper: a failure hook of %s was not sent (%s)",
+                               job["id"], type(middleware).__name__, db.loggable_error(exc))
+            with conn.cursor() as cur:
+                cur.execute("RELEASE SAVEPOINT control_plane_reaped_hook")
 
     def _store_reaped_results(self, job_ids: list[str]) -> None:
         """Tell the callers of jobs the reaper ended, waiting a second at most for the results

@@ -528,6 +528,73 @@ def test_a_job_whose_worker_is_lost_on_every_attempt_fails_once_its_attempts_are
     assert disagreements(db_url) == []
 
 
+def _lose_the_worker_of(db_url: str, message: dramatiq.Message, *, cancel: bool = False) -> None:
+    """Claim ``message`` on a worker that then dies while running it (its lease expires; no
+    outcome is ever reported), after an operator asked to cancel it if ``cancel``; another
+    worker's reaper then finds it."""
+    lost = PostgresBroker(url=db_url, settings=tasks.settings)
+    consumer = lost.consume("default", prefetch=1, timeout=500)
+    assert next(consumer).message_id == message.message_id
+    query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = attempts + 1 "
+                  "WHERE id = %s", (message.message_id,))  # fmt: skip
+    if cancel:
+        query(db_url, "SELECT control_plane.cancel_job(%s)", (message.message_id,))
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
+    other = tasks.broker.consume("slow", prefetch=1, timeout=100)  # the reaper is not per queue
+    other._next_reap = 0
+    assert next(other) is None
+    other.close()
+    lost.close()
+
+
+def _hooks_sent(db_url: str) -> list[dict[str, object]]:
+    return query(db_url, "SELECT payload -> 'args' AS args FROM control_plane.jobs "
+                         "WHERE type = 'tests.callback_sink' ORDER BY created_at")  # fmt: skip
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["attempts-used-up", "cancelled"])
+def test_a_job_the_reaper_ends_sends_the_failure_hooks_its_worker_would_have(db_url: str, cancel: bool) -> None:
+    # Given a job on its last attempt with every failure hook, whose worker is lost while it
+    # runs (after an operator asked to cancel it, or not)
+    sink = "tests.callback_sink"
+    message = actors.noop.send_with_options(
+        args=("lost",), max_attempts=1, on_failure=sink, on_final_failure=sink, on_retry_exhausted=sink
+    )
+    _lose_the_worker_of(db_url, message, cancel=cancel)
+    # Then the job ended, and its hooks were sent as its worker would have sent them
+    row = job(db_url, message.message_id)
+    assert row["status"] == ("cancelled" if cancel else "failed")
+    kind = "Cancelled" if cancel else "WorkerLost"
+    failure = {"type": kind, "message": row["last_error"]}
+    sent = [r["args"] for r in _hooks_sent(db_url)]
+    on_failure = [a for a in sent if a[0].get("message_id") == message.message_id and "queue_name" in a[0]
+                  and a[1] == failure]  # fmt: skip
+    assert len(on_failure) == 1, sent
+    assert on_failure[0][0]["args"] == ["lost"]
+    on_final = {"message_id": message.message_id, "actor_name": "tests.noop", "args": ["lost"], "kwargs": {}}
+    assert sent.count([on_final, failure]) == 1, sent
+    exhausted = [a for a in sent if a[1] == {"retries": 0, "max_retries": 0}]
+    # (a cancel is not a failure whose retries were spent)
+    assert len(exhausted) == (0 if cancel else 1), sent
+    assert len(sent) == (2 if cancel else 3)
+    assert disagreements(db_url) == []
+
+
+def test_a_failure_hook_the_reaper_cannot_send_is_logged_and_the_rest_go(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a lost job whose on_failure names an actor no process here declares
+    message = actors.noop.send_with_options(
+        args=("lost",), max_attempts=1, on_failure="tests.nobody", on_final_failure="tests.callback_sink"
+    )
+    with caplog.at_level("WARNING", logger="tasks.broker"):
+        _lose_the_worker_of(db_url, message)
+    # Then the job still ended, its other hook was sent, and the one left out is named
+    assert job(db_url, message.message_id)["status"] == "failed"
+    assert [r["args"][0]["message_id"] for r in _hooks_sent(db_url)] == [message.message_id]
+    assert any(message.message_id in r.getMessage() and "tests.nobody" in r.getMessage() for r in caplog.records)
+
+
 def test_claims_follow_priority_then_eta(db_url: str) -> None:
     low = actors.noop.send_with_options(args=("low",), priority=10)
     high = actors.noop.send_with_options(args=("high",), priority=-5)

@@ -32,13 +32,20 @@ class Callbacks(dramatiq_callbacks.Callbacks):
         if exception is None:
             super().after_process_message(broker, message, result=result)  # type: ignore[no-untyped-call]
             return
-        actor = broker.get_actor(message.actor_name)
-        target = message.options.get("on_failure") or actor.options.get("on_failure")
+        self._send_on_failure(broker, message, describe_failure(exception, message, broker))
+
+    def after_worker_lost(
+        self, broker: dramatiq.Broker, message: Any, failure: dict[str, str], *, attempts: int, max_attempts: int
+    ) -> None:
+        """The reaper ended ``message``'s job (its worker was lost on its last attempt, or after a
+        cancel): ``on_failure`` as the worker would have sent it."""
+        self._send_on_failure(broker, message, failure)
+
+    def _send_on_failure(self, broker: dramatiq.Broker, message: Any, failure: dict[str, str]) -> None:
+        actor = broker.actors.get(message.actor_name)
+        target = message.options.get("on_failure") or (actor.options.get("on_failure") if actor else None)
         if target:
-            broker.get_actor(target).send(
-                message.asdict(),
-                describe_failure(exception, message, broker),
-            )
+            broker.get_actor(target).send(message.asdict(), failure)
 
 
 __all__ = ["Callbacks"]

@@ -8,8 +8,8 @@ interrupt is never retried either.
 
 ``on_final_failure`` (an actor name, per actor or per message) is sent once
 when a job fails for good, permanent error or retries spent (Dramatiq's
-``on_failure`` fires on every failed attempt); not when the reaper fails a job
-whose worker died on its last attempt (no process of it is left to send it). It receives
+``on_failure`` fires on every failed attempt), and when the reaper ends a job
+whose worker died on its last attempt (``after_worker_lost``). It receives
 ``{"message_id", "actor_name", "args", "kwargs"}`` and ``{"type", "message"}``,
 the message redacted, never the traceback.
 
@@ -111,15 +111,32 @@ class Retries(dramatiq_retries.Retries):
                 broker, message, result=result, exception=exception
             )
         if message.failed:
-            self._send_final_failure(broker, message, exception)
+            from tasks.middleware.jobs_mirror import describe_failure
 
-    def _send_final_failure(self, broker: dramatiq.Broker, message: Any, exception: BaseException) -> None:
+            self._send_final_failure(broker, message, describe_failure(exception, message, broker))
+
+    def after_worker_lost(
+        self, broker: dramatiq.Broker, message: Any, failure: dict[str, str], *, attempts: int, max_attempts: int
+    ) -> None:
+        """The reaper ended ``message``'s job: its worker was lost on its last attempt
+        (``on_retry_exhausted`` and ``on_final_failure``, as a failure with its retries spent
+        sends them), or after a cancel (``on_final_failure``, as a ``Cancelled`` interrupt does)."""
+        if failure["type"] != "Cancelled":
+            actor = broker.actors.get(message.actor_name)
+            target = message.options.get("on_retry_exhausted") or (
+                actor.options.get("on_retry_exhausted") if actor else None
+            )
+            if target:
+                broker.get_actor(target).send(
+                    message.asdict(), {"retries": attempts - 1, "max_retries": max_attempts - 1}
+                )
+        self._send_final_failure(broker, message, failure)
+
+    def _send_final_failure(self, broker: dramatiq.Broker, message: Any, failure: dict[str, str]) -> None:
         actor = broker.actors.get(message.actor_name)
         target = message.options.get("on_final_failure") or (actor.options.get("on_final_failure") if actor else None)
         if not target:
             return
-        from tasks.middleware.jobs_mirror import describe_failure
-
         broker.get_actor(target).send(
             {
                 "message_id": message.message_id,
@@ -127,5 +144,5 @@ class Retries(dramatiq_retries.Retries):
                 "args": list(message.args),
                 "kwargs": dict(message.kwargs),
             },
-            describe_failure(exception, message, broker),
+            failure,
         )
