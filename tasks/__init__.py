@@ -106,7 +106,7 @@ def _middleware() -> list[Middleware]:
         # pipelines: message | message (Dramatiq's)
         Pipelines(),
         # group(...).add_completion_callback(...): Dramatiq's, its barriers in control_plane.rate_limits
-        GroupCallbacks(rate_limiter_backend),
+        GroupCallbacks(PostgresRateLimiterBackend(connection, barriers=True)),
         # exponential backoff, max_attempts, permanent errors
         Retries(
             max_retries=settings.max_attempts - 1,

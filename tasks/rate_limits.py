@@ -55,6 +55,11 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         ``connection`` method).
       url: where blocking ``wait`` calls open their own LISTEN connection
         (default: the URL of ``tasks``' database).
+      barriers: this backend makes group barriers (``GroupCallbacks``'): ``add``
+        joins the transaction of ``tasks.enqueue_in``, as the group's messages do.
+        Off for everything else: a ``ConcurrentRateLimiter`` acquires with ``add``,
+        and a slot taken inside a caller's transaction would be invisible to its
+        release (on another connection) and stay taken for the limiter's ``ttl``.
     """
 
     def __init__(
@@ -62,9 +67,11 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         connection: Callable[[], AbstractContextManager[Any]],
         *,
         url: Callable[[], str] | None = None,
+        barriers: bool = False,
     ) -> None:
         self._connection = connection
         self._url = url
+        self._barriers = barriers
         self._next_sweep = 0.0
         self._sweep_lock = threading.Lock()
 
@@ -78,16 +85,17 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
     def add(self, key: str, value: int, ttl: int) -> bool:
         """Set ``key`` to ``value`` for ``ttl`` ms, unless it exists; True when it did.
 
-        A group's barrier is made with ``add`` when the group is sent: inside
-        ``tasks.enqueue_in(conn)`` it is written in that transaction, with the group's
-        messages, so that a rollback leaves no barrier behind either.
+        A group's barrier is made with ``add`` when the group is sent: on a ``barriers``
+        backend, inside ``tasks.enqueue_in(conn)`` it is written in that transaction, with
+        the group's messages, so that a rollback leaves no barrier behind either.
         """
         import tasks
         from tasks.broker import PostgresBroker, joined_connection
 
         params = {"key": key, "value": value, "ttl_ms": ttl}
         # With RabbitMQ the group's messages are published at once: the barrier must be too.
-        caller = joined_connection() if isinstance(tasks.broker, PostgresBroker) else None
+        joins = self._barriers and isinstance(tasks.broker, PostgresBroker)
+        caller = joined_connection() if joins else None
         if caller is None:
             return self._execute(queries.RATE_LIMIT_ADD, params)
         with caller.cursor() as cur:

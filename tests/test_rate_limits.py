@@ -123,6 +123,23 @@ def test_a_concurrent_limiter_holds_its_limit_across_threads(db_url: str) -> Non
     assert query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = 'threads'")[0]["value"] == 0
 
 
+def test_a_slot_taken_inside_enqueue_in_is_released_like_any_other(db_url: str) -> None:
+    # Given a job that takes a mutex while its sends join its own transaction
+    mutex = ConcurrentRateLimiter(backend(), "in-a-transaction", limit=1, ttl=60_000)
+    conn = psycopg2.connect(db_url)
+    try:
+        with tasks.enqueue_in(conn), mutex.acquire():
+            actors.noop.send("follow-up")
+        # When it commits
+        conn.commit()
+    finally:
+        conn.close()
+    # Then the mutex is free for the next holder (not taken for its whole ttl), and the send landed
+    with mutex.acquire(raise_on_failure=False) as acquired:
+        assert acquired
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.noop'")[0]["n"] == 1
+
+
 def test_a_window_limiter_allows_limit_per_window(db_url: str) -> None:
     # Given a window limiter of 3 per minute, at a fixed moment
     limiter = WindowRateLimiter(backend(), "window", limit=3, window=60)
