@@ -710,16 +710,26 @@ SELECT value FROM bumped UNION ALL SELECT value FROM created
 #: buckets, ``key`` among them) would pass ``maximum``. Two statements sent as
 #: one query string, hence one implicit transaction: the advisory lock on the
 #: window (``group``) serialises its callers, and the upsert, which takes a new
-#: snapshot, then sees every bucket its predecessors wrote.
+#: snapshot, then sees every bucket its predecessors wrote. With ``window`` (seconds)
+#: the buckets are the database's seconds, ``group@<epoch second>`` as Dramatiq names
+#: them, not the caller's: hosts whose clocks differ count in the same window.
 RATE_LIMIT_INCR_AND_SUM = """
 SELECT pg_advisory_xact_lock(hashtext('control_plane.rate_limits'), hashtext(%(group)s));
-WITH others AS (
-    SELECT coalesce(sum(value), 0)::bigint AS total FROM control_plane.rate_limits
-    WHERE key = ANY(%(keys)s::text[]) AND key <> %(key)s AND expires_at > now()
+WITH t AS (
+    SELECT floor(extract(epoch FROM clock_timestamp()))::bigint AS s
+), k AS (
+    SELECT CASE WHEN %(window)s::int IS NULL THEN %(key)s ELSE %(group)s || '@' || t.s END AS key,
+           CASE WHEN %(window)s::int IS NULL THEN %(keys)s::text[]
+                ELSE ARRAY(SELECT %(group)s || '@' || (t.s - i) FROM generate_series(0, %(window)s::int - 1) AS i)
+           END AS keys
+    FROM t
+), others AS (
+    SELECT coalesce(sum(r.value), 0)::bigint AS total FROM control_plane.rate_limits AS r, k
+    WHERE r.key = ANY(k.keys) AND r.key <> k.key AND r.expires_at > now()
 )
 INSERT INTO control_plane.rate_limits AS r (key, value, expires_at)
-SELECT %(key)s, %(amount)s::bigint, now() + make_interval(secs => %(ttl_ms)s / 1000.0)
-FROM others WHERE others.total + %(amount)s::bigint <= %(maximum)s::bigint
+SELECT k.key, %(amount)s::bigint, now() + make_interval(secs => %(ttl_ms)s / 1000.0)
+FROM others, k WHERE others.total + %(amount)s::bigint <= %(maximum)s::bigint
 ON CONFLICT (key) DO UPDATE
    SET value = CASE WHEN r.expires_at > now() THEN r.value ELSE 0 END + excluded.value,
        expires_at = excluded.expires_at

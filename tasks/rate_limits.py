@@ -117,17 +117,22 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         )
 
     def incr_and_sum(self, key: str, keys: Callable[[], list[str]], amount: int, maximum: int, ttl: int) -> bool:
-        """Add ``amount`` to ``key`` unless the sum over ``keys()`` would pass ``maximum``; True when it did."""
+        """Add ``amount`` to ``key`` unless the sum over ``keys()`` would pass ``maximum``; True when it did.
+
+        A ``WindowRateLimiter``'s (``key`` is ``name@<epoch second>``, ``keys()`` that second
+        and the ones before it) counts by the database's clock, not this host's.
+        """
+        group = _WINDOW_SUFFIX.sub("", key)
+        listed = list(keys())
+        window = None
+        if group != key and listed and listed[0] == key:
+            second = int(key[len(group) + 1:])
+            if listed == [f"{group}@{second - i}" for i in range(len(listed))]:
+                window = len(listed)
         return self._execute(
             queries.RATE_LIMIT_INCR_AND_SUM,
-            {
-                "group": _WINDOW_SUFFIX.sub("", key),
-                "key": key,
-                "keys": list(keys()),
-                "amount": amount,
-                "maximum": maximum,
-                "ttl_ms": ttl,
-            },
+            {"group": group, "key": key, "keys": listed, "window": window, "amount": amount, "maximum": maximum,
+             "ttl_ms": ttl},
         )
 
     def wait(self, key: str, timeout: int | None) -> bool:
