@@ -108,11 +108,19 @@ def schedule(
     an actor has several schedules. Declaring the same name again replaces the
     schedule only if it is the same (a module imported twice); a different
     schedule under a name already taken raises ``ValueError`` (two schedules of
-    one actor need a ``name`` each). ``options`` are message options.
+    one actor need a ``name`` each). ``options`` are message options
+    (``max_attempts``, ``unique_key``, ``priority``, ``time_limit``, ...); any other
+    keyword (``timezone=``: cron is in UTC) raises ``ValueError``.
     Raises :class:`tasks.cron.CronError` for a bad expression, or one that
     never fires (``0 0 31 2 *``).
     """
     parsed = CronSchedule.parse(cron)
+    unknown = sorted(set(options) - _message_options())
+    if unknown:
+        raise ValueError(
+            f"schedule {name or getattr(actor, 'actor_name', actor)!r}: unknown option(s) {', '.join(unknown)}; "
+            f"cron is in UTC, and the other keywords are message options: {', '.join(sorted(_message_options()))}"
+        )
     if isinstance(actor, str):
         actor_name, queue = actor, queue_name
     else:
@@ -135,6 +143,16 @@ def schedule(
             )
         _registry[entry.name] = entry
     return entry
+
+
+#: Actor options a message cannot carry: functions, which JSON cannot hold.
+_ACTOR_ONLY_OPTIONS = frozenset({"retry_when", "throws", "unique_key_from"})
+
+
+def _message_options() -> set[str]:
+    """What a schedule's message may carry: the broker's middleware's options, a unique key,
+    a priority."""
+    return (set(dramatiq.get_broker().actor_options) - _ACTOR_ONLY_OPTIONS) | {"unique_key", "priority"}
 
 
 def periodic(

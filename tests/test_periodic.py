@@ -201,6 +201,10 @@ def test_two_different_schedules_under_one_name_are_refused() -> None:
 
         with pytest.raises(CronError, match="never fires"):
             schedule("0 0 31 2 *", "tests.report", name="tests.report.never")
+        # And an option no message has (a time zone, a misspelt option) is refused, not ignored
+        with pytest.raises(ValueError, match=r"unknown option\(s\) max_attempt, timezone; cron is in UTC"):
+            schedule("0 9 * * *", "tests.report", name="tests.report.never", timezone="Europe/Paris", max_attempt=5)
+        schedule("0 9 * * *", "tests.report", name="tests.report.never", max_attempts=5, unique_key="r", priority=1)
     finally:
         for name in ("tests.report", "tests.report.weekly", "tests.report.never"):
             unschedule(name)
