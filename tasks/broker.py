@@ -1148,8 +1148,9 @@ class _PostgresConsumer(dramatiq.Consumer):
         try:
             with self.conn.cursor() as cur:
                 cur.execute(queries.ARM_WAIT if waiting else queries.DISARM_WAIT, {"queue": self.queue_name})
-        except psycopg2.errors.LockNotAvailable:
-            # A send took longer than ARM_WAIT_TIMEOUT_MS to commit. We hold WAITING_LOCK (a
+        except (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled):
+            # A send took longer than ARM_WAIT_TIMEOUT_MS to commit (or than a statement_timeout
+            # a DBA set below it; or an operator cancelled the wait). We hold WAITING_LOCK (a
             # session lock outlives the rolled-back statement): later sends wake us, and the
             # next poll finds what the slow one sent.
             logger.info("%s: a send in flight is slow to commit; its message waits for the next poll", self.queue_name)
@@ -1446,7 +1447,9 @@ class _Settler(threading.Thread):
                 self.conn.close()
 
     def _connection(self) -> Any:
-        if not db.connection_is_usable(self.conn):
+        # Idle between flushes: the server may have closed it meanwhile (idle_session_timeout,
+        # a restart, pg_terminate_backend), which only a look at the socket tells.
+        if not db.idle_connection_is_alive(self.conn):
             if self.conn is not None:
                 with contextlib.suppress(Exception):
                     self.conn.close()
@@ -1473,11 +1476,12 @@ class _Settler(threading.Thread):
             except Exception as exc:  # keep settling whatever happened to this batch
                 failures += 1
                 if isinstance(exc, psycopg2.Error) and db.is_connection_error(exc):
-                    logger.warning("settling outcomes: lost the connection (%s); retrying", type(exc).__name__)
+                    logger.warning("settling outcomes: lost the connection (%s); retrying", db.loggable_error(exc))
                     with contextlib.suppress(Exception):
                         self.conn.close()
                 elif isinstance(exc, psycopg2.Error) and db.is_transient(exc):
-                    logger.warning("settling outcomes: rolled back by the server (%s); retrying", type(exc).__name__)
+                    logger.warning("settling outcomes: rolled back by the server (%s); retrying",
+                                   db.loggable_error(exc))
                 elif isinstance(exc, (psycopg2.DataError, UnicodeError)):
                     # A value of the batch was refused (by the server, or by the driver encoding it):
                     # the same batch would fail every time, and hold up every outcome of the queue.

@@ -198,16 +198,23 @@ def idle_connection_is_alive(conn: Any) -> bool:
     """True when an idle connection is still usable, without a round trip.
 
     An idle connection has nothing to read unless the server has closed it
-    (restart, ``pg_terminate_backend``): a zero-timeout ``select`` sees that.
+    (restart, ``pg_terminate_backend``, ``idle_session_timeout``): a zero-timeout
+    ``select`` sees that. The server's last words come first (a ``FATAL`` message,
+    which psycopg2 reads as a notice without closing the connection), then the end
+    of the stream; either one means the session is over.
     """
     if not connection_is_usable(conn):
         return False
     import select
 
     try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        if readable:
+        for _ in range(2):  # the message, then the end of the stream
+            readable, _, _ = select.select([conn], [], [], 0)
+            if not readable:
+                break
             conn.poll()
+            if conn.notices and conn.notices[-1].startswith("FATAL:"):
+                return False
     except (psycopg2.Error, OSError, ValueError):
         return False
     return not conn.closed

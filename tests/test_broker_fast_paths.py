@@ -198,9 +198,12 @@ def test_a_consumer_starting_to_wait_lets_a_send_in_flight_commit_then_takes_its
         consumer.close()
 
 
+@pytest.mark.parametrize("cut_by", ["lock_timeout", "statement_timeout"])
 def test_a_consumer_starting_to_wait_gives_up_on_a_slow_send_and_still_hears_of_later_ones(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
+    db_url: str, monkeypatch: pytest.MonkeyPatch, cut_by: str
 ) -> None:
+    if cut_by == "statement_timeout":  # a DBA's, shorter than the wait (ARM_WAIT_TIMEOUT_MS)
+        monkeypatch.setattr(queries, "ARM_WAIT", "SET LOCAL statement_timeout = 50;\n" + queries.ARM_WAIT)
     # Given a send that is slow to commit (its transaction holds the sending lock of the queue)
     slow = psycopg2.connect(db_url)
     with slow.cursor() as cur:
@@ -513,7 +516,7 @@ def test_claim_sizes_are_exact_up_to_64_then_powers_of_two() -> None:
     assert [_claim_size(n) for n in (65, 127, 128, 200, 1000)] == [64, 64, 128, 128, 512]
 
 
-def test_outcomes_survive_the_settler_losing_its_connection(db_url: str) -> None:
+def test_outcomes_survive_the_settler_losing_its_connection(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     # Given a consumer that settled one message, so its settler holds a connection
     first, second = actors.noop.send(1), actors.noop.send(2)
     consumer = _broker().consume("default", prefetch=1, timeout=2000)
@@ -529,11 +532,19 @@ def test_outcomes_survive_the_settler_losing_its_connection(db_url: str) -> None
             "WHERE datname = current_database() AND application_name = 'controlplane-settle:default'",
         )
         assert [row["cut"] for row in cut] == [True]
+        gone = (
+            "SELECT count(*) AS n FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'controlplane-settle:default'"
+        )
+        wait_for(lambda: query(db_url, gone)[0]["n"] == 0, what="the settler's session to end")
         message = next(consumer)
         assert message is not None
-        consumer.ack(message)
-        # Then the settler reconnects and writes it: the job completes, its message leaves the queue
-        wait_for(lambda: job(db_url, message.message_id)["status"] == "completed", what="the ack after the cut")
+        with caplog.at_level("WARNING", logger="tasks.broker"):
+            consumer.ack(message)
+            # Then the settler reconnects and writes it: the job completes, its message leaves the queue
+            wait_for(lambda: job(db_url, message.message_id)["status"] == "completed", what="the ack after the cut")
+        # And it saw the idle connection was gone before using it: no failed write, no warning
+        assert not [r for r in caplog.records if "settling outcomes" in r.getMessage()]
     finally:
         consumer.close()
     assert {first.message_id, second.message_id} == {

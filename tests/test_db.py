@@ -81,6 +81,29 @@ def test_a_connection_given_back_inside_a_transaction_is_rolled_back_not_handed_
     assert query(db_url, "SELECT to_regclass('left_open')::text AS t")[0]["t"] is None
 
 
+def test_a_pooled_connection_the_server_ended_while_idle_is_not_handed_out(db_url: str) -> None:
+    from tests.support import query, wait_for
+
+    # Given a pool with one idle connection, whose session the server ends (a restart,
+    # pg_terminate_backend, a DBA's idle_session_timeout)
+    pool = db.Pool(lambda: db_url, size=1, application_name="controlplane-test-idle")
+    try:
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            (first,) = cur.fetchone()
+        query(db_url, "SELECT pg_terminate_backend(%s)", (first,))
+        wait_for(lambda: not query(db_url, "SELECT 1 AS x FROM pg_stat_activity WHERE pid = %s", (first,)),
+                 what="the session to end")  # fmt: skip
+        # When the pool is asked for a connection
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            (second,) = cur.fetchone()
+        # Then it is a new one that works, not the dead one (whose first statement would fail)
+        assert second != first
+    finally:
+        pool.close()
+
+
 def test_threads_that_send_while_holding_a_pooled_connection_do_not_wait_for_each_other(db_url: str) -> None:
     import threading
 
