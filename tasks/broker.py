@@ -1622,13 +1622,23 @@ def _describe(message: PgMessageProxy) -> str | None:
     return describe_error(exc, message) if exc is not None else None
 
 
+#: The longest return value (JSON text, in characters) copied into ``control_plane.jobs.result``.
+#: A larger one is left to the results backend: written in the queue's settle statement,
+#: on the connection that also claims, a 50 MB value held up every job of its queue for
+#: seconds, and was stored twice (52 MB in one jobs row, kept for the completed retention).
+MAX_MIRRORED_RESULT_CHARS = 64 * 1024
+
+
 def to_json(value: Any) -> str | None:
-    """The JSON text of an actor's return value, or None when it has no JSON form."""
+    """The JSON text of an actor's return value for the jobs mirror, or None when it has no
+    JSON form or is longer than ``MAX_MIRRORED_RESULT_CHARS``."""
     if value is None:
         return None
     try:
         text = json.dumps(value, default=str, allow_nan=False)  # jsonb holds no NaN or infinity
     except (TypeError, ValueError):
+        return None
+    if len(text) > MAX_MIRRORED_RESULT_CHARS:
         return None
     # jsonb refuses both: a result it cannot hold is not stored (the job still completes).
     return None if jsonb_refuses(text) else text

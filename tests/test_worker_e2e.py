@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import threading
 import uuid
 from pathlib import Path
 
@@ -86,6 +87,38 @@ def test_results_backend_returns_the_actors_value(db_url: str, tmp_path: Path) -
     with running_worker(db_url, tmp_path):
         message = actors.noop.send({"answer": 42})
         assert message.get_result(block=True, timeout=30_000) == {"answer": 42}
+        # And a value too large for the jobs mirror is the results backend's alone
+        from tasks.broker import MAX_MIRRORED_RESULT_CHARS
+
+        large = "x" * (MAX_MIRRORED_RESULT_CHARS + 1)
+        big = actors.noop.send(large)
+        assert big.get_result(block=True, timeout=30_000) == large
+    assert job(db_url, message.message_id)["result"] == {"answer": 42}
+    row = job(db_url, big.message_id)
+    assert row["status"] == "completed"
+    assert row["result"] is None
+
+
+def test_a_blocked_get_result_waits_its_whole_timeout_and_sees_a_result_stored_meanwhile(db_url: str) -> None:
+    import time
+
+    from dramatiq.results import ResultTimeout
+
+    # Given a job no worker runs yet
+    message = actors.noop.send("later")
+    # When its caller waits 1.5 s for it
+    started = time.monotonic()
+    with pytest.raises(ResultTimeout):
+        message.get_result(block=True, timeout=1_500)
+    # Then it gave up at its timeout, not before (Dramatiq's loop gave up when its next
+    # sleep, up to 2 s, would pass the deadline: at 0.9 s of a 2 s wait)
+    assert time.monotonic() - started >= 1.5
+    # And a result stored while it waits is what it gets
+    from dramatiq.results import Results
+
+    backend = next(m.backend for m in tasks.broker.middleware if isinstance(m, Results))
+    threading.Thread(target=lambda: backend.store_result(message, "stored", 60_000)).start()
+    assert message.get_result(block=True, timeout=30_000) == "stored"
 
 
 def test_a_result_jsonb_cannot_hold_completes_the_job_without_it(db_url: str, tmp_path: Path) -> None:
