@@ -41,8 +41,8 @@ _NEGATIVE_RE = re.compile(r"-|\bago\b", re.IGNORECASE)
 
 def retention_problem(value: str) -> str | None:
     """Why ``value`` is not a retention period (None when it may be: PostgreSQL has the last word):
-    a bare number is seconds to PostgreSQL, and "7 days ago" or "-7 days" is negative; either
-    would prune every finished job."""
+    a bare number is seconds to PostgreSQL, "7 days ago" or "-7 days" is negative, and "0 days"
+    is nothing; each would prune every finished job."""
     text = value.strip()
     if not any(ch.isdigit() for ch in text):
         return f"{value!r} has no number"
@@ -50,6 +50,8 @@ def retention_problem(value: str) -> str | None:
         return f"{value!r} has no unit (PostgreSQL would read seconds); write e.g. '{text} days'"
     if _NEGATIVE_RE.search(text):
         return f"{value!r} is negative: a retention is a positive period such as '7 days'"
+    if all(ch == "0" for ch in text if ch.isdigit()):
+        return f"{value!r} is zero: a retention is a positive period such as '7 days'"
     return None
 
 

@@ -322,6 +322,11 @@ def test_prune_deletes_old_finished_jobs_and_refuses_a_bad_age(
         in_process(capsys, monkeypatch, db_url, "prune", "--completed-after", "7"),
         "'7' has no unit",
     )
+    # and one of no length at all, which would prune what finished a moment ago
+    assert_user_error(
+        in_process(capsys, monkeypatch, db_url, "prune", "--completed-after", "0 days"),
+        "'0 days' is zero",
+    )
 
 
 def test_workers_lists_live_workers_and_what_they_hold(db_url: str) -> None:

@@ -312,6 +312,7 @@ def test_the_new_settings_are_validated() -> None:
         ("CONTROLPLANE_RETENTION_FAILED", "30", "'30' has no unit .*seconds.*'30 days'"),
         ("CONTROLPLANE_RETENTION_COMPLETED", "7 days ago", "is negative"),
         ("CONTROLPLANE_RETENTION_COMPLETED", "-7 days", "is negative"),
+        ("CONTROLPLANE_RETENTION_COMPLETED", "0 days", "'0 days' is zero"),
         ("CONTROLPLANE_LEASE_SECONDS", "nan", "CONTROLPLANE_LEASE_SECONDS must be a positive, finite number"),
         ("SERVICE_TIMEOUT_SECONDS", "inf", "SERVICE_TIMEOUT_SECONDS must be a positive, finite number"),
     ]:
