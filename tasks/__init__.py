@@ -159,8 +159,8 @@ dramatiq.set_broker(broker)
 
 def _not_discarded(record: logging.LogRecord) -> bool:
     # Dramatiq's Results warns that a return value "has been discarded" when an
-    # actor does not store results; the jobs mirror keeps every return value in
-    # control_plane.jobs.result, so the warning would be false.
+    # actor does not store results; the jobs mirror keeps the return value in
+    # control_plane.jobs.result (and says so itself when one is too long to keep).
     return "has been discarded" not in record.getMessage()
 
 

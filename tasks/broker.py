@@ -1264,12 +1264,16 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def _reap(self) -> None:
         """Put back what lost workers held; end the jobs among them that must not run again,
-        sending their failure hooks in the same transaction (sent once, or not at all)."""
+        sending their failure hooks in the same transaction (the reaper's, once, or none)."""
         with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn:
             with conn.cursor() as cur:
                 cur.execute(queries.REAP, {"forget_after": self.settings.lease_seconds * 4})
                 (reaped, _, ended, bodies) = cur.fetchone()
             if ended:
+                # This thread heartbeats: a hook's send must not wait long on a lock (a unique
+                # key an open transaction holds), or the leases of the jobs it runs would expire.
+                with conn.cursor() as cur:
+                    cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")
                 with enqueue_in(conn):
                     for job, body in zip(ended, bodies, strict=True):
                         self._send_hooks_of_lost(conn, job, bytes(body))
@@ -1284,30 +1288,36 @@ class _PostgresConsumer(dramatiq.Consumer):
     def _send_hooks_of_lost(self, conn: Any, job: dict[str, Any], body: bytes) -> None:
         """The ``on_failure``, ``on_final_failure`` and ``on_retry_exhausted`` messages of a job
         the reaper ended, as its worker would have sent them had it lived (each middleware's
-        ``after_worker_lost``). A hook that cannot be sent (its actor is not declared in this
-        process) is logged and skipped: the reap goes on."""
+        ``worker_lost_hooks``), each under a savepoint: one that cannot be sent (its actor is not
+        declared in this process, a lock held too long) is logged, and the others go."""
         try:
             message = Message.decode(body)
         except DecodeError:
             logger.warning("job %s ended by the reaper: its message cannot be decoded; no failure hooks sent",
                            job["id"])
             return
+        if message.actor_name not in self.broker.actors:
+            logger.warning("job %s ended by the reaper: its actor %s is not declared in this process, so the "
+                           "hooks set on the actor (not on the message) are not known here and not sent",
+                           job["id"], message.actor_name)
         failure = {"type": "WorkerLost" if job["fate"] == "fail" else "Cancelled", "message": job["error"]}
         for middleware in self.broker.middleware:
-            hook = getattr(middleware, "after_worker_lost", None)
-            if hook is None:
+            hooks = getattr(middleware, "worker_lost_hooks", None)
+            if hooks is None:
                 continue
-            with conn.cursor() as cur:
-                cur.execute("SAVEPOINT control_plane_reaped_hook")
-            try:
-                hook(self.broker, message, failure, attempts=job["attempts"], max_attempts=job["max_attempts"])
-            except Exception as exc:
+            for target, args in hooks(self.broker, message, failure, attempts=job["attempts"],
+                                      max_attempts=job["max_attempts"]):
                 with conn.cursor() as cur:
-                    cur.execute("ROLLBACK TO SAVEPOINT control_plane_reaped_hook")
-                logger.warning("job %s ended by the reaper: a failure hook of %s was not sent (%s)",
-                               job["id"], type(middleware).__name__, db.loggable_error(exc))
-            with conn.cursor() as cur:
-                cur.execute("RELEASE SAVEPOINT control_plane_reaped_hook")
+                    cur.execute("SAVEPOINT control_plane_reaped_hook")
+                try:
+                    self.broker.get_actor(target).send(*args)
+                except Exception as exc:
+                    with conn.cursor() as cur:
+                        cur.execute("ROLLBACK TO SAVEPOINT control_plane_reaped_hook")
+                    logger.warning("job %s ended by the reaper: its hook %s was not sent (%s)",
+                                   job["id"], target, db.loggable_error(exc))
+                with conn.cursor() as cur:
+                    cur.execute("RELEASE SAVEPOINT control_plane_reaped_hook")
 
     def _store_reaped_results(self, job_ids: list[str]) -> None:
         """Tell the callers of jobs the reaper ended, waiting a second at most for the results
@@ -1622,23 +1632,13 @@ def _describe(message: PgMessageProxy) -> str | None:
     return describe_error(exc, message) if exc is not None else None
 
 
-#: The longest return value (JSON text, in characters) copied into ``control_plane.jobs.result``.
-#: A larger one is left to the results backend: written in the queue's settle statement,
-#: on the connection that also claims, a 50 MB value held up every job of its queue for
-#: seconds, and was stored twice (52 MB in one jobs row, kept for the completed retention).
-MAX_MIRRORED_RESULT_CHARS = 64 * 1024
-
-
 def to_json(value: Any) -> str | None:
-    """The JSON text of an actor's return value for the jobs mirror, or None when it has no
-    JSON form or is longer than ``MAX_MIRRORED_RESULT_CHARS``."""
+    """The JSON text of an actor's return value, or None when it has no JSON form."""
     if value is None:
         return None
     try:
         text = json.dumps(value, default=str, allow_nan=False)  # jsonb holds no NaN or infinity
     except (TypeError, ValueError):
-        return None
-    if len(text) > MAX_MIRRORED_RESULT_CHARS:
         return None
     # jsonb refuses both: a result it cannot hold is not stored (the job still completes).
     return None if jsonb_refuses(text) else text

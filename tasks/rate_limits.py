@@ -125,8 +125,10 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         group = _WINDOW_SUFFIX.sub("", key)
         listed = list(keys())
         window = None
-        if group != key and listed and listed[0] == key:
-            second = int(key[len(group) + 1:])
+        # Dramatiq reads the time twice (``key``, then ``keys()``), so the two can be a second
+        # apart: the window is recognised by ``keys()`` alone.
+        if group != key and listed and _WINDOW_SUFFIX.sub("", listed[0]) == group:
+            second = int(listed[0][len(group) + 1:])
             if listed == [f"{group}@{second - i}" for i in range(len(listed))]:
                 window = len(listed)
         return self._execute(

@@ -82,6 +82,11 @@ def callback_sink(message: object, info: object) -> None:
     record("callback")
 
 
+@dramatiq.actor(actor_name="tests.keyed_sink", unique_key_from=lambda args, kwargs: "tests.keyed_sink")
+def keyed_sink(message: object, info: object) -> None:
+    record("callback")
+
+
 @dramatiq.actor(actor_name="tests.fails_quoting_a_password", max_attempts=2, min_backoff=50, max_backoff=100,
                 on_retry_exhausted="tests.callback_sink", on_failure="tests.callback_sink")
 def fails_quoting_a_password() -> None:

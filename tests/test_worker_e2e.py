@@ -88,7 +88,7 @@ def test_results_backend_returns_the_actors_value(db_url: str, tmp_path: Path) -
         message = actors.noop.send({"answer": 42})
         assert message.get_result(block=True, timeout=30_000) == {"answer": 42}
         # And a value too large for the jobs mirror is the results backend's alone
-        from tasks.broker import MAX_MIRRORED_RESULT_CHARS
+        from tasks.middleware.jobs_mirror import MAX_MIRRORED_RESULT_CHARS
 
         large = "x" * (MAX_MIRRORED_RESULT_CHARS + 1)
         big = actors.noop.send(large)
@@ -616,16 +616,63 @@ def test_a_job_the_reaper_ends_sends_the_failure_hooks_its_worker_would_have(db_
 def test_a_failure_hook_the_reaper_cannot_send_is_logged_and_the_rest_go(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given a lost job whose on_failure names an actor no process here declares
+    # Given a lost job with three hooks, the middle one naming an actor no process here declares
+    sink = "tests.callback_sink"
     message = actors.noop.send_with_options(
-        args=("lost",), max_attempts=1, on_failure="tests.nobody", on_final_failure="tests.callback_sink"
+        args=("lost",), max_attempts=1, on_failure=sink, on_retry_exhausted="tests.nobody", on_final_failure=sink
     )
     with caplog.at_level("WARNING", logger="tasks.broker"):
         _lose_the_worker_of(db_url, message)
-    # Then the job still ended, its other hook was sent, and the one left out is named
+    # Then the job still ended, the two others were sent (the one beside it in its middleware
+    # too), and the one left out is named
     assert job(db_url, message.message_id)["status"] == "failed"
-    assert [r["args"][0]["message_id"] for r in _hooks_sent(db_url)] == [message.message_id]
+    assert len(_hooks_sent(db_url)) == 2
     assert any(message.message_id in r.getMessage() and "tests.nobody" in r.getMessage() for r in caplog.records)
+
+
+def test_a_hook_the_reaper_would_wait_for_does_not_hold_up_the_reaper(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given an application transaction, left open, that sent a job holding the unique key the
+    # on_final_failure hook of a lost job would take (the reaper's thread also heartbeats)
+    app = psycopg2.connect(db_url)
+    try:
+        with tasks.enqueue_in(app):
+            actors.keyed_sink.send({}, {})
+        message = actors.noop.send_with_options(
+            args=("lost",), max_attempts=1, on_failure="tests.callback_sink", on_final_failure="tests.keyed_sink"
+        )
+        # When the reaper ends the job
+        reaped = threading.Thread(target=lambda: _lose_the_worker_of(db_url, message))
+        with caplog.at_level("WARNING", logger="tasks.broker"):
+            reaped.start()
+            reaped.join(timeout=60)
+            # Then it did not wait on the application: the job ended, the hook that could go went,
+            # and the one that would have waited is named
+            assert not reaped.is_alive(), "the reaper waited on the application's transaction"
+    finally:
+        app.rollback()
+        app.close()
+    assert job(db_url, message.message_id)["status"] == "failed"
+    assert [r["args"][1]["type"] for r in _hooks_sent(db_url)] == ["WorkerLost"]
+    assert any("tests.keyed_sink" in r.getMessage() and "not sent" in r.getMessage() for r in caplog.records)
+
+
+def test_a_return_value_too_long_for_the_jobs_mirror_is_said_once_per_actor(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tasks.middleware import jobs_mirror
+
+    monkeypatch.setattr(jobs_mirror, "_warned_too_long", set())
+    message = actors.wait_for_gate.message("gate")  # an actor that does not store results
+    too_long = "x" * jobs_mirror.MAX_MIRRORED_RESULT_CHARS
+    with caplog.at_level("WARNING", logger="tasks.middleware.jobs_mirror"):
+        assert jobs_mirror.mirrored_result(too_long, message, tasks.broker) is None
+        assert jobs_mirror.mirrored_result(too_long, message, tasks.broker) is None
+        assert jobs_mirror.mirrored_result("short", message, tasks.broker) == '"short"'
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1
+    assert "tests.wait_for_gate" in said[0] and "not kept anywhere: store_results=True" in said[0]
 
 
 def test_claims_follow_priority_then_eta(db_url: str) -> None:

@@ -32,20 +32,18 @@ class Callbacks(dramatiq_callbacks.Callbacks):
         if exception is None:
             super().after_process_message(broker, message, result=result)  # type: ignore[no-untyped-call]
             return
-        self._send_on_failure(broker, message, describe_failure(exception, message, broker))
+        for target, args in self.worker_lost_hooks(broker, message, describe_failure(exception, message, broker)):
+            broker.get_actor(target).send(*args)
 
-    def after_worker_lost(
-        self, broker: dramatiq.Broker, message: Any, failure: dict[str, str], *, attempts: int, max_attempts: int
-    ) -> None:
-        """The reaper ended ``message``'s job (its worker was lost on its last attempt, or after a
-        cancel): ``on_failure`` as the worker would have sent it."""
-        self._send_on_failure(broker, message, failure)
-
-    def _send_on_failure(self, broker: dramatiq.Broker, message: Any, failure: dict[str, str]) -> None:
+    def worker_lost_hooks(
+        self, broker: dramatiq.Broker, message: Any, failure: dict[str, str], **_: int
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """``on_failure``, as (the hook's actor, its arguments): what a failed attempt sends, and
+        what the reaper sends for a job it ended (its worker lost on its last attempt, or after a
+        cancel)."""
         actor = broker.actors.get(message.actor_name)
         target = message.options.get("on_failure") or (actor.options.get("on_failure") if actor else None)
-        if target:
-            broker.get_actor(target).send(message.asdict(), failure)
+        return [(target, (message.asdict(), failure))] if target else []
 
 
 __all__ = ["Callbacks"]

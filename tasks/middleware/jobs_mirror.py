@@ -85,6 +85,38 @@ def describe_error(exc: BaseException, message: Any, broker: dramatiq.Broker | N
     return text
 
 
+#: The longest return value (JSON text, in characters) copied into ``control_plane.jobs.result``.
+#: A longer one is left to the results backend: written by the queue's settle statement, on
+#: the connection that also claims, a 50 MB value held up every job of its queue for seconds,
+#: and was kept twice (52 MB in one jobs row, for the completed retention).
+MAX_MIRRORED_RESULT_CHARS = 65_536
+
+#: Actors whose too-long return value this process has warned about (once each).
+_warned_too_long: set[str] = set()
+
+
+def mirrored_result(result: Any, message: Any, broker: dramatiq.Broker) -> str | None:
+    """What ``control_plane.jobs.result`` keeps of an actor's return value: its JSON text, or
+    None when it has none or it is longer than ``MAX_MIRRORED_RESULT_CHARS`` (said once per actor)."""
+    from tasks.broker import to_json
+
+    text = to_json(result)
+    if text is None or len(text) <= MAX_MIRRORED_RESULT_CHARS:
+        return text
+    if message.actor_name not in _warned_too_long:
+        _warned_too_long.add(message.actor_name)
+        actor = broker.actors.get(message.actor_name)
+        stored = message.options.get("store_results", actor.options.get("store_results") if actor else None)
+        logger.warning(
+            "the return value of %s (%d characters of JSON) is longer than control_plane.jobs.result keeps "
+            "(%d); %s (said once per actor)",
+            message.actor_name, len(text), MAX_MIRRORED_RESULT_CHARS,
+            "the results backend keeps it for get_result" if stored
+            else "it is not kept anywhere: store_results=True keeps it for get_result",
+        )
+    return None
+
+
 def describe_failure(exc: BaseException, message: Any, broker: dramatiq.Broker) -> dict[str, str]:
     """What a failure callback receives: ``{"type", "message"}``, the message as ``last_error`` has it."""
     return {"type": type(exc).__name__, "message": describe_error(exc, message, broker)}
@@ -138,10 +170,8 @@ class JobsMirror(Middleware):
             return
         if not hasattr(message, "result_json"):
             return
-        from tasks.broker import to_json
-
         if exception is None:
-            message.result_json = to_json(result)
+            message.result_json = mirrored_result(result, message, broker)
         else:
             message.error_text = describe_error(exception, message, broker)
 
@@ -333,13 +363,11 @@ class StandaloneMirror:
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
         if exception is None:
-            from tasks.broker import to_json
-
             self._write(
                 "a success",
                 message,
                 queries.MIRROR_COMPLETED,
-                lambda: {"id": message.message_id, "result": to_json(result)},
+                lambda: {"id": message.message_id, "result": mirrored_result(result, message, broker)},
             )
             return
         with self._lock:

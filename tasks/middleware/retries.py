@@ -9,7 +9,7 @@ interrupt is never retried either.
 ``on_final_failure`` (an actor name, per actor or per message) is sent once
 when a job fails for good, permanent error or retries spent (Dramatiq's
 ``on_failure`` fires on every failed attempt), and when the reaper ends a job
-whose worker died on its last attempt (``after_worker_lost``). It receives
+whose worker died on its last attempt (``worker_lost_hooks``). It receives
 ``{"message_id", "actor_name", "args", "kwargs"}`` and ``{"type", "message"}``,
 the message redacted, never the traceback.
 
@@ -113,31 +113,36 @@ class Retries(dramatiq_retries.Retries):
         if message.failed:
             from tasks.middleware.jobs_mirror import describe_failure
 
-            self._send_final_failure(broker, message, describe_failure(exception, message, broker))
-
-    def after_worker_lost(
-        self, broker: dramatiq.Broker, message: Any, failure: dict[str, str], *, attempts: int, max_attempts: int
-    ) -> None:
-        """The reaper ended ``message``'s job: its worker was lost on its last attempt
-        (``on_retry_exhausted`` and ``on_final_failure``, as a failure with its retries spent
-        sends them), or after a cancel (``on_final_failure``, as a ``Cancelled`` interrupt does)."""
-        if failure["type"] != "Cancelled":
-            actor = broker.actors.get(message.actor_name)
-            target = message.options.get("on_retry_exhausted") or (
-                actor.options.get("on_retry_exhausted") if actor else None
-            )
+            target = self._target(broker, message, "on_final_failure")
             if target:
-                broker.get_actor(target).send(
-                    message.asdict(), {"retries": attempts - 1, "max_retries": max_attempts - 1}
-                )
-        self._send_final_failure(broker, message, failure)
+                failure = describe_failure(exception, message, broker)
+                broker.get_actor(target).send(*self._final_failure_args(message, failure))
 
-    def _send_final_failure(self, broker: dramatiq.Broker, message: Any, failure: dict[str, str]) -> None:
+    def worker_lost_hooks(
+        self, broker: dramatiq.Broker, message: Any, failure: dict[str, str], *, attempts: int, max_attempts: int
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """What the reaper sends, as (the hook's actor, its arguments), for a job it ended: its
+        worker lost on its last attempt (``on_retry_exhausted`` and ``on_final_failure``, as a
+        failure with its retries spent sends them), or after a cancel (``on_final_failure``, as a
+        ``Cancelled`` interrupt does)."""
+        hooks: list[tuple[str, tuple[Any, ...]]] = []
+        exhausted = self._target(broker, message, "on_retry_exhausted")
+        if exhausted and failure["type"] != "Cancelled":
+            hooks.append((exhausted, (message.asdict(), {"retries": attempts - 1, "max_retries": max_attempts - 1})))
+        final = self._target(broker, message, "on_final_failure")
+        if final:
+            hooks.append((final, self._final_failure_args(message, failure)))
+        return hooks
+
+    @staticmethod
+    def _target(broker: dramatiq.Broker, message: Any, option: str) -> str | None:
         actor = broker.actors.get(message.actor_name)
-        target = message.options.get("on_final_failure") or (actor.options.get("on_final_failure") if actor else None)
-        if not target:
-            return
-        broker.get_actor(target).send(
+        target = message.options.get(option) or (actor.options.get(option) if actor else None)
+        return str(target) if target else None
+
+    @staticmethod
+    def _final_failure_args(message: Any, failure: dict[str, str]) -> tuple[Any, ...]:
+        return (
             {
                 "message_id": message.message_id,
                 "actor_name": message.actor_name,
