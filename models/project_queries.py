@@ -5,8 +5,9 @@ from __future__ import annotations
 #: Serialise everything that claims or changes one project (held to the end of the transaction).
 LOCK_PROJECT = "SELECT pg_advisory_xact_lock(hashtext('controlplane:project:' || %(project_id)s))"
 
-#: On the tenant server: one delivery of a project's roles step at a time (a second waits, then
-#: finds the roles made), and in a tenant database one of its schema step at a time.
+#: One delivery of a project's roles step at a time (a second waits, then finds the roles made),
+#: on the control plane's database, where no tenant can take it first; and in a tenant database
+#: one of its schema step at a time.
 LOCK_ROLES_STEP = "SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:roles:' || %(project_id)s))"
 LOCK_SCHEMA_STEP = "SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:schema'))"
 

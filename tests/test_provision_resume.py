@@ -19,6 +19,7 @@ from dramatiq.results import ResultFailure, ResultMissing
 from psycopg2 import sql
 
 import tasks
+from tasks import db
 from tasks.errors import Conflict, PermanentError, TransientError
 from tasks.provision import STEPS, compensate_project, run_step
 from tasks.provision.claim import claim
@@ -124,6 +125,62 @@ def test_a_worker_killed_after_create_database_resumes_cleanly(
     assert len(rows) == 1
     assert rows[0]["marker"] == f"controlplane:project={pid}"
     assert f"p_{pid}_app=Tc" in rows[0]["acl"] and "=Tc/" not in rows[0]["acl"].split(",")[0]
+
+
+def test_a_new_database_admits_no_one_until_it_is_locked_down(
+    db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tasks.provision import database
+
+    # Given a database step whose worker dies right after CREATE DATABASE (before the REVOKE
+    # that takes CONNECT away from PUBLIC, which every role has on a new database)
+    claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+
+    def killed(project_id: str) -> str:
+        raise RuntimeError("worker killed")
+
+    monkeypatch.setattr(database, "marker", killed)
+    with pytest.raises(RuntimeError, match="worker killed"):
+        run_step("database", pid)
+    monkeypatch.undo()
+    # Then no role, another tenant's included, can connect to it meanwhile
+    name = f"p_{pid}"
+    assert query(server_url, "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)) == [
+        {"datallowconn": False}
+    ]
+    with pytest.raises(psycopg2.OperationalError, match="not currently accepting connections"):
+        psycopg2.connect(db.with_database(server_url, name)).close()
+    # And the next run locks it down, then opens it to its app role alone
+    run_step("database", pid)
+    row = query(server_url, "SELECT datallowconn, datacl::text AS acl FROM pg_database WHERE datname = %s",
+                (name,))[0]  # fmt: skip
+    assert row["datallowconn"] is True
+    assert f"p_{pid}_app=Tc" in row["acl"] and not any(e.startswith("=") for e in row["acl"].strip("{}").split(","))
+
+
+def test_a_tenant_cannot_hold_up_another_projects_roles_step(
+    db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given projects provisioned on a tenant server whose maintenance database every role may
+    # connect to, and a tenant there holding the advisory lock a roles step of the next project
+    # would take (its key is spelled in this repository)
+    monkeypatch.setenv("PROVISION_DATABASE_URL", server_url)
+    claimed(project)
+    pid = project["project_id"]
+    tenant = psycopg2.connect(server_url)
+    try:
+        with tenant.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(hashtext('controlplane:provision:roles:' || %s))", (pid,))
+        # When the project's roles step runs, Then it makes the roles: the lock it takes is elsewhere
+        run_step("roles", pid)
+    finally:
+        tenant.close()
+    assert query(server_url, "SELECT count(*) AS n FROM pg_roles WHERE rolname IN (%s, %s)",
+                 (f"p_{pid}_owner", f"p_{pid}_app"))[0]["n"] == 2  # fmt: skip
 
 
 def test_someone_elses_database_of_that_name_is_a_conflict_and_survives_compensation(

@@ -4,6 +4,13 @@
 it leaves a database without its comment. Ownership is therefore proved by the
 owner role (which carries the project's marker, set in the roles step's
 transaction), and the comment is set again on every run.
+
+The database is created closed (``ALLOW_CONNECTIONS false``) and opened only once
+``PUBLIC`` has lost the ``CONNECT`` and ``TEMPORARY`` PostgreSQL gives it: created
+open, another tenant's app role could connect in the moment between ``CREATE`` and
+``REVOKE`` (a review did, looping on connect) and stay connected, hearing and forging
+the new tenant's notifications and reading its catalog. A worker killed in between
+leaves it closed; the next run opens it.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ def ensure_database(settings: Settings, state: ProjectState) -> dict[str, object
         if not exists:
             try:
                 cur.execute(
-                    sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING 'UTF8'").format(
-                        sql.Identifier(name), sql.Identifier(owner)
-                    )
+                    sql.SQL(
+                        "CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING 'UTF8' ALLOW_CONNECTIONS false"
+                    ).format(sql.Identifier(name), sql.Identifier(owner))
                 )
                 created = True
             except (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation):
@@ -49,6 +56,7 @@ def ensure_database(settings: Settings, state: ProjectState) -> dict[str, object
         cur.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(marker(payload.project_id))))
         cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
         cur.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(ident, sql.Identifier(app)))
+        cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(ident))
     return {"database": name, "created": created}
 
 

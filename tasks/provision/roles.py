@@ -51,12 +51,19 @@ def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
     if state.secret_nonce is None:
         raise Conflict(f"project {state.project_id!r}: its secrets were already read or expired")
     password = secrets.database_password(secrets.pepper(settings), state.project_id, state.secret_nonce)
-    with translated("creating roles"), session(settings, autocommit=False) as conn:
-        done = _create_roles(settings, state, conn, owner, app, password)
-        # Committed only while this run still provisions the project, under its lock (held for
-        # this commit only): a late step of an undone run rolls back, and a new claim of the id
-        # waits for the commit, then its own roles step finds the roles and sets its password.
-        with control_transaction() as control:
+    with translated("creating roles"), control_transaction() as control:
+        # One delivery of this step at a time per project (see ensure_schema): a second waits, then
+        # finds the roles and their markers. Taken on the control plane's database, which tenants
+        # cannot reach (migration 0009): on the tenant server any app role could take the lock
+        # first, its key being predictable, and hold up the project's provisioning for good.
+        with control.cursor() as cur:
+            cur.execute(q.LOCK_ROLES_STEP, {"project_id": state.project_id})
+        with session(settings, autocommit=False) as conn:
+            done = _create_roles(settings, state, conn, owner, app, password)
+            # Committed only while this run still provisions the project, under its lock (held
+            # until the control transaction ends): a late step of an undone run rolls back, and a
+            # new claim of the id waits for the commit, then its own roles step finds the roles
+            # and sets its password.
             if not hold_current_run(control, state):
                 conn.rollback()
                 return {"owner_role": owner, "app_role": app, "skipped": "superseded"}
@@ -69,9 +76,6 @@ def _create_roles(
 ) -> dict[str, object]:
     """The roles' DDL in ``conn``'s transaction (the caller commits it)."""
     with conn.cursor() as cur:
-        # One delivery of this step at a time per project (see ensure_schema): a second waits, then
-        # finds the roles and their markers.
-        cur.execute(q.LOCK_ROLES_STEP, {"project_id": state.project_id})
         created_owner = _ensure_role(
             cur, owner, state.project_id, sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner))
         )
