@@ -21,7 +21,7 @@ KEY_BODY_LEN = 49
 SECRET_PATTERN = re.compile(rf"[a-z][a-z0-9_]*_[0-9A-Za-z]{{{KEY_BODY_LEN}}}(?![0-9A-Za-z])")
 
 #: The words that name a secret, in a setting's, a field's or a keyword argument's name.
-_KEYWORDS = "passwords?|passwd|pwd|secret|token|pepper"
+_KEYWORDS = "passwords?|passwd|pwd|secrets?|tokens?|peppers?"
 
 #: A quoted string, with a Python prefix (b'...', r"..."), backslash escapes inside.
 _QUOTED = r"""[bBrRuU]{0,2}(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""

@@ -5,6 +5,7 @@ The service client runs against real stand-in HTTP servers on loopback, one per 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -24,6 +25,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 
@@ -487,11 +489,11 @@ def test_redact_removes_secrets_under_longer_setting_and_field_names() -> None:
     # Given secrets as environment dumps, JSON answers and echoed headers write them
     text = ("AUTH_SERVICE_TOKEN=tok-1 PGPASSWORD=pw-2 API_KEY_PEPPER=pep-3; "
             '{"access_token": "at-4", "client_secret": "cs-5"}; Authorization: Token tk-6; '
-            "Authorization: Basic YmFzaWM=; the token expired")  # fmt: skip
+            "Authorization: Basic YmFzaWM=; service_tokens={'auth': 'st-7'}; the token expired")  # fmt: skip
     # When redacted
     cleaned = apikeys.redact(text)
     # Then none survives, the names do, and prose about a token is left alone
-    for secret in ("tok-1", "pw-2", "pep-3", "at-4", "cs-5", "tk-6", "YmFzaWM="):
+    for secret in ("tok-1", "pw-2", "pep-3", "at-4", "cs-5", "tk-6", "YmFzaWM=", "st-7"):
         assert secret not in cleaned
     assert "AUTH_SERVICE_TOKEN=[REDACTED]" in cleaned and "PGPASSWORD=[REDACTED]" in cleaned
     assert cleaned.endswith("the token expired")
@@ -681,6 +683,41 @@ def test_rejected_token_is_permanent_and_not_echoed(standin: StandinService) -> 
     assert "auth PUT /tenants/proj_1: HTTP 401" in str(info.value)
     assert_no_token(info.value)
     assert standin.tenants == {}
+
+
+SLASHED_TOKEN = "sk/live/9f8e+7d6c=5b4aSECRETXYZ"
+
+
+@pytest.mark.parametrize(
+    ("body", "leak"),
+    [
+        # (what the service answered, the token's spelling in it, with nothing but the token)
+        (json.dumps({"auth": f"Bearer {SLASHED_TOKEN}"}).replace("/", "\\/"),
+         json.dumps(SLASHED_TOKEN)[1:-1].replace("/", "\\/")),
+        ("auth=Bearer%20" + quote(SLASHED_TOKEN, safe=""), quote(SLASHED_TOKEN, safe="")),
+        ("auth=Bearer+" + quote_plus(SLASHED_TOKEN), quote_plus(SLASHED_TOKEN)),
+        # "Bearer " is 7 bytes: from the 4th group of 4 on, the text encodes the token alone
+        (base64.b64encode(f"Bearer {SLASHED_TOKEN}".encode()).decode(),
+         base64.b64encode(f"Bearer {SLASHED_TOKEN}".encode()).decode()[12:-4]),
+        (base64.urlsafe_b64encode(SLASHED_TOKEN.encode()).decode(),
+         base64.urlsafe_b64encode(SLASHED_TOKEN.encode()).decode()[:-4]),
+    ],
+    ids=["json-escaped", "percent", "percent-plus", "base64", "base64-urlsafe"],
+)
+def test_a_token_a_failing_service_echoes_encoded_is_scrubbed(standin: StandinService, body: str, leak: str) -> None:
+    # Given a token with characters that encodings change, echoed by a failing service
+    client = client_for(standin, token=SLASHED_TOKEN)
+    # When the error is made of its answer
+    error = str(client._error("PUT", "/tenants/p1", 500, body.encode()))
+    # Then the token is in it in no spelling
+    assert "HTTP 500" in error
+    assert SLASHED_TOKEN not in error
+    assert leak not in error, error
+
+
+def test_a_refused_credentials_answer_is_not_quoted(standin: StandinService) -> None:
+    error = client_for(standin)._error("GET", "/tenants/p1", 401, b'{"error": "bad token", "you_sent": "xyz"}')
+    assert str(error) == "auth GET /tenants/p1: HTTP 401 (check the auth service token)"
 
 
 def test_wrong_token_is_permanent(standin: StandinService) -> None:

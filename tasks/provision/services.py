@@ -16,13 +16,14 @@ status, and never contain the token.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
 import socket
 import ssl
 import threading
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 from tasks.errors import Conflict, PermanentError, TransientError
 from tasks.provision.apikeys import REDACTED, redact
@@ -38,6 +39,23 @@ _MAX_BODY = 1 << 20
 #: costs grow with the text; whatever lies past this is cut off anyway).
 _SCRUBBED = 4096
 _USER_AGENT = "controlplane-tasks"
+
+
+def _spellings(token: str) -> list[str]:
+    """``token`` as a service echoing it may write it, longest first: as is, JSON-escaped (``/``
+    as ``\\/`` too), percent-encoded, and inside base64 or URL-safe base64 text (the part of its
+    encoding that does not depend on what comes before or after it, at each of the three byte
+    alignments)."""
+    escaped = json.dumps(token)[1:-1]
+    forms = {token, escaped, escaped.replace("/", "\\/"), quote(token, safe=""), quote_plus(token), quote(token)}
+    raw = token.encode()
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        for offset in range(3):
+            text = encode(b"\0" * offset + raw).decode()
+            stable = text[4 if offset else 0 : -4]  # the first group holds the padding bytes, the last the end
+            if len(stable) >= 8:
+                forms.add(stable)
+    return sorted(forms, key=len, reverse=True)
 
 
 class ServiceClient:
@@ -163,7 +181,9 @@ class ServiceClient:
 
     def _error(self, method: str, path: str, status: int, data: bytes) -> Exception:
         message = f"{self.name} {method} {path}: HTTP {status}"
-        snippet = self._snippet(data)
+        # A refused credential's answer says nothing the status does not, and is where a service
+        # would echo the Authorization header back: not quoted at all.
+        snippet = "" if status in (401, 403) else self._snippet(data)
         if snippet:
             message = f"{message}: {snippet}"
         if status >= 500 or status in _TRANSIENT_STATUSES:
@@ -179,9 +199,13 @@ class ServiceClient:
         return error
 
     def _snippet(self, data: bytes) -> str:
-        # A server may echo the request, headers included: scrub before it reaches a log.
-        # Replace before truncating, so no cut can leave part of the token behind.
-        text = redact(data[:_SCRUBBED].decode("utf-8", "replace").replace(self._token, REDACTED))
+        # A server may echo the request, headers included: scrub before it reaches a log, in
+        # every spelling an echo gives it (JSON escapes, percent-encoding, base64). Replace
+        # before truncating, so no cut can leave part of the token behind.
+        text = data[:_SCRUBBED].decode("utf-8", "replace")
+        for form in _spellings(self._token):
+            text = text.replace(form, REDACTED)
+        text = redact(text)
         text = "".join(ch if ch.isprintable() else " " for ch in text)
         text = " ".join(text.split())
         return text[:_BODY_SNIPPET]
