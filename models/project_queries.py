@@ -198,3 +198,17 @@ UPDATE control_plane.jobs
        updated_at = now()
 WHERE id = ANY(%(job_ids)s::uuid[]) AND status IN ('completed', 'failed')
 """
+
+
+#: The deployment's API key pepper fingerprint: this one if it has none yet (the first use of a
+#: pepper in this database), else the one recorded (migration 0013).
+PEPPER_FINGERPRINT = """
+WITH first AS (
+    INSERT INTO control_plane.deployment (name, value) VALUES ('api_key_pepper_fingerprint', %(fingerprint)s)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING value
+)
+SELECT value FROM first
+UNION ALL
+SELECT value FROM control_plane.deployment WHERE name = 'api_key_pepper_fingerprint'
+"""

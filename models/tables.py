@@ -233,3 +233,14 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (UniqueConstraint("key_hash"),)
+
+
+class Deployment(Base):
+    """Facts every process of a deployment must agree on (migration 0013): the API key
+    pepper's fingerprint, ``api_key_pepper_fingerprint``."""
+
+    __tablename__ = "deployment"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    set_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -24,6 +25,7 @@ from tasks.errors import Conflict, PermanentError, TransientError
 from tasks.provision import STEPS, compensate_project, run_step
 from tasks.provision.claim import claim
 from tasks.provision.payload import validate
+from tasks.provision.secrets import pepper as secrets_pepper
 from tasks.provision.standin import StandinService
 from tasks.provision.state import control_transaction, load
 from tasks.provision.target import classify
@@ -181,6 +183,35 @@ def test_a_tenant_cannot_hold_up_another_projects_roles_step(
         tenant.close()
     assert query(server_url, "SELECT count(*) AS n FROM pg_roles WHERE rolname IN (%s, %s)",
                  (f"p_{pid}_owner", f"p_{pid}_app"))[0]["n"] == 2  # fmt: skip
+
+
+def test_a_process_with_another_pepper_derives_nothing_and_reveals_nothing(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService],
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    from tasks.errors import ConfigurationError
+    from tasks.provision import secrets
+    from tasks.provision.keys import reveal_secrets
+
+    monkeypatch.setattr(secrets, "_checked", set())  # (this process's memory of earlier tests' databases)
+    # Given a project provisioned by workers with one pepper
+    claimed(project)
+    pid = project["project_id"]
+    for step in STEPS:
+        run_step(step, pid)
+    # When a process without API_KEY_PEPPER, started in another directory, reveals its secrets
+    monkeypatch.delenv("API_KEY_PEPPER")
+    elsewhere = Settings.from_env({"DATABASE_URL": db_url, "CONTROLPLANE_HOME": str(tmp_path / "elsewhere")})
+    with pytest.raises(ConfigurationError, match=r"api-key-pepper, made just now\) is not the one this deployment"):
+        reveal_secrets(elsewhere, pid)
+    # Then it left no pepper of its own behind, nor took the secrets: the workers' pepper reveals them
+    assert not (tmp_path / "elsewhere" / "api-key-pepper").exists()
+    monkeypatch.setenv("API_KEY_PEPPER", "resume-pepper")
+    revealed = reveal_secrets(Settings.from_env(), pid)
+    assert len(revealed["api_keys"]) == 3
+    # And a worker given another pepper outright refuses its steps the same way
+    with pytest.raises(ConfigurationError, match=r"\(API_KEY_PEPPER\) is not the one"):
+        secrets_pepper(Settings.from_env({"DATABASE_URL": db_url, "API_KEY_PEPPER": "another"}))
 
 
 def test_someone_elses_database_of_that_name_is_a_conflict_and_survives_compensation(

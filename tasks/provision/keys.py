@@ -55,8 +55,10 @@ def reveal_secrets(settings: Settings, project_id: str) -> dict[str, object]:
     """The project's API keys and app role password, exactly once; then they are gone.
 
     Raises PermanentError when the project does not exist, is not active yet, or
-    its secrets were already read or have expired.
+    its secrets were already read or have expired; ``ConfigurationError`` when this process's
+    pepper is not the deployment's, before the secrets are taken (they would be wrong ones).
     """
+    key = secrets.pepper(settings)
     with control_transaction() as conn, conn.cursor() as cur:
         cur.execute(q.GET_PROJECT, {"project_id": project_id})
         row = cur.fetchone()
@@ -73,7 +75,6 @@ def reveal_secrets(settings: Settings, project_id: str) -> dict[str, object]:
     if not fresh:
         raise PermanentError(f"the secrets of project {project_id!r} expired unread")
     payload = p.validate(raw_payload)
-    key = secrets.pepper(settings)
     nonce = bytes(nonce)
     return {
         "project_id": project_id,

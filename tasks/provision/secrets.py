@@ -12,15 +12,19 @@ message, a result or a log.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import threading
 from pathlib import Path
 
+from tasks.errors import ConfigurationError
 from tasks.provision import apikeys
 from tasks.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 NONCE_BYTES = 32
 
@@ -30,22 +34,70 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
+#: (database, fingerprint) pairs this process has found to be its deployment's pepper.
+_checked: set[tuple[str, str]] = set()
+_checked_lock = threading.Lock()
+
+
 def pepper(settings: Settings) -> bytes:
-    """The server-side pepper: ``API_KEY_PEPPER``, else a random one kept under CONTROLPLANE_HOME."""
+    """The server-side pepper: ``API_KEY_PEPPER``, else a random one kept under CONTROLPLANE_HOME;
+    the deployment's, or :class:`tasks.errors.ConfigurationError` before anything is derived from it
+    (``control_plane.deployment``, migration 0013)."""
     if settings.api_key_pepper:
+        _check(settings.api_key_pepper, "API_KEY_PEPPER", None)
         return settings.api_key_pepper
     path = settings.home / "api-key-pepper"
+    created = False
     if not path.exists():
         settings.home.mkdir(parents=True, exist_ok=True)
-        _create_private(path, secrets.token_hex(32))
+        created = _create_private(path, secrets.token_hex(32))
+    elif path.stat().st_mode & 0o077:
+        logger.warning("%s can be read by other users of this machine (mode %o): chmod 600 it", path,
+                       path.stat().st_mode & 0o777)
     value = path.read_text().strip().encode()
     if not value:
         raise RuntimeError(f"{path} is empty: restore it from a backup, or set API_KEY_PEPPER")
+    _check(value, f"{path}{', made just now' if created else ''}", path if created else None)
     return value
 
 
-def _create_private(path: Path, text: str) -> None:
+def _check(value: bytes, where: str, made: Path | None) -> None:
+    """Record ``value``'s fingerprint as the deployment's if it has none yet; raise if it has another.
+
+    ``made``: the pepper file this call created, deleted when it is the wrong one (a process
+    started in another directory than the workers), so that it misleads no later process.
+    """
+    import tasks
+    from models import project_queries as q
+    from tasks import db
+
+    fingerprint = hmac.new(value, b"controlplane:api-key-pepper-fingerprint", hashlib.sha256).hexdigest()[:32]
+    database = tasks.database_url()
+    with _checked_lock:
+        if (database, fingerprint) in _checked:
+            return
+    with db.transaction(tasks.connection) as conn, conn.cursor() as cur:
+        cur.execute(q.PEPPER_FINGERPRINT, {"fingerprint": fingerprint})
+        row = cur.fetchone()
+        if row is None:  # recorded by another process meanwhile, after this statement's snapshot
+            cur.execute(q.PEPPER_FINGERPRINT, {"fingerprint": fingerprint})
+            row = cur.fetchone()
+        (recorded,) = row
+    if recorded != fingerprint:
+        if made is not None:
+            made.unlink(missing_ok=True)
+        raise ConfigurationError(
+            f"the API key pepper of this process ({where}) is not the one this deployment's projects were "
+            "provisioned with: nothing was derived from it; give every process the same API_KEY_PEPPER, or the "
+            "same CONTROLPLANE_HOME (its api-key-pepper file)"
+        )
+    with _checked_lock:
+        _checked.add((database, fingerprint))
+
+
+def _create_private(path: Path, text: str) -> bool:
     """Create ``path`` (mode 0600) holding ``text``, unless it exists; never half-written.
+    True when this call created it.
 
     The text goes to a file of this process's own, flushed to disk, then is linked under
     ``path`` in one step: a process that finds ``path`` finds it whole, and of two processes
@@ -57,10 +109,13 @@ def _create_private(path: Path, text: str) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            pass  # another process created it first: theirs stands
+            return False  # another process created it first: theirs stands
         except OSError:  # a file system without hard links: create it in place, exclusively
-            with contextlib.suppress(FileExistsError):
+            try:
                 _write_new(path, text)
+            except FileExistsError:
+                return False
+        return True
     finally:
         tmp.unlink(missing_ok=True)
 
