@@ -22,8 +22,12 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import dramatiq
+from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, CurrentMessage, Middleware, ShutdownNotifications, TimeLimit
+from dramatiq.rate_limits import RateLimiterBackend
+from dramatiq.rate_limits.backends import StubBackend as StubRateLimiterBackend
 from dramatiq.results import Results
+from dramatiq.results.backends import StubBackend as StubResultBackend
 
 from tasks import db
 from tasks.broker import PostgresBroker, enqueue_in
@@ -85,8 +89,10 @@ def database_url() -> str:
 
 
 #: Dramatiq's rate limiters and group barriers on PostgreSQL (``control_plane.rate_limits``):
-#: ``ConcurrentRateLimiter(tasks.rate_limiter_backend, "key", limit=1)``.
-rate_limiter_backend = PostgresRateLimiterBackend(connection)
+#: ``ConcurrentRateLimiter(tasks.rate_limiter_backend, "key", limit=1)``. In memory with the StubBroker.
+rate_limiter_backend: RateLimiterBackend = (
+    StubRateLimiterBackend() if settings.stub_broker else PostgresRateLimiterBackend(connection)
+)
 
 
 def _middleware() -> list[Middleware]:
@@ -106,7 +112,9 @@ def _middleware() -> list[Middleware]:
         # pipelines: message | message (Dramatiq's)
         Pipelines(),
         # group(...).add_completion_callback(...): Dramatiq's, its barriers in control_plane.rate_limits
-        GroupCallbacks(PostgresRateLimiterBackend(connection, barriers=True)),
+        GroupCallbacks(
+            rate_limiter_backend if settings.stub_broker else PostgresRateLimiterBackend(connection, barriers=True)
+        ),
         # exponential backoff, max_attempts, permanent errors
         Retries(
             max_retries=settings.max_attempts - 1,
@@ -129,6 +137,11 @@ def _middleware() -> list[Middleware]:
         # or mirror write after the actor returned must not be interrupted as if the job ran over
         TimeLimit(),
     ]
+    if settings.stub_broker:
+        # Unit tests, in memory: no jobs mirror, results in memory (the options every actor may
+        # use, max_attempts, unique_key_from, on_final_failure, are declared all the same).
+        middleware = [m for m in middleware if not isinstance(m, (JobsMirror, Results))]
+        middleware.insert(-1, Results(backend=StubResultBackend(), result_ttl=settings.result_ttl_ms))
     if settings.metrics_port:
         # Dramatiq's Prometheus metrics, served by the worker's main process on
         # CONTROLPLANE_METRICS_PORT. Second, so its timings include every other hook.
@@ -139,7 +152,12 @@ def _middleware() -> list[Middleware]:
 
 
 broker: dramatiq.Broker
-if settings.postgres_broker:
+if settings.stub_broker:
+    # BROKER_URL=stub://: Dramatiq's StubBroker, as its unit-testing guide uses it
+    # (broker.join(queue, fail_fast=True), Worker(broker, worker_timeout=100)).
+    broker = StubBroker(middleware=_middleware())
+    broker.emit_after("process_boot")
+elif settings.postgres_broker:
     broker = PostgresBroker(settings=settings, middleware=_middleware())
     # interrupt jobs an operator cancels (control_plane.cancel_job). Last, so that
     # its before hook runs just before the actor and its after hook just after it:

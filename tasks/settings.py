@@ -26,11 +26,16 @@ def _url(env: dict[str, str], name: str) -> str | None:
     return raw
 
 
+#: ``BROKER_URL`` for Dramatiq's in-memory StubBroker: unit tests of actors, without a database.
+STUB_BROKER_URL = "stub://"
+
+
 def _broker_url(env: dict[str, str]) -> str | None:
     raw = env.get("BROKER_URL") or None
-    if raw is not None and not raw.startswith(("amqp://", "amqps://")):
+    if raw is not None and raw != STUB_BROKER_URL and not raw.startswith(("amqp://", "amqps://")):
         raise ConfigurationError(
-            "BROKER_URL must be an amqp:// URL (RabbitMQ); leave it unset for the PostgreSQL broker"
+            "BROKER_URL must be an amqp:// URL (RabbitMQ), or stub:// (Dramatiq's StubBroker, for unit "
+            "tests); leave it unset for the PostgreSQL broker"
         )
     return raw
 
@@ -196,7 +201,8 @@ class Settings:
     hostname: str = field(default_factory=socket.gethostname)
 
     # -- brokers, periodic tasks, retention, metrics -----------------------------
-    #: ``amqp://...``: Dramatiq's RabbitMQ broker instead of ours (the jobs mirror stays in PostgreSQL).
+    #: ``amqp://...``: Dramatiq's RabbitMQ broker instead of ours (the jobs mirror stays in PostgreSQL);
+    #: ``stub://``: Dramatiq's StubBroker, in memory (unit tests).
     broker_url: str | None = None
     #: How long completed (and cancelled) jobs, and failed ones, are kept by the daily ``controlplane.prune``.
     retention_completed: str = "7 days"
@@ -234,6 +240,12 @@ class Settings:
         """Whether the messages go through our broker (no ``BROKER_URL``): its message
         table then holds exactly the live jobs, a cheaper place to look than the history."""
         return self.broker_url is None
+
+    @property
+    def stub_broker(self) -> bool:
+        """Whether the messages go through Dramatiq's StubBroker (``BROKER_URL=stub://``): in
+        memory, for unit tests; nothing is written to PostgreSQL."""
+        return self.broker_url == STUB_BROKER_URL
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

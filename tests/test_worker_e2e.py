@@ -121,6 +121,18 @@ def test_a_blocked_get_result_waits_its_whole_timeout_and_sees_a_result_stored_m
     assert message.get_result(block=True, timeout=30_000) == "stored"
 
 
+def test_a_message_past_its_max_age_is_recorded_as_skipped_and_why(db_url: str, tmp_path: Path) -> None:
+    # Given a message allowed to wait 1 ms for a worker, which it will not get
+    message = actors.noop.send_with_options(args=("stale",), max_age=1)
+    # When a worker finds it
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "failed", what="the skip to be recorded")
+    # Then it did not run, and the jobs row says why, as get_result does
+    assert job(db_url, message.message_id)["last_error"] == "SkipMessage: Message age limit exceeded"
+    with pytest.raises(ResultFailure, match="age limit"):
+        message.get_result()
+
+
 def test_a_result_jsonb_cannot_hold_completes_the_job_without_it(db_url: str, tmp_path: Path) -> None:
     # Given jobs that return NaN, a string with a NUL, and a string that only spells "\u0000",
     # sent with a plain job behind them

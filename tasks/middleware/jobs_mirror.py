@@ -117,6 +117,13 @@ def mirrored_result(result: Any, message: Any, broker: dramatiq.Broker) -> str |
     return None
 
 
+def _skip_reason(message: Any, broker: dramatiq.Broker | None) -> str:
+    """Why a middleware skipped ``message`` (``SkipMessage: Message age limit exceeded``), as
+    Dramatiq stashed it for the results backend; else that one did."""
+    exc = getattr(message, "_exception", None)
+    return describe_error(exc, message, broker) if exc is not None else "skipped by middleware"
+
+
 def describe_failure(exc: BaseException, message: Any, broker: dramatiq.Broker) -> dict[str, str]:
     """What a failure callback receives: ``{"type", "message"}``, the message as ``last_error`` has it."""
     return {"type": type(exc).__name__, "message": describe_error(exc, message, broker)}
@@ -180,7 +187,7 @@ class JobsMirror(Middleware):
             self._standalone.skipped(message)
             return
         if hasattr(message, "error_text") and message.failed:
-            message.error_text = "skipped by middleware"
+            message.error_text = _skip_reason(message, broker)
 
     # -- other brokers only (the Postgres broker's own statements cover these) --
 
@@ -376,7 +383,7 @@ class StandaloneMirror:
     def skipped(self, message: Any) -> None:
         if message.failed:
             with self._lock:
-                self._errors[message.message_id] = "skipped by middleware"
+                self._errors[message.message_id] = _skip_reason(message, None)
 
     def acked(self, message: Any) -> None:
         error, attempt = self._take(message)

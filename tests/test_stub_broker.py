@@ -1,0 +1,74 @@
+"""``BROKER_URL=stub://``: a user's unit tests of their actors, as Dramatiq's testing guide writes them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import ROOT
+
+USER_TESTS = '''
+import dramatiq
+from dramatiq import Worker
+from dramatiq.brokers.stub import StubBroker
+
+import tasks
+
+assert isinstance(tasks.broker, StubBroker) and dramatiq.get_broker() is tasks.broker
+calls = []
+finals = []
+
+
+@dramatiq.actor(max_attempts=2, min_backoff=1, max_backoff=2, store_results=True,
+                unique_key_from=lambda args, kwargs: str(args[0]), on_final_failure="final")
+def add(x, y):
+    calls.append((x, y))
+    if y < 0:
+        raise ValueError("negative")
+    return x + y
+
+
+@dramatiq.actor
+def final(message, failure):
+    finals.append(failure["type"])
+
+
+worker = Worker(tasks.broker, worker_timeout=100)
+worker.start()
+message = add.send(1, 2)
+tasks.broker.join(add.queue_name)
+worker.join()
+print("result", message.get_result(block=True))
+add.send(5, -1)
+try:
+    tasks.broker.join(add.queue_name, fail_fast=True)
+except ValueError as exc:
+    print("fail_fast raised", repr(exc))
+tasks.broker.join(final.queue_name, fail_fast=False)
+worker.join()
+worker.stop()
+print("calls", calls, "finals", finals)
+'''
+
+
+def test_actors_with_this_packages_options_run_on_the_stub_broker_without_a_database(tmp_path: Path) -> None:
+    # Given a user's unit test of an actor that uses this package's options (max_attempts,
+    # unique_key_from, on_final_failure), written as Dramatiq's testing guide writes them, run
+    # with BROKER_URL=stub:// and a database that does not answer
+    (tmp_path / "user_tests.py").write_text(USER_TESTS)
+    env = {**os.environ, "BROKER_URL": "stub://", "DATABASE_URL": "postgresql://root@127.0.0.1:1/nowhere",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    # When it runs
+    done = subprocess.run([sys.executable, "user_tests.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    # Then its actors ran in memory: the result, the retry, fail_fast's exception and the final hook
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "result 3",
+        "fail_fast raised ValueError('negative')",
+        "calls [(1, 2), (5, -1), (5, -1)] finals ['ValueError']",
+    ]
+    # And no embedded PostgreSQL was made for it
+    assert not (tmp_path / ".controlplane").exists()
