@@ -5,10 +5,10 @@ from __future__ import annotations
 #: Serialise everything that claims or changes one project (held to the end of the transaction).
 LOCK_PROJECT = "SELECT pg_advisory_xact_lock(hashtext('controlplane:project:' || %(project_id)s))"
 
-#: One delivery of a project's roles step at a time (a second waits, then finds the roles made),
-#: on the control plane's database, where no tenant can take it first; and in a tenant database
-#: one of its schema step at a time.
-LOCK_ROLES_STEP = "SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:roles:' || %(project_id)s))"
+#: On the tenant server: one delivery of a project's roles step at a time (a second waits, then
+#: finds the roles made), its key derived under the pepper (``secrets.lock_key``) so that no tenant
+#: can take it first; and in a tenant database one of its schema step at a time.
+LOCK_ROLES_STEP = "SELECT pg_advisory_xact_lock(%(key)s::bigint)"
 LOCK_SCHEMA_STEP = "SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:schema'))"
 
 #: Whether the project is still being provisioned by this run (its claiming job's id); run under
@@ -212,3 +212,11 @@ SELECT value FROM first
 UNION ALL
 SELECT value FROM control_plane.deployment WHERE name = 'api_key_pepper_fingerprint'
 """
+
+RECORDED_PEPPER = "SELECT value FROM control_plane.deployment WHERE name = 'api_key_pepper_fingerprint'"
+
+#: Whether the deployment has made any API key (with some pepper) yet.
+ANY_API_KEY = "SELECT 1 FROM control_plane.api_keys LIMIT 1"
+
+#: The stored hash of a project's first key: what a reveal checks its derivation against.
+FIRST_KEY_HASH = "SELECT key_hash FROM control_plane.api_keys WHERE project_id = %(project_id)s AND slot = 1"

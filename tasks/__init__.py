@@ -7,7 +7,9 @@ transaction with ``with tasks.enqueue_in(conn): ...``.
 The broker is ours (PostgreSQL) unless ``BROKER_URL=amqp://...`` names a
 RabbitMQ server; either way the jobs mirror, results, schedules
 (:mod:`tasks.periodic`) and rate limits (``tasks.rate_limiter_backend``) live
-in PostgreSQL, reached with ``tasks.connection()``.
+in PostgreSQL, reached with ``tasks.connection()``. ``BROKER_URL=stub://`` is
+Dramatiq's StubBroker for unit tests: messages, results and rate limits in
+memory, no database (refused by the ``controlplane`` and ``dramatiq`` commands).
 
 Nothing here connects to the database (or to RabbitMQ): connections are opened
 on first use, in the process (or forked worker) that uses them.
@@ -49,14 +51,30 @@ from tasks.results import PostgresBackend
 from tasks.settings import Settings
 
 
+def _command() -> str | None:
+    """``controlplane`` or ``dramatiq`` when this process is one of those commands."""
+    argv = sys.orig_argv
+    module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if module == "tasks.cli" or name == "controlplane":
+        return "controlplane"
+    if module == "dramatiq" or name == "dramatiq":
+        return "dramatiq"
+    return None
+
+
 def _settings() -> Settings:
     """The settings from the environment; in the ``controlplane`` command, a bad one is one line."""
     try:
-        return Settings.from_env()
+        found = Settings.from_env()
+        if found.stub_broker and _command() is not None:
+            raise ConfigurationError(
+                f"BROKER_URL=stub:// is Dramatiq's in-memory StubBroker, for unit tests: `{_command()}` would "
+                "work on messages no other process sees; unset BROKER_URL"
+            )
+        return found
     except ConfigurationError as exc:
-        argv = sys.orig_argv
-        as_module = "-m" in argv[:-1] and argv[argv.index("-m") + 1] == "tasks.cli"
-        if as_module or (sys.argv and os.path.basename(sys.argv[0]) == "controlplane"):
+        if _command() == "controlplane":
             # Raised while `controlplane` imports this package, before its main() could catch it.
             print(f"controlplane: error: {redact(str(exc))}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -102,6 +102,11 @@ def _claim_size(free: int) -> int:
     return free if free <= 64 else 1 << (free.bit_length() - 1)
 
 
+#: How long one reap may spend sending the failure hooks of the jobs it ended (each waits
+#: 1 s at most for a lock): its thread heartbeats, and the leases it keeps must not expire.
+REAPED_HOOKS_SECONDS = 2.0
+
+
 def _claim_statement(size: int) -> Statement:
     statement = _CLAIMS.get(size)
     if statement is None:
@@ -1274,9 +1279,10 @@ class _PostgresConsumer(dramatiq.Consumer):
                 # key an open transaction holds), or the leases of the jobs it runs would expire.
                 with conn.cursor() as cur:
                     cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")
+                deadline = time.monotonic() + REAPED_HOOKS_SECONDS
                 with enqueue_in(conn):
                     for job, body in zip(ended, bodies, strict=True):
-                        self._send_hooks_of_lost(conn, job, bytes(body))
+                        self._send_hooks_of_lost(conn, job, bytes(body), deadline)
         if reaped:
             logger.warning("re-queued %d message(s) whose worker's lease expired", reaped)
         if ended:
@@ -1285,39 +1291,49 @@ class _PostgresConsumer(dramatiq.Consumer):
                            "after a cancel): %s", len(ids), ", ".join(ids))
             self._store_reaped_results(ids)
 
-    def _send_hooks_of_lost(self, conn: Any, job: dict[str, Any], body: bytes) -> None:
+    def _send_hooks_of_lost(self, conn: Any, job: dict[str, Any], body: bytes, deadline: float) -> None:
         """The ``on_failure``, ``on_final_failure`` and ``on_retry_exhausted`` messages of a job
         the reaper ended, as its worker would have sent them had it lived (each middleware's
         ``worker_lost_hooks``), each under a savepoint: one that cannot be sent (its actor is not
-        declared in this process, a lock held too long) is logged, and the others go."""
+        declared in this process, a lock held too long, the reap's time for hooks spent by
+        ``deadline``) is logged, and the others go."""
         try:
             message = Message.decode(body)
-        except DecodeError:
-            logger.warning("job %s ended by the reaper: its message cannot be decoded; no failure hooks sent",
-                           job["id"])
+            hooks = self._hooks_of_lost(message, job)
+        except Exception as exc:  # a body written by hand: the reap itself must go on
+            logger.warning("job %s ended by the reaper: no failure hooks sent (%s)", job["id"], db.loggable_error(exc))
             return
+        for target, args in hooks:
+            if time.monotonic() > deadline:
+                logger.warning("job %s ended by the reaper: its hook %s was not sent (this reap spent its %.0f s "
+                               "for hooks waiting on locks)", job["id"], target, REAPED_HOOKS_SECONDS)
+                continue
+            with conn.cursor() as cur:
+                cur.execute("SAVEPOINT control_plane_reaped_hook")
+            try:
+                self.broker.get_actor(target).send(*args)
+            except Exception as exc:
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK TO SAVEPOINT control_plane_reaped_hook")
+                logger.warning("job %s ended by the reaper: its hook %s was not sent (%s)",
+                               job["id"], target, db.loggable_error(exc))
+            with conn.cursor() as cur:
+                cur.execute("RELEASE SAVEPOINT control_plane_reaped_hook")
+
+    def _hooks_of_lost(self, message: Message[Any], job: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
+        """What each middleware's ``worker_lost_hooks`` says the worker of ``message`` would have sent."""
         if message.actor_name not in self.broker.actors:
             logger.warning("job %s ended by the reaper: its actor %s is not declared in this process, so the "
                            "hooks set on the actor (not on the message) are not known here and not sent",
                            job["id"], message.actor_name)
         failure = {"type": "WorkerLost" if job["fate"] == "fail" else "Cancelled", "message": job["error"]}
+        hooks: list[tuple[str, tuple[Any, ...]]] = []
         for middleware in self.broker.middleware:
-            hooks = getattr(middleware, "worker_lost_hooks", None)
-            if hooks is None:
-                continue
-            for target, args in hooks(self.broker, message, failure, attempts=job["attempts"],
-                                      max_attempts=job["max_attempts"]):
-                with conn.cursor() as cur:
-                    cur.execute("SAVEPOINT control_plane_reaped_hook")
-                try:
-                    self.broker.get_actor(target).send(*args)
-                except Exception as exc:
-                    with conn.cursor() as cur:
-                        cur.execute("ROLLBACK TO SAVEPOINT control_plane_reaped_hook")
-                    logger.warning("job %s ended by the reaper: its hook %s was not sent (%s)",
-                                   job["id"], target, db.loggable_error(exc))
-                with conn.cursor() as cur:
-                    cur.execute("RELEASE SAVEPOINT control_plane_reaped_hook")
+            of_lost = getattr(middleware, "worker_lost_hooks", None)
+            if of_lost is not None:
+                hooks += of_lost(self.broker, message, failure, attempts=job["attempts"],
+                                 max_attempts=job["max_attempts"])
+        return hooks
 
     def _store_reaped_results(self, job_ids: list[str]) -> None:
         """Tell the callers of jobs the reaper ended, waiting a second at most for the results

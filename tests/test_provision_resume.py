@@ -214,6 +214,39 @@ def test_a_process_with_another_pepper_derives_nothing_and_reveals_nothing(
         secrets_pepper(Settings.from_env({"DATABASE_URL": db_url, "API_KEY_PEPPER": "another"}))
 
 
+def test_a_deployment_upgraded_to_the_pepper_check_is_not_given_a_wrong_pepper(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService],
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    from tasks.errors import ConfigurationError
+    from tasks.provision import secrets
+    from tasks.provision.keys import reveal_secrets
+
+    monkeypatch.setattr(secrets, "_checked", set())
+    # Given a project provisioned before migration 0013 (no pepper recorded)
+    claimed(project)
+    pid = project["project_id"]
+    for step in STEPS:
+        run_step(step, pid)
+    query(db_url, "DELETE FROM control_plane.deployment")
+    monkeypatch.delenv("API_KEY_PEPPER")
+    # When the first process to use a pepper since is a reveal with another one, or a process
+    # started in another directory (a pepper file made just now)
+    for home in ("reveal", "worker"):
+        monkeypatch.setattr(secrets, "_checked", set())
+        other = Settings.from_env({"DATABASE_URL": db_url, "CONTROLPLANE_HOME": str(tmp_path / home)})
+        with pytest.raises(ConfigurationError, match="pepper"):
+            if home == "reveal":
+                reveal_secrets(other, pid)
+            else:
+                secrets_pepper(other)
+    # Then neither was recorded as the deployment's, the secrets are still there, and the
+    # workers' pepper reveals them (and becomes the deployment's at its next step)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.deployment")[0]["n"] == 0
+    monkeypatch.setenv("API_KEY_PEPPER", "resume-pepper")
+    assert len(reveal_secrets(Settings.from_env(), pid)["api_keys"]) == 3
+
+
 def test_someone_elses_database_of_that_name_is_a_conflict_and_survives_compensation(
     db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:

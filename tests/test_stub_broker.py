@@ -58,8 +58,9 @@ def test_actors_with_this_packages_options_run_on_the_stub_broker_without_a_data
     # unique_key_from, on_final_failure), written as Dramatiq's testing guide writes them, run
     # with BROKER_URL=stub:// and a database that does not answer
     (tmp_path / "user_tests.py").write_text(USER_TESTS)
-    env = {**os.environ, "BROKER_URL": "stub://", "DATABASE_URL": "postgresql://root@127.0.0.1:1/nowhere",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(BROKER_URL="stub://", CONTROLPLANE_HOME=str(tmp_path / "home"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
     # When it runs
     done = subprocess.run([sys.executable, "user_tests.py"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
@@ -70,5 +71,19 @@ def test_actors_with_this_packages_options_run_on_the_stub_broker_without_a_data
         "fail_fast raised ValueError('negative')",
         "calls [(1, 2), (5, -1), (5, -1)] finals ['ValueError']",
     ]
-    # And no embedded PostgreSQL was made for it
-    assert not (tmp_path / ".controlplane").exists()
+    # And no embedded PostgreSQL was made for it (DATABASE_URL is unset)
+    assert not (tmp_path / "home").exists()
+
+
+def test_the_commands_refuse_the_stub_broker(tmp_path: Path) -> None:
+    # Given BROKER_URL=stub:// left set in a shell
+    env = {**os.environ, "BROKER_URL": "stub://", "CONTROLPLANE_HOME": str(tmp_path / "home")}
+    # When an operator runs a command that would send or claim
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "send", "controlplane.prune"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    # Then it refuses in one line, rather than send into a memory no other process sees
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "controlplane: error: BROKER_URL=stub:// is Dramatiq's in-memory StubBroker, for unit tests: "
+        "`controlplane` would work on messages no other process sees; unset BROKER_URL"
+    ]

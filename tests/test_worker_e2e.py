@@ -577,13 +577,20 @@ def _lose_the_worker_of(db_url: str, message: dramatiq.Message, *, cancel: bool 
     """Claim ``message`` on a worker that then dies while running it (its lease expires; no
     outcome is ever reported), after an operator asked to cancel it if ``cancel``; another
     worker's reaper then finds it."""
+    _lose_the_workers_of(db_url, [message], cancel=cancel)
+
+
+def _lose_the_workers_of(db_url: str, messages: list[dramatiq.Message], *, cancel: bool = False) -> None:
     lost = PostgresBroker(url=db_url, settings=tasks.settings)
-    consumer = lost.consume("default", prefetch=1, timeout=500)
-    assert next(consumer).message_id == message.message_id
+    consumer = lost.consume("default", prefetch=len(messages), timeout=500)
+    held = {next(consumer).message_id for _ in messages}
+    ids = [m.message_id for m in messages]
+    assert held == set(ids)
     query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = attempts + 1 "
-                  "WHERE id = %s", (message.message_id,))  # fmt: skip
+                  "WHERE id = ANY(%s::uuid[])", (ids,))  # fmt: skip
     if cancel:
-        query(db_url, "SELECT control_plane.cancel_job(%s)", (message.message_id,))
+        for message_id in ids:
+            query(db_url, "SELECT control_plane.cancel_job(%s)", (message_id,))
     query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
     other = tasks.broker.consume("slow", prefetch=1, timeout=100)  # the reaper is not per queue
     other._next_reap = 0
@@ -642,32 +649,37 @@ def test_a_failure_hook_the_reaper_cannot_send_is_logged_and_the_rest_go(
     assert any(message.message_id in r.getMessage() and "tests.nobody" in r.getMessage() for r in caplog.records)
 
 
-def test_a_hook_the_reaper_would_wait_for_does_not_hold_up_the_reaper(
+def test_hooks_the_reaper_would_wait_for_do_not_hold_up_the_reaper(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given an application transaction, left open, that sent a job holding the unique key the
-    # on_final_failure hook of a lost job would take (the reaper's thread also heartbeats)
+    # on_final_failure hook of each of five lost jobs would take (the reaper's thread heartbeats)
     app = psycopg2.connect(db_url)
     try:
         with tasks.enqueue_in(app):
             actors.keyed_sink.send({}, {})
-        message = actors.noop.send_with_options(
-            args=("lost",), max_attempts=1, on_failure="tests.callback_sink", on_final_failure="tests.keyed_sink"
-        )
-        # When the reaper ends the job
-        reaped = threading.Thread(target=lambda: _lose_the_worker_of(db_url, message))
+        lost = [
+            actors.noop.send_with_options(args=(f"lost{i}",), max_attempts=1, on_failure="tests.callback_sink",
+                                          on_final_failure="tests.keyed_sink")
+            for i in range(5)
+        ]
+        # When the reaper ends the jobs
+        reaped = threading.Thread(target=lambda: _lose_the_workers_of(db_url, lost))
         with caplog.at_level("WARNING", logger="tasks.broker"):
             reaped.start()
             reaped.join(timeout=60)
-            # Then it did not wait on the application: the job ended, the hook that could go went,
-            # and the one that would have waited is named
+            # Then it did not wait on the application: the jobs ended, the hooks that could go went,
+            # each one that would have waited is named, and the reap gave up on them after its
+            # time for hooks rather than waiting a second for each
             assert not reaped.is_alive(), "the reaper waited on the application's transaction"
     finally:
         app.rollback()
         app.close()
-    assert job(db_url, message.message_id)["status"] == "failed"
-    assert [r["args"][1]["type"] for r in _hooks_sent(db_url)] == ["WorkerLost"]
-    assert any("tests.keyed_sink" in r.getMessage() and "not sent" in r.getMessage() for r in caplog.records)
+    assert {job(db_url, m.message_id)["status"] for m in lost} == {"failed"}
+    said = [r.getMessage() for r in caplog.records if "tests.keyed_sink" in r.getMessage()]
+    assert len(said) == 5
+    assert any("spent its" in line for line in said), said
+    assert [r["args"][1]["type"] for r in _hooks_sent(db_url)].count("WorkerLost") >= 1
 
 
 def test_a_return_value_too_long_for_the_jobs_mirror_is_said_once_per_actor(

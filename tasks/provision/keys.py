@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from models import project_queries as q
-from tasks.errors import Conflict, PermanentError
+from tasks.errors import ConfigurationError, Conflict, PermanentError
 from tasks.provision import apikeys, secrets
 from tasks.provision import payload as p
 from tasks.provision.state import ProjectState, control_transaction, hold_current_run
@@ -58,7 +58,7 @@ def reveal_secrets(settings: Settings, project_id: str) -> dict[str, object]:
     its secrets were already read or have expired; ``ConfigurationError`` when this process's
     pepper is not the deployment's, before the secrets are taken (they would be wrong ones).
     """
-    key = secrets.pepper(settings)
+    key = secrets.pepper(settings, record=False)
     with control_transaction() as conn, conn.cursor() as cur:
         cur.execute(q.GET_PROJECT, {"project_id": project_id})
         row = cur.fetchone()
@@ -71,17 +71,28 @@ def reveal_secrets(settings: Settings, project_id: str) -> dict[str, object]:
         if taken is None:
             raise PermanentError(f"the secrets of project {project_id!r} were already read, or expired unread")
         nonce, fresh, _, raw_payload = taken
+        if fresh:
+            payload = p.validate(raw_payload)
+            nonce = bytes(nonce)
+            keys = [
+                secrets.api_key(key, project_id, payload.api_key_prefix, slot, nonce)
+                for slot in range(1, payload.api_key_count + 1)
+            ]
+            # Before the nonce goes: what this process derives must be what the project was given.
+            cur.execute(q.FIRST_KEY_HASH, {"project_id": project_id})
+            stored = cur.fetchone()
+            if stored is None or stored[0] != apikeys.hash_key(keys[0], key):
+                raise ConfigurationError(
+                    f"the keys this process derives for project {project_id!r} do not match their stored "
+                    "hashes: its API key pepper is not the one the project was provisioned with; the secrets "
+                    "were left in place (give this process the workers' API_KEY_PEPPER or CONTROLPLANE_HOME)"
+                )
     # Raised after the commit: the nonce taken above must stay gone when it had expired.
     if not fresh:
         raise PermanentError(f"the secrets of project {project_id!r} expired unread")
-    payload = p.validate(raw_payload)
-    nonce = bytes(nonce)
     return {
         "project_id": project_id,
-        "api_keys": [
-            secrets.api_key(key, project_id, payload.api_key_prefix, slot, nonce)
-            for slot in range(1, payload.api_key_count + 1)
-        ],
+        "api_keys": keys,
         "database_user": p.app_role(payload),
         "database_password": secrets.database_password(key, project_id, nonce),
     }

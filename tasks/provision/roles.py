@@ -50,20 +50,20 @@ def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
     owner, app = p.owner_role(state.payload), p.app_role(state.payload)
     if state.secret_nonce is None:
         raise Conflict(f"project {state.project_id!r}: its secrets were already read or expired")
-    password = secrets.database_password(secrets.pepper(settings), state.project_id, state.secret_nonce)
-    with translated("creating roles"), control_transaction() as control:
+    pepper = secrets.pepper(settings)
+    password = secrets.database_password(pepper, state.project_id, state.secret_nonce)
+    with translated("creating roles"), session(settings, autocommit=False) as conn:
         # One delivery of this step at a time per project (see ensure_schema): a second waits, then
-        # finds the roles and their markers. Taken on the control plane's database, which tenants
-        # cannot reach (migration 0009): on the tenant server any app role could take the lock
-        # first, its key being predictable, and hold up the project's provisioning for good.
-        with control.cursor() as cur:
-            cur.execute(q.LOCK_ROLES_STEP, {"project_id": state.project_id})
-        with session(settings, autocommit=False) as conn:
-            done = _create_roles(settings, state, conn, owner, app, password)
-            # Committed only while this run still provisions the project, under its lock (held
-            # until the control transaction ends): a late step of an undone run rolls back, and a
-            # new claim of the id waits for the commit, then its own roles step finds the roles
-            # and sets its password.
+        # finds the roles and their markers. The lock's key is derived under the pepper: on the
+        # tenant server any app role may take advisory locks, and one that could compute the key
+        # could take it first and hold up the project's provisioning for good.
+        with conn.cursor() as cur:
+            cur.execute(q.LOCK_ROLES_STEP, {"key": secrets.lock_key(pepper, "roles-step", state.project_id)})
+        done = _create_roles(settings, state, conn, owner, app, password)
+        # Committed only while this run still provisions the project, under its lock (held for
+        # this commit only): a late step of an undone run rolls back, and a new claim of the id
+        # waits for the commit, then its own roles step finds the roles and sets its password.
+        with control_transaction() as control:
             if not hold_current_run(control, state):
                 conn.rollback()
                 return {"owner_role": owner, "app_role": app, "skipped": "superseded"}

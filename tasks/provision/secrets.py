@@ -39,12 +39,14 @@ _checked: set[tuple[str, str]] = set()
 _checked_lock = threading.Lock()
 
 
-def pepper(settings: Settings) -> bytes:
+def pepper(settings: Settings, *, record: bool = True) -> bytes:
     """The server-side pepper: ``API_KEY_PEPPER``, else a random one kept under CONTROLPLANE_HOME;
     the deployment's, or :class:`tasks.errors.ConfigurationError` before anything is derived from it
-    (``control_plane.deployment``, migration 0013)."""
+    (``control_plane.deployment``, migration 0013). ``record``: the first pepper used in a
+    deployment becomes its pepper (a step's; not a reveal's, which checks what it derives against
+    the stored hashes instead)."""
     if settings.api_key_pepper:
-        _check(settings.api_key_pepper, "API_KEY_PEPPER", None)
+        _check(settings.api_key_pepper, "API_KEY_PEPPER", None, record)
         return settings.api_key_pepper
     path = settings.home / "api-key-pepper"
     created = False
@@ -57,15 +59,18 @@ def pepper(settings: Settings) -> bytes:
     value = path.read_text().strip().encode()
     if not value:
         raise RuntimeError(f"{path} is empty: restore it from a backup, or set API_KEY_PEPPER")
-    _check(value, f"{path}{', made just now' if created else ''}", path if created else None)
+    _check(value, f"{path}{', made just now' if created else ''}", path if created else None, record)
     return value
 
 
-def _check(value: bytes, where: str, made: Path | None) -> None:
-    """Record ``value``'s fingerprint as the deployment's if it has none yet; raise if it has another.
+def _check(value: bytes, where: str, made: Path | None, record: bool) -> None:
+    """Raise unless ``value`` is the deployment's pepper; with ``record``, make it so if the
+    deployment has none recorded yet (the first use of a pepper, or the first since migration 0013).
 
     ``made``: the pepper file this call created, deleted when it is the wrong one (a process
-    started in another directory than the workers), so that it misleads no later process.
+    started in another directory than the workers), so that it misleads no later process. A pepper
+    file made just now is not recorded as the pepper of a deployment that already has API keys:
+    those were made with another one.
     """
     import tasks
     from models import project_queries as q
@@ -76,21 +81,31 @@ def _check(value: bytes, where: str, made: Path | None) -> None:
     with _checked_lock:
         if (database, fingerprint) in _checked:
             return
+    wrong = (
+        f"the API key pepper of this process ({where}) is not the one this deployment's projects were "
+        "provisioned with: nothing was derived from it; give every process the same API_KEY_PEPPER, or the "
+        "same CONTROLPLANE_HOME (its api-key-pepper file)"
+    )
     with db.transaction(tasks.connection) as conn, conn.cursor() as cur:
-        cur.execute(q.PEPPER_FINGERPRINT, {"fingerprint": fingerprint})
+        cur.execute(q.RECORDED_PEPPER)
         row = cur.fetchone()
-        if row is None:  # recorded by another process meanwhile, after this statement's snapshot
+        if row is None:
+            if not record:
+                return
+            cur.execute(q.ANY_API_KEY)
+            if made is not None and cur.fetchone() is not None:
+                made.unlink(missing_ok=True)
+                raise ConfigurationError(wrong)
             cur.execute(q.PEPPER_FINGERPRINT, {"fingerprint": fingerprint})
             row = cur.fetchone()
+            if row is None:  # recorded by another process meanwhile, after this statement's snapshot
+                cur.execute(q.RECORDED_PEPPER)
+                row = cur.fetchone()
         (recorded,) = row
     if recorded != fingerprint:
         if made is not None:
             made.unlink(missing_ok=True)
-        raise ConfigurationError(
-            f"the API key pepper of this process ({where}) is not the one this deployment's projects were "
-            "provisioned with: nothing was derived from it; give every process the same API_KEY_PEPPER, or the "
-            "same CONTROLPLANE_HOME (its api-key-pepper file)"
-        )
+        raise ConfigurationError(wrong)
     with _checked_lock:
         _checked.add((database, fingerprint))
 
@@ -131,6 +146,13 @@ def _write_new(path: Path, text: str) -> None:
 
 def _derive(key: bytes, purpose: str, project_id: str, nonce: bytes) -> bytes:
     return hmac.new(key, b"|".join([purpose.encode(), project_id.encode(), nonce]), hashlib.sha256).digest()
+
+
+def lock_key(key: bytes, purpose: str, project_id: str) -> int:
+    """An advisory lock key (a signed 64-bit integer) for ``purpose`` on ``project_id`` that only
+    holders of the pepper can compute."""
+    digest = hmac.new(key, f"controlplane:lock:{purpose}:{project_id}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def api_key(key: bytes, project_id: str, prefix: str, slot: int, nonce: bytes) -> str:
