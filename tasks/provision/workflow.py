@@ -283,9 +283,18 @@ def run_step(step: str, project_id: str, run: str | None = None) -> dict[str, ob
             logger.info("project %s is %s; step %s has nothing to do", project_id, status, step)
             return {"skipped": status}
         run = state.job_id  # every write below is to this run's row only
+        index = STEPS.index(step)
+        if index > 0 and not (state.steps.get(STEPS[index - 1]) or {}).get("done_at"):
+            # Each step is sent by the one before when it is done: this one came early, a step
+            # job of an earlier run of the project id retried by hand (a retried job keeps its
+            # id, and the run is the claiming job's id, which a retried entry job keeps too).
+            # Run now, it would go ahead of this run's steps, and activate a project with no
+            # database.
+            logger.warning("project %s: step %s came before %s was done in this run (a step job of an earlier "
+                           "run retried by hand?); nothing done", project_id, step, STEPS[index - 1])
+            return {"skipped": f"out of order: {STEPS[index - 1]} is not done"}
         _mark(conn, project_id, step, "started_at", run=run)
     detail = _STEP_FUNCTIONS[step](settings, state)
-    index = STEPS.index(step)
     with control_transaction() as conn:
         if step != "activate":
             with conn.cursor() as cur:
