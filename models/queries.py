@@ -411,8 +411,9 @@ REAP = """
 WITH r AS (
     SELECT m.id, m.worker,
            CASE WHEN m.cancel_requested_at IS NOT NULL THEN 'cancel'
-                WHEN j.attempts >= j.max_attempts
-                     AND (j.status = 'running' OR j.attempts >= 2 * j.max_attempts) THEN 'fail'
+                WHEN j.attempts - j.attempts_before_retry >= j.max_attempts
+                     AND (j.status = 'running' OR j.attempts - j.attempts_before_retry >= 2 * j.max_attempts)
+                THEN 'fail'
                 ELSE 'requeue' END AS fate
     FROM control_plane.messages AS m LEFT JOIN control_plane.jobs AS j ON j.id = m.id
     WHERE m.claim_token IS NOT NULL AND m.lease_expires_at < now()

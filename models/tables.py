@@ -84,6 +84,9 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     max_attempts: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    #: ``attempts`` when an operator last retried the job (``retry_job``; migration 0014): the
+    #: reaper counts the attempts since, as Dramatiq's ``options.retries`` does.
+    attempts_before_retry: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
     errors: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     scheduled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

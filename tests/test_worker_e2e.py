@@ -599,6 +599,24 @@ def _lose_the_workers_of(db_url: str, messages: list[dramatiq.Message], *, cance
     lost.close()
 
 
+def test_a_retried_job_gets_all_its_attempts_again_when_its_workers_are_lost(db_url: str) -> None:
+    # Given a job of two attempts whose workers were lost on both: the reaper failed it
+    message = actors.noop.send_with_options(args=("lost",), max_attempts=2)
+    _lose_the_worker_of(db_url, message)
+    _lose_the_worker_of(db_url, message)
+    assert job(db_url, message.message_id)["status"] == "failed"
+    # When an operator retries it, and its worker is lost again
+    assert query(db_url, "SELECT control_plane.retry_job(%s) AS ok", (message.message_id,))[0]["ok"] is True
+    _lose_the_worker_of(db_url, message)
+    # Then it is put back for its second attempt of the two it was given again, not failed
+    row = job(db_url, message.message_id)
+    assert (row["status"], row["attempts"]) == ("pending", 3)
+    assert row["last_error"].endswith("the job was re-queued")
+    # And a loss on that second attempt fails it, as on its first run
+    _lose_the_worker_of(db_url, message)
+    assert job(db_url, message.message_id)["status"] == "failed"
+
+
 def _hooks_sent(db_url: str) -> list[dict[str, object]]:
     return query(db_url, "SELECT payload -> 'args' AS args FROM control_plane.jobs "
                          "WHERE type = 'tests.callback_sink' ORDER BY created_at")  # fmt: skip
