@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -205,6 +206,16 @@ def cmd_send(args: argparse.Namespace) -> int:
 _LIST_COLUMNS = ("id", "type", "queue", "status", "attempts", "max_attempts", "scheduled_at", "last_error")
 
 
+#: Control characters (C0, DEL, C1): written as escapes, never to the operator's terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters as ``\\xNN``: an error text that quotes a job's input
+    could otherwise clear the screen, recolour it or rewrite what an operator reads."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
@@ -212,7 +223,7 @@ def _fmt(value: Any) -> str:
         # The date too (a job that failed three days ago must not read like one of a minute
         # ago), in UTC as `clock --list` prints it, whatever the session's time zone.
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
-    return str(value)
+    return _printable(str(value))
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], width: int = 60) -> None:
@@ -303,7 +314,7 @@ def _show(job: dict[str, Any]) -> str:
     lines.append(f"{'result':>13}: {json.dumps(job['result'])}")
     lines.append(f"{'attempts log':>13}:")
     for entry in job["errors"] or []:
-        lines.append(f"{'':>15}#{entry.get('attempt')} at {entry.get('at')}: {entry.get('error')}")
+        lines.append(_printable(f"{'':>15}#{entry.get('attempt')} at {entry.get('at')}: {entry.get('error')}"))
     return "\n".join(lines)
 
 
@@ -386,7 +397,8 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
         if outcome == "cancelled":
             print(f"cancelled {job_id}")
         else:
-            print(f"cancelling {job_id}: it is running; its worker interrupts it and the job ends cancelled")
+            print(f"cancelling {job_id}: it is running; its worker interrupts it and the job ends cancelled, "
+                  "unless it finishes first (see its status)")
         return 0
     finally:
         conn.close()

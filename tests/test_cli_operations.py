@@ -459,6 +459,25 @@ def test_bad_numbers_on_the_command_line_are_usage_errors_not_tracebacks(db_url:
         assert f"argument {option}" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_jobs_show_and_list_never_write_control_characters_to_the_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    # Given a job whose error quotes input holding terminal escapes (clear the screen, go red)
+    message = actors.noop.send(1)
+    error = "RuntimeError: bad name \x1b[2J\x1b[31mRED"
+    query(db_url, "UPDATE control_plane.jobs SET status = 'failed', last_error = %s, completed_at = now(), "
+                  "errors = jsonb_build_array(jsonb_build_object('attempt', 1, 'at', now(), 'error', %s)) "
+                  "WHERE id = %s", (error, error, message.message_id))  # fmt: skip
+    # When it is shown and listed
+    shown = in_process(capsys, monkeypatch, db_url, "jobs", "show", message.message_id)
+    listed = in_process(capsys, monkeypatch, db_url, "jobs", "list", "--status", "failed")
+    # Then the escapes are written as text, in the error and in the attempts log
+    for out in (shown.stdout, listed.stdout):
+        assert "\x1b" not in out
+        assert "bad name \\x1b[2J\\x1b[31mRED" in out
+    assert shown.stdout.count("\\x1b[2J") == 2
+
+
 def test_jobs_show_and_list_print_dates_in_utc_whatever_the_local_time_zone(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, db_url: str
 ) -> None:
