@@ -649,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--args", help="positional arguments, a JSON array")
     p.add_argument("--kwargs", help="keyword arguments, a JSON object")
     p.add_argument("--delay", type=_seconds, help="seconds to wait before it may run")
-    p.add_argument("--priority", type=int, help="lower runs first (default: the actor's)")
+    p.add_argument("--priority", type=_priority, help="lower runs first (default: the actor's)")
     p.add_argument("--unique-key", help="at most one live job per key")
     p.add_argument("--queue", help="the queue of an actor no --module declares, to send it by name")
     p.add_argument("--module", action="append", help="module declaring the actor (repeatable)")
@@ -769,6 +769,17 @@ def _positive_int(raw: str) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of 1 or more")
     return int(raw)
+
+
+def _priority(raw: str) -> int:
+    """An argparse type: a priority, a whole number PostgreSQL's ``integer`` holds."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if not -(2**31) <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{raw!r} is out of range ({-(2**31)} to {2**31 - 1})")
+    return value
 
 
 def _port(raw: str) -> int:

@@ -221,6 +221,12 @@ def test_send_knows_the_built_in_actors_and_says_when_it_does_not_know_one(db_ur
     assert rows == [{"id": by_name.stdout.strip(), "queue": "billing"}]
 
 
+def test_send_refuses_a_priority_the_database_cannot_hold_before_connecting(db_url: str) -> None:
+    done = cli(db_url, "send", "controlplane.prune", "--priority", "99999999999")
+    assert done.returncode == 2 and not done.stdout
+    assert "argument --priority: '99999999999' is out of range (-2147483648 to 2147483647)" in done.stderr
+
+
 def test_modules_are_found_in_the_current_directory_as_the_dramatiq_command_finds_them(
     db_url: str, tmp_path: Path
 ) -> None:
