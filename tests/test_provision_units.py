@@ -964,7 +964,7 @@ def test_processes_creating_the_pepper_at_once_all_get_the_same_whole_one(
     from tasks.provision import secrets as project_secrets
 
     # (each home's pepper is another deployment's: the check against the database is not this test's)
-    monkeypatch.setattr(project_secrets, "_check", lambda value, where, made: None)
+    monkeypatch.setattr(project_secrets, "_check", lambda value, where, made, record: None)
 
     # Given a fresh home, no API_KEY_PEPPER, and several workers starting at once (20 times over)
     for attempt in range(20):
