@@ -26,7 +26,10 @@ _JOB_VALUES = """id, actor, queue,
 _JOB_AGAIN = """ON CONFLICT (id) DO UPDATE
        SET status = 'pending', scheduled_at = excluded.scheduled_at, options = excluded.options,
            queue = excluded.queue, type = excluded.type, priority = excluded.priority,
-           completed_at = NULL, updated_at = now()"""
+           completed_at = NULL, updated_at = now(),
+           -- a finished job sent again starts its attempts afresh, as retry_job's (migration 0014)
+           attempts_before_retry = CASE WHEN cur.status IN ('completed', 'failed', 'cancelled')
+                                        THEN cur.attempts ELSE cur.attempts_before_retry END"""
 
 #: The message rows, from CTE ``m``; re-enqueueing an id puts its message back in the queue.
 _MESSAGES_FROM_M = """INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body)
@@ -457,7 +460,8 @@ WITH r AS (
                                  || CASE WHEN lost.fate = 'cancel' THEN ' after its cancellation was requested'
                                          ELSE '' END))
     FROM lost WHERE j.id = lost.id
-    RETURNING j.id, lost.fate, lost.body, j.last_error, j.attempts, j.max_attempts
+    RETURNING j.id, lost.fate, lost.body, j.last_error, j.attempts - j.attempts_before_retry AS attempts,
+              j.max_attempts
 ), w AS (
     DELETE FROM control_plane.worker_heartbeats
     WHERE heartbeat_at < now() - make_interval(secs => %(forget_after)s)

@@ -193,8 +193,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     duplicate = sent.message_id != message.message_id
     if duplicate:
         print(
-            f"controlplane: job {sent.message_id} holds unique key {args.unique_key!r} "
-            "(pending or running): nothing new was sent",
+            _printable(f"controlplane: job {sent.message_id} holds unique key {args.unique_key!r} "
+                       "(pending or running): nothing new was sent"),
             file=sys.stderr,
         )
     print(json.dumps({"id": sent.message_id, "deduplicated": duplicate}) if args.json else sent.message_id)
@@ -214,6 +214,12 @@ def _printable(text: str) -> str:
     """``text`` with its control characters as ``\\xNN``: an error text that quotes a job's input
     could otherwise clear the screen, recolour it or rewrite what an operator reads."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _error(text: str) -> None:
+    """``controlplane: error: TEXT`` on stderr, redacted, its control characters escaped (an
+    error may quote a job's unique key or arguments)."""
+    print(f"controlplane: error: {_printable(redact(text))}", file=sys.stderr)
 
 
 def _fmt(value: Any) -> str:
@@ -375,7 +381,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
                 retried += bool(_scalar(conn, queries.RETRY_JOB, {"id": job_id}))
             except UserError as exc:
                 refused += 1
-                print(f"controlplane: {exc}", file=sys.stderr)
+                print(_printable(f"controlplane: {exc}"), file=sys.stderr)
             if len(ids) > 100 and (n % 100 == 0 or n == len(ids)):
                 print(f"  {n}/{len(ids)} failed jobs done", file=sys.stderr, flush=True)
         print(f"retried {retried} failed job(s)" + (f" of type {args.type}" if args.type else ""))
@@ -823,18 +829,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except (UserError, ConfigurationError) as exc:
-        print(f"controlplane: error: {redact(str(exc))}", file=sys.stderr)
+        _error(str(exc))
         return 1
     except (psycopg2.Error, ConnectionClosed) as exc:
         if isinstance(exc, ConnectionClosed) or db.is_connection_error(exc):
             # The database went away (or never answered) after the command started.
             reason = _first_line(exc.__cause__ or exc)
-            print(f"controlplane: error: cannot connect to the database: {redact(reason)}", file=sys.stderr)
+            _error(f"cannot connect to the database: {reason}")
         elif (behind := _schema_behind(exc)) is not None:
-            print(f"controlplane: error: {behind} ({redact(_first_line(exc))}): run `controlplane migrate`",
-                  file=sys.stderr)
+            _error(f"{behind} ({_first_line(exc)}): run `controlplane migrate`")
         else:  # including a deadlock or a cancelled statement, which psycopg2 files as OperationalError
-            print(f"controlplane: error: the database refused: {redact(_first_line(exc))}", file=sys.stderr)
+            _error(f"the database refused: {_first_line(exc)}")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -482,6 +482,16 @@ def test_jobs_show_and_list_never_write_control_characters_to_the_terminal(
         assert "\x1b" not in out
         assert "bad name \\x1b[2J\\x1b[31mRED" in out
     assert shown.stdout.count("\\x1b[2J") == 2
+    # And an error quoting a job's unique key (a retry refused: another job holds the key) too
+    key = "k\x1b[2J"
+    first = actors.noop.send_with_options(args=(2,), unique_key=key)
+    query(db_url, "UPDATE control_plane.jobs SET status = 'failed', completed_at = now() WHERE id = %s",
+          (first.message_id,))  # fmt: skip
+    query(db_url, "DELETE FROM control_plane.messages WHERE id = %s", (first.message_id,))
+    actors.noop.send_with_options(args=(3,), unique_key=key)
+    refused = in_process(capsys, monkeypatch, db_url, "jobs", "retry", first.message_id)
+    assert refused.returncode == 1 and "\x1b" not in refused.stderr
+    assert "same unique key k\\x1b[2J" in refused.stderr
 
 
 def test_jobs_show_and_list_print_dates_in_utc_whatever_the_local_time_zone(

@@ -871,6 +871,36 @@ def test_a_provision_url_keeps_its_own_libpq_options(db_url: str) -> None:
     assert statement_timeout == f"{Settings.from_env({}).provision_statement_timeout_ms // 1000}s"
 
 
+def test_a_step_delivered_before_the_one_ahead_of_it_commits_waits_for_it(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from tasks.provision import workflow
+
+    # Given a broker that delivers the next step before the transaction that sent it commits
+    # (RabbitMQ publishes at once): the database step, sent by the roles step, runs at once
+    job_id = claimed(project)
+    pid = project["project_id"]
+    outcome: list[dict[str, object]] = []
+    early: list[threading.Thread] = []
+    waiting = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+
+    def delivered_at_once(project_id: str, run: str | None = None) -> None:
+        thread = threading.Thread(target=lambda: outcome.append(run_step("database", project_id, run)))
+        thread.start()
+        early.append(thread)
+        wait_for(lambda: not thread.is_alive() or query(db_url, waiting)[0]["n"] > 0,
+                 what="the early step to finish or to wait for the one before it")  # fmt: skip
+
+    monkeypatch.setattr(workflow._STEP_ACTORS["database"], "send", delivered_at_once)
+    # When the roles step finishes and commits
+    run_step("roles", pid, job_id)
+    early[0].join(60)
+    # Then the early database step ran (after the commit), instead of finding roles not done
+    assert outcome and outcome[0].get("step") == "database", outcome
+
+
 def test_a_step_delivered_before_its_claim_commits_waits_for_it(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:

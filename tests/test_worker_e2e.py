@@ -599,14 +599,18 @@ def _lose_the_workers_of(db_url: str, messages: list[dramatiq.Message], *, cance
     lost.close()
 
 
-def test_a_retried_job_gets_all_its_attempts_again_when_its_workers_are_lost(db_url: str) -> None:
+@pytest.mark.parametrize("how", ["retry_job", "sent-again"])
+def test_a_retried_job_gets_all_its_attempts_again_when_its_workers_are_lost(db_url: str, how: str) -> None:
     # Given a job of two attempts whose workers were lost on both: the reaper failed it
     message = actors.noop.send_with_options(args=("lost",), max_attempts=2)
     _lose_the_worker_of(db_url, message)
     _lose_the_worker_of(db_url, message)
     assert job(db_url, message.message_id)["status"] == "failed"
-    # When an operator retries it, and its worker is lost again
-    assert query(db_url, "SELECT control_plane.retry_job(%s) AS ok", (message.message_id,))[0]["ok"] is True
+    # When an operator retries it (or its message is sent again), and its worker is lost again
+    if how == "retry_job":
+        assert query(db_url, "SELECT control_plane.retry_job(%s) AS ok", (message.message_id,))[0]["ok"] is True
+    else:
+        tasks.broker.enqueue(message)
     _lose_the_worker_of(db_url, message)
     # Then it is put back for its second attempt of the two it was given again, not failed
     row = job(db_url, message.message_id)

@@ -297,6 +297,10 @@ def run_step(step: str, project_id: str, run: str | None = None) -> dict[str, ob
     detail = _STEP_FUNCTIONS[step](settings, state)
     with control_transaction() as conn:
         if step != "activate":
+            # Under the project's lock, as the claim: with a broker that cannot join this
+            # transaction (RabbitMQ) the next step is delivered before it commits, and waits for
+            # it instead of finding this step not done (and doing nothing, for good).
+            _lock_project(conn, project_id)
             with conn.cursor() as cur:
                 cur.execute(q.MARK_STEP_DONE, {"project_id": project_id, "step": step, "run": run,
                                                "detail": Json({k: v for k, v in detail.items() if k != "api_keys"})})
