@@ -350,12 +350,14 @@ def _why_not(conn: Any, job_id: str, allowed: str, done: str) -> UserError:
     return UserError(f"job {job_id} is {rows[0]['status']}: only {allowed} jobs can be {done}")
 
 
-def _needs_postgres_broker(settings: Settings, what: str) -> None:
+def _needs_postgres_broker(
+    settings: Settings, what: str, instead: str = "to run a job again, send it again: controlplane send"
+) -> None:
     """Refuse ``what`` when RabbitMQ carries the messages: it works on control_plane.messages."""
     if not settings.postgres_broker:
         raise UserError(
             f"{what} needs the PostgreSQL broker: with BROKER_URL set the messages are in RabbitMQ, "
-            "which this cannot reach (to run a job again, send it again: controlplane send)"
+            f"which this cannot reach ({instead})"
         )
 
 
@@ -468,29 +470,45 @@ def cmd_prune(args: argparse.Namespace) -> int:
         deleted = _scalar(
             conn, queries.PRUNE_JOBS, {"completed": args.completed_after, "failed": args.failed_after}
         )
+        # What the daily controlplane.prune does besides (tasks.maintenance), so that a cron line
+        # running this command without a clock prunes the same.
+        with conn.cursor() as cur:
+            cur.execute(queries.PRUNE_SCHEDULE_TICKS, {"older_than": args.completed_after})
+            ticks = cur.rowcount
+            cur.execute(queries.RATE_LIMIT_SWEEP)
+            counters = cur.rowcount
         print(
             f"pruned {deleted} row(s): completed and cancelled jobs older than {args.completed_after}, "
-            f"failed jobs older than {args.failed_after}, expired results"
+            f"failed jobs older than {args.failed_after}, expired results; and {ticks} schedule tick(s) "
+            f"older than {args.completed_after} (each schedule's latest kept), {counters} expired rate-limit "
+            "counter(s)"
         )
         return 0
     finally:
         conn.close()
 
 
-_WORKER_COLUMNS = ("id", "queues", "started_at", "heartbeat_at", "silent_seconds", "in_flight")
+_WORKER_COLUMNS = ("id", "state", "queues", "started_at", "heartbeat_at", "silent_seconds", "in_flight")
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    conn = _connect(_url(_settings()))
+    settings = _settings()
+    _needs_postgres_broker(settings, "controlplane workers",
+                           "RabbitMQ's workers do not heartbeat here: its management UI lists their consumers")
+    conn = _connect(_url(settings))
     try:
         rows = _fetch(conn, queries.WORKERS)
     finally:
         conn.close()
+    for r in rows:
+        # A worker heartbeats every CONTROLPLANE_HEARTBEAT_INTERVAL; one silent for a whole lease is
+        # gone (killed, cut off), its row kept until a live worker's reaper forgets it (4 leases).
+        r["state"] = "alive" if r["silent_seconds"] < settings.lease_seconds else "dead (silent past its lease)"
     if args.json:
         print(_jsonable(rows))
         return 0
     if not rows:
-        print("no live workers")
+        print("no workers")
         return 0
     for r in rows:
         r["queues"] = ",".join(r["queues"])

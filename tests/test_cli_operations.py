@@ -309,10 +309,22 @@ def test_prune_deletes_old_finished_jobs_and_refuses_a_bad_age(
             "VALUES (gen_random_uuid(), 'old', 'default', %s, now() - %s::interval)",
             (status, age),
         )
-    # When an operator prunes with the defaults (7 days, failed 30 days), Then only the first goes
+    # and, as the daily controlplane.prune also forgets, two ticks of a schedule ten days apart and
+    # an expired rate-limit counter
+    query(db_url, "INSERT INTO control_plane.schedule_ticks (schedule_name, tick_at, job_id) VALUES "
+                  "('s', now() - interval '20 days', gen_random_uuid()), ('s', now() - interval '10 days', "
+                  "gen_random_uuid())")  # fmt: skip
+    query(db_url, "INSERT INTO control_plane.rate_limits (key, value, expires_at) VALUES ('k', 1, now() - "
+                  "interval '1 minute')")  # fmt: skip
+    # When an operator prunes with the defaults (7 days, failed 30 days), Then only the first goes,
+    # with the older tick (each schedule's latest stays) and the counter: a cron line without a
+    # clock prunes what the daily task does
     result = cli(db_url, "prune")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("pruned 1 row(s)")
+    assert "and 1 schedule tick(s)" in result.stdout and "1 expired rate-limit counter(s)" in result.stdout
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.schedule_ticks")[0]["n"] == 1
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.rate_limits")[0]["n"] == 0
     # When pruning with shorter ages, Then the others go too
     shorter = ("prune", "--completed-after", "1 minute", "--failed-after", "1 day")
     result = in_process(capsys, monkeypatch, db_url, *shorter)
@@ -351,8 +363,17 @@ def test_workers_lists_live_workers_and_what_they_hold(db_url: str) -> None:
     assert worker["id"] == tasks.broker.worker_id
     assert "default" in worker["queues"]
     assert worker["in_flight"] == 1
+    assert worker["state"] == "alive"
     assert table.returncode == 0, table.stderr
     assert tasks.broker.worker_id in table.stdout.splitlines()[2]
+    # And a worker silent for a lease (killed: nothing removed its row) is listed as dead
+    query(db_url, "INSERT INTO control_plane.worker_heartbeats (id, hostname, pid, queues, started_at, heartbeat_at) "
+                  "VALUES ('gone:1', 'gone', 1, '{default}', now() - interval '1 hour', "
+                  "now() - interval '1 minute')")  # fmt: skip
+    later = cli(db_url, "workers")
+    assert next(line for line in later.stdout.splitlines() if line.startswith("gone:1")).split()[1:5] == [
+        "dead", "(silent", "past", "its"
+    ]
 
 
 def test_a_statement_the_database_cancels_is_reported_as_refused_not_as_a_lost_connection(
@@ -397,8 +418,9 @@ def test_jobs_retry_and_cancel_refuse_when_rabbitmq_carries_the_messages(
                   "VALUES (gen_random_uuid(), 'tests.noop', 'default', 'failed', now())")
     (failed,) = [r["id"] for r in query(db_url, "SELECT id::text FROM control_plane.jobs")]
     monkeypatch.setenv("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-    # When an operator retries or cancels a job, Then it is told why that cannot work here
-    for args in (("jobs", "retry", failed), ("jobs", "retry", "--failed"), ("jobs", "cancel", failed)):
+    # When an operator retries or cancels a job, or lists the workers, Then it is told why that
+    # cannot work here (RabbitMQ's workers write no heartbeats: the list would be stale rows)
+    for args in (("jobs", "retry", failed), ("jobs", "retry", "--failed"), ("jobs", "cancel", failed), ("workers",)):
         assert_user_error(in_process(capsys, monkeypatch, db_url, *args), "needs the PostgreSQL broker")
     # and the job was not made pending (no worker would ever run it)
     assert job(db_url, failed)["status"] == "failed"
