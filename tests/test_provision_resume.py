@@ -165,10 +165,9 @@ def test_a_new_database_admits_no_one_until_it_is_locked_down(
     def killed(project_id: str) -> str:
         raise RuntimeError("worker killed")
 
-    monkeypatch.setattr(database, "marker", killed)
-    with pytest.raises(RuntimeError, match="worker killed"):
+    with monkeypatch.context() as patched, pytest.raises(RuntimeError, match="worker killed"):
+        patched.setattr(database, "marker", killed)
         run_step("database", pid)
-    monkeypatch.undo()
     # Then no role, another tenant's included, can connect to it meanwhile
     name = f"p_{pid}"
     assert query(server_url, "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)) == [
