@@ -117,3 +117,19 @@ def current(url: str) -> str | None:
             ).get_current_revision()
     finally:
         engine.dispose()
+
+
+def replace_in_function(signature: str, old: str, new: str) -> None:
+    """In a migration: redefine ``control_plane.<signature>`` (e.g. ``retry_job(uuid)``) with its one
+    occurrence of ``old`` replaced by ``new``; refuse when the text is not there exactly once (the
+    function is not what this migration was written against)."""
+    from alembic import op
+
+    definition = (
+        op.get_bind()
+        .exec_driver_sql(f"SELECT pg_get_functiondef('control_plane.{signature}'::regprocedure)")
+        .scalar()
+    )
+    if definition.count(old) != 1:
+        raise RuntimeError(f"control_plane.{signature} does not read as expected: no single {old!r}")
+    op.execute(definition.replace(old, new))

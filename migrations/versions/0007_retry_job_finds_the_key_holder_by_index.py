@@ -18,7 +18,7 @@ Create Date: 2026-12-02
 
 from __future__ import annotations
 
-from alembic import op
+from migrations import replace_in_function
 
 revision = "0007"
 down_revision = "0006"
@@ -29,20 +29,9 @@ SCAN = "WHERE j.unique_key = job.unique_key AND j.status IN ('pending', 'running
 BY_INDEX = "WHERE j.live_key = job.unique_key"
 
 
-def _replace(old: str, new: str) -> None:
-    definition = (
-        op.get_bind()
-        .exec_driver_sql("SELECT pg_get_functiondef('control_plane.retry_job(uuid)'::regprocedure)")
-        .scalar()
-    )
-    if definition.count(old) != 1:
-        raise RuntimeError(f"control_plane.retry_job does not read as expected: no single {old!r}")
-    op.execute(definition.replace(old, new))
-
-
 def upgrade() -> None:
-    _replace(SCAN, BY_INDEX)
+    replace_in_function("retry_job(uuid)", SCAN, BY_INDEX)
 
 
 def downgrade() -> None:
-    _replace(BY_INDEX, SCAN)
+    replace_in_function("retry_job(uuid)", BY_INDEX, SCAN)

@@ -23,7 +23,7 @@ Create Date: 2026-12-05
 
 from __future__ import annotations
 
-from alembic import op
+from migrations import replace_in_function
 
 revision = "0010"
 down_revision = "0009"
@@ -55,22 +55,11 @@ CANCEL_AFTER = f"""         WHERE j.id = cancel_job.id;
         RETURN 'cancelled';"""
 
 
-def _replace(function: str, old: str, new: str) -> None:
-    definition = (
-        op.get_bind()
-        .exec_driver_sql(f"SELECT pg_get_functiondef('control_plane.{function}(uuid)'::regprocedure)")
-        .scalar()
-    )
-    if definition.count(old) != 1:
-        raise RuntimeError(f"control_plane.{function} does not read as expected: no single {old!r}")
-    op.execute(definition.replace(old, new))
-
-
 def upgrade() -> None:
-    _replace("retry_job", RETRY_BEFORE, RETRY_AFTER)
-    _replace("cancel_job", CANCEL_BEFORE, CANCEL_AFTER)
+    replace_in_function("retry_job(uuid)", RETRY_BEFORE, RETRY_AFTER)
+    replace_in_function("cancel_job(uuid)", CANCEL_BEFORE, CANCEL_AFTER)
 
 
 def downgrade() -> None:
-    _replace("retry_job", RETRY_AFTER, RETRY_BEFORE)
-    _replace("cancel_job", CANCEL_AFTER, CANCEL_BEFORE)
+    replace_in_function("retry_job(uuid)", RETRY_AFTER, RETRY_BEFORE)
+    replace_in_function("cancel_job(uuid)", CANCEL_AFTER, CANCEL_BEFORE)

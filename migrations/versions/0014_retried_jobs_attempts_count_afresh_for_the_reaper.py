@@ -18,6 +18,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from migrations import replace_in_function
+
 revision = "0014"
 down_revision = "0013"
 branch_labels = None
@@ -27,17 +29,6 @@ RETRY_BEFORE = "updated_at = now(), options = new_options"
 RETRY_AFTER = "updated_at = now(), options = new_options, attempts_before_retry = j.attempts"
 
 
-def _replace(old: str, new: str) -> None:
-    definition = (
-        op.get_bind()
-        .exec_driver_sql("SELECT pg_get_functiondef('control_plane.retry_job(uuid)'::regprocedure)")
-        .scalar()
-    )
-    if definition.count(old) != 1:
-        raise RuntimeError(f"control_plane.retry_job does not read as expected: no single {old!r}")
-    op.execute(definition.replace(old, new))
-
-
 def upgrade() -> None:
     # A constant default: PostgreSQL records it in the catalog, the history is not rewritten.
     op.add_column(
@@ -45,9 +36,9 @@ def upgrade() -> None:
         sa.Column("attempts_before_retry", sa.Integer(), server_default=sa.text("0"), nullable=False),
         schema="control_plane",
     )
-    _replace(RETRY_BEFORE, RETRY_AFTER)
+    replace_in_function("retry_job(uuid)", RETRY_BEFORE, RETRY_AFTER)
 
 
 def downgrade() -> None:
-    _replace(RETRY_AFTER, RETRY_BEFORE)
+    replace_in_function("retry_job(uuid)", RETRY_AFTER, RETRY_BEFORE)
     op.drop_column("jobs", "attempts_before_retry", schema="control_plane")
