@@ -130,6 +130,6 @@ def replace_in_function(signature: str, old: str, new: str) -> None:
         .exec_driver_sql(f"SELECT pg_get_functiondef('control_plane.{signature}'::regprocedure)")
         .scalar()
     )
-    if definition.count(old) != 1:
+    if not isinstance(definition, str) or definition.count(old) != 1:
         raise RuntimeError(f"control_plane.{signature} does not read as expected: no single {old!r}")
     op.execute(definition.replace(old, new))

@@ -150,6 +150,24 @@ def test_a_step_that_comes_before_the_one_ahead_of_it_is_done_does_nothing(
     )
 
 
+def test_a_compensation_that_meets_a_database_made_meanwhile_is_retried_not_given_up(
+    db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    from tasks.provision.roles import drop_roles
+
+    # Given a project's roles, and its database committed by a database step still running
+    # when a compensation racing it dropped the (then missing) database
+    claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    query(server_url, f'CREATE DATABASE "p_{pid}" OWNER "p_{pid}_owner" TEMPLATE template0')
+    # When the compensation drops the roles
+    # Then it is retried (its next attempt drops the database first), not failed for good,
+    # which left the project needing an operator
+    with pytest.raises(TransientError, match="still owns objects"):
+        drop_roles(Settings.from_env(), validate(project))
+
+
 def test_a_new_database_admits_no_one_until_it_is_locked_down(
     db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService],
     monkeypatch: pytest.MonkeyPatch,

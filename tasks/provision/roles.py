@@ -18,7 +18,7 @@ from psycopg2 import sql
 from psycopg2.extensions import encrypt_password
 
 from models import project_queries as q
-from tasks.errors import Conflict
+from tasks.errors import Conflict, TransientError
 from tasks.provision import payload as p
 from tasks.provision import secrets
 from tasks.provision.state import ProjectState, control_transaction, hold_current_run
@@ -105,6 +105,14 @@ def drop_roles(settings: Settings, payload: p.ProvisionPayload) -> list[str]:
         for role in (p.app_role(payload), p.owner_role(payload)):
             exists, comment = role_owner_marker(cur, role)
             if exists and comment == marker(payload.project_id):
-                cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+                try:
+                    cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+                except psycopg2.errors.DependentObjectsStillExist as exc:
+                    # The project's database, made by a database step still running when this
+                    # compensation dropped what it found (a step delivered again, racing it):
+                    # the next attempt drops the database first, then the roles.
+                    raise TransientError(
+                        f"dropping roles: {role} still owns objects (a step may have been running): retried"
+                    ) from exc
                 dropped.append(role)
     return dropped
