@@ -280,6 +280,7 @@ def test_a_message_for_an_unknown_actor_is_recorded_as_such(db_url: str, rabbit_
 
 def test_a_retry_recorded_late_leaves_the_retrys_own_outcome_alone(db_url: str) -> None:
     import dramatiq
+    from dramatiq.broker import MessageProxy
 
     import tasks
     from tasks.middleware.jobs_mirror import StandaloneMirror
@@ -289,14 +290,17 @@ def test_a_retry_recorded_late_leaves_the_retrys_own_outcome_alone(db_url: str) 
     first, second = StandaloneMirror(tasks.connection), StandaloneMirror(tasks.connection)
     message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={}, options={})
     first.enqueued(tasks.broker, message, None)
-    # whose first attempt fails in the first process, which publishes the retry
-    first.started(tasks.broker, message)
-    first.processed(tasks.broker, message, exception=ValueError("first attempt fails"))
+    # whose first attempt fails in the first process (each delivery is a MessageProxy), which
+    # publishes the retry
+    delivery = MessageProxy(message)
+    first.started(tasks.broker, delivery)
+    first.processed(tasks.broker, delivery, exception=ValueError("first attempt fails"))
     # When the second process runs the retry to completion before the first one's
     # record of the retry reaches the database (its connection was slow)
     retry = message.copy(options={"retries": 1})  # (Dramatiq's Retries counts it in the message)
-    second.started(tasks.broker, retry)
-    second.processed(tasks.broker, retry, result="ok")
+    redelivery = MessageProxy(retry)
+    second.started(tasks.broker, redelivery)
+    second.processed(tasks.broker, redelivery, result="ok")
     first.enqueued(tasks.broker, retry, 150)
     # Then the job stays completed, with its result, and the first attempt's error is
     # recorded against that attempt
@@ -309,6 +313,7 @@ def test_a_retry_recorded_late_leaves_the_retrys_own_outcome_alone(db_url: str) 
 
 def test_a_failed_attempt_whose_retry_could_not_be_sent_is_recorded_failed_not_left_running(db_url: str) -> None:
     import dramatiq
+    from dramatiq.broker import MessageProxy
 
     import tasks
     from tasks.middleware.jobs_mirror import StandaloneMirror
@@ -317,15 +322,55 @@ def test_a_failed_attempt_whose_retry_could_not_be_sent_is_recorded_failed_not_l
     mirror = StandaloneMirror(tasks.connection)
     message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={}, options={})
     mirror.enqueued(tasks.broker, message, None)
-    mirror.started(tasks.broker, message)
-    mirror.processed(tasks.broker, message, exception=ValueError("the attempt fails"))
+    delivery = MessageProxy(message)
+    mirror.started(tasks.broker, delivery)
+    mirror.processed(tasks.broker, delivery, exception=ValueError("the attempt fails"))
     # When Dramatiq acks it without a retry (Retries could not publish one: RabbitMQ was down)
-    mirror.acked(message)
+    mirror.acked(delivery)
     # Then the job is recorded failed, saying why, not running forever
     row = job(db_url, message.message_id)
     assert row["status"] == "failed"
     assert row["last_error"] == "ValueError: the attempt fails (its retry could not be sent: see the worker's log)"
     assert [e["attempt"] for e in row["errors"]] == [1]
+
+
+def test_a_late_ack_of_a_failed_attempt_does_not_take_its_retrys_error(db_url: str) -> None:
+    import threading
+
+    import dramatiq
+    from dramatiq.broker import MessageProxy
+
+    import tasks
+    from tasks.middleware.jobs_mirror import StandaloneMirror
+
+    # Given a job of two attempts whose first fails in a worker process, which publishes its retry
+    mirror = StandaloneMirror(tasks.connection)
+    message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={}, options={})
+    mirror.enqueued(tasks.broker, message, None)
+    first = MessageProxy(message)
+    mirror.started(tasks.broker, first)
+    mirror.processed(tasks.broker, first, exception=ValueError("attempt 1 fails"))
+    retry = message.copy(options={"retries": 1})
+    mirror.enqueued(tasks.broker, retry, 10)
+    # When the retry runs and fails for good on another thread of the same process before the
+    # consumer thread acks the first delivery (a loaded worker), then both are acked and nacked
+
+    def second_attempt() -> None:
+        mirror.started(tasks.broker, again)
+        mirror.processed(tasks.broker, again, exception=ValueError("attempt 2 fails"))
+
+    again = MessageProxy(retry)
+    thread = threading.Thread(target=second_attempt)
+    thread.start()
+    thread.join()
+    mirror.acked(first)
+    mirror.nacked(again, tasks.broker)
+    # Then each attempt's error is its own: the late ack recorded nothing
+    row = job(db_url, message.message_id)
+    assert (row["status"], row["last_error"]) == ("failed", "ValueError: attempt 2 fails")
+    assert [(e["attempt"], e["error"]) for e in row["errors"]] == [
+        (1, "ValueError: attempt 1 fails"), (2, "ValueError: attempt 2 fails")
+    ]
 
 
 def test_enqueue_in_says_once_per_process_that_it_cannot_join_rabbitmqs_sends(db_url: str) -> None:
@@ -348,6 +393,7 @@ def test_enqueue_in_says_once_per_process_that_it_cannot_join_rabbitmqs_sends(db
 
 def test_a_delivery_again_after_a_lost_worker_records_the_lost_attempt(db_url: str) -> None:
     import dramatiq
+    from dramatiq.broker import MessageProxy
 
     import tasks
     from tasks.middleware.jobs_mirror import StandaloneMirror
@@ -357,10 +403,11 @@ def test_a_delivery_again_after_a_lost_worker_records_the_lost_attempt(db_url: s
     lost, survivor = StandaloneMirror(tasks.connection), StandaloneMirror(tasks.connection)
     message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={}, options={})
     lost.enqueued(tasks.broker, message, None)
-    lost.started(tasks.broker, message)
+    lost.started(tasks.broker, MessageProxy(message))
     # When RabbitMQ delivers it again to another worker, which completes it
-    survivor.started(tasks.broker, message)
-    survivor.processed(tasks.broker, message, result="ok")
+    again = MessageProxy(message)
+    survivor.started(tasks.broker, again)
+    survivor.processed(tasks.broker, again, result="ok")
     # Then the lost attempt is in the history, as the Postgres broker's reaper records one
     row = job(db_url, message.message_id)
     assert (row["status"], row["attempts"]) == ("completed", 2)
@@ -369,9 +416,10 @@ def test_a_delivery_again_after_a_lost_worker_records_the_lost_attempt(db_url: s
     # While a retry that starts before its own record lands is not taken for a lost attempt
     retried = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(2,), kwargs={}, options={})
     lost.enqueued(tasks.broker, retried, None)
-    lost.started(tasks.broker, retried)
-    lost.processed(tasks.broker, retried, exception=ValueError("first attempt fails"))
-    survivor.started(tasks.broker, retried.copy(options={"retries": 1}))
+    first_delivery = MessageProxy(retried)
+    lost.started(tasks.broker, first_delivery)
+    lost.processed(tasks.broker, first_delivery, exception=ValueError("first attempt fails"))
+    survivor.started(tasks.broker, MessageProxy(retried.copy(options={"retries": 1})))
     assert job(db_url, retried.message_id)["errors"] == []
 
 

@@ -218,6 +218,12 @@ class JobsMirror(Middleware):
             self._standalone.nacked(message, broker)
 
 
+#: Attributes a delivery (Dramatiq's MessageProxy) carries in the standalone mirror: the error of
+#: its attempt, the number its start was recorded as.
+_ATTEMPT_ERROR = "_controlplane_attempt_error"
+_ATTEMPT_NUMBER = "_controlplane_attempt_number"
+
+
 def _eta(message: Any) -> datetime | None:
     eta = message.options.get("eta")
     return datetime.fromtimestamp(eta / 1000, UTC) if isinstance(eta, (int, float)) else None
@@ -285,12 +291,13 @@ class StandaloneMirror:
 
     def __init__(self, connection: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
         self._connection = connection
-        #: message id -> the error of its attempt that just failed in this process.
-        self._errors: dict[str, str] = {}
-        #: message id -> the attempt number its start in this process was recorded as: a
-        #: retry or failure written late (after another worker took the retry) must not land.
-        self._attempts: dict[str, int] = {}
-        self._lock = threading.Lock()
+        #: Per worker thread: the delivery (MessageProxy) whose attempt just failed on it, for the
+        #: retry Retries sends next on the same thread (it may send a copy of the message).
+        #: What each delivery's attempt recorded (its number, its error) is kept on the delivery
+        #: itself, not by message id: a retry of it may start, and fail, on another thread of
+        #: this process before the consumer thread acks the first delivery, and that late ack
+        #: must not take the retry's error for its own.
+        self._failing = threading.local()
 
     def _write(self, what: str, message: Any, sql: str, params: Callable[[], dict[str, Any]]) -> Any:
         """Run ``sql``; its first row, if it returns rows (None when it could not be written)."""
@@ -325,19 +332,30 @@ class StandaloneMirror:
             "max_attempts": max_attempts_for(broker, message),
         }
 
-    def _take(self, message: Any) -> tuple[str | None, int | None]:
-        """What this process kept of ``message``'s attempt: its error (if it failed) and its
+    @staticmethod
+    def _take(delivery: Any) -> tuple[str | None, int | None]:
+        """What this process kept of a delivery's attempt: its error (if it failed) and its
         number (if its start was recorded), forgotten now that the attempt's outcome is known."""
-        with self._lock:
-            return self._errors.pop(message.message_id, None), self._attempts.pop(message.message_id, None)
+        error, attempt = getattr(delivery, _ATTEMPT_ERROR, None), getattr(delivery, _ATTEMPT_NUMBER, None)
+        setattr(delivery, _ATTEMPT_ERROR, None)
+        setattr(delivery, _ATTEMPT_NUMBER, None)
+        return error, attempt
+
+    def _failing_delivery(self, message: Any) -> Any | None:
+        """The delivery of ``message`` whose attempt just failed on this thread, if any."""
+        delivery = getattr(self._failing, "delivery", None)
+        if delivery is None or delivery.message_id != message.message_id:
+            return None
+        return delivery if getattr(delivery, _ATTEMPT_ERROR, None) is not None else None
 
     def failed_here(self, message: Any) -> bool:
-        """Whether an attempt of ``message`` just failed in this process (a send of it is a retry)."""
-        with self._lock:
-            return message.message_id in self._errors
+        """Whether an attempt of ``message`` just failed on this thread (a send of it is a retry)."""
+        return self._failing_delivery(message) is not None
 
     def enqueued(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        error, attempt = self._take(message)
+        delivery = self._failing_delivery(message)
+        error, attempt = self._take(delivery) if delivery is not None else (None, None)
+        self._failing.delivery = None
         if error is not None:
             # Retries re-enqueued the message whose attempt just failed here.
             self._write(
@@ -363,8 +381,7 @@ class StandaloneMirror:
             "a start", message, queries.MIRROR_STARTED, lambda: {**self._job(broker, message), "worker": _worker()}
         )
         if row is not None:
-            with self._lock:
-                self._attempts[message.message_id] = row[0]
+            setattr(message, _ATTEMPT_NUMBER, row[0])
 
     def processed(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
@@ -377,13 +394,12 @@ class StandaloneMirror:
                 lambda: {"id": message.message_id, "result": mirrored_result(result, message, broker)},
             )
             return
-        with self._lock:
-            self._errors[message.message_id] = describe_error(exception, message, broker)
+        setattr(message, _ATTEMPT_ERROR, describe_error(exception, message, broker))
+        self._failing.delivery = message
 
     def skipped(self, message: Any) -> None:
         if message.failed:
-            with self._lock:
-                self._errors[message.message_id] = _skip_reason(message, None)
+            setattr(message, _ATTEMPT_ERROR, _skip_reason(message, None))
 
     def acked(self, message: Any) -> None:
         error, attempt = self._take(message)
