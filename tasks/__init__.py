@@ -67,9 +67,10 @@ def _settings() -> Settings:
     """The settings from the environment; in the ``controlplane`` command, a bad one is one line."""
     try:
         found = Settings.from_env()
-        if found.stub_broker and _command() is not None:
+        command = _command()
+        if found.stub_broker and command is not None:
             raise ConfigurationError(
-                f"BROKER_URL=stub:// is Dramatiq's in-memory StubBroker, for unit tests: `{_command()}` would "
+                f"BROKER_URL=stub:// is Dramatiq's in-memory StubBroker, for unit tests: `{command}` would "
                 "work on messages no other process sees; unset BROKER_URL"
             )
         return found

@@ -467,21 +467,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 problem = problem or f"{value!r} is not a PostgreSQL interval"
             if problem:
                 raise UserError(f"{option} must be a PostgreSQL interval such as '7 days': {problem}")
-        deleted = _scalar(
-            conn, queries.PRUNE_JOBS, {"completed": args.completed_after, "failed": args.failed_after}
-        )
-        # What the daily controlplane.prune does besides (tasks.maintenance), so that a cron line
-        # running this command without a clock prunes the same.
+        # What the daily controlplane.prune does, so that a cron line running this command
+        # without a clock prunes the same.
+        from tasks.maintenance import prune_rows
+
         with conn.cursor() as cur:
-            cur.execute(queries.PRUNE_SCHEDULE_TICKS, {"older_than": args.completed_after})
-            ticks = cur.rowcount
-            cur.execute(queries.RATE_LIMIT_SWEEP)
-            counters = cur.rowcount
+            pruned = prune_rows(cur, args.completed_after, args.failed_after)
         print(
-            f"pruned {deleted} row(s): completed and cancelled jobs older than {args.completed_after}, "
-            f"failed jobs older than {args.failed_after}, expired results; and {ticks} schedule tick(s) "
-            f"older than {args.completed_after} (each schedule's latest kept), {counters} expired rate-limit "
-            "counter(s)"
+            f"pruned {pruned['jobs_and_results']} row(s): completed and cancelled jobs older than "
+            f"{args.completed_after}, failed jobs older than {args.failed_after}, expired results; and "
+            f"{pruned['schedule_ticks']} schedule tick(s) older than {args.completed_after} (each schedule's "
+            f"latest kept), {pruned['rate_limits']} expired rate-limit counter(s)"
         )
         return 0
     finally:

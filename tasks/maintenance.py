@@ -15,6 +15,8 @@ loads it too: ``dramatiq tasks tasks.maintenance your.module`` (the Procfile's
 
 from __future__ import annotations
 
+from typing import Any
+
 import dramatiq
 import psycopg2
 
@@ -39,21 +41,24 @@ def prune() -> dict[str, int]:
     settings = tasks.settings
     try:
         with tasks.connection() as conn, conn.cursor() as cur:
-            cur.execute(
-                queries.PRUNE_JOBS,
-                {"completed": settings.retention_completed, "failed": settings.retention_failed},
-            )
-            (jobs,) = cur.fetchone()
-            cur.execute(queries.PRUNE_SCHEDULE_TICKS, {"older_than": settings.retention_completed})
-            ticks = cur.rowcount
-            cur.execute(queries.RATE_LIMIT_SWEEP)
-            rate_limits = cur.rowcount
+            return prune_rows(cur, settings.retention_completed, settings.retention_failed)
     except psycopg2.DataError as exc:  # a retention setting is not an interval: retrying cannot help
         raise PermanentError(f"CONTROLPLANE_RETENTION_*: {str(exc).strip().splitlines()[0]}") from exc
-    return {"jobs_and_results": int(jobs), "schedule_ticks": int(ticks), "rate_limits": int(rate_limits)}
+
+
+def prune_rows(cur: Any, completed: str, failed: str) -> dict[str, int]:
+    """Delete finished jobs past ``completed``/``failed`` (PostgreSQL intervals) and expired results,
+    schedule ticks past ``completed`` (each schedule's latest kept) and expired rate-limit
+    counters; how many rows of each kind went. The daily task's work, and ``controlplane prune``'s."""
+    cur.execute(queries.PRUNE_JOBS, {"completed": completed, "failed": failed})
+    (jobs,) = cur.fetchone()
+    cur.execute(queries.PRUNE_SCHEDULE_TICKS, {"older_than": completed})
+    ticks = cur.rowcount
+    cur.execute(queries.RATE_LIMIT_SWEEP)
+    return {"jobs_and_results": int(jobs), "schedule_ticks": int(ticks), "rate_limits": int(cur.rowcount)}
 
 
 if tasks.settings.prune_schedule is not None:
     schedule(tasks.settings.prune_schedule, prune, name="controlplane.prune")
 
-__all__ = ["QUEUE", "prune"]
+__all__ = ["QUEUE", "prune", "prune_rows"]

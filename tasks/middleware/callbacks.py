@@ -16,6 +16,7 @@ import dramatiq
 from dramatiq.middleware import callbacks as dramatiq_callbacks
 
 from tasks.middleware.jobs_mirror import describe_failure
+from tasks.middleware.retries import hook_target
 
 
 class Callbacks(dramatiq_callbacks.Callbacks):
@@ -41,8 +42,7 @@ class Callbacks(dramatiq_callbacks.Callbacks):
         """``on_failure``, as (the hook's actor, its arguments): what a failed attempt sends, and
         what the reaper sends for a job it ended (its worker lost on its last attempt, or after a
         cancel)."""
-        actor = broker.actors.get(message.actor_name)
-        target = message.options.get("on_failure") or (actor.options.get("on_failure") if actor else None)
+        target = hook_target(broker, message, "on_failure")
         return [(target, (message.asdict(), failure))] if target else []
 
 

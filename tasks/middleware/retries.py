@@ -79,6 +79,14 @@ def max_attempts_for(broker: dramatiq.Broker, message: Any) -> int:
     return max(found or 1, 1)
 
 
+def hook_target(broker: dramatiq.Broker, message: Any, option: str) -> str | None:
+    """The actor a hook option (``on_failure``, ``on_final_failure``, ...) names: the message's,
+    else its actor's (when this process declares it); None when neither sets it."""
+    actor = broker.actors.get(message.actor_name)
+    target = message.options.get(option) or (actor.options.get(option) if actor else None)
+    return str(target) if target else None
+
+
 class Retries(dramatiq_retries.Retries):
     """Exponential backoff (Dramatiq's), bounded by ``max_attempts``; permanent errors never retry."""
 
@@ -113,7 +121,7 @@ class Retries(dramatiq_retries.Retries):
         if message.failed:
             from tasks.middleware.jobs_mirror import describe_failure
 
-            target = self._target(broker, message, "on_final_failure")
+            target = hook_target(broker, message, "on_final_failure")
             if target:
                 failure = describe_failure(exception, message, broker)
                 broker.get_actor(target).send(*self._final_failure_args(message, failure))
@@ -126,19 +134,13 @@ class Retries(dramatiq_retries.Retries):
         failure with its retries spent sends them), or after a cancel (``on_final_failure``, as a
         ``Cancelled`` interrupt does)."""
         hooks: list[tuple[str, tuple[Any, ...]]] = []
-        exhausted = self._target(broker, message, "on_retry_exhausted")
+        exhausted = hook_target(broker, message, "on_retry_exhausted")
         if exhausted and failure["type"] != "Cancelled":
             hooks.append((exhausted, (message.asdict(), {"retries": attempts - 1, "max_retries": max_attempts - 1})))
-        final = self._target(broker, message, "on_final_failure")
+        final = hook_target(broker, message, "on_final_failure")
         if final:
             hooks.append((final, self._final_failure_args(message, failure)))
         return hooks
-
-    @staticmethod
-    def _target(broker: dramatiq.Broker, message: Any, option: str) -> str | None:
-        actor = broker.actors.get(message.actor_name)
-        target = message.options.get(option) or (actor.options.get(option) if actor else None)
-        return str(target) if target else None
 
     @staticmethod
     def _final_failure_args(message: Any, failure: dict[str, str]) -> tuple[Any, ...]:
