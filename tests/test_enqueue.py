@@ -16,6 +16,7 @@ from sqlalchemy.pool import NullPool
 import tasks
 from tasks.db import sqlalchemy_url
 from tasks.errors import NotSerializable
+from tasks.middleware import UNLIMITED_ATTEMPTS
 from tests import actors
 from tests.support import job, query
 
@@ -57,9 +58,11 @@ def test_max_attempts_comes_from_the_actor_or_the_message(db_url: str) -> None:
     a = actors.always_fails.send("x")
     b = actors.always_fails.send_with_options(args=("y",), max_attempts=7)
     c = actors.noop.send_with_options(args=(1,), max_retries=0)
+    forever = actors.always_fails.send_with_options(args=("z",), max_retries=None)  # Dramatiq's "retry forever"
     assert job(db_url, a.message_id)["max_attempts"] == 3
     assert job(db_url, b.message_id)["max_attempts"] == 7
     assert job(db_url, c.message_id)["max_attempts"] == 1
+    assert job(db_url, forever.message_id)["max_attempts"] == UNLIMITED_ATTEMPTS
 
 
 def test_a_batch_gives_each_message_its_own_priority_and_attempts(db_url: str) -> None:

@@ -9,7 +9,7 @@ from dramatiq.brokers.stub import StubBroker
 from freezegun import freeze_time
 
 from tasks.errors import PermanentError
-from tasks.middleware.retries import Retries, max_attempts_for
+from tasks.middleware.retries import UNLIMITED_ATTEMPTS, Retries, max_attempts_for
 
 
 class RecordingBroker(StubBroker):
@@ -77,3 +77,34 @@ def test_max_attempts_precedence() -> None:
     assert max_attempts_for(broker, a.message_with_options(max_attempts=9)) == 9
     assert max_attempts_for(broker, b.message()) == 3
     assert max_attempts_for(broker, c.message()) == 20
+
+
+def test_max_retries_none_retries_forever_as_in_dramatiq_and_says_so_in_a_number() -> None:
+    # Given actors with Dramatiq's "retry forever", as an actor option and as a message option
+    broker = RecordingBroker()
+
+    @dramatiq.actor(broker=broker, actor_name="math.forever", max_retries=None, min_backoff=1, max_backoff=2)
+    def forever() -> None: ...
+
+    @dramatiq.actor(broker=broker, actor_name="math.bounded", max_attempts=2, min_backoff=1, max_backoff=2)
+    def bounded() -> None: ...
+
+    for message in (forever.message(), bounded.message_with_options(max_retries=None)):
+        # Then the jobs row's number is the unlimited one, not the default of 20
+        assert max_attempts_for(broker, message) == UNLIMITED_ATTEMPTS
+        proxy = dramatiq.MessageProxy(message)
+        # And when it fails past the default's 20 attempts, every failure is retried
+        broker.delays.clear()
+        for _ in range(25):
+            fail(broker, proxy, RuntimeError("boom"))
+        assert not proxy.failed and len(broker.delays) == 25, message.options
+
+
+def test_attempts_beyond_the_jobs_rows_integer_are_the_unlimited_number() -> None:
+    broker = RecordingBroker()
+
+    @dramatiq.actor(broker=broker, actor_name="math.huge", max_attempts=2**40)
+    def huge() -> None: ...
+
+    assert max_attempts_for(broker, huge.message()) == UNLIMITED_ATTEMPTS
+    assert max_attempts_for(broker, huge.message_with_options(max_retries=2**40)) == UNLIMITED_ATTEMPTS

@@ -7,11 +7,12 @@ from tasks.middleware.cancellation import Cancellation
 from tasks.middleware.canvas import GroupCallbacks, Pipelines
 from tasks.middleware.jobs_mirror import JobsMirror, StandaloneMirror, describe_error
 from tasks.middleware.log_context import LogContext
-from tasks.middleware.retries import Retries, max_attempts_for
+from tasks.middleware.retries import UNLIMITED_ATTEMPTS, Retries, max_attempts_for
 from tasks.middleware.time_ordered_ids import TimeOrderedActor, TimeOrderedIds, time_ordered_id
 from tasks.middleware.unique_keys import UniqueKeys
 
 __all__ = [
+    "UNLIMITED_ATTEMPTS",
     "Callbacks",
     "Cancellation",
     "GroupCallbacks",

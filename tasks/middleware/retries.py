@@ -54,29 +54,47 @@ class _RedactedTracebacks:
 setattr(dramatiq_retries, "traceback", _RedactedTracebacks())  # noqa: B010 (Dramatiq does not export it)
 
 
+#: ``max_retries=None`` (Dramatiq's "retry forever"), as attempts: the jobs row, the reaper
+#: and the operator views need a number. A billion attempts outlast any backoff (capped at
+#: ``max_backoff``, 7 days by default), and twice it, which the reaper computes, fits an ``int``.
+UNLIMITED_ATTEMPTS = 1_000_000_000
+
+
 def _as_attempts(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
 
 
+def _from_retries(options: dict[str, Any]) -> int | None:
+    """Attempts from Dramatiq's ``max_retries`` in ``options``: its value plus the first
+    attempt; an explicit ``None`` is Dramatiq's "retry forever"; None when it is not set."""
+    if "max_retries" not in options:
+        return None
+    if options["max_retries"] is None:
+        return UNLIMITED_ATTEMPTS
+    retries = _as_attempts(options["max_retries"])
+    return None if retries is None else retries + 1
+
+
 def max_attempts_for(broker: dramatiq.Broker, message: Any) -> int:
-    """How many attempts ``message`` gets: message options, then actor options, then the default."""
+    """How many attempts ``message`` gets: message options, then actor options, then the default;
+    ``max_retries=None`` (Dramatiq's "retry forever") gets :data:`UNLIMITED_ATTEMPTS`."""
     options = message.options
     found = _as_attempts(options.get("max_attempts"))
-    if found is None and _as_attempts(options.get("max_retries")) is not None:
-        found = options["max_retries"] + 1
+    if found is None:
+        found = _from_retries(options)
     actor = broker.actors.get(message.actor_name)
     if found is None and actor is not None:
         found = _as_attempts(actor.options.get("max_attempts"))
-        if found is None and _as_attempts(actor.options.get("max_retries")) is not None:
-            found = actor.options["max_retries"] + 1
+        if found is None:
+            found = _from_retries(actor.options)
     if found is None:
         for middleware in broker.middleware:
             if isinstance(middleware, dramatiq_retries.Retries):
                 found = middleware.max_retries + 1
                 break
-    return max(found or 1, 1)
+    return min(max(found or 1, 1), UNLIMITED_ATTEMPTS)  # more would not fit the jobs row's int
 
 
 def hook_target(broker: dramatiq.Broker, message: Any, option: str) -> str | None:
