@@ -102,7 +102,9 @@ DISARM_WAIT = f"SELECT pg_advisory_unlock_shared({WAITING_LOCK}, hashtext(%(queu
 #: is inserted only for the jobs rows actually inserted. Returns one row:
 #: ``duplicates``, a JSON object {sent id: id of the live job holding its key};
 #: that id is null when the holder was committed after this statement began (the
-#: statement's snapshot cannot see it): the caller sends those messages again.
+#: statement's snapshot cannot see it): the caller sends those messages again. A
+#: re-send of a finished job's id while another job holds its key is that job's
+#: duplicate too (reviving the row would break ``uq_jobs_live_key``).
 ENQUEUE = (
     """
 WITH m AS (
@@ -112,7 +114,9 @@ WITH m AS (
            convert_to(t.body, 'UTF8') AS body, t.max_attempts, t.unique_key, t.ord, t.body::jsonb AS doc,
            -- a re-enqueue of an id that already has a job keeps the upsert path, key or not
            t.unique_key IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM control_plane.jobs AS j WHERE j.id = t.id) AS keyed
+               AND NOT EXISTS (SELECT 1 FROM control_plane.jobs AS j WHERE j.id = t.id) AS keyed,
+           -- another live job holding the key: a first send, or a finished job's re-send, is its duplicate
+           (SELECT h.id FROM control_plane.jobs AS h WHERE h.live_key = t.unique_key AND h.id <> t.id) AS held_by
     FROM unnest(%(ids)s::uuid[], %(queues)s::text[], %(actors)s::text[], %(priorities)s::int[],
                 %(etas)s::timestamptz[], %(delays)s::bigint[], %(bodies)s::text[], %(max_attempts)s::int[],
                 %(unique_keys)s::text[]) WITH ORDINALITY
@@ -130,7 +134,8 @@ WITH m AS (
     INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts,
                                     scheduled_at, unique_key)
     SELECT """ + _JOB_VALUES + """, unique_key
-    FROM m WHERE NOT keyed
+    FROM m WHERE NOT keyed AND held_by IS NULL
+        AND NOT EXISTS (SELECT 1 FROM keyed_job AS k WHERE k.unique_key = m.unique_key)
     """ + _JOB_AGAIN + """
     RETURNING cur.id
 ), msg AS (
@@ -139,13 +144,12 @@ WITH m AS (
     """ + _MESSAGE_AGAIN + """
 )
 SELECT (SELECT """ + _NOTIFY_READY + """) AS notified,
-       (SELECT coalesce(jsonb_object_agg(m.id, coalesce(winner.id, holder.id)), '{}'::jsonb)
+       -- every message with a key that became no job
+       (SELECT coalesce(jsonb_object_agg(m.id, coalesce(winner.id, m.held_by)), '{}'::jsonb)
         FROM m
         LEFT JOIN keyed_job AS winner ON winner.unique_key = m.unique_key
-        LEFT JOIN LATERAL (
-            SELECT j.id FROM control_plane.jobs AS j WHERE j.live_key = m.unique_key
-        ) AS holder ON true
-        WHERE m.keyed AND m.id NOT IN (SELECT id FROM keyed_job)) AS duplicates
+        WHERE m.unique_key IS NOT NULL
+            AND m.id NOT IN (SELECT id FROM keyed_job UNION ALL SELECT id FROM job)) AS duplicates
 """  # noqa: S608 (joined from this module's constants only, no input)
 )
 

@@ -77,6 +77,32 @@ def test_a_second_send_of_a_live_unique_key_returns_the_existing_job(db_url: str
     assert disagreements(db_url) == []
 
 
+def test_a_finished_keyed_message_sent_again_while_another_job_holds_its_key_returns_the_holder(db_url: str) -> None:
+    # Given a keyed job that has finished, and a newer live job holding the same key
+    first = actors.noop.message_with_options(args=(1,), unique_key="invoice:9")
+    tasks.broker.enqueue(first)
+    assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", first.message_id) == "cancelled"
+    holder = actors.noop.send_with_options(args=(2,), unique_key="invoice:9")
+    # When the first message is sent again (a producer's retry, a group run twice), alone, in a
+    # batch, and inside a transaction of the caller's
+    again = tasks.broker.enqueue(first)
+    batch = tasks.broker.enqueue_batch([first, actors.noop.message_with_options(args=(3,), unique_key="x")])
+    conn = psycopg2.connect(db_url)
+    try:
+        with tasks.enqueue_in(conn):
+            joined = tasks.broker.enqueue(first)
+            after = actors.noop.send(4)  # the caller's transaction is still usable
+        conn.commit()
+    finally:
+        conn.close()
+    # Then each is a duplicate of the holder, as a first send of the key would be, not a unique violation
+    assert again.message_id == batch[0].message_id == joined.message_id == holder.message_id
+    assert job(db_url, first.message_id)["status"] == "cancelled"
+    assert job(db_url, after.message_id)["status"] == "pending"
+    assert count(db_url, "messages") == 3
+    assert disagreements(db_url) == []
+
+
 def test_a_duplicate_sent_by_another_actor_names_the_holders_actor_and_queue(db_url: str) -> None:
     # Given a live job of one actor (queue "slow") holding a key
     holder = actors.slow_noop.send_with_options(args=(0.1,), unique_key="nightly")
