@@ -130,7 +130,7 @@ def cmd_db(args: argparse.Namespace) -> int:
             stopped = db.stop_embedded(settings.home)
         except subprocess.CalledProcessError as exc:
             raise UserError(f"cannot stop the embedded PostgreSQL (pg_ctl exited with {exc.returncode})") from None
-        print("stopped" if stopped else "the embedded server was not running")
+        print("stopped" if stopped else f"the embedded server was not running (data in {settings.home / 'pgdata'})")
     return 0
 
 

