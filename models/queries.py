@@ -234,13 +234,31 @@ STORED_JOBS = "SELECT id::text, payload, options FROM control_plane.jobs WHERE i
 #: ``start`` rows, or its outcome when it finished before its start was written).
 #: The broker writes the limit into the text (one prepared statement per size,
 #: see ``tasks.broker._claim_size``); ``%(limit)s`` works for a plain run.
+#:
+#: Priority by priority (a skip scan): with one range over ``ix_messages_ready``
+#: (queue, priority, eta, id), ``eta <= now()`` could not bound it, and every
+#: claim read every message waiting for its delay or retry backoff in the
+#: queue (46 ms with 300,000 of them, for 10 due; 0.2 ms this way).
 CLAIM = """
-WITH c AS (
-    SELECT id FROM control_plane.messages
-    WHERE queue = %(queue)s AND claim_token IS NULL AND eta <= now()
-    ORDER BY priority, eta, id
+WITH RECURSIVE p AS (
+    -- the queue's priorities, lowest first, one index descent each
+    (SELECT priority FROM control_plane.messages
+     WHERE queue = %(queue)s AND claim_token IS NULL ORDER BY priority LIMIT 1)
+    UNION ALL
+    SELECT (SELECT n.priority FROM control_plane.messages AS n
+            WHERE n.queue = %(queue)s AND n.claim_token IS NULL AND n.priority > p.priority
+            ORDER BY n.priority LIMIT 1)
+    FROM p WHERE p.priority IS NOT NULL
+), c AS (
+    -- for each, its due messages only: a range of ix_messages_ready that ends at now()
+    SELECT r.id FROM p CROSS JOIN LATERAL (
+        SELECT id FROM control_plane.messages
+        WHERE queue = %(queue)s AND claim_token IS NULL AND priority = p.priority AND eta <= now()
+        ORDER BY eta, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS r
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
 ), m AS (
     UPDATE control_plane.messages AS m
        SET claim_token = %(token)s, worker = %(worker)s,

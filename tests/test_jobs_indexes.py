@@ -216,3 +216,38 @@ def test_recent_completions_are_counted_from_a_brin_index_where_it_keeps_updates
     else:
         # Given an older server, where it would: Then there is no such index (completions stay HOT)
         assert brin == []
+
+
+def _rows_read(node: dict[str, Any]) -> int:
+    """Rows the plan's scans of control_plane.messages produced or filtered out, loops counted."""
+    read = 0
+    if node.get("Relation Name") == "messages":
+        loops = node.get("Actual Loops", 1)
+        read += (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * loops
+    return read + sum(_rows_read(child) for child in node.get("Plans", []))
+
+
+def test_a_claim_reads_the_due_messages_not_every_one_waiting_for_a_delay(db_url: str) -> None:
+    # Given a queue with 5,000 messages waiting out a delay or a retry backoff, and 6 due at two priorities
+    query(db_url, """
+        INSERT INTO control_plane.messages (id, queue, actor, priority, eta, body)
+        SELECT gen_random_uuid(), 'default', 'tests.noop', g % 2 * 5, now() + interval '1 day', '\\x7b7d'::bytea
+        FROM generate_series(1, 5000) AS g
+        UNION ALL
+        SELECT gen_random_uuid(), 'default', 'tests.noop', g % 2 * 5, now() - interval '1 second', '\\x7b7d'::bytea
+        FROM generate_series(1, 6) AS g;
+        ANALYZE control_plane.messages""")  # fmt: skip
+    # When a worker claims from it
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            params = {"queue": "default", "limit": 16, "token": "00000000-0000-0000-0000-000000000001",
+                      "worker": "w", "lease": 30}  # fmt: skip
+            cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.CLAIM, params)  # runs it, rolled back below
+            plan = cur.fetchone()[0][0]["Plan"]
+    finally:
+        conn.rollback()
+        conn.close()
+    # Then it gets the due ones, having read about as many rows, not the 5,000 that wait
+    assert plan["Actual Rows"] == 6
+    assert _rows_read(plan) < 100, json.dumps(plan, indent=1)[:3000]
