@@ -89,6 +89,11 @@ COVERED_SIGNALS = "covered_by_postgres_broker"
 #: Message options that can set a job's priority or attempts apart from its actor's.
 _PER_MESSAGE_OPTIONS = frozenset({"priority", "max_attempts", "max_retries"})
 
+#: The longest delay a message may wait, 100 years in milliseconds: PostgreSQL's timestamps end
+#: at year 294276, and a retry's delay past them failed the settle of its worker's whole queue,
+#: again and again. A send asking for more is refused; a retry's delay is cut to it.
+MAX_DELAY_MS = 100 * 365 * 24 * 3600 * 1000
+
 
 def _claim_size(free: int) -> int:
     """How many messages to claim for ``free`` slots: all of them up to 64, then a power of two.
@@ -688,7 +693,7 @@ class PostgresBroker(dramatiq.Broker):
             with state.lock:
                 held = state.inflight.get(message.message_id) is message
             if held:
-                message.retry_delay_ms = max(int(delay or 0), 0)
+                message.retry_delay_ms = min(max(int(delay or 0), 0), MAX_DELAY_MS)
                 return message
             message = message._message
         (sent,) = self.enqueue_batch([message], delay=delay)
@@ -703,6 +708,8 @@ class PostgresBroker(dramatiq.Broker):
         """
         if not messages:
             return []
+        if delay and int(delay) > MAX_DELAY_MS:
+            raise ValueError(f"a delay of {int(delay)} ms is more than the {MAX_DELAY_MS} ms (100 years) allowed")
         ids: list[str] = []
         queues: list[str] = []
         actors: list[str] = []

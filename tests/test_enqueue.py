@@ -349,3 +349,25 @@ def test_hostile_strings_round_trip_unchanged(db_url: str) -> None:
     ]
     message = actors.noop.send(hostile)
     assert job(db_url, message.message_id)["payload"]["args"] == [hostile]
+
+
+def test_a_delay_past_what_postgresql_can_store_is_refused_on_a_send_and_cut_on_a_retry(db_url: str) -> None:
+    from tasks.broker import MAX_DELAY_MS
+    from tests.support import claim_in_process, settle_in_process
+
+    # Given a delay in nanoseconds where milliseconds were meant (317,000 years)
+    far = 10**16
+    # When it is given to a send, Then the send is refused, saying why, and nothing is stored
+    with pytest.raises(ValueError, match="100 years"):
+        actors.noop.send_with_options(args=(1,), delay=far)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+    # And when a failed attempt's retry asks for it (Retry(delay=...)), the retry waits 100 years,
+    # and the worker's outcome is written (its settle used to fail, and every later one of its queue)
+    sent = actors.always_fails.send("x")
+    consumer, held = claim_in_process()
+    held.error_text = "RuntimeError: once"
+    tasks.broker.enqueue(held, delay=far)
+    settle_in_process(consumer, held, "ack")
+    row = query(db_url, "SELECT status, round(extract(epoch FROM scheduled_at - now()) * 1000 / %s) AS r "
+                        "FROM control_plane.jobs WHERE id = %s", (MAX_DELAY_MS, sent.message_id))  # fmt: skip
+    assert [(r["status"], r["r"]) for r in row] == [("pending", 1)]
