@@ -219,7 +219,13 @@ SELECT b.value FROM b
 #: A message sent once (a pipeline's next step, ``tasks.middleware.canvas``): deliveries of the
 #: step before it wait for each other here, then look whether the job exists.
 LOCK_SEND_ONCE = "SELECT pg_advisory_xact_lock(hashtext('controlplane:send-once:' || %(id)s))"
-JOB_EXISTS = "SELECT 1 FROM control_plane.jobs WHERE id = %(id)s::uuid"
+#: A pipeline step's run (its attempts before its last send) and whether, and by which run,
+#: its next step was sent (``tasks.middleware.canvas.PIPE_SENT_BY``).
+PIPE_SENT = """
+SELECT (SELECT attempts_before_retry FROM control_plane.jobs WHERE id = %(id)s::uuid),
+       n.id IS NOT NULL, n.options ->> 'pipe_sent_by'
+FROM (SELECT 1) AS one LEFT JOIN control_plane.jobs AS n ON n.id = %(next)s::uuid
+"""
 
 #: The actor and queue of some jobs (a send returns the job holding its unique key under them).
 JOB_ACTORS = "SELECT id::text, type, queue FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[])"
@@ -432,13 +438,28 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 #: (claimed, and maybe never started: a dying worker's prefetch is charged an attempt too)
 #: fails only at twice that: a job that kills its worker within
 #: ``RUNNING_MARK_DELAY_SECONDS`` still ends, an innocent bystander of a few deaths does not.
+#: Whether the claimed message ``m`` (job ``j``) returned and its pipeline or group hook
+#: committed what it sends (``tasks.middleware.canvas``): its next step sent by this run of
+#: it, or its marker as a group's counted child. Its worker died before its own outcome
+#: was written; failing it now would undo (``on_failure``, compensation) a job whose
+#: pipeline went on. Read only for a job out of attempts.
+_OUTCOME_TOOK_EFFECT = """EXISTS (
+                    SELECT 1 FROM (SELECT convert_from(m.body, 'UTF8')::jsonb -> 'options' AS o) AS b
+                    WHERE EXISTS (SELECT 1 FROM control_plane.jobs AS n
+                                  WHERE n.id = CASE WHEN b.o #>> '{pipe_target,message_id}' ~ '^[0-9a-fA-F-]{36}$'
+                                                    THEN (b.o #>> '{pipe_target,message_id}')::uuid END
+                                    AND n.options ->> 'pipe_sent_by' = m.id || '/' || j.attempts_before_retry)
+                       OR EXISTS (SELECT 1 FROM control_plane.rate_limits AS g
+                                  WHERE g.key = (b.o ->> 'group_completion_uuid') || '@done:' || m.id
+                                    AND g.expires_at > now()))"""
+
 REAP = """
 WITH r AS (
     SELECT m.id, m.worker,
            CASE WHEN m.cancel_requested_at IS NOT NULL THEN 'cancel'
                 WHEN j.attempts - j.attempts_before_retry >= j.max_attempts
                      AND (j.status = 'running' OR j.attempts - j.attempts_before_retry >= 2 * j.max_attempts)
-                THEN 'fail'
+                THEN CASE WHEN """ + _OUTCOME_TOOK_EFFECT + """ THEN 'done' ELSE 'fail' END
                 ELSE 'requeue' END AS fate
     FROM control_plane.messages AS m LEFT JOIN control_plane.jobs AS j ON j.id = m.id
     WHERE m.claim_token IS NOT NULL AND m.lease_expires_at < now()
@@ -464,7 +485,8 @@ WITH r AS (
     JOIN control_plane.jobs AS j ON j.id = l.id
 ), j AS (
     UPDATE control_plane.jobs AS j
-       SET status = CASE lost.fate WHEN 'cancel' THEN 'cancelled' WHEN 'fail' THEN 'failed' ELSE 'pending' END,
+       SET status = CASE lost.fate WHEN 'cancel' THEN 'cancelled' WHEN 'fail' THEN 'failed'
+                                   WHEN 'done' THEN 'completed' ELSE 'pending' END,
            completed_at = CASE WHEN lost.fate = 'requeue' THEN j.completed_at ELSE now() END,
            scheduled_at = CASE WHEN lost.fate = 'requeue' THEN now() ELSE j.scheduled_at END,
            updated_at = now(),
@@ -475,12 +497,15 @@ WITH r AS (
                         WHEN 'fail' THEN lost.error || ' (killed or cut off) on attempt ' || lost.attempt
                              || '; not re-queued, its attempts are used up (max_attempts '
                              || j.max_attempts || ')'
+                        WHEN 'done' THEN j.last_error
                         ELSE lost.error || ' (killed or cut off); the job was re-queued' END,
            errors = j.errors || jsonb_build_array(jsonb_build_object(
                         'attempt', lost.attempt, 'at', now(), 'worker', lost.worker,
                         'error', lost.error
-                                 || CASE WHEN lost.fate = 'cancel' THEN ' after its cancellation was requested'
-                                         ELSE '' END))
+                                 || CASE lost.fate
+                                    WHEN 'cancel' THEN ' after its cancellation was requested'
+                                    WHEN 'done' THEN ' after it returned and its pipeline or group went on'
+                                    ELSE '' END))
     FROM lost WHERE j.id = lost.id
     RETURNING j.id, lost.fate, lost.body, j.last_error, j.attempts - j.attempts_before_retry AS attempts,
               j.max_attempts
@@ -493,9 +518,9 @@ SELECT (SELECT count(*) FROM m),
        (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'fate', fate, 'error', last_error,
                                                      'attempts', attempts, 'max_attempts', max_attempts)
                                   ORDER BY id), '[]')
-        FROM j WHERE fate <> 'requeue'),
-       (SELECT coalesce(array_agg(body ORDER BY id), '{}') FROM j WHERE fate <> 'requeue')
-"""
+        FROM j WHERE fate IN ('fail', 'cancel')),
+       (SELECT coalesce(array_agg(body ORDER BY id), '{}') FROM j WHERE fate IN ('fail', 'cancel'))
+"""  # noqa: S608 (joined from this module's constants only, no input)
 
 #: What a caller blocked in ``get_result`` hears of jobs ``REAP`` ended: ``WorkerLost`` for a
 #: failed one, ``Cancelled`` for a cancelled one, with the key and lifetime

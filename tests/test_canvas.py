@@ -18,7 +18,7 @@ from dramatiq.results import ResultFailure
 
 import tasks
 from tests import actors
-from tests.support import claim_in_process, query, settle_in_process
+from tests.support import claim_in_process, job, query, settle_in_process
 
 
 def middleware(kind: type) -> Any:
@@ -82,6 +82,34 @@ def test_a_pipeline_step_delivered_again_does_not_send_its_finished_next_step_ag
     # Then the second step stays completed, once, and nothing is queued again
     rows = query(db_url, "SELECT status, attempts FROM control_plane.jobs WHERE id = %s", (second.message_id,))
     assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 1)]
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0
+
+
+def test_a_pipeline_run_again_runs_every_step_again_and_a_redelivery_still_sends_once(db_url: str) -> None:
+    # Given a pipeline of two that ran to the end
+    chain = pipeline([actors.noop.message("a"), actors.noop.message()])
+    pipes = middleware(Pipelines)
+
+    def run_step(result: str) -> Any:
+        consumer, held = claim_in_process()
+        if result:
+            pipes.after_process_message(tasks.broker, held, result=result)
+        settle_in_process(consumer, held, "ack")
+        return held
+
+    chain.run()
+    run_step("a")
+    second = run_step("")
+    # When the same pipeline object is run again (Dramatiq runs every step again)
+    chain.run()
+    first = run_step("b")
+    # Then its second step is sent again, with the new result, and runs again
+    again = run_step("")
+    assert (again.message_id, again.args) == (second.message_id, ("b",))
+    rows = query(db_url, "SELECT status, attempts FROM control_plane.jobs WHERE id = %s", (second.message_id,))
+    assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 2)]
+    # And a redelivery of that run's first step does not send it a third time
+    pipes.after_process_message(tasks.broker, first, result="b")
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0
 
 
@@ -165,3 +193,45 @@ def test_with_another_broker_a_groups_barrier_is_written_at_once_as_its_messages
     assert query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = 'group-under-rabbitmq'") == [
         {"value": 3}
     ]
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "group"])
+def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_completed_not_failed(
+    db_url: str, kind: str
+) -> None:
+    # Given a job on its only attempt, with an on_failure hook, that returned and whose pipeline
+    # hook sent the next step (or whose group hook counted it), and whose worker then died
+    # before writing its own outcome
+    first = actors.noop.message_with_options(args=("a",), max_attempts=1, on_failure="tests.callback_sink")
+    if kind == "pipeline":
+        pipeline([first, actors.noop.message()]).run()
+    else:
+        members = group([first, actors.noop.message("b")])
+        members.add_completion_callback(actors.group_done.message("done"))
+        members.run()
+    consumer, held = claim_in_process()
+    if held.message_id != first.message_id:  # the group's other child came first: give it back
+        consumer.close()
+        query(db_url, "UPDATE control_plane.messages SET eta = now() + interval '1 hour' WHERE id = %s",
+              (held.message_id,))  # fmt: skip
+        consumer, held = claim_in_process()
+    query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1 WHERE id = %s", (first.message_id,))
+    hook = middleware(Pipelines if kind == "pipeline" else GroupCallbacks)
+    hook.after_process_message(tasks.broker, held, result="a")
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second' "
+                  "WHERE id = %s", (first.message_id,))  # fmt: skip
+    # When another worker's reaper finds its lease expired
+    other = tasks.broker.consume("slow", prefetch=1, timeout=100)
+    other._next_reap = 0
+    assert next(other) is None
+    other.close()
+    consumer.close()
+    # Then the job is completed, as its pipeline or group took it to be: no failure, no on_failure
+    # hook (which would undo work the next step builds on), no WorkerLost for its caller
+    row = job(db_url, first.message_id)
+    assert (row["status"], row["last_error"]) == ("completed", None)
+    assert "its pipeline or group went on" in row["errors"][-1]["error"]
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.callback_sink'") == [
+        {"n": 0}
+    ]
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.results") == [{"n": 0}]

@@ -14,8 +14,9 @@ On the Postgres broker both now act once per message, in one transaction with
 what they send: a group child is counted with a marker row of its own
 (``<group>@done:<message id>`` in ``control_plane.rate_limits``, for the
 barrier's TTL: a redelivery comes within a lease) and the callbacks are sent in the transaction that releases the
-barrier; a pipeline's next step is sent only if no job has its id yet (under an
-advisory lock on the id, so two deliveries at once send it once). Either
+barrier; a pipeline's next step is sent only if this run of the step has not sent
+it yet (under an advisory lock on the id, so two deliveries at once send it once; a
+pipeline run again, its finished steps re-sent under their ids, is a new run). Either
 commits with its sends, or neither happens. A hook's failure is not redelivered
 (the message is acknowledged after its hooks whatever they raise), so a lost
 connection or a deadlock is tried again here, three times; past that the
@@ -24,7 +25,9 @@ not sent, as with Dramatiq's own hooks. A barrier gone before its last child
 (expired: children retried past ``barrier_ttl``) sends no callback, and says so,
 where Dramatiq's fired it at the next child and again at each one after. A
 pipeline step redelivered after its next step's job was pruned (days later)
-sends it again.
+sends it again. A step whose worker died after its hook committed, on its last
+attempt, is marked ``completed`` by the reaper, not failed (``REAP`` in
+``models/queries.py``): its pipeline or group went on.
 
 A pipeline step whose result cannot be sent on (JSON or PostgreSQL cannot hold
 it) breaks the chain: Dramatiq logged it and the caller of
@@ -55,6 +58,11 @@ from tasks.errors import NotSerializable
 
 logger = logging.getLogger(__name__)
 
+
+#: The option a pipeline's next step is sent with: the run of the step that sent it
+#: (``<message id>/<attempts before its last send>``), so that the step run again sends it
+#: again and a redelivery of the same run does not; the reaper reads it too.
+PIPE_SENT_BY = "pipe_sent_by"
 
 #: Tries of a hook's transaction: its failure cannot be retried by redelivery (the message is
 #: acked after its hooks whatever they raise), so a lost connection or a deadlock is tried again here.
@@ -148,7 +156,7 @@ class Pipelines(dramatiq_pipelines.Pipelines):
             next_message = next_message.copy(args=(*next_message.args, result))
         try:
             if _postgres(broker):
-                self._send_once(broker, next_message)
+                self._send_once(broker, message, next_message)
             else:
                 broker.enqueue(next_message, delay=next_message.options.get("delay"))
         except NotSerializable as exc:
@@ -156,18 +164,25 @@ class Pipelines(dramatiq_pipelines.Pipelines):
             raise
 
     @staticmethod
-    def _send_once(broker: Any, next_message: Message[Any]) -> None:
+    def _send_once(broker: Any, message: Any, next_message: Message[Any]) -> None:
         from tasks.broker import enqueue_in
 
         def send(conn: Any) -> None:
             with conn.cursor() as cur:
                 # Two deliveries at once wait here for each other; the second finds the job.
                 cur.execute(queries.LOCK_SEND_ONCE, {"id": next_message.message_id})
-                cur.execute(queries.JOB_EXISTS, {"id": next_message.message_id})
-                if cur.fetchone() is not None:
-                    return
+                cur.execute(queries.PIPE_SENT, {"id": message.message_id, "next": next_message.message_id})
+                run, exists, sent_by = cur.fetchone()
+            # This run of the step: its id and its attempts when it was last sent (a re-sent
+            # finished step, a pipeline run again, starts a new run; a redelivery does not).
+            marker = f"{message.message_id}/{run}"
+            if exists and sent_by in (None, marker):  # None: sent before the marker existed
+                return
             with enqueue_in(conn):
-                broker.enqueue(next_message, delay=next_message.options.get("delay"))
+                broker.enqueue(
+                    next_message.copy(options={**next_message.options, PIPE_SENT_BY: marker}),
+                    delay=next_message.options.get("delay"),
+                )
 
         _in_one_transaction(broker, send)
 
@@ -187,4 +202,4 @@ class Pipelines(dramatiq_pipelines.Pipelines):
                     logger.warning("could not store the pipeline's failure: %s", db.loggable_error(store_error))
 
 
-__all__ = ["GroupCallbacks", "Pipelines"]
+__all__ = ["PIPE_SENT_BY", "GroupCallbacks", "Pipelines"]
