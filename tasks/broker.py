@@ -379,6 +379,40 @@ def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any
     return dataclasses.replace(message, queue_name=queue_name, options=options)
 
 
+def _work_queue_by_message_priority() -> None:
+    """Make Dramatiq's worker queue a message by its ``priority`` option when it has one.
+
+    The claim orders by it (``PostgresBroker._priority``), but Dramatiq's
+    ``ConsumerThread.handle_message`` queues each message for the worker threads by
+    its actor's priority alone: a prefetched batch then ran a message sent with
+    ``priority=9`` before another actor's of priority 5. Messages without the option
+    (or with an eta, or of an actor this process does not declare) go Dramatiq's way.
+    """
+    from dramatiq import worker as dramatiq_worker
+
+    original = dramatiq_worker.ConsumerThread.handle_message
+    if getattr(original, "_by_message_priority", False):
+        return
+
+    def handle_message(self: Any, message: Any) -> None:
+        priority = message.options.get("priority")
+        if (
+            "eta" in message.options
+            or not isinstance(priority, int)
+            or isinstance(priority, bool)
+            or message.actor_name not in self.broker.actors
+        ):
+            original(self, message)
+            return
+        self.work_queue.put(dramatiq_worker._WorkQueueItem(priority, message))
+
+    handle_message._by_message_priority = True  # type: ignore[attr-defined]
+    dramatiq_worker.ConsumerThread.handle_message = handle_message  # type: ignore[method-assign]
+
+
+_work_queue_by_message_priority()
+
+
 class PgMessageProxy(dramatiq.MessageProxy):
     """A message claimed from PostgreSQL, with the claim that fences its outcome."""
 

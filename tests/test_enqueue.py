@@ -5,6 +5,7 @@ from __future__ import annotations
 import decimal
 import json
 from datetime import timedelta
+from typing import Any
 
 import dramatiq
 import psycopg2
@@ -192,11 +193,11 @@ def test_sqlalchemy_transactions_that_begin_or_end_inside_the_block_keep_their_s
 
 
 def test_a_delay_inside_a_long_transaction_counts_from_the_send(db_url: str) -> None:
-    # Given a transaction that has been open a while (a request doing other work first)
+    # Given a transaction that has been open a while (a request doing other work first: here,
+    # one statement, whose clock_timestamp() is already past the transaction's start)
     conn = psycopg2.connect(db_url)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_sleep(0.5)")  # the scenario: time spent in the transaction
             cur.execute("SELECT clock_timestamp()")
             (before_send,) = cur.fetchone()
         # When a job is sent in it with a 10 s delay, and the transaction commits
@@ -371,3 +372,24 @@ def test_a_delay_past_what_postgresql_can_store_is_refused_on_a_send_and_cut_on_
     row = query(db_url, "SELECT status, round(extract(epoch FROM scheduled_at - now()) * 1000 / %s) AS r "
                         "FROM control_plane.jobs WHERE id = %s", (MAX_DELAY_MS, sent.message_id))  # fmt: skip
     assert [(r["status"], r["r"]) for r in row] == [("pending", 1)]
+
+
+def test_a_prefetched_batch_runs_in_the_order_of_each_messages_own_priority() -> None:
+    from queue import PriorityQueue
+
+    from dramatiq.worker import ConsumerThread
+
+    # Given messages a worker process prefetched in one claim: an actor of priority 0 sent with
+    # priority=9, another actor's message of priority 5, and a plain one of the first actor
+    later = actors.noop.message_with_options(args=("priority 9",), priority=9)
+    sooner = actors.slow_noop.message_with_options(args=(0.0,), priority=5)
+    plain = actors.noop.message("actor's 0")
+    work_queue: PriorityQueue[Any] = PriorityQueue()
+    consumer = ConsumerThread(broker=tasks.broker, queue_name="default", prefetch=3, work_queue=work_queue,
+                              worker_timeout=1000)  # fmt: skip
+    # When Dramatiq's consumer thread queues them for its worker threads
+    for message in (later, sooner, plain):
+        consumer.handle_message(dramatiq.MessageProxy(message))
+    # Then they come out by each message's priority, as the claim ordered them
+    order = [work_queue.get_nowait().message.message_id for _ in range(3)]
+    assert order == [plain.message_id, sooner.message_id, later.message_id]
