@@ -58,7 +58,7 @@ def _sender(url: str, variant: str, start_at: float, stop_at: float, counts: Any
         while time.time() < stop_at:
             params = {"ids": str(uuid.uuid4()), "queues": "bench", "actors": "bench.noop", "priorities": 0,
                       "etas": None, "delays": None, "bodies": BODY, "max_attempts": 3,
-                      "always_wake": always_wake}  # fmt: skip
+                      "default_attempts": 3, "always_wake": always_wake}  # fmt: skip
             statement.execute(cur, params)
             cur.fetchone()
             sent += 1

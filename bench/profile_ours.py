@@ -84,7 +84,7 @@ def _explain(url: str) -> dict[str, Any]:
         values = (m.message_id, "bench", "bench.noop", 0, None, None, m.encode().decode(), 20, None)
         for key, value in zip(fields, values, strict=True):
             arrays[key].append(value)
-    explain("enqueue_500", queries.ENQUEUE, {**arrays, "always_wake": False}, 500)
+    explain("enqueue_500", queries.ENQUEUE, {**arrays, "default_attempts": 20, "always_wake": False}, 500)
     token = str(uuid.uuid4())
     claim = {"queue": "bench", "limit": 16, "token": token, "worker": "profile:1", "lease": 30}
     with conn.cursor() as cur:

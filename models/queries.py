@@ -40,6 +40,28 @@ _MESSAGE_AGAIN = """ON CONFLICT (id) DO UPDATE
            claim_token = NULL, worker = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
     RETURNING cur.id, cur.queue, cur.eta"""
 
+#: A message's priority and attempts in CTE ``m``: as the sender gave them (its message's
+#: options, its own declaration of the actor), else as the actor's workers declared it
+#: (``control_plane.actor_defaults``, migration 0015: a send by name of an actor the sender
+#: does not declare), else 0 and the sender's default. (COALESCE reads the table only then.)
+_PRIORITY = """coalesce(t.priority,
+                    (SELECT d.priority FROM control_plane.actor_defaults AS d WHERE d.actor = t.actor), 0)"""
+_MAX_ATTEMPTS = """coalesce(t.max_attempts,
+                    (SELECT d.max_attempts FROM control_plane.actor_defaults AS d WHERE d.actor = t.actor),
+                    %(default_attempts)s::int)"""
+
+#: What a worker's consumer records of its queue's actors when it starts (see _PRIORITY);
+#: in the actors' order, so that workers starting together lock the rows in one order.
+DECLARE_ACTORS = """
+INSERT INTO control_plane.actor_defaults AS d (actor, queue, priority, max_attempts)
+SELECT * FROM unnest(%(actors)s::text[], %(queues)s::text[], %(priorities)s::int[], %(max_attempts)s::int[])
+ORDER BY 1
+ON CONFLICT (actor) DO UPDATE
+   SET queue = excluded.queue, priority = excluded.priority, max_attempts = excluded.max_attempts,
+       declared_at = now()
+WHERE (d.queue, d.priority, d.max_attempts) IS DISTINCT FROM (excluded.queue, excluded.priority, excluded.max_attempts)
+"""
+
 #: Advisory lock classes (the first key; the second is ``hashtext(queue)``) of the
 #: wake-up protocol: a send NOTIFYs a queue only when a consumer of it is waiting.
 #: PostgreSQL serializes the commits of notifying transactions (one lock, held
@@ -108,10 +130,11 @@ DISARM_WAIT = f"SELECT pg_advisory_unlock_shared({WAITING_LOCK}, hashtext(%(queu
 ENQUEUE = (
     """
 WITH m AS (
-    SELECT t.id, t.queue, t.actor, t.priority,
+    SELECT t.id, t.queue, t.actor, """ + _PRIORITY + """ AS priority,
            coalesce(statement_timestamp() + make_interval(secs => t.delay_ms / 1000.0), t.eta,
                     statement_timestamp()) AS eta,
-           convert_to(t.body, 'UTF8') AS body, t.max_attempts, t.unique_key, t.ord, t.body::jsonb AS doc,
+           convert_to(t.body, 'UTF8') AS body, """ + _MAX_ATTEMPTS + """ AS max_attempts,
+           t.unique_key, t.ord, t.body::jsonb AS doc,
            -- a re-enqueue of an id that already has a job keeps the upsert path, key or not
            t.unique_key IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM control_plane.jobs AS j WHERE j.id = t.id) AS keyed,
@@ -174,10 +197,10 @@ SELECT """ + _NOTIFY_READY + """
 ENQUEUE_PLAIN = (
     """
 WITH m AS (
-    SELECT t.id, t.queue, t.actor, t.priority,
+    SELECT t.id, t.queue, t.actor, """ + _PRIORITY + """ AS priority,
            coalesce(statement_timestamp() + make_interval(secs => t.delay_ms / 1000.0), t.eta,
                     statement_timestamp()) AS eta,
-           convert_to(t.body, 'UTF8') AS body, t.max_attempts, t.body::jsonb AS doc
+           convert_to(t.body, 'UTF8') AS body, """ + _MAX_ATTEMPTS + """ AS max_attempts, t.body::jsonb AS doc
     FROM unnest(%(ids)s::uuid[], %(queues)s::text[], %(actors)s::text[], %(priorities)s::int[],
                 %(etas)s::timestamptz[], %(delays)s::bigint[], %(bodies)s::text[], %(max_attempts)s::int[])
          AS t(id, queue, actor, priority, eta, delay_ms, body, max_attempts)
@@ -191,12 +214,12 @@ WITH m AS (
 ENQUEUE_ONE = (
     """
 WITH m AS (
-    SELECT %(ids)s::uuid AS id, %(queues)s::text AS queue, %(actors)s::text AS actor,
-           %(priorities)s::int AS priority,
+    SELECT %(ids)s::uuid AS id, %(queues)s::text AS queue, t.actor, """ + _PRIORITY + """ AS priority,
            coalesce(statement_timestamp() + make_interval(secs => %(delays)s::bigint / 1000.0), %(etas)s::timestamptz,
                     statement_timestamp()) AS eta,
-           convert_to(t.body, 'UTF8') AS body, %(max_attempts)s::int AS max_attempts, t.body::jsonb AS doc
-    FROM (SELECT %(bodies)s::text AS body) AS t
+           convert_to(t.body, 'UTF8') AS body, """ + _MAX_ATTEMPTS + """ AS max_attempts, t.body::jsonb AS doc
+    FROM (SELECT %(bodies)s::text AS body, %(actors)s::text AS actor, %(priorities)s::int AS priority,
+                 %(max_attempts)s::int AS max_attempts) AS t
 )""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
 

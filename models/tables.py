@@ -238,6 +238,19 @@ class ApiKey(Base):
     __table_args__ = (UniqueConstraint("key_hash"),)
 
 
+class ActorDefaults(Base):
+    """Each actor's priority and attempts as its workers declare it (migration 0015): a send
+    of an actor the sender does not declare takes them from here."""
+
+    __tablename__ = "actor_defaults"
+
+    actor: Mapped[str] = mapped_column(Text, primary_key=True)
+    queue: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    declared_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Deployment(Base):
     """Facts every process of a deployment must agree on (migration 0013): the API key
     pepper's fingerprint, ``api_key_pepper_fingerprint``."""

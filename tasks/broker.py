@@ -88,6 +88,7 @@ COVERED_SIGNALS = "covered_by_postgres_broker"
 
 #: Message options that can set a job's priority or attempts apart from its actor's.
 _PER_MESSAGE_OPTIONS = frozenset({"priority", "max_attempts", "max_retries"})
+_ATTEMPTS_OPTIONS = frozenset({"max_attempts", "max_retries"})
 
 #: The longest delay a message may wait, 100 years in milliseconds: PostgreSQL's timestamps end
 #: at year 294276, and a retry's delay past them failed the settle of its worker's whole queue,
@@ -704,17 +705,42 @@ class PostgresBroker(dramatiq.Broker):
 
     # -- enqueue ----------------------------------------------------------
 
-    def _max_attempts(self, message: Message[Any]) -> int:
+    def _max_attempts(self, message: Message[Any]) -> int | None:
+        """The message's attempts; None for an actor this process does not declare, sent
+        without the option: its workers' declaration says (``control_plane.actor_defaults``)."""
         from tasks.middleware.retries import max_attempts_for
 
+        if message.actor_name not in self.actors and _ATTEMPTS_OPTIONS.isdisjoint(message.options):
+            return None
         return max_attempts_for(self, message)
 
-    def _priority(self, message: Message[Any]) -> int:
+    def _priority(self, message: Message[Any]) -> int | None:
+        """The message's priority; None for an actor this process does not declare, sent
+        without the option (as for ``_max_attempts``)."""
         priority = message.options.get("priority")
         if isinstance(priority, int) and not isinstance(priority, bool):
             return priority
         actor = self.actors.get(message.actor_name)
-        return actor.priority if actor is not None else 0
+        return actor.priority if actor is not None else None
+
+    def _default_attempts(self) -> int:
+        """Attempts of a job whose actor nobody declared: the Retries middleware's default."""
+        from tasks.middleware.retries import default_attempts
+
+        return default_attempts(self)
+
+    def declared_actors(self, queue_name: str) -> dict[str, list[Any]]:
+        """DECLARE_ACTORS's parameters: the priority and attempts of this process's actors of a queue."""
+        from tasks.middleware.retries import max_attempts_for
+
+        names = sorted(name for name, actor in self.actors.items() if actor.queue_name == queue_name)
+        actors = [self.actors[name] for name in names]
+        return {
+            "actors": names,
+            "queues": [queue_name] * len(names),
+            "priorities": [actor.priority for actor in actors],
+            "max_attempts": [max_attempts_for(self, actor.message()) for actor in actors],
+        }
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Store a message (and its jobs row); ``delay`` in milliseconds sets its eta.
@@ -747,16 +773,16 @@ class PostgresBroker(dramatiq.Broker):
         ids: list[str] = []
         queues: list[str] = []
         actors: list[str] = []
-        priorities: list[int] = []
+        priorities: list[int | None] = []
         etas: list[datetime | None] = []
         bodies: list[str] = []
-        attempts: list[int] = []
+        attempts: list[int | None] = []
         unique_keys: list[str | None] = []
         sent: list[Message[Any]] = []
         # Looked up once per batch: the before_enqueue middleware, and each actor's
         # priority and attempts for the messages whose options set neither.
         before, after = self._listeners("before_enqueue"), self._listeners("after_enqueue")
-        actor_defaults: dict[str, tuple[int, int]] = {}
+        actor_defaults: dict[str, tuple[int | None, int | None]] = {}
         for message in messages:
             queue_name = q_name(message.queue_name)
             if queue_name not in self.queues and message.actor_name in self.actors:
@@ -861,7 +887,9 @@ class PostgresBroker(dramatiq.Broker):
         caller = joined_connection()
         if caller is not None:
             # In the caller's transaction a send must not hold SENDING_LOCK until that commits: it wakes always.
-            statement, params, keyed = _enqueue_statement(rows, always_wake=True)
+            statement, params, keyed = _enqueue_statement(
+                rows, always_wake=True, default_attempts=self._default_attempts()
+            )
             with caller.cursor() as cur:
                 statement.execute(cur, params, prepare=False)
                 row = cur.fetchone()
@@ -875,7 +903,8 @@ class PostgresBroker(dramatiq.Broker):
                         if not rows["ids"]:
                             return {}
                     statement, params, keyed = _enqueue_statement(
-                        rows, always_wake=not self.settings.wake_only_waiting
+                        rows, always_wake=not self.settings.wake_only_waiting,
+                        default_attempts=self._default_attempts(),
                     )
                     statement.execute(cur, params, prepare=self.settings.prepared_statements)
                     row = cur.fetchone()
@@ -967,6 +996,10 @@ class _PostgresConsumer(dramatiq.Consumer):
         self.conn = _claims_connection(self.broker, f"controlplane-worker:{self.queue_name}")
         with self.conn.cursor() as cur:
             cur.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
+            # What its actors' senders may not know: their priority and attempts (migration 0015).
+            declared = self.broker.declared_actors(self.queue_name)
+            if declared["actors"]:
+                cur.execute(queries.DECLARE_ACTORS, declared)
 
     # -- Dramatiq's interface ----------------------------------------------
 
@@ -1634,7 +1667,9 @@ def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
         _settle(broker, state, conn)  # at once (a cancel is never turned into anything else)
 
 
-def _enqueue_statement(rows: dict[str, list[Any]], *, always_wake: bool) -> tuple[Statement, dict[str, Any], bool]:
+def _enqueue_statement(
+    rows: dict[str, list[Any]], *, always_wake: bool, default_attempts: int
+) -> tuple[Statement, dict[str, Any], bool]:
     """The ENQUEUE variant for ``rows``, its parameters, and whether it reports duplicates (keyed)."""
     keyed = any(key is not None for key in rows["unique_keys"])
     params: dict[str, Any]
@@ -1655,6 +1690,7 @@ def _enqueue_statement(rows: dict[str, list[Any]], *, always_wake: bool) -> tupl
             "unique_keys": _text_array(rows["unique_keys"]),
         }
     params["always_wake"] = always_wake
+    params["default_attempts"] = default_attempts
     return statement, params, keyed
 
 

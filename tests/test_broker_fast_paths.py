@@ -176,7 +176,8 @@ def test_a_consumer_starting_to_wait_lets_a_send_in_flight_commit_then_takes_its
     with sender.cursor() as cur:
         cur.execute(queries.ENQUEUE_ONE, {
             "ids": message.message_id, "queues": "default", "actors": "tests.noop", "priorities": 0, "etas": None,
-            "delays": None, "bodies": message.encode().decode(), "max_attempts": 3, "always_wake": False,
+            "delays": None, "bodies": message.encode().decode(), "max_attempts": 3, "default_attempts": 20,
+            "always_wake": False,
         })  # fmt: skip
     # and a consumer that only finds work by claiming or by a NOTIFY (no polling in this test)
     consumer, got, taker = _unpolled_taker(monkeypatch, timeout_ms=30000)

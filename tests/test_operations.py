@@ -498,3 +498,40 @@ def test_prune_jobs_deletes_old_finished_jobs_and_expired_results(db_url: str) -
     assert [r["key"] for r in query(db_url, "SELECT key FROM control_plane.results")] == ["live"]
     # And pruning again finds nothing more
     assert scalar(db_url, "SELECT control_plane.prune_jobs('7 days', '30 days')") == 0
+
+
+def test_a_send_by_name_takes_the_priority_and_attempts_its_workers_declare(db_url: str) -> None:
+    import dramatiq
+
+    from tasks.middleware.retries import default_attempts
+
+    # Given an actor of priority 7 and 4 attempts, declared by the workers, one of which started
+    # consuming its queue
+    @dramatiq.actor(broker=tasks.broker, actor_name="tests.by_name", queue_name="by_name", priority=7,
+                    max_attempts=4)  # fmt: skip
+    def by_name() -> None: ...
+
+    tasks.broker.consume("by_name", prefetch=1, timeout=100).close()
+    # When a process that does not declare it sends it by name (a web app's Message,
+    # `controlplane send ACTOR --queue`, a schedule naming it), with another actor nobody declares
+    sender = PostgresBroker(url=db_url, settings=tasks.settings)
+    try:
+        known, unknown, urgent = sender.enqueue_batch([
+            Message(queue_name="by_name", actor_name="tests.by_name", args=(), kwargs={}, options={}),
+            Message(queue_name="by_name", actor_name="tests.nobody", args=(), kwargs={}, options={}),
+            Message(queue_name="by_name", actor_name="tests.by_name", args=(), kwargs={}, options={"priority": 1}),
+        ])  # fmt: skip
+        alone = sender.enqueue(Message(queue_name="by_name", actor_name="tests.by_name", args=(), kwargs={},
+                                       options={}))  # fmt: skip
+        default = default_attempts(sender)
+    finally:
+        sender.close()
+    # Then its jobs get the workers' priority and attempts (not 0, the highest, and the default),
+    # a message's own option still wins, and an actor nobody declared gets 0 and the default
+    rows = {r["id"]: (r["priority"], r["max_attempts"]) for r in query(
+        db_url, "SELECT j.id::text, m.priority, j.max_attempts FROM control_plane.jobs AS j "
+                "JOIN control_plane.messages AS m USING (id)")}  # fmt: skip
+    assert rows == {
+        known.message_id: (7, 4), alone.message_id: (7, 4), urgent.message_id: (1, 4),
+        unknown.message_id: (0, default),
+    }  # fmt: skip

@@ -90,11 +90,18 @@ def max_attempts_for(broker: dramatiq.Broker, message: Any) -> int:
         if found is None:
             found = _from_retries(actor.options)
     if found is None:
-        for middleware in broker.middleware:
-            if isinstance(middleware, dramatiq_retries.Retries):
-                found = middleware.max_retries + 1
-                break
+        found = default_attempts(broker)
     return min(max(found or 1, 1), UNLIMITED_ATTEMPTS)  # more would not fit the jobs row's int
+
+
+def default_attempts(broker: dramatiq.Broker) -> int:
+    """The attempts of a job neither its message nor its actor sets: the Retries middleware's."""
+    for middleware in broker.middleware:
+        if isinstance(middleware, dramatiq_retries.Retries):
+            if middleware.max_retries is None:
+                return UNLIMITED_ATTEMPTS
+            return min(middleware.max_retries + 1, UNLIMITED_ATTEMPTS)
+    return 1
 
 
 def hook_target(broker: dramatiq.Broker, message: Any, option: str) -> str | None:
