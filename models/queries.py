@@ -469,7 +469,8 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 _OUTCOME_TOOK_EFFECT = """EXISTS (
                     SELECT 1 FROM (SELECT convert_from(m.body, 'UTF8')::jsonb -> 'options' AS o) AS b
                     WHERE EXISTS (SELECT 1 FROM control_plane.jobs AS n
-                                  WHERE n.id = CASE WHEN b.o #>> '{pipe_target,message_id}' ~ '^[0-9a-fA-F-]{36}$'
+                                  WHERE n.id = CASE WHEN b.o #>> '{pipe_target,message_id}'
+                                                         ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
                                                     THEN (b.o #>> '{pipe_target,message_id}')::uuid END
                                     AND n.options ->> 'pipe_sent_by' = m.id || '/' || j.attempts_before_retry)
                        OR EXISTS (SELECT 1 FROM control_plane.rate_limits AS g

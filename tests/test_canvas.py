@@ -235,3 +235,23 @@ def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_compl
         {"n": 0}
     ]
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.results") == [{"n": 0}]
+
+
+def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: str) -> None:
+    # Given two lost jobs on their last attempt, one whose options name a next step by an id of
+    # uuid-like characters that is no uuid
+    bad = actors.noop.send_with_options(args=(1,), max_attempts=1,
+                                        pipe_target={"message_id": "0123456789abcdef0123456789abcdef----"})  # fmt: skip
+    plain = actors.noop.send_with_options(args=(2,), max_attempts=1)
+    consumer = tasks.broker.consume("default", prefetch=2, timeout=5000)
+    assert {next(consumer).message_id for _ in range(2)} == {bad.message_id, plain.message_id}
+    query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1")
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
+    # When another worker's reaper finds them
+    other = tasks.broker.consume("slow", prefetch=1, timeout=100)
+    other._next_reap = 0
+    assert next(other) is None
+    other.close()
+    consumer.close()
+    # Then both ended, as lost jobs out of attempts do (one bad row made every reap fail)
+    assert {job(db_url, m.message_id)["status"] for m in (bad, plain)} == {"failed"}
