@@ -811,6 +811,7 @@ class PostgresBroker(dramatiq.Broker):
                 priorities.append(defaults[0])
                 attempts.append(defaults[1])
             else:
+                _check_per_message_options(options)
                 priorities.append(self._priority(message))
                 attempts.append(self._max_attempts(message))
             # A relative delay is added to the database's clock, not this machine's.
@@ -1665,6 +1666,25 @@ def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
         with state.lock:
             state.outcomes.extend(cancels)
         _settle(broker, state, conn)  # at once (a cancel is never turned into anything else)
+
+
+#: The range of the int columns a message's priority and attempts are stored in.
+_INT_RANGE = range(-(2**31), 2**31)
+
+
+def _check_per_message_options(options: dict[str, Any]) -> None:
+    """Refuse a ``priority``, ``max_attempts`` or ``max_retries`` option the jobs row cannot hold
+    (a string, a float, a number past its int), naming it; they were ignored, or failed the
+    send with PostgreSQL's ``integer out of range``."""
+    for name in _PER_MESSAGE_OPTIONS:
+        value = options.get(name)
+        if value is None:
+            continue  # unset (max_retries=None: Dramatiq's "retry forever")
+        if not isinstance(value, int) or isinstance(value, bool) or value not in _INT_RANGE or (
+            name != "priority" and value < 0
+        ):
+            raise ValueError(f"the {name} option must be an integer that fits PostgreSQL's int"
+                             f"{'' if name == 'priority' else ', 0 or more'}, not {value!r}")
 
 
 def _enqueue_statement(

@@ -393,3 +393,18 @@ def test_a_prefetched_batch_runs_in_the_order_of_each_messages_own_priority() ->
     # Then they come out by each message's priority, as the claim ordered them
     order = [work_queue.get_nowait().message.message_id for _ in range(3)]
     assert order == [plain.message_id, sooner.message_id, later.message_id]
+
+
+@pytest.mark.parametrize("options", [{"priority": "3"}, {"priority": 1.5}, {"priority": 2**31},
+                                     {"max_attempts": "4"}, {"max_retries": -1}])  # fmt: skip
+def test_a_priority_or_attempts_option_the_jobs_row_cannot_hold_is_refused_naming_it(
+    db_url: str, options: dict[str, Any]
+) -> None:
+    # When a message is sent with an option the jobs row cannot hold, alone or in a batch
+    (name,) = options
+    with pytest.raises(ValueError, match=f"the {name} option must be an integer"):
+        actors.noop.send_with_options(args=(1,), **options)
+    with pytest.raises(ValueError, match=f"the {name} option must be an integer"):
+        tasks.broker.enqueue_batch([actors.noop.message(2), actors.noop.message_with_options(args=(3,), **options)])
+    # Then nothing was stored (it used to be ignored, or fail with PostgreSQL's "integer out of range")
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
