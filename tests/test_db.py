@@ -178,7 +178,10 @@ def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_p
 def test_the_embedded_server_survives_odd_homes_reused_pids_failed_starts_and_a_big_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import os
+    import stat
     import subprocess
+    from urllib.parse import unquote
 
     from tasks.embedded import LOG_KEEP_BYTES, EmbeddedServerError
     from tests.support import query
@@ -193,6 +196,9 @@ def test_the_embedded_server_survives_odd_homes_reused_pids_failed_starts_and_a_
         url = db.embedded_url(home)
         settings = "SELECT current_setting('unix_socket_permissions') AS p, current_setting('port') AS port"
         assert query(url, settings) == [{"p": "0700", "port": "5432"}]
+        # (its socket in a directory of its own, which nobody else may write to, not even as root)
+        socket_dir = Path(unquote(url.split("host=")[1].split("&")[0]))
+        assert socket_dir != pgdata and stat.S_IMODE(os.lstat(socket_dir).st_mode) == 0o700
         # And a postmaster.pid naming another live process (a pid reused after a reboot) neither
         # stops it from starting nor gets that process signalled by `db stop`
         assert db.stop_embedded(home) is True
@@ -219,3 +225,33 @@ def test_the_embedded_server_survives_odd_homes_reused_pids_failed_starts_and_a_
     finally:
         sleeper.kill()
         db.stop_embedded(home)
+
+
+def test_a_socket_directory_that_is_a_link_or_another_users_is_refused(tmp_path: Path) -> None:
+    import os
+
+    from tasks.embedded import EmbeddedServerError, _private_dir
+
+    # Given a link where the socket's private directory would be (another user made it first)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "controlplane-0"
+    link.symlink_to(elsewhere)
+    me = (os.geteuid(), os.getegid())
+    # When the server's socket directory is made there, Then it is refused, and left alone
+    with pytest.raises(EmbeddedServerError, match="not a directory but a link"):
+        _private_dir(link, me, 0o700)
+    # And so is another user's directory
+    if os.geteuid() == 0:
+        os.chown(elsewhere, 65534, 65534)
+        theirs = me
+    else:
+        theirs = (me[0] + 1, me[1])
+    with pytest.raises(EmbeddedServerError, match="belongs to user"):
+        _private_dir(elsewhere, theirs, 0o700)
+    # And a directory of ours left open by an earlier run is closed again
+    if os.geteuid() == 0:
+        os.chown(elsewhere, *me)
+    elsewhere.chmod(0o777)
+    _private_dir(elsewhere, me, 0o700)
+    assert elsewhere.stat().st_mode & 0o777 == 0o700
