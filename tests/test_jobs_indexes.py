@@ -251,3 +251,32 @@ def test_a_claim_reads_the_due_messages_not_every_one_waiting_for_a_delay(db_url
     # Then it gets the due ones, having read about as many rows, not the 5,000 that wait
     assert plan["Actual Rows"] == 6
     assert _rows_read(plan) < 100, json.dumps(plan, indent=1)[:3000]
+
+
+def test_a_claim_in_a_queue_of_more_priorities_than_it_descends_still_takes_them_in_order(db_url: str) -> None:
+    # Given a queue whose due messages have more distinct priorities than a claim looks up one
+    # by one, each priority with a message waiting for a delay before its due one
+    n = queries.CLAIM_PRIORITIES + 8
+    query(db_url, """
+        INSERT INTO control_plane.messages (id, queue, actor, priority, eta, body)
+        SELECT gen_random_uuid(), 'default', 'tests.noop', g, now() + interval '1 day', '\\x7b7d'::bytea
+        FROM generate_series(1, %(n)s) AS g
+        UNION ALL
+        SELECT gen_random_uuid(), 'default', 'tests.noop', g, now() - make_interval(secs => g), '\\x7b7d'::bytea
+        FROM generate_series(1, %(n)s) AS g""", {"n": n})  # fmt: skip
+    # When a worker claims more than there are, and then a second claims what is left of a smaller claim
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            claim = {"queue": "default", "token": "00000000-0000-0000-0000-000000000001", "worker": "w", "lease": 30}
+            cur.execute(queries.CLAIM, {**claim, "limit": n - 3})
+            first = [row[0] for row in cur.fetchall()]
+            cur.execute(queries.CLAIM, {**claim, "limit": 100})
+            second = [row[0] for row in cur.fetchall()]
+    finally:
+        conn.rollback()
+        conn.close()
+    # Then the first got the n - 3 lowest priorities' due messages, in order, and the second the rest
+    due = [r["id"] for r in query(db_url, "SELECT id::text FROM control_plane.messages WHERE eta <= now() "
+                                          "ORDER BY priority")]  # fmt: skip
+    assert (first, second) == (due[: n - 3], due[n - 3 :])
