@@ -1120,3 +1120,39 @@ def test_the_models_load_on_first_use_with_every_table() -> None:
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     count, name = out.stdout.split()
     assert int(count) >= 8 and name == "jobs"
+
+
+def test_a_claim_skips_the_messages_another_claim_in_flight_holds_instead_of_waiting_or_taking_them(
+    db_url: str,
+) -> None:
+    # Given four ready messages, and a worker's claim of two of them not committed yet
+    ids = [m.message_id for m in tasks.broker.enqueue_batch([actors.noop.message(i) for i in range(4)])]
+
+    def claim(conn: Any, limit: int) -> set[str]:
+        params = {"queue": "default", "token": str(uuid.uuid4()), "worker": f"w{limit}", "lease": 30, "limit": limit}
+        with conn.cursor() as cur:
+            cur.execute(queries.CLAIM, params)
+            return {row[0] for row in cur.fetchall()}
+
+    first, second = psycopg2.connect(db_url), psycopg2.connect(db_url)
+    got: list[set[str]] = []
+    other = threading.Thread(target=lambda: (got.append(claim(second, 4)), second.commit()))
+    try:
+        held = claim(first, 2)
+        # When another worker claims up to four meanwhile (in a thread: it must not wait, but might)
+        other.start()
+        blocked = "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'"
+        wait_for(lambda: not other.is_alive() or query(db_url, blocked, (second.info.backend_pid,))[0]["n"],
+                 what="the second claim to return or wait")  # fmt: skip
+        waited = other.is_alive()
+        first.commit()
+        other.join()
+    finally:
+        first.close()
+        second.close()
+    # Then it did not wait for the first claim: it took the other two, and none of the first's
+    assert not waited
+    assert len(held) == 2
+    assert got == [set(ids) - held]
+    owners = query(db_url, "SELECT id::text, worker FROM control_plane.messages")
+    assert {r["id"]: r["worker"] for r in owners} == {i: "w2" if i in held else "w4" for i in ids}

@@ -73,6 +73,7 @@ def test_queue_gauges_are_served_from_sql(db_url: str) -> None:
         samples = scrape(f"http://127.0.0.1:{server.server_port}/metrics")
     finally:
         server.shutdown()
+        server.server_close()
     # Then depth, lag and failures read from control_plane.queue_stats are there, per queue
     default, other = (("queue", "default"),), (("queue", "other"),)
     assert samples[("controlplane_stats_up", ())] == 1
@@ -100,6 +101,7 @@ def test_without_the_postgres_broker_no_worker_count_is_exported(db_url: str) ->
         samples = scrape(f"http://127.0.0.1:{server.server_port}/metrics")
     finally:
         server.shutdown()
+        server.server_close()
     # Then the stats are up and there, and no worker gauge is
     assert samples[("controlplane_stats_up", ())] == 1
     assert not any(name == "controlplane_workers" for name, _ in samples)
@@ -114,6 +116,7 @@ def test_an_unreachable_database_is_reported_not_raised() -> None:
         samples = scrape(f"http://127.0.0.1:{server.server_port}/metrics")
     finally:
         server.shutdown()
+        server.server_close()
     # Then the scrape succeeds and says the stats are down
     assert samples == {("controlplane_stats_up", ()): 0}
 
@@ -204,3 +207,4 @@ def test_a_scrape_while_the_tables_are_locked_says_the_stats_are_down_instead_of
     finally:
         locker.close()
         server.shutdown()
+        server.server_close()

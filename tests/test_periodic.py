@@ -114,6 +114,23 @@ def test_a_clock_that_was_down_runs_the_latest_missed_tick_once(db_url: str) -> 
     assert len(noop_jobs(db_url)) == 3
 
 
+def test_a_late_clock_cannot_run_a_tick_that_a_newer_one_superseded(db_url: str) -> None:
+    # Given an every-five-minutes schedule, and a clock running late that found the 10:00 tick due
+    entry = every("*/5 * * * *", "tests.superseded")
+    late = Clock(schedules=[entry], url=db_url, broker=tasks.broker)
+    fast = Clock(schedules=[entry], url=db_url, broker=tasks.broker)
+    assert late.due(at("2026-03-02 10:00:30")) == [(entry, at("2026-03-02 10:00"))]
+    # When a clock on time runs 10:05 before the late one gets to enqueue 10:00
+    assert [t.tick_at for t in fast.run_pending(at("2026-03-02 10:05:01"))] == [at("2026-03-02 10:05")]
+    superseded = late._enqueue_tick(entry, at("2026-03-02 10:00"))
+    late.close()
+    fast.close()
+    # Then the late clock's tick is not recorded nor sent: the schedule's last tick stays 10:05
+    assert superseded is None
+    assert [r["tick_at"] for r in ticks(db_url, "tests.superseded")] == [at("2026-03-02 10:05")]
+    assert len(noop_jobs(db_url)) == 1
+
+
 def test_clock_list_shows_ticks_in_utc_whatever_the_sessions_time_zone(db_url: str) -> None:
     # Given a tick recorded, and a session whose time zone is Tokyo's (PGTZ, or the server's TimeZone)
     env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}

@@ -126,7 +126,9 @@ def test_a_worker_killed_after_create_database_resumes_cleanly(
                          "FROM pg_database WHERE datname = %s", (f"p_{pid}",))
     assert len(rows) == 1
     assert rows[0]["marker"] == f"controlplane:project={pid}"
-    assert f"p_{pid}_app=Tc" in rows[0]["acl"] and "=Tc/" not in rows[0]["acl"].split(",")[0]
+    entries = rows[0]["acl"].strip("{}").split(",")
+    assert f"p_{pid}_app=Tc" in rows[0]["acl"]
+    assert not [e for e in entries if e.startswith("=")]  # nothing granted to PUBLIC
 
 
 def test_a_step_that_comes_before_the_one_ahead_of_it_is_done_does_nothing(
@@ -205,20 +207,46 @@ def test_a_tenant_cannot_hold_up_another_projects_roles_step(
     db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Given projects provisioned on a tenant server whose maintenance database every role may
-    # connect to, and a tenant there holding the advisory lock a roles step of the next project
-    # would take (its key is spelled in this repository)
+    import threading
+
+    from tasks.provision.secrets import lock_key
+
+    # Given a roles step's lock key, which only holders of the pepper can compute
+    pid = project["project_id"]
+    assert lock_key(b"resume-pepper", "roles-step", pid) != lock_key(b"a-guessed-pepper", "roles-step", pid)
+    # And projects provisioned on a tenant server whose maintenance database every role may
+    # connect to, and a tenant there holding the advisory locks a roles step of the next project
+    # would take if its key were computed without the pepper (this repository's code, a guessed
+    # pepper) or spelled as it once was
     monkeypatch.setenv("PROVISION_DATABASE_URL", server_url)
     claimed(project)
-    pid = project["project_id"]
     tenant = psycopg2.connect(server_url)
+    failures: list[BaseException] = []
+
+    def roles_step() -> None:
+        try:
+            run_step("roles", pid)
+        except BaseException as exc:
+            failures.append(exc)
+
+    step = threading.Thread(target=roles_step)
     try:
         with tenant.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (lock_key(b"a-guessed-pepper", "roles-step", pid),))
             cur.execute("SELECT pg_advisory_lock(hashtext('controlplane:provision:roles:' || %s))", (pid,))
-        # When the project's roles step runs, Then it makes the roles: the lock it takes is elsewhere
-        run_step("roles", pid)
+        # When the project's roles step runs (in a thread: if the tenant held its lock, it would wait)
+        step.start()
+        blocked = "SELECT count(*) AS n FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        wait_for(lambda: not step.is_alive() or query(server_url, blocked, (tenant.info.backend_pid,))[0]["n"],
+                 what="the roles step to finish or wait for the tenant")  # fmt: skip
+        waited_for_the_tenant = step.is_alive()
     finally:
-        tenant.close()
+        tenant.close()  # lets a waiting step go on
+        step.join()
+    # Then it did not wait for the tenant: the lock it takes is one the tenant cannot name
+    assert not waited_for_the_tenant
+    # And it made the roles
+    assert failures == []
     assert query(server_url, "SELECT count(*) AS n FROM pg_roles WHERE rolname IN (%s, %s)",
                  (f"p_{pid}_owner", f"p_{pid}_app"))[0]["n"] == 2  # fmt: skip
 

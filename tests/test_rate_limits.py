@@ -91,35 +91,47 @@ def test_incr_and_decr_stay_within_their_bounds(db_url: str) -> None:
 
 
 def test_a_concurrent_limiter_holds_its_limit_across_threads(db_url: str) -> None:
-    # Given a limiter of 2 and 6 threads that each want it 5 times
+    # Given a limiter of 2 and 6 threads that each try it once a round, for 5 rounds, and hold
+    # what they got until all 6 have tried (so that every try meets the holders of its round)
     limiter = ConcurrentRateLimiter(backend(), "threads", limit=2, ttl=60_000)
+    threads, rounds = 6, 5
     lock = threading.Lock()
-    holding, peak, done = [0], [0], [0]
+    holders = [0]
+    per_round: list[tuple[int, int]] = []  # (threads holding it, the count in the table), each round
+    failures: list[BaseException] = []
+
+    def count_the_holders() -> None:  # run by one thread once all have tried, before any lets go
+        value = query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = 'threads'")[0]["value"]
+        per_round.append((holders[0], value))
+        holders[0] = 0
+
+    tried = threading.Barrier(threads, action=count_the_holders)
+    let_go = threading.Barrier(threads)
 
     def work() -> None:
-        got = 0
-        while got < 5:
-            with limiter.acquire(raise_on_failure=False) as acquired:
-                if not acquired:
-                    continue
-                with lock:
-                    holding[0] += 1
-                    peak[0] = max(peak[0], holding[0])
-                with lock:
-                    holding[0] -= 1
-                got += 1
-        with lock:
-            done[0] += got
+        try:
+            for _ in range(rounds):
+                with limiter.acquire(raise_on_failure=False) as acquired:
+                    if acquired:
+                        with lock:
+                            holders[0] += 1
+                    tried.wait(timeout=60)
+                let_go.wait(timeout=60)  # every slot of this round is free before the next
+        except BaseException as exc:
+            failures.append(exc)
+            tried.abort()
+            let_go.abort()
 
     # When they all run at once
-    threads = [threading.Thread(target=work) for _ in range(6)]
-    for t in threads:
+    started = [threading.Thread(target=work) for _ in range(threads)]
+    for t in started:
         t.start()
-    for t in threads:
+    for t in started:
         t.join()
-    # Then never more than 2 held it at a time, everyone got their turns, and the count is back to 0
-    assert done[0] == 30
-    assert 1 <= peak[0] <= 2
+    # Then in every round exactly 2 held it, and the table counted 2, while the other 4 were refused
+    assert failures == []
+    assert per_round == [(2, 2)] * rounds
+    # And the count is back to 0
     assert query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key = 'threads'")[0]["value"] == 0
 
 
@@ -231,19 +243,29 @@ def test_a_concurrency_limit_of_one_holds_across_two_worker_processes(db_url: st
 
 
 def test_a_group_completion_callback_fires_once(db_url: str, tmp_path: Path) -> None:
-    # Given a group of 4 jobs with a completion callback (its barrier in control_plane.rate_limits)
-    members = group([actors.noop.message(i) for i in range(4)])
+    # Given a group of 4 jobs with a completion callback (its barrier in control_plane.rate_limits),
+    # the last of which waits on a gate
+    members = group([*(actors.noop.message(i) for i in range(3)), actors.wait_for_gate.message("last member")])
     members.add_completion_callback(actors.group_done.message("all four"))
     members.run()
     member_ids = [m.message_id for m in members.children]
-    # When workers in 2 processes run the group
+    callbacks_sql = "SELECT id::text, status FROM control_plane.jobs WHERE type = 'tests.group_done'"
+    # When workers in 2 processes run the group, the first 3 members complete and the 4th runs
     with running_worker(db_url, tmp_path, processes=2, threads=4):
+        wait_for(lambda: jobs_in(db_url, member_ids[:3], "completed"), what="the first 3 members to complete")
+        wait_for(lambda: effects(db_url, "started"), what="the last member to start")
+        # (a completed job's hooks committed first: a callback they sent is there now)
+        before_the_last = query(db_url, callbacks_sql)
+        # When the last member finishes
+        query(db_url, "INSERT INTO test_support.gates (name) VALUES ('last member')")
         wait_for(lambda: effects(db_url, "group_done"), what="the completion callback")
         wait_for(lambda: jobs_in(db_url, member_ids, "completed"), what="the members to complete")
-        callbacks = query(db_url, "SELECT id::text, status FROM control_plane.jobs WHERE type = 'tests.group_done'")
+        callbacks = query(db_url, callbacks_sql)
         wait_for(lambda: jobs_in(db_url, [c["id"] for c in callbacks], "completed"), what="the callback job")
-    # Then the callback ran once, after all 4 members, as one job
+    # Then no callback was sent while a member had not finished
+    assert before_the_last == []
+    # And the callback ran once, after all 4 members, as one job
     assert len(callbacks) == 1
     done = effects(db_url, "group_done")
     assert [r["value"] for r in done] == ["all four"]
-    assert all(r["at"] <= done[0]["at"] for r in effects(db_url, "noop"))
+    assert all(r["at"] <= done[0]["at"] for r in effects(db_url, "noop") + effects(db_url, "finished"))
