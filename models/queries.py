@@ -126,7 +126,11 @@ DISARM_WAIT = f"SELECT pg_advisory_unlock_shared({WAITING_LOCK}, hashtext(%(queu
 #: that id is null when the holder was committed after this statement began (the
 #: statement's snapshot cannot see it): the caller sends those messages again. A
 #: re-send of a finished job's id while another job holds its key is that job's
-#: duplicate too (reviving the row would break ``uq_jobs_live_key``).
+#: duplicate too (reviving the row would break ``uq_jobs_live_key``), and so is each
+#: re-send of a key after the batch's first. A holder committed while this statement
+#: waited on the index breaks it all the same: the broker sends the batch again
+#: (``LIVE_KEY_INDEX``).
+LIVE_KEY_INDEX = "uq_jobs_live_key"
 ENQUEUE = (
     """
 WITH m AS (
@@ -139,7 +143,9 @@ WITH m AS (
            t.unique_key IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM control_plane.jobs AS j WHERE j.id = t.id) AS keyed,
            -- another live job holding the key: a first send, or a finished job's re-send, is its duplicate
-           (SELECT h.id FROM control_plane.jobs AS h WHERE h.live_key = t.unique_key AND h.id <> t.id) AS held_by
+           (SELECT h.id FROM control_plane.jobs AS h WHERE h.live_key = t.unique_key AND h.id <> t.id) AS held_by,
+           -- the batch's first message of each key is the only one that may take it
+           row_number() OVER (PARTITION BY t.unique_key ORDER BY t.ord) AS key_rank
     FROM unnest(%(ids)s::uuid[], %(queues)s::text[], %(actors)s::text[], %(priorities)s::int[],
                 %(etas)s::timestamptz[], %(delays)s::bigint[], %(bodies)s::text[], %(max_attempts)s::int[],
                 %(unique_keys)s::text[]) WITH ORDINALITY
@@ -157,7 +163,7 @@ WITH m AS (
     INSERT INTO control_plane.jobs AS cur (id, type, queue, payload, options, priority, max_attempts,
                                     scheduled_at, unique_key)
     SELECT """ + _JOB_VALUES + """, unique_key
-    FROM m WHERE NOT keyed AND held_by IS NULL
+    FROM m WHERE NOT keyed AND held_by IS NULL AND (unique_key IS NULL OR key_rank = 1)
         AND NOT EXISTS (SELECT 1 FROM keyed_job AS k WHERE k.unique_key = m.unique_key)
     """ + _JOB_AGAIN + """
     RETURNING cur.id

@@ -892,8 +892,18 @@ class PostgresBroker(dramatiq.Broker):
                 rows, always_wake=True, default_attempts=self._default_attempts()
             )
             with caller.cursor() as cur:
-                statement.execute(cur, params, prepare=False)
-                row = cur.fetchone()
+                if keyed:  # a key's holder committing meanwhile must not abort the caller's transaction
+                    cur.execute("SAVEPOINT controlplane_send")
+                try:
+                    statement.execute(cur, params, prepare=False)
+                    row = cur.fetchone()
+                except psycopg2.errors.UniqueViolation as exc:
+                    if not keyed or exc.diag.constraint_name != queries.LIVE_KEY_INDEX:
+                        raise
+                    cur.execute("ROLLBACK TO SAVEPOINT controlplane_send")
+                    return dict.fromkeys(rows["ids"])  # all of them again: the next statement sees the holder
+                if keyed:
+                    cur.execute("RELEASE SAVEPOINT controlplane_send")
             return row[1] if keyed else {}
         lost_reply = False
         for attempt in (1, 2):
@@ -910,6 +920,12 @@ class PostgresBroker(dramatiq.Broker):
                     statement.execute(cur, params, prepare=self.settings.prepared_statements)
                     row = cur.fetchone()
                 return row[1] if keyed else {}
+            except psycopg2.errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != queries.LIVE_KEY_INDEX:
+                    raise
+                # A key's holder committed while the statement waited on the index (a finished
+                # job re-sent as a new one took the key): all of it again, to see the holder.
+                return dict.fromkeys(rows["ids"])
             except psycopg2.Error as exc:
                 # The statement is atomic: after a deadlock (rolled back) running it again is
                 # safe. After a lost connection it may have committed with its reply lost;

@@ -103,6 +103,68 @@ def test_a_finished_keyed_message_sent_again_while_another_job_holds_its_key_ret
     assert disagreements(db_url) == []
 
 
+def test_finished_keyed_messages_sent_again_together_revive_one_job_for_their_key(db_url: str) -> None:
+    # Given two finished jobs that had the same key (a group of keyed children, run before)
+    first = actors.noop.message_with_options(args=(1,), unique_key="nightly:7")
+    second = actors.noop.message_with_options(args=(2,), unique_key="nightly:7")
+    for message in (first, second):
+        tasks.broker.enqueue(message)
+        assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", message.message_id) == "cancelled"
+    # When both are sent again in one batch (the group run again)
+    again = tasks.broker.enqueue_batch([first, second])
+    # Then the first takes the key again and the second is its duplicate, not a unique violation
+    assert [m.message_id for m in again] == [first.message_id, first.message_id]
+    assert [job(db_url, m.message_id)["status"] for m in (first, second)] == ["pending", "cancelled"]
+    assert disagreements(db_url) == []
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["alone", "in-the-callers-transaction"])
+def test_a_finished_keyed_message_sent_again_while_a_new_holder_commits_returns_that_holder(
+    db_url: str, joined: bool
+) -> None:
+    # Given a finished keyed job, and an application transaction, not committed, that sent a new
+    # job with the same key
+    old = actors.noop.message_with_options(args=(1,), unique_key="report:9")
+    tasks.broker.enqueue(old)
+    assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", old.message_id) == "cancelled"
+    app = psycopg2.connect(db_url)
+    with tasks.enqueue_in(app):
+        new = actors.noop.send_with_options(args=(2,), unique_key="report:9")
+    got: list[Any] = []
+
+    def send_again() -> None:
+        if not joined:
+            got.append(tasks.broker.enqueue(old))
+            return
+        caller = psycopg2.connect(db_url)
+        try:
+            with tasks.enqueue_in(caller):
+                got.append(tasks.broker.enqueue(old))
+                after = actors.noop.send(3)  # and the caller's transaction goes on
+            caller.commit()
+            got.append(job(db_url, after.message_id)["status"])
+        finally:
+            caller.close()
+
+    resend = threading.Thread(target=send_again)
+    try:
+        # When the finished one is sent again meanwhile (its statement waits on the key's index),
+        # and the application commits
+        resend.start()
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                                app.info.backend_pid) or not resend.is_alive(),
+                 what="the re-send to wait for the application's transaction")  # fmt: skip
+        app.commit()
+        resend.join(timeout=30)
+    finally:
+        app.close()
+    # Then the re-send is the new job's duplicate (it raised UniqueViolation), and the old one stays finished
+    assert [m.message_id for m in got[:1]] == [new.message_id]
+    assert got[1:] == (["pending"] if joined else [])
+    assert job(db_url, old.message_id)["status"] == "cancelled"
+    assert disagreements(db_url) == []
+
+
 def test_a_duplicate_sent_by_another_actor_names_the_holders_actor_and_queue(db_url: str) -> None:
     # Given a live job of one actor (queue "slow") holding a key
     holder = actors.slow_noop.send_with_options(args=(0.1,), unique_key="nightly")
