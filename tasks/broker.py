@@ -380,6 +380,10 @@ def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any
     return dataclasses.replace(message, queue_name=queue_name, options=options)
 
 
+#: Set once a worker of this process could not record its actors (said once, not per queue).
+_declare_refused = threading.Event()
+
+
 def _work_queue_by_message_priority() -> None:
     """Make Dramatiq's worker queue a message by its ``priority`` option when it has one.
 
@@ -891,8 +895,12 @@ class PostgresBroker(dramatiq.Broker):
             statement, params, keyed = _enqueue_statement(
                 rows, always_wake=True, default_attempts=self._default_attempts()
             )
+            # A key's holder committing meanwhile must not abort the caller's transaction: a keyed
+            # send runs under a savepoint (a subtransaction: more than 64 in one transaction slow
+            # other sessions' reads while it is open; send many as one enqueue_batch).
+            savepoint = keyed and not caller.autocommit
             with caller.cursor() as cur:
-                if keyed:  # a key's holder committing meanwhile must not abort the caller's transaction
+                if savepoint:
                     cur.execute("SAVEPOINT controlplane_send")
                 try:
                     statement.execute(cur, params, prepare=False)
@@ -900,9 +908,13 @@ class PostgresBroker(dramatiq.Broker):
                 except psycopg2.errors.UniqueViolation as exc:
                     if not keyed or exc.diag.constraint_name != queries.LIVE_KEY_INDEX:
                         raise
-                    cur.execute("ROLLBACK TO SAVEPOINT controlplane_send")
+                    if savepoint:
+                        cur.execute("ROLLBACK TO SAVEPOINT controlplane_send")
+                        cur.execute("SHOW transaction_isolation")
+                        if cur.fetchone()[0] != "read committed":
+                            raise  # its snapshot will never see the holder: the caller's to retry
                     return dict.fromkeys(rows["ids"])  # all of them again: the next statement sees the holder
-                if keyed:
+                if savepoint:
                     cur.execute("RELEASE SAVEPOINT controlplane_send")
             return row[1] if keyed else {}
         lost_reply = False
@@ -1016,7 +1028,16 @@ class _PostgresConsumer(dramatiq.Consumer):
             # What its actors' senders may not know: their priority and attempts (migration 0015).
             declared = self.broker.declared_actors(self.queue_name)
             if declared["actors"]:
-                cur.execute(queries.DECLARE_ACTORS, declared)
+                try:
+                    cur.execute(queries.DECLARE_ACTORS, declared)
+                except (psycopg2.errors.UndefinedTable, psycopg2.errors.InsufficientPrivilege) as exc:
+                    # Consuming needs none of it: say what to do, once, and go on.
+                    if not _declare_refused.is_set():
+                        _declare_refused.set()
+                        logger.error("cannot record this worker's actors in control_plane.actor_defaults (%s): "
+                                     "run `controlplane migrate` (0015), or grant the worker's role INSERT and "
+                                     "UPDATE on it; sends by name get priority 0 meanwhile",
+                                     db.loggable_error(exc))
 
     # -- Dramatiq's interface ----------------------------------------------
 

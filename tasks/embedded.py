@@ -151,14 +151,26 @@ def _socket_dir(pgdata: Path, runtime_path: Path) -> Path:
         return pgdata
     euid = os.geteuid()
     server = _server_user()
-    mine = Path(tempfile.gettempdir()) / f"controlplane-{euid}"
+    base = Path(tempfile.gettempdir())
+    if server and not _traversable(base):
+        base = Path("/tmp")  # a TMPDIR of root's own (pam_tmpdir): the server's user cannot get in
+    mine = base / f"controlplane-{euid}"
     place = mine / hashlib.sha256(os.fsencode(pgdata)).hexdigest()[:16]
-    if not _PLAIN_PATH.fullmatch(str(place)):
-        raise EmbeddedServerError(f"no plain path for the server's socket: set TMPDIR (now {mine.parent})")
+    if not _PLAIN_PATH.fullmatch(str(place)) or len(os.fsencode(place / f".s.PGSQL.{PORT}")) > _MAX_SOCKET_PATH:
+        raise EmbeddedServerError(
+            f"no short, plain path for the server's socket under {base}: set TMPDIR to one (such as /tmp)"
+        )
+    if server and not _traversable(base):
+        raise EmbeddedServerError(f"{base} (for the server's socket) is closed to its user embedded_postgres")
     # Root's server runs as another user, who must pass through the first to reach the second.
     _private_dir(mine, (euid, os.getegid()), 0o711 if server else 0o700)
     _private_dir(place, server or (euid, os.getegid()), 0o700)
     return _KeptMode(place)
+
+
+def _traversable(directory: Path) -> bool:
+    """Whether every user may pass through ``directory`` and each directory above it."""
+    return all(os.stat(d).st_mode & stat.S_IXOTH for d in (directory, *directory.parents))
 
 
 def _server_user() -> tuple[int, int] | None:

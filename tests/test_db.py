@@ -255,3 +255,30 @@ def test_a_socket_directory_that_is_a_link_or_another_users_is_refused(tmp_path:
     elsewhere.chmod(0o777)
     _private_dir(elsewhere, me, 0o700)
     assert elsewhere.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_socket_directory_is_under_a_tmpdir_the_server_can_reach_and_short_enough(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import tempfile
+
+    from tasks.embedded import EmbeddedServerError, _socket_dir
+
+    pgdata = tmp_path / "My Projects" / "pgdata"  # a path the socket cannot live in
+    # Given a TMPDIR closed to other users (pam_tmpdir gives each user one)
+    private = tmp_path / "private-tmp"
+    private.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    # When the socket's directory is chosen, Then a server that runs as another user (root's
+    # case) can reach it, and one of ours is made where we are
+    chosen = _socket_dir(pgdata, tmp_path)
+    expected_base = Path("/tmp") if os.geteuid() == 0 else private
+    assert chosen.parent == expected_base / f"controlplane-{os.geteuid()}"
+    # And a TMPDIR too deep for a socket's path is refused, saying what to do
+    deep = tmp_path / ("d" * 60) / ("e" * 40)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    monkeypatch.setattr("tasks.embedded._traversable", lambda directory: True)  # (root: reachable as it is)
+    with pytest.raises(EmbeddedServerError, match="set TMPDIR"):
+        _socket_dir(pgdata, tmp_path)

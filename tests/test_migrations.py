@@ -117,6 +117,34 @@ def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_contr
                         f"DROP ROLE {reader}; DROP ROLE {stranger}")  # fmt: skip
 
 
+def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty_db: str) -> None:
+    # Given a database at the revision before, a web app's role that sends (INSERT on the messages)
+    # and a worker's role that consumes (UPDATE too), granted the tables by an operator
+    suffix = uuid.uuid4().hex[:12]
+    sender, worker = f"cp_sender_{suffix}", f"cp_worker_{suffix}"
+    migrations.upgrade(empty_db, "0014")
+    try:
+        query(empty_db, f"CREATE ROLE {sender} LOGIN; CREATE ROLE {worker} LOGIN; "
+                        f"GRANT USAGE ON SCHEMA control_plane TO {sender}, {worker}; "
+                        f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA control_plane TO {sender}; "
+                        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA control_plane "
+                        f"TO {worker}")  # fmt: skip
+        # When it is migrated to head
+        migrations.upgrade(empty_db)
+
+        # Then the sender may read the new table (every send does) and the worker also write it
+        def may(role: str, privilege: str) -> bool:
+            sql = "SELECT has_table_privilege(%s, 'control_plane.actor_defaults', %s) AS ok"
+            return bool(query(empty_db, sql, (role, privilege))[0]["ok"])
+
+        assert [may(sender, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, False, False]
+        assert [may(worker, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, True, True]
+    finally:
+        db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]
+        for role in (sender, worker):
+            query(empty_db, f'REVOKE ALL ON DATABASE "{db}" FROM {role}; DROP OWNED BY {role}; DROP ROLE {role}')
+
+
 def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_stays_open(empty_db: str) -> None:
     # Given a role that may create schemas in the database but does not own it
     role = f"cp_migrator_{uuid.uuid4().hex[:12]}"

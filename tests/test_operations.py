@@ -597,3 +597,69 @@ def test_a_send_by_name_takes_the_priority_and_attempts_its_workers_declare(db_u
         known.message_id: (7, 4), alone.message_id: (7, 4), urgent.message_id: (1, 4),
         unknown.message_id: (0, default),
     }  # fmt: skip
+
+
+def test_a_worker_on_a_database_without_actor_defaults_consumes_and_says_to_migrate(
+    db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    broker_module = importlib.import_module("tasks.broker")  # (tasks.broker is the broker object)
+    # Given a database whose actor_defaults table is not there (migrated before 0015, or not granted)
+    monkeypatch.setattr(broker_module, "_declare_refused", threading.Event())
+    query(db_url, "DROP TABLE control_plane.actor_defaults")
+    # When consumers of two queues start
+    with caplog.at_level("ERROR", logger="tasks.broker"):
+        consumers = [tasks.broker.consume(queue, prefetch=1, timeout=100) for queue in ("default", "slow")]
+        # Then they consume (nothing waits: no message), not restart forever
+        assert [next(c) for c in consumers] == [None, None]
+    for consumer in consumers:
+        consumer.close()
+    # And the worker says once what to do
+    said = [r.getMessage() for r in caplog.records if "actor_defaults" in r.getMessage()]
+    assert len(said) == 1 and "controlplane migrate" in said[0], said
+
+
+def test_keyed_sends_inside_enqueue_in_on_an_autocommit_connection_are_sent(db_url: str) -> None:
+    # Given a caller's connection in autocommit mode (no transaction block for a savepoint)
+    conn = psycopg2.connect(db_url)
+    conn.autocommit = True
+    try:
+        # When keyed and keyless messages are sent inside enqueue_in
+        with tasks.enqueue_in(conn):
+            keyed = actors.noop.send_with_options(args=(1,), unique_key="auto:1")
+            again = actors.noop.send_with_options(args=(2,), unique_key="auto:1")
+            plain = actors.noop.send(3)
+    finally:
+        conn.close()
+    # Then they are sent as anywhere else (they failed with "SAVEPOINT can only be used in transaction blocks")
+    assert again.message_id == keyed.message_id
+    assert {job(db_url, m.message_id)["status"] for m in (keyed, plain)} == {"pending"}
+
+
+def test_a_re_send_racing_a_new_holder_in_a_repeatable_read_transaction_raises_and_leaves_it_usable(
+    db_url: str,
+) -> None:
+    # Given a finished keyed job, and a caller's REPEATABLE READ transaction whose snapshot is taken
+    old = actors.noop.message_with_options(args=(1,), unique_key="rr:1")
+    tasks.broker.enqueue(old)
+    assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", old.message_id) == "cancelled"
+    caller = psycopg2.connect(db_url)
+    caller.set_session(isolation_level="REPEATABLE READ")
+    try:
+        with caller.cursor() as cur:
+            cur.execute("SELECT 1")
+        # When another transaction commits a new holder of the key, and the caller re-sends the old job
+        new = actors.noop.send_with_options(args=(2,), unique_key="rr:1")
+        # Then the caller hears the unique violation at once (its snapshot can never see the holder;
+        # it looped, then said "try again" in a transaction that could not)
+        with pytest.raises(psycopg2.errors.UniqueViolation), tasks.enqueue_in(caller):
+            tasks.broker.enqueue(old)
+        # And its transaction is still usable, to commit its other work or to retry
+        with caller.cursor() as cur:
+            cur.execute("SELECT 1")
+        caller.commit()
+    finally:
+        caller.close()
+    assert job(db_url, new.message_id)["status"] == "pending"
+    assert job(db_url, old.message_id)["status"] == "cancelled"

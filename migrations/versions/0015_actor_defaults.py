@@ -6,7 +6,8 @@ actor. A sender that sends by name an actor it does not declare (``controlplane 
 ACTOR --queue Q``, a schedule naming an actor, a web app sending a ``Message``) gave the
 job priority 0, the highest, and the default attempts. Dramatiq reads both from the
 worker's actor. Workers now record their actors' settings here when they start
-consuming, and a send that does not know the actor takes them from here.
+consuming, and a send that does not know the actor takes them from here. Roles that
+send or consume (privileges on ``control_plane.messages``) are granted it.
 
 Revision ID: 0015
 Revises: 0014
@@ -24,6 +25,18 @@ branch_labels = None
 depends_on = None
 
 
+#: Roles other than the migrating one that send (INSERT on the messages) or consume (UPDATE on
+#: them): every send reads the new table, every worker writes it (`%%`: the driver formats it).
+USERS_OF_MESSAGES = r"""
+SELECT r.rolname,
+       has_table_privilege(r.oid, 'control_plane.messages', 'UPDATE') AS consumes
+FROM pg_roles AS r
+WHERE has_table_privilege(r.oid, 'control_plane.messages', 'INSERT')
+  AND NOT r.rolsuper AND r.rolname NOT LIKE 'pg\_%%' AND r.rolname <> current_user
+ORDER BY r.rolname
+"""
+
+
 def upgrade() -> None:
     op.create_table(
         "actor_defaults",
@@ -35,6 +48,15 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("actor", name="pk_actor_defaults"),
         schema="control_plane",
     )
+    # Roles granted the other tables (a sender's, a worker's) get this one as they use it:
+    # without it, every send failed once PostgreSQL reused its prepared plan (the sixth).
+    bind = op.get_bind()
+    for role, consumes in bind.exec_driver_sql(USERS_OF_MESSAGES).fetchall():
+        privileges = "SELECT, INSERT, UPDATE" if consumes else "SELECT"
+        statement = bind.exec_driver_sql(
+            f"SELECT format('GRANT {privileges} ON control_plane.actor_defaults TO %%I', %s)", (role,)
+        ).scalar()
+        bind.exec_driver_sql(statement)
 
 
 def downgrade() -> None:
