@@ -13,6 +13,9 @@ from __future__ import annotations
 
 NOTIFY_CHANNEL = "control_plane_messages"
 
+#: What the ``integer`` columns a send writes (priority, max_attempts) hold.
+INT_RANGE = range(-(2**31), 2**31)
+
 # -- ENQUEUE's parts that its keyless twin shares (one copy of the upsert rules) --
 
 #: A jobs row's values, read from the message's JSON body (``doc``) in CTE ``m``.

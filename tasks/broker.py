@@ -1705,10 +1705,6 @@ def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
         _settle(broker, state, conn)  # at once (a cancel is never turned into anything else)
 
 
-#: The range of the int columns a message's priority and attempts are stored in.
-_INT_RANGE = range(-(2**31), 2**31)
-
-
 def _check_per_message_options(options: dict[str, Any]) -> None:
     """Refuse a ``priority``, ``max_attempts`` or ``max_retries`` option the jobs row cannot hold
     (a string, a float, a number past its int), naming it; they were ignored, or failed the
@@ -1717,7 +1713,7 @@ def _check_per_message_options(options: dict[str, Any]) -> None:
         value = options.get(name)
         if value is None:
             continue  # unset (max_retries=None: Dramatiq's "retry forever")
-        if not isinstance(value, int) or isinstance(value, bool) or value not in _INT_RANGE or (
+        if not isinstance(value, int) or isinstance(value, bool) or value not in queries.INT_RANGE or (
             name != "priority" and value < 0
         ):
             raise ValueError(f"the {name} option must be an integer that fits PostgreSQL's int"

@@ -797,8 +797,10 @@ def _priority(raw: str) -> int:
         value = int(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
-    if not -(2**31) <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"{raw!r} is out of range ({-(2**31)} to {2**31 - 1})")
+    if value not in queries.INT_RANGE:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is out of range ({queries.INT_RANGE.start} to {queries.INT_RANGE.stop - 1})"
+        )
     return value
 
 
