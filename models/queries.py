@@ -251,13 +251,17 @@ SELECT b.value FROM b
 #: A message sent once (a pipeline's next step, ``tasks.middleware.canvas``): deliveries of the
 #: step before it wait for each other here, then look whether the job exists.
 LOCK_SEND_ONCE = "SELECT pg_advisory_xact_lock(hashtext('controlplane:send-once:' || %(id)s))"
+#: The option a pipeline's next step is sent with (``tasks.middleware.canvas``): the run of
+#: the step that sent it (``<message id>/<attempts before its last send>``), so that the step
+#: run again sends it again and a redelivery of the same run does not; the reaper reads it too.
+PIPE_SENT_BY = "pipe_sent_by"
 #: A pipeline step's run (its attempts before its last send) and whether, and by which run,
-#: its next step was sent (``tasks.middleware.canvas.PIPE_SENT_BY``).
-PIPE_SENT = """
+#: its next step was sent.
+PIPE_SENT = f"""
 SELECT (SELECT attempts_before_retry FROM control_plane.jobs WHERE id = %(id)s::uuid),
-       n.id IS NOT NULL, n.options ->> 'pipe_sent_by'
+       n.id IS NOT NULL, n.options ->> '{PIPE_SENT_BY}'
 FROM (SELECT 1) AS one LEFT JOIN control_plane.jobs AS n ON n.id = %(next)s::uuid
-"""
+"""  # noqa: S608 (a constant of this module, no input)
 
 #: The actor and queue of some jobs (a send returns the job holding its unique key under them).
 JOB_ACTORS = "SELECT id::text, type, queue FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[])"
@@ -494,7 +498,8 @@ _OUTCOME_TOOK_EFFECT = """EXISTS (
                     WHERE EXISTS (SELECT 1 FROM control_plane.jobs AS n
                                   WHERE n.id = CASE WHEN b.o #>> '{pipe_target,message_id}' ~* '""" + _UUID + """'
                                                     THEN (b.o #>> '{pipe_target,message_id}')::uuid END
-                                    AND n.options ->> 'pipe_sent_by' = m.id || '/' || j.attempts_before_retry)
+                                    AND n.options ->> '""" + PIPE_SENT_BY + """'
+                                        = m.id || '/' || j.attempts_before_retry)
                        OR EXISTS (SELECT 1 FROM control_plane.rate_limits AS g
                                   WHERE g.key = (b.o ->> 'group_completion_uuid') || '@done:' || m.id
                                     AND g.expires_at > now()))"""  # noqa: S608 (constants only)

@@ -59,10 +59,8 @@ from tasks.errors import NotSerializable
 logger = logging.getLogger(__name__)
 
 
-#: The option a pipeline's next step is sent with: the run of the step that sent it
-#: (``<message id>/<attempts before its last send>``), so that the step run again sends it
-#: again and a redelivery of the same run does not; the reaper reads it too.
-PIPE_SENT_BY = "pipe_sent_by"
+#: The option a pipeline's next step is sent with (see ``models.queries.PIPE_SENT_BY``).
+PIPE_SENT_BY = queries.PIPE_SENT_BY
 
 #: Tries of a hook's transaction: its failure cannot be retried by redelivery (the message is
 #: acked after its hooks whatever they raise), so a lost connection or a deadlock is tried again here.
