@@ -20,6 +20,13 @@ from tasks.db import sqlalchemy_url
 from tests.support import ROOT, query
 
 
+def _drop_roles(url: str, *roles: str) -> None:
+    """Drop roles a test made, with what they were granted on ``url``'s database and own there."""
+    db = psycopg2.extensions.parse_dsn(url)["dbname"]
+    for role in roles:
+        query(url, f'REVOKE ALL ON DATABASE "{db}" FROM {role}; DROP OWNED BY {role}; DROP ROLE {role}')
+
+
 def test_migrate_creates_tables_and_views_and_is_idempotent(empty_db: str) -> None:
     # Given an empty database
     # When it is migrated twice
@@ -112,9 +119,7 @@ def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_contr
         command.downgrade(migrations.alembic_config(sqlalchemy_url(empty_db)), "0008")
         assert may(stranger, "CONNECT")
     finally:
-        db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]
-        query(empty_db, f'REVOKE ALL ON DATABASE "{db}" FROM {reader}; DROP OWNED BY {reader}; '
-                        f"DROP ROLE {reader}; DROP ROLE {stranger}")  # fmt: skip
+        _drop_roles(empty_db, reader, stranger)
 
 
 def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty_db: str) -> None:
@@ -140,9 +145,7 @@ def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty
         assert [may(sender, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, False, False]
         assert [may(worker, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, True, True]
     finally:
-        db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]
-        for role in (sender, worker):
-            query(empty_db, f'REVOKE ALL ON DATABASE "{db}" FROM {role}; DROP OWNED BY {role}; DROP ROLE {role}')
+        _drop_roles(empty_db, sender, worker)
 
 
 def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_stays_open(empty_db: str) -> None:
@@ -165,8 +168,8 @@ def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_
             "open"
         ]
     finally:
-        query(empty_db, f'DROP SCHEMA IF EXISTS control_plane CASCADE; REVOKE ALL ON DATABASE "{db}" FROM {role}; '
-                        f"DROP OWNED BY {role}; DROP ROLE {role}")  # fmt: skip
+        query(empty_db, "DROP SCHEMA IF EXISTS control_plane CASCADE")
+        _drop_roles(empty_db, role)
 
 
 def _migrate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
