@@ -22,7 +22,9 @@ keeps running after the process exits, like a development database;
   log, forgets it (the next call in the same process tries again), and moves a
   log past :data:`LOG_KEEP_BYTES` aside before a start (``pg_ctl`` appends to
   it forever);
-* refuses a data directory that belongs to another user, naming the owner.
+* refuses a data directory that belongs to another user, naming the owner, and
+  refuses to start while ``PGHOSTADDR`` is set (libpq would send every
+  connection to that address, not to the socket in the URL).
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class EmbeddedServerError(Exception):
 
 def embedded_url(home: Path, database: str = "postgres") -> str:
     """Start (or attach to) the embedded server under ``home`` and return its URL for ``database``."""
+    if os.environ.get("PGHOSTADDR"):
+        raise EmbeddedServerError(
+            "PGHOSTADDR is set: libpq would connect to that address instead of the embedded "
+            "server's socket; unset it, or set DATABASE_URL to use the server it names"
+        )
     pgdata = (home / "pgdata").resolve()
     with _lock:
         if pgdata not in _urls:

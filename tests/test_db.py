@@ -227,6 +227,20 @@ def test_the_embedded_server_survives_odd_homes_reused_pids_failed_starts_and_a_
         db.stop_embedded(home)
 
 
+def test_pghostaddr_set_for_another_server_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.embedded import EmbeddedServerError
+
+    # Given PGHOSTADDR set in the shell (libpq takes it over the socket the URL names)
+    monkeypatch.setenv("PGHOSTADDR", "127.0.0.1")
+    # When the embedded server is asked for, Then it is refused, naming the variable, and nothing
+    # was started or made that the connections would then have missed
+    with pytest.raises(EmbeddedServerError, match="PGHOSTADDR is set"):
+        db.embedded_url(tmp_path / "home")
+    assert not (tmp_path / "home").exists()
+
+
 def test_a_socket_directory_that_is_a_link_or_another_users_is_refused(tmp_path: Path) -> None:
     import os
 
