@@ -46,6 +46,14 @@ SWEEP_INTERVAL = 60.0
 _WINDOW_SUFFIX = re.compile(r"@\d+$")
 
 
+def _positive(ttl: int) -> int:
+    """A limiter's ``ttl``, refused unless positive: a counter that expires at once (Redis refuses
+    such an expiry) let a mutex of ``limit=1`` admit every acquirer."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+        raise ValueError(f"a rate limiter's ttl must be a positive number of milliseconds, not {ttl!r}")
+    return ttl
+
+
 class PostgresRateLimiterBackend(RateLimiterBackend):
     """A rate limiter backend on ``control_plane.rate_limits``.
 
@@ -92,7 +100,7 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         import tasks
         from tasks.broker import PostgresBroker, joined_connection
 
-        params = {"key": key, "value": value, "ttl_ms": ttl}
+        params = {"key": key, "value": value, "ttl_ms": _positive(ttl)}
         # With RabbitMQ the group's messages are published at once: the barrier must be too.
         joins = self._barriers and isinstance(tasks.broker, PostgresBroker)
         caller = joined_connection() if joins else None
@@ -106,14 +114,14 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         """Add ``amount`` to ``key`` (absent: 0) unless it would pass ``maximum``; True when it did."""
         return self._execute(
             queries.RATE_LIMIT_ADJUST,
-            {"key": key, "amount": amount, "minimum": None, "maximum": maximum, "ttl_ms": ttl},
+            {"key": key, "amount": amount, "minimum": None, "maximum": maximum, "ttl_ms": _positive(ttl)},
         )
 
     def decr(self, key: str, amount: int, minimum: int, ttl: int) -> bool:
         """Take ``amount`` from ``key`` (absent: 0) unless it would go below ``minimum``; True when it did."""
         return self._execute(
             queries.RATE_LIMIT_ADJUST,
-            {"key": key, "amount": -amount, "minimum": minimum, "maximum": None, "ttl_ms": ttl},
+            {"key": key, "amount": -amount, "minimum": minimum, "maximum": None, "ttl_ms": _positive(ttl)},
         )
 
     def incr_and_sum(self, key: str, keys: Callable[[], list[str]], amount: int, maximum: int, ttl: int) -> bool:
@@ -134,7 +142,7 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         return self._execute(
             queries.RATE_LIMIT_INCR_AND_SUM,
             {"group": group, "key": key, "keys": listed, "window": window, "amount": amount, "maximum": maximum,
-             "ttl_ms": ttl},
+             "ttl_ms": _positive(ttl)},
         )
 
     def wait(self, key: str, timeout: int | None) -> bool:
@@ -169,7 +177,7 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
 
     def wait_notify(self, key: str, ttl: int) -> None:
         """Publish an event on ``key``, kept for ``ttl`` ms, and wake whoever waits on it."""
-        self._execute(queries.RATE_LIMIT_NOTIFY, {"key": key, "ttl_ms": ttl})
+        self._execute(queries.RATE_LIMIT_NOTIFY, {"key": key, "ttl_ms": _positive(ttl)})
 
     def sweep(self) -> int:
         """Delete expired counters now; returns how many went."""

@@ -8,6 +8,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import psycopg2
+import pytest
 from dramatiq import group
 from dramatiq.rate_limits import Barrier, ConcurrentRateLimiter, WindowRateLimiter
 from freezegun import freeze_time
@@ -32,6 +33,16 @@ def test_add_sets_a_key_once_until_it_expires(db_url: str) -> None:
     wait_for(lambda: backend().add("short", 5, ttl=60_000), what="the 1 ms key to expire")
     values = {r["key"]: r["value"] for r in query(db_url, "SELECT key, value FROM control_plane.rate_limits")}
     assert values == {"long": 3, "short": 5}
+
+
+@pytest.mark.parametrize("ttl", [0, -1000])
+def test_a_limiter_whose_ttl_is_not_positive_is_refused_not_opened_to_everyone(db_url: str, ttl: int) -> None:
+    # Given a mutex whose ttl is not positive (its counter expired at once: every acquirer got in)
+    mutex = ConcurrentRateLimiter(backend(), "ttl-mutex", limit=1, ttl=ttl)
+    # When it is acquired, Then it is refused, naming the ttl, and takes nothing
+    with pytest.raises(ValueError, match="ttl must be a positive number"), mutex.acquire():
+        pass
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.rate_limits") == [{"n": 0}]
 
 
 def test_a_release_racing_the_deletion_of_its_row_does_not_open_the_mutex_twice(db_url: str) -> None:
