@@ -40,8 +40,10 @@ from tasks.middleware import (
     GroupCallbacks,
     JobsMirror,
     LogContext,
+    OptionChecks,
     Pipelines,
     Retries,
+    SendOptionChecks,
     TimeOrderedIds,
     UniqueKeys,
 )
@@ -120,6 +122,10 @@ def _middleware() -> list[Middleware]:
     middleware: list[Middleware] = [
         # message id + actor name on every log line of a message
         LogContext(),
+        # an actor whose options, name or queue its workers could not use is refused when it
+        # is declared; under another broker, a message's options when it is sent (the Postgres
+        # broker checks those itself, where it looks at the options anyway)
+        SendOptionChecks() if not settings.postgres_broker else OptionChecks(),
         # new messages get time-ordered ids (UUIDv7): the jobs table's key index grows at its end
         TimeOrderedIds(),
         # drop messages older than their max_age (Dramatiq's)

@@ -54,10 +54,11 @@ from dramatiq.middleware import Middleware
 from models import queries
 from tasks import db
 from tasks.errors import Cancelled, NotSerializable
+from tasks.middleware.option_checks import check_message_options, check_queue_name
 from tasks.middleware.unique_keys import unique_key_of
 from tasks.prepared import Statement
 from tasks.redaction import storable_text
-from tasks.settings import Settings
+from tasks.settings import MAX_DELAY_MS, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +90,9 @@ COVERED_SIGNALS = "covered_by_postgres_broker"
 #: Message options that can set a job's priority or attempts apart from its actor's.
 _PER_MESSAGE_OPTIONS = frozenset({"priority", "max_attempts", "max_retries"})
 _ATTEMPTS_OPTIONS = frozenset({"max_attempts", "max_retries"})
+#: What a database without migration 0015's table, or a role without privileges on it, answers.
+_NOT_MIGRATED = (psycopg2.errors.UndefinedTable, psycopg2.errors.InsufficientPrivilege)
 
-#: The longest delay a message may wait, 100 years in milliseconds: PostgreSQL's timestamps end
-#: at year 294276, and a retry's delay past them failed the settle of its worker's whole queue,
-#: again and again. A send asking for more is refused; a retry's delay is cut to it.
-MAX_DELAY_MS = 100 * 365 * 24 * 3600 * 1000
 
 
 def _claim_size(free: int) -> int:
@@ -338,6 +337,10 @@ def _body_text(message: Message[Any]) -> str:
         ) from None
     except (TypeError, ValueError) as exc:
         raise NotSerializable(unserializable_reason(message)) from exc
+    except RecursionError:
+        raise NotSerializable(
+            f"cannot send to actor {message.actor_name!r}: its arguments or options nest too deep to encode as JSON"
+        ) from None
     if jsonb_refuses(text):
         raise NotSerializable(refused_reason(message, text))
     return text
@@ -789,8 +792,10 @@ class PostgresBroker(dramatiq.Broker):
         actor_defaults: dict[str, tuple[int | None, int | None]] = {}
         for message in messages:
             queue_name = q_name(message.queue_name)
-            if queue_name not in self.queues and message.actor_name in self.actors:
-                self.declare_queue(queue_name)
+            if queue_name not in self.queues:
+                check_queue_name(queue_name)  # a queue no actor here declares: one a worker can consume
+                if message.actor_name in self.actors:
+                    self.declare_queue(queue_name)
             # One copy per message, with options of its own: the eta option becomes the
             # row's eta, a delay queue's name (Dramatiq's convention) the queue's own name,
             # and what before_enqueue middleware adds (a computed unique_key) stays off the
@@ -805,6 +810,7 @@ class PostgresBroker(dramatiq.Broker):
             actors.append(message.actor_name)
             # The copy's options, as the hooks left them (a subclass's __post_init__ may copy the dict).
             options = message.options
+            check_message_options(options, message.actor_name)
             if _PER_MESSAGE_OPTIONS.isdisjoint(options):
                 defaults = actor_defaults.get(message.actor_name)
                 if defaults is None:
@@ -815,7 +821,6 @@ class PostgresBroker(dramatiq.Broker):
                 priorities.append(defaults[0])
                 attempts.append(defaults[1])
             else:
-                _check_per_message_options(options)
                 priorities.append(self._priority(message))
                 attempts.append(self._max_attempts(message))
             # A relative delay is added to the database's clock, not this machine's.
@@ -1030,14 +1035,17 @@ class _PostgresConsumer(dramatiq.Consumer):
             if declared["actors"]:
                 try:
                     cur.execute(queries.DECLARE_ACTORS, declared)
-                except (psycopg2.errors.UndefinedTable, psycopg2.errors.InsufficientPrivilege) as exc:
+                except (*_NOT_MIGRATED, psycopg2.DataError, psycopg2.errors.ProgramLimitExceeded) as exc:
                     # Consuming needs none of it: say what to do, once, and go on.
                     if not _declare_refused.is_set():
                         _declare_refused.set()
+                        fix = (
+                            "run `controlplane migrate` (0015), or grant the worker's role INSERT and UPDATE on it"
+                            if isinstance(exc, _NOT_MIGRATED)
+                            else "an actor's name or priority was changed after it was declared"
+                        )
                         logger.error("cannot record this worker's actors in control_plane.actor_defaults (%s): "
-                                     "run `controlplane migrate` (0015), or grant the worker's role INSERT and "
-                                     "UPDATE on it; sends by name get priority 0 meanwhile",
-                                     db.loggable_error(exc))
+                                     "%s; sends by name get priority 0 meanwhile", db.loggable_error(exc), fix)
 
     # -- Dramatiq's interface ----------------------------------------------
 
@@ -1703,21 +1711,6 @@ def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
         with state.lock:
             state.outcomes.extend(cancels)
         _settle(broker, state, conn)  # at once (a cancel is never turned into anything else)
-
-
-def _check_per_message_options(options: dict[str, Any]) -> None:
-    """Refuse a ``priority``, ``max_attempts`` or ``max_retries`` option the jobs row cannot hold
-    (a string, a float, a number past its int), naming it; they were ignored, or failed the
-    send with PostgreSQL's ``integer out of range``."""
-    for name in _PER_MESSAGE_OPTIONS:
-        value = options.get(name)
-        if value is None:
-            continue  # unset (max_retries=None: Dramatiq's "retry forever")
-        if not isinstance(value, int) or isinstance(value, bool) or value not in queries.INT_RANGE or (
-            name != "priority" and value < 0
-        ):
-            raise ValueError(f"the {name} option must be an integer that fits PostgreSQL's int"
-                             f"{'' if name == 'priority' else ', 0 or more'}, not {value!r}")
 
 
 def _enqueue_statement(

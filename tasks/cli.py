@@ -144,6 +144,8 @@ def _json_arg(raw: str | None, name: str, kind: type) -> Any:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise UserError(f"{name} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise UserError(f"{name} nests arrays or objects too deep to read") from None
     if not isinstance(value, kind):
         raise UserError(f"{name} must be a JSON {'array' if kind is list else 'object'}")
     return value
@@ -161,8 +163,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.priority is not None:
         options["priority"] = args.priority
-    if args.unique_key:
-        options["unique_key"] = args.unique_key
+    if args.unique_key is not None:
+        options["unique_key"] = args.unique_key  # an empty one is refused, as the library refuses it
     actor = tasks.broker.actors.get(args.actor)
     if actor is not None:
         message = actor.message_with_options(args=tuple(send_args), kwargs=send_kwargs, **options)
@@ -177,6 +179,12 @@ def cmd_send(args: argparse.Namespace) -> int:
                 f"actor {args.actor!r} is not declared in the modules loaded here: give --module with the "
                 "module that declares it, or --queue with the queue its workers read to send it by name"
             )
+        from tasks.middleware.option_checks import check_queue_name
+
+        try:
+            check_queue_name(args.queue)  # ('x.DQ' too, which a send would take for Dramatiq's delay queue of x)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         message = dramatiq.Message(
             queue_name=args.queue,
             actor_name=args.actor,
@@ -187,7 +195,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         )
     try:
         sent = tasks.broker.enqueue(message, delay=int(args.delay * 1000) if args.delay else None)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # NotSerializable, InvalidOption, InvalidUniqueKey, a delay too long
         raise UserError(str(exc)) from None
     # With --unique-key, a live job holding the key comes back instead of a new one.
     duplicate = sent.message_id != message.message_id
@@ -270,7 +278,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             # first, read from failed_at's index: by creation, PostgreSQL may walk the whole
             # history's created_at index past the completions to find them.
             time_column = "failed_at" if args.status == "failed" else "created_at"
-            if args.since:
+            if args.since is not None:
+                if not args.since.strip():
+                    raise UserError("--since must be a period such as '1 hour', not empty")
                 where.append(f"{time_column} >= now() - %(since)s::interval")
                 params["since"] = args.since
             rows = _fetch(
@@ -455,11 +465,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     settings = _settings()
+    # A bad value is named where it came from: the option, or the setting it defaults to.
+    sources = (
+        "--completed-after" if args.completed_after else "CONTROLPLANE_RETENTION_COMPLETED",
+        "--failed-after" if args.failed_after else "CONTROLPLANE_RETENTION_FAILED",
+    )
     args.completed_after = args.completed_after or settings.retention_completed
     args.failed_after = args.failed_after or settings.retention_failed
     conn = _connect(_url(settings))
     try:
-        for option, value in (("--completed-after", args.completed_after), ("--failed-after", args.failed_after)):
+        for option, value in zip(sources, (args.completed_after, args.failed_after), strict=True):
             problem = retention_problem(value)
             try:
                 _scalar(conn, "SELECT %(value)s::interval", {"value": value})
@@ -531,7 +546,7 @@ def _import_modules(modules: Sequence[str]) -> None:
     for module in modules:
         try:
             importlib.import_module(module)
-        except ImportError as exc:
+        except (ImportError, ValueError, TypeError) as exc:  # "" and "." raise the last two
             raise UserError(f"cannot import module {module!r}: {exc}") from None
 
 

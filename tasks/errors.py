@@ -67,5 +67,11 @@ class InvalidUniqueKey(MiddlewareError, ValueError):
     ``unique_key_from`` returned or raised) is not one; nothing was enqueued."""
 
 
+class InvalidOption(MiddlewareError, ValueError):
+    """An actor's or a message's option (or its name, or its queue's) has a value its workers
+    could not use; the actor was not declared, or nothing was enqueued
+    (:mod:`tasks.middleware.option_checks`)."""
+
+
 class ConfigurationError(TaskError):
     """A setting read from the environment is missing or malformed."""

@@ -40,6 +40,7 @@ from dramatiq.message import Message
 from models import queries
 from tasks import db
 from tasks.cron import CronSchedule, as_utc
+from tasks.middleware.option_checks import check_message_options, check_queue_name
 from tasks.middleware.time_ordered_ids import time_ordered_id
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,9 @@ def schedule(
         actor_name, queue = actor, queue_name
     else:
         actor_name, queue = actor.actor_name, actor.queue_name
+    # Refused now, at import, rather than by every tick's send.
+    check_queue_name(queue, f"schedule {name or actor_name!r}: ")
+    check_message_options(options, actor_name)
     entry = Schedule(
         name=name or actor_name,
         cron=parsed,

@@ -92,7 +92,24 @@ def _port(env: dict[str, str], name: str) -> int | None:
     return port or None
 
 
-def _float(env: dict[str, str], name: str, default: float) -> float:
+#: The longest interval, lease or timeout in seconds: past it a lease overflowed PostgreSQL's
+#: timestamps (every claim failed), and a poll interval that long never looked at delayed jobs.
+MAX_SECONDS = 86_400.0
+#: The longest delay a message may wait, 100 years in milliseconds: PostgreSQL's timestamps end
+#: at year 294276, and a retry's delay past them failed the settle of its worker's whole queue,
+#: again and again. A send asking for more is refused; a retry's delay is cut to it; no backoff
+#: or result TTL may be set longer.
+MAX_DELAY_MS = 100 * 365 * 24 * 3600 * 1000
+#: ``max_retries=None`` (Dramatiq's "retry forever"), as attempts: the jobs row, the reaper
+#: and the operator views need a number. A billion attempts outlast any backoff (capped at
+#: ``max_backoff``, 7 days by default), and twice it, which the reaper computes, fits an ``int``.
+#: No actor, message or setting may ask for more.
+UNLIMITED_ATTEMPTS = 1_000_000_000
+#: PostgreSQL's int: a timeout or connection limit passed to it.
+_MAX_INT = 2**31 - 1
+
+
+def _float(env: dict[str, str], name: str, default: float, maximum: float = MAX_SECONDS) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -100,8 +117,8 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive, finite number of seconds, got {raw!r}")
+    if not math.isfinite(value) or value <= 0 or value > maximum:
+        raise ConfigurationError(f"{name} must be a positive number of seconds up to {maximum:g}, got {raw!r}")
     return value
 
 
@@ -116,7 +133,7 @@ def _switch(env: dict[str, str], name: str, default: bool) -> bool:
     raise ConfigurationError(f"{name} must be on or off, got {env.get(name)!r}")
 
 
-def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(env: dict[str, str], name: str, default: int, minimum: int = 0, maximum: int = _MAX_INT) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -126,6 +143,8 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
         raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigurationError(f"{name} must be at least {minimum}, got {raw!r}")
+    if value > maximum:
+        raise ConfigurationError(f"{name} must be at most {maximum}, got {raw!r}")
     return value
 
 
@@ -267,16 +286,16 @@ class Settings:
             lease_seconds=lease,
             heartbeat_interval=heartbeat,
             reap_interval=_float(env, "CONTROLPLANE_REAP_INTERVAL", min(5.0, lease / 2)),
-            pool_size=_int(env, "CONTROLPLANE_POOL_SIZE", 2, minimum=1),
-            settle_window_ms=_int(env, "CONTROLPLANE_SETTLE_WINDOW_MS", 5, minimum=0),
+            pool_size=_int(env, "CONTROLPLANE_POOL_SIZE", 2, minimum=1, maximum=10_000),
+            settle_window_ms=_int(env, "CONTROLPLANE_SETTLE_WINDOW_MS", 5, minimum=0, maximum=60_000),
             prepared_statements=_switch(env, "CONTROLPLANE_PREPARED_STATEMENTS", True),
             wake_only_waiting=_switch(env, "CONTROLPLANE_WAKE_ONLY_WAITING", True),
-            burst_prefetch=_int(env, "CONTROLPLANE_BURST_PREFETCH", 4, minimum=1),
+            burst_prefetch=_int(env, "CONTROLPLANE_BURST_PREFETCH", 4, minimum=1, maximum=1_000),
             queue_concurrency=_queue_concurrency(env, "CONTROLPLANE_QUEUE_CONCURRENCY"),
-            max_attempts=_int(env, "CONTROLPLANE_MAX_ATTEMPTS", 20, minimum=1),
-            min_backoff_ms=_int(env, "CONTROLPLANE_MIN_BACKOFF_MS", 15_000, minimum=1),
-            max_backoff_ms=_int(env, "CONTROLPLANE_MAX_BACKOFF_MS", 7 * 86_400_000, minimum=1),
-            result_ttl_ms=_int(env, "CONTROLPLANE_RESULT_TTL_MS", 86_400_000, minimum=1),
+            max_attempts=_int(env, "CONTROLPLANE_MAX_ATTEMPTS", 20, minimum=1, maximum=UNLIMITED_ATTEMPTS),
+            min_backoff_ms=_int(env, "CONTROLPLANE_MIN_BACKOFF_MS", 15_000, minimum=1, maximum=MAX_DELAY_MS),
+            max_backoff_ms=_int(env, "CONTROLPLANE_MAX_BACKOFF_MS", 7 * 86_400_000, minimum=1, maximum=MAX_DELAY_MS),
+            result_ttl_ms=_int(env, "CONTROLPLANE_RESULT_TTL_MS", 86_400_000, minimum=1, maximum=MAX_DELAY_MS),
             broker_url=_broker_url(env),
             retention_completed=_interval(env, "CONTROLPLANE_RETENTION_COMPLETED", "7 days"),
             retention_failed=_interval(env, "CONTROLPLANE_RETENTION_FAILED", "30 days"),
@@ -296,7 +315,9 @@ class Settings:
             },
             service_timeout=_float(env, "SERVICE_TIMEOUT_SECONDS", 5.0),
             api_key_pepper=env["API_KEY_PEPPER"].encode() if env.get("API_KEY_PEPPER") else None,
-            secrets_ttl_seconds=_int(env, "PROVISION_SECRETS_TTL_SECONDS", 86_400, minimum=1),
+            secrets_ttl_seconds=_int(
+                env, "PROVISION_SECRETS_TTL_SECONDS", 86_400, minimum=1, maximum=MAX_DELAY_MS // 1000
+            ),
             provision_sweep_schedule=_schedule(env, "PROVISION_SWEEP_SCHEDULE", "*/10 * * * *"),
             app_connection_limit=_int(env, "PROVISION_APP_CONNECTION_LIMIT", 20, minimum=1),
             provision_statement_timeout_ms=_int(env, "PROVISION_STATEMENT_TIMEOUT_MS", 30_000, minimum=1),

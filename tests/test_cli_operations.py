@@ -345,6 +345,12 @@ def test_prune_deletes_old_finished_jobs_and_refuses_a_bad_age(
         in_process(capsys, monkeypatch, db_url, "prune", "--completed-after", "0 days"),
         "'0 days' is zero",
     )
+    # And a bad setting the defaults come from is named as that setting, not as an option never given
+    monkeypatch.setenv("CONTROLPLANE_RETENTION_COMPLETED", "garbage 5")
+    assert_user_error(
+        in_process(capsys, monkeypatch, db_url, "prune"),
+        "CONTROLPLANE_RETENTION_COMPLETED must be a PostgreSQL interval",
+    )
 
 
 def test_workers_lists_live_workers_and_what_they_hold(db_url: str) -> None:
@@ -485,6 +491,27 @@ def test_bad_numbers_on_the_command_line_are_usage_errors_not_tracebacks(db_url:
         result = cli(db_url, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert f"argument {option}" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_odd_send_and_list_arguments_are_one_line_errors_and_send_nothing(db_url: str) -> None:
+    deep = "[" * 3000 + "]" * 3000
+    cases = [
+        # an empty key was dropped: the job went out with no key, so nothing was deduplicated
+        (("send", "tests.noop", "--module", "tests.actors", "--unique-key", ""), "must be a non-empty string"),
+        # stored under a queue no worker reads (or under 'x' for 'x.DQ'), exit 0
+        (("send", "elsewhere.job", "--queue", ""), "the queue name '' is not one"),
+        (("send", "elsewhere.job", "--queue", "bad queue!"), "the queue name 'bad queue!' is not one"),
+        (("send", "elsewhere.job", "--queue", "x.DQ"), "ends in .DQ"),
+        # tracebacks
+        (("send", "tests.noop", "--module", ""), "cannot import module ''"),
+        (("send", "tests.noop", "--module", "."), "cannot import module '.'"),
+        (("send", "tests.noop", "--module", "tests.actors", "--args", deep), "--args nests arrays or objects too deep"),
+        # ignored: every job listed
+        (("jobs", "list", "--since", ""), "--since must be a period"),
+    ]
+    for (_, fragment), result in zip(cases, run_all(db_url, [args for args, _ in cases]), strict=True):
+        assert_user_error(result, fragment)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
 
 
 def test_jobs_show_and_list_never_write_control_characters_to_the_terminal(

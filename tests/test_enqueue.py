@@ -408,3 +408,89 @@ def test_a_priority_or_attempts_option_the_jobs_row_cannot_hold_is_refused_namin
         tasks.broker.enqueue_batch([actors.noop.message(2), actors.noop.message_with_options(args=(3,), **options)])
     # Then nothing was stored (it used to be ignored, or fail with PostgreSQL's "integer out of range")
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+
+
+@pytest.mark.parametrize(
+    ("declared", "named"),
+    [
+        # a worker thread died on it, the failed job recorded completed, the thread's other jobs held forever
+        ({"throws": "ValueError"}, "throws"),
+        # a failure recorded completed (the backoff raised inside Retries' hook)
+        ({"min_backoff": "1000"}, "min_backoff"),
+        ({"max_backoff": -1}, "max_backoff"),
+        # ignored with a log line, the job ran without a limit
+        ({"time_limit": "100"}, "time_limit"),
+        ({"max_age": 0}, "max_age"),
+        # the worker's record of its actors failed at every consumer start: its whole queue stalled
+        ({"priority": 2**31}, "priority"),
+        ({"priority": "high"}, "priority"),
+        ({"actor_name": "a" * 1001}, "actor name"),
+        # past what the reaper can double in an int
+        ({"max_attempts": 2_000_000_000}, "max_attempts"),
+        ({"max_attempts": -1}, "max_attempts"),
+        # stored under 'billing' (Dramatiq's delay-queue suffix), consumed as 'billing.DQ': pending forever
+        ({"queue_name": "billing.DQ"}, "queue name"),
+    ],
+)
+def test_an_actor_its_workers_could_not_run_is_refused_when_declared_naming_why(
+    declared: dict[str, Any], named: str
+) -> None:
+    from tasks.errors import InvalidOption
+
+    options = {"actor_name": "tests.badly_declared", **declared}
+    # When an actor is declared with an option its workers could not use
+    with pytest.raises(InvalidOption, match=named):
+        dramatiq.actor(**options)(lambda: None)
+    # Then it is not declared at all
+    assert options["actor_name"] not in tasks.broker.actors
+
+
+def test_actor_options_that_are_fine_are_declared() -> None:
+    # Exception classes for throws, an infinite time limit (none), a zero backoff, the most attempts
+    @dramatiq.actor(actor_name="tests.well_declared", throws=(ValueError, KeyError), time_limit=float("inf"),
+                    min_backoff=0, max_age=10.5, max_attempts=UNLIMITED_ATTEMPTS)  # fmt: skip
+    def well_declared() -> None:
+        pass
+
+    assert tasks.broker.actors["tests.well_declared"] is well_declared
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"throws": "ValueError"}, {"min_backoff": "1"}, {"time_limit": float("nan")}, {"max_age": -5},
+     {"max_retries": 2_000_000_000}],
+)  # fmt: skip
+def test_message_options_a_worker_could_not_use_are_refused_when_sent(db_url: str, options: dict[str, Any]) -> None:
+    from tasks.errors import InvalidOption
+
+    # When a message is sent with such an option, alone or in a batch
+    (name,) = options
+    with pytest.raises(InvalidOption, match=f"the {name} option"):
+        actors.noop.send_with_options(args=(1,), **options)
+    with pytest.raises(InvalidOption, match=f"the {name} option"):
+        tasks.broker.enqueue_batch([actors.noop.message(2), actors.noop.message_with_options(args=(3,), **options)])
+    # Then nothing was stored
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+
+
+@pytest.mark.parametrize("queue", ["", "bad queue!", "x" * 1001])
+def test_a_message_for_a_queue_no_worker_could_consume_is_refused(db_url: str, queue: str) -> None:
+    from tasks.errors import InvalidOption
+
+    # When a message of an actor nobody here declares is sent by name to such a queue
+    message = dramatiq.Message(queue_name=queue, actor_name="elsewhere.job", args=(), kwargs={}, options={})
+    # Then it is refused, naming the queue, and nothing is stored (it waited forever, or failed on an index)
+    with pytest.raises(InvalidOption, match="queue name"):
+        tasks.broker.enqueue(message)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+
+
+def test_arguments_nested_too_deep_for_json_are_not_serializable(db_url: str) -> None:
+    nested: list[Any] = []
+    for _ in range(10_000):
+        nested = [nested]
+    # When a message's arguments nest deeper than the encoder can go
+    # Then the send fails as any other unencodable argument does (it raised a bare RecursionError)
+    with pytest.raises(NotSerializable, match="nest too deep"):
+        actors.noop.send(nested)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]

@@ -620,6 +620,28 @@ def test_a_worker_on_a_database_without_actor_defaults_consumes_and_says_to_migr
     assert len(said) == 1 and "controlplane migrate" in said[0], said
 
 
+def test_an_actor_changed_after_it_was_declared_does_not_stop_its_queue(
+    db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    broker_module = importlib.import_module("tasks.broker")
+    monkeypatch.setattr(broker_module, "_declare_refused", threading.Event())
+    # Given an actor whose priority was changed, after its declaration was checked, to one
+    # control_plane.actor_defaults cannot hold
+    monkeypatch.setattr(actors.noop, "priority", 2**31)
+    # When its queue's consumer starts, Then it consumes (it restarted forever, its queue stalled)
+    with caplog.at_level("ERROR", logger="tasks.broker"):
+        consumer = tasks.broker.consume(actors.noop.queue_name, prefetch=1, timeout=100)
+        try:
+            assert next(consumer) is None
+        finally:
+            consumer.close()
+    # And the worker says once why its actors are not recorded
+    said = [r.getMessage() for r in caplog.records if "actor_defaults" in r.getMessage()]
+    assert len(said) == 1 and "changed after it was declared" in said[0], said
+
+
 def test_keyed_sends_inside_enqueue_in_on_an_autocommit_connection_are_sent(db_url: str) -> None:
     # Given a caller's connection in autocommit mode (no transaction block for a savepoint)
     conn = psycopg2.connect(db_url)

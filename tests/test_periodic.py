@@ -201,6 +201,18 @@ def test_a_naive_time_is_utc_to_the_clock_as_to_cron(db_url: str, monkeypatch: p
     assert [t.tick_at for t in won] == [at("2026-03-02 10:00")]
 
 
+def test_a_schedule_whose_options_or_queue_no_worker_could_use_is_refused_when_declared() -> None:
+    from tasks.errors import InvalidOption
+
+    # When a schedule gives a message option a worker could not use, or a queue no worker reads,
+    # Then it is refused at once, naming it, not at every tick's send
+    with pytest.raises(InvalidOption, match="the min_backoff option"):
+        schedule("* * * * *", actors.noop, name="tests.bad-options", min_backoff="1000")
+    with pytest.raises(InvalidOption, match="the queue name 'bad queue' is not one"):
+        schedule("* * * * *", "elsewhere.job", name="tests.bad-queue", queue_name="bad queue")
+    assert not {"tests.bad-options", "tests.bad-queue"} & {s.name for s in schedules()}
+
+
 def test_two_different_schedules_under_one_name_are_refused() -> None:
     try:
         # Given a schedule of an actor under its default name
@@ -330,8 +342,16 @@ def test_the_new_settings_are_validated() -> None:
         ("CONTROLPLANE_RETENTION_COMPLETED", "7 days ago", "is negative"),
         ("CONTROLPLANE_RETENTION_COMPLETED", "-7 days", "is negative"),
         ("CONTROLPLANE_RETENTION_COMPLETED", "0 days", "'0 days' is zero"),
-        ("CONTROLPLANE_LEASE_SECONDS", "nan", "CONTROLPLANE_LEASE_SECONDS must be a positive, finite number"),
-        ("SERVICE_TIMEOUT_SECONDS", "inf", "SERVICE_TIMEOUT_SECONDS must be a positive, finite number"),
+        ("CONTROLPLANE_LEASE_SECONDS", "nan", "CONTROLPLANE_LEASE_SECONDS must be a positive number of seconds"),
+        ("SERVICE_TIMEOUT_SECONDS", "inf", "SERVICE_TIMEOUT_SECONDS must be a positive number of seconds"),
+        # past what PostgreSQL's timestamps and ints hold: every claim, result store or burst failed,
+        # and a poll interval of years never looked at delayed jobs
+        ("CONTROLPLANE_LEASE_SECONDS", "1e300", "CONTROLPLANE_LEASE_SECONDS must be .* up to 86400"),
+        ("CONTROLPLANE_POLL_INTERVAL", "1e300", "CONTROLPLANE_POLL_INTERVAL must be .* up to 86400"),
+        ("CONTROLPLANE_RESULT_TTL_MS", "99999999999999999999", "CONTROLPLANE_RESULT_TTL_MS must be at most"),
+        ("CONTROLPLANE_BURST_PREFETCH", "100000000000000000000", "CONTROLPLANE_BURST_PREFETCH must be at most 1000"),
+        ("CONTROLPLANE_MAX_ATTEMPTS", "2000000000", "CONTROLPLANE_MAX_ATTEMPTS must be at most 1000000000"),
+        ("PROVISION_STATEMENT_TIMEOUT_MS", "3000000000", "PROVISION_STATEMENT_TIMEOUT_MS must be at most 2147483647"),
     ]:
         with pytest.raises(ConfigurationError, match=fragment):
             Settings.from_env({name: value})

@@ -7,6 +7,7 @@ from tasks.middleware.cancellation import Cancellation
 from tasks.middleware.canvas import GroupCallbacks, Pipelines
 from tasks.middleware.jobs_mirror import JobsMirror, StandaloneMirror, describe_error
 from tasks.middleware.log_context import LogContext
+from tasks.middleware.option_checks import OptionChecks, SendOptionChecks
 from tasks.middleware.retries import UNLIMITED_ATTEMPTS, Retries, max_attempts_for
 from tasks.middleware.time_ordered_ids import TimeOrderedActor, TimeOrderedIds, time_ordered_id
 from tasks.middleware.unique_keys import UniqueKeys
@@ -18,8 +19,10 @@ __all__ = [
     "GroupCallbacks",
     "JobsMirror",
     "LogContext",
+    "OptionChecks",
     "Pipelines",
     "Retries",
+    "SendOptionChecks",
     "StandaloneMirror",
     "TimeOrderedActor",
     "TimeOrderedIds",

@@ -32,6 +32,7 @@ from dramatiq.middleware import retries as dramatiq_retries
 
 from tasks.errors import Cancelled, PermanentError
 from tasks.redaction import persistable
+from tasks.settings import UNLIMITED_ATTEMPTS as UNLIMITED_ATTEMPTS
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ class _RedactedTracebacks:
 setattr(dramatiq_retries, "traceback", _RedactedTracebacks())  # noqa: B010 (Dramatiq does not export it)
 
 
-#: ``max_retries=None`` (Dramatiq's "retry forever"), as attempts: the jobs row, the reaper
-#: and the operator views need a number. A billion attempts outlast any backoff (capped at
-#: ``max_backoff``, 7 days by default), and twice it, which the reaper computes, fits an ``int``.
-UNLIMITED_ATTEMPTS = 1_000_000_000
 
 
 def _as_attempts(value: Any) -> int | None:

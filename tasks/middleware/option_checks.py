@@ -1,0 +1,147 @@
+"""Actor and message options checked where they are given, not where they break.
+
+Dramatiq reads most options only while a worker processes a message, inside
+hooks whose failures it logs and swallows; a bad value then did its damage far
+from the code that gave it:
+
+* ``throws="ValueError"`` (a string: a message cannot carry a class) made
+  Dramatiq's ``isinstance`` check raise inside its own ``except`` block: the
+  worker thread died, the failed job was recorded ``completed``, and the jobs
+  the thread had been handed stayed claimed by a live worker, forever;
+* ``min_backoff="1000"`` made the retry's backoff raise: the failure was
+  recorded ``completed``; ``time_limit="100"`` or ``max_age="1000"`` was
+  ignored with a log line;
+* ``priority=2**31``, or a 3 kB actor name, failed the worker's record of its
+  actors at every consumer start: the consumer restarted forever and its whole
+  queue stalled;
+* ``queue_name="billing.DQ"`` was stored under ``billing`` (Dramatiq's delay
+  queue convention) while the worker consumed ``billing.DQ``: pending forever.
+
+:class:`OptionChecks` refuses such an actor when it is declared (at import),
+and :func:`check_message_options` such a message when it is sent (the Postgres
+broker calls it; under another broker :class:`SendOptionChecks` does), with
+:class:`tasks.errors.InvalidOption` naming the option.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware
+
+from models.queries import INT_RANGE
+from tasks.errors import InvalidOption
+from tasks.settings import MAX_DELAY_MS, UNLIMITED_ATTEMPTS
+
+#: The longest actor or queue name, in bytes: PostgreSQL's btree entries end at about 2.7 kB,
+#: and the jobs row, the message and ``control_plane.actor_defaults`` index them.
+NAME_MAX_BYTES = 1000
+#: Dramatiq's pattern for queue names, and the suffixes of its delay and dead-letter queues.
+_QUEUE_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
+_RESERVED_SUFFIXES = (".DQ", ".XQ")
+
+#: Integers the jobs row holds: any in PostgreSQL's int for a priority; attempts from 0 to
+#: UNLIMITED_ATTEMPTS (the reaper doubles them, in an int).
+_INTEGER_OPTIONS = ("priority", "max_attempts", "max_retries")
+_ATTEMPTS_RANGE = range(0, UNLIMITED_ATTEMPTS + 1)
+#: Milliseconds: a backoff may be 0, a limit or an age must be more.
+_BACKOFF_OPTIONS = ("min_backoff", "max_backoff")
+_LIMIT_OPTIONS = ("time_limit", "max_age")
+#: Every option checked here: a send whose options hold none of them is not looked at further.
+CHECKED_OPTIONS = frozenset({*_INTEGER_OPTIONS, *_BACKOFF_OPTIONS, *_LIMIT_OPTIONS, "throws"})
+
+
+def check_name(kind: str, name: str) -> None:
+    """Refuse an actor or queue name longer than :data:`NAME_MAX_BYTES`."""
+    if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
+        raise InvalidOption(f"the {kind} name {name[:40]!r}... is longer than {NAME_MAX_BYTES} bytes")
+
+
+def check_queue_name(name: Any, whose: str = "") -> None:
+    """Refuse a queue name no worker could consume: not Dramatiq's pattern, too long, or one of
+    Dramatiq's delay or dead-letter queues (``.DQ``, ``.XQ``), whose messages go to the queue
+    without the suffix. ``whose``: the actor's, for the error."""
+    if not isinstance(name, str) or not _QUEUE_NAME.fullmatch(name):
+        raise InvalidOption(
+            f"{whose}the queue name {name!r} is not one: a letter or _ first, then letters, digits, '.', '_' or '-'"
+        )
+    if name.endswith(_RESERVED_SUFFIXES):
+        raise InvalidOption(
+            f"{whose}the queue name {name!r} ends in {name[-3:]}, the suffix of Dramatiq's delay and "
+            f"dead-letter queues: its messages would be stored under {name[:-3]!r}; choose another name"
+        )
+    check_name("queue", name)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(options: dict[str, Any], whose: str, *, message: bool) -> None:
+    for name in _INTEGER_OPTIONS:
+        value = options.get(name)
+        if value is None:
+            continue  # unset (max_retries=None: Dramatiq's "retry forever")
+        allowed = INT_RANGE if name == "priority" else _ATTEMPTS_RANGE
+        if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
+            raise InvalidOption(
+                f"{whose}: the {name} option must be an integer "
+                + ("that fits PostgreSQL's int" if name == "priority" else f"from 0 to {UNLIMITED_ATTEMPTS}")
+                + f", not {value!r}"
+            )
+    for name in _BACKOFF_OPTIONS:
+        value = options.get(name)
+        if value is not None and not (_number(value) and 0 <= value <= MAX_DELAY_MS):
+            raise InvalidOption(
+                f"{whose}: the {name} option must be a number of milliseconds from 0 to {MAX_DELAY_MS}, "
+                f"not {value!r}"
+            )
+    for name in _LIMIT_OPTIONS:
+        value = options.get(name)
+        # (an actor's may be infinite, no limit; a message's travels as JSON, which has no infinity)
+        if value is not None and not ((_number(value) or (not message and value == math.inf)) and value > 0):
+            raise InvalidOption(f"{whose}: the {name} option must be a positive number of milliseconds, not {value!r}")
+    throws = options.get("throws")
+    if throws is None:
+        return
+    if message:
+        raise InvalidOption(
+            f"{whose}: a message cannot carry the throws option (exception classes do not travel as JSON): "
+            "set it on the actor"
+        )
+    classes = throws if isinstance(throws, tuple) else (throws,)
+    if not classes or not all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+        raise InvalidOption(f"{whose}: the throws option must be an exception class or a tuple of them, not {throws!r}")
+
+
+def check_message_options(options: dict[str, Any], actor_name: str) -> None:
+    """Refuse a message whose options a worker could not use (:class:`InvalidOption`, naming it)."""
+    if not CHECKED_OPTIONS.isdisjoint(options):
+        _check(options, f"cannot send to actor {actor_name!r}", message=True)
+
+
+class OptionChecks(Middleware):
+    """Refuses, when it is declared, an actor whose name, queue, priority or options its
+    workers could not use."""
+
+    def before_declare_actor(self, broker: dramatiq.Broker, actor: Any) -> None:
+        whose = f"actor {actor.actor_name!r}"
+        check_name("actor", actor.actor_name)
+        check_queue_name(actor.queue_name, f"{whose}: ")
+        priority = actor.priority
+        if not isinstance(priority, int) or isinstance(priority, bool) or priority not in INT_RANGE:
+            raise InvalidOption(
+                f"{whose}: its priority must be an integer that fits PostgreSQL's int, not {priority!r}"
+            )
+        _check(actor.options, whose, message=False)
+
+
+class SendOptionChecks(OptionChecks):
+    """:class:`OptionChecks`, and each message's options when it is sent: for brokers other
+    than the Postgres broker, which checks them itself (once per batch, where it can)."""
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        check_message_options(message.options, message.actor_name)
