@@ -453,7 +453,7 @@ FROM (SELECT DISTINCT queue FROM r WHERE eta <= now()) AS q
 HEARTBEAT = """
 WITH l AS (
     SELECT id FROM control_plane.messages
-    WHERE claim_token = ANY(%(tokens)s::uuid[])
+    WHERE id = ANY(%(ids)s::uuid[]) AND claim_token = ANY(%(tokens)s::uuid[])
     FOR NO KEY UPDATE SKIP LOCKED
 ), h AS (
     UPDATE control_plane.messages AS m
@@ -466,7 +466,8 @@ VALUES (%(worker)s, %(hostname)s, %(pid)s, %(queues)s::text[], now())
 ON CONFLICT (id) DO UPDATE
    SET heartbeat_at = now(), queues = excluded.queues
 RETURNING (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE cancel_requested_at IS NOT NULL),
-          (SELECT count(*) FROM control_plane.messages WHERE claim_token = ANY(%(tokens)s::uuid[]))
+          (SELECT count(*) FROM control_plane.messages
+           WHERE id = ANY(%(ids)s::uuid[]) AND claim_token = ANY(%(tokens)s::uuid[]))
           - (SELECT count(*) FROM h) AS skipped
 """
 

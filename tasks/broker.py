@@ -1358,12 +1358,16 @@ class _PostgresConsumer(dramatiq.Consumer):
         now = time.monotonic()
         if now >= self._next_heartbeat:
             with self.state.lock:
+                ids = list(self.state.inflight)
                 tokens = list(Counter(p.claim_token for p in self.state.inflight.values()))
             with self.conn.cursor() as cur:
                 cur.execute(
                     queries.HEARTBEAT,
                     {
                         "lease": self.settings.lease_seconds,
+                        # by id, through the primary key: by token alone it read every claimed
+                        # message of every worker (21 ms with 100,000 of them, per consumer)
+                        "ids": ids,
                         "tokens": tokens,
                         "worker": self.broker.worker_id,
                         "hostname": socket.gethostname(),
