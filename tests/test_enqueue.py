@@ -420,7 +420,9 @@ def test_a_priority_or_attempts_option_the_jobs_row_cannot_hold_is_refused_namin
         ({"max_backoff": -1}, "max_backoff"),
         # ignored with a log line, the job ran without a limit
         ({"time_limit": "100"}, "time_limit"),
-        ({"max_age": 0}, "max_age"),
+        ({"max_age": -1}, "max_age"),
+        # an integer past what math.isfinite takes (an OverflowError, which Dramatiq's hooks swallow)
+        ({"max_backoff": 10**400}, "max_backoff"),
         # the worker's record of its actors failed at every consumer start: its whole queue stalled
         ({"priority": 2**31}, "priority"),
         ({"priority": "high"}, "priority"),
@@ -458,7 +460,7 @@ def test_actor_options_that_are_fine_are_declared() -> None:
 @pytest.mark.parametrize(
     "options",
     [{"throws": "ValueError"}, {"min_backoff": "1"}, {"time_limit": float("nan")}, {"max_age": -5},
-     {"max_retries": 2_000_000_000}],
+     {"max_retries": 2_000_000_000}, {"time_limit": 10**400}],
 )  # fmt: skip
 def test_message_options_a_worker_could_not_use_are_refused_when_sent(db_url: str, options: dict[str, Any]) -> None:
     from tasks.errors import InvalidOption
@@ -471,6 +473,21 @@ def test_message_options_a_worker_could_not_use_are_refused_when_sent(db_url: st
         tasks.broker.enqueue_batch([actors.noop.message(2), actors.noop.message_with_options(args=(3,), **options)])
     # Then nothing was stored
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+
+
+def test_another_brokers_sends_are_checked_but_not_dramatiqs_own_re_sends() -> None:
+    from tasks.errors import InvalidOption
+    from tasks.middleware import SendOptionChecks
+
+    checks = SendOptionChecks()
+    bad = {"time_limit": "100"}
+    # A send (under RabbitMQ or the StubBroker) with an option a worker could not use is refused
+    with pytest.raises(InvalidOption, match="the time_limit option"):
+        checks.before_enqueue(tasks.broker, actors.noop.message_with_options(args=(1,), **bad), None)
+    # but not Dramatiq's re-send of one already sent (a retry, a delayed message coming due), which
+    # has no caller to tell: refusing it would lose a message an older release sent, or redeliver it forever
+    for resent in ({"retries": 1}, {"eta": 1_700_000_000_000}):
+        checks.before_enqueue(tasks.broker, actors.noop.message_with_options(args=(1,), **bad, **resent), None)
 
 
 @pytest.mark.parametrize("queue", ["", "bad queue!", "x" * 1001])

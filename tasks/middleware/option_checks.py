@@ -47,7 +47,8 @@ _RESERVED_SUFFIXES = (".DQ", ".XQ")
 #: UNLIMITED_ATTEMPTS (the reaper doubles them, in an int).
 _INTEGER_OPTIONS = ("priority", "max_attempts", "max_retries")
 _ATTEMPTS_RANGE = range(0, UNLIMITED_ATTEMPTS + 1)
-#: Milliseconds: a backoff may be 0, a limit or an age must be more.
+#: Milliseconds from 0 to 100 years: a backoff of 0 retries at once; a limit or an age of 0 is
+#: Dramatiq's "unset" (its hooks read ``option or default``), and an actor's may be infinite.
 _BACKOFF_OPTIONS = ("min_backoff", "max_backoff")
 _LIMIT_OPTIONS = ("time_limit", "max_age")
 #: Every option checked here: a send whose options hold none of them is not looked at further.
@@ -77,7 +78,10 @@ def check_queue_name(name: Any, whose: str = "") -> None:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """An int (any size: ``math.isfinite`` overflows on ``10**400``) or a finite float."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _check(options: dict[str, Any], whose: str, *, message: bool) -> None:
@@ -102,8 +106,13 @@ def _check(options: dict[str, Any], whose: str, *, message: bool) -> None:
     for name in _LIMIT_OPTIONS:
         value = options.get(name)
         # (an actor's may be infinite, no limit; a message's travels as JSON, which has no infinity)
-        if value is not None and not ((_number(value) or (not message and value == math.inf)) and value > 0):
-            raise InvalidOption(f"{whose}: the {name} option must be a positive number of milliseconds, not {value!r}")
+        if value is not None and not (
+            (_number(value) and 0 <= value <= MAX_DELAY_MS) or (not message and value == math.inf)
+        ):
+            raise InvalidOption(
+                f"{whose}: the {name} option must be a number of milliseconds from 0 to {MAX_DELAY_MS}"
+                f"{' (or infinite)' if not message else ''}, not {value!r}"
+            )
     throws = options.get("throws")
     if throws is None:
         return
@@ -144,4 +153,10 @@ class SendOptionChecks(OptionChecks):
     than the Postgres broker, which checks them itself (once per batch, where it can)."""
 
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        check_message_options(message.options, message.actor_name)
+        # Not Dramatiq's own re-sends of a message already sent (a retry; a delayed message
+        # that came due, moved off its delay queue): there is no caller to tell, and refusing
+        # one sent before these checks existed would lose it or redeliver it forever.
+        options = message.options
+        if "retries" in options or ("eta" in options and delay is None):
+            return
+        check_message_options(options, message.actor_name)
