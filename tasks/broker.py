@@ -15,8 +15,9 @@ Dramatiq ``message_id``); every change to a message also changes its
 * heartbeats extend leases; any worker re-queues the messages of a dead one.
 
 Connection budget per worker process: two connections per consumed queue (one
-for claims, LISTEN and heartbeats, one for settles) plus a pool of at most
-``pool_size`` connections for sends and results made from actors.
+for claims and heartbeats, one for settles), one that LISTENs for the whole
+process (:class:`_Notifier`), plus a pool of at most ``pool_size`` connections
+for sends and results made from actors.
 """
 
 from __future__ import annotations
@@ -484,6 +485,10 @@ class _QueueState:
     wake_w: int = -1
     #: When the oldest outcome not yet written was handed over (monotonic seconds).
     first_outcome_at: float = 0.0
+    #: Set by the process's notifier (under ``lock``, then ``wake``): a send NOTIFYed the
+    #: queue, or ``control_plane.cancel_job`` asked its workers to heartbeat now.
+    notified: bool = False
+    cancel_heard: bool = False
     #: Signals the settler thread (shares ``lock``).
     settle_cond: threading.Condition = field(init=False)
 
@@ -531,6 +536,9 @@ class PostgresBroker(dramatiq.Broker):
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
         #: This process's Dramatiq worker is stopping: see :meth:`_stop_claiming`.
         self.stopping = False
+        #: The process's one LISTEN connection, started by its first consumer.
+        self._notifier: _Notifier | None = None
+        self._notifier_lock = threading.Lock()
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -639,6 +647,8 @@ class PostgresBroker(dramatiq.Broker):
         self.stopping = False
         self._states = {}
         self._states_lock = threading.Lock()
+        self._notifier = None  # (the parent's thread is not in this process)
+        self._notifier_lock = threading.Lock()
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
 
     def _started(self, message: PgMessageProxy) -> None:
@@ -654,6 +664,39 @@ class PostgresBroker(dramatiq.Broker):
             state.starts[message.message_id] = message
             if first:
                 state.settle_cond.notify()
+
+    def _listen(self) -> None:
+        """Start the process's notifier, once: it wakes every consumer of this process."""
+        with self._notifier_lock:
+            if self._notifier is None or not self._notifier.is_alive():
+                self._notifier = _Notifier(self)
+                self._notifier.start()
+
+    def _hear(self, payloads: Iterable[str]) -> None:
+        """NOTIFY payloads the notifier read: wake the consumers of the queues they name."""
+        for payload in payloads:
+            cancel = payload.startswith(queries.CANCEL_NOTIFY_PREFIX)
+            queue_name = payload[len(queries.CANCEL_NOTIFY_PREFIX):] if cancel else payload
+            with self._states_lock:
+                state = self._states.get(queue_name)
+            if state is None:
+                continue  # a queue no consumer of this process reads
+            with state.lock:
+                if cancel:
+                    state.cancel_heard = True
+                else:
+                    state.notified = True
+            state.wake()
+
+    def _hear_everything(self) -> None:
+        """The notifier (re)started listening: what was sent meanwhile went unheard, so every
+        consumer looks at its queue once."""
+        with self._states_lock:
+            states = list(self._states.values())
+        for state in states:
+            with state.lock:
+                state.notified = True
+            state.wake()
 
     def state(self, queue_name: str) -> _QueueState:
         with self._states_lock:
@@ -689,6 +732,10 @@ class PostgresBroker(dramatiq.Broker):
             except Exception as exc:  # closing goes on: the leases expire and the reaper takes over
                 logger.warning("queue %s: could not settle outcomes while closing (%s); leases will expire",
                                queue_name, db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else exc)
+        with self._notifier_lock:
+            notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.stop()
         self._pool.close()
 
     def reconfigure(self, url: str) -> None:
@@ -697,6 +744,10 @@ class PostgresBroker(dramatiq.Broker):
             self._url = url
         old, self._pool = self._pool, db.Pool(self.url, self.settings.pool_size)
         old.close()
+        with self._notifier_lock:
+            notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.stop()  # the next consumer listens on the new database
 
     # -- declaring --------------------------------------------------------
 
@@ -990,8 +1041,8 @@ class PostgresBroker(dramatiq.Broker):
 class _PostgresConsumer(dramatiq.Consumer):
     """Claims and keeps leases for one queue on one connection; settles on another.
 
-    Only the consumer thread runs SQL on its connection (claims, LISTEN,
-    heartbeats, the reaper). Worker threads hand their outcomes to the queue
+    Only the consumer thread runs SQL on its connection (claims, heartbeats,
+    the reaper); the process's notifier listens for it. Worker threads hand their outcomes to the queue
     state; a settler thread writes them with its own connection, so a claim
     never waits behind a settle, and wakes the consumer through a pipe when
     slots are free again.
@@ -1028,8 +1079,10 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def _connect(self) -> None:
         self.conn = _claims_connection(self.broker, f"controlplane-worker:{self.queue_name}")
+        # Wake-ups come through the process's notifier (one LISTEN per process, not per queue:
+        # PostgreSQL signals every listening connection at every notifying send).
+        self.broker._listen()
         with self.conn.cursor() as cur:
-            cur.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
             # What its actors' senders may not know: their priority and attempts (migration 0015).
             declared = self.broker.declared_actors(self.queue_name)
             if declared["actors"]:
@@ -1282,22 +1335,20 @@ class _PostgresConsumer(dramatiq.Consumer):
         self._waiting = waiting
 
     def _wait(self, seconds: float) -> None:
-        # A NOTIFY that arrived while the last statement ran was read off the socket
-        # with its result and already sits in conn.notifies: select() would not see it.
-        if self.conn.notifies:
-            seconds = 0.0
-        readable, _, _ = select.select([self.conn, self.state.wake_r], [], [], seconds)
-        if self.state.wake_r in readable:
+        # The pipe is written by the settler (slots freed) and by the notifier (a NOTIFY for
+        # this queue), each after setting what it has to say: a wake-up given while this
+        # thread ran a statement is still in the pipe, and select() returns at once.
+        readable, _, _ = select.select([self.state.wake_r], [], [], seconds)
+        if readable:
             self.state.drain_wake()
-        if self.conn in readable:
-            self.conn.poll()
-        if self.conn.notifies:
-            if any(n.payload == self.queue_name for n in self.conn.notifies):
-                self._notified = True
+        with self.state.lock:
+            notified, cancel_heard = self.state.notified, self.state.cancel_heard
+            self.state.notified = self.state.cancel_heard = False
+        if notified:
+            self._notified = True
+        if cancel_heard:
             # control_plane.cancel_job: heartbeat now, which finds the cancelled messages we hold.
-            if any(n.payload == queries.CANCEL_NOTIFY_PREFIX + self.queue_name for n in self.conn.notifies):
-                self._next_heartbeat = 0.0
-            self.conn.notifies.clear()
+            self._next_heartbeat = 0.0
 
     def _claim(self, limit: int) -> int:
         token = str(uuid.uuid4())
@@ -1566,6 +1617,77 @@ def _claims_connection(broker: PostgresBroker, application_name: str) -> Any:
         conn.close()
         raise
     return conn
+
+
+class _Notifier(threading.Thread):
+    """The process's one ``LISTEN`` connection, waking its consumers by the NOTIFY's payload.
+
+    PostgreSQL signals every connection listening in the database at each notifying
+    commit, whatever the channel, and each reads the notification queue: about 12 µs
+    of the server's CPU per listener per send here (``python -m bench.listeners_cost``).
+    A consumer per queue listening on its own connection made that queues times processes
+    listeners; this makes it one per process, as Oban and River listen once per node.
+    A lost connection is retried with a backoff; while it is down the consumers poll
+    (``CONTROLPLANE_POLL_INTERVAL``), and once it listens again every consumer looks
+    at its queue, so nothing sent meanwhile waits for a poll.
+    """
+
+    def __init__(self, broker: PostgresBroker) -> None:
+        super().__init__(name="controlplane-notifier", daemon=True)
+        self.broker = broker
+        self._stop_r, self._stop_w = os.pipe()
+        #: Set while the connection listens (tests wait on it).
+        self.listening = threading.Event()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        self.join(timeout=5)
+
+    def _stopped(self, seconds: float = 0.0) -> bool:
+        readable, _, _ = select.select([self._stop_r], [], [], seconds)
+        return bool(readable)
+
+    def run(self) -> None:
+        delay = 0.0
+        while not self._stopped(delay):
+            conn = None
+            try:
+                conn = db.connect(self.broker.url(), autocommit=True, application_name="controlplane-worker:listen")
+                with conn.cursor() as cur:
+                    cur.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
+                self.listening.set()
+                if delay:
+                    logger.info("listening for wake-ups again")
+                delay = 0.0
+                self.broker._hear_everything()
+                self._listen(conn)
+                return
+            except (psycopg2.Error, OSError, ValueError) as exc:  # (ValueError: select on a closed one)
+                self.listening.clear()
+                if not delay:
+                    logger.warning("lost the connection that listens for wake-ups (%s); consumers poll "
+                                   "every %ss until it is back", db.loggable_error(exc) if isinstance(
+                                       exc, psycopg2.Error) else exc, self.broker.settings.poll_interval)
+                delay = min(max(delay * 2, 0.1), 5.0)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+
+    def _listen(self, conn: Any) -> None:
+        """Hand each NOTIFY to the broker until stopped; raise when the connection ends."""
+        while True:
+            readable, _, _ = select.select([conn, self._stop_r], [], [])
+            if self._stop_r in readable:
+                return
+            conn.poll()
+            if conn.closed or (conn.notices and conn.notices[-1].startswith("FATAL:")):
+                raise psycopg2.OperationalError("the server ended the session")
+            if conn.notifies:
+                payloads = [n.payload for n in conn.notifies]
+                conn.notifies.clear()
+                self.broker._hear(payloads)
 
 
 class _Settler(threading.Thread):

@@ -854,32 +854,58 @@ def test_a_cancel_committed_while_a_retry_is_being_written_keeps_the_job_out_of_
         consumer.close()
 
 
-def test_a_notify_read_during_a_statement_wakes_the_consumer_at_once(
+def test_a_notify_heard_while_the_consumer_was_busy_wakes_it_at_once(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given an idle consumer whose connection already read a NOTIFY off the socket (as
-    # happens when it arrives while a claim or a heartbeat runs)
+    # Given an idle consumer, and a send NOTIFYing its queue while the consumer is not waiting
+    # (the process's notifier hears it, as when it arrives while a claim or a heartbeat runs)
     consumer = _broker().consume("default", prefetch=1, timeout=1000)
     try:
         assert next(consumer) is None  # nothing to do: it claimed nothing and waited
         actors.noop.send(1)
-        wait_for(lambda: consumer.conn.poll() or consumer.conn.notifies, what="the NOTIFY")
+        wait_for(lambda: consumer.state.notified, what="the notifier hearing the NOTIFY")
         # When it waits
         broker_module = sys.modules["tasks.broker"]  # (tasks.broker, the attribute, is the broker)
-        timeouts: list[float] = []
+        woken: list[Any] = []
         real_select = broker_module.select.select
 
         def recording_select(r: Any, w: Any, x: Any, timeout: float) -> Any:
-            timeouts.append(timeout)
-            return real_select(r, w, x, timeout)
+            got = real_select(r, w, x, timeout)
+            woken.append(got[0])
+            return got
 
         monkeypatch.setattr(broker_module.select, "select", recording_select)
         consumer._wait(30.0)
-        # Then it does not sleep on the socket, and knows the queue has work
-        assert timeouts == [0.0]
+        # Then its pipe was readable already (it did not sleep), and it knows the queue has work
+        assert woken == [[consumer.state.wake_r]]
         assert consumer._notified
     finally:
         consumer.close()
+
+
+def test_one_connection_per_process_listens_for_every_queue_and_comes_back_when_cut(db_url: str) -> None:
+    broker = _broker()
+    # Given consumers of three queues in one process
+    consumers = [broker.consume(queue, prefetch=1, timeout=200) for queue in ("default", "slow", "other")]
+    try:
+        for consumer in consumers:
+            assert next(consumer) is None
+        listening = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+        # Then one connection listens, not one per queue (each listener costs every notifying send)
+        (listener,) = wait_for(lambda: query(db_url, listening) or None, what="a listening connection")
+        # And when the server ends that session
+        query(db_url, "SELECT pg_terminate_backend(%s)", (listener["pid"],))
+        # Then another connection listens, and a send to each queue wakes its consumer
+        wait_for(lambda: [r for r in query(db_url, listening) if r["pid"] != listener["pid"]] or None,
+                 what="listening again")  # fmt: skip
+        for consumer in consumers:
+            with consumer.state.lock:
+                consumer.state.notified = False
+        actors.noop.send(1)
+        wait_for(lambda: consumers[0].state.notified, what="the wake-up of the default queue")
+    finally:
+        for consumer in consumers:
+            consumer.close()
 
 
 def _held(db_url: str) -> int:
