@@ -1619,6 +1619,10 @@ def _claims_connection(broker: PostgresBroker, application_name: str) -> Any:
     return conn
 
 
+#: The longest wait between two tries of the notifier to listen again (it starts at 0.1 s, doubling).
+_NOTIFIER_MAX_BACKOFF = 6.4
+
+
 class _Notifier(threading.Thread):
     """The process's one ``LISTEN`` connection, waking its consumers by the NOTIFY's payload.
 
@@ -1627,7 +1631,7 @@ class _Notifier(threading.Thread):
     of the server's CPU per listener per send here (``python -m bench.listeners_cost``).
     A consumer per queue listening on its own connection made that queues times processes
     listeners; this makes it one per process, as Oban and River listen once per node.
-    A lost connection is retried with a backoff; while it is down the consumers poll
+    A lost connection is retried with a backoff (0.1 s doubling to 6.4 s); while it is down the consumers poll
     (``CONTROLPLANE_POLL_INTERVAL``), and once it listens again every consumer looks
     at its queue, so nothing sent meanwhile waits for a poll.
     """
@@ -1642,19 +1646,31 @@ class _Notifier(threading.Thread):
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
-        self.join(timeout=5)
+        self.join(timeout=5)  # (it closes its pipe as it ends)
 
     def _stopped(self, seconds: float = 0.0) -> bool:
         readable, _, _ = select.select([self._stop_r], [], [], seconds)
         return bool(readable)
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            for fd in (self._stop_r, self._stop_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _run(self) -> None:
         delay = 0.0
         while not self._stopped(delay):
             conn = None
             try:
                 conn = db.connect(self.broker.url(), autocommit=True, application_name="controlplane-worker:listen")
                 with conn.cursor() as cur:
+                    # It never runs a statement once listening: a DBA's idle_session_timeout (for the
+                    # apps' idle sessions) would end it again and again.
+                    with contextlib.suppress(psycopg2.errors.UndefinedObject):  # (before PostgreSQL 14)
+                        cur.execute("SET idle_session_timeout = 0")
                     cur.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
                 self.listening.set()
                 if delay:
@@ -1665,11 +1681,13 @@ class _Notifier(threading.Thread):
                 return
             except (psycopg2.Error, OSError, ValueError) as exc:  # (ValueError: select on a closed one)
                 self.listening.clear()
-                if not delay:
-                    logger.warning("lost the connection that listens for wake-ups (%s); consumers poll "
-                                   "every %ss until it is back", db.loggable_error(exc) if isinstance(
-                                       exc, psycopg2.Error) else exc, self.broker.settings.poll_interval)
-                delay = min(max(delay * 2, 0.1), 5.0)
+                longer = min(max(delay * 2, 0.1), _NOTIFIER_MAX_BACKOFF)
+                if not delay or (longer == _NOTIFIER_MAX_BACKOFF > delay):  # as it goes, and once if it stays away
+                    logger.warning("%s the connection that listens for wake-ups (%s); consumers poll every %ss "
+                                   "until it is back", "lost" if not delay else "still cannot open",
+                                   db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else exc,
+                                   self.broker.settings.poll_interval)
+                delay = longer
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):
@@ -1683,7 +1701,9 @@ class _Notifier(threading.Thread):
                 return
             conn.poll()
             if conn.closed or (conn.notices and conn.notices[-1].startswith("FATAL:")):
-                raise psycopg2.OperationalError("the server ended the session")
+                # The server's last words (terminated by an administrator, a timeout, shutting down).
+                said = conn.notices[-1].strip() if conn.notices else "the server ended the session"
+                raise psycopg2.OperationalError(said)
             if conn.notifies:
                 payloads = [n.payload for n in conn.notifies]
                 conn.notifies.clear()

@@ -908,6 +908,38 @@ def test_one_connection_per_process_listens_for_every_queue_and_comes_back_when_
             consumer.close()
 
 
+def test_the_listening_connection_outlives_a_dbas_idle_session_timeout_and_closes_its_pipe(db_url: str) -> None:
+    # Given a DBA's idle_session_timeout of 1 s on the database (meant for the apps' idle sessions)
+    name = query(db_url, "SELECT current_database() AS d")[0]["d"]
+    query(db_url, f"ALTER DATABASE {name} SET idle_session_timeout = '1s'")
+    broker = _broker()
+    consumer = broker.consume("default", prefetch=1, timeout=100)
+    notifier = broker._notifier
+    assert notifier is not None
+    pipe = {fd: os.fstat(fd).st_ino for fd in (notifier._stop_r, notifier._stop_w)}
+    try:
+        assert next(consumer) is None
+        listening = "SELECT pid FROM pg_stat_activity WHERE application_name = 'controlplane-worker:listen'"
+        (listener,) = wait_for(lambda: query(db_url, listening) or None, what="a listening connection")
+        # When the consumer's own connection has sat idle long enough to be ended by it (the
+        # listening one has been idle longer: it listened before the consumer's last statement)
+        own = consumer.conn.get_backend_pid()
+        wait_for(lambda: not query(db_url, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (own,)) or None,
+                 what="the consumer's idle connection ended by the timeout")  # fmt: skip
+        # Then the listening connection is the same one: it is not cut and reopened over and over
+        assert query(db_url, listening) == [listener]
+    finally:
+        consumer.close()
+        broker.close()
+    # And a stopped notifier leaves no file descriptor behind (a broker reconfigured per test leaked two):
+    # each is closed, or is another file now
+    for fd, inode in pipe.items():
+        try:
+            assert os.fstat(fd).st_ino != inode, fd
+        except OSError:
+            pass
+
+
 def _held(db_url: str) -> int:
     return int(query(db_url, "SELECT count(*) AS n FROM control_plane.messages WHERE claim_token IS NOT NULL")[0]["n"])
 
