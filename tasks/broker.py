@@ -1640,13 +1640,20 @@ class _Notifier(threading.Thread):
         super().__init__(name="controlplane-notifier", daemon=True)
         self.broker = broker
         self._stop_r, self._stop_w = os.pipe()
+        #: Guards the pipe: closed by the thread as it ends, never written after (its numbers
+        #: may belong to another file by then).
+        self._pipe_lock = threading.Lock()
+        self._pipe_closed = False
         #: Set while the connection listens (tests wait on it).
         self.listening = threading.Event()
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._stop_w, b"x")
-        self.join(timeout=5)  # (it closes its pipe as it ends)
+        with self._pipe_lock:
+            if not self._pipe_closed:
+                with contextlib.suppress(OSError):
+                    os.write(self._stop_w, b"x")
+        if self.is_alive():
+            self.join(timeout=5)
 
     def _stopped(self, seconds: float = 0.0) -> bool:
         readable, _, _ = select.select([self._stop_r], [], [], seconds)
@@ -1656,9 +1663,11 @@ class _Notifier(threading.Thread):
         try:
             self._run()
         finally:
-            for fd in (self._stop_r, self._stop_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            with self._pipe_lock:
+                self._pipe_closed = True
+                for fd in (self._stop_r, self._stop_w):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     def _run(self) -> None:
         delay = 0.0
