@@ -90,6 +90,17 @@ from tasks.db import loggable_error
 from tasks.redaction import redact
 
 RESULTS = ROOT / "bench" / "results"
+
+
+def save_aid_results(kind: str, command: str, args: Any, results: Any, output: Path | None) -> Path:
+    """Write a measurement aid's results (``bench/results/<kind>-<UTC time>.json`` unless
+    ``output``), with its command and arguments; print and return where."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = output or RESULTS / f"{kind}-{stamp}.json"
+    doc = {"command": command, "args": vars(args), "results": results}
+    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"\nresults: {out}")
+    return out
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
 PHASES = ("enqueue", "drain_1x8", "drain_2x8", "latency", "growth", "memory", "provision")
 #: The systems the provision phase runs for: floor is the hand-run SQL, ours is provision_project.

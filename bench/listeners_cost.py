@@ -21,14 +21,13 @@ import select
 import statistics
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 
 import migrations
-from bench.harness import RESULTS
+from bench.harness import save_aid_results
 from bench.procfs import postgres_cpu_seconds
 from bench.scratch import drop_database, fresh_database
 from models import queries
@@ -116,11 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| listening consumers | ms per send | PostgreSQL CPU ms per send |\n|---:|---:|---:|")
     for n, got in results.items():
         print(f"| {n} | {statistics.median(got['wall_ms']):.2f} | {statistics.median(got['postgres_cpu_ms']):.2f} |")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.output or RESULTS / f"listeners-{stamp}.json"
-    out.write_text(json.dumps({"command": "python -m bench.listeners_cost", "args": vars(args), "per_send": results},
-                              indent=2, default=str) + "\n")  # fmt: skip
-    print(f"\nresults: {out}")
+    save_aid_results("listeners", "python -m bench.listeners_cost", args, results, args.output)
 
 
 if __name__ == "__main__":

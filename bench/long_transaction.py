@@ -15,18 +15,16 @@ on a fresh database. Results go to ``bench/results/long-transaction-<UTC time>.j
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 
 import migrations
-from bench.harness import RESULTS
+from bench.harness import save_aid_results
 from bench.scratch import drop_database, fresh_database
 from models import queries
 
@@ -114,11 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"one {got['empty_claim_ms']:.2f} ms", flush=True)  # fmt: skip
     finally:
         drop_database(DATABASE)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.output or RESULTS / f"long-transaction-{stamp}.json"
-    out.write_text(json.dumps({"command": "python -m bench.long_transaction", "args": vars(args), "drains": results},
-                              indent=2, default=str) + "\n")  # fmt: skip
-    print(f"\nresults: {out}")
+    save_aid_results("long-transaction", "python -m bench.long_transaction", args, results, args.output)
 
 
 if __name__ == "__main__":

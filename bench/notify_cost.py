@@ -22,14 +22,13 @@ import multiprocessing
 import statistics
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 
 import migrations
-from bench.harness import RESULTS
+from bench.harness import save_aid_results
 from bench.scratch import drop_database, fresh_database
 from models import queries
 from tasks.prepared import Statement
@@ -108,11 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             rates = results[name][senders]
             cells.append(f"{statistics.median(rates):,.0f} ({', '.join(f'{r:,.0f}' for r in rates)})")
         print(f"| {senders} | " + " | ".join(cells) + " |")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.output or RESULTS / f"notify-{stamp}.json"
-    out.write_text(json.dumps({"command": "python -m bench.notify_cost", "args": vars(args), "sends_per_s": results},
-                              indent=2, default=str) + "\n")  # fmt: skip
-    print(f"\nresults: {out}")
+    save_aid_results("notify", "python -m bench.notify_cost", args, results, args.output)
 
 
 if __name__ == "__main__":

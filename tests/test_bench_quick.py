@@ -226,7 +226,7 @@ def test_the_notify_cost_aid_measures_its_three_variants(server_url: str, tmp_pa
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     # Then every variant sent something at both sizes, and the table names them
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rates = json.loads(output.read_text())["sends_per_s"]
+    rates = json.loads(output.read_text())["results"]
     assert set(rates) == {"NOTIFY always", "NOTIFY a waiting consumer (none)", "no NOTIFY"}
     assert all(rates[v][n][0] > 0 for v in rates for n in ("1", "2"))
     assert "| senders | NOTIFY always |" in done.stdout
