@@ -41,10 +41,25 @@ def database_url(settings: Settings) -> str:
     return embedded_url(settings.home)
 
 
+def gss_off_unless_asked(url: str) -> dict[str, str]:
+    """``gssencmode=disable`` unless the URL or ``PGGSSENCMODE`` sets it.
+
+    libpq's default (``prefer``) first looks for Kerberos credentials, and the Kerberos
+    library bundled with psycopg2-binary is not safe to set up from two threads at once: two
+    connections opened together by two threads crashed a test process (a segmentation fault in
+    ``psycopg2.connect``, twenty-first session; psycopg's issues 1088 and 1213 report the same).
+    A deployment that encrypts with GSSAPI says so in its URL or environment, and keeps it.
+    """
+    if "gssencmode" in url or os.environ.get("PGGSSENCMODE"):
+        return {}
+    return {"gssencmode": "disable"}
+
+
 def connect(url: str, *, autocommit: bool = False, application_name: str = "controlplane") -> Any:
     """A new psycopg2 connection with keepalives, so a dead server is noticed."""
     conn = psycopg2.connect(
         url,
+        **gss_off_unless_asked(url),
         application_name=application_name,
         connect_timeout=10,
         keepalives=1,

@@ -20,6 +20,8 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
+from tasks.db import gss_off_unless_asked
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
@@ -72,7 +74,7 @@ def at_once(call: Callable[[], T], n: int) -> list[T | str]:
 
 def query(url: str, sql: str, params: Any = None) -> list[dict[str, Any]]:
     """Run one statement in autocommit and return its rows as dicts."""
-    conn = psycopg2.connect(url)
+    conn = psycopg2.connect(url, **gss_off_unless_asked(url))  # (tests connect from several threads)
     conn.autocommit = True
     try:
         with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:

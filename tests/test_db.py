@@ -296,3 +296,20 @@ def test_the_socket_directory_is_under_a_tmpdir_the_server_can_reach_and_short_e
     monkeypatch.setattr("tasks.embedded._traversable", lambda directory: True)  # (root: reachable as it is)
     with pytest.raises(EmbeddedServerError, match="set TMPDIR"):
         _socket_dir(pgdata, tmp_path)
+
+
+def test_connections_skip_gssapi_unless_the_url_or_environment_asks_for_it(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libpq's default looks for Kerberos credentials first, and the Kerberos library psycopg2-binary
+    # bundles crashed a process that opened two connections at once from two threads
+    monkeypatch.delenv("PGGSSENCMODE", raising=False)
+    conn = db.connect(db_url)
+    try:
+        assert conn.get_dsn_parameters()["gssencmode"] == "disable"
+    finally:
+        conn.close()
+    # A deployment that asks for GSSAPI encryption keeps it
+    assert db.gss_off_unless_asked(db_url + ("&" if "?" in db_url else "?") + "gssencmode=require") == {}
+    monkeypatch.setenv("PGGSSENCMODE", "require")
+    assert db.gss_off_unless_asked(db_url) == {}

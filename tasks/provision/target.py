@@ -83,6 +83,7 @@ def session(settings: Settings, database: str | None = None, *, autocommit: bool
         conn = psycopg2.connect(
             url,
             **other_database,
+            **db.gss_off_unless_asked(url),
             application_name=given.get("application_name") or "controlplane-provision",
             connect_timeout=given.get("connect_timeout") or 10,
             options=f"{given.get('options', '')} {timeouts}".strip(),
