@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.queries import INT_RANGE
 from tasks.errors import ConfigurationError
 
 #: The services a project can be registered with, in registration order.
@@ -106,7 +107,7 @@ MAX_DELAY_MS = 100 * 365 * 24 * 3600 * 1000
 #: No actor, message or setting may ask for more.
 UNLIMITED_ATTEMPTS = 1_000_000_000
 #: PostgreSQL's int: a timeout or connection limit passed to it.
-_MAX_INT = 2**31 - 1
+_MAX_INT = INT_RANGE.stop - 1
 
 
 def _float(env: dict[str, str], name: str, default: float, maximum: float = MAX_SECONDS) -> float:
@@ -154,7 +155,8 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0, maximum
 PROVISIONING_QUEUE = "provisioning"
 DEFAULT_QUEUE_CONCURRENCY = {PROVISIONING_QUEUE: 2}
 
-_QUEUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
+#: Dramatiq's pattern for a queue's name.
+QUEUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
 
 
 def _queue_concurrency(env: dict[str, str], name: str) -> dict[str, int]:
@@ -167,7 +169,7 @@ def _queue_concurrency(env: dict[str, str], name: str) -> dict[str, int]:
         return {}
     for entry in raw.split(","):
         queue, sep, value = (part.strip() for part in entry.partition("="))
-        if not sep or not _QUEUE_NAME.fullmatch(queue):
+        if not sep or not QUEUE_NAME.fullmatch(queue):
             raise ConfigurationError(f"{name} must read queue=N,... (or off), got {entry.strip()!r}")
         if value.lower() == "off":
             limits.pop(queue, None)

@@ -26,7 +26,6 @@ broker calls it; under another broker :class:`SendOptionChecks` does), with
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import dramatiq
@@ -34,13 +33,12 @@ from dramatiq.middleware import Middleware
 
 from models.queries import INT_RANGE
 from tasks.errors import InvalidOption
-from tasks.settings import MAX_DELAY_MS, UNLIMITED_ATTEMPTS
+from tasks.settings import MAX_DELAY_MS, QUEUE_NAME, UNLIMITED_ATTEMPTS
 
 #: The longest actor or queue name, in bytes: PostgreSQL's btree entries end at about 2.7 kB,
 #: and the jobs row, the message and ``control_plane.actor_defaults`` index them.
 NAME_MAX_BYTES = 1000
-#: Dramatiq's pattern for queue names, and the suffixes of its delay and dead-letter queues.
-_QUEUE_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
+#: The suffixes of Dramatiq's delay and dead-letter queues.
 _RESERVED_SUFFIXES = (".DQ", ".XQ")
 
 #: Integers the jobs row holds: any in PostgreSQL's int for a priority; attempts from 0 to
@@ -65,7 +63,7 @@ def check_queue_name(name: Any, whose: str = "") -> None:
     """Refuse a queue name no worker could consume: not Dramatiq's pattern, too long, or one of
     Dramatiq's delay or dead-letter queues (``.DQ``, ``.XQ``), whose messages go to the queue
     without the suffix. ``whose``: the actor's, for the error."""
-    if not isinstance(name, str) or not _QUEUE_NAME.fullmatch(name):
+    if not isinstance(name, str) or not QUEUE_NAME.fullmatch(name):
         raise InvalidOption(
             f"{whose}the queue name {name!r} is not one: a letter or _ first, then letters, digits, '.', '_' or '-'"
         )

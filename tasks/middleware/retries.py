@@ -55,8 +55,6 @@ class _RedactedTracebacks:
 setattr(dramatiq_retries, "traceback", _RedactedTracebacks())  # noqa: B010 (Dramatiq does not export it)
 
 
-
-
 def _as_attempts(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
