@@ -502,6 +502,15 @@ class _QueueState:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self.wake_w, b"x")
 
+    def hear(self, *, cancel: bool = False) -> None:
+        """The notifier heard this queue named: a send (look at the queue), or a cancel (heartbeat now)."""
+        with self.lock:
+            if cancel:
+                self.cancel_heard = True
+            else:
+                self.notified = True
+        self.wake()
+
     def drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self.wake_r, 4096):
@@ -679,14 +688,8 @@ class PostgresBroker(dramatiq.Broker):
             queue_name = payload[len(queries.CANCEL_NOTIFY_PREFIX):] if cancel else payload
             with self._states_lock:
                 state = self._states.get(queue_name)
-            if state is None:
-                continue  # a queue no consumer of this process reads
-            with state.lock:
-                if cancel:
-                    state.cancel_heard = True
-                else:
-                    state.notified = True
-            state.wake()
+            if state is not None:  # (else a queue no consumer of this process reads)
+                state.hear(cancel=cancel)
 
     def _hear_everything(self) -> None:
         """The notifier (re)started listening: what was sent meanwhile went unheard, so every
@@ -694,9 +697,14 @@ class PostgresBroker(dramatiq.Broker):
         with self._states_lock:
             states = list(self._states.values())
         for state in states:
-            with state.lock:
-                state.notified = True
-            state.wake()
+            state.hear()
+
+    def _stop_listening(self) -> None:
+        """Stop the process's notifier; the next consumer to connect starts another."""
+        with self._notifier_lock:
+            notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.stop()
 
     def state(self, queue_name: str) -> _QueueState:
         with self._states_lock:
@@ -732,10 +740,7 @@ class PostgresBroker(dramatiq.Broker):
             except Exception as exc:  # closing goes on: the leases expire and the reaper takes over
                 logger.warning("queue %s: could not settle outcomes while closing (%s); leases will expire",
                                queue_name, db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else exc)
-        with self._notifier_lock:
-            notifier, self._notifier = self._notifier, None
-        if notifier is not None:
-            notifier.stop()
+        self._stop_listening()
         self._pool.close()
 
     def reconfigure(self, url: str) -> None:
@@ -744,10 +749,7 @@ class PostgresBroker(dramatiq.Broker):
             self._url = url
         old, self._pool = self._pool, db.Pool(self.url, self.settings.pool_size)
         old.close()
-        with self._notifier_lock:
-            notifier, self._notifier = self._notifier, None
-        if notifier is not None:
-            notifier.stop()  # the next consumer listens on the new database
+        self._stop_listening()  # the next consumer listens on the new database
 
     # -- declaring --------------------------------------------------------
 
@@ -1709,10 +1711,9 @@ class _Notifier(threading.Thread):
             if self._stop_r in readable:
                 return
             conn.poll()
-            if conn.closed or (conn.notices and conn.notices[-1].startswith("FATAL:")):
-                # The server's last words (terminated by an administrator, a timeout, shutting down).
-                said = conn.notices[-1].strip() if conn.notices else "the server ended the session"
-                raise psycopg2.OperationalError(said)
+            last_words = db.ended_by_server(conn)  # (terminated by an administrator, a timeout, a shutdown)
+            if conn.closed or last_words:
+                raise psycopg2.OperationalError(last_words or "the server ended the session")
             if conn.notifies:
                 payloads = [n.payload for n in conn.notifies]
                 conn.notifies.clear()

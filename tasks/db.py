@@ -146,6 +146,14 @@ def connection_is_usable(conn: Any) -> bool:
     return bool(status != psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN)
 
 
+def ended_by_server(conn: Any) -> str | None:
+    """The server's last words when it has ended the session (a ``FATAL`` message, which
+    psycopg2 keeps as a notice without closing the connection), else None."""
+    if conn.notices and conn.notices[-1].startswith("FATAL:"):
+        return str(conn.notices[-1]).strip()
+    return None
+
+
 def idle_connection_is_alive(conn: Any) -> bool:
     """True when an idle connection is still usable, without a round trip.
 
@@ -165,7 +173,7 @@ def idle_connection_is_alive(conn: Any) -> bool:
             if not readable:
                 break
             conn.poll()
-            if conn.notices and conn.notices[-1].startswith("FATAL:"):
+            if ended_by_server(conn):
                 return False
     except (psycopg2.Error, OSError, ValueError):
         return False
