@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg2
 from alembic import command
@@ -25,6 +27,18 @@ def _drop_roles(url: str, *roles: str) -> None:
     db = psycopg2.extensions.parse_dsn(url)["dbname"]
     for role in roles:
         query(url, f'REVOKE ALL ON DATABASE "{db}" FROM {role}; DROP OWNED BY {role}; DROP ROLE {role}')
+
+
+@contextmanager
+def _login_roles(url: str, *kinds: str) -> Iterator[list[str]]:
+    """Login roles named ``cp_<kind>_<suffix>`` for a test, dropped after it (``_drop_roles``)."""
+    suffix = uuid.uuid4().hex[:12]
+    roles = [f"cp_{kind}_{suffix}" for kind in kinds]
+    query(url, "; ".join(f"CREATE ROLE {role} LOGIN" for role in roles))
+    try:
+        yield roles
+    finally:
+        _drop_roles(url, *roles)
 
 
 def test_migrate_creates_tables_and_views_and_is_idempotent(empty_db: str) -> None:
@@ -99,12 +113,9 @@ def test_migrated_schema_matches_the_models(db_url: str) -> None:
 def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_control_plane(empty_db: str) -> None:
     # Given a database at the revision before, a role an operator granted the control plane to,
     # and a role with no business there (as a tenant's app role is)
-    suffix = uuid.uuid4().hex[:12]
-    reader, stranger = f"cp_reader_{suffix}", f"cp_stranger_{suffix}"
     migrations.upgrade(empty_db, "0008")
-    try:
-        query(empty_db, f"CREATE ROLE {reader} LOGIN; CREATE ROLE {stranger} LOGIN; "
-                        f"GRANT USAGE ON SCHEMA control_plane TO {reader}")  # fmt: skip
+    with _login_roles(empty_db, "reader", "stranger") as (reader, stranger):
+        query(empty_db, f"GRANT USAGE ON SCHEMA control_plane TO {reader}")
         # When it is migrated to head
         migrations.upgrade(empty_db)
 
@@ -118,19 +129,14 @@ def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_contr
         # And downgrading gives PUBLIC its default back
         command.downgrade(migrations.alembic_config(sqlalchemy_url(empty_db)), "0008")
         assert may(stranger, "CONNECT")
-    finally:
-        _drop_roles(empty_db, reader, stranger)
 
 
 def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty_db: str) -> None:
     # Given a database at the revision before, a web app's role that sends (INSERT on the messages)
     # and a worker's role that consumes (UPDATE too), granted the tables by an operator
-    suffix = uuid.uuid4().hex[:12]
-    sender, worker = f"cp_sender_{suffix}", f"cp_worker_{suffix}"
     migrations.upgrade(empty_db, "0014")
-    try:
-        query(empty_db, f"CREATE ROLE {sender} LOGIN; CREATE ROLE {worker} LOGIN; "
-                        f"GRANT USAGE ON SCHEMA control_plane TO {sender}, {worker}; "
+    with _login_roles(empty_db, "sender", "worker") as (sender, worker):
+        query(empty_db, f"GRANT USAGE ON SCHEMA control_plane TO {sender}, {worker}; "
                         f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA control_plane TO {sender}; "
                         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA control_plane "
                         f"TO {worker}")  # fmt: skip
@@ -144,32 +150,27 @@ def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty
 
         assert [may(sender, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, False, False]
         assert [may(worker, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, True, True]
-    finally:
-        _drop_roles(empty_db, sender, worker)
 
 
 def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_stays_open(empty_db: str) -> None:
     # Given a role that may create schemas in the database but does not own it
-    role = f"cp_migrator_{uuid.uuid4().hex[:12]}"
     db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]
-    query(empty_db, f'CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE "{db}" TO {role}')
-    try:
-        from sqlalchemy.engine import make_url
+    with _login_roles(empty_db, "migrator") as (role,):
+        query(empty_db, f'GRANT CREATE ON DATABASE "{db}" TO {role}')
+        try:
+            from sqlalchemy.engine import make_url
 
-        as_role = make_url(empty_db).set(username=role, password=None).render_as_string(hide_password=False)
-        # When it migrates
-        env = {**os.environ, "DATABASE_URL": as_role}
-        done = subprocess.run([sys.executable, "-m", "tasks.cli", "migrate"], env=env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
-        # Then the migration succeeds, and says on stderr that the database is still open to every role
-        assert done.returncode == 0, done.stderr
-        assert "stays open to every role" in done.stderr and "REVOKE CONNECT" in done.stderr
-        assert query(empty_db, "SELECT has_database_privilege('public', current_database(), 'CONNECT') AS open")[0][
-            "open"
-        ]
-    finally:
-        query(empty_db, "DROP SCHEMA IF EXISTS control_plane CASCADE")
-        _drop_roles(empty_db, role)
+            as_role = make_url(empty_db).set(username=role, password=None).render_as_string(hide_password=False)
+            # When it migrates
+            done = _migrate(as_role)
+            # Then the migration succeeds, and says on stderr that the database is still open to every role
+            assert done.returncode == 0, done.stderr
+            assert "stays open to every role" in done.stderr and "REVOKE CONNECT" in done.stderr
+            assert query(empty_db, "SELECT has_database_privilege('public', current_database(), 'CONNECT') AS open")[
+                0
+            ]["open"]
+        finally:
+            query(empty_db, "DROP SCHEMA IF EXISTS control_plane CASCADE")
 
 
 def _migrate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
