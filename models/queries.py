@@ -341,7 +341,7 @@ SELECT id::text, body FROM m ORDER BY priority, eta, id
 #: was written. ``started_ms`` is how long ago the attempt started (null: not
 #: started), measured on the worker's clock but applied to the database's.
 #: Returns the ids applied.
-SETTLE = """
+_SETTLE_CTES = """
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(kinds)s::text[],
                          %(delays)s::bigint[], %(bodies)s::bytea[], %(errors)s::text[],
@@ -381,7 +381,9 @@ WITH t AS (
            j.status = 'running' AS counted,
            CASE WHEN j.status = 'running' THEN j.worker ELSE %(worker)s END AS worker
     FROM a JOIN done ON done.id = a.id JOIN control_plane.jobs AS j ON j.id = a.id
-)
+)"""
+
+_SETTLE_UPDATE = """
 UPDATE control_plane.jobs AS j
    SET status = CASE n.kind WHEN 'ack' THEN 'completed' WHEN 'nack' THEN 'failed'
                             WHEN 'cancel' THEN 'cancelled' WHEN 'start' THEN 'running' ELSE 'pending' END,
@@ -405,6 +407,22 @@ FROM n
 WHERE j.id = n.id AND (n.kind <> 'start' OR NOT n.counted)
 RETURNING j.id::text
 """
+
+SETTLE = _SETTLE_CTES + _SETTLE_UPDATE
+
+#: SETTLE for a batch that carries results for the results backend (``store_results``):
+#: each is stored with its job's outcome, in the same statement, so a caller that
+#: ``get_result`` answers reads ``control_plane.jobs`` already ended (and its unique key
+#: free), and a result whose outcome was not written (a lost lease) is not stored. Apart,
+#: so that the batches without results, nearly all, take no lock on ``results``.
+SETTLE_STORING_RESULTS = _SETTLE_CTES + """, stored AS (
+    INSERT INTO control_plane.results (key, value, expires_at)
+    SELECT s.key, s.value, now() + make_interval(secs => s.ttl_ms / 1000.0)
+    FROM unnest(%(result_ids)s::uuid[], %(result_keys)s::text[], %(result_values)s::bytea[],
+                %(result_ttls)s::bigint[]) AS s(id, key, value, ttl_ms)
+    JOIN done ON done.id = s.id
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+)""" + _SETTLE_UPDATE  # noqa: S608 (joined from this module's constants only, no input)
 
 #: Give back messages this worker holds but will not finish (graceful shutdown,
 #: consumer restart). ``started`` true means an attempt ran and was interrupted:

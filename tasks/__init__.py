@@ -49,7 +49,7 @@ from tasks.middleware import (
 )
 from tasks.rate_limits import PostgresRateLimiterBackend
 from tasks.redaction import redact
-from tasks.results import PostgresBackend
+from tasks.results import FailureWithOutcome, PostgresBackend
 from tasks.settings import Settings
 
 
@@ -157,6 +157,8 @@ def _middleware() -> list[Middleware]:
         JobsMirror(connection),
         # the results backend, in control_plane.results
         Results(backend=PostgresBackend(connection), result_ttl=settings.result_ttl_ms),
+        # a failure's result stored before its nack, to go with its outcome
+        FailureWithOutcome(),
         # interrupt attempts that run past their time_limit (Dramatiq's; 10 min default). Near
         # the end, so its after hook clears the deadline before the others run: a slow results
         # or mirror write after the actor returned must not be interrupted as if the job ran over

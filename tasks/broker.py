@@ -68,6 +68,7 @@ _ENQUEUE = Statement("control_plane_enqueue", queries.ENQUEUE)
 _ENQUEUE_PLAIN = Statement("control_plane_enqueue_plain", queries.ENQUEUE_PLAIN)
 _ENQUEUE_ONE = Statement("control_plane_enqueue_one", queries.ENQUEUE_ONE)
 _SETTLE = Statement("control_plane_settle", queries.SETTLE)
+_SETTLE_STORING_RESULTS = Statement("control_plane_settle_storing", queries.SETTLE_STORING_RESULTS)
 _CLAIMS: dict[int, Statement] = {}
 
 #: Jobs shorter than this on average let a consumer hold ``burst_prefetch`` times more messages.
@@ -111,6 +112,9 @@ def _claim_size(free: int) -> int:
 #: How long one reap may spend sending the failure hooks of the jobs it ended (each waits
 #: 1 s at most for a lock): its thread heartbeats, and the leases it keeps must not expire.
 REAPED_HOOKS_SECONDS = 2.0
+
+#: A result for the results backend as the settler stores it: key, encoded value, ttl in ms.
+StoredResult = tuple[str, bytes, int]
 
 
 def _claim_statement(size: int) -> Statement:
@@ -435,6 +439,10 @@ class PgMessageProxy(dramatiq.MessageProxy):
         #: Set by the JobsMirror middleware.
         self.result_json: str | None = None
         self.error_text: str | None = None
+        #: Set by the results backend: (key, encoded value, ttl ms), stored with the outcome.
+        self.stored_result: StoredResult | None = None
+        #: Set when its outcome is handed to the settler: a result stored later is written apart.
+        self.settled = False
         #: Set by the Cancellation middleware when an operator cancels this message.
         self.cancel_requested = False
         #: When a worker thread started it (monotonic seconds; 0: not started).
@@ -463,6 +471,8 @@ class _Outcome:
     result_json: str | None = None
     #: When a worker thread started the attempt (monotonic seconds; 0: it never started).
     started_mono: float = 0.0
+    #: For the results backend, stored by the same SETTLE (key, encoded value, ttl ms).
+    stored_result: StoredResult | None = None
 
 
 @dataclass
@@ -1107,6 +1117,7 @@ class _PostgresConsumer(dramatiq.Consumer):
     def ack(self, message: dramatiq.MessageProxy) -> None:
         assert isinstance(message, PgMessageProxy)
         self._observe(message)
+        message.settled = True
         if message.retry_delay_ms is not None:
             options = message.options
             options.pop("traceback", None)  # tracebacks may quote secrets; errors are kept in the mirror
@@ -1126,17 +1137,20 @@ class _PostgresConsumer(dramatiq.Consumer):
                 message.claim_token,
                 result_json=message.result_json,
                 started_mono=message.started_mono,
+                stored_result=message.stored_result,
             )
         self._hand_over(outcome)
 
     def nack(self, message: dramatiq.MessageProxy) -> None:
         assert isinstance(message, PgMessageProxy)
         self._observe(message)
+        message.settled = True
         error = message.error_text or _describe(message) or "rejected by middleware"
         # An attempt interrupted by control_plane.cancel_job ends its job cancelled, not failed.
         kind = "cancel" if isinstance(message._exception, Cancelled) else "nack"
         self._hand_over(
-            _Outcome(kind, message.message_id, message.claim_token, error=error, started_mono=message.started_mono)
+            _Outcome(kind, message.message_id, message.claim_token, error=error, started_mono=message.started_mono,
+                     stored_result=message.stored_result)
         )
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
@@ -1406,6 +1420,27 @@ class _PostgresConsumer(dramatiq.Consumer):
                 dataclasses.replace(o, result_json=None, error=storable_text(o.error) if o.error else o.error)
                 for o in self.state.outcomes
             ]
+
+    def _results_apart(self) -> None:
+        """Take the waiting outcomes' results out of the next SETTLE and store them now, apart.
+
+        After a SETTLE failed for another reason than a lost connection or a rollback
+        (a role that may not write ``control_plane.results``, say): the outcomes must not
+        wait on the results table. Their callers then see a result before the outcome, as
+        a result too big to go with its outcome is seen; one that cannot be stored is logged.
+        """
+        with self.state.lock:
+            apart = [o.stored_result for o in self.state.outcomes if o.stored_result is not None]
+            if not apart:
+                return
+            self.state.outcomes = [dataclasses.replace(o, stored_result=None) for o in self.state.outcomes]
+        for key, value, ttl in apart:
+            try:
+                with self.broker.connection() as conn, conn.cursor() as cur:
+                    cur.execute(queries.RESULT_STORE, {"key": key, "value": psycopg2.Binary(value), "ttl_ms": ttl})
+            except psycopg2.Error as exc:
+                logger.error("could not store a result for the results backend (%s); its caller waits out "
+                             "its timeout", db.loggable_error(exc))
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -1790,8 +1825,10 @@ class _Settler(threading.Thread):
                     logger.error("settling outcomes: a value was refused (%s); retrying without their results",
                                  db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else type(exc).__name__)
                     self.consumer._plain_outcomes()
+                    self.consumer._results_apart()
                 elif isinstance(exc, psycopg2.Error):  # its text would quote the statement's values
                     logger.error("settling outcomes failed (%s); retrying", db.loggable_error(exc))
+                    self.consumer._results_apart()
                 else:
                     logger.exception("settling outcomes failed; retrying")
                 with self.state.settle_cond:
@@ -1835,9 +1872,17 @@ def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
         "started_ms": _int_array([int((now - o.started_mono) * 1000) if o.started_mono else None for o in rows]),
         "worker": broker.worker_id,
     }
+    stored = [(o.message_id, o.stored_result) for o in rows if o.stored_result is not None]
+    statement = _SETTLE
+    if stored:
+        statement = _SETTLE_STORING_RESULTS
+        params["result_ids"] = _text_array([message_id for message_id, _ in stored])
+        params["result_keys"] = _text_array([key for _, (key, _, _) in stored])
+        params["result_values"] = [psycopg2.Binary(value) for _, (_, value, _) in stored]
+        params["result_ttls"] = _int_array([ttl for _, (_, _, ttl) in stored])
     try:
         with conn.cursor() as cur:
-            _SETTLE.execute(cur, params, prepare=broker.settings.prepared_statements)
+            statement.execute(cur, params, prepare=broker.settings.prepared_statements)
             applied = {row[0] for row in cur.fetchall()}
     except Exception:
         # Keep the outcomes and the start marks for the next try (or the next consumer),

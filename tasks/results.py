@@ -1,7 +1,10 @@
 """A PostgreSQL results backend, so ``message.get_result(block=True)`` works.
 
-Results live in ``control_plane.results`` with an expiry; they are written on
-pooled connections (the Postgres broker's, or ``tasks.connection``), or with
+Results live in ``control_plane.results`` with an expiry. A worker of the
+Postgres broker stores a job's result (a failure too: :class:`FailureWithOutcome`)
+in the settle statement that writes the job's outcome: when ``get_result``
+answers, ``control_plane.jobs`` already shows the job ended, its unique key free.
+Other results are written on pooled connections (``tasks.connection``), or with
 :meth:`PostgresBackend.store_in` in a transaction of the caller's, which
 delivers them at its commit.
 """
@@ -9,24 +12,33 @@ delivers them at its commit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+import dramatiq
 import psycopg2
 from dramatiq import Message
-from dramatiq.results import ResultBackend, ResultTimeout
+from dramatiq.middleware import Middleware
+from dramatiq.results import ResultBackend, Results, ResultTimeout
 from dramatiq.results.backend import DEFAULT_TIMEOUT, Missing
 from dramatiq.results.result import wrap_exception
 
 from models import queries
-from tasks.broker import PostgresBroker
+from tasks.broker import PgMessageProxy, PostgresBroker
 from tasks.errors import NotSerializable
 from tasks.redaction import persistable
 
 #: The connection :meth:`PostgresBackend.store_in` stores with (None: a pooled one of its own).
 _store_with: ContextVar[Any] = ContextVar("controlplane_results_store_with", default=None)
+#: The claimed message whose outcome the result goes with (None: written at once).
+_store_on: ContextVar[PgMessageProxy | None] = ContextVar("controlplane_results_store_on", default=None)
+
+#: A result whose encoding is longer than this is written at once, before its job's
+#: outcome, not by the settle statement: the statement also ends the other jobs of its
+#: queue, which a big value would hold up (a 50 MB one did for seconds).
+MAX_SETTLED_RESULT_BYTES = 256 * 1024
 
 #: A blocked ``get_result`` looks again after 5 ms, then twice as long each time, 250 ms at most.
 FIRST_LOOK_SECONDS = 0.005
@@ -78,12 +90,21 @@ class PostgresBackend(ResultBackend):
         return self.encoder.decode(bytes(row[0]))
 
     def _store(self, message_key: str, result: Any, ttl: int) -> None:
+        value = self.encoder.encode(result)
         conn = _store_with.get()
+        claimed = _store_on.get()
+        if conn is None and claimed is not None:
+            if claimed.settled:
+                if claimed.stored_result is not None and claimed.stored_result[0] == message_key:
+                    return  # stored before its nack (FailureWithOutcome), and written with it
+            elif len(value) <= MAX_SETTLED_RESULT_BYTES:
+                claimed.stored_result = (message_key, value, ttl)
+                return
         if conn is not None:
-            self._write(conn, message_key, result, ttl)
+            self._write(conn, message_key, value, ttl)
             return
         with self._connection() as conn:
-            self._write(conn, message_key, result, ttl)
+            self._write(conn, message_key, value, ttl)
 
     def store_result(self, message: Message[Any], result: Any, ttl: int) -> None:
         """Store ``message``'s return value; one JSON cannot hold is stored as a ``NotSerializable`` failure.
@@ -92,7 +113,8 @@ class PostgresBackend(ResultBackend):
         for a job that completed; it gets a ``ResultFailure`` saying why instead.
         """
         try:
-            super().store_result(message, result, ttl)  # the encoding comes before any write
+            with _with_outcome(message):
+                super().store_result(message, result, ttl)  # the encoding comes before any write
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             refused = NotSerializable(
                 f"the return value of {message.actor_name} cannot be stored as a result: {type(exc).__name__}: {exc}"
@@ -103,7 +125,8 @@ class PostgresBackend(ResultBackend):
         """Store the failure with its message redacted, as ``control_plane.jobs.last_error`` holds it."""
         wrapped = wrap_exception(exception)
         wrapped["exn"]["msg"] = persistable(wrapped["exn"]["msg"])
-        self._store(self.build_message_key(message), wrapped, ttl)
+        with _with_outcome(message):
+            self._store(self.build_message_key(message), wrapped, ttl)
 
     def store_in(self, conn: Any, message: Message[Any], outcome: Any, ttl: int) -> None:
         """Store ``message``'s result, or the exception when ``outcome`` is one, with ``conn``.
@@ -120,9 +143,36 @@ class PostgresBackend(ResultBackend):
         finally:
             _store_with.reset(token)
 
-    def _write(self, conn: Any, message_key: str, result: Any, ttl: int) -> None:
+    def _write(self, conn: Any, message_key: str, value: bytes, ttl: int) -> None:
         with conn.cursor() as cur:
-            cur.execute(
-                queries.RESULT_STORE,
-                {"key": message_key, "value": psycopg2.Binary(self.encoder.encode(result)), "ttl_ms": ttl},
-            )
+            cur.execute(queries.RESULT_STORE, {"key": message_key, "value": psycopg2.Binary(value), "ttl_ms": ttl})
+
+
+@contextmanager
+def _with_outcome(message: Message[Any]) -> Iterator[None]:
+    """Within it, a result of ``message`` goes with its outcome if it is a claimed message not settled yet."""
+    if not isinstance(message, PgMessageProxy):
+        yield
+        return
+    token = _store_on.set(message)
+    try:
+        yield
+    finally:
+        _store_on.reset(token)
+
+
+class FailureWithOutcome(Middleware):
+    """Stores a failed job's exception before the Postgres broker takes its nack, not after.
+
+    Dramatiq's ``Results`` stores it in ``after_nack``, once the broker has the outcome,
+    which its settler may have written already. Stored here, the failure goes with the
+    outcome, as a return value does; ``Results.after_nack`` then finds it there and
+    writes nothing. (A subclass of ``Results`` would do it too, but Dramatiq's worker
+    looks for ``Results`` by its exact type, and warns at every return value without it.)
+    """
+
+    def before_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        if isinstance(message, PgMessageProxy):
+            for middleware in broker.middleware:
+                if isinstance(middleware, Results):
+                    middleware.after_nack(broker, message)

@@ -20,6 +20,7 @@ from typing import Any
 import dramatiq
 import psycopg2
 import pytest
+from dramatiq.results import Results
 
 import tasks
 from models import queries
@@ -312,7 +313,7 @@ def test_a_method_set_on_a_middleware_instance_is_called(db_url: str) -> None:
     # Given a middleware whose class has no after_enqueue, after the event table was built
     broker = _broker()
     actors.noop.send(0)
-    results = next(m for m in broker.middleware if type(m).__name__ == "Results")
+    results = next(m for m in broker.middleware if isinstance(m, Results))
     assert "after_enqueue" not in type(results).__dict__
     calls: list[str] = []
     # When a test double is set on the instance

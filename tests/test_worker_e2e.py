@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -9,11 +10,12 @@ import signal
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import dramatiq
 import psycopg2
 import pytest
-from dramatiq.results import ResultFailure
+from dramatiq.results import ResultFailure, ResultTimeout
 
 import tasks
 from tasks.broker import PostgresBroker
@@ -105,8 +107,6 @@ def test_results_backend_returns_the_actors_value(db_url: str, tmp_path: Path) -
 def test_a_blocked_get_result_waits_its_whole_timeout_and_sees_a_result_stored_meanwhile(db_url: str) -> None:
     import time
 
-    from dramatiq.results import ResultTimeout
-
     # Given a job no worker runs yet
     message = actors.noop.send("later")
     # When its caller waits 1.5 s for it
@@ -122,6 +122,74 @@ def test_a_blocked_get_result_waits_its_whole_timeout_and_sees_a_result_stored_m
     backend = next(m.backend for m in tasks.broker.middleware if isinstance(m, Results))
     threading.Thread(target=lambda: backend.store_result(message, "stored", 60_000)).start()
     assert message.get_result(block=True, timeout=30_000) == "stored"
+
+
+def _lock_jobs_row(url: str, job_id: str) -> Any:
+    """An operator's open transaction holding a job's row (``SELECT ... FOR UPDATE``): its outcome
+    waits for it. Returns the connection; ``rollback()`` lets the outcome through."""
+    conn = psycopg2.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM control_plane.jobs WHERE id = %s FOR UPDATE", (job_id,))
+    return conn
+
+
+@pytest.mark.parametrize("outcome", ["returned", "failed"])
+def test_get_result_answers_only_once_the_jobs_row_shows_the_outcome(
+    db_url: str, tmp_path: Path, outcome: str
+) -> None:
+    # Given a job that stores its result, whose jobs row an open transaction holds
+    if outcome == "returned":
+        message = actors.noop.send("the value")
+    else:
+        message = actors.permanent.send_with_options(store_results=True)
+    with contextlib.closing(_lock_jobs_row(db_url, message.message_id)) as lock, running_worker(db_url, tmp_path):
+        try:
+            # When a worker has run it, and its outcome cannot be written yet
+            wait_for(lambda: effects(db_url), what="the job to run")
+            # Then its caller has no result yet: the result comes with the outcome
+            with pytest.raises(ResultTimeout):
+                message.get_result(block=True, timeout=1_000)
+        finally:
+            lock.close()  # (its transaction rolls back: the outcome goes through)
+        # And once the row is free, the caller gets it and finds the job ended in control_plane.jobs
+        if outcome == "returned":
+            assert message.get_result(block=True, timeout=30_000) == "the value"
+            assert job(db_url, message.message_id)["status"] == "completed"
+        else:
+            with pytest.raises(ResultFailure, match="the input can never work"):
+                message.get_result(block=True, timeout=30_000)
+            assert job(db_url, message.message_id)["status"] == "failed"
+
+
+def test_a_result_too_big_to_go_with_its_outcome_is_stored_all_the_same(db_url: str, tmp_path: Path) -> None:
+    # Given a return value longer than the settle statement carries
+    from tasks.results import MAX_SETTLED_RESULT_BYTES
+
+    value = "x" * (MAX_SETTLED_RESULT_BYTES + 1)
+    message = actors.noop.send(value)
+    # When a worker runs it
+    with running_worker(db_url, tmp_path):
+        # Then its caller gets it, written apart before the outcome
+        assert message.get_result(block=True, timeout=30_000) == value
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "completed", what="the job to complete")
+
+
+def test_a_results_table_that_refuses_writes_holds_up_no_outcome(db_url: str, tmp_path: Path) -> None:
+    # Given a results table that refuses every write (a broken trigger, a role without INSERT)
+    query(db_url, """
+        CREATE FUNCTION test_support.refuse() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'results are read-only today'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON control_plane.results
+            FOR EACH ROW EXECUTE FUNCTION test_support.refuse();
+    """)
+    # When jobs that store their results run
+    sent = [actors.noop.send(i) for i in range(3)]
+    with running_worker(db_url, tmp_path) as worker:
+        # Then their outcomes are written all the same, and the worker says what it could not store
+        wait_for(lambda: jobs_in(db_url, [m.message_id for m in sent], "completed"), what="the jobs to complete")
+        assert [job(db_url, m.message_id)["result"] for m in sent] == [0, 1, 2]
+        wait_for(lambda: "could not store a result" in worker.log(), what="the failure to be logged")
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.results")[0]["n"] == 0
 
 
 def test_a_message_past_its_max_age_is_recorded_as_skipped_and_why(db_url: str, tmp_path: Path) -> None:
