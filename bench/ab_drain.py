@@ -53,25 +53,28 @@ class Drain(NamedTuple):
 
 def run_once(
     spec: str, path: str, extra: dict[str, str], n: int, processes: int,
-    fill_batch: int = 500, rate: float | None = None,
+    fill_batch: int = 500, rate: float | None = None, store_results: bool = False,
 ) -> Drain:  # fmt: skip
     """Drain ``n`` jobs with the tree at ``path`` and the ``extra`` environment (``spec``, parsed),
     sent in batches of ``fill_batch`` (1: one ``send`` per job) before the workers start, or,
     with ``rate``, one per call at that many per second while they run (its rate is then about the
-    sends' rate)."""
+    sends' rate). With ``store_results`` each job stores its (None) result for ``get_result``."""
     url = fresh_database(DATABASE)
     env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
     env.update(extra)
     setup = f"import migrations, tasks\nfrom bench.drivers.ours_actors import noop\nmigrations.upgrade({url!r})\n"
+    options = "store_results=True" if store_results else ""
     if rate is not None:  # the schema now, the sends (the harness's paced loop) once the workers run
         subprocess.run([sys.executable, "-c", setup], env=env, cwd=path, check=True)
         fill = setup + (f"from bench.drivers.common import paced_send\n"
-                        f"paced_send({n}, {rate}, noop.send, warm_up=False)\n")  # fmt: skip
+                        f"send = lambda *a: noop.send_with_options(args=a, {options})\n"
+                        f"paced_send({n}, {rate}, send, warm_up=False)\n")  # fmt: skip
     elif fill_batch == 1:
-        fill = setup + f"for _ in range({n}): noop.send(0.0)\n"
+        fill = setup + f"for _ in range({n}): noop.send_with_options(args=(0.0,), {options})\n"
     else:
+        message = f"noop.message_with_options(args=(0.0,), {options})"
         fill = setup + (f"for _ in range({n} // {fill_batch}): "
-                        f"tasks.broker.enqueue_batch([noop.message(0.0) for _ in range({fill_batch})])\n")  # fmt: skip
+                        f"tasks.broker.enqueue_batch([{message} for _ in range({fill_batch})])\n")  # fmt: skip
     if rate is None:
         subprocess.run([sys.executable, "-c", fill], env=env, cwd=path, check=True)
     conn = psycopg2.connect(url)
@@ -142,11 +145,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="jobs per send while filling the backlog (default 500; 1: one send per job)")  # fmt: skip
     parser.add_argument("--rate", type=float,
                         help="no backlog: send one per call at this many jobs/s while the workers run")  # fmt: skip
+    parser.add_argument("--store-results", action="store_true",
+                        help="the jobs store their results for get_result (store_results=True)")
     args = parser.parse_args(argv)
     results: list[list[Drain]] = [[] for _ in args.trees]  # by position: an A/A run keeps two lines
     for round_no, index, path, extra in interleaved(args.trees, args.rounds):
         spec = args.trees[index]
-        d = run_once(spec, path, extra, args.n, args.processes, args.fill_batch, args.rate)
+        d = run_once(spec, path, extra, args.n, args.processes, args.fill_batch, args.rate, args.store_results)
         results[index].append(d)
         print(f"round {round_no} {spec}: {d.rate:,.0f} jobs/s, CPU per job: workers {d.worker_cpu:.0f} µs, "
               f"PostgreSQL {d.pg_cpu:.0f} µs; WAL {d.wal:,.0f} B/job, HOT jobs updates {d.hot:.0%}; "
