@@ -95,11 +95,13 @@ class PostgresBackend(ResultBackend):
         claimed = _store_on.get()
         if conn is None and claimed is not None:
             if claimed.settled:
-                if claimed.stored_result is not None and claimed.stored_result[0] == message_key:
-                    return  # stored before its nack (FailureWithOutcome), and written with it
+                if message_key in (claimed.result_written_apart, claimed.stored_result and claimed.stored_result[0]):
+                    return  # stored before its nack (FailureWithOutcome): with it, or apart already
             elif len(value) <= MAX_SETTLED_RESULT_BYTES:
                 claimed.stored_result = (message_key, value, ttl)
                 return
+            else:
+                claimed.result_written_apart = message_key
         if conn is not None:
             self._write(conn, message_key, value, ttl)
             return

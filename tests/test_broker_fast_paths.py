@@ -1215,3 +1215,24 @@ def test_a_claim_skips_the_messages_another_claim_in_flight_holds_instead_of_wai
     assert got == [set(ids) - held]
     owners = query(db_url, "SELECT id::text, worker FROM control_plane.messages")
     assert {r["id"]: r["worker"] for r in owners} == {i: "w2" if i in held else "w4" for i in ids}
+
+
+def test_one_flush_writes_every_outcome_though_their_results_pass_one_statements_budget(db_url: str) -> None:
+    from tasks.broker import SETTLE_RESULT_BYTES
+
+    # Given three claimed jobs whose results, 600 kB each, pass what one SETTLE carries
+    sent = [actors.noop.send(i) for i in range(3)]
+    consumer = _broker().consume("default", prefetch=3, timeout=5000)
+    held = [next(consumer) for _ in sent]
+    value = b"x" * (SETTLE_RESULT_BYTES * 6 // 10)
+    consumer._settler.stop()  # (this test writes them: one flush, as a closing consumer's)
+    for i, message in enumerate(held):
+        message.stored_result = (f"key-{i}", value, 60_000)
+        consumer.ack(message)
+    # When the consumer writes its outcomes once
+    consumer._flush()
+    # Then all are written, each with its result (in as many statements as the budget takes)
+    assert jobs_in(db_url, [m.message_id for m in sent], "completed")
+    rows = query(db_url, "SELECT key, length(value) AS n FROM control_plane.results ORDER BY key")
+    assert rows == [{"key": f"key-{i}", "n": len(value)} for i in range(3)]
+    consumer.close()

@@ -14,7 +14,7 @@ import pytest
 from dramatiq import group, pipeline
 from dramatiq.message import Message
 from dramatiq.middleware import GroupCallbacks, Pipelines
-from dramatiq.results import ResultFailure
+from dramatiq.results import ResultFailure, Results
 
 import tasks
 from tests import actors
@@ -216,6 +216,8 @@ def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_compl
               (held.message_id,))  # fmt: skip
         consumer, held = claim_in_process()
     query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1 WHERE id = %s", (first.message_id,))
+    # (the worker's hooks after the job, in Dramatiq's order: its result kept for its outcome, then the canvas)
+    middleware(Results).after_process_message(tasks.broker, held, result="a")
     hook = middleware(Pipelines if kind == "pipeline" else GroupCallbacks)
     hook.after_process_message(tasks.broker, held, result="a")
     query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second' "
@@ -227,14 +229,16 @@ def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_compl
     other.close()
     consumer.close()
     # Then the job is completed, as its pipeline or group took it to be: no failure, no on_failure
-    # hook (which would undo work the next step builds on), no WorkerLost for its caller
+    # hook (which would undo work the next step builds on), no WorkerLost for its caller, whose
+    # result was stored by the hook that sent on (its outcome, which carried it, was never written)
     row = job(db_url, first.message_id)
     assert (row["status"], row["last_error"]) == ("completed", None)
     assert "its pipeline or group went on" in row["errors"][-1]["error"]
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.callback_sink'") == [
         {"n": 0}
     ]
-    assert query(db_url, "SELECT count(*) AS n FROM control_plane.results") == [{"n": 0}]
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.results") == [{"n": 1}]
+    assert first.get_result() == "a"
 
 
 def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: str) -> None:

@@ -309,7 +309,9 @@ def test_the_same_payload_twice_makes_one_project(env: str, services: dict[str, 
     second = provision_project.send(body)
     # the second caller is told the project's result at once, as the first was
     assert second.get_result(block=True, timeout=60_000) == first_result
-    assert job(env, second.message_id)["result"] == first_result
+    # (and the result came with its job's outcome: the jobs row ended, the unique key free)
+    row = job(env, second.message_id)
+    assert (row["status"], row["result"]) == ("completed", first_result)
     assert databases(env, pid("twice")) == [f"p_{pid('twice')}"]
     assert query(env, "SELECT count(*) AS n FROM control_plane.api_keys WHERE project_id = %s",
                  (pid("twice"),))[0]["n"] == 2

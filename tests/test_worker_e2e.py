@@ -192,6 +192,49 @@ def test_a_results_table_that_refuses_writes_holds_up_no_outcome(db_url: str, tm
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.results")[0]["n"] == 0
 
 
+def test_a_result_is_written_once_whatever_its_size_and_outcome(db_url: str, tmp_path: Path) -> None:
+    # Given a trigger that records every write of control_plane.results
+    query(db_url, """
+        CREATE TABLE test_support.result_writes (key text NOT NULL);
+        CREATE FUNCTION test_support.note_write() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN INSERT INTO test_support.result_writes VALUES (NEW.key); RETURN NEW; END $$;
+        CREATE TRIGGER note_write BEFORE INSERT OR UPDATE ON control_plane.results
+            FOR EACH ROW EXECUTE FUNCTION test_support.note_write();
+    """)
+    # When jobs return and fail, with results that go with their outcomes and ones too big to
+    from tasks.results import MAX_SETTLED_RESULT_BYTES
+
+    big = "ab " * (MAX_SETTLED_RESULT_BYTES // 3 + 1)
+    failing = {"max_attempts": 1, "store_results": True}
+    sent = [actors.noop.send("small"), actors.noop.send(big),
+            actors.always_fails.send_with_options(args=("small",), **failing),
+            actors.always_fails.send_with_options(args=(big,), **failing)]  # fmt: skip
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: jobs_in(db_url, [m.message_id for m in sent], "completed", "failed"), what="the jobs to end")
+    # Then, once the worker has stopped, each result was written once
+    backend = tasks.broker.get_results_backend()
+    writes = query(db_url, "SELECT key, count(*) AS n FROM test_support.result_writes GROUP BY key")
+    assert {r["key"]: r["n"] for r in writes} == {backend.build_message_key(m): 1 for m in sent}
+
+
+def test_a_locked_results_table_holds_up_no_outcome(db_url: str, tmp_path: Path) -> None:
+    # Given an operator's transaction holding control_plane.results (as a CREATE INDEX would)
+    lock = psycopg2.connect(db_url)
+    with contextlib.closing(lock), lock.cursor() as cur:
+        cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
+        # When jobs that store no result and one that does run
+        plain = [actors.noop.send_with_options(args=(i,), store_results=False) for i in range(5)]
+        stored = actors.noop.send("kept")
+        with running_worker(db_url, tmp_path) as worker:
+            # Then every outcome is written meanwhile, the result's too
+            ids = [m.message_id for m in [*plain, stored]]
+            wait_for(lambda: jobs_in(db_url, ids, "completed"), what="the jobs to complete")
+            wait_for(lambda: "control_plane.results is locked" in worker.log(), what="the lock to be reported")
+            # And once the table is free, the result is there too
+            lock.rollback()
+            assert stored.get_result(block=True, timeout=30_000) == "kept"
+
+
 def test_a_message_past_its_max_age_is_recorded_as_skipped_and_why(db_url: str, tmp_path: Path) -> None:
     # Given a message allowed to wait 1 ms for a worker, which it will not get
     message = actors.noop.send_with_options(args=("stale",), max_age=1)

@@ -81,6 +81,27 @@ def _in_one_transaction(broker: Any, work: Callable[[Any], None]) -> None:
             time.sleep(0.1 * 2**attempt)
 
 
+def _store_its_result(conn: Any, message: Any) -> None:
+    """Store the result ``message`` carries for its outcome (``tasks.results``) in this hook's transaction.
+
+    A step whose hook sent its pipeline on (or counted it in its group) and whose worker
+    died before its outcome was written is completed by the reaper: its result must not
+    have died with the worker. It is then seen a moment before the step's jobs row ends,
+    and the outcome does not write it again.
+    """
+    stored = getattr(message, "stored_result", None)
+    if stored is not None:
+        key, value, ttl = stored
+        with conn.cursor() as cur:
+            cur.execute(queries.RESULT_STORE, {"key": key, "value": psycopg2.Binary(value), "ttl_ms": ttl})
+
+
+def _went_on(message: Any) -> None:
+    """The hook's transaction, which stored the step's result, committed."""
+    if getattr(message, "stored_result", None) is not None:
+        message.stored_result = None
+
+
 def _postgres(broker: dramatiq.Broker) -> bool:
     from tasks.broker import PostgresBroker
 
@@ -104,10 +125,12 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
             super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
             return
         _in_one_transaction(broker, lambda conn: self._pass(broker, conn, message, group, callbacks))
+        _went_on(message)
 
     def _pass(self, broker: Any, conn: Any, message: Any, group: str, callbacks: list[dict[str, Any]]) -> None:
         from tasks.broker import enqueue_in
 
+        _store_its_result(conn, message)
         ttl = {"ttl_ms": self.barrier_ttl}
         with conn.cursor() as cur:
             # The child's marker lives the barrier's TTL from now: a redelivery comes within a lease.
@@ -166,6 +189,7 @@ class Pipelines(dramatiq_pipelines.Pipelines):
         from tasks.broker import enqueue_in
 
         def send(conn: Any) -> None:
+            _store_its_result(conn, message)
             with conn.cursor() as cur:
                 # Two deliveries at once wait here for each other; the second finds the job.
                 cur.execute(queries.LOCK_SEND_ONCE, {"id": next_message.message_id})
@@ -183,6 +207,7 @@ class Pipelines(dramatiq_pipelines.Pipelines):
                 )
 
         _in_one_transaction(broker, send)
+        _went_on(message)
 
     @staticmethod
     def _fail_the_pipeline(broker: dramatiq.Broker, next_message: Message[Any], exc: NotSerializable) -> None:

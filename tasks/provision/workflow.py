@@ -118,7 +118,7 @@ def provision_project(payload: dict[str, Any]) -> dict[str, Any]:
         # Failed at once, never retried (an invalid payload, a conflict): the caller's get_result
         # hears why, as it hears the workflow's outcome, instead of waiting out its timeout.
         try:
-            tasks.broker.get_results_backend().store_exception(_entry_message(job_id), exc, settings.result_ttl_ms)
+            _tell_this_caller(settings, job_id, exc)
         except Exception as store_error:  # the job's own failure is what it ends with
             logger.warning("project %s: could not store its failure for its caller: %s",
                            payload.get("project_id") if isinstance(payload, dict) else None,
@@ -132,11 +132,10 @@ def _claim_and_start(settings: Settings, valid: p.ProvisionPayload, job_id: str)
         if created:
             with tasks.enqueue_in(conn):
                 _STEP_ACTORS[STEPS[0]].send(valid.project_id, job_id)
-        elif state.status == "active" and state.result is not None:
-            # Provisioned already, with this payload: this caller gets the result now.
-            _deliver(settings, conn, [job_id], result=state.result)
     logger.info("project %s %s", valid.project_id, "claimed" if created else f"already {state.status}")
     if state.status == "active" and state.result is not None:
+        # Provisioned already, with this payload: this caller gets the result now.
+        _tell_this_caller(settings, job_id, state.result)
         return state.result
     return {"project_id": valid.project_id, "status": state.status, "job_id": state.job_id}
 
@@ -178,6 +177,18 @@ def _result(settings: Settings, conn: Any, state: ProjectState, provisioned_at: 
         "api_keys": list_api_keys(conn, payload.project_id),
         "job_id": state.job_id,
     }
+
+
+def _tell_this_caller(settings: Settings, job_id: str, outcome: Any) -> None:
+    """This job's caller's result, known before any step runs (a project already active, a payload
+    refused): stored with this job's outcome (``tasks.results``), so that its ``get_result`` answers
+    once ``control_plane.jobs`` shows the job ended, its unique key free."""
+    message = CurrentMessage.get_current_message() or _entry_message(job_id)
+    backend = tasks.broker.get_results_backend()
+    if isinstance(outcome, Exception):
+        backend.store_exception(message, outcome, settings.result_ttl_ms)
+    else:
+        backend.store_result(message, outcome, settings.result_ttl_ms)
 
 
 def _entry_message(job_id: str) -> dramatiq.Message[Any]:
