@@ -145,13 +145,17 @@ def test_provisioning_creates_a_real_project_and_reports_it(env: str, services: 
     assert result["owner_id"] == "user_1" and result["organization_id"] == "org_1"
     assert [k["slot"] for k in result["api_keys"]] == [1, 2, 3]
     assert all(k["created_at"] for k in result["api_keys"])
-    # And every step ran as its own job, once, in order (AC3, AC4: query by type)
-    steps = query(env, "SELECT type, status, attempts, started_at FROM control_plane.jobs "
-                       "WHERE type LIKE 'provision_project.%%' AND payload -> 'args' ->> 0 = %s "
-                       "ORDER BY started_at", (pid("full"),))
-    assert [s["type"] for s in steps] == [f"provision_project.{s}" for s in
-                                          ("roles", "database", "schema", "services", "api_keys", "activate")]
-    assert all(s["status"] == "completed" and s["attempts"] == 1 for s in steps)
+    # And every step ran as its own job, once, in order (AC3, AC4: query by type); each step's job is
+    # sent by the one before, and the last one's outcome is written just after the result it delivered
+    def steps() -> list[dict[str, Any]]:
+        return query(env, "SELECT type, status, attempts FROM control_plane.jobs "
+                          "WHERE type LIKE 'provision_project.%%' AND payload -> 'args' ->> 0 = %s "
+                          "ORDER BY created_at", (pid("full"),))  # fmt: skip
+
+    wait_for(lambda: [s["status"] for s in steps()] == ["completed"] * 6, what="every step's outcome")
+    assert [s["type"] for s in steps()] == [f"provision_project.{s}" for s in
+                                            ("roles", "database", "schema", "services", "api_keys", "activate")]
+    assert all(s["attempts"] == 1 for s in steps())
     # And the project's record says when each step started and finished, in order, between its job's send
     # and its end
     marks = query(env, "SELECT s.key AS step, (s.value ->> 'started_at')::timestamptz AS started_at, "
@@ -408,10 +412,14 @@ def test_a_rejected_token_is_permanent_and_everything_is_undone(
     assert roles(env, pid("rejected")) == []
     assert pid("rejected") not in services["auth"].tenants
     assert query(env, "SELECT * FROM control_plane.projects WHERE project_id = %s", (pid("rejected"),)) == []
-    # And the services step failed once, without retry
-    step = query(env, "SELECT * FROM control_plane.jobs WHERE type = 'provision_project.services' "
-                      "AND payload -> 'args' ->> 0 = %s", (pid("rejected"),))[0]
-    assert step["status"] == "failed" and step["attempts"] == 1
+    # And the services step failed once, without retry (its failure hook, which undid the project, ran
+    # before its outcome was written)
+    def step() -> dict[str, Any]:
+        return query(env, "SELECT * FROM control_plane.jobs WHERE type = 'provision_project.services' "
+                          "AND payload -> 'args' ->> 0 = %s", (pid("rejected"),))[0]  # fmt: skip
+
+    wait_for(lambda: step()["status"] == "failed", what="the services step's outcome")
+    assert step()["attempts"] == 1
     # And the name is free again
     services["realtime"].set_faults(reject_token=False)
     _, result = provisioned(env, payload("rejected", services={"auth": True, "realtime": True}, api_key_count=2))

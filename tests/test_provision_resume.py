@@ -929,7 +929,8 @@ def test_a_step_delivered_before_the_one_ahead_of_it_commits_waits_for_it(
     pid = project["project_id"]
     outcome: list[dict[str, object]] = []
     early: list[threading.Thread] = []
-    waiting = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    waiting = ("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+               "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
 
     def delivered_at_once(project_id: str, run: str | None = None) -> None:
         thread = threading.Thread(target=lambda: outcome.append(run_step("database", project_id, run)))
@@ -960,7 +961,8 @@ def test_a_step_delivered_before_its_claim_commits_waits_for_it(
         claim(conn, validate(project), job_id, Settings.from_env())
         step = threading.Thread(target=lambda: outcome.append(run_step("roles", pid, job_id)))
         step.start()
-        waiting = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        waiting = ("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+               "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
         wait_for(lambda: not step.is_alive() or query(db_url, waiting)[0]["n"] > 0,
                  what="the step to finish or to wait for the claim")  # fmt: skip
     # When the claim commits

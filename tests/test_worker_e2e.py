@@ -662,7 +662,9 @@ def test_a_worker_that_lost_its_lease_cannot_overwrite_the_job(db_url: str) -> N
     consumer_b._next_reap = 0  # reap at once
     reclaimed = next(consumer_b)
     assert reclaimed is not None and reclaimed.claim_token != held.claim_token
-    # When A, late, reports a failure
+    # When A, late, reports a failure (written by the test's _flush, not a settler thread: deterministically)
+    consumer_a._settler.stop()
+    consumer_b._settler.stop()
     held.fail()
     consumer_a.nack(held)
     consumer_a._flush()
