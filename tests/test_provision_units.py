@@ -470,6 +470,22 @@ def test_redact_removes_keys_and_passwords() -> None:
     assert "postgresql://app:[REDACTED]@db:5432/x" in cleaned
 
 
+def test_redact_finds_a_key_of_the_longest_prefix_and_one_glued_to_a_long_hex_dump() -> None:
+    # Given a key of the longest prefix a project can have, and one glued to 100,000 hex digits
+    # (the key pattern's prefix is bounded: unbounded, redacting 80,000 such digits took 9 s)
+    longest = apikeys.generate("p" * MAX_IDENTIFIER_LEN)
+    glued = apikeys.generate("acme")
+    dump = "0123456789abcdef" * 6_250
+    # When redacted
+    cleaned = apikeys.redact(f"issued {longest}; dump {dump}{glued} end")
+    # Then both keys are gone, and the dump before the glued one is kept but for what could be
+    # a prefix (63 characters: 5 blocks of 16 at most; unbounded, the whole dump went)
+    assert longest not in cleaned and glued[-49:] not in cleaned
+    assert cleaned.startswith("issued [REDACTED]; dump 0123456789abcdef")
+    assert cleaned.endswith("[REDACTED] end")
+    assert cleaned.count("0123456789abcdef") >= 6_250 - 5
+
+
 def test_redact_removes_url_passwords_holding_an_at_sign() -> None:
     # Given connection URLs whose passwords were pasted without percent-encoding, one of them quoted,
     # and a service URL with an address in its query string
