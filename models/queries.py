@@ -640,6 +640,14 @@ VALUES (%(key)s, %(value)s, now() + make_interval(secs => %(ttl_ms)s / 1000.0))
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
 """
 
+#: RESULT_STORE for many (distinct keys): the results the broker writes apart from their outcomes.
+RESULT_STORE_MANY = """
+INSERT INTO control_plane.results (key, value, expires_at)
+SELECT s.key, s.value, now() + make_interval(secs => s.ttl_ms / 1000.0)
+FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(ttls)s::bigint[]) AS s(key, value, ttl_ms)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+"""
+
 #: Forget every message of a queue (Dramatiq's ``flush``); the mirror keeps the history.
 FLUSH_QUEUE = """
 WITH d AS (DELETE FROM control_plane.messages WHERE queue = ANY(%(queues)s::text[]) RETURNING id)

@@ -493,41 +493,99 @@ class _ResultWriter:
 
     For the results a SETTLE could not carry: ``control_plane.results`` was locked, or
     the settle failed for another reason (a role that may not write it). The settler
-    must not wait for that table; this thread may. A result it cannot write is logged
-    (its caller waits out its timeout); one still waiting when the worker stops is written
-    by :meth:`close`, which waits a few seconds for it.
+    must not wait for that table; this thread may. It writes what has gathered in one
+    statement (up to ``WRITER_BATCH_BYTES``), tries a lost connection or a rollback again,
+    and logs a result it cannot write (its caller waits out its timeout). Past
+    ``WRITER_MAX_BYTES`` waiting, settles that carry results wait for the table instead
+    (:meth:`full`): the worker's memory does not grow with a long lock. :meth:`close`
+    waits a few seconds for what is left, and says how many it could not write.
     """
+
+    WRITER_BATCH_BYTES = 4 * 1024 * 1024
+    WRITER_MAX_BYTES = 64 * 1024 * 1024
+    TRIES = 5
 
     def __init__(self, broker: PostgresBroker) -> None:
         self._broker = broker
         self._queue: queue_module.Queue[StoredResult | None] = queue_module.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._waiting_bytes = 0
+        self._waiting = 0
+
+    def full(self) -> bool:
+        return self._waiting_bytes > self.WRITER_MAX_BYTES
 
     def put(self, results: Iterable[StoredResult]) -> None:
+        added = 0
         for result in results:
+            with self._lock:
+                self._waiting_bytes += len(result[1])
+                self._waiting += 1
             self._queue.put(result)
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="controlplane-results", daemon=True)
-                self._thread.start()
+            added += 1
+        if added:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="controlplane-results", daemon=True)
+                    self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         with self._lock:
             thread = self._thread
-        if thread is not None:
-            self._queue.put(None)
-            thread.join(timeout)
+        if thread is None:
+            return
+        self._queue.put(None)
+        thread.join(timeout)
+        with self._lock:
+            left = self._waiting
+        if left:
+            logger.error("%d of the results backend's results were not written before the worker stopped "
+                         "(control_plane.results stayed locked); their callers wait out their timeouts", left)
 
     def _run(self) -> None:
-        while (result := self._queue.get()) is not None:
-            key, value, ttl = result
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch: dict[str, StoredResult] = {first[0]: first}  # one row per key: the last one's
+            size, taken = len(first[1]), 1
+            while size < self.WRITER_BATCH_BYTES:
+                try:
+                    more = self._queue.get_nowait()
+                except queue_module.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch[more[0]] = more
+                size, taken = size + len(more[1]), taken + 1
+            self._write(list(batch.values()))
+            with self._lock:
+                self._waiting_bytes -= size
+                self._waiting -= taken
+
+    def _write(self, results: list[StoredResult]) -> None:
+        params = {
+            "keys": _text_array([key for key, _, _ in results]),
+            "values": [psycopg2.Binary(value) for _, value, _ in results],
+            "ttls": _int_array([ttl for _, _, ttl in results]),
+        }
+        for attempt in range(1, self.TRIES + 1):
             try:
                 with self._broker.connection() as conn, conn.cursor() as cur:
-                    cur.execute(queries.RESULT_STORE, {"key": key, "value": psycopg2.Binary(value), "ttl_ms": ttl})
-            except Exception as exc:  # this thread goes on with the next
-                logger.error("could not store a result for the results backend (%s); its caller waits out its "
-                             "timeout", db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else exc)
+                    cur.execute(queries.RESULT_STORE_MANY, params)
+                return
+            except Exception as exc:
+                again = isinstance(exc, psycopg2.Error) and (db.is_connection_error(exc) or db.is_transient(exc))
+                if again and attempt < self.TRIES:
+                    time.sleep(min(0.1 * 2**attempt, 5.0))
+                    continue
+                logger.error("could not store %d of the results backend's results (%s); their callers wait "
+                             "out their timeouts", len(results),
+                             db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else exc)
+                return
 
 
 @dataclass
@@ -1893,7 +1951,15 @@ class _Settler(threading.Thread):
 
 
 def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
-    """Write a queue's gathered outcomes and its due start marks in one SETTLE, on ``conn``.
+    """Write a queue's gathered outcomes and its due start marks, on ``conn``: in one SETTLE,
+    or one per ``SETTLE_RESULT_BYTES`` of results they carry (the consumer woken after each)."""
+    while _settle_batch(broker, state, conn):
+        state.wake()
+
+
+def _settle_batch(broker: PostgresBroker, state: _QueueState, conn: Any) -> bool:
+    """Write one SETTLE of the gathered outcomes and the due start marks; True if some were left
+    for another (their results past ``SETTLE_RESULT_BYTES``).
 
     A start whose outcome is in the same batch is dropped: the outcome row
     marks the attempt itself. Younger starts wait for a later flush.
@@ -1912,21 +1978,24 @@ def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
                 del state.starts[message_id]
                 starts.append(proxy)
     if not latest and not starts:
-        return
+        return False
+    outcomes = list(latest.values())
+    apart: list[tuple[str, StoredResult]] = []
     try:
         in_transaction = False
-        if any(o.stored_result is not None for o in latest.values()):
-            in_transaction = _lock_results(conn)
+        if any(o.stored_result is not None for o in outcomes):
+            in_transaction = _lock_results(conn, wait=broker.results_writer.full())
             if not in_transaction:  # the outcomes now, their results apart
-                broker.results_writer.put(o.stored_result for o in latest.values() if o.stored_result is not None)
-                latest = {i: dataclasses.replace(o, stored_result=None) for i, o in latest.items()}
-        applied = _settle_rows(broker, conn, [*latest.values()], starts, now)
+                apart = [(o.message_id, o.stored_result) for o in outcomes if o.stored_result is not None]
+                outcomes = [dataclasses.replace(o, stored_result=None) for o in outcomes]
+        # (not prepared in the transaction: a prepared statement the session lost would abort it)
+        applied = _settle_rows(broker, conn, outcomes, starts, now, prepare=not in_transaction)
         if in_transaction:
             with conn.cursor() as cur:
                 cur.execute("COMMIT")
     except Exception:
-        # Keep the outcomes and the start marks for the next try (or the next consumer),
-        # whatever failed: an error raised before the statement reached the server too.
+        # Keep the outcomes (with their results) and the start marks for the next try (or the
+        # next consumer), whatever failed: an error raised before the statement reached the server too.
         if conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
             with contextlib.suppress(Exception), conn.cursor() as cur:
                 cur.execute("ROLLBACK")
@@ -1934,9 +2003,9 @@ def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
             state.outcomes[:0] = list(latest.values())
             state.starts = {p.message_id: p for p in starts} | state.starts
         raise
+    broker.results_writer.put(result for message_id, result in apart if message_id in applied)
     _after_settle(broker, state, conn, latest, applied)
-    if deferred:  # outcomes whose results this statement had no room for
-        _settle(broker, state, conn)
+    return deferred
 
 
 def _within_result_bytes(outcomes: list[_Outcome]) -> tuple[list[_Outcome], list[_Outcome]]:
@@ -1955,26 +2024,35 @@ def _within_result_bytes(outcomes: list[_Outcome]) -> tuple[list[_Outcome], list
     return taken, left
 
 
-#: When a busy ``control_plane.results`` was last reported (monotonic seconds).
+#: When a busy ``control_plane.results`` was last reported, and until when it is taken to be
+#: busy without a look (monotonic seconds): each look costs its settle ``RESULTS_LOCK_TIMEOUT``.
 _results_busy_said = 0.0
+_results_busy_until = 0.0
 
 
-def _lock_results(conn: Any) -> bool:
+def _lock_results(conn: Any, *, wait: bool = False) -> bool:
     """Begin a transaction holding ``control_plane.results`` for a SETTLE that stores results,
-    waiting ``RESULTS_LOCK_TIMEOUT`` at most; False (rolled back) when another session holds it.
+    waiting ``RESULTS_LOCK_TIMEOUT`` at most (with ``wait``, as long as it takes: the results
+    waiting to be written apart are many); False when another session holds it.
 
     The lock taken is the one the statement's insert takes anyway; only its wait is bounded.
+    After a refusal the table is taken to be busy for a second without a look.
     """
-    global _results_busy_said
+    global _results_busy_said, _results_busy_until
+    if not wait and time.monotonic() < _results_busy_until:
+        return False
+    lock = "LOCK TABLE control_plane.results IN ROW EXCLUSIVE MODE"
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                f"BEGIN; SET LOCAL lock_timeout = '{RESULTS_LOCK_TIMEOUT}'; "
-                "LOCK TABLE control_plane.results IN ROW EXCLUSIVE MODE; SET LOCAL lock_timeout TO DEFAULT"
-            )
+            if wait:
+                cur.execute(f"BEGIN; {lock}")
+            else:
+                cur.execute(f"BEGIN; SET LOCAL lock_timeout = '{RESULTS_LOCK_TIMEOUT}'; {lock}; "
+                            "SET LOCAL lock_timeout TO DEFAULT")
     except psycopg2.errors.LockNotAvailable:
         with conn.cursor() as cur:
             cur.execute("ROLLBACK")
+        _results_busy_until = time.monotonic() + 1.0
         if time.monotonic() - _results_busy_said > 60:
             _results_busy_said = time.monotonic()
             logger.warning("control_plane.results is locked by another session: jobs' outcomes are written "
@@ -1984,7 +2062,8 @@ def _lock_results(conn: Any) -> bool:
 
 
 def _settle_rows(
-    broker: PostgresBroker, conn: Any, outcomes: list[_Outcome], starts: list[PgMessageProxy], now: float
+    broker: PostgresBroker, conn: Any, outcomes: list[_Outcome], starts: list[PgMessageProxy], now: float,
+    *, prepare: bool = True,
 ) -> set[str]:
     """Run SETTLE (or ``SETTLE_STORING_RESULTS``) for ``outcomes`` and the start marks; the ids applied."""
     marks = (_Outcome("start", p.message_id, p.claim_token, started_mono=p.started_mono) for p in starts)
@@ -2009,7 +2088,7 @@ def _settle_rows(
         params["result_values"] = [psycopg2.Binary(value) for _, (_, value, _) in stored]
         params["result_ttls"] = _int_array([ttl for _, (_, _, ttl) in stored])
     with conn.cursor() as cur:
-        statement.execute(cur, params, prepare=broker.settings.prepared_statements)
+        statement.execute(cur, params, prepare=prepare and broker.settings.prepared_statements)
         return {row[0] for row in cur.fetchall()}
 
 

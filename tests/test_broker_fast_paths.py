@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -920,7 +921,8 @@ def test_the_listening_connection_outlives_a_dbas_idle_session_timeout_and_close
     pipe = {fd: os.fstat(fd).st_ino for fd in (notifier._stop_r, notifier._stop_w)}
     try:
         assert next(consumer) is None
-        listening = "SELECT pid FROM pg_stat_activity WHERE application_name = 'controlplane-worker:listen'"
+        listening = ("SELECT pid FROM pg_stat_activity WHERE application_name = 'controlplane-worker:listen' "
+                     "AND datname = current_database()")  # (another test's worker may listen elsewhere)
         (listener,) = wait_for(lambda: query(db_url, listening) or None, what="a listening connection")
         # When the consumer's own connection has sat idle long enough to be ended by it (the
         # listening one has been idle longer: it listened before the consumer's last statement)
@@ -1236,3 +1238,34 @@ def test_one_flush_writes_every_outcome_though_their_results_pass_one_statements
     rows = query(db_url, "SELECT key, length(value) AS n FROM control_plane.results ORDER BY key")
     assert rows == [{"key": f"key-{i}", "n": len(value)} for i in range(3)]
     consumer.close()
+
+
+def test_results_written_apart_are_written_again_after_a_lost_connection_and_counted_when_left(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tasks.broker import _ResultWriter
+
+    # Given the thread that writes results apart, waiting for a locked results table
+    lock = psycopg2.connect(db_url)
+    with contextlib.closing(lock), lock.cursor() as cur:
+        cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
+        writer = _ResultWriter(_broker())
+        writer.put([("key-1", b'"one"', 60_000)])
+        waiting = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                   "AND wait_event_type = 'Lock' AND query LIKE '%%control_plane.results%%'")  # fmt: skip
+        pid = wait_for(lambda: query(db_url, waiting), what="the write to wait for the lock")[0]["pid"]
+        # When its connection is cut, and the table is then let go
+        query(db_url, "SELECT pg_terminate_backend(%s)", (pid,))
+        lock.rollback()
+        # Then it wrote the result all the same
+        wait_for(lambda: query(db_url, "SELECT key FROM control_plane.results") == [{"key": "key-1"}],
+                 what="the result")
+        # And given the table locked again, a result that cannot be written before the writer is closed
+        cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
+        writer.put([("key-2", b'"two"', 60_000)])
+        wait_for(lambda: query(db_url, waiting), what="the second write to wait for the lock")
+        with caplog.at_level(logging.ERROR, logger="tasks.broker"):
+            writer.close(timeout=0.5)
+        # Then closing says it was not written
+        assert "1 of the results backend's results were not written" in caplog.text
+        lock.rollback()

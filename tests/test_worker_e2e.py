@@ -15,6 +15,7 @@ from typing import Any
 import dramatiq
 import psycopg2
 import pytest
+from dramatiq import group, pipeline
 from dramatiq.results import ResultFailure, ResultTimeout
 
 import tasks
@@ -188,7 +189,7 @@ def test_a_results_table_that_refuses_writes_holds_up_no_outcome(db_url: str, tm
         # Then their outcomes are written all the same, and the worker says what it could not store
         wait_for(lambda: jobs_in(db_url, [m.message_id for m in sent], "completed"), what="the jobs to complete")
         assert [job(db_url, m.message_id)["result"] for m in sent] == [0, 1, 2]
-        wait_for(lambda: "could not store a result" in worker.log(), what="the failure to be logged")
+        wait_for(lambda: "of the results backend's results" in worker.log(), what="the failure to be logged")
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.results")[0]["n"] == 0
 
 
@@ -217,22 +218,34 @@ def test_a_result_is_written_once_whatever_its_size_and_outcome(db_url: str, tmp
     assert {r["key"]: r["n"] for r in writes} == {backend.build_message_key(m): 1 for m in sent}
 
 
-def test_a_locked_results_table_holds_up_no_outcome(db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["jobs", "pipeline", "group"])
+def test_a_locked_results_table_holds_up_no_outcome(db_url: str, tmp_path: Path, kind: str) -> None:
     # Given an operator's transaction holding control_plane.results (as a CREATE INDEX would)
     lock = psycopg2.connect(db_url)
     with contextlib.closing(lock), lock.cursor() as cur:
         cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
-        # When jobs that store no result and one that does run
+        # When jobs that store no result, and jobs that do (alone, as a pipeline's steps, as a
+        # group's members: their hooks store them), run on a worker of two threads
         plain = [actors.noop.send_with_options(args=(i,), store_results=False) for i in range(5)]
-        stored = actors.noop.send("kept")
-        with running_worker(db_url, tmp_path) as worker:
-            # Then every outcome is written meanwhile, the result's too
-            ids = [m.message_id for m in [*plain, stored]]
+        if kind == "jobs":
+            stored = [actors.noop.send("kept"), actors.noop.send("kept")]
+        elif kind == "pipeline":
+            steps = pipeline([actors.noop.message("kept"), actors.noop.message_with_options(pipe_ignore=True)])
+            stored = list(steps.run().messages)
+        else:
+            members = group([actors.noop.message("kept"), actors.noop.message("kept")])
+            members.add_completion_callback(actors.group_done.message("done"))
+            stored = list(members.run().children)
+        with running_worker(db_url, tmp_path, threads=2) as worker:
+            # Then every outcome is written meanwhile, the results' too
+            ids = [m.message_id for m in [*plain, *stored]]
             wait_for(lambda: jobs_in(db_url, ids, "completed"), what="the jobs to complete")
             wait_for(lambda: "control_plane.results is locked" in worker.log(), what="the lock to be reported")
-            # And once the table is free, the result is there too
+            # And once the table is free, the results are there too
             lock.rollback()
-            assert stored.get_result(block=True, timeout=30_000) == "kept"
+            assert stored[0].get_result(block=True, timeout=30_000) == "kept"
+            if kind == "group":
+                assert list(members.get_results(block=True, timeout=30_000)) == ["kept", "kept"]
 
 
 def test_a_message_past_its_max_age_is_recorded_as_skipped_and_why(db_url: str, tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 
 import dramatiq
 import psycopg2
+import psycopg2.errors
 from dramatiq.message import Message
 from dramatiq.middleware import group_callbacks as dramatiq_groups
 from dramatiq.middleware import pipelines as dramatiq_pipelines
@@ -87,18 +88,31 @@ def _store_its_result(conn: Any, message: Any) -> None:
     A step whose hook sent its pipeline on (or counted it in its group) and whose worker
     died before its outcome was written is completed by the reaper: its result must not
     have died with the worker. It is then seen a moment before the step's jobs row ends,
-    and the outcome does not write it again.
+    and the outcome does not write it again. While another session holds
+    ``control_plane.results`` (past ``RESULTS_LOCK_TIMEOUT``), the result is left to the
+    outcome, which does not wait for that table either: this worker thread must not.
     """
+    from tasks.broker import RESULTS_LOCK_TIMEOUT
+
     stored = getattr(message, "stored_result", None)
-    if stored is not None:
-        key, value, ttl = stored
-        with conn.cursor() as cur:
+    if stored is None:
+        return
+    message.result_stored_by_hook = False  # (a claimed message: this hook's transaction may be tried again)
+    key, value, ttl = stored
+    with conn.cursor() as cur:
+        cur.execute(f"SAVEPOINT its_result; SET LOCAL lock_timeout = '{RESULTS_LOCK_TIMEOUT}'")
+        try:
             cur.execute(queries.RESULT_STORE, {"key": key, "value": psycopg2.Binary(value), "ttl_ms": ttl})
+        except psycopg2.errors.LockNotAvailable:
+            cur.execute("ROLLBACK TO SAVEPOINT its_result")  # (the SET LOCAL too)
+            return
+        cur.execute("SET LOCAL lock_timeout TO DEFAULT; RELEASE SAVEPOINT its_result")
+    message.result_stored_by_hook = True
 
 
 def _went_on(message: Any) -> None:
-    """The hook's transaction, which stored the step's result, committed."""
-    if getattr(message, "stored_result", None) is not None:
+    """The hook's transaction committed: a result it stored is not the outcome's to write."""
+    if getattr(message, "result_stored_by_hook", False):
         message.stored_result = None
 
 
