@@ -526,7 +526,7 @@ class _ResultWriter:
             added += 1
         if added:
             with self._lock:
-                if self._thread is None:
+                if self._thread is None or not self._thread.is_alive():  # (not started, or closed before)
                     self._thread = threading.Thread(target=self._run, name="controlplane-results", daemon=True)
                     self._thread.start()
 
