@@ -126,6 +126,9 @@ SETTLE_RESULT_BYTES = 1024 * 1024
 #: before the outcomes are written without them (an operator's ``LOCK TABLE``, a
 #: ``CREATE INDEX``): the results are then written apart, by :class:`_ResultWriter`.
 RESULTS_LOCK_TIMEOUT = "100ms"
+#: ... and how long while the results waiting to be written apart are past the writer's bound
+#: (the worker's memory must not grow with a long lock; nor may a settle wait for good).
+RESULTS_FULL_LOCK_TIMEOUT = "5s"
 
 
 def _claim_statement(size: int) -> Statement:
@@ -561,19 +564,24 @@ class _ResultWriter:
                     break
                 batch[more[0]] = more
                 size, taken = size + len(more[1]), taken + 1
-            self._write(list(batch.values()))
-            with self._lock:
-                self._waiting_bytes -= size
-                self._waiting -= taken
+            try:
+                self._write(list(batch.values()))
+            except Exception:  # this thread goes on with the next batch
+                logger.exception("could not store %d of the results backend's results", len(batch))
+            finally:
+                with self._lock:
+                    self._waiting_bytes -= size
+                    self._waiting -= taken
 
     def _write(self, results: list[StoredResult]) -> None:
-        params = {
-            "keys": _text_array([key for key, _, _ in results]),
-            "values": [psycopg2.Binary(value) for _, value, _ in results],
-            "ttls": _int_array([ttl for _, _, ttl in results]),
-        }
+        """Write ``results`` in one statement; one by one if a value is refused (only it is lost)."""
         for attempt in range(1, self.TRIES + 1):
             try:
+                params = {
+                    "keys": _text_array([key for key, _, _ in results]),
+                    "values": [psycopg2.Binary(value) for _, value, _ in results],
+                    "ttls": _int_array([ttl for _, _, ttl in results]),
+                }
                 with self._broker.connection() as conn, conn.cursor() as cur:
                     cur.execute(queries.RESULT_STORE_MANY, params)
                 return
@@ -582,6 +590,10 @@ class _ResultWriter:
                 if again and attempt < self.TRIES:
                     time.sleep(min(0.1 * 2**attempt, 5.0))
                     continue
+                if len(results) > 1 and not again:
+                    for result in results:
+                        self._write([result])
+                    return
                 logger.error("could not store %d of the results backend's results (%s); their callers wait "
                              "out their timeouts", len(results),
                              db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else exc)
@@ -1984,7 +1996,8 @@ def _settle_batch(broker: PostgresBroker, state: _QueueState, conn: Any) -> bool
     try:
         in_transaction = False
         if any(o.stored_result is not None for o in outcomes):
-            in_transaction = _lock_results(conn, wait=broker.results_writer.full())
+            # (past the writer's bound the settle waits for the table, a while: not when stopping)
+            in_transaction = _lock_results(conn, wait=broker.results_writer.full() and not broker.stopping)
             if not in_transaction:  # the outcomes now, their results apart
                 apart = [(o.message_id, o.stored_result) for o in outcomes if o.stored_result is not None]
                 outcomes = [dataclasses.replace(o, stored_result=None) for o in outcomes]
@@ -2032,8 +2045,8 @@ _results_busy_until = 0.0
 
 def _lock_results(conn: Any, *, wait: bool = False) -> bool:
     """Begin a transaction holding ``control_plane.results`` for a SETTLE that stores results,
-    waiting ``RESULTS_LOCK_TIMEOUT`` at most (with ``wait``, as long as it takes: the results
-    waiting to be written apart are many); False when another session holds it.
+    waiting ``RESULTS_LOCK_TIMEOUT`` at most (with ``wait``, ``RESULTS_FULL_LOCK_TIMEOUT``: the
+    results waiting to be written apart are many); False when another session holds it.
 
     The lock taken is the one the statement's insert takes anyway; only its wait is bounded.
     After a refusal the table is taken to be busy for a second without a look.
@@ -2042,13 +2055,10 @@ def _lock_results(conn: Any, *, wait: bool = False) -> bool:
     if not wait and time.monotonic() < _results_busy_until:
         return False
     lock = "LOCK TABLE control_plane.results IN ROW EXCLUSIVE MODE"
+    timeout = RESULTS_FULL_LOCK_TIMEOUT if wait else RESULTS_LOCK_TIMEOUT
     try:
         with conn.cursor() as cur:
-            if wait:
-                cur.execute(f"BEGIN; {lock}")
-            else:
-                cur.execute(f"BEGIN; SET LOCAL lock_timeout = '{RESULTS_LOCK_TIMEOUT}'; {lock}; "
-                            "SET LOCAL lock_timeout TO DEFAULT")
+            cur.execute(f"BEGIN; SET LOCAL lock_timeout = '{timeout}'; {lock}; SET LOCAL lock_timeout TO DEFAULT")
     except psycopg2.errors.LockNotAvailable:
         with conn.cursor() as cur:
             cur.execute("ROLLBACK")

@@ -1269,3 +1269,19 @@ def test_results_written_apart_are_written_again_after_a_lost_connection_and_cou
         # Then closing says it was not written
         assert "1 of the results backend's results were not written" in caplog.text
         lock.rollback()
+
+
+def test_a_result_the_server_refuses_costs_only_itself_and_a_huge_ttl_is_kept_as_a_century(db_url: str) -> None:
+    from tasks.broker import _ResultWriter
+
+    # Given results to write apart: good ones, one whose ttl is past a century, one past bigint
+    writer = _ResultWriter(_broker())
+    good = [(f"good-{i}", b'"ok"', 60_000) for i in range(4)]
+    writer.put([*good[:2], ("huge-ttl", b'"ok"', 10**16), ("bad-ttl", b'"no"', 2**70), *good[2:]])
+    # When the writer has written them
+    writer.close(timeout=30)
+    # Then every one but the refused one is stored, the huge ttl as a century
+    rows = query(db_url, "SELECT key, expires_at > now() + interval '99 years' AS century "
+                         "FROM control_plane.results ORDER BY key")  # fmt: skip
+    assert rows == sorted([{"key": k, "century": False} for k, _, _ in good] + [{"key": "huge-ttl", "century": True}],
+                          key=lambda r: str(r["key"]))
