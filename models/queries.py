@@ -15,6 +15,15 @@ NOTIFY_CHANNEL = "control_plane_messages"
 
 #: What the ``integer`` columns a send writes (priority, max_attempts) hold.
 INT_RANGE = range(-(2**31), 2**31)
+#: The longest delay or time to live, 100 years in milliseconds (``tasks.settings.MAX_DELAY_MS``
+#: says why): a result kept longer is kept that long.
+MAX_DELAY_MS = 100 * 365 * 24 * 3600 * 1000
+
+
+def _expires_in(ttl_ms: str) -> str:
+    """SQL for ``now()`` plus ``ttl_ms`` milliseconds (an SQL expression), at most MAX_DELAY_MS."""
+    return f"now() + make_interval(secs => least({ttl_ms}, {MAX_DELAY_MS}) / 1000.0)"
+
 
 # -- ENQUEUE's parts that its keyless twin shares (one copy of the upsert rules) --
 
@@ -417,7 +426,7 @@ SETTLE = _SETTLE_CTES + _SETTLE_UPDATE
 #: so that the batches without results, nearly all, take no lock on ``results``.
 SETTLE_STORING_RESULTS = _SETTLE_CTES + """, stored AS (
     INSERT INTO control_plane.results (key, value, expires_at)
-    SELECT s.key, s.value, now() + make_interval(secs => least(s.ttl_ms, 3153600000000) / 1000.0)
+    SELECT s.key, s.value, """ + _expires_in("s.ttl_ms") + """
     FROM unnest(%(result_ids)s::uuid[], %(result_keys)s::text[], %(result_values)s::bytea[],
                 %(result_ttls)s::bigint[]) AS s(id, key, value, ttl_ms)
     JOIN done ON done.id = s.id
@@ -636,14 +645,14 @@ SELECT value FROM control_plane.results WHERE key = %(key)s AND expires_at > now
 
 RESULT_STORE = """
 INSERT INTO control_plane.results (key, value, expires_at)
-VALUES (%(key)s, %(value)s, now() + make_interval(secs => least(%(ttl_ms)s, 3153600000000) / 1000.0))
+VALUES (%(key)s, %(value)s, """ + _expires_in("%(ttl_ms)s") + """)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
 """
 
 #: RESULT_STORE for many (distinct keys): the results the broker writes apart from their outcomes.
 RESULT_STORE_MANY = """
 INSERT INTO control_plane.results (key, value, expires_at)
-SELECT s.key, s.value, now() + make_interval(secs => least(s.ttl_ms, 3153600000000) / 1000.0)
+SELECT s.key, s.value, """ + _expires_in("s.ttl_ms") + """
 FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(ttls)s::bigint[]) AS s(key, value, ttl_ms)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
 """

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.queries import INT_RANGE
+from models.queries import MAX_DELAY_MS as MAX_DELAY_MS  # (re-exported: its home for tasks)
 from tasks.errors import ConfigurationError
 
 #: The services a project can be registered with, in registration order.
@@ -96,11 +97,11 @@ def _port(env: dict[str, str], name: str) -> int | None:
 #: The longest interval, lease or timeout in seconds: past it a lease overflowed PostgreSQL's
 #: timestamps (every claim failed), and a poll interval that long never looked at delayed jobs.
 MAX_SECONDS = 86_400.0
-#: The longest delay a message may wait, 100 years in milliseconds: PostgreSQL's timestamps end
-#: at year 294276, and a retry's delay past them failed the settle of its worker's whole queue,
-#: again and again. A send asking for more is refused; a retry's delay is cut to it; no backoff
-#: or result TTL may be set longer.
-MAX_DELAY_MS = 100 * 365 * 24 * 3600 * 1000
+#: MAX_DELAY_MS (``models.queries``, whose result statements cut a TTL to it): the longest delay
+#: a message may wait, 100 years in milliseconds. PostgreSQL's timestamps end at year 294276,
+#: and a retry's delay past them failed the settle of its worker's whole queue, again and
+#: again. A send asking for more is refused; a retry's delay is cut to it; no backoff or
+#: result TTL may be set longer.
 #: ``max_retries=None`` (Dramatiq's "retry forever"), as attempts: the jobs row, the reaper
 #: and the operator views need a number. A billion attempts outlast any backoff (capped at
 #: ``max_backoff``, 7 days by default), and twice it, which the reaper computes, fits an ``int``.
