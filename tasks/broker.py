@@ -520,18 +520,17 @@ class _ResultWriter:
         return self._waiting_bytes > self.WRITER_MAX_BYTES
 
     def put(self, results: Iterable[StoredResult]) -> None:
-        added = 0
-        for result in results:
-            with self._lock:
-                self._waiting_bytes += len(result[1])
-                self._waiting += 1
-            self._queue.put(result)
-            added += 1
-        if added:
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():  # (not started, or closed before)
-                    self._thread = threading.Thread(target=self._run, name="controlplane-results", daemon=True)
-                    self._thread.start()
+        results = list(results)
+        if not results:
+            return
+        with self._lock:  # (counted before the thread can take them and count them off)
+            self._waiting_bytes += sum(len(value) for _, value, _ in results)
+            self._waiting += len(results)
+            for result in results:
+                self._queue.put(result)
+            if self._thread is None or not self._thread.is_alive():  # (not started, or closed before)
+                self._thread = threading.Thread(target=self._run, name="controlplane-results", daemon=True)
+                self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         with self._lock:
