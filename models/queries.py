@@ -643,19 +643,20 @@ RESULT_GET = """
 SELECT value FROM control_plane.results WHERE key = %(key)s AND expires_at > now()
 """
 
+#: Store results (distinct keys) apart from a SETTLE: the results backend's on a connection
+#: of its own or a caller's, a pipeline or group step's in its hook, the broker's writer's.
+#: A result given a job id (``jobs``) is stored only while that job's row shows the status
+#: given with it (``statuses``): the result of an outcome whose settle did not say it was
+#: written (its reply lost with the connection, or its lease lost to another worker).
 RESULT_STORE = """
 INSERT INTO control_plane.results (key, value, expires_at)
-VALUES (%(key)s, %(value)s, """ + _expires_in("%(ttl_ms)s") + """)
-ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
-"""
-
-#: RESULT_STORE for many (distinct keys): the results the broker writes apart from their outcomes.
-RESULT_STORE_MANY = """
-INSERT INTO control_plane.results (key, value, expires_at)
 SELECT s.key, s.value, """ + _expires_in("s.ttl_ms") + """
-FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(ttls)s::bigint[]) AS s(key, value, ttl_ms)
+FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(ttls)s::bigint[], %(jobs)s::uuid[], %(statuses)s::text[])
+     AS s(key, value, ttl_ms, job, status)
+WHERE s.job IS NULL
+   OR EXISTS (SELECT 1 FROM control_plane.jobs AS j WHERE j.id = s.job AND j.status = s.status)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
-"""
+"""  # noqa: S608 (joined from this module's constants only, no input)
 
 #: Forget every message of a queue (Dramatiq's ``flush``); the mirror keeps the history.
 FLUSH_QUEUE = """

@@ -491,11 +491,33 @@ class _Outcome:
     stored_result: StoredResult | None = None
 
 
+#: A result to store apart from its outcome, and the (job id, status) that job's row must
+#: show for it to be stored (None: stored as it is). See ``models.queries.RESULT_STORE``.
+ApartResult = tuple[StoredResult, tuple[str, str] | None]
+
+#: The status a job's row shows once an outcome that stores a result is written.
+_ENDS_AS = {"ack": "completed", "nack": "failed"}
+
+
+def store_results(cur: Any, results: Sequence[StoredResult], only_if: Sequence[tuple[str, str] | None] = ()) -> None:
+    """Store ``results`` (distinct keys) with ``cur``: each one, or, where ``only_if`` gives a
+    (job id, status), only while that job's row shows that status."""
+    conditions = list(only_if) or [None] * len(results)
+    cur.execute(queries.RESULT_STORE, {
+        "keys": _text_array([key for key, _, _ in results]),
+        "values": [psycopg2.Binary(value) for _, value, _ in results],
+        "ttls": _int_array([ttl for _, _, ttl in results]),
+        "jobs": _text_array([c[0] if c else None for c in conditions]),
+        "statuses": _text_array([c[1] if c else None for c in conditions]),
+    })
+
+
 class _ResultWriter:
     """Writes results apart from their outcomes, on a thread of its own (started at first use).
 
     For the results a SETTLE could not carry: ``control_plane.results`` was locked, or
-    the settle failed for another reason (a role that may not write it). The settler
+    the settle failed for another reason (a role that may not write it); and for those of
+    outcomes whose settle did not say they were written (:meth:`put_if_ended`). The settler
     must not wait for that table; this thread may. It writes what has gathered in one
     statement (up to ``WRITER_BATCH_BYTES``), tries a lost connection or a rollback again,
     and logs a result it cannot write (its caller waits out its timeout). Past
@@ -510,24 +532,40 @@ class _ResultWriter:
 
     def __init__(self, broker: PostgresBroker) -> None:
         self._broker = broker
-        self._queue: queue_module.Queue[StoredResult | None] = queue_module.Queue()
+        self._queue: queue_module.Queue[ApartResult | None] = queue_module.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._waiting_bytes = 0
         self._waiting = 0
+        #: When this broker's ``control_plane.results`` was last reported locked, and until when
+        #: settles take it to be without a look (monotonic seconds): a look costs ``RESULTS_LOCK_TIMEOUT``.
+        self.busy_said = 0.0
+        self.busy_until = 0.0
 
     def full(self) -> bool:
         return self._waiting_bytes > self.WRITER_MAX_BYTES
 
     def put(self, results: Iterable[StoredResult]) -> None:
-        results = list(results)
+        """Store ``results`` as they are."""
+        self._put([(result, None) for result in results])
+
+    def put_if_ended(self, results: Iterable[tuple[StoredResult, str, str]]) -> None:
+        """Store each ``(result, job id, status)``'s result if that job's row shows that status.
+
+        For outcomes a SETTLE did not report written: the connection was lost after the
+        server committed it (the result is then due), or another worker took the message
+        (its job has not ended as this outcome would end it: the result is not stored).
+        """
+        self._put([(result, (job_id, status)) for result, job_id, status in results])
+
+    def _put(self, results: list[ApartResult]) -> None:
         if not results:
             return
         with self._lock:  # (counted before the thread can take them and count them off)
-            self._waiting_bytes += sum(len(value) for _, value, _ in results)
+            self._waiting_bytes += sum(len(result[1]) for result, _ in results)
             self._waiting += len(results)
-            for result in results:
-                self._queue.put(result)
+            for item in results:
+                self._queue.put(item)
             if self._thread is None or not self._thread.is_alive():  # (not started, or closed before)
                 self._thread = threading.Thread(target=self._run, name="controlplane-results", daemon=True)
                 self._thread.start()
@@ -551,8 +589,8 @@ class _ResultWriter:
             first = self._queue.get()
             if first is None:
                 return
-            batch: dict[str, StoredResult] = {first[0]: first}  # one row per key: the last one's
-            size, taken = len(first[1]), 1
+            batch: dict[str, ApartResult] = {first[0][0]: first}  # one row per key: the last one's
+            size, taken = len(first[0][1]), 1
             while size < self.WRITER_BATCH_BYTES:
                 try:
                     more = self._queue.get_nowait()
@@ -561,8 +599,8 @@ class _ResultWriter:
                 if more is None:
                     stop = True
                     break
-                batch[more[0]] = more
-                size, taken = size + len(more[1]), taken + 1
+                batch[more[0][0]] = more
+                size, taken = size + len(more[0][1]), taken + 1
             try:
                 self._write(list(batch.values()))
             except Exception:  # this thread goes on with the next batch
@@ -572,17 +610,12 @@ class _ResultWriter:
                     self._waiting_bytes -= size
                     self._waiting -= taken
 
-    def _write(self, results: list[StoredResult]) -> None:
+    def _write(self, results: list[ApartResult]) -> None:
         """Write ``results`` in one statement; one by one if a value is refused (only it is lost)."""
         for attempt in range(1, self.TRIES + 1):
             try:
-                params = {
-                    "keys": _text_array([key for key, _, _ in results]),
-                    "values": [psycopg2.Binary(value) for _, value, _ in results],
-                    "ttls": _int_array([ttl for _, _, ttl in results]),
-                }
                 with self._broker.connection() as conn, conn.cursor() as cur:
-                    cur.execute(queries.RESULT_STORE_MANY, params)
+                    store_results(cur, [result for result, _ in results], [only_if for _, only_if in results])
                 return
             except Exception as exc:
                 again = isinstance(exc, psycopg2.Error) and (db.is_connection_error(exc) or db.is_transient(exc))
@@ -1996,7 +2029,7 @@ def _settle_batch(broker: PostgresBroker, state: _QueueState, conn: Any) -> bool
         in_transaction = False
         if any(o.stored_result is not None for o in outcomes):
             # (past the writer's bound the settle waits for the table, a while: not when stopping)
-            in_transaction = _lock_results(conn, wait=broker.results_writer.full() and not broker.stopping)
+            in_transaction = _lock_results(broker, conn, wait=broker.results_writer.full() and not broker.stopping)
             if not in_transaction:  # the outcomes now, their results apart
                 apart = [(o.message_id, o.stored_result) for o in outcomes if o.stored_result is not None]
                 outcomes = [dataclasses.replace(o, stored_result=None) for o in outcomes]
@@ -2016,6 +2049,12 @@ def _settle_batch(broker: PostgresBroker, state: _QueueState, conn: Any) -> bool
             state.starts = {p.message_id: p for p in starts} | state.starts
         raise
     broker.results_writer.put(result for message_id, result in apart if message_id in applied)
+    # Not reported written: the reply to an earlier try that the server committed was lost
+    # with its connection (this try found the claim gone), or the lease was lost.
+    broker.results_writer.put_if_ended(
+        (o.stored_result, o.message_id, _ENDS_AS[o.kind]) for o in latest.values()
+        if o.stored_result is not None and o.message_id not in applied and o.kind in _ENDS_AS
+    )
     _after_settle(broker, state, conn, latest, applied)
     return deferred
 
@@ -2036,22 +2075,16 @@ def _within_result_bytes(outcomes: list[_Outcome]) -> tuple[list[_Outcome], list
     return taken, left
 
 
-#: When a busy ``control_plane.results`` was last reported, and until when it is taken to be
-#: busy without a look (monotonic seconds): each look costs its settle ``RESULTS_LOCK_TIMEOUT``.
-_results_busy_said = 0.0
-_results_busy_until = 0.0
-
-
-def _lock_results(conn: Any, *, wait: bool = False) -> bool:
+def _lock_results(broker: PostgresBroker, conn: Any, *, wait: bool = False) -> bool:
     """Begin a transaction holding ``control_plane.results`` for a SETTLE that stores results,
     waiting ``RESULTS_LOCK_TIMEOUT`` at most (with ``wait``, ``RESULTS_FULL_LOCK_TIMEOUT``: the
     results waiting to be written apart are many); False when another session holds it.
 
     The lock taken is the one the statement's insert takes anyway; only its wait is bounded.
-    After a refusal the table is taken to be busy for a second without a look.
+    After a refusal ``broker``'s table is taken to be busy for a second without a look.
     """
-    global _results_busy_said, _results_busy_until
-    if not wait and time.monotonic() < _results_busy_until:
+    writer = broker.results_writer
+    if not wait and time.monotonic() < writer.busy_until:
         return False
     lock = "LOCK TABLE control_plane.results IN ROW EXCLUSIVE MODE"
     timeout = RESULTS_FULL_LOCK_TIMEOUT if wait else RESULTS_LOCK_TIMEOUT
@@ -2061,9 +2094,9 @@ def _lock_results(conn: Any, *, wait: bool = False) -> bool:
     except psycopg2.errors.LockNotAvailable:
         with conn.cursor() as cur:
             cur.execute("ROLLBACK")
-        _results_busy_until = time.monotonic() + 1.0
-        if time.monotonic() - _results_busy_said > 60:
-            _results_busy_said = time.monotonic()
+        writer.busy_until = time.monotonic() + 1.0
+        if time.monotonic() - writer.busy_said > 60:
+            writer.busy_said = time.monotonic()
             logger.warning("control_plane.results is locked by another session: jobs' outcomes are written "
                            "without their results, which are written apart once it is free (said once a minute)")
         return False
@@ -2118,7 +2151,8 @@ def _after_settle(
     for o in latest.values():
         if o.message_id not in applied and o.kind != "retry":
             logger.warning(
-                "message %s: its lease was lost before its %s was written; another worker owns it now",
+                "message %s: its %s was not written now: its lease was lost (another worker owns it), "
+                "or an earlier try wrote it and the reply was lost with the connection",
                 o.message_id,
                 o.kind,
             )

@@ -18,7 +18,6 @@ from contextvars import ContextVar
 from typing import Any
 
 import dramatiq
-import psycopg2
 from dramatiq import Message
 from dramatiq.middleware import Middleware
 from dramatiq.results import ResultBackend, Results, ResultTimeout
@@ -26,7 +25,7 @@ from dramatiq.results.backend import DEFAULT_TIMEOUT, Missing
 from dramatiq.results.result import wrap_exception
 
 from models import queries
-from tasks.broker import PgMessageProxy, PostgresBroker
+from tasks.broker import PgMessageProxy, PostgresBroker, store_results
 from tasks.errors import NotSerializable
 from tasks.redaction import persistable
 
@@ -147,7 +146,7 @@ class PostgresBackend(ResultBackend):
 
     def _write(self, conn: Any, message_key: str, value: bytes, ttl: int) -> None:
         with conn.cursor() as cur:
-            cur.execute(queries.RESULT_STORE, {"key": message_key, "value": psycopg2.Binary(value), "ttl_ms": ttl})
+            store_results(cur, [(message_key, value, ttl)])
 
 
 @contextmanager

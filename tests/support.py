@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -255,6 +257,74 @@ def settle_in_process(consumer: Any, held: Any, outcome: str, error: str = "Runt
         consumer.nack(held)
     consumer._flush()
     consumer.close()
+
+
+class ReplyLosingProxy:
+    """A TCP proxy on 127.0.0.1 in front of the test server that loses one reply.
+
+    Connections made to :attr:`url` are forwarded to the server of ``url``. Once
+    :meth:`lose_reply_to` is armed, the first statement the client sends that contains
+    ``marker`` reaches the server, which runs and commits it; its reply is read to its
+    end (ReadyForQuery) and dropped, and the client's side closed: the client sees a lost
+    connection for a statement that took effect, as a network cut at that instant would.
+    """
+
+    def __init__(self, url: str) -> None:
+        dsn = psycopg2.extensions.parse_dsn(url)
+        host, port = dsn.get("host", "127.0.0.1"), int(dsn.get("port", 5432))
+        if host.startswith("/"):
+            self._upstream: tuple[int, Any] = (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}")
+        else:
+            self._upstream = (socket.AF_INET, (host, port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        dsn.update(host="127.0.0.1", port=str(self._listener.getsockname()[1]))
+        self.url = " ".join(f"{key}={value}" for key, value in dsn.items())
+        self._marker: bytes | None = None
+        self.lost = threading.Event()
+        self._sockets: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def lose_reply_to(self, marker: bytes) -> None:
+        self._marker = marker
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(self._upstream[0], socket.SOCK_STREAM)
+            upstream.connect(self._upstream[1])
+            self._sockets += [client, upstream]
+            losing = threading.Event()
+            threading.Thread(target=self._pump, args=(client, upstream, losing, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, losing, False), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, losing: threading.Event, from_client: bool) -> None:
+        seen = b""
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if from_client and self._marker is not None and self._marker in data:
+                    self._marker = None
+                    losing.set()
+                elif not from_client and losing.is_set():
+                    seen = (seen + data)[-64:]
+                    if b"Z\x00\x00\x00\x05" in seen:  # ReadyForQuery: the statement ended, committed
+                        self.lost.set()
+                        for sock in (dst, src):  # (shut down: a close waits for the other pump's recv)
+                            sock.shutdown(socket.SHUT_RDWR)
+                        return
+                    continue
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_RDWR)
 
 
 class Clones:

@@ -30,7 +30,7 @@ from tasks.errors import ConfigurationError
 from tasks.prepared import Statement
 from tasks.settings import Settings
 from tests import actors
-from tests.support import ROOT, job, jobs_in, query, wait_for
+from tests.support import ROOT, ReplyLosingProxy, job, jobs_in, query, wait_for
 
 
 def _broker() -> PostgresBroker:
@@ -1285,3 +1285,63 @@ def test_a_result_the_server_refuses_costs_only_itself_and_a_huge_ttl_is_kept_as
                          "FROM control_plane.results ORDER BY key")  # fmt: skip
     assert rows == sorted([{"key": k, "century": False} for k, _, _ in good] + [{"key": "huge-ttl", "century": True}],
                           key=lambda r: str(r["key"]))
+
+
+def test_a_result_written_apart_is_stored_though_the_reply_to_its_outcome_was_lost(db_url: str) -> None:
+    from tasks import db
+
+    # Given a claimed job whose result goes with its outcome, and the results table held by
+    # another session, so the outcome is written without it and the result apart
+    sent = actors.noop.send(1)
+    consumer = _broker().consume("default", prefetch=1, timeout=5000)
+    message = next(consumer)
+    consumer._settler.stop()  # (this test writes the outcome)
+    message.stored_result = ("key-lost-reply", b'"done"', 60_000)
+    consumer.ack(message)
+    proxy = ReplyLosingProxy(db_url)
+    lock = psycopg2.connect(db_url)
+    try:
+        with lock.cursor() as cur:
+            cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
+        # When the server commits the outcome but its reply is lost on the way back
+        proxy.lose_reply_to(b"EXECUTE control_plane_settle")
+        with contextlib.closing(db.connect(proxy.url, autocommit=True)) as cut:
+            with pytest.raises(psycopg2.OperationalError):
+                consumer._flush(cut)
+        assert proxy.lost.is_set()
+        assert jobs_in(db_url, [sent.message_id], "completed")
+        lock.rollback()
+        # And the settle is tried again, as the settler does after a lost connection
+        consumer._flush()
+    finally:
+        lock.close()
+        proxy.close()
+    # Then the job's result is stored all the same
+    stored = "SELECT convert_from(value, 'UTF8') AS value FROM control_plane.results WHERE key = 'key-lost-reply'"
+    assert wait_for(lambda: query(db_url, stored), what="the result") == [{"value": '"done"'}]
+    consumer.close()
+
+
+def test_a_results_table_found_locked_is_taken_as_busy_by_its_own_broker_only(db_url: str) -> None:
+    from tasks import db
+    from tasks.broker import _lock_results
+
+    # Given two brokers in one process (two control planes, or a test's), and the first
+    # finding control_plane.results held by another session
+    first, second = _broker(), PostgresBroker(url=db_url, settings=tasks.settings)
+    lock = psycopg2.connect(db_url)
+    try:
+        with lock.cursor() as cur:
+            cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
+        with contextlib.closing(db.connect(db_url, autocommit=True)) as conn:
+            assert not _lock_results(first, conn)
+        lock.rollback()
+        # When the second, once the table is free, settles results in the first's busy second
+        with contextlib.closing(db.connect(db_url, autocommit=True)) as conn, conn.cursor() as cur:
+            took = _lock_results(second, conn)
+            cur.execute("ROLLBACK")
+            # Then it takes the table: its outcomes store their results, the first's busy second is not its own
+            assert took
+    finally:
+        lock.close()
+        second.close()

@@ -679,9 +679,13 @@ def test_a_worker_that_lost_its_lease_cannot_overwrite_the_job(db_url: str) -> N
     consumer_a._settler.stop()
     consumer_b._settler.stop()
     held.fail()
+    held.stored_result = ("fenced-result", b'"A failed"', 60_000)  # (the results backend's, as for a caller)
     consumer_a.nack(held)
     consumer_a._flush()
-    # Then nothing changed: the job is B's, waiting for B's thread, and A's failure is nowhere
+    tasks.broker.results_writer.close(timeout=30)  # (whatever A left to write apart is written)
+    # Then nothing changed: the job is B's, waiting for B's thread, and A's failure is nowhere,
+    # not even as a result for a caller to read
+    assert query(db_url, "SELECT key FROM control_plane.results") == []
     row = job(db_url, message.message_id)
     assert row["status"] == "pending"
     expired = f"lease expired: worker {tasks.broker.worker_id} stopped heartbeating"

@@ -92,17 +92,16 @@ def _store_its_result(conn: Any, message: Any) -> None:
     ``control_plane.results`` (past ``RESULTS_LOCK_TIMEOUT``), the result is left to the
     outcome, which does not wait for that table either: this worker thread must not.
     """
-    from tasks.broker import RESULTS_LOCK_TIMEOUT
+    from tasks.broker import RESULTS_LOCK_TIMEOUT, store_results
 
     stored = getattr(message, "stored_result", None)
     if stored is None:
         return
     message.result_stored_by_hook = False  # (a claimed message: this hook's transaction may be tried again)
-    key, value, ttl = stored
     with conn.cursor() as cur:
         cur.execute(f"SAVEPOINT its_result; SET LOCAL lock_timeout = '{RESULTS_LOCK_TIMEOUT}'")
         try:
-            cur.execute(queries.RESULT_STORE, {"key": key, "value": psycopg2.Binary(value), "ttl_ms": ttl})
+            store_results(cur, [stored])
         except psycopg2.errors.LockNotAvailable:
             cur.execute("ROLLBACK TO SAVEPOINT its_result")  # (the SET LOCAL too)
             return
