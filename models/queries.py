@@ -646,15 +646,17 @@ SELECT value FROM control_plane.results WHERE key = %(key)s AND expires_at > now
 #: Store results (distinct keys) apart from a SETTLE: the results backend's on a connection
 #: of its own or a caller's, a pipeline or group step's in its hook, the broker's writer's.
 #: A result given a job id (``jobs``) is stored only while that job's row shows the status
-#: given with it (``statuses``): the result of an outcome whose settle did not say it was
-#: written (its reply lost with the connection, or its lease lost to another worker).
+#: and the worker given with it (``statuses``, ``workers``): the result of an outcome whose
+#: settle may have been committed with its reply lost, stored only if that settle was (and
+#: not if the lease was lost meanwhile: the row then shows another worker's run).
 RESULT_STORE = """
 INSERT INTO control_plane.results (key, value, expires_at)
 SELECT s.key, s.value, """ + _expires_in("s.ttl_ms") + """
-FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(ttls)s::bigint[], %(jobs)s::uuid[], %(statuses)s::text[])
-     AS s(key, value, ttl_ms, job, status)
+FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(ttls)s::bigint[], %(jobs)s::uuid[], %(statuses)s::text[],
+            %(workers)s::text[]) AS s(key, value, ttl_ms, job, status, worker)
 WHERE s.job IS NULL
-   OR EXISTS (SELECT 1 FROM control_plane.jobs AS j WHERE j.id = s.job AND j.status = s.status)
+   OR EXISTS (SELECT 1 FROM control_plane.jobs AS j
+              WHERE j.id = s.job AND j.status = s.status AND j.worker = s.worker)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
 """  # noqa: S608 (joined from this module's constants only, no input)
 

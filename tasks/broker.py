@@ -489,19 +489,25 @@ class _Outcome:
     started_mono: float = 0.0
     #: For the results backend, stored by the same SETTLE (key, encoded value, ttl ms).
     stored_result: StoredResult | None = None
+    #: An earlier SETTLE of it lost its connection: the server may have committed it.
+    maybe_written: bool = False
 
 
-#: A result to store apart from its outcome, and the (job id, status) that job's row must
-#: show for it to be stored (None: stored as it is). See ``models.queries.RESULT_STORE``.
-ApartResult = tuple[StoredResult, tuple[str, str] | None]
+#: What a job's row must show for a result to be stored (``models.queries.RESULT_STORE``):
+#: the job's id, its status, and the worker its row names.
+EndedAs = tuple[str, str, str]
+
+#: A result to store apart from its outcome, and what its job's row must show for it to be
+#: stored (None: stored as it is).
+ApartResult = tuple[StoredResult, EndedAs | None]
 
 #: The status a job's row shows once an outcome that stores a result is written.
-_ENDS_AS = {"ack": "completed", "nack": "failed"}
+_ENDS_AS = {"ack": "completed", "nack": "failed", "cancel": "cancelled"}
 
 
-def store_results(cur: Any, results: Sequence[StoredResult], only_if: Sequence[tuple[str, str] | None] = ()) -> None:
+def store_results(cur: Any, results: Sequence[StoredResult], only_if: Sequence[EndedAs | None] = ()) -> None:
     """Store ``results`` (distinct keys) with ``cur``: each one, or, where ``only_if`` gives a
-    (job id, status), only while that job's row shows that status."""
+    (job id, status, worker), only while that job's row shows that status and that worker."""
     conditions = list(only_if) or [None] * len(results)
     cur.execute(queries.RESULT_STORE, {
         "keys": _text_array([key for key, _, _ in results]),
@@ -509,6 +515,7 @@ def store_results(cur: Any, results: Sequence[StoredResult], only_if: Sequence[t
         "ttls": _int_array([ttl for _, _, ttl in results]),
         "jobs": _text_array([c[0] if c else None for c in conditions]),
         "statuses": _text_array([c[1] if c else None for c in conditions]),
+        "workers": _text_array([c[2] if c else None for c in conditions]),
     })
 
 
@@ -516,14 +523,15 @@ class _ResultWriter:
     """Writes results apart from their outcomes, on a thread of its own (started at first use).
 
     For the results a SETTLE could not carry: ``control_plane.results`` was locked, or
-    the settle failed for another reason (a role that may not write it); and for those of
-    outcomes whose settle did not say they were written (:meth:`put_if_ended`). The settler
-    must not wait for that table; this thread may. It writes what has gathered in one
-    statement (up to ``WRITER_BATCH_BYTES``), tries a lost connection or a rollback again,
-    and logs a result it cannot write (its caller waits out its timeout). Past
-    ``WRITER_MAX_BYTES`` waiting, settles that carry results wait for the table instead
-    (:meth:`full`): the worker's memory does not grow with a long lock. :meth:`close`
-    waits a few seconds for what is left, and says how many it could not write.
+    the settle failed for another reason (a role that may not write it); and, on a
+    condition, those of outcomes whose settle may have been committed with its reply
+    lost (:meth:`put_if_ended`). The settler must not wait for that table; this thread
+    may. It writes what has gathered in one statement (up to ``WRITER_BATCH_BYTES``),
+    tries a lost connection or a rollback again, and logs a result it cannot write (its
+    caller waits out its timeout). Past ``WRITER_MAX_BYTES`` waiting, settles that carry
+    results wait for the table instead (:meth:`full`): the worker's memory does not grow
+    with a long lock. :meth:`close` waits a few seconds for what is left, and says how
+    many it could not write; a put after it starts the thread again.
     """
 
     WRITER_BATCH_BYTES = 4 * 1024 * 1024
@@ -549,14 +557,15 @@ class _ResultWriter:
         """Store ``results`` as they are."""
         self._put([(result, None) for result in results])
 
-    def put_if_ended(self, results: Iterable[tuple[StoredResult, str, str]]) -> None:
-        """Store each ``(result, job id, status)``'s result if that job's row shows that status.
+    def put_if_ended(self, results: Iterable[tuple[StoredResult, EndedAs]]) -> None:
+        """Store each result only if its job's row shows the status and the worker given.
 
-        For outcomes a SETTLE did not report written: the connection was lost after the
-        server committed it (the result is then due), or another worker took the message
-        (its job has not ended as this outcome would end it: the result is not stored).
+        For outcomes a SETTLE did not report written after an earlier try lost its
+        connection: that try may have been committed with only its reply lost (the job's
+        row then shows this outcome, written by this worker: the result is due), or the
+        lease was lost meanwhile (the row shows another worker's run: nothing is stored).
         """
-        self._put([(result, (job_id, status)) for result, job_id, status in results])
+        self._put(list(results))
 
     def _put(self, results: list[ApartResult]) -> None:
         if not results:
@@ -573,10 +582,12 @@ class _ResultWriter:
     def close(self, timeout: float = 5.0) -> None:
         with self._lock:
             thread = self._thread
-        if thread is None:
-            return
-        self._queue.put(None)
-        thread.join(timeout)
+            if thread is not None and thread.is_alive():
+                self._queue.put(None)  # (only for a live thread: left for the next, it would end it)
+            else:
+                thread = None
+        if thread is not None:
+            thread.join(timeout)
         with self._lock:
             left = self._waiting
         if left:
@@ -584,13 +595,15 @@ class _ResultWriter:
                          "(control_plane.results stayed locked); their callers wait out their timeouts", left)
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
+        while True:
             first = self._queue.get()
             if first is None:
-                return
-            batch: dict[str, ApartResult] = {first[0][0]: first}  # one row per key: the last one's
-            size, taken = len(first[0][1]), 1
+                if self._ends():
+                    return
+                continue
+            batch: dict[str, ApartResult] = {}
+            _keep(batch, first)
+            size, taken, stop = len(first[0][1]), 1, False
             while size < self.WRITER_BATCH_BYTES:
                 try:
                     more = self._queue.get_nowait()
@@ -599,7 +612,7 @@ class _ResultWriter:
                 if more is None:
                     stop = True
                     break
-                batch[more[0][0]] = more
+                _keep(batch, more)
                 size, taken = size + len(more[0][1]), taken + 1
             try:
                 self._write(list(batch.values()))
@@ -609,6 +622,16 @@ class _ResultWriter:
                 with self._lock:
                     self._waiting_bytes -= size
                     self._waiting -= taken
+            if stop and self._ends():
+                return
+
+    def _ends(self) -> bool:
+        """After a stop mark: end this thread, unless results were put after it (then go on)."""
+        with self._lock:  # (a put looks at the thread under it: none is left behind by an ending thread)
+            if not self._queue.empty():
+                return False
+            self._thread = None
+            return True
 
     def _write(self, results: list[ApartResult]) -> None:
         """Write ``results`` in one statement; one by one if a value is refused (only it is lost)."""
@@ -630,6 +653,15 @@ class _ResultWriter:
                              "out their timeouts", len(results),
                              db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else exc)
                 return
+
+
+def _keep(batch: dict[str, ApartResult], item: ApartResult) -> None:
+    """Put ``item`` in ``batch``, one per key: the last one's, but a result stored as it is
+    (its outcome written) is not displaced by one stored on a condition (which may not hold)."""
+    key = item[0][0]
+    held = batch.get(key)
+    if held is None or held[1] is not None or item[1] is None:
+        batch[key] = item
 
 
 @dataclass
@@ -2038,22 +2070,25 @@ def _settle_batch(broker: PostgresBroker, state: _QueueState, conn: Any) -> bool
         if in_transaction:
             with conn.cursor() as cur:
                 cur.execute("COMMIT")
-    except Exception:
+    except Exception as exc:
         # Keep the outcomes (with their results) and the start marks for the next try (or the
         # next consumer), whatever failed: an error raised before the statement reached the server too.
         if conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
             with contextlib.suppress(Exception), conn.cursor() as cur:
                 cur.execute("ROLLBACK")
+        kept = list(latest.values())
+        if isinstance(exc, psycopg2.Error) and db.is_connection_error(exc):  # (committed, its reply lost?)
+            kept = [dataclasses.replace(o, maybe_written=True) for o in kept]
         with state.lock:
-            state.outcomes[:0] = list(latest.values())
+            state.outcomes[:0] = kept
             state.starts = {p.message_id: p for p in starts} | state.starts
         raise
     broker.results_writer.put(result for message_id, result in apart if message_id in applied)
-    # Not reported written: the reply to an earlier try that the server committed was lost
-    # with its connection (this try found the claim gone), or the lease was lost.
+    # Not reported written after an earlier try lost its connection: that try may have been
+    # committed with only its reply lost (this one found the claim gone), or the lease was lost.
     broker.results_writer.put_if_ended(
-        (o.stored_result, o.message_id, _ENDS_AS[o.kind]) for o in latest.values()
-        if o.stored_result is not None and o.message_id not in applied and o.kind in _ENDS_AS
+        (o.stored_result, (o.message_id, _ENDS_AS[o.kind], broker.worker_id)) for o in latest.values()
+        if o.stored_result is not None and o.maybe_written and o.message_id not in applied and o.kind in _ENDS_AS
     )
     _after_settle(broker, state, conn, latest, applied)
     return deferred
@@ -2151,10 +2186,11 @@ def _after_settle(
     for o in latest.values():
         if o.message_id not in applied and o.kind != "retry":
             logger.warning(
-                "message %s: its %s was not written now: its lease was lost (another worker owns it), "
-                "or an earlier try wrote it and the reply was lost with the connection",
+                "message %s: its %s was not written: %s",
                 o.message_id,
                 o.kind,
+                "an earlier try whose connection was lost may have written it, or its lease was lost"
+                if o.maybe_written else "its lease was lost before it was written; another worker owns it now",
             )
     if cancels:
         with state.lock:

@@ -264,9 +264,10 @@ class ReplyLosingProxy:
 
     Connections made to :attr:`url` are forwarded to the server of ``url``. Once
     :meth:`lose_reply_to` is armed, the first statement the client sends that contains
-    ``marker`` reaches the server, which runs and commits it; its reply is read to its
-    end (ReadyForQuery) and dropped, and the client's side closed: the client sees a lost
-    connection for a statement that took effect, as a network cut at that instant would.
+    one of its markers reaches the server, which runs (and, outside a transaction,
+    commits) it; its reply is read to its end (ReadyForQuery) and dropped, and the
+    client's side closed: the client sees a lost connection for a statement that took
+    effect, as a network cut at that instant would.
     """
 
     def __init__(self, url: str) -> None:
@@ -279,15 +280,19 @@ class ReplyLosingProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         dsn.update(host="127.0.0.1", port=str(self._listener.getsockname()[1]))
         self.url = " ".join(f"{key}={value}" for key, value in dsn.items())
-        self._marker: bytes | None = None
+        self._markers: tuple[bytes, ...] = ()
+        self._unless = b""
         self.lost = threading.Event()
         self._sockets: list[Any] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def lose_reply_to(self, marker: bytes) -> None:
-        self._marker = marker
+    def lose_reply_to(self, *markers: bytes, unless: bytes = b"") -> None:
+        """Lose the reply to the next statement holding one of ``markers`` and not ``unless``."""
+        self._markers, self._unless = markers, unless
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # (wakes the thread in accept())
         self._listener.close()
         for sock in self._sockets:
             with contextlib.suppress(OSError):
@@ -307,12 +312,15 @@ class ReplyLosingProxy:
             threading.Thread(target=self._pump, args=(client, upstream, losing, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, losing, False), daemon=True).start()
 
+    def _hit(self, data: bytes) -> bool:
+        return any(m in data for m in self._markers) and not (self._unless and self._unless in data)
+
     def _pump(self, src: Any, dst: Any, losing: threading.Event, from_client: bool) -> None:
         seen = b""
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                if from_client and self._marker is not None and self._marker in data:
-                    self._marker = None
+                if from_client and self._hit(data):
+                    self._markers = ()
                     losing.set()
                 elif not from_client and losing.is_set():
                     seen = (seen + data)[-64:]

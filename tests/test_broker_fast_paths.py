@@ -26,7 +26,7 @@ from dramatiq.results import Results
 import tasks
 from models import queries
 from tasks.broker import SKIPPED_HEARTBEAT_RETRY_SECONDS, PostgresBroker, _claim_statement
-from tasks.errors import ConfigurationError
+from tasks.errors import Cancelled, ConfigurationError
 from tasks.prepared import Statement
 from tasks.settings import Settings
 from tests import actors
@@ -1287,7 +1287,24 @@ def test_a_result_the_server_refuses_costs_only_itself_and_a_huge_ttl_is_kept_as
                           key=lambda r: str(r["key"]))
 
 
-def test_a_result_written_apart_is_stored_though_the_reply_to_its_outcome_was_lost(db_url: str) -> None:
+#: A settle statement as the proxy sees it: run prepared (its PREPARE left alone) or plain.
+_SETTLE_SENT = (b"EXECUTE control_plane_settle", b"WITH t AS (")
+
+
+def _end_as(consumer: Any, message: Any, kind: str) -> None:
+    if kind == "ack":
+        consumer.ack(message)
+        return
+    if kind == "cancel":
+        message._exception = Cancelled("cancelled by operator")
+    message.fail()
+    consumer.nack(message)
+
+
+@pytest.mark.parametrize(("kind", "status"), [("ack", "completed"), ("nack", "failed"), ("cancel", "cancelled")])
+def test_a_result_written_apart_is_stored_though_the_reply_to_its_outcome_was_lost(
+    db_url: str, kind: str, status: str
+) -> None:
     from tasks import db
 
     # Given a claimed job whose result goes with its outcome, and the results table held by
@@ -1296,20 +1313,20 @@ def test_a_result_written_apart_is_stored_though_the_reply_to_its_outcome_was_lo
     consumer = _broker().consume("default", prefetch=1, timeout=5000)
     message = next(consumer)
     consumer._settler.stop()  # (this test writes the outcome)
-    message.stored_result = ("key-lost-reply", b'"done"', 60_000)
-    consumer.ack(message)
+    message.stored_result = ("key-lost-reply", b'"the outcome"', 60_000)
+    _end_as(consumer, message, kind)
     proxy = ReplyLosingProxy(db_url)
     lock = psycopg2.connect(db_url)
     try:
         with lock.cursor() as cur:
             cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
         # When the server commits the outcome but its reply is lost on the way back
-        proxy.lose_reply_to(b"EXECUTE control_plane_settle")
+        proxy.lose_reply_to(*_SETTLE_SENT, unless=b"PREPARE ")
         with contextlib.closing(db.connect(proxy.url, autocommit=True)) as cut:
             with pytest.raises(psycopg2.OperationalError):
                 consumer._flush(cut)
         assert proxy.lost.is_set()
-        assert jobs_in(db_url, [sent.message_id], "completed")
+        assert jobs_in(db_url, [sent.message_id], status)
         lock.rollback()
         # And the settle is tried again, as the settler does after a lost connection
         consumer._flush()
@@ -1318,8 +1335,71 @@ def test_a_result_written_apart_is_stored_though_the_reply_to_its_outcome_was_lo
         proxy.close()
     # Then the job's result is stored all the same
     stored = "SELECT convert_from(value, 'UTF8') AS value FROM control_plane.results WHERE key = 'key-lost-reply'"
-    assert wait_for(lambda: query(db_url, stored), what="the result") == [{"value": '"done"'}]
+    assert wait_for(lambda: query(db_url, stored), what="the result") == [{"value": '"the outcome"'}]
     consumer.close()
+
+
+def test_a_late_worker_whose_settle_lost_its_connection_stores_no_result_over_the_run_that_ended_the_job(
+    db_url: str,
+) -> None:
+    from tasks import db
+
+    # Given worker A's claim, whose lease expired, and worker B (another process) that
+    # reclaimed the job and completed it with its own result
+    message = actors.noop.send("twice")
+    consumer_a = _broker().consume("default", prefetch=1, timeout=2000)
+    held = next(consumer_a)
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
+    other = PostgresBroker(url=db_url, settings=tasks.settings)
+    other.worker_id = "another-host:1"  # (another process's, as in production)
+    consumer_b = other.consume("default", prefetch=1, timeout=2000)
+    consumer_b._next_reap = 0
+    reclaimed = next(consumer_b)
+    consumer_a._settler.stop()
+    consumer_b._settler.stop()
+    reclaimed.stored_result = ("key-twice", b'"B"', 60_000)
+    consumer_b.ack(reclaimed)
+    consumer_b._flush()
+    proxy = ReplyLosingProxy(db_url)
+    try:
+        # When A, late, completes it too, and the settle of its outcome loses its connection
+        held.stored_result = ("key-twice", b'"A"', 60_000)
+        consumer_a.ack(held)
+        proxy.lose_reply_to(*_SETTLE_SENT, unless=b"PREPARE ")
+        with contextlib.closing(db.connect(proxy.url, autocommit=True)) as cut:
+            with pytest.raises(psycopg2.OperationalError):
+                consumer_a._flush(cut)
+        consumer_a._flush()  # (tried again: its claim is gone, its outcome unwritten)
+        tasks.broker.results_writer.close(timeout=30)  # (whatever A left to write apart is written)
+    finally:
+        proxy.close()
+    # Then the job's result is B's, the run its row records
+    assert job(db_url, message.message_id)["worker"] == "another-host:1"
+    stored = "SELECT convert_from(value, 'UTF8') AS value FROM control_plane.results"
+    assert query(db_url, stored) == [{"value": '"B"'}]
+    consumer_a.close()
+    consumer_b.close()
+    other.close()
+
+
+def test_the_results_writer_keeps_an_outcomes_result_over_a_conditional_one_and_outlives_a_second_close(
+    db_url: str,
+) -> None:
+    from tasks.broker import _ResultWriter
+
+    # Given the thread that writes results apart, closed twice (as a worker's stop and its broker's close do)
+    writer = _ResultWriter(_broker())
+    writer.put([("first", b'"1"', 60_000)])
+    writer.close(timeout=30)
+    writer.close(timeout=30)
+    # When one batch holds, for one key, a result whose outcome was written and then one on a
+    # condition that does not hold (a job that does not exist)
+    writer._put([(("key", b'"written"', 60_000), None),
+                 (("key", b'"if ended"', 60_000), (str(uuid.uuid4()), "completed", "nobody"))])
+    writer.close(timeout=30)
+    # Then the first is stored, after both closes too, and the other did not displace it
+    rows = query(db_url, "SELECT key, convert_from(value, 'UTF8') AS value FROM control_plane.results ORDER BY key")
+    assert rows == [{"key": "first", "value": '"1"'}, {"key": "key", "value": '"written"'}]
 
 
 def test_a_results_table_found_locked_is_taken_as_busy_by_its_own_broker_only(db_url: str) -> None:
