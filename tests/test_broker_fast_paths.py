@@ -1387,7 +1387,7 @@ def test_the_results_writer_keeps_an_outcomes_result_over_a_conditional_one_and_
 ) -> None:
     from tasks.broker import _ResultWriter
 
-    # Given the thread that writes results apart, closed twice (as a worker's stop and its broker's close do)
+    # Given the thread that writes results apart, closed twice (a broker closed, used again, closed again)
     writer = _ResultWriter(_broker())
     writer.put([("first", b'"1"', 60_000)])
     writer.close(timeout=30)
