@@ -545,6 +545,7 @@ class _ResultWriter:
         self._lock = threading.Lock()
         self._waiting_bytes = 0
         self._waiting = 0
+        self._closing = False
         #: When this broker's ``control_plane.results`` was last reported locked, and until when
         #: settles take it to be without a look (monotonic seconds): a look costs ``RESULTS_LOCK_TIMEOUT``.
         self.busy_said = 0.0
@@ -583,7 +584,8 @@ class _ResultWriter:
         with self._lock:
             thread = self._thread
             if thread is not None and thread.is_alive():
-                self._queue.put(None)  # (only for a live thread: left for the next, it would end it)
+                self._closing = True  # (the thread ends once it finds nothing left to write)
+                self._queue.put(None)  # (wakes it)
             else:
                 thread = None
         if thread is not None:
@@ -596,42 +598,33 @@ class _ResultWriter:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                if self._ends():
-                    return
-                continue
-            batch: dict[str, ApartResult] = {}
-            _keep(batch, first)
-            size, taken, stop = len(first[0][1]), 1, False
-            while size < self.WRITER_BATCH_BYTES:
+            batch: dict[str, ApartResult] = {}  # one row per key (see _keep)
+            size = taken = 0
+            item = self._queue.get()
+            while True:
+                if item is not None:  # (None: a wake-up from close())
+                    _keep(batch, item)
+                    size, taken = size + len(item[0][1]), taken + 1
+                if size >= self.WRITER_BATCH_BYTES:
+                    break
                 try:
-                    more = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue_module.Empty:
                     break
-                if more is None:
-                    stop = True
-                    break
-                _keep(batch, more)
-                size, taken = size + len(more[0][1]), taken + 1
-            try:
-                self._write(list(batch.values()))
-            except Exception:  # this thread goes on with the next batch
-                logger.exception("could not store %d of the results backend's results", len(batch))
-            finally:
-                with self._lock:
-                    self._waiting_bytes -= size
-                    self._waiting -= taken
-            if stop and self._ends():
-                return
-
-    def _ends(self) -> bool:
-        """After a stop mark: end this thread, unless results were put after it (then go on)."""
-        with self._lock:  # (a put looks at the thread under it: none is left behind by an ending thread)
-            if not self._queue.empty():
-                return False
-            self._thread = None
-            return True
+            if batch:
+                try:
+                    self._write(list(batch.values()))
+                except Exception:  # this thread goes on with the next batch
+                    logger.exception("could not store %d of the results backend's results", len(batch))
+                finally:
+                    with self._lock:
+                        self._waiting_bytes -= size
+                        self._waiting -= taken
+            with self._lock:  # (a put looks at the thread under it: none is left behind by an ending thread)
+                if self._closing and self._queue.empty():
+                    self._thread = None
+                    self._closing = False
+                    return
 
     def _write(self, results: list[ApartResult]) -> None:
         """Write ``results`` in one statement; one by one if a value is refused (only it is lost)."""

@@ -1402,6 +1402,31 @@ def test_the_results_writer_keeps_an_outcomes_result_over_a_conditional_one_and_
     assert rows == [{"key": "first", "value": '"1"'}, {"key": "key", "value": '"written"'}]
 
 
+def test_a_results_writer_being_closed_writes_what_is_put_meanwhile_and_then_ends(db_url: str) -> None:
+    from tasks.broker import _ResultWriter
+
+    # Given the thread that writes results apart, waiting for a locked results table
+    lock = psycopg2.connect(db_url)
+    writer = _ResultWriter(_broker())
+    with contextlib.closing(lock), lock.cursor() as cur:
+        cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
+        writer.put([("before", b'"1"', 60_000)])
+        waiting = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                   "AND wait_event_type = 'Lock' AND query LIKE '%%control_plane.results%%'")  # fmt: skip
+        wait_for(lambda: query(db_url, waiting), what="the write to wait for the lock")
+        # When it is being closed, and another result is put before it has ended
+        closer = threading.Thread(target=writer.close, kwargs={"timeout": 60})
+        closer.start()
+        wait_for(lambda: writer._closing, what="the close to begin")
+        writer.put([("meanwhile", b'"2"', 60_000)])
+        lock.rollback()
+        closer.join()
+    # Then both are written, and the thread ended of itself (not left waiting out the close's timeout)
+    rows = query(db_url, "SELECT key FROM control_plane.results ORDER BY key")
+    assert rows == [{"key": "before"}, {"key": "meanwhile"}]
+    assert writer._thread is None
+
+
 def test_a_results_table_found_locked_is_taken_as_busy_by_its_own_broker_only(db_url: str) -> None:
     from tasks import db
     from tasks.broker import _lock_results
