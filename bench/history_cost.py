@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 from contextlib import closing
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 
 import migrations
 from bench.harness import RESULTS
@@ -127,9 +129,11 @@ def _walinspect(url: str) -> bool:
 
 
 def _round(url: str, tree: str, extra: dict[str, str], single: int, n: int, walinspect: bool) -> dict[str, Any]:
-    parts = measure(url, tree, extra, f"single={single}", f"batch={n}", "--empty-and-checkpoint")
-    del parts["tasks"]
     with closing(_connect(url)) as conn, conn.cursor() as cur:
+        if walinspect:
+            _hold_wal(cur)  # (until this connection closes, after the WAL is read)
+        parts = measure(url, tree, extra, f"single={single}", f"batch={n}", "--empty-and-checkpoint")
+        del parts["tasks"]
         for part in parts.values():
             start, end = part.pop("wal")
             cur.execute("SELECT pg_wal_lsn_diff(%s, %s)", (end, start))
@@ -139,11 +143,30 @@ def _round(url: str, tree: str, extra: dict[str, str], single: int, n: int, wali
     return parts
 
 
+def _hold_wal(cur: Any) -> None:
+    """Keep the server's WAL from now until this session ends, with a temporary replication slot.
+
+    A checkpoint between the sends and the reading of their WAL (another session's, or
+    the server's own) may recycle the segments the reading needs; with a slot it may not.
+    Without the right to create one (a role without REPLICATION), the reading may fail
+    and that part is reported without its full-page images.
+    """
+    try:
+        cur.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (f"bench_history_{os.getpid()}",))
+    except psycopg2.Error as exc:
+        print(f"WAL not held for the full-page image counts: {str(exc).strip()}", flush=True)
+
+
 def _full_page_images(cur: Any, start: str, end: str, jobs: int) -> dict[str, float]:
     """Full-page images written between two LSNs for this database's relations, per job, by relation name."""
     cur.execute("SELECT oid FROM pg_database WHERE datname = current_database()")
     (database,) = cur.fetchone()
-    cur.execute("SELECT block_ref FROM pg_get_wal_records_info(%s, %s) WHERE block_ref LIKE '%%FPW%%'", (start, end))
+    try:
+        cur.execute("SELECT block_ref FROM pg_get_wal_records_info(%s, %s) WHERE block_ref LIKE '%%FPW%%'",
+                    (start, end))  # fmt: skip
+    except psycopg2.errors.UndefinedFile as exc:  # (a segment recycled before it was read: see _hold_wal)
+        print(f"no full-page image counts for this part: {str(exc).strip()}", flush=True)
+        return {}
     counts: dict[int, int] = {}
     for (block_ref,) in cur.fetchall():
         for db_oid, node in _FPW.findall(block_ref):

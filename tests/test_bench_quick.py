@@ -5,6 +5,7 @@ This proves the harness works, not how fast anything is: no timing thresholds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -213,6 +214,29 @@ def test_the_history_cost_aid_sends_into_a_filled_history_and_an_empty_one(serve
         "empty",
         "history",
     ]
+
+
+def test_the_history_cost_aid_keeps_the_wal_it_reads_through_checkpoints(db_url: str) -> None:
+    from bench.history_cost import _connect, _full_page_images, _hold_wal
+
+    with contextlib.closing(_connect(db_url)) as conn, conn.cursor() as cur:
+        try:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        except psycopg2.Error:
+            pytest.skip("pg_walinspect is not available on this server")
+        # Given the aid's hold on the WAL, taken before its sends
+        _hold_wal(cur)
+        cur.execute("SELECT pg_current_wal_lsn()")
+        (start,) = cur.fetchone()
+        # When writes, WAL segment switches and checkpoints pass before the WAL is read (a full
+        # test run's other process checkpoints too: the read once failed, the segment recycled)
+        cur.execute("CREATE TABLE walheld (x int)")
+        for _ in range(3):
+            cur.execute("INSERT INTO walheld SELECT generate_series(1, 1000); SELECT pg_switch_wal(); CHECKPOINT")
+        cur.execute("SELECT pg_current_wal_lsn()")
+        (end,) = cur.fetchone()
+        # Then the WAL is still there to read: the table's first writes after a checkpoint were full pages
+        assert _full_page_images(cur, start, end, 1).get("walheld", 0) > 0
 
 
 @pytest.mark.e2e
