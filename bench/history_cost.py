@@ -16,7 +16,8 @@ the bigger the history, the fewer of its leaves were written since.
 One unrecorded round per tree and database comes first (``--no-warm-up``: none).
 Printed per round and as medians: µs per job, the PostgreSQL backend's CPU per job, WAL bytes per
 job, and, where the ``pg_walinspect`` extension can be created (PostgreSQL 15
-and newer, a superuser), the full-page images per job of each relation.
+and newer, a superuser), the full-page images per job of each relation (a temporary
+replication slot keeps each round's WAL until it is read: a checkpoint may recycle it).
 Results go to ``bench/results/history-cost-<UTC time>.json`` (or ``--output``).
 """
 
