@@ -1240,6 +1240,11 @@ def test_one_flush_writes_every_outcome_though_their_results_pass_one_statements
     consumer.close()
 
 
+#: The sessions of this test's database waiting for a lock on control_plane.results.
+_WAITING_FOR_RESULTS = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND query LIKE '%%control_plane.results%%'")  # fmt: skip
+
+
 def test_results_written_apart_are_written_again_after_a_lost_connection_and_counted_when_left(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1251,9 +1256,7 @@ def test_results_written_apart_are_written_again_after_a_lost_connection_and_cou
         cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
         writer = _ResultWriter(_broker())
         writer.put([("key-1", b'"one"', 60_000)])
-        waiting = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                   "AND wait_event_type = 'Lock' AND query LIKE '%%control_plane.results%%'")  # fmt: skip
-        pid = wait_for(lambda: query(db_url, waiting), what="the write to wait for the lock")[0]["pid"]
+        pid = wait_for(lambda: query(db_url, _WAITING_FOR_RESULTS), what="the write to wait for the lock")[0]["pid"]
         # When its connection is cut, and the table is then let go
         query(db_url, "SELECT pg_terminate_backend(%s)", (pid,))
         lock.rollback()
@@ -1263,7 +1266,7 @@ def test_results_written_apart_are_written_again_after_a_lost_connection_and_cou
         # And given the table locked again, a result that cannot be written before the writer is closed
         cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
         writer.put([("key-2", b'"two"', 60_000)])
-        wait_for(lambda: query(db_url, waiting), what="the second write to wait for the lock")
+        wait_for(lambda: query(db_url, _WAITING_FOR_RESULTS), what="the second write to wait for the lock")
         with caplog.at_level(logging.ERROR, logger="tasks.broker"):
             writer.close(timeout=0.5)
         # Then closing says it was not written
@@ -1411,9 +1414,7 @@ def test_a_results_writer_being_closed_writes_what_is_put_meanwhile_and_then_end
     with contextlib.closing(lock), lock.cursor() as cur:
         cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
         writer.put([("before", b'"1"', 60_000)])
-        waiting = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                   "AND wait_event_type = 'Lock' AND query LIKE '%%control_plane.results%%'")  # fmt: skip
-        wait_for(lambda: query(db_url, waiting), what="the write to wait for the lock")
+        wait_for(lambda: query(db_url, _WAITING_FOR_RESULTS), what="the write to wait for the lock")
         # When it is being closed, and another result is put before it has ended
         closer = threading.Thread(target=writer.close, kwargs={"timeout": 60})
         closer.start()
