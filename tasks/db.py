@@ -45,10 +45,12 @@ def gss_off_unless_asked(url: str) -> dict[str, str]:
     """``gssencmode=disable`` unless the URL or ``PGGSSENCMODE`` sets it.
 
     libpq's default (``prefer``) first looks for Kerberos credentials, and the Kerberos
-    library bundled with psycopg2-binary is not safe to set up from two threads at once: two
-    connections opened together by two threads crashed a test process (a segmentation fault in
-    ``psycopg2.connect``, twenty-first session; psycopg's issues 1088 and 1213 report the same).
-    A deployment that encrypts with GSSAPI says so in its URL or environment, and keeps it.
+    library bundled with psycopg2-binary is not safe to set up from two threads at once
+    (psycopg's issues 1088 and 1213: a segmentation fault in the connect). A test process
+    crashed so in the twenty-first session; the cause found later for such crashes here is
+    another thread changing the environment (docs/reliability.md, "Twenty-fourth session"),
+    which may have been that one's too. A deployment that encrypts with GSSAPI says so in
+    its URL or environment, and keeps it.
     """
     if "gssencmode" in url or os.environ.get("PGGSSENCMODE"):
         return {}

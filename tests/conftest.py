@@ -27,7 +27,10 @@ os.environ.pop("BROKER_URL", None)
 import migrations
 import tasks
 from tasks import db
-from tests.support import Clones, query
+from tests.support import Clones, EnvironmentGuard, query
+
+# Environment changes (monkeypatch.setenv) and connects in other threads, one at a time.
+EnvironmentGuard().install()
 
 SUPPORT_SCHEMA = """
 CREATE SCHEMA test_support;

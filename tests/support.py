@@ -42,6 +42,81 @@ FAST_ENV = {
 }
 
 
+class EnvironmentGuard:
+    """Changes to this process's environment wait for the connects in flight, and connects wait
+    for a change in flight.
+
+    libpq reads the environment (``getenv`` of PGHOST, PGSSLMODE and some thirty more) on every
+    connect, outside the GIL, while glibc's ``setenv`` may move the environment's array and free
+    the old one: a variable added by one thread while another connects crashed a test process
+    inside ``psycopg2.connect`` (``test_environment_changes_and_connects_in_other_threads_do_not_crash``
+    reproduces it in a child process within a second or two without this guard). The suite changes
+    the environment (``monkeypatch.setenv``/``delenv``) while its clone threads, and workers running
+    in the test process, connect; ``install()`` makes every ``os.environ`` change and every
+    ``psycopg2.connect`` in the process go through one guard.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._connecting = 0
+        self._changing = False
+        self._changes_waiting = 0
+
+    @contextmanager
+    def connecting(self) -> Iterator[None]:
+        with self._cond:
+            while self._changing or self._changes_waiting:  # (a change waiting goes first)
+                self._cond.wait()
+            self._connecting += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._connecting -= 1
+                if not self._connecting:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        with self._cond:
+            self._changes_waiting += 1
+            try:
+                while self._changing or self._connecting:
+                    self._cond.wait()
+            finally:
+                self._changes_waiting -= 1
+            self._changing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changing = False
+                self._cond.notify_all()
+
+    def install(self) -> None:
+        """Wrap ``os.putenv``/``os.unsetenv`` (what ``os.environ`` changes call) and psycopg2's
+        connect (what ``psycopg2.connect`` and SQLAlchemy's psycopg2 dialect call)."""
+        if getattr(psycopg2, "_environment_guard", None) is not None:
+            return
+        putenv, unsetenv, connect = os.putenv, os.unsetenv, psycopg2._connect
+
+        def guarded_putenv(key: Any, value: Any) -> None:
+            with self.changing():
+                putenv(key, value)
+
+        def guarded_unsetenv(key: Any) -> None:
+            with self.changing():
+                unsetenv(key)
+
+        def guarded_connect(*args: Any, **kwargs: Any) -> Any:
+            with self.connecting():
+                return connect(*args, **kwargs)
+
+        os.putenv, os.unsetenv = guarded_putenv, guarded_unsetenv
+        psycopg2._connect = guarded_connect
+        psycopg2._environment_guard = self  # type: ignore[attr-defined]
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 60.0, what: str = "a condition") -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -302,7 +302,7 @@ def test_connections_skip_gssapi_unless_the_url_or_environment_asks_for_it(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # libpq's default looks for Kerberos credentials first, and the Kerberos library psycopg2-binary
-    # bundles crashed a process that opened two connections at once from two threads
+    # bundles is not safe to set up from two threads at once (psycopg's issues 1088 and 1213)
     monkeypatch.delenv("PGGSSENCMODE", raising=False)
     conn = db.connect(db_url)
     try:
@@ -313,3 +313,56 @@ def test_connections_skip_gssapi_unless_the_url_or_environment_asks_for_it(
     assert db.gss_off_unless_asked(db_url + ("&" if "?" in db_url else "?") + "gssencmode=require") == {}
     monkeypatch.setenv("PGGSSENCMODE", "require")
     assert db.gss_off_unless_asked(db_url) == {}
+
+
+#: A process that adds environment variables in one thread (with heap traffic, so that glibc's
+#: setenv moves the environment's array) while two threads connect; argv: URL, guarded|bare.
+_ENVIRONMENT_RACE = """
+import os, sys, threading
+import psycopg2
+from tests.support import EnvironmentGuard
+if sys.argv[2] == "guarded":
+    EnvironmentGuard().install()
+url, done, stop = sys.argv[1], [0, 0], threading.Event()
+def connect(i):
+    while not stop.is_set():
+        psycopg2.connect(url, gssencmode="disable").close()
+        done[i] += 1
+threads = [threading.Thread(target=connect, args=(i,)) for i in (0, 1)]
+for t in threads:
+    t.start()
+added, heap = 0, []
+while min(done) < 150:
+    os.environ[f"CP_RACE_{added}"] = "x"
+    added += 1
+    heap.append(bytearray(1024 + 64 * (added % 7)))
+    if len(heap) > 50:
+        heap.clear()
+    if added % 400 == 0:
+        for name in [n for n in os.environ if n.startswith("CP_RACE_")]:
+            del os.environ[name]
+stop.set()
+for t in threads:
+    t.join()
+print(added, sum(done))
+"""
+
+
+def test_environment_changes_and_connects_in_other_threads_do_not_crash(server_url: str) -> None:
+    # Given a process whose environment is changed in one thread while two others connect, as the
+    # suite's monkeypatch.setenv does beside its clone threads and in-process workers (without the
+    # guard such a process dies of SIGSEGV inside psycopg2.connect, mostly within a second)
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    run = subprocess.run(
+        [sys.executable, "-c", _ENVIRONMENT_RACE, server_url, "guarded"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    # When its changes and connects go through the suite's EnvironmentGuard
+    # Then it lives to the end, having done both many times
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    added, connects = map(int, run.stdout.split())
+    assert added > 1_000 and connects >= 300
