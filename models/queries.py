@@ -25,6 +25,13 @@ def _expires_in(ttl_ms: str) -> str:
     return f"now() + make_interval(secs => least({ttl_ms}, {MAX_DELAY_MS}) / 1000.0)"
 
 
+def _status_after(kind: str) -> str:
+    """SQL for the status a jobs row shows once an outcome of ``kind`` (an SQL expression:
+    ack, nack, cancel, start, retry) is written: SETTLE writes it, RESULT_STORE checks it."""
+    return (f"CASE {kind} WHEN 'ack' THEN 'completed' WHEN 'nack' THEN 'failed' "
+            "WHEN 'cancel' THEN 'cancelled' WHEN 'start' THEN 'running' ELSE 'pending' END")
+
+
 # -- ENQUEUE's parts that its keyless twin shares (one copy of the upsert rules) --
 
 #: A jobs row's values, read from the message's JSON body (``doc``) in CTE ``m``.
@@ -394,8 +401,7 @@ WITH t AS (
 
 _SETTLE_UPDATE = """
 UPDATE control_plane.jobs AS j
-   SET status = CASE n.kind WHEN 'ack' THEN 'completed' WHEN 'nack' THEN 'failed'
-                            WHEN 'cancel' THEN 'cancelled' WHEN 'start' THEN 'running' ELSE 'pending' END,
+   SET status = """ + _status_after("n.kind") + """,
        attempts = n.attempt,
        started_at = CASE WHEN n.counted THEN j.started_at ELSE n.started_at END,
        worker = n.worker,
@@ -645,18 +651,19 @@ SELECT value FROM control_plane.results WHERE key = %(key)s AND expires_at > now
 
 #: Store results (distinct keys) apart from a SETTLE: the results backend's on a connection
 #: of its own or a caller's, a pipeline or group step's in its hook, the broker's writer's.
-#: A result given a job id (``jobs``) is stored only while that job's row shows the status
-#: and the worker given with it (``statuses``, ``workers``): the result of an outcome whose
+#: A result given a job id (``jobs``) is stored only while that job's row shows the status an
+#: outcome of the kind given with it leaves and the worker given (``kinds``, ``workers``): the
+#: result of an outcome whose
 #: settle may have been committed with its reply lost, stored only if that settle was (and
 #: not if the lease was lost meanwhile: the row then shows another worker's run).
 RESULT_STORE = """
 INSERT INTO control_plane.results (key, value, expires_at)
 SELECT s.key, s.value, """ + _expires_in("s.ttl_ms") + """
-FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(ttls)s::bigint[], %(jobs)s::uuid[], %(statuses)s::text[],
-            %(workers)s::text[]) AS s(key, value, ttl_ms, job, status, worker)
+FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(ttls)s::bigint[], %(jobs)s::uuid[], %(kinds)s::text[],
+            %(workers)s::text[]) AS s(key, value, ttl_ms, job, kind, worker)
 WHERE s.job IS NULL
    OR EXISTS (SELECT 1 FROM control_plane.jobs AS j
-              WHERE j.id = s.job AND j.status = s.status AND j.worker = s.worker)
+              WHERE j.id = s.job AND j.status = """ + _status_after("s.kind") + """ AND j.worker = s.worker)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
 """  # noqa: S608 (joined from this module's constants only, no input)
 

@@ -494,27 +494,29 @@ class _Outcome:
 
 
 #: What a job's row must show for a result to be stored (``models.queries.RESULT_STORE``):
-#: the job's id, its status, and the worker its row names.
+#: the job's id, the kind of the outcome (its row shows the status that outcome leaves), and
+#: the worker its row names.
 EndedAs = tuple[str, str, str]
 
 #: A result to store apart from its outcome, and what its job's row must show for it to be
 #: stored (None: stored as it is).
 ApartResult = tuple[StoredResult, EndedAs | None]
 
-#: The status a job's row shows once an outcome that stores a result is written.
-_ENDS_AS = {"ack": "completed", "nack": "failed", "cancel": "cancelled"}
+#: The kinds of outcome that end a job and may store a result.
+_ENDING_KINDS = frozenset({"ack", "nack", "cancel"})
 
 
 def store_results(cur: Any, results: Sequence[StoredResult], only_if: Sequence[EndedAs | None] = ()) -> None:
     """Store ``results`` (distinct keys) with ``cur``: each one, or, where ``only_if`` gives a
-    (job id, status, worker), only while that job's row shows that status and that worker."""
+    (job id, outcome kind, worker), only while that job's row shows the status that kind of
+    outcome leaves and that worker."""
     conditions = list(only_if) or [None] * len(results)
     cur.execute(queries.RESULT_STORE, {
         "keys": _text_array([key for key, _, _ in results]),
         "values": [psycopg2.Binary(value) for _, value, _ in results],
         "ttls": _int_array([ttl for _, _, ttl in results]),
         "jobs": _text_array([c[0] if c else None for c in conditions]),
-        "statuses": _text_array([c[1] if c else None for c in conditions]),
+        "kinds": _text_array([c[1] if c else None for c in conditions]),
         "workers": _text_array([c[2] if c else None for c in conditions]),
     })
 
@@ -559,7 +561,7 @@ class _ResultWriter:
         self._put([(result, None) for result in results])
 
     def put_if_ended(self, results: Iterable[tuple[StoredResult, EndedAs]]) -> None:
-        """Store each result only if its job's row shows the status and the worker given.
+        """Store each result only if its job's row shows the outcome and the worker given.
 
         For outcomes a SETTLE did not report written after an earlier try lost its
         connection: that try may have been committed with only its reply lost (the job's
@@ -2080,8 +2082,8 @@ def _settle_batch(broker: PostgresBroker, state: _QueueState, conn: Any) -> bool
     # Not reported written after an earlier try lost its connection: that try may have been
     # committed with only its reply lost (this one found the claim gone), or the lease was lost.
     broker.results_writer.put_if_ended(
-        (o.stored_result, (o.message_id, _ENDS_AS[o.kind], broker.worker_id)) for o in latest.values()
-        if o.stored_result is not None and o.maybe_written and o.message_id not in applied and o.kind in _ENDS_AS
+        (o.stored_result, (o.message_id, o.kind, broker.worker_id)) for o in latest.values()
+        if o.stored_result is not None and o.maybe_written and o.message_id not in applied and o.kind in _ENDING_KINDS
     )
     _after_settle(broker, state, conn, latest, applied)
     return deferred

@@ -1398,7 +1398,7 @@ def test_the_results_writer_keeps_an_outcomes_result_over_a_conditional_one_and_
     # When one batch holds, for one key, a result whose outcome was written and then one on a
     # condition that does not hold (a job that does not exist)
     writer._put([(("key", b'"written"', 60_000), None),
-                 (("key", b'"if ended"', 60_000), (str(uuid.uuid4()), "completed", "nobody"))])
+                 (("key", b'"if ended"', 60_000), (str(uuid.uuid4()), "ack", "nobody"))])
     writer.close(timeout=30)
     # Then the first is stored, after both closes too, and the other did not displace it
     rows = query(db_url, "SELECT key, convert_from(value, 'UTF8') AS value FROM control_plane.results ORDER BY key")
