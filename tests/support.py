@@ -50,11 +50,16 @@ class EnvironmentGuard:
     connect, outside the GIL, while glibc's ``setenv`` may move the environment's array and free
     the old one: a variable added by one thread while another connects crashed a test process
     inside ``psycopg2.connect`` (``test_environment_changes_and_connects_in_other_threads_do_not_crash``
-    reproduces it in a child process within a second or two without this guard). The suite changes
-    the environment (``monkeypatch.setenv``/``delenv``) while its clone threads, and workers running
-    in the test process, connect; ``install()`` makes every ``os.environ`` change and every
-    ``psycopg2.connect`` in the process go through one guard.
+    reproduces it in a child process within a second or two without this guard). The suite adds
+    variables (pytest's ``PYTEST_CURRENT_TEST`` at each test's setup, ``monkeypatch.setenv``) while
+    its clone threads, and workers running in the test process, connect; ``install()`` makes every
+    ``os.environ`` change and every ``psycopg2.connect`` in the process go through one guard.
+
+    A wait is bounded (``WAIT_SECONDS``): a connect that hangs, or a guard left held by an
+    exception raised into a thread (a Ctrl-C), costs that long and a warning, not the session.
     """
+
+    WAIT_SECONDS = 30.0
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -62,27 +67,29 @@ class EnvironmentGuard:
         self._changing = False
         self._changes_waiting = 0
 
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        """Wait (holding ``_cond``) until ``ready()``, or go ahead after ``WAIT_SECONDS``."""
+        if not self._cond.wait_for(ready, timeout=self.WAIT_SECONDS):
+            warnings.warn(f"EnvironmentGuard: {what} went ahead after {self.WAIT_SECONDS:g}s", stacklevel=4)
+
     @contextmanager
     def connecting(self) -> Iterator[None]:
-        with self._cond:
-            while self._changing or self._changes_waiting:  # (a change waiting goes first)
-                self._cond.wait()
+        with self._cond:  # (a change waiting goes first)
+            self._wait(lambda: not (self._changing or self._changes_waiting), "a connect")
             self._connecting += 1
         try:
             yield
         finally:
             with self._cond:
                 self._connecting -= 1
-                if not self._connecting:
-                    self._cond.notify_all()
+                self._cond.notify_all()
 
     @contextmanager
     def changing(self) -> Iterator[None]:
         with self._cond:
             self._changes_waiting += 1
             try:
-                while self._changing or self._connecting:
-                    self._cond.wait()
+                self._wait(lambda: not (self._changing or self._connecting), "an environment change")
             finally:
                 self._changes_waiting -= 1
             self._changing = True

@@ -366,3 +366,48 @@ def test_environment_changes_and_connects_in_other_threads_do_not_crash(server_u
     assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
     added, connects = map(int, run.stdout.split())
     assert added > 1_000 and connects >= 300
+
+
+def test_the_environment_guard_holds_a_change_until_the_connects_end_and_bounds_the_wait() -> None:
+    import threading
+    import warnings
+
+    from tests.support import EnvironmentGuard, wait_for
+
+    # Given a connect in flight
+    guard = EnvironmentGuard()
+    release, order = threading.Event(), []
+
+    def connect(name: str, hold: bool) -> None:
+        with guard.connecting():
+            order.append(name)
+            if hold:
+                release.wait(60)
+
+    def change() -> None:
+        with guard.changing():
+            order.append("change")
+
+    threads = [threading.Thread(target=connect, args=("first connect", True))]
+    threads[0].start()
+    wait_for(lambda: guard._connecting == 1, what="the connect to start")
+    # When an environment change comes, and then another connect
+    threads.append(threading.Thread(target=change))
+    threads[1].start()
+    wait_for(lambda: guard._changes_waiting == 1, what="the change to wait")
+    threads.append(threading.Thread(target=connect, args=("later connect", False)))
+    threads[2].start()
+    release.set()
+    for t in threads:
+        t.join(10)
+    # Then the change waited for the first connect, and the later connect for the change
+    assert order == ["first connect", "change", "later connect"]
+    # And a connect that never ends holds a change up only for WAIT_SECONDS, with a warning
+    stuck = EnvironmentGuard()
+    stuck.WAIT_SECONDS = 0.2
+    stuck._connecting = 1
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with stuck.changing():
+            pass
+    assert [str(w.message) for w in seen] == ["EnvironmentGuard: an environment change went ahead after 0.2s"]
