@@ -75,13 +75,40 @@ def tree(*pids: int) -> list[int]:
     return found
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU used so far by every PostgreSQL process on the machine, backends that have exited included.
+def postmaster_of(backend_pid: int) -> int | None:
+    """The postmaster of the PostgreSQL backend ``backend_pid`` (``SELECT pg_backend_pid()``),
+    or None when no such backend runs on this machine (a server elsewhere)."""
+    backend = _stat(backend_pid)
+    if backend is None or backend[0] != "postgres":
+        return None
+    parent = int(backend[1][_PPID])
+    postmaster = _stat(parent)
+    return parent if postmaster is not None and postmaster[0] == "postgres" else None
+
+
+def postgres_cpu_seconds(postmaster: int | None = None) -> float:
+    """CPU used so far by one PostgreSQL server (``postmaster``: its postmaster and its
+    children), or by every PostgreSQL process on the machine, backends that have exited included.
 
     A backend's time is added to its postmaster's children's time when it exits, so the
-    short-lived connections (a tenant database's, for instance) count too.
+    short-lived connections (a tenant database's, for instance) count too. Without
+    ``postmaster``, a server that stops between two readings (another test process's
+    embedded one) takes all its time out of the second: a difference can come out negative.
     """
-    postgres = {pid: fields for pid, (name, fields) in _processes().items() if name == "postgres"}
+    processes = _processes()
+    if postmaster is not None:
+        top = processes.get(postmaster)
+        if top is None:
+            return 0.0
+        # The postmaster read before its children: a backend that exits meanwhile is
+        # missed by this reading, never counted twice.
+        fields = top[1]
+        ticks = sum(int(fields[i]) for i in (_UTIME, _STIME, _CUTIME, _CSTIME))
+        for pid in tree(postmaster)[1:]:
+            if (stat := _stat(pid)) is not None:
+                ticks += int(stat[1][_UTIME]) + int(stat[1][_STIME])
+        return ticks / os.sysconf("SC_CLK_TCK")
+    postgres = {pid: fields for pid, (name, fields) in processes.items() if name == "postgres"}
     ticks = 0
     for fields in postgres.values():
         ticks += int(fields[_UTIME]) + int(fields[_STIME])
@@ -90,12 +117,13 @@ def postgres_cpu_seconds() -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_by_role(driver: int, harness: int) -> dict[str, float]:
+def cpu_by_role(driver: int, harness: int, postmaster: int | None = None) -> dict[str, float]:
     """CPU seconds used so far, by role, for a benchmark driver ``driver`` started by ``harness``.
 
     ``machine_busy``, ``machine_iowait``, ``machine_idle``: the whole machine (all cores
-    summed; busy is user, nice, system, irq, softirq and steal); ``postgres``: every
-    PostgreSQL process (:func:`postgres_cpu_seconds`); ``driver``; ``harness`` (the stand-in
+    summed; busy is user, nice, system, irq, softirq and steal); ``postgres``: the server
+    whose postmaster is ``postmaster``, else every PostgreSQL process
+    (:func:`postgres_cpu_seconds`); ``driver``; ``harness`` (the stand-in
     services run in it); ``workers``: the harness's other descendants alive now, with the
     children they have reaped (a worker process that exits leaves its time with its parent).
     The machine is shared: what is busy and in none of the roles is other work. A backend
@@ -111,7 +139,7 @@ def cpu_by_role(driver: int, harness: int) -> dict[str, float]:
         "machine_busy": (user + nice + system + irq + softirq + steal) / tick,
         "machine_iowait": iowait / tick,
         "machine_idle": idle / tick,
-        "postgres": postgres_cpu_seconds(),
+        "postgres": postgres_cpu_seconds(postmaster),
         "driver": sum(cpu_seconds(pid) for pid in mine),
         "harness": cpu_seconds(harness),
         "workers": sum(

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from bench import runs, server
 from bench.harness import parse_config
 from tasks import db
-from tests.support import ROOT, query
+from tests.support import ROOT, query, wait_for
 
 #: The phases the test runs: drain_1x8 and growth are left out to keep it short; they are
 #: the same backlog drain as drain_2x8 (``Run._drain``) with other sizes and process counts.
@@ -146,6 +146,42 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
 
 
 @pytest.mark.e2e
+def _postmaster(url: str) -> int | None:
+    from bench import procfs
+
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            return procfs.postmaster_of(cur.fetchone()[0])  # (while the backend lives)
+    finally:
+        conn.close()
+
+
+def test_postgres_cpu_is_counted_for_the_benchmarked_server_alone(server_url: str, tmp_path: Path) -> None:
+    from bench import procfs
+
+    # Given the benchmarked server, found from one of its backends, and another PostgreSQL on
+    # the machine that has done some work (as another test process's embedded server may)
+    ours = _postmaster(server_url)
+    other_home = tmp_path / "other"
+    try:
+        other_url = db.embedded_url(other_home, "postgres")
+        other = _postmaster(other_url)
+        assert ours is not None and other is not None and ours != other
+        query(other_url, "SELECT sum(i) FROM generate_series(1, 5000000) AS i")
+        assert procfs.postgres_cpu_seconds(other) > 0
+        before = procfs.postgres_cpu_seconds(ours)
+    finally:
+        db.stop_embedded(other_home)
+    # When the other stops, and the benchmarked one works a little
+    wait_for(lambda: procfs.cpu_seconds(other) == 0.0, what="the other server's postmaster to exit")
+    query(server_url, "SELECT sum(i) FROM generate_series(1, 100000) AS i")
+    # Then the benchmarked server's count did not lose the other's time (it never had it)
+    assert procfs.postgres_cpu_seconds(ours) >= before
+    assert procfs.postmaster_of(os.getpid()) is None  # (not a PostgreSQL backend)
+
+
 def test_the_drain_ab_and_the_dramatiq_floor_aids_run(server_url: str) -> None:
     # Given this checkout as both trees of an A/B, with a tiny drain
     env = {**os.environ, "DATABASE_URL": server_url}

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -74,9 +75,29 @@ def payload(project_id: str, i: int) -> dict[str, Any]:
     }
 
 
+@functools.cache
+def _postmaster() -> int | None:
+    """The postmaster of the server in ``DATABASE_URL`` when it runs here: its CPU is counted
+    alone (another PostgreSQL on the machine, started or stopped meanwhile, is not)."""
+    import psycopg2
+
+    conn = psycopg2.connect(os.environ["DATABASE_URL"])
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            return procfs.postmaster_of(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _cpu_by_role() -> dict[str, float]:
+    """CPU seconds so far by role (see :func:`bench.procfs.cpu_by_role`)."""
+    return procfs.cpu_by_role(os.getpid(), os.getppid(), _postmaster())
+
+
 def _cpu_since(before: dict[str, float]) -> dict[str, float]:
-    """CPU seconds by role since ``before`` (see :func:`bench.procfs.cpu_by_role`)."""
-    now = procfs.cpu_by_role(os.getpid(), os.getppid())
+    """CPU seconds by role since ``before``."""
+    now = _cpu_by_role()
     return {role: round(now[role] - before[role], 3) for role in now}
 
 
@@ -180,7 +201,7 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
         per_step["activate"].append(t2 - t1)
         per_project.append(t2 - t0)
 
-    cpu = procfs.cpu_by_role(os.getpid(), os.getppid())
+    cpu = _cpu_by_role()
     started = time.perf_counter()
     if threads == 1:
         for i, project_id in enumerate(project_ids(prefix, n)):
@@ -364,7 +385,7 @@ def send(prefix: str, n: int, stall_timeout: float, serial: bool = False) -> dic
             # One project at a time: look often, the wait is part of each project's time.
             time.sleep(0.002 if serial else 0.01)
 
-    cpu = procfs.cpu_by_role(os.getpid(), os.getppid())
+    cpu = _cpu_by_role()
     started = time.perf_counter()
     for i, body in enumerate(bodies):
         sent_at[body["project_id"]] = time.time()
