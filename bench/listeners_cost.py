@@ -28,7 +28,7 @@ import psycopg2
 
 import migrations
 from bench.harness import save_aid_results
-from bench.procfs import postgres_cpu_seconds
+from bench.procfs import postgres_cpu_seconds, postmaster_of
 from bench.scratch import drop_database, fresh_database
 from models import queries
 
@@ -69,7 +69,9 @@ def run_once(url: str, listeners: int, sends: int) -> tuple[float, float]:
         conn = psycopg2.connect(url)
         conn.autocommit = True
         with conn.cursor() as cur:
-            cpu, started = postgres_cpu_seconds(), time.perf_counter()
+            cur.execute("SELECT pg_backend_pid()")
+            postmaster = postmaster_of(cur.fetchone()[0])  # (this server's CPU alone, when it runs here)
+            cpu, started = postgres_cpu_seconds(postmaster), time.perf_counter()
             for i in range(sends):
                 message_id = str(uuid.uuid4())
                 body = json.dumps({"queue_name": QUEUE, "actor_name": "bench.noop", "args": [i], "kwargs": {},
@@ -81,7 +83,7 @@ def run_once(url: str, listeners: int, sends: int) -> tuple[float, float]:
                 if cur.fetchone()[0] != 1:
                     raise RuntimeError("a send did not NOTIFY: the waiting consumer is not seen")
             wall = time.perf_counter() - started
-            cpu = postgres_cpu_seconds() - cpu
+            cpu = postgres_cpu_seconds(postmaster) - cpu
             cur.execute("TRUNCATE control_plane.messages, control_plane.jobs")
         conn.close()
     finally:
