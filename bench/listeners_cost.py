@@ -28,7 +28,7 @@ import psycopg2
 
 import migrations
 from bench.harness import save_aid_results
-from bench.procfs import postgres_cpu_seconds, postmaster_of
+from bench.procfs import postgres_cpu_seconds, server_postmaster
 from bench.scratch import drop_database, fresh_database
 from models import queries
 
@@ -69,8 +69,7 @@ def run_once(url: str, listeners: int, sends: int) -> tuple[float, float]:
         conn = psycopg2.connect(url)
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid()")
-            postmaster = postmaster_of(cur.fetchone()[0])  # (this server's CPU alone, when it runs here)
+            postmaster = server_postmaster(conn)  # (this server's CPU alone, when it runs here)
             cpu, started = postgres_cpu_seconds(postmaster), time.perf_counter()
             for i in range(sends):
                 message_id = str(uuid.uuid4())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 #: Fields of /proc/<pid>/stat after the command name, counted from 0 (``state`` is 0).
 _PPID, _UTIME, _STIME, _CUTIME, _CSTIME = 1, 11, 12, 13, 14
@@ -86,35 +87,53 @@ def postmaster_of(backend_pid: int) -> int | None:
     return parent if postmaster is not None and postmaster[0] == "postgres" else None
 
 
+def server_postmaster(conn: Any) -> int | None:
+    """The postmaster of the server a DB-API connection ``conn`` is connected to, when it
+    runs on this machine (read while the connection's backend lives)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        return postmaster_of(cur.fetchone()[0])
+
+
 def postgres_cpu_seconds(postmaster: int | None = None) -> float:
     """CPU used so far by one PostgreSQL server (``postmaster``: its postmaster and its
     children), or by every PostgreSQL process on the machine, backends that have exited included.
 
     A backend's time is added to its postmaster's children's time when it exits, so the
-    short-lived connections (a tenant database's, for instance) count too. Without
-    ``postmaster``, a server that stops between two readings (another test process's
+    short-lived connections (a tenant database's, for instance) count too. With
+    ``postmaster``, the postmaster is read before and after its children and the reading
+    taken again if a child was reaped in between, so that no backend is missed or counted
+    twice. Without it, a server that stops between two readings (another test process's
     embedded one) takes all its time out of the second: a difference can come out negative.
     """
-    processes = _processes()
     if postmaster is not None:
-        top = processes.get(postmaster)
-        if top is None:
-            return 0.0
-        # The postmaster read before its children: a backend that exits meanwhile is
-        # missed by this reading, never counted twice.
-        fields = top[1]
-        ticks = sum(int(fields[i]) for i in (_UTIME, _STIME, _CUTIME, _CSTIME))
-        for pid in tree(postmaster)[1:]:
-            if (stat := _stat(pid)) is not None:
-                ticks += int(stat[1][_UTIME]) + int(stat[1][_STIME])
-        return ticks / os.sysconf("SC_CLK_TCK")
-    postgres = {pid: fields for pid, (name, fields) in processes.items() if name == "postgres"}
+        return _server_cpu_ticks(postmaster) / os.sysconf("SC_CLK_TCK")
+    postgres = {pid: fields for pid, (name, fields) in _processes().items() if name == "postgres"}
     ticks = 0
     for fields in postgres.values():
         ticks += int(fields[_UTIME]) + int(fields[_STIME])
         if int(fields[_PPID]) not in postgres:  # a postmaster: its exited backends' time
             ticks += int(fields[_CUTIME]) + int(fields[_CSTIME])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu_ticks(postmaster: int) -> int:
+    """Clock ticks of a postmaster, its live children and its reaped ones (0 once it is gone)."""
+    ticks = 0
+    for _ in range(10):  # (a retry per child reaped during a reading: a few at most)
+        before = _stat(postmaster)
+        if before is None:
+            return 0
+        kids = children().get(postmaster, [])
+        live = sum(int(stat[1][_UTIME]) + int(stat[1][_STIME]) for pid in kids if (stat := _stat(pid)) is not None)
+        after = _stat(postmaster)
+        if after is None:
+            return 0
+        reaped = int(after[1][_CUTIME]) + int(after[1][_CSTIME])
+        ticks = int(after[1][_UTIME]) + int(after[1][_STIME]) + reaped + live
+        if reaped == int(before[1][_CUTIME]) + int(before[1][_CSTIME]):
+            return ticks
+    return ticks
 
 
 def cpu_by_role(driver: int, harness: int, postmaster: int | None = None) -> dict[str, float]:

@@ -145,17 +145,11 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
     assert not runs.is_full_run(doc)
 
 
-@pytest.mark.e2e
 def _postmaster(url: str) -> int | None:
     from bench import procfs
 
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid()")
-            return procfs.postmaster_of(cur.fetchone()[0])  # (while the backend lives)
-    finally:
-        conn.close()
+    with contextlib.closing(psycopg2.connect(url)) as conn:
+        return procfs.server_postmaster(conn)
 
 
 def test_postgres_cpu_is_counted_for_the_benchmarked_server_alone(server_url: str, tmp_path: Path) -> None:
@@ -182,6 +176,7 @@ def test_postgres_cpu_is_counted_for_the_benchmarked_server_alone(server_url: st
     assert procfs.postmaster_of(os.getpid()) is None  # (not a PostgreSQL backend)
 
 
+@pytest.mark.e2e
 def test_the_drain_ab_and_the_dramatiq_floor_aids_run(server_url: str) -> None:
     # Given this checkout as both trees of an A/B, with a tiny drain
     env = {**os.environ, "DATABASE_URL": server_url}

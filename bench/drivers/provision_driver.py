@@ -79,13 +79,11 @@ def payload(project_id: str, i: int) -> dict[str, Any]:
 def _postmaster() -> int | None:
     """The postmaster of the server in ``DATABASE_URL`` when it runs here: its CPU is counted
     alone (another PostgreSQL on the machine, started or stopped meanwhile, is not)."""
-    import psycopg2
+    from tasks.db import connect
 
-    conn = psycopg2.connect(os.environ["DATABASE_URL"])
+    conn = connect(os.environ["DATABASE_URL"])
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid()")
-            return procfs.postmaster_of(cur.fetchone()[0])
+        return procfs.server_postmaster(conn)
     finally:
         conn.close()
 
