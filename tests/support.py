@@ -50,13 +50,15 @@ class EnvironmentGuard:
     connect, outside the GIL, while glibc's ``setenv`` may move the environment's array and free
     the old one: a variable added by one thread while another connects crashed a test process
     inside ``psycopg2.connect`` (``test_environment_changes_and_connects_in_other_threads_do_not_crash``
-    reproduces it in a child process within a second or two without this guard). The suite adds
+    reproduces it in a child process, within a second or two on an idle machine, in about a
+    third of the runs under the suite's load, without this guard). The suite adds
     variables (pytest's ``PYTEST_CURRENT_TEST`` at each test's setup, ``monkeypatch.setenv``) while
     its clone threads, and workers running in the test process, connect; ``install()`` makes every
     ``os.environ`` change and every ``psycopg2.connect`` in the process go through one guard.
 
     A wait is bounded (``WAIT_SECONDS``): a connect that hangs, or a guard left held by an
-    exception raised into a thread (a Ctrl-C), costs that long and a warning, not the session.
+    exception raised into a thread (a Ctrl-C), costs that long and a warning (an error under
+    ``-W error``), not the session.
     """
 
     WAIT_SECONDS = 30.0
@@ -64,7 +66,7 @@ class EnvironmentGuard:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._connecting = 0
-        self._changing = False
+        self._changing = 0  # (more than one only after a wait went ahead)
         self._changes_waiting = 0
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
@@ -92,12 +94,12 @@ class EnvironmentGuard:
                 self._wait(lambda: not (self._changing or self._connecting), "an environment change")
             finally:
                 self._changes_waiting -= 1
-            self._changing = True
+            self._changing += 1
         try:
             yield
         finally:
             with self._cond:
-                self._changing = False
+                self._changing -= 1
                 self._cond.notify_all()
 
     def install(self) -> None:
@@ -121,7 +123,7 @@ class EnvironmentGuard:
 
         os.putenv, os.unsetenv = guarded_putenv, guarded_unsetenv
         psycopg2._connect = guarded_connect
-        psycopg2._environment_guard = self  # type: ignore[attr-defined]
+        psycopg2._environment_guard = self
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 60.0, what: str = "a condition") -> T:
