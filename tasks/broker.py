@@ -511,6 +511,9 @@ def store_results(cur: Any, results: Sequence[StoredResult], only_if: Sequence[E
     (job id, outcome kind, worker), only while that job's row shows the status that kind of
     outcome leaves and that worker."""
     conditions = list(only_if) or [None] * len(results)
+    for condition in conditions:  # (any other kind would be read as 'pending' by RESULT_STORE)
+        if condition is not None and condition[1] not in _ENDING_KINDS:
+            raise ValueError(f"a result is stored on an ack, nack or cancel, not on {condition[1]!r}")
     cur.execute(queries.RESULT_STORE, {
         "keys": _text_array([key for key, _, _ in results]),
         "values": [psycopg2.Binary(value) for _, value, _ in results],

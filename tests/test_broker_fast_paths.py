@@ -1405,6 +1405,16 @@ def test_the_results_writer_keeps_an_outcomes_result_over_a_conditional_one_and_
     assert rows == [{"key": "first", "value": '"1"'}, {"key": "key", "value": '"written"'}]
 
 
+def test_a_result_is_stored_on_the_condition_of_an_ending_outcome_only() -> None:
+    from tasks.broker import store_results
+
+    # A condition names the kind of outcome whose status the job's row must show; any other
+    # kind (a status, a retry) would be read as 'pending' by RESULT_STORE, and is refused
+    for kind in ("completed", "retry", None):
+        with pytest.raises(ValueError, match="on an ack, nack or cancel"):
+            store_results(None, [("key", b'"1"', 60_000)], [(str(uuid.uuid4()), kind, "w")])  # type: ignore[list-item]
+
+
 def test_a_results_writer_being_closed_writes_what_is_put_meanwhile_and_then_ends(db_url: str) -> None:
     from tasks.broker import _ResultWriter
 
