@@ -653,9 +653,9 @@ SELECT value FROM control_plane.results WHERE key = %(key)s AND expires_at > now
 #: of its own or a caller's, a pipeline or group step's in its hook, the broker's writer's.
 #: A result given a job id (``jobs``) is stored only while that job's row shows the status an
 #: outcome of the kind given with it leaves and the worker given (``kinds``, ``workers``): the
-#: result of an outcome whose
-#: settle may have been committed with its reply lost, stored only if that settle was (and
-#: not if the lease was lost meanwhile: the row then shows another worker's run).
+#: result of an outcome whose settle may have been committed with its reply lost, stored only
+#: if that settle was (and not if the lease was lost meanwhile: the row then shows another
+#: worker's run).
 RESULT_STORE = """
 INSERT INTO control_plane.results (key, value, expires_at)
 SELECT s.key, s.value, """ + _expires_in("s.ttl_ms") + """
