@@ -145,9 +145,9 @@ def cpu_by_role(driver: int, harness: int, postmaster: int | None = None) -> dic
     (:func:`postgres_cpu_seconds`); ``driver``; ``harness`` (the stand-in
     services run in it); ``workers``: the harness's other descendants alive now, with the
     children they have reaped (a worker process that exits leaves its time with its parent).
-    The machine is shared: what is busy and in none of the roles is other work. A backend
-    that exits between the postmaster's reading and its own is missed by that reading: at
-    most one short session's time.
+    The machine is shared: what is busy and in none of the roles is other work. Without
+    ``postmaster``, a backend that exits between the postmaster's reading and its own is
+    missed by that reading: at most one short session's time.
     """
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:9]]
