@@ -27,10 +27,17 @@ os.environ.pop("BROKER_URL", None)
 import migrations
 import tasks
 from tasks import db
+from tests import hang_guard
 from tests.support import Clones, EnvironmentGuard, query
 
 # Environment changes (monkeypatch.setenv) and connects in other threads, one at a time.
 EnvironmentGuard().install()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A hung test fails after CONTROLPLANE_TEST_TIMEOUT seconds, with every thread's stack.
+    hang_guard.install(config)
+
 
 SUPPORT_SCHEMA = """
 CREATE SCHEMA test_support;
