@@ -10,6 +10,7 @@ import math
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,13 @@ from tasks.errors import ConfigurationError
 
 #: The services a project can be registered with, in registration order.
 SERVICE_NAMES = ("auth", "realtime", "storage")
+
+
+def _snapshot(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of the environment that another thread's change cannot break: ``dict(os.environ)``
+    lists the names and then reads each, and raises KeyError for one deleted in between
+    (worker threads read the settings at every provisioning step)."""
+    return {name: value for name in list(environ) if (value := environ.get(name)) is not None}
 
 
 def _url(env: dict[str, str], name: str) -> str | None:
@@ -270,9 +278,9 @@ class Settings:
         return self.broker_url == STUB_BROKER_URL
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate the settings; a bad value raises ConfigurationError naming it."""
-        env = dict(os.environ if environ is None else environ)
+        env = _snapshot(os.environ if environ is None else environ)
         url = env.get("DATABASE_URL") or None
         if url is not None and not url.startswith(("postgres://", "postgresql://", "postgresql+psycopg2://")):
             raise ConfigurationError("DATABASE_URL must be a postgresql:// URL")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -355,6 +356,32 @@ def test_the_new_settings_are_validated() -> None:
     ]:
         with pytest.raises(ConfigurationError, match=fragment):
             Settings.from_env({name: value})
+
+
+class _EnvironmentLosingAName(Mapping[str, str]):
+    """An environment from which another thread deletes a name after it was listed."""
+
+    def __init__(self, values: dict[str, str], lost: str) -> None:
+        self.values, self.lost = values, lost
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.values, self.lost])
+
+    def __len__(self) -> int:
+        return len(self.values) + 1
+
+    def __getitem__(self, name: str) -> str:
+        return self.values[name]
+
+
+def test_the_settings_are_read_while_another_thread_deletes_a_variable() -> None:
+    # Given an environment that lists a variable deleted before it is read, as os.environ
+    # does when another thread deletes one while it is copied
+    environ = _EnvironmentLosingAName({"CONTROLPLANE_POOL_SIZE": "7"}, lost="SOME_OTHER_VARIABLE")
+    with pytest.raises(KeyError):
+        dict(environ)
+    # When the settings are read from it / Then they are, from what is left
+    assert Settings.from_env(environ).pool_size == 7
 
 
 # -- retention ------------------------------------------------------------------------
