@@ -72,7 +72,8 @@ class HangGuard:
         finally:
             faulthandler.cancel_dump_traceback_later()
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            # (None: a handler not installed from Python, which cannot be put back from it)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
             self.running = None
 
 
