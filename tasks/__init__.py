@@ -169,9 +169,11 @@ def _middleware() -> list[Middleware]:
         # use, max_attempts, unique_key_from, on_final_failure, are declared all the same).
         middleware = [m for m in middleware if not isinstance(m, (JobsMirror, Results))]
         middleware.insert(-1, Results(backend=StubResultBackend(), result_ttl=settings.result_ttl_ms))
-    if settings.metrics_port:
+    if settings.metrics_port and not settings.stub_broker:
         # Dramatiq's Prometheus metrics, served by the worker's main process on
-        # CONTROLPLANE_METRICS_PORT. Second, so its timings include every other hook.
+        # CONTROLPLANE_METRICS_PORT. Second, so its timings include every other hook. Not
+        # with the StubBroker: the process_boot it is given below would set the metrics'
+        # environment variables in the importing process (a unit test's), which no server reads.
         from tasks.metrics import WorkerMetrics
 
         middleware.insert(1, WorkerMetrics())

@@ -87,3 +87,22 @@ def test_the_commands_refuse_the_stub_broker(tmp_path: Path) -> None:
         "controlplane: error: BROKER_URL=stub:// is Dramatiq's in-memory StubBroker, for unit tests: "
         "`controlplane` would work on messages no other process sees; unset BROKER_URL"
     ]
+
+
+def test_importing_the_package_on_the_stub_broker_with_a_metrics_port_changes_no_environment(tmp_path: Path) -> None:
+    # Given a unit-test process with BROKER_URL=stub:// and CONTROLPLANE_METRICS_PORT left set
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.lower().startswith("prometheus")}
+    env.update(BROKER_URL="stub://", CONTROLPLANE_METRICS_PORT="9477", CONTROLPLANE_HOME=str(tmp_path / "home"))
+    script = (
+        "import os; before = dict(os.environ); import tasks\n"
+        "from dramatiq.middleware.prometheus import Prometheus\n"
+        "print(sorted(set(os.environ.items()) ^ set(before.items())))\n"
+        "print([type(m).__name__ for m in tasks.broker.middleware if isinstance(m, Prometheus)])\n"
+    )
+    # When it imports the package (which tells the StubBroker its process has booted)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    # Then no metrics middleware is added and the environment is as it was: a change there
+    # while the application's other threads connect is the race of docs/reliability.md
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "[]"]
