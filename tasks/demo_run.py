@@ -40,7 +40,9 @@ def _watch(conn: Any, ids: list[str], seen: dict[str, tuple[str, int]]) -> bool:
                 note = f"  retry in {max(r['wait'].total_seconds(), 0.0):.1f}s after: {r['last_error']}"
             elif r["status"] == "failed":
                 note = f"  {r['last_error']}"
-            print(f"  {time.strftime('%H:%M:%S')}  {r['id'][:8]}  {r['type']:<28} {r['status']:<9} "
+            # The whole id, for `controlplane jobs show` (the first characters of time-ordered
+            # ids are the same for jobs sent in the same second)
+            print(f"  {time.strftime('%H:%M:%S')}  {r['id']}  {r['type']:<28} {r['status']:<9} "
                   f"attempts={r['attempts']}{note}")
     return len(rows) == len(ids) and all(r["status"] in ("completed", "failed") for r in rows)
 

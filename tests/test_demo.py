@@ -38,3 +38,8 @@ def test_the_demo_reports_a_failed_provisioning_at_once_instead_of_timing_out(
     assert lines[-1].startswith("controlplane: error: provisioning the demo project failed:"), result.stderr
     assert "permission denied to create role" in lines[-1]
     assert "Traceback" not in result.stderr
+    # And the jobs it showed before are named by their whole ids, one per job, which the
+    # `controlplane jobs` commands take
+    shown = {line.split()[1] for line in result.stdout.splitlines() if "attempts=" in line}
+    assert len(shown) >= 4, result.stdout
+    assert all(str(uuid.UUID(job_id)) == job_id for job_id in shown), shown
