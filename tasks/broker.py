@@ -49,7 +49,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 from dramatiq.common import compute_backoff, q_name
-from dramatiq.errors import ConnectionClosed, DecodeError, QueueJoinTimeout
+from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError, QueueJoinTimeout
 from dramatiq.message import Message, get_encoder
 from dramatiq.middleware import Middleware
 
@@ -95,6 +95,13 @@ _PER_MESSAGE_OPTIONS = frozenset({"priority", "max_attempts", "max_retries"})
 _ATTEMPTS_OPTIONS = frozenset({"max_attempts", "max_retries"})
 #: What a database without migration 0015's table, or a role without privileges on it, answers.
 _NOT_MIGRATED = (psycopg2.errors.UndefinedTable, psycopg2.errors.InsufficientPrivilege)
+
+
+class SchemaMissing(BrokerConnectionError):
+    """The database has no control-plane tables: a consumer cannot start until they are made.
+
+    A Dramatiq ``BrokerConnectionError``, so that the worker says it in one line (no traceback)
+    and starts the consumer again a few seconds later, as after a lost connection."""
 
 
 
@@ -1282,6 +1289,15 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def _connect(self) -> None:
         self.conn = _claims_connection(self.broker, f"controlplane-worker:{self.queue_name}")
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('control_plane.messages') IS NOT NULL")
+            migrated = cur.fetchone()[0]
+        if not migrated:
+            self.conn.close()
+            raise SchemaMissing(
+                f"queue {self.queue_name!r}: the database has no control-plane tables yet: run `controlplane "
+                "migrate` against it (this worker starts consuming once they are there)"
+            )
         # Wake-ups come through the process's notifier (one LISTEN per process, not per queue:
         # PostgreSQL signals every listening connection at every notifying send).
         self.broker._listen()

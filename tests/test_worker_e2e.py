@@ -913,6 +913,34 @@ def test_claims_follow_priority_then_eta(db_url: str) -> None:
     assert order == [high.message_id, mid_second.message_id, mid_first.message_id, low.message_id]
 
 
+def test_a_worker_on_a_database_without_the_tables_says_so_in_one_line_and_starts_once_they_are_made(
+    empty_db: str, tmp_path: Path
+) -> None:
+    import migrations
+
+    from tests.conftest import SUPPORT_SCHEMA
+
+    # Given a worker started on a database with no control-plane tables (a new user's new folder)
+    worker = WorkerProcess(empty_db, log_path=tmp_path / "worker.log")
+    try:
+        # Then it says what to do, without a traceback, and keeps running
+        wait_for(lambda: "has no control-plane tables yet: run `controlplane migrate`" in worker.log(), 60,
+                 "the worker to say the tables are missing")
+        assert worker.proc.poll() is None
+        assert "Traceback" not in worker.log(), worker.log()
+        # When they are made
+        migrations.upgrade(empty_db)
+        query(empty_db, SUPPORT_SCHEMA)
+        # Then it runs jobs without a restart
+        tasks.broker.reconfigure(empty_db)
+        sent = [m.message_id for m in tasks.broker.enqueue_batch([actors.noop.message(i) for i in range(5)])]
+        wait_for(lambda: jobs_in(empty_db, sent, "completed"), what="the jobs sent once the tables were made")
+        assert worker.proc.poll() is None
+    finally:
+        worker.terminate()
+        tasks.broker.close()
+
+
 def test_workers_survive_a_postgres_restart(tmp_path: Path) -> None:
     # Given a private PostgreSQL (so that restarting it disturbs no other test) and a worker on it
     import migrations
