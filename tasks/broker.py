@@ -103,6 +103,10 @@ class SchemaMissing(BrokerConnectionError):
     A Dramatiq ``BrokerConnectionError``, so that the worker says it in one line (no traceback)
     and starts the consumer again a few seconds later, as after a lost connection."""
 
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.message = message  # (what Dramatiq's errors print)
+
 
 
 def _claim_size(free: int) -> int:
