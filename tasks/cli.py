@@ -35,7 +35,16 @@ def _settings() -> Settings:
     return Settings.from_env()
 
 
-def _url(settings: Settings) -> str:
+def _url(settings: Settings, *, create: bool = False) -> str:
+    """The database's URL, starting the embedded server when ``DATABASE_URL`` is unset. Only
+    ``migrate`` and ``db`` may ``create`` one: the commands about jobs, run from another
+    folder, would otherwise make a new, empty server and report a missing schema."""
+    if not create and settings.database_url is None and not (settings.home / "pgdata" / "PG_VERSION").exists():
+        raise UserError(
+            f"no embedded PostgreSQL in {settings.home} (CONTROLPLANE_HOME, ./.controlplane of the folder "
+            "you run from): run this where you ran `controlplane demo` or `controlplane migrate`, or set "
+            "CONTROLPLANE_HOME or DATABASE_URL"
+        )
     try:
         return db.database_url(settings)
     except Exception as exc:  # the embedded server failed to start
@@ -72,7 +81,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     import migrations
 
     settings = _settings()
-    url = _url(settings)
+    url = _url(settings, create=True)
     _connect(url).close()
     found = migrations.current(url)
     if found is not None and not migrations.known(found):
@@ -119,9 +128,9 @@ def _lock_holders(url: str) -> str:
 def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings()
     if args.action == "url":
-        print(_url(settings))
+        print(_url(settings, create=True))
     elif args.action == "start":
-        _url(settings)
+        _url(settings, create=True)
         print(f"running: {_describe_target(settings)}")
     elif args.action == "stop":
         if settings.database_url is not None:
@@ -156,6 +165,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     import tasks
 
+    _url(_settings())  # (an error if there is no database to send to)
     # The built-in actors (provision_project and its steps, controlplane.prune), then the caller's.
     _import_modules([*_BUILTIN_ACTOR_MODULES, *(args.module or [])])
     send_args = _json_arg(args.args, "--args", list)
@@ -559,6 +569,7 @@ def cmd_clock(args: argparse.Namespace) -> int:
     # The built-in schedule (controlplane.prune), then the application's (the Procfile's line adds
     # tasks.provision, whose sweep needs provisioning workers).
     _import_modules(["tasks.maintenance", *(args.module or [])])
+    _url(_settings())  # (an error if there is no database to tick in)
     clock = Clock()
     if args.list:
         now = clock.now()

@@ -564,3 +564,34 @@ def test_jobs_show_and_list_print_dates_in_utc_whatever_the_local_time_zone(
     # Then each time carries its date, in UTC, saying so
     assert "completed_at: 2020-01-02 03:04:05.678 UTC" in shown.stdout
     assert "2020-01-02 03:04:05.678 UTC" in listed.stdout
+
+
+def test_commands_about_jobs_do_not_make_a_new_embedded_server_in_a_folder_without_one(tmp_path: Path) -> None:
+    # Given a folder with no embedded server, and DATABASE_URL unset (a user in the wrong folder)
+    home = tmp_path / ".controlplane"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env |= {"CONTROLPLANE_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    commands = [
+        ("jobs", "list"),
+        ("jobs", "show", str(uuid.uuid4())),
+        ("jobs", "retry", "--failed"),
+        ("jobs", "cancel", str(uuid.uuid4())),
+        ("stats",),
+        ("workers",),
+        ("prune",),
+        ("send", "controlplane.prune"),
+        ("clock", "--once"),
+    ]
+    procs = [
+        (args, subprocess.Popen([sys.executable, "-m", "tasks.cli", *args], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for args in commands
+    ]
+    for args, proc in procs:
+        out, err = proc.communicate(timeout=120)
+        # When a command about jobs runs there / Then it says where it looked and what to do,
+        # in one line
+        assert_user_error(subprocess.CompletedProcess(list(args), proc.returncode, out, err),
+                          f"no embedded PostgreSQL in {home} (CONTROLPLANE_HOME")
+    # And no server was made or started
+    assert not (home / "pgdata").exists()
