@@ -293,12 +293,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                     raise UserError("--since must be a period such as '1 hour', not empty")
                 where.append(f"{time_column} >= now() - %(since)s::interval")
                 params["since"] = args.since
-            rows = _fetch(
-                conn,
-                f"SELECT {', '.join(_LIST_COLUMNS)} FROM control_plane.jobs WHERE {' AND '.join(where)} "  # noqa: S608
-                f"ORDER BY {time_column} DESC LIMIT %(limit)s",
-                {**params, "limit": args.limit},
-            )
+            try:
+                rows = _fetch(
+                    conn,
+                    f"SELECT {', '.join(_LIST_COLUMNS)} FROM control_plane.jobs WHERE {' AND '.join(where)} "  # noqa: S608
+                    f"ORDER BY {time_column} DESC LIMIT %(limit)s",
+                    {**params, "limit": args.limit},
+                )
+            except psycopg2.DataError as exc:
+                if args.since is None:
+                    raise
+                # (the interval is the only value the server reads as anything but text here)
+                raise UserError(
+                    f"--since must be a PostgreSQL interval such as '1 hour' or '2 days', got {args.since!r} "
+                    f"({_first_line(exc)})"
+                ) from None
             if args.json:
                 print(_jsonable(rows))
             else:
@@ -383,10 +392,10 @@ def _needs_postgres_broker(
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
     _needs_postgres_broker(_settings(), "jobs retry")
+    if args.type and not args.failed:
+        raise UserError("--type goes with --failed (retry every failed job of that type)")
     if (args.id is None) == (not args.failed):
         raise UserError("give a job id, or --failed to retry every failed job (not both)")
-    if args.type and not args.failed:
-        raise UserError("--type goes with --failed")
     conn = _connect(_url(_settings()))
     try:
         if args.id is not None:
@@ -712,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--since",
         help="a PostgreSQL interval, e.g. '1 hour': jobs created since then (with --status failed: failed since then)",
     )
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_row_limit, default=50, help="at most this many jobs (default 50)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_jobs)
     p = jsub.add_parser("show", help="one job: payload, every attempt and its error, result")
@@ -813,6 +822,13 @@ def _interval_seconds(raw: str) -> float:
 def _positive_int(raw: str) -> int:
     """An argparse type: a whole number, 1 or more."""
     if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of 1 or more")
+    return int(raw)
+
+
+def _row_limit(raw: str) -> int:
+    """An argparse type: a number of rows, 1 or more, that PostgreSQL's ``LIMIT`` takes."""
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 2**63 - 1:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of 1 or more")
     return int(raw)
 

@@ -132,7 +132,7 @@ def test_jobs_retry_puts_a_failed_job_back_and_explains_when_it_cannot(
     assert_user_error(run(missing), f"no job with id {missing}")
     assert_user_error(run("42"), "'42' is not a job id")
     assert_user_error(run(pending.message_id, "--failed"), "give a job id, or --failed")
-    assert_user_error(run("--type", "tests.noop"), "give a job id, or --failed")
+    assert_user_error(run("--type", "tests.noop"), "--type goes with --failed")
 
 
 def test_jobs_retry_failed_retries_every_failed_job_of_a_type(
@@ -508,10 +508,18 @@ def test_odd_send_and_list_arguments_are_one_line_errors_and_send_nothing(db_url
         (("send", "tests.noop", "--module", "tests.actors", "--args", deep), "--args nests arrays or objects too deep"),
         # ignored: every job listed
         (("jobs", "list", "--since", ""), "--since must be a period"),
+        # the server's words, without the option's name
+        (("jobs", "list", "--since", "yesterday"), "--since must be a PostgreSQL interval such as '1 hour'"),
     ]
     for (_, fragment), result in zip(cases, run_all(db_url, [args for args, _ in cases]), strict=True):
         assert_user_error(result, fragment)
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+    # And a limit that is not a count of rows is refused by its option's name
+    for limit in ("-1", "0", "many", str(2**63)):
+        refused = cli(db_url, "jobs", "list", "--limit", limit)
+        assert refused.returncode == 2 and f"argument --limit: {limit!r} is not a whole number" in refused.stderr, (
+            refused.stderr
+        )
 
 
 def test_jobs_show_and_list_never_write_control_characters_to_the_terminal(
