@@ -106,10 +106,12 @@ def _start(pgdata: Path) -> str:
     new = not (pgdata / "PG_VERSION").exists()
     log = pgdata / "log"
     with library.PostgresServer._lock:
-        if not _running(pgdata) and log.exists() and log.stat().st_size > LOG_KEEP_BYTES:
+        running = _running(pgdata)
+        if not running and log.exists() and log.stat().st_size > LOG_KEEP_BYTES:
             log.replace(pgdata / "log.1")
     seen = log.stat().st_size if log.exists() else 0
-    logger.info("starting the embedded PostgreSQL in %s", pgdata)
+    # (a server already up is joined, not started: said so, every worker process joins it)
+    logger.info("%s the embedded PostgreSQL in %s", "using" if running else "starting", pgdata)
     try:
         server: Any = library.get_server(pgdata, cleanup_mode=None)
     except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import psycopg2
@@ -131,6 +132,29 @@ def test_threads_that_send_while_holding_a_pooled_connection_do_not_wait_for_eac
     # Then every send went through (they waited for each other forever before) and committed
     assert len(sent) == size
     assert all(job(db_url, message_id)["status"] == "pending" for message_id in sent)
+
+
+def test_a_process_joining_a_running_embedded_server_says_it_uses_it_not_that_it_starts_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tasks import embedded
+
+    home = tmp_path / "home"
+    pgdata = (home / "pgdata").resolve()
+    caplog.set_level(logging.INFO, logger="tasks.embedded")
+    try:
+        # Given an embedded server started by one process
+        db.embedded_url(home)
+        assert f"starting the embedded PostgreSQL in {pgdata}" in caplog.text
+        caplog.clear()
+        # When another process (here: this one, having forgotten it) joins it
+        embedded._urls.pop(pgdata)
+        db.embedded_url(home)
+        # Then its log says it uses the server, not that it starts one
+        assert f"using the embedded PostgreSQL in {pgdata}" in caplog.text
+        assert "starting" not in caplog.text
+    finally:
+        db.stop_embedded(home)
 
 
 def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_path: Path) -> None:
