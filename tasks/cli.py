@@ -4,6 +4,7 @@ workers and pruning; the clock of periodic tasks; queue metrics; manage the embe
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -177,6 +178,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         options["unique_key"] = args.unique_key  # an empty one is refused, as the library refuses it
     actor = tasks.broker.actors.get(args.actor)
     if actor is not None:
+        try:
+            # A call its function cannot take would fail at every attempt, minutes of backoff apart.
+            inspect.signature(actor.fn).bind(*send_args, **send_kwargs)
+        except TypeError as exc:
+            raise UserError(f"{args.actor} cannot be called with these arguments: {exc}") from None
         message = actor.message_with_options(args=tuple(send_args), kwargs=send_kwargs, **options)
     else:
         # An actor declared only in the workers' code: address it by name.
@@ -195,6 +201,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             check_queue_name(args.queue)  # ('x.DQ' too, which a send would take for Dramatiq's delay queue of x)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if _settings().postgres_broker:
+            _check_declared_queue(args.actor, args.queue)
         message = dramatiq.Message(
             queue_name=args.queue,
             actor_name=args.actor,
@@ -377,6 +385,29 @@ def _why_not(conn: Any, job_id: str, allowed: str, done: str) -> UserError:
     if not rows:
         return UserError(f"no job with id {job_id}")
     return UserError(f"job {job_id} is {rows[0]['status']}: only {allowed} jobs can be {done}")
+
+
+def _check_declared_queue(actor: str, queue: str) -> None:
+    """Refuse a send by name to another queue than the one the actor's workers declared it on
+    (``control_plane.actor_defaults``): no worker of the actor would read it. An actor no
+    worker has declared yet is sent, with a warning."""
+    import tasks
+
+    try:
+        with tasks.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT queue FROM control_plane.actor_defaults WHERE actor = %s", (actor,))
+            row = cur.fetchone()
+    except (psycopg2.errors.UndefinedTable, psycopg2.errors.InsufficientPrivilege):
+        return  # (a schema before migration 0015, or a role that may not read it: nothing to go by)
+    if row is None:
+        print(_printable(f"controlplane: warning: no worker has declared actor {actor!r} yet "
+                         f"(control_plane.actor_defaults): the job waits in queue {queue!r} until one "
+                         "that declares it reads that queue"), file=sys.stderr)  # fmt: skip
+    elif row[0] != queue:
+        raise UserError(
+            f"actor {actor!r} is declared by its workers on queue {row[0]!r} (control_plane.actor_defaults), "
+            f"not {queue!r}: no worker of it would read the job; send it with --queue {row[0]}"
+        )
 
 
 def _needs_postgres_broker(

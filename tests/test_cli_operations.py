@@ -221,6 +221,28 @@ def test_send_knows_the_built_in_actors_and_says_when_it_does_not_know_one(db_ur
     assert rows == [{"id": by_name.stdout.strip(), "queue": "billing"}]
 
 
+def test_send_refuses_arguments_the_actor_cannot_take_and_a_queue_its_workers_do_not_read(db_url: str) -> None:
+    # Given an actor its workers declared on queue 'billing' (as a worker's start records it)
+    query(db_url, "INSERT INTO control_plane.actor_defaults (actor, queue, priority, max_attempts) "
+                  "VALUES ('billing.sync', 'billing', 0, 20)")  # fmt: skip
+    # When it is sent by name to another queue, and tests.noop (one optional argument) is sent three
+    wrong_queue, right_queue, undeclared, too_many = run_all(db_url, [
+        ("send", "billing.sync", "--queue", "biling"),
+        ("send", "billing.sync", "--queue", "billing"),
+        ("send", "billing.nobody", "--queue", "billing"),
+        ("send", "tests.noop", "--module", "tests.actors", "--args", "[1, 2, 3]"),
+    ])  # fmt: skip
+    # Then the wrong queue is refused, naming the declared one, and so are the arguments
+    assert_user_error(wrong_queue, "actor 'billing.sync' is declared by its workers on queue 'billing'")
+    assert_user_error(too_many, "tests.noop cannot be called with these arguments: too many positional arguments")
+    # while the declared queue is taken, and an actor no worker declared is sent with a warning
+    assert right_queue.returncode == 0 and not right_queue.stderr, right_queue.stderr
+    assert undeclared.returncode == 0, undeclared.stderr
+    assert "warning: no worker has declared actor 'billing.nobody' yet" in undeclared.stderr
+    sent = {r["id"] for r in query(db_url, "SELECT id::text FROM control_plane.jobs")}
+    assert sent == {right_queue.stdout.strip(), undeclared.stdout.strip()}
+
+
 def test_send_refuses_a_priority_the_database_cannot_hold_before_connecting(db_url: str) -> None:
     done = cli(db_url, "send", "controlplane.prune", "--priority", "99999999999")
     assert done.returncode == 2 and not done.stdout
