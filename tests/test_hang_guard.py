@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,8 @@ def pytest_configure(config):
 HANGING_TESTS = """
 import signal, time
 
+import pytest
+
 def test_sleeps():
     time.sleep(600)
 
@@ -31,34 +36,61 @@ def test_blocks_the_alarm():
 
 def test_passes():
     pass
+
+
+@pytest.fixture
+def hangs_in_teardown():
+    yield
+    time.sleep(600)
+
+
+def test_sleeps_and_so_does_its_teardown(hangs_in_teardown):
+    time.sleep(600)
+"""
+
+PASSING_TESTS = """
+def test_one():
+    pass
+
+def test_two():
+    pass
+
+def test_three():
+    pass
 """
 
 
-def _run_suite(tmp_path: Path, *selection: str, **env: str) -> subprocess.CompletedProcess[str]:
+def _run_suite(
+    tmp_path: Path, *selection: str, addopts: str = "", markers: Sequence[str] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_hangs.py").write_text(HANGING_TESTS)
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_passes.py").write_text(PASSING_TESTS)
+    marker_lines = "".join(f"\n    {marker}" for marker in markers)
+    (tmp_path / "pytest.ini").write_text(f"[pytest]\naddopts = {addopts}\nmarkers ={marker_lines}\n")
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini")]
-        + [f"{tmp_path / 'test_hangs.py'}::{name}" for name in selection],
+        + [name if name.endswith(".py") else f"{tmp_path / 'test_hangs.py'}::{name}" for name in selection],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,  # (a guard against this test hanging, far above the second or two it takes)
     )
 
 
 def test_a_test_that_outlives_the_limit_fails_with_every_stack_and_the_suite_goes_on(tmp_path: Path) -> None:
     # Given a suite whose first test sleeps for ten minutes, with a limit of one second
     # When it runs
-    run = _run_suite(tmp_path, "test_sleeps", "test_passes", CONTROLPLANE_TEST_TIMEOUT="1")
+    run = _run_suite(
+        tmp_path, "test_sleeps", "test_passes", CONTROLPLANE_TEST_TIMEOUT="1", CONTROLPLANE_TEST_TIMEOUT_GRACE="1"
+    )
     # Then that test fails, named, with its stack, and the next test runs
     assert run.returncode == 1, run.stdout + run.stderr
     assert "1 failed, 1 passed" in run.stdout, run.stdout
     assert "test_hangs.py::test_sleeps still running after 1 s (CONTROLPLANE_TEST_TIMEOUT)" in run.stdout
     assert "test_hangs.py::test_sleeps still running after 1 s; every thread:" in run.stderr
-    assert 'test_hangs.py", line 5 in test_sleeps' in run.stderr, run.stderr
+    assert 'test_hangs.py", line 7 in test_sleeps' in run.stderr, run.stderr
 
 
 def test_a_test_whose_main_thread_cannot_take_the_alarm_ends_the_process_after_the_grace(tmp_path: Path) -> None:
@@ -73,9 +105,54 @@ def test_a_test_whose_main_thread_cannot_take_the_alarm_ends_the_process_after_t
     )
     # Then the process ends (exit status 1) with the hung test's stack, instead of sleeping on
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "Timeout (0:00:02)!" in run.stderr, run.stderr
-    assert 'test_hangs.py", line 10 in test_blocks_the_alarm' in run.stderr, run.stderr
+    assert "Timeout (0:00:" in run.stderr, run.stderr
+    assert 'test_hangs.py", line 12 in test_blocks_the_alarm' in run.stderr, run.stderr
     assert "passed" not in run.stdout
+
+
+def test_a_test_failed_by_the_alarm_whose_teardown_hangs_too_ends_the_process_after_the_grace(
+    tmp_path: Path,
+) -> None:
+    # Given a test that sleeps, and a fixture whose teardown sleeps too (pytest's faulthandler
+    # plugin cancels the process's faulthandler timer when the alarm fails the test)
+    # When the suite runs with a limit of one second and one of grace
+    run = _run_suite(tmp_path, "test_sleeps_and_so_does_its_teardown", "test_passes",
+                     CONTROLPLANE_TEST_TIMEOUT="1", CONTROLPLANE_TEST_TIMEOUT_GRACE="1")  # fmt: skip
+    # Then the alarm fails the test, and the process ends in the teardown, with its stack
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "test_sleeps_and_so_does_its_teardown still running after 1 s; every thread:" in run.stderr
+    assert "Timeout (0:00:0" in run.stderr and "in hangs_in_teardown" in run.stderr, run.stderr
+
+
+def test_the_suites_own_settings_end_a_session_whose_worker_the_guard_ended(tmp_path: Path) -> None:
+    # Given this suite's options (two xdist workers, a file each) on a suite of two files, one
+    # of whose tests the alarm cannot reach
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    # When it runs with a limit of one second and one of grace
+    run = _run_suite(tmp_path, "test_blocks_the_alarm", "test_passes.py",
+                     addopts=options["addopts"], markers=options["markers"],
+                     CONTROLPLANE_TEST_TIMEOUT="1", CONTROLPLANE_TEST_TIMEOUT_GRACE="1")  # fmt: skip
+    # Then the session ends (xdist 3.8 waits for ever on a worker started in a crashed one's
+    # place), naming the hung test, and the other file's tests ran
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "crashed while running 'test_hangs.py::test_blocks_the_alarm'" in run.stdout, run.stdout
+    assert "1 failed, 3 passed" in run.stdout, run.stdout
+
+
+def test_a_child_forked_by_a_test_gets_the_alarms_default_action() -> None:
+    # (a forked child that sets an alarm to end itself, as tests/test_time_ordered_ids.py's does)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if signal.getsignal(signal.SIGALRM) is signal.SIG_DFL else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_pytests_own_faulthandler_timeout_is_refused(tmp_path: Path) -> None:
+    # (its timer would replace the guard's)
+    run = _run_suite(tmp_path, "test_passes", addopts="-o faulthandler_timeout=5")
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "faulthandler_timeout would replace the hang guard's timer" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("value", ["soon", "-1"])

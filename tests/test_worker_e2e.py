@@ -917,7 +917,6 @@ def test_a_worker_on_a_database_without_the_tables_says_so_in_one_line_and_start
     empty_db: str, tmp_path: Path
 ) -> None:
     import migrations
-
     from tests.conftest import SUPPORT_SCHEMA
 
     # Given a worker started on a database with no control-plane tables (a new user's new folder)
