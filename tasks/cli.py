@@ -140,7 +140,12 @@ def cmd_db(args: argparse.Namespace) -> int:
             stopped = db.stop_embedded(settings.home)
         except subprocess.CalledProcessError as exc:
             raise UserError(f"cannot stop the embedded PostgreSQL (pg_ctl exited with {exc.returncode})") from None
-        print("stopped" if stopped else f"the embedded server was not running (data in {settings.home / 'pgdata'})")
+        if stopped:
+            print("stopped")
+        elif not (settings.home / "pgdata" / "PG_VERSION").exists():
+            print(f"there is no embedded server in {settings.home} (nothing to stop)")
+        else:
+            print(f"the embedded server was not running (data in {settings.home / 'pgdata'})")
     return 0
 
 

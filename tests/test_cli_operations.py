@@ -623,5 +623,9 @@ def test_commands_about_jobs_do_not_make_a_new_embedded_server_in_a_folder_witho
         # in one line
         assert_user_error(subprocess.CompletedProcess(list(args), proc.returncode, out, err),
                           f"no embedded PostgreSQL in {home} (CONTROLPLANE_HOME")
+    # And stopping the server there says there is none
+    stop = subprocess.run([sys.executable, "-m", "tasks.cli", "db", "stop"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (stop.returncode, stop.stdout.strip()) == (0, f"there is no embedded server in {home} (nothing to stop)")
     # And no server was made or started
     assert not (home / "pgdata").exists()
