@@ -54,7 +54,7 @@ def run_demo() -> int:
 
     settings = _settings()
     print(f"database: {_describe_target(settings)}")
-    url = _url(settings)
+    url = _url(settings, create=True)
     _connect(url).close()
     migrations.upgrade(url)
     print(f"migrations: at revision {migrations.current(url)}")

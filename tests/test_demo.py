@@ -43,3 +43,22 @@ def test_the_demo_reports_a_failed_provisioning_at_once_instead_of_timing_out(
     shown = {line.split()[1] for line in result.stdout.splitlines() if "attempts=" in line}
     assert len(shown) >= 4, result.stdout
     assert all(str(uuid.UUID(job_id)) == job_id for job_id in shown), shown
+
+
+def test_the_demo_runs_on_a_new_embedded_server_when_database_url_is_unset(tmp_path: Path) -> None:
+    from tasks import db
+
+    # Given a folder with nothing in it and DATABASE_URL unset, as on a new user's machine
+    home = tmp_path / ".controlplane"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "PROVISION_DATABASE_URL")}
+    env |= {"CONTROLPLANE_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    try:
+        # When the README's demo runs there
+        result = subprocess.run([sys.executable, "-m", "tasks.cli", "demo"], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        # Then it makes the server, runs every job and provisions the project
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert f"created a new, empty embedded PostgreSQL in {home / 'pgdata'}" in result.stderr
+        assert "connected  as " in result.stdout and "worker stopped; nothing left running." in result.stdout
+    finally:
+        db.stop_embedded(home)
