@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -36,11 +37,20 @@ def _settings() -> Settings:
     return Settings.from_env()
 
 
+def _has_embedded(home: Path) -> bool:
+    """Whether ``home`` holds an embedded server's data. One this user may not read (another
+    user's, 0700) counts: starting it then says whose it is, in one line."""
+    try:
+        return (home / "pgdata" / "PG_VERSION").exists()
+    except PermissionError:
+        return True
+
+
 def _url(settings: Settings, *, create: bool = False) -> str:
     """The database's URL, starting the embedded server when ``DATABASE_URL`` is unset. Only
     ``migrate`` and ``db`` may ``create`` one: the commands about jobs, run from another
     folder, would otherwise make a new, empty server and report a missing schema."""
-    if not create and settings.database_url is None and not (settings.home / "pgdata" / "PG_VERSION").exists():
+    if not create and settings.database_url is None and not _has_embedded(settings.home):
         raise UserError(
             f"no embedded PostgreSQL in {settings.home} (CONTROLPLANE_HOME, ./.controlplane of the folder "
             "you run from): run this where you ran `controlplane demo` or `controlplane migrate`, or set "
@@ -142,7 +152,7 @@ def cmd_db(args: argparse.Namespace) -> int:
             raise UserError(f"cannot stop the embedded PostgreSQL (pg_ctl exited with {exc.returncode})") from None
         if stopped:
             print("stopped")
-        elif not (settings.home / "pgdata" / "PG_VERSION").exists():
+        elif not _has_embedded(settings.home):
             print(f"there is no embedded server in {settings.home} (nothing to stop)")
         else:
             print(f"the embedded server was not running (data in {settings.home / 'pgdata'})")
@@ -183,11 +193,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         options["unique_key"] = args.unique_key  # an empty one is refused, as the library refuses it
     actor = tasks.broker.actors.get(args.actor)
     if actor is not None:
-        try:
-            # A call its function cannot take would fail at every attempt, minutes of backoff apart.
-            inspect.signature(actor.fn).bind(*send_args, **send_kwargs)
-        except TypeError as exc:
-            raise UserError(f"{args.actor} cannot be called with these arguments: {exc}") from None
+        _check_call(args.actor, actor.fn, send_args, send_kwargs)
         message = actor.message_with_options(args=tuple(send_args), kwargs=send_kwargs, **options)
     else:
         # An actor declared only in the workers' code: address it by name.
@@ -392,6 +398,22 @@ def _why_not(conn: Any, job_id: str, allowed: str, done: str) -> UserError:
     return UserError(f"job {job_id} is {rows[0]['status']}: only {allowed} jobs can be {done}")
 
 
+def _check_call(name: str, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Refuse arguments the actor's function cannot take: the job would fail at every attempt,
+    minutes of backoff apart. A function behind another decorator is not checked: its wrapper
+    may take other arguments than the function it names (``__wrapped__``) would."""
+    if inspect.unwrap(fn) is not fn:
+        return
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # (a builtin or an extension's function may have none)
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"{name} cannot be called with these arguments: {exc}") from None
+
+
 def _check_declared_queue(actor: str, queue: str) -> None:
     """Refuse a send by name to another queue than the one the actor's workers declared it on
     (``control_plane.actor_defaults``): no worker of the actor would read it. An actor no
@@ -411,7 +433,7 @@ def _check_declared_queue(actor: str, queue: str) -> None:
     elif row[0] != queue:
         raise UserError(
             f"actor {actor!r} is declared by its workers on queue {row[0]!r} (control_plane.actor_defaults), "
-            f"not {queue!r}: no worker of it would read the job; send it with --queue {row[0]}"
+            f"not {queue!r}: the job would wait for a worker of that queue; send it with --queue {row[0]}"
         )
 
 
@@ -864,9 +886,13 @@ def _positive_int(raw: str) -> int:
 
 def _row_limit(raw: str) -> int:
     """An argparse type: a number of rows, 1 or more, that PostgreSQL's ``LIMIT`` takes."""
-    if not raw.strip().isdigit() or not 1 <= int(raw) <= 2**63 - 1:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 2**63 - 1:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of 1 or more")
-    return int(raw)
+    return value
 
 
 def _priority(raw: str) -> int:

@@ -243,6 +243,51 @@ def test_send_refuses_arguments_the_actor_cannot_take_and_a_queue_its_workers_do
     assert sent == {right_queue.stdout.strip(), undeclared.stdout.strip()}
 
 
+def test_send_leaves_unchecked_the_arguments_of_an_actor_behind_another_decorator_or_without_a_signature(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given an app's actors: one behind a decorator that passes its function an argument of its
+    # own (functools.wraps: its signature names the inner function's), and a builtin
+    (tmp_path / "wrapped_jobs.py").write_text(
+        "import functools\nimport dramatiq\nimport tasks\n\n"
+        "def with_conn(fn):\n"
+        "    @functools.wraps(fn)\n"
+        "    def wrapper(*args, **kwargs):\n"
+        "        return fn('CONN', *args, **kwargs)\n"
+        "    return wrapper\n\n"
+        "@dramatiq.actor(actor_name='app.injected', queue_name='app')\n@with_conn\n"
+        "def injected(conn, invoice_id):\n    return f'{conn}:{invoice_id}'\n\n"
+        "biggest = dramatiq.actor(max, actor_name='app.biggest', queue_name='app')\n"
+    )
+    env = {**os.environ, "DATABASE_URL": db_url}
+    # When each is sent with the arguments its caller takes
+    done = [subprocess.run([CONTROLPLANE, "send", name, "--args", payload, "--module", "wrapped_jobs"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=60)
+            for name, payload in (("app.injected", "[7]"), ("app.biggest", "[1, 2]"))]  # fmt: skip
+    # Then both are sent
+    assert [d.returncode for d in done] == [0, 0], [d.stderr for d in done]
+    assert len(query(db_url, "SELECT id FROM control_plane.jobs WHERE queue = 'app'")) == 2
+
+
+def test_a_home_whose_data_this_user_may_not_read_counts_as_holding_a_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.cli import _has_embedded
+
+    # Given another user's embedded server (its data directory 0700: reading in it is refused)
+    (tmp_path / "pgdata").mkdir()
+    real_exists = Path.exists
+
+    def refused(path: Path, **kwargs: Any) -> bool:
+        if path.name == "PG_VERSION":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_exists(path, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", refused)
+    # Then the commands go on to start it, which says whose it is, instead of a traceback
+    assert _has_embedded(tmp_path) is True
+
+
 def test_send_refuses_a_priority_the_database_cannot_hold_before_connecting(db_url: str) -> None:
     done = cli(db_url, "send", "controlplane.prune", "--priority", "99999999999")
     assert done.returncode == 2 and not done.stdout
@@ -537,7 +582,7 @@ def test_odd_send_and_list_arguments_are_one_line_errors_and_send_nothing(db_url
         assert_user_error(result, fragment)
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
     # And a limit that is not a count of rows is refused by its option's name
-    for limit in ("-1", "0", "many", str(2**63)):
+    for limit in ("-1", "0", "many", "\u00b2", str(2**63)):
         refused = cli(db_url, "jobs", "list", "--limit", limit)
         assert refused.returncode == 2 and f"argument --limit: {limit!r} is not a whole number" in refused.stderr, (
             refused.stderr
