@@ -48,8 +48,9 @@ def _has_embedded(home: Path) -> bool:
 
 def _url(settings: Settings, *, create: bool = False) -> str:
     """The database's URL, starting the embedded server when ``DATABASE_URL`` is unset. Only
-    ``migrate`` and ``db`` may ``create`` one: the commands about jobs, run from another
-    folder, would otherwise make a new, empty server and report a missing schema."""
+    ``migrate``, ``demo`` and ``db url``/``db start`` may ``create`` one: the commands about
+    jobs, run from another folder, would otherwise make a new, empty server and report a
+    missing schema."""
     if not create and settings.database_url is None and not _has_embedded(settings.home):
         raise UserError(
             f"no embedded PostgreSQL in {settings.home} (CONTROLPLANE_HOME, ./.controlplane of the folder "
@@ -416,8 +417,8 @@ def _check_call(name: str, fn: Callable[..., Any], args: list[Any], kwargs: dict
 
 def _check_declared_queue(actor: str, queue: str) -> None:
     """Refuse a send by name to another queue than the one the actor's workers declared it on
-    (``control_plane.actor_defaults``): no worker of the actor would read it. An actor no
-    worker has declared yet is sent, with a warning."""
+    (``control_plane.actor_defaults``): the job would wait for a worker of that other queue.
+    An actor no worker has declared yet is sent, with a warning."""
     import tasks
 
     try:
