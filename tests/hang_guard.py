@@ -113,14 +113,12 @@ class HangGuard:
 
 
 def _inside_environment_guard(frame: FrameType | None) -> bool:
-    """Whether ``frame`` or a caller of it runs the suite's ``EnvironmentGuard``."""
-    from tests.support import EnvironmentGuard
-
+    """Whether ``frame`` or a caller of it runs the suite's ``EnvironmentGuard``
+    (``tests.support``; by name: a signal handler imports nothing)."""
     while frame is not None:
-        code = frame.f_code
-        if code.co_qualname.startswith(EnvironmentGuard.__qualname__ + "."):
-            if frame.f_globals.get("__name__") == EnvironmentGuard.__module__:
-                return True
+        code, module = frame.f_code, frame.f_globals.get("__name__")
+        if code.co_qualname.startswith("EnvironmentGuard.") and module == "tests.support":
+            return True
         frame = frame.f_back
     return False
 

@@ -9,6 +9,7 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -146,6 +147,27 @@ def test_a_child_forked_by_a_test_gets_the_alarms_default_action() -> None:
         os._exit(0 if signal.getsignal(signal.SIGALRM) is signal.SIG_DFL else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_alarm_waits_while_the_main_thread_runs_the_environment_guard() -> None:
+    from tests.hang_guard import _inside_environment_guard
+    from tests.support import EnvironmentGuard
+
+    # Given the frames of a test calling into the suite's EnvironmentGuard (its wait, whose
+    # condition it calls), where an exception raised by the alarm could leave its lock held
+    seen: list[FrameType] = []
+
+    def ready() -> bool:
+        frame = sys._getframe()
+        seen.append(frame)
+        return True
+
+    guard = EnvironmentGuard()
+    with guard._cond:
+        guard._wait(ready, "a condition")
+    # Then the alarm's handler knows it is inside the guard there, and not in the test itself
+    assert _inside_environment_guard(seen[0]) is True
+    assert _inside_environment_guard(sys._getframe()) is False
 
 
 def test_pytests_own_faulthandler_timeout_is_refused(tmp_path: Path) -> None:
