@@ -194,6 +194,10 @@ def cmd_send(args: argparse.Namespace) -> int:
         options["unique_key"] = args.unique_key  # an empty one is refused, as the library refuses it
     actor = tasks.broker.actors.get(args.actor)
     if actor is not None:
+        if args.queue is not None and args.queue != actor.queue_name:
+            # (the message goes to the queue the actor declares; a --queue it ignored said otherwise)
+            raise UserError(f"{args.actor} is declared on queue {actor.queue_name!r}, not {args.queue!r}: "
+                            "leave out --queue, which is for actors no --module declares")  # fmt: skip
         _check_call(args.actor, actor.fn, send_args, send_kwargs)
         message = actor.message_with_options(args=tuple(send_args), kwargs=send_kwargs, **options)
     else:

@@ -226,15 +226,18 @@ def test_send_refuses_arguments_the_actor_cannot_take_and_a_queue_its_workers_do
     query(db_url, "INSERT INTO control_plane.actor_defaults (actor, queue, priority, max_attempts) "
                   "VALUES ('billing.sync', 'billing', 0, 20)")  # fmt: skip
     # When it is sent by name to another queue, and tests.noop (one optional argument) is sent three
-    wrong_queue, right_queue, undeclared, too_many = run_all(db_url, [
+    wrong_queue, right_queue, undeclared, too_many, loaded_elsewhere = run_all(db_url, [
         ("send", "billing.sync", "--queue", "biling"),
         ("send", "billing.sync", "--queue", "billing"),
         ("send", "billing.nobody", "--queue", "billing"),
         ("send", "tests.noop", "--module", "tests.actors", "--args", "[1, 2, 3]"),
+        ("send", "tests.noop", "--module", "tests.actors", "--queue", "other"),
     ])  # fmt: skip
-    # Then the wrong queue is refused, naming the declared one, and so are the arguments
+    # Then the wrong queue is refused, naming the declared one, and so are the arguments, and a
+    # --queue other than the queue of an actor loaded here (it was ignored)
     assert_user_error(wrong_queue, "actor 'billing.sync' is declared by its workers on queue 'billing'")
     assert_user_error(too_many, "tests.noop cannot be called with these arguments: too many positional arguments")
+    assert_user_error(loaded_elsewhere, "tests.noop is declared on queue 'default', not 'other'")
     # while the declared queue is taken, and an actor no worker declared is sent with a warning
     assert right_queue.returncode == 0 and not right_queue.stderr, right_queue.stderr
     assert undeclared.returncode == 0, undeclared.stderr
