@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -37,21 +36,12 @@ def _settings() -> Settings:
     return Settings.from_env()
 
 
-def _has_embedded(home: Path) -> bool:
-    """Whether ``home`` holds an embedded server's data. One this user may not read (another
-    user's, 0700) counts: starting it then says whose it is, in one line."""
-    try:
-        return (home / "pgdata" / "PG_VERSION").exists()
-    except PermissionError:
-        return True
-
-
 def _url(settings: Settings, *, create: bool = False) -> str:
     """The database's URL, starting the embedded server when ``DATABASE_URL`` is unset. Only
     ``migrate``, ``demo`` and ``db url``/``db start`` may ``create`` one: the commands about
     jobs, run from another folder, would otherwise make a new, empty server and report a
     missing schema."""
-    if not create and settings.database_url is None and not _has_embedded(settings.home):
+    if not create and settings.database_url is None and not db.has_embedded(settings.home):
         raise UserError(
             f"no embedded PostgreSQL in {settings.home} (CONTROLPLANE_HOME, ./.controlplane of the folder "
             "you run from): run this where you ran `controlplane demo` or `controlplane migrate`, or set "
@@ -153,7 +143,7 @@ def cmd_db(args: argparse.Namespace) -> int:
             raise UserError(f"cannot stop the embedded PostgreSQL (pg_ctl exited with {exc.returncode})") from None
         if stopped:
             print("stopped")
-        elif not _has_embedded(settings.home):
+        elif not db.has_embedded(settings.home):
             print(f"there is no embedded server in {settings.home} (nothing to stop)")
         else:
             print(f"the embedded server was not running (data in {settings.home / 'pgdata'})")
@@ -182,7 +172,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     import tasks
 
-    _url(_settings())  # (an error if there is no database to send to)
+    settings = _settings()
+    _url(settings)  # (an error if there is no database to send to)
     # The built-in actors (provision_project and its steps, controlplane.prune), then the caller's.
     _import_modules([*_BUILTIN_ACTOR_MODULES, *(args.module or [])])
     send_args = _json_arg(args.args, "--args", list)
@@ -217,7 +208,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             check_queue_name(args.queue)  # ('x.DQ' too, which a send would take for Dramatiq's delay queue of x)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        if _settings().postgres_broker:
+        if settings.postgres_broker:
             _check_declared_queue(args.actor, args.queue)
         message = dramatiq.Message(
             queue_name=args.queue,

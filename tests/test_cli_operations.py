@@ -275,7 +275,7 @@ def test_send_leaves_unchecked_the_arguments_of_an_actor_behind_another_decorato
 def test_a_home_whose_data_this_user_may_not_read_counts_as_holding_a_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks.cli import _has_embedded
+    from tasks.db import has_embedded
 
     # Given another user's embedded server (its data directory 0700: reading in it is refused)
     (tmp_path / "pgdata").mkdir()
@@ -288,7 +288,7 @@ def test_a_home_whose_data_this_user_may_not_read_counts_as_holding_a_server(
 
     monkeypatch.setattr(Path, "exists", refused)
     # Then the commands go on to start it, which says whose it is, instead of a traceback
-    assert _has_embedded(tmp_path) is True
+    assert has_embedded(tmp_path) is True
 
 
 def test_send_refuses_a_priority_the_database_cannot_hold_before_connecting(db_url: str) -> None:
