@@ -95,6 +95,17 @@ def server_postmaster(conn: Any) -> int | None:
         return postmaster_of(cur.fetchone()[0])
 
 
+def postmaster_at(url: str) -> int | None:
+    """:func:`server_postmaster` of the server at ``url``, on a connection of its own."""
+    from tasks.db import connect
+
+    conn = connect(url)
+    try:
+        return server_postmaster(conn)
+    finally:
+        conn.close()
+
+
 def postgres_cpu_seconds(postmaster: int | None = None) -> float:
     """CPU used so far by one PostgreSQL server (``postmaster``: its postmaster and its
     children), or by every PostgreSQL process on the machine, backends that have exited included.

@@ -145,23 +145,16 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
     assert not runs.is_full_run(doc)
 
 
-def _postmaster(url: str) -> int | None:
-    from bench import procfs
-
-    with contextlib.closing(psycopg2.connect(url)) as conn:
-        return procfs.server_postmaster(conn)
-
-
 def test_postgres_cpu_is_counted_for_the_benchmarked_server_alone(server_url: str, tmp_path: Path) -> None:
     from bench import procfs
 
     # Given the benchmarked server, found from one of its backends, and another PostgreSQL on
     # the machine that has done some work (as another test process's embedded server may)
-    ours = _postmaster(server_url)
+    ours = procfs.postmaster_at(server_url)
     other_home = tmp_path / "other"
     try:
         other_url = db.embedded_url(other_home, "postgres")
-        other = _postmaster(other_url)
+        other = procfs.postmaster_at(other_url)
         assert ours is not None and other is not None and ours != other
         query(other_url, "SELECT sum(i) FROM generate_series(1, 5000000) AS i")
         assert procfs.postgres_cpu_seconds(other) > 0

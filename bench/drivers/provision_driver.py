@@ -79,13 +79,7 @@ def payload(project_id: str, i: int) -> dict[str, Any]:
 def _postmaster() -> int | None:
     """The postmaster of the server in ``DATABASE_URL`` when it runs here: its CPU is counted
     alone (another PostgreSQL on the machine, started or stopped meanwhile, is not)."""
-    from tasks.db import connect
-
-    conn = connect(os.environ["DATABASE_URL"])
-    try:
-        return procfs.server_postmaster(conn)
-    finally:
-        conn.close()
+    return procfs.postmaster_at(os.environ["DATABASE_URL"])
 
 
 def _cpu_by_role() -> dict[str, float]:
