@@ -108,7 +108,6 @@ class SchemaMissing(BrokerConnectionError):
         self.message = message  # (what Dramatiq's errors print)
 
 
-
 def _claim_size(free: int) -> int:
     """How many messages to claim for ``free`` slots: all of them up to 64, then a power of two.
 

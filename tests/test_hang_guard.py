@@ -186,6 +186,8 @@ def test_a_bad_limit_is_refused_by_name(tmp_path: Path, value: str) -> None:
 
 def test_this_suite_runs_under_the_guard(request: pytest.FixtureRequest) -> None:
     # (unless CONTROLPLANE_TEST_TIMEOUT=0 turns it off, as for a debugger's session)
-    if os.environ.get("CONTROLPLANE_TEST_TIMEOUT", "").strip() in ("0", "0.0"):
+    from tests.hang_guard import DEFAULT_TIMEOUT, _seconds
+
+    if _seconds("CONTROLPLANE_TEST_TIMEOUT", DEFAULT_TIMEOUT) == 0:
         pytest.skip("CONTROLPLANE_TEST_TIMEOUT=0 turns the guard off")
     assert request.config.pluginmanager.get_plugin("controlplane-hang-guard") is not None
