@@ -49,12 +49,23 @@ class LockNotAvailable(Exception):
     """The migration could not get a table's lock within its timeout, on any of its tries."""
 
 
+class NewerSchema(Exception):
+    """A newer release migrated the database (this one is being rolled back to): it is left as
+    it is, a schema this release runs on (``docs/operations.md``, "Upgrading")."""
+
+    def __init__(self, revision: str) -> None:
+        super().__init__(f"the database is at revision {revision}, newer than this release's {head()}")
+        self.revision = revision
+
+
 def upgrade(url: str, revision: str = "head", *, lock_timeout: float = 0.0, attempts: int = 1) -> None:
     """Migrate the database at ``url`` (a libpq URL) to ``revision``.
 
     ``lock_timeout`` (seconds, 0: wait as long as it takes) bounds each wait for a
     table's lock; a try that times out is rolled back whole and made again, up to
-    ``attempts`` times, a little later each time, then :class:`LockNotAvailable`.
+    ``attempts`` times, a little later each time, then :class:`LockNotAvailable`. A database at
+    a revision this release does not know, read under the migration lock, is left as it is:
+    :class:`NewerSchema`.
     """
     import time
 
@@ -68,13 +79,17 @@ def upgrade(url: str, revision: str = "head", *, lock_timeout: float = 0.0, atte
     for attempt in range(1, attempts + 1):
         try:
             command.upgrade(config, revision)
-            return
         except DBAPIError as exc:
             if not isinstance(exc.orig, psycopg2.errors.LockNotAvailable):
                 raise
             if attempt == attempts:
                 raise LockNotAvailable(str(exc.orig).strip()) from exc
             time.sleep(min(0.5 * 2**attempt, 5.0))
+            continue
+        newer = config.attributes.get("newer_revision")
+        if newer is not None:
+            raise NewerSchema(newer)
+        return
 
 
 def _scripts() -> ScriptDirectory:

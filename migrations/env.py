@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from migrations import MIGRATION_LOCK_KEY, include_name
+from migrations import MIGRATION_LOCK_KEY, include_name, known
 from models import SCHEMA, metadata
 
 config = context.config
@@ -36,7 +36,14 @@ def run_migrations_online() -> None:
                 include_name=include_name,
                 transaction_per_migration=False,
             )
-            context.run_migrations()
+            # Read under the lock: a newer release's run that held it may have just committed a
+            # revision this release does not know (a rollback racing a deploy). Its schema is a
+            # superset this release runs on; leave it as it is (migrations.upgrade says so).
+            found = context.get_context().get_current_revision()
+            if found is not None and not known(found):
+                config.attributes["newer_revision"] = found
+            else:
+                context.run_migrations()
     engine.dispose()
 
 

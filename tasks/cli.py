@@ -85,15 +85,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     url = _url(settings, create=True)
     _connect(url).close()
-    found = migrations.current(url)
-    if found is not None and not migrations.known(found):
-        # A newer release migrated it (this one is being rolled back to): its schema is a
-        # superset this release runs on (docs/operations.md, "Upgrading"); nothing to do.
-        print(f"controlplane migrate: {_describe_target(settings)} is at revision {found}, newer than this "
-              f"release's {migrations.head()}: left as it is", file=sys.stderr)
-        return 0
     try:
         migrations.upgrade(url, lock_timeout=args.lock_timeout, attempts=args.lock_attempts)
+    except migrations.NewerSchema as exc:
+        # A newer release migrated it (this one is being rolled back to), perhaps while this run
+        # waited for the migration lock: its schema is a superset this release runs on
+        # (docs/operations.md, "Upgrading"); nothing to do.
+        print(f"controlplane migrate: {_describe_target(settings)} is at revision {exc.revision}, newer than "
+              f"this release's {migrations.head()}: left as it is", file=sys.stderr)
+        return 0
     except migrations.LockNotAvailable:
         raise UserError(
             f"cannot migrate: a table stayed locked for {args.lock_timeout:g} s on each of "

@@ -19,7 +19,7 @@ from sqlalchemy.pool import NullPool
 import migrations
 from models import SCHEMA, metadata
 from tasks.db import sqlalchemy_url
-from tests.support import ROOT, query
+from tests.support import ROOT, query, wait_for
 
 
 def _drop_roles(url: str, *roles: str) -> None:
@@ -213,6 +213,36 @@ def test_a_database_a_newer_release_migrated_is_left_as_it_is(empty_db: str) -> 
     # Then it succeeds, saying so, and leaves the revision alone
     assert result.returncode == 0, result.stderr
     assert "is at revision 9999, newer than this release's" in result.stderr
+    assert query(empty_db, "SELECT version_num FROM control_plane.alembic_version")[0]["version_num"] == "9999"
+
+
+def test_a_rollback_migrating_while_a_newer_release_migrates_waits_then_leaves_it_as_it_is(empty_db: str) -> None:
+    # Given a newer release's migration run holding the migration lock (its revision not yet committed)
+    migrations.upgrade(empty_db)
+    newer = psycopg2.connect(empty_db)
+    try:
+        with newer.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (migrations.MIGRATION_LOCK_KEY,))
+            # When this release's `controlplane migrate` starts meanwhile (a rollback racing a deploy)
+            env = {**os.environ, "DATABASE_URL": empty_db}
+            older = subprocess.Popen([sys.executable, "-m", "tasks.cli", "migrate"], env=env, cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            try:
+                wait_for(lambda: query(empty_db, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"),
+                         what="the release's run waiting for the migration lock")  # fmt: skip
+                # and the newer run commits a revision this release does not know
+                cur.execute("UPDATE control_plane.alembic_version SET version_num = '9999'")
+                newer.commit()
+                _, stderr = older.communicate(timeout=120)
+            finally:
+                older.kill()
+                older.wait()
+    finally:
+        newer.close()
+    # Then it read the revision after its wait: it succeeds, saying so, and changes nothing
+    # (it read 0016 before the wait, and Alembic failed on the revision it did not know)
+    assert older.returncode == 0, stderr
+    assert "is at revision 9999, newer than this release's" in stderr and "Traceback" not in stderr
     assert query(empty_db, "SELECT version_num FROM control_plane.alembic_version")[0]["version_num"] == "9999"
 
 
