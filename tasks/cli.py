@@ -478,7 +478,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
-    _needs_postgres_broker(_settings(), "jobs cancel")
+    _needs_postgres_broker(_settings(), "jobs cancel", "a job in RabbitMQ cannot be cancelled: it runs as sent")
     job_id = _job_id(args.id)
     conn = _connect(_url(_settings()))
     try:
@@ -959,6 +959,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`controlplane stats --watch | head`): stop quietly, as a filter does,
+        # with nothing left to flush at exit into the closed pipe (which would print a traceback).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a filter the signal ended
 
 
 if __name__ == "__main__":

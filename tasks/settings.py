@@ -52,12 +52,24 @@ def _broker_url(env: dict[str, str]) -> str | None:
 
 #: What makes a PostgreSQL interval negative: a minus sign, or "ago".
 _NEGATIVE_RE = re.compile(r"-|\bago\b", re.IGNORECASE)
+#: The words PostgreSQL's interval input knows (its ``deltatktbl``, which it compares on their
+#: first 10 letters: "microseconds" is "microsecon"), less "ago" (refused above) and those only
+#: EXTRACT takes ("quarter", "timezone").
+INTERVAL_WORDS = frozenset(
+    "c cent centuries century d day days dec decade decades decs h hour hours hr hrs m microsecon "
+    "mil millennia millennium millisecon mils min mins minute minutes mon mons month months ms msec "
+    "mseconds msecs s sec second seconds secs us usec useconds usecs w week weeks y year "
+    "years yr yrs".split()
+)
+#: ISO 8601's interval forms (P7D, PT12H, P0001-02-03T04:05:06), whose letters are not words.
+_ISO_8601_RE = re.compile(r"P[\dT]", re.IGNORECASE)
 
 
 def retention_problem(value: str) -> str | None:
     """Why ``value`` is not a retention period (None when it may be: PostgreSQL has the last word):
     a bare number is seconds to PostgreSQL, "7 days ago" or "-7 days" is negative, and "0 days"
-    is nothing; each would prune every finished job."""
+    is nothing; each would prune every finished job. A word that is no unit ("7 dyas") would
+    fail every prune, found only at the first (03:00 by default)."""
     text = value.strip()
     if not any(ch.isdigit() for ch in text):
         return f"{value!r} has no number"
@@ -67,6 +79,10 @@ def retention_problem(value: str) -> str | None:
         return f"{value!r} is negative: a retention is a positive period such as '7 days'"
     if all(ch == "0" for ch in text if ch.isdigit()):
         return f"{value!r} is zero: a retention is a positive period such as '7 days'"
+    if not _ISO_8601_RE.match(text):
+        for word in re.findall(r"[A-Za-z]+", text):
+            if word.lower()[:10] not in INTERVAL_WORDS:
+                return f"{value!r}: {word!r} is not a unit PostgreSQL knows (write e.g. '7 days', '12 hours')"
     return None
 
 

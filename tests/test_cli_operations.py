@@ -366,6 +366,19 @@ def test_stats_shows_each_queue_once_as_json_and_until_ctrl_c_when_watching(db_u
             watcher.kill()
     assert watcher.returncode == 0, err
     assert "Traceback" not in err
+    # When it watches into a pipe whose reader stops after the first line (`| head -1`)
+    piped = _popen(db_url, ["stats", "--watch", "--json", "--interval", "0.2"])
+    try:
+        assert piped.stdout is not None and piped.stderr is not None
+        assert json.loads(piped.stdout.readline())[0]["queue"] == "default"
+        piped.stdout.close()
+        err = piped.stderr.read()
+        piped.wait(timeout=30)
+    finally:
+        if piped.poll() is None:
+            piped.kill()
+    # Then it stops at its next refresh, quietly, as a filter does (it printed a BrokenPipeError traceback)
+    assert (piped.returncode, err) == (141, "")
 
 
 def test_prune_deletes_old_finished_jobs_and_refuses_a_bad_age(
@@ -498,6 +511,10 @@ def test_jobs_retry_and_cancel_refuse_when_rabbitmq_carries_the_messages(
     # cannot work here (RabbitMQ's workers write no heartbeats: the list would be stale rows)
     for args in (("jobs", "retry", failed), ("jobs", "retry", "--failed"), ("jobs", "cancel", failed), ("workers",)):
         assert_user_error(in_process(capsys, monkeypatch, db_url, *args), "needs the PostgreSQL broker")
+    # each with what to do instead: a retry is a new send; a cancel has no way there
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "retry", failed), "send it again")
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "cancel", failed),
+                      "a job in RabbitMQ cannot be cancelled: it runs as sent")  # fmt: skip
     # and the job was not made pending (no worker would ever run it)
     assert job(db_url, failed)["status"] == "failed"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
+import psycopg2
 import pytest
 
 import tasks
@@ -21,7 +22,7 @@ from tasks import maintenance
 from tasks.cron import CronSchedule
 from tasks.errors import ConfigurationError
 from tasks.periodic import Clock, Schedule, periodic, schedule, schedules, unschedule
-from tasks.settings import Settings
+from tasks.settings import INTERVAL_WORDS, Settings, retention_problem
 from tests import actors
 from tests.support import ROOT, query, running_worker, wait_for
 
@@ -305,6 +306,30 @@ def test_periodic_decorates_actors_and_refuses_plain_functions() -> None:
     # And a bad cron expression is refused when declared
     with pytest.raises(ValueError, match="minute: 61 is out of range"):
         schedule("61 * * * *", "tests.noop")
+
+
+def test_a_retention_with_a_word_postgresql_does_not_know_is_refused_at_start_and_every_unit_it_knows_is_taken(
+    server_url: str,
+) -> None:
+    # Given PostgreSQL's own reading of a retention with each interval word this release knows, and
+    # of words it does not
+    def postgres_reads(value: str) -> bool:
+        try:
+            query(server_url, "SELECT %s::interval", (value,))
+        except psycopg2.DataError:
+            return False
+        return True
+
+    for word in sorted(INTERVAL_WORDS):
+        # Then every such word PostgreSQL takes, and so does the setting
+        assert postgres_reads(f"2 {word}"), word
+        assert retention_problem(f"2 {word}") is None, word
+    assert retention_problem("3 Microseconds 1 DAY") is None and postgres_reads("3 Microseconds 1 DAY")
+    for value in ("banana 3", "7 dyas", "1 fortnight", "2 days and 3 hours"):
+        # And a word it refuses is refused at start-up, naming the word, instead of at the first prune
+        assert not postgres_reads(value), value
+        with pytest.raises(ConfigurationError, match=r"RETENTION_FAILED .* is not a unit PostgreSQL knows"):
+            Settings.from_env({"CONTROLPLANE_RETENTION_FAILED": value})
 
 
 def test_the_new_settings_are_validated() -> None:
