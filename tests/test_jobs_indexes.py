@@ -69,8 +69,11 @@ def test_jobs_that_run_and_complete_are_rewritten_in_place_without_index_entries
         return stats if stats["updates"] >= 300 else None
 
     stats = wait_for(reported, what="the workers' statistics")
-    # Then most completions were HOT updates: no index covers what a completion changes
-    assert stats["hot"] >= stats["updates"] * 0.5, stats
+    # Then many completions were HOT updates: no index covers what a completion changes (one that
+    # did, on `status` say, would make none HOT). How many beyond that depends on room in the pages
+    # and on how soon the dead versions can be pruned, which a busy server's other snapshots delay:
+    # 43% in a suite run beside three other sessions' tests, against more than half when quiet
+    assert stats["hot"] >= stats["updates"] * 0.25, stats
     done = job(db_url, messages[0].message_id)
     assert (done["status"], done["attempts"], done["live_key"], done["failed_at"], done["retry_at"]) == (
         "completed", 1, None, None, None,
