@@ -28,8 +28,11 @@ Phases and what they measure:
     times per round (once before the larger, the rest after it) and its rate
     is the median of those.
 ``memory``
-    2x8 workers; RSS of the whole worker process tree after the smaller of
-    ``--memory-sizes`` jobs and after the larger, and their ratio.
+    2x8 workers; RSS of the worker processes that ran jobs after the smaller of
+    ``--memory-sizes`` jobs and after the larger, and their ratio (the target's);
+    beside it the same processes' USS (private memory: Private_Clean +
+    Private_Dirty of /proc/PID/smaps_rollup), which leaves out the pages shared
+    with other processes and so shows a process's own growth more plainly.
 ``provision`` (floor and ours only)
     ``--provision-n`` tenant projects provisioned for real (roles, ``CREATE
     DATABASE``, schema, registrations with loopback stand-in services, API keys,
@@ -59,6 +62,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -124,6 +128,9 @@ METRICS: dict[str, tuple[str, bool]] = {
     "memory_big_mb": ("MB", False),
     "memory_ratio": ("big/small", False),
     "memory_ratio_tree": ("big/small", False),
+    "memory_uss_small_mb": ("MB", False),
+    "memory_uss_big_mb": ("MB", False),
+    "memory_uss_ratio": ("big/small", False),
     "provision_per_project_s": ("s/project", False),
     "provision_concurrent_per_project_s": ("s/project", False),
     "provision_p50_s": ("s", False),
@@ -178,6 +185,8 @@ class Config:
     stop_grace: float = 20.0
     output: Path | None = None
     notes: list[str] = field(default_factory=list)
+    #: The caller's PG* and dramatiq_* variables that reach the systems (see client_environment).
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 # -- processes ---------------------------------------------------------------
@@ -212,9 +221,10 @@ class WorkerGroup:
         """Every process of the group (the commands and their descendants)."""
         return procfs.tree(*(p.pid for p in self.procs if p.poll() is None))
 
-    def rss_kb(self) -> dict[int, int]:
-        """Resident memory of each worker process now, in kB."""
-        return {pid: procfs.rss_kb(pid) for pid in self.pids()}
+    def memory_kb(self) -> tuple[dict[int, int], dict[int, int | None]]:
+        """Resident and private (USS, None where unreadable) memory of each worker process now, in kB."""
+        pids = self.pids()
+        return {pid: procfs.rss_kb(pid) for pid in pids}, {pid: procfs.uss_kb(pid) for pid in pids}
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM every process group, wait up to ``grace`` s, then SIGKILL what is left."""
@@ -401,13 +411,7 @@ class Run:
         return self.config.ours_root if system.name == "ours" else ROOT
 
     def env(self, system: System, extra: dict[str, str] | None = None) -> dict[str, str]:
-        # Every system at its defaults: no CONTROLPLANE_* setting of the caller's shell reaches ours
-        # (the harness passes the ones it means to; the run's notes name those it left out).
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("VIRTUAL_ENV", "PYTHONHOME") and not k.startswith("CONTROLPLANE_")
-        }
+        env = passed_environ()
         # ``tasks``, ``models`` and ``migrations`` from --ours-root; ``bench`` from this checkout.
         roots = [self.cwd(system), ROOT]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(str(r) for r in roots))
@@ -565,23 +569,32 @@ class Run:
             self.fill(system, url, small)
             records.wait_for(small, group, self.config.stall_timeout)
             time.sleep(0.5)
-            at_small = group.rss_kb()
+            at_small, uss_at_small = group.memory_kb()
             self.fill(system, url, big - small)
             records.wait_for(big, group, self.config.stall_timeout)
             time.sleep(0.5)
-            at_big = group.rss_kb()
+            at_big, uss_at_big = group.memory_kb()
         # The processes that ran jobs, the same ones at both points: a supervisor (Dramatiq's main
         # process) that runs none would add a constant to both and pull the ratio towards 1. The
         # whole tree's ratio is kept too.
         ran = {pid for _, _, pid in records.rows()}
         rss_small, rss_big = (sum(kb for pid, kb in at.items() if pid in ran) / 1024 for at in (at_small, at_big))
         tree_small, tree_big = (sum(at.values()) / 1024 for at in (at_small, at_big))
-        return {
+        out: dict[str, Any] = {
             "memory_small_mb": rss_small,
             "memory_big_mb": rss_big,
+            # The target (TARGETS' memory_ratio) stays judged on this RSS ratio; USS is beside it.
             "memory_ratio": rss_big / rss_small,
             "memory_ratio_tree": tree_big / tree_small,
         }
+        # USS of the same processes, when every one of them could be read at both points.
+        uss = [[kb for pid, kb in at.items() if pid in ran] for at in (uss_at_small, uss_at_big)]
+        if all(kbs and None not in kbs for kbs in uss):
+            uss_small, uss_big = (sum(kb or 0 for kb in kbs) / 1024 for kbs in uss)
+            out.update(memory_uss_small_mb=uss_small, memory_uss_big_mb=uss_big, memory_uss_ratio=uss_big / uss_small)
+        else:
+            out["memory_uss"] = "not measured: /proc/PID/smaps_rollup (and smaps) could not be read"
+        return out
 
     # -- provision: provision_project end to end against the same SQL by hand ------------------
 
@@ -896,8 +909,8 @@ class Run:
                 higher = METRICS[metric][1]
                 unmeasured = []
                 for peer in (system.name for system in self.systems):
-                    if peer in ("floor", "floor_batch", "ours"):
-                        continue
+                    if peer == "ours" or SYSTEMS[peer].reference:
+                        continue  # the floors are references, not peers
                     if metric == "latency_p99_ms" and not SYSTEMS[peer].postgres:
                         continue
                     if metric not in summary.get(peer, {}):
@@ -1097,7 +1110,11 @@ def parse_config(argv: list[str]) -> Config:
     )
     parser.add_argument("--quick", action="store_true", help="one round, small sizes, floor and ours only")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick: 1)")
-    parser.add_argument("--only", help=f"systems, comma-separated (default: {','.join(DEFAULT_SYSTEMS)})")
+    parser.add_argument(
+        "--only",
+        help=f"systems, comma-separated (default: {','.join(DEFAULT_SYSTEMS)}; "
+        "floor_tuned, a reference, runs only when named)",
+    )
     parser.add_argument("--phases", help=f"phases, comma-separated (default: {','.join(PHASES)})")
     parser.add_argument("--enqueue-n", type=int, help="jobs sent one per call (default 2000; quick 200)")
     parser.add_argument(
@@ -1131,7 +1148,10 @@ def parse_config(argv: list[str]) -> Config:
         default=1,
         help="floor provisions this many projects at once (default 1: in sequence, the issue's reference)",
     )
-    parser.add_argument("--big-phases-for", help="systems that run growth and memory (default: floor,floor_batch,ours)")
+    parser.add_argument(
+        "--big-phases-for",
+        help="systems that run growth and memory (default: floor,floor_batch,ours, and floor_tuned when run)",
+    )
     parser.add_argument(
         "--redis-url", default=DEFAULT_REDIS_URL, help=f"Celery's Redis database, flushed (default {DEFAULT_REDIS_URL})"
     )
@@ -1183,7 +1203,7 @@ def parse_config(argv: list[str]) -> Config:
         memory_sizes=ns.memory_sizes or ((200, 2000) if quick else (1000, 100000)),
         big_phases_for=_names(ns.big_phases_for, list(SYSTEMS), "system")
         if ns.big_phases_for
-        else ["floor", "floor_batch", "ours"],
+        else ["floor", "floor_batch", "ours"] + (["floor_tuned"] if "floor_tuned" in systems else []),
         admin_url="",  # run() sets it: bench.server.admin_url() (DATABASE_URL, the local server or the embedded one)
         redis_url=ns.redis_url,
         quick=quick,
@@ -1222,7 +1242,42 @@ def size_notes(config: Config) -> list[str]:
     ignored = sorted(name for name in os.environ if name.startswith("CONTROLPLANE_"))
     if ignored:
         notes.append(f"not passed to the systems (every system runs at its defaults): {', '.join(ignored)}")
+    if config.environment:
+        shown = ", ".join(f"{name}={shlex.quote(value)}" for name, value in config.environment.items())
+        notes.append(f"passed to every system from the caller's environment: {shown}")
     return notes
+
+
+def passed_environ() -> dict[str, str]:
+    """The caller's environment as every system's processes inherit it, before the harness's own settings.
+
+    Every system at its defaults: no CONTROLPLANE_* setting of the caller's shell reaches ours
+    (the harness passes the ones it means to; the run's notes name those it left out).
+    """
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VIRTUAL_ENV", "PYTHONHOME") and not k.startswith("CONTROLPLANE_")
+    }
+
+
+#: A variable whose name says its value is a secret (PGPASSWORD): recorded as REDACTED.
+_SECRET_NAME = re.compile(r"password|passwd|pwd|secret|token", re.IGNORECASE)
+
+
+def client_environment() -> dict[str, str]:
+    """The caller's variables that reach the systems and change how their clients behave:
+    libpq's ``PG*`` (PGOPTIONS, PGAPPNAME, ...; every Postgres client here is on libpq but
+    asyncpg, which reads some of them too) and Dramatiq's ``dramatiq_*`` settings (names
+    matched case-insensitively). A secret's value is masked, and a password in any other value
+    (a DSN) redacted. PGDSN is left out: the harness sets its own for every Postgres system."""
+    ours = set(SYSTEMS["floor"].worker_env("").keys())
+    found = {}
+    for name, value in sorted(passed_environ().items()):
+        if not (name.upper().startswith("PG") or name.lower().startswith("dramatiq_")) or name in ours:
+            continue
+        found[name] = "[REDACTED]" if _SECRET_NAME.search(name) else redact(value)
+    return found
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -1232,6 +1287,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def run(argv: list[str]) -> int:
     """``python -m bench run ...``: measure, write the results file, print the summary."""
     config = parse_config(argv)
+    config.environment = client_environment()
     config.notes = size_notes(config)
     for note in config.notes:
         print(f"note: {note}", flush=True)

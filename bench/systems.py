@@ -1,9 +1,14 @@
 """The systems the harness compares: how to build each one's interpreter, set it up, send and run workers.
 
-``floor``, ``floor_batch`` and ``ours`` run under this project's interpreter;
+``floor``, ``floor_batch``, ``floor_tuned`` and ``ours`` run under this project's interpreter;
 each peer runs in its own virtualenv under ``bench/.venvs/<name>``, built on
 demand with pip (see :func:`ensure_venv`). A peer whose virtualenv cannot be
 built is skipped with the reason; the run goes on.
+
+``floor_tuned`` is opt-in (``--only floor,floor_tuned,ours``): floor's worker
+with ours' asynchronous commits and one listener per process (see
+``bench/drivers/floor_driver.py``), a reference like ``floor`` and
+``floor_batch`` that no target compares ours with.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ PEER_REQUIREMENTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "procrastinate": (("procrastinate==3.10.0", "psycopg[binary,pool]"),),
     # dramatiq-pg 0.12 pins dramatiq<2 and tenacity<9: the newest Dramatiq beside it, then it with --no-deps.
     "dramatiq_pg": (("dramatiq==2.2.1", "psycopg2-binary", "tenacity<9"), ("--no-deps", "dramatiq-pg==0.12.0")),
+    # The same as pip resolves its pins (Dramatiq 1.18): opt-in, beside the default one.
+    "dramatiq_pg_d1": (("dramatiq-pg==0.12.0", "psycopg2-binary"),),
     "celery": (("celery[redis]==5.7.0",),),
 }
 
@@ -33,6 +40,7 @@ VERSION_PACKAGES: dict[str, tuple[str, ...]] = {
     "pgqueuer": ("pgqueuer", "asyncpg"),
     "procrastinate": ("procrastinate", "psycopg", "psycopg-pool"),
     "dramatiq_pg": ("dramatiq-pg", "dramatiq", "psycopg2-binary", "tenacity"),
+    "dramatiq_pg_d1": ("dramatiq-pg", "dramatiq", "psycopg2-binary", "tenacity"),
     "celery": ("celery", "kombu", "redis"),
 }
 
@@ -56,6 +64,9 @@ class System:
       time_cap: a smaller cap that keeps a default run near 20 minutes for a slow
         system (lifted by ``--uncapped``).
       postgres: a Postgres-backed system (for "ahead of every Postgres peer").
+      reference: a hand-written reference (the floors), not a peer: the targets' "ahead of
+        every peer" leaves it out.
+      worker_args: more arguments for each worker command (drivers' own workers only).
     """
 
     name: str
@@ -70,6 +81,8 @@ class System:
     cap_reason: str = ""
     time_cap: int | None = None
     postgres: bool = True
+    reference: bool = False
+    worker_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -86,6 +99,7 @@ class System:
             modules = ["tasks", self.dramatiq_module] if self.dramatiq_broker_first else [self.dramatiq_module]
             return [[py, "-m", "dramatiq", *modules, "--processes", str(processes), "--threads", str(threads)]]
         one = [py, "-m", self.driver, "worker", "--url", url, "--threads", str(threads), "--claim", str(self.claim)]
+        one += self.worker_args
         return [list(one) for _ in range(processes)]
 
     def worker_env(self, url: str) -> dict[str, str]:
@@ -98,8 +112,16 @@ class System:
 SYSTEMS: dict[str, System] = {
     s.name: s
     for s in (
-        System("floor", "bench.drivers.floor_driver", claim=1),
-        System("floor_batch", "bench.drivers.floor_driver", claim=100),
+        System("floor", "bench.drivers.floor_driver", claim=1, reference=True),
+        System("floor_batch", "bench.drivers.floor_driver", claim=100, reference=True),
+        # Not in DEFAULT_SYSTEMS: a reference run on demand (--only floor,floor_tuned,ours).
+        System(
+            "floor_tuned",
+            "bench.drivers.floor_driver",
+            claim=1,
+            reference=True,
+            worker_args=("--async-commit", "--one-listener"),
+        ),
         System(
             "ours",
             "bench.drivers.ours_driver",
@@ -108,18 +130,23 @@ SYSTEMS: dict[str, System] = {
         ),
         System("pgqueuer", "bench.drivers.pgqueuer_driver", venv="pgqueuer"),
         System("procrastinate", "bench.drivers.procrastinate_driver", venv="procrastinate", time_cap=5000),
-        System(
-            "dramatiq_pg",
-            "bench.drivers.dramatiq_pg_driver",
-            venv="dramatiq_pg",
-            dramatiq_module="bench.drivers.dramatiq_pg_actors",
-            batch_api=False,
-            # It holds one advisory lock per message while its queue stays busy; a 12,800-message
-            # drain once filled this server's shared lock table (see the design notes), which
-            # breaks every other session on the server. Keep its backlogs small.
-            max_backlog=1000,
-            cap_reason="backlogs capped at 1,000: dramatiq-pg holds one advisory lock per message "
-            "while busy and can fill the server's shared lock table",
+        *(
+            System(
+                name,
+                "bench.drivers.dramatiq_pg_driver",
+                venv=name,
+                dramatiq_module="bench.drivers.dramatiq_pg_actors",
+                batch_api=False,
+                # It holds one advisory lock per message while its queue stays busy; a 12,800-message
+                # drain once filled this server's shared lock table (see the design notes), which
+                # breaks every other session on the server. Keep its backlogs small.
+                max_backlog=1000,
+                cap_reason="backlogs capped at 1,000: dramatiq-pg holds one advisory lock per message "
+                "while busy and can fill the server's shared lock table",
+            )
+            # dramatiq_pg_d1: opt-in, on the Dramatiq its pins resolve to (the default one runs on
+            # the newest Dramatiq, installed beside it without its pins)
+            for name in ("dramatiq_pg", "dramatiq_pg_d1")
         ),
         System(
             "celery",
@@ -133,7 +160,7 @@ SYSTEMS: dict[str, System] = {
     )
 }
 
-#: The order of ``--only`` when it is not given.
+#: The order of ``--only`` when it is not given (``floor_tuned`` and ``dramatiq_pg_d1`` run only when named).
 DEFAULT_SYSTEMS = ("floor", "floor_batch", "ours", "pgqueuer", "procrastinate", "dramatiq_pg", "celery")
 QUICK_SYSTEMS = ("floor", "ours")
 

@@ -14,13 +14,16 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
 from bench import runs, server
-from bench.harness import parse_config
+from bench.harness import Run, parse_config
+from bench.systems import DEFAULT_SYSTEMS, SYSTEMS
 from tasks import db
 from tests.support import ROOT, query, wait_for
 
@@ -143,6 +146,76 @@ def test_quick_benchmark_writes_a_results_file(server_url: str, tmp_path: Path) 
     ]
     assert met[2:] == [f"{int(bool(t['met']))} of {int(t['met'] is not None)}" for t in doc["targets"]]
     assert not runs.is_full_run(doc)
+
+
+@pytest.mark.e2e
+def test_floor_tuned_runs_beside_floor_with_uss_and_the_callers_settings(server_url: str, tmp_path: Path) -> None:
+    # Given the opt-in reference floor_tuned (async commits, one listener per process), tiny sizes,
+    # and libpq and Dramatiq settings in the caller's environment, a password among them
+    output = tmp_path / "results.json"
+    command = [
+        sys.executable, "-m", "bench", "run", "--quick", "--only", "floor,floor_tuned",
+        "--phases", "drain_2x8,latency,memory", "--drain-n", "200", "--batch-size", "50", "--latency-n", "10",
+        "--memory-sizes", "50,200", "--stall-timeout", "30", "--stop-grace", "1", "--output", str(output),
+    ]  # fmt: skip
+    url = make_url(server_url)
+    # (the server's own password if it has one: libpq prefers the URL's anyway)
+    password = url.password or os.environ.get("PGPASSWORD") or "bench-tuned-pw"
+    env = {**os.environ, "DATABASE_URL": server_url, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "17",
+           "dramatiq_bench_probe": "1"}  # fmt: skip
+
+    # When it runs
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+
+    # Then floor_tuned is measured in every phase, as a ratio to floor
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads(output.read_text())
+    assert doc["systems"] == ["floor", "floor_tuned"]
+    assert doc["rounds"][0]["errors"] == {}
+    for metric in ("drain_2x8_per_s", "latency_p99_ms", "memory_ratio", "memory_uss_ratio"):
+        assert doc["summary"]["floor_tuned"][metric]["ratio_median"] > 0
+    # and memory reports the workers' USS beside their RSS, in the table too (USS is the private part of RSS)
+    for system in ("floor", "floor_tuned"):
+        result = doc["rounds"][0]["results"][system]
+        assert 0 < result["memory_uss_small_mb"] < result["memory_small_mb"]
+    assert "| memory_uss_ratio" in done.stdout
+    # and the caller's client settings that reached the systems are recorded, the password masked
+    environment = doc["config"]["environment"]
+    assert environment["PGCONNECT_TIMEOUT"] == "17" and environment["dramatiq_bench_probe"] == "1"
+    assert environment["PGPASSWORD"] == "[REDACTED]"
+    assert any("PGCONNECT_TIMEOUT=17" in note for note in doc["config"]["notes"])
+    assert password not in output.read_text() and password not in done.stdout
+
+
+def test_floor_tuned_is_opt_in_and_a_reference_that_no_target_compares_ours_with() -> None:
+    # Given the harness's defaults: a full run (and `bench runs`' idea of one) is as it was
+    assert "floor_tuned" not in DEFAULT_SYSTEMS
+    assert "floor_tuned" not in parse_config([]).systems
+    assert parse_config([]).big_phases_for == ["floor", "floor_batch", "ours"]
+    # and named, it runs growth and memory like the other floors
+    assert "floor_tuned" in parse_config(["--only", "floor_tuned,ours"]).big_phases_for
+    # When ours is behind floor_tuned (and floor_batch) but ahead of the one peer
+    entry = {"median": 100.0, "ratio_median": 3.5}
+    summary: dict[str, Any] = {
+        "floor": {"drain_2x8_per_s": {"median": 10.0}},
+        "floor_batch": {"drain_2x8_per_s": {"median": 1000.0}},
+        "floor_tuned": {"drain_2x8_per_s": {"median": 1000.0}},
+        "ours": {"drain_2x8_per_s": entry},
+        "pgqueuer": {"drain_2x8_per_s": {"median": 50.0}},
+    }
+    names = ("floor", "floor_batch", "floor_tuned", "ours", "pgqueuer")
+    verdicts = Run.targets(SimpleNamespace(systems=[SYSTEMS[n] for n in names]), summary)  # type: ignore[arg-type]
+    # Then "ahead of every peer" is met: the floors are references, not peers
+    drain = next(v for v in verdicts if v["metric"] == "drain_2x8_per_s")
+    assert drain["met"] is True and drain["detail"] == ""
+
+
+def test_uss_is_the_private_part_of_a_processes_resident_memory() -> None:
+    from bench import procfs
+
+    uss = procfs.uss_kb(os.getpid())
+    assert uss is not None and 0 < uss < procfs.rss_kb(os.getpid())
+    assert procfs.uss_kb(2**22 + 1) is None  # (no such process: beyond pid_max's largest value)
 
 
 def test_postgres_cpu_is_counted_for_the_benchmarked_server_alone(server_url: str, tmp_path: Path) -> None:

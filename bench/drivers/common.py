@@ -10,7 +10,8 @@
   then N jobs, one per call, R per second on a fixed schedule, each carrying
   ``time.time()`` read just before its send call; pause again before exiting.
 * ``worker --threads T``: one worker process (for systems whose worker is not
-  a ``dramatiq`` command line); runs until SIGTERM.
+  a ``dramatiq`` command line); runs until SIGTERM. The floor driver's worker
+  takes ``--claim``, ``--async-commit`` and ``--one-listener`` too.
 
 Standard library only.
 """
@@ -37,6 +38,8 @@ class Args:
     rate: float
     threads: int
     claim: int
+    async_commit: bool = False
+    one_listener: bool = False
 
 
 def parse(argv: Sequence[str] | None = None) -> Args:
@@ -49,8 +52,18 @@ def parse(argv: Sequence[str] | None = None) -> Args:
     parser.add_argument("--rate", type=float, default=50.0, help="jobs per second (latency)")
     parser.add_argument("--threads", type=int, default=8, help="worker threads (worker)")
     parser.add_argument("--claim", type=int, default=1, help="jobs claimed per statement (floor worker)")
+    parser.add_argument(
+        "--async-commit",
+        action="store_true",
+        help="worker connections run SET synchronous_commit = off (floor worker; sends stay synchronous)",
+    )
+    parser.add_argument(
+        "--one-listener",
+        action="store_true",
+        help="one LISTEN connection per process wakes one idle thread per notification (floor worker)",
+    )
     ns = parser.parse_args(argv)
-    return Args(ns.command, ns.url, ns.n, ns.batch, ns.rate, ns.threads, ns.claim)
+    return Args(ns.command, ns.url, ns.n, ns.batch, ns.rate, ns.threads, ns.claim, ns.async_commit, ns.one_listener)
 
 
 def emit(result: dict[str, object]) -> None:

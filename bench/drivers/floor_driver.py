@@ -1,4 +1,4 @@
-"""``floor`` and ``floor_batch``: the smallest correct Postgres queue, written by hand.
+"""``floor``, ``floor_batch`` and ``floor_tuned``: the smallest correct Postgres queue, written by hand.
 
 What PostgreSQL itself allows on this machine, with psycopg2 and no framework:
 
@@ -12,6 +12,18 @@ What PostgreSQL itself allows on this machine, with psycopg2 and no framework:
 * a worker process runs ``--threads`` threads, each with its own autocommit
   connection that LISTENs, so an idle thread wakes on the NOTIFY (and looks
   again every second in case one was missed).
+
+``floor_tuned`` (a reference, not in the default run) is floor's worker with
+the two things ours does that floor does not:
+
+* ``--async-commit``: the worker connections run ``SET synchronous_commit =
+  off``, so a claim and an ack do not each wait for a WAL flush (ours' claim
+  and settle connections do the same; sends stay synchronous, as ours' do);
+* ``--one-listener``: one connection per worker process LISTENs, and each
+  notification wakes one idle thread (every thread LISTENing, one send wakes
+  them all). A woken thread that finds a job wakes one more, so a batch sent
+  to idle workers is taken up by every thread, not by one until the others'
+  one-second look; threads still look every second in case a wake-up was missed.
 
 No leases, retries or history: a floor, not a product.
 """
@@ -102,15 +114,66 @@ def latency(url: str, n: int, rate: float) -> None:
         conn.close()
 
 
-def _work(url: str, claim: int, stop: threading.Event) -> None:
+class Wakes:
+    """Wake-ups for idle worker threads, one per notification: ``--one-listener``.
+
+    A wake-up is a token as well as a ``notify``, so that one given while no thread waits (each
+    between its empty claim and its wait) is taken by the next thread to go idle rather than lost.
+    Tokens never outnumber the threads.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._cond = threading.Condition()
+        self._tokens = 0
+        self._threads = threads
+
+    def wake(self, n: int = 1) -> None:
+        with self._cond:
+            self._tokens = min(self._tokens + n, self._threads)
+            self._cond.notify(n)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for a wake-up (at most ``timeout`` s); whether one was taken."""
+        with self._cond:
+            if not self._tokens:
+                self._cond.wait(timeout)
+            if self._tokens:
+                self._tokens -= 1
+                return True
+            return False
+
+
+def _listen(url: str, wakes: Wakes, stop: threading.Event) -> None:
+    """``--one-listener``: the process's one LISTEN connection; one wake-up per notification."""
+    conn = connect(url)
+    try:
+        conn.cursor().execute("LISTEN bench_floor")
+        while not stop.is_set():
+            if select.select([conn], [], [], 1.0)[0]:
+                conn.poll()
+                if conn.notifies:
+                    wakes.wake(len(conn.notifies))
+                    conn.notifies.clear()
+    finally:
+        conn.close()
+
+
+def _work(url: str, claim: int, stop: threading.Event, async_commit: bool = False, wakes: Wakes | None = None) -> None:
     conn = connect(url)
     cur = conn.cursor()
-    cur.execute("LISTEN bench_floor")
+    if async_commit:
+        cur.execute("SET synchronous_commit = off")
+    if wakes is None:
+        cur.execute("LISTEN bench_floor")
+    woken = False
     while not stop.is_set():
         if claim == 1:
             cur.execute(CLAIM_ONE)
             row = cur.fetchone()
             if row is not None:
+                if woken and wakes is not None:
+                    wakes.wake()  # there may be more: one more idle thread looks too
+                woken = False
                 record(row[1]["sent"])
                 cur.execute(ACK_ONE, (row[0],))
                 continue
@@ -118,20 +181,31 @@ def _work(url: str, claim: int, stop: threading.Event) -> None:
             cur.execute(CLAIM_MANY, (claim,))
             rows = cur.fetchall()
             if rows:
+                if woken and wakes is not None:
+                    wakes.wake()
+                woken = False
                 for _, payload in rows:
                     record(payload["sent"])
                 cur.execute(ACK_MANY, ([r[0] for r in rows],))
                 continue
         # Nothing ready: sleep until a NOTIFY (or a second, in case one was missed).
-        if select.select([conn], [], [], 1.0)[0]:
+        if wakes is not None:
+            woken = wakes.wait(1.0)
+        elif select.select([conn], [], [], 1.0)[0]:
             conn.poll()
             conn.notifies.clear()
 
 
-def worker(url: str, threads: int, claim: int) -> None:
+def worker(url: str, threads: int, claim: int, async_commit: bool = False, one_listener: bool = False) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    workers = [threading.Thread(target=_work, args=(url, claim, stop), daemon=True) for _ in range(threads)]
+    wakes = Wakes(threads) if one_listener else None
+    workers = [
+        threading.Thread(target=_work, args=(url, claim, stop, async_commit, wakes), daemon=True)
+        for _ in range(threads)
+    ]
+    if wakes is not None:
+        workers.append(threading.Thread(target=_listen, args=(url, wakes, stop), daemon=True))
     for t in workers:
         t.start()
     while not stop.wait(0.5):
@@ -147,7 +221,7 @@ def main() -> None:
     elif args.command == "latency":
         latency(args.url, args.n, args.rate)
     else:
-        worker(args.url, args.threads, args.claim)
+        worker(args.url, args.threads, args.claim, args.async_commit, args.one_listener)
 
 
 if __name__ == "__main__":
