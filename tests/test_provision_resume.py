@@ -865,6 +865,74 @@ def test_compensation_that_cannot_reach_a_service_it_registered_with_keeps_the_p
     }
 
 
+def test_a_service_url_without_its_token_fails_for_good_and_everything_else_is_undone(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project whose auth token was removed from the settings before its services step
+    claimed(project)
+    pid = project["project_id"]
+    for step in ("roles", "database", "schema"):
+        run_step(step, pid)
+    monkeypatch.delenv("AUTH_SERVICE_TOKEN")
+    # When the step runs, Then it fails for good (a ValueError was retried, 8 attempts), naming the
+    # settings and not their values
+    with pytest.raises(PermanentError, match=r"auth: service token must be .*AUTH_SERVICE_TOKEN"):
+        run_step("services", pid)
+    # And its compensation undoes the rest, registering nothing
+    compensate_project(Settings.from_env(), pid, "test")
+    assert census(db_url, pid, services) == {
+        "databases": 0, "roles": 0, "registrations": {"auth": [], "realtime": [], "storage": []}, "keys": 0,
+    }
+
+
+def test_a_compensation_whose_service_token_went_missing_still_drops_the_database_and_roles(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project registered with its services, whose auth token was then removed from the settings
+    claimed(project)
+    pid = project["project_id"]
+    for step in ("roles", "database", "schema", "services"):
+        run_step(step, pid)
+    monkeypatch.delenv("AUTH_SERVICE_TOKEN")
+    # When it is compensated
+    with pytest.raises(PermanentError, match="AUTH_SERVICE_TOKEN"):
+        compensate_project(Settings.from_env(), pid, "test")
+    # Then what could be undone was (the ValueError escaped before the database and roles were
+    # dropped), and the name is kept over the registration left behind, for an operator
+    assert census(db_url, pid, services) == {
+        "databases": 0, "roles": 0, "registrations": {"auth": [pid], "realtime": [], "storage": []}, "keys": 0,
+    }
+    assert query(db_url, "SELECT status FROM control_plane.projects WHERE project_id = %s",
+                 (pid,))[0]["status"] == "compensating"
+    # When, marked for an operator (as compensation_failed does), an operator restores the token
+    # and follows docs/provisioning.md's recipe
+    query(db_url, "UPDATE control_plane.projects SET status = 'needs_operator' WHERE project_id = %s", (pid,))
+    monkeypatch.setenv("AUTH_SERVICE_TOKEN", "tok-auth")
+    query(db_url, "UPDATE control_plane.projects SET status = 'compensating' "
+                  "WHERE project_id = %s AND status = 'needs_operator'", (pid,))  # fmt: skip
+    compensate_project(Settings.from_env(), pid, "operator cleanup")
+    # Then the registration is gone too, and so is the project: its name is free
+    assert census(db_url, pid, services)["registrations"] == {"auth": [], "realtime": [], "storage": []}
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.projects WHERE project_id = %s", (pid,))[0]["n"] == 0
+
+
+def test_an_app_role_found_again_gets_the_attributes_a_new_one_gets(
+    db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    # Given a project's app role as an older release or another connection limit left it
+    claimed(project)
+    pid = project["project_id"]
+    run_step("roles", pid)
+    app = f"p_{pid}_app"
+    query(server_url, f'ALTER ROLE "{app}" INHERIT CONNECTION LIMIT -1')
+    # When the roles step runs again (a redelivery, or a new run adopting the roles)
+    query(db_url, "UPDATE control_plane.projects SET steps = steps - 'roles' WHERE project_id = %s", (pid,))
+    run_step("roles", pid)
+    # Then the role has what a new one gets: NOINHERIT and PROVISION_APP_CONNECTION_LIMIT (20)
+    role = query(server_url, "SELECT rolinherit, rolconnlimit, rolcanlogin FROM pg_roles WHERE rolname = %s", (app,))
+    assert role == [{"rolinherit": False, "rolconnlimit": 20, "rolcanlogin": True}]
+
+
 @pytest.mark.parametrize("outcome", ["active", "undone"])
 def test_a_caller_whose_completion_is_written_after_the_outcome_gets_it_from_the_sweep(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService], outcome: str

@@ -24,7 +24,13 @@ def client(settings: Settings, name: str) -> ServiceClient | None:
     url = settings.service_urls.get(name)
     if url is None:
         return None
-    return ServiceClient(name, url, settings.service_tokens.get(name, ""), settings.service_timeout)
+    try:
+        return ServiceClient(name, url, settings.service_tokens.get(name, ""), settings.service_timeout)
+    except ValueError as exc:
+        # A setting no retry mends (a URL without its token, a token http.client cannot send):
+        # the step fails at once, and a compensation still undoes the rest. The message names the
+        # setting, never its value.
+        raise PermanentError(f"{exc} ({name.upper()}_SERVICE_URL, {name.upper()}_SERVICE_TOKEN)") from None
 
 
 def _touch(state: ProjectState, service: str, touched: bool) -> bool:

@@ -91,8 +91,13 @@ def _create_roles(
         if not created_app:
             # Found, with our marker: this step done before, or roles left by an earlier run of this
             # project id (a step still running while that run was undone). Either way the password
-            # is this run's, as reveal_secrets derives it.
-            cur.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(app), sql.Literal(verifier)))
+            # is this run's, as reveal_secrets derives it, and its attributes are those a new one
+            # gets (a role made by an older release, or under another connection limit).
+            cur.execute(
+                sql.SQL("ALTER ROLE {} LOGIN NOINHERIT CONNECTION LIMIT {} PASSWORD {}").format(
+                    sql.Identifier(app), sql.Literal(settings.app_connection_limit), sql.Literal(verifier)
+                )
+            )
         # The control role must be a member of the owner to create its database and grant on it.
         cur.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(owner)))
     return {"owner_role": owner, "app_role": app, "created": created_owner or created_app}
