@@ -30,7 +30,7 @@ from tasks.errors import Cancelled, ConfigurationError
 from tasks.prepared import Statement
 from tasks.settings import Settings
 from tests import actors
-from tests.support import ROOT, ReplyLosingProxy, job, jobs_in, query, wait_for
+from tests.support import ROOT, ReplyLosingProxy, claim_in_process, job, jobs_in, query, wait_for
 
 
 def _broker() -> PostgresBroker:
@@ -1461,3 +1461,32 @@ def test_a_results_table_found_locked_is_taken_as_busy_by_its_own_broker_only(db
     finally:
         lock.close()
         second.close()
+
+
+def test_an_attempt_interrupted_by_a_shutdown_is_counted_and_its_job_goes_back_to_the_queue(db_url: str) -> None:
+    # Given a job a worker thread started, before its running mark was written (a job interrupted
+    # within RUNNING_MARK_DELAY_SECONDS, or whose mark the settler had not flushed yet)
+    message = actors.noop.send("interrupted")
+    consumer, held = claim_in_process()
+    held.started = True
+    # When the worker shuts down and gives it back
+    consumer.requeue([held])
+    consumer.close()
+    # Then the attempt counts (a job cut by every deploy does not run forever), says why, and the
+    # message is back in the queue, unclaimed
+    row = job(db_url, message.message_id)
+    assert row["status"] == "pending"
+    assert row["attempts"] == 1
+    assert row["last_error"] == "interrupted: the worker shut down before the job finished"
+    assert query(db_url, "SELECT claim_token FROM control_plane.messages WHERE id = %s",
+                 (message.message_id,)) == [{"claim_token": None}]
+
+
+def test_a_prefetched_message_given_back_unstarted_costs_no_attempt(db_url: str) -> None:
+    # Given a message claimed but not started / When given back / Then no attempt is charged
+    message = actors.noop.send("prefetched")
+    consumer, held = claim_in_process()
+    consumer.requeue([held])
+    consumer.close()
+    row = job(db_url, message.message_id)
+    assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)

@@ -694,3 +694,24 @@ def test_commands_about_jobs_do_not_make_a_new_embedded_server_in_a_folder_witho
     assert (stop.returncode, stop.stdout.strip()) == (0, f"there is no embedded server in {home} (nothing to stop)")
     # And no server was made or started
     assert not (home / "pgdata").exists()
+
+
+def test_jobs_retry_failed_leaves_cancelled_and_completed_jobs_alone(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given one failed job, one an operator cancelled while it waited, and one completed
+    failed = actors.always_fails.send("f").message_id
+    fail_everything_queued()
+    cancelled = actors.noop.send("c").message_id
+    assert query(db_url, "SELECT control_plane.cancel_job(%s::uuid) AS o", (cancelled,))[0]["o"] == "cancelled"
+    done = actors.noop.send("d").message_id
+    query(db_url, "DELETE FROM control_plane.messages WHERE id = %s::uuid", (done,))
+    query(db_url, "UPDATE control_plane.jobs SET status = 'completed', completed_at = now() WHERE id = %s::uuid",
+          (done,))
+    # When every failed job is retried
+    result = in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed")
+    # Then only the failed one is pending again: the cancellation stands, the completed job is untouched
+    assert result.stdout.strip() == "retried 1 failed job(s)"
+    assert job(db_url, failed)["status"] == "pending"
+    assert job(db_url, cancelled)["status"] == "cancelled"
+    assert job(db_url, done)["status"] == "completed"

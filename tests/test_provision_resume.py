@@ -22,7 +22,7 @@ from psycopg2 import sql
 import tasks
 from tasks import db
 from tasks.errors import Conflict, PermanentError, TransientError
-from tasks.provision import STEPS, compensate_project, run_step
+from tasks.provision import STEPS, compensate_project, run_step, workflow
 from tasks.provision.claim import claim
 from tasks.provision.payload import validate
 from tasks.provision.secrets import pepper as secrets_pepper
@@ -1038,3 +1038,41 @@ def test_a_step_delivered_before_its_claim_commits_waits_for_it(
     # Then the step ran for the claimed run, instead of finding the project gone
     assert outcome and outcome[0].get("skipped") is None, outcome
     assert outcome[0]["step"] == "roles"
+
+
+def test_a_compensation_that_stops_half_way_has_revoked_the_projects_keys(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project whose keys were issued (every step but activate ran), and whose compensation
+    # will stop on a service it can no longer reach
+    claimed(project)
+    pid = project["project_id"]
+    for step in ("roles", "database", "schema", "services", "api_keys"):
+        run_step(step, pid)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.api_keys WHERE project_id = %s AND "
+                         "revoked_at IS NULL", (pid,))[0]["n"] == 3
+    monkeypatch.delenv("AUTH_SERVICE_URL")
+    # When it is compensated, and fails
+    with pytest.raises(PermanentError):
+        compensate_project(Settings.from_env(), pid, "test")
+    # Then the project keeps its row for an operator, but none of its keys is still valid
+    keys = query(db_url, "SELECT slot, revoked_at FROM control_plane.api_keys WHERE project_id = %s ORDER BY slot",
+                 (pid,))
+    assert [k["slot"] for k in keys] == [1, 2, 3]
+    assert all(k["revoked_at"] is not None for k in keys), keys
+
+
+def test_a_claim_whose_first_step_cannot_be_sent_leaves_no_project(
+    db_url: str, project: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the first step's send fails (the database refuses it, the connection drops)
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("send refused")
+
+    monkeypatch.setattr(workflow._STEP_ACTORS["roles"], "send", refuse)
+    # When provision_project claims the project
+    with pytest.raises(RuntimeError, match="send refused"):
+        workflow._claim_and_start(Settings.from_env(), validate(project), str(uuid.uuid4()))
+    # Then the claim was rolled back with it: no project stuck 'provisioning' with no step to move it
+    assert query(db_url, "SELECT status FROM control_plane.projects WHERE project_id = %s",
+                 (project["project_id"],)) == []

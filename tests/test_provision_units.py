@@ -990,3 +990,14 @@ def test_processes_creating_the_pepper_at_once_all_get_the_same_whole_one(
         assert len(set(got)) == 1 and len(got[0]) == 64, got
         assert [p.name for p in settings.home.iterdir()] == ["api-key-pepper"]
         assert (settings.home / "api-key-pepper").stat().st_mode & 0o777 == 0o600
+
+
+def test_redact_removes_a_bearer_token_an_error_echoes() -> None:
+    # Given an error that echoes an Authorization header with a bearer token (an HTTP client's
+    # exception text, a proxy's 4xx body), a token no other pattern knows the name of
+    text = "401 from https://auth.internal/tenants: request had 'Authorization: Bearer eyJhbGciOi.abc-DEF_123'"
+    # When redacted
+    cleaned = apikeys.redact(text)
+    # Then the token is gone, the scheme word is kept
+    assert "eyJhbGciOi" not in cleaned
+    assert "Bearer [REDACTED]" in cleaned

@@ -280,3 +280,19 @@ def test_a_group_completion_callback_fires_once(db_url: str, tmp_path: Path) -> 
     done = effects(db_url, "group_done")
     assert [r["value"] for r in done] == ["all four"]
     assert all(r["at"] <= done[0]["at"] for r in effects(db_url, "noop") + effects(db_url, "finished"))
+
+
+def test_a_window_limiter_of_one_lets_exactly_one_through(db_url: str) -> None:
+    # Given a window limiter of 1 per minute (one call per window is the common "at most once a minute")
+    limiter = WindowRateLimiter(tasks.rate_limiter_backend, "once-a-minute", limit=1, window=60)
+
+    def attempt() -> bool:
+        with limiter.acquire(raise_on_failure=False) as acquired:
+            return bool(acquired)
+
+    # When called on a fresh bucket (the insert path, not the update path), then again
+    first = attempt()
+    second = attempt()
+    # Then the first passes and the second is refused; the buckets hold that one call
+    assert (first, second) == (True, False)
+    assert sum(r["value"] for r in query(db_url, "SELECT value FROM control_plane.rate_limits")) == 1
