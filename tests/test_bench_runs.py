@@ -91,6 +91,7 @@ def test_a_peer_that_ran_but_was_never_measured_leaves_ahead_of_every_peer_unjud
 
     run = Run.__new__(Run)  # only its rounds and systems: no database, no run
     run.systems = [SYSTEMS[name] for name in full_run["systems"]]
+    run.skipped = {}
     run.rounds = copy.deepcopy(full_run["rounds"])
     for rnd in run.rounds:
         for metric in ("drain_2x8_per_s", "latency_p99_ms"):
