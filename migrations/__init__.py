@@ -38,10 +38,13 @@ def include_name(name: str | None, type_: str, parent_names: object) -> bool:
 
 
 def alembic_config(url: str) -> Config:
-    """An Alembic config for ``url`` that needs no alembic.ini on disk."""
+    """An Alembic config for ``url`` (a libpq URL, or SQLAlchemy's spelling of one) that needs no
+    alembic.ini on disk."""
+    from tasks.db import sqlalchemy_url
+
     config = Config()
     config.set_main_option("script_location", str(HERE))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
     return config
 
 
@@ -72,9 +75,8 @@ def upgrade(url: str, revision: str = "head", *, lock_timeout: float = 0.0, atte
     import psycopg2.errors
     from sqlalchemy.exc import DBAPIError
 
-    from tasks.db import sqlalchemy_url
-
-    config = alembic_config(sqlalchemy_url(url))
+    config = alembic_config(url)
+    config.attributes["leave_newer"] = True  # see migrations/env.py
     config.attributes["lock_timeout_ms"] = min(int(lock_timeout * 1000), 2_147_483_647)  # PostgreSQL's most
     for attempt in range(1, attempts + 1):
         try:

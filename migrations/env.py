@@ -36,11 +36,12 @@ def run_migrations_online() -> None:
                 include_name=include_name,
                 transaction_per_migration=False,
             )
-            # Read under the lock: a newer release's run that held it may have just committed a
-            # revision this release does not know (a rollback racing a deploy). Its schema is a
-            # superset this release runs on; leave it as it is (migrations.upgrade says so).
+            # migrations.upgrade reads the revision under the lock: a newer release's run that held
+            # it may have just committed a revision this release does not know (a rollback racing a
+            # deploy). Its schema is a superset this release runs on; leave it as it is (upgrade
+            # says so). Other commands (downgrade, stamp, check) fail on it, as Alembic's do.
             found = context.get_context().get_current_revision()
-            if found is not None and not known(found):
+            if config.attributes.get("leave_newer") and found is not None and not known(found):
                 config.attributes["newer_revision"] = found
             else:
                 context.run_migrations()

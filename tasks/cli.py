@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import select
 import subprocess
 import sys
 import time
@@ -960,10 +961,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader went away (`controlplane stats --watch | head`): stop quietly, as a filter does,
-        # with nothing left to flush at exit into the closed pipe (which would print a traceback).
+        # The reader of stdout went away (`controlplane stats --watch | head`): stop quietly, as a
+        # filter does, with nothing left to flush at exit into the closed pipe (which would print a
+        # traceback). A broken pipe elsewhere (stdout still flushes) is an error like any other.
+        if not _reader_gone(sys.stdout.fileno()):
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a filter the signal ended
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether ``fd`` is a pipe's end whose reader has closed it (poll says POLLERR on Linux)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":

@@ -50,19 +50,21 @@ def _broker_url(env: dict[str, str]) -> str | None:
     return raw
 
 
-#: What makes a PostgreSQL interval negative: a minus sign, or "ago".
-_NEGATIVE_RE = re.compile(r"-|\bago\b", re.IGNORECASE)
+#: What makes a PostgreSQL interval negative: a minus sign (not one between digits: the
+#: SQL-standard '1-2' and ISO 8601's 'P0001-02-03' are positive), or "ago".
+_NEGATIVE_RE = re.compile(r"(?<!\d)-|\bago\b", re.IGNORECASE)
 #: The words PostgreSQL's interval input knows (its ``deltatktbl``, which it compares on their
 #: first 10 letters: "microseconds" is "microsecon"), less "ago" (refused above) and those only
 #: EXTRACT takes ("quarter", "timezone").
 INTERVAL_WORDS = frozenset(
     "c cent centuries century d day days dec decade decades decs h hour hours hr hrs m microsecon "
     "mil millennia millennium millisecon mils min mins minute minutes mon mons month months ms msec "
-    "mseconds msecs s sec second seconds secs us usec useconds usecs w week weeks y year "
+    "msecond mseconds msecs s sec second seconds secs us usec usecond useconds usecs w week weeks y year "
     "years yr yrs".split()
 )
-#: ISO 8601's interval forms (P7D, PT12H, P0001-02-03T04:05:06), whose letters are not words.
-_ISO_8601_RE = re.compile(r"P[\dT]", re.IGNORECASE)
+#: ISO 8601's interval forms (P7D, PT12H, P0001-02-03T04:05:06; PostgreSQL wants the capital P),
+#: whose letters are not words.
+_ISO_8601_RE = re.compile(r"P[\dT]")
 
 
 def retention_problem(value: str) -> str | None:
@@ -80,7 +82,7 @@ def retention_problem(value: str) -> str | None:
     if all(ch == "0" for ch in text if ch.isdigit()):
         return f"{value!r} is zero: a retention is a positive period such as '7 days'"
     if not _ISO_8601_RE.match(text):
-        for word in re.findall(r"[A-Za-z]+", text):
+        for word in re.findall(r"[^\W\d_]+", text):  # letters, any alphabet's
             if word.lower()[:10] not in INTERVAL_WORDS:
                 return f"{value!r}: {word!r} is not a unit PostgreSQL knows (write e.g. '7 days', '12 hours')"
     return None

@@ -139,7 +139,7 @@ def test_every_downgrade_gives_back_the_schema_before_it_with_rows_in_the_tables
     # and rows of every kind in the tables at head
     _fill(empty_db)
     jobs = _jobs(empty_db)
-    config = migrations.alembic_config(sqlalchemy_url(empty_db))
+    config = migrations.alembic_config(empty_db)  # the libpq URL, as docs/operations.md's recipe gives it
     # When it is downgraded one revision at a time, down to nothing
     for before, revision in reversed(list(zip([None, *revisions[:-1]], revisions, strict=True))):
         command.downgrade(config, "-1")

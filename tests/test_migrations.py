@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg2
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.util.exc import CommandError
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
@@ -214,10 +216,24 @@ def test_a_database_a_newer_release_migrated_is_left_as_it_is(empty_db: str) -> 
     assert result.returncode == 0, result.stderr
     assert "is at revision 9999, newer than this release's" in result.stderr
     assert query(empty_db, "SELECT version_num FROM control_plane.alembic_version")[0]["version_num"] == "9999"
+    # And Alembic's other commands, given the libpq URL as docs/operations.md's downgrade recipe
+    # gives it, refuse the revision they do not know instead of doing nothing
+    config = migrations.alembic_config(empty_db)
+    for run in (lambda: command.downgrade(config, "-1"), lambda: command.stamp(config, "head")):
+        with pytest.raises(CommandError, match="Can't locate revision identified by '9999'"):
+            run()
+    assert query(empty_db, "SELECT version_num FROM control_plane.alembic_version")[0]["version_num"] == "9999"
+
+
+MIGRATION_LOCK_WAITERS = """
+SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND NOT granted AND classid = %s AND objid = %s AND objsubid = 1
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
 
 
 def test_a_rollback_migrating_while_a_newer_release_migrates_waits_then_leaves_it_as_it_is(empty_db: str) -> None:
     # Given a newer release's migration run holding the migration lock (its revision not yet committed)
+    key = migrations.MIGRATION_LOCK_KEY
     migrations.upgrade(empty_db)
     newer = psycopg2.connect(empty_db)
     try:
@@ -228,7 +244,8 @@ def test_a_rollback_migrating_while_a_newer_release_migrates_waits_then_leaves_i
             older = subprocess.Popen([sys.executable, "-m", "tasks.cli", "migrate"], env=env, cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
             try:
-                wait_for(lambda: query(empty_db, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"),
+                # (this database's migration lock only: pg_locks lists the whole server's locks)
+                wait_for(lambda: query(empty_db, MIGRATION_LOCK_WAITERS, (key >> 32, key & 0xFFFFFFFF)),
                          what="the release's run waiting for the migration lock")  # fmt: skip
                 # and the newer run commits a revision this release does not know
                 cur.execute("UPDATE control_plane.alembic_version SET version_num = '9999'")

@@ -324,8 +324,11 @@ def test_a_retention_with_a_word_postgresql_does_not_know_is_refused_at_start_an
         # Then every such word PostgreSQL takes, and so does the setting
         assert postgres_reads(f"2 {word}"), word
         assert retention_problem(f"2 {word}") is None, word
-    assert retention_problem("3 Microseconds 1 DAY") is None and postgres_reads("3 Microseconds 1 DAY")
-    for value in ("banana 3", "7 dyas", "1 fortnight", "2 days and 3 hours"):
+    # and so are PostgreSQL's other spellings: SQL-standard, ISO 8601, mixed case, signs
+    for value in ("3 Microseconds 1 DAY", "1 usecond", "1 msecond", "1-2", "1-2 3 4:05:06", "P0001-02-03",
+                  "P0001-02-03T04:05:06", "PT1.5H", "P1W", "@ 1 minute", "+7 days", "1.5 days"):  # fmt: skip
+        assert postgres_reads(value) and retention_problem(value) is None, value
+    for value in ("banana 3", "7 dyas", "1 fortnight", "2 days and 3 hours", "p7d", "7 день"):
         # And a word it refuses is refused at start-up, naming the word, instead of at the first prune
         assert not postgres_reads(value), value
         with pytest.raises(ConfigurationError, match=r"RETENTION_FAILED .* is not a unit PostgreSQL knows"):

@@ -874,6 +874,10 @@ def test_client_repr_and_constructor_keep_the_token_out() -> None:
     assert "bad token" not in str(info.value)
     with pytest.raises(ValueError):
         ServiceClient("auth", "http://user:pw@127.0.0.1:1", TOKEN, 1.0)
+    # and a URL whose port is not a number is refused without quoting it (urllib's own error does)
+    with pytest.raises(ValueError) as info:
+        ServiceClient("auth", "http://svc:abcSECRET/", TOKEN, 1.0)
+    assert "abcSECRET" not in str(info.value) and "port" in str(info.value)
 
 
 # --- stand-in control over HTTP ---------------------------------------------------------------

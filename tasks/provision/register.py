@@ -27,9 +27,9 @@ def client(settings: Settings, name: str) -> ServiceClient | None:
     try:
         return ServiceClient(name, url, settings.service_tokens.get(name, ""), settings.service_timeout)
     except ValueError as exc:
-        # A setting no retry mends (a URL without its token, a token http.client cannot send):
-        # the step fails at once, and a compensation still undoes the rest. The message names the
-        # setting, never its value.
+        # A setting no retry mends (a URL without its token, a token http.client cannot send, a
+        # bad port): the step fails at once, and a compensation still undoes the rest. The client's
+        # messages name what is wrong, never a value.
         raise PermanentError(f"{exc} ({name.upper()}_SERVICE_URL, {name.upper()}_SERVICE_TOKEN)") from None
 
 

@@ -73,11 +73,15 @@ class ServiceClient:
             raise ValueError(f"{name}: service token must be non-empty printable ASCII without spaces")
         if timeout <= 0:
             raise ValueError(f"{name}: timeout must be positive")
+        try:
+            port = parts.port
+        except ValueError:  # urllib's own message quotes the URL
+            raise ValueError(f"{name}: service URL has a port that is not a number from 0 to 65535") from None
         self.name = name
         self.timeout = timeout
         self._https = parts.scheme == "https"
         self._host = parts.hostname
-        self._port = parts.port
+        self._port = port
         self._base_path = parts.path.rstrip("/")
         self._token = token
 
