@@ -92,8 +92,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         # A newer release migrated it (this one is being rolled back to), perhaps while this run
         # waited for the migration lock: its schema is a superset this release runs on
         # (docs/operations.md, "Upgrading"); nothing to do.
-        print(f"controlplane migrate: {_describe_target(settings)} is at revision {exc.revision}, newer than "
-              f"this release's {migrations.head()}: left as it is", file=sys.stderr)
+        print(f"controlplane migrate: {_describe_target(settings)}: {exc}: left as it is", file=sys.stderr)
         return 0
     except migrations.LockNotAvailable:
         raise UserError(

@@ -15,7 +15,6 @@ from alembic.script import ScriptDirectory
 import migrations
 import tasks
 from tasks.broker import PostgresBroker
-from tasks.db import sqlalchemy_url
 from tests import actors
 from tests.support import claim_in_process, query, settle_in_process
 
@@ -165,7 +164,7 @@ def test_a_downgrade_and_upgrade_keep_the_jobs_and_their_indexes_right(empty_db:
     migrations.upgrade(empty_db)
     schema = _schema(empty_db)
     _fill(empty_db)
-    config = migrations.alembic_config(sqlalchemy_url(empty_db))
+    config = migrations.alembic_config(empty_db)
     before = query(empty_db, "SELECT id, status, unique_key, live_key, failed_at, retry_at FROM control_plane.jobs "
                              "ORDER BY id")  # fmt: skip
     # When it goes down to before 0005 (the generated columns) and back

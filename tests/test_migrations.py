@@ -129,7 +129,7 @@ def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_contr
         assert not may(stranger, "CONNECT") and not may(stranger, "TEMPORARY")
         assert may(reader, "CONNECT") and may(reader, "TEMPORARY")
         # And downgrading gives PUBLIC its default back
-        command.downgrade(migrations.alembic_config(sqlalchemy_url(empty_db)), "0008")
+        command.downgrade(migrations.alembic_config(empty_db), "0008")
         assert may(stranger, "CONNECT")
 
 
