@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -547,14 +547,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     args.failed_after = args.failed_after or settings.retention_failed
     conn = _connect(_url(settings))
     try:
-        for option, value in zip(sources, (args.completed_after, args.failed_after), strict=True):
-            problem = retention_problem(value)
-            try:
-                _scalar(conn, "SELECT %(value)s::interval", {"value": value})
-            except UserError:
-                problem = problem or f"{value!r} is not a PostgreSQL interval"
-            if problem:
-                raise UserError(f"{option} must be a PostgreSQL interval such as '7 days': {problem}")
+        _check_retentions(conn, zip(sources, (args.completed_after, args.failed_after), strict=True))
         # What the daily controlplane.prune does, so that a cron line running this command
         # without a clock prunes the same.
         from tasks.maintenance import prune_rows
@@ -570,6 +563,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     finally:
         conn.close()
+
+
+def _check_retentions(conn: Any, named: Iterable[tuple[str, str]]) -> None:
+    """Refuse a retention that is not a positive period, or that this server does not read as an
+    interval (``7,5 days`` passes the check without a server): ``name`` says where it came from."""
+    for name, value in named:
+        problem = retention_problem(value)
+        try:
+            _scalar(conn, "SELECT %(value)s::interval", {"value": value})
+        except UserError:
+            problem = problem or f"{value!r} is not a PostgreSQL interval"
+        if problem:
+            raise UserError(f"{name} must be a PostgreSQL interval such as '7 days': {problem}")
 
 
 _WORKER_COLUMNS = ("id", "state", "queues", "started_at", "heartbeat_at", "silent_seconds", "in_flight")
@@ -632,7 +638,17 @@ def cmd_clock(args: argparse.Namespace) -> int:
     # The built-in schedule (controlplane.prune), then the application's (the Procfile's line adds
     # tasks.provision, whose sweep needs provisioning workers).
     _import_modules(["tasks.maintenance", *(args.module or [])])
-    _url(_settings())  # (an error if there is no database to tick in)
+    settings = _settings()
+    if settings.prune_schedule is not None and not args.list:
+        # The daily prune would fail on a retention this server refuses: say so now, not at 03:00.
+        conn = _connect(_url(settings))  # (an error if there is no database to tick in)
+        try:
+            _check_retentions(conn, [("CONTROLPLANE_RETENTION_COMPLETED", settings.retention_completed),
+                                     ("CONTROLPLANE_RETENTION_FAILED", settings.retention_failed)])
+        finally:
+            conn.close()
+    else:
+        _url(settings)  # (an error if there is no database to tick in)
     clock = Clock()
     if args.list:
         now = clock.now()

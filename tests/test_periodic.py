@@ -149,6 +149,26 @@ def test_clock_list_shows_ticks_in_utc_whatever_the_sessions_time_zone(db_url: s
     assert row["tick_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") in line
 
 
+def test_a_clock_refuses_at_start_a_retention_the_server_does_not_read(db_url: str) -> None:
+    # Given a retention that passes the check without a server but not PostgreSQL's ("7,5 days")
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT), "CONTROLPLANE_RETENTION_FAILED": "7,5 days"}
+    assert Settings.from_env(env).retention_failed == "7,5 days"
+    base = [sys.executable, "-m", "tasks.cli", "clock", "--module", "tests.periodic_schedules"]
+    # When a clock starts with it
+    done = subprocess.run([*base, "--once"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Then it stops at once, naming the setting and the value, and sends no tick (the daily prune
+    # would have failed at 03:00, every day)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "CONTROLPLANE_RETENTION_FAILED must be a PostgreSQL interval" in done.stderr
+    assert "'7,5 days' is not a PostgreSQL interval" in done.stderr
+    assert ticks(db_url, "tests.every_minute") == []
+    # And with the prune off (CONTROLPLANE_PRUNE_SCHEDULE=off) the retention is not the clock's business
+    done = subprocess.run([*base, "--once"], env={**env, "CONTROLPLANE_PRUNE_SCHEDULE": "off"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(ticks(db_url, "tests.every_minute")) == 1
+
+
 def test_the_clock_goes_by_the_databases_time_not_its_hosts(
     db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
