@@ -24,12 +24,18 @@ SELECT project_id, tenant_id, payload, payload_hash, status, steps, secret_nonce
 FROM control_plane.projects WHERE project_id = %(project_id)s
 """
 
+#: The secrets' nonce (32 bytes, 244 of them random: PostgreSQL's gen_random_uuid reads its
+#: strong random source) is made here, by the server: a nonce sent as a parameter would be in
+#: the statement's text, where a server logging statements (``log_statement = 'mod'``, a slow
+#: or failed statement) or anyone reading ``pg_stat_activity`` finds it; with the pepper it
+#: gives every secret of the project, even after ``reveal_secrets`` erased it from the row.
 INSERT_PROJECT = """
 INSERT INTO control_plane.projects (project_id, tenant_id, payload, payload_hash, region, owner_id,
                                     organization_id, secret_nonce, secrets_expire_at, job_id)
 VALUES (%(project_id)s, %(tenant_id)s, %(payload)s, %(payload_hash)s, %(region)s, %(owner_id)s,
-        %(organization_id)s, %(secret_nonce)s,
+        %(organization_id)s, uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()),
         now() + make_interval(secs => %(secrets_ttl)s), %(job_id)s)
+RETURNING secret_nonce
 """
 
 #: Record that a step started or finished (``event`` is 'started_at' or 'done_at').

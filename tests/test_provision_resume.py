@@ -6,6 +6,7 @@ be run twice, or interrupted where a SIGKILL would have struck.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -369,6 +370,32 @@ def undone_run(project: dict[str, Any]) -> Any:
     compensate_project(Settings.from_env(), project["project_id"], "step provision_project.roles failed: lease lost",
                        first)  # fmt: skip
     return state
+
+
+def test_the_secrets_nonce_is_in_no_statement_the_claim_sends(db_url: str, project: dict[str, Any]) -> None:
+    from psycopg2.extras import LoggingConnection
+
+    # Given a connection that keeps the text of every statement it sends, as a server logging
+    # statements (log_statement = 'mod', a slow or a failed one) or pg_stat_activity would show it
+    sent = io.StringIO()
+    conn = psycopg2.connect(db_url, connection_factory=LoggingConnection)
+    conn.initialize(sent)
+    try:
+        # When a project is claimed on it
+        with conn:
+            state, created = claim(conn, validate(project), str(uuid.uuid4()), Settings.from_env())
+    finally:
+        conn.close()
+    # Then the project has a nonce of its own (32 bytes, none like another project's)
+    assert created and state.secret_nonce is not None and len(state.secret_nonce) == 32
+    (stored,) = query(db_url, "SELECT secret_nonce FROM control_plane.projects WHERE project_id = %s",
+                      (project["project_id"],))  # fmt: skip
+    assert bytes(stored["secret_nonce"]) == state.secret_nonce
+    # And no statement sent carried it (with the pepper it would give every secret of the project,
+    # even after reveal_secrets erased it from the row)
+    text = sent.getvalue()
+    assert "INSERT INTO control_plane.projects" in text
+    assert state.secret_nonce.hex() not in text.lower()
 
 
 def test_roles_an_undone_run_left_behind_get_the_next_runs_password(

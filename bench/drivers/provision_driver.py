@@ -127,7 +127,6 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
     secrets.pepper(settings)
 
     def claim(valid: p.ProvisionPayload) -> ProjectState:
-        nonce = secrets.new_nonce()
         with control_transaction() as conn, conn.cursor() as cur:
             cur.execute(
                 q.INSERT_PROJECT,
@@ -139,11 +138,11 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
                     "region": valid.region,
                     "owner_id": valid.owner_id,
                     "organization_id": valid.organization_id,
-                    "secret_nonce": nonce,
                     "secrets_ttl": settings.secrets_ttl_seconds,
                     "job_id": None,
                 },
             )
+            nonce = bytes(cur.fetchone()[0])  # (the server makes it: see INSERT_PROJECT)
         return ProjectState(payload=valid, status="provisioning", steps={}, secret_nonce=nonce, job_id=None)
 
     def activate(state: ProjectState) -> None:

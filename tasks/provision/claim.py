@@ -8,7 +8,6 @@ from psycopg2.extras import Json
 
 from models import project_queries as q
 from tasks.errors import Conflict
-from tasks.provision import secrets
 from tasks.provision.payload import ProvisionPayload, payload_hash
 from tasks.provision.state import ProjectState, from_row, load
 from tasks.settings import Settings
@@ -51,7 +50,6 @@ def claim(conn: Any, payload: ProvisionPayload, job_id: str, settings: Settings)
                 "region": payload.region,
                 "owner_id": payload.owner_id,
                 "organization_id": payload.organization_id,
-                "secret_nonce": secrets.new_nonce(),
                 "secrets_ttl": settings.secrets_ttl_seconds,
                 "job_id": job_id,
             },

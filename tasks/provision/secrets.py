@@ -26,14 +26,6 @@ from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-NONCE_BYTES = 32
-
-
-def new_nonce() -> bytes:
-    """A fresh random nonce for a new project."""
-    return secrets.token_bytes(NONCE_BYTES)
-
-
 #: (database, fingerprint) pairs this process has found to be its deployment's pepper.
 _checked: set[tuple[str, str]] = set()
 _checked_lock = threading.Lock()
