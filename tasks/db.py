@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import queue as queue_module
-import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +22,7 @@ from tasks.embedded import EmbeddedServerError as EmbeddedServerError
 from tasks.embedded import embedded_url as embedded_url
 from tasks.embedded import has_embedded as has_embedded
 from tasks.embedded import stop_embedded as stop_embedded
-from tasks.redaction import redact
+from tasks.redaction import redact, unquoted
 from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -109,11 +108,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, psycopg2.extensions.TransactionRollbackError)
 
 
-#: A double-quoted value in a data exception's primary message (``invalid input syntax
-#: for type uuid: "..."``, ``value "..." is out of range``).
-_QUOTED = re.compile(r'"(?:[^"]|"")*"')
-
-
 def loggable_error(exc: BaseException) -> str:
     """``exc`` as one line safe to log: its type, PostgreSQL's primary message and SQLSTATE.
 
@@ -134,11 +128,6 @@ def loggable_error(exc: BaseException) -> str:
         detail = next(iter(str(exc).strip().splitlines()), "")
     detail = " ".join(detail.split())
     return redact(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
-
-
-def unquoted(text: str) -> str:
-    """``text`` with what it quotes left out (``"…"``): a value, a statement's data, a URL's part."""
-    return _QUOTED.sub('"…"', text)
 
 
 def connection_is_usable(conn: Any) -> bool:

@@ -67,6 +67,16 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+#: A double-quoted value in a message (``invalid input syntax for type uuid: "..."``,
+#: ``value "..." is out of range``, libpq's ``invalid percent-encoded token: "..."``).
+_DOUBLE_QUOTED = re.compile(r'"(?:[^"]|"")*"')
+
+
+def unquoted(text: str) -> str:
+    """``text`` with what it quotes left out (``"…"``): a value, a statement's data, a URL's part."""
+    return _DOUBLE_QUOTED.sub('"…"', text)
+
+
 def redact(text: str) -> str:
     """``text`` with API keys, passwords, SCRAM verifiers, tokens and URL credentials replaced."""
     text = SECRET_PATTERN.sub(REDACTED, text)

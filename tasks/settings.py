@@ -31,9 +31,41 @@ def _snapshot(environ: Mapping[str, str]) -> dict[str, str]:
 
 def _url(env: dict[str, str], name: str) -> str | None:
     raw = env.get(name) or None
-    if raw is not None and not raw.startswith(("postgres://", "postgresql://")):
+    if raw is None:
+        return None
+    if not raw.startswith(("postgres://", "postgresql://")):
         raise ConfigurationError(f"{name} must be a postgresql:// URL")
+    problem = _url_problem(raw)
+    if problem:
+        raise ConfigurationError(f"{name} {problem}")
     return raw
+
+
+def _url_problem(url: str) -> str | None:
+    """Why libpq would misread ``url`` (None when it reads it), in words that quote none of it.
+
+    A password holding a '/' or an '@' that is not percent-encoded (``openssl rand -base64``
+    makes '/' often) ends the URL's host part early: libpq then takes part of the password
+    for the port or the host, and its connection error quotes that part, into every log and
+    ``last_error`` that error reaches, after retries that cannot help."""
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import parse_dsn
+
+    from tasks.redaction import unquoted
+
+    try:
+        parts = parse_dsn(url)
+    except ProgrammingError as exc:  # "invalid dsn: <libpq's words>"
+        first = next(iter(str(exc).strip().splitlines()), "").removeprefix("invalid dsn: ")
+        return f"is not a valid PostgreSQL URL ({unquoted(first)})"
+    ports = (parts.get("port") or "").split(",")
+    if any(port and not port.isdigit() for port in ports) or "@" in (parts.get("host") or ""):
+        return (
+            "is not a valid PostgreSQL URL: its port is not a number or its host holds an '@'; a "
+            "password or user name with '/', '@' or '%' must be percent-encoded ('/' as %2F, '@' as %40, "
+            "'%' as %25)"
+        )
+    return None
 
 
 #: ``BROKER_URL`` for Dramatiq's in-memory StubBroker: unit tests of actors, without a database.
@@ -304,6 +336,8 @@ class Settings:
             raise ConfigurationError("DATABASE_URL must be a postgresql:// URL")
         if url is not None and url.startswith("postgresql+psycopg2://"):
             url = "postgresql://" + url.removeprefix("postgresql+psycopg2://")
+        if url is not None and (problem := _url_problem(url)):
+            raise ConfigurationError(f"DATABASE_URL {problem}")
         lease = _float(env, "CONTROLPLANE_LEASE_SECONDS", 30.0)
         heartbeat = _float(env, "CONTROLPLANE_HEARTBEAT_INTERVAL", min(10.0, lease / 3))
         if heartbeat >= lease:

@@ -539,6 +539,12 @@ def test_cli_errors_are_one_line_and_never_print_a_password(empty_db: str, serve
     broken = cli("postgresql://root:Top%zzSecret@127.0.0.1:5432/postgres", "stats")
     assert_user_error(broken, "DATABASE_URL is not a valid PostgreSQL URL")
     assert "zzSecret" not in broken.stderr + broken.stdout
+    # and one whose password has a '/' or an '@' that is not percent-encoded (libpq would read a
+    # part of it as the port or the host, and quote it in its connection error)
+    for password in ("Top/zzSecret", "Top@zzSecret"):
+        misread = cli(f"postgresql://root:{password}@127.0.0.1:5432/postgres", "stats")
+        assert_user_error(misread, "DATABASE_URL is not a valid PostgreSQL URL")
+        assert "zzSecret" not in misread.stderr + misread.stdout and "Top" not in misread.stderr + misread.stdout
     # A URL that is not PostgreSQL's at all (refused while the command loads its settings), even for --help
     for args in (("stats",), ("--help",)):
         other = cli("mysql://root:S3cret@127.0.0.1/db", *args)

@@ -452,3 +452,34 @@ def test_the_environment_guard_holds_a_change_until_the_connects_end_and_bounds_
         done.set()
         holder.join(10)
         os.environ.pop("CP_GUARD_PROBE", None)
+
+
+@pytest.mark.parametrize("name", ["DATABASE_URL", "PROVISION_DATABASE_URL"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://cp:q8ZmR2vXk1/Lw3+Tz9PbH7aQ==@127.0.0.1:5432/db",  # a base64 password's '/'
+        "postgresql://cp:q8ZmR2vXk1@Lw3+Tz9PbH7aQ==@127.0.0.1/db",  # an '@' in the password
+        "postgresql://cp:q8ZmR2vXk1%Lw3+Tz9PbH7aQ==@127.0.0.1/db",  # a '%' that encodes nothing
+    ],
+)
+def test_a_url_libpq_would_misread_is_refused_at_start_quoting_none_of_it(name: str, url: str) -> None:
+    from tasks.errors import ConfigurationError
+    from tasks.settings import Settings
+
+    # Given a URL whose password is not percent-encoded: libpq would take part of it for the
+    # port or the host, and quote that part in a connection error every retry logs
+    # When the settings are read, Then it is refused, naming the setting, quoting no part of it
+    with pytest.raises(ConfigurationError, match=f"^{name} is not a valid PostgreSQL URL") as refused:
+        Settings.from_env({name: url})
+    assert not any(part in str(refused.value) for part in ("q8ZmR2vXk1", "Lw3", "aQ=="))
+    # And its percent-encoded form, and the other forms libpq reads, are taken
+    for good in (
+        "postgresql://cp:q8ZmR2vXk1%2FLw3+Tz9PbH7aQ==@127.0.0.1:5432/db",
+        "postgresql://cp:q8ZmR2vXk1%40Lw3@127.0.0.1/db",
+        "postgresql://h1:5432,h2:5433/db?target_session_attrs=read-write",
+        "postgresql:///db?host=/var/run/postgresql&port=5432",
+        "postgresql://[::1]:5432/db",
+        "postgres://cp:a:b?c#d@localhost/db",
+    ):
+        assert getattr(Settings.from_env({name: good}), name.lower()) == good
