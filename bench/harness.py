@@ -701,7 +701,7 @@ class Run:
                     **services,
                     "DATABASE_URL": url,
                     "PROVISION_DATABASE_URL": self.config.admin_url,
-                    "API_KEY_PEPPER": f"bench-pepper-{self.run_id}",
+                    "API_KEY_PEPPER": f"bench-pepper-{self.run_id}-{uuid.uuid4().hex}",
                     "CONTROLPLANE_HOME": str(self.scratch / "controlplane-home"),
                 }
                 args = ["--prefix", prefix, "--n", str(n), "--stall-timeout", str(self.config.stall_timeout)]

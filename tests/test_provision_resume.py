@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -35,6 +36,9 @@ from tasks.provision.workflow import QUEUE
 from tasks.settings import Settings
 from tests.support import at_once, query, wait_for
 
+#: The pepper of these tests' processes (a new deployment's must be at least 32 bytes).
+RESUME_PEPPER = "resume-pepper-" + "0123456789abcdef" * 2
+
 
 @pytest.fixture
 def services(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, StandinService]]:
@@ -43,7 +47,7 @@ def services(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, StandinServi
         s.start()
         monkeypatch.setenv(f"{name.upper()}_SERVICE_URL", s.url)
         monkeypatch.setenv(f"{name.upper()}_SERVICE_TOKEN", f"tok-{name}")
-    monkeypatch.setenv("API_KEY_PEPPER", "resume-pepper")
+    monkeypatch.setenv("API_KEY_PEPPER", RESUME_PEPPER)
     try:
         yield started
     finally:
@@ -215,7 +219,7 @@ def test_a_tenant_cannot_hold_up_another_projects_roles_step(
 
     # Given a roles step's lock key, which only holders of the pepper can compute
     pid = project["project_id"]
-    assert lock_key(b"resume-pepper", "roles-step", pid) != lock_key(b"a-guessed-pepper", "roles-step", pid)
+    assert lock_key(RESUME_PEPPER.encode(), "roles-step", pid) != lock_key(b"a-guessed-pepper", "roles-step", pid)
     # And projects provisioned on a tenant server whose maintenance database every role may
     # connect to, and a tenant there holding the advisory locks a roles step of the next project
     # would take if its key were computed without the pepper (this repository's code, a guessed
@@ -274,7 +278,7 @@ def test_a_process_with_another_pepper_derives_nothing_and_reveals_nothing(
         reveal_secrets(elsewhere, pid)
     # Then it left no pepper of its own behind, nor took the secrets: the workers' pepper reveals them
     assert not (tmp_path / "elsewhere" / "api-key-pepper").exists()
-    monkeypatch.setenv("API_KEY_PEPPER", "resume-pepper")
+    monkeypatch.setenv("API_KEY_PEPPER", RESUME_PEPPER)
     revealed = reveal_secrets(Settings.from_env(), pid)
     assert len(revealed["api_keys"]) == 3
     # And a worker given another pepper outright refuses its steps the same way
@@ -311,8 +315,40 @@ def test_a_deployment_upgraded_to_the_pepper_check_is_not_given_a_wrong_pepper(
     # Then neither was recorded as the deployment's, the secrets are still there, and the
     # workers' pepper reveals them (and becomes the deployment's at its next step)
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.deployment")[0]["n"] == 0
-    monkeypatch.setenv("API_KEY_PEPPER", "resume-pepper")
+    monkeypatch.setenv("API_KEY_PEPPER", RESUME_PEPPER)
     assert len(reveal_secrets(Settings.from_env(), pid)["api_keys"]) == 3
+
+
+def test_a_new_deployment_refuses_a_short_pepper_and_one_with_keys_keeps_its_own(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tasks.errors import ConfigurationError
+    from tasks.provision import secrets
+
+    monkeypatch.setattr(secrets, "_checked", set())
+    deployment = "SELECT count(*) AS n FROM control_plane.deployment"
+    # Given a new deployment (no pepper recorded, no API key yet)
+    assert query(db_url, deployment)[0]["n"] == 0
+    # When its first step runs with a guessable pepper
+    short = Settings.from_env({"DATABASE_URL": db_url, "API_KEY_PEPPER": "changeme"})
+    with pytest.raises(ConfigurationError, match=r"\(API_KEY_PEPPER\) is 8 bytes: a new deployment's must be at "
+                                                 r"least 32 random bytes"):  # fmt: skip
+        secrets_pepper(short)
+    # Then it derives nothing and records nothing: the deployment is still free to take a good one
+    assert query(db_url, deployment)[0]["n"] == 0
+    # And a deployment whose keys were made before this check, with no pepper recorded (upgraded
+    # from before migration 0013), keeps the pepper it has, short or not (another would void every
+    # key), with a warning in the log
+    claimed(project)
+    for step in STEPS:
+        run_step(step, project["project_id"])
+    query(db_url, "DELETE FROM control_plane.deployment")
+    monkeypatch.setattr(secrets, "_checked", set())
+    with caplog.at_level(logging.WARNING, logger="tasks.provision.secrets"):
+        assert secrets_pepper(short) == b"changeme"
+    assert query(db_url, deployment)[0]["n"] == 1
+    assert "(API_KEY_PEPPER) is 8 bytes: a copy of the control plane's tables is enough to guess" in caplog.text
 
 
 def test_someone_elses_database_of_that_name_is_a_conflict_and_survives_compensation(

@@ -26,6 +26,11 @@ from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+#: The shortest pepper a new deployment takes. The pepper is all that keeps the secrets out
+#: of a copy of the control plane's tables (a dump, a standby, a backup): with the stored key
+#: hashes and nonces, a guessable one is found offline, and with it every unread secret.
+MIN_PEPPER_BYTES = 32
+
 #: (database, fingerprint) pairs this process has found to be its deployment's pepper.
 _checked: set[tuple[str, str]] = set()
 _checked_lock = threading.Lock()
@@ -85,9 +90,17 @@ def _check(value: bytes, where: str, made: Path | None, record: bool) -> None:
             if not record:
                 return
             cur.execute(q.ANY_API_KEY)
-            if made is not None and cur.fetchone() is not None:
+            has_keys = cur.fetchone() is not None
+            if made is not None and has_keys:
                 made.unlink(missing_ok=True)
                 raise ConfigurationError(wrong)
+            if not has_keys and len(value) < MIN_PEPPER_BYTES:
+                # (A deployment with keys keeps its pepper, short or not: another would void them.)
+                raise ConfigurationError(
+                    f"the API key pepper of this process ({where}) is {len(value)} bytes: a new "
+                    f"deployment's must be at least {MIN_PEPPER_BYTES} random bytes (`openssl rand -hex 32`); "
+                    "nothing was derived from it"
+                )
             cur.execute(q.PEPPER_FINGERPRINT, {"fingerprint": fingerprint})
             row = cur.fetchone()
             if row is None:  # recorded by another process meanwhile, after this statement's snapshot
@@ -99,6 +112,11 @@ def _check(value: bytes, where: str, made: Path | None, record: bool) -> None:
             made.unlink(missing_ok=True)
         raise ConfigurationError(wrong)
     with _checked_lock:
+        if (database, fingerprint) not in _checked and len(value) < MIN_PEPPER_BYTES:
+            logger.warning(
+                "the API key pepper of this process (%s) is %d bytes: a copy of the control plane's tables "
+                "is enough to guess one this short, and with it every unread secret; changing it voids "
+                "every existing key (docs/provisioning.md, \"Secrets\")", where, len(value))  # fmt: skip
         _checked.add((database, fingerprint))
 
 
