@@ -8,8 +8,10 @@ tenant databases and roles are dropped at the end.
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import psycopg2
@@ -142,6 +144,16 @@ def test_provisioning_creates_a_real_project_and_reports_it(env: str, services: 
     assert result["database"]["host"] and result["database"]["port"]
     assert "password" not in str(result).lower()
     assert result["provisioned_at"] and result["region"] == "us-east-1"
+    # (provisioned_at is the activation's instant as stored, to the microsecond and with its
+    # offset; each key's created_at is its row's)
+    (project_row,) = query(env, "SELECT provisioned_at FROM control_plane.projects WHERE project_id = %s",
+                           (pid("full"),))  # fmt: skip
+    assert datetime.fromisoformat(result["provisioned_at"]) == project_row["provisioned_at"]
+    key_rows = query(env, "SELECT slot, created_at FROM control_plane.api_keys WHERE project_id = %s ORDER BY slot",
+                     (pid("full"),))  # fmt: skip
+    assert [(k["slot"], datetime.fromisoformat(k["created_at"])) for k in result["api_keys"]] == [
+        (r["slot"], r["created_at"]) for r in key_rows
+    ]
     assert result["owner_id"] == "user_1" and result["organization_id"] == "org_1"
     assert [k["slot"] for k in result["api_keys"]] == [1, 2, 3]
     assert all(k["created_at"] for k in result["api_keys"])
@@ -445,6 +457,11 @@ def test_a_failing_cleanup_leaves_the_project_for_an_operator(
     again = provision_project.send(payload("stuck", services={"auth": True}))
     assert "needs an operator" in wait_entry_failed(env, again.message_id)["last_error"]
     assert message.message_id != again.message_id
+    # And the services step used its whole budget before giving up: 8 attempts, each one's error kept
+    step = query(env, "SELECT * FROM control_plane.jobs WHERE type = 'provision_project.services' "
+                      "AND payload -> 'args' ->> 0 = %s", (pid("stuck"),))[0]
+    assert (step["status"], step["attempts"], step["max_attempts"]) == ("failed", 8, 8)
+    assert [e["attempt"] for e in step["errors"]] == list(range(1, 9))
 
 
 # -- The secrets scan --------------------------------------------------------------------------------
@@ -484,3 +501,60 @@ def test_worker_log_lines_carry_message_id_and_actor(pdb: tuple[str, WorkerProce
     _, worker = pdb
     text = worker.log_path.read_text() if worker.log_path else ""
     assert f"[provision_project {message.message_id}]" in text
+
+
+def test_a_worker_process_provisions_two_projects_at_once_and_no_more(
+    db_url: str, services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker of its own (4 threads; provisioning limited to 2 at once per process) whose
+    # service calls may wait long, and an auth service that holds every PUT until a second one is
+    # in flight (or 8 s pass)
+    auth = services["auth"]
+    auth.reset()
+    lock, overlapped, third = threading.Lock(), threading.Event(), threading.Event()
+    seen = {"now": 0, "max": 0}
+    original = auth._tenant_request
+
+    def held(method: str, path: str, project_id: str, authorization: str, body: bytes) -> Any:
+        with lock:
+            seen["now"] += 1
+            seen["max"] = max(seen["max"], seen["now"])
+            if seen["now"] >= 2:
+                overlapped.set()
+            if seen["now"] >= 3:
+                third.set()
+        try:
+            # alone: wait for a second; with a second: wait (3 s at most) for a third the limit must keep out
+            if overlapped.wait(8):
+                third.wait(3)
+            return original(method, path, project_id, authorization, body)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    monkeypatch.setattr(auth, "_tenant_request", held)  # (the stand-in runs in this process)
+    worker = WorkerProcess(db_url, processes=1, threads=4, module="tasks.provision",
+                           extra_env={**service_env(services), "SERVICE_TIMEOUT_SECONDS": "10"})
+    try:
+        worker.wait_ready()
+        # When three projects registering with auth are sent at once
+        messages = [provision_project.send(payload(f"par{i}", services={"auth": True})) for i in range(3)]
+        results = [m.get_result(block=True, timeout=90_000) for m in messages]
+    finally:
+        worker.terminate()
+        for i in range(3):
+            query(db_url, f'DROP DATABASE IF EXISTS "p_{pid(f"par{i}")}" WITH (FORCE)')
+            query(db_url, f'DROP ROLE IF EXISTS "p_{pid(f"par{i}")}_app", "p_{pid(f"par{i}")}_owner"')
+    # Then all are active, two of them were at the service at the same time, and never three
+    assert [r["status"] for r in results] == ["active"] * 3
+    assert overlapped.is_set() and seen["max"] == 2, seen
+
+
+def test_every_step_has_the_documented_retry_budget() -> None:
+    from tasks.provision import STEPS
+
+    # Given the default settings, Then every step is tried 8 times, backing off from 1 s to 60 s
+    # (docs/provisioning.md): a service down for a minute does not undo the project
+    for step in STEPS:
+        options = tasks.broker.actors[f"provision_project.{step}"].options
+        assert (options["max_attempts"], options["min_backoff"], options["max_backoff"]) == (8, 1000, 60_000), step

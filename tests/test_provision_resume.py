@@ -1127,3 +1127,32 @@ def test_a_claim_whose_first_step_cannot_be_sent_leaves_no_project(
     # Then the claim was rolled back with it: no project stuck 'provisioning' with no step to move it
     assert query(db_url, "SELECT status FROM control_plane.projects WHERE project_id = %s",
                  (project["project_id"],)) == []
+
+
+def test_the_result_names_the_tenant_server_and_its_credentials_log_in_there(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.provision import reveal_secrets
+
+    # Given a tenant server spelled differently from the control plane's URL (same server here)
+    target = psycopg2.extensions.parse_dsn(db_url)
+    assert target["host"] == "127.0.0.1"
+    monkeypatch.setenv("PROVISION_DATABASE_URL", db_url.replace("@127.0.0.1", "@localhost", 1))
+    claimed(project)
+    pid = project["project_id"]
+    # When every step runs
+    for step in STEPS:
+        run_step(step, pid)
+    result = query(db_url, "SELECT result FROM control_plane.projects WHERE project_id = %s", (pid,))[0]["result"]
+    # Then the result names the tenant server, and the revealed password logs in with what it says
+    database = result["database"]
+    assert (database["host"], database["port"]) == ("localhost", int(target.get("port") or 5432))
+    secrets = reveal_secrets(Settings.from_env(), pid)
+    conn = psycopg2.connect(host=database["host"], port=database["port"], dbname=database["database"],
+                            user=database["user"], password=secrets["database_password"])
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_user, current_schema()")
+            assert cur.fetchone() == (database["user"], database["schema_name"])
+    finally:
+        conn.close()
