@@ -746,6 +746,9 @@ class PostgresBroker(dramatiq.Broker):
         self._url = url
         self._url_lock = threading.Lock()
         self.queues: set[str] = set()
+        #: The queues this process has consumers for (a worker's ``--queues``), which its heartbeat
+        #: reports: ``queues`` holds every queue its modules declare, read or not.
+        self.consumed: set[str] = set()
         self._states: dict[str, _QueueState] = {}
         self._states_lock = threading.Lock()
         self._pool = db.Pool(self.url, self.settings.pool_size)
@@ -1221,6 +1224,7 @@ class PostgresBroker(dramatiq.Broker):
     # -- consuming --------------------------------------------------------
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> _PostgresConsumer:
+        self.consumed.add(queue_name)
         return _PostgresConsumer(self, queue_name, prefetch, timeout)
 
     # -- housekeeping and tests -------------------------------------------
@@ -1665,7 +1669,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                         "worker": self.broker.worker_id,
                         "hostname": socket.gethostname(),
                         "pid": os.getpid(),
-                        "queues": sorted(self.broker.queues),
+                        "queues": sorted(self.broker.consumed),
                     },
                 )
                 cancelled, skipped = cur.fetchone()

@@ -249,6 +249,7 @@ class WorkerProcess:
         module: str = "tests.actors",
         extra_env: dict[str, str] | None = None,
         log_path: Path | None = None,
+        queues: list[str] | None = None,
     ) -> None:
         self.url = url
         env = {**os.environ, **FAST_ENV, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
@@ -268,6 +269,7 @@ class WorkerProcess:
                 str(threads),
                 "--worker-shutdown-timeout",
                 "20000",
+                *(["--queues", *queues] if queues else []),
             ],
             env=env,
             stdout=self._log,

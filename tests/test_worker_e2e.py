@@ -662,6 +662,22 @@ def test_a_stopping_worker_gives_back_at_once_what_no_thread_started(db_url: str
     assert disagreements(db_url) == []
 
 
+def test_a_worker_reports_the_queues_it_reads_not_every_queue_its_modules_declare(db_url: str) -> None:
+    # Given a worker started for one queue only (a pool per queue, Celery's -Q), and a job of
+    # another queue its modules declare
+    other = actors.noop.send("nobody reads default here")
+    worker = WorkerProcess(db_url, queues=["slow"])
+    try:
+        worker.wait_ready()
+        # Then its heartbeat row, which `controlplane workers` and the "why is this job not
+        # running?" recipe read, names that queue alone: nobody reads the other one
+        (row,) = query(db_url, "SELECT queues FROM control_plane.worker_heartbeats")
+        assert row["queues"] == ["slow"]
+        assert job(db_url, other.message_id)["status"] == "pending"
+    finally:
+        worker.terminate()
+
+
 def test_a_worker_that_lost_its_lease_cannot_overwrite_the_job(db_url: str) -> None:
     # Given worker A holds a message whose lease then expires and worker B reclaims it
     message = actors.noop.send("fenced")
