@@ -441,28 +441,45 @@ SETTLE_STORING_RESULTS = _SETTLE_CTES + """, stored AS (
 
 #: Give back messages this worker holds but will not finish (graceful shutdown,
 #: consumer restart). ``started`` true means an attempt ran and was interrupted:
-#: it counts (unless its start mark already counted it). A message whose cancellation
-#: was requested is not given back: its job ends cancelled.
+#: it counts (unless its start mark already counted it), with an entry in ``errors``.
+#: A message whose cancellation was requested is not given back: its job ends cancelled.
+#: An interrupted attempt that used up its job's attempts is not given back either (a job
+#: cut by every deploy would run forever): its lease ends at once, marked ``epoch`` (1970: a
+#: release's, not a lost worker's), and the next reap of any worker ends the job as it ends
+#: a lost worker's (REAP: its failure hooks, its callers' result).
 RELEASE = """
 WITH a AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(started)s::boolean[])
-         AS t(id, token, started)
+    SELECT t.id, t.token, t.started,
+           coalesce(t.started AND j.attempts + CASE WHEN j.status <> 'running' THEN 1 ELSE 0 END
+                                  - j.attempts_before_retry >= j.max_attempts, false) AS spent
+    FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(started)s::boolean[]) AS t(id, token, started)
+    LEFT JOIN control_plane.jobs AS j ON j.id = t.id
 ), r AS (
     UPDATE control_plane.messages AS m
-       SET claim_token = NULL, worker = NULL, lease_expires_at = NULL
+       SET claim_token = CASE WHEN a.spent THEN m.claim_token END,
+           worker = CASE WHEN a.spent THEN m.worker END,
+           lease_expires_at = CASE WHEN a.spent THEN 'epoch'::timestamptz END
     FROM a WHERE m.id = a.id AND m.claim_token = a.token AND m.cancel_requested_at IS NULL
-    RETURNING m.id, m.queue, m.eta
+    RETURNING m.id, m.queue, m.eta, a.spent
 ), x AS (
     DELETE FROM control_plane.messages AS m USING a
     WHERE m.id = a.id AND m.claim_token = a.token AND m.cancel_requested_at IS NOT NULL
     RETURNING m.id
 ), j AS (
     UPDATE control_plane.jobs AS j
-       SET status = 'pending', updated_at = now(), started_at = NULL,
+       SET status = CASE WHEN r.spent THEN 'running' ELSE 'pending' END, updated_at = now(),
+           started_at = CASE WHEN r.spent THEN coalesce(j.started_at, now()) END,
            -- a started attempt counts, if its start mark (which counted it) was not written yet
            attempts = j.attempts + CASE WHEN a.started AND j.status <> 'running' THEN 1 ELSE 0 END,
-           last_error = CASE WHEN a.started THEN 'interrupted: the worker shut down before the job finished'
-                        ELSE j.last_error END
+           last_error = CASE WHEN a.started AND NOT r.spent
+                             THEN 'interrupted: the worker shut down before the job finished'
+                             ELSE j.last_error END,
+           errors = CASE WHEN a.started AND NOT r.spent
+                         THEN j.errors || jsonb_build_array(jsonb_build_object(
+                             'attempt', j.attempts + CASE WHEN j.status <> 'running' THEN 1 ELSE 0 END,
+                             'at', now(), 'worker', %(worker)s::text,
+                             'error', 'interrupted: the worker shut down before the job finished'))
+                         ELSE j.errors END
     FROM a JOIN r ON r.id = a.id WHERE j.id = a.id
 ), jx AS (
     UPDATE control_plane.jobs AS j
@@ -470,7 +487,7 @@ WITH a AS (
     FROM x WHERE j.id = x.id
 )
 SELECT pg_notify('control_plane_messages', q.queue)
-FROM (SELECT DISTINCT queue FROM r WHERE eta <= now()) AS q
+FROM (SELECT DISTINCT queue FROM r WHERE eta <= now() AND NOT spent) AS q
 """
 
 #: Extend the leases of the claims this worker holds, and record its heartbeat.
@@ -540,7 +557,7 @@ _OUTCOME_TOOK_EFFECT = """EXISTS (
 
 REAP = """
 WITH r AS (
-    SELECT m.id, m.worker,
+    SELECT m.id, m.worker, m.lease_expires_at = 'epoch' AS released,
            CASE WHEN m.cancel_requested_at IS NOT NULL THEN 'cancel'
                 WHEN j.attempts - j.attempts_before_retry >= j.max_attempts
                      AND (j.status = 'running' OR j.attempts - j.attempts_before_retry >= 2 * j.max_attempts)
@@ -555,18 +572,22 @@ WITH r AS (
     UPDATE control_plane.messages AS m
        SET claim_token = NULL, worker = NULL, lease_expires_at = NULL
     FROM r WHERE m.id = r.id AND r.fate = 'requeue'
-    RETURNING m.id, m.queue, r.worker
+    RETURNING m.id, m.queue, r.worker, r.released
 ), x AS (
     DELETE FROM control_plane.messages AS m USING r WHERE m.id = r.id AND r.fate <> 'requeue'
-    RETURNING m.id, r.worker, r.fate, m.body
+    RETURNING m.id, r.worker, r.fate, m.body, r.released
 ), lost AS (
     -- The lost claim counts as an attempt (unless its start mark counted it):
     -- its worker may have started it without the mark being written.
     SELECT l.id, coalesce(l.worker, 'unknown') AS worker, l.fate, l.body,
            j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END AS attempt,
-           'lease expired: worker ' || coalesce(l.worker, 'unknown') || ' stopped heartbeating' AS error
-    FROM (SELECT id, worker, 'requeue' AS fate, NULL::bytea AS body FROM m
-          UNION ALL SELECT id, worker, fate, body FROM x) AS l
+           CASE WHEN l.released  -- (RELEASE's: an attempt a shutdown interrupted, its last)
+                THEN 'interrupted: worker ' || coalesce(l.worker, 'unknown') || ' shut down before the job finished'
+                ELSE 'lease expired: worker ' || coalesce(l.worker, 'unknown') || ' stopped heartbeating'
+           END AS error,
+           CASE WHEN l.released THEN '' ELSE ' (killed or cut off)' END AS why
+    FROM (SELECT id, worker, 'requeue' AS fate, NULL::bytea AS body, released FROM m
+          UNION ALL SELECT id, worker, fate, body, released FROM x) AS l
     JOIN control_plane.jobs AS j ON j.id = l.id
 ), j AS (
     UPDATE control_plane.jobs AS j
@@ -579,11 +600,11 @@ WITH r AS (
            worker = lost.worker,
            last_error = CASE lost.fate
                         WHEN 'cancel' THEN 'cancelled by operator'
-                        WHEN 'fail' THEN lost.error || ' (killed or cut off) on attempt ' || lost.attempt
+                        WHEN 'fail' THEN lost.error || lost.why || ' on attempt ' || lost.attempt
                              || '; not re-queued, its attempts are used up (max_attempts '
                              || j.max_attempts || ')'
                         WHEN 'done' THEN j.last_error
-                        ELSE lost.error || ' (killed or cut off); the job was re-queued' END,
+                        ELSE lost.error || lost.why || '; the job was re-queued' END,
            errors = j.errors || jsonb_build_array(jsonb_build_object(
                         'attempt', lost.attempt, 'at', now(), 'worker', lost.worker,
                         'error', lost.error

@@ -1785,6 +1785,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                     "ids": [p.message_id for p in proxies],
                     "tokens": [p.claim_token for p in proxies],
                     "started": [p.started for p in proxies],
+                    "worker": self.broker.worker_id,
                 },
             )
 

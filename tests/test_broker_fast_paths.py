@@ -1472,12 +1472,17 @@ def test_an_attempt_interrupted_by_a_shutdown_is_counted_and_its_job_goes_back_t
     # When the worker shuts down and gives it back
     consumer.requeue([held])
     consumer.close()
-    # Then the attempt counts (a job cut by every deploy does not run forever), says why, and the
-    # message is back in the queue, unclaimed
+    # Then the attempt counts (a job cut by every deploy does not run forever: see
+    # test_a_job_a_shutdown_interrupts_on_every_attempt_fails_once_its_attempts_are_used_up),
+    # says why, in last_error and in the history of attempts, and the message is back in the
+    # queue, unclaimed
     row = job(db_url, message.message_id)
     assert row["status"] == "pending"
     assert row["attempts"] == 1
     assert row["last_error"] == "interrupted: the worker shut down before the job finished"
+    assert [(e["attempt"], e["error"], e["worker"]) for e in row["errors"]] == [
+        (1, "interrupted: the worker shut down before the job finished", tasks.broker.worker_id)
+    ]
     assert query(db_url, "SELECT claim_token FROM control_plane.messages WHERE id = %s",
                  (message.message_id,)) == [{"claim_token": None}]
 
