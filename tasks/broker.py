@@ -1330,6 +1330,8 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def ack(self, message: dramatiq.MessageProxy) -> None:
         assert isinstance(message, PgMessageProxy)
+        if message.settled:
+            return  # (ended already: see _PostgresConsumer._end_unstarted)
         self._observe(message)
         message.settled = True
         if message.retry_delay_ms is not None:
@@ -1357,6 +1359,8 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def nack(self, message: dramatiq.MessageProxy) -> None:
         assert isinstance(message, PgMessageProxy)
+        if message.settled:
+            return  # (ended already: see _PostgresConsumer._end_unstarted)
         self._observe(message)
         message.settled = True
         error = message.error_text or _describe(message) or "rejected by middleware"
@@ -1683,10 +1687,33 @@ class _PostgresConsumer(dramatiq.Consumer):
 
                 with self.state.lock:
                     held = [self.state.inflight[i] for i in cancelled if i in self.state.inflight]
-                interrupt(self.broker, held)
+                self._end_unstarted(interrupt(self.broker, held))
         if now >= self._next_reap:
             self._reap()
             self._next_reap = now + self.settings.reap_interval
+
+    def _end_unstarted(self, refused: list[PgMessageProxy]) -> None:
+        """End now the cancelled jobs of ``refused``, held here and refused by every thread from
+        now on: not when a thread is free to refuse them, which behind a long job could take hours,
+        their unique keys held and their callers waiting all along.
+
+        A message a thread has begun (``started`` is set before the Cancellation middleware's
+        check) is left to it: interrupted, or its outcome stands. The rest are given back
+        (``RELEASE`` ends a cancelled one's job), their callers told, and they are marked
+        settled: when a thread comes to one, refuses it and settles it, nothing is written.
+        """
+        unstarted = [p for p in refused if not p.started and not p.settled]
+        if not unstarted:
+            return
+        for p in unstarted:
+            p.settled = True
+        with self.state.lock:
+            kept = [p for p in self.state.buffer if p not in unstarted]
+            self.state.buffer.clear()
+            self.state.buffer.extend(kept)
+        self._release(unstarted)
+        self._store_reaped_results([p.message_id for p in unstarted])
+        logger.info("%s: ended %d cancelled job(s) no thread had started", self.queue_name, len(unstarted))
 
     def _reap(self) -> None:
         """Put back what lost workers held; end the jobs among them that must not run again,

@@ -488,8 +488,8 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
         if outcome == "cancelled":
             print(f"cancelled {job_id}")
         else:
-            print(f"cancelling {job_id}: it is running; its worker interrupts it and the job ends cancelled, "
-                  "unless it finishes first (see its status)")
+            print(f"cancelling {job_id}: a worker holds it; it ends cancelled at once if no thread has started "
+                  "it, else its worker interrupts it, unless it finishes first (see its status)")
         return 0
     finally:
         conn.close()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from dramatiq.results import ResultFailure
+
 from tests import actors
 from tests.support import disagreements, effects, job, query, running_worker, wait_for
 
@@ -59,4 +62,38 @@ def test_a_duplicate_send_of_a_running_unique_job_gets_its_result(db_url: str, t
         assert again.message_id != first.message_id
         wait_for(lambda: job(db_url, again.message_id)["status"] == "completed", what="the new job")
     assert len(effects(db_url, "started")) == 2
+    assert disagreements(db_url) == []
+
+
+def test_a_job_its_busy_worker_holds_unstarted_ends_cancelled_at_once_and_frees_its_key(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a worker with a single thread, busy with a job that waits for a gate, and holding
+    # (prefetched, no thread free to start it) a unique job behind it
+    long_job = actors.wait_for_gate.send("long")
+    with running_worker(db_url, tmp_path, threads=1):
+        wait_for(lambda: job(db_url, long_job.message_id)["status"] == "running", what="the long job to run")
+        queued = actors.noop.send_with_options(args=("fix me",), unique_key="sync:42")
+        claimed = "SELECT claim_token IS NOT NULL AS claimed FROM control_plane.messages WHERE id = %s"
+        wait_for(lambda: query(db_url, claimed, (queued.message_id,)) == [{"claimed": True}],
+                 what="the worker to hold the unique job")  # fmt: skip
+        # When an operator cancels it
+        (row,) = query(db_url, "SELECT control_plane.cancel_job(%s) AS outcome", (queued.message_id,))
+        assert row["outcome"] == "cancelling"
+        # Then it ends cancelled while the long job still runs (not when a thread is free), no attempt
+        # charged, and its caller hears it
+        wait_for(lambda: job(db_url, queued.message_id)["status"] == "cancelled", what="the cancel to take effect")
+        assert job(db_url, long_job.message_id)["status"] == "running"
+        assert job(db_url, queued.message_id)["attempts"] == 0
+        with pytest.raises(ResultFailure, match="cancelled by operator"):
+            queued.get_result(block=True, timeout=10_000)
+        # And its key is free: a corrected send makes a new job, which runs once the thread is free
+        again = actors.noop.send_with_options(args=("fixed",), unique_key="sync:42")
+        assert again.message_id != queued.message_id
+        query(db_url, "INSERT INTO test_support.gates (name) VALUES ('long')")
+        wait_for(lambda: job(db_url, again.message_id)["status"] == "completed", what="the corrected job")
+    # And the cancelled one never ran, and its late refusal by the thread changed nothing
+    final = job(db_url, queued.message_id)
+    assert (final["status"], final["attempts"], final["errors"]) == ("cancelled", 0, [])
+    assert [str(e["message_id"]) for e in effects(db_url, "started")] == [long_job.message_id]
     assert disagreements(db_url) == []

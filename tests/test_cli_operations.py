@@ -174,7 +174,7 @@ def test_jobs_cancel_cancels_pending_jobs_and_asks_for_running_ones(
     assert cancel_pending.stdout.strip() == f"cancelled {pending.message_id}"
     assert job(db_url, pending.message_id)["status"] == "cancelled"
     assert cancel_running.returncode == 0, cancel_running.stderr
-    assert cancel_running.stdout.startswith(f"cancelling {running.message_id}: it is running")
+    assert cancel_running.stdout.startswith(f"cancelling {running.message_id}: a worker holds it")
     assert query(db_url, "SELECT cancel_requested_at IS NOT NULL AS asked FROM control_plane.messages")[0]["asked"]
     consumer.close()
     # And a job that cannot be cancelled, or does not exist, is one clear line

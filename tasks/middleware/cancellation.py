@@ -117,8 +117,10 @@ class Cancellation(Middleware):
         setattr(run, _WRAPPED, True)
         return run
 
-    def cancel(self, messages: Iterable[Any]) -> None:
-        """Interrupt the threads running ``messages`` (claimed message proxies); refuse them if not started."""
+    def cancel(self, messages: Iterable[Any]) -> list[Any]:
+        """Interrupt the threads running ``messages`` (claimed message proxies); refuse them if not
+        started. Returns those no thread had begun: from now on, any thread refuses them."""
+        refused = []
         with self._lock:
             for message in messages:
                 if getattr(message, "cancel_requested", False):
@@ -126,6 +128,7 @@ class Cancellation(Middleware):
                 message.cancel_requested = True
                 entry = self._running.get(message.message_id)
                 if entry is None or entry[1] is not message:
+                    refused.append(message)
                     continue  # not started yet: before_process_message refuses it
                 thread_id = entry[0]
                 if thread_id not in self._in_actor:
@@ -137,12 +140,14 @@ class Cancellation(Middleware):
                     thread_id,
                 )
                 raise_thread_exception(thread_id, Cancelled)
+        return refused
 
 
-def interrupt(broker: dramatiq.Broker, messages: Iterable[Any]) -> None:
-    """Hand ``messages`` to the broker's :class:`Cancellation` middleware (the consumer thread calls this)."""
+def interrupt(broker: dramatiq.Broker, messages: Iterable[Any]) -> list[Any]:
+    """Hand ``messages`` to the broker's :class:`Cancellation` middleware (the consumer thread calls
+    this); returns those it will refuse, as no thread had begun them (see :meth:`Cancellation.cancel`)."""
     for middleware in broker.middleware:
         if isinstance(middleware, Cancellation):
-            middleware.cancel(messages)
-            return
+            return middleware.cancel(messages)
     logger.warning("jobs were cancelled, but the broker has no Cancellation middleware to interrupt them")
+    return []
