@@ -490,6 +490,9 @@ SELECT pg_notify('control_plane_messages', q.queue)
 FROM (SELECT DISTINCT queue FROM r WHERE eta <= now() AND NOT spent) AS q
 """
 
+#: Which of some jobs are cancelled (those a RELEASE of cancelled messages ended).
+CANCELLED_AMONG = "SELECT id::text FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[]) AND status = 'cancelled'"
+
 #: Extend the leases of the claims this worker holds, and record its heartbeat.
 #: Returns the ids of held messages whose cancellation an operator requested
 #: (``control_plane.cancel_job``): the worker interrupts them.

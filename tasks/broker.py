@@ -51,7 +51,7 @@ import psycopg2.extensions
 from dramatiq.common import compute_backoff, q_name
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError, QueueJoinTimeout
 from dramatiq.message import Message, get_encoder
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, SkipMessage
 
 from models import queries
 from tasks import db
@@ -471,6 +471,9 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.settled = False
         #: Set by the Cancellation middleware when an operator cancels this message.
         self.cancel_requested = False
+        #: Set when its consumer ended its job, cancelled, before any thread started it
+        #: (``_PostgresConsumer._end_unstarted``): a thread that comes to it skips it unseen.
+        self.ended_unstarted = False
         #: When a worker thread started it (monotonic seconds; 0: not started).
         self.started_mono = 0.0
         # The message's fields as the proxy's own attributes: Dramatiq and the
@@ -812,6 +815,10 @@ class PostgresBroker(dramatiq.Broker):
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         if signal == "process_message" and args and isinstance(args[0], PgMessageProxy):
+            if args[0].ended_unstarted:
+                # Ended, its hooks sent and its caller told, by its consumer: nothing to do, and no
+                # middleware may act on it again (a late on_failure, a result overwritten).
+                raise SkipMessage("cancelled before it started; ended by its consumer")
             self._started(args[0])
         elif signal == "worker_shutdown":
             self._stop_claiming(args[0] if args else None)
@@ -819,6 +826,8 @@ class PostgresBroker(dramatiq.Broker):
         self._call(self._listeners(signal), signal, *args, **kwargs)
 
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        if args and isinstance(args[0], PgMessageProxy) and args[0].ended_unstarted:
+            return  # (see emit_before: skipped, unseen by the middleware)
         if signal == "worker_shutdown":  # its consumers are closed: a worker started later claims again
             self.stopping = False
         signal = "after_" + signal
@@ -1699,21 +1708,43 @@ class _PostgresConsumer(dramatiq.Consumer):
 
         A message a thread has begun (``started`` is set before the Cancellation middleware's
         check) is left to it: interrupted, or its outcome stands. The rest are given back
-        (``RELEASE`` ends a cancelled one's job), their callers told, and they are marked
-        settled: when a thread comes to one, refuses it and settles it, nothing is written.
+        (``RELEASE`` ends a cancelled one's job) with their failure hooks sent in the same
+        transaction, as the reaper sends a cancelled job's, from this process, which declares
+        their actors; then their callers are told. A thread that comes to one later skips it
+        unseen by the middleware (see ``PostgresBroker.emit_before``).
         """
         unstarted = [p for p in refused if not p.started and not p.settled]
         if not unstarted:
             return
         for p in unstarted:
-            p.settled = True
+            p.settled = p.ended_unstarted = True
         with self.state.lock:
             kept = [p for p in self.state.buffer if p not in unstarted]
             self.state.buffer.clear()
             self.state.buffer.extend(kept)
-        self._release(unstarted)
-        self._store_reaped_results([p.message_id for p in unstarted])
-        logger.info("%s: ended %d cancelled job(s) no thread had started", self.queue_name, len(unstarted))
+            for p in unstarted:
+                if self.state.inflight.get(p.message_id) is p:
+                    del self.state.inflight[p.message_id]
+        if not self._usable():
+            return  # their leases will expire; the reaper ends them cancelled, with their hooks
+        ids = [p.message_id for p in unstarted]
+        with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn:
+            with conn.cursor() as cur:
+                cur.execute(queries.RELEASE, {"ids": ids, "tokens": [p.claim_token for p in unstarted],
+                                              "started": [False] * len(ids), "worker": self.broker.worker_id})
+                cur.execute(queries.CANCELLED_AMONG, {"ids": ids})
+                ended = {row[0] for row in cur.fetchall()}
+                # (this thread heartbeats: a hook's send must not wait long on a lock)
+                cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")
+            deadline = time.monotonic() + REAPED_HOOKS_SECONDS
+            with enqueue_in(conn):
+                for p in unstarted:
+                    if p.message_id in ended:
+                        job = {"id": p.message_id, "fate": "cancel", "error": "cancelled by operator",
+                               "attempts": 0, "max_attempts": 0}
+                        self._send_hooks_of_lost(conn, job, encode_message(p._message), deadline)
+        self._store_reaped_results(sorted(ended))
+        logger.info("%s: ended %d cancelled job(s) no thread had started", self.queue_name, len(ended))
 
     def _reap(self) -> None:
         """Put back what lost workers held; end the jobs among them that must not run again,

@@ -65,15 +65,24 @@ def test_a_duplicate_send_of_a_running_unique_job_gets_its_result(db_url: str, t
     assert disagreements(db_url) == []
 
 
+def _hooks_of(db_url: str, message_id: str) -> list[dict[str, object]]:
+    return query(db_url, "SELECT created_at, payload -> 'args' AS args FROM control_plane.jobs "
+                         "WHERE type = 'tests.callback_sink' AND payload -> 'args' -> 0 ->> 'message_id' = %s",
+                 (message_id,))  # fmt: skip
+
+
 def test_a_job_its_busy_worker_holds_unstarted_ends_cancelled_at_once_and_frees_its_key(
     db_url: str, tmp_path: Path
 ) -> None:
     # Given a worker with a single thread, busy with a job that waits for a gate, and holding
-    # (prefetched, no thread free to start it) a unique job behind it
+    # (prefetched into Dramatiq's work queue, no thread free to start it) a unique job behind it,
+    # with failure hooks (one still in its consumer's buffer: the next test)
     long_job = actors.wait_for_gate.send("long")
+    sink = "tests.callback_sink"
     with running_worker(db_url, tmp_path, threads=1):
         wait_for(lambda: job(db_url, long_job.message_id)["status"] == "running", what="the long job to run")
-        queued = actors.noop.send_with_options(args=("fix me",), unique_key="sync:42")
+        queued = actors.noop.send_with_options(args=("fix me",), unique_key="sync:42", store_results=True,
+                                               on_failure=sink, on_final_failure=sink)  # fmt: skip
         claimed = "SELECT claim_token IS NOT NULL AS claimed FROM control_plane.messages WHERE id = %s"
         wait_for(lambda: query(db_url, claimed, (queued.message_id,)) == [{"claimed": True}],
                  what="the worker to hold the unique job")  # fmt: skip
@@ -81,10 +90,11 @@ def test_a_job_its_busy_worker_holds_unstarted_ends_cancelled_at_once_and_frees_
         (row,) = query(db_url, "SELECT control_plane.cancel_job(%s) AS outcome", (queued.message_id,))
         assert row["outcome"] == "cancelling"
         # Then it ends cancelled while the long job still runs (not when a thread is free), no attempt
-        # charged, and its caller hears it
+        # charged, its failure hooks sent with it, and its caller told
         wait_for(lambda: job(db_url, queued.message_id)["status"] == "cancelled", what="the cancel to take effect")
         assert job(db_url, long_job.message_id)["status"] == "running"
         assert job(db_url, queued.message_id)["attempts"] == 0
+        assert len(_hooks_of(db_url, queued.message_id)) == 2  # on_failure, on_final_failure
         with pytest.raises(ResultFailure, match="cancelled by operator"):
             queued.get_result(block=True, timeout=10_000)
         # And its key is free: a corrected send makes a new job, which runs once the thread is free
@@ -92,8 +102,12 @@ def test_a_job_its_busy_worker_holds_unstarted_ends_cancelled_at_once_and_frees_
         assert again.message_id != queued.message_id
         query(db_url, "INSERT INTO test_support.gates (name) VALUES ('long')")
         wait_for(lambda: job(db_url, again.message_id)["status"] == "completed", what="the corrected job")
-    # And the cancelled one never ran, and its late refusal by the thread changed nothing
+    # And the cancelled one never ran; when the thread came to it, it skipped it unseen: no hook
+    # sent again, its caller's answer not rewritten, its row as the cancel left it
     final = job(db_url, queued.message_id)
     assert (final["status"], final["attempts"], final["errors"]) == ("cancelled", 0, [])
     assert [str(e["message_id"]) for e in effects(db_url, "started")] == [long_job.message_id]
+    assert len(_hooks_of(db_url, queued.message_id)) == 2
+    with pytest.raises(ResultFailure, match="cancelled by operator"):
+        queued.get_result()
     assert disagreements(db_url) == []

@@ -12,11 +12,11 @@ from typing import Any
 import psycopg2
 import pytest
 from dramatiq.message import Message
+from dramatiq.middleware import SkipMessage
 from dramatiq.results import ResultFailure, ResultMissing
 
 import tasks
 from tasks.broker import PostgresBroker
-from tasks.errors import Cancelled
 from tests import actors
 from tests.support import (
     ROOT,
@@ -354,16 +354,43 @@ def test_cancel_job_asks_the_worker_holding_a_running_job_to_interrupt_it(db_url
     assert count(db_url, "messages") == 0
     with pytest.raises(ResultFailure, match="cancelled by operator"):
         message.get_result(backend=tasks.broker.get_results_backend())
-    # And when a thread comes to it, it refuses it and writes nothing more
-    with pytest.raises(Cancelled) as refused:
+    # And when a thread comes to it, it skips it (what Dramatiq's worker thread does with a
+    # SkipMessage: the after hooks, then an ack), unseen by the middleware, and writes nothing more
+    with pytest.raises(SkipMessage):
         tasks.broker.emit_before("process_message", held)
-    # (what Dramatiq's worker thread does with an exception)
-    held.stuff_exception(refused.value)
-    tasks.broker.emit_after("process_message", held, exception=refused.value)
-    consumer.nack(held)
+    tasks.broker.emit_after("skip_message", held)
+    consumer.ack(held)
     consumer._flush()
     consumer.close()
     assert job(db_url, message.message_id) == row
+    with pytest.raises(ResultFailure, match="cancelled by operator"):
+        message.get_result(backend=tasks.broker.get_results_backend())
+    assert disagreements(db_url) == []
+
+
+def test_a_cancelled_job_still_in_its_consumers_buffer_ends_at_once_with_its_hooks(db_url: str) -> None:
+    # Given two messages claimed in one statement, the second still in the consumer's buffer (not
+    # handed to Dramatiq yet), with failure hooks
+    first = actors.noop.send(1)
+    sink = "tests.callback_sink"
+    second = actors.noop.send_with_options(args=(2,), on_failure=sink, on_final_failure=sink)
+    consumer = tasks.broker.consume("default", prefetch=2, timeout=300)
+    try:
+        assert next(consumer).message_id == first.message_id
+        assert [p.message_id for p in consumer.state.buffer] == [second.message_id]
+        # When an operator cancels the second, and the consumer heartbeats
+        assert scalar(db_url, "SELECT control_plane.cancel_job(%s)", second.message_id) == "cancelling"
+        consumer._next_heartbeat = 0.0
+        consumer._housekeeping()
+        # Then its job is cancelled, its hooks sent once, and the consumer hands it to no thread
+        assert job(db_url, second.message_id)["status"] == "cancelled"
+        hooks = "SELECT count(*) FROM control_plane.jobs WHERE type = 'tests.callback_sink'"
+        assert scalar(db_url, hooks) == 2  # on_failure, on_final_failure
+        handed = [next(consumer) for _ in range(3)]  # (what it claims now: the hooks' messages)
+        assert second.message_id not in {p.message_id for p in handed if p is not None}
+    finally:
+        consumer.close()
+    assert scalar(db_url, hooks) == 2
     assert disagreements(db_url) == []
 
 
