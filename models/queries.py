@@ -445,8 +445,9 @@ SETTLE_STORING_RESULTS = _SETTLE_CTES + """, stored AS (
 #: A message whose cancellation was requested is not given back: its job ends cancelled.
 #: An interrupted attempt that used up its job's attempts is not given back either (a job
 #: cut by every deploy would run forever): its lease ends at once, marked ``epoch`` (1970: a
-#: release's, not a lost worker's), and the next reap of any worker ends the job as it ends
-#: a lost worker's (REAP: its failure hooks, its callers' result).
+#: release's, not a lost worker's), and a reap ends the job as it ends a lost worker's (REAP:
+#: its failure hooks, its callers' result): the releasing consumer's own, right after, which
+#: declares the job's actors (another pool's worker might not), or any worker's next.
 RELEASE = """
 WITH a AS (
     SELECT t.id, t.token, t.started,
@@ -585,7 +586,7 @@ WITH r AS (
     SELECT l.id, coalesce(l.worker, 'unknown') AS worker, l.fate, l.body,
            j.attempts + CASE WHEN j.status = 'running' THEN 0 ELSE 1 END AS attempt,
            CASE WHEN l.released  -- (RELEASE's: an attempt a shutdown interrupted, its last)
-                THEN 'interrupted: worker ' || coalesce(l.worker, 'unknown') || ' shut down before the job finished'
+                THEN 'interrupted: the worker shut down before the job finished'
                 ELSE 'lease expired: worker ' || coalesce(l.worker, 'unknown') || ' stopped heartbeating'
            END AS error,
            CASE WHEN l.released THEN '' ELSE ' (killed or cut off)' END AS why

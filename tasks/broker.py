@@ -1410,6 +1410,11 @@ class _PostgresConsumer(dramatiq.Consumer):
                         leftovers = list(self.state.inflight.values())
                         self.state.buffer.clear()
                     self._release(leftovers)
+                    if any(p.started for p in leftovers):
+                        # An interrupted last attempt is left to a reap (RELEASE): this process's,
+                        # now, which declares its actors and so can send its failure hooks (a
+                        # worker of another pool might not).
+                        self._reap()
                     with self.conn.cursor() as cur:
                         cur.execute(queries.WORKER_GONE, {"worker": self.broker.worker_id})
         except psycopg2.Error:
