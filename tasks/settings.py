@@ -59,11 +59,14 @@ def _url_problem(url: str) -> str | None:
         first = next(iter(str(exc).strip().splitlines()), "").removeprefix("invalid dsn: ")
         return f"is not a valid PostgreSQL URL ({unquoted(first)})"
     ports = (parts.get("port") or "").split(",")
-    if any(port and not port.isdigit() for port in ports) or "@" in (parts.get("host") or ""):
+    # (A '/' after digits: the user name read as the host, the digits as the port, the rest of
+    # the password and the host as the database's name, which the server's refusal quotes.)
+    misread = "@" in (parts.get("host") or "") or "@" in (parts.get("dbname") or "")
+    if any(port and not port.isdigit() for port in ports) or misread:
         return (
-            "is not a valid PostgreSQL URL: its port is not a number or its host holds an '@'; a "
-            "password or user name with '/', '@' or '%' must be percent-encoded ('/' as %2F, '@' as %40, "
-            "'%' as %25)"
+            "is not a valid PostgreSQL URL: its port is not a number, or its host or database name holds "
+            "an '@'; a password or user name with '/', '@' or '%' must be percent-encoded ('/' as %2F, "
+            "'@' as %40, '%' as %25)"
         )
     return None
 

@@ -461,6 +461,7 @@ def test_the_environment_guard_holds_a_change_until_the_connects_end_and_bounds_
         "postgresql://cp:q8ZmR2vXk1/Lw3+Tz9PbH7aQ==@127.0.0.1:5432/db",  # a base64 password's '/'
         "postgresql://cp:q8ZmR2vXk1@Lw3+Tz9PbH7aQ==@127.0.0.1/db",  # an '@' in the password
         "postgresql://cp:q8ZmR2vXk1%Lw3+Tz9PbH7aQ==@127.0.0.1/db",  # a '%' that encodes nothing
+        "postgresql://localhost:5432/q8ZmR2vXk1Lw3+Tz9PbH7aQ==@127.0.0.1/db",  # a '/' after a user's digits
     ],
 )
 def test_a_url_libpq_would_misread_is_refused_at_start_quoting_none_of_it(name: str, url: str) -> None:

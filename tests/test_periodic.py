@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -167,6 +168,27 @@ def test_a_clock_refuses_at_start_a_retention_the_server_does_not_read(db_url: s
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert len(ticks(db_url, "tests.every_minute")) == 1
+
+
+def test_a_clock_started_before_its_database_is_up_waits_for_it(tmp_path: Path) -> None:
+    # Given no server where the clock's DATABASE_URL points (a clock started before PostgreSQL)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # (free: nothing listens once it is closed)
+    env = {**os.environ, "DATABASE_URL": f"postgresql://root@127.0.0.1:{port}/postgres", "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "clock.log"
+    with open(log, "w") as out:
+        clock = subprocess.Popen([sys.executable, "-m", "tasks.cli", "clock"], env=env, cwd=ROOT, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        # When it starts, Then it says it could not check the retentions, and keeps trying to
+        # read its ticks, running, as the workers wait for their database (it used to exit 1)
+        wait_for(lambda: "trying again" in log.read_text() or clock.poll() is not None, what="the clock's first look")
+        assert clock.poll() is None, log.read_text()
+        assert "the retentions are not checked against the server" in log.read_text()
+    finally:
+        clock.terminate()
+        clock.wait(30)
 
 
 def test_the_clock_goes_by_the_databases_time_not_its_hosts(
