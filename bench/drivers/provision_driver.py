@@ -127,6 +127,9 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
     secrets.pepper(settings)
 
     def claim(valid: p.ProvisionPayload) -> ProjectState:
+        # A tree before 3f76e32 (an A/B against an older --ours-root) takes the nonce as a
+        # parameter and returns nothing; since, the server makes it and the INSERT returns it.
+        given = os.urandom(32)
         with control_transaction() as conn, conn.cursor() as cur:
             cur.execute(
                 q.INSERT_PROJECT,
@@ -138,11 +141,12 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
                     "region": valid.region,
                     "owner_id": valid.owner_id,
                     "organization_id": valid.organization_id,
+                    "secret_nonce": given,
                     "secrets_ttl": settings.secrets_ttl_seconds,
                     "job_id": None,
                 },
             )
-            nonce = bytes(cur.fetchone()[0])  # (the server makes it: see INSERT_PROJECT)
+            nonce = bytes(cur.fetchone()[0]) if cur.description else given
         return ProjectState(payload=valid, status="provisioning", steps={}, secret_nonce=nonce, job_id=None)
 
     def activate(state: ProjectState) -> None:
