@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import dramatiq
 import psycopg2
@@ -1134,10 +1135,14 @@ def test_the_result_names_the_tenant_server_and_its_credentials_log_in_there(
 ) -> None:
     from tasks.provision import reveal_secrets
 
-    # Given a tenant server spelled differently from the control plane's URL (same server here)
+    # Given a tenant server spelled differently from the control plane's URL (the same server here:
+    # 127.0.0.1 as localhost, or the embedded server's socket directory with a trailing slash)
     target = psycopg2.extensions.parse_dsn(db_url)
-    assert target["host"] == "127.0.0.1"
-    monkeypatch.setenv("PROVISION_DATABASE_URL", db_url.replace("@127.0.0.1", "@localhost", 1))
+    other = target["host"] + "/" if target["host"].startswith("/") else "localhost"
+    assert target["host"] in ("127.0.0.1", other[:-1])
+    port = int(target.get("port") or 5432)
+    monkeypatch.setenv("PROVISION_DATABASE_URL", f"postgresql://{quote(target['user'])}@/{quote(target['dbname'])}"
+                                                 f"?host={quote(other, safe='')}&port={port}")  # fmt: skip
     claimed(project)
     pid = project["project_id"]
     # When every step runs
@@ -1146,7 +1151,7 @@ def test_the_result_names_the_tenant_server_and_its_credentials_log_in_there(
     result = query(db_url, "SELECT result FROM control_plane.projects WHERE project_id = %s", (pid,))[0]["result"]
     # Then the result names the tenant server, and the revealed password logs in with what it says
     database = result["database"]
-    assert (database["host"], database["port"]) == ("localhost", int(target.get("port") or 5432))
+    assert (database["host"], database["port"]) == (other, port)
     secrets = reveal_secrets(Settings.from_env(), pid)
     conn = psycopg2.connect(host=database["host"], port=database["port"], dbname=database["database"],
                             user=database["user"], password=secrets["database_password"])
