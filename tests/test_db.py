@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from pathlib import Path
 
 import psycopg2
@@ -197,6 +199,33 @@ def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_p
         assert "created a new" not in started.stderr  # the same one, started again
     finally:
         subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another user only when root starts it")
+def test_an_embedded_server_stops_though_a_directory_above_its_data_was_closed_since_it_started(
+    tmp_path: Path,
+) -> None:
+    import psutil
+
+    from tests.support import query, wait_for
+
+    # Given an embedded server root started (it runs as another user, and the library opened the
+    # directories above its data to that user), under a directory then closed to other users
+    # again (as pytest closes /tmp/pytest-of-root when another test process starts)
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    home = closed / "home"
+    url = db.embedded_url(home, "postgres")
+    assert query(url, "SELECT 1 AS one") == [{"one": 1}]
+    pid = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
+    os.chmod(closed, 0o700)
+    try:
+        # When it is stopped, Then it stops (pg_ctl, run as the server's user, failed and it ran on)
+        assert db.stop_embedded(home) is True
+        wait_for(lambda: not psutil.pid_exists(pid), what="the postmaster to exit")
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGINT)
 
 
 def test_the_embedded_server_survives_odd_homes_reused_pids_failed_starts_and_a_big_log(
