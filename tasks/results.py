@@ -125,6 +125,12 @@ class PostgresBackend(ResultBackend):
     def store_exception(self, message: Message[Any], exception: Exception, ttl: int) -> None:
         """Store the failure with its message redacted, as ``control_plane.jobs.last_error`` holds it."""
         wrapped = wrap_exception(exception)
+        if not str(wrapped["exn"]["msg"]).strip():
+            # An exception raised into the thread by its class (a time limit, an operator's cancel)
+            # says nothing: the caller gets the reason last_error gives ("Cancelled: <why>").
+            from tasks.middleware.jobs_mirror import describe_error
+
+            wrapped["exn"]["msg"] = describe_error(exception, message).partition(": ")[2]
         wrapped["exn"]["msg"] = persistable(wrapped["exn"]["msg"])
         with _with_outcome(message):
             self._store(self.build_message_key(message), wrapped, ttl)

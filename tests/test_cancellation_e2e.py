@@ -16,7 +16,7 @@ def test_a_running_job_cancelled_with_cancel_job_is_interrupted_and_ends_cancell
 ) -> None:
     # Given a worker with a single thread, running a job that waits for a gate nobody opens
     # (the actor allows 3 attempts, so a failure would be retried)
-    message = actors.wait_for_gate.send("never opened")
+    message = actors.wait_for_gate.send_with_options(args=("never opened",), store_results=True)
     with running_worker(db_url, tmp_path, threads=1) as worker:
         wait_for(lambda: effects(db_url, "started"), what="the job to start")
         # (its worker marks it running once it has run for RUNNING_MARK_DELAY_SECONDS)
@@ -39,6 +39,10 @@ def test_a_running_job_cancelled_with_cancel_job_is_interrupted_and_ends_cancell
     assert final["completed_at"] is not None
     assert final["last_error"] == "cancelled by operator"
     assert [e["error"] for e in final["errors"]] == ["Cancelled: an operator cancelled the job while it ran"]
+    # And its caller is told why (the interrupt's exception says nothing: it was "Cancelled: ")
+    with pytest.raises(ResultFailure) as failure:
+        message.get_result()
+    assert str(failure.value).endswith("Cancelled: an operator cancelled the job while it ran")
     assert len(effects(db_url, "started")) == 1
     assert effects(db_url, "finished") == []
     assert job(db_url, message.message_id)["status"] == "cancelled"

@@ -478,13 +478,17 @@ def test_a_slow_write_after_the_actor_returned_is_not_cut_by_its_time_limit(db_u
 
 
 def test_an_exceeded_time_limit_fails_the_attempt_with_a_clear_error(db_url: str, tmp_path: Path) -> None:
-    message = actors.too_slow.send()
+    message = actors.too_slow.send_with_options(store_results=True)
     with running_worker(db_url, tmp_path):
         final = wait_for(
             lambda: job(db_url, message.message_id)["status"] == "failed" and job(db_url, message.message_id),
             what="the time limit to fire",
         )
     assert final["last_error"] == "TimeLimitExceeded: the attempt ran longer than its time limit of 300 ms"
+    # And its caller is told the same (Dramatiq's exception says nothing: it was "TimeLimitExceeded: ")
+    with pytest.raises(ResultFailure) as failure:
+        message.get_result()
+    assert str(failure.value).endswith("TimeLimitExceeded: the attempt ran longer than its time limit of 300 ms")
 
 
 def test_unknown_actor_and_malformed_rows_fail_clearly_and_the_worker_goes_on(
