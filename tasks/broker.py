@@ -1727,17 +1727,14 @@ class _PostgresConsumer(dramatiq.Consumer):
             kept = [p for p in self.state.buffer if p not in unstarted]
             self.state.buffer.clear()
             self.state.buffer.extend(kept)
-            for p in unstarted:
-                if self.state.inflight.get(p.message_id) is p:
-                    del self.state.inflight[p.message_id]
         if not self._usable():
-            return  # their leases will expire; the reaper ends them cancelled, with their hooks
-        ids = [p.message_id for p in unstarted]
+            # (forgotten here: their leases expire, and the reaper ends them cancelled, with their hooks)
+            self._release(unstarted)
+            return
         with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn:
+            self._release(unstarted)  # in this transaction: RELEASE ends a cancelled message's job
             with conn.cursor() as cur:
-                cur.execute(queries.RELEASE, {"ids": ids, "tokens": [p.claim_token for p in unstarted],
-                                              "started": [False] * len(ids), "worker": self.broker.worker_id})
-                cur.execute(queries.CANCELLED_AMONG, {"ids": ids})
+                cur.execute(queries.CANCELLED_AMONG, {"ids": [p.message_id for p in unstarted]})
                 ended = {row[0] for row in cur.fetchall()}
                 # (this thread heartbeats: a hook's send must not wait long on a lock)
                 cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")

@@ -25,7 +25,7 @@ from dramatiq.errors import ConnectionClosed
 from models import queries
 from tasks import db
 from tasks.errors import ConfigurationError
-from tasks.redaction import redact, unquoted
+from tasks.redaction import redact
 from tasks.settings import Settings, retention_problem
 
 
@@ -58,10 +58,8 @@ def _connect(url: str) -> Any:
     try:
         return db.connect(url, autocommit=True, application_name="controlplane-cli")
     except psycopg2.Error as exc:
+        # (A URL libpq cannot read, whose error would quote part of it, is refused by the settings.)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection refused"
-        if first.startswith("invalid dsn"):
-            # libpq quotes the part of the URL it could not read, which may be the password
-            raise UserError(f"DATABASE_URL is not a valid PostgreSQL URL ({unquoted(first)})") from None
         raise UserError(f"cannot connect to the database: {first}") from exc
 
 
