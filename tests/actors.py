@@ -52,6 +52,16 @@ def always_fails(reason: str) -> None:
     raise RuntimeError(f"failed on purpose: {reason}")
 
 
+def _two_retries(retries: int, exception: BaseException) -> bool:
+    return retries < 2
+
+
+@dramatiq.actor(actor_name="tests.retried_when", retry_when=_two_retries, min_backoff=50, max_backoff=100)
+def retried_when(reason: str) -> None:
+    record("attempt", reason)
+    raise RuntimeError(f"failed on purpose: {reason}")
+
+
 @dramatiq.actor(actor_name="tests.fails_then_succeeds", max_attempts=5, min_backoff=100, max_backoff=400)
 def fails_then_succeeds(times: int) -> str:
     message = CurrentMessage.get_current_message()

@@ -108,3 +108,58 @@ def test_attempts_beyond_the_jobs_rows_integer_are_the_unlimited_number() -> Non
 
     assert max_attempts_for(broker, huge.message()) == UNLIMITED_ATTEMPTS
     assert max_attempts_for(broker, huge.message_with_options(max_retries=2**40)) == UNLIMITED_ATTEMPTS
+
+
+def test_retry_when_decides_and_the_row_says_unlimited_unless_max_attempts_bounds_it() -> None:
+    # Given actors whose retry_when retries every failure: one bounded by an explicit max_attempts
+    broker = RecordingBroker()
+    exhausted: list[dict[str, Any]] = []
+
+    @dramatiq.actor(broker=broker, actor_name="math.exhausted")
+    def on_exhausted(message: dict[str, Any], info: dict[str, Any]) -> None: ...
+
+    def always(retries: int, exception: BaseException) -> bool:
+        return True
+
+    @dramatiq.actor(broker=broker, actor_name="math.decided", retry_when=always, min_backoff=1, max_backoff=2)
+    def decided() -> None: ...
+
+    @dramatiq.actor(broker=broker, actor_name="math.capped", retry_when=always, max_attempts=3, max_retries=50,
+                    min_backoff=1, max_backoff=2, on_retry_exhausted="math.exhausted")  # fmt: skip
+    def capped() -> None: ...
+
+    broker.enqueue = lambda message, *, delay=None: (  # type: ignore[method-assign]
+        exhausted.append(message.args[1]) if message.actor_name == "math.exhausted" else broker.delays.append(delay)
+    )
+    # Then the unbounded one's jobs row says unlimited, not the default of 20 it would not obey
+    assert max_attempts_for(broker, decided.message()) == UNLIMITED_ATTEMPTS
+    assert max_attempts_for(broker, decided.message_with_options(max_retries=2)) == UNLIMITED_ATTEMPTS
+    # And it is retried past 20 failures, as Dramatiq's retry_when would
+    proxy = dramatiq.MessageProxy(decided.message())
+    for _ in range(25):
+        fail(broker, proxy, RuntimeError("boom"))
+    assert not proxy.failed and len(broker.delays) == 25
+    # And the bounded one says 3 and fails on its third failure, with on_retry_exhausted told
+    assert max_attempts_for(broker, capped.message()) == 3
+    assert max_attempts_for(broker, capped.message_with_options(max_attempts=2)) == 2
+    broker.delays.clear()
+    proxy = dramatiq.MessageProxy(capped.message())
+    for _ in range(3):
+        fail(broker, proxy, RuntimeError("boom"))
+    assert proxy.failed and len(broker.delays) == 2
+    assert proxy.options["retries"] == 3
+    assert exhausted == [{"retries": 2, "max_retries": 2}]
+
+
+def test_a_retry_when_that_declines_fails_the_job_before_its_max_attempts() -> None:
+    broker = RecordingBroker()
+
+    @dramatiq.actor(broker=broker, actor_name="math.choosy", max_attempts=10, min_backoff=1, max_backoff=2,
+                    retry_when=lambda retries, exception: isinstance(exception, ConnectionError))  # fmt: skip
+    def choosy() -> None: ...
+
+    proxy = dramatiq.MessageProxy(choosy.message())
+    fail(broker, proxy, ConnectionError("flaky"))
+    assert not proxy.failed and len(broker.delays) == 1
+    fail(broker, proxy, ValueError("bad input"))
+    assert proxy.failed and len(broker.delays) == 1

@@ -20,6 +20,7 @@ from dramatiq.results import ResultFailure, ResultTimeout
 
 import tasks
 from tasks.broker import PostgresBroker
+from tasks.middleware import UNLIMITED_ATTEMPTS
 from tests import actors
 from tests.support import (
     WorkerProcess,
@@ -322,6 +323,26 @@ def test_a_failing_job_retries_with_exponential_backoff_then_fails(db_url: str, 
     assert [str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.failed_jobs")] == [
         message.message_id
     ]
+
+
+def test_a_retry_when_actor_runs_as_its_predicate_says_and_its_row_claims_no_bound(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given an actor whose retry_when allows two retries, and no max_attempts
+    message = actors.retried_when.send("picky")
+    # Then its row does not claim the default of 20 attempts, which it would not obey
+    assert job(db_url, message.message_id)["max_attempts"] == UNLIMITED_ATTEMPTS
+    with running_worker(db_url, tmp_path):
+        # When it runs
+        final = wait_for(
+            lambda: job(db_url, message.message_id)["status"] == "failed" and job(db_url, message.message_id),
+            timeout=60,
+            what="the job to fail",
+        )
+    # Then it failed after the three attempts its predicate allowed
+    assert len(effects(db_url, "attempt")) == 3
+    assert final["attempts"] == 3
+    assert [e["attempt"] for e in final["errors"]] == [1, 2, 3]
 
 
 def test_each_retry_updates_attempts_last_error_and_the_backoff(db_url: str, tmp_path: Path) -> None:

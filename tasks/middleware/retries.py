@@ -4,7 +4,8 @@
 included: ``max_attempts=3`` is Dramatiq's ``max_retries=2``. Any
 :class:`tasks.errors.PermanentError` fails the job at once, with no retry,
 whether or not the actor lists it in ``throws``; a :class:`tasks.errors.Cancelled`
-interrupt is never retried either.
+interrupt is never retried either. Under an actor's ``retry_when`` the predicate
+decides, as in Dramatiq, and only an explicit ``max_attempts`` bounds it too.
 
 ``on_final_failure`` (an actor name, per actor or per message) is sent once
 when a job fails for good, permanent error or retries spent (Dramatiq's
@@ -24,6 +25,7 @@ error text is.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from typing import Any
 
@@ -52,7 +54,8 @@ class _RedactedTracebacks:
         return getattr(traceback, name)
 
 
-setattr(dramatiq_retries, "traceback", _RedactedTracebacks())  # noqa: B010 (Dramatiq does not export it)
+_TRACEBACKS = _RedactedTracebacks()
+setattr(dramatiq_retries, "traceback", _TRACEBACKS)  # noqa: B010 (Dramatiq does not export it)
 
 
 def _as_attempts(value: Any) -> int | None:
@@ -74,19 +77,35 @@ def _from_retries(options: dict[str, Any]) -> int | None:
 
 def max_attempts_for(broker: dramatiq.Broker, message: Any) -> int:
     """How many attempts ``message`` gets: message options, then actor options, then the default;
-    ``max_retries=None`` (Dramatiq's "retry forever") gets :data:`UNLIMITED_ATTEMPTS`."""
+    ``max_retries=None`` (Dramatiq's "retry forever") gets :data:`UNLIMITED_ATTEMPTS`.
+
+    Under ``retry_when`` the predicate decides, as in Dramatiq, where it takes precedence over
+    ``max_retries``: only an explicit ``max_attempts`` bounds such a job, else it gets
+    :data:`UNLIMITED_ATTEMPTS` (the default of 20 would be a number the job does not obey)."""
     options = message.options
-    found = _as_attempts(options.get("max_attempts"))
-    if found is None:
-        found = _from_retries(options)
     actor = broker.actors.get(message.actor_name)
+    decided = retry_when_of(broker, actor) is not None
+    found = _as_attempts(options.get("max_attempts"))
+    if found is None and not decided:
+        found = _from_retries(options)
     if found is None and actor is not None:
         found = _as_attempts(actor.options.get("max_attempts"))
-        if found is None:
+        if found is None and not decided:
             found = _from_retries(actor.options)
     if found is None:
-        found = default_attempts(broker)
+        found = UNLIMITED_ATTEMPTS if decided else default_attempts(broker)
     return min(max(found or 1, 1), UNLIMITED_ATTEMPTS)  # more would not fit the jobs row's int
+
+
+def retry_when_of(broker: dramatiq.Broker, actor: Any) -> Any:
+    """The ``retry_when`` predicate Dramatiq's Retries applies to ``actor``'s failures (the
+    actor's option when it sets one, None included, else the middleware's), or None."""
+    if actor is not None and "retry_when" in actor.options:
+        return actor.options["retry_when"]
+    for middleware in broker.middleware:
+        if isinstance(middleware, dramatiq_retries.Retries):
+            return middleware.retry_when
+    return None
 
 
 def default_attempts(broker: dramatiq.Broker) -> int:
@@ -133,11 +152,15 @@ class Retries(dramatiq_retries.Retries):
             logger.info("message %s failed permanently; not retrying", message.message_id)
             message.fail()
         else:
+            attempts = max_attempts_for(broker, message)
             if "max_retries" not in message.options:
-                message.options["max_retries"] = max_attempts_for(broker, message) - 1
-            super().after_process_message(  # type: ignore[no-untyped-call]
-                broker, message, result=result, exception=exception
-            )
+                message.options["max_retries"] = attempts - 1
+            if message.options.get("retries", 0) + 1 >= attempts and self._decided(broker, message):
+                self._spent(broker, message, attempts)
+            else:
+                super().after_process_message(  # type: ignore[no-untyped-call]
+                    broker, message, result=result, exception=exception
+                )
         if message.failed:
             from tasks.middleware.jobs_mirror import describe_failure
 
@@ -145,6 +168,25 @@ class Retries(dramatiq_retries.Retries):
             if target:
                 failure = describe_failure(exception, message, broker)
                 broker.get_actor(target).send(*self._final_failure_args(message, failure))
+
+    @staticmethod
+    def _decided(broker: dramatiq.Broker, message: Any) -> bool:
+        """Whether ``retry_when`` decides this message's retries (Dramatiq's then ignores every
+        bound, so an explicit ``max_attempts`` is applied here)."""
+        return retry_when_of(broker, broker.actors.get(message.actor_name)) is not None
+
+    def _spent(self, broker: dramatiq.Broker, message: Any, attempts: int) -> None:
+        """What Dramatiq's Retries does when a message's retries are exceeded, for a job whose
+        ``retry_when`` would retry it past its explicit ``max_attempts``."""
+        retries = message.options.setdefault("retries", 0)
+        message.options["retries"] = retries + 1
+        message.options["traceback"] = _TRACEBACKS.format_exc(limit=30)
+        message.options["requeue_timestamp"] = int(time.time() * 1000)
+        logger.warning("Retries exceeded for message %r (max_attempts %d).", message.message_id, attempts)
+        message.fail()
+        target = hook_target(broker, message, "on_retry_exhausted")
+        if target:
+            broker.get_actor(target).send(message.asdict(), {"retries": retries, "max_retries": attempts - 1})
 
     def worker_lost_hooks(
         self, broker: dramatiq.Broker, message: Any, failure: dict[str, str], *, attempts: int, max_attempts: int
