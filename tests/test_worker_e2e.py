@@ -302,11 +302,25 @@ def test_a_queue_concurrency_limit_runs_that_queues_jobs_one_at_a_time(db_url: s
     assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(limited)), limited
 
 
-def test_a_failing_job_retries_with_exponential_backoff_then_fails(db_url: str, tmp_path: Path) -> None:
-    # Given an actor that always fails, with max_attempts=3 and a 200 ms minimum backoff
-    message = actors.always_fails.send("boom")
+@pytest.mark.parametrize(
+    ("actor", "max_attempts"),
+    [
+        # max_attempts=3 and a 200 ms minimum backoff
+        (actors.always_fails, 3),
+        # a retry_when that allows two retries, and no max_attempts: the row must not claim the
+        # default of 20 attempts, which the job would not obey
+        (actors.retried_when, UNLIMITED_ATTEMPTS),
+    ],
+    ids=["max_attempts", "retry_when"],
+)
+def test_a_failing_job_retries_with_exponential_backoff_then_fails(
+    db_url: str, tmp_path: Path, actor: dramatiq.Actor[..., None], max_attempts: int
+) -> None:
+    # Given an actor that always fails, allowed three attempts
+    message = actor.send("boom")
+    assert job(db_url, message.message_id)["max_attempts"] == max_attempts
     with running_worker(db_url, tmp_path):
-        # When it has been tried max_attempts times
+        # When it has been tried three times
         final = wait_for(
             lambda: job(db_url, message.message_id)["status"] == "failed" and job(db_url, message.message_id),
             timeout=60,
@@ -315,7 +329,7 @@ def test_a_failing_job_retries_with_exponential_backoff_then_fails(db_url: str, 
     # Then it ran exactly 3 times, attempts counted each, and the last error is recorded
     assert len(effects(db_url, "attempt")) == 3
     assert final["attempts"] == 3
-    assert final["max_attempts"] == 3
+    assert final["max_attempts"] == max_attempts
     assert final["last_error"] == "RuntimeError: failed on purpose: boom"
     assert [e["attempt"] for e in final["errors"]] == [1, 2, 3]
     assert all(e["error"] == final["last_error"] for e in final["errors"])
@@ -323,26 +337,6 @@ def test_a_failing_job_retries_with_exponential_backoff_then_fails(db_url: str, 
     assert [str(r["id"]) for r in query(db_url, "SELECT id FROM control_plane.failed_jobs")] == [
         message.message_id
     ]
-
-
-def test_a_retry_when_actor_runs_as_its_predicate_says_and_its_row_claims_no_bound(
-    db_url: str, tmp_path: Path
-) -> None:
-    # Given an actor whose retry_when allows two retries, and no max_attempts
-    message = actors.retried_when.send("picky")
-    # Then its row does not claim the default of 20 attempts, which it would not obey
-    assert job(db_url, message.message_id)["max_attempts"] == UNLIMITED_ATTEMPTS
-    with running_worker(db_url, tmp_path):
-        # When it runs
-        final = wait_for(
-            lambda: job(db_url, message.message_id)["status"] == "failed" and job(db_url, message.message_id),
-            timeout=60,
-            what="the job to fail",
-        )
-    # Then it failed after the three attempts its predicate allowed
-    assert len(effects(db_url, "attempt")) == 3
-    assert final["attempts"] == 3
-    assert [e["attempt"] for e in final["errors"]] == [1, 2, 3]
 
 
 def test_each_retry_updates_attempts_last_error_and_the_backoff(db_url: str, tmp_path: Path) -> None:
