@@ -150,3 +150,29 @@ def replace_in_function(signature: str, old: str, new: str) -> None:
     if not isinstance(definition, str) or definition.count(old) != 1:
         raise RuntimeError(f"control_plane.{signature} does not read as expected: no single {old!r}")
     op.execute(definition.replace(old, new))
+
+
+#: Roles other than the migrating one that send (INSERT on the messages) or consume (UPDATE on
+#: them) (`%%`: the driver formats it).
+USERS_OF_MESSAGES = r"""
+SELECT r.rolname,
+       has_table_privilege(r.oid, 'control_plane.messages', 'UPDATE') AS consumes
+FROM pg_roles AS r
+WHERE has_table_privilege(r.oid, 'control_plane.messages', 'INSERT')
+  AND NOT r.rolsuper AND r.rolname NOT LIKE 'pg\_%%' AND r.rolname <> current_user
+ORDER BY r.rolname
+"""
+
+
+def grant_to_users_of_messages(table: str, *, sends: str | None, consumes: str) -> None:
+    """In a migration: grant a new ``table`` to the roles an operator granted the messages, as
+    they will use it: ``sends`` (None: nothing) to those that send, ``consumes`` to workers'."""
+    from alembic import op
+
+    bind = op.get_bind()
+    for role, consumer in bind.exec_driver_sql(USERS_OF_MESSAGES).fetchall():
+        privileges = consumes if consumer else sends
+        if privileges is None:
+            continue
+        statement = bind.exec_driver_sql(f"SELECT format('GRANT {privileges} ON {table} TO %%I', %s)", (role,)).scalar()
+        bind.exec_driver_sql(str(statement))

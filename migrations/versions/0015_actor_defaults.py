@@ -19,22 +19,12 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from migrations import grant_to_users_of_messages
+
 revision = "0015"
 down_revision = "0014"
 branch_labels = None
 depends_on = None
-
-
-#: Roles other than the migrating one that send (INSERT on the messages) or consume (UPDATE on
-#: them): every send reads the new table, every worker writes it (`%%`: the driver formats it).
-USERS_OF_MESSAGES = r"""
-SELECT r.rolname,
-       has_table_privilege(r.oid, 'control_plane.messages', 'UPDATE') AS consumes
-FROM pg_roles AS r
-WHERE has_table_privilege(r.oid, 'control_plane.messages', 'INSERT')
-  AND NOT r.rolsuper AND r.rolname NOT LIKE 'pg\_%%' AND r.rolname <> current_user
-ORDER BY r.rolname
-"""
 
 
 def upgrade() -> None:
@@ -50,13 +40,7 @@ def upgrade() -> None:
     )
     # Roles granted the other tables (a sender's, a worker's) get this one as they use it:
     # without it, every send failed once PostgreSQL reused its prepared plan (the sixth).
-    bind = op.get_bind()
-    for role, consumes in bind.exec_driver_sql(USERS_OF_MESSAGES).fetchall():
-        privileges = "SELECT, INSERT, UPDATE" if consumes else "SELECT"
-        statement = bind.exec_driver_sql(
-            f"SELECT format('GRANT {privileges} ON control_plane.actor_defaults TO %%I', %s)", (role,)
-        ).scalar()
-        bind.exec_driver_sql(statement)
+    grant_to_users_of_messages("control_plane.actor_defaults", sends="SELECT", consumes="SELECT, INSERT, UPDATE")
 
 
 def downgrade() -> None:
