@@ -299,12 +299,17 @@ STORED_JOBS = "SELECT id::text, payload, options FROM control_plane.jobs WHERE i
 #: queue (46 ms with 300,000 of them, for 10 due; 0.2 ms this way). At most
 #: CLAIM_PRIORITIES descents: past them (a queue with priorities by the thousand) the
 #: priorities above are read in one range, as before (100,000 priorities: 20 ms, not 650).
+#: A paused queue (``control_plane.queue_pauses``, migration 0017) has no priority to start from.
 CLAIM_PRIORITIES = 32
+#: CLAIM's look at the pauses (``CLAIM_BEFORE_PAUSES`` is CLAIM without it, for a database not yet
+#: at 0017: see ``tasks.broker._PostgresConsumer._connect``).
+_NOT_PAUSED = "\n       AND NOT EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s)"
 CLAIM = """
 WITH RECURSIVE p AS (
     -- the queue's priorities, lowest first, one index descent each, at most CLAIM_PRIORITIES
     (SELECT priority, 1 AS n FROM control_plane.messages
-     WHERE queue = %(queue)s AND claim_token IS NULL ORDER BY priority LIMIT 1)
+     WHERE queue = %(queue)s AND claim_token IS NULL""" + _NOT_PAUSED + """
+     ORDER BY priority LIMIT 1)
     UNION ALL
     SELECT (SELECT x.priority FROM control_plane.messages AS x
             WHERE x.queue = %(queue)s AND x.claim_token IS NULL AND x.priority > p.priority
@@ -339,6 +344,7 @@ WITH RECURSIVE p AS (
 )
 SELECT id::text, body FROM m ORDER BY priority, eta, id
 """  # noqa: S608 (joined from this module's constants only, no input)
+CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
 
 #: Apply a batch of outcomes: ``ack`` (done), ``nack`` (failed for good),
 #: ``retry`` (back to the queue at now + delay) and ``cancel`` (interrupted by
@@ -522,8 +528,12 @@ ON CONFLICT (id) DO UPDATE
 RETURNING (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE cancel_requested_at IS NOT NULL),
           (SELECT count(*) FROM control_plane.messages
            WHERE id = ANY(%(ids)s::uuid[]) AND claim_token = ANY(%(tokens)s::uuid[]))
-          - (SELECT count(*) FROM h) AS skipped
+          - (SELECT count(*) FROM h) AS skipped,
+          EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s) AS paused
 """
+HEARTBEAT_BEFORE_PAUSES = HEARTBEAT.replace(
+    "EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s)", "%(queue)s IS NULL"
+)
 
 #: The NOTIFY payload prefix with which ``control_plane.cancel_job`` asks the
 #: workers of a queue to heartbeat now (``cancel:<queue>``), not at the next interval.
@@ -715,6 +725,18 @@ CANCEL_JOB = "SELECT control_plane.cancel_job(%(id)s::uuid)"
 #: Put a failed or cancelled job back in its queue; false when it is in no such state.
 RETRY_JOB = "SELECT control_plane.retry_job(%(id)s::uuid)"
 
+PAUSE_QUEUE = "SELECT control_plane.pause_queue(%(queue)s, %(reason)s)"
+
+RESUME_QUEUE = "SELECT control_plane.resume_queue(%(queue)s)"
+
+#: Whether a queue is one this deployment knows: an actor its workers declared sends to it, or
+#: it holds messages (a pause of a misspelt name would hold nothing back).
+QUEUE_KNOWN = """SELECT EXISTS (SELECT FROM control_plane.actor_defaults WHERE queue = %(queue)s)
+    OR EXISTS (SELECT FROM control_plane.messages WHERE queue = %(queue)s)"""
+
+#: The paused queues, oldest pause first.
+PAUSED_QUEUES = "SELECT queue, paused_at, reason FROM control_plane.queue_pauses ORDER BY paused_at, queue"
+
 #: The failed jobs (of one type, or all), oldest failure first: what ``jobs retry --failed`` retries.
 FAILED_JOB_IDS = """
 SELECT id::text FROM control_plane.jobs
@@ -738,7 +760,8 @@ QUEUE_STATS = "SELECT * FROM control_plane.queue_stats ORDER BY queue"
 #: come from ``ix_jobs_failed_at`` and recent completions from the BRIN index of
 #: migration 0006 (a scan of ``jobs`` where the server is older than 16). Lists
 #: the queues with live, failed or just-completed jobs and those that the
-#: heartbeating workers' brokers declare; a queue with only old finished jobs is
+#: heartbeating workers' brokers declare, and the paused ones (``paused``, a column the
+#: view has not: pauses are the Postgres broker's); a queue with only old finished jobs is
 #: left out. One difference: a job re-queued by REAP (its worker died) counts
 #: its wait from its message's ``eta``, when it first became due; the view,
 #: from the reap, which sets ``scheduled_at``.
@@ -769,15 +792,18 @@ WITH live AS (
 ), queues AS (
     SELECT queue FROM live_stats UNION SELECT queue FROM failed UNION SELECT queue FROM completed
     UNION SELECT unnest(queues) FROM control_plane.worker_heartbeats
+    UNION SELECT queue FROM control_plane.queue_pauses
 )
 SELECT q.queue,
        coalesce(l.ready, 0) AS ready, coalesce(l.scheduled, 0) AS scheduled, coalesce(l.running, 0) AS running,
        coalesce(f.n, 0) AS failed, coalesce(c.n, 0) AS completed_last_minute,
-       coalesce(extract(epoch FROM now() - l.oldest_ready), 0)::double precision AS oldest_ready_age_seconds
+       coalesce(extract(epoch FROM now() - l.oldest_ready), 0)::double precision AS oldest_ready_age_seconds,
+       p.queue IS NOT NULL AS paused
 FROM queues AS q
 LEFT JOIN live_stats AS l USING (queue)
 LEFT JOIN failed AS f USING (queue)
 LEFT JOIN completed AS c USING (queue)
+LEFT JOIN control_plane.queue_pauses AS p USING (queue)
 ORDER BY q.queue
 """
 

@@ -251,6 +251,17 @@ class ActorDefaults(Base):
     declared_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class QueuePause(Base):
+    """A paused queue (migration 0017): no worker claims its jobs until it is resumed
+    (``control_plane.pause_queue``, ``resume_queue``)."""
+
+    __tablename__ = "queue_pauses"
+
+    queue: Mapped[str] = mapped_column(Text, primary_key=True)
+    paused_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
 class Deployment(Base):
     """Facts every process of a deployment must agree on (migration 0013): the API key
     pepper's fingerprint, ``api_key_pepper_fingerprint``."""

@@ -141,11 +141,14 @@ RESULTS_LOCK_TIMEOUT = "100ms"
 RESULTS_FULL_LOCK_TIMEOUT = "5s"
 
 
-def _claim_statement(size: int) -> Statement:
-    statement = _CLAIMS.get(size)
+def _claim_statement(size: int, *, pauses: bool = True) -> Statement:
+    """CLAIM for ``size`` messages; without ``pauses``, for a database before migration 0017."""
+    key = size if pauses else -size
+    statement = _CLAIMS.get(key)
     if statement is None:
-        sql = queries.CLAIM.replace("%(limit)s", str(int(size)))
-        statement = _CLAIMS.setdefault(size, Statement(f"control_plane_claim_{size}", sql))
+        sql = (queries.CLAIM if pauses else queries.CLAIM_BEFORE_PAUSES).replace("%(limit)s", str(int(size)))
+        name = f"control_plane_claim_{size}" if pauses else f"control_plane_claim_before_pauses_{size}"
+        statement = _CLAIMS.setdefault(key, Statement(name, sql))
     return statement
 
 
@@ -414,6 +417,8 @@ def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any
 
 #: Set once a worker of this process could not record its actors (said once, not per queue).
 _declare_refused = threading.Event()
+#: Set once a consumer found the database before migration 0017 (said once per process).
+_pauses_missing = threading.Event()
 
 
 def _work_queue_by_message_priority() -> None:
@@ -471,8 +476,9 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.settled = False
         #: Set by the Cancellation middleware when an operator cancels this message.
         self.cancel_requested = False
-        #: Set when its consumer ended its job, cancelled, before any thread started it
-        #: (``_PostgresConsumer._end_unstarted``): a thread that comes to it skips it unseen.
+        #: Set when its consumer ended its job, cancelled, or gave it back, its queue paused,
+        #: before any thread started it (``_PostgresConsumer._take_unstarted``): a thread that
+        #: comes to it skips it unseen.
         self.ended_unstarted = False
         #: When a worker thread started it (monotonic seconds; 0: not started).
         self.started_mono = 0.0
@@ -815,11 +821,10 @@ class PostgresBroker(dramatiq.Broker):
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         if signal == "process_message" and args and isinstance(args[0], PgMessageProxy):
-            if args[0].ended_unstarted:
-                # Ended, its hooks sent and its caller told, by its consumer: nothing to do, and no
-                # middleware may act on it again (a late on_failure, a result overwritten).
-                raise SkipMessage("cancelled before it started; ended by its consumer")
-            self._started(args[0])
+            if not self._started(args[0]):
+                # Ended (its hooks sent and its caller told) or given back by its consumer: nothing
+                # to do, and no middleware may act on it again (a late on_failure, a result overwritten).
+                raise SkipMessage("cancelled or its queue paused before it started; its consumer saw to it")
         elif signal == "worker_shutdown":
             self._stop_claiming(args[0] if args else None)
         signal = "before_" + signal
@@ -882,19 +887,24 @@ class PostgresBroker(dramatiq.Broker):
         self.results_writer = _ResultWriter(self)
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
 
-    def _started(self, message: PgMessageProxy) -> None:
+    def _started(self, message: PgMessageProxy) -> bool:
         """A worker thread is starting ``message``: its settler writes ``running`` if it lasts.
+        False (not started) when its consumer ended it or gave it back first (``_take_unstarted``,
+        under the same lock).
 
         The start time also sizes its consumer's claims (see ``_capacity``).
         """
-        message.started = True
-        message.started_mono = time.monotonic()
         state = self.state(message.queue_name)
         with state.lock:
+            if message.ended_unstarted:
+                return False
+            message.started = True
+            message.started_mono = time.monotonic()
             first = not state.starts
             state.starts[message.message_id] = message
             if first:
                 state.settle_cond.notify()
+        return True
 
     def _listen(self) -> None:
         """Start the process's notifier, once: it wakes every consumer of this process."""
@@ -1289,6 +1299,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         self._notified = True  # look at once on start
         #: An error left __next__: Dramatiq restarts this consumer, its worker threads go on.
         self._failed = False
+        #: Whether the database has control_plane.queue_pauses (migration 0017): see _connect.
+        self._pauses = True
         self._more = False
         #: Holds WAITING_LOCK: its last claim came back short, sends must NOTIFY it.
         self._waiting = False
@@ -1306,8 +1318,15 @@ class _PostgresConsumer(dramatiq.Consumer):
     def _connect(self) -> None:
         self.conn = _claims_connection(self.broker, f"controlplane-worker:{self.queue_name}")
         with self.conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('control_plane.messages') IS NOT NULL")
-            migrated = cur.fetchone()[0]
+            cur.execute("SELECT to_regclass('control_plane.messages') IS NOT NULL, "
+                        "to_regclass('control_plane.queue_pauses') IS NOT NULL")
+            migrated, self._pauses = cur.fetchone()
+        if migrated and not self._pauses and not _pauses_missing.is_set():
+            # New workers before their release's `controlplane migrate` (a deploy in the wrong
+            # order): they work on, as the old ones did, and read pauses once reconnected after it.
+            _pauses_missing.set()
+            logger.warning("the database is at a revision before 0017 (no control_plane.queue_pauses): queue "
+                           "pauses are not read; run `controlplane migrate`")
         if not migrated:
             self.conn.close()
             raise SchemaMissing(
@@ -1601,7 +1620,7 @@ class _PostgresConsumer(dramatiq.Consumer):
     def _claim(self, limit: int) -> int:
         token = str(uuid.uuid4())
         with self.conn.cursor() as cur:
-            _claim_statement(limit).execute(
+            _claim_statement(limit, pauses=self._pauses).execute(
                 cur,
                 {
                     "queue": self.queue_name,
@@ -1677,7 +1696,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 tokens = list(Counter(p.claim_token for p in self.state.inflight.values()))
             with self.conn.cursor() as cur:
                 cur.execute(
-                    queries.HEARTBEAT,
+                    queries.HEARTBEAT if self._pauses else queries.HEARTBEAT_BEFORE_PAUSES,
                     {
                         "lease": self.settings.lease_seconds,
                         # by id, through the primary key: by token alone it read every claimed
@@ -1688,9 +1707,10 @@ class _PostgresConsumer(dramatiq.Consumer):
                         "hostname": socket.gethostname(),
                         "pid": os.getpid(),
                         "queues": sorted(self.broker.consumed),
+                        "queue": self.queue_name,
                     },
                 )
-                cancelled, skipped = cur.fetchone()
+                cancelled, skipped, paused = cur.fetchone()
             # A lease skipped because its row was being written is extended soon, not a whole
             # interval later (which, with an interval over half the lease, could let it expire).
             interval = self.settings.heartbeat_interval
@@ -1702,6 +1722,8 @@ class _PostgresConsumer(dramatiq.Consumer):
                 with self.state.lock:
                     held = [self.state.inflight[i] for i in cancelled if i in self.state.inflight]
                 self._end_unstarted(interrupt(self.broker, held))
+            if paused:
+                self._give_back_paused()
         if now >= self._next_reap:
             self._reap()
             self._next_reap = now + self.settings.reap_interval
@@ -1718,15 +1740,9 @@ class _PostgresConsumer(dramatiq.Consumer):
         their actors; then their callers are told. A thread that comes to one later skips it
         unseen by the middleware (see ``PostgresBroker.emit_before``).
         """
-        unstarted = [p for p in refused if not p.started and not p.settled]
+        unstarted = self._take_unstarted(refused)
         if not unstarted:
             return
-        for p in unstarted:
-            p.settled = p.ended_unstarted = True
-        with self.state.lock:
-            kept = [p for p in self.state.buffer if p not in unstarted]
-            self.state.buffer.clear()
-            self.state.buffer.extend(kept)
         if not self._usable():
             # (forgotten here: their leases expire, and the reaper ends them cancelled, with their hooks)
             self._release(unstarted)
@@ -1747,6 +1763,31 @@ class _PostgresConsumer(dramatiq.Consumer):
                         self._send_hooks_of_lost(conn, job, encode_message(p._message), deadline)
         self._store_reaped_results(sorted(ended))
         logger.info("%s: ended %d cancelled job(s) no thread had started", self.queue_name, len(ended))
+
+    def _take_unstarted(self, proxies: Iterable[PgMessageProxy]) -> list[PgMessageProxy]:
+        """Those of ``proxies`` no thread has started, which no thread will start now: marked
+        ``ended_unstarted`` under the lock under which a thread marks one started
+        (``PostgresBroker._started``), and out of the buffer."""
+        with self.state.lock:
+            taken = [p for p in proxies if not p.started and not p.settled]
+            for p in taken:
+                p.settled = p.ended_unstarted = True
+            if taken:
+                kept = [p for p in self.state.buffer if not p.ended_unstarted]
+                self.state.buffer.clear()
+                self.state.buffer.extend(kept)
+        return taken
+
+    def _give_back_paused(self) -> None:
+        """This queue is paused (``control_plane.pause_queue``): give back what we hold that no
+        thread has started, for the workers to take once it is resumed. Running jobs go on."""
+        with self.state.lock:
+            held = list(self.state.inflight.values())
+        unstarted = self._take_unstarted(held)
+        if unstarted:
+            self._release(unstarted)
+            logger.info("%s is paused: gave back %d message(s) no thread had started", self.queue_name,
+                        len(unstarted))
 
     def _reap(self) -> None:
         """Put back what lost workers held; end the jobs among them that must not run again,

@@ -1,5 +1,6 @@
-"""The ``controlplane`` command: migrate, demo, send; inspect, retry and cancel jobs; queue stats,
-workers and pruning; the clock of periodic tasks; queue metrics; manage the embedded database."""
+"""The ``controlplane`` command: migrate, demo, send; inspect, retry and cancel jobs; pause and
+resume queues; queue stats, workers and pruning; the clock of periodic tasks; queue metrics; manage
+the embedded database."""
 
 from __future__ import annotations
 
@@ -493,6 +494,55 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
         conn.close()
 
 
+# -- queues ------------------------------------------------------------------------
+
+
+def _queue_name(value: str) -> str:
+    from tasks.settings import QUEUE_NAME
+
+    if not QUEUE_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{_printable(repr(value))} is not a queue name (letters, digits, '.', '_' and '-', not starting "
+            "with a digit, '.' or '-')"
+        )
+    return value
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if args.action != "list":
+        _needs_postgres_broker(settings, f"queues {args.action}", "stop the queue's workers instead")
+    conn = _connect(_url(settings))
+    try:
+        if args.action == "list":
+            rows = _fetch(conn, queries.PAUSED_QUEUES)
+            if args.json:
+                print(json.dumps(rows, default=str, indent=2))
+            elif rows:
+                print_table(rows, ("queue", "paused_at", "reason"))
+            else:
+                print("no queue is paused")
+            return 0
+        if args.action == "pause":
+            if not _scalar(conn, queries.QUEUE_KNOWN, {"queue": args.queue}):
+                print(f"controlplane: note: no actor a worker declared sends to queue {args.queue!r} and it "
+                      "holds no jobs; check the name (pausing it all the same)", file=sys.stderr)
+            if _scalar(conn, queries.PAUSE_QUEUE, {"queue": args.queue, "reason": args.reason}):
+                print(f"paused {args.queue}: its workers take none of its jobs and give back those they hold "
+                      "and have not started; running jobs go on. Resume: controlplane queues resume "
+                      f"{args.queue}")
+            else:
+                print(f"{args.queue} was paused already (its reason and time are kept)")
+            return 0
+        if _scalar(conn, queries.RESUME_QUEUE, {"queue": args.queue}):
+            print(f"resumed {args.queue}: its workers take its jobs again")
+        else:
+            print(f"{args.queue} was not paused")
+        return 0
+    finally:
+        conn.close()
+
+
 # -- stats, prune, workers ---------------------------------------------------------
 
 _STATS_COLUMNS = ("queue", "ready", "scheduled", "running", "failed", "completed_last_minute", "oldest_ready_age")
@@ -521,7 +571,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 for r in rows:
                     r["oldest_ready_age"] = f"{r.pop('oldest_ready_age_seconds'):.1f}s"
                 if rows:
-                    print_table(rows, _STATS_COLUMNS)
+                    # (pauses are the Postgres broker's: the view other brokers read has no such column)
+                    print_table(rows, _STATS_COLUMNS + (("paused",) if "paused" in rows[0] else ()))
                 else:
                     print("no jobs in any queue")
                 sys.stdout.flush()
@@ -819,6 +870,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("id", help="the job's id")
     p.set_defaults(func=cmd_jobs_cancel)
+
+    queues = sub.add_parser(
+        "queues",
+        help="pause and resume queues (control_plane.pause_queue, resume_queue)",
+        description="Pause a queue: its workers take none of its jobs, and give back the ones they hold that "
+        "no thread has started; running jobs go on, sends and retries go on (the jobs wait pending). Resume: "
+        "its workers take its jobs again.",
+    )
+    qsub = queues.add_subparsers(dest="action", required=True)
+    p = qsub.add_parser("pause", help="stop the workers taking a queue's jobs")
+    p.add_argument("queue", type=_queue_name)
+    p.add_argument("--reason", help="why, for whoever reads `controlplane queues list`")
+    p.set_defaults(func=cmd_queues)
+    p = qsub.add_parser("resume", help="let the workers take a paused queue's jobs again")
+    p.add_argument("queue", type=_queue_name)
+    p.set_defaults(func=cmd_queues)
+    p = qsub.add_parser("list", help="the paused queues, since when and why")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_queues)
 
     p = sub.add_parser(
         "stats", help="per queue: ready, scheduled, running, failed, completed in the last minute, oldest wait"

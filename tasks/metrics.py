@@ -52,6 +52,7 @@ QUEUE_GAUGES = (
         "oldest_ready_age_seconds",
         "How long the oldest job ready to run has waited, per queue (lag); 0 when none waits.",
     ),
+    ("controlplane_queue_paused", "paused", "1 while the queue is paused (controlplane queues pause)."),
 )
 
 
@@ -111,6 +112,8 @@ class QueueStatsCollector:
         up.add_metric([], 1)
         yield up
         for name, column, text in QUEUE_GAUGES:
+            if rows and column not in rows[0]:
+                continue  # paused: the Postgres broker's (another's view has no such column), not a false 0
             family = GaugeMetricFamily(name, text, labels=["queue"])
             for row in rows:
                 family.add_metric([row["queue"]], float(row[column] or 0))

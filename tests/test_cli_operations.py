@@ -340,9 +340,10 @@ def test_stats_shows_each_queue_once_as_json_and_until_ctrl_c_when_watching(db_u
     assert table.returncode == 0, table.stderr
     header, _, row = table.stdout.splitlines()
     assert header.split() == [
-        "queue", "ready", "scheduled", "running", "failed", "completed_last_minute", "oldest_ready_age"
+        "queue", "ready", "scheduled", "running", "failed", "completed_last_minute", "oldest_ready_age", "paused"
     ]
     assert row.split()[:6] == ["default", "2", "1", "0", "1", "0"]
+    assert row.split()[-1] == "False"
     (stats,) = json.loads(as_json.stdout)
     assert (stats["queue"], stats["ready"], stats["scheduled"], stats["failed"]) == ("default", 2, 1, 1)
     # When it watches, Then it refreshes until Ctrl-C and then exits cleanly

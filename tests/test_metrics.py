@@ -123,7 +123,8 @@ def test_an_unreachable_database_is_reported_not_raised() -> None:
 
 def test_controlplane_metrics_serves_the_gauges(db_url: str) -> None:
     # Given `controlplane metrics --port 0` (any free port), one ready job and one failed for
-    # good, and a queue whose only job completed an hour ago
+    # good, a queue whose only job completed an hour ago, and a paused queue
+    query(db_url, "SELECT control_plane.pause_queue('slow')")
     actors.noop.send(1)
     actors.noop.send(2)
     consumer, held = claim_in_process()
@@ -152,6 +153,8 @@ def test_controlplane_metrics_serves_the_gauges(db_url: str) -> None:
         # the queue with only old history has none (the view would list it with zeros)
         assert samples[("controlplane_queue_ready", (("queue", "default"),))] == 1
         assert samples[("controlplane_queue_failed", (("queue", "default"),))] == 1
+        assert samples[("controlplane_queue_paused", (("queue", "slow"),))] == 1
+        assert samples[("controlplane_queue_paused", (("queue", "default"),))] == 0
         assert not [key for key in samples if ("queue", "archive") in key[1]], samples
     finally:
         # And SIGTERM stops it cleanly

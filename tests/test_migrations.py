@@ -154,6 +154,21 @@ def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty
         assert [may(worker, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, True, True]
 
 
+def test_roles_that_consume_may_read_the_queue_pauses_0017_adds(empty_db: str) -> None:
+    # Given a database at the revision before, and a sender's and a worker's roles granted the tables
+    migrations.upgrade(empty_db, "0016")
+    with _login_roles(empty_db, "sender", "worker") as (sender, worker):
+        query(empty_db, f"GRANT USAGE ON SCHEMA control_plane TO {sender}, {worker}; "
+                        f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA control_plane TO {sender}; "
+                        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA control_plane "
+                        f"TO {worker}")  # fmt: skip
+        # When it is migrated to head
+        migrations.upgrade(empty_db)
+        # Then the worker may read the pauses (every claim does); the sender needs nothing of them
+        sql = "SELECT has_table_privilege(%s, 'control_plane.queue_pauses', 'SELECT') AS ok"
+        assert [query(empty_db, sql, (role,))[0]["ok"] for role in (sender, worker)] == [False, True]
+
+
 def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_stays_open(empty_db: str) -> None:
     # Given a role that may create schemas in the database but does not own it
     db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]

@@ -1,0 +1,148 @@
+"""Pausing a queue (``controlplane queues pause``, ``control_plane.pause_queue``): workers take none
+of its jobs and give back those they hold unstarted; running jobs go on; resuming lets them run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tasks
+from tasks.cli import main
+from tests import actors
+from tests.support import (
+    claim_in_process,
+    disagreements,
+    effects,
+    job,
+    query,
+    running_worker,
+    settle_in_process,
+    wait_for,
+)
+
+
+def _open_gate(url: str, name: str) -> None:
+    query(url, "INSERT INTO test_support.gates (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
+
+
+def _claimed(url: str) -> list[str]:
+    rows = query(url, "SELECT id::text FROM control_plane.messages WHERE claim_token IS NOT NULL ORDER BY id")
+    return [r["id"] for r in rows]
+
+
+def test_a_paused_queue_is_not_claimed_until_it_is_resumed(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    # Given a job ready in queue "default", and an operator who pauses the queue, saying why
+    sent = actors.noop.send("held back")
+    assert main(["queues", "pause", "default", "--reason", "auth service is down"]) == 0
+    assert capsys.readouterr().out.startswith("paused default: its workers take none of its jobs")
+    consumer = tasks.broker.consume("default", prefetch=4, timeout=500)
+    try:
+        # When a consumer of the queue looks for work
+        # Then it finds none, and the job waits, pending and unclaimed
+        assert next(consumer) is None
+        assert job(db_url, sent.message_id)["status"] == "pending"
+        assert _claimed(db_url) == []
+        # And the operator's views say the queue is paused, and why
+        assert main(["queues", "list", "--json"]) == 0
+        (paused,) = json.loads(capsys.readouterr().out)
+        assert (paused["queue"], paused["reason"]) == ("default", "auth service is down")
+        assert main(["stats", "--json"]) == 0
+        stats = {r["queue"]: r for r in json.loads(capsys.readouterr().out)}
+        assert (stats["default"]["paused"], stats["default"]["ready"]) == (True, 1)
+        # And a second pause changes nothing, saying so
+        assert main(["queues", "pause", "default", "--reason", "another"]) == 0
+        assert capsys.readouterr().out == "default was paused already (its reason and time are kept)\n"
+        # When the queue is resumed
+        assert main(["queues", "resume", "default"]) == 0
+        assert capsys.readouterr().out == "resumed default: its workers take its jobs again\n"
+        # Then the consumer takes the job
+        held = wait_for(lambda: next(consumer), what="the consumer to claim the job")
+        assert held.message_id == sent.message_id
+    finally:
+        consumer.close()
+    assert main(["queues", "resume", "default"]) == 0
+    assert capsys.readouterr().out == "default was not paused\n"
+    assert main(["queues", "list"]) == 0
+    assert capsys.readouterr().out == "no queue is paused\n"
+
+
+def test_pausing_a_queue_no_one_knows_says_so_and_a_bad_name_is_refused(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    # A misspelt queue: paused (a queue may be paused before its first job), with a note
+    assert main(["queues", "pause", "defualt"]) == 0
+    captured = capsys.readouterr()
+    assert "no actor a worker declared sends to queue 'defualt' and it holds no jobs" in captured.err
+    # A name no queue can have: refused, naming the problem, nothing paused
+    with pytest.raises(SystemExit) as refused:
+        main(["queues", "pause", "default; DROP TABLE x"])
+    assert refused.value.code == 2
+    assert "'default; DROP TABLE x' is not a queue name" in capsys.readouterr().err
+    assert [r["queue"] for r in query(db_url, "SELECT queue FROM control_plane.queue_pauses")] == ["defualt"]
+
+
+def test_pausing_gives_back_the_held_jobs_no_thread_started_and_lets_the_running_one_finish(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a worker with one thread running a long job, and holding another it has no thread for
+    long_job = actors.wait_for_gate.send("paused")
+    with running_worker(db_url, tmp_path, threads=1) as worker:
+        wait_for(lambda: len(effects(db_url, "started")) == 1, what="the long job to start")
+        waiting = [actors.noop.send(n) for n in range(3)]
+        wait_for(lambda: len(_claimed(db_url)) == 2, what="the worker to hold a job it has no thread for")
+        # When an operator pauses the queue (in SQL, as the CLI does)
+        assert query(db_url, "SELECT control_plane.pause_queue('default') AS ok")[0]["ok"] is True
+        # Then the worker gives back what it held unstarted, at once, while the long job runs on
+        wait_for(lambda: _claimed(db_url) == [long_job.message_id], timeout=30, what="the held job to be given back")
+        assert job(db_url, long_job.message_id)["status"] == "running"
+        # And when the long job ends, no other job of the queue starts: they wait, pending
+        _open_gate(db_url, "paused")
+        wait_for(lambda: job(db_url, long_job.message_id)["status"] == "completed", what="the long job to finish")
+        assert {job(db_url, m.message_id)["status"] for m in waiting} == {"pending"}
+        # When the queue is resumed
+        assert query(db_url, "SELECT control_plane.resume_queue('default') AS ok")[0]["ok"] is True
+        # Then every waiting job runs, each once (the one given back was not also run by its thread)
+        ids = [m.message_id for m in waiting]
+        wait_for(
+            lambda: {job(db_url, i)["status"] for i in ids} == {"completed"}, what="the waiting jobs to run"
+        )
+        assert "is paused: gave back 1 message(s) no thread had started" in worker.log()
+    ran = [e["message_id"] for e in effects(db_url, "noop")]
+    assert sorted(map(str, ran)) == sorted(ids)
+    assert all(job(db_url, i)["attempts"] == 1 for i in ids)
+    assert disagreements(db_url) == []
+
+
+def test_a_worker_on_a_database_before_0017_consumes_as_before_and_says_to_migrate(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a database whose release step has not run yet (new workers started first: a deploy
+    # in the wrong order), at the revision before the pauses
+    import importlib
+
+    from alembic import command
+
+    import migrations
+
+    broker_module = importlib.import_module("tasks.broker")  # (tasks.broker, the attribute, is the broker)
+    command.downgrade(migrations.alembic_config(db_url), "0016")
+    broker_module._pauses_missing.clear()
+    try:
+        sent = actors.noop.send("before 0017")
+        # When a consumer claims, heartbeats and settles
+        consumer, held = claim_in_process()
+        consumer._next_heartbeat = 0.0
+        consumer._housekeeping()
+        settle_in_process(consumer, held, "ack")
+        # Then the job ran as before, and the worker said what to do, once
+        assert held.message_id == sent.message_id
+        assert job(db_url, sent.message_id)["status"] == "completed"
+        assert caplog.text.count("queue pauses are not read; run `controlplane migrate`") == 1
+    finally:
+        migrations.upgrade(db_url)
