@@ -35,6 +35,7 @@ from tasks import db
 from tasks.broker import PostgresBroker, enqueue_in
 from tasks.errors import ConfigurationError
 from tasks.middleware import (
+    AsyncActors,
     Callbacks,
     Cancellation,
     GroupCallbacks,
@@ -148,6 +149,8 @@ def _middleware() -> list[Middleware]:
         ),
         # the actor being run, for actors that need their own message id
         CurrentMessage(),
+        # the event loop of `async def` actors (Dramatiq's AsyncIO, on by default here)
+        AsyncActors(),
         # unique_key computed from the arguments (actor option unique_key_from); before
         # the mirror, whose before_enqueue checks the options the key is written in
         UniqueKeys(),

@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.errors
+from dramatiq.asyncio import async_to_sync
 from dramatiq.errors import ConnectionClosed
 
 from models import queries
@@ -393,10 +394,17 @@ def _why_not(conn: Any, job_id: str, allowed: str, done: str) -> UserError:
     return UserError(f"job {job_id} is {rows[0]['status']}: only {allowed} jobs can be {done}")
 
 
+#: The code of the wrapper Dramatiq's ``async_to_sync`` puts around an ``async def`` actor.
+_ASYNC_TO_SYNC_CODE = async_to_sync(lambda: None).__code__  # type: ignore[arg-type, return-value]
+
+
 def _check_call(name: str, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> None:
     """Refuse arguments the actor's function cannot take: the job would fail at every attempt,
     minutes of backoff apart. A function behind another decorator is not checked: its wrapper
     may take other arguments than the function it names (``__wrapped__``) would."""
+    wrapped = getattr(fn, "__wrapped__", None)
+    if wrapped is not None and getattr(fn, "__code__", None) is _ASYNC_TO_SYNC_CODE:
+        fn = wrapped  # an async actor: Dramatiq's async_to_sync takes the coroutine function's arguments
     if inspect.unwrap(fn) is not fn:
         return
     try:

@@ -6,6 +6,8 @@ test can check from SQL what ran, how often, and in which process.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 import dramatiq
@@ -154,3 +156,25 @@ def limited(seconds: float) -> None:
 def group_done(label: str) -> None:
     """A group's completion callback."""
     record("group_done", label)
+
+
+@dramatiq.actor(actor_name="tests.async_double", store_results=True)
+async def async_double(x: int) -> dict[str, object]:
+    """An ``async def`` actor (Dramatiq's AsyncIO, on by default here)."""
+    await asyncio.sleep(0)
+    message = CurrentMessage.get_current_message()
+    logging.getLogger("tests.actors").info("async_double of %d", x)
+    return {"double": x * 2, "message_id": message.message_id if message else None}
+
+
+@dramatiq.actor(actor_name="tests.async_slow_to_stop", max_attempts=3, min_backoff=100, store_results=True,
+                on_final_failure="tests.callback_sink")  # fmt: skip
+async def async_slow_to_stop(name: str) -> None:
+    """Waits for a gate; cancelled, its clean-up takes longer than the second Dramatiq gives a
+    coroutine to stop (its worker thread then raises a RuntimeError from the interrupt)."""
+    record("started", name)
+    try:
+        while not gate_open(name):
+            await asyncio.sleep(0.05)
+    finally:
+        await asyncio.sleep(5)

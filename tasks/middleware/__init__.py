@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tasks.middleware.async_actors import AsyncActors
 from tasks.middleware.callbacks import Callbacks
 from tasks.middleware.cancellation import Cancellation
 from tasks.middleware.canvas import GroupCallbacks, Pipelines
@@ -14,6 +15,7 @@ from tasks.middleware.unique_keys import UniqueKeys
 
 __all__ = [
     "UNLIMITED_ATTEMPTS",
+    "AsyncActors",
     "Callbacks",
     "Cancellation",
     "GroupCallbacks",

@@ -33,7 +33,7 @@ from typing import Any
 
 import dramatiq
 from dramatiq.middleware import Middleware
-from dramatiq.middleware.threading import raise_thread_exception
+from dramatiq.middleware.threading import Interrupt, raise_thread_exception
 
 from tasks.errors import Cancelled
 
@@ -105,6 +105,20 @@ class Cancellation(Middleware):
                 self._in_actor[thread_id] = self._in_actor.get(thread_id, 0) + 1
             try:
                 return fn(*args, **kwargs)
+            except RuntimeError as exc:
+                # An async actor (Dramatiq's async_to_sync): interrupted (a cancel, its time limit),
+                # Dramatiq cancels the coroutine, waits 1 s for it to finish and then raises
+                # RuntimeError("Timed out while waiting for coroutine.") from the interrupt. The
+                # interrupt is what ended the attempt: a cancel must end the job cancelled, with its
+                # on_final_failure and its caller's result, not be retried as a RuntimeError.
+                cause = exc.__cause__
+                if not isinstance(cause, Interrupt):
+                    raise
+                logger.warning(
+                    "%s: the coroutine did not stop within 1 s of its %s; it goes on in the event loop",
+                    getattr(fn, "__name__", "actor"), type(cause).__name__,
+                )
+                raise cause from None
             finally:
                 # An interrupt raised while this waited for the lock lands in here: tolerated (the
                 # count may be left off by one until the message's after hook clears it; the only

@@ -7,8 +7,8 @@ it in a log file.
 
 from __future__ import annotations
 
+import contextvars
 import logging
-import threading
 from typing import Any
 
 import dramatiq
@@ -16,7 +16,10 @@ from dramatiq.middleware import Middleware
 
 from tasks.redaction import redact
 
-_current = threading.local()
+#: The message being processed: a context variable, not a thread-local, so that an async
+#: actor's log lines (written in the event loop thread, in a copy of the worker thread's
+#: context, see Dramatiq's async_to_sync) carry it too.
+_current: contextvars.ContextVar[Any] = contextvars.ContextVar("controlplane_log_message", default=None)
 
 
 class MessageContextFilter(logging.Filter):
@@ -25,7 +28,7 @@ class MessageContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "_controlplane_done", False):
             return True
-        message = getattr(_current, "message", None)
+        message = _current.get()
         record.message_id = message.message_id if message is not None else "-"
         record.actor_name = message.actor_name if message is not None else "-"
         text = redact(record.getMessage())
@@ -54,15 +57,15 @@ class LogContext(Middleware):
         install_filter()
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        _current.message = message
+        _current.set(message)
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        _current.message = None
+        _current.set(None)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        _current.message = None
+        _current.set(None)
 
 
 def install_filter() -> None:
