@@ -30,7 +30,8 @@ MUST_BE_ZERO = (
 
 @pytest.mark.soak
 def test_quick_soak_loses_nothing_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    # Given the quick soak (kills, a SIGTERM, a PostgreSQL restart, cut and stalled connections)
+    # Given the quick soak (kills, a SIGTERM, a PostgreSQL restart, a queue paused and resumed, cut
+    # and stalled connections)
     output = tmp_path / "soak.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.soak", "--quick", "--seconds-limit", "100", "--output", str(output)],
@@ -59,6 +60,7 @@ def test_quick_soak_loses_nothing_and_leaves_nothing_behind(tmp_path: Path) -> N
     assert rows["failed_as_designed"] > 0
     assert doc["chaos"]["counts"].get("kill", 0) >= 1
     assert doc["chaos"]["counts"].get("pg_restart", 0) == 1
+    assert doc["chaos"]["counts"].get("pause", 0) == 1
     assert rows["projects_active"] == rows["projects_committed"] == 2
     # And every must-be-zero row is zero, the queue drained, and the command says so
     assert {name: rows[name] for name in MUST_BE_ZERO} == dict.fromkeys(MUST_BE_ZERO, 0), doc["details"]

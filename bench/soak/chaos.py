@@ -9,7 +9,9 @@ Every few seconds (uniformly between ``interval[0]`` and ``interval[1]``) it doe
   then let them go on (a partition: the reaper re-queues their jobs while they still run);
 
 and, once each at a planned time, ``sigterm`` (a graceful stop of one worker, then a
-restart) and ``pg_restart`` (``pg_ctl restart -m fast`` of the private server). It stops
+restart), ``pg_restart`` (``pg_ctl restart -m fast`` of the private server) and ``pause``
+(``control_plane.pause_queue`` of the soak's queue for ``pause_seconds``, then
+``resume_queue``: the workers give back what they hold unstarted while sends go on). It stops
 after ``max_events`` events or ``seconds`` seconds, whichever comes first, or when told.
 """
 
@@ -20,6 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import psycopg2
 
 from bench.soak.proxy import ProxyProcess
 from bench.soak.server import PrivateServer
@@ -36,6 +40,8 @@ class ChaosPlan:
     pg_restart_at: float | None
     sigterm_at: float | None
     stall_seconds: float
+    pause_at: float | None = None
+    pause_seconds: float = 0.0
     weights: dict[str, float] = field(default_factory=lambda: {"kill": 0.5, "cut": 0.35, "stall": 0.15})
 
 
@@ -52,6 +58,8 @@ class Chaos(threading.Thread):
         server: PrivateServer,
         seed: int,
         clock_zero: float,
+        pause_url: str = "",
+        queue: str = "",
     ) -> None:
         super().__init__(name="chaos", daemon=True)
         self.plan = plan
@@ -61,6 +69,8 @@ class Chaos(threading.Thread):
         self.server = server
         self.rng = random.Random(seed)
         self.clock_zero = clock_zero
+        self.pause_url = pause_url
+        self.queue = queue
         self.stop_event = threading.Event()
         self.events: list[dict[str, Any]] = []
         self.failure: BaseException | None = None
@@ -93,7 +103,7 @@ class Chaos(threading.Thread):
     def _run(self) -> None:
         plan = self.plan
         end = self.started_at + plan.seconds
-        once = {"pg_restart": plan.pg_restart_at, "sigterm": plan.sigterm_at}
+        once = {"pg_restart": plan.pg_restart_at, "sigterm": plan.sigterm_at, "pause": plan.pause_at}
         kinds = list(plan.weights)
         weights = [plan.weights[k] for k in kinds]
         while len(self.events) < plan.max_events:
@@ -150,3 +160,19 @@ class Chaos(threading.Thread):
     def _stall(self) -> None:
         answer = self.proxy.stall(0.25, self.plan.stall_seconds)
         self._log("stall", fraction=0.25, seconds=self.plan.stall_seconds, **answer)
+
+    def _pause(self) -> None:
+        def call(function: str) -> Any:
+            conn = psycopg2.connect(self.pause_url)  # directly: the proxy's cuts and stalls are not this
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"SELECT control_plane.{function}(%s)", (self.queue,))
+                    return cur.fetchone()[0]
+            finally:
+                conn.close()
+
+        paused = call("pause_queue")
+        self.stop_event.wait(self.plan.pause_seconds)
+        resumed = call("resume_queue")
+        self._log("pause", seconds=self.plan.pause_seconds, paused=paused, resumed=resumed)

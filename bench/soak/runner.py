@@ -46,6 +46,7 @@ import psycopg2
 
 import tasks
 from bench.soak import checks
+from bench.soak.actors import QUEUE
 from bench.soak.chaos import Chaos, ChaosPlan
 from bench.soak.producers import Producer, Sent, plan
 from bench.soak.proxy import ProxyProcess
@@ -85,6 +86,8 @@ class Config:
     chaos_interval: tuple[float, float]
     pg_restart_at: float
     sigterm_at: float
+    pause_at: float
+    pause_seconds: float
     stall_seconds: float
     chaos_tail: float
     drain_timeout: float
@@ -133,6 +136,8 @@ def parse_config(argv: list[str] | None) -> Config:
         chaos_interval=(2.0, 4.0) if quick else (2.0, 5.0),
         pg_restart_at=8.0 if quick else 40.0,
         sigterm_at=14.0 if quick else 90.0,
+        pause_at=18.0 if quick else 120.0,
+        pause_seconds=3.0 if quick else 8.0,
         stall_seconds=8.0,
         chaos_tail=10.0 if quick else 20.0,
         drain_timeout=60.0 if quick else 900.0,
@@ -325,9 +330,10 @@ class Soak:
                       # the one-off events happen inside the chaos window, however short
                       pg_restart_at=min(config.pg_restart_at, chaos_seconds * 0.3),
                       sigterm_at=min(config.sigterm_at, chaos_seconds * 0.5),
+                      pause_at=min(config.pause_at, chaos_seconds * 0.6), pause_seconds=config.pause_seconds,
                       stall_seconds=config.stall_seconds),
             workers=self.workers, workers_lock=self.workers_lock, proxy=self.proxy, server=self.server,
-            seed=config.seed, clock_zero=self.clock_zero,
+            seed=config.seed, clock_zero=self.clock_zero, pause_url=self.soak_url, queue=QUEUE,
         )
         restarts: list[dict[str, Any]] = []
         started = time.monotonic()
