@@ -661,11 +661,33 @@ def test_hang_past_timeout_is_transient(standin: StandinService) -> None:
     assert_no_token(info.value)
 
 
-def test_a_request_that_hung_does_not_use_up_faults_set_after_it_arrived(standin: StandinService) -> None:
+def _hanging(standin: StandinService, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once a request has read the stand-in's faults and begun to hang. Its client's timeout
+    is no sign of that: a loaded machine may start the handler thread after the client gave up,
+    and the request would then read the faults set after it (or the state after a reset)."""
+    entered, stopping = threading.Event(), standin._stopping
+
+    class Watched:
+        def wait(self, timeout: float | None = None) -> bool:
+            entered.set()
+            return stopping.wait(timeout)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(stopping, name)
+
+    monkeypatch.setattr(standin, "_stopping", Watched())
+    return entered
+
+
+def test_a_request_that_hung_does_not_use_up_faults_set_after_it_arrived(
+    standin: StandinService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given a request that hangs past its client's timeout
-    standin.set_faults(hang_seconds=1.0)
+    hanging = _hanging(standin, monkeypatch)
+    standin.set_faults(hang_seconds=2.0)
     with pytest.raises(TransientError, match="no answer"):
         client_for(standin, timeout=0.2).put_tenant("proj_stale", {"tenant_id": "t"})
+    wait_for(hanging.is_set, what="the request to hang")
     # When the next test's faults are set while it still hangs
     standin.set_faults(hang_seconds=0, drop_after_commit_times=1)
     wait_for(lambda: "proj_stale" in standin.tenants, what="the stale request to be applied")
@@ -674,11 +696,15 @@ def test_a_request_that_hung_does_not_use_up_faults_set_after_it_arrived(standin
         client_for(standin).put_tenant("proj_1", {"tenant_id": "t"})
 
 
-def test_a_request_that_hung_across_a_reset_leaves_the_fresh_state_alone(standin: StandinService) -> None:
+def test_a_request_that_hung_across_a_reset_leaves_the_fresh_state_alone(
+    standin: StandinService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given a request that hangs past its client's timeout
-    standin.set_faults(hang_seconds=0.5)
+    hanging = _hanging(standin, monkeypatch)
+    standin.set_faults(hang_seconds=2.0)
     with pytest.raises(TransientError, match="no answer"):
         client_for(standin, timeout=0.1).put_tenant("proj_stale", {"tenant_id": "t"})
+    wait_for(hanging.is_set, what="the request to hang")
     # When the stand-in is reset for the next test while it still hangs, and a new request is served
     standin.reset()
     client_for(standin).put_tenant("proj_1", {"tenant_id": "t"})
