@@ -63,13 +63,14 @@ def test_send_checks_an_async_actors_arguments(db_url: str) -> None:
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs")[0]["n"] == 0
 
 
+@pytest.mark.parametrize("module", ["tests.async_again", "tests.async_before"])
 def test_a_module_adding_dramatiqs_asyncio_again_still_runs_async_actors_and_stops(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, module: str
 ) -> None:
-    # Given a worker whose module adds Dramatiq's AsyncIO, as Dramatiq's documentation says to
-    # (with two of Dramatiq's, the worker never exits on SIGTERM)
+    # Given a worker whose module adds Dramatiq's AsyncIO, as Dramatiq's documentation says to,
+    # after this package's or before it (with two of Dramatiq's, the worker never exits on SIGTERM)
     message = actors.async_double.send(2)
-    worker = WorkerProcess(db_url, module="tests.async_again", log_path=tmp_path / "worker.log")
+    worker = WorkerProcess(db_url, module=module, log_path=tmp_path / "worker.log")
     try:
         worker.wait_ready()
         # Then async actors run

@@ -35,6 +35,11 @@ def final(message, failure):
     finals.append(failure["type"])
 
 
+@dramatiq.actor(store_results=True)
+async def twice(x):
+    return 2 * x
+
+
 worker = Worker(tasks.broker, worker_timeout=100)
 worker.start()
 message = add.send(1, 2)
@@ -48,14 +53,15 @@ except ValueError as exc:
     print("fail_fast raised", repr(exc))
 tasks.broker.join(final.queue_name, fail_fast=False)
 worker.join()
-worker.stop()
 print("calls", calls, "finals", finals)
+print("async", twice.send(21).get_result(block=True, timeout=10_000))
+# (no worker.stop(), as in the README: the process must exit all the same)
 '''
 
 
 def test_actors_with_this_packages_options_run_on_the_stub_broker_without_a_database(tmp_path: Path) -> None:
     # Given a user's unit test of an actor that uses this package's options (max_attempts,
-    # unique_key_from, on_final_failure), written as Dramatiq's testing guide writes them, run
+    # unique_key_from, on_final_failure), and of an async one, written as the README writes them, run
     # with BROKER_URL=stub:// and a database that does not answer
     (tmp_path / "user_tests.py").write_text(USER_TESTS)
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
@@ -70,6 +76,7 @@ def test_actors_with_this_packages_options_run_on_the_stub_broker_without_a_data
         "result 3",
         "fail_fast raised ValueError('negative')",
         "calls [(1, 2), (5, -1), (5, -1)] finals ['ValueError']",
+        "async 42",
     ]
     # And no embedded PostgreSQL was made for it (DATABASE_URL is unset)
     assert not (tmp_path / "home").exists()

@@ -7,8 +7,10 @@ loop thread not set"), and is retried for days like any failure. This package de
 
 A module that also adds Dramatiq's ``AsyncIO``, as Dramatiq's documentation says to, starts a
 second loop, which async actors then use. At shutdown Dramatiq's stops the loop it finds set and
-clears it; this one stops the loop it started, which Dramatiq's own would have left running, so
-that the worker still exits on SIGTERM (with two of Dramatiq's, it never does).
+clears it; this one stops the loop it started, which Dramatiq's own would have left running, and
+sets back the loop it found, so that the worker still exits on SIGTERM whichever comes first (with
+two of Dramatiq's, it never does). Its loop's thread is a daemon, as Dramatiq's worker threads
+are: a unit test's in-process ``Worker`` that is never stopped does not keep the process alive.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ class AsyncActors(AsyncIO):
     def __init__(self) -> None:
         super().__init__()
         self._thread: EventLoopThread | None = None
+        self._found: EventLoopThread | None = None
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         thread = EventLoopThread(self.logger)
+        thread.daemon = True
+        self._thread, self._found = thread, get_event_loop_thread()
         thread.start(timeout=1.0)
         set_event_loop_thread(thread)
-        self._thread = thread
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         thread, self._thread = self._thread, None
@@ -40,4 +44,5 @@ class AsyncActors(AsyncIO):
         thread.stop()
         thread.join()
         if get_event_loop_thread() is thread:
-            set_event_loop_thread(None)
+            set_event_loop_thread(self._found)
+        self._found = None
