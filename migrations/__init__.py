@@ -152,27 +152,35 @@ def replace_in_function(signature: str, old: str, new: str) -> None:
     op.execute(definition.replace(old, new))
 
 
-#: Roles other than the migrating one that send (INSERT on the messages) or consume (UPDATE on
-#: them) (`%%`: the driver formats it).
-USERS_OF_MESSAGES = r"""
+
+#: The roles other than the migrating one (superusers and PostgreSQL's own left out) that hold
+#: privileges on control_plane.messages, and which (`%%`: the driver formats it).
+ROLES_ON_MESSAGES = r"""
 SELECT r.rolname,
-       has_table_privilege(r.oid, 'control_plane.messages', 'UPDATE') AS consumes
+       array_remove(ARRAY[
+           CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'SELECT') THEN 'SELECT' END,
+           CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'INSERT') THEN 'INSERT' END,
+           CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'UPDATE') THEN 'UPDATE' END,
+           CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'DELETE') THEN 'DELETE' END
+       ], NULL)
 FROM pg_roles AS r
-WHERE has_table_privilege(r.oid, 'control_plane.messages', 'INSERT')
+WHERE has_table_privilege(r.oid, 'control_plane.messages', 'SELECT, INSERT, UPDATE, DELETE')
   AND NOT r.rolsuper AND r.rolname NOT LIKE 'pg\_%%' AND r.rolname <> current_user
 ORDER BY r.rolname
 """
 
 
-def grant_to_users_of_messages(table: str, *, sends: str | None, consumes: str) -> None:
+def grant_by_privileges_on_messages(table: str, grants: list[tuple[str, str]]) -> None:
     """In a migration: grant a new ``table`` to the roles an operator granted the messages, as
-    they will use it: ``sends`` (None: nothing) to those that send, ``consumes`` to workers'."""
+    they will use it. ``grants`` pairs the privileges on the messages a role must all hold
+    (``"INSERT UPDATE"``) with what it then gets on ``table``; a role gets each that applies."""
     from alembic import op
 
     bind = op.get_bind()
-    for role, consumer in bind.exec_driver_sql(USERS_OF_MESSAGES).fetchall():
-        privileges = consumes if consumer else sends
-        if privileges is None:
-            continue
-        statement = bind.exec_driver_sql(f"SELECT format('GRANT {privileges} ON {table} TO %%I', %s)", (role,)).scalar()
-        bind.exec_driver_sql(str(statement))
+    for role, held in bind.exec_driver_sql(ROLES_ON_MESSAGES).fetchall():
+        for needed, privileges in grants:
+            if set(needed.split()) <= set(held):
+                statement = bind.exec_driver_sql(
+                    f"SELECT format('GRANT {privileges} ON {table} TO %%I', %s)", (role,)
+                ).scalar()
+                bind.exec_driver_sql(str(statement))

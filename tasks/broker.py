@@ -1725,8 +1725,20 @@ class _PostgresConsumer(dramatiq.Consumer):
             if paused:
                 self._give_back_paused()
         if now >= self._next_reap:
+            if not self._pauses:
+                self._look_for_pauses()
             self._reap()
             self._next_reap = now + self.settings.reap_interval
+
+    def _look_for_pauses(self) -> None:
+        """On a database before migration 0017 when this consumer connected: whether it has been
+        migrated since (a healthy connection is never made again, so ``_connect`` would not see it)."""
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('control_plane.queue_pauses') IS NOT NULL")
+            self._pauses = bool(cur.fetchone()[0])
+        if self._pauses:
+            logger.info("%s: the database has control_plane.queue_pauses now (migration 0017); reading queue "
+                        "pauses", self.queue_name)
 
     def _end_unstarted(self, refused: list[PgMessageProxy]) -> None:
         """End now the cancelled jobs of ``refused``, held here and refused by every thread from

@@ -8,6 +8,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg2
 import pytest
@@ -19,7 +20,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
 import migrations
-from models import SCHEMA, metadata
+from models import SCHEMA, metadata, queries
 from tasks.db import sqlalchemy_url
 from tests.support import ROOT, query, wait_for
 
@@ -154,19 +155,40 @@ def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty
         assert [may(worker, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, True, True]
 
 
-def test_roles_that_consume_may_read_the_queue_pauses_0017_adds(empty_db: str) -> None:
-    # Given a database at the revision before, and a sender's and a worker's roles granted the tables
+def test_roles_using_the_messages_get_the_queue_pauses_0017_adds(empty_db: str) -> None:
+    # Given a database at the revision before, and a sender's, a worker's and a reader's roles
+    # granted the tables
     migrations.upgrade(empty_db, "0016")
-    with _login_roles(empty_db, "sender", "worker") as (sender, worker):
+    with _login_roles(empty_db, "sender", "worker", "reader") as (sender, worker, reader):
         query(empty_db, f"GRANT USAGE ON SCHEMA control_plane TO {sender}, {worker}; "
                         f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA control_plane TO {sender}; "
                         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA control_plane "
                         f"TO {worker}")  # fmt: skip
+        query(empty_db, f"GRANT SELECT ON ALL TABLES IN SCHEMA control_plane TO {reader}; "
+                        f"GRANT USAGE ON SCHEMA control_plane TO {reader}")  # fmt: skip
         # When it is migrated to head
         migrations.upgrade(empty_db)
-        # Then the worker may read the pauses (every claim does); the sender needs nothing of them
-        sql = "SELECT has_table_privilege(%s, 'control_plane.queue_pauses', 'SELECT') AS ok"
-        assert [query(empty_db, sql, (role,))[0]["ok"] for role in (sender, worker)] == [False, True]
+
+        # Then each may read the pauses (claims, `controlplane stats` and the metrics do), and
+        # the worker, which may delete messages, may pause and resume
+        def may(role: str, privilege: str) -> bool:
+            sql = "SELECT has_table_privilege(%s, 'control_plane.queue_pauses', %s) AS ok"
+            return bool(query(empty_db, sql, (role, privilege))[0]["ok"])
+
+        assert [may(r, "SELECT") for r in (sender, worker, reader)] == [True, True, True]
+        assert [may(r, "INSERT") and may(r, "DELETE") for r in (sender, worker, reader)] == [False, True, False]
+
+        # And, logged in as them, the reader reads the stats and the worker pauses and resumes
+        db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]
+        query(empty_db, f'GRANT CONNECT ON DATABASE "{db}" TO {reader}, {worker}')
+
+        def as_role(role: str, sql: str) -> list[dict[str, Any]]:
+            return query(psycopg2.extensions.make_dsn(empty_db, user=role), sql)
+
+        assert as_role(reader, queries.QUEUE_STATS_VIA_MESSAGES) == []
+        assert as_role(worker, "SELECT control_plane.pause_queue('q') AND control_plane.resume_queue('q') AS ok")[0][
+            "ok"
+        ]
 
 
 def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_stays_open(empty_db: str) -> None:

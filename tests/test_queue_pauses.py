@@ -100,7 +100,8 @@ def test_pausing_gives_back_the_held_jobs_no_thread_started_and_lets_the_running
         assert query(db_url, "SELECT control_plane.pause_queue('default') AS ok")[0]["ok"] is True
         # Then the worker gives back what it held unstarted, at once, while the long job runs on
         wait_for(lambda: _claimed(db_url) == [long_job.message_id], timeout=30, what="the held job to be given back")
-        assert job(db_url, long_job.message_id)["status"] == "running"
+        wait_for(lambda: job(db_url, long_job.message_id)["status"] == "running", what="the long job's running mark")
+        assert _claimed(db_url) == [long_job.message_id]
         # And when the long job ends, no other job of the queue starts: they wait, pending
         _open_gate(db_url, "paused")
         wait_for(lambda: job(db_url, long_job.message_id)["status"] == "completed", what="the long job to finish")
@@ -144,5 +145,17 @@ def test_a_worker_on_a_database_before_0017_consumes_as_before_and_says_to_migra
         assert held.message_id == sent.message_id
         assert job(db_url, sent.message_id)["status"] == "completed"
         assert caplog.text.count("queue pauses are not read; run `controlplane migrate`") == 1
+        # And a consumer that started before the migration reads pauses once it is done, at its next reap
+        consumer = tasks.broker.consume("default", prefetch=1, timeout=500)
+        assert next(consumer) is None
+        migrations.upgrade(db_url)
+        assert query(db_url, "SELECT control_plane.pause_queue('default') AS ok")[0]["ok"] is True
+        later = actors.noop.send("after 0017")
+        consumer._next_reap = 0.0
+        try:
+            assert next(consumer) is None
+            assert job(db_url, later.message_id)["status"] == "pending"
+        finally:
+            consumer.close()
     finally:
         migrations.upgrade(db_url)

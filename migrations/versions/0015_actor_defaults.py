@@ -19,7 +19,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from migrations import grant_to_users_of_messages
+from migrations import grant_by_privileges_on_messages
 
 revision = "0015"
 down_revision = "0014"
@@ -40,7 +40,10 @@ def upgrade() -> None:
     )
     # Roles granted the other tables (a sender's, a worker's) get this one as they use it:
     # without it, every send failed once PostgreSQL reused its prepared plan (the sixth).
-    grant_to_users_of_messages("control_plane.actor_defaults", sends="SELECT", consumes="SELECT, INSERT, UPDATE")
+    # (senders: INSERT on the messages; workers: INSERT and UPDATE)
+    grant_by_privileges_on_messages(
+        "control_plane.actor_defaults", [("INSERT", "SELECT"), ("INSERT UPDATE", "SELECT, INSERT, UPDATE")]
+    )
 
 
 def downgrade() -> None:

@@ -10,8 +10,9 @@ stopping the workers (which may consume other queues) and without touching the j
 A claim takes nothing from a paused queue (``models.queries.CLAIM``), and its workers give
 back at their next heartbeat, which the pause's NOTIFY brings forward, the messages they
 hold but have not started; the jobs that run go on. Sends, delays, retries and the clock
-go on: the jobs wait ``pending``. ``resume_queue`` wakes the queue's workers. Roles that
-consume (UPDATE on the messages) are granted SELECT on the new table: every claim reads it.
+go on: the jobs wait ``pending``. ``resume_queue`` wakes the queue's workers. Roles that may
+read the messages are granted SELECT on the new table (every claim, the stats and the metrics
+read it); roles that may delete them (workers, operators who cancel) INSERT and DELETE too.
 
 Revision ID: 0017
 Revises: 0016
@@ -23,7 +24,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from migrations import grant_to_users_of_messages
+from migrations import grant_by_privileges_on_messages
 
 revision = "0017"
 down_revision = "0016"
@@ -80,7 +81,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("queue", name="pk_queue_pauses"),
         schema=S,
     )
-    grant_to_users_of_messages(f"{S}.queue_pauses", sends=None, consumes="SELECT")
+    # Whoever reads the messages reads the pauses (claims, `controlplane stats`, the metrics);
+    # whoever may delete them (workers, operators who cancel) may pause.
+    grant_by_privileges_on_messages(f"{S}.queue_pauses", [("SELECT", "SELECT"), ("DELETE", "SELECT, INSERT, DELETE")])
     for ddl in (PAUSE_QUEUE, RESUME_QUEUE):
         op.execute(ddl)
     for signature, comment in COMMENTS.items():
