@@ -216,4 +216,16 @@ def _not_discarded(record: logging.LogRecord) -> bool:
 
 logging.getLogger("dramatiq.results.middleware.Results").addFilter(_not_discarded)
 
+
+def _not_given_back(record: logging.LogRecord) -> bool:
+    # Dramatiq's worker thread warns "Message ... was skipped." for each message it comes to
+    # that its consumer had ended (a cancel) or given back (a paused queue) before any thread
+    # started it: the consumer said so, in one line for them all.
+    args = record.args
+    return not (record.msg == "Message %s was skipped." and isinstance(args, tuple) and args
+                and getattr(args[0], "ended_unstarted", False) is True)
+
+
+logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_not_given_back)
+
 __all__ = ["broker", "connection", "database_url", "enqueue_in", "rate_limiter_backend", "settings"]

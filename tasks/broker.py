@@ -1581,7 +1581,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         those ``_stop_claiming`` took out of the stopping worker's work queue (Dramatiq would
         give them back only after its threads' last jobs end)."""
         with self.state.lock:
-            unstarted = [*self.state.buffer, *self.state.unstarted]
+            # (less those given back already: a cancel's or a pause's, which no thread will start)
+            unstarted = [p for p in (*self.state.buffer, *self.state.unstarted) if not p.ended_unstarted]
             self.state.buffer.clear()
             self.state.unstarted.clear()
         if unstarted:
