@@ -1401,9 +1401,10 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
         """Give back prefetched messages at once (graceful shutdown)."""
-        proxies = [m for m in messages if isinstance(m, PgMessageProxy)]
+        # (less those given back already, by a cancel or a pause: their claims are over)
+        proxies = [m for m in messages if isinstance(m, PgMessageProxy) and not m.ended_unstarted]
         try:
-            self._release(proxies)
+            self._give_back(proxies)
         except psycopg2.Error as exc:
             # Dramatiq's Worker.stop catches only its own ConnectionError: raised, this would
             # end the shutdown before the consumers close and settle what finished.
@@ -1746,18 +1747,22 @@ class _PostgresConsumer(dramatiq.Consumer):
         now on: not when a thread is free to refuse them, which behind a long job could take hours,
         their unique keys held and their callers waiting all along.
 
-        A message a thread has begun (``started`` is set before the Cancellation middleware's
-        check) is left to it: interrupted, or its outcome stands. The rest are given back
-        (``RELEASE`` ends a cancelled one's job) with their failure hooks sent in the same
-        transaction, as the reaper sends a cancelled job's, from this process, which declares
-        their actors; then their callers are told. A thread that comes to one later skips it
-        unseen by the middleware (see ``PostgresBroker.emit_before``).
+        A message a thread has begun is left to it: interrupted, or its outcome stands. The rest
+        are given back (:meth:`_give_back`, which ends a cancelled one's job). A thread that
+        comes to one later skips it unseen by the middleware (see ``PostgresBroker.emit_before``).
         """
-        unstarted = self._take_unstarted(refused)
+        self._give_back(self._take_unstarted(refused))
+
+    def _give_back(self, unstarted: Sequence[PgMessageProxy]) -> None:
+        """Give back messages held here that no thread will start (a cancel, a paused queue, a
+        shutdown): ``RELEASE`` puts them back in the queue, or ends the job of one whose cancel was
+        asked meanwhile, whose failure hooks are sent in the same transaction, as the reaper sends
+        a cancelled job's, from this process, which declares their actors; then its caller is told.
+        """
         if not unstarted:
             return
         if not self._usable():
-            # (forgotten here: their leases expire, and the reaper ends them cancelled, with their hooks)
+            # (forgotten here: their leases expire, and the reaper ends the cancelled ones, with their hooks)
             self._release(unstarted)
             return
         with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn:
@@ -1774,8 +1779,9 @@ class _PostgresConsumer(dramatiq.Consumer):
                         job = {"id": p.message_id, "fate": "cancel", "error": "cancelled by operator",
                                "attempts": 0, "max_attempts": 0}
                         self._send_hooks_of_lost(conn, job, encode_message(p._message), deadline)
-        self._store_reaped_results(sorted(ended))
-        logger.info("%s: ended %d cancelled job(s) no thread had started", self.queue_name, len(ended))
+        if ended:
+            self._store_reaped_results(sorted(ended))
+            logger.info("%s: ended %d cancelled job(s) no thread had started", self.queue_name, len(ended))
 
     def _take_unstarted(self, proxies: Iterable[PgMessageProxy]) -> list[PgMessageProxy]:
         """Those of ``proxies`` no thread has started, which no thread will start now: marked
@@ -1798,7 +1804,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             held = list(self.state.inflight.values())
         unstarted = self._take_unstarted(held)
         if unstarted:
-            self._release(unstarted)
+            self._give_back(unstarted)
             logger.info("%s is paused: gave back %d message(s) no thread had started", self.queue_name,
                         len(unstarted))
 

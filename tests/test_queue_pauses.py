@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from dramatiq.results import ResultFailure
 
 import tasks
 from tasks.cli import main
@@ -161,3 +163,34 @@ def test_a_worker_on_a_database_before_0017_consumes_as_before_and_says_to_migra
             consumer.close()
     finally:
         migrations.upgrade(db_url)
+
+
+def test_a_cancel_landing_as_a_paused_queue_gives_back_its_job_still_sends_its_hooks_and_tells_its_caller(
+    db_url: str,
+) -> None:
+    # Given a job held by a consumer of a queue just paused, whose on_final_failure is set
+    sent = actors.noop.send_with_options(args=("doomed",), on_final_failure="tests.callback_sink")
+    consumer, held = claim_in_process()
+    assert held.message_id == sent.message_id
+    assert query(db_url, "SELECT control_plane.pause_queue('default') AS ok")[0]["ok"] is True
+    release = consumer._release
+
+    def cancelled_just_before(proxies: Any) -> None:
+        # When an operator cancels it between the heartbeat that saw the pause and the give-back
+        query(db_url, "SELECT control_plane.cancel_job(%s)", (sent.message_id,))
+        release(proxies)
+
+    consumer._release = cancelled_just_before
+    consumer._next_heartbeat = 0.0
+    try:
+        consumer._housekeeping()
+    finally:
+        consumer._release = release
+        consumer.close()
+    # Then the give-back ends it cancelled, as the cancel alone would: its hook sent, its caller told
+    assert job(db_url, sent.message_id)["status"] == "cancelled"
+    hooks = query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.callback_sink'")
+    assert hooks[0]["n"] == 1
+    with pytest.raises(ResultFailure, match="cancelled"):
+        sent.get_result()
+    assert disagreements(db_url) == []
