@@ -163,3 +163,25 @@ def test_a_retry_when_that_declines_fails_the_job_before_its_max_attempts() -> N
     assert not proxy.failed and len(broker.delays) == 1
     fail(broker, proxy, ValueError("bad input"))
     assert proxy.failed and len(broker.delays) == 1
+
+
+def test_a_thrown_exception_on_the_last_attempt_of_a_bounded_retry_when_fails_quietly() -> None:
+    # Given a retry_when actor bounded to 2 attempts, whose throws lists ValueError
+    broker = RecordingBroker()
+    exhausted: list[Any] = []
+
+    @dramatiq.actor(broker=broker, actor_name="math.exhausted_too")
+    def on_exhausted(message: dict[str, Any], info: dict[str, Any]) -> None: ...
+
+    @dramatiq.actor(broker=broker, actor_name="math.throwing", retry_when=lambda r, e: True, max_attempts=2,
+                    throws=(ValueError,), min_backoff=1, on_retry_exhausted="math.exhausted_too")  # fmt: skip
+    def throwing() -> None: ...
+
+    broker.enqueue = lambda message, *, delay=None: exhausted.append(message)  # type: ignore[method-assign]
+    proxy = dramatiq.MessageProxy(throwing.message())
+    fail(broker, proxy, RuntimeError("retried"))
+    # When its last attempt raises the thrown exception
+    fail(broker, proxy, ValueError("expected"))
+    # Then it fails as Dramatiq fails a thrown exception, on any attempt: quietly, no hook
+    assert proxy.failed
+    assert [m.actor_name for m in exhausted] == ["math.throwing"]  # the first failure's retry only

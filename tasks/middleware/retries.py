@@ -126,6 +126,13 @@ def hook_target(broker: dramatiq.Broker, message: Any, option: str) -> str | Non
     return str(target) if target else None
 
 
+def _thrown(broker: dramatiq.Broker, message: Any, exception: BaseException) -> bool:
+    """Whether ``exception`` is one the message's or its actor's ``throws`` lists."""
+    actor = broker.actors.get(message.actor_name)
+    throws = message.options.get("throws") or (actor.options.get("throws") if actor else None)
+    return bool(throws) and isinstance(exception, throws)
+
+
 class Retries(dramatiq_retries.Retries):
     """Exponential backoff (Dramatiq's), bounded by ``max_attempts``; permanent errors never retry."""
 
@@ -155,7 +162,11 @@ class Retries(dramatiq_retries.Retries):
             attempts = max_attempts_for(broker, message)
             if "max_retries" not in message.options:
                 message.options["max_retries"] = attempts - 1
-            if message.options.get("retries", 0) + 1 >= attempts and self._decided(broker, message):
+            if (
+                message.options.get("retries", 0) + 1 >= attempts
+                and self._decided(broker, message)
+                and not _thrown(broker, message, exception)  # (Dramatiq's fails those quietly)
+            ):
                 self._spent(broker, message, attempts)
             else:
                 super().after_process_message(  # type: ignore[no-untyped-call]
