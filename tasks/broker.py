@@ -1323,7 +1323,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             migrated, self._pauses = cur.fetchone()
         if migrated and not self._pauses and not _pauses_missing.is_set():
             # New workers before their release's `controlplane migrate` (a deploy in the wrong
-            # order): they work on, as the old ones did, and read pauses once reconnected after it.
+            # order): they work on, as the old ones did, and read pauses once it ran (_look_for_pauses).
             _pauses_missing.set()
             logger.warning("the database is at a revision before 0017 (no control_plane.queue_pauses): queue "
                            "pauses are not read; run `controlplane migrate`")
