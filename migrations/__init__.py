@@ -184,3 +184,21 @@ def grant_by_privileges_on_messages(table: str, grants: list[tuple[str, str]]) -
                     f"SELECT format('GRANT {privileges} ON {table} TO %%I', %s)", (role,)
                 ).scalar()
                 bind.exec_driver_sql(str(statement))
+
+
+def create_functions(ddls: list[str], comments: dict[str, str]) -> None:
+    """In a migration: run each function's ``CREATE``, then comment each ``control_plane.<signature>``."""
+    from alembic import op
+
+    for ddl in ddls:
+        op.execute(ddl)
+    for signature, comment in comments.items():
+        op.execute(f"COMMENT ON FUNCTION control_plane.{signature} IS $comment${comment}$comment$")
+
+
+def drop_functions(signatures: list[str]) -> None:
+    """In a migration's downgrade: drop each ``control_plane.<signature>``, if there."""
+    from alembic import op
+
+    for signature in signatures:
+        op.execute(f"DROP FUNCTION IF EXISTS control_plane.{signature}")

@@ -196,6 +196,11 @@ def effects(url: str, kind: str | None = None) -> list[dict[str, Any]]:
     return query(url, "SELECT * FROM test_support.effects WHERE kind = %s ORDER BY id", (kind,))
 
 
+def open_gate(url: str, name: str) -> None:
+    """Let the ``tests.wait_for_gate`` jobs waiting on ``name`` finish."""
+    query(url, "INSERT INTO test_support.gates (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
+
+
 def runs(url: str) -> list[tuple[Any, Any]]:
     """(start, end) of every run of an actor that records ``started`` and ``finished``,
     by the database's clock, in start order."""

@@ -18,15 +18,12 @@ from tests.support import (
     disagreements,
     effects,
     job,
+    open_gate,
     query,
     running_worker,
     settle_in_process,
     wait_for,
 )
-
-
-def _open_gate(url: str, name: str) -> None:
-    query(url, "INSERT INTO test_support.gates (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
 
 
 def _claimed(url: str) -> list[str]:
@@ -105,7 +102,7 @@ def test_pausing_gives_back_the_held_jobs_no_thread_started_and_lets_the_running
         wait_for(lambda: job(db_url, long_job.message_id)["status"] == "running", what="the long job's running mark")
         assert _claimed(db_url) == [long_job.message_id]
         # And when the long job ends, no other job of the queue starts: they wait, pending
-        _open_gate(db_url, "paused")
+        open_gate(db_url, "paused")
         wait_for(lambda: job(db_url, long_job.message_id)["status"] == "completed", what="the long job to finish")
         assert {job(db_url, m.message_id)["status"] for m in waiting} == {"pending"}
         # When the queue is resumed

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ROOT, WorkerProcess, job, query, wait_for
+from tests.support import ROOT, WorkerProcess, job, open_gate, query, wait_for
 
 pika = pytest.importorskip("pika", reason="pika is not installed (pip install 'dramatiq[rabbitmq]')")
 
@@ -84,10 +84,6 @@ def rabbit_worker(db_url: str, queue: str, tmp_path: Path) -> WorkerProcess:
         extra_env=rabbit_env(db_url, queue),
         log_path=tmp_path / f"rabbit-worker-{uuid.uuid4().hex[:6]}.log",
     )
-
-
-def open_gate(url: str, name: str) -> None:
-    query(url, "INSERT INTO test_support.gates (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
 
 
 def status_is(url: str, job_id: str, status: str) -> dict[str, Any] | None:

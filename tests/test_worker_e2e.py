@@ -29,16 +29,13 @@ from tests.support import (
     effects,
     job,
     jobs_in,
+    open_gate,
     query,
     running_worker,
     runs,
     settle_in_process,
     wait_for,
 )
-
-
-def open_gate(url: str, name: str) -> None:
-    query(url, "INSERT INTO test_support.gates (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
 
 
 def test_lifecycle_pending_running_completed(db_url: str, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from migrations import create_functions, drop_functions
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -145,13 +147,9 @@ COMMENTS = {
 
 def upgrade() -> None:
     op.add_column("messages", sa.Column("cancel_requested_at", sa.DateTime(timezone=True), nullable=True), schema=S)
-    for ddl in (CANCEL_JOB, RETRY_JOB, PRUNE_JOBS):
-        op.execute(ddl)
-    for signature, comment in COMMENTS.items():
-        op.execute(f"COMMENT ON FUNCTION {S}.{signature} IS $comment${comment}$comment$")
+    create_functions([CANCEL_JOB, RETRY_JOB, PRUNE_JOBS], COMMENTS)
 
 
 def downgrade() -> None:
-    for signature in COMMENTS:
-        op.execute(f"DROP FUNCTION IF EXISTS {S}.{signature}")
+    drop_functions(list(COMMENTS))
     op.drop_column("messages", "cancel_requested_at", schema=S)

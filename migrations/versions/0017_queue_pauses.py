@@ -24,7 +24,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from migrations import grant_by_privileges_on_messages
+from migrations import create_functions, drop_functions, grant_by_privileges_on_messages
 
 revision = "0017"
 down_revision = "0016"
@@ -84,13 +84,9 @@ def upgrade() -> None:
     # Whoever reads the messages reads the pauses (claims, `controlplane stats`, the metrics);
     # whoever may delete them (workers, operators who cancel) may pause.
     grant_by_privileges_on_messages(f"{S}.queue_pauses", [("SELECT", "SELECT"), ("DELETE", "SELECT, INSERT, DELETE")])
-    for ddl in (PAUSE_QUEUE, RESUME_QUEUE):
-        op.execute(ddl)
-    for signature, comment in COMMENTS.items():
-        op.execute(f"COMMENT ON FUNCTION {S}.{signature} IS $comment${comment}$comment$")
+    create_functions([PAUSE_QUEUE, RESUME_QUEUE], COMMENTS)
 
 
 def downgrade() -> None:
-    for signature in COMMENTS:
-        op.execute(f"DROP FUNCTION IF EXISTS {S}.{signature}")
+    drop_functions(list(COMMENTS))
     op.drop_table("queue_pauses", schema=S)

@@ -130,7 +130,9 @@ def _thrown(broker: dramatiq.Broker, message: Any, exception: BaseException) -> 
     """Whether ``exception`` is one the message's or its actor's ``throws`` lists."""
     actor = broker.actors.get(message.actor_name)
     throws = message.options.get("throws") or (actor.options.get("throws") if actor else None)
-    return bool(throws) and isinstance(exception, throws)
+    if not throws:
+        return False
+    return isinstance(exception, throws)
 
 
 class Retries(dramatiq_retries.Retries):
