@@ -727,6 +727,10 @@ RETRY_JOB = "SELECT control_plane.retry_job(%(id)s::uuid)"
 
 PAUSE_QUEUE = "SELECT control_plane.pause_queue(%(queue)s, %(reason)s)"
 
+#: Whether ``control_plane.queue_pauses`` is there (migration 0017), and this role may read it.
+PAUSES_READABLE = """SELECT t IS NOT NULL, CASE WHEN t IS NOT NULL THEN has_table_privilege(t, 'SELECT') ELSE false END
+FROM to_regclass('control_plane.queue_pauses') AS t"""
+
 RESUME_QUEUE = "SELECT control_plane.resume_queue(%(queue)s)"
 
 #: Whether a queue is one this deployment knows: an actor its workers declared sends to it, or

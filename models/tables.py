@@ -261,6 +261,8 @@ class QueuePause(Base):
     paused_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     reason: Mapped[str | None] = mapped_column(Text)
 
+    __table_args__ = (CheckConstraint("queue ~ '^[A-Za-z_][A-Za-z0-9._-]*$'", name="queue_name"),)
+
 
 class Deployment(Base):
     """Facts every process of a deployment must agree on (migration 0013): the API key

@@ -1318,15 +1318,10 @@ class _PostgresConsumer(dramatiq.Consumer):
     def _connect(self) -> None:
         self.conn = _claims_connection(self.broker, f"controlplane-worker:{self.queue_name}")
         with self.conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('control_plane.messages') IS NOT NULL, "
-                        "to_regclass('control_plane.queue_pauses') IS NOT NULL")
-            migrated, self._pauses = cur.fetchone()
-        if migrated and not self._pauses and not _pauses_missing.is_set():
-            # New workers before their release's `controlplane migrate` (a deploy in the wrong
-            # order): they work on, as the old ones did, and read pauses once it ran (_look_for_pauses).
-            _pauses_missing.set()
-            logger.warning("the database is at a revision before 0017 (no control_plane.queue_pauses): queue "
-                           "pauses are not read; run `controlplane migrate`")
+            cur.execute("SELECT to_regclass('control_plane.messages') IS NOT NULL")
+            migrated = cur.fetchone()[0]
+        if migrated:
+            self._look_for_pauses()
         if not migrated:
             self.conn.close()
             raise SchemaMissing(
@@ -1733,14 +1728,25 @@ class _PostgresConsumer(dramatiq.Consumer):
             self._next_reap = now + self.settings.reap_interval
 
     def _look_for_pauses(self) -> None:
-        """On a database before migration 0017 when this consumer connected: whether it has been
-        migrated since (a healthy connection is never made again, so ``_connect`` would not see it)."""
+        """Whether this consumer can read ``control_plane.queue_pauses``: when it connects, and at
+        each reap while it could not (a healthy connection is never made again).
+
+        New workers before their release's ``controlplane migrate`` (a deploy in the wrong order),
+        or a worker role granted the tables one by one that misses the new one: they claim on as
+        the old release did, pauses unread, and say so once per process, rather than fail every
+        claim."""
         with self.conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('control_plane.queue_pauses') IS NOT NULL")
-            self._pauses = bool(cur.fetchone()[0])
-        if self._pauses:
-            logger.info("%s: the database has control_plane.queue_pauses now (migration 0017); reading queue "
-                        "pauses", self.queue_name)
+            cur.execute(queries.PAUSES_READABLE)
+            there, readable = cur.fetchone()
+        was, self._pauses = self._pauses, bool(there and readable)
+        if self._pauses and not was:
+            logger.info("%s: control_plane.queue_pauses can be read now; reading queue pauses", self.queue_name)
+        elif not self._pauses and not _pauses_missing.is_set():
+            _pauses_missing.set()
+            why = ("the database is at a revision before 0017 (no control_plane.queue_pauses): run `controlplane "
+                   "migrate`" if not there else "this role may not read control_plane.queue_pauses: GRANT SELECT "
+                   "ON control_plane.queue_pauses TO it")
+            logger.warning("queue pauses are not read: %s", why)
 
     def _end_unstarted(self, refused: list[PgMessageProxy]) -> None:
         """End now the cancelled jobs of ``refused``, held here and refused by every thread from

@@ -506,20 +506,20 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def _queue_name(value: str) -> str:
-    from tasks.settings import QUEUE_NAME
+    from tasks.errors import InvalidOption
+    from tasks.middleware.option_checks import check_queue_name
 
-    if not QUEUE_NAME.fullmatch(value):
-        raise argparse.ArgumentTypeError(
-            f"{_printable(repr(value))} is not a queue name (letters, digits, '.', '_' and '-', not starting "
-            "with a digit, '.' or '-')"
-        )
+    try:
+        check_queue_name(value)  # what an actor's queue name must be
+    except InvalidOption as exc:
+        raise argparse.ArgumentTypeError(_printable(str(exc))) from None
     return value
 
 
 def cmd_queues(args: argparse.Namespace) -> int:
     settings = _settings()
-    if args.action != "list":
-        _needs_postgres_broker(settings, f"queues {args.action}", "stop the queue's workers instead")
+    if args.action == "pause":  # (a pause left from the Postgres broker may still be listed and resumed)
+        _needs_postgres_broker(settings, "queues pause", "stop the queue's workers instead")
     conn = _connect(_url(settings))
     try:
         if args.action == "list":

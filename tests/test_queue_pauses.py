@@ -4,9 +4,13 @@ of its jobs and give back those they hold unstarted; running jobs go on; resumin
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg2.errors
+import psycopg2.extensions
 import pytest
 from dramatiq.results import ResultFailure
 
@@ -82,7 +86,14 @@ def test_pausing_a_queue_no_one_knows_says_so_and_a_bad_name_is_refused(
     with pytest.raises(SystemExit) as refused:
         main(["queues", "pause", "default; DROP TABLE x"])
     assert refused.value.code == 2
-    assert "'default; DROP TABLE x' is not a queue name" in capsys.readouterr().err
+    assert "the queue name 'default; DROP TABLE x' is not one" in capsys.readouterr().err
+    # And so is a name no actor may have (Dramatiq's delay queue's)
+    with pytest.raises(SystemExit):
+        main(["queues", "pause", "default.DQ"])
+    assert "ends in .DQ" in capsys.readouterr().err
+    # And in SQL, where no note is given, a name with a space, say, is refused by the table
+    with pytest.raises(psycopg2.errors.CheckViolation):
+        query(db_url, "SELECT control_plane.pause_queue('default ')")
     assert [r["queue"] for r in query(db_url, "SELECT queue FROM control_plane.queue_pauses")] == ["defualt"]
 
 
@@ -145,7 +156,7 @@ def test_a_worker_on_a_database_before_0017_consumes_as_before_and_says_to_migra
         # Then the job ran as before, and the worker said what to do, once
         assert held.message_id == sent.message_id
         assert job(db_url, sent.message_id)["status"] == "completed"
-        assert caplog.text.count("queue pauses are not read; run `controlplane migrate`") == 1
+        assert caplog.text.count("queue pauses are not read: the database is at a revision before 0017") == 1
         # And a consumer that started before the migration reads pauses once it is done, at its next reap
         consumer = tasks.broker.consume("default", prefetch=1, timeout=500)
         assert next(consumer) is None
@@ -191,3 +202,28 @@ def test_a_cancel_landing_as_a_paused_queue_gives_back_its_job_still_sends_its_h
     with pytest.raises(ResultFailure, match="cancelled"):
         sent.get_result()
     assert disagreements(db_url) == []
+
+
+def test_a_worker_role_that_may_not_read_the_pauses_consumes_all_the_same_and_says_what_to_grant(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a worker's role granted the tables one by one before 0017, so not the pauses
+    role = f"cp_worker_{uuid.uuid4().hex[:10]}"
+    db = psycopg2.extensions.parse_dsn(db_url)["dbname"]
+    query(db_url, f"""CREATE ROLE {role} LOGIN; GRANT CONNECT ON DATABASE "{db}" TO {role};
+        GRANT USAGE ON SCHEMA control_plane, test_support TO {role};
+        GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA control_plane, test_support TO {role};
+        GRANT USAGE ON ALL SEQUENCES IN SCHEMA control_plane, test_support TO {role};
+        REVOKE ALL ON control_plane.queue_pauses FROM {role}""")
+    try:
+        sent = actors.noop.send("no pauses read")
+        # When its worker runs
+        parts = urlsplit(db_url)
+        url = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rsplit('@', 1)[-1]}"))
+        with running_worker(url, tmp_path) as worker:
+            # Then it consumes, as before the pauses, and says what to grant, instead of failing each claim
+            wait_for(lambda: job(db_url, sent.message_id)["status"] == "completed", what="the job to run")
+            assert "this role may not read control_plane.queue_pauses: GRANT SELECT" in worker.log()
+            assert "permission denied" not in worker.log()
+    finally:
+        query(db_url, f'REVOKE ALL ON DATABASE "{db}" FROM {role}; DROP OWNED BY {role}; DROP ROLE {role}')

@@ -33,6 +33,9 @@ depends_on = None
 
 S = "control_plane"
 
+#: ``tasks.settings.QUEUE_NAME`` (Dramatiq's), in SQL.
+QUEUE_NAME_CHECK = "queue ~ '^[A-Za-z_][A-Za-z0-9._-]*$'"
+
 PAUSE_QUEUE = f"""
 CREATE OR REPLACE FUNCTION {S}.pause_queue(queue text, reason text DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql AS $$
@@ -79,6 +82,8 @@ def upgrade() -> None:
         sa.Column("paused_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("queue", name="pk_queue_pauses"),
+        # a queue's name as an actor may have it (a pause of 'billing ' from SQL holds back nothing)
+        sa.CheckConstraint(QUEUE_NAME_CHECK, name="ck_queue_pauses_queue_name"),
         schema=S,
     )
     # Whoever reads the messages reads the pauses (claims, `controlplane stats`, the metrics);

@@ -15,6 +15,7 @@ are: a unit test's in-process ``Worker`` that is never stopped does not keep the
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import dramatiq
@@ -27,6 +28,7 @@ class AsyncActors(AsyncIO):
 
     def __init__(self) -> None:
         super().__init__()
+        self.logger = logging.getLogger(__name__)  # (Dramatiq's names it after its own module)
         self._thread: EventLoopThread | None = None
         self._found: EventLoopThread | None = None
 
