@@ -301,8 +301,8 @@ STORED_JOBS = "SELECT id::text, payload, options FROM control_plane.jobs WHERE i
 #: priorities above are read in one range, as before (100,000 priorities: 20 ms, not 650).
 #: A paused queue (``control_plane.queue_pauses``, migration 0017) has no priority to start from.
 CLAIM_PRIORITIES = 32
-#: CLAIM's look at the pauses (``CLAIM_BEFORE_PAUSES`` is CLAIM without it, for a database not yet
-#: at 0017: see ``tasks.broker._PostgresConsumer._connect``).
+#: CLAIM's look at the pauses (``CLAIM_BEFORE_PAUSES`` is CLAIM without it, for a worker that cannot
+#: read them: see ``tasks.broker._PostgresConsumer._look_for_pauses``).
 _NOT_PAUSED = "\n       AND NOT EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s)"
 CLAIM = """
 WITH RECURSIVE p AS (
@@ -531,6 +531,7 @@ RETURNING (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE cancel_reques
           - (SELECT count(*) FROM h) AS skipped,
           EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s) AS paused
 """
+#: HEARTBEAT for a worker that cannot read the pauses: ``paused`` is always false (a queue is named).
 HEARTBEAT_BEFORE_PAUSES = HEARTBEAT.replace(
     "EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s)", "%(queue)s IS NULL"
 )
