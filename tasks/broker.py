@@ -142,7 +142,8 @@ RESULTS_FULL_LOCK_TIMEOUT = "5s"
 
 
 def _claim_statement(size: int, *, pauses: bool = True) -> Statement:
-    """CLAIM for ``size`` messages; without ``pauses``, for a database before migration 0017."""
+    """CLAIM for ``size`` messages; without ``pauses``, for a consumer that cannot read them
+    (``_PostgresConsumer._look_for_pauses``)."""
     key = size if pauses else -size
     statement = _CLAIMS.get(key)
     if statement is None:
@@ -417,7 +418,7 @@ def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any
 
 #: Set once a worker of this process could not record its actors (said once, not per queue).
 _declare_refused = threading.Event()
-#: Set once a consumer found the database before migration 0017 (said once per process).
+#: Set once a consumer could not read the queue pauses (said once per process).
 _pauses_missing = threading.Event()
 
 
@@ -1299,7 +1300,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         self._notified = True  # look at once on start
         #: An error left __next__: Dramatiq restarts this consumer, its worker threads go on.
         self._failed = False
-        #: Whether the database has control_plane.queue_pauses (migration 0017): see _connect.
+        #: Whether this consumer can read control_plane.queue_pauses (migration 0017): see _look_for_pauses.
         self._pauses = True
         self._more = False
         #: Holds WAITING_LOCK: its last claim came back short, sends must NOTIFY it.
@@ -1320,14 +1321,13 @@ class _PostgresConsumer(dramatiq.Consumer):
         with self.conn.cursor() as cur:
             cur.execute("SELECT to_regclass('control_plane.messages') IS NOT NULL")
             migrated = cur.fetchone()[0]
-        if migrated:
-            self._look_for_pauses()
         if not migrated:
             self.conn.close()
             raise SchemaMissing(
                 f"queue {self.queue_name!r}: the database has no control-plane tables yet: run `controlplane "
                 "migrate` against it (this worker starts consuming once they are there)"
             )
+        self._look_for_pauses()
         # Wake-ups come through the process's notifier (one LISTEN per process, not per queue:
         # PostgreSQL signals every listening connection at every notifying send).
         self.broker._listen()
@@ -1354,7 +1354,7 @@ class _PostgresConsumer(dramatiq.Consumer):
     def ack(self, message: dramatiq.MessageProxy) -> None:
         assert isinstance(message, PgMessageProxy)
         if message.settled:
-            return  # (ended already: see _PostgresConsumer._end_unstarted)
+            return  # (ended or given back already: see _PostgresConsumer._take_unstarted)
         self._observe(message)
         message.settled = True
         if message.retry_delay_ms is not None:
@@ -1383,7 +1383,7 @@ class _PostgresConsumer(dramatiq.Consumer):
     def nack(self, message: dramatiq.MessageProxy) -> None:
         assert isinstance(message, PgMessageProxy)
         if message.settled:
-            return  # (ended already: see _PostgresConsumer._end_unstarted)
+            return  # (ended or given back already: see _PostgresConsumer._take_unstarted)
         self._observe(message)
         message.settled = True
         error = message.error_text or _describe(message) or "rejected by middleware"

@@ -97,25 +97,28 @@ def max_attempts_for(broker: dramatiq.Broker, message: Any) -> int:
     return min(max(found or 1, 1), UNLIMITED_ATTEMPTS)  # more would not fit the jobs row's int
 
 
+def _retries_middleware(broker: dramatiq.Broker) -> dramatiq_retries.Retries | None:
+    """The broker's Retries middleware (Dramatiq's or this one), if it has one."""
+    return next((m for m in broker.middleware if isinstance(m, dramatiq_retries.Retries)), None)
+
+
 def retry_when_of(broker: dramatiq.Broker, actor: Any) -> Any:
     """The ``retry_when`` predicate Dramatiq's Retries applies to ``actor``'s failures (the
     actor's option when it sets one, None included, else the middleware's), or None."""
     if actor is not None and "retry_when" in actor.options:
         return actor.options["retry_when"]
-    for middleware in broker.middleware:
-        if isinstance(middleware, dramatiq_retries.Retries):
-            return middleware.retry_when
-    return None
+    middleware = _retries_middleware(broker)
+    return middleware.retry_when if middleware is not None else None
 
 
 def default_attempts(broker: dramatiq.Broker) -> int:
     """The attempts of a job neither its message nor its actor sets: the Retries middleware's."""
-    for middleware in broker.middleware:
-        if isinstance(middleware, dramatiq_retries.Retries):
-            if middleware.max_retries is None:
-                return UNLIMITED_ATTEMPTS
-            return min(middleware.max_retries + 1, UNLIMITED_ATTEMPTS)
-    return 1
+    middleware = _retries_middleware(broker)
+    if middleware is None:
+        return 1
+    if middleware.max_retries is None:
+        return UNLIMITED_ATTEMPTS
+    return min(middleware.max_retries + 1, UNLIMITED_ATTEMPTS)
 
 
 def hook_target(broker: dramatiq.Broker, message: Any, option: str) -> str | None:
@@ -166,7 +169,8 @@ class Retries(dramatiq_retries.Retries):
                 message.options["max_retries"] = attempts - 1
             if (
                 message.options.get("retries", 0) + 1 >= attempts
-                and self._decided(broker, message)
+                # retry_when decides (Dramatiq's Retries then ignores every bound): apply max_attempts here
+                and retry_when_of(broker, broker.actors.get(message.actor_name)) is not None
                 and not _thrown(broker, message, exception)  # (Dramatiq's fails those quietly)
             ):
                 self._spent(broker, message, attempts)
@@ -181,12 +185,6 @@ class Retries(dramatiq_retries.Retries):
             if target:
                 failure = describe_failure(exception, message, broker)
                 broker.get_actor(target).send(*self._final_failure_args(message, failure))
-
-    @staticmethod
-    def _decided(broker: dramatiq.Broker, message: Any) -> bool:
-        """Whether ``retry_when`` decides this message's retries (Dramatiq's then ignores every
-        bound, so an explicit ``max_attempts`` is applied here)."""
-        return retry_when_of(broker, broker.actors.get(message.actor_name)) is not None
 
     def _spent(self, broker: dramatiq.Broker, message: Any, attempts: int) -> None:
         """What Dramatiq's Retries does when a message's retries are exceeded, for a job whose
