@@ -152,7 +152,6 @@ def replace_in_function(signature: str, old: str, new: str) -> None:
     op.execute(definition.replace(old, new))
 
 
-
 #: The roles other than the migrating one (superusers and PostgreSQL's own left out) that hold
 #: privileges on control_plane.messages, and which (`%%`: the driver formats it).
 ROLES_ON_MESSAGES = r"""
