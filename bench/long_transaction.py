@@ -32,11 +32,18 @@ DATABASE = "bench_long_transaction"
 CLAIM_SIZE = 32
 
 
-def _fill(url: str, jobs: int) -> None:
+def fill(url: str, jobs: int, history: int = 0) -> None:
+    """Empty the queue and the history, then queue ``jobs`` no-op messages in the queue ``bench``,
+    beside ``history`` jobs completed 8 days ago (created over the day before)."""
     conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("TRUNCATE control_plane.messages, control_plane.jobs")
+        cur.execute("""
+            INSERT INTO control_plane.jobs (id, type, queue, payload, max_attempts, status, created_at, completed_at)
+            SELECT gen_random_uuid(), 'bench.old', 'bench', '{}', 3, 'completed',
+                   now() - interval '9 days' + i * interval '1 day' / %(n)s, now() - interval '8 days'
+            FROM generate_series(1, %(n)s) AS i""", {"n": history})  # fmt: skip
         cur.execute("""
             INSERT INTO control_plane.jobs (id, type, queue, payload, max_attempts)
             SELECT gen_random_uuid(), 'bench.noop', 'bench', '{}', 3 FROM generate_series(1, %s)""", (jobs,))
@@ -46,7 +53,7 @@ def _fill(url: str, jobs: int) -> None:
                    convert_to(json_build_object('queue_name', 'bench', 'actor_name', 'bench.noop', 'args', '[]'::json,
                               'kwargs', '{}'::json, 'options', '{}'::json, 'message_id', id,
                               'message_timestamp', 0)::text, 'UTF8')
-            FROM control_plane.jobs""")  # fmt: skip
+            FROM control_plane.jobs WHERE status = 'pending'""")  # fmt: skip
         cur.execute("VACUUM ANALYZE control_plane.messages")
         cur.execute("VACUUM ANALYZE control_plane.jobs")
     conn.close()
@@ -54,20 +61,37 @@ def _fill(url: str, jobs: int) -> None:
 
 def drain(url: str, jobs: int, hold: bool) -> dict[str, Any]:
     """Drain ``jobs`` messages claim by claim; with ``hold``, beside a snapshot held open throughout."""
-    _fill(url, jobs)
+    fill(url, jobs)
     holder = psycopg2.connect(url) if hold else None
     if holder is not None:
         with holder.cursor() as cur:
             cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
             cur.execute("SELECT count(*) FROM control_plane.worker_heartbeats")  # takes the snapshot
+    times, _, wall = claim_and_settle_all(url)
+    if holder is not None:
+        holder.close()
+    return {
+        "jobs_per_s": jobs / wall,
+        "first_50_claims_ms": statistics.mean(times[:50]),
+        "last_50_claims_ms": statistics.mean(times[-51:-1]),
+        "empty_claim_ms": times[-1],
+    }
+
+
+def claim_and_settle_all(url: str) -> tuple[list[float], list[float], float]:
+    """Claim the queue ``bench``'s messages ``CLAIM_SIZE`` at a time with the broker's ``CLAIM`` and
+    ack each claim with its ``SETTLE``, until a claim comes back empty; each claim's time in ms
+    (the empty one last), when each began (``time.perf_counter()``) and the wall time in seconds."""
     claimer, settler = psycopg2.connect(url), psycopg2.connect(url)
     claimer.autocommit = settler.autocommit = True
     times: list[float] = []
+    starts: list[float] = []
     started = time.perf_counter()
     with claimer.cursor() as cc, settler.cursor() as sc:
         while True:
             token = str(uuid.uuid4())
             t = time.perf_counter()
+            starts.append(t)
             cc.execute(queries.CLAIM, {"queue": "bench", "limit": CLAIM_SIZE, "token": token, "worker": "bench",
                                        "lease": 30})  # fmt: skip
             rows = cc.fetchall()
@@ -80,15 +104,9 @@ def drain(url: str, jobs: int, hold: bool) -> dict[str, Any]:
                                         "bodies": None, "errors": None, "results": None, "started_ms": [1] * n,
                                         "worker": "bench"})  # fmt: skip
     wall = time.perf_counter() - started
-    for conn in (claimer, settler, holder):
-        if conn is not None:
-            conn.close()
-    return {
-        "jobs_per_s": jobs / wall,
-        "first_50_claims_ms": statistics.mean(times[:50]),
-        "last_50_claims_ms": statistics.mean(times[-51:-1]),
-        "empty_claim_ms": times[-1],
-    }
+    claimer.close()
+    settler.close()
+    return times, starts, wall
 
 
 def main(argv: list[str] | None = None) -> None:

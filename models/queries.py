@@ -752,8 +752,47 @@ ORDER BY failed_at, id
 #: A job's status, to explain why an operation did nothing.
 JOB_STATUS = "SELECT status FROM control_plane.jobs WHERE id = %(id)s::uuid"
 
-#: Delete finished jobs older than the given ages, and expired results; returns the row count.
-PRUNE_JOBS = "SELECT control_plane.prune_jobs(%(completed)s::interval, %(failed)s::interval)"
+#: Rows deleted per statement by the prune (``tasks.maintenance.prune_rows``).
+PRUNE_BATCH = 10_000
+
+#: One batch of the prune: the next ``PRUNE_BATCH`` jobs in ``created_at, id`` order after
+#: ``(after_at, after_id)``, among those created before the shorter retention (a job cannot
+#: have finished before it was created), and of them deletes the finished ones past their
+#: retention, as ``control_plane.prune_jobs`` does. Returns how many went, how many were
+#: looked at (fewer than a batch: the end), and the last one looked at (the next batch's start).
+#: The rows are deleted by their place (``ctid``): joined on ``id``, the planner hashes the
+#: whole history for each batch. A row updated since (``retry_job``) has another place and stays.
+#: Each batch is its own transaction: one ``DELETE`` of a large history would hold a snapshot
+#: for its whole length, and every claim meanwhile walks the dead entries of the jobs
+#: drained since (docs/operations.md, "A long transaction slows every queue").
+PRUNE_JOBS_BATCH = f"""
+WITH batch AS (
+    SELECT j.ctid, j.id, j.created_at FROM control_plane.jobs AS j
+    WHERE j.created_at >= %(after_at)s::timestamptz
+      AND (j.created_at, j.id) > (%(after_at)s::timestamptz, %(after_id)s::uuid)
+      AND j.created_at < now() - least(%(completed)s::interval, %(failed)s::interval)
+    ORDER BY j.created_at, j.id
+    LIMIT {PRUNE_BATCH}
+), gone AS (
+    DELETE FROM control_plane.jobs AS j
+    WHERE j.ctid = ANY (ARRAY(SELECT b.ctid FROM batch AS b))
+      AND ((j.status IN ('completed', 'cancelled')
+            AND coalesce(j.completed_at, j.updated_at) < now() - %(completed)s::interval)
+           OR (j.status = 'failed' AND coalesce(j.completed_at, j.updated_at) < now() - %(failed)s::interval))
+    RETURNING 1
+), last AS (
+    SELECT b.created_at, b.id FROM batch AS b ORDER BY b.created_at DESC, b.id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM batch), last.created_at, last.id::text
+FROM (SELECT 1) AS one LEFT JOIN last ON true
+"""  # noqa: S608 (a module constant, no input)
+
+#: One batch of expired results; the prune repeats it until a batch comes back short.
+PRUNE_RESULTS_BATCH = f"""
+DELETE FROM control_plane.results
+WHERE key IN (SELECT key FROM control_plane.results WHERE expires_at <= now()
+              ORDER BY expires_at LIMIT {PRUNE_BATCH} FOR UPDATE SKIP LOCKED)
+"""  # noqa: S608 (a module constant, no input)
 
 #: Per queue: ready, scheduled, running, failed, completed in the last minute, oldest wait.
 QUEUE_STATS = "SELECT * FROM control_plane.queue_stats ORDER BY queue"

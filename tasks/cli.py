@@ -912,9 +912,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "prune",
-        help="delete old finished jobs and expired results (control_plane.prune_jobs)",
+        help="delete old finished jobs and expired results, as the daily controlplane.prune does",
         description="Delete completed and cancelled jobs finished longer ago than --completed-after, "
-        "failed ones finished longer ago than --failed-after, and expired results.",
+        "failed ones finished longer ago than --failed-after, and expired results: 10,000 rows per "
+        "transaction, so that a large history holds no snapshot open for long.",
     )
     p.add_argument(
         "--completed-after", help="a PostgreSQL interval (default: CONTROLPLANE_RETENTION_COMPLETED, '7 days')"

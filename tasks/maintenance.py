@@ -1,10 +1,10 @@
 """Built-in periodic tasks: retention.
 
 ``controlplane.prune`` runs daily (``CONTROLPLANE_PRUNE_SCHEDULE``, default
-``0 3 * * *`` UTC) on the ``controlplane`` queue: it calls
+``0 3 * * *`` UTC) on the ``controlplane`` queue: it deletes what
 ``control_plane.prune_jobs(CONTROLPLANE_RETENTION_COMPLETED,
-CONTROLPLANE_RETENTION_FAILED)`` (completed and cancelled jobs after 7 days,
-failed ones after 30 by default, and expired results), forgets schedule ticks
+CONTROLPLANE_RETENTION_FAILED)`` would (completed and cancelled jobs after 7 days,
+failed ones after 30 by default, and expired results), in batches, forgets schedule ticks
 older than the completed retention (each schedule's latest is kept) and
 deletes expired rate-limit counters.
 
@@ -49,9 +49,27 @@ def prune() -> dict[str, int]:
 def prune_rows(cur: Any, completed: str, failed: str) -> dict[str, int]:
     """Delete finished jobs past ``completed``/``failed`` (PostgreSQL intervals) and expired results,
     schedule ticks past ``completed`` (each schedule's latest kept) and expired rate-limit
-    counters; how many rows of each kind went. The daily task's work, and ``controlplane prune``'s."""
-    cur.execute(queries.PRUNE_JOBS, {"completed": completed, "failed": failed})
-    (jobs,) = cur.fetchone()
+    counters; how many rows of each kind went. The daily task's work, and ``controlplane prune``'s.
+
+    Jobs and results go ``queries.PRUNE_BATCH`` rows per statement, each its own transaction on
+    an autocommit connection (the pool's and the CLI's are), so that a large history never holds
+    one snapshot open for long; what one run deleted stays deleted if it is cut short.
+    """
+    jobs = 0
+    after_at, after_id = "-infinity", "00000000-0000-0000-0000-000000000000"
+    while True:
+        cur.execute(queries.PRUNE_JOBS_BATCH, {"completed": completed, "failed": failed, "after_at": after_at,
+                                               "after_id": after_id})  # fmt: skip
+        gone, seen, last_at, last_id = cur.fetchone()
+        jobs += int(gone)
+        if seen < queries.PRUNE_BATCH:
+            break
+        after_at, after_id = last_at, last_id
+    while True:
+        cur.execute(queries.PRUNE_RESULTS_BATCH)
+        jobs += cur.rowcount
+        if cur.rowcount < queries.PRUNE_BATCH:
+            break
     cur.execute(queries.PRUNE_SCHEDULE_TICKS, {"older_than": completed})
     ticks = cur.rowcount
     cur.execute(queries.RATE_LIMIT_SWEEP)

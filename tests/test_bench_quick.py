@@ -359,6 +359,23 @@ def test_the_notify_cost_aid_measures_its_three_variants(server_url: str, tmp_pa
 
 
 @pytest.mark.e2e
+def test_the_prune_cost_aid_drains_beside_each_way_of_pruning(server_url: str, tmp_path: Path) -> None:
+    # Given a small history and queue
+    env = {**os.environ, "DATABASE_URL": server_url}
+    output = tmp_path / "prune.json"
+    command = [sys.executable, "-m", "bench.prune_cost", "--history", "15000", "--jobs", "2000", "--rounds", "1",
+               "--output", str(output)]  # fmt: skip
+    # When it runs
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Then each way of pruning deleted the whole history while the queue drained, and no prune deleted nothing
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(output.read_text())["results"]
+    assert {mode: [r["pruned"] for r in rounds] for mode, rounds in results.items()} == {
+        "none": [0], "one statement": [15000], "batches": [15000]}  # fmt: skip
+    assert all(r["jobs_per_s"] > 0 for rounds in results.values() for r in rounds)
+
+
+@pytest.mark.e2e
 def test_the_joined_send_cost_aid_sends_plain_and_prepared_in_transactions(server_url: str, tmp_path: Path) -> None:
     # Given a few sends per variant
     env = {**os.environ, "DATABASE_URL": server_url}

@@ -389,9 +389,10 @@ def test_prune_deletes_old_finished_jobs_and_refuses_a_bad_age(
     for status, age in (("completed", "10 days"), ("completed", "1 hour"), ("failed", "10 days")):
         query(
             db_url,
-            "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
-            "VALUES (gen_random_uuid(), 'old', 'default', %s, now() - %s::interval)",
-            (status, age),
+            "INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at) "
+            "VALUES (gen_random_uuid(), 'old', 'default', %s, now() - %s::interval - interval '1 minute', "
+            "now() - %s::interval)",
+            (status, age, age),
         )
     # and, as the daily controlplane.prune also forgets, two ticks of a schedule ten days apart and
     # an expired rate-limit counter

@@ -460,9 +460,10 @@ def test_the_settings_are_read_while_another_thread_deletes_a_variable() -> None
 def insert_finished(url: str, label: str, status: str, age: str) -> None:
     query(
         url,
-        "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
-        "VALUES (gen_random_uuid(), %s, 'default', %s, now() - %s::interval)",
-        (label, status, age),
+        "INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at) "
+        "VALUES (gen_random_uuid(), %s, 'default', %s, now() - %s::interval - interval '1 minute', "
+        "now() - %s::interval)",
+        (label, status, age, age),
     )
 
 
@@ -503,6 +504,50 @@ def test_prune_applies_the_retention_settings(db_url: str, monkeypatch: pytest.M
     kept = {r["type"] for r in query(db_url, "SELECT type FROM control_plane.jobs")}
     assert kept == {"completed 1 day ago", "failed 3 days ago"}
     assert len(query(db_url, "SELECT 1 FROM control_plane.schedule_ticks")) == 1
+
+
+def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: str) -> None:
+    from models import queries
+
+    batch = queries.PRUNE_BATCH
+    # Given more old completed jobs than two batches, half of them created in one transaction (one
+    # created_at for all, across a batch's end), failed ones a retention keeps among them, jobs
+    # finished a day ago, and more expired results than a batch beside a live one
+    query(db_url, """
+        INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at)
+        SELECT gen_random_uuid(), 'old', 'default', 'completed',
+               CASE WHEN i %% 2 = 0 THEN timestamptz '2020-01-01'
+                    ELSE now() - interval '9 days' - i * interval '1 ms' END,
+               now() - interval '8 days'
+        FROM generate_series(1, %s) AS i""", (2 * batch + 500,))  # fmt: skip
+    query(db_url, """
+        INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at)
+        SELECT gen_random_uuid(), kind, 'default', status, now() - interval '9 days', completed
+        FROM (VALUES ('failed 8 days ago', 'failed', now() - interval '8 days'),
+                     ('completed a day ago', 'completed', now() - interval '1 day')) AS k (kind, status, completed),
+             generate_series(1, 300)""")  # fmt: skip
+    query(db_url, "INSERT INTO control_plane.results (key, value, expires_at) SELECT 'r' || i, 'x'::bytea, now() - "
+                  "interval '1 second' FROM generate_series(1, %s) AS i UNION ALL SELECT 'live', 'x'::bytea, now() + "
+                  "interval '1 hour'", (batch + 7,))  # fmt: skip
+    # (each DELETE statement on the history notes its transaction)
+    query(db_url, """
+        CREATE TABLE prune_transactions (xid xid8);
+        CREATE FUNCTION note_transaction() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN INSERT INTO prune_transactions VALUES (pg_current_xact_id()); RETURN NULL; END $$;
+        CREATE TRIGGER note AFTER DELETE ON control_plane.jobs
+            FOR EACH STATEMENT EXECUTE FUNCTION note_transaction()""")
+    # When the daily prune runs with the default retentions (7 days, failed 30)
+    counts = maintenance.prune()
+    # Then every old completed job and expired result went, and nothing else
+    assert counts["jobs_and_results"] == (2 * batch + 500) + (batch + 7)
+    kept = query(db_url, "SELECT type, count(*) AS n FROM control_plane.jobs GROUP BY type ORDER BY type")
+    assert [(r["type"], r["n"]) for r in kept] == [("completed a day ago", 300), ("failed 8 days ago", 300)]
+    assert [r["key"] for r in query(db_url, "SELECT key FROM control_plane.results")] == ["live"]
+    # And in batches, each committed on its own: no snapshot held for the whole prune
+    transactions = query(db_url, "SELECT count(DISTINCT xid) AS n FROM prune_transactions")[0]["n"]
+    assert transactions >= 3
+    # And a second run finds nothing
+    assert maintenance.prune()["jobs_and_results"] == 0
 
 
 def test_the_clock_sends_prune_and_a_worker_runs_it(db_url: str, tmp_path: Path) -> None:
