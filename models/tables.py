@@ -125,6 +125,7 @@ class Job(Base):
         # One live job per unique key: a second send finds the first.
         Index("uq_jobs_live_key", "live_key", unique=True, postgresql_where=text("live_key IS NOT NULL")),
         Index("ix_jobs_failed_at", "failed_at", postgresql_where=text("failed_at IS NOT NULL")),
+        Index("ix_jobs_queue_failed_at", "queue", "failed_at", postgresql_where=text("failed_at IS NOT NULL")),
         Index("ix_jobs_retry_at", "retry_at", postgresql_where=text("retry_at IS NOT NULL")),
         {"postgresql_with": {"fillfactor": 70}},
     )

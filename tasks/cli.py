@@ -570,6 +570,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     stats = _stats_query(settings)
     conn = _connect(_url(settings))
     try:
+        with conn.cursor() as cur:
+            cur.execute("; ".join(f"SET {setting}" for setting in queries.STATS_SETTINGS))
         while True:
             rows = _fetch(conn, stats)
             if args.json:
@@ -580,13 +582,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
                     print("\033[H\033[J", end="")  # clear the screen
                 if args.watch:
                     print(f"{time.strftime('%H:%M:%S')}  every {args.interval:g}s, Ctrl-C to stop")
+                uncounted = any(r["completed_last_minute"] is None for r in rows)
                 for r in rows:
                     r["oldest_ready_age"] = f"{r.pop('oldest_ready_age_seconds'):.1f}s"
+                    if r["completed_last_minute"] is None:
+                        r["completed_last_minute"] = "-"
                 if rows:
                     # (pauses are the Postgres broker's: the view other brokers read has no such column)
                     print_table(rows, _STATS_COLUMNS + (("paused",) if "paused" in rows[0] else ()))
                 else:
                     print("no jobs in any queue")
+                if uncounted:
+                    print(f"(completed_last_minute not counted: without the BRIN index on jobs.completed_at, "
+                          f"PostgreSQL 16+, it would read all of jobs, over "
+                          f"{queries.STATS_COMPLETED_SCAN_MAX_ROWS:,} rows, at each refresh)")
                 sys.stdout.flush()
             if not args.watch:
                 return 0

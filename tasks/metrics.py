@@ -97,6 +97,7 @@ class QueueStatsCollector:
                 # operator's lock holds the tables: then it says the stats are down.
                 cur.execute("SET LOCAL statement_timeout = %(ms)s; SET LOCAL lock_timeout = %(ms)s",
                             {"ms": SCRAPE_TIMEOUT_MS})
+                cur.execute(queries.STATS_SESSION)
                 cur.execute(self._stats)
                 columns = [d[0] for d in cur.description]
                 rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
@@ -116,7 +117,9 @@ class QueueStatsCollector:
                 continue  # paused: the Postgres broker's (another's view has no such column), not a false 0
             family = GaugeMetricFamily(name, text, labels=["queue"])
             for row in rows:
-                family.add_metric([row["queue"]], float(row[column] or 0))
+                if row[column] is None:
+                    continue  # not counted (completions on a large history without the BRIN index): no data, not 0
+                family.add_metric([row["queue"]], float(row[column]))
             yield family
         if workers is None:  # another broker's workers do not heartbeat here: no gauge, not a false 0
             return

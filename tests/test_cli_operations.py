@@ -320,6 +320,31 @@ def test_modules_are_found_in_the_current_directory_as_the_dramatiq_command_find
     assert row[0]["queue"] == "myapp"
 
 
+def test_stats_says_so_when_it_leaves_out_the_completions_a_large_history_would_cost(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models import queries
+
+    # Given a job completed a moment ago and one waiting in the same queue, and a history over the
+    # bound stats read without the BRIN index (a bound of 0 rows stands for a large history)
+    query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
+                  "VALUES (gen_random_uuid(), 'tests.noop', 'default', 'completed', now())")  # fmt: skip
+    actors.noop.send(1)
+    query(db_url, "ANALYZE control_plane.jobs")
+    monkeypatch.setattr(queries, "QUEUE_STATS_VIA_MESSAGES", queries.queue_stats_via_messages(0))
+    brin = query(db_url, "SELECT 1 FROM pg_indexes WHERE indexname = 'ix_jobs_completed_at_brin'")
+    # When an operator asks for the stats, as a table and as JSON
+    table = in_process(capsys, monkeypatch, db_url, "stats")
+    as_json = in_process(capsys, monkeypatch, db_url, "stats", "--json")
+    # Then the count is there where the BRIN index (PostgreSQL 16+) finds it; else a dash and why
+    # (JSON: null), not a false 0
+    (row,) = json.loads(as_json.stdout)
+    assert row["completed_last_minute"] == (1 if brin else None)
+    (line,) = [x for x in table.stdout.splitlines() if x.startswith("default")]
+    assert line.split()[5] == ("1" if brin else "-")
+    assert ("completed_last_minute not counted" in table.stdout) is not bool(brin)
+
+
 def test_stats_shows_each_queue_once_as_json_and_until_ctrl_c_when_watching(db_url: str) -> None:
     # Given two ready jobs, one failed job and one delayed job in the default queue
     actors.always_fails.send("x")

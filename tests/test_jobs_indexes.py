@@ -82,7 +82,10 @@ def test_jobs_that_run_and_complete_are_rewritten_in_place_without_index_entries
 
 def test_lookups_by_state_are_served_by_indexes_not_a_scan_of_the_history(db_url: str) -> None:
     for sql, index, table in (
-        ("SELECT * FROM control_plane.failed_jobs", "ix_jobs_failed_at", "jobs"),
+        ("SELECT * FROM control_plane.failed_jobs", "_failed_at", "jobs"),
+        # the failed jobs per queue, counted at every `controlplane stats` and metrics scrape (migration 0018)
+        ("SELECT queue, count(*) FROM control_plane.jobs WHERE failed_at IS NOT NULL GROUP BY queue",
+         "Index Only Scan using ix_jobs_queue_failed_at", "jobs"),
         ("SELECT * FROM control_plane.retrying_jobs", "ix_jobs_retry_at", "jobs"),
         ("SELECT id FROM control_plane.jobs WHERE live_key = 'k'", "uq_jobs_live_key", "jobs"),
         # `controlplane jobs list --status failed`'s order, and `controlplane workers`' count of

@@ -91,6 +91,31 @@ def test_queue_gauges_are_served_from_sql(db_url: str) -> None:
     assert samples[("controlplane_workers", ())] == 1
 
 
+def test_completions_are_not_counted_by_reading_a_large_history_without_the_brin_index(db_url: str) -> None:
+    from models import queries
+
+    # Given a job of queue "default" completed a moment ago, and the Postgres broker's stats
+    # query with a bound of no rows on the history it reads without the BRIN index (PostgreSQL
+    # before 16 has none: the count would read every row of jobs at every scrape)
+    query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
+                  "VALUES (gen_random_uuid(), 'tests.noop', 'default', 'completed', now())")  # fmt: skip
+    query(db_url, "ANALYZE control_plane.jobs")
+    brin = query(db_url, "SELECT 1 FROM pg_indexes WHERE indexname = 'ix_jobs_completed_at_brin'")
+    for bound in (0, queries.STATS_COMPLETED_SCAN_MAX_ROWS):
+        server, _ = serve_queue_metrics(tasks.connection, 0, "127.0.0.1", queries.queue_stats_via_messages(bound))
+        try:
+            # When scraped
+            samples = scrape(f"http://127.0.0.1:{server.server_port}/metrics")
+        finally:
+            server.shutdown()
+            server.server_close()
+        # Then the stats are up; the completion is counted where the index finds it or the
+        # history is within the bound, and otherwise left out (no data: not a false 0)
+        completed = samples.get(("controlplane_queue_completed_last_minute", (("queue", "default"),)))
+        assert samples[("controlplane_stats_up", ())] == 1
+        assert completed == (1 if brin or bound else None), (bound, brin)
+
+
 def test_without_the_postgres_broker_no_worker_count_is_exported(db_url: str) -> None:
     # Given a live heartbeat in the table, and metrics served for another broker (RabbitMQ's
     # workers do not heartbeat here: a 0 would fire the "no workers" alert for good)
