@@ -295,7 +295,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             where, params = ["true"], {}
             for column in ("status", "type", "queue"):
                 value = getattr(args, column)
-                if value:
+                if value and value != "retrying":  # (pending jobs with a retry_at: _status_lookup's)
                     where.append(f"{column} = %({column})s")
                     params[column] = value
             where += _status_lookup(args.status, settings)
@@ -350,9 +350,12 @@ def _status_lookup(status: str | None, settings: Settings) -> list[str]:
     (a running job's message is claimed until its outcome is written, in the
     same statement). Pending jobs are looked for in the history itself: a
     pending job without a message is one an operator must be able to see.
+    ``retrying`` (pending jobs waiting for another attempt) is ``retry_at``'s index.
     """
     if status == "failed":
         return ["failed_at IS NOT NULL"]
+    if status == "retrying":
+        return ["retry_at IS NOT NULL"]
     if status == "running" and settings.postgres_broker:
         return ["id IN (SELECT id FROM control_plane.messages WHERE claim_token IS NOT NULL)"]
     return []
@@ -859,7 +862,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="list, show, retry and cancel jobs (control_plane.jobs)")
     jsub = jobs.add_subparsers(dest="action", required=True)
     p = jsub.add_parser("list", help="recent jobs, newest first")
-    p.add_argument("--status", choices=("pending", "running", "completed", "failed", "cancelled"))
+    p.add_argument(
+        "--status",
+        choices=("pending", "retrying", "running", "completed", "failed", "cancelled"),
+        help="retrying: pending jobs waiting for another attempt (found by an index, where pending "
+        "reads the history)",
+    )
     p.add_argument("--type", help="actor name")
     p.add_argument("--queue")
     p.add_argument(

@@ -153,6 +153,30 @@ def test_jobs_list_by_status_lists_exactly_the_jobs_in_that_state(
         running.close()
 
 
+def test_jobs_list_retrying_lists_the_pending_jobs_waiting_for_another_attempt_from_an_index(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job whose first attempt failed and that waits for another, and a job never tried
+    retried = actors.always_fails.send("x").message_id
+    consumer, held = claim_in_process()
+    tasks.broker.enqueue(held, delay=60_000)  # what Dramatiq's Retries does with a failed attempt
+    settle_in_process(consumer, held, "ack")
+    fresh = actors.noop.send("fresh").message_id
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    # When an operator lists the retrying jobs, and the pending ones
+    listed = {}
+    for status in ("retrying", "pending"):
+        capsys.readouterr()
+        assert main(["jobs", "list", "--status", status, "--json"]) == 0
+        listed[status] = [row["id"] for row in json.loads(capsys.readouterr().out)]
+    # Then retrying lists the first only, pending both (newest first)
+    assert listed == {"retrying": [retried], "pending": [fresh, retried]}
+    # And retrying is read from retry_at's index, not the history
+    plan = _plan(db_url, "SELECT id FROM control_plane.jobs WHERE retry_at IS NOT NULL "
+                         "ORDER BY created_at DESC LIMIT 50")  # fmt: skip
+    assert "ix_jobs_retry_at" in plan and "Seq Scan on jobs" not in plan, plan
+
+
 def test_queue_stats_from_the_message_table_agree_with_the_view(db_url: str) -> None:
     # Given, in queue "default", one job of each kind: completed, failed, running,
     # claimed but not started (prefetched), ready, delayed, waiting for a retry;
