@@ -755,11 +755,16 @@ JOB_STATUS = "SELECT status FROM control_plane.jobs WHERE id = %(id)s::uuid"
 #: Rows deleted per statement by the prune (``tasks.maintenance.prune_rows``).
 PRUNE_BATCH = 10_000
 
-#: One batch of the prune: the next ``PRUNE_BATCH`` jobs in ``created_at, id`` order after
-#: ``(after_at, after_id)``, among those created before the shorter retention (a job cannot
-#: have finished before it was created), and of them deletes the finished ones past their
-#: retention, as ``control_plane.prune_jobs`` does. Returns how many went, how many were
-#: looked at (fewer than a batch: the end), and the last one looked at (the next batch's start).
+#: One batch of the prune: the next ``PRUNE_BATCH`` jobs in ``created_at`` order after
+#: ``after_at`` (text, as the last batch returned it: a ``datetime`` cannot hold
+#: ``-infinity`` or a year BC; NULL for the first batch), with every job that shares the
+#: last one's ``created_at`` (``WITH TIES``: the jobs of one transaction share its
+#: ``now()``; a keyset over ``created_at, id`` re-read the whole tie group for each batch,
+#: since the index has no ``id``, 9.8 s for 600,000 ties), among those created before
+#: the later of the two retention cut-offs (a job cannot have finished before it was
+#: created), and of them deletes the finished ones past their retention, as
+#: ``control_plane.prune_jobs`` does. Returns how many went, how many were looked at (fewer
+#: than a batch: the end), and the last ``created_at`` looked at (the next batch's start).
 #: The rows are deleted by their place (``ctid``): joined on ``id``, the planner hashes the
 #: whole history for each batch. A row updated since (``retry_job``) has another place and stays.
 #: Each batch is its own transaction: one ``DELETE`` of a large history would hold a snapshot
@@ -767,12 +772,11 @@ PRUNE_BATCH = 10_000
 #: drained since (docs/operations.md, "A long transaction slows every queue").
 PRUNE_JOBS_BATCH = f"""
 WITH batch AS (
-    SELECT j.ctid, j.id, j.created_at FROM control_plane.jobs AS j
-    WHERE j.created_at >= %(after_at)s::timestamptz
-      AND (j.created_at, j.id) > (%(after_at)s::timestamptz, %(after_id)s::uuid)
-      AND j.created_at < now() - least(%(completed)s::interval, %(failed)s::interval)
-    ORDER BY j.created_at, j.id
-    LIMIT {PRUNE_BATCH}
+    SELECT j.ctid, j.created_at FROM control_plane.jobs AS j
+    WHERE (%(after_at)s::timestamptz IS NULL OR j.created_at > %(after_at)s::timestamptz)
+      AND j.created_at < greatest(now() - %(completed)s::interval, now() - %(failed)s::interval)
+    ORDER BY j.created_at
+    FETCH FIRST {PRUNE_BATCH} ROWS WITH TIES
 ), gone AS (
     DELETE FROM control_plane.jobs AS j
     WHERE j.ctid = ANY (ARRAY(SELECT b.ctid FROM batch AS b))
@@ -780,11 +784,8 @@ WITH batch AS (
             AND coalesce(j.completed_at, j.updated_at) < now() - %(completed)s::interval)
            OR (j.status = 'failed' AND coalesce(j.completed_at, j.updated_at) < now() - %(failed)s::interval))
     RETURNING 1
-), last AS (
-    SELECT b.created_at, b.id FROM batch AS b ORDER BY b.created_at DESC, b.id DESC LIMIT 1
 )
-SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM batch), last.created_at, last.id::text
-FROM (SELECT 1) AS one LEFT JOIN last ON true
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM batch), (SELECT max(b.created_at)::text FROM batch AS b)
 """  # noqa: S608 (a module constant, no input)
 
 #: One batch of expired results; the prune repeats it until a batch comes back short.
@@ -850,8 +851,8 @@ WITH live AS (
     SELECT queue, count(*) AS n FROM control_plane.jobs WHERE failed_at IS NOT NULL GROUP BY queue
 ), counted AS (
     -- (an InitPlan: false, and the count below reads nothing)
-    SELECT EXISTS (SELECT FROM pg_indexes WHERE schemaname = 'control_plane'
-                                            AND indexname = 'ix_jobs_completed_at_brin')
+    SELECT EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass('control_plane.ix_jobs_completed_at_brin')
+                                          AND indisvalid)
            OR coalesce((SELECT c.reltuples FROM pg_class AS c
                         WHERE c.oid = 'control_plane.jobs'::regclass), 0) <= {completed_scan_max_rows} AS yes
 ), completed AS (

@@ -55,16 +55,17 @@ def prune_rows(cur: Any, completed: str, failed: str) -> dict[str, int]:
     an autocommit connection (the pool's and the CLI's are), so that a large history never holds
     one snapshot open for long; what one run deleted stays deleted if it is cut short.
     """
+    if not cur.connection.autocommit:
+        # One open transaction would hold every batch's snapshot and locks until the caller commits.
+        raise ValueError("prune_rows needs a cursor of an autocommit connection: each batch commits on its own")
     jobs = 0
-    after_at, after_id = "-infinity", "00000000-0000-0000-0000-000000000000"
+    after_at: str | None = None
     while True:
-        cur.execute(queries.PRUNE_JOBS_BATCH, {"completed": completed, "failed": failed, "after_at": after_at,
-                                               "after_id": after_id})  # fmt: skip
-        gone, seen, last_at, last_id = cur.fetchone()
+        cur.execute(queries.PRUNE_JOBS_BATCH, {"completed": completed, "failed": failed, "after_at": after_at})
+        gone, seen, after_at = cur.fetchone()
         jobs += int(gone)
         if seen < queries.PRUNE_BATCH:
             break
-        after_at, after_id = last_at, last_id
     while True:
         cur.execute(queries.PRUNE_RESULTS_BATCH)
         jobs += cur.rowcount

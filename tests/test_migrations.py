@@ -191,6 +191,40 @@ def test_roles_using_the_messages_get_the_queue_pauses_0017_adds(empty_db: str) 
         ]
 
 
+def test_0018_keeps_an_index_built_beforehand_and_builds_again_one_a_failed_build_left_invalid(empty_db: str) -> None:
+    def index() -> list[dict[str, Any]]:
+        return query(empty_db, "SELECT i.indisvalid AS valid, i.indisunique AS is_unique FROM pg_index AS i "
+                               "WHERE i.indexrelid = to_regclass('control_plane.ix_jobs_queue_failed_at')")  # fmt: skip
+
+    # Given a database at the revision before, with two jobs failed at the same moment in one queue
+    migrations.upgrade(empty_db, "0017")
+    query(empty_db, "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
+                    "SELECT gen_random_uuid(), 't', 'q', 'failed', timestamptz '2026-12-01' FROM generate_series(1, 2)")
+    # and a build of the index beforehand, as the upgrade notes suggest, that failed (here: asked
+    # UNIQUE over those two) and left an invalid index of that name
+    conn = psycopg2.connect(empty_db)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur, pytest.raises(psycopg2.errors.UniqueViolation):
+            cur.execute("CREATE UNIQUE INDEX CONCURRENTLY ix_jobs_queue_failed_at ON control_plane.jobs "
+                        "(queue, failed_at) WHERE failed_at IS NOT NULL")  # fmt: skip
+    finally:
+        conn.close()
+    assert index() == [{"valid": False, "is_unique": True}]
+    # When it is migrated
+    migrations.upgrade(empty_db)
+    # Then the index is built again, valid (and the one a planner uses)
+    assert index() == [{"valid": True, "is_unique": False}]
+    # And a valid index found there is kept as it is
+    command.downgrade(migrations.alembic_config(empty_db), "0017")
+    assert index() == []
+    query(empty_db, "CREATE INDEX ix_jobs_queue_failed_at ON control_plane.jobs (queue, failed_at) "
+                    "WHERE failed_at IS NOT NULL; COMMENT ON INDEX control_plane.ix_jobs_queue_failed_at IS 'mine'")
+    migrations.upgrade(empty_db)
+    comment = query(empty_db, "SELECT obj_description('control_plane.ix_jobs_queue_failed_at'::regclass) AS c")
+    assert comment[0]["c"] == "mine"
+
+
 def test_migrated_by_a_role_that_does_not_own_the_database_it_says_the_database_stays_open(empty_db: str) -> None:
     # Given a role that may create schemas in the database but does not own it
     db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]

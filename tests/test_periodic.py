@@ -511,12 +511,13 @@ def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: s
 
     batch = queries.PRUNE_BATCH
     # Given more old completed jobs than two batches, half of them created in one transaction (one
-    # created_at for all, across a batch's end), failed ones a retention keeps among them, jobs
+    # created_at for all, more than a batch), two at -infinity, failed ones a retention keeps among them, jobs
     # finished a day ago, and more expired results than a batch beside a live one
     query(db_url, """
         INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at)
         SELECT gen_random_uuid(), 'old', 'default', 'completed',
                CASE WHEN i %% 2 = 0 THEN timestamptz '2020-01-01'
+                    WHEN i < 4 THEN timestamptz '-infinity'
                     ELSE now() - interval '9 days' - i * interval '1 ms' END,
                now() - interval '8 days'
         FROM generate_series(1, %s) AS i""", (2 * batch + 500,))  # fmt: skip

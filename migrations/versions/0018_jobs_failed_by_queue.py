@@ -11,7 +11,8 @@ stay HOT. It also serves ``controlplane jobs list --status failed --queue Q``.
 Building it reads all of ``jobs`` while the table takes reads but not writes (sends and
 settles wait): 0.5 s for 3 million jobs (121,000 of them failed) on the benchmark machine. On a large history
 prune first, or build it beforehand with ``CREATE INDEX CONCURRENTLY`` (the statement in
-``docs/operations.md``, "Upgrading"), which this migration then finds and keeps.
+``docs/operations.md``, "Upgrading"), which this migration then finds and keeps (one
+left invalid by a failed or cancelled build, it builds again).
 
 Revision ID: 0018
 Revises: 0017
@@ -31,6 +32,15 @@ S = "control_plane"
 
 
 def upgrade() -> None:
+    # An index of that name left INVALID (a CONCURRENTLY build that failed or was cancelled) is
+    # ignored by the planner: build it again rather than keep it.
+    op.execute(f"""
+        DO $$ BEGIN
+            IF EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass('{S}.ix_jobs_queue_failed_at')
+                                               AND NOT indisvalid) THEN
+                DROP INDEX {S}.ix_jobs_queue_failed_at;
+            END IF;
+        END $$""")
     op.execute(
         f"CREATE INDEX IF NOT EXISTS ix_jobs_queue_failed_at ON {S}.jobs (queue, failed_at) WHERE failed_at IS NOT NULL"
     )
