@@ -549,6 +549,13 @@ def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: s
     assert transactions >= 3
     # And a second run finds nothing
     assert maintenance.prune()["jobs_and_results"] == 0
+    # And given a cursor whose batches would make one transaction, prune_rows refuses it
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur, pytest.raises(ValueError, match="autocommit"):
+            maintenance.prune_rows(cur, "7 days", "30 days")
+    finally:
+        conn.close()
 
 
 def test_the_clock_sends_prune_and_a_worker_runs_it(db_url: str, tmp_path: Path) -> None:
