@@ -96,6 +96,12 @@ from tasks.redaction import redact
 RESULTS = ROOT / "bench" / "results"
 
 
+def in_round_order(names: Any, round_no: int) -> list[Any]:
+    """``names`` in the order a measurement aid runs them in round ``round_no``: as given in even
+    rounds, reversed in odd ones (A B, B A), so that no variant always runs first."""
+    return list(names) if round_no % 2 == 0 else list(reversed(list(names)))
+
+
 def save_aid_results(kind: str, command: str, args: Any, results: Any, output: Path | None) -> Path:
     """Write a measurement aid's results (``bench/results/<kind>-<UTC time>.json`` unless
     ``output``), with its command and arguments; print and return where."""

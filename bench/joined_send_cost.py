@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import migrations
-from bench.harness import RESULTS
+from bench.harness import RESULTS, in_round_order
 from bench.procfs import cpu_seconds
 from bench.scratch import drop_database, fresh_database
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             plain(self, cur, params, prepare=True)
 
         for round_no in range(args.rounds):
-            for name in VARIANTS if round_no % 2 == 0 else reversed(VARIANTS):
+            for name in in_round_order(VARIANTS, round_no):
                 Statement.execute = prepared if name == "prepared" else plain  # type: ignore[method-assign]
                 with broker.connection() as conn:
                     with conn.cursor() as cur:

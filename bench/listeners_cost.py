@@ -27,7 +27,7 @@ from typing import Any
 import psycopg2
 
 import migrations
-from bench.harness import save_aid_results
+from bench.harness import in_round_order, save_aid_results
 from bench.procfs import postgres_cpu_seconds, server_postmaster
 from bench.scratch import drop_database, fresh_database
 from models import queries
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         migrations.upgrade(url)
         for round_no in range(args.rounds):
-            for n in counts if round_no % 2 == 0 else list(reversed(counts)):
+            for n in in_round_order(counts, round_no):
                 wall, cpu = run_once(url, n, args.sends)
                 results[n]["wall_ms"].append(wall)
                 results[n]["postgres_cpu_ms"].append(cpu)

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg2
 
 import migrations
-from bench.harness import save_aid_results
+from bench.harness import in_round_order, save_aid_results
 from bench.scratch import drop_database, fresh_database
 from models import queries
 
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         migrations.upgrade(url)
         for round_no in range(args.rounds):
-            names = list(results) if round_no % 2 == 0 else list(reversed(results))
-            for name in names:
+            for name in in_round_order(results, round_no):
                 got = drain(url, args.jobs, hold=name == "a snapshot held")
                 results[name].append(got)
                 print(f"round {round_no}, {name}: {got['jobs_per_s']:,.0f} jobs/s; claims of {CLAIM_SIZE}: first 50 "

@@ -28,7 +28,7 @@ from typing import Any
 import psycopg2
 
 import migrations
-from bench.harness import save_aid_results
+from bench.harness import in_round_order, save_aid_results
 from bench.scratch import drop_database, fresh_database
 from models import queries
 from tasks.prepared import Statement
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         migrations.upgrade(url)
         for round_no in range(args.rounds):
-            names = list(VARIANTS) if round_no % 2 == 0 else list(reversed(VARIANTS))
+            names = in_round_order(VARIANTS, round_no)
             for senders in (int(n) for n in args.senders.split(",")):
                 for name in names:
                     rate = run_once(url, name, senders, args.seconds)

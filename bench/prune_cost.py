@@ -28,7 +28,7 @@ from typing import Any
 import psycopg2
 
 import migrations
-from bench.harness import save_aid_results
+from bench.harness import in_round_order, save_aid_results
 from bench.long_transaction import CLAIM_SIZE, claim_and_settle_all, fill
 from bench.scratch import drop_database, fresh_database
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         migrations.upgrade(url)
         for round_no in range(args.rounds):
-            for mode in MODES if round_no % 2 == 0 else tuple(reversed(MODES)):
+            for mode in in_round_order(MODES, round_no):
                 got = measure(url, args.jobs, args.history, mode)
                 results[mode].append(got)
                 during = got["claims_during_prune_ms"]
