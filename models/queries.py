@@ -824,9 +824,23 @@ STATS_SETTINGS = ("jit = off", "max_parallel_workers_per_gather = 0")
 STATS_SESSION = "; ".join(f"SET LOCAL {setting}" for setting in STATS_SETTINGS)
 
 
+def _completions_counted(completed_scan_max_rows: int) -> str:
+    """The SQL condition under which the stats count the last minute's completions: the BRIN index
+    is there and valid, or the history is within ``completed_scan_max_rows`` by PostgreSQL's estimate."""
+    return f"""(EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass('control_plane.ix_jobs_completed_at_brin')
+                                   AND indisvalid)
+     OR coalesce((SELECT c.reltuples FROM pg_class AS c
+                  WHERE c.oid = 'control_plane.jobs'::regclass), 0) <= {int(completed_scan_max_rows)})"""  # noqa: S608
+
+
 def queue_stats_via_messages(completed_scan_max_rows: int) -> str:
     """``QUEUE_STATS_VIA_MESSAGES`` with another bound on the history it reads without the BRIN index."""
-    return _QUEUE_STATS_VIA_MESSAGES.replace("{completed_scan_max_rows}", str(int(completed_scan_max_rows)))
+    return _QUEUE_STATS_VIA_MESSAGES.replace("{completions_counted}", _completions_counted(completed_scan_max_rows))
+
+
+#: Whether ``QUEUE_STATS_VIA_MESSAGES`` counts the last minute's completions: for a ``stats``
+#: that has no row to show it on.
+STATS_COMPLETIONS_COUNTED = f"SELECT {_completions_counted(STATS_COMPLETED_SCAN_MAX_ROWS)} AS counted"
 
 
 _QUEUE_STATS_VIA_MESSAGES = """
@@ -851,10 +865,7 @@ WITH live AS (
     SELECT queue, count(*) AS n FROM control_plane.jobs WHERE failed_at IS NOT NULL GROUP BY queue
 ), counted AS (
     -- (an InitPlan: false, and the count below reads nothing)
-    SELECT EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass('control_plane.ix_jobs_completed_at_brin')
-                                          AND indisvalid)
-           OR coalesce((SELECT c.reltuples FROM pg_class AS c
-                        WHERE c.oid = 'control_plane.jobs'::regclass), 0) <= {completed_scan_max_rows} AS yes
+    SELECT {completions_counted} AS yes
 ), completed AS (
     SELECT queue, count(*) AS n FROM control_plane.jobs
     WHERE (SELECT yes FROM counted) AND completed_at > now() - interval '1 minute' AND status = 'completed'

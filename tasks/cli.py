@@ -585,7 +585,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
                     print("\033[H\033[J", end="")  # clear the screen
                 if args.watch:
                     print(f"{time.strftime('%H:%M:%S')}  every {args.interval:g}s, Ctrl-C to stop")
-                uncounted = any(r["completed_last_minute"] is None for r in rows)
+                # (with no row to show it on, asked apart: a queue whose jobs all just completed is not listed)
+                uncounted = any(r["completed_last_minute"] is None for r in rows) or (
+                    not rows
+                    and settings.postgres_broker
+                    and not _fetch(conn, queries.STATS_COMPLETIONS_COUNTED)[0]["counted"]
+                )
                 for r in rows:
                     r["oldest_ready_age"] = f"{r.pop('oldest_ready_age_seconds'):.1f}s"
                     if r["completed_last_minute"] is None:
@@ -594,7 +599,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                     # (pauses are the Postgres broker's: the view other brokers read has no such column)
                     print_table(rows, _STATS_COLUMNS + (("paused",) if "paused" in rows[0] else ()))
                 else:
-                    print("no jobs in any queue")
+                    print("no jobs in any queue" if not uncounted else "no queue with live, failed or paused jobs")
                 if uncounted:
                     print(f"(completed_last_minute not counted: without the BRIN index on jobs.completed_at, "
                           f"PostgreSQL 16+, it would read all of jobs, over "
@@ -628,8 +633,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         with conn.cursor() as cur:
             pruned = prune_rows(cur, args.completed_after, args.failed_after)
         print(
-            f"pruned {pruned['jobs_and_results']} row(s): completed and cancelled jobs older than "
-            f"{args.completed_after}, failed jobs older than {args.failed_after}, expired results; and "
+            f"pruned {pruned['jobs']} job(s), completed or cancelled longer ago than {args.completed_after} or "
+            f"failed longer ago than {args.failed_after}, and {pruned['results']} expired result(s); and "
             f"{pruned['schedule_ticks']} schedule tick(s) older than {args.completed_after} (each schedule's "
             f"latest kept), {pruned['rate_limits']} expired rate-limit counter(s)"
         )
@@ -931,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         help="delete old finished jobs and expired results, as the daily controlplane.prune does",
         description="Delete completed and cancelled jobs finished longer ago than --completed-after, "
-        "failed ones finished longer ago than --failed-after, and expired results: 10,000 rows per "
+        "failed ones finished longer ago than --failed-after, and expired results: about 10,000 rows per "
         "transaction, so that a large history holds no snapshot open for long.",
     )
     p.add_argument(

@@ -58,7 +58,7 @@ def prune_rows(cur: Any, completed: str, failed: str) -> dict[str, int]:
     if not cur.connection.autocommit:
         # One open transaction would hold every batch's snapshot and locks until the caller commits.
         raise ValueError("prune_rows needs a cursor of an autocommit connection: each batch commits on its own")
-    jobs = 0
+    jobs = results = 0
     after_at: str | None = None
     while True:
         cur.execute(queries.PRUNE_JOBS_BATCH, {"completed": completed, "failed": failed, "after_at": after_at})
@@ -68,13 +68,14 @@ def prune_rows(cur: Any, completed: str, failed: str) -> dict[str, int]:
             break
     while True:
         cur.execute(queries.PRUNE_RESULTS_BATCH)
-        jobs += cur.rowcount
+        results += cur.rowcount
         if cur.rowcount < queries.PRUNE_BATCH:
             break
     cur.execute(queries.PRUNE_SCHEDULE_TICKS, {"older_than": completed})
     ticks = cur.rowcount
     cur.execute(queries.RATE_LIMIT_SWEEP)
-    return {"jobs_and_results": int(jobs), "schedule_ticks": int(ticks), "rate_limits": int(cur.rowcount)}
+    return {"jobs_and_results": jobs + results, "jobs": jobs, "results": results, "schedule_ticks": int(ticks),
+            "rate_limits": int(cur.rowcount)}
 
 
 if tasks.settings.prune_schedule is not None:

@@ -343,6 +343,18 @@ def test_stats_says_so_when_it_leaves_out_the_completions_a_large_history_would_
     (line,) = [x for x in table.stdout.splitlines() if x.startswith("default")]
     assert line.split()[5] == ("1" if brin else "-")
     assert ("completed_last_minute not counted" in table.stdout) is not bool(brin)
+    # And when the only queue's jobs have all just completed, so that no row is left to show
+    # the dash on, it still does not say "no jobs": it says what it did not count
+    query(db_url, "DELETE FROM control_plane.messages; UPDATE control_plane.jobs SET status = 'completed', "
+                  "completed_at = now()")  # fmt: skip
+    monkeypatch.setattr(queries, "STATS_COMPLETIONS_COUNTED", queries.STATS_COMPLETIONS_COUNTED.replace(
+        str(queries.STATS_COMPLETED_SCAN_MAX_ROWS), "0"))  # fmt: skip
+    empty = in_process(capsys, monkeypatch, db_url, "stats")
+    if brin:
+        assert empty.stdout.startswith("queue ") and "not counted" not in empty.stdout
+    else:
+        assert empty.stdout.startswith("no queue with live, failed or paused jobs")
+        assert "completed_last_minute not counted" in empty.stdout
 
 
 def test_stats_shows_each_queue_once_as_json_and_until_ctrl_c_when_watching(db_url: str) -> None:
@@ -431,14 +443,15 @@ def test_prune_deletes_old_finished_jobs_and_refuses_a_bad_age(
     # clock prunes what the daily task does
     result = cli(db_url, "prune")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("pruned 1 row(s)")
+    assert result.stdout.startswith("pruned 1 job(s), completed or cancelled longer ago than 7 days or failed "
+                                    "longer ago than 30 days, and 0 expired result(s)")
     assert "and 1 schedule tick(s)" in result.stdout and "1 expired rate-limit counter(s)" in result.stdout
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.schedule_ticks")[0]["n"] == 1
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.rate_limits")[0]["n"] == 0
     # When pruning with shorter ages, Then the others go too
     shorter = ("prune", "--completed-after", "1 minute", "--failed-after", "1 day")
     result = in_process(capsys, monkeypatch, db_url, *shorter)
-    assert result.stdout.startswith("pruned 2 row(s)")
+    assert result.stdout.startswith("pruned 2 job(s)")
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs")[0]["n"] == 0
     # And an age that is not an interval is one clear line
     assert_user_error(

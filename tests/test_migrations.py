@@ -220,7 +220,14 @@ def test_0018_keeps_an_index_built_beforehand_and_builds_again_one_a_failed_buil
     assert index() == []
     query(empty_db, "CREATE INDEX ix_jobs_queue_failed_at ON control_plane.jobs (queue, failed_at) "
                     "WHERE failed_at IS NOT NULL; COMMENT ON INDEX control_plane.ix_jobs_queue_failed_at IS 'mine'")
-    migrations.upgrade(empty_db)
+    # without waiting for the table's lock behind a writer that holds it (a send's open transaction)
+    writer = psycopg2.connect(empty_db)
+    try:
+        with writer.cursor() as cur:
+            cur.execute("UPDATE control_plane.jobs SET type = type WHERE false")
+        migrations.upgrade(empty_db, lock_timeout=1.0)
+    finally:
+        writer.close()
     comment = query(empty_db, "SELECT obj_description('control_plane.ix_jobs_queue_failed_at'::regclass) AS c")
     assert comment[0]["c"] == "mine"
 

@@ -500,7 +500,7 @@ def test_prune_applies_the_retention_settings(db_url: str, monkeypatch: pytest.M
     # When the prune actor runs
     counts = maintenance.prune()
     # Then what the settings call old is gone, and nothing else
-    assert counts == {"jobs_and_results": 2, "schedule_ticks": 1, "rate_limits": 1}
+    assert counts == {"jobs_and_results": 2, "jobs": 2, "results": 0, "schedule_ticks": 1, "rate_limits": 1}
     kept = {r["type"] for r in query(db_url, "SELECT type FROM control_plane.jobs")}
     assert kept == {"completed 1 day ago", "failed 3 days ago"}
     assert len(query(db_url, "SELECT 1 FROM control_plane.schedule_ticks")) == 1
@@ -540,7 +540,7 @@ def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: s
     # When the daily prune runs with the default retentions (7 days, failed 30)
     counts = maintenance.prune()
     # Then every old completed job and expired result went, and nothing else
-    assert counts["jobs_and_results"] == (2 * batch + 500) + (batch + 7)
+    assert (counts["jobs"], counts["results"]) == (2 * batch + 500, batch + 7)
     kept = query(db_url, "SELECT type, count(*) AS n FROM control_plane.jobs GROUP BY type ORDER BY type")
     assert [(r["type"], r["n"]) for r in kept] == [("completed a day ago", 300), ("failed 8 days ago", 300)]
     assert [r["key"] for r in query(db_url, "SELECT key FROM control_plane.results")] == ["live"]

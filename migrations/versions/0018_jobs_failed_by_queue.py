@@ -32,18 +32,22 @@ S = "control_plane"
 
 
 def upgrade() -> None:
-    # An index of that name left INVALID (a CONCURRENTLY build that failed or was cancelled) is
-    # ignored by the planner: build it again rather than keep it.
+    # One built beforehand (CONCURRENTLY) is kept, and no lock is taken: CREATE INDEX IF NOT EXISTS
+    # would wait for the table's lock, behind any open writer, before it looked at the name. One
+    # left INVALID by a failed or cancelled build, which the planner ignores, is built again.
     op.execute(f"""
-        DO $$ BEGIN
-            IF EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass('{S}.ix_jobs_queue_failed_at')
-                                               AND NOT indisvalid) THEN
+        DO $$
+        DECLARE
+            valid boolean := (SELECT indisvalid FROM pg_index
+                              WHERE indexrelid = to_regclass('{S}.ix_jobs_queue_failed_at'));
+        BEGIN
+            IF valid THEN
+                RETURN;
+            ELSIF NOT valid THEN
                 DROP INDEX {S}.ix_jobs_queue_failed_at;
             END IF;
+            CREATE INDEX ix_jobs_queue_failed_at ON {S}.jobs (queue, failed_at) WHERE failed_at IS NOT NULL;
         END $$""")
-    op.execute(
-        f"CREATE INDEX IF NOT EXISTS ix_jobs_queue_failed_at ON {S}.jobs (queue, failed_at) WHERE failed_at IS NOT NULL"
-    )
 
 
 def downgrade() -> None:
