@@ -470,15 +470,21 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
             return 0
         ids = [r["id"] for r in _fetch(conn, queries.FAILED_JOB_IDS, {"type": args.type})]
         retried = refused = 0
-        for n, job_id in enumerate(ids, 1):
-            try:
-                # false: someone retried it since we listed it, which is as good
-                retried += bool(_scalar(conn, queries.RETRY_JOB, {"id": job_id}))
-            except UserError as exc:
-                refused += 1
-                print(_printable(f"controlplane: {exc}"), file=sys.stderr)
-            if len(ids) > 100 and (n % 100 == 0 or n == len(ids)):
-                print(f"  {n}/{len(ids)} failed jobs done", file=sys.stderr, flush=True)
+        try:
+            for n, job_id in enumerate(ids, 1):
+                try:
+                    # false: someone retried it since we listed it, which is as good
+                    retried += bool(_scalar(conn, queries.RETRY_JOB, {"id": job_id}))
+                except UserError as exc:
+                    refused += 1
+                    print(_printable(f"controlplane: {exc}"), file=sys.stderr)
+                if len(ids) > 100 and (n % 100 == 0 or n == len(ids)):
+                    print(f"  {n}/{len(ids)} failed jobs done", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            # Each retry committed on its own: say how far it got, and that a second run goes on.
+            print(f"interrupted: retried {retried} of {len(ids)} failed job(s); run it again to retry the rest",
+                  file=sys.stderr)  # fmt: skip
+            return 130
         print(f"retried {retried} failed job(s)" + (f" of type {args.type}" if args.type else ""))
         if refused:
             raise UserError(f"{refused} failed job(s) could not be retried (see above)")
@@ -489,6 +495,12 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     _needs_postgres_broker(_settings(), "jobs cancel", "a job in RabbitMQ cannot be cancelled: it runs as sent")
+    if args.type and not args.queue:
+        raise UserError("--type goes with --queue (cancel every pending or running job of that type in the queue)")
+    if (args.id is None) == (args.queue is None):
+        raise UserError("give a job id, or --queue to cancel every pending or running job of a queue (not both)")
+    if args.queue is not None:
+        return _cancel_queue(args.queue, args.type)
     job_id = _job_id(args.id)
     conn = _connect(_url(_settings()))
     try:
@@ -500,6 +512,34 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
         else:
             print(f"cancelling {job_id}: a worker holds it; it ends cancelled at once if no thread has started "
                   "it, else its worker interrupts it, unless it finishes first (see its status)")
+        return 0
+    finally:
+        conn.close()
+
+
+def _cancel_queue(queue: str, actor: str | None) -> int:
+    """Cancel every pending or running job of ``queue`` (of ``actor`` only, if given), one
+    transaction each, as ``jobs retry --failed`` retries: a single transaction for all of them
+    would slow every claim of the queue until it ended."""
+    conn = _connect(_url(_settings()))
+    try:
+        ids = [r["id"] for r in _fetch(conn, queries.LIVE_JOB_IDS, {"queue": queue, "type": actor})]
+        cancelled = cancelling = 0
+        try:
+            for n, job_id in enumerate(ids, 1):
+                # None: it ended since we listed it; 'cancelling': a worker holds it and is told
+                outcome = _scalar(conn, queries.CANCEL_JOB, {"id": job_id})
+                cancelled += outcome == "cancelled"
+                cancelling += outcome == "cancelling"
+                if len(ids) > 100 and (n % 100 == 0 or n == len(ids)):
+                    print(f"  {n}/{len(ids)} jobs done", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            print(f"interrupted: cancelled {cancelled} and asked {cancelling} running job(s) to stop, of {len(ids)}; "
+                  "run it again to cancel the rest", file=sys.stderr)  # fmt: skip
+            return 130
+        of_type = f" of type {actor}" if actor else ""
+        print(f"cancelled {cancelled} pending job(s){of_type} in queue {queue}; {cancelling} running job(s) asked "
+              "to stop (their workers interrupt them, unless they finish first)")
         return 0
     finally:
         conn.close()
@@ -900,9 +940,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cancel",
         help="cancel a pending or running job (control_plane.cancel_job)",
         description="Cancel a job: a pending one at once; a running one is interrupted by its worker, "
-        "woken at once (NOTIFY) or at the latest at its next heartbeat, and ends cancelled (never retried).",
+        "woken at once (NOTIFY) or at the latest at its next heartbeat, and ends cancelled (never retried). "
+        "With --queue, every pending or running job of the queue (of one actor with --type), one "
+        "transaction each.",
     )
-    p.add_argument("id", help="the job's id")
+    p.add_argument("id", nargs="?", help="the job's id")
+    p.add_argument("--queue", type=_queue_name, help="cancel every pending or running job of this queue")
+    p.add_argument("--type", help="with --queue: only jobs of this actor")
     p.set_defaults(func=cmd_jobs_cancel)
 
     queues = sub.add_parser(

@@ -157,6 +157,38 @@ def test_jobs_retry_failed_retries_every_failed_job_of_a_type(
     assert job(db_url, other)["status"] == "pending"
 
 
+def test_an_interrupted_retry_of_every_failed_job_says_how_far_it_got_and_a_second_run_goes_on(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import cli as cli_module
+
+    # Given three failed jobs, and an operator who presses Ctrl-C as the third is retried
+    ids = [actors.always_fails.send(str(n)).message_id for n in range(3)]
+    fail_everything_queued()
+    calls = {"n": 0}
+    scalar = cli_module._scalar
+
+    def interrupted_at_the_third(conn: Any, sql: str, params: Any = None) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return scalar(conn, sql, params)
+
+    monkeypatch.setattr(cli_module, "_scalar", interrupted_at_the_third)
+    # When every failed job is retried
+    result = in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed")
+    # Then it stops with Ctrl-C's status and says how far it got, the two it retried pending
+    assert result.returncode == 130
+    assert result.stderr.strip() == (
+        "interrupted: retried 2 of 3 failed job(s); run it again to retry the rest")  # fmt: skip
+    assert sorted(job(db_url, i)["status"] for i in ids) == ["failed", "pending", "pending"]
+    # And a second run retries the rest
+    monkeypatch.setattr(cli_module, "_scalar", scalar)
+    again = in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed")
+    assert again.stdout.strip() == "retried 1 failed job(s)"
+    assert {job(db_url, i)["status"] for i in ids} == {"pending"}
+
+
 def test_jobs_cancel_cancels_pending_jobs_and_asks_for_running_ones(
     db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -183,6 +215,40 @@ def test_jobs_cancel_cancels_pending_jobs_and_asks_for_running_ones(
     assert_user_error(again, f"job {pending.message_id} is cancelled: only pending or running jobs can be cancelled")
     assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "cancel", missing), f"no job with id {missing}")
     assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "cancel", "x"), "'x' is not a job id")
+
+
+def test_jobs_cancel_queue_cancels_every_live_job_of_the_queue_and_of_one_type_only_if_asked(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given, in queue default, a running job (claimed in this process), two pending ones of one
+    # actor and one of another, a failed one; and a pending job in another queue
+    running = actors.noop.send("running")
+    consumer, held = claim_in_process()
+    assert held.message_id == running.message_id
+    noops = [actors.noop.send(n).message_id for n in range(2)]
+    other_type = actors.always_fails.send("x").message_id
+    elsewhere = actors.slow_noop.send(0).message_id
+    # When an operator cancels the queue's jobs of one actor
+    of_type = in_process(capsys, monkeypatch, db_url, "jobs", "cancel", "--queue", "default", "--type", "tests.noop")
+    # Then the pending ones of that actor are cancelled and the running one is asked to stop
+    assert of_type.returncode == 0, of_type.stderr
+    assert of_type.stdout.strip() == ("cancelled 2 pending job(s) of type tests.noop in queue default; 1 running "
+                                      "job(s) asked to stop (their workers interrupt them, unless they finish first)")
+    assert [job(db_url, i)["status"] for i in noops] == ["cancelled", "cancelled"]
+    assert query(db_url, "SELECT cancel_requested_at IS NOT NULL AS asked FROM control_plane.messages WHERE id = %s",
+                 (running.message_id,))[0]["asked"]  # fmt: skip
+    assert job(db_url, other_type)["status"] == "pending"
+    consumer.close()
+    # When the whole queue is cancelled, Then the other actor's job goes too, and the other queue's stays
+    whole = in_process(capsys, monkeypatch, db_url, "jobs", "cancel", "--queue", "default")
+    assert whole.stdout.startswith("cancelled 1 pending job(s) in queue default"), whole.stdout
+    assert job(db_url, other_type)["status"] == "cancelled"
+    assert job(db_url, elsewhere)["status"] == "pending"
+    # And the options are checked as the single cancel's are
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "cancel", noops[0], "--queue", "default"),
+                      "give a job id, or --queue")  # fmt: skip
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "cancel", "--type", "tests.noop"),
+                      "--type goes with --queue")  # fmt: skip
 
 
 def test_send_with_a_held_unique_key_prints_the_existing_job(db_url: str) -> None:
