@@ -70,7 +70,10 @@ def _run_suite(
     marker_lines = "".join(f"\n    {marker}" for marker in markers)
     (tmp_path / "pytest.ini").write_text(f"[pytest]\naddopts = {addopts}\nmarkers ={marker_lines}\n")
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini")]
+        # (a --basetemp of its own: without one, pytest closes /tmp/pytest-of-<user> to other users
+        # again, which an embedded server another test process starts as its own user must cross)
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini"),
+         "--basetemp", str(tmp_path / "inner-tmp")]
         + [name if name.endswith(".py") else f"{tmp_path / 'test_hangs.py'}::{name}" for name in selection],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
