@@ -750,11 +750,15 @@ QUEUE_KNOWN = """SELECT EXISTS (SELECT FROM control_plane.actor_defaults WHERE q
 #: The paused queues, oldest pause first.
 PAUSED_QUEUES = "SELECT queue, paused_at, reason FROM control_plane.queue_pauses ORDER BY paused_at, queue"
 
-#: The failed jobs (of one type, or all), oldest failure first: what ``jobs retry --failed`` retries.
+#: The failed jobs (of one type and queue, or all), oldest failure first, the first ``limit`` (NULL:
+#: all): what ``jobs retry --failed`` retries. Through ``ix_jobs_failed_at`` (or, by queue,
+#: ``ix_jobs_queue_failed_at``).
 FAILED_JOB_IDS = """
 SELECT id::text FROM control_plane.jobs
 WHERE failed_at IS NOT NULL AND (%(type)s::text IS NULL OR type = %(type)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
 ORDER BY failed_at, id
+LIMIT %(limit)s
 """
 
 #: A job's status, to explain why an operation did nothing.

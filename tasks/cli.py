@@ -456,8 +456,9 @@ def _needs_postgres_broker(
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
     _needs_postgres_broker(_settings(), "jobs retry")
-    if args.type and not args.failed:
-        raise UserError("--type goes with --failed (retry every failed job of that type)")
+    for option in ("type", "queue", "limit", "dry_run"):
+        if getattr(args, option) not in (None, False) and not args.failed:
+            raise UserError(f"--{option.replace('_', '-')} goes with --failed (which failed jobs to retry)")
     if (args.id is None) == (not args.failed):
         raise UserError("give a job id, or --failed to retry every failed job (not both)")
     conn = _connect(_url(_settings()))
@@ -468,7 +469,12 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
                 raise _why_not(conn, job_id, "failed or cancelled", "retried")
             print(f"retried {job_id}: pending again")
             return 0
-        ids = [r["id"] for r in _fetch(conn, queries.FAILED_JOB_IDS, {"type": args.type})]
+        ids = [r["id"] for r in _fetch(conn, queries.FAILED_JOB_IDS, {"type": args.type, "queue": args.queue,
+                                                                          "limit": args.limit})]  # fmt: skip
+        which = (f" of type {args.type}" if args.type else "") + (f" in queue {args.queue}" if args.queue else "")
+        if args.dry_run:
+            print(f"would retry {len(ids)} failed job(s){which}")
+            return 0
         retried = refused = 0
         try:
             for n, job_id in enumerate(ids, 1):
@@ -485,7 +491,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
             print(f"interrupted: retried {retried} of {len(ids)} failed job(s); run it again to retry the rest",
                   file=sys.stderr)  # fmt: skip
             return 130
-        print(f"retried {retried} failed job(s)" + (f" of type {args.type}" if args.type else ""))
+        print(f"retried {retried} failed job(s){which}")
         if refused:
             raise UserError(f"{refused} failed job(s) could not be retried (see above)")
         return 0
@@ -930,11 +936,15 @@ def build_parser() -> argparse.ArgumentParser:
         "retry",
         help="put a failed or cancelled job back in its queue (control_plane.retry_job)",
         description="Put a failed or cancelled job back in its queue, its error history kept; "
-        "with --failed, every failed job (of one actor with --type).",
+        "with --failed, every failed job (of one actor with --type, of one queue with --queue, the oldest "
+        "failures first, at most --limit), each due at once.",
     )
     p.add_argument("id", nargs="?", help="the job's id")
     p.add_argument("--failed", action="store_true", help="retry every failed job")
     p.add_argument("--type", help="with --failed: only jobs of this actor")
+    p.add_argument("--queue", type=_queue_name, help="with --failed: only jobs of this queue")
+    p.add_argument("--limit", type=_row_limit, help="with --failed: at most this many, the oldest failures first")
+    p.add_argument("--dry-run", action="store_true", help="with --failed: say how many would be retried, retry none")
     p.set_defaults(func=cmd_jobs_retry)
     p = jsub.add_parser(
         "cancel",

@@ -157,6 +157,32 @@ def test_jobs_retry_failed_retries_every_failed_job_of_a_type(
     assert job(db_url, other)["status"] == "pending"
 
 
+def test_jobs_retry_failed_narrows_to_a_queue_and_a_number_and_counts_without_retrying_on_a_dry_run(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given three failed jobs in queue default, failed one after the other, and one in queue slow
+    in_default = []
+    for n in range(3):
+        in_default.append(actors.always_fails.send(str(n)).message_id)
+        fail_everything_queued()
+    elsewhere = actors.slow_noop.send(0).message_id
+    query(db_url, "UPDATE control_plane.jobs SET status = 'failed', completed_at = now() WHERE id = %s", (elsewhere,))
+    # When an operator asks what retrying queue default would do
+    dry = in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed", "--queue", "default", "--dry-run")
+    # Then it counts them and retries none
+    assert dry.stdout.strip() == "would retry 3 failed job(s) in queue default"
+    assert {job(db_url, i)["status"] for i in [*in_default, elsewhere]} == {"failed"}
+    # When the two oldest failures of that queue are retried
+    two = in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed", "--queue", "default", "--limit", "2")
+    # Then those two are pending, the newest failure and the other queue's job still failed
+    assert two.stdout.strip() == "retried 2 failed job(s) in queue default"
+    assert [job(db_url, i)["status"] for i in in_default] == ["pending", "pending", "failed"]
+    assert job(db_url, elsewhere)["status"] == "failed"
+    # And the narrowing options need --failed
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "retry", in_default[2], "--queue", "default"),
+                      "--queue goes with --failed")  # fmt: skip
+
+
 def test_an_interrupted_retry_of_every_failed_job_says_how_far_it_got_and_a_second_run_goes_on(
     db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
