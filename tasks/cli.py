@@ -476,18 +476,17 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
             print(f"would retry {len(ids)} failed job(s){which}")
             return 0
         retried = refused = 0
-        try:
-            for n, job_id in enumerate(ids, 1):
-                try:
-                    # false: someone retried it since we listed it, which is as good
-                    retried += bool(_scalar(conn, queries.RETRY_JOB, {"id": job_id}))
-                except UserError as exc:
-                    refused += 1
-                    print(_printable(f"controlplane: {exc}"), file=sys.stderr)
-                if len(ids) > 100 and (n % 100 == 0 or n == len(ids)):
-                    print(f"  {n}/{len(ids)} failed jobs done", file=sys.stderr, flush=True)
-        except KeyboardInterrupt:
-            # Each retry committed on its own: say how far it got, and that a second run goes on.
+
+        def retry(job_id: str) -> None:
+            nonlocal retried, refused
+            try:
+                # false: someone retried it since we listed it, which is as good
+                retried += bool(_scalar(conn, queries.RETRY_JOB, {"id": job_id}))
+            except UserError as exc:
+                refused += 1
+                print(_printable(f"controlplane: {exc}"), file=sys.stderr)
+
+        if not _one_by_one(ids, retry, "failed jobs"):
             print(f"interrupted: retried {retried} of {len(ids)} failed job(s); run it again to retry the rest",
                   file=sys.stderr)  # fmt: skip
             return 130
@@ -523,23 +522,36 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
         conn.close()
 
 
+def _one_by_one(ids: list[str], act: Callable[[str], None], noun: str) -> bool:
+    """``act`` on each of ``ids``, each call its own transaction (one for all would slow every claim
+    of their queue until it ended), with progress on stderr every 100 when there are more than
+    100; False when Ctrl-C stopped it (what was done stays done: a second run goes on)."""
+    try:
+        for n, job_id in enumerate(ids, 1):
+            act(job_id)
+            if len(ids) > 100 and (n % 100 == 0 or n == len(ids)):
+                print(f"  {n}/{len(ids)} {noun} done", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        return False
+    return True
+
+
 def _cancel_queue(queue: str, actor: str | None) -> int:
-    """Cancel every pending or running job of ``queue`` (of ``actor`` only, if given), one
-    transaction each, as ``jobs retry --failed`` retries: a single transaction for all of them
-    would slow every claim of the queue until it ended."""
+    """Cancel every pending or running job of ``queue`` (of ``actor`` only, if given), one by one
+    as ``jobs retry --failed`` retries."""
     conn = _connect(_url(_settings()))
     try:
         ids = [r["id"] for r in _fetch(conn, queries.LIVE_JOB_IDS, {"queue": queue, "type": actor})]
         cancelled = cancelling = 0
-        try:
-            for n, job_id in enumerate(ids, 1):
-                # None: it ended since we listed it; 'cancelling': a worker holds it and is told
-                outcome = _scalar(conn, queries.CANCEL_JOB, {"id": job_id})
-                cancelled += outcome == "cancelled"
-                cancelling += outcome == "cancelling"
-                if len(ids) > 100 and (n % 100 == 0 or n == len(ids)):
-                    print(f"  {n}/{len(ids)} jobs done", file=sys.stderr, flush=True)
-        except KeyboardInterrupt:
+
+        def cancel(job_id: str) -> None:
+            nonlocal cancelled, cancelling
+            # None: it ended since we listed it; 'cancelling': a worker holds it and is told
+            outcome = _scalar(conn, queries.CANCEL_JOB, {"id": job_id})
+            cancelled += outcome == "cancelled"
+            cancelling += outcome == "cancelling"
+
+        if not _one_by_one(ids, cancel, "jobs"):
             print(f"interrupted: cancelled {cancelled} and asked {cancelling} running job(s) to stop, of {len(ids)}; "
                   "run it again to cancel the rest", file=sys.stderr)  # fmt: skip
             return 130
