@@ -757,6 +757,7 @@ FAILED_JOB_IDS = """
 SELECT id::text FROM control_plane.jobs
 WHERE failed_at IS NOT NULL AND (%(type)s::text IS NULL OR type = %(type)s::text)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(since)s::interval IS NULL OR failed_at >= now() - %(since)s::interval)
 ORDER BY failed_at, id
 LIMIT %(limit)s
 """

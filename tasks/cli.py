@@ -304,25 +304,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             # history's created_at index past the completions to find them.
             time_column = "failed_at" if args.status == "failed" else "created_at"
             if args.since is not None:
-                if not args.since.strip():
-                    raise UserError("--since must be a period such as '1 hour', not empty")
                 where.append(f"{time_column} >= now() - %(since)s::interval")
                 params["since"] = args.since
-            try:
-                rows = _fetch(
-                    conn,
-                    f"SELECT {', '.join(_LIST_COLUMNS)} FROM control_plane.jobs WHERE {' AND '.join(where)} "  # noqa: S608
-                    f"ORDER BY {time_column} DESC LIMIT %(limit)s",
-                    {**params, "limit": args.limit},
-                )
-            except psycopg2.DataError as exc:
-                if args.since is None:
-                    raise
-                # (the interval is the only value the server reads as anything but text here)
-                raise UserError(
-                    f"--since must be a PostgreSQL interval such as '1 hour' or '2 days', got {args.since!r} "
-                    f"({_first_line(exc)})"
-                ) from None
+            rows = _fetch_since(
+                conn,
+                f"SELECT {', '.join(_LIST_COLUMNS)} FROM control_plane.jobs WHERE {' AND '.join(where)} "  # noqa: S608
+                f"ORDER BY {time_column} DESC LIMIT %(limit)s",
+                {**params, "limit": args.limit},
+                args.since,
+            )
             if args.json:
                 print(_jsonable(rows))
             else:
@@ -339,6 +329,22 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     return 0
+
+
+def _fetch_since(conn: Any, sql: str, params: dict[str, Any], since: str | None) -> list[dict[str, Any]]:
+    """``_fetch`` of a query that takes ``--since`` as ``%(since)s::interval``: a period the
+    server does not read is the user's error, named."""
+    if since is not None and not since.strip():
+        raise UserError("--since must be a period such as '1 hour', not empty")
+    try:
+        return _fetch(conn, sql, params)
+    except psycopg2.DataError as exc:
+        if since is None:
+            raise
+        # (the interval is the only value the server reads as anything but text here)
+        raise UserError(
+            f"--since must be a PostgreSQL interval such as '1 hour' or '2 days', got {since!r} ({_first_line(exc)})"
+        ) from None
 
 
 def _status_lookup(status: str | None, settings: Settings) -> list[str]:
@@ -456,7 +462,7 @@ def _needs_postgres_broker(
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
     _needs_postgres_broker(_settings(), "jobs retry")
-    for option in ("type", "queue", "limit", "dry_run"):
+    for option in ("type", "queue", "since", "limit", "dry_run"):
         if getattr(args, option) not in (None, False) and not args.failed:
             raise UserError(f"--{option.replace('_', '-')} goes with --failed (which failed jobs to retry)")
     if (args.id is None) == (not args.failed):
@@ -469,9 +475,11 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
                 raise _why_not(conn, job_id, "failed or cancelled", "retried")
             print(f"retried {job_id}: pending again")
             return 0
-        ids = [r["id"] for r in _fetch(conn, queries.FAILED_JOB_IDS, {"type": args.type, "queue": args.queue,
-                                                                          "limit": args.limit})]  # fmt: skip
+        which_ones = {"type": args.type, "queue": args.queue, "since": args.since, "limit": args.limit}
+        found = _fetch_since(conn, queries.FAILED_JOB_IDS, which_ones, args.since)
+        ids = [r["id"] for r in found]
         which = (f" of type {args.type}" if args.type else "") + (f" in queue {args.queue}" if args.queue else "")
+        which += f" failed in the last {args.since}" if args.since else ""
         if args.dry_run:
             print(f"would retry {len(ids)} failed job(s){which}")
             return 0
@@ -948,13 +956,14 @@ def build_parser() -> argparse.ArgumentParser:
         "retry",
         help="put a failed or cancelled job back in its queue (control_plane.retry_job)",
         description="Put a failed or cancelled job back in its queue, its error history kept; "
-        "with --failed, every failed job (of one actor with --type, of one queue with --queue, the oldest "
-        "failures first, at most --limit), each due at once.",
+        "with --failed, every failed job (of one actor with --type, of one queue with --queue, failed within "
+        "--since, the oldest failures first, at most --limit), each due at once.",
     )
     p.add_argument("id", nargs="?", help="the job's id")
     p.add_argument("--failed", action="store_true", help="retry every failed job")
     p.add_argument("--type", help="with --failed: only jobs of this actor")
     p.add_argument("--queue", type=_queue_name, help="with --failed: only jobs of this queue")
+    p.add_argument("--since", help="with --failed: only jobs that failed since then, a PostgreSQL interval ('1 hour')")
     p.add_argument("--limit", type=_row_limit, help="with --failed: at most this many, the oldest failures first")
     p.add_argument("--dry-run", action="store_true", help="with --failed: say how many would be retried, retry none")
     p.set_defaults(func=cmd_jobs_retry)

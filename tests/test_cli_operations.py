@@ -178,6 +178,17 @@ def test_jobs_retry_failed_narrows_to_a_queue_and_a_number_and_counts_without_re
     assert two.stdout.strip() == "retried 2 failed job(s) in queue default"
     assert [job(db_url, i)["status"] for i in in_default] == ["pending", "pending", "failed"]
     assert job(db_url, elsewhere)["status"] == "failed"
+    # When the other queue's job had failed two days ago, and every failure of the last day is retried
+    query(db_url, "UPDATE control_plane.jobs SET completed_at = now() - interval '2 days' WHERE id = %s", (elsewhere,))
+    day = in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed", "--since", "1 day")
+    # Then only the recent failure is retried, the old one left for another day
+    assert day.stdout.strip() == "retried 1 failed job(s) failed in the last 1 day"
+    assert job(db_url, in_default[2])["status"] == "pending"
+    assert job(db_url, elsewhere)["status"] == "failed"
+    # And a period the server cannot read is named, nothing retried
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed", "--since", "1 dya"),
+                      "--since must be a PostgreSQL interval such as '1 hour' or '2 days', got '1 dya'")  # fmt: skip
+    assert job(db_url, elsewhere)["status"] == "failed"
     # And the narrowing options need --failed
     assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "retry", in_default[2], "--queue", "default"),
                       "--queue goes with --failed")  # fmt: skip
