@@ -191,6 +191,38 @@ def test_roles_using_the_messages_get_the_queue_pauses_0017_adds(empty_db: str) 
         ]
 
 
+def test_0019s_failed_at_column_keeps_the_views_grants_and_its_downgrade_gives_them_back(empty_db: str) -> None:
+    role = f"failed_reader_{uuid.uuid4().hex[:8]}"
+    # Given a database at the revision before, its failed_jobs view granted to a role and to PUBLIC, and commented
+    migrations.upgrade(empty_db, "0018")
+    query(empty_db, f"CREATE ROLE {role}; GRANT SELECT ON control_plane.failed_jobs TO {role} WITH GRANT OPTION; "
+                    "GRANT SELECT ON control_plane.failed_jobs TO PUBLIC; "
+                    "COMMENT ON VIEW control_plane.failed_jobs IS 'what gave up'")  # fmt: skip
+    query(empty_db, "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
+                    "VALUES (gen_random_uuid(), 't', 'q', 'failed', timestamptz '2026-12-01')")  # fmt: skip
+
+    def view() -> dict[str, Any]:
+        return query(empty_db, "SELECT relacl::text[] AS acl, obj_description(oid, 'pg_class') AS comment "
+                               "FROM pg_class WHERE oid = 'control_plane.failed_jobs'::regclass")[0]  # fmt: skip
+
+    before = view()
+    try:
+        # When it is migrated
+        migrations.upgrade(empty_db)
+        # Then the view says when each job failed, and keeps its grants and comment
+        rows = query(empty_db, "SELECT failed_at FROM control_plane.failed_jobs")
+        assert [r["failed_at"].isoformat() for r in rows] == ["2026-12-01T00:00:00+00:00"]
+        assert view() == before
+        # And its downgrade drops the column, and gives back the grants and comment the view had
+        command.downgrade(migrations.alembic_config(empty_db), "0018")
+        columns = query(empty_db, "SELECT attname FROM pg_attribute WHERE attnum > 0 "
+                                  "AND attrelid = 'control_plane.failed_jobs'::regclass")  # fmt: skip
+        assert "failed_at" not in {c["attname"] for c in columns}
+        assert view() == before
+    finally:
+        query(empty_db, f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
 def test_0018_keeps_an_index_built_beforehand_and_builds_again_one_a_failed_build_left_invalid(empty_db: str) -> None:
     def index() -> list[dict[str, Any]]:
         return query(empty_db, "SELECT i.indisvalid AS valid, i.indisunique AS is_unique FROM pg_index AS i "
