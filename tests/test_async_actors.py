@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from dramatiq.results import ResultFailure
 
+import tasks
 from tests import actors
 from tests.support import ROOT, WorkerProcess, disagreements, effects, job, query, running_worker, wait_for
 
@@ -81,3 +82,22 @@ def test_a_module_adding_dramatiqs_asyncio_again_still_runs_async_actors_and_sto
     finally:
         worker.terminate()
     assert "Traceback" not in (tmp_path / "worker.log").read_text()
+
+
+def test_the_event_loop_this_package_starts_for_a_worker_ends_with_it() -> None:
+    from dramatiq.asyncio import get_event_loop_thread
+
+    from tasks.middleware.async_actors import AsyncActors
+
+    # Given the loop thread this package's middleware starts as a worker boots
+    found = get_event_loop_thread()
+    middleware = AsyncActors()
+    middleware.before_worker_boot(tasks.broker, None)
+    started = get_event_loop_thread()
+    assert started is not None and started is not found and started.is_alive()
+    # When the worker shuts down
+    middleware.after_worker_shutdown(tasks.broker, None)
+    # Then its thread has ended (an in-process worker booted again and again leaks none), and the
+    # loop found before it is set back
+    assert not started.is_alive()
+    assert get_event_loop_thread() is found

@@ -189,9 +189,11 @@ def test_jobs_retry_failed_narrows_to_a_queue_and_a_number_and_counts_without_re
     assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed", "--since", "1 dya"),
                       "--since must be a PostgreSQL interval such as '1 hour' or '2 days', got '1 dya'")  # fmt: skip
     assert job(db_url, elsewhere)["status"] == "failed"
-    # And the narrowing options need --failed
-    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "retry", in_default[2], "--queue", "default"),
-                      "--queue goes with --failed")  # fmt: skip
+    # And the narrowing options need --failed: with one job's id, none of them retries it
+    for option in (("--queue", "default"), ("--dry-run",), ("--limit", "1"), ("--since", "1 day")):
+        assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "retry", elsewhere, *option),
+                          f"{option[0]} goes with --failed")  # fmt: skip
+    assert job(db_url, elsewhere)["status"] == "failed"
 
 
 def test_an_interrupted_retry_of_every_failed_job_says_how_far_it_got_and_a_second_run_goes_on(
@@ -286,6 +288,50 @@ def test_jobs_cancel_queue_cancels_every_live_job_of_the_queue_and_of_one_type_o
                       "give a job id, or --queue")  # fmt: skip
     assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "cancel", "--type", "tests.noop"),
                       "--type goes with --queue")  # fmt: skip
+
+
+def test_an_interrupted_cancel_of_a_queue_says_how_far_it_got_not_counting_a_job_that_ended_meanwhile(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import cli as cli_module
+
+    # Given four pending jobs of a queue, the second of which completes once listed (before its
+    # cancel), and an operator who presses Ctrl-C as the fourth is cancelled
+    ids = [actors.noop.send(n).message_id for n in range(4)]
+    calls = {"n": 0}
+    scalar = cli_module._scalar
+
+    def ended_then_interrupted(conn: Any, sql: str, params: Any = None) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            query(db_url, "DELETE FROM control_plane.messages WHERE id = %(id)s; UPDATE control_plane.jobs SET "
+                          "status = 'completed', completed_at = now() WHERE id = %(id)s", {"id": ids[1]})  # fmt: skip
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return scalar(conn, sql, params)
+
+    monkeypatch.setattr(cli_module, "_scalar", ended_then_interrupted)
+    # When the queue's jobs are cancelled
+    result = in_process(capsys, monkeypatch, db_url, "jobs", "cancel", "--queue", "default")
+    # Then it stops with Ctrl-C's status and says how far it got, the ended job counted nowhere
+    assert result.returncode == 130
+    assert result.stderr.strip() == (
+        "interrupted: cancelled 2 and asked 0 running job(s) to stop, of 4; run it again to cancel the rest")
+    assert [job(db_url, i)["status"] for i in ids] == ["cancelled", "completed", "cancelled", "pending"]
+
+
+def test_a_retry_of_more_than_a_hundred_failed_jobs_shows_its_progress_to_the_end(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 101 failed jobs
+    for n in range(101):
+        actors.always_fails.send(str(n))
+    fail_everything_queued()
+    # When every failed job is retried
+    result = in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed")
+    # Then the progress goes on stderr every 100, and the last line says all were done
+    assert result.stdout.strip() == "retried 101 failed job(s)"
+    assert result.stderr.splitlines() == ["  100/101 failed jobs done", "  101/101 failed jobs done"]
 
 
 def test_send_with_a_held_unique_key_prints_the_existing_job(db_url: str) -> None:
@@ -660,6 +706,14 @@ def test_jobs_retry_and_cancel_refuse_when_rabbitmq_carries_the_messages(
                       "a job in RabbitMQ cannot be cancelled: it runs as sent")  # fmt: skip
     # and the job was not made pending (no worker would ever run it)
     assert job(db_url, failed)["status"] == "failed"
+    # And a queue cannot be paused there (its workers would not read it), but a pause left from
+    # the Postgres broker's days can still be listed and resumed
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "queues", "pause", "default"),
+                      "needs the PostgreSQL broker")  # fmt: skip
+    query(db_url, "INSERT INTO control_plane.queue_pauses (queue) VALUES ('default')")
+    assert in_process(capsys, monkeypatch, db_url, "queues", "list").stdout.splitlines()[2].startswith("default ")
+    resumed = in_process(capsys, monkeypatch, db_url, "queues", "resume", "default")
+    assert (resumed.returncode, resumed.stdout) == (0, "resumed default: its workers take its jobs again\n")
 
 
 def test_jobs_list_since_finds_failed_jobs_by_when_they_failed(

@@ -94,12 +94,14 @@ def test_queue_gauges_are_served_from_sql(db_url: str) -> None:
 def test_completions_are_not_counted_by_reading_a_large_history_without_the_brin_index(db_url: str) -> None:
     from models import queries
 
-    # Given a job of queue "default" completed a moment ago, and the Postgres broker's stats
+    # Given a job of queue "default" completed a moment ago and one ready in it (so that the
+    # queue has a row whether its completions are counted or not), and the Postgres broker's stats
     # query with a bound of no rows on the history it reads without the BRIN index (PostgreSQL
     # before 16 has none: the count would read every row of jobs at every scrape)
     query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
                   "VALUES (gen_random_uuid(), 'tests.noop', 'default', 'completed', now())")  # fmt: skip
     query(db_url, "ANALYZE control_plane.jobs")
+    actors.noop.send(1)
     brin = query(db_url, "SELECT 1 FROM pg_indexes WHERE indexname = 'ix_jobs_completed_at_brin'")
     for bound in (0, queries.STATS_COMPLETED_SCAN_MAX_ROWS):
         server, _ = serve_queue_metrics(tasks.connection, 0, "127.0.0.1", queries.queue_stats_via_messages(bound))
@@ -113,6 +115,7 @@ def test_completions_are_not_counted_by_reading_a_large_history_without_the_brin
         # history is within the bound, and otherwise left out (no data: not a false 0)
         completed = samples.get(("controlplane_queue_completed_last_minute", (("queue", "default"),)))
         assert samples[("controlplane_stats_up", ())] == 1
+        assert samples[("controlplane_queue_ready", (("queue", "default"),))] == 1
         assert completed == (1 if brin or bound else None), (bound, brin)
 
 

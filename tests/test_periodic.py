@@ -558,6 +558,36 @@ def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: s
         conn.close()
 
 
+def test_the_prune_goes_on_past_a_full_batch_of_jobs_it_keeps_and_prunes_cancelled_jobs(db_url: str) -> None:
+    from models import queries
+
+    batch = queries.PRUNE_BATCH
+    # Given, oldest first: more failed jobs than a batch, sent in one transaction (one created_at)
+    # and kept by the failed retention; then a cancelled job and 200 completed ones, finished long ago
+    query(db_url, """
+        INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at)
+        SELECT gen_random_uuid(), 'kept', 'default', 'failed', now() - interval '20 days', now() - interval '8 days'
+        FROM generate_series(1, %s)""", (batch + 1,))  # fmt: skip
+    query(db_url, """
+        INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at)
+        VALUES (gen_random_uuid(), 'cancelled', 'default', 'cancelled', now() - interval '19 days',
+                now() - interval '10 days')""")  # fmt: skip
+    query(db_url, """
+        INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at)
+        SELECT gen_random_uuid(), 'old', 'default', 'completed', now() - interval '18 days' + i * interval '1 ms',
+               now() - interval '10 days'
+        FROM generate_series(1, 200) AS i""")  # fmt: skip
+    # When the daily prune runs (in a thread: one that read the kept group again at each batch would never end)
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.update(maintenance.prune()), daemon=True)
+    thread.start()
+    wait_for(lambda: not thread.is_alive(), timeout=60, what="the prune to end")
+    # Then every job past its retention went, the cancelled one too, though the first batch deleted nothing
+    assert out["jobs"] == 201
+    kept = query(db_url, "SELECT type, count(*) AS n FROM control_plane.jobs GROUP BY type")
+    assert [(r["type"], r["n"]) for r in kept] == [("kept", batch + 1)]
+
+
 def test_the_clock_sends_prune_and_a_worker_runs_it(db_url: str, tmp_path: Path) -> None:
     # Given a completed job 8 days old and one a day old (default retention: 7 days)
     insert_finished(db_url, "old", "completed", "8 days")

@@ -4,6 +4,7 @@ of its jobs and give back those they hold unstarted; running jobs go on; resumin
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,9 @@ def test_a_paused_queue_is_not_claimed_until_it_is_resumed(
         # And a second pause changes nothing, saying so
         assert main(["queues", "pause", "default", "--reason", "another"]) == 0
         assert capsys.readouterr().out == "default was paused already (its reason and time are kept)\n"
-        # When the queue is resumed
+        # When the queue is resumed, the consumer's poll, heartbeat and reap put off (only the
+        # resume's NOTIFY can wake it, as in production, where they come every second or more)
+        consumer._next_poll = consumer._next_heartbeat = consumer._next_reap = time.monotonic() + 3600
         assert main(["queues", "resume", "default"]) == 0
         assert capsys.readouterr().out == "resumed default: its workers take its jobs again\n"
         # Then the consumer takes the job
@@ -72,6 +75,29 @@ def test_a_paused_queue_is_not_claimed_until_it_is_resumed(
     assert capsys.readouterr().out == "default was not paused\n"
     assert main(["queues", "list"]) == 0
     assert capsys.readouterr().out == "no queue is paused\n"
+
+
+def test_a_pause_reaches_a_consumer_holding_a_job_at_once_not_at_its_next_heartbeat(db_url: str) -> None:
+    # Given a consumer holding a job no thread has started, its next heartbeat and reap an hour
+    # off (only the pause's NOTIFY can tell it before then)
+    sent = actors.noop.send("held")
+    consumer = tasks.broker.consume("default", prefetch=2, timeout=200)
+    try:
+        held = next(consumer)
+        assert held is not None and held.message_id == sent.message_id
+        consumer._next_heartbeat = consumer._next_reap = time.monotonic() + 3600
+        # When the queue is paused
+        assert query(db_url, "SELECT control_plane.pause_queue('default') AS ok")[0]["ok"] is True
+
+        # Then the consumer gives the job back as it next looks for work
+        def given_back() -> bool:
+            next(consumer)
+            return _claimed(db_url) == []
+
+        wait_for(given_back, what="the held job to be given back")
+        assert job(db_url, sent.message_id)["status"] == "pending"
+    finally:
+        consumer.close()
 
 
 def test_pausing_a_queue_no_one_knows_says_so_and_a_bad_name_is_refused(
