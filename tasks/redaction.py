@@ -85,6 +85,35 @@ def redact(text: str) -> str:
     return text
 
 
+#: The longest text :func:`redact_head` redacts whole. Redaction is pure-Python regular
+#: expressions, about 3 MB/s, holding the GIL: a log line quoting a failed job's 10 MB arguments
+#: (Dramatiq's "Failed to process message ...") froze every thread of its worker for 4.5 s, its
+#: heartbeats too, and 8 such failures of 90 MB for minutes, until other workers reaped its jobs.
+REDACT_MAX_CHARS = 32_768
+
+#: A cut's last token (a key's body, a URL's userinfo cut in two would not match as a secret).
+_LAST_TOKEN = re.compile(r"\S*\Z")
+
+#: What closes a quoted string a cut left open, so that the patterns see a secret's head as one.
+_CLOSERS = "'\""
+
+
+def redact_head(text: str, max_chars: int = REDACT_MAX_CHARS) -> str:
+    """``text`` redacted, or, past ``max_chars``, its first ``max_chars`` redacted and the rest cut
+    (said at the end): for text of any size (a log line, an exception's message, a traceback).
+
+    What the cut could leave of a secret is not kept: its last token goes, and a quoted string
+    it left open is closed before the patterns run (``password='two wor`` is redacted whole).
+    """
+    if len(text) <= max_chars:
+        return redact(text)
+    head = _LAST_TOKEN.sub("", text[:max_chars])
+    cleaned = redact(head + _CLOSERS)
+    for closer in reversed(_CLOSERS):  # (those the patterns did not take with a secret)
+        cleaned = cleaned.removesuffix(closer)
+    return f"{cleaned} … [cut: {len(text):,} characters in all]"
+
+
 #: A surrogate code point in a Python string: always unpaired (a pair is one code point).
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -100,5 +129,6 @@ def storable_text(text: str) -> str:
 
 
 def persistable(text: str) -> str:
-    """An error's text as it may be written to a table or a result: redacted, then storable."""
-    return storable_text(redact(text))
+    """An error's text as it may be written to a table or a result: redacted (its head, past
+    ``REDACT_MAX_CHARS``), then storable."""
+    return storable_text(redact_head(text))

@@ -555,6 +555,36 @@ def test_a_traceback_another_handler_formatted_first_is_redacted_in_the_workers_
     assert "pw-9" not in worker_log.getvalue()
 
 
+@pytest.mark.parametrize(
+    "secret",
+    [apikeys.generate("acme"), "password='two words and more'", '"token": "abc def ghi"',
+     "postgresql://app:hunter2@db/app"],
+    ids=["api key", "quoted password", "json token", "url password"],
+)  # fmt: skip
+def test_a_text_past_what_is_redacted_whole_is_cut_and_no_part_of_a_secret_at_the_cut_is_kept(secret: str) -> None:
+    from tasks.redaction import REDACT_MAX_CHARS, redact_head
+
+    # Given a failed job's log line as long as its 1 MB of arguments, with a secret where the cut
+    # falls at each of its characters (and one near the start)
+    for offset in range(1, len(secret)):
+        text = f"password=early {'x ' * ((REDACT_MAX_CHARS - offset) // 2)}"[: REDACT_MAX_CHARS - offset]
+        text += secret + " y" * 500_000
+        # When redacted for a log line
+        cleaned = redact_head(text)
+        # Then what is kept is cut, says so, and holds no part of the secret (8 characters of it
+        # and more could be anything's), nor the early one
+        assert cleaned.endswith(f" … [cut: {len(text):,} characters in all]")
+        assert len(cleaned) <= REDACT_MAX_CHARS + 60
+        assert "early" not in cleaned
+        kept = cleaned.removesuffix(f" … [cut: {len(text):,} characters in all]")
+        named = "password='" + '"token": ' + "postgresql://app:"  # (what names a secret stays)
+        for start in range(len(secret) - 7):
+            part = secret[start : start + 8]
+            assert part not in kept or part in named, (offset, part, kept[-60:])
+    # And a text within the bound is redacted as a whole, as redact does
+    assert redact_head(f"a {secret} b") == apikeys.redact(f"a {secret} b")
+
+
 def test_redact_leaves_ordinary_text_alone() -> None:
     # Given a log line without secrets / When redacted / Then it is unchanged
     line = "provision_project.create_database finished for proj_1 in us-east-1 (attempt 2)"

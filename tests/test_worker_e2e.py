@@ -449,6 +449,26 @@ def test_a_password_in_an_error_reaches_no_table_through_retries_or_callbacks(db
     assert "hunter2" not in str(failure.value) and failure.value.orig_exc_type == "RuntimeError"
 
 
+def test_a_job_failing_with_megabytes_of_arguments_logs_a_cut_line_not_its_arguments(
+    db_url: str, tmp_path: Path
+) -> None:
+    from tasks.redaction import REDACT_MAX_CHARS
+
+    # Given a job whose 2 MB argument its error quotes (Dramatiq's failure line quotes the
+    # arguments too: redacting such lines whole held every thread of the worker for seconds)
+    message = actors.always_fails.send_with_options(args=("x " * 1_000_000,), max_attempts=1)
+    # When a worker runs it until it fails
+    with running_worker(db_url, tmp_path) as worker:
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "failed", what="the job to fail")
+    # Then each of its log lines (and tracebacks) is cut where redaction stops, saying so
+    assert worker.log_path is not None
+    log = worker.log_path.read_text()
+    assert log.count("characters in all]") >= 2, log[-2000:]
+    assert max(len(line) for line in log.splitlines()) < REDACT_MAX_CHARS + 200
+    # And its error is stored cut too
+    assert len(job(db_url, message.message_id)["last_error"]) <= 2000
+
+
 def test_a_return_value_json_cannot_hold_fails_its_result_at_once(db_url: str, tmp_path: Path) -> None:
     # Given a job that returns a datetime, with its result stored
     message = actors.returns_a_datetime.send()

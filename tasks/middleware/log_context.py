@@ -2,7 +2,9 @@
 
 The same filter redacts secrets from every line and every traceback it sees
 (see :mod:`tasks.redaction`): an exception that quotes a password must not put
-it in a log file.
+it in a log file. A line or traceback longer than ``REDACT_MAX_CHARS`` is cut there:
+redacting a failed job's 10 MB of arguments, which Dramatiq's failure line quotes,
+held every thread of the worker for seconds.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from tasks.redaction import redact
+from tasks.redaction import redact_head
 
 #: The message being processed: a context variable, not a thread-local, so that an async
 #: actor's log lines (written in the event loop thread, in a copy of the worker thread's
@@ -31,18 +33,18 @@ class MessageContextFilter(logging.Filter):
         message = _current.get()
         record.message_id = message.message_id if message is not None else "-"
         record.actor_name = message.actor_name if message is not None else "-"
-        text = redact(record.getMessage())
+        text = redact_head(record.getMessage())
         if message is not None:
             text = f"[{message.actor_name} {message.message_id}] {text}"
         record.msg, record.args = text, ()
         # A handler that ran before this one (on the record's own logger) may have formatted
         # the traceback already: its cached text is what every later handler prints.
         if record.exc_text:
-            record.exc_text = redact(record.exc_text)
+            record.exc_text = redact_head(record.exc_text)
         elif record.exc_info:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = redact_head(logging.Formatter().formatException(record.exc_info))
         if record.stack_info:
-            record.stack_info = redact(record.stack_info)
+            record.stack_info = redact_head(record.stack_info)
         record._controlplane_done = True
         return True
 
