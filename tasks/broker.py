@@ -127,10 +127,13 @@ REAPED_HOOKS_SECONDS = 2.0
 #: A result for the results backend as the settler stores it: key, encoded value, ttl in ms.
 StoredResult = tuple[str, bytes, int]
 
-#: The results one SETTLE carries, in bytes of their encodings; the outcomes with results past
-#: it wait for the next (one statement ends a queue's other jobs too: 50 results of 250 kB
-#: held them up 0.6 s in a review's run, 289 of them 4.3 s).
-SETTLE_RESULT_BYTES = 1024 * 1024
+#: The results and retried messages' bodies one SETTLE carries, in bytes of their encodings;
+#: the outcomes past it wait for the next, at once (one statement ends a queue's other jobs
+#: too: 50 results of 250 kB held them up 0.6 s in a review's run, 289 of them 4.3 s; and
+#: eight retries of 64 MB bodies made a statement past PostgreSQL's 1 GB, which the server
+#: refused by dropping the connection, the same batch sent again every 10 s for good, every
+#: later outcome of the queue stuck behind it).
+SETTLE_BYTES = 1024 * 1024
 
 #: How long a SETTLE that carries results waits for its lock on ``control_plane.results``
 #: before the outcomes are written without them (an operator's ``LOCK TABLE``, a
@@ -2176,21 +2179,21 @@ class _Settler(threading.Thread):
 
 def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
     """Write a queue's gathered outcomes and its due start marks, on ``conn``: in one SETTLE,
-    or one per ``SETTLE_RESULT_BYTES`` of results they carry (the consumer woken after each)."""
+    or one per ``SETTLE_BYTES`` of results and bodies they carry (the consumer woken after each)."""
     while _settle_batch(broker, state, conn):
         state.wake()
 
 
 def _settle_batch(broker: PostgresBroker, state: _QueueState, conn: Any) -> bool:
     """Write one SETTLE of the gathered outcomes and the due start marks; True if some were left
-    for another (their results past ``SETTLE_RESULT_BYTES``).
+    for another (their results and bodies past ``SETTLE_BYTES``).
 
     A start whose outcome is in the same batch is dropped: the outcome row
     marks the attempt itself. Younger starts wait for a later flush.
     """
     now = time.monotonic()
     with state.lock:
-        batch, state.outcomes = _within_result_bytes(state.outcomes)
+        batch, state.outcomes = _within_settle_bytes(state.outcomes)
         deferred = bool(state.outcomes)
         # One row per message: a message cannot be settled twice in one statement.
         latest: dict[str, _Outcome] = {o.message_id: o for o in batch}
@@ -2242,18 +2245,20 @@ def _settle_batch(broker: PostgresBroker, state: _QueueState, conn: Any) -> bool
     return deferred
 
 
-def _within_result_bytes(outcomes: list[_Outcome]) -> tuple[list[_Outcome], list[_Outcome]]:
-    """The outcomes one SETTLE takes, and the ones left for the next: those whose results
-    come past ``SETTLE_RESULT_BYTES`` (the first result always goes)."""
+def _within_settle_bytes(outcomes: list[_Outcome]) -> tuple[list[_Outcome], list[_Outcome]]:
+    """The outcomes one SETTLE takes, and the ones left for the next: those whose results or
+    bodies (a retry's) come past ``SETTLE_BYTES`` (the first always goes: a body PostgreSQL took
+    at the send fits in a statement)."""
     taken: list[_Outcome] = []
     left: list[_Outcome] = []
     size = 0
     for o in outcomes:
-        if o.stored_result is not None:
-            if size and size + len(o.stored_result[1]) > SETTLE_RESULT_BYTES:
+        carried = (len(o.stored_result[1]) if o.stored_result is not None else 0) + len(o.body or b"")
+        if carried:
+            if size and size + carried > SETTLE_BYTES:
                 left.append(o)
                 continue
-            size += len(o.stored_result[1])
+            size += carried
         taken.append(o)
     return taken, left
 

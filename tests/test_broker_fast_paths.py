@@ -1220,13 +1220,13 @@ def test_a_claim_skips_the_messages_another_claim_in_flight_holds_instead_of_wai
 
 
 def test_one_flush_writes_every_outcome_though_their_results_pass_one_statements_budget(db_url: str) -> None:
-    from tasks.broker import SETTLE_RESULT_BYTES
+    from tasks.broker import SETTLE_BYTES
 
     # Given three claimed jobs whose results, 600 kB each, pass what one SETTLE carries
     sent = [actors.noop.send(i) for i in range(3)]
     consumer = _broker().consume("default", prefetch=3, timeout=5000)
     held = [next(consumer) for _ in sent]
-    value = b"x" * (SETTLE_RESULT_BYTES * 6 // 10)
+    value = b"x" * (SETTLE_BYTES * 6 // 10)
     consumer._settler.stop()  # (this test writes them: one flush, as a closing consumer's)
     for i, message in enumerate(held):
         message.stored_result = (f"key-{i}", value, 60_000)
@@ -1237,6 +1237,40 @@ def test_one_flush_writes_every_outcome_though_their_results_pass_one_statements
     assert jobs_in(db_url, [m.message_id for m in sent], "completed")
     rows = query(db_url, "SELECT key, length(value) AS n FROM control_plane.results ORDER BY key")
     assert rows == [{"key": f"key-{i}", "n": len(value)} for i in range(3)]
+    consumer.close()
+
+
+def test_retries_of_large_messages_are_settled_in_statements_of_a_bounded_size(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    broker_module = importlib.import_module("tasks.broker")  # (the module: tasks.broker is the broker)
+    # Given three claimed jobs of 600 kB arguments each, whose retries carry their bodies back
+    # (eight of 64 MB in one SETTLE passed the 1 GB a statement may be, and the batch was sent
+    # again for good)
+    sent = [actors.noop.send("x" * (broker_module.SETTLE_BYTES * 6 // 10)) for _ in range(3)]
+    consumer = _broker().consume("default", prefetch=3, timeout=5000)
+    held = [next(consumer) for _ in sent]
+    consumer._settler.stop()  # (this test writes them: one flush, as a closing consumer's)
+    carried: list[int] = []
+    settle_rows = broker_module._settle_rows
+
+    def noting_sizes(broker: Any, conn: Any, outcomes: Any, *args: Any, **kwargs: Any) -> Any:
+        carried.append(sum(len(o.body or b"") for o in outcomes))
+        return settle_rows(broker, conn, outcomes, *args, **kwargs)
+
+    monkeypatch.setattr(broker_module, "_settle_rows", noting_sizes)
+    for message in held:
+        message.error_text = "RuntimeError: once more"
+        _broker().enqueue(message, delay=60_000)  # what Dramatiq's Retries does with a failed attempt
+        consumer.ack(message)
+    # When the consumer writes its outcomes once
+    consumer._flush()
+    # Then every retry is written, each statement carrying one body: two would pass the bound
+    rows = query(db_url, "SELECT status, attempts, last_error FROM control_plane.jobs")
+    assert rows == [{"status": "pending", "attempts": 1, "last_error": "RuntimeError: once more"}] * 3
+    assert len(carried) == 3 and max(carried) <= broker_module.SETTLE_BYTES, carried
     consumer.close()
 
 
