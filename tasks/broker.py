@@ -773,8 +773,21 @@ class PostgresBroker(dramatiq.Broker):
         self._notifier_lock = threading.Lock()
         #: Writes the results that could not go with their outcomes.
         self.results_writer = _ResultWriter(self)
+        #: When a consumer of this process last reaped (monotonic): see :meth:`_reap_due`.
+        self._reaped_at = -math.inf
+        self._reap_lock = threading.Lock()
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
+
+    def _reap_due(self, now: float) -> bool:
+        """Whether a consumer whose reap is due reaps now: once per ``reap_interval`` in a process,
+        by whichever of its consumers comes first. ``REAP`` looks at every queue's leases, and each
+        consumer ran it: a worker reading 200 queues ran 40 a second, 13% of a core of the server."""
+        with self._reap_lock:
+            if now - self._reaped_at < self.settings.reap_interval * 0.9:
+                return False
+            self._reaped_at = now
+            return True
 
     # -- middleware events ------------------------------------------------
 
@@ -890,6 +903,8 @@ class PostgresBroker(dramatiq.Broker):
         self._notifier_lock = threading.Lock()
         self.results_writer = _ResultWriter(self)
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
+        self._reaped_at = -math.inf
+        self._reap_lock = threading.Lock()
 
     def _started(self, message: PgMessageProxy) -> bool:
         """A worker thread is starting ``message``: its settler writes ``running`` if it lasts.
@@ -1727,7 +1742,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         if now >= self._next_reap:
             if not self._pauses:
                 self._look_for_pauses()
-            self._reap()
+            if self.broker._reap_due(now):
+                self._reap()
             self._next_reap = now + self.settings.reap_interval
 
     def _look_for_pauses(self) -> None:

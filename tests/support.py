@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import signal
@@ -326,6 +327,13 @@ def running_worker(url: str, tmp_path: Path, **kwargs: Any) -> Iterator[WorkerPr
         yield worker
     finally:
         worker.terminate()
+
+
+def reap_at_once(consumer: Any) -> None:
+    """Have ``consumer`` reap at its next housekeeping, whatever its process's other consumers did
+    (a process reaps once per interval, by whichever consumer comes first: ``PostgresBroker._reap_due``)."""
+    consumer._next_reap = 0.0
+    consumer.broker._reaped_at = -math.inf
 
 
 def claim_in_process(queue: str = "default") -> tuple[Any, Any]:

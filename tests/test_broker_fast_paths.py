@@ -1240,6 +1240,40 @@ def test_one_flush_writes_every_outcome_though_their_results_pass_one_statements
     consumer.close()
 
 
+def test_a_process_reading_many_queues_reaps_once_per_interval_not_once_per_queue(db_url: str) -> None:
+    # Given a job whose worker's lease expired, and another worker process reading three queues,
+    # each consumer's reap due
+    sent = actors.noop.send("lost")
+    consumer, _ = claim_in_process()
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
+    other = PostgresBroker(url=db_url, settings=tasks.settings)
+    readers = [other.consume(queue, prefetch=1, timeout=100) for queue in ("default", "slow", "billing")]
+    reaps: list[str] = []
+    for reader in readers:
+        real = reader._reap
+        reader._reap = lambda real=real, queue=reader.queue_name: (reaps.append(queue), real())[1]
+        reader._settler.stop()
+        reader._next_reap = 0.0
+    try:
+        # When each of them does its housekeeping
+        for reader in readers:
+            reader._housekeeping()
+        # Then one of them reaped, for all: the lost job is back in its queue
+        assert reaps == ["default"]
+        assert query(db_url, "SELECT claim_token FROM control_plane.messages WHERE id = %s",
+                     (sent.message_id,)) == [{"claim_token": None}]  # fmt: skip
+        # And once the interval has passed, the next consumer due reaps again
+        other._reaped_at -= tasks.settings.reap_interval
+        readers[1]._next_reap = 0.0
+        readers[1]._housekeeping()
+        assert reaps == ["default", "slow"]
+    finally:
+        for reader in readers:
+            reader.close()
+        other.close()
+        consumer.close()
+
+
 def test_retries_of_large_messages_are_settled_in_statements_of_a_bounded_size(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,7 @@ from dramatiq.results import ResultFailure, Results
 
 import tasks
 from tests import actors
-from tests.support import claim_in_process, job, query, settle_in_process
+from tests.support import claim_in_process, job, query, reap_at_once, settle_in_process
 
 
 def middleware(kind: type) -> Any:
@@ -224,7 +224,7 @@ def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_compl
                   "WHERE id = %s", (first.message_id,))  # fmt: skip
     # When another worker's reaper finds its lease expired
     other = tasks.broker.consume("slow", prefetch=1, timeout=100)
-    other._next_reap = 0
+    reap_at_once(other)
     assert next(other) is None
     other.close()
     consumer.close()
@@ -253,7 +253,7 @@ def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: st
     query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
     # When another worker's reaper finds them
     other = tasks.broker.consume("slow", prefetch=1, timeout=100)
-    other._next_reap = 0
+    reap_at_once(other)
     assert next(other) is None
     other.close()
     consumer.close()
