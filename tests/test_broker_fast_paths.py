@@ -414,7 +414,17 @@ def test_a_unique_key_is_a_string_or_an_integer_and_a_broken_key_function_fails_
         by_number.send(1.5)
     with pytest.raises(InvalidUniqueKey, match="not ''"):
         actors.noop.send_with_options(args=(1,), unique_key="")
+    # and so does a key longer than its index can hold (it failed with PostgreSQL's "index row
+    # size" error, and took its batch with it), counted in bytes
+    with pytest.raises(InvalidUniqueKey, match="unique key is 2,001 bytes long, past the 2,000"):
+        actors.noop.send_with_options(args=(1,), unique_key="k" * 2001)
+    with pytest.raises(InvalidUniqueKey, match="unique key is 2,001 bytes long"):
+        tasks.broker.enqueue_batch([actors.noop.message(1), actors.noop.message_with_options(
+            args=(2,), unique_key="é" * 1000 + "k")])  # fmt: skip
     assert len(query(db_url, "SELECT id FROM control_plane.jobs")) == before
+    # And a key of 2,000 bytes holds as any other
+    longest = [actors.noop.send_with_options(args=(n,), unique_key="k" * 2000).message_id for n in range(2)]
+    assert longest[0] == longest[1]
 
 
 def test_the_broker_does_not_call_the_mirror_hooks_its_own_statements_cover(

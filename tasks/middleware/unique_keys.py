@@ -5,7 +5,9 @@ on every message sent to it (unless the sender set one): while a job with that
 key is pending or running, another send returns that job instead of a
 duplicate (the broker enforces it with a partial unique index).
 
-A key is a non-empty string, or an integer (sent as its decimal string); ``None``
+A key is a non-empty string of at most 2,000 bytes (UTF-8; a B-tree index entry holds at most
+2,704, and a longer key failed its whole batch with PostgreSQL's ``index row size ... exceeds
+btree version 4 maximum``), or an integer (sent as its decimal string); ``None``
 from ``unique_key_from`` means no key for that message. Anything else, or a
 ``unique_key_from`` that raises, fails the send (:class:`tasks.errors.InvalidUniqueKey`)
 instead of sending a duplicate the key was meant to prevent.
@@ -20,9 +22,19 @@ from dramatiq.middleware import Middleware
 
 from tasks.errors import InvalidUniqueKey
 
+#: The longest unique key, in bytes of UTF-8 (``uq_jobs_live_key`` indexes it).
+UNIQUE_KEY_MAX_BYTES = 2000
+
 
 def unique_key_of(value: Any, actor_name: str) -> str | None:
     """``value`` as a unique key (None: none), or :class:`InvalidUniqueKey` naming what is wrong."""
+    if isinstance(value, str) and len(value) * 4 > UNIQUE_KEY_MAX_BYTES:
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > UNIQUE_KEY_MAX_BYTES:
+            raise InvalidUniqueKey(
+                f"cannot send to actor {actor_name!r}: its unique key is {size:,} bytes long, past the "
+                f"{UNIQUE_KEY_MAX_BYTES:,} an index can hold (a hash of what identifies the job will do)"
+            )
     if value is None or (isinstance(value, str) and value):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
