@@ -423,6 +423,30 @@ def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any
 _declare_refused = threading.Event()
 #: Set once a consumer could not read the queue pauses (said once per process).
 _pauses_missing = threading.Event()
+#: Set once a consumer was refused a connection for want of slots (said once per process).
+_slots_missing = threading.Event()
+
+#: What PostgreSQL says when ``max_connections``, the slots left to ordinary roles or the role's
+#: ``CONNECTION LIMIT`` are all taken.
+_NO_SLOT_LEFT = ("too many clients already", "remaining connection slots are reserved", "too many connections for role")
+
+
+def _say_why_no_slot(broker: PostgresBroker, exc: psycopg2.Error) -> None:
+    """Once per process, when PostgreSQL has no connection slot left for a consumer: what this
+    process needs, and what to change. Dramatiq logs each consumer's failure every few seconds
+    (808 lines in 23 s for a worker reading 200 queues), none of them saying that."""
+    if _slots_missing.is_set() or not any(text in str(exc) for text in _NO_SLOT_LEFT):
+        return
+    _slots_missing.set()
+    queues = len(broker.consumed)
+    needs = 2 * queues + 1 + broker.settings.pool_size
+    logger.error(
+        "PostgreSQL has no connection slot left (%s): this worker process needs up to %d, two for each of the "
+        "%d queue(s) it reads, one to listen and %d pooled, and each of its processes as many. Raise "
+        "max_connections (or the role's CONNECTION LIMIT), or read fewer queues per process "
+        "(docs/operations.md, \"The connection budget of a worker process\"); its consumers retry meanwhile",
+        db.loggable_error(exc), needs, queues, broker.settings.pool_size,
+    )  # fmt: skip
 
 
 def _work_queue_by_message_priority() -> None:
@@ -2001,7 +2025,11 @@ def _claims_connection(broker: PostgresBroker, application_name: str) -> Any:
     the job runs again (at-least-once, as after any crash) and the mirror,
     written in the same transactions, is undone with them. Sends stay synchronous.
     """
-    conn = db.connect(broker.url(), autocommit=True, application_name=application_name)
+    try:
+        conn = db.connect(broker.url(), autocommit=True, application_name=application_name)
+    except psycopg2.Error as exc:
+        _say_why_no_slot(broker, exc)
+        raise
     try:
         with conn.cursor() as cur:
             cur.execute("SET synchronous_commit = off")
@@ -2082,6 +2110,8 @@ class _Notifier(threading.Thread):
                 return
             except (psycopg2.Error, OSError, ValueError) as exc:  # (ValueError: select on a closed one)
                 self.listening.clear()
+                if isinstance(exc, psycopg2.Error):
+                    _say_why_no_slot(self.broker, exc)
                 longer = min(max(delay * 2, 0.1), _NOTIFIER_MAX_BACKOFF)
                 if not delay or (longer == _NOTIFIER_MAX_BACKOFF > delay):  # as it goes, and once if it stays away
                     logger.warning("%s the connection that listens for wake-ups (%s); consumers poll every %ss "

@@ -21,6 +21,7 @@ from typing import Any
 import dramatiq
 import psycopg2
 import pytest
+from dramatiq.errors import ConnectionClosed
 from dramatiq.results import Results
 
 import tasks
@@ -1248,6 +1249,34 @@ def test_one_flush_writes_every_outcome_though_their_results_pass_one_statements
     rows = query(db_url, "SELECT key, length(value) AS n FROM control_plane.results ORDER BY key")
     assert rows == [{"key": f"key-{i}", "n": len(value)} for i in range(3)]
     consumer.close()
+
+
+def test_a_worker_refused_a_connection_for_want_of_slots_says_once_what_it_needs(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import importlib
+
+    importlib.import_module("tasks.broker")._slots_missing.clear()  # (said once per process: maybe already)
+    # Given a worker role allowed one connection, and a worker process of that role reading two queues
+    role = f"one_slot_{uuid.uuid4().hex[:8]}"
+    owner = query(db_url, "SELECT current_user AS u")[0]["u"]
+    query(db_url, f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1 IN ROLE {owner}")
+    worker = PostgresBroker(url=psycopg2.extensions.make_dsn(db_url, user=role), settings=tasks.settings)
+    try:
+        with caplog.at_level(logging.ERROR, logger="tasks.broker"):
+            # When its consumers start (each needs two connections, and the process one to listen)
+            first = worker.consume("default", prefetch=1, timeout=100)
+            with pytest.raises(ConnectionClosed):
+                worker.consume("slow", prefetch=1, timeout=100)
+            first.close()
+        # Then it says, once, that the server has no slot for it, and what the process needs
+        said = [r.getMessage() for r in caplog.records if "no connection slot left" in r.getMessage()]
+        assert len(said) == 1, said
+        assert f'too many connections for role "{role}"' in said[0]
+        assert f"needs up to {2 * 2 + 1 + tasks.settings.pool_size}, two for each of the 2 queue(s)" in said[0]
+    finally:
+        worker.close()
+        query(db_url, f"DROP ROLE {role}")
 
 
 def test_a_process_reading_many_queues_reaps_once_per_interval_not_once_per_queue(db_url: str) -> None:
