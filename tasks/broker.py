@@ -135,6 +135,11 @@ StoredResult = tuple[str, bytes, int]
 #: later outcome of the queue stuck behind it).
 SETTLE_BYTES = 1024 * 1024
 
+#: The most characters of messages one ``enqueue_batch`` sends (their JSON, quoted into one
+#: statement): past 1 GB PostgreSQL drops the connection without a word of why (a review's
+#: batch of 110 messages of 10 MB: ``ConnectionClosed`` after 32 s, the client at 8 GB).
+MAX_BATCH_CHARS = 256 * 1024 * 1024
+
 #: How long a SETTLE that carries results waits for its lock on ``control_plane.results``
 #: before the outcomes are written without them (an operator's ``LOCK TABLE``, a
 #: ``CREATE INDEX``): the results are then written apart, by :class:`_ResultWriter`.
@@ -1160,6 +1165,12 @@ class PostgresBroker(dramatiq.Broker):
             unique_keys.append(unique_key)
             bodies.append(_body_text(message))
             sent.append(message)
+        size = sum(map(len, bodies))
+        if size > MAX_BATCH_CHARS:
+            raise ValueError(
+                f"a batch of {len(bodies):,} messages of {size:,} characters in all is past the {MAX_BATCH_CHARS:,} "
+                "one statement takes here: send it in smaller batches"
+            )
         rows: dict[str, list[Any]] = {
             "ids": ids,
             "queues": queues,

@@ -1313,6 +1313,24 @@ def test_a_process_reading_many_queues_reaps_once_per_interval_not_once_per_queu
         consumer.close()
 
 
+def test_a_batch_past_what_one_statement_takes_is_refused_naming_its_size(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    broker_module = importlib.import_module("tasks.broker")
+    # Given a bound on a batch's messages of 1,000 characters (256 MB in production: a batch of
+    # 1.1 GB lost its connection after 32 s, saying nothing of why)
+    monkeypatch.setattr(broker_module, "MAX_BATCH_CHARS", 1000)
+    # When a batch of two messages of 600 characters is sent
+    with pytest.raises(ValueError, match=r"a batch of 2 messages of 1,\d{3} characters in all is past the 1,000 "):
+        _broker().enqueue_batch([actors.noop.message("x" * 400), actors.noop.message("y" * 400)])
+    # Then nothing is stored, and each alone goes
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+    _broker().enqueue_batch([actors.noop.message("x" * 400)])
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 1}]
+
+
 def test_retries_of_large_messages_are_settled_in_statements_of_a_bounded_size(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
