@@ -91,23 +91,45 @@ def redact(text: str) -> str:
 #: heartbeats too, and 8 such failures of 90 MB for minutes, until other workers reaped its jobs.
 REDACT_MAX_CHARS = 32_768
 
-#: A cut's last token (a key's body, a URL's userinfo cut in two would not match as a secret).
-_LAST_TOKEN = re.compile(r"\S*\Z")
+#: How much of a cut's last token goes (a key's body, a URL's userinfo cut in two would not
+#: match as a secret): all of it, up to this; of a longer one (data: base64, hex), its end.
+_LAST_TOKEN_MAX = 4096
+
+#: A dollar-quoted password's opening (``PASSWORD $tag$``): its pattern needs the closing tag.
+_DOLLAR_PASSWORD = re.compile(r"\bPASSWORD\s+\$(\w*)\$", re.IGNORECASE)
 
 #: What closes a quoted string a cut left open, so that the patterns see a secret's head as one.
 _CLOSERS = "'\""
+
+
+def _without_open_secret(head: str) -> str:
+    """``head`` less what a cut at its end could have left of a secret the patterns would not
+    see whole: its last token, and a dollar-quoted password left open. In time linear in what
+    it looks at (a regular expression anchored at the end is tried from every position)."""
+    end, stop = len(head), max(len(head) - _LAST_TOKEN_MAX, 0)
+    while end > stop and not head[end - 1].isspace():
+        end -= 1
+    head = head[:end]
+    window = max(len(head) - _LAST_TOKEN_MAX - 256, 0)  # (the pattern's body is at most 4,096 long)
+    opened = None
+    for found in _DOLLAR_PASSWORD.finditer(head, window):
+        opened = found
+    if opened is not None and f"${opened.group(1)}$" not in head[opened.end() :]:
+        head = head[: opened.end() - len(opened.group(1)) - 2]
+    return head
 
 
 def redact_head(text: str, max_chars: int = REDACT_MAX_CHARS) -> str:
     """``text`` redacted, or, past ``max_chars``, its first ``max_chars`` redacted and the rest cut
     (said at the end): for text of any size (a log line, an exception's message, a traceback).
 
-    What the cut could leave of a secret is not kept: its last token goes, and a quoted string
-    it left open is closed before the patterns run (``password='two wor`` is redacted whole).
+    What the cut could leave of a secret is not kept: its last token goes, a dollar-quoted
+    password it left open goes, and a quoted string it left open is closed before the patterns
+    run (``password='two wor`` is redacted whole).
     """
     if len(text) <= max_chars:
         return redact(text)
-    head = _LAST_TOKEN.sub("", text[:max_chars])
+    head = _without_open_secret(text[:max_chars])
     cleaned = redact(head + _CLOSERS)
     for closer in reversed(_CLOSERS):  # (those the patterns did not take with a secret)
         cleaned = cleaned.removesuffix(closer)

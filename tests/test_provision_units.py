@@ -558,8 +558,10 @@ def test_a_traceback_another_handler_formatted_first_is_redacted_in_the_workers_
 @pytest.mark.parametrize(
     "secret",
     [apikeys.generate("acme"), "password='two words and more'", '"token": "abc def ghi"',
-     "postgresql://app:hunter2@db/app"],
-    ids=["api key", "quoted password", "json token", "url password"],
+     "postgresql://app:hunter2@db/app", "PASSWORD $tag$two words$tag$", "PASSWORD $$two\nlines$$",
+     "PASSWORD E'two \\' words'", "('password', 'two words')"],
+    ids=["api key", "quoted password", "json token", "url password", "dollar-quoted", "dollar-quoted lines",
+         "escape string", "tuple"],
 )  # fmt: skip
 def test_a_text_past_what_is_redacted_whole_is_cut_and_no_part_of_a_secret_at_the_cut_is_kept(secret: str) -> None:
     from tasks.redaction import REDACT_MAX_CHARS, redact_head
@@ -567,8 +569,8 @@ def test_a_text_past_what_is_redacted_whole_is_cut_and_no_part_of_a_secret_at_th
     # Given a failed job's log line as long as its 1 MB of arguments, with a secret where the cut
     # falls at each of its characters (and one near the start)
     for offset in range(1, len(secret)):
-        text = f"password=early {'x ' * ((REDACT_MAX_CHARS - offset) // 2)}"[: REDACT_MAX_CHARS - offset]
-        text += secret + " y" * 500_000
+        text = f"password=early {'x ' * ((REDACT_MAX_CHARS - offset) // 2)}"[: REDACT_MAX_CHARS - offset - 1]
+        text += " " + secret + " y" * 500_000
         # When redacted for a log line
         cleaned = redact_head(text)
         # Then what is kept is cut, says so, and holds no part of the secret (8 characters of it
@@ -577,12 +579,15 @@ def test_a_text_past_what_is_redacted_whole_is_cut_and_no_part_of_a_secret_at_th
         assert len(cleaned) <= REDACT_MAX_CHARS + 60
         assert "early" not in cleaned
         kept = cleaned.removesuffix(f" … [cut: {len(text):,} characters in all]")
-        named = "password='" + '"token": ' + "postgresql://app:"  # (what names a secret stays)
+        named = "password='" + '"token": ' + "postgresql://app:" + "PASSWORD $tag$" + "('password', "  # (names stay)
         for start in range(len(secret) - 7):
             part = secret[start : start + 8]
             assert part not in kept or part in named, (offset, part, kept[-60:])
     # And a text within the bound is redacted as a whole, as redact does
     assert redact_head(f"a {secret} b") == apikeys.redact(f"a {secret} b")
+    # And of a long word the cut falls in (base64, hex), only its last 4,096 characters go
+    long_word = redact_head("start " + "A" * 40_000)
+    assert long_word.startswith("start AAAA") and long_word.count("A") == REDACT_MAX_CHARS - len("start ") - 4096
 
 
 def test_redact_leaves_ordinary_text_alone() -> None:
