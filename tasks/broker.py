@@ -811,12 +811,17 @@ class PostgresBroker(dramatiq.Broker):
     def _reap_due(self, now: float) -> bool:
         """Whether a consumer whose reap is due reaps now: once per ``reap_interval`` in a process,
         by whichever of its consumers comes first. ``REAP`` looks at every queue's leases, and each
-        consumer ran it: a worker reading 200 queues ran 40 a second, 13% of a core of the server."""
+        consumer ran it: a worker reading 200 queues ran 40 a second, 13% of a core of the server.
+        A reap that fails (:meth:`_reap_failed`) is due again at once, as it was per consumer."""
         with self._reap_lock:
             if now - self._reaped_at < self.settings.reap_interval * 0.9:
                 return False
             self._reaped_at = now
             return True
+
+    def _reap_failed(self) -> None:
+        with self._reap_lock:
+            self._reaped_at = -math.inf
 
     # -- middleware events ------------------------------------------------
 
@@ -1778,7 +1783,11 @@ class _PostgresConsumer(dramatiq.Consumer):
             if not self._pauses:
                 self._look_for_pauses()
             if self.broker._reap_due(now):
-                self._reap()
+                try:
+                    self._reap()
+                except BaseException:
+                    self.broker._reap_failed()  # (the consumer runs it again, or another does)
+                    raise
             self._next_reap = now + self.settings.reap_interval
 
     def _look_for_pauses(self) -> None:

@@ -337,6 +337,12 @@ def _fetch_since(conn: Any, sql: str, params: dict[str, Any], since: str | None)
     if since is not None and not since.strip():
         raise UserError("--since must be a period such as '1 hour', not empty")
     try:
+        negative = "SELECT %(since)s::interval < interval '0' AS negative"
+        if since is not None and _fetch(conn, negative, {"since": since})[0]["negative"]:
+            raise UserError(
+                f"--since must be a period back from now such as '1 hour', got {since!r}, which PostgreSQL "
+                "reads as a negative interval ('ago' or a minus sign turns it around): it would match nothing"
+            )
         return _fetch(conn, sql, params)
     except psycopg2.DataError as exc:
         if since is None:

@@ -420,6 +420,10 @@ def test_a_unique_key_is_a_string_or_an_integer_and_a_broken_key_function_fails_
     with pytest.raises(InvalidUniqueKey, match="unique key is 2,001 bytes long, past the 2,000"):
         actors.noop.send_with_options(args=(1,), unique_key="k" * 2001)
     with pytest.raises(InvalidUniqueKey, match="unique key is 2,001 bytes long"):
+        actors.noop.send_with_options(args=(1,), unique_key=10**2000)
+    with pytest.raises(InvalidUniqueKey, match="an integer of more than 2,000 digits"):
+        actors.noop.send_with_options(args=(1,), unique_key=10**5000)
+    with pytest.raises(InvalidUniqueKey, match="unique key is 2,001 bytes long"):
         tasks.broker.enqueue_batch([actors.noop.message(1), actors.noop.message_with_options(
             args=(2,), unique_key="é" * 1000 + "k")])  # fmt: skip
     assert len(query(db_url, "SELECT id FROM control_plane.jobs")) == before
@@ -1306,6 +1310,20 @@ def test_a_process_reading_many_queues_reaps_once_per_interval_not_once_per_queu
         readers[1]._next_reap = 0.0
         readers[1]._housekeeping()
         assert reaps == ["default", "slow"]
+        # And a reap that fails (a deadlock the server broke) is due again at once, not an interval later
+        def deadlocked() -> None:
+            reaps.append("failed")
+            raise psycopg2.errors.DeadlockDetected
+
+        working, readers[2]._reap = readers[2]._reap, deadlocked
+        other._reaped_at -= tasks.settings.reap_interval
+        readers[2]._next_reap = 0.0
+        with pytest.raises(psycopg2.errors.DeadlockDetected):
+            readers[2]._housekeeping()
+        readers[2]._reap = working
+        readers[0]._next_reap = 0.0
+        readers[0]._housekeeping()
+        assert reaps == ["default", "slow", "failed", "default"]
     finally:
         for reader in readers:
             reader.close()

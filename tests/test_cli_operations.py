@@ -188,6 +188,9 @@ def test_jobs_retry_failed_narrows_to_a_queue_and_a_number_and_counts_without_re
     # And a period the server cannot read is named, nothing retried
     assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed", "--since", "1 dya"),
                       "--since must be a PostgreSQL interval such as '1 hour' or '2 days', got '1 dya'")  # fmt: skip
+    # and so is one it reads as negative, which would match nothing ('1 day ago' is minus a day)
+    assert_user_error(in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed", "--since", "1 day ago"),
+                      "got '1 day ago', which PostgreSQL reads as a negative interval")  # fmt: skip
     assert job(db_url, elsewhere)["status"] == "failed"
     # And the narrowing options need --failed: with one job's id, none of them retries it
     for option in (("--queue", "default"), ("--dry-run",), ("--limit", "1"), ("--since", "1 day")):

@@ -28,21 +28,30 @@ UNIQUE_KEY_MAX_BYTES = 2000
 
 def unique_key_of(value: Any, actor_name: str) -> str | None:
     """``value`` as a unique key (None: none), or :class:`InvalidUniqueKey` naming what is wrong."""
-    if isinstance(value, str) and len(value) * 4 > UNIQUE_KEY_MAX_BYTES:
-        size = len(value.encode("utf-8", "surrogatepass"))
+    if value is None:
+        return None
+    key = value if isinstance(value, str) and value else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            key = str(value)
+        except ValueError:  # (past Python's 4,300 digits)
+            raise InvalidUniqueKey(
+                f"cannot send to actor {actor_name!r}: its unique key is an integer of more than "
+                f"{UNIQUE_KEY_MAX_BYTES:,} digits, past what an index can hold"
+            ) from None
+    if key is None:
+        raise InvalidUniqueKey(
+            f"cannot send to actor {actor_name!r}: its unique key must be a non-empty string or an integer, "
+            f"not {value!r}"
+        )
+    if len(key) * 4 > UNIQUE_KEY_MAX_BYTES:
+        size = len(key.encode("utf-8", "surrogatepass"))
         if size > UNIQUE_KEY_MAX_BYTES:
             raise InvalidUniqueKey(
                 f"cannot send to actor {actor_name!r}: its unique key is {size:,} bytes long, past the "
                 f"{UNIQUE_KEY_MAX_BYTES:,} an index can hold (a hash of what identifies the job will do)"
             )
-    if value is None or (isinstance(value, str) and value):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise InvalidUniqueKey(
-        f"cannot send to actor {actor_name!r}: its unique key must be a non-empty string or an integer, "
-        f"not {value!r}"
-    )
+    return key
 
 
 class UniqueKeys(Middleware):
