@@ -132,7 +132,8 @@ StoredResult = tuple[str, bytes, int]
 #: too: 50 results of 250 kB held them up 0.6 s in a review's run, 289 of them 4.3 s; and
 #: eight retries of 64 MB bodies made a statement past PostgreSQL's 1 GB, which the server
 #: refused by dropping the connection, the same batch sent again every 10 s for good, every
-#: later outcome of the queue stuck behind it).
+#: later outcome of the queue stuck behind it). The first outcome always goes: its body goes
+#: in as hex, twice its size, which ``MAX_BATCH_CHARS`` (256 MB at the send) keeps under 1 GB.
 SETTLE_BYTES = 1024 * 1024
 
 #: The most characters of messages one ``enqueue_batch`` sends (their JSON, quoted into one

@@ -192,18 +192,30 @@ def test_roles_using_the_messages_get_the_queue_pauses_0017_adds(empty_db: str) 
 
 
 def test_0019s_failed_at_column_keeps_the_views_grants_and_its_downgrade_gives_them_back(empty_db: str) -> None:
-    role = f"failed_reader_{uuid.uuid4().hex[:8]}"
-    # Given a database at the revision before, its failed_jobs view granted to a role and to PUBLIC, and commented
+    tag = uuid.uuid4().hex[:8]
+    role, odd, owner = f"failed_reader_{tag}", f'"Odd ""{tag}"" reader"', f"failed_owner_{tag}"
+    # Given a database at the revision before, its failed_jobs view owned by a role of its own,
+    # granted to a role (with grant option), to one of an odd name on two columns only, and to
+    # PUBLIC, commented, and made a security barrier
     migrations.upgrade(empty_db, "0018")
-    query(empty_db, f"CREATE ROLE {role}; GRANT SELECT ON control_plane.failed_jobs TO {role} WITH GRANT OPTION; "
+    query(empty_db, f"CREATE ROLE {role}; CREATE ROLE {odd}; CREATE ROLE {owner}; "
+                    f"GRANT USAGE ON SCHEMA control_plane TO {owner}; GRANT SELECT ON control_plane.jobs TO {owner}; "
+                    f"ALTER VIEW control_plane.failed_jobs OWNER TO {owner}; "
+                    f"GRANT SELECT ON control_plane.failed_jobs TO {role} WITH GRANT OPTION; "
+                    f"GRANT SELECT (id, last_error) ON control_plane.failed_jobs TO {odd}; "
                     "GRANT SELECT ON control_plane.failed_jobs TO PUBLIC; "
-                    "COMMENT ON VIEW control_plane.failed_jobs IS 'what gave up'")  # fmt: skip
+                    "ALTER VIEW control_plane.failed_jobs SET (security_barrier = true); "
+                    "COMMENT ON VIEW control_plane.failed_jobs IS 'what gave up: 100%'")  # fmt: skip
     query(empty_db, "INSERT INTO control_plane.jobs (id, type, queue, status, completed_at) "
                     "VALUES (gen_random_uuid(), 't', 'q', 'failed', timestamptz '2026-12-01')")  # fmt: skip
 
     def view() -> dict[str, Any]:
-        return query(empty_db, "SELECT relacl::text[] AS acl, obj_description(oid, 'pg_class') AS comment "
-                               "FROM pg_class WHERE oid = 'control_plane.failed_jobs'::regclass")[0]  # fmt: skip
+        return query(empty_db, """
+            SELECT c.relowner::regrole::text AS owner, c.relacl::text[] AS acl, c.reloptions,
+                   obj_description(c.oid, 'pg_class') AS comment,
+                   (SELECT array_agg(a.attname || ' ' || a.attacl::text ORDER BY a.attnum) FROM pg_attribute AS a
+                    WHERE a.attrelid = c.oid AND a.attacl IS NOT NULL) AS column_acls
+            FROM pg_class AS c WHERE c.oid = 'control_plane.failed_jobs'::regclass""")[0]
 
     before = view()
     try:
@@ -220,7 +232,7 @@ def test_0019s_failed_at_column_keeps_the_views_grants_and_its_downgrade_gives_t
         assert "failed_at" not in {c["attname"] for c in columns}
         assert view() == before
     finally:
-        query(empty_db, f"DROP OWNED BY {role}; DROP ROLE {role}")
+        query(empty_db, f"DROP OWNED BY {role}, {odd}, {owner}; DROP ROLE {role}, {odd}, {owner}")
 
 
 def test_0018_keeps_an_index_built_beforehand_and_builds_again_one_a_failed_build_left_invalid(empty_db: str) -> None:
