@@ -448,7 +448,7 @@ def _say_why_no_slot(broker: PostgresBroker, exc: psycopg2.Error) -> None:
     needs = 2 * queues + 1 + broker.settings.pool_size
     logger.error(
         "PostgreSQL has no connection slot left (%s): this worker process needs up to %d, two for each of the "
-        "%d queue(s) it reads, one to listen and %d pooled, and each of its processes as many. Raise "
+        "%d queue(s) it reads so far, one to listen and %d pooled, and each of its processes as many. Raise "
         "max_connections (or the role's CONNECTION LIMIT), or read fewer queues per process "
         "(docs/operations.md, \"The connection budget of a worker process\"); its consumers retry meanwhile",
         db.loggable_error(exc), needs, queues, broker.settings.pool_size,
