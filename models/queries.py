@@ -915,11 +915,15 @@ FROM control_plane.workers ORDER BY hostname, pid
 
 # -- periodic tasks: the clock (tasks.periodic) -----------------------------------
 
-#: The latest tick recorded for each of some schedules.
+#: The latest tick recorded for each of some schedules: one probe of the primary key's end per
+#: schedule. Grouped, it read every tick kept (a week of 1,000 every-minute schedules is 10
+#: million rows: about 1.7 s for each clock at each minute; 849 ms against 17 on 4.3 million).
 SCHEDULE_LAST_TICKS = """
-SELECT schedule_name, max(tick_at) AS tick_at FROM control_plane.schedule_ticks
-WHERE schedule_name = ANY(%(names)s::text[])
-GROUP BY schedule_name
+SELECT n.name AS schedule_name, t.tick_at
+FROM unnest(%(names)s::text[]) AS n (name)
+CROSS JOIN LATERAL (SELECT max(l.tick_at) AS tick_at FROM control_plane.schedule_ticks AS l
+                    WHERE l.schedule_name = n.name) AS t
+WHERE t.tick_at IS NOT NULL
 """
 
 #: Claim one tick of a schedule, in the clock's transaction (the job's message

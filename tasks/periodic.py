@@ -353,6 +353,7 @@ class Clock:
         logger.info("clock started; schedules: %s", names)
         failures = 0
         while not stop.is_set():
+            minute = _minute(utc_now() + self.skew)
             try:
                 self.run_pending()
                 failures = 0
@@ -361,6 +362,12 @@ class Clock:
                 logger.error("clock: cannot read the schedule ticks (%s); trying again", db.loggable_error(exc))
                 self.close()
             now = utc_now() + self.skew  # the database's time, as of the last look
+            if not failures and _minute(now) > minute:
+                # The round ran into the next minute (a lock, a slow server): that minute's ticks
+                # are due now, and waiting for the one after would skip them.
+                logger.warning("clock: the round of %s ended at %s, past its minute: looking again at once",
+                               minute.strftime("%H:%M"), now.strftime("%H:%M:%S"))
+                continue
             wake = _minute(now) + timedelta(minutes=1, milliseconds=50)
             wait = (wake - now).total_seconds()
             stop.wait(min(wait, 5.0 * failures) if failures else wait)

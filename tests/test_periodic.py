@@ -117,6 +117,66 @@ def test_a_clock_that_was_down_runs_the_latest_missed_tick_once(db_url: str) -> 
     assert len(noop_jobs(db_url)) == 3
 
 
+def test_a_round_that_runs_into_the_next_minute_looks_again_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tasks.periodic as periodic_module
+
+    # Given a clock whose round of 10:25 ends at 10:26:11 (a lock held its inserts 70 s)
+    clock = Clock(schedules=[every("* * * * *", "tests.round_late")], url=db_url, broker=tasks.broker)
+    times = iter([at("2026-03-02 10:25:00.06"), at("2026-03-02 10:26:11"), at("2026-03-02 10:26:11.5"),
+                  at("2026-03-02 10:26:12")])  # fmt: skip
+    monkeypatch.setattr(periodic_module, "utc_now", lambda: next(times))
+    stop = threading.Event()
+    rounds: list[str] = []
+    waits: list[float] = []
+
+    def run_pending() -> list[Any]:
+        rounds.append("round")
+        return []
+
+    def wait(seconds: float) -> bool:
+        waits.append(seconds)
+        stop.set()
+        return True
+
+    monkeypatch.setattr(clock, "run_pending", run_pending)
+    monkeypatch.setattr(stop, "wait", wait)
+    clock.skew = timedelta(0)
+    # When it runs
+    with caplog.at_level("WARNING", logger="tasks.periodic"):
+        clock.run_forever(stop)
+    # Then it looks again at once for 10:26's ticks, saying so, before it waits for 10:27
+    assert rounds == ["round", "round"]
+    assert len(waits) == 1 and 47 < waits[0] < 49
+    assert "the round of 10:25 ended at 10:26:11, past its minute: looking again at once" in caplog.text
+
+
+def test_the_clock_finds_each_schedules_latest_tick_at_the_end_of_its_index_not_in_all_it_keeps(db_url: str) -> None:
+    from models import queries
+
+    # Given a day of ticks kept for each of three schedules
+    query(db_url, "INSERT INTO control_plane.schedule_ticks (schedule_name, tick_at) SELECT 's' || n, "
+                  "timestamptz '2026-03-01' + m * interval '1 minute' FROM generate_series(1, 3) AS n, "
+                  "generate_series(0, 1439) AS m")  # fmt: skip
+    # When the clock looks for their latest ticks
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("ANALYZE control_plane.schedule_ticks")
+            cur.execute("EXPLAIN " + queries.SCHEDULE_LAST_TICKS, {"names": ["s1", "s2", "s3", "none"]})
+            plan = "\n".join(row[0] for row in cur.fetchall())
+            cur.execute(queries.SCHEDULE_LAST_TICKS, {"names": ["s1", "s2", "s3", "none"]})
+            found = sorted(cur.fetchall())
+    finally:
+        conn.close()
+    # Then each is one probe of the primary key's end (not every tick kept, grouped), and a
+    # schedule with no tick has no row
+    assert "Index Only Scan Backward" in plan, plan
+    assert [(name, tick.isoformat()) for name, tick in found] == [
+        (f"s{n}", "2026-03-01T23:59:00+00:00") for n in (1, 2, 3)]  # fmt: skip
+
+
 def test_a_late_clock_cannot_run_a_tick_that_a_newer_one_superseded(db_url: str) -> None:
     # Given an every-five-minutes schedule, and a clock running late that found the 10:00 tick due
     entry = every("*/5 * * * *", "tests.superseded")
