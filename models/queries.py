@@ -949,13 +949,23 @@ UPDATE control_plane.schedule_ticks SET job_id = %(job_id)s::uuid
 WHERE schedule_name = %(name)s AND tick_at = %(tick_at)s
 """
 
-#: Forget ticks older than an age, but always keep each schedule's latest
-#: (it tells the clock which tick ran last).
-PRUNE_SCHEDULE_TICKS = """
-DELETE FROM control_plane.schedule_ticks AS t
-WHERE t.tick_at < now() - %(older_than)s::interval
-  AND t.tick_at < (SELECT max(l.tick_at) FROM control_plane.schedule_ticks AS l
-                   WHERE l.schedule_name = t.schedule_name)
+#: Forget one schedule's ticks older than an age, but always keep its latest (it tells the
+#: clock which tick ran last): the next schedule after ``after`` (NULL: the first), found by
+#: the primary key; returns its name (NULL: none left) and how many of its ticks went. One
+#: schedule per statement, each its own transaction: as one ``DELETE`` of every schedule's,
+#: a day of 1,000 every-minute schedules took 12 s in one snapshot (2,883,000 ticks: 23 s).
+PRUNE_SCHEDULE_TICKS_OF_NEXT = """
+WITH next AS (
+    SELECT min(s.schedule_name) AS name FROM control_plane.schedule_ticks AS s
+    WHERE %(after)s::text IS NULL OR s.schedule_name > %(after)s::text
+), gone AS (
+    DELETE FROM control_plane.schedule_ticks AS t USING next
+    WHERE t.schedule_name = next.name AND t.tick_at < now() - %(older_than)s::interval
+      AND t.tick_at < (SELECT max(l.tick_at) FROM control_plane.schedule_ticks AS l
+                       WHERE l.schedule_name = next.name)
+    RETURNING 1
+)
+SELECT (SELECT name FROM next), (SELECT count(*) FROM gone)
 """
 
 # -- rate limits (tasks.rate_limits): Dramatiq's RateLimiterBackend on a table ------

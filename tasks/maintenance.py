@@ -51,9 +51,10 @@ def prune_rows(cur: Any, completed: str, failed: str) -> dict[str, int]:
     schedule ticks past ``completed`` (each schedule's latest kept) and expired rate-limit
     counters; how many rows of each kind went. The daily task's work, and ``controlplane prune``'s.
 
-    Jobs and results go ``queries.PRUNE_BATCH`` rows per statement, each its own transaction on
-    an autocommit connection (the pool's and the CLI's are), so that a large history never holds
-    one snapshot open for long; what one run deleted stays deleted if it is cut short.
+    Jobs and results go ``queries.PRUNE_BATCH`` rows per statement, and ticks one schedule's per
+    statement, each its own transaction on an autocommit connection (the pool's and the CLI's
+    are), so that a large history never holds one snapshot open for long; what one run deleted
+    stays deleted if it is cut short.
     """
     if not cur.connection.autocommit:
         # One open transaction would hold every batch's snapshot and locks until the caller commits.
@@ -71,8 +72,13 @@ def prune_rows(cur: Any, completed: str, failed: str) -> dict[str, int]:
         results += cur.rowcount
         if cur.rowcount < queries.PRUNE_BATCH:
             break
-    cur.execute(queries.PRUNE_SCHEDULE_TICKS, {"older_than": completed})
-    ticks = cur.rowcount
+    ticks, after = 0, None
+    while True:
+        cur.execute(queries.PRUNE_SCHEDULE_TICKS_OF_NEXT, {"older_than": completed, "after": after})
+        after, gone = cur.fetchone()
+        if after is None:
+            break
+        ticks += int(gone)
     cur.execute(queries.RATE_LIMIT_SWEEP)
     return {"jobs_and_results": jobs + results, "jobs": jobs, "results": results, "schedule_ticks": int(ticks),
             "rate_limits": int(cur.rowcount)}

@@ -618,6 +618,30 @@ def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: s
         conn.close()
 
 
+def test_schedule_ticks_are_pruned_one_schedule_per_transaction_each_keeping_its_latest(db_url: str) -> None:
+    # Given ten days of ticks of two every-minute schedules, and one schedule whose only ticks are old
+    query(db_url, """
+        INSERT INTO control_plane.schedule_ticks (schedule_name, tick_at)
+        SELECT name, now() - m * interval '1 minute'
+        FROM (VALUES ('a'), ('b')) AS s (name), generate_series(1, 14400) AS m
+        UNION ALL SELECT 'old', now() - interval '30 days' - m * interval '1 day' FROM generate_series(0, 2) AS m;
+        CREATE TABLE tick_transactions (xid xid8);
+        CREATE FUNCTION note_tick_transaction() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN INSERT INTO tick_transactions VALUES (pg_current_xact_id()); RETURN NULL; END $$;
+        CREATE TRIGGER note AFTER DELETE ON control_plane.schedule_ticks
+            FOR EACH STATEMENT EXECUTE FUNCTION note_tick_transaction()""")  # fmt: skip
+    # When the daily prune runs (ticks are kept as long as completed jobs: 7 days)
+    counts = maintenance.prune()
+    # Then what is past 7 days went, each schedule's latest tick kept (the clock reads it), in a
+    # transaction per schedule: no snapshot held for the whole table
+    kept = query(db_url, "SELECT schedule_name AS name, count(*) AS n, max(tick_at) < now() - interval '7 days' AS "
+                         "old FROM control_plane.schedule_ticks GROUP BY 1 ORDER BY 1")  # fmt: skip
+    assert [(r["name"], r["old"]) for r in kept] == [("a", False), ("b", False), ("old", True)]
+    assert [r["n"] for r in kept][2] == 1 and all(7 * 1440 - 2 <= r["n"] <= 7 * 1440 for r in kept[:2]), kept
+    assert counts["schedule_ticks"] == 2 * 14400 + 3 - sum(r["n"] for r in kept)
+    assert query(db_url, "SELECT count(DISTINCT xid) AS n FROM tick_transactions")[0]["n"] >= 3
+
+
 def test_the_prune_goes_on_past_a_full_batch_of_jobs_it_keeps_and_prunes_cancelled_jobs(db_url: str) -> None:
     from models import queries
 
