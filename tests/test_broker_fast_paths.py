@@ -34,6 +34,9 @@ from tasks.settings import Settings
 from tests import actors
 from tests.support import ROOT, ReplyLosingProxy, claim_in_process, job, jobs_in, query, wait_for
 
+#: The broker's module, for its constants and functions (``tasks.broker``, the attribute, is the broker).
+BROKER_MODULE = sys.modules["tasks.broker"]
+
 
 def _broker() -> PostgresBroker:
     assert isinstance(tasks.broker, PostgresBroker)
@@ -883,16 +886,15 @@ def test_a_notify_heard_while_the_consumer_was_busy_wakes_it_at_once(
         actors.noop.send(1)
         wait_for(lambda: consumer.state.notified, what="the notifier hearing the NOTIFY")
         # When it waits
-        broker_module = sys.modules["tasks.broker"]  # (tasks.broker, the attribute, is the broker)
         woken: list[Any] = []
-        real_select = broker_module.select.select
+        real_select = BROKER_MODULE.select.select
 
         def recording_select(r: Any, w: Any, x: Any, timeout: float) -> Any:
             got = real_select(r, w, x, timeout)
             woken.append(got[0])
             return got
 
-        monkeypatch.setattr(broker_module.select, "select", recording_select)
+        monkeypatch.setattr(BROKER_MODULE.select, "select", recording_select)
         consumer._wait(30.0)
         # Then its pipe was readable already (it did not sleep), and it knows the queue has work
         assert woken == [[consumer.state.wake_r]]
@@ -1259,9 +1261,7 @@ def test_one_flush_writes_every_outcome_though_their_results_pass_one_statements
 def test_a_worker_refused_a_connection_for_want_of_slots_says_once_what_it_needs(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import importlib
-
-    importlib.import_module("tasks.broker")._slots_missing.clear()  # (said once per process: maybe already)
+    BROKER_MODULE._slots_missing.clear()  # (said once per process: maybe already)
     # Given a worker role allowed one connection, and a worker process of that role reading two queues
     role = f"one_slot_{uuid.uuid4().hex[:8]}"
     owner = query(db_url, "SELECT current_user AS u")[0]["u"]
@@ -1340,12 +1340,9 @@ def test_a_process_reading_many_queues_reaps_once_per_interval_not_once_per_queu
 def test_a_batch_past_what_one_statement_takes_is_refused_naming_its_size(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import importlib
-
-    broker_module = importlib.import_module("tasks.broker")
     # Given a bound on a batch's messages of 1,000 characters (256 MB in production: a batch of
     # 1.1 GB lost its connection after 32 s, saying nothing of why)
-    monkeypatch.setattr(broker_module, "MAX_BATCH_CHARS", 1000)
+    monkeypatch.setattr(BROKER_MODULE, "MAX_BATCH_CHARS", 1000)
     # When a batch of two messages of 600 characters is sent
     with pytest.raises(ValueError, match=r"a batch of 2 messages of 1,\d{3} characters in all is past the 1,000 "):
         _broker().enqueue_batch([actors.noop.message("x" * 400), actors.noop.message("y" * 400)])
@@ -1358,24 +1355,21 @@ def test_a_batch_past_what_one_statement_takes_is_refused_naming_its_size(
 def test_retries_of_large_messages_are_settled_in_statements_of_a_bounded_size(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import importlib
-
-    broker_module = importlib.import_module("tasks.broker")  # (the module: tasks.broker is the broker)
     # Given three claimed jobs of 600 kB arguments each, whose retries carry their bodies back
     # (eight of 64 MB in one SETTLE passed the 1 GB a statement may be, and the batch was sent
     # again for good)
-    sent = [actors.noop.send("x" * (broker_module.SETTLE_BYTES * 6 // 10)) for _ in range(3)]
+    sent = [actors.noop.send("x" * (BROKER_MODULE.SETTLE_BYTES * 6 // 10)) for _ in range(3)]
     consumer = _broker().consume("default", prefetch=3, timeout=5000)
     held = [next(consumer) for _ in sent]
     consumer._settler.stop()  # (this test writes them: one flush, as a closing consumer's)
     carried: list[int] = []
-    settle_rows = broker_module._settle_rows
+    settle_rows = BROKER_MODULE._settle_rows
 
     def noting_sizes(broker: Any, conn: Any, outcomes: Any, *args: Any, **kwargs: Any) -> Any:
         carried.append(sum(len(o.body or b"") for o in outcomes))
         return settle_rows(broker, conn, outcomes, *args, **kwargs)
 
-    monkeypatch.setattr(broker_module, "_settle_rows", noting_sizes)
+    monkeypatch.setattr(BROKER_MODULE, "_settle_rows", noting_sizes)
     for message in held:
         message.error_text = "RuntimeError: once more"
         _broker().enqueue(message, delay=60_000)  # what Dramatiq's Retries does with a failed attempt
@@ -1385,7 +1379,7 @@ def test_retries_of_large_messages_are_settled_in_statements_of_a_bounded_size(
     # Then every retry is written, each statement carrying one body: two would pass the bound
     rows = query(db_url, "SELECT status, attempts, last_error FROM control_plane.jobs")
     assert rows == [{"status": "pending", "attempts": 1, "last_error": "RuntimeError: once more"}] * 3
-    assert len(carried) == 3 and max(carried) <= broker_module.SETTLE_BYTES, carried
+    assert len(carried) == 3 and max(carried) <= BROKER_MODULE.SETTLE_BYTES, carried
     consumer.close()
 
 
