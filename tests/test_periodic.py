@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -566,6 +566,18 @@ def test_prune_applies_the_retention_settings(db_url: str, monkeypatch: pytest.M
     assert len(query(db_url, "SELECT 1 FROM control_plane.schedule_ticks")) == 1
 
 
+def _transactions_deleting_from(db_url: str, table: str) -> Callable[[], int]:
+    """Have each ``DELETE`` statement on ``table`` note its transaction; returns how many distinct
+    transactions have deleted from it so far."""
+    query(db_url, f"""
+        CREATE TABLE deleting_transactions (xid xid8);
+        CREATE FUNCTION note_deleting_transaction() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN INSERT INTO deleting_transactions VALUES (pg_current_xact_id()); RETURN NULL; END $$;
+        CREATE TRIGGER note AFTER DELETE ON {table}
+            FOR EACH STATEMENT EXECUTE FUNCTION note_deleting_transaction()""")  # noqa: S608 (a test's own table name)
+    return lambda: int(query(db_url, "SELECT count(DISTINCT xid) AS n FROM deleting_transactions")[0]["n"])
+
+
 def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: str) -> None:
     from models import queries
 
@@ -591,12 +603,7 @@ def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: s
                   "interval '1 second' FROM generate_series(1, %s) AS i UNION ALL SELECT 'live', 'x'::bytea, now() + "
                   "interval '1 hour'", (batch + 7,))  # fmt: skip
     # (each DELETE statement on the history notes its transaction)
-    query(db_url, """
-        CREATE TABLE prune_transactions (xid xid8);
-        CREATE FUNCTION note_transaction() RETURNS trigger LANGUAGE plpgsql AS
-            $$ BEGIN INSERT INTO prune_transactions VALUES (pg_current_xact_id()); RETURN NULL; END $$;
-        CREATE TRIGGER note AFTER DELETE ON control_plane.jobs
-            FOR EACH STATEMENT EXECUTE FUNCTION note_transaction()""")
+    transactions = _transactions_deleting_from(db_url, "control_plane.jobs")
     # When the daily prune runs with the default retentions (7 days, failed 30)
     counts = maintenance.prune()
     # Then every old completed job and expired result went, and nothing else
@@ -605,8 +612,7 @@ def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: s
     assert [(r["type"], r["n"]) for r in kept] == [("completed a day ago", 300), ("failed 8 days ago", 300)]
     assert [r["key"] for r in query(db_url, "SELECT key FROM control_plane.results")] == ["live"]
     # And in batches, each committed on its own: no snapshot held for the whole prune
-    transactions = query(db_url, "SELECT count(DISTINCT xid) AS n FROM prune_transactions")[0]["n"]
-    assert transactions >= 3
+    assert transactions() >= 3
     # And a second run finds nothing
     assert maintenance.prune()["jobs_and_results"] == 0
     # And given a cursor whose batches would make one transaction, prune_rows refuses it
@@ -624,12 +630,8 @@ def test_schedule_ticks_are_pruned_one_schedule_per_transaction_each_keeping_its
         INSERT INTO control_plane.schedule_ticks (schedule_name, tick_at)
         SELECT name, now() - m * interval '1 minute'
         FROM (VALUES ('a'), ('b')) AS s (name), generate_series(1, 14400) AS m
-        UNION ALL SELECT 'old', now() - interval '30 days' - m * interval '1 day' FROM generate_series(0, 2) AS m;
-        CREATE TABLE tick_transactions (xid xid8);
-        CREATE FUNCTION note_tick_transaction() RETURNS trigger LANGUAGE plpgsql AS
-            $$ BEGIN INSERT INTO tick_transactions VALUES (pg_current_xact_id()); RETURN NULL; END $$;
-        CREATE TRIGGER note AFTER DELETE ON control_plane.schedule_ticks
-            FOR EACH STATEMENT EXECUTE FUNCTION note_tick_transaction()""")  # fmt: skip
+        UNION ALL SELECT 'old', now() - interval '30 days' - m * interval '1 day' FROM generate_series(0, 2) AS m""")
+    transactions = _transactions_deleting_from(db_url, "control_plane.schedule_ticks")
     # When the daily prune runs (ticks are kept as long as completed jobs: 7 days)
     counts = maintenance.prune()
     # Then what is past 7 days went, each schedule's latest tick kept (the clock reads it), in a
@@ -639,7 +641,7 @@ def test_schedule_ticks_are_pruned_one_schedule_per_transaction_each_keeping_its
     assert [(r["name"], r["old"]) for r in kept] == [("a", False), ("b", False), ("old", True)]
     assert [r["n"] for r in kept][2] == 1 and all(7 * 1440 - 2 <= r["n"] <= 7 * 1440 for r in kept[:2]), kept
     assert counts["schedule_ticks"] == 2 * 14400 + 3 - sum(r["n"] for r in kept)
-    assert query(db_url, "SELECT count(DISTINCT xid) AS n FROM tick_transactions")[0]["n"] >= 3
+    assert transactions() >= 3
 
 
 def test_the_prune_goes_on_past_a_full_batch_of_jobs_it_keeps_and_prunes_cancelled_jobs(db_url: str) -> None:
