@@ -295,18 +295,26 @@ def test_a_tree_spec_without_a_value_is_refused(server_url: str) -> None:
     assert "expected ROOT::NAME=VALUE" in ab.stderr and "'CONTROLPLANE_PREPARED_STATEMENTS'" in ab.stderr
 
 
+def _run_aid(server_url: str, tmp_path: Path, module: str, *args: str, timeout: float = 120) -> tuple[
+    subprocess.CompletedProcess[str], Any
+]:
+    """Run ``python -m bench.<module> ARGS --output FILE`` against ``server_url``; once it has
+    exited 0, what it printed and the results it wrote."""
+    output = tmp_path / f"{module}.json"
+    command = [sys.executable, "-m", f"bench.{module}", *args, "--output", str(output)]
+    env = {**os.environ, "DATABASE_URL": server_url}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done, json.loads(output.read_text())
+
+
 @pytest.mark.e2e
 def test_the_history_cost_aid_sends_into_a_filled_history_and_an_empty_one(server_url: str, tmp_path: Path) -> None:
     # Given a small history and a few sends of each kind
-    env = {**os.environ, "DATABASE_URL": server_url}
-    output = tmp_path / "history.json"
-    command = [sys.executable, "-m", "bench.history_cost", "--history", "3000", "--single", "20", "--n", "1000",
-               "--rounds", "1", "--no-warm-up", "--output", str(output)]  # fmt: skip
+    args = ("--history", "3000", "--single", "20", "--n", "1000", "--rounds", "1", "--no-warm-up")
     # When it runs
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    done, result = _run_aid(server_url, tmp_path, "history_cost", *args, timeout=180)
     # Then the sender made every send into each database, each part with its WAL per job, and the medians are printed
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(output.read_text())
     assert set(result["rounds"]) == {"empty", "history"}
     for (sample,) in result["rounds"].values():
         assert sample["single"]["jobs"] == 20 and sample["batch"]["jobs"] == 1000
@@ -344,15 +352,11 @@ def test_the_history_cost_aid_keeps_the_wal_it_reads_through_checkpoints(db_url:
 @pytest.mark.e2e
 def test_the_notify_cost_aid_measures_its_three_variants(server_url: str, tmp_path: Path) -> None:
     # Given one and two senders for a moment each
-    env = {**os.environ, "DATABASE_URL": server_url}
-    output = tmp_path / "notify.json"
-    command = [sys.executable, "-m", "bench.notify_cost", "--senders", "1,2", "--seconds", "0.3", "--rounds", "1",
-               "--output", str(output)]  # fmt: skip
+    args = ("--senders", "1,2", "--seconds", "0.3", "--rounds", "1")
     # When it runs
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done, result = _run_aid(server_url, tmp_path, "notify_cost", *args)
     # Then every variant sent something at both sizes, and the table names them
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rates = json.loads(output.read_text())["results"]
+    rates = result["results"]
     assert set(rates) == {"NOTIFY always", "NOTIFY a waiting consumer (none)", "no NOTIFY"}
     assert all(rates[v][n][0] > 0 for v in rates for n in ("1", "2"))
     assert "| senders | NOTIFY always |" in done.stdout
@@ -361,15 +365,11 @@ def test_the_notify_cost_aid_measures_its_three_variants(server_url: str, tmp_pa
 @pytest.mark.e2e
 def test_the_prune_cost_aid_drains_beside_each_way_of_pruning(server_url: str, tmp_path: Path) -> None:
     # Given a small history and queue
-    env = {**os.environ, "DATABASE_URL": server_url}
-    output = tmp_path / "prune.json"
-    command = [sys.executable, "-m", "bench.prune_cost", "--history", "15000", "--jobs", "2000", "--rounds", "1",
-               "--output", str(output)]  # fmt: skip
+    args = ("--history", "15000", "--jobs", "2000", "--rounds", "1")
     # When it runs
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    _, result = _run_aid(server_url, tmp_path, "prune_cost", *args)
     # Then each way of pruning deleted the whole history while the queue drained, and no prune deleted nothing
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads(output.read_text())["results"]
+    results = result["results"]
     assert {mode: [r["pruned"] for r in rounds] for mode, rounds in results.items()} == {
         "none": [0], "one statement": [15000], "batches": [15000]}  # fmt: skip
     assert all(r["jobs_per_s"] > 0 for rounds in results.values() for r in rounds)
@@ -378,15 +378,11 @@ def test_the_prune_cost_aid_drains_beside_each_way_of_pruning(server_url: str, t
 @pytest.mark.e2e
 def test_the_joined_send_cost_aid_sends_plain_and_prepared_in_transactions(server_url: str, tmp_path: Path) -> None:
     # Given a few sends per variant
-    env = {**os.environ, "DATABASE_URL": server_url}
-    output = tmp_path / "joined.json"
-    command = [sys.executable, "-m", "bench.joined_send_cost", "--sends", "30", "--rounds", "2",
-               "--output", str(output)]  # fmt: skip
+    args = ("--sends", "30", "--rounds", "2")
     # When it runs (it exits non-zero if a variant lost a send or ran prepared when it should not, or the reverse)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done, result = _run_aid(server_url, tmp_path, "joined_send_cost", *args)
     # Then both variants were measured in both rounds, and the table names them
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    per_send = json.loads(output.read_text())["per_send"]
+    per_send = result["per_send"]
     assert set(per_send) == {"plain (as enqueue_in runs it)", "prepared"}
     assert all(len(v["wall_us"]) == 2 and min(v["wall_us"]) > 0 for v in per_send.values())
     assert "| backend CPU |" in done.stdout
