@@ -783,7 +783,7 @@ def cmd_clock(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from tasks.periodic import Clock
+    from tasks.periodic import Clock, schedule_names
 
     # The built-in schedule (controlplane.prune), then the application's (the Procfile's line adds
     # tasks.provision, whose sweep needs provisioning workers).
@@ -839,11 +839,13 @@ def cmd_clock(args: argparse.Namespace) -> int:
         return 0
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # INFO logs each tick this clock wins (about 150 bytes: 215 MB a day for 1,000 every-minute
+    # schedules); WARNING keeps the clock's troubles and drops those.
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    print(f"clock: {len(clock.schedules)} schedule(s): {', '.join(s.name for s in clock.schedules)}", flush=True)
+    print(f"clock: {len(clock.schedules)} schedule(s): {schedule_names(clock.schedules)}", flush=True)
     clock.run_forever(stop)
     return 0
 
@@ -1039,6 +1041,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="enqueue what is due now, then exit")
     p.add_argument("--list", action="store_true", help="list the schedules, their last and next ticks, then exit")
     p.add_argument("--json", action="store_true", help="with --once or --list: print JSON")
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default="INFO",
+        help="INFO (the default) logs each tick this clock enqueues; WARNING only what went wrong",
+    )
     p.set_defaults(func=cmd_clock)
 
     p = sub.add_parser(

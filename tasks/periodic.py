@@ -206,6 +206,18 @@ def utc_now() -> datetime:
 SKEW_WARNING = timedelta(seconds=2)
 
 
+#: How many schedules a clock's start lines name; the rest are counted (``--list`` shows them all).
+NAMED_AT_START = 20
+
+
+def schedule_names(schedules: Sequence[Schedule]) -> str:
+    """The first ``NAMED_AT_START`` schedules' names, and how many more: the start lines (the
+    print and the log) named every schedule, all 1,000 of a large deployment in one line."""
+    names = ", ".join(s.name for s in schedules[:NAMED_AT_START]) or "none"
+    more = len(schedules) - NAMED_AT_START
+    return f"{names} and {more} more (controlplane clock --list lists them)" if more > 0 else names
+
+
 class Clock:
     """Enqueues the due ticks of some schedules, once each across every clock.
 
@@ -349,8 +361,7 @@ class Clock:
 
     def run_forever(self, stop: threading.Event) -> None:
         """Look for due ticks at the start of every minute until ``stop`` is set."""
-        names = ", ".join(s.name for s in self.schedules) or "none"
-        logger.info("clock started; schedules: %s", names)
+        logger.info("clock started; schedules: %s", schedule_names(self.schedules))
         failures = 0
         while not stop.is_set():
             minute = _minute(utc_now() + self.skew)
@@ -374,4 +385,4 @@ class Clock:
         self.close()
 
 
-__all__ = ["Clock", "Schedule", "Tick", "periodic", "schedule", "schedules", "unschedule", "utc_now"]
+__all__ = ["Clock", "Schedule", "Tick", "periodic", "schedule", "schedule_names", "schedules", "unschedule", "utc_now"]

@@ -22,7 +22,7 @@ import tasks
 from tasks import maintenance
 from tasks.cron import CronSchedule
 from tasks.errors import ConfigurationError
-from tasks.periodic import Clock, Schedule, periodic, schedule, schedules, unschedule
+from tasks.periodic import Clock, Schedule, periodic, schedule, schedule_names, schedules, unschedule
 from tasks.settings import INTERVAL_WORDS, Settings, retention_problem
 from tests import actors
 from tests.support import ROOT, query, running_worker, wait_for
@@ -249,6 +249,44 @@ def test_a_clock_started_before_its_database_is_up_waits_for_it(tmp_path: Path) 
     finally:
         clock.terminate()
         clock.wait(30)
+
+
+def test_a_clock_at_log_level_warning_enqueues_its_ticks_without_a_line_for_each(db_url: str, tmp_path: Path) -> None:
+    # Given a clock run at WARNING (INFO, the default, logs each tick it wins: 215 MB a day for
+    # 1,000 every-minute schedules)
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "clock.log"
+    schedules = "tests.periodic_schedules"
+    command = [sys.executable, "-m", "tasks.cli", "clock", "--log-level", "warning", "--module", schedules]
+    with open(log, "w") as out:
+        clock = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # fmt: skip
+    try:
+        # When it has enqueued its first tick
+        wait_for(lambda: noop_jobs(db_url) or clock.poll() is not None, what="the clock's first tick")
+        assert clock.poll() is None, log.read_text()
+    finally:
+        clock.terminate()
+        assert clock.wait(30) == 0
+    # Then the tick is recorded and its job sent, the start line names the schedules, and no line
+    # was logged for the tick
+    assert len(ticks(db_url, "tests.every_minute")) == 1
+    text = log.read_text()
+    assert "tests.every_minute" in text.splitlines()[0], text
+    assert "enqueued as job" not in text and "clock started" not in text, text
+    # And a level it does not know is refused, naming the ones it does
+    bad = subprocess.run([sys.executable, "-m", "tasks.cli", "clock", "--log-level", "loud"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "invalid choice: 'LOUD'" in bad.stderr and "'WARNING'" in bad.stderr, bad.stderr
+
+
+def test_a_clock_names_its_first_twenty_schedules_at_start_and_counts_the_rest() -> None:
+    many = [every("* * * * *", f"tests.s{i:04}") for i in range(1000)]
+    line = schedule_names(many)
+    assert line.startswith("tests.s0000, tests.s0001, ") and "tests.s0019 and 980 more" in line
+    assert "tests.s0020" not in line
+    assert schedule_names(many[:20]).endswith("tests.s0018, tests.s0019")
+    assert schedule_names([]) == "none"
 
 
 def test_the_clock_goes_by_the_databases_time_not_its_hosts(
