@@ -355,9 +355,11 @@ def test_each_retry_updates_attempts_last_error_and_the_backoff(db_url: str, tmp
     with running_worker(db_url, tmp_path):
         wait_for(record_retry_states, timeout=60, what="the job to succeed after retries")
     final = job(db_url, message.message_id)
-    # Then it succeeded on its third attempt
+    # Then it succeeded on its third attempt, keeping the error of the attempt before (as Oban
+    # keeps a completed job's errors: "completed, after failing" is what an operator looks for)
     assert final["attempts"] == 3
     assert final["result"] == "ok"
+    assert final["last_error"] == "ConnectionError: transient failure 2 of 2"
     # And each failed attempt left an entry whose backoff is Dramatiq's exponential one:
     # the retry's scheduled_at minus the failure's time lies in [factor*2^n / 2, factor*2^n].
     errors = final["errors"]
