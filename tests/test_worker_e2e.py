@@ -254,7 +254,12 @@ def test_a_message_past_its_max_age_is_recorded_as_skipped_and_why(db_url: str, 
     with running_worker(db_url, tmp_path):
         wait_for(lambda: job(db_url, message.message_id)["status"] == "failed", what="the skip to be recorded")
     # Then it did not run, and the jobs row says why, as get_result does
-    assert job(db_url, message.message_id)["last_error"] == "SkipMessage: Message age limit exceeded"
+    row = job(db_url, message.message_id)
+    assert row["last_error"] == "SkipMessage: Message age limit exceeded"
+    # And the delivery it was skipped at is its one attempt, in the attempts log with the reason
+    # (its max_attempts of 20 not spent: a skip is final)
+    assert row["attempts"] == 1
+    assert [(e["attempt"], e["error"]) for e in row["errors"]] == [(1, "SkipMessage: Message age limit exceeded")]
     with pytest.raises(ResultFailure, match="age limit"):
         message.get_result()
 
