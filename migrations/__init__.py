@@ -153,17 +153,20 @@ def replace_in_function(signature: str, old: str, new: str) -> None:
 
 
 #: The roles other than the migrating one (superusers and PostgreSQL's own left out) that hold
-#: privileges on control_plane.messages, and which (`%%`: the driver formats it).
+#: privileges on control_plane.messages, and which (`%%`: the driver formats it). A privilege
+#: held on some columns only counts (a dashboard's role may read every column but the jobs'
+#: arguments, and reads the new tables all the same).
 ROLES_ON_MESSAGES = r"""
 SELECT r.rolname,
        array_remove(ARRAY[
-           CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'SELECT') THEN 'SELECT' END,
-           CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'INSERT') THEN 'INSERT' END,
-           CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'UPDATE') THEN 'UPDATE' END,
+           CASE WHEN has_any_column_privilege(r.oid, 'control_plane.messages', 'SELECT') THEN 'SELECT' END,
+           CASE WHEN has_any_column_privilege(r.oid, 'control_plane.messages', 'INSERT') THEN 'INSERT' END,
+           CASE WHEN has_any_column_privilege(r.oid, 'control_plane.messages', 'UPDATE') THEN 'UPDATE' END,
            CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'DELETE') THEN 'DELETE' END
        ], NULL)
 FROM pg_roles AS r
-WHERE has_table_privilege(r.oid, 'control_plane.messages', 'SELECT, INSERT, UPDATE, DELETE')
+WHERE (has_any_column_privilege(r.oid, 'control_plane.messages', 'SELECT, INSERT, UPDATE')
+       OR has_table_privilege(r.oid, 'control_plane.messages', 'DELETE'))
   AND NOT r.rolsuper AND r.rolname NOT LIKE 'pg\_%%' AND r.rolname <> current_user
 ORDER BY r.rolname
 """

@@ -158,14 +158,19 @@ def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty
 def test_roles_using_the_messages_get_the_queue_pauses_0017_adds(empty_db: str) -> None:
     # Given a database at the revision before, and a sender's, a worker's and a reader's roles
     # granted the tables
+    # (and a dashboard's role granted every column of the messages but the jobs' arguments)
     migrations.upgrade(empty_db, "0016")
-    with _login_roles(empty_db, "sender", "worker", "reader") as (sender, worker, reader):
+    with _login_roles(empty_db, "sender", "worker", "reader", "dashboard") as (sender, worker, reader, dashboard):
         query(empty_db, f"GRANT USAGE ON SCHEMA control_plane TO {sender}, {worker}; "
                         f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA control_plane TO {sender}; "
                         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA control_plane "
                         f"TO {worker}")  # fmt: skip
-        query(empty_db, f"GRANT SELECT ON ALL TABLES IN SCHEMA control_plane TO {reader}; "
-                        f"GRANT USAGE ON SCHEMA control_plane TO {reader}")  # fmt: skip
+        query(empty_db, f"GRANT SELECT ON ALL TABLES IN SCHEMA control_plane TO {reader}, {dashboard}; "
+                        f"GRANT USAGE ON SCHEMA control_plane TO {reader}, {dashboard}")  # fmt: skip
+        query(empty_db, f"REVOKE SELECT ON control_plane.messages FROM {dashboard}")  # noqa: S608 (a test's role)
+        columns = [r["attname"] for r in query(empty_db, "SELECT attname FROM pg_attribute WHERE attrelid = "
+                   "'control_plane.messages'::regclass AND attnum > 0 AND NOT attisdropped AND attname <> 'payload'")]
+        query(empty_db, f"GRANT SELECT ({', '.join(columns)}) ON control_plane.messages TO {dashboard}")
         # When it is migrated to head
         migrations.upgrade(empty_db)
 
@@ -175,17 +180,20 @@ def test_roles_using_the_messages_get_the_queue_pauses_0017_adds(empty_db: str) 
             sql = "SELECT has_table_privilege(%s, 'control_plane.queue_pauses', %s) AS ok"
             return bool(query(empty_db, sql, (role, privilege))[0]["ok"])
 
-        assert [may(r, "SELECT") for r in (sender, worker, reader)] == [True, True, True]
-        assert [may(r, "INSERT") and may(r, "DELETE") for r in (sender, worker, reader)] == [False, True, False]
+        assert [may(r, "SELECT") for r in (sender, worker, reader, dashboard)] == [True, True, True, True]
+        assert [may(r, "INSERT") and may(r, "DELETE") for r in (sender, worker, reader, dashboard)] == [
+            False, True, False, False
+        ]  # fmt: skip
 
-        # And, logged in as them, the reader reads the stats and the worker pauses and resumes
+        # And, logged in as them, the readers read the stats and the worker pauses and resumes
         db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]
-        query(empty_db, f'GRANT CONNECT ON DATABASE "{db}" TO {reader}, {worker}')
+        query(empty_db, f'GRANT CONNECT ON DATABASE "{db}" TO {reader}, {worker}, {dashboard}')
 
         def as_role(role: str, sql: str) -> list[dict[str, Any]]:
             return query(psycopg2.extensions.make_dsn(empty_db, user=role), sql)
 
         assert as_role(reader, queries.QUEUE_STATS_VIA_MESSAGES) == []
+        assert as_role(dashboard, queries.QUEUE_STATS_VIA_MESSAGES) == []
         assert as_role(worker, "SELECT control_plane.pause_queue('q') AND control_plane.resume_queue('q') AS ok")[0][
             "ok"
         ]
