@@ -1850,7 +1850,10 @@ class _PostgresConsumer(dramatiq.Consumer):
                                "attempts": 0, "max_attempts": 0}
                         self._send_hooks_of_lost(conn, job, encode_message(p._message), deadline)
         if ended:
-            self._store_reaped_results(sorted(ended))
+            self._store_reaped_results(sorted(ended), self._pipelines_stopped(
+                [({"id": p.message_id, "fate": "cancel", "error": "cancelled by operator"}, p._message)
+                 for p in unstarted if p.message_id in ended]
+            ))
             logger.info("%s: ended %d cancelled job(s) no thread had started", self.queue_name, len(ended))
 
     def _take_unstarted(self, proxies: Iterable[PgMessageProxy]) -> list[PgMessageProxy]:
@@ -1900,7 +1903,9 @@ class _PostgresConsumer(dramatiq.Consumer):
             ids = [job["id"] for job in ended]
             logger.warning("ended %d job(s) whose worker's lease expired on their last attempt (or "
                            "after a cancel): %s", len(ids), ", ".join(ids))
-            self._store_reaped_results(ids)
+            self._store_reaped_results(ids, self._pipelines_stopped(
+                [(job, _decoded_or_none(bytes(body))) for job, body in zip(ended, bodies, strict=True)]
+            ))
 
     def _send_hooks_of_lost(self, conn: Any, job: dict[str, Any], body: bytes, deadline: float) -> None:
         """The ``on_failure``, ``on_final_failure`` and ``on_retry_exhausted`` messages of a job
@@ -1946,13 +1951,38 @@ class _PostgresConsumer(dramatiq.Consumer):
                                  max_attempts=job["max_attempts"])
         return hooks
 
-    def _store_reaped_results(self, job_ids: list[str]) -> None:
-        """Tell the callers of jobs the reaper ended, waiting a second at most for the results
-        table (this thread heartbeats: a lock an operator holds there must not stall it)."""
+    def _pipelines_stopped(self, ended: Sequence[tuple[dict[str, Any], Message[Any] | None]]) -> list[StoredResult]:
+        """For each job the reaper ended that is a pipeline's step, the failure that tells the
+        caller of the pipeline's last message that it stopped (``tasks.middleware.canvas``)."""
+        from dramatiq.results import Results
+
+        from tasks.middleware.canvas import pipeline_end, pipeline_failure
+
+        results = next((m for m in self.broker.middleware if isinstance(m, Results)), None)
+        stopped: list[StoredResult] = []
+        for job, message in ended:
+            try:
+                last = pipeline_end(message) if message is not None and results is not None else None
+            except Exception:  # a next step written by hand that is no message: nobody waits on it
+                continue
+            if last is None or message is None or results is None:
+                continue
+            kind = "WorkerLost" if job["fate"] == "fail" else "Cancelled"
+            text = f"the pipeline stopped at {message.actor_name} (job {job['id']}): {job['error']}"
+            key, failure, ttl = pipeline_failure(results, last, kind, text)
+            stopped.append((key, results.backend.encoder.encode(failure), ttl))
+        return stopped
+
+    def _store_reaped_results(self, job_ids: list[str], pipelines_stopped: Sequence[StoredResult] = ()) -> None:
+        """Tell the callers of jobs the reaper ended, and of the pipelines they were steps of,
+        waiting a second at most for the results table (this thread heartbeats: a lock an
+        operator holds there must not stall it)."""
         try:  # on this thread's own connection: waiting for a pooled one could take any time
             with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn, conn.cursor() as cur:
                 cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")
                 cur.execute(queries.STORE_REAPED_RESULTS, {"ids": job_ids})
+                if pipelines_stopped:
+                    store_results(cur, pipelines_stopped)
         except psycopg2.Error as exc:
             logger.warning("could not store the results of the jobs the reaper ended (%s); their callers "
                            "wait out their timeouts", db.loggable_error(exc))
@@ -2466,6 +2496,14 @@ def _not_stored(cur: Any, rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
                 continue
         keep.append(i)
     return {name: [values[i] for i in keep] for name, values in rows.items()}
+
+
+def _decoded_or_none(body: bytes) -> Message[Any] | None:
+    """The message ``body`` encodes, or None for one written by hand that does not decode."""
+    try:
+        return Message.decode(body)
+    except Exception:
+        return None
 
 
 def _describe(message: PgMessageProxy) -> str | None:

@@ -7,6 +7,7 @@ of a message whose worker died after the job's work but before its outcome was w
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -18,7 +19,7 @@ from dramatiq.results import ResultFailure, Results
 
 import tasks
 from tests import actors
-from tests.support import claim_in_process, job, query, reap_at_once, settle_in_process
+from tests.support import claim_in_process, job, query, reap_at_once, running_worker, settle_in_process
 
 
 def middleware(kind: type) -> Any:
@@ -126,6 +127,33 @@ def test_a_result_the_next_step_cannot_take_fails_the_pipelines_result_at_once(d
     with pytest.raises(ResultFailure, match=r"pipeline stopped before tests\.noop") as failure:
         chain.get_result(block=True, timeout=5_000)
     assert failure.value.orig_exc_type == "NotSerializable"
+
+
+def test_a_step_that_fails_for_good_fails_the_pipelines_result_at_once_naming_the_step(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a pipeline whose middle step fails at each of its two attempts, quoting a password
+    chain = pipeline([
+        actors.noop.message("a"),
+        actors.fails_quoting_a_password.message_with_options(pipe_ignore=True),
+        actors.noop.message(),
+    ])  # fmt: skip
+    middle = chain.messages[1].message_id
+    # When a worker runs it
+    with running_worker(db_url, tmp_path):
+        chain.run()
+        # Then its caller hears the step's failure, redacted, as soon as the step has failed for
+        # good, not at the end of its timeout (a ResultTimeout)
+        with pytest.raises(ResultFailure) as failure:
+            chain.get_result(block=True, timeout=120_000)
+    assert failure.value.orig_exc_type == "RuntimeError"
+    assert str(failure.value).startswith(
+        f"actor raised RuntimeError: the pipeline stopped at tests.fails_quoting_a_password (job {middle}): "
+        "could not connect to postgresql://"
+    ), str(failure.value)
+    assert "hunter2" not in str(failure.value)
+    assert job(db_url, middle)["status"] == "failed"
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.noop'")[0]["n"] == 1
 
 
 def test_a_group_sent_in_a_transaction_that_rolls_back_leaves_no_barrier(db_url: str) -> None:
@@ -239,6 +267,34 @@ def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_compl
     ]
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.results") == [{"n": 1}]
     assert first.get_result() == "a"
+
+
+@pytest.mark.parametrize("fate", ["lost", "cancelled"])
+def test_a_step_the_reaper_ends_fails_the_pipelines_result_naming_the_step(db_url: str, fate: str) -> None:
+    # Given a pipeline whose first step, on its only attempt, was running when its worker died
+    # (or was cancelled while its worker was gone)
+    first = actors.noop.message_with_options(args=("a",), max_attempts=1)
+    chain = pipeline([first, actors.noop.message(), actors.noop.message()])
+    chain.run()
+    consumer, held = claim_in_process()
+    assert held.message_id == first.message_id
+    query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1 WHERE id = %s", (first.message_id,))
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second', "
+                  "cancel_requested_at = CASE WHEN %s THEN now() END WHERE id = %s",
+          (fate == "cancelled", first.message_id))  # fmt: skip
+    # When another worker's reaper finds its lease expired
+    other = tasks.broker.consume("slow", prefetch=1, timeout=100)
+    reap_at_once(other)
+    assert next(other) is None
+    other.close()
+    consumer.close()
+    # Then the step ended, and the caller of the pipeline hears it at once, the step named
+    assert job(db_url, first.message_id)["status"] == ("failed" if fate == "lost" else "cancelled")
+    with pytest.raises(ResultFailure) as failure:
+        chain.get_result(block=True, timeout=120_000)
+    assert failure.value.orig_exc_type == ("WorkerLost" if fate == "lost" else "Cancelled")
+    assert f"the pipeline stopped at tests.noop (job {first.message_id}): " in str(failure.value)
+    assert job(db_url, first.message_id)["last_error"] in str(failure.value)
 
 
 def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: str) -> None:

@@ -32,7 +32,11 @@ attempt, is marked ``completed`` by the reaper, not failed (``REAP`` in
 A pipeline step whose result cannot be sent on (JSON or PostgreSQL cannot hold
 it) breaks the chain: Dramatiq logged it and the caller of
 ``pipeline.get_result`` waited out its timeout. Its last message's result is
-now a ``NotSerializable`` failure saying so.
+now a ``NotSerializable`` failure saying so. So with a step that fails for good
+(its last attempt raised, ran past its time limit, was cancelled, skipped by
+``max_age``, or its worker was lost): the rest of the pipeline never runs, and
+its caller hears the step's failure at once, as a Celery chain's caller does,
+with the step named (``the pipeline stopped at ACTOR (job ID): ...``).
 
 With another broker (``BROKER_URL``) sends cannot join a transaction: Dramatiq's
 behaviour, unchanged.
@@ -56,6 +60,8 @@ from dramatiq.results import Results
 from models import queries
 from tasks import db
 from tasks.errors import NotSerializable
+from tasks.middleware.jobs_mirror import describe_error
+from tasks.redaction import persistable
 
 logger = logging.getLogger(__name__)
 
@@ -222,20 +228,57 @@ class Pipelines(dramatiq_pipelines.Pipelines):
         _in_one_transaction(broker, send)
         _went_on(message)
 
+    def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        """A step failed for good: the rest of its pipeline never runs, so the caller waiting on
+        the last message's result hears why now, not at the end of its timeout."""
+        last = pipeline_end(message)
+        if last is None or not message.failed:
+            return
+        error = getattr(message, "error_text", None) or (
+            describe_error(message._exception, message, broker) if message._exception is not None else "Rejected"
+        )
+        kind, _, text = error.partition(": ")
+        _tell_the_pipelines_caller(
+            broker, last, kind, f"the pipeline stopped at {message.actor_name} (job {message.message_id}): {text}"
+        )
+
     @staticmethod
     def _fail_the_pipeline(broker: dramatiq.Broker, next_message: Message[Any], exc: NotSerializable) -> None:
         """Store the failure as the result of the pipeline's last message, which its caller waits on."""
-        last = next_message
-        while last.options.get("pipe_target") is not None:
-            last = Message(**last.options["pipe_target"])
-        for middleware in broker.middleware:
-            if isinstance(middleware, Results):  # none: nobody waits on a result
-                ttl = last.options.get("result_ttl") or middleware.result_ttl
-                refused = NotSerializable(f"the pipeline stopped before {next_message.actor_name}: {exc}")
-                try:
-                    middleware.backend.store_exception(last, refused, ttl)
-                except Exception as store_error:  # the hook's own failure is what is reported
-                    logger.warning("could not store the pipeline's failure: %s", db.loggable_error(store_error))
+        last = pipeline_end(next_message) or next_message
+        _tell_the_pipelines_caller(
+            broker, last, type(exc).__name__, f"the pipeline stopped before {next_message.actor_name}: {exc}"
+        )
 
 
-__all__ = ["PIPE_SENT_BY", "GroupCallbacks", "Pipelines"]
+def pipeline_end(message: Message[Any]) -> Message[Any] | None:
+    """The last message of the pipeline whose step ``message`` is (None: it is the last, or no step)."""
+    target = message.options.get("pipe_target")
+    if target is None:
+        return None
+    last: Message[Any] = Message(**target)
+    while last.options.get("pipe_target") is not None:
+        last = Message(**last.options["pipe_target"])
+    return last
+
+
+def pipeline_failure(results: Results, last: Message[Any], kind: str, text: str) -> tuple[str, Any, int]:
+    """The key, the failure (as ``wrap_exception`` writes one, ``kind`` the type's name) and the
+    lifetime of the result that tells the caller of ``last`` its pipeline stopped."""
+    wrapped = {"__t": "dramatiq.results.Result", "exn": {"type": kind or "Exception", "msg": persistable(text)}}
+    ttl = last.options.get("result_ttl") or results.result_ttl
+    return results.backend.build_message_key(last), wrapped, ttl
+
+
+def _tell_the_pipelines_caller(broker: dramatiq.Broker, last: Message[Any], kind: str, text: str) -> None:
+    """Store a failure as the result of the pipeline's last message ``last``, at once."""
+    for middleware in broker.middleware:
+        if isinstance(middleware, Results):  # none: nobody waits on a result
+            key, wrapped, ttl = pipeline_failure(middleware, last, kind, text)
+            try:
+                middleware.backend._store(key, wrapped, ttl)
+            except Exception as store_error:  # the hook's own failure is what is reported
+                logger.warning("could not store the pipeline's failure: %s", db.loggable_error(store_error))
+
+
+__all__ = ["PIPE_SENT_BY", "GroupCallbacks", "Pipelines", "pipeline_end", "pipeline_failure"]
