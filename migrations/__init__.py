@@ -8,6 +8,7 @@ nothing left to do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,14 +62,22 @@ class NewerSchema(Exception):
         self.revision = revision
 
 
-def upgrade(url: str, revision: str = "head", *, lock_timeout: float = 0.0, attempts: int = 1) -> None:
+def upgrade(
+    url: str,
+    revision: str = "head",
+    *,
+    lock_timeout: float = 0.0,
+    attempts: int = 1,
+    on_retry: Callable[[int, str], None] | None = None,
+) -> None:
     """Migrate the database at ``url`` (a libpq URL) to ``revision``.
 
-    ``lock_timeout`` (seconds, 0: wait as long as it takes) bounds each wait for a
-    table's lock; a try that times out is rolled back whole and made again, up to
-    ``attempts`` times, a little later each time, then :class:`LockNotAvailable`. A database at
-    a revision this release does not know, read under the migration lock, is left as it is:
-    :class:`NewerSchema`.
+    Each revision commits on its own. ``lock_timeout`` (seconds, 0: wait as long as it
+    takes) bounds each wait for a table's lock; the revision that timed out is rolled back
+    (those before it stay applied) and the try made again from there, up to ``attempts``
+    times, a little later each time (``on_retry(try, error)`` is told of each), then
+    :class:`LockNotAvailable`. A database at a revision this release does not know, read
+    under the migration lock, is left as it is: :class:`NewerSchema`.
     """
     import time
 
@@ -86,6 +95,8 @@ def upgrade(url: str, revision: str = "head", *, lock_timeout: float = 0.0, atte
                 raise
             if attempt == attempts:
                 raise LockNotAvailable(str(exc.orig).strip()) from exc
+            if on_retry is not None:
+                on_retry(attempt, str(exc.orig).strip())
             time.sleep(min(0.5 * 2**attempt, 5.0))
             continue
         newer = config.attributes.get("newer_revision")

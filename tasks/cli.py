@@ -86,8 +86,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     url = _url(settings, create=True)
     _connect(url).close()
+    def waiting(attempt: int, error: str) -> None:
+        print(f"controlplane migrate: try {attempt} of {args.lock_attempts} gave up on a lock "
+              f"({error.splitlines()[0] if error else error}); trying again", file=sys.stderr, flush=True)  # fmt: skip
+
     try:
-        migrations.upgrade(url, lock_timeout=args.lock_timeout, attempts=args.lock_attempts)
+        migrations.upgrade(url, lock_timeout=args.lock_timeout, attempts=args.lock_attempts, on_retry=waiting)
     except migrations.NewerSchema as exc:
         # A newer release migrated it (this one is being rolled back to), perhaps while this run
         # waited for the migration lock: its schema is a superset this release runs on
@@ -97,14 +101,29 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     except migrations.LockNotAvailable:
         raise UserError(
             f"cannot migrate: a table stayed locked for {args.lock_timeout:g} s on each of "
-            f"{args.lock_attempts} tries (nothing was changed); {_lock_holders(url)}"
+            f"{args.lock_attempts} tries; {_left_at(url)}; {_lock_holders(url)}"
         ) from None
     except DBAPIError as exc:  # what the database said, in one line (e.g. no CREATE privilege)
-        raise UserError(f"cannot migrate: the database refused: {_first_line(exc.orig or exc)}") from None
+        refused = _first_line(exc.orig or exc)
+        raise UserError(f"cannot migrate: the database refused: {refused}; {_left_at(url)}") from None
     except (CommandError, SQLAlchemyError, RuntimeError) as exc:  # e.g. a function edited by hand
-        raise UserError(f"cannot migrate (nothing was changed): {_first_line(exc)}") from None
+        raise UserError(f"cannot migrate: {_first_line(exc)}; {_left_at(url)}") from None
     print(f"migrated {_describe_target(settings)} to revision {migrations.current(url)}")
     return 0
+
+
+def _left_at(url: str) -> str:
+    """Where a migration that stopped left the database: each revision commits on its own."""
+    import migrations
+
+    try:
+        found = migrations.current(url)
+    except Exception:  # (what stopped the migration may stop this look too)
+        return "its revision could not be read"
+    if found == migrations.head():
+        return f"the database is at this release's revision, {found}"
+    return (f"the database is at revision {found or 'none'} (each revision up to it applied whole, "
+            f"nothing of the next), this release's is {migrations.head()}")
 
 
 def _lock_holders(url: str) -> str:

@@ -322,10 +322,11 @@ def test_a_migration_behind_a_long_transaction_gives_up_instead_of_holding_up_ev
             (holder_pid, _) = cur.fetchone()
         # When the release migrates, waiting a tenth of a second for each lock, twice
         blocked = _migrate(empty_db, "--lock-timeout", "0.1", "--lock-attempts", "2")
-        # Then it gives up (instead of queueing every other session behind its wait), changes
-        # nothing, and names the session in the way
+        # Then it gives up (instead of queueing every other session behind its wait), saying so at
+        # each try, changes nothing, and names the session in the way
         assert blocked.returncode == 1, blocked.stderr
-        assert "a table stayed locked for 0.1 s on each of 2 tries (nothing was changed)" in blocked.stderr
+        assert "try 1 of 2 gave up on a lock (canceling statement due to lock timeout)" in blocked.stderr
+        assert "a table stayed locked for 0.1 s on each of 2 tries; the database is at revision 0010" in blocked.stderr
         assert f"pid {holder_pid} " in blocked.stderr and "Traceback" not in blocked.stderr
         assert migrations.current(empty_db) == "0010"
     finally:
@@ -333,6 +334,43 @@ def test_a_migration_behind_a_long_transaction_gives_up_instead_of_holding_up_ev
     # And once that transaction ended, the same command migrates
     done = _migrate(empty_db, "--lock-timeout", "0.1", "--lock-attempts", "2")
     assert done.returncode == 0, done.stderr
+    assert migrations.current(empty_db) == migrations.head()
+
+
+def test_a_revision_waiting_for_a_lock_holds_none_an_earlier_revision_of_the_same_run_took(empty_db: str) -> None:
+    # Given a database at 0017, and a report whose open transaction read failed_jobs, the view
+    # 0019 replaces (0018 before it builds an index on jobs: a lock that stops every send)
+    migrations.upgrade(empty_db, "0017")
+    holder = psycopg2.connect(empty_db)
+    migrate: subprocess.Popen[str] | None = None
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT count(*) FROM control_plane.failed_jobs")
+        # When the release migrates, waiting for that view
+        env = {**os.environ, "DATABASE_URL": empty_db}
+        migrate = subprocess.Popen([sys.executable, "-m", "tasks.cli", "migrate", "--lock-timeout", "60"], env=env,
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+        def waiting_for_the_view() -> list[dict[str, Any]]:
+            return query(empty_db, "SELECT pid FROM pg_locks "
+                         "WHERE NOT granted AND relation = 'control_plane.failed_jobs'::regclass")  # fmt: skip
+
+        wait_for(lambda: waiting_for_the_view() or migrate.poll() is not None, what="the migration's wait")
+        assert migrate.poll() is None, migrate.communicate()
+        (waiter,) = waiting_for_the_view()
+        # Then it waits with 0018 committed, holding no lock on jobs: sends and outcomes go on
+        # (in one transaction for the whole run, its index build's lock stopped them all)
+        assert migrations.current(empty_db) == "0018"
+        held = query(empty_db, "SELECT mode FROM pg_locks WHERE pid = %s AND relation = 'control_plane.jobs'::regclass",
+                     (waiter["pid"],))  # fmt: skip
+        blocking_writes = {"ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"}
+        assert not {h["mode"] for h in held} & blocking_writes, held
+    finally:
+        holder.close()
+    # And once the report's transaction ends, it finishes
+    assert migrate is not None
+    _, err = migrate.communicate(timeout=120)
+    assert migrate.returncode == 0, err
     assert migrations.current(empty_db) == migrations.head()
 
 
