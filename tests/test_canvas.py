@@ -15,7 +15,7 @@ import pytest
 from dramatiq import group, pipeline
 from dramatiq.message import Message
 from dramatiq.middleware import GroupCallbacks, Pipelines
-from dramatiq.results import ResultFailure, Results
+from dramatiq.results import ResultFailure, ResultMissing, Results
 
 import tasks
 from tests import actors
@@ -267,6 +267,31 @@ def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_compl
     ]
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.results") == [{"n": 1}]
     assert first.get_result() == "a"
+
+
+def test_a_step_cancelled_while_it_waited_fails_the_pipelines_result_and_a_retry_of_it_forgets_that(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a pipeline of three, sent, its first step waiting
+    chain = pipeline([actors.noop.message("a"), actors.noop.message(), actors.noop.message()])
+    chain.run()
+    first = chain.messages[0].message_id
+    # When an operator cancels that step
+    assert query(db_url, "SELECT control_plane.cancel_job(%s) AS r", (first,)) == [{"r": "cancelled"}]
+    # Then the pipeline's caller hears it at once, the step named
+    with pytest.raises(ResultFailure) as failure:
+        chain.get_result(block=True, timeout=120_000)
+    assert failure.value.orig_exc_type == "Cancelled"
+    assert f"the pipeline stopped at tests.noop (job {first}): cancelled by operator while it waited" in str(
+        failure.value
+    )
+    # And when the step is retried, that failure is forgotten: the caller waits for the new run
+    assert query(db_url, "SELECT control_plane.retry_job(%s) AS r", (first,)) == [{"r": True}]
+    with pytest.raises(ResultMissing):
+        chain.get_result()
+    with running_worker(db_url, tmp_path):
+        assert chain.get_result(block=True, timeout=120_000) == "a"
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE status = 'completed'") == [{"n": 3}]
 
 
 @pytest.mark.parametrize("fate", ["lost", "cancelled"])
