@@ -192,10 +192,11 @@ ORDER BY created_at
 LIMIT 1000
 """
 
-#: The workflow's outcome, written onto the jobs its callers got from send().
+#: The workflow's outcome, written onto the jobs its callers got from send(): a failure clears
+#: the handle they completed with (``{"status": "provisioning"}`` beside ``failed`` misled).
 RECORD_ON_ENTRY_JOBS = """
 UPDATE control_plane.jobs
-   SET result = coalesce(%(result)s, result),
+   SET result = CASE WHEN %(error)s::text IS NULL THEN coalesce(%(result)s, result) END,
        status = CASE WHEN %(error)s::text IS NULL THEN status ELSE 'failed' END,
        last_error = coalesce(%(error)s, last_error),
        errors = CASE WHEN %(error)s::text IS NULL THEN errors

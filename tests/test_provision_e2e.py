@@ -300,6 +300,8 @@ def test_minimal_payload(env: str) -> None:
     ({"project_id": 'x"; DROP DATABASE postgres; --', "tenant_id": "t", "region": "us-east-1"}, "project_id"),
     ({"project_id": "Upper", "tenant_id": "t", "region": "us-east-1"}, "project_id"),
     ({"project_id": "a" * 60, "tenant_id": "t", "region": "us-east-1"}, "project_id"),
+    # (past the 2,000 bytes a unique key may hold: send() raised InvalidUniqueKey, blaming the actor)
+    ({"project_id": "a" * 3000, "tenant_id": "t", "region": "us-east-1"}, "project_id"),
     ({"project_id": "okname", "tenant_id": "t", "region": "us-east-1", "api_key_count": 11}, "api_key_count"),
     ({"project_id": "okname", "tenant_id": "t", "region": "us-east-1", "api_key_count": 0}, "api_key_count"),
     ({"project_id": "okname", "tenant_id": "t'; --", "region": "us-east-1"}, "tenant_id"),

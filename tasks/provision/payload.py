@@ -38,6 +38,7 @@ __all__ = [
     "Services",
     "app_role",
     "database_name",
+    "is_project_id",
     "owner_role",
     "payload_hash",
     "schema_name",
@@ -164,6 +165,11 @@ def database_name(payload: ProvisionPayload) -> str:
 def schema_name(payload: ProvisionPayload) -> str:
     """The project's schema inside its database."""
     return payload.project_id
+
+
+def is_project_id(value: str) -> bool:
+    """Whether ``value`` has a project id's form (``validate`` says why not, and checks the rest)."""
+    return len(value) <= MAX_IDENTIFIER_LEN and _IDENTIFIER_RE.fullmatch(value) is not None
 
 
 def validate(raw: object) -> ProvisionPayload:

@@ -94,8 +94,8 @@ def _project_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """
     payload = args[0] if args else kwargs.get("payload")
     project_id = payload.get("project_id") if isinstance(payload, dict) else None
-    if not isinstance(project_id, str):
-        return None
+    if not isinstance(project_id, str) or not p.is_project_id(project_id):
+        return None  # no project to keep to one job: the job fails at once, naming the field
     try:
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError):
