@@ -35,7 +35,7 @@ from tasks.provision.state import control_transaction, load
 from tasks.provision.target import classify
 from tasks.provision.workflow import QUEUE
 from tasks.settings import Settings
-from tests.support import at_once, query, wait_for
+from tests.support import at_once, claim_in_process, query, settle_in_process, wait_for
 
 #: The pepper of these tests' processes (a new deployment's must be at least 32 bytes).
 RESUME_PEPPER = "resume-pepper-" + "0123456789abcdef" * 2
@@ -95,6 +95,26 @@ def census(url: str, project_id: str, services: dict[str, StandinService]) -> di
         "keys": query(url, "SELECT count(*) AS n FROM control_plane.api_keys WHERE project_id = %s",
                       (project_id,))[0]["n"],
     }
+
+
+def test_a_projects_later_steps_and_undoing_are_claimed_before_new_requests(db_url: str) -> None:
+    # Given, in the provisioning queue, a new project's request, then (as the workflow sends
+    # them) another project's first and fifth steps, and a third's undoing
+    entry = workflow.provision_project.send({"project_id": "newcomer", "tenant_id": "t", "region": "us-east-1"})
+    roles = workflow._STEP_ACTORS["roles"].send("started", None)
+    api_keys = workflow._STEP_ACTORS["api_keys"].send("started", None)
+    undo = workflow.compensate.send({"actor_name": "provision_project.schema", "args": ["failed", None]},
+                                    {"message": "boom"})  # fmt: skip
+    # When a worker takes them one by one
+    order = []
+    for _ in range(4):
+        consumer, held = claim_in_process(QUEUE)
+        order.append(held.message_id)
+        settle_in_process(consumer, held, "ack")
+    # Then the undoing comes first, then the started project's later step, then its earlier one,
+    # and the new request last (first in, first out, a burst of requests ran each step of
+    # every project before any project's next one)
+    assert order == [m.message_id for m in (undo, api_keys, roles, entry)]
 
 
 def test_every_step_run_twice_leaves_exactly_one_of_everything(

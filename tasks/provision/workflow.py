@@ -69,6 +69,14 @@ STEP_OPTIONS: dict[str, Any] = {
     "on_final_failure": f"{ACTOR}.compensate",
 }
 
+#: The provisioning queue's claim order (lower first, as Dramatiq's priorities go): a project's
+#: later steps before its earlier ones, every step before a new request (``provision_project``,
+#: priority 0), and undoing first of all (it gives back what a failed run holds). First in,
+#: first out, a burst of 300 requests ran each step of all 300 before any project's next: the
+#: first project was active 24 s into a 32 s run, the median one at its end.
+STEP_PRIORITIES = {step: -(index + 1) for index, step in enumerate(STEPS)}
+COMPENSATE_PRIORITY = -(len(STEPS) + 1)
+
 
 def _current_message_id() -> str:
     message = CurrentMessage.get_current_message()
@@ -330,7 +338,7 @@ def _make_step_actor(step: str) -> dramatiq.Actor[[str, str | None], dict[str, o
 
     step_actor.__name__ = step_actor.__qualname__ = f"provision_{step}"
     step_actor.__doc__ = f"provision_project step {step!r}."
-    decorate = dramatiq.actor(actor_name=f"{ACTOR}.{step}", **STEP_OPTIONS)
+    decorate = dramatiq.actor(actor_name=f"{ACTOR}.{step}", priority=STEP_PRIORITIES[step], **STEP_OPTIONS)
     return decorate(step_actor)
 
 
@@ -384,7 +392,7 @@ def compensate_project(settings: Settings, project_id: str, error: str, run: str
 
 @dramatiq.actor(actor_name=f"{ACTOR}.compensate", queue_name=QUEUE, max_attempts=8,
                 min_backoff=STEP_OPTIONS["min_backoff"], max_backoff=STEP_OPTIONS["max_backoff"],
-                on_final_failure=f"{ACTOR}.compensation_failed")
+                on_final_failure=f"{ACTOR}.compensation_failed", priority=COMPENSATE_PRIORITY)
 def compensate(failed: dict[str, Any], error: dict[str, Any]) -> dict[str, object]:
     """Undo a project whose step failed for good."""
     project_id, run = _project_and_run(failed["args"])
@@ -397,7 +405,8 @@ def _project_and_run(args: list[Any]) -> tuple[str, str | None]:
     return str(args[0]), (_canonical(str(args[1])) if len(args) > 1 and args[1] is not None else None)
 
 
-@dramatiq.actor(actor_name=f"{ACTOR}.compensation_failed", queue_name=QUEUE, max_attempts=20)
+@dramatiq.actor(actor_name=f"{ACTOR}.compensation_failed", queue_name=QUEUE, max_attempts=20,
+                priority=COMPENSATE_PRIORITY)
 def compensation_failed(failed: dict[str, Any], error: dict[str, Any]) -> None:
     """Compensation failed for good: keep the name and flag the project for an operator."""
     # failed is the compensate message: its first argument is the failed step's message.
