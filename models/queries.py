@@ -685,6 +685,15 @@ RESULT_GET = """
 SELECT value FROM control_plane.results WHERE key = %(key)s AND expires_at > now()
 """
 
+#: Why a result is not there, for the caller's exception: its job's status and when it ended
+#: (the jobs row, if any), and when its result expired (if its row is still there, unpruned).
+RESULT_MISSING_WHY = """
+SELECT j.status, j.completed_at, r.expires_at
+FROM (SELECT) AS one
+LEFT JOIN control_plane.jobs AS j ON j.id = %(id)s::uuid
+LEFT JOIN control_plane.results AS r ON r.key = %(key)s AND r.expires_at <= now()
+"""
+
 #: Store results (distinct keys) apart from a SETTLE: the results backend's on a connection
 #: of its own or a caller's, a pipeline or group step's in its hook, the broker's writer's.
 #: A result given a job id (``jobs``) is stored only while that job's row shows the status an

@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
+import psycopg2
 from dramatiq import Message
 from dramatiq.middleware import Middleware
-from dramatiq.results import ResultBackend, Results, ResultTimeout
+from dramatiq.results import ResultBackend, ResultMissing, Results, ResultTimeout
 from dramatiq.results.backend import DEFAULT_TIMEOUT, Missing
 from dramatiq.results.result import wrap_exception
 
@@ -65,10 +67,13 @@ class PostgresBackend(ResultBackend):
         the median after 148 ms more, and a 2.5 s wait could end at 1.1 s. Here the looks
         come at most 250 ms apart, and the last is at the deadline.
         """
-        if not block:
-            return super().get_result(message, block=False)
-        deadline = time.monotonic() + (DEFAULT_TIMEOUT if timeout is None else timeout) / 1000
         key = self.build_message_key(message)
+        if not block:
+            result = self._get(key)
+            if result is Missing:
+                raise ResultMissing(self._why_missing(message, key))
+            return self.unwrap_result(result)  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + (DEFAULT_TIMEOUT if timeout is None else timeout) / 1000
         pause = FIRST_LOOK_SECONDS
         while True:
             result = self._get(key)
@@ -76,9 +81,30 @@ class PostgresBackend(ResultBackend):
                 return self.unwrap_result(result)  # type: ignore[no-untyped-call]
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ResultTimeout(message)
+                raise ResultTimeout(self._why_missing(message, key))
             time.sleep(min(pause, left))
             pause = min(pause * 2, LONGEST_LOOK_SECONDS)
+
+    def _why_missing(self, message: Message[Any], key: str) -> str:
+        """What ``ResultMissing`` and ``ResultTimeout`` say: the message, and what its job's row
+        and an expired result tell (a result that expired read like a job still running)."""
+        try:
+            with self._connection() as conn, conn.cursor() as cur:
+                cur.execute(queries.RESULT_MISSING_WHY, {"id": message.message_id, "key": key})
+                row = cur.fetchone()
+        except (psycopg2.Error, ValueError):  # (a role that may not read jobs, an id that is no UUID)
+            return str(message)
+        status, ended_at, expired_at = row if row is not None else (None, None, None)
+        if expired_at is not None:
+            why = f"its result expired at {_utc(expired_at)} (result_ttl)"
+        elif status in ("completed", "failed", "cancelled"):
+            why = (f"job {message.message_id} ended {status} at {_utc(ended_at)} and no result is kept for it: "
+                   "its actor stores none (store_results=True keeps one), or it expired and was pruned")
+        elif status is not None:
+            why = f"job {message.message_id} is {status}"
+        else:
+            return str(message)
+        return f"{message}: {why}"
 
     def _get(self, message_key: str) -> Any:
         with self._connection() as conn, conn.cursor() as cur:
@@ -153,6 +179,10 @@ class PostgresBackend(ResultBackend):
     def _write(self, conn: Any, message_key: str, value: bytes, ttl: int) -> None:
         with conn.cursor() as cur:
             store_results(cur, [(message_key, value, ttl)])
+
+
+def _utc(moment: Any) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(moment, datetime) else "?"
 
 
 @contextmanager

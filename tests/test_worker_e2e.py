@@ -16,7 +16,7 @@ import dramatiq
 import psycopg2
 import pytest
 from dramatiq import group, pipeline
-from dramatiq.results import ResultFailure, ResultTimeout
+from dramatiq.results import ResultFailure, ResultMissing, ResultTimeout
 
 import tasks
 from tasks.broker import PostgresBroker
@@ -102,6 +102,28 @@ def test_results_backend_returns_the_actors_value(db_url: str, tmp_path: Path) -
     row = job(db_url, big.message_id)
     assert row["status"] == "completed"
     assert row["result"] is None
+
+
+def test_a_missing_result_says_whether_the_job_is_waiting_ended_without_one_or_expired(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a job no worker has run yet
+    waiting = actors.noop.send("not yet")
+    # When its caller looks, Then it hears the job is pending, not only that there is no result
+    with pytest.raises(ResultMissing, match=rf"tests.noop\('not yet'\): job {waiting.message_id} is pending$"):
+        waiting.get_result()
+    # Given a job that keeps no result, and one whose result lived 1 ms, both run
+    unkept = actors.noop.send_with_options(args=("unkept",), store_results=False)
+    brief = actors.noop.send_with_options(args=("brief",), result_ttl=1)
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: jobs_in(db_url, [unkept.message_id, brief.message_id], "completed"), what="the jobs")
+    # Then a caller hears the first ended without a result, and why that may be (it used to wait
+    # out its whole timeout as for a job still running), and the second's expired
+    with pytest.raises(ResultTimeout, match=rf"job {unkept.message_id} ended completed at .* UTC and no result is "
+                       r"kept for it: its actor stores none \(store_results=True keeps one\)"):  # fmt: skip
+        unkept.get_result(block=True, timeout=100)
+    with pytest.raises(ResultMissing, match=r"tests.noop\('brief'\): its result expired at .* UTC \(result_ttl\)"):
+        brief.get_result()
 
 
 def test_a_blocked_get_result_waits_its_whole_timeout_and_sees_a_result_stored_meanwhile(db_url: str) -> None:
