@@ -7,6 +7,7 @@ import itertools
 import os
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -1014,6 +1015,20 @@ def test_a_return_value_too_long_for_the_jobs_mirror_is_said_once_per_actor(
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1
     assert "tests.wait_for_gate" in said[0] and "not kept anywhere: store_results=True" in said[0]
+    # And a value surely too long is not encoded only to be dropped (a 50 MB result cost 50 MB
+    # more); one whose escapes make it too long is found so once encoded; one that fits is kept
+    broker_module = sys.modules["tasks.broker"]  # (tasks.broker is the broker)
+    encoded: list[int] = []
+    to_json = broker_module.to_json
+    monkeypatch.setattr(broker_module, "to_json", lambda value: encoded.append(1) or to_json(value))
+    limit = jobs_mirror.MAX_MIRRORED_RESULT_CHARS
+    assert jobs_mirror.mirrored_result("x" * 10 * limit, message, tasks.broker) is None
+    assert jobs_mirror.mirrored_result([{"k": 1}] * limit, message, tasks.broker) is None
+    assert encoded == []
+    assert jobs_mirror.mirrored_result('"' * (limit // 2), message, tasks.broker) is None
+    assert jobs_mirror.mirrored_result("x" * (limit - 2), message, tasks.broker) == '"' + "x" * (limit - 2) + '"'
+    assert jobs_mirror.mirrored_result(["x" * (limit // 2 - 3), 1], message, tasks.broker) is not None
+    assert len(encoded) == 3
 
 
 def test_claims_follow_priority_then_eta(db_url: str) -> None:

@@ -100,21 +100,48 @@ def mirrored_result(result: Any, message: Any, broker: dramatiq.Broker) -> str |
     None when it has none or it is longer than ``MAX_MIRRORED_RESULT_CHARS`` (said once per actor)."""
     from tasks.broker import to_json
 
-    text = to_json(result)
-    if text is None or len(text) <= MAX_MIRRORED_RESULT_CHARS:
+    # (a value surely too long is not encoded only to be dropped: 50 MB more for a 50 MB string)
+    too_long = _json_longer_than(result, MAX_MIRRORED_RESULT_CHARS)
+    text = None if too_long else to_json(result)
+    if text is not None and len(text) > MAX_MIRRORED_RESULT_CHARS:
+        too_long = True  # (the count is a lower bound: escapes and digits are not counted)
+    if not too_long:
         return text
     if message.actor_name not in _warned_too_long:
         _warned_too_long.add(message.actor_name)
         actor = broker.actors.get(message.actor_name)
         stored = message.options.get("store_results", actor.options.get("store_results") if actor else None)
         logger.warning(
-            "the return value of %s (%d characters of JSON) is longer than control_plane.jobs.result keeps "
+            "the return value of %s (over %d characters of JSON) is longer than control_plane.jobs.result keeps "
             "(%d); %s (said once per actor)",
-            message.actor_name, len(text), MAX_MIRRORED_RESULT_CHARS,
+            message.actor_name, MAX_MIRRORED_RESULT_CHARS, MAX_MIRRORED_RESULT_CHARS,
             "the results backend keeps it for get_result" if stored
             else "it is not kept anywhere: store_results=True keeps it for get_result",
         )
     return None
+
+
+def _json_longer_than(value: Any, limit: int) -> bool:
+    """Whether ``value``'s JSON text is surely longer than ``limit`` characters, counting at most
+    that far: each string its characters and quotes, anything else at least one character."""
+    count = 0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            count += len(item) + 2
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+            count += 2
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+            count += 2
+        else:
+            count += 1
+        if count > limit:
+            return True
+    return False
 
 
 def _skip_reason(message: Any, broker: dramatiq.Broker | None) -> str:
