@@ -685,6 +685,9 @@ RESULT_GET = """
 SELECT value FROM control_plane.results WHERE key = %(key)s AND expires_at > now()
 """
 
+#: Forget a result (a pipeline run again: its caller waits for the new run's).
+RESULT_FORGET = "DELETE FROM control_plane.results WHERE key = %(key)s"
+
 #: Why a result is not there, for the caller's exception: its job's status and when it ended
 #: (the jobs row, if any), and when its result expired (if its row is still there, unpruned).
 RESULT_MISSING_WHY = """

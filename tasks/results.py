@@ -85,6 +85,11 @@ class PostgresBackend(ResultBackend):
             time.sleep(min(pause, left))
             pause = min(pause * 2, LONGEST_LOOK_SECONDS)
 
+    def forget(self, message: Message[Any]) -> None:
+        """Delete ``message``'s result, if any: it is about to run again."""
+        with self._connection() as conn, conn.cursor() as cur:
+            cur.execute(queries.RESULT_FORGET, {"key": self.build_message_key(message)})
+
     def _why_missing(self, message: Message[Any], key: str) -> str:
         """What ``ResultMissing`` and ``ResultTimeout`` say: the message, and what its job's row
         and an expired result tell (a result that expired read like a job still running)."""
@@ -98,8 +103,8 @@ class PostgresBackend(ResultBackend):
         if expired_at is not None:
             why = f"its result expired at {_utc(expired_at)} (result_ttl)"
         elif status in ("completed", "failed", "cancelled"):
-            why = (f"job {message.message_id} ended {status} at {_utc(ended_at)} and no result is kept for it: "
-                   "its actor stores none (store_results=True keeps one), or it expired and was pruned")
+            why = (f"job {message.message_id} ended {status} at {_utc(ended_at)} and no result is kept for it "
+                   "(an actor without store_results=True, a result expired and pruned, a pipeline run again)")
         elif status is not None:
             why = f"job {message.message_id} is {status}"
         else:

@@ -114,6 +114,24 @@ def test_a_pipeline_run_again_runs_every_step_again_and_a_redelivery_still_sends
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages")[0]["n"] == 0
 
 
+def test_a_pipeline_run_again_gives_its_caller_the_new_runs_result_not_the_last_ones(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a pipeline of two that ran to the end, its caller told "a"
+    chain = pipeline([actors.noop.message("a"), actors.noop.message()])
+    with running_worker(db_url, tmp_path):
+        chain.run()
+        assert chain.get_result(block=True, timeout=120_000) == "a"
+    # When the same pipeline is run again, no worker running it yet
+    chain.run()
+    # Then its caller has no result yet: the first run's was for the first run
+    with pytest.raises(ResultMissing, match="no result is kept for it"):
+        chain.get_result()
+    assert query(db_url, "SELECT status FROM control_plane.jobs WHERE id = %s", (chain.messages[0].message_id,)) == [
+        {"status": "pending"}
+    ]
+
+
 def test_a_result_the_next_step_cannot_take_fails_the_pipelines_result_at_once(db_url: str) -> None:
     # Given a pipeline of three whose first step returns a string with a NUL (PostgreSQL cannot hold it)
     chain = pipeline([actors.noop.message("a"), actors.noop.message(), actors.noop.message()])

@@ -121,7 +121,7 @@ def test_a_missing_result_says_whether_the_job_is_waiting_ended_without_one_or_e
     # Then a caller hears the first ended without a result, and why that may be (it used to wait
     # out its whole timeout as for a job still running), and the second's expired
     with pytest.raises(ResultTimeout, match=rf"job {unkept.message_id} ended completed at .* UTC and no result is "
-                       r"kept for it: its actor stores none \(store_results=True keeps one\)"):  # fmt: skip
+                       r"kept for it \(an actor without store_results=True, "):  # fmt: skip
         unkept.get_result(block=True, timeout=100)
     with pytest.raises(ResultMissing, match=r"tests.noop\('brief'\): its result expired at .* UTC \(result_ttl\)"):
         brief.get_result()

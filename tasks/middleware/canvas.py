@@ -177,6 +177,20 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
 class Pipelines(dramatiq_pipelines.Pipelines):
     """A pipeline's next step, sent once; a result that cannot be sent on fails the pipeline's result."""
 
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        """A pipeline run (again): its caller waits for this run's result, not for the last run's,
+        which Dramatiq's gave at once while this run's steps were still to come."""
+        if PIPE_SENT_BY in message.options or not _postgres(broker):
+            return  # a step sent by the one before it (marked so on this broker only)
+        last = pipeline_end(message)
+        if last is None:
+            return
+        from tasks.results import PostgresBackend
+
+        for middleware in broker.middleware:
+            if isinstance(middleware, Results) and isinstance(middleware.backend, PostgresBackend):
+                middleware.backend.forget(last)
+
     def after_process_message(
         self,
         broker: dramatiq.Broker,
