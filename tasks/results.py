@@ -20,6 +20,7 @@ from typing import Any
 
 import dramatiq
 import psycopg2
+import psycopg2.errors
 from dramatiq import Message
 from dramatiq.middleware import Middleware
 from dramatiq.results import ResultBackend, ResultMissing, Results, ResultTimeout
@@ -41,7 +42,11 @@ _store_on: ContextVar[PgMessageProxy | None] = ContextVar("controlplane_results_
 #: queue, which a big value would hold up (a 50 MB one did for seconds).
 MAX_SETTLED_RESULT_BYTES = 256 * 1024
 
-#: A blocked ``get_result`` looks again after 5 ms, then twice as long each time, 250 ms at most.
+#: What a look found when ``control_plane.results`` stayed locked.
+_LOCKED = object()
+
+#: A blocked ``get_result`` looks again after 5 ms, then twice as long each time, 250 ms at most
+#: (and waits that long at most for the results table's lock, at each look).
 FIRST_LOOK_SECONDS = 0.005
 LONGEST_LOOK_SECONDS = 0.25
 
@@ -70,18 +75,19 @@ class PostgresBackend(ResultBackend):
         key = self.build_message_key(message)
         if not block:
             result = self._get(key)
-            if result is Missing:
-                raise ResultMissing(self._why_missing(message, key))
+            if result is Missing or result is _LOCKED:
+                raise ResultMissing(self._why_missing(message, key, result is _LOCKED))
             return self.unwrap_result(result)  # type: ignore[no-untyped-call]
         deadline = time.monotonic() + (DEFAULT_TIMEOUT if timeout is None else timeout) / 1000
         pause = FIRST_LOOK_SECONDS
         while True:
-            result = self._get(key)
-            if result is not Missing:
+            left = deadline - time.monotonic()
+            result = self._get(key, min(left, LONGEST_LOOK_SECONDS))
+            if result is not Missing and result is not _LOCKED:
                 return self.unwrap_result(result)  # type: ignore[no-untyped-call]
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ResultTimeout(self._why_missing(message, key))
+                raise ResultTimeout(self._why_missing(message, key, result is _LOCKED))
             time.sleep(min(pause, left))
             pause = min(pause * 2, LONGEST_LOOK_SECONDS)
 
@@ -90,14 +96,15 @@ class PostgresBackend(ResultBackend):
         with self._connection() as conn, conn.cursor() as cur:
             cur.execute(queries.RESULT_FORGET, {"key": self.build_message_key(message)})
 
-    def _why_missing(self, message: Message[Any], key: str) -> str:
+    def _why_missing(self, message: Message[Any], key: str, locked: bool = False) -> str:
         """What ``ResultMissing`` and ``ResultTimeout`` say: the message, and what its job's row
         and an expired result tell (a result that expired read like a job still running)."""
+        if locked:
+            return (f"{message}: control_plane.results stayed locked (another session's LOCK TABLE, "
+                    "VACUUM FULL or migration): no result could be read")
         try:
-            with self._connection() as conn, conn.cursor() as cur:
-                cur.execute(queries.RESULT_MISSING_WHY, {"id": message.message_id, "key": key})
-                row = cur.fetchone()
-        except (psycopg2.Error, ValueError):  # (a role that may not read jobs, an id that is no UUID)
+            row = self._look(queries.RESULT_MISSING_WHY, {"id": message.message_id, "key": key}, LONGEST_LOOK_SECONDS)
+        except (psycopg2.Error, ValueError):  # (a role that may not read jobs, an id that is no UUID, a lock)
             return str(message)
         status, ended_at, expired_at = row if row is not None else (None, None, None)
         if expired_at is not None:
@@ -111,13 +118,24 @@ class PostgresBackend(ResultBackend):
             return str(message)
         return f"{message}: {why}"
 
-    def _get(self, message_key: str) -> Any:
-        with self._connection() as conn, conn.cursor() as cur:
-            cur.execute(queries.RESULT_GET, {"key": message_key})
-            row = cur.fetchone()
+    def _get(self, message_key: str, wait: float = LONGEST_LOOK_SECONDS) -> Any:
+        """The result stored under ``message_key``; ``Missing``; or ``_LOCKED`` when another
+        session held ``control_plane.results`` for ``wait`` seconds (a look waited for it
+        without end, past its caller's timeout, holding a pooled connection sends waited for)."""
+        try:
+            row = self._look(queries.RESULT_GET, {"key": message_key}, wait)
+        except psycopg2.errors.LockNotAvailable:
+            return _LOCKED
         if row is None:
             return Missing
         return self.encoder.decode(bytes(row[0]))
+
+    def _look(self, sql: str, params: dict[str, Any], wait: float) -> Any:
+        """The first row of ``sql``, waiting at most ``wait`` seconds for a lock (one round trip:
+        the two statements are one implicit transaction, which the ``SET LOCAL`` lasts)."""
+        with self._connection() as conn, conn.cursor() as cur:
+            cur.execute(f"SET LOCAL lock_timeout = {max(1, int(wait * 1000))}; {sql}", params)
+            return cur.fetchone()
 
     def _store(self, message_key: str, result: Any, ttl: int) -> None:
         value = self.encoder.encode(result)

@@ -127,6 +127,30 @@ def test_a_missing_result_says_whether_the_job_is_waiting_ended_without_one_or_e
         brief.get_result()
 
 
+def test_a_get_result_gives_up_at_its_timeout_while_the_results_table_stays_locked(db_url: str) -> None:
+    # Given a job, and a session holding control_plane.results (a VACUUM FULL, a migration), let go
+    # of in 60 s at the latest
+    message = actors.noop.send("locked out")
+    holder = psycopg2.connect(db_url)
+    release = threading.Timer(60, holder.rollback)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE control_plane.results IN ACCESS EXCLUSIVE MODE")
+        release.start()
+        # When its caller waits 1 s for its result, Then it hears at its timeout that the table
+        # stayed locked (a look waited for the lock without end, and held a pooled connection
+        # the process's sends waited for), and so does a caller that does not wait
+        with pytest.raises(ResultTimeout, match=r"tests.noop\('locked out'\): control_plane.results stayed locked"):
+            message.get_result(block=True, timeout=1_000)
+        with pytest.raises(ResultMissing, match=r"control_plane\.results stayed locked"):
+            message.get_result()
+        # And the lock is still held: the caller did not just outwait it
+        assert release.is_alive()
+    finally:
+        release.cancel()
+        holder.close()
+
+
 def test_a_blocked_get_result_waits_its_whole_timeout_and_sees_a_result_stored_meanwhile(db_url: str) -> None:
     import time
 
