@@ -91,10 +91,14 @@ class PostgresBackend(ResultBackend):
             time.sleep(min(pause, left))
             pause = min(pause * 2, LONGEST_LOOK_SECONDS)
 
-    def forget(self, message: Message[Any]) -> None:
-        """Delete ``message``'s result, if any: it is about to run again."""
-        with self._connection() as conn, conn.cursor() as cur:
-            cur.execute(queries.RESULT_FORGET, {"key": self.build_message_key(message)})
+    def forget(self, message: Message[Any]) -> bool:
+        """Delete ``message``'s result, if any: it is about to run again. False when another
+        session held ``control_plane.results`` for 250 ms: a send must not wait for it."""
+        try:
+            self._look(queries.RESULT_FORGET, {"key": self.build_message_key(message)}, LONGEST_LOOK_SECONDS)
+        except psycopg2.errors.LockNotAvailable:
+            return False
+        return True
 
     def _why_missing(self, message: Message[Any], key: str, locked: bool = False) -> str:
         """What ``ResultMissing`` and ``ResultTimeout`` say: the message, and what its job's row
@@ -131,11 +135,12 @@ class PostgresBackend(ResultBackend):
         return self.encoder.decode(bytes(row[0]))
 
     def _look(self, sql: str, params: dict[str, Any], wait: float) -> Any:
-        """The first row of ``sql``, waiting at most ``wait`` seconds for a lock (one round trip:
-        the two statements are one implicit transaction, which the ``SET LOCAL`` lasts)."""
+        """The first row of ``sql`` (None: none, or no rows returned), waiting at most ``wait``
+        seconds for a lock (one round trip: the two statements are one implicit transaction,
+        which the ``SET LOCAL`` lasts)."""
         with self._connection() as conn, conn.cursor() as cur:
             cur.execute(f"SET LOCAL lock_timeout = {max(1, int(wait * 1000))}; {sql}", params)
-            return cur.fetchone()
+            return cur.fetchone() if cur.description is not None else None
 
     def _store(self, message_key: str, result: Any, ttl: int) -> None:
         value = self.encoder.encode(result)

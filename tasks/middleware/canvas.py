@@ -189,7 +189,9 @@ class Pipelines(dramatiq_pipelines.Pipelines):
 
         for middleware in broker.middleware:
             if isinstance(middleware, Results) and isinstance(middleware.backend, PostgresBackend):
-                middleware.backend.forget(last)
+                if not middleware.backend.forget(last):
+                    logger.warning("pipeline %s run again while control_plane.results is locked: its caller may "
+                                   "get the last run's result until this run's comes", last.message_id)
 
     def after_process_message(
         self,
