@@ -165,8 +165,8 @@ def replace_in_function(signature: str, old: str, new: str) -> None:
 
 #: The roles other than the migrating one (superusers and PostgreSQL's own left out) that hold
 #: privileges on control_plane.messages, and which (`%%`: the driver formats it). A privilege
-#: held on some columns only counts (a dashboard's role may read every column but the jobs'
-#: arguments, and reads the new tables all the same).
+#: held on some columns only counts (a dashboard's role may read every column but the bodies,
+#: the jobs' arguments, and reads the new tables all the same).
 ROLES_ON_MESSAGES = r"""
 SELECT r.rolname,
        array_remove(ARRAY[

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -158,7 +159,7 @@ def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty
 def test_roles_using_the_messages_get_the_queue_pauses_0017_adds(empty_db: str) -> None:
     # Given a database at the revision before, and a sender's, a worker's and a reader's roles
     # granted the tables
-    # (and a dashboard's role granted every column of the messages but the jobs' arguments)
+    # (and a dashboard's role granted every column of the messages but their bodies, the jobs' arguments)
     migrations.upgrade(empty_db, "0016")
     with _login_roles(empty_db, "sender", "worker", "reader", "dashboard") as (sender, worker, reader, dashboard):
         query(empty_db, f"GRANT USAGE ON SCHEMA control_plane TO {sender}, {worker}; "
@@ -169,7 +170,7 @@ def test_roles_using_the_messages_get_the_queue_pauses_0017_adds(empty_db: str) 
                         f"GRANT USAGE ON SCHEMA control_plane TO {reader}, {dashboard}")  # fmt: skip
         query(empty_db, f"REVOKE SELECT ON control_plane.messages FROM {dashboard}")  # noqa: S608 (a test's role)
         columns = [r["attname"] for r in query(empty_db, "SELECT attname FROM pg_attribute WHERE attrelid = "
-                   "'control_plane.messages'::regclass AND attnum > 0 AND NOT attisdropped AND attname <> 'payload'")]
+                   "'control_plane.messages'::regclass AND attnum > 0 AND NOT attisdropped AND attname <> 'body'")]
         query(empty_db, f"GRANT SELECT ({', '.join(columns)}) ON control_plane.messages TO {dashboard}")
         # When it is migrated to head
         migrations.upgrade(empty_db)
@@ -372,6 +373,33 @@ def test_a_revision_waiting_for_a_lock_holds_none_an_earlier_revision_of_the_sam
     _, err = migrate.communicate(timeout=120)
     assert migrate.returncode == 0, err
     assert migrations.current(empty_db) == migrations.head()
+
+
+def test_the_read_only_role_operations_md_gives_reads_the_queues_and_jobs_and_not_the_arguments(empty_db: str) -> None:
+    # Given the grants docs/operations.md ("A read-only role") gives a dashboard, on a migrated
+    # database with a job in it
+    migrations.upgrade(empty_db)
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    recipe = doc.split("### A read-only role", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    db = psycopg2.extensions.parse_dsn(empty_db)["dbname"]
+    with _login_roles(empty_db, "dashboard") as (role,):
+        statements = recipe.replace("CREATE ROLE dashboard LOGIN PASSWORD '...';", "")
+        query(empty_db, statements.replace("DATABASE controlplane", f'DATABASE "{db}"').replace("dashboard", role))
+        query(empty_db, "INSERT INTO control_plane.messages (id, queue, actor, priority, eta, body) "
+                        "VALUES (gen_random_uuid(), 'default', 'tests.noop', 0, now(), '{}')")  # fmt: skip
+        parts = urlsplit(empty_db)
+        as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+        env = {**os.environ, "DATABASE_URL": as_role}
+        # When it runs the commands the doc names
+        for command in (["stats"], ["workers"], ["queues", "list"], ["jobs", "list"], ["jobs", "list", "--status",
+                                                                                        "failed"]):
+            done = subprocess.run([sys.executable, "-m", "tasks.cli", *command], env=env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+            # Then each works
+            assert done.returncode == 0, (command, done.stderr)
+        # And the messages' bodies, the jobs' arguments, are not its to read
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            query(as_role, "SELECT body FROM control_plane.messages")
 
 
 def test_a_database_a_newer_release_migrated_is_left_as_it_is(empty_db: str) -> None:
