@@ -1130,6 +1130,7 @@ class PostgresBroker(dramatiq.Broker):
         # priority and attempts for the messages whose options set neither.
         before, after = self._listeners("before_enqueue"), self._listeners("after_enqueue")
         actor_defaults: dict[str, tuple[int | None, int | None]] = {}
+        first_steps: list[Message[Any]] = []
         for message in messages:
             queue_name = q_name(message.queue_name)
             if queue_name not in self.queues:
@@ -1171,12 +1172,18 @@ class PostgresBroker(dramatiq.Broker):
             unique_keys.append(unique_key)
             bodies.append(_body_text(message))
             sent.append(message)
+            if "pipe_target" in options and queries.PIPE_SENT_BY not in options:
+                first_steps.append(message)  # a pipeline run (again), not a step sent by the one before
         size = sum(map(len, bodies))
         if size > MAX_BATCH_CHARS:
             raise ValueError(
                 f"a batch of {len(bodies):,} messages of {size:,} characters in all is past the {MAX_BATCH_CHARS:,} "
                 "one statement takes here: send it in smaller batches"
             )
+        if first_steps:
+            from tasks.middleware.canvas import forget_last_runs_results
+
+            forget_last_runs_results(self, first_steps)
         rows: dict[str, list[Any]] = {
             "ids": ids,
             "queues": queues,

@@ -177,22 +177,6 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
 class Pipelines(dramatiq_pipelines.Pipelines):
     """A pipeline's next step, sent once; a result that cannot be sent on fails the pipeline's result."""
 
-    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        """A pipeline run (again): its caller waits for this run's result, not for the last run's,
-        which Dramatiq's gave at once while this run's steps were still to come."""
-        if PIPE_SENT_BY in message.options or not _postgres(broker):
-            return  # a step sent by the one before it (marked so on this broker only)
-        last = pipeline_end(message)
-        if last is None:
-            return
-        from tasks.results import PostgresBackend
-
-        for middleware in broker.middleware:
-            if isinstance(middleware, Results) and isinstance(middleware.backend, PostgresBackend):
-                if not middleware.backend.forget(last):
-                    logger.warning("pipeline %s run again while control_plane.results is locked: its caller may "
-                                   "get the last run's result until this run's comes", last.message_id)
-
     def after_process_message(
         self,
         broker: dramatiq.Broker,
@@ -267,6 +251,21 @@ class Pipelines(dramatiq_pipelines.Pipelines):
         )
 
 
+def forget_last_runs_results(broker: dramatiq.Broker, first_steps: list[Message[Any]]) -> None:
+    """Pipelines run (again): their callers wait for this run's result, not for the last run's,
+    which Dramatiq's gave at once while this run's steps were still to come. (The Postgres
+    broker calls it for the messages it sends with a next step and not sent by a step.)"""
+    from tasks.results import PostgresBackend
+
+    for middleware in broker.middleware:
+        if isinstance(middleware, Results) and isinstance(middleware.backend, PostgresBackend):
+            for first in first_steps:
+                last = pipeline_end(first)
+                if last is not None and not middleware.backend.forget(last):
+                    logger.warning("pipeline %s run again while control_plane.results is locked: its caller may "
+                                   "get the last run's result until this run's comes", last.message_id)
+
+
 def pipeline_end(message: Message[Any]) -> Message[Any] | None:
     """The last message of the pipeline whose step ``message`` is (None: it is the last, or no step)."""
     target = message.options.get("pipe_target")
@@ -297,4 +296,11 @@ def _tell_the_pipelines_caller(broker: dramatiq.Broker, last: Message[Any], kind
                 logger.warning("could not store the pipeline's failure: %s", db.loggable_error(store_error))
 
 
-__all__ = ["PIPE_SENT_BY", "GroupCallbacks", "Pipelines", "pipeline_end", "pipeline_failure"]
+__all__ = [
+    "PIPE_SENT_BY",
+    "GroupCallbacks",
+    "Pipelines",
+    "forget_last_runs_results",
+    "pipeline_end",
+    "pipeline_failure",
+]

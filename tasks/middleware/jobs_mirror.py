@@ -100,8 +100,13 @@ def mirrored_result(result: Any, message: Any, broker: dramatiq.Broker) -> str |
     None when it has none or it is longer than ``MAX_MIRRORED_RESULT_CHARS`` (said once per actor)."""
     from tasks.broker import to_json
 
+    if result is None:
+        return None  # (most jobs': at once, this runs for every job)
     # (a value surely too long is not encoded only to be dropped: 50 MB more for a 50 MB string)
-    too_long = _json_longer_than(result, MAX_MIRRORED_RESULT_CHARS)
+    if isinstance(result, str):
+        too_long = len(result) + 2 > MAX_MIRRORED_RESULT_CHARS
+    else:
+        too_long = isinstance(result, list | tuple | dict) and _json_longer_than(result, MAX_MIRRORED_RESULT_CHARS)
     text = None if too_long else to_json(result)
     if text is not None and len(text) > MAX_MIRRORED_RESULT_CHARS:
         too_long = True  # (the count is a lower bound: escapes and digits are not counted)
