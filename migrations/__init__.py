@@ -164,20 +164,21 @@ def replace_in_function(signature: str, old: str, new: str) -> None:
 
 
 #: The roles other than the migrating one (superusers and PostgreSQL's own left out) that hold
-#: privileges on control_plane.messages, and which (`%%`: the driver formats it). A privilege
-#: held on some columns only counts (a dashboard's role may read every column but the bodies,
-#: the jobs' arguments, and reads the new tables all the same).
+#: privileges on control_plane.messages, and which (`%%`: the driver formats it). SELECT held
+#: on some columns only counts (a dashboard's role may read every column but the bodies, the
+#: jobs' arguments, and reads the new tables all the same); writes count table-wide only (an
+#: UPDATE of one column must not grant a table's rows to change).
 ROLES_ON_MESSAGES = r"""
 SELECT r.rolname,
        array_remove(ARRAY[
            CASE WHEN has_any_column_privilege(r.oid, 'control_plane.messages', 'SELECT') THEN 'SELECT' END,
-           CASE WHEN has_any_column_privilege(r.oid, 'control_plane.messages', 'INSERT') THEN 'INSERT' END,
-           CASE WHEN has_any_column_privilege(r.oid, 'control_plane.messages', 'UPDATE') THEN 'UPDATE' END,
+           CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'INSERT') THEN 'INSERT' END,
+           CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'UPDATE') THEN 'UPDATE' END,
            CASE WHEN has_table_privilege(r.oid, 'control_plane.messages', 'DELETE') THEN 'DELETE' END
        ], NULL)
 FROM pg_roles AS r
-WHERE (has_any_column_privilege(r.oid, 'control_plane.messages', 'SELECT, INSERT, UPDATE')
-       OR has_table_privilege(r.oid, 'control_plane.messages', 'DELETE'))
+WHERE (has_any_column_privilege(r.oid, 'control_plane.messages', 'SELECT')
+       OR has_table_privilege(r.oid, 'control_plane.messages', 'INSERT, UPDATE, DELETE'))
   AND NOT r.rolsuper AND r.rolname NOT LIKE 'pg\_%%' AND r.rolname <> current_user
 ORDER BY r.rolname
 """

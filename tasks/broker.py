@@ -563,18 +563,23 @@ def store_results(cur: Any, results: Sequence[StoredResult], only_if: Sequence[E
     """Store ``results`` (distinct keys) with ``cur``: each one, or, where ``only_if`` gives a
     (job id, outcome kind, worker), only while that job's row shows the status that kind of
     outcome leaves and that worker."""
+    cur.execute(queries.RESULT_STORE, result_store_params(results, only_if))
+
+
+def result_store_params(results: Sequence[StoredResult], only_if: Sequence[EndedAs | None] = ()) -> dict[str, Any]:
+    """``queries.RESULT_STORE``'s parameters for ``results`` (see :func:`store_results`)."""
     conditions = list(only_if) or [None] * len(results)
     for condition in conditions:  # (any other kind would be read as 'pending' by RESULT_STORE)
         if condition is not None and condition[1] not in _ENDING_KINDS:
             raise ValueError(f"a result is stored on an ack, nack or cancel, not on {condition[1]!r}")
-    cur.execute(queries.RESULT_STORE, {
+    return {
         "keys": _text_array([key for key, _, _ in results]),
         "values": [psycopg2.Binary(value) for _, value, _ in results],
         "ttls": _int_array([ttl for _, _, ttl in results]),
         "jobs": _text_array([c[0] if c else None for c in conditions]),
         "kinds": _text_array([c[1] if c else None for c in conditions]),
         "workers": _text_array([c[2] if c else None for c in conditions]),
-    })
+    }
 
 
 class _ResultWriter:

@@ -28,7 +28,14 @@ from dramatiq.results.backend import DEFAULT_TIMEOUT, Missing
 from dramatiq.results.result import wrap_exception
 
 from models import queries
-from tasks.broker import PgMessageProxy, PostgresBroker, store_results
+from tasks.broker import (
+    RESULTS_LOCK_TIMEOUT,
+    PgMessageProxy,
+    PostgresBroker,
+    joined_connection,
+    result_store_params,
+    store_results,
+)
 from tasks.errors import NotSerializable
 from tasks.redaction import persistable
 
@@ -41,6 +48,9 @@ _store_on: ContextVar[PgMessageProxy | None] = ContextVar("controlplane_results_
 #: outcome, not by the settle statement: the statement also ends the other jobs of its
 #: queue, which a big value would hold up (a 50 MB one did for seconds).
 MAX_SETTLED_RESULT_BYTES = 256 * 1024
+
+#: ``tasks.broker.RESULTS_LOCK_TIMEOUT`` in seconds: how long a worker thread waits for the results table.
+_RESULTS_LOCK_SECONDS = int(RESULTS_LOCK_TIMEOUT.removesuffix("ms")) / 1000
 
 #: What a look found when ``control_plane.results`` stayed locked.
 _LOCKED = object()
@@ -92,13 +102,39 @@ class PostgresBackend(ResultBackend):
             pause = min(pause * 2, LONGEST_LOOK_SECONDS)
 
     def forget(self, message: Message[Any]) -> bool:
-        """Delete ``message``'s result, if any: it is about to run again. False when another
-        session held ``control_plane.results`` for 250 ms: a send must not wait for it."""
-        try:
-            self._look(queries.RESULT_FORGET, {"key": self.build_message_key(message)}, LONGEST_LOOK_SECONDS)
-        except psycopg2.errors.LockNotAvailable:
-            return False
+        """Delete ``message``'s result, if any: it is about to run again. In a transaction
+        the send joined (``enqueue_in``), with it: a run rolled back forgets nothing. False
+        when another session held ``control_plane.results`` for 250 ms: a send must not wait."""
+        params = {"key": self.build_message_key(message)}
+        caller = joined_connection()
+        if caller is None or caller.autocommit:
+            try:
+                self._look(queries.RESULT_FORGET, params, LONGEST_LOOK_SECONDS)
+            except psycopg2.errors.LockNotAvailable:
+                return False
+            return True
+        with caller.cursor() as cur:
+            wait = int(LONGEST_LOOK_SECONDS * 1000)
+            cur.execute(f"SAVEPOINT controlplane_forget; SET LOCAL lock_timeout = {wait}")
+            try:
+                cur.execute(queries.RESULT_FORGET, params)
+            except psycopg2.errors.LockNotAvailable:
+                cur.execute("ROLLBACK TO SAVEPOINT controlplane_forget")  # (the SET LOCAL too)
+                return False
+            cur.execute("SET LOCAL lock_timeout TO DEFAULT; RELEASE SAVEPOINT controlplane_forget")
         return True
+
+    def store_soon(self, message_key: str, result: Any, ttl: int, broker: dramatiq.Broker) -> None:
+        """Store a result at once, waiting ``RESULTS_LOCK_TIMEOUT`` at most for the table
+        (a worker thread must not wait on an operator's lock); past it, the Postgres
+        ``broker``'s writer of results apart stores it once the table is free."""
+        stored = (message_key, self.encoder.encode(result), ttl)
+        try:
+            self._look(queries.RESULT_STORE, result_store_params([stored]), _RESULTS_LOCK_SECONDS)
+        except psycopg2.errors.LockNotAvailable:
+            if not isinstance(broker, PostgresBroker):
+                raise
+            broker.results_writer.put([stored])
 
     def _why_missing(self, message: Message[Any], key: str, locked: bool = False) -> str:
         """What ``ResultMissing`` and ``ResultTimeout`` say: the message, and what its job's row

@@ -122,6 +122,15 @@ def test_a_pipeline_run_again_gives_its_caller_the_new_runs_result_not_the_last_
     with running_worker(db_url, tmp_path):
         chain.run()
         assert chain.get_result(block=True, timeout=120_000) == "a"
+    # And when it is run again in a transaction that rolls back, nothing is forgotten
+    conn = psycopg2.connect(db_url)
+    try:
+        with tasks.enqueue_in(conn):
+            chain.run()
+        conn.rollback()
+    finally:
+        conn.close()
+    assert chain.get_result() == "a"
     # When the same pipeline is run again, no worker running it yet
     chain.run()
     # Then its caller has no result yet: the first run's was for the first run

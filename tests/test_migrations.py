@@ -138,10 +138,12 @@ def test_the_control_plane_database_is_closed_to_roles_that_cannot_use_the_contr
 def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty_db: str) -> None:
     # Given a database at the revision before, a web app's role that sends (INSERT on the messages)
     # and a worker's role that consumes (UPDATE too), granted the tables by an operator
+    # (and a sender's role that may also update one column of the messages: that is no worker)
     migrations.upgrade(empty_db, "0014")
-    with _login_roles(empty_db, "sender", "worker") as (sender, worker):
-        query(empty_db, f"GRANT USAGE ON SCHEMA control_plane TO {sender}, {worker}; "
-                        f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA control_plane TO {sender}; "
+    with _login_roles(empty_db, "sender", "worker", "narrow") as (sender, worker, narrow):
+        query(empty_db, f"GRANT USAGE ON SCHEMA control_plane TO {sender}, {worker}, {narrow}; "
+                        f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA control_plane TO {sender}, {narrow}; "
+                        f"GRANT UPDATE (cancel_requested_at) ON control_plane.messages TO {narrow}; "
                         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA control_plane "
                         f"TO {worker}")  # fmt: skip
         # When it is migrated to head
@@ -154,6 +156,7 @@ def test_roles_that_send_or_consume_get_the_actor_defaults_table_0015_adds(empty
 
         assert [may(sender, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, False, False]
         assert [may(worker, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, True, True]
+        assert [may(narrow, p) for p in ("SELECT", "INSERT", "UPDATE")] == [True, False, False]
 
 
 def test_roles_using_the_messages_get_the_queue_pauses_0017_adds(empty_db: str) -> None:

@@ -294,6 +294,30 @@ def test_a_locked_results_table_holds_up_no_outcome(db_url: str, tmp_path: Path,
                 assert list(members.get_results(block=True, timeout=30_000)) == ["kept", "kept"]
 
 
+def test_a_locked_results_table_holds_up_no_thread_of_a_pipeline_step_that_fails(db_url: str, tmp_path: Path) -> None:
+    # Given an operator's transaction holding control_plane.results, and pipelines whose first
+    # step fails for good, more of them than the worker has threads, with plain jobs behind them
+    lock = psycopg2.connect(db_url)
+    with contextlib.closing(lock), lock.cursor() as cur:
+        cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
+        chains = [pipeline([actors.permanent.message(), actors.noop.message()]) for _ in range(4)]
+        for chain in chains:
+            chain.run()
+        plain = [actors.noop.send_with_options(args=(i,), store_results=False) for i in range(4)]
+        with running_worker(db_url, tmp_path, threads=2):
+            # When a worker of two threads runs them, Then the steps fail and the plain jobs complete
+            # meanwhile: telling each pipeline's caller waits for the table no longer than an outcome
+            # does (each thread waited for the lock to go)
+            steps = [chain.messages[0].message_id for chain in chains]
+            wait_for(lambda: jobs_in(db_url, steps, "failed"), what="the steps to fail")
+            wait_for(lambda: jobs_in(db_url, [m.message_id for m in plain], "completed"), what="the plain jobs")
+            # And once the table is free, each pipeline's caller hears its step failed
+            lock.rollback()
+            for chain in chains:
+                with pytest.raises(ResultFailure, match=r"the pipeline stopped at tests\.permanent"):
+                    chain.get_result(block=True, timeout=30_000)
+
+
 def test_a_message_past_its_max_age_is_recorded_as_skipped_and_why(db_url: str, tmp_path: Path) -> None:
     # Given a message allowed to wait 1 ms for a worker, which it will not get
     message = actors.noop.send_with_options(args=("stale",), max_age=1)

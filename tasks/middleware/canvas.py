@@ -228,10 +228,15 @@ class Pipelines(dramatiq_pipelines.Pipelines):
         _in_one_transaction(broker, send)
         _went_on(message)
 
-    def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+    def before_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         """A step failed for good: the rest of its pipeline never runs, so the caller waiting on
-        the last message's result hears why now, not at the end of its timeout."""
-        last = pipeline_end(message)
+        the last message's result hears why now, not at the end of its timeout. Before the
+        step's outcome is written: an operator's retry of the step (which needs it failed)
+        then always comes after, and forgets this failure (migration 0020)."""
+        try:
+            last = pipeline_end(message)
+        except (TypeError, ValueError, AttributeError):
+            return  # a next step that is no message (written by hand): no caller waits on it
         if last is None or not message.failed:
             return
         error = getattr(message, "error_text", None) or (
@@ -239,7 +244,8 @@ class Pipelines(dramatiq_pipelines.Pipelines):
         )
         kind, _, text = error.partition(": ")
         _tell_the_pipelines_caller(
-            broker, last, kind, f"the pipeline stopped at {message.actor_name} (job {message.message_id}): {text}"
+            broker, last, kind, f"the pipeline stopped at {message.actor_name} (job {message.message_id}): "
+            f"{text or kind or 'it failed'}",
         )
 
     @staticmethod
@@ -260,10 +266,13 @@ def forget_last_runs_results(broker: dramatiq.Broker, first_steps: list[Message[
     for middleware in broker.middleware:
         if isinstance(middleware, Results) and isinstance(middleware.backend, PostgresBackend):
             for first in first_steps:
-                last = pipeline_end(first)
+                try:
+                    last = pipeline_end(first)
+                except (TypeError, ValueError, AttributeError):
+                    continue  # a next step that is no message (written by hand): no caller waits on it
                 if last is not None and not middleware.backend.forget(last):
-                    logger.warning("pipeline %s run again while control_plane.results is locked: its caller may "
-                                   "get the last run's result until this run's comes", last.message_id)
+                    logger.warning("pipeline %s sent while control_plane.results is locked: if it ran before, "
+                                   "its caller may get that run's result until this run's comes", last.message_id)
 
 
 def pipeline_end(message: Message[Any]) -> Message[Any] | None:
@@ -286,12 +295,19 @@ def pipeline_failure(results: Results, last: Message[Any], kind: str, text: str)
 
 
 def _tell_the_pipelines_caller(broker: dramatiq.Broker, last: Message[Any], kind: str, text: str) -> None:
-    """Store a failure as the result of the pipeline's last message ``last``, at once."""
+    """Store a failure as the result of the pipeline's last message ``last``, at once (on the
+    Postgres backend, waiting for the results table as briefly as an outcome does)."""
+    from tasks.results import PostgresBackend
+
     for middleware in broker.middleware:
         if isinstance(middleware, Results):  # none: nobody waits on a result
             key, wrapped, ttl = pipeline_failure(middleware, last, kind, text)
+            backend = middleware.backend
             try:
-                middleware.backend._store(key, wrapped, ttl)
+                if isinstance(backend, PostgresBackend):
+                    backend.store_soon(key, wrapped, ttl, broker)
+                else:
+                    backend._store(key, wrapped, ttl)
             except Exception as store_error:  # the hook's own failure is what is reported
                 logger.warning("could not store the pipeline's failure: %s", db.loggable_error(store_error))
 
