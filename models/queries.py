@@ -243,8 +243,8 @@ WITH m AS (
            coalesce(statement_timestamp() + make_interval(secs => %(delays)s::bigint / 1000.0), %(etas)s::timestamptz,
                     statement_timestamp()) AS eta,
            convert_to(t.body, 'UTF8') AS body, """ + _MAX_ATTEMPTS + """ AS max_attempts, t.body::jsonb AS doc
-    FROM (SELECT %(bodies)s::text AS body, %(actors)s::text AS actor, %(priorities)s::int AS priority,
-                 %(max_attempts)s::int AS max_attempts) AS t
+    FROM (SELECT %(bodies)s::text AS body, %(actors)s::text AS actor, CAST(%(priorities)s AS int) AS priority,
+                 CAST(%(max_attempts)s AS int) AS max_attempts) AS t
 )""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
 

@@ -395,6 +395,19 @@ def test_a_prefetched_batch_runs_in_the_order_of_each_messages_own_priority() ->
     assert order == [plain.message_id, sooner.message_id, later.message_id]
 
 
+def test_the_lowest_and_highest_priorities_postgresql_holds_are_sent_one_per_call_and_in_a_batch(db_url: str) -> None:
+    # Given the ends of PostgreSQL's int (a -2147483648 written into a statement as a literal was
+    # read as -(2147483648::int), out of range)
+    lowest, highest = -(2**31), 2**31 - 1
+    # When messages are sent with them, one per call and in a batch
+    sent = [actors.noop.send_with_options(args=(p,), priority=p) for p in (lowest, highest)]
+    batch = [actors.noop.message_with_options(args=(p,), priority=p) for p in (lowest, highest)]
+    sent += tasks.broker.enqueue_batch(batch)
+    # Then each is stored with its priority
+    rows = query(db_url, "SELECT id::text, priority FROM control_plane.messages")
+    assert {r["id"]: r["priority"] for r in rows} == {m.message_id: m.options["priority"] for m in sent}
+
+
 @pytest.mark.parametrize(
     ("declared", "named"),
     [
