@@ -563,7 +563,8 @@ def store_results(cur: Any, results: Sequence[StoredResult], only_if: Sequence[E
     """Store ``results`` (distinct keys) with ``cur``: each one, or, where ``only_if`` gives a
     (job id, outcome kind, worker), only while that job's row shows the status that kind of
     outcome leaves and that worker."""
-    cur.execute(queries.RESULT_STORE, result_store_params(results, only_if))
+    params = result_store_params(results, only_if)  # (refusing a condition before anything is sent)
+    cur.execute(queries.RESULT_STORE, params)
 
 
 def result_store_params(results: Sequence[StoredResult], only_if: Sequence[EndedAs | None] = ()) -> dict[str, Any]:
