@@ -248,20 +248,30 @@ WITH m AS (
 )""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
 
-#: A group child passing its group's barrier (``tasks.middleware.canvas``), under the barrier
-#: row's lock: returns the count before it (no row: the barrier is gone, expired or swept), and
-#: takes one off while more than one party is left (the update runs unreferenced: a data-modifying
-#: CTE always does). At 1 the last party releases it.
-BARRIER_PASS = """
-WITH b AS (
-    SELECT key, value FROM control_plane.rate_limits WHERE key = %(key)s AND expires_at > now() FOR UPDATE
+#: A group child passing its group's barrier (``tasks.middleware.canvas``), counted once: its
+#: marker (``<group>@done:<message id>``, ``marker``) is inserted unless an unexpired one exists,
+#: and only if it was, the barrier row is read under its lock and one taken off it while more
+#: than one party is left (the update runs unreferenced: a data-modifying CTE always does); at 1
+#: the last party releases it. One round trip (the marker and the barrier were two). Returns
+#: (counted, the barrier's count before it: NULL when the barrier is gone, expired or swept).
+CHILD_PASS = """
+WITH marker AS (
+    INSERT INTO control_plane.rate_limits AS r (key, value, expires_at)
+    VALUES (%(marker)s, 1, now() + make_interval(secs => %(ttl_ms)s / 1000.0))
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+    WHERE r.expires_at <= now()
+    RETURNING r.key
+), b AS (
+    SELECT key, value FROM control_plane.rate_limits
+    WHERE key = %(key)s AND expires_at > now() AND EXISTS (SELECT FROM marker)
+    FOR UPDATE
 ), passed AS (
     UPDATE control_plane.rate_limits AS r
        SET value = r.value - 1, expires_at = now() + make_interval(secs => %(ttl_ms)s / 1000.0)
     FROM b WHERE r.key = b.key AND b.value > 1
     RETURNING r.key
 )
-SELECT b.value FROM b
+SELECT EXISTS (SELECT FROM marker), (SELECT value FROM b)
 """
 
 #: A message sent once (a pipeline's next step, ``tasks.middleware.canvas``): deliveries of the

@@ -153,12 +153,11 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
         ttl = {"ttl_ms": self.barrier_ttl}
         with conn.cursor() as cur:
             # The child's marker lives the barrier's TTL from now: a redelivery comes within a lease.
-            cur.execute(queries.RATE_LIMIT_ADD, {"key": f"{group}@done:{message.message_id}", "value": 1, **ttl})
-            if cur.fetchone() is None:
-                return  # this child was counted (and, if it was the last, the callbacks sent) before
-            cur.execute(queries.BARRIER_PASS, {"key": group, **ttl})
-            row = cur.fetchone()
-        if row is None:
+            cur.execute(queries.CHILD_PASS, {"marker": f"{group}@done:{message.message_id}", "key": group, **ttl})
+            counted, before = cur.fetchone()
+        if not counted:
+            return  # this child was counted (and, if it was the last, the callbacks sent) before
+        if before is None:
             # Gone: expired (children retried past barrier_ttl) or swept. Dramatiq would fire the
             # callbacks now, before the group is done, and again at each later child: not here.
             logger.warning(
@@ -168,7 +167,7 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
                 self.barrier_ttl,
             )
             return
-        if row[0] <= 1:  # the last party
+        if before <= 1:  # the last party
             with enqueue_in(conn):
                 for callback in callbacks:
                     broker.enqueue(Message(**callback))
