@@ -557,8 +557,8 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 #: otherwise take down one worker per lease forever): its job ends failed. The jobs
 #: ended so come back (id, fate, error, attempts) with their messages' bodies, for their
 #: failure hooks (sent in the reap's transaction) and ``STORE_REAPED_RESULTS`` (a statement
-#: of its own: here, an insert into ``results`` would make every reap wait for any lock on
-#: that table).
+#: of its own, in the same transaction under a savepoint and a 1 s lock timeout, else after it:
+#: here, an insert into ``results`` would make every reap wait for any lock on that table).
 #: A job marked running fails once its attempts reach ``max_attempts``. One that was not
 #: (claimed, and maybe never started: a dying worker's prefetch is charged an attempt too)
 #: fails only at twice that: a job that kills its worker within

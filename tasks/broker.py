@@ -1862,11 +1862,14 @@ class _PostgresConsumer(dramatiq.Consumer):
                         job = {"id": p.message_id, "fate": "cancel", "error": "cancelled by operator",
                                "attempts": 0, "max_attempts": 0}
                         self._send_hooks_of_lost(conn, job, encode_message(p._message), deadline)
-        if ended:
-            self._store_reaped_results(sorted(ended), self._pipelines_stopped(
+            stopped = self._pipelines_stopped(
                 [({"id": p.message_id, "fate": "cancel", "error": "cancelled by operator"}, p._message)
                  for p in unstarted if p.message_id in ended]
-            ))
+            )
+            told = bool(ended) and self._store_ended_results(conn, sorted(ended), stopped)
+        if ended:
+            if not told:
+                self._store_reaped_results(sorted(ended), stopped)
             logger.info("%s: ended %d cancelled job(s) no thread had started", self.queue_name, len(ended))
 
     def _take_unstarted(self, proxies: Iterable[PgMessageProxy]) -> list[PgMessageProxy]:
@@ -1910,15 +1913,18 @@ class _PostgresConsumer(dramatiq.Consumer):
                 with enqueue_in(conn):
                     for job, body in zip(ended, bodies, strict=True):
                         self._send_hooks_of_lost(conn, job, bytes(body), deadline)
+                ids = [job["id"] for job in ended]
+                stopped = self._pipelines_stopped(
+                    [(job, _decoded_or_none(bytes(body))) for job, body in zip(ended, bodies, strict=True)]
+                )
+                told = self._store_ended_results(conn, ids, stopped)
         if reaped:
             logger.warning("re-queued %d message(s) whose worker's lease expired", reaped)
         if ended:
-            ids = [job["id"] for job in ended]
             logger.warning("ended %d job(s) whose worker's lease expired on their last attempt (or "
                            "after a cancel): %s", len(ids), ", ".join(ids))
-            self._store_reaped_results(ids, self._pipelines_stopped(
-                [(job, _decoded_or_none(bytes(body))) for job, body in zip(ended, bodies, strict=True)]
-            ))
+            if not told:
+                self._store_reaped_results(ids, stopped)
 
     def _send_hooks_of_lost(self, conn: Any, job: dict[str, Any], body: bytes, deadline: float) -> None:
         """The ``on_failure``, ``on_final_failure`` and ``on_retry_exhausted`` messages of a job
@@ -1986,10 +1992,31 @@ class _PostgresConsumer(dramatiq.Consumer):
             stopped.append((key, results.backend.encoder.encode(failure), ttl))
         return stopped
 
+    def _store_ended_results(self, conn: Any, job_ids: list[str], pipelines_stopped: Sequence[StoredResult]) -> bool:
+        """Tell the callers of the jobs this transaction ends, and of the pipelines they were steps
+        of, in it (under a savepoint, within the transaction's lock timeout): an operator's retry
+        of such a job, which forgets those results, then always comes after them. False when the
+        results table stayed locked or refused them: ``_store_reaped_results`` then tries after
+        the commit."""
+        with conn.cursor() as cur:
+            cur.execute("SAVEPOINT control_plane_ended_results")
+            try:
+                cur.execute(queries.STORE_REAPED_RESULTS, {"ids": job_ids})
+                if pipelines_stopped:
+                    store_results(cur, pipelines_stopped)
+            except psycopg2.Error as exc:
+                if db.is_connection_error(exc):
+                    raise
+                cur.execute("ROLLBACK TO SAVEPOINT control_plane_ended_results")
+                return False
+            cur.execute("RELEASE SAVEPOINT control_plane_ended_results")
+        return True
+
     def _store_reaped_results(self, job_ids: list[str], pipelines_stopped: Sequence[StoredResult] = ()) -> None:
         """Tell the callers of jobs the reaper ended, and of the pipelines they were steps of,
-        waiting a second at most for the results table (this thread heartbeats: a lock an
-        operator holds there must not stall it)."""
+        after the transaction that ended them could not (``_store_ended_results``), waiting a
+        second at most for the results table (this thread heartbeats: a lock an operator holds
+        there must not stall it)."""
         try:  # on this thread's own connection: waiting for a pooled one could take any time
             with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn, conn.cursor() as cur:
                 cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")

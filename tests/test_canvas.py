@@ -331,6 +331,13 @@ def test_a_step_the_reaper_ends_fails_the_pipelines_result_naming_the_step(db_ur
     consumer, held = claim_in_process()
     assert held.message_id == first.message_id
     query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1 WHERE id = %s", (first.message_id,))
+    # (each result's writing transaction noted, its top-level one)
+    query(db_url, """
+        CREATE TABLE results_writers (xid xid8);
+        CREATE FUNCTION note_results_writer() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN INSERT INTO results_writers VALUES (pg_current_xact_id()); RETURN NULL; END $$;
+        CREATE TRIGGER note AFTER INSERT ON control_plane.results
+            FOR EACH ROW EXECUTE FUNCTION note_results_writer()""")
     query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second', "
                   "cancel_requested_at = CASE WHEN %s THEN now() END WHERE id = %s",
           (fate == "cancelled", first.message_id))  # fmt: skip
@@ -347,6 +354,42 @@ def test_a_step_the_reaper_ends_fails_the_pipelines_result_naming_the_step(db_ur
     assert failure.value.orig_exc_type == ("WorkerLost" if fate == "lost" else "Cancelled")
     assert f"the pipeline stopped at tests.noop (job {first.message_id}): " in str(failure.value)
     assert job(db_url, first.message_id)["last_error"] in str(failure.value)
+    # And both results were written by the transaction that ended the job: an operator's retry of
+    # it, which forgets them, cannot come between (it would leave the caller a stale failure)
+    ended_by = query(db_url, "SELECT xmin::text AS x FROM control_plane.jobs WHERE id = %s", (first.message_id,))
+    written_by = query(db_url, "SELECT DISTINCT (xid::text::bigint % 4294967296)::text AS x FROM results_writers")
+    assert written_by == ended_by
+
+
+def test_a_step_the_reaper_ends_while_the_results_table_is_locked_still_ends_and_the_reaper_says_so(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a pipeline's first step, on its only attempt, running when its worker died, and an
+    # operator's transaction holding control_plane.results
+    first = actors.noop.message_with_options(args=("a",), max_attempts=1)
+    pipeline([first, actors.noop.message()]).run()
+    consumer, held = claim_in_process()
+    assert held.message_id == first.message_id
+    query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1 WHERE id = %s", (first.message_id,))
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+          (first.message_id,))  # fmt: skip
+    lock = psycopg2.connect(db_url)
+    try:
+        with lock.cursor() as cur:
+            cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
+        # When another worker's reaper finds its lease expired
+        other = tasks.broker.consume("slow", prefetch=1, timeout=100)
+        reap_at_once(other)
+        with caplog.at_level("WARNING", logger="tasks.broker"):
+            assert next(other) is None
+        other.close()
+        consumer.close()
+    finally:
+        lock.close()
+    # Then the step ended all the same (the results' failed insert did not take the reap's
+    # transaction with it), and the reaper says its callers wait out their timeouts
+    assert job(db_url, first.message_id)["status"] == "failed"
+    assert "could not store the results of the jobs the reaper ended" in caplog.text
 
 
 def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: str) -> None:
