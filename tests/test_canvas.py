@@ -18,6 +18,7 @@ from dramatiq.middleware import GroupCallbacks, Pipelines
 from dramatiq.results import ResultFailure, ResultMissing, Results
 
 import tasks
+from tasks.middleware.canvas import pipeline_end
 from tests import actors
 from tests.support import claim_in_process, job, query, reap_at_once, running_worker, settle_in_process
 
@@ -139,6 +140,31 @@ def test_a_pipeline_run_again_gives_its_caller_the_new_runs_result_not_the_last_
     assert query(db_url, "SELECT status FROM control_plane.jobs WHERE id = %s", (chain.messages[0].message_id,)) == [
         {"status": "pending"}
     ]
+
+
+@pytest.mark.parametrize("results_table", ["free", "locked"])
+def test_a_pipeline_sent_in_a_transaction_leaves_the_transaction_as_it_was(db_url: str, results_table: str) -> None:
+    # Given a caller's transaction (and, maybe, an operator's holding control_plane.results)
+    holder, conn = psycopg2.connect(db_url), psycopg2.connect(db_url)
+    try:
+        if results_table == "locked":
+            with holder.cursor() as cur:
+                cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
+        # When the caller sends a pipeline in its transaction (forgetting a last run's result,
+        # which gives up on a lock after 250 ms), then commits
+        chain = pipeline([actors.noop.message("a"), actors.noop.message()])
+        with tasks.enqueue_in(conn):
+            chain.run()
+            with conn.cursor() as cur:
+                cur.execute("SHOW lock_timeout")
+                (lock_timeout,) = cur.fetchone()
+        conn.commit()
+    finally:
+        holder.close()
+        conn.close()
+    # Then the transaction went on (it was not aborted), its lock timeout its own, and the job is sent
+    assert lock_timeout == "0"
+    assert job(db_url, chain.messages[0].message_id)["status"] == "pending"
 
 
 def test_a_result_the_next_step_cannot_take_fails_the_pipelines_result_at_once(db_url: str) -> None:
@@ -299,9 +325,10 @@ def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_compl
 def test_a_step_cancelled_while_it_waited_fails_the_pipelines_result_and_a_retry_of_it_forgets_that(
     db_url: str, tmp_path: Path
 ) -> None:
-    # Given a pipeline of three, sent, its first step waiting
-    chain = pipeline([actors.noop.message("a"), actors.noop.message(), actors.noop.message()])
+    # Given a pipeline of four, sent, its first step waiting (its last is three steps on)
+    chain = pipeline([actors.noop.message("a"), actors.noop.message(), actors.noop.message(), actors.noop.message()])
     chain.run()
+    assert pipeline_end(chain.messages[0]).message_id == chain.messages[3].message_id  # (and the Python walk)
     first = chain.messages[0].message_id
     # When an operator cancels that step
     assert query(db_url, "SELECT control_plane.cancel_job(%s) AS r", (first,)) == [{"r": "cancelled"}]
@@ -318,7 +345,7 @@ def test_a_step_cancelled_while_it_waited_fails_the_pipelines_result_and_a_retry
         chain.get_result()
     with running_worker(db_url, tmp_path):
         assert chain.get_result(block=True, timeout=120_000) == "a"
-    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE status = 'completed'") == [{"n": 3}]
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE status = 'completed'") == [{"n": 4}]
 
 
 @pytest.mark.parametrize("fate", ["lost", "cancelled"])
@@ -390,6 +417,28 @@ def test_a_step_the_reaper_ends_while_the_results_table_is_locked_still_ends_and
     # transaction with it), and the reaper says its callers wait out their timeouts
     assert job(db_url, first.message_id)["status"] == "failed"
     assert "could not store the results of the jobs the reaper ended" in caplog.text
+
+
+def test_a_lost_job_whose_body_was_written_by_hand_keeps_no_caller_of_the_others_waiting(db_url: str) -> None:
+    # Given two lost jobs on their last attempt, one's body rewritten by hand into no message
+    plain = actors.noop.send_with_options(args=(2,), max_attempts=1)
+    odd = actors.noop.send_with_options(args=(1,), max_attempts=1)
+    consumer = tasks.broker.consume("default", prefetch=2, timeout=5000)
+    assert {next(consumer).message_id for _ in range(2)} == {odd.message_id, plain.message_id}
+    query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1")
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
+    query(db_url, "UPDATE control_plane.messages SET body = convert_to('{\"x\": 1}', 'UTF8') WHERE id = %s",
+          (odd.message_id,))  # fmt: skip
+    # When another worker's reaper finds them
+    other = tasks.broker.consume("slow", prefetch=1, timeout=100)
+    reap_at_once(other)
+    assert next(other) is None
+    other.close()
+    consumer.close()
+    # Then the other job ended, and its caller hears it
+    assert job(db_url, plain.message_id)["status"] == "failed"
+    with pytest.raises(ResultFailure, match="WorkerLost"):
+        plain.get_result()
 
 
 def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: str) -> None:

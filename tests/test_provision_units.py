@@ -39,6 +39,7 @@ from tasks.provision.payload import (
     Services,
     app_role,
     database_name,
+    is_project_id,
     owner_role,
     payload_hash,
     schema_name,
@@ -143,6 +144,8 @@ def test_longest_project_id_fits_every_derived_name() -> None:
     names = [owner_role(payload), app_role(payload), database_name(payload), schema_name(payload)]
     assert all(len(name.encode()) <= PG_NAME_MAX_BYTES for name in names)
     assert len(owner_role(payload).encode()) == PG_NAME_MAX_BYTES
+    # And it keeps its provisioning to one job (its unique key), one character more does not
+    assert is_project_id(project_id) and not is_project_id(project_id + "p")
 
 
 def test_derived_names() -> None:
