@@ -151,6 +151,46 @@ def test_a_get_result_gives_up_at_its_timeout_while_the_results_table_stays_lock
         holder.close()
 
 
+def test_callers_waiting_on_a_locked_results_table_leave_the_pooled_connections_to_the_processs_sends(
+    db_url: str,
+) -> None:
+    from dramatiq.results import Results
+
+    # Given a session holding control_plane.results, and more callers waiting for results than the
+    # process has pooled connections (2)
+    waited_on = [actors.noop.send(f"waited on {i}") for i in range(3)]
+    holder = psycopg2.connect(db_url)
+    release = threading.Timer(60, holder.rollback)
+    heard: list[object] = []
+    callers = [threading.Thread(target=lambda m=m: heard.append(m.get_result(block=True, timeout=60_000)))
+               for m in waited_on]  # fmt: skip
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE control_plane.results IN ACCESS EXCLUSIVE MODE")  # (a VACUUM FULL's)
+        release.start()
+        for caller in callers:
+            caller.start()
+        looking = ("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%FROM control_plane.results%'")  # fmt: skip
+        wait_for(lambda: query(db_url, looking), what="a caller's look to wait for the table")
+        # When the process sends meanwhile
+        sent = actors.noop.send("meanwhile")
+        # Then the send went through while the callers still wait: each look gives up on the lock
+        # after 250 ms and its connection back (a look held it until the lock went)
+        assert all(caller.is_alive() for caller in callers)
+        assert job(db_url, sent.message_id)["status"] == "pending"
+    finally:
+        release.cancel()
+        holder.close()
+    # And once the table is free, the callers get the results stored for them
+    backend = next(m.backend for m in tasks.broker.middleware if isinstance(m, Results))
+    for message in waited_on:
+        backend.store_result(message, message.args[0], 60_000)
+    for caller in callers:
+        caller.join(60)
+    assert sorted(heard) == sorted(m.args[0] for m in waited_on)
+
+
 def test_a_blocked_get_result_waits_its_whole_timeout_and_sees_a_result_stored_meanwhile(db_url: str) -> None:
     import time
 
