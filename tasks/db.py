@@ -102,6 +102,23 @@ def is_connection_error(exc: BaseException) -> bool:
     return code is None or code.startswith(_SESSION_ENDED)
 
 
+def within_lock_timeout(cur: Any, savepoint: str, lock_timeout: str, run: Callable[[], object]) -> bool:
+    """Run ``run`` (statements on ``cur``) in the caller's open transaction under a savepoint,
+    waiting at most ``lock_timeout`` (``'100ms'``) for a lock. False when a lock was not had in
+    time: what ``run`` did is undone, and the transaction goes on as it was (its own lock
+    timeout included: a rollback to the savepoint undoes the ``SET LOCAL`` too)."""
+    import psycopg2.errors
+
+    cur.execute(f"SAVEPOINT {savepoint}; SET LOCAL lock_timeout = '{lock_timeout}'")
+    try:
+        run()
+    except psycopg2.errors.LockNotAvailable:
+        cur.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+        return False
+    cur.execute(f"SET LOCAL lock_timeout TO DEFAULT; RELEASE SAVEPOINT {savepoint}")
+    return True
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when PostgreSQL rolled back ``exc``'s transaction to break a conflict
     (deadlock, serialization failure): running it again may succeed."""

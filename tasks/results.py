@@ -28,6 +28,7 @@ from dramatiq.results.backend import DEFAULT_TIMEOUT, Missing
 from dramatiq.results.result import wrap_exception
 
 from models import queries
+from tasks import db
 from tasks.broker import (
     RESULTS_LOCK_TIMEOUT,
     PgMessageProxy,
@@ -114,15 +115,9 @@ class PostgresBackend(ResultBackend):
                 return False
             return True
         with caller.cursor() as cur:
-            wait = int(LONGEST_LOOK_SECONDS * 1000)
-            cur.execute(f"SAVEPOINT controlplane_forget; SET LOCAL lock_timeout = {wait}")
-            try:
-                cur.execute(queries.RESULT_FORGET, params)
-            except psycopg2.errors.LockNotAvailable:
-                cur.execute("ROLLBACK TO SAVEPOINT controlplane_forget")  # (the SET LOCAL too)
-                return False
-            cur.execute("SET LOCAL lock_timeout TO DEFAULT; RELEASE SAVEPOINT controlplane_forget")
-        return True
+            wait = f"{int(LONGEST_LOOK_SECONDS * 1000)}ms"
+            return db.within_lock_timeout(cur, "controlplane_forget", wait,
+                                          lambda: cur.execute(queries.RESULT_FORGET, params))  # fmt: skip
 
     def store_soon(self, message_key: str, result: Any, ttl: int, broker: dramatiq.Broker) -> None:
         """Store a result at once, waiting ``RESULTS_LOCK_TIMEOUT`` at most for the table

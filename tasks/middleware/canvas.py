@@ -51,7 +51,6 @@ from typing import Any
 
 import dramatiq
 import psycopg2
-import psycopg2.errors
 from dramatiq.message import Message
 from dramatiq.middleware import group_callbacks as dramatiq_groups
 from dramatiq.middleware import pipelines as dramatiq_pipelines
@@ -105,13 +104,8 @@ def _store_its_result(conn: Any, message: Any) -> None:
         return
     message.result_stored_by_hook = False  # (a claimed message: this hook's transaction may be tried again)
     with conn.cursor() as cur:
-        cur.execute(f"SAVEPOINT its_result; SET LOCAL lock_timeout = '{RESULTS_LOCK_TIMEOUT}'")
-        try:
-            store_results(cur, [stored])
-        except psycopg2.errors.LockNotAvailable:
-            cur.execute("ROLLBACK TO SAVEPOINT its_result")  # (the SET LOCAL too)
+        if not db.within_lock_timeout(cur, "its_result", RESULTS_LOCK_TIMEOUT, lambda: store_results(cur, [stored])):
             return
-        cur.execute("SET LOCAL lock_timeout TO DEFAULT; RELEASE SAVEPOINT its_result")
     message.result_stored_by_hook = True
 
 
