@@ -695,8 +695,8 @@ RESULT_GET = """
 SELECT value FROM control_plane.results WHERE key = %(key)s AND expires_at > now()
 """
 
-#: Forget a result (a pipeline run again: its caller waits for the new run's).
-RESULT_FORGET = "DELETE FROM control_plane.results WHERE key = %(key)s"
+#: Forget results (pipelines run again: their callers wait for the new runs').
+RESULT_FORGET = "DELETE FROM control_plane.results WHERE key = ANY(%(keys)s::text[])"
 
 #: Why a result is not there, for the caller's exception: its job's status and when it ended
 #: (the jobs row, if any), and when its result expired (if its row is still there, unpruned).

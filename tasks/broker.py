@@ -1975,7 +1975,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         caller of the pipeline's last message that it stopped (``tasks.middleware.canvas``)."""
         from dramatiq.results import Results
 
-        from tasks.middleware.canvas import pipeline_end, pipeline_failure
+        from tasks.middleware.canvas import pipeline_end, pipeline_failure, stopped_at
 
         results = next((m for m in self.broker.middleware if isinstance(m, Results)), None)
         stopped: list[StoredResult] = []
@@ -1987,8 +1987,8 @@ class _PostgresConsumer(dramatiq.Consumer):
             if last is None or message is None or results is None:
                 continue
             kind = "WorkerLost" if job["fate"] == "fail" else "Cancelled"
-            text = f"the pipeline stopped at {message.actor_name} (job {job['id']}): {job['error']}"
-            key, failure, ttl = pipeline_failure(results, last, kind, text)
+            why = stopped_at(message.actor_name, job["id"], job["error"])
+            key, failure, ttl = pipeline_failure(results, last, kind, why)
             stopped.append((key, results.backend.encoder.encode(failure), ttl))
         return stopped
 

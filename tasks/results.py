@@ -12,7 +12,7 @@ delivers them at its commit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -102,11 +102,12 @@ class PostgresBackend(ResultBackend):
             time.sleep(min(pause, left))
             pause = min(pause * 2, LONGEST_LOOK_SECONDS)
 
-    def forget(self, message: Message[Any]) -> bool:
-        """Delete ``message``'s result, if any: it is about to run again. In a transaction
-        the send joined (``enqueue_in``), with it: a run rolled back forgets nothing. False
-        when another session held ``control_plane.results`` for 250 ms: a send must not wait."""
-        params = {"key": self.build_message_key(message)}
+    def forget(self, messages: Sequence[Message[Any]]) -> bool:
+        """Delete the results of ``messages``, if any, in one statement: they are about to run
+        again. In a transaction the send joined (``enqueue_in``), with it: a run rolled back
+        forgets nothing. False when another session held ``control_plane.results`` for 250 ms:
+        a send must not wait."""
+        params = {"keys": [self.build_message_key(message) for message in messages]}
         caller = joined_connection()
         if caller is None or caller.autocommit:
             try:

@@ -236,10 +236,8 @@ class Pipelines(dramatiq_pipelines.Pipelines):
             describe_error(message._exception, message, broker) if message._exception is not None else "Rejected"
         )
         kind, _, text = error.partition(": ")
-        _tell_the_pipelines_caller(
-            broker, last, kind, f"the pipeline stopped at {message.actor_name} (job {message.message_id}): "
-            f"{text or kind or 'it failed'}",
-        )
+        _tell_the_pipelines_caller(broker, last, kind, stopped_at(message.actor_name, message.message_id,
+                                                                  text or kind or "it failed"))  # fmt: skip
 
     @staticmethod
     def _fail_the_pipeline(broker: dramatiq.Broker, next_message: Message[Any], exc: NotSerializable) -> None:
@@ -256,16 +254,20 @@ def forget_last_runs_results(broker: dramatiq.Broker, first_steps: list[Message[
     broker calls it for the messages it sends with a next step and not sent by a step.)"""
     from tasks.results import PostgresBackend
 
+    lasts = []
+    for first in first_steps:
+        try:
+            last = pipeline_end(first)
+        except (TypeError, ValueError, AttributeError):
+            continue  # a next step that is no message (written by hand): no caller waits on it
+        if last is not None:
+            lasts.append(last)
     for middleware in broker.middleware:
-        if isinstance(middleware, Results) and isinstance(middleware.backend, PostgresBackend):
-            for first in first_steps:
-                try:
-                    last = pipeline_end(first)
-                except (TypeError, ValueError, AttributeError):
-                    continue  # a next step that is no message (written by hand): no caller waits on it
-                if last is not None and not middleware.backend.forget(last):
-                    logger.warning("pipeline %s sent while control_plane.results is locked: if it ran before, "
-                                   "its caller may get that run's result until this run's comes", last.message_id)
+        if isinstance(middleware, Results) and isinstance(middleware.backend, PostgresBackend) and lasts:
+            if not middleware.backend.forget(lasts):
+                logger.warning("%d pipeline(s) sent while control_plane.results is locked: the caller of one "
+                               "that ran before may get that run's result until this run's comes (last messages: %s)",
+                               len(lasts), ", ".join(last.message_id for last in lasts))
 
 
 def pipeline_end(message: Message[Any]) -> Message[Any] | None:
@@ -277,6 +279,11 @@ def pipeline_end(message: Message[Any]) -> Message[Any] | None:
     while last.options.get("pipe_target") is not None:
         last = Message(**last.options["pipe_target"])
     return last
+
+
+def stopped_at(actor_name: str, job_id: str, why: str) -> str:
+    """What a pipeline's caller hears of the step that stopped it (0020's SQL says it the same way)."""
+    return f"the pipeline stopped at {actor_name} (job {job_id}): {why}"
 
 
 def pipeline_failure(results: Results, last: Message[Any], kind: str, text: str) -> tuple[str, Any, int]:
@@ -312,4 +319,5 @@ __all__ = [
     "forget_last_runs_results",
     "pipeline_end",
     "pipeline_failure",
+    "stopped_at",
 ]
