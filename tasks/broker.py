@@ -2001,9 +2001,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         with conn.cursor() as cur:
             cur.execute("SAVEPOINT control_plane_ended_results")
             try:
-                cur.execute(queries.STORE_REAPED_RESULTS, {"ids": job_ids})
-                if pipelines_stopped:
-                    store_results(cur, pipelines_stopped)
+                _store_ended(cur, job_ids, pipelines_stopped)
             except psycopg2.Error as exc:
                 if db.is_connection_error(exc):
                     raise
@@ -2020,9 +2018,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         try:  # on this thread's own connection: waiting for a pooled one could take any time
             with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn, conn.cursor() as cur:
                 cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")
-                cur.execute(queries.STORE_REAPED_RESULTS, {"ids": job_ids})
-                if pipelines_stopped:
-                    store_results(cur, pipelines_stopped)
+                _store_ended(cur, job_ids, pipelines_stopped)
         except psycopg2.Error as exc:
             logger.warning("could not store the results of the jobs the reaper ended (%s); their callers "
                            "wait out their timeouts", db.loggable_error(exc))
@@ -2536,6 +2532,14 @@ def _not_stored(cur: Any, rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
                 continue
         keep.append(i)
     return {name: [values[i] for i in keep] for name, values in rows.items()}
+
+
+def _store_ended(cur: Any, job_ids: list[str], pipelines_stopped: Sequence[StoredResult]) -> None:
+    """What the callers of the jobs ``job_ids`` (failed or cancelled) and of the pipelines they
+    were steps of hear: ``STORE_REAPED_RESULTS``, and ``pipelines_stopped``."""
+    cur.execute(queries.STORE_REAPED_RESULTS, {"ids": job_ids})
+    if pipelines_stopped:
+        store_results(cur, pipelines_stopped)
 
 
 def _decoded_or_none(body: bytes) -> Message[Any] | None:
