@@ -68,7 +68,7 @@ def upgrade(
     *,
     lock_timeout: float = 0.0,
     attempts: int = 1,
-    on_retry: Callable[[int, str], None] | None = None,
+    on_retry: Callable[[int, BaseException], None] | None = None,
 ) -> None:
     """Migrate the database at ``url`` (a libpq URL) to ``revision``.
 
@@ -96,7 +96,7 @@ def upgrade(
             if attempt == attempts:
                 raise LockNotAvailable(str(exc.orig).strip()) from exc
             if on_retry is not None:
-                on_retry(attempt, str(exc.orig).strip())
+                on_retry(attempt, exc.orig or exc)
             time.sleep(min(0.5 * 2**attempt, 5.0))
             continue
         newer = config.attributes.get("newer_revision")

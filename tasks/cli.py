@@ -86,9 +86,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     url = _url(settings, create=True)
     _connect(url).close()
-    def waiting(attempt: int, error: str) -> None:
+    def waiting(attempt: int, error: BaseException) -> None:
         print(f"controlplane migrate: try {attempt} of {args.lock_attempts} gave up on a lock "
-              f"({error.splitlines()[0] if error else error}); trying again", file=sys.stderr, flush=True)  # fmt: skip
+              f"({_first_line(error)}); trying again", file=sys.stderr, flush=True)  # fmt: skip
 
     try:
         migrations.upgrade(url, lock_timeout=args.lock_timeout, attempts=args.lock_attempts, on_retry=waiting)
@@ -120,10 +120,11 @@ def _left_at(url: str) -> str:
         found = migrations.current(url)
     except Exception:  # (what stopped the migration may stop this look too)
         return "its revision could not be read"
-    if found == migrations.head():
+    head = migrations.head()
+    if found == head:
         return f"the database is at this release's revision, {found}"
     return (f"the database is at revision {found or 'none'} (each revision up to it applied whole, "
-            f"nothing of the next), this release's is {migrations.head()}")
+            f"nothing of the next), this release's is {head}")
 
 
 def _lock_holders(url: str) -> str:
