@@ -20,7 +20,7 @@ from dramatiq.results import ResultFailure, ResultMissing, Results
 import tasks
 from tasks.middleware.canvas import pipeline_end
 from tests import actors
-from tests.support import claim_in_process, job, query, reap_at_once, running_worker, settle_in_process
+from tests.support import claim_in_process, job, query, reap_from_another_worker, running_worker, settle_in_process
 
 
 def middleware(kind: type) -> Any:
@@ -304,10 +304,7 @@ def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_compl
     query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second' "
                   "WHERE id = %s", (first.message_id,))  # fmt: skip
     # When another worker's reaper finds its lease expired
-    other = tasks.broker.consume("slow", prefetch=1, timeout=100)
-    reap_at_once(other)
-    assert next(other) is None
-    other.close()
+    reap_from_another_worker()
     consumer.close()
     # Then the job is completed, as its pipeline or group took it to be: no failure, no on_failure
     # hook (which would undo work the next step builds on), no WorkerLost for its caller, whose
@@ -369,10 +366,7 @@ def test_a_step_the_reaper_ends_fails_the_pipelines_result_naming_the_step(db_ur
                   "cancel_requested_at = CASE WHEN %s THEN now() END WHERE id = %s",
           (fate == "cancelled", first.message_id))  # fmt: skip
     # When another worker's reaper finds its lease expired
-    other = tasks.broker.consume("slow", prefetch=1, timeout=100)
-    reap_at_once(other)
-    assert next(other) is None
-    other.close()
+    reap_from_another_worker()
     consumer.close()
     # Then the step ended, and the caller of the pipeline hears it at once, the step named
     assert job(db_url, first.message_id)["status"] == ("failed" if fate == "lost" else "cancelled")
@@ -405,11 +399,8 @@ def test_a_step_the_reaper_ends_while_the_results_table_is_locked_still_ends_and
         with lock.cursor() as cur:
             cur.execute("LOCK TABLE control_plane.results IN SHARE MODE")
         # When another worker's reaper finds its lease expired
-        other = tasks.broker.consume("slow", prefetch=1, timeout=100)
-        reap_at_once(other)
         with caplog.at_level("WARNING", logger="tasks.broker"):
-            assert next(other) is None
-        other.close()
+            reap_from_another_worker()
         consumer.close()
     finally:
         lock.close()
@@ -430,10 +421,7 @@ def test_a_lost_job_whose_body_was_written_by_hand_keeps_no_caller_of_the_others
     query(db_url, "UPDATE control_plane.messages SET body = convert_to('{\"x\": 1}', 'UTF8') WHERE id = %s",
           (odd.message_id,))  # fmt: skip
     # When another worker's reaper finds them
-    other = tasks.broker.consume("slow", prefetch=1, timeout=100)
-    reap_at_once(other)
-    assert next(other) is None
-    other.close()
+    reap_from_another_worker()
     consumer.close()
     # Then the other job ended, and its caller hears it
     assert job(db_url, plain.message_id)["status"] == "failed"
@@ -452,10 +440,7 @@ def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: st
     query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1")
     query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
     # When another worker's reaper finds them
-    other = tasks.broker.consume("slow", prefetch=1, timeout=100)
-    reap_at_once(other)
-    assert next(other) is None
-    other.close()
+    reap_from_another_worker()
     consumer.close()
     # Then both ended, as lost jobs out of attempts do (one bad row made every reap fail)
     assert {job(db_url, m.message_id)["status"] for m in (bad, plain)} == {"failed"}
