@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,16 +128,27 @@ def test_a_missing_result_says_whether_the_job_is_waiting_ended_without_one_or_e
         brief.get_result()
 
 
-def test_a_get_result_gives_up_at_its_timeout_while_the_results_table_stays_locked(db_url: str) -> None:
-    # Given a job, and a session holding control_plane.results (a VACUUM FULL, a migration), let go
-    # of in 60 s at the latest
-    message = actors.noop.send("locked out")
+@contextlib.contextmanager
+def results_table_held(db_url: str) -> Iterator[threading.Timer]:
+    """Another session holding control_plane.results as a VACUUM FULL does, let go of at the end
+    of the block or in 60 s at the latest (the timer yielded: alive while the lock is held)."""
     holder = psycopg2.connect(db_url)
     release = threading.Timer(60, holder.rollback)
     try:
         with holder.cursor() as cur:
             cur.execute("LOCK TABLE control_plane.results IN ACCESS EXCLUSIVE MODE")
         release.start()
+        yield release
+    finally:
+        release.cancel()
+        holder.close()
+
+
+def test_a_get_result_gives_up_at_its_timeout_while_the_results_table_stays_locked(db_url: str) -> None:
+    # Given a job, and a session holding control_plane.results (a VACUUM FULL, a migration), let go
+    # of in 60 s at the latest
+    message = actors.noop.send("locked out")
+    with results_table_held(db_url) as release:
         # When its caller waits 1 s for its result, Then it hears at its timeout that the table
         # stayed locked (a look waited for the lock without end, and held a pooled connection
         # the process's sends waited for), and so does a caller that does not wait
@@ -146,9 +158,6 @@ def test_a_get_result_gives_up_at_its_timeout_while_the_results_table_stays_lock
             message.get_result()
         # And the lock is still held: the caller did not just outwait it
         assert release.is_alive()
-    finally:
-        release.cancel()
-        holder.close()
 
 
 def test_callers_waiting_on_a_locked_results_table_leave_the_pooled_connections_to_the_processs_sends(
@@ -159,15 +168,10 @@ def test_callers_waiting_on_a_locked_results_table_leave_the_pooled_connections_
     # Given a session holding control_plane.results, and more callers waiting for results than the
     # process has pooled connections (2)
     waited_on = [actors.noop.send(f"waited on {i}") for i in range(3)]
-    holder = psycopg2.connect(db_url)
-    release = threading.Timer(60, holder.rollback)
     heard: list[object] = []
     callers = [threading.Thread(target=lambda m=m: heard.append(m.get_result(block=True, timeout=60_000)))
                for m in waited_on]  # fmt: skip
-    try:
-        with holder.cursor() as cur:
-            cur.execute("LOCK TABLE control_plane.results IN ACCESS EXCLUSIVE MODE")  # (a VACUUM FULL's)
-        release.start()
+    with results_table_held(db_url):
         for caller in callers:
             caller.start()
         looking = ("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
@@ -179,9 +183,6 @@ def test_callers_waiting_on_a_locked_results_table_leave_the_pooled_connections_
         # after 250 ms and its connection back (a look held it until the lock went)
         assert all(caller.is_alive() for caller in callers)
         assert job(db_url, sent.message_id)["status"] == "pending"
-    finally:
-        release.cancel()
-        holder.close()
     # And once the table is free, the callers get the results stored for them
     backend = next(m.backend for m in tasks.broker.middleware if isinstance(m, Results))
     for message in waited_on:
