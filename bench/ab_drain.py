@@ -9,6 +9,7 @@ empty. The order alternates every round. It also reports CPU per job of the
 worker process tree and of its PostgreSQL backends (``/proc``), which moves
 less than the rate on a shared machine, and how many statements the server
 rolled back as deadlocks and how often a consumer restarted (from the workers' log).
+``--group-size G`` sends the backlog as groups of G, each with a completion callback.
 
 ``ROOT::dramatiq_queue_prefetch=48`` runs a tree with extra environment.
 """
@@ -53,12 +54,14 @@ class Drain(NamedTuple):
 
 def run_once(
     spec: str, path: str, extra: dict[str, str], n: int, processes: int,
-    fill_batch: int = 500, rate: float | None = None, store_results: bool = False,
+    fill_batch: int = 500, rate: float | None = None, store_results: bool = False, group_size: int = 0,
 ) -> Drain:  # fmt: skip
     """Drain ``n`` jobs with the tree at ``path`` and the ``extra`` environment (``spec``, parsed),
     sent in batches of ``fill_batch`` (1: one ``send`` per job) before the workers start, or,
     with ``rate``, one per call at that many per second while they run (its rate is then about the
-    sends' rate). With ``store_results`` each job stores its (None) result for ``get_result``."""
+    sends' rate). With ``store_results`` each job stores its (None) result for ``get_result``. With
+    ``group_size`` the jobs are sent as Dramatiq groups of that many, each with a completion
+    callback (one more no-op job, not counted in the rate), by ``group.run()``."""
     url = fresh_database(DATABASE)
     env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=f"{path}{os.pathsep}{ROOT}", BENCH_RECORD_FILE=os.devnull)
     env.update(extra)
@@ -69,6 +72,11 @@ def run_once(
         fill = setup + (f"from bench.drivers.common import paced_send\n"
                         f"send = lambda *a: noop.send_with_options(args=a, {options})\n"
                         f"paced_send({n}, {rate}, send, warm_up=False)\n")  # fmt: skip
+    elif group_size:
+        member = f"noop.message_with_options(args=(0.0,), {options})"
+        fill = setup + (f"from dramatiq import group\nfor _ in range({n} // {group_size}):\n"
+                        f"    g = group([{member} for _ in range({group_size})])\n"
+                        f"    g.add_completion_callback(noop.message(0.0))\n    g.run()\n")  # fmt: skip
     elif fill_batch == 1:
         fill = setup + f"for _ in range({n}): noop.send_with_options(args=(0.0,), {options})\n"
     else:
@@ -145,13 +153,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="jobs per send while filling the backlog (default 500; 1: one send per job)")  # fmt: skip
     parser.add_argument("--rate", type=float,
                         help="no backlog: send one per call at this many jobs/s while the workers run")  # fmt: skip
+    parser.add_argument("--group-size", type=int, default=0,
+                        help="send the jobs as groups of this many, each with a completion callback")  # fmt: skip
     parser.add_argument("--store-results", action="store_true",
                         help="the jobs store their results for get_result (store_results=True)")
     args = parser.parse_args(argv)
     results: list[list[Drain]] = [[] for _ in args.trees]  # by position: an A/A run keeps two lines
     for round_no, index, path, extra in interleaved(args.trees, args.rounds):
         spec = args.trees[index]
-        d = run_once(spec, path, extra, args.n, args.processes, args.fill_batch, args.rate, args.store_results)
+        d = run_once(spec, path, extra, args.n, args.processes, args.fill_batch, args.rate, args.store_results,
+                      args.group_size)  # fmt: skip
         results[index].append(d)
         print(f"round {round_no} {spec}: {d.rate:,.0f} jobs/s, CPU per job: workers {d.worker_cpu:.0f} µs, "
               f"PostgreSQL {d.pg_cpu:.0f} µs; WAL {d.wal:,.0f} B/job, HOT jobs updates {d.hot:.0%}; "

@@ -248,30 +248,38 @@ WITH m AS (
 )""" + _KEYLESS_FROM_M  # noqa: S608 (joined from this module's constants only, no input)
 )
 
-#: A group child passing its group's barrier (``tasks.middleware.canvas``), counted once: its
-#: marker (``<group>@done:<message id>``, ``marker``) is inserted unless an unexpired one exists,
-#: and only if it was, the barrier row is read under its lock and one taken off it while more
-#: than one party is left (the update runs unreferenced: a data-modifying CTE always does); at 1
-#: the last party releases it. One round trip (the marker and the barrier were two). Returns
-#: (counted, the barrier's count before it: NULL when the barrier is gone, expired or swept).
+#: A group child passing its group's barrier (``tasks.middleware.canvas``), counted once. The
+#: barrier row is read under its lock first (so every pass, and a redelivery of one, takes the
+#: barrier before the marker: one lock order); then the child's marker (``<group>@done:<message
+#: id>``, ``marker``) is inserted unless an unexpired one exists, and only if it was, one is taken
+#: off the barrier while more than one party is left (the update runs unreferenced: a
+#: data-modifying CTE always does); at 1 the last party releases it. With ``last`` false the
+#: marker is not inserted when the barrier is down to 1: a child that may be the last is not
+#: counted here but in a transaction that sends the callbacks too (``last`` true). A gone barrier
+#: (expired, swept) takes no lock and the marker is inserted either way. Its commit does not wait
+#: for the WAL flush: every child passes through this one row lock, and a flush in it made the
+#: children pass one flush at a time; a server crash that undoes the pass undoes the job's
+#: outcome, written after it, too, so the job runs and passes again. Returns (counted, the
+#: barrier's count before it: NULL when the barrier is gone).
 CHILD_PASS = """
-WITH marker AS (
+WITH b AS (
+    SELECT key, value FROM control_plane.rate_limits
+    WHERE key = %(key)s AND expires_at > now()
+    FOR UPDATE
+), marker AS (
     INSERT INTO control_plane.rate_limits AS r (key, value, expires_at)
-    VALUES (%(marker)s, 1, now() + make_interval(secs => %(ttl_ms)s / 1000.0))
+    SELECT %(marker)s, 1, now() + make_interval(secs => %(ttl_ms)s / 1000.0)
+    WHERE COALESCE((SELECT value FROM b) > 1 OR %(last)s, true)
     ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
     WHERE r.expires_at <= now()
     RETURNING r.key
-), b AS (
-    SELECT key, value FROM control_plane.rate_limits
-    WHERE key = %(key)s AND expires_at > now() AND EXISTS (SELECT FROM marker)
-    FOR UPDATE
 ), passed AS (
     UPDATE control_plane.rate_limits AS r
        SET value = r.value - 1, expires_at = now() + make_interval(secs => %(ttl_ms)s / 1000.0)
-    FROM b WHERE r.key = b.key AND b.value > 1
+    FROM b WHERE r.key = b.key AND b.value > 1 AND EXISTS (SELECT FROM marker)
     RETURNING r.key
 )
-SELECT EXISTS (SELECT FROM marker), (SELECT value FROM b)
+SELECT EXISTS (SELECT FROM marker), (SELECT value FROM b), set_config('synchronous_commit', 'off', true)
 """
 
 #: A message sent once (a pipeline's next step, ``tasks.middleware.canvas``): deliveries of the

@@ -20,7 +20,7 @@ from dramatiq.results import ResultFailure, ResultMissing, Results
 import tasks
 from tasks.middleware.canvas import pipeline_end
 from tests import actors
-from tests.support import claim_in_process, job, query, reap_from_another_worker, running_worker, settle_in_process
+from tests.support import at_once, claim_in_process, job, query, reap_from_another_worker, running_worker, settle_in_process
 
 
 def middleware(kind: type) -> Any:
@@ -33,9 +33,9 @@ def queued(url: str, actor: str) -> list[Message[Any]]:
     return [Message.decode(bytes(r["body"])) for r in rows]
 
 
-def sent_group(url: str, label: str) -> list[Message[Any]]:
-    """Send a group of three noop jobs with a completion callback; its children as queued (visible ones)."""
-    members = group([actors.noop.message(i) for i in range(3)])
+def sent_group(url: str, label: str, size: int = 3) -> list[Message[Any]]:
+    """Send a group of ``size`` noop jobs with a completion callback; its children as queued (visible ones)."""
+    members = group([actors.noop.message(i) for i in range(size)])
     members.add_completion_callback(actors.group_done.message(label))
     members.run()
     return queued(url, "tests.noop")
@@ -66,6 +66,47 @@ def test_a_child_delivered_twice_is_counted_once_and_the_callback_is_sent_once(
         callbacks.after_process_message(tasks.broker, child, result=None)
     assert len(sends) == 1
     assert len(queued(db_url, "tests.group_done")) == 1
+
+
+def test_children_passing_at_once_from_many_threads_some_twice_send_the_callback_once_after_the_last(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a group of 40 with a completion callback, and the children counted on its barrier
+    # (committed) noted at each send of the callback
+    children = sent_group(db_url, "forty", size=40)
+    counted_at_send: list[int] = []
+    enqueue = tasks.broker.enqueue
+    markers = "SELECT count(*) AS n FROM control_plane.rate_limits WHERE key LIKE '%@done:%'"
+
+    def noting(message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        if message.actor_name == "tests.group_done":
+            counted_at_send.append(query(db_url, markers)[0]["n"])
+        return enqueue(message, delay=delay)
+
+    monkeypatch.setattr(tasks.broker, "enqueue", noting)
+    hook = middleware(GroupCallbacks)
+    # When 8 threads pass them at once, every fourth child delivered twice (the two at once)
+    deliveries = [child for i, child in enumerate(children) for _ in range(2 if i % 4 == 0 else 1)]
+    def pass_all_left() -> int:
+        passed = 0
+        while True:
+            try:
+                child = deliveries.pop()
+            except IndexError:
+                return passed
+            hook.after_process_message(tasks.broker, child, result=None)
+            passed += 1
+
+    passes = at_once(pass_all_left, 8)
+    # Then every delivery passed without an error, and the callback was sent once, by the last
+    # child: the 39 others were counted before it
+    assert sum(p for p in passes if isinstance(p, int)) == 50, passes
+    assert counted_at_send == [39]
+    assert len(queued(db_url, "tests.group_done")) == 1
+    # And the barrier holds its last party, each child counted once
+    assert query(db_url, markers)[0]["n"] == 40
+    barrier = query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key NOT LIKE '%@done:%'")
+    assert [r["value"] for r in barrier] == [1]
 
 
 def test_a_pipeline_step_delivered_again_does_not_send_its_finished_next_step_again(db_url: str) -> None:
