@@ -1151,6 +1151,15 @@ ON CONFLICT (id) DO UPDATE
 RETURNING attempts
 """
 
+#: The attempts of a job's run before the one now failing (``tasks.middleware.retries``), by the
+#: jobs mirror, which counts those whose worker was lost (the reaper's, or a delivery again over
+#: a ``running`` row): the message's ``retries`` counts only the failures Dramatiq retried.
+#: The attempt now failing is counted once its start is written (``running``).
+ATTEMPTS_BEFORE = """
+SELECT attempts - attempts_before_retry - CASE WHEN status = 'running' THEN 1 ELSE 0 END
+FROM control_plane.jobs WHERE id = %(id)s::uuid
+"""
+
 #: The attempt succeeded.
 MIRROR_COMPLETED = """
 UPDATE control_plane.jobs

@@ -981,6 +981,21 @@ def _lose_the_workers_of(db_url: str, messages: list[dramatiq.Message], *, cance
     lost.close()
 
 
+def test_attempts_whose_workers_were_lost_count_against_max_attempts(db_url: str, tmp_path: Path) -> None:
+    # Given a job of three attempts that always fails, whose workers were lost on its first two
+    message = actors.always_fails.send("lost twice")
+    _lose_the_worker_of(db_url, message)
+    _lose_the_worker_of(db_url, message)
+    assert job(db_url, message.message_id)["status"] == "pending"
+    # When a worker runs it
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "failed", what="the job to fail")
+    # Then it ran once, its third and last attempt, not three more times
+    assert len(effects(db_url, "attempt")) == 1
+    row = job(db_url, message.message_id)
+    assert (row["attempts"], row["last_error"]) == (3, "RuntimeError: failed on purpose: lost twice")
+
+
 @pytest.mark.parametrize("how", ["retry_job", "sent-again"])
 def test_a_retried_job_gets_all_its_attempts_again_when_its_workers_are_lost(db_url: str, how: str) -> None:
     # Given a job of two attempts whose workers were lost on both: the reaper failed it

@@ -6,6 +6,8 @@ included: ``max_attempts=3`` is Dramatiq's ``max_retries=2``. Any
 whether or not the actor lists it in ``throws``; a :class:`tasks.errors.Cancelled`
 interrupt is never retried either. Under an actor's ``retry_when`` the predicate
 decides, as in Dramatiq, and only an explicit ``max_attempts`` bounds it too.
+An attempt whose worker was lost counts as one: the jobs mirror's count of the
+job's attempts is read when an attempt fails (Dramatiq counts only the failures).
 
 ``on_final_failure`` (an actor name, per actor or per message) is sent once
 when a job fails for good, permanent error or retries spent (Dramatiq's
@@ -32,6 +34,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import retries as dramatiq_retries
 
+from tasks.db import loggable_error
 from tasks.errors import Cancelled, PermanentError
 from tasks.redaction import persistable
 from tasks.settings import UNLIMITED_ATTEMPTS as UNLIMITED_ATTEMPTS
@@ -138,6 +141,29 @@ def _thrown(broker: dramatiq.Broker, message: Any, exception: BaseException) -> 
     return isinstance(exception, throws)
 
 
+def _count_lost_attempts(message: Any, attempts: int) -> None:
+    """Count the attempts of this run of the job whose worker was lost (killed, cut off) in
+    the message's ``retries``, which Dramatiq's count of retried failures never saw: without
+    them a job whose worker died twice ran ``max_attempts`` more times after (the jobs mirror
+    counts them; the reaper ends a job lost on its last attempt). One read per failed attempt
+    that may be retried; none with the StubBroker, which keeps no mirror."""
+    import tasks
+    from models import queries
+
+    retries = message.options.get("retries", 0)
+    if tasks.settings.stub_broker or attempts >= UNLIMITED_ATTEMPTS or retries + 1 >= attempts:
+        return
+    try:
+        with tasks.connection() as conn, conn.cursor() as cur:
+            cur.execute(queries.ATTEMPTS_BEFORE, {"id": message.message_id})
+            row = cur.fetchone()
+    except Exception as exc:  # Dramatiq's own count decides, as before
+        logger.warning("message %s: could not read its lost attempts: %s", message.message_id, loggable_error(exc))
+        return
+    if row is not None and row[0] is not None and row[0] > retries:
+        message.options["retries"] = row[0]
+
+
 class Retries(dramatiq_retries.Retries):
     """Exponential backoff (Dramatiq's), bounded by ``max_attempts``; permanent errors never retry."""
 
@@ -165,6 +191,7 @@ class Retries(dramatiq_retries.Retries):
             message.fail()
         else:
             attempts = max_attempts_for(broker, message)
+            _count_lost_attempts(message, attempts)
             if "max_retries" not in message.options:
                 message.options["max_retries"] = attempts - 1
             if (
