@@ -20,7 +20,15 @@ from dramatiq.results import ResultFailure, ResultMissing, Results
 import tasks
 from tasks.middleware.canvas import pipeline_end
 from tests import actors
-from tests.support import at_once, claim_in_process, job, query, reap_from_another_worker, running_worker, settle_in_process
+from tests.support import (
+    at_once,
+    claim_in_process,
+    job,
+    query,
+    reap_from_another_worker,
+    running_worker,
+    settle_in_process,
+)
 
 
 def middleware(kind: type) -> Any:
