@@ -329,7 +329,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             rows = _fetch_since(
                 conn,
                 f"SELECT {', '.join(_LIST_COLUMNS)} FROM control_plane.jobs WHERE {' AND '.join(where)} "  # noqa: S608
-                f"ORDER BY {time_column} DESC LIMIT %(limit)s",
+                f"ORDER BY {time_column} DESC, id DESC LIMIT %(limit)s",  # (ids: time-ordered, unique)
                 {**params, "limit": args.limit},
                 args.since,
             )
@@ -389,7 +389,8 @@ def _status_lookup(status: str | None, settings: Settings) -> list[str]:
     if status == "retrying":
         return ["retry_at IS NOT NULL"]
     if status == "running" and settings.postgres_broker:
-        return ["id IN (SELECT id FROM control_plane.messages WHERE claim_token IS NOT NULL)"]
+        # (an array, not IN: with stale statistics of messages the planner read the whole history)
+        return ["id = ANY(ARRAY(SELECT id FROM control_plane.messages WHERE claim_token IS NOT NULL))"]
     return []
 
 
@@ -608,6 +609,13 @@ def _queue_name(value: str) -> str:
         check_queue_name(value)  # what an actor's queue name must be
     except InvalidOption as exc:
         raise argparse.ArgumentTypeError(_printable(str(exc))) from None
+    return value
+
+
+def _actor_name(value: str) -> str:
+    """An actor's name to filter by: an empty one filtered nothing, and listed every job."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must name an actor, not be empty")
     return value
 
 
@@ -967,8 +975,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="retrying: pending jobs waiting for another attempt (found by an index, where pending "
         "reads the history)",
     )
-    p.add_argument("--type", help="actor name")
-    p.add_argument("--queue")
+    p.add_argument("--type", type=_actor_name, help="actor name")
+    p.add_argument("--queue", type=_queue_name)
     p.add_argument(
         "--since",
         help="a PostgreSQL interval, e.g. '1 hour': jobs created since then (with --status failed: failed since then)",
@@ -989,7 +997,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("id", nargs="?", help="the job's id")
     p.add_argument("--failed", action="store_true", help="retry every failed job")
-    p.add_argument("--type", help="with --failed: only jobs of this actor")
+    p.add_argument("--type", type=_actor_name, help="with --failed: only jobs of this actor")
     p.add_argument("--queue", type=_queue_name, help="with --failed: only jobs of this queue")
     p.add_argument("--since", help="with --failed: only jobs that failed since then, a PostgreSQL interval ('1 hour')")
     p.add_argument("--limit", type=_row_limit, help="with --failed: at most this many, the oldest failures first")
@@ -1005,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("id", nargs="?", help="the job's id")
     p.add_argument("--queue", type=_queue_name, help="cancel every pending or running job of this queue")
-    p.add_argument("--type", help="with --queue: only jobs of this actor")
+    p.add_argument("--type", type=_actor_name, help="with --queue: only jobs of this actor")
     p.set_defaults(func=cmd_jobs_cancel)
 
     queues = sub.add_parser(

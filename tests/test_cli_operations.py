@@ -734,6 +734,28 @@ def test_jobs_list_since_finds_failed_jobs_by_when_they_failed(
     assert [row["type"] for row in json.loads(result.stdout)] == ["late"]
 
 
+def test_jobs_list_orders_jobs_sent_at_the_same_instant_by_id_and_refuses_empty_filters(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given six jobs of one instant (a batch's jobs share their created_at), written out of id order
+    ids = [str(uuid.UUID(int=n)) for n in (4, 1, 6, 3, 5, 2)]
+    for job_id in ids:
+        query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, created_at) "
+                      "VALUES (%s, 'tests.noop', 'default', '2026-12-07 10:00+00')", (job_id,))  # fmt: skip
+    # When the operator lists them, all and the first page of three
+    def listed(limit: str) -> list[str]:
+        result = in_process(capsys, monkeypatch, db_url, "jobs", "list", "--limit", limit, "--json")
+        return [row["id"] for row in json.loads(result.stdout)]
+
+    # Then they come newest id first, and a page is the start of the full list
+    assert listed("6") == sorted(ids, reverse=True)
+    assert listed("3") == sorted(ids, reverse=True)[:3]
+    # And an empty actor or a queue name no worker could read is refused by its option's name
+    for option, value in (("--queue", ""), ("--queue", "billing "), ("--type", " ")):
+        refused = cli(db_url, "jobs", "list", option, value)
+        assert refused.returncode == 2 and f"argument {option}" in refused.stderr, refused.stderr
+
+
 def test_cli_errors_are_one_line_and_never_print_a_password(empty_db: str, server_url: str, db_url: str) -> None:
     # A URL libpq cannot read (a '%' in the password that is not percent-encoding)
     broken = cli("postgresql://root:Top%zzSecret@127.0.0.1:5432/postgres", "stats")
