@@ -28,7 +28,7 @@ SECRET_PATTERN = re.compile(
 )
 
 #: The words that name a secret, in a setting's, a field's or a keyword argument's name.
-_KEYWORDS = "passwords?|passwd|pwd|secrets?|tokens?|peppers?"
+_KEYWORDS = "passwords?|passwd|pwd|secrets?|tokens?|peppers?|api_?keys?|access_?keys?|private_?keys?|credentials?"
 
 #: A quoted string, with a Python prefix (b'...', r"..."), backslash escapes inside.
 _QUOTED = r"""[bBrRuU]{0,2}(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""

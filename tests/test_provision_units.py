@@ -518,6 +518,18 @@ def test_redact_removes_secrets_under_longer_setting_and_field_names() -> None:
     assert cleaned.endswith("the token expired")
 
 
+def test_redact_removes_api_keys_access_keys_and_credentials_under_their_names() -> None:
+    # Given a KeyError quoting a settings dict, an environment dump and a JSON answer (a review's repro)
+    text = ("KeyError: {'api_key': 'ak-1', 'region': 'eu'}; AWS_SECRET_ACCESS_KEY=ak-2 ACCESS_KEY=ak-3 "
+            'STRIPE_APIKEY=ak-4; {"private_key": "ak-5", "credentials": "ak-6"}; api_key_count=3')  # fmt: skip
+    # When redacted
+    cleaned = apikeys.redact(text)
+    # Then none survives, and a field that only starts with such a name (a count, an id) is left alone
+    for n in range(1, 7):
+        assert f"ak-{n}" not in cleaned
+    assert "'region': 'eu'" in cleaned and cleaned.endswith("api_key_count=3")
+
+
 def test_redact_removes_secrets_as_python_reprs_and_dollar_quoted_ddl_write_them() -> None:
     # Given secrets as an exception quoting its arguments would show them: bytes, containers,
     # a plural name, a (name, value) pair, and DDL with dollar quotes and E'' escapes
