@@ -1127,7 +1127,12 @@ ON CONFLICT (id) DO NOTHING
 #: An attempt started: running, one more attempt (the row is created if the send's write was lost or is late).
 #: A row still running the same delivery (the same ``retries`` count: not a retry whose record
 #: is late) is RabbitMQ delivering the message again after its worker was lost: that attempt
-#: is recorded as lost, as the Postgres broker's reaper records an expired lease.
+#: is recorded as lost, as the Postgres broker's reaper records an expired lease. When that lost
+#: attempt was the job's last, nothing is written and no row returned: the worker fails the
+#: job without running it (``MIRROR_FAILED``), as the reaper ends one (RabbitMQ's redelivery
+#: never counts as a retry: a job that kills its worker was delivered, and killed one, forever).
+_DELIVERED_AGAIN = ("j.status = 'running' AND coalesce(j.options ->> 'retries', '0')"
+                    " = coalesce(excluded.options ->> 'retries', '0')")
 MIRROR_STARTED = """
 INSERT INTO control_plane.jobs AS j (id, type, queue, payload, options, priority, max_attempts,
                                      status, attempts, started_at, worker)
@@ -1136,18 +1141,17 @@ VALUES (%(id)s::uuid, %(actor)s, %(queue)s, %(payload)s::jsonb, %(options)s::jso
 ON CONFLICT (id) DO UPDATE
    SET status = 'running', attempts = j.attempts + 1, started_at = now(), completed_at = NULL,
        updated_at = now(), worker = excluded.worker,
-       last_error = CASE WHEN j.status = 'running' AND coalesce(j.options ->> 'retries', '0')
-                                                       = coalesce(excluded.options ->> 'retries', '0')
+       last_error = CASE WHEN """ + _DELIVERED_AGAIN + """
                          THEN 'delivered again: worker ' || coalesce(j.worker, 'unknown')
                               || ' did not finish the attempt (killed, or cut off from RabbitMQ)'
                          ELSE j.last_error END,
-       errors = CASE WHEN j.status = 'running' AND coalesce(j.options ->> 'retries', '0')
-                                                   = coalesce(excluded.options ->> 'retries', '0')
+       errors = CASE WHEN """ + _DELIVERED_AGAIN + """
                      THEN j.errors || jsonb_build_array(jsonb_build_object(
                               'attempt', j.attempts, 'at', now(), 'worker', j.worker,
                               'error', 'worker ' || coalesce(j.worker, 'unknown')
                                        || ' did not finish the attempt (killed, or cut off from RabbitMQ)'))
                      ELSE j.errors END
+   WHERE NOT (""" + _DELIVERED_AGAIN + """ AND j.attempts - j.attempts_before_retry >= j.max_attempts)
 RETURNING attempts
 """
 

@@ -12,7 +12,7 @@ Actors raise these (wrapping driver errors with ``raise ... from exc``); the
 
 from __future__ import annotations
 
-from dramatiq.middleware import MiddlewareError
+from dramatiq.middleware import MiddlewareError, SkipMessage
 from dramatiq.middleware.threading import Interrupt
 
 
@@ -56,6 +56,12 @@ class Cancelled(Interrupt):
     Exception`` does not swallow it; an actor may catch it to clean up and
     should re-raise it. The job ends ``cancelled`` and is never retried.
     """
+
+
+class WorkerLost(SkipMessage):
+    """A job's last attempt was lost with its worker (killed, cut off) and RabbitMQ delivered
+    it again: it is failed, not run again (the Postgres broker's reaper fails such a job
+    itself, and stores a ``WorkerLost`` failure as its result the same way)."""
 
 
 class NotSerializable(TypeError):

@@ -419,6 +419,39 @@ def test_a_delivery_again_after_a_lost_worker_records_the_lost_attempt(db_url: s
     assert job(db_url, retried.message_id)["errors"] == []
 
 
+def test_a_delivery_again_after_a_worker_lost_on_the_last_attempt_fails_the_job_without_running_it(
+    db_url: str,
+) -> None:
+    import dramatiq
+    from dramatiq.broker import MessageProxy
+
+    import tasks
+    from tasks.errors import WorkerLost
+    from tasks.middleware.jobs_mirror import StandaloneMirror
+
+    # Given a job of two attempts whose workers were both killed while running it (as one
+    # that kills its own process is: an OOM kill, a crash in a C extension)
+    mirror = StandaloneMirror(tasks.connection)
+    message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={},
+                               options={"max_attempts": 2})  # fmt: skip
+    mirror.enqueued(tasks.broker, message, None)
+    mirror.started(tasks.broker, MessageProxy(message))
+    mirror.started(tasks.broker, MessageProxy(message))
+    # When RabbitMQ delivers it a third time (its redeliveries never count as retries)
+    again = MessageProxy(message)
+    with pytest.raises(WorkerLost):
+        mirror.started(tasks.broker, again)
+    # Then it is failed, not run (Dramatiq nacks a failed message its middleware skipped), and
+    # the job says why, as the Postgres broker's reaper ends one
+    assert again.failed
+    mirror.skipped(again)
+    mirror.nacked(again, tasks.broker)
+    row = job(db_url, message.message_id)
+    assert (row["status"], row["attempts"]) == ("failed", 2)
+    assert row["last_error"].startswith("WorkerLost: delivered again after its worker did not finish its last")
+    assert [e["attempt"] for e in row["errors"]] == [1, 2]
+
+
 def test_sends_through_rabbitmq_wait_for_its_confirmation(db_url: str) -> None:
     # Given the broker a process configures with BROKER_URL set
     env = {**os.environ, **rabbit_env(db_url, "unused"), "PYTHONPATH": str(ROOT)}

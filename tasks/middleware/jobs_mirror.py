@@ -35,7 +35,7 @@ from dramatiq.middleware import Middleware, MiddlewareError, TimeLimit, TimeLimi
 
 from models import queries
 from tasks.db import loggable_error
-from tasks.errors import Cancelled, NotSerializable
+from tasks.errors import Cancelled, NotSerializable, WorkerLost
 from tasks.redaction import persistable
 
 logger = logging.getLogger(__name__)
@@ -254,6 +254,14 @@ class JobsMirror(Middleware):
 #: its attempt, the number its start was recorded as.
 _ATTEMPT_ERROR = "_controlplane_attempt_error"
 _ATTEMPT_NUMBER = "_controlplane_attempt_number"
+_SKIPPED_BECAUSE = "_controlplane_skipped_because"
+#: What a statement that returns rows returned when it returned none.
+_NO_ROW = object()
+#: Why RabbitMQ's delivery of a job whose worker was lost on its last attempt is not run.
+LOST_ON_ITS_LAST_ATTEMPT = (
+    "delivered again after its worker did not finish its last attempt (killed, or cut off from RabbitMQ); "
+    "not run again, its attempts are used up"
+)
 
 
 def _eta(message: Any) -> datetime | None:
@@ -332,7 +340,7 @@ class StandaloneMirror:
         self._failing = threading.local()
 
     def _write(self, what: str, message: Any, sql: str, params: Callable[[], dict[str, Any]]) -> Any:
-        """Run ``sql``; its first row, if it returns rows (None when it could not be written)."""
+        """Run ``sql``; its first row, if it returns rows (``_NO_ROW``: none; None when it could not be written)."""
         connection = self._connection
         if connection is None:
             import tasks
@@ -342,7 +350,10 @@ class StandaloneMirror:
             values = params()  # a message sent around the checks of before_enqueue may not encode
             with connection() as conn, conn.cursor() as cur:
                 cur.execute(sql, values)
-                return cur.fetchone() if cur.description else None
+                if cur.description is None:
+                    return None
+                row = cur.fetchone()
+                return _NO_ROW if row is None else row
         except Exception as exc:  # the mirror must never break sending or processing
             logger.warning(
                 "message %s: the jobs mirror could not record %s: %s", message.message_id, what, loggable_error(exc)
@@ -412,6 +423,12 @@ class StandaloneMirror:
         row = self._write(
             "a start", message, queries.MIRROR_STARTED, lambda: {**self._job(broker, message), "worker": _worker()}
         )
+        if row is _NO_ROW:  # (MIRROR_STARTED wrote nothing: the lost attempt was the job's last)
+            message.fail()
+            lost = WorkerLost(LOST_ON_ITS_LAST_ATTEMPT)
+            setattr(message, _SKIPPED_BECAUSE, describe_error(lost, message, broker))
+            logger.warning("message %s: %s", message.message_id, LOST_ON_ITS_LAST_ATTEMPT)
+            raise lost
         if row is not None:
             setattr(message, _ATTEMPT_NUMBER, row[0])
 
@@ -431,7 +448,7 @@ class StandaloneMirror:
 
     def skipped(self, message: Any) -> None:
         if message.failed:
-            setattr(message, _ATTEMPT_ERROR, _skip_reason(message, None))
+            setattr(message, _ATTEMPT_ERROR, getattr(message, _SKIPPED_BECAUSE, None) or _skip_reason(message, None))
 
     def acked(self, message: Any) -> None:
         error, attempt = self._take(message)
