@@ -11,6 +11,7 @@ import math
 import os
 import re
 import select
+import ssl
 import subprocess
 import sys
 import time
@@ -1190,7 +1191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(str(exc))
         return 1
     except (psycopg2.Error, ConnectionClosed) as exc:
-        if isinstance(exc, ConnectionClosed) or db.is_connection_error(exc):
+        if isinstance(exc, ConnectionClosed) and not isinstance(exc.__cause__, psycopg2.Error):
+            # RabbitMQ's (the Postgres broker's wraps its database error): not the database's
+            _error(f"cannot connect to RabbitMQ (BROKER_URL): {_first_line(exc)}")
+        elif isinstance(exc, ConnectionClosed) or db.is_connection_error(exc):
             # The database went away (or never answered) after the command started.
             reason = _first_line(exc.__cause__ or exc)
             _error(f"cannot connect to the database: {reason}")
@@ -1198,6 +1202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _error(f"{behind} ({_first_line(exc)}): run `controlplane migrate`")
         else:  # including a deadlock or a cancelled statement, which psycopg2 files as OperationalError
             _error(f"the database refused: {_first_line(exc)}")
+        return 1
+    except ssl.SSLError as exc:  # (psycopg2 wraps its own: this is RabbitMQ's amqps:// handshake)
+        _error(f"cannot connect to RabbitMQ (BROKER_URL) over TLS: {_first_line(exc)}")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -452,6 +452,23 @@ def test_a_delivery_again_after_a_worker_lost_on_the_last_attempt_fails_the_job_
     assert [e["attempt"] for e in row["errors"]] == [1, 2]
 
 
+def test_a_send_rabbitmq_refuses_or_cannot_reach_says_rabbitmq_not_the_database(db_url: str, rabbit_queue: str) -> None:
+    # Given BROKER_URLs with a wrong password, a port nothing listens on, and TLS to a plain port
+    wrong = RABBITMQ_URL.replace("guest:guest@", "guest:Wr0ngPw@")
+    unreachable = "amqp://guest:guest@127.0.0.1:1/%2F"
+    plain_port_tls = RABBITMQ_URL.replace("amqp://", "amqps://")
+    for url, says in ((wrong, "ACCESS_REFUSED"), (unreachable, "AMQPConnectionError"), (plain_port_tls, "over TLS")):
+        # When a job is sent
+        env = {**os.environ, **rabbit_env(db_url, rabbit_queue), "BROKER_URL": url, "PYTHONPATH": str(ROOT)}
+        command = [sys.executable, "-m", "tasks.cli", "send", "tests.rabbit.always_fails", "--args", '["x"]',
+                   "--module", "tests.rabbit_actors"]  # fmt: skip
+        sent = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        # Then it fails in one line naming RabbitMQ and why, with no password and no traceback
+        assert sent.returncode == 1, sent.stderr
+        assert sent.stderr.startswith("controlplane: error: cannot connect to RabbitMQ (BROKER_URL)"), sent.stderr
+        assert says in sent.stderr and "Wr0ngPw" not in sent.stderr and "Traceback" not in sent.stderr
+
+
 def test_sends_through_rabbitmq_wait_for_its_confirmation(db_url: str) -> None:
     # Given the broker a process configures with BROKER_URL set
     env = {**os.environ, **rabbit_env(db_url, "unused"), "PYTHONPATH": str(ROOT)}
