@@ -1302,6 +1302,12 @@ class PostgresBroker(dramatiq.Broker):
                 # A key's holder committed while the statement waited on the index (a finished
                 # job re-sent as a new one took the key): all of it again, to see the holder.
                 return dict.fromkeys(rows["ids"])
+            except psycopg2.errors.UndefinedTable as exc:
+                # (a new folder's new embedded server, or a database never migrated)
+                raise SchemaMissing(
+                    f"cannot send: the database's control-plane tables are missing or older than this release "
+                    f"({db.loggable_error(exc)}): run `controlplane migrate` against it"
+                ) from exc
             except psycopg2.Error as exc:
                 # The statement is atomic: after a deadlock (rolled back) running it again is
                 # safe. After a lost connection it may have committed with its reply lost;

@@ -21,7 +21,7 @@ from dramatiq import group, pipeline
 from dramatiq.results import ResultFailure, ResultMissing, ResultTimeout
 
 import tasks
-from tasks.broker import PostgresBroker
+from tasks.broker import PostgresBroker, SchemaMissing
 from tasks.middleware import UNLIMITED_ATTEMPTS
 from tests import actors
 from tests.support import (
@@ -1163,6 +1163,11 @@ def test_a_worker_on_a_database_without_the_tables_says_so_in_one_line_and_start
     # Given a worker started on a database with no control-plane tables (a new user's new folder)
     worker = WorkerProcess(empty_db, log_path=tmp_path / "worker.log")
     try:
+        # A send there says what to do too
+        tasks.broker.reconfigure(empty_db)
+        with pytest.raises(SchemaMissing, match=r"tables are missing or older than this release \(UndefinedTable: "
+                                                r".*\): run `controlplane migrate`"):  # fmt: skip
+            actors.noop.send("too early")
         # Then it says what to do, without a traceback, and keeps running
         wait_for(lambda: "has no control-plane tables yet: run `controlplane migrate`" in worker.log(), 60,
                  "the worker to say the tables are missing")
