@@ -175,7 +175,7 @@ ORDER BY p.updated_at
 LIMIT 100
 """
 #: With any broker (RabbitMQ's): one scan of the jobs history (it has no index on ``status``),
-#: hashed for every stuck project, and none while no project is stuck: 34–110 ms at 100,000
+#: hashed for every stuck project, and none while no project is stuck: 34 to 110 ms at 100,000
 #: jobs with 1 and 10 stuck (a review's measure, EXPLAIN ANALYZE), once per sweep.
 ORPHANED_PROJECTS = _ORPHANED_PROJECTS.format(live_jobs="control_plane.jobs AS j")
 #: With the Postgres broker, whose message table holds exactly the live jobs: through that small table.

@@ -256,11 +256,12 @@ WITH m AS (
 #: data-modifying CTE always does); at 1 the last party releases it. With ``last`` false the
 #: marker is not inserted when the barrier is down to 1: a child that may be the last is not
 #: counted here but in a transaction that sends the callbacks too (``last`` true). A gone barrier
-#: (expired, swept) takes no lock and the marker is inserted either way. Its commit does not wait
-#: for the WAL flush: every child passes through this one row lock, and a flush in it made the
-#: children pass one flush at a time; a server crash that undoes the pass undoes the job's
-#: outcome, written after it, too, so the job runs and passes again. Returns (counted, the
-#: barrier's count before it: NULL when the barrier is gone).
+#: (expired, swept) takes no lock and the marker is inserted either way. Without ``last`` its
+#: commit does not wait for the WAL flush: every child passes through this one row lock, and a
+#: flush in it made the children pass one flush at a time; a server crash that undoes the pass
+#: undoes the job's outcome, written after it, too, so the job runs and passes again. The last
+#: party's, which sends the callbacks, waits for it: undone after a callback ran, it would send
+#: the callback again. Returns (counted, the barrier's count before it: NULL when the barrier is gone).
 CHILD_PASS = """
 WITH b AS (
     SELECT key, value FROM control_plane.rate_limits
@@ -279,7 +280,8 @@ WITH b AS (
     FROM b WHERE r.key = b.key AND b.value > 1 AND EXISTS (SELECT FROM marker)
     RETURNING r.key
 )
-SELECT EXISTS (SELECT FROM marker), (SELECT value FROM b), set_config('synchronous_commit', 'off', true)
+SELECT EXISTS (SELECT FROM marker), (SELECT value FROM b),
+       CASE WHEN NOT %(last)s THEN set_config('synchronous_commit', 'off', true) END
 """
 
 #: A message sent once (a pipeline's next step, ``tasks.middleware.canvas``): deliveries of the

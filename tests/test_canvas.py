@@ -7,6 +7,7 @@ of a message whose worker died after the job's work but before its outcome was w
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,16 @@ def test_children_passing_at_once_from_many_threads_some_twice_send_the_callback
     # (committed) noted at each send of the callback
     children = sent_group(db_url, "forty", size=40)
     counted_at_send: list[int] = []
+    commits_at_send: list[str] = []
     enqueue = tasks.broker.enqueue
     markers = "SELECT count(*) AS n FROM control_plane.rate_limits WHERE key LIKE '%@done:%'"
 
     def noting(message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         if message.actor_name == "tests.group_done":
             counted_at_send.append(query(db_url, markers)[0]["n"])
+            with sys.modules["tasks.broker"].joined_connection().cursor() as cur:  # the last pass's transaction
+                cur.execute("SHOW synchronous_commit")
+                commits_at_send.append(cur.fetchone()[0])
         return enqueue(message, delay=delay)
 
     monkeypatch.setattr(tasks.broker, "enqueue", noting)
@@ -110,6 +115,9 @@ def test_children_passing_at_once_from_many_threads_some_twice_send_the_callback
     # child: the 39 others were counted before it
     assert sum(p for p in passes if isinstance(p, int)) == 50, passes
     assert counted_at_send == [39]
+    # (the last pass, which sends the callback, commits waiting for the WAL flush, as sends do:
+    # undone by a crash after the callback ran, it would send it again)
+    assert commits_at_send == ["on"]
     assert len(queued(db_url, "tests.group_done")) == 1
     # And the barrier holds its last party, each child counted once
     assert query(db_url, markers)[0]["n"] == 40
