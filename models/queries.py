@@ -646,7 +646,10 @@ WITH r AS (
                                  || CASE lost.fate
                                     WHEN 'cancel' THEN ' after its cancellation was requested'
                                     WHEN 'done' THEN ' after it returned and its pipeline or group went on'
-                                    ELSE '' END))
+                                    ELSE '' END)
+                    -- a claim whose start was never written: counted here, but not as an attempt
+                    -- that ran (ATTEMPTS_BEFORE), since most such are a lost worker's prefetch
+                    || CASE WHEN j.status = 'running' THEN '{}'::jsonb ELSE '{"started": false}'::jsonb END)
     FROM lost WHERE j.id = lost.id
     RETURNING j.id, lost.fate, lost.body, j.last_error, j.attempts - j.attempts_before_retry AS attempts,
               j.max_attempts
@@ -1160,10 +1163,16 @@ RETURNING attempts
 #: The attempts of a job's run before the one now failing (``tasks.middleware.retries``), by the
 #: jobs mirror, which counts those whose worker was lost (the reaper's, or a delivery again over
 #: a ``running`` row): the message's ``retries`` counts only the failures Dramatiq retried.
-#: The attempt now failing is counted once its start is written (``running``).
+#: The attempt now failing is counted once its start is written (``running``). A claim the
+#: reaper took back before its start was written (``"started": false`` in ``errors``) is not
+#: counted: most such are prefetched jobs of a worker lost running another (design.md).
 ATTEMPTS_BEFORE = """
-SELECT attempts - attempts_before_retry - CASE WHEN status = 'running' THEN 1 ELSE 0 END
-FROM control_plane.jobs WHERE id = %(id)s::uuid
+SELECT j.attempts - j.attempts_before_retry - CASE WHEN j.status = 'running' THEN 1 ELSE 0 END
+       - (SELECT count(*) FROM jsonb_array_elements(CASE jsonb_typeof(j.errors) WHEN 'array' THEN j.errors END) AS e
+          WHERE e -> 'started' = 'false'::jsonb
+            AND CASE jsonb_typeof(e -> 'attempt') WHEN 'number' THEN (e ->> 'attempt')::numeric END
+                > j.attempts_before_retry)
+FROM control_plane.jobs AS j WHERE j.id = %(id)s::uuid
 """
 
 #: The attempt succeeded.

@@ -965,14 +965,17 @@ def _lose_the_worker_of(db_url: str, message: dramatiq.Message, *, cancel: bool 
     _lose_the_workers_of(db_url, [message], cancel=cancel)
 
 
-def _lose_the_workers_of(db_url: str, messages: list[dramatiq.Message], *, cancel: bool = False) -> None:
+def _lose_the_workers_of(
+    db_url: str, messages: list[dramatiq.Message], *, cancel: bool = False, started: bool = True
+) -> None:
     lost = PostgresBroker(url=db_url, settings=tasks.settings)
     consumer = lost.consume("default", prefetch=len(messages), timeout=500)
     held = {next(consumer).message_id for _ in messages}
     ids = [m.message_id for m in messages]
     assert held == set(ids)
-    query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = attempts + 1 "
-                  "WHERE id = ANY(%s::uuid[])", (ids,))  # fmt: skip
+    if started:  # (else: prefetched by the lost worker, never started)
+        query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = attempts + 1 "
+                      "WHERE id = ANY(%s::uuid[])", (ids,))  # fmt: skip
     if cancel:
         for message_id in ids:
             query(db_url, "SELECT control_plane.cancel_job(%s)", (message_id,))
@@ -981,19 +984,25 @@ def _lose_the_workers_of(db_url: str, messages: list[dramatiq.Message], *, cance
     lost.close()
 
 
-def test_attempts_whose_workers_were_lost_count_against_max_attempts(db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lost", ["started", "prefetched"])
+def test_attempts_whose_workers_were_lost_count_against_max_attempts_unless_never_started(
+    db_url: str, tmp_path: Path, lost: str
+) -> None:
     # Given a job of three attempts that always fails, whose workers were lost on its first two
+    # (running it, or holding it prefetched behind another job, its start never written)
     message = actors.always_fails.send("lost twice")
-    _lose_the_worker_of(db_url, message)
-    _lose_the_worker_of(db_url, message)
+    for _ in range(2):
+        _lose_the_workers_of(db_url, [message], started=lost == "started")
     assert job(db_url, message.message_id)["status"] == "pending"
     # When a worker runs it
     with running_worker(db_url, tmp_path):
         wait_for(lambda: job(db_url, message.message_id)["status"] == "failed", what="the job to fail")
-    # Then it ran once, its third and last attempt, not three more times
-    assert len(effects(db_url, "attempt")) == 1
+    # Then it ran once more, its third and last attempt, not three more times; or, never
+    # started before, all three of its attempts
+    ran = 1 if lost == "started" else 3
+    assert len(effects(db_url, "attempt")) == ran
     row = job(db_url, message.message_id)
-    assert (row["attempts"], row["last_error"]) == (3, "RuntimeError: failed on purpose: lost twice")
+    assert (row["attempts"], row["last_error"]) == (2 + ran, "RuntimeError: failed on purpose: lost twice")
 
 
 @pytest.mark.parametrize("how", ["retry_job", "sent-again"])
