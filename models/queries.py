@@ -1136,8 +1136,8 @@ ON CONFLICT (id) DO NOTHING
 #: attempt was the job's last, nothing is written and no row returned: the worker fails the
 #: job without running it (``MIRROR_FAILED``), as the reaper ends one (RabbitMQ's redelivery
 #: never counts as a retry: a job that kills its worker was delivered, and killed one, forever).
-_DELIVERED_AGAIN = ("j.status = 'running' AND coalesce(j.options ->> 'retries', '0')"
-                    " = coalesce(excluded.options ->> 'retries', '0')")
+_DELIVERED_AGAIN = ("%(redelivered)s IS NOT FALSE AND j.status = 'running'"
+                    " AND coalesce(j.options ->> 'retries', '0') = coalesce(excluded.options ->> 'retries', '0')")
 MIRROR_STARTED = """
 INSERT INTO control_plane.jobs AS j (id, type, queue, payload, options, priority, max_attempts,
                                      status, attempts, started_at, worker)
@@ -1146,6 +1146,10 @@ VALUES (%(id)s::uuid, %(actor)s, %(queue)s, %(payload)s::jsonb, %(options)s::jso
 ON CONFLICT (id) DO UPDATE
    SET status = 'running', attempts = j.attempts + 1, started_at = now(), completed_at = NULL,
        updated_at = now(), worker = excluded.worker,
+       -- a finished job starting again was sent again (or its ack lost): its attempts count afresh,
+       -- as a finished job sent again on the Postgres broker (the send's own record may come late)
+       attempts_before_retry = CASE WHEN j.status IN ('completed', 'failed', 'cancelled')
+                                    THEN j.attempts ELSE j.attempts_before_retry END,
        last_error = CASE WHEN """ + _DELIVERED_AGAIN + """
                          THEN 'delivered again: worker ' || coalesce(j.worker, 'unknown')
                               || ' did not finish the attempt (killed, or cut off from RabbitMQ)'

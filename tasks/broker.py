@@ -1967,14 +1967,10 @@ class _PostgresConsumer(dramatiq.Consumer):
             logger.warning("job %s ended by the reaper: its actor %s is not declared in this process, so the "
                            "hooks set on the actor (not on the message) are not known here and not sent",
                            job["id"], message.actor_name)
+        from tasks.middleware.retries import hooks_of_lost
+
         failure = {"type": "WorkerLost" if job["fate"] == "fail" else "Cancelled", "message": job["error"]}
-        hooks: list[tuple[str, tuple[Any, ...]]] = []
-        for middleware in self.broker.middleware:
-            of_lost = getattr(middleware, "worker_lost_hooks", None)
-            if of_lost is not None:
-                hooks += of_lost(self.broker, message, failure, attempts=job["attempts"],
-                                 max_attempts=job["max_attempts"])
-        return hooks
+        return hooks_of_lost(self.broker, message, failure, attempts=job["attempts"], max_attempts=job["max_attempts"])
 
     def _pipelines_stopped(self, ended: Sequence[tuple[dict[str, Any], Message[Any] | None]]) -> list[StoredResult]:
         """For each job the reaper ended that is a pipeline's step, the failure that tells the

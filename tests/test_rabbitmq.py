@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dramatiq.broker import MessageProxy
 
 from tests.support import ROOT, WorkerProcess, job, open_gate, query, wait_for
 
@@ -423,22 +424,22 @@ def test_a_delivery_again_after_a_worker_lost_on_the_last_attempt_fails_the_job_
     db_url: str,
 ) -> None:
     import dramatiq
-    from dramatiq.broker import MessageProxy
 
     import tasks
     from tasks.errors import WorkerLost
     from tasks.middleware.jobs_mirror import StandaloneMirror
+    from tests import actors  # noqa: F401 (declares the hook's actor, as the job's workers do)
 
     # Given a job of two attempts whose workers were both killed while running it (as one
     # that kills its own process is: an OOM kill, a crash in a C extension)
     mirror = StandaloneMirror(tasks.connection)
     message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={},
-                               options={"max_attempts": 2})  # fmt: skip
+                               options={"max_attempts": 2, "on_final_failure": "tests.callback_sink"})  # fmt: skip
     mirror.enqueued(tasks.broker, message, None)
-    mirror.started(tasks.broker, MessageProxy(message))
-    mirror.started(tasks.broker, MessageProxy(message))
+    mirror.started(tasks.broker, Redelivery(message, redelivered=False))
+    mirror.started(tasks.broker, Redelivery(message, redelivered=True))
     # When RabbitMQ delivers it a third time (its redeliveries never count as retries)
-    again = MessageProxy(message)
+    again = Redelivery(message, redelivered=True)
     with pytest.raises(WorkerLost):
         mirror.started(tasks.broker, again)
     # Then it is failed, not run (Dramatiq nacks a failed message its middleware skipped), and
@@ -450,6 +451,43 @@ def test_a_delivery_again_after_a_worker_lost_on_the_last_attempt_fails_the_job_
     assert (row["status"], row["attempts"]) == ("failed", 2)
     assert row["last_error"].startswith("WorkerLost: delivered again after its worker did not finish its last")
     assert [e["attempt"] for e in row["errors"]] == [1, 2]
+    # And its on_final_failure is sent, as the reaper sends it: no attempt ran to send it
+    hooks = query(db_url, "SELECT body FROM control_plane.messages WHERE actor = 'tests.callback_sink'")
+    assert [dramatiq.Message.decode(bytes(h["body"])).args[1]["type"] for h in hooks] == ["WorkerLost"]
+
+
+class Redelivery(MessageProxy):  # type: ignore[misc]
+    """A delivery as Dramatiq's RabbitMQ consumer makes one: it says whether RabbitMQ delivered it before."""
+
+    def __init__(self, message: Any, *, redelivered: bool) -> None:
+        super().__init__(message)
+        self.redelivered = redelivered
+
+
+def test_a_copy_sent_again_while_the_job_runs_is_not_taken_for_its_lost_attempt(db_url: str) -> None:
+    import dramatiq
+
+    import tasks
+    from tasks.middleware.jobs_mirror import StandaloneMirror
+
+    # Given a job of one attempt, running
+    mirror = StandaloneMirror(tasks.connection)
+    message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(1,), kwargs={},
+                               options={"max_attempts": 1})  # fmt: skip
+    mirror.enqueued(tasks.broker, message, None)
+    mirror.started(tasks.broker, Redelivery(message, redelivered=False))
+    # When a copy sent again by hand (a sender that lost RabbitMQ's confirm) starts beside it
+    copy = Redelivery(message, redelivered=False)
+    mirror.started(tasks.broker, copy)
+    # Then it runs: no lost attempt recorded, the job not failed
+    assert not copy.failed
+    row = job(db_url, message.message_id)
+    assert (row["status"], row["attempts"], row["errors"]) == ("running", 2, [])
+    # And once it ends, the job sent again later starts its attempts afresh
+    mirror.processed(tasks.broker, copy, result=None)
+    mirror.started(tasks.broker, Redelivery(message, redelivered=False))
+    assert query(db_url, "SELECT attempts, attempts_before_retry FROM control_plane.jobs WHERE id = %s",
+                 (message.message_id,)) == [{"attempts": 3, "attempts_before_retry": 2}]  # fmt: skip
 
 
 def test_a_send_rabbitmq_refuses_or_cannot_reach_says_rabbitmq_not_the_database(db_url: str, rabbit_queue: str) -> None:

@@ -156,6 +156,12 @@ def _skip_reason(message: Any, broker: dramatiq.Broker | None) -> str:
     return describe_error(exc, message, broker) if exc is not None else "skipped by middleware"
 
 
+def _redelivered(message: Any) -> bool | None:
+    """Whether RabbitMQ delivered ``message`` before (None: a broker that does not say)."""
+    redelivered = getattr(message, "redelivered", None)
+    return redelivered if isinstance(redelivered, bool) else None
+
+
 def describe_failure(exc: BaseException, message: Any, broker: dramatiq.Broker) -> dict[str, str]:
     """What a failure callback receives: ``{"type", "message"}``, the message as ``last_error`` has it."""
     return {"type": type(exc).__name__, "message": describe_error(exc, message, broker)}
@@ -421,16 +427,38 @@ class StandaloneMirror:
 
     def started(self, broker: dramatiq.Broker, message: Any) -> None:
         row = self._write(
-            "a start", message, queries.MIRROR_STARTED, lambda: {**self._job(broker, message), "worker": _worker()}
+            "a start",
+            message,
+            queries.MIRROR_STARTED,
+            # RabbitMQ says whether it delivered the message before (None: a broker that does not
+            # say): a copy sent again by hand while the job runs is not its lost attempt come back
+            lambda: {**self._job(broker, message), "worker": _worker(), "redelivered": _redelivered(message)},
         )
         if row is _NO_ROW:  # (MIRROR_STARTED wrote nothing: the lost attempt was the job's last)
             message.fail()
             lost = WorkerLost(LOST_ON_ITS_LAST_ATTEMPT)
             setattr(message, _SKIPPED_BECAUSE, describe_error(lost, message, broker))
             logger.warning("message %s: %s", message.message_id, LOST_ON_ITS_LAST_ATTEMPT)
+            self._send_hooks_of_lost(broker, message)
             raise lost
         if row is not None:
             setattr(message, _ATTEMPT_NUMBER, row[0])
+
+    @staticmethod
+    def _send_hooks_of_lost(broker: dramatiq.Broker, message: Any) -> None:
+        """``on_failure``, ``on_retry_exhausted`` and ``on_final_failure`` of a job failed because
+        its worker was lost on its last attempt, as the Postgres broker's reaper sends them
+        (``worker_lost_hooks``): no attempt ran here to send them. One that cannot be sent is logged."""
+        from tasks.middleware.retries import hooks_of_lost, max_attempts_for
+
+        attempts = max_attempts_for(broker, message)
+        failure = {"type": WorkerLost.__name__, "message": LOST_ON_ITS_LAST_ATTEMPT}
+        for target, args in hooks_of_lost(broker, message, failure, attempts=attempts, max_attempts=attempts):
+            try:
+                broker.get_actor(target).send(*args)
+            except Exception as exc:
+                logger.warning("message %s: its hook %s was not sent (%s)", message.message_id, target,
+                               loggable_error(exc))  # fmt: skip
 
     def processed(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None

@@ -141,6 +141,19 @@ def _thrown(broker: dramatiq.Broker, message: Any, exception: BaseException) -> 
     return isinstance(exception, throws)
 
 
+def hooks_of_lost(
+    broker: dramatiq.Broker, message: Any, failure: dict[str, str], *, attempts: int, max_attempts: int
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """What each middleware's ``worker_lost_hooks`` says the worker of ``message``, lost on its
+    last attempt, would have sent (as (the hook's actor, its arguments)), in middleware order."""
+    hooks: list[tuple[str, tuple[Any, ...]]] = []
+    for middleware in broker.middleware:
+        of_lost = getattr(middleware, "worker_lost_hooks", None)
+        if of_lost is not None:
+            hooks += of_lost(broker, message, failure, attempts=attempts, max_attempts=max_attempts)
+    return hooks
+
+
 def _count_lost_attempts(message: Any, attempts: int) -> None:
     """Count the attempts of this run of the job whose worker was lost (killed, cut off) in
     the message's ``retries``, which Dramatiq's count of retried failures never saw: without
