@@ -158,6 +158,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     elif args.action == "stop":
         if settings.database_url is not None:
             raise UserError("DATABASE_URL is set: that server is not ours to stop")
+        _warn_of_connected_workers(settings)
         try:
             stopped = db.stop_embedded(settings.home)
         except subprocess.CalledProcessError as exc:
@@ -169,6 +170,27 @@ def cmd_db(args: argparse.Namespace) -> int:
         else:
             print(f"the embedded server was not running (data in {settings.home / 'pgdata'})")
     return 0
+
+
+def _warn_of_connected_workers(settings: Settings) -> None:
+    """Say so when workers are connected to the embedded server about to stop: they wait for it,
+    and the jobs they finish while it is down past their lease run again (at-least-once)."""
+    try:
+        url = db.running_url(settings.home)
+        if url is None:
+            return
+        conn = _connect(url)
+        try:
+            (workers,) = _fetch(conn, "SELECT count(*) AS n FROM pg_stat_activity "
+                                      "WHERE application_name LIKE 'controlplane-worker%%'")  # fmt: skip
+        finally:
+            conn.close()
+    except Exception:  # (the stop itself says what is wrong with the server)
+        return
+    if workers["n"]:
+        print(f"controlplane: warning: {workers['n']} connection(s) of running workers: they wait for the "
+              f"server to come back, and the jobs they finish while it is down more than their lease "
+              f"({settings.lease_seconds:g} s) run again; stop the workers first to avoid that", file=sys.stderr)
 
 
 # -- send ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import psycopg2.extensions
 from tasks.embedded import EmbeddedServerError as EmbeddedServerError
 from tasks.embedded import embedded_url as embedded_url
 from tasks.embedded import has_embedded as has_embedded
+from tasks.embedded import running_url as running_url
 from tasks.embedded import stop_embedded as stop_embedded
 from tasks.redaction import redact, unquoted
 from tasks.settings import Settings

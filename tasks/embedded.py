@@ -105,6 +105,18 @@ def stop_embedded(home: Path) -> bool:
     return True
 
 
+def running_url(home: Path, database: str = "postgres") -> str | None:
+    """The URL of the embedded server under ``home`` if it runs (None: it does not; never starts it)."""
+    pgdata = (home / "pgdata").resolve()
+    if not has_embedded(home):
+        return None
+    library = _library()
+    with _lock, library.PostgresServer._lock:
+        if not _running(pgdata):
+            return None
+    return embedded_url(home, database)
+
+
 def has_embedded(home: Path) -> bool:
     """Whether ``home`` holds an embedded server's data. One this user may not read (another
     user's, 0700) counts: starting it then says whose it is, in one line."""

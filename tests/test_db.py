@@ -201,6 +201,42 @@ def test_stopping_an_embedded_server_that_died_says_so_and_it_starts_again(tmp_p
         subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, timeout=60)
 
 
+def test_stopping_an_embedded_server_with_workers_on_it_warns_that_their_finished_jobs_may_run_again(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    import migrations
+    from tests.conftest import SUPPORT_SCHEMA
+    from tests.support import WorkerProcess, query
+
+    # Given an embedded server with a worker running on it
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"CONTROLPLANE_HOME": str(home)}
+    controlplane = [sys.executable, "-m", "tasks.cli"]
+    url = subprocess.run([*controlplane, "db", "url"], env=env, capture_output=True, text=True, timeout=120)
+    assert url.returncode == 0, url.stderr
+    migrations.upgrade(url.stdout.strip())
+    query(url.stdout.strip(), SUPPORT_SCHEMA)
+    worker = WorkerProcess(url.stdout.strip(), log_path=tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        # When the operator stops the server
+        stop = subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, text=True, timeout=60)
+        # Then it stops, saying that workers are connected and what that costs
+        assert (stop.returncode, stop.stdout.strip()) == (0, "stopped"), stop.stderr
+        assert "connection(s) of running workers" in stop.stderr and "run again" in stop.stderr, stop.stderr
+        # And with no worker left, stopping it again (started by the next command) says nothing of them
+        worker.terminate()
+        subprocess.run([*controlplane, "db", "start"], env=env, capture_output=True, timeout=120, check=True)
+        again = subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, text=True, timeout=60)
+        assert (again.returncode, again.stderr) == (0, ""), again.stderr
+    finally:
+        worker.terminate()
+        subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, timeout=60)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another user only when root starts it")
 def test_an_embedded_server_stops_though_a_directory_above_its_data_was_closed_since_it_started(
     tmp_path: Path,
