@@ -55,6 +55,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 
 from models import queries
 from tasks import db
+from tasks.embedded import EmbeddedServerError
 from tasks.errors import Cancelled, NotSerializable
 from tasks.middleware.option_checks import check_message_options, check_queue_name
 from tasks.middleware.unique_keys import unique_key_of
@@ -95,6 +96,26 @@ _PER_MESSAGE_OPTIONS = frozenset({"priority", "max_attempts", "max_retries"})
 _ATTEMPTS_OPTIONS = frozenset({"max_attempts", "max_retries"})
 #: What a database without migration 0015's table, or a role without privileges on it, answers.
 _NOT_MIGRATED = (psycopg2.errors.UndefinedTable, psycopg2.errors.InsufficientPrivilege)
+
+
+class EmbeddedServerDown(BrokerConnectionError, EmbeddedServerError):
+    """The embedded PostgreSQL could not start: one line in a worker's log, and its consumer
+    starts again a few seconds later, as after a lost connection."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.message = message  # (what Dramatiq's errors print)
+
+
+def _connection_lost(broker: PostgresBroker, exc: psycopg2.Error) -> ConnectionClosed:
+    """What a consumer that lost (or could not make) its connection raises; on the embedded
+    server, which runs only while something started it, with how to bring it back."""
+    if broker.settings.database_url is None:
+        return ConnectionClosed(
+            f"{db.loggable_error(exc)}; the embedded PostgreSQL may be stopped: `controlplane db start` "
+            "starts it, and this worker goes on"
+        )
+    return ConnectionClosed(exc)
 
 
 class SchemaMissing(BrokerConnectionError):
@@ -913,7 +934,12 @@ class PostgresBroker(dramatiq.Broker):
         """The database URL, resolved on first use (this may start the embedded server)."""
         with self._url_lock:
             if self._url is None:
-                self._url = db.database_url(self.settings)
+                try:
+                    self._url = db.database_url(self.settings)
+                except EmbeddedServerError as exc:
+                    # A worker's consumer says it in one line and tries again (Dramatiq's
+                    # ConnectionError), where any other error printed its traceback every 3 s.
+                    raise EmbeddedServerDown(str(exc)) from exc
             return self._url
 
     def _stop_claiming(self, worker: Any) -> None:
@@ -1390,7 +1416,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         try:
             self._connect()
         except psycopg2.Error as exc:
-            raise ConnectionClosed(exc) from exc
+            raise _connection_lost(self.broker, exc) from exc
         self._settler = _Settler(self)
         self._settler.start()
 
@@ -1532,7 +1558,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 return None
             self._failed = True  # Dramatiq will close this consumer and start another (see close)
             if lost:
-                raise ConnectionClosed(exc) from exc
+                raise _connection_lost(self.broker, exc) from exc
             raise
         except Exception:
             self._failed = True

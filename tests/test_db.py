@@ -209,7 +209,7 @@ def test_stopping_an_embedded_server_with_workers_on_it_warns_that_their_finishe
 
     import migrations
     from tests.conftest import SUPPORT_SCHEMA
-    from tests.support import WorkerProcess, query
+    from tests.support import WorkerProcess, query, wait_for
 
     # Given an embedded server with a worker running on it
     home = tmp_path / "home"
@@ -219,7 +219,8 @@ def test_stopping_an_embedded_server_with_workers_on_it_warns_that_their_finishe
     assert url.returncode == 0, url.stderr
     migrations.upgrade(url.stdout.strip())
     query(url.stdout.strip(), SUPPORT_SCHEMA)
-    worker = WorkerProcess(url.stdout.strip(), log_path=tmp_path / "worker.log")
+    worker = WorkerProcess(url.stdout.strip(), extra_env={"DATABASE_URL": "", "CONTROLPLANE_HOME": str(home)},
+                           log_path=tmp_path / "worker.log")  # (as a user runs it: DATABASE_URL unset)
     try:
         worker.wait_ready()
         # When the operator stops the server
@@ -227,11 +228,42 @@ def test_stopping_an_embedded_server_with_workers_on_it_warns_that_their_finishe
         # Then it stops, saying that workers are connected and what that costs
         assert (stop.returncode, stop.stdout.strip()) == (0, "stopped"), stop.stderr
         assert "connection(s) of running workers" in stop.stderr and "run again" in stop.stderr, stop.stderr
+        # And the workers, cut off, say how to bring it back
+        wait_for(lambda: "the embedded PostgreSQL may be stopped: `controlplane db start` starts it" in worker.log(),
+                 what="the worker to say how to start the server again")  # fmt: skip
         # And with no worker left, stopping it again (started by the next command) says nothing of them
         worker.terminate()
         subprocess.run([*controlplane, "db", "start"], env=env, capture_output=True, timeout=120, check=True)
         again = subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, text=True, timeout=60)
         assert (again.returncode, again.stderr) == (0, ""), again.stderr
+    finally:
+        worker.terminate()
+        subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, timeout=60)
+
+
+def test_a_worker_whose_embedded_server_cannot_start_says_why_in_one_line_and_tries_again(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.support import WorkerProcess, wait_for
+
+    # Given an embedded server made, stopped, and given a setting PostgreSQL refuses
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"CONTROLPLANE_HOME": str(home)}
+    controlplane = [sys.executable, "-m", "tasks.cli"]
+    for action in ("start", "stop"):
+        done = subprocess.run([*controlplane, "db", action], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    with open(home / "pgdata" / "postgresql.auto.conf", "a") as conf:
+        conf.write("shared_buffers = 'abc'\n")
+    # When a worker starts there
+    worker = WorkerProcess("", extra_env={"CONTROLPLANE_HOME": str(home)}, log_path=tmp_path / "worker.log")
+    try:
+        # Then it says why the server did not start, twice (it tries again), with no traceback, and runs on
+        said = 'Consumer encountered a connection error: configuration file "'
+        wait_for(lambda: worker.log().count(said) >= 2, what="the worker to say it twice")
+        assert worker.proc.poll() is None
+        assert "Traceback" not in worker.log(), worker.log()
     finally:
         worker.terminate()
         subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, timeout=60)
