@@ -296,8 +296,10 @@ def _check_owner(pgdata: Path) -> None:
     owner = pgdata.stat().st_uid
     server = _server_user()  # run as root, the library runs the server as this user
     if owner != os.geteuid() and (server is None or owner != server[0]):
+        # (root's server runs as _SERVER_USER, who then owns the data: root is who to run as)
+        who = "root" if _user(owner) == _SERVER_USER else _user(owner)
         raise EmbeddedServerError(
-            f"{pgdata} belongs to user {_user(owner)}: run as that user, or set CONTROLPLANE_HOME "
+            f"{pgdata} belongs to user {_user(owner)}: run as {who}, or set CONTROLPLANE_HOME "
             "to a directory of your own"
         )
 

@@ -269,6 +269,31 @@ def test_a_worker_whose_embedded_server_cannot_start_says_why_in_one_line_and_tr
         subprocess.run([*controlplane, "db", "stop"], env=env, capture_output=True, timeout=60)
 
 
+def test_another_user_given_roots_embedded_data_is_told_to_run_as_root_not_as_the_servers_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pwd
+
+    from tasks import embedded
+
+    try:
+        server = pwd.getpwnam(embedded._SERVER_USER)
+    except KeyError:
+        pytest.skip(f"no user {embedded._SERVER_USER} here (root never started an embedded server)")
+    if os.geteuid() != 0:
+        pytest.skip("only root can give data to the server's user")
+    # Given data that root's embedded server owns (it runs as its own user)
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    os.chown(pgdata, server.pw_uid, server.pw_gid)
+    # When another user (not root: no server user of its own) starts it
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    monkeypatch.setattr(embedded, "_server_user", lambda: None)
+    # Then it is told to run as root, who made it, not as the server's user
+    with pytest.raises(embedded.EmbeddedServerError, match=f"belongs to user {server.pw_name}: run as root,"):
+        embedded._check_owner(pgdata)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another user only when root starts it")
 def test_an_embedded_server_stops_though_a_directory_above_its_data_was_closed_since_it_started(
     tmp_path: Path,
