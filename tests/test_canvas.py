@@ -8,6 +8,7 @@ of a message whose worker died after the job's work but before its outcome was w
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from tests.support import (
     reap_from_another_worker,
     running_worker,
     settle_in_process,
+    wait_for,
 )
 
 
@@ -123,6 +125,33 @@ def test_children_passing_at_once_from_many_threads_some_twice_send_the_callback
     assert query(db_url, markers)[0]["n"] == 40
     barrier = query(db_url, "SELECT value FROM control_plane.rate_limits WHERE key NOT LIKE '%@done:%'")
     assert [r["value"] for r in barrier] == [1]
+
+
+def test_the_last_two_children_passing_at_the_same_instant_send_the_callback_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a group of three whose first child passed, and the barrier's row held by another
+    # session so that the other two children come to it at the same instant
+    children = sent_group(db_url, "two at once")
+    hook = middleware(GroupCallbacks)
+    hook.after_process_message(tasks.broker, children[0], result=None)
+    holder = psycopg2.connect(db_url)
+    with holder.cursor() as cur:
+        cur.execute("SELECT 1 FROM control_plane.rate_limits WHERE key NOT LIKE '%@done:%' FOR UPDATE")
+    passing = [threading.Thread(target=hook.after_process_message, args=(tasks.broker, child), kwargs={"result": None})
+               for child in children[1:]]  # fmt: skip
+    for thread in passing:
+        thread.start()
+    waiting = ("SELECT count(*) AS n FROM pg_stat_activity "
+               "WHERE datname = current_database() AND wait_event_type = 'Lock'")
+    wait_for(lambda: query(db_url, waiting)[0]["n"] == 2, what="both children to wait for the barrier")
+    # When the holder lets go
+    holder.rollback()
+    holder.close()
+    for thread in passing:
+        thread.join(30)
+    # Then one of them was the last party, and the callback was sent once
+    assert len(queued(db_url, "tests.group_done")) == 1
 
 
 def test_a_pipeline_step_delivered_again_does_not_send_its_finished_next_step_again(db_url: str) -> None:

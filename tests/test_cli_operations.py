@@ -756,6 +756,24 @@ def test_jobs_list_orders_jobs_sent_at_the_same_instant_by_id_and_refuses_empty_
         assert refused.returncode == 2 and f"argument {option}" in refused.stderr, refused.stderr
 
 
+def test_jobs_list_running_lists_the_jobs_a_worker_holds_and_started(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job a worker holds and started, and one waiting
+    actors.noop.send("started")
+    actors.noop.send("waiting")
+    consumer, held = claim_in_process()
+    try:
+        query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1 WHERE id = %s",
+              (held.message_id,))  # fmt: skip
+        # When the operator lists what runs
+        listed = in_process(capsys, monkeypatch, db_url, "jobs", "list", "--status", "running", "--json")
+        # Then it is that one
+        assert [row["id"] for row in json.loads(listed.stdout)] == [held.message_id]
+    finally:
+        consumer.close()
+
+
 def test_cli_errors_are_one_line_and_never_print_a_password(empty_db: str, server_url: str, db_url: str) -> None:
     # A URL libpq cannot read (a '%' in the password that is not percent-encoding)
     broken = cli("postgresql://root:Top%zzSecret@127.0.0.1:5432/postgres", "stats")

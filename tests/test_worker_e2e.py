@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -1003,6 +1004,40 @@ def test_attempts_whose_workers_were_lost_count_against_max_attempts_unless_neve
     assert len(effects(db_url, "attempt")) == ran
     row = job(db_url, message.message_id)
     assert (row["attempts"], row["last_error"]) == (2 + ran, "RuntimeError: failed on purpose: lost twice")
+
+
+@pytest.mark.parametrize(
+    ("status", "attempts", "before_retry", "unstarted", "retries", "max_attempts", "counted"),
+    [
+        ("pending", 2, 0, [], 0, 3, 2),  # two lost attempts, the failing one's start not written yet
+        ("running", 3, 0, [], 0, 3, 2),  # the same, its start written: it is not one before itself
+        ("pending", 2, 0, [1, 2], 0, 3, 0),  # two claims reaped before their start: a lost worker's prefetch
+        ("running", 5, 2, [2, 3], 0, 5, 1),  # retried by an operator after attempt 2: only this run's count
+        ("pending", 3, 0, [], 2, 4, 3),  # Dramatiq's count below the mirror's though one retry from the end
+        ("pending", 1, 0, [], 2, 3, 2),  # Dramatiq's count already past the mirror's (a lost record): kept
+    ],
+    ids=["lost-twice", "started", "prefetched", "after-retry-job", "near-the-end", "dramatiq-ahead"],
+)
+def test_the_attempts_before_a_failing_one_count_lost_ones_but_no_prefetched_claim_nor_an_earlier_run(
+    db_url: str, status: str, attempts: int, before_retry: int, unstarted: list[int], retries: int,
+    max_attempts: int, counted: int,
+) -> None:  # fmt: skip
+    from tasks.middleware.retries import _count_lost_attempts
+
+    # Given a job's row as the mirror holds it when an attempt fails (an entry per attempt that
+    # ended: all of them, or all but the running one)
+    ended = range(1, attempts if status == "running" else attempts + 1)
+    errors = [{"attempt": n, "error": "lease expired", **({"started": False} if n in unstarted else {})}
+              for n in ended]  # fmt: skip
+    message = dramatiq.Message(queue_name="default", actor_name="tests.noop", args=(), kwargs={},
+                               options={"retries": retries})  # fmt: skip
+    query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, status, attempts, attempts_before_retry, "
+                  "max_attempts, errors) VALUES (%s, 'tests.noop', 'default', %s, %s, %s, %s, %s)",
+          (message.message_id, status, attempts, before_retry, max_attempts, json.dumps(errors)))  # fmt: skip
+    # When Retries looks at it before deciding
+    _count_lost_attempts(message, max_attempts)
+    # Then Dramatiq's count is the attempts of this run before the failing one that ran or may have
+    assert message.options["retries"] == counted
 
 
 @pytest.mark.parametrize("how", ["retry_job", "sent-again"])
