@@ -20,7 +20,7 @@ from dramatiq.middleware import GroupCallbacks, Pipelines
 from dramatiq.results import ResultFailure, ResultMissing, Results
 
 import tasks
-from tasks.middleware.canvas import pipeline_end
+from tasks.middleware.canvas import _CHILD_PASS, pipeline_end
 from tests import actors
 from tests.support import (
     at_once,
@@ -77,6 +77,22 @@ def test_a_child_delivered_twice_is_counted_once_and_the_callback_is_sent_once(
         callbacks.after_process_message(tasks.broker, child, result=None)
     assert len(sends) == 1
     assert len(queued(db_url, "tests.group_done")) == 1
+
+
+def test_children_pass_from_a_cached_plan_and_the_callback_is_sent_once(db_url: str) -> None:
+    # Given a group of twelve with a completion callback
+    children = sent_group(db_url, "twelve", size=12)
+    hook = middleware(GroupCallbacks)
+    # When its children pass one after another (a worker's threads, taking turns on pooled connections)
+    for child in children:
+        hook.after_process_message(tasks.broker, child, result=None)
+    # Then the callback is sent once, and PostgreSQL stopped planning the pass (planning it took
+    # four times as long as running it): the pooled connection runs it from a generic plan
+    assert len(queued(db_url, "tests.group_done")) == 1
+    with tasks.broker.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT generic_plans FROM pg_prepared_statements WHERE name = %s", (_CHILD_PASS.name,))
+        ((generic,),) = cur.fetchall()
+    assert generic >= 4
 
 
 def test_children_passing_at_once_from_many_threads_some_twice_send_the_callback_once_after_the_last(
