@@ -135,6 +135,13 @@ def _postgres(broker: dramatiq.Broker) -> bool:
     return isinstance(broker, PostgresBroker)
 
 
+def _prepares(broker: dramatiq.Broker) -> bool:
+    """Whether ``broker`` runs its statements prepared (``CONTROLPLANE_PREPARED_STATEMENTS``)."""
+    from tasks.broker import PostgresBroker
+
+    return isinstance(broker, PostgresBroker) and broker.settings.prepared_statements
+
+
 class GroupCallbacks(dramatiq_groups.GroupCallbacks):
     """A group's completion callbacks, sent once: each child counted once, with the sends."""
 
@@ -160,7 +167,7 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
         # barrier's row lock, and holding it across the client's COMMIT (with the worker's
         # other threads holding the GIL) made a group with a callback drain at a ninth of the
         # rate of one without. One that may be the last is counted with its callbacks' sends.
-        prepare = bool(broker.settings.prepared_statements)
+        prepare = _prepares(broker)
         if not _in_one_transaction(broker, lambda conn: self._pass(conn, message, group, prepare), one_statement=True):
             _in_one_transaction(broker, lambda conn: self._pass_last(broker, conn, message, group, callbacks))
 
