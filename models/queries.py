@@ -307,7 +307,8 @@ JOB_ACTORS = "SELECT id::text, type, queue FROM control_plane.jobs WHERE id = AN
 STORED_JOBS = "SELECT id::text, payload, options FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[])"
 
 #: Lease up to ``limit`` ready messages of one queue to this worker, in
-#: priority-then-eta order, skipping rows other workers hold. The jobs rows are
+#: priority-then-eta order, skipping rows other workers hold; each with its age since it
+#: was sent, by the database's clock (``max_age``: see ``PgMessageProxy``). The jobs rows are
 #: not touched: a job becomes ``running`` when a worker thread starts it (SETTLE's
 #: ``start`` rows, or its outcome when it finished before its start was written).
 #: The broker writes the limit into the text (one prepared statement per size,
@@ -360,9 +361,10 @@ WITH RECURSIVE p AS (
        SET claim_token = %(token)s, worker = %(worker)s,
            lease_expires_at = now() + make_interval(secs => %(lease)s)
     FROM c WHERE m.id = c.id
-    RETURNING m.id, m.priority, m.eta, m.body
+    RETURNING m.id, m.priority, m.eta, m.body, m.enqueued_at
 )
-SELECT id::text, body FROM m ORDER BY priority, eta, id
+SELECT id::text, body, (extract(epoch FROM now() - enqueued_at) * 1000)::bigint AS age_ms
+FROM m ORDER BY priority, eta, id
 """  # noqa: S608 (joined from this module's constants only, no input)
 CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
 
@@ -1053,6 +1055,14 @@ WITH bumped AS (
 )
 SELECT value FROM bumped UNION ALL SELECT value FROM created
 """
+
+#: A ``BucketRateLimiter``'s key named by the database's clock: ``<name>@<start of the bucket,
+#: ms>``. Dramatiq names it by the host's clock, and a host 5 s ahead opened the next bucket
+#: (a fresh count) while the others still counted in this one: twice the limit in a minute.
+_BUCKET_KEY = ("(%(bucket_name)s || '@' || (floor(extract(epoch FROM statement_timestamp()) * 1000"
+               " / %(bucket_ms)s::bigint) * %(bucket_ms)s::bigint)::bigint)")
+RATE_LIMIT_ADD_BUCKET = RATE_LIMIT_ADD.replace("%(key)s", _BUCKET_KEY)
+RATE_LIMIT_ADJUST_BUCKET = RATE_LIMIT_ADJUST.replace("%(key)s", _BUCKET_KEY)
 
 #: Add ``amount`` to ``key`` unless the sum of ``keys`` (a sliding window's
 #: buckets, ``key`` among them) would pass ``maximum``. Two statements sent as

@@ -48,7 +48,7 @@ import dramatiq
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
-from dramatiq.common import compute_backoff, q_name
+from dramatiq.common import compute_backoff, current_millis, q_name
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError, QueueJoinTimeout
 from dramatiq.message import Message, get_encoder
 from dramatiq.middleware import Middleware, SkipMessage
@@ -547,6 +547,10 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.kwargs = message.kwargs
         self.options = message.options
         self.message_id = message.message_id
+        #: When it was sent, on this host's clock: the claim sets it from the message's age by
+        #: the database's clock. Dramatiq's ``AgeLimit`` (``max_age``) compares the sender's
+        #: clock (the message's own timestamp) with the worker's: a sender 10 minutes behind,
+        #: or a worker 10 minutes ahead, failed every job of a 5-minute ``max_age`` unrun.
         self.message_timestamp = message.message_timestamp
 
 
@@ -1733,13 +1737,15 @@ class _PostgresConsumer(dramatiq.Consumer):
             )
             rows = cur.fetchall()
         malformed: list[tuple[str, DecodeError]] = []
-        for message_id, body in rows:
+        now_ms = current_millis()
+        for message_id, body, age_ms in rows:
             try:
                 message = Message.decode(bytes(body))
             except DecodeError as exc:
                 malformed.append((message_id, exc))
                 continue
             proxy = PgMessageProxy(message, token)
+            proxy.message_timestamp = now_ms - age_ms
             with self.state.lock:
                 self.state.inflight[message.message_id] = proxy
                 self.state.buffer.append(proxy)

@@ -44,6 +44,19 @@ from tasks import db
 SWEEP_INTERVAL = 60.0
 
 _WINDOW_SUFFIX = re.compile(r"@\d+$")
+#: A ``BucketRateLimiter``'s key: ``<name>@<start of its bucket>`` in epoch milliseconds.
+_BUCKET_KEY = re.compile(r"^(.*)@(\d{13,})$")
+
+
+def _by_the_databases_clock(key: str, ttl: int, sql: str, bucket_sql: str, params: dict[str, Any]) -> str:
+    """The statement for ``key``: a ``BucketRateLimiter``'s (``<name>@<ms>``, a multiple of its
+    bucket, ``ttl``, by this host's clock) is re-named by the database's clock (``params`` gets the
+    name and the bucket), so that hosts whose clocks disagree count in one bucket."""
+    match = _BUCKET_KEY.match(key)
+    if match is None or int(ttl) != ttl or int(match.group(2)) % int(ttl):
+        return sql
+    params.update(bucket_name=match.group(1), bucket_ms=int(ttl))
+    return bucket_sql
 
 
 def _positive(ttl: int) -> int:
@@ -100,22 +113,25 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         import tasks
         from tasks.broker import PostgresBroker, joined_connection
 
-        params = {"key": key, "value": value, "ttl_ms": _positive(ttl)}
+        params: dict[str, Any] = {"key": key, "value": value, "ttl_ms": _positive(ttl)}
+        sql = _by_the_databases_clock(key, ttl, queries.RATE_LIMIT_ADD, queries.RATE_LIMIT_ADD_BUCKET, params)
         # With RabbitMQ the group's messages are published at once: the barrier must be too.
         joins = self._barriers and isinstance(tasks.broker, PostgresBroker)
         caller = joined_connection() if joins else None
         if caller is None:
-            return self._execute(queries.RATE_LIMIT_ADD, params)
+            return self._execute(sql, params)
         with caller.cursor() as cur:
-            cur.execute(queries.RATE_LIMIT_ADD, params)
+            cur.execute(sql, params)
             return cur.fetchone() is not None
 
     def incr(self, key: str, amount: int, maximum: int, ttl: int) -> bool:
-        """Add ``amount`` to ``key`` (absent: 0) unless it would pass ``maximum``; True when it did."""
-        return self._execute(
-            queries.RATE_LIMIT_ADJUST,
-            {"key": key, "amount": amount, "minimum": None, "maximum": maximum, "ttl_ms": _positive(ttl)},
-        )
+        """Add ``amount`` to ``key`` (absent: 0) unless it would pass ``maximum``; True when it did.
+
+        A ``BucketRateLimiter``'s bucket (``add``, then ``incr``) is the database's clock's."""
+        params: dict[str, Any] = {"key": key, "amount": amount, "minimum": None, "maximum": maximum,
+                                  "ttl_ms": _positive(ttl)}  # fmt: skip
+        sql = _by_the_databases_clock(key, ttl, queries.RATE_LIMIT_ADJUST, queries.RATE_LIMIT_ADJUST_BUCKET, params)
+        return self._execute(sql, params)
 
     def decr(self, key: str, amount: int, minimum: int, ttl: int) -> bool:
         """Take ``amount`` from ``key`` (absent: 0) unless it would go below ``minimum``; True when it did."""

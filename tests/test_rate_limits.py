@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 from dramatiq import group
-from dramatiq.rate_limits import Barrier, ConcurrentRateLimiter, WindowRateLimiter
+from dramatiq.rate_limits import Barrier, BucketRateLimiter, ConcurrentRateLimiter, WindowRateLimiter
 from freezegun import freeze_time
 
 import tasks
@@ -186,6 +186,30 @@ def test_a_window_limiter_allows_limit_per_window_by_the_databases_clock(db_url:
     now = query(db_url, "SELECT floor(extract(epoch FROM now()))::bigint AS s")[0]["s"]
     seconds = [int(r["key"].split("@")[1]) for r in query(db_url, "SELECT key FROM control_plane.rate_limits")]
     assert seconds and all(abs(s - now) <= 5 for s in seconds)
+
+
+def test_a_bucket_limiter_counts_in_the_databases_bucket_whatever_the_hosts_clocks(db_url: str) -> None:
+    hour = 3_600_000
+    bucket_now = "SELECT (floor(extract(epoch FROM now()) * 1000 / %s) * %s)::bigint AS b"
+    for attempt in range(3):  # again in the (unlikely) case the database's hour turned meanwhile
+        # Given a bucket limiter of 3 an hour, used from two hosts whose clocks are an hour apart
+        # (each names a bucket of its own by its clock)
+        limiter = BucketRateLimiter(backend(), f"bucket-{attempt}", limit=3, bucket=hour)
+        before = query(db_url, bucket_now, (hour, hour))[0]["b"]
+        results: list[bool] = []
+        for host_clock in (datetime(2026, 3, 2, 10, 0, 0), datetime(2026, 3, 2, 11, 0, 0)):
+            with freeze_time(host_clock):
+                # When 3 attempts are made from each
+                for _ in range(3):
+                    with limiter.acquire(raise_on_failure=False) as acquired:
+                        results.append(bool(acquired))
+        if query(db_url, bucket_now, (hour, hour))[0]["b"] == before:
+            break
+    # Then 3 pass in all, and their bucket is the database's hour
+    assert results == [True, True, True, False, False, False]
+    keys = [r["key"] for r in query(db_url, "SELECT key FROM control_plane.rate_limits WHERE key LIKE %s",
+                                    (f"bucket-{attempt}@%",))]  # fmt: skip
+    assert keys == [f"bucket-{attempt}@{before}"]
 
 
 def test_a_window_limiter_makes_room_as_its_window_slides(db_url: str) -> None:

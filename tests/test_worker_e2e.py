@@ -377,6 +377,23 @@ def test_a_message_past_its_max_age_is_recorded_as_skipped_and_why(db_url: str, 
         message.get_result()
 
 
+def test_max_age_goes_by_the_databases_clock_not_the_senders(db_url: str, tmp_path: Path) -> None:
+    # Given two jobs allowed to wait a minute: one sent from a host whose clock is 10 minutes
+    # behind (its timestamp says it is old), and one stamped now that waited 10 minutes in fact
+    late_clock = actors.noop.message_with_options(args=("late clock",), max_age=60_000)
+    late_clock = late_clock.copy(message_timestamp=late_clock.message_timestamp - 600_000)
+    tasks.broker.enqueue(late_clock)
+    waited = actors.noop.send_with_options(args=("waited",), max_age=60_000)
+    query(db_url, "UPDATE control_plane.messages SET enqueued_at = now() - interval '10 minutes' WHERE id = %s",
+          (waited.message_id,))  # fmt: skip
+    # When a worker finds them
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: job(db_url, late_clock.message_id)["status"] == "completed", what="the fresh job to run")
+        wait_for(lambda: job(db_url, waited.message_id)["status"] == "failed", what="the old job to be skipped")
+    # Then the fresh one ran, and the one that waited past its max_age was skipped
+    assert job(db_url, waited.message_id)["last_error"] == "SkipMessage: Message age limit exceeded"
+
+
 def test_a_result_jsonb_cannot_hold_completes_the_job_without_it(db_url: str, tmp_path: Path) -> None:
     # Given jobs that return NaN, a string with a NUL, and a string that only spells "\u0000",
     # sent with a plain job behind them
