@@ -364,7 +364,7 @@ class Clock:
         logger.info("clock started; schedules: %s", schedule_names(self.schedules))
         failures = 0
         while not stop.is_set():
-            minute = _minute(utc_now() + self.skew)
+            started = utc_now()
             try:
                 self.run_pending()
                 failures = 0
@@ -372,7 +372,11 @@ class Clock:
                 failures += 1
                 logger.error("clock: cannot read the schedule ticks (%s); trying again", db.loggable_error(exc))
                 self.close()
-            now = utc_now() + self.skew  # the database's time, as of the last look
+            # The round's minute and now, by the database's time as of the last look: a first
+            # look on a host 10 minutes behind learns the skew, and the minute by the skew known
+            # before it said the round ran 10 minutes past its minute.
+            minute = _minute(started + self.skew)
+            now = utc_now() + self.skew
             if not failures and _minute(now) > minute:
                 # The round ran into the next minute (a lock, a slow server): that minute's ticks
                 # are due now, and waiting for the one after would skip them.

@@ -152,6 +152,40 @@ def test_a_round_that_runs_into_the_next_minute_looks_again_at_once(
     assert "the round of 10:25 ended at 10:26:11, past its minute: looking again at once" in caplog.text
 
 
+def test_a_clock_on_a_host_behind_does_not_say_its_first_round_ran_past_its_minute(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tasks.periodic as periodic_module
+
+    # Given a clock on a host 10 minutes behind the database, which its first look learns
+    clock = Clock(schedules=[every("* * * * *", "tests.round_late")], url=db_url, broker=tasks.broker)
+    times = iter([at("2026-03-02 10:15:00.06"), at("2026-03-02 10:15:01")])
+    monkeypatch.setattr(periodic_module, "utc_now", lambda: next(times))
+    stop = threading.Event()
+    rounds: list[str] = []
+    waits: list[float] = []
+
+    def run_pending() -> list[Any]:
+        rounds.append("round")
+        clock.skew = timedelta(minutes=10)
+        return []
+
+    def wait(seconds: float) -> bool:
+        waits.append(seconds)
+        stop.set()
+        return True
+
+    monkeypatch.setattr(clock, "run_pending", run_pending)
+    monkeypatch.setattr(stop, "wait", wait)
+    # When it runs its first round (a second long)
+    with caplog.at_level("WARNING", logger="tasks.periodic"):
+        clock.run_forever(stop)
+    # Then it waits for the database's next minute, without a word of a round past its minute
+    assert rounds == ["round"]
+    assert len(waits) == 1 and 58 < waits[0] < 60
+    assert "past its minute" not in caplog.text
+
+
 def test_the_clock_finds_each_schedules_latest_tick_at_the_end_of_its_index_not_in_all_it_keeps(db_url: str) -> None:
     from models import queries
 
