@@ -579,9 +579,14 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 #: committed what it sends (``tasks.middleware.canvas``): its next step sent by this run of
 #: it, or its marker as a group's counted child. Its worker died before its own outcome
 #: was written; failing it now would undo (``on_failure``, compensation) a job whose
-#: pipeline went on. Read only for a job out of attempts.
+#: pipeline went on, and running it again could fail it (its caller told the pipeline stopped,
+#: though its next steps ran; an operator's retry sending them again), or a cancel end it
+#: ``cancelled``. So it ends ``completed``, whatever attempts it has left, cancelled or not.
+#: The body is parsed only when it names a pipeline or a group (a byte search first).
 _UUID = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-_OUTCOME_TOOK_EFFECT = """EXISTS (
+_OUTCOME_TOOK_EFFECT = """(position('"pipe_target"'::bytea IN m.body) > 0
+                    OR position('"group_completion_uuid"'::bytea IN m.body) > 0)
+                AND EXISTS (
                     SELECT 1 FROM (SELECT convert_from(m.body, 'UTF8')::jsonb -> 'options' AS o) AS b
                     WHERE EXISTS (SELECT 1 FROM control_plane.jobs AS n
                                   WHERE n.id = CASE WHEN b.o #>> '{pipe_target,message_id}' ~* '""" + _UUID + """'
@@ -595,10 +600,11 @@ _OUTCOME_TOOK_EFFECT = """EXISTS (
 REAP = """
 WITH r AS (
     SELECT m.id, m.worker, m.lease_expires_at = 'epoch' AS released,
-           CASE WHEN m.cancel_requested_at IS NOT NULL THEN 'cancel'
+           CASE WHEN """ + _OUTCOME_TOOK_EFFECT + """ THEN 'done'
+                WHEN m.cancel_requested_at IS NOT NULL THEN 'cancel'
                 WHEN j.attempts - j.attempts_before_retry >= j.max_attempts
                      AND (j.status = 'running' OR j.attempts - j.attempts_before_retry >= 2 * j.max_attempts)
-                THEN CASE WHEN """ + _OUTCOME_TOOK_EFFECT + """ THEN 'done' ELSE 'fail' END
+                THEN 'fail'
                 ELSE 'requeue' END AS fate
     FROM control_plane.messages AS m LEFT JOIN control_plane.jobs AS j ON j.id = m.id
     WHERE m.claim_token IS NOT NULL AND m.lease_expires_at < now()

@@ -311,6 +311,41 @@ def test_a_step_that_fails_for_good_fails_the_pipelines_result_at_once_naming_th
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.noop'")[0]["n"] == 1
 
 
+def test_a_step_that_went_on_and_then_fails_on_a_delivery_again_does_not_stop_its_pipeline(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a pipeline whose first step returned and sent its next step, and whose next step completed
+    chain = pipeline([actors.noop.message("a"), actors.noop.message()])
+    chain.run()
+    consumer, first = claim_in_process()
+    pipes = middleware(Pipelines)
+    pipes.after_process_message(tasks.broker, first, result="a")
+    consumer.close()
+    second = chain.messages[1]
+    query(db_url, "UPDATE control_plane.jobs SET status = 'completed' WHERE id = %s", (second.message_id,))
+    # When a delivery of the first step again (its worker cut off past its lease) fails for good
+    first.fail()  # (the same message, as its delivery again carries it)
+    first.error_text = "RuntimeError: flaky on the second run"
+    with caplog.at_level("WARNING", logger="tasks.middleware.canvas"):
+        pipes.before_nack(tasks.broker, first)
+    # Then the pipeline's caller is not told it stopped (its next step ran), and the log says why
+    with pytest.raises(ResultMissing):
+        chain.get_result()
+    assert "the pipeline went on, its caller is not told it stopped" in caplog.text
+    # But a step that fails before it sent its next step still stops it, as before
+    query(db_url, "DELETE FROM control_plane.messages")
+    other = pipeline([actors.noop.message("b"), actors.noop.message()])
+    other.run()
+    consumer, head = claim_in_process()
+    consumer.close()
+    assert head.message_id == other.messages[0].message_id
+    head.fail()
+    head.error_text = "RuntimeError: broken"
+    pipes.before_nack(tasks.broker, head)
+    with pytest.raises(ResultFailure, match=r"the pipeline stopped at tests\.noop"):
+        other.get_result(block=True, timeout=5_000)
+
+
 def test_a_group_sent_in_a_transaction_that_rolls_back_leaves_no_barrier(db_url: str) -> None:
     # Given a group with a completion callback sent inside a caller's transaction
     conn = psycopg2.connect(db_url)
@@ -378,14 +413,17 @@ def test_with_another_broker_a_groups_barrier_is_written_at_once_as_its_messages
     ]
 
 
+@pytest.mark.parametrize("case", ["its last attempt", "attempts left", "cancelled"])
 @pytest.mark.parametrize("kind", ["pipeline", "group"])
 def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_completed_not_failed(
-    db_url: str, kind: str
+    db_url: str, kind: str, case: str
 ) -> None:
-    # Given a job on its only attempt, with an on_failure hook, that returned and whose pipeline
-    # hook sent the next step (or whose group hook counted it), and whose worker then died
-    # before writing its own outcome
-    first = actors.noop.message_with_options(args=("a",), max_attempts=1, on_failure="tests.callback_sink")
+    # Given a job (on its only attempt, or with attempts left, or cancelled by an operator since),
+    # with an on_failure hook, that returned and whose pipeline hook sent the next step (or whose
+    # group hook counted it), and whose worker then died before writing its own outcome
+    max_attempts = 1 if case == "its last attempt" else 3
+    first = actors.noop.message_with_options(args=("a",), max_attempts=max_attempts,
+                                             on_failure="tests.callback_sink")  # fmt: skip
     if kind == "pipeline":
         pipeline([first, actors.noop.message()]).run()
     else:
@@ -403,16 +441,21 @@ def test_a_step_whose_worker_died_after_its_pipeline_or_group_went_on_ends_compl
     middleware(Results).after_process_message(tasks.broker, held, result="a")
     hook = middleware(Pipelines if kind == "pipeline" else GroupCallbacks)
     hook.after_process_message(tasks.broker, held, result="a")
-    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second' "
-                  "WHERE id = %s", (first.message_id,))  # fmt: skip
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second', "
+                  "cancel_requested_at = CASE WHEN %s THEN now() END WHERE id = %s",
+          (case == "cancelled", first.message_id))  # fmt: skip
     # When another worker's reaper finds its lease expired
     reap_from_another_worker()
     consumer.close()
-    # Then the job is completed, as its pipeline or group took it to be: no failure, no on_failure
-    # hook (which would undo work the next step builds on), no WorkerLost for its caller, whose
-    # result was stored by the hook that sent on (its outcome, which carried it, was never written)
+    # Then the job is completed, as its pipeline or group took it to be, and not put back to run
+    # again (a run that fails would tell the pipeline's caller it stopped, though it went on): no
+    # failure, no on_failure hook (which would undo work the next step builds on), no WorkerLost
+    # or Cancelled for its caller, whose result was stored by the hook that sent on (its outcome,
+    # which carried it, was never written)
     row = job(db_url, first.message_id)
     assert (row["status"], row["last_error"]) == ("completed", None)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages WHERE id = %s",
+                 (first.message_id,)) == [{"n": 0}]  # fmt: skip
     assert "its pipeline or group went on" in row["errors"][-1]["error"]
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.callback_sink'") == [
         {"n": 0}

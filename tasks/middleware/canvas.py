@@ -273,7 +273,7 @@ class Pipelines(dramatiq_pipelines.Pipelines):
             last = pipeline_end(message)
         except (TypeError, ValueError, AttributeError):
             return  # a next step that is no message (written by hand): no caller waits on it
-        if last is None or not message.failed:
+        if last is None or not message.failed or self._went_on(broker, message):
             return
         error = getattr(message, "error_text", None) or (
             describe_error(message._exception, message, broker) if message._exception is not None else "Rejected"
@@ -281,6 +281,29 @@ class Pipelines(dramatiq_pipelines.Pipelines):
         kind, _, text = error.partition(": ")
         _tell_the_pipelines_caller(broker, last, kind, stopped_at(message.actor_name, message.message_id,
                                                                   text or kind or "it failed"))  # fmt: skip
+
+    @staticmethod
+    def _went_on(broker: dramatiq.Broker, message: Any) -> bool:
+        """Whether this run of the step ``message`` sent its next step: its pipeline went on. (A
+        worker cut off past its lease, whose step was put back before its hook committed the
+        send: the step's delivery again that fails must not tell the caller the pipeline stopped
+        while its next steps run. The reaper ends such a step ``completed`` when it sees the send.)"""
+        if not _postgres(broker):
+            return False
+        try:
+            with broker.connection() as conn, conn.cursor() as cur:  # type: ignore[attr-defined]
+                cur.execute(queries.PIPE_SENT, {"id": message.message_id,
+                                                "next": message.options["pipe_target"]["message_id"]})  # fmt: skip
+                run, exists, sent_by = cur.fetchone()
+        except (psycopg2.Error, KeyError, TypeError) as exc:
+            logger.warning("could not tell whether pipeline step %s went on (%s)", message.message_id,
+                           db.loggable_error(exc))  # fmt: skip
+            return False
+        if not exists or sent_by not in (None, f"{message.message_id}/{run}"):
+            return False
+        logger.warning("pipeline step %s failed on a delivery after this run of it had sent its next step: "
+                       "the pipeline went on, its caller is not told it stopped", message.message_id)
+        return True
 
     @staticmethod
     def _fail_the_pipeline(broker: dramatiq.Broker, next_message: Message[Any], exc: NotSerializable) -> None:
