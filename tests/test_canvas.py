@@ -7,6 +7,7 @@ of a message whose worker died after the job's work but before its outcome was w
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import psycopg2
 import pytest
-from dramatiq import group, pipeline
+from dramatiq import MessageProxy, group, pipeline
 from dramatiq.message import Message
 from dramatiq.middleware import GroupCallbacks, Pipelines
 from dramatiq.results import ResultFailure, ResultMissing, Results
@@ -93,6 +94,45 @@ def test_children_pass_from_a_cached_plan_and_the_callback_is_sent_once(db_url: 
         cur.execute("SELECT generic_plans FROM pg_prepared_statements WHERE name = %s", (_CHILD_PASS.name,))
         ((generic,),) = cur.fetchall()
     assert generic >= 4
+
+
+@pytest.mark.parametrize("kind", ["group", "pipeline"])
+def test_a_hook_rides_out_a_database_out_of_reach_and_sends_on_when_it_is_back(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    # Given the last child of a group with a callback (or a pipeline's first step), run
+    if kind == "group":
+        children = sent_group(db_url, "after the outage", size=1)
+        held, hook = children[0], middleware(GroupCallbacks)
+    else:
+        chain = pipeline([actors.noop.message("a"), actors.noop.message()])
+        chain.run()
+        held, hook = MessageProxy(queued(db_url, "tests.noop")[0]), middleware(Pipelines)
+    sent_on = "tests.group_done" if kind == "group" else "tests.noop"
+    before = len(queued(db_url, sent_on))
+    # And a database that cannot be reached (connections refused: a restart, a crash's recovery)
+    pool = tasks.broker._pool
+    pool.close()
+    real, refusals = pool._url_factory, []
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+
+    def unreachable() -> str:
+        refusals.append(1)
+        return f"postgresql://root@127.0.0.1:{port}/postgres?connect_timeout=2"
+
+    monkeypatch.setattr(pool, "_url_factory", unreachable)
+    # When its hook runs while it is out of reach, past the three tries it was given before
+    hooked = threading.Thread(target=hook.after_process_message, args=(tasks.broker, held), kwargs={"result": "a"})
+    hooked.start()
+    wait_for(lambda: len(refusals) >= 5, what="five refused tries")
+    # And the database comes back
+    monkeypatch.setattr(pool, "_url_factory", real)
+    hooked.join(timeout=60)
+    # Then the hook went on: the group's callback is sent, the pipeline's next step too
+    assert not hooked.is_alive()
+    assert len(queued(db_url, sent_on)) == before + 1
 
 
 def test_children_passing_at_once_from_many_threads_some_twice_send_the_callback_once_after_the_last(

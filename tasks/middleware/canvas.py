@@ -19,10 +19,11 @@ counts the last one; a pipeline's next step is sent only if this run of the step
 it yet (under an advisory lock on the id, so two deliveries at once send it once; a
 pipeline run again, its finished steps re-sent under their ids, is a new run). Either
 commits with its sends, or neither happens. A hook's failure is not redelivered
-(the message is acknowledged after its hooks whatever they raise), so a lost
-connection or a deadlock is tried again here, three times; past that the
-failure is logged, and the group's callbacks or the pipeline's next step are
-not sent, as with Dramatiq's own hooks. A barrier gone before its last child
+(the message is acknowledged after its hooks whatever they raise), so a
+deadlock is tried again here, three times, and a database out of reach (a
+restart, a crash's recovery) for up to ten minutes; past that the failure is
+logged, and the group's callbacks or the pipeline's next step are not sent, as
+with Dramatiq's own hooks. A barrier gone before its last child
 (expired: children retried past ``barrier_ttl``) sends no callback, and says so,
 where Dramatiq's fired it at the next child and again at each one after. A
 pipeline step redelivered after its next step's job was pruned (days later)
@@ -76,17 +77,27 @@ PIPE_SENT_BY = queries.PIPE_SENT_BY
 #: about four times as long planning this statement as running it (0.5 against 0.14 ms).
 _CHILD_PASS = Statement("control_plane_child_pass", queries.CHILD_PASS)
 
-#: Tries of a hook's transaction: its failure cannot be retried by redelivery (the message is
-#: acked after its hooks whatever they raise), so a lost connection or a deadlock is tried again here.
+#: Tries of a hook's transaction that the server rolled back (a deadlock): its failure cannot be
+#: retried by redelivery (the message is acked after its hooks whatever they raise).
 TRIES = 3
+#: How long a hook's transaction is tried again while the database cannot be reached (a restart,
+#: a crash's recovery, a failover), as the settler tries its outcomes: three tries in 0.6 s lost
+#: the group's callbacks or the pipeline's next steps at any restart, their jobs ``completed``
+#: (a helper's review crashed the server 23 times). A try again is safe: the markers count a
+#: child once and send a next step once, even when a lost answer hid a commit.
+OUTAGE_SECONDS = 600.0
 
 
 def _in_one_transaction(broker: Any, work: Callable[[Any], T], *, one_statement: bool = False) -> T:
-    """Run ``work(conn)`` in one transaction on a pooled connection; again on a transient failure.
+    """Run ``work(conn)`` in one transaction on a pooled connection; again on a transient failure,
+    and while the database cannot be reached, for ``OUTAGE_SECONDS``.
 
     With ``one_statement`` the work is a single statement, its own transaction (autocommit):
     no ``BEGIN`` and ``COMMIT`` round trips, and no lock it takes held across them."""
-    for attempt in range(1, TRIES + 1):
+    deadline = time.monotonic() + OUTAGE_SECONDS
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             if one_statement:
                 with broker.connection() as conn:
@@ -94,11 +105,16 @@ def _in_one_transaction(broker: Any, work: Callable[[Any], T], *, one_statement:
             with db.transaction(broker.connection) as conn:
                 return work(conn)
         except psycopg2.Error as exc:
-            if attempt == TRIES or not (db.is_transient(exc) or db.is_connection_error(exc)):
+            if db.is_connection_error(exc):
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("%s; trying again (try %d, for %.0f s more)", db.loggable_error(exc), attempt + 1,
+                               max(deadline - time.monotonic(), 0))  # fmt: skip
+            elif db.is_transient(exc) and attempt < TRIES:
+                logger.warning("%s; trying again (%d of %d)", db.loggable_error(exc), attempt + 1, TRIES)
+            else:
                 raise
-            logger.warning("%s; trying again (%d of %d)", db.loggable_error(exc), attempt + 1, TRIES)
-            time.sleep(0.1 * 2**attempt)
-    raise AssertionError("unreachable: the last try returns or raises")
+            time.sleep(min(0.1 * 2**attempt, 5.0))
 
 
 def _store_its_result(conn: Any, message: Any) -> None:
