@@ -51,8 +51,11 @@ _JOB_AGAIN = """ON CONFLICT (id) DO UPDATE
                                         THEN cur.attempts ELSE cur.attempts_before_retry END"""
 
 #: The message rows, from CTE ``m``; re-enqueueing an id puts its message back in the queue.
-_MESSAGES_FROM_M = """INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body)
-    SELECT id, queue, actor, priority, eta, body FROM m"""
+#: Sent at the statement's time, not the transaction's (``now()``): inside ``enqueue_in`` a
+#: transaction open for a while made a job old at its send, and ``max_age`` (the claim's age)
+#: skipped it unrun.
+_MESSAGES_FROM_M = """INSERT INTO control_plane.messages AS cur (id, queue, actor, priority, eta, body, enqueued_at)
+    SELECT id, queue, actor, priority, eta, body, statement_timestamp() FROM m"""
 _MESSAGE_AGAIN = """ON CONFLICT (id) DO UPDATE
        SET queue = excluded.queue, actor = excluded.actor, priority = excluded.priority,
            eta = excluded.eta, body = excluded.body,
@@ -582,20 +585,16 @@ CANCEL_NOTIFY_PREFIX = "cancel:"
 #: pipeline went on, and running it again could fail it (its caller told the pipeline stopped,
 #: though its next steps ran; an operator's retry sending them again), or a cancel end it
 #: ``cancelled``. So it ends ``completed``, whatever attempts it has left, cancelled or not.
-#: The body is parsed only when it names a pipeline or a group (a byte search first).
+#: Read from the job's options (the message's, as its send wrote them): a body that is not
+#: UTF-8 JSON (written by hand, or by a foreign producer) would fail the whole reap.
 _UUID = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-_OUTCOME_TOOK_EFFECT = """(position('"pipe_target"'::bytea IN m.body) > 0
-                    OR position('"group_completion_uuid"'::bytea IN m.body) > 0)
-                AND EXISTS (
-                    SELECT 1 FROM (SELECT convert_from(m.body, 'UTF8')::jsonb -> 'options' AS o) AS b
-                    WHERE EXISTS (SELECT 1 FROM control_plane.jobs AS n
-                                  WHERE n.id = CASE WHEN b.o #>> '{pipe_target,message_id}' ~* '""" + _UUID + """'
-                                                    THEN (b.o #>> '{pipe_target,message_id}')::uuid END
-                                    AND n.options ->> '""" + PIPE_SENT_BY + """'
-                                        = m.id || '/' || j.attempts_before_retry)
-                       OR EXISTS (SELECT 1 FROM control_plane.rate_limits AS g
-                                  WHERE g.key = (b.o ->> 'group_completion_uuid') || '@done:' || m.id
-                                    AND g.expires_at > now()))"""  # noqa: S608 (constants only)
+_OUTCOME_TOOK_EFFECT = """(EXISTS (SELECT 1 FROM control_plane.jobs AS n
+                        WHERE n.id = CASE WHEN j.options #>> '{pipe_target,message_id}' ~* '""" + _UUID + """'
+                                          THEN (j.options #>> '{pipe_target,message_id}')::uuid END
+                          AND n.options ->> '""" + PIPE_SENT_BY + """' = m.id || '/' || j.attempts_before_retry)
+                 OR EXISTS (SELECT 1 FROM control_plane.rate_limits AS g
+                            WHERE g.key = (j.options ->> 'group_completion_uuid') || '@done:' || m.id
+                              AND g.expires_at > now()))"""  # noqa: S608 (constants only)
 
 REAP = """
 WITH r AS (

@@ -614,6 +614,22 @@ def test_a_lost_job_whose_body_was_written_by_hand_keeps_no_caller_of_the_others
         plain.get_result()
 
 
+def test_a_lost_message_whose_body_is_not_utf8_json_does_not_stop_the_reaper(db_url: str) -> None:
+    # Given two lost claims with attempts left: one a row written by hand whose body names a
+    # pipeline and a group but is not UTF-8 JSON, one an ordinary job's
+    plain = actors.noop.send_with_options(args=(2,), max_attempts=3)
+    query(db_url, """INSERT INTO control_plane.messages (id, queue, actor, body)
+                     VALUES (gen_random_uuid(), 'default', 'tests.noop', %s)""",
+          (b'{"options": {"pipe_target": 1, "group_completion_uuid": "g"}, "args": ["caf\xe9"]}',))  # fmt: skip
+    query(db_url, "UPDATE control_plane.messages SET claim_token = gen_random_uuid(), worker = 'gone', "
+                  "lease_expires_at = now() - interval '1 second'")  # fmt: skip
+    # When another worker's reaper finds them
+    reap_from_another_worker()
+    # Then both are put back (one bad body made every reap fail, on every queue)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.messages WHERE claim_token IS NULL") == [{"n": 2}]
+    assert job(db_url, plain.message_id)["status"] == "pending"
+
+
 def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: str) -> None:
     # Given two lost jobs on their last attempt, one whose options name a next step by an id of
     # uuid-like characters that is no uuid

@@ -206,9 +206,12 @@ def test_a_delay_inside_a_long_transaction_counts_from_the_send(db_url: str) -> 
         conn.commit()
     finally:
         conn.close()
-    # Then it becomes due 10 s after the send, not 10 s after the transaction began
-    (row,) = query(db_url, "SELECT eta FROM control_plane.messages WHERE id = %s", (message.message_id,))
+    # Then it becomes due 10 s after the send, not 10 s after the transaction began, and its age
+    # (max_age's, counted by the claim) starts at the send too
+    (row,) = query(db_url, "SELECT eta, enqueued_at FROM control_plane.messages WHERE id = %s",
+                   (message.message_id,))  # fmt: skip
     assert row["eta"] >= before_send + timedelta(seconds=10)
+    assert row["enqueued_at"] >= before_send
 
 
 def test_enqueue_in_rejects_what_is_not_a_connection() -> None:
