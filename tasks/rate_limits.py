@@ -29,13 +29,14 @@ from __future__ import annotations
 import contextlib
 import re
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from dramatiq.rate_limits import RateLimiterBackend
+from dramatiq.rate_limits import BucketRateLimiter, RateLimiterBackend
 
 from models import queries
 from tasks import db
@@ -48,12 +49,22 @@ _WINDOW_SUFFIX = re.compile(r"@\d+$")
 _BUCKET_KEY = re.compile(r"^(.*)@(\d{13,})$")
 
 
+#: The code of Dramatiq's ``BucketRateLimiter._acquire``, which names its buckets.
+_BUCKET_ACQUIRE = BucketRateLimiter._acquire.__code__
+
+
 def _by_the_databases_clock(key: str, ttl: int, sql: str, bucket_sql: str, params: dict[str, Any]) -> str:
     """The statement for ``key``: a ``BucketRateLimiter``'s (``<name>@<ms>``, a multiple of its
     bucket, ``ttl``, by this host's clock) is re-named by the database's clock (``params`` gets the
-    name and the bucket), so that hosts whose clocks disagree count in one bucket."""
+    name and the bucket), so that hosts whose clocks disagree count in one bucket.
+
+    Only when ``BucketRateLimiter._acquire`` called (``add`` or ``incr``, which call this): a
+    ``ConcurrentRateLimiter`` whose key looked the same had its slot taken under the database's
+    bucket and given back (``decr``) under its own key, never."""
     match = _BUCKET_KEY.match(key)
-    if match is None or int(ttl) != ttl or int(match.group(2)) % int(ttl):
+    if match is None or sys._getframe(2).f_code is not _BUCKET_ACQUIRE:
+        return sql
+    if int(ttl) != ttl or int(match.group(2)) % int(ttl):
         return sql
     params.update(bucket_name=match.group(1), bucket_ms=int(ttl))
     return bucket_sql

@@ -212,6 +212,21 @@ def test_a_bucket_limiter_counts_in_the_databases_bucket_whatever_the_hosts_cloc
     assert keys == [f"bucket-{attempt}@{before}"]
 
 
+def test_a_concurrent_limiter_whose_key_looks_like_a_buckets_keeps_its_own_key(db_url: str) -> None:
+    # Given two mutexes named by a minute's tick (as a bucket's key looks), a minute apart
+    tick = 1_772_445_600_000  # 2026-03-02 10:00 UTC, a multiple of 60,000
+    first = ConcurrentRateLimiter(backend(), f"report@{tick}", limit=1, ttl=60_000)
+    second = ConcurrentRateLimiter(backend(), f"report@{tick + 60_000}", limit=1, ttl=60_000)
+    # When each is taken, and the first given back and taken again
+    with first.acquire(raise_on_failure=False) as a, second.acquire(raise_on_failure=False) as b:
+        assert (a, b) == (True, True)
+    with first.acquire(raise_on_failure=False) as again:
+        # Then each counted under its own key, and a slot given back is free again
+        assert again
+        keys = {r["key"]: r["value"] for r in query(db_url, "SELECT key, value FROM control_plane.rate_limits")}
+        assert keys == {f"report@{tick}": 1, f"report@{tick + 60_000}": 0}
+
+
 def test_a_window_limiter_makes_room_as_its_window_slides(db_url: str) -> None:
     # Given a limiter of 2 per second, full
     limiter = WindowRateLimiter(backend(), "per-second", limit=2, window=1)
