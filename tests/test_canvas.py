@@ -7,6 +7,7 @@ of a message whose worker died after the job's work but before its outcome was w
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sys
 import threading
@@ -21,6 +22,7 @@ from dramatiq.middleware import GroupCallbacks, Pipelines
 from dramatiq.results import ResultFailure, ResultMissing, Results
 
 import tasks
+from tasks.middleware import canvas as canvas_module
 from tasks.middleware.canvas import _CHILD_PASS, pipeline_end
 from tests import actors
 from tests.support import (
@@ -645,3 +647,196 @@ def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: st
     consumer.close()
     # Then both ended, as lost jobs out of attempts do (one bad row made every reap fail)
     assert {job(db_url, m.message_id)["status"] for m in (bad, plain)} == {"failed"}
+
+
+# -- pinned by a mutation review (thirty-third session) --------------------------------
+
+
+class FakeClock:
+    """``time`` for ``canvas_module._in_one_transaction``: its sleeps only move its monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+
+def _tried(monkeypatch: pytest.MonkeyPatch, fail: Any, limit: int = 400) -> tuple[int, FakeClock, BaseException | None]:
+    """How many times ``_in_one_transaction`` ran work that calls ``fail(conn, n)``, its clock, and what it raised."""
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(canvas_module, "time", clock)
+
+    def work(conn: Any) -> str:
+        calls.append(1)
+        if len(calls) > limit:
+            raise RuntimeError("tried for ever")
+        fail(conn, len(calls))
+        return "ok"
+
+    try:
+        canvas_module._in_one_transaction(tasks.broker, work, one_statement=True)
+        return len(calls), clock, None
+    except Exception as exc:
+        return len(calls), clock, exc
+
+
+def _deadlock(conn: Any, n: int) -> None:
+    with conn.cursor() as cur:
+        cur.execute("DO $$ BEGIN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; END $$")
+
+
+def test_a_hooks_deadlock_is_tried_three_times_once_is_tried_again_and_another_error_not(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A deadlock every time: TRIES tries, then raised
+    calls, _, exc = _tried(monkeypatch, _deadlock)
+    assert isinstance(exc, psycopg2.errors.DeadlockDetected) and calls == canvas_module.TRIES
+
+    # A deadlock once: done at the second try
+    calls, _, exc = _tried(monkeypatch, lambda conn, n: _deadlock(conn, n) if n == 1 else None)
+    assert exc is None and calls == 2
+
+    # Neither a conflict nor a lost connection (a bug, a value refused): raised at once
+    def bad(conn: Any, n: int) -> None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1/0")
+
+    calls, _, exc = _tried(monkeypatch, bad)
+    assert isinstance(exc, psycopg2.errors.DivisionByZero) and calls == 1
+
+
+def test_a_hook_waits_out_an_outage_at_most_five_seconds_at_a_time_and_gives_up_at_its_deadline(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a database that never comes back
+    def gone(conn: Any, n: int) -> None:
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+    _, clock, exc = _tried(monkeypatch, gone)
+    # Then the hook tried again, waiting at most 5 s between tries, until OUTAGE_SECONDS had passed
+    assert isinstance(exc, psycopg2.OperationalError)
+    assert max(clock.sleeps) == 5.0
+    assert canvas_module.OUTAGE_SECONDS <= clock.now <= canvas_module.OUTAGE_SECONDS + 5.0
+
+
+def test_group_children_pass_unprepared_when_prepared_statements_are_off(db_url: str) -> None:
+    # Given prepared statements turned off (CONTROLPLANE_PREPARED_STATEMENTS=off), and a group of three
+    broker = tasks.broker
+    original = broker.settings
+    broker.settings = dataclasses.replace(original, prepared_statements=False)
+    try:
+        with broker.connection() as conn, conn.cursor() as cur:
+            cur.execute("DEALLOCATE ALL")
+        members = group([actors.noop.message(i) for i in range(3)])
+        members.add_completion_callback(actors.group_done.message("x"))
+        members.run()
+        hook = middleware(GroupCallbacks)
+        rows = query(db_url, "SELECT body FROM control_plane.messages WHERE actor = 'tests.noop'")
+        assert len(rows) == 3
+        for r in rows:
+            hook.after_process_message(broker, Message.decode(bytes(r["body"])), result=None)
+        assert len(queued(db_url, "tests.group_done")) == 1
+        with broker.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT name FROM pg_prepared_statements")
+            assert cur.fetchall() == []
+    finally:
+        broker.settings = original
+
+
+def _first_step_sent_on(db_url: str) -> tuple[Any, Any, Any, Any]:
+    """A pipeline of two whose first step (claimed here, its consumer returned) ran and sent its next step."""
+    first = actors.noop.message_with_options(args=("a",), max_attempts=3)
+    chain = pipeline([first, actors.noop.message()])
+    chain.run()
+    consumer, held = claim_in_process()
+    middleware(Results).after_process_message(tasks.broker, held, result="a")
+    middleware(Pipelines).after_process_message(tasks.broker, held, result="a")
+    return chain, consumer, held, first
+
+
+def test_a_later_run_of_a_step_whose_earlier_run_sent_on_is_put_back_when_its_worker_dies(db_url: str) -> None:
+    # Given a step whose run 0 sent its next step, now on run 1 (an operator's retry), whose worker died
+    _, consumer, _, first = _first_step_sent_on(db_url)
+    query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 2, attempts_before_retry = 1 "
+                  "WHERE id = %s", (first.message_id,))
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+          (first.message_id,))
+    reap_from_another_worker()
+    consumer.close()
+    # Then this run did not send on: it is put back to run, not ended completed
+    assert job(db_url, first.message_id)["status"] == "pending"
+
+
+def test_a_later_run_that_fails_tells_the_caller_though_an_earlier_run_sent_on(db_url: str) -> None:
+    # Given a step whose run 0 sent its next step, now on run 1 (an operator's retry)
+    chain, consumer, held, first = _first_step_sent_on(db_url)
+    consumer.close()
+    query(db_url, "UPDATE control_plane.jobs SET attempts_before_retry = 1 WHERE id = %s", (first.message_id,))
+    # When run 1 fails for good
+    held.fail()
+    held.error_text = "RuntimeError: run 1 failed"
+    middleware(Pipelines).before_nack(tasks.broker, held)
+    # Then the caller hears it: this run did not send on
+    with pytest.raises(ResultFailure, match="the pipeline stopped"):
+        chain.get_result(block=True, timeout=5_000)
+
+
+def test_a_next_step_sent_before_the_marker_existed_counts_as_went_on(db_url: str) -> None:
+    # Given a step whose next step was sent before the run marker existed (no pipe_sent_by)
+    chain, consumer, held, _ = _first_step_sent_on(db_url)
+    consumer.close()
+    query(db_url, "UPDATE control_plane.jobs SET options = options - 'pipe_sent_by' WHERE id = %s",
+          (chain.messages[1].message_id,))
+    # When a delivery of the step again fails for good
+    held.fail()
+    held.error_text = "RuntimeError: again"
+    middleware(Pipelines).before_nack(tasks.broker, held)
+    # Then the caller is not told the pipeline stopped, as _send_once takes that send for this run's
+    with pytest.raises(ResultMissing):
+        chain.get_result()
+
+
+def test_a_failed_steps_caller_is_told_even_when_its_went_on_look_fails(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a step that fails for good before sending on, and a look at its next step that fails
+    chain = pipeline([actors.noop.message("b"), actors.noop.message()])
+    chain.run()
+    consumer, head = claim_in_process()
+    consumer.close()
+    monkeypatch.setattr(canvas_module.queries, "PIPE_SENT", "SELECT 1/0")
+    head.fail()
+    head.error_text = "RuntimeError: broken"
+    middleware(Pipelines).before_nack(tasks.broker, head)
+    # Then its caller is told all the same
+    with pytest.raises(ResultFailure, match="the pipeline stopped"):
+        chain.get_result(block=True, timeout=5_000)
+
+
+def test_a_group_child_whose_marker_expired_is_put_back_when_its_worker_dies(db_url: str) -> None:
+    # Given a counted group child whose marker has expired, then whose worker died with attempts left
+    first = actors.noop.message_with_options(args=("a",), max_attempts=3)
+    members = group([first, actors.noop.message("b")])
+    members.add_completion_callback(actors.group_done.message("done"))
+    members.run()
+    consumer, held = claim_in_process()
+    if held.message_id != first.message_id:
+        consumer.close()
+        query(db_url, "UPDATE control_plane.messages SET eta = now() + interval '1 hour' WHERE id = %s",
+              (held.message_id,))
+        consumer, held = claim_in_process()
+    query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1 WHERE id = %s", (first.message_id,))
+    middleware(GroupCallbacks).after_process_message(tasks.broker, held, result="a")
+    query(db_url, "UPDATE control_plane.rate_limits SET expires_at = now() - interval '1 second' "
+                  "WHERE key LIKE %s", (f"%@done:{first.message_id}",))
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+          (first.message_id,))
+    reap_from_another_worker()
+    consumer.close()
+    # Then it is put back to run: nothing shows its group went on
+    assert job(db_url, first.message_id)["status"] == "pending"
