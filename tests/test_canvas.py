@@ -748,6 +748,13 @@ def test_group_children_pass_unprepared_when_prepared_statements_are_off(db_url:
         broker.settings = original
 
 
+def _fails_for_good(message: Any, error: str) -> None:
+    """``message`` fails for good: its last attempt's ``before_nack``, with ``error`` its outcome's."""
+    message.fail()
+    message.error_text = error
+    middleware(Pipelines).before_nack(tasks.broker, message)
+
+
 def _first_step_sent_on(db_url: str) -> tuple[Any, Any, Any, Any]:
     """A pipeline of two whose first step (claimed here, its consumer returned) ran and sent its next step."""
     first = actors.noop.message_with_options(args=("a",), max_attempts=3)
@@ -772,33 +779,27 @@ def test_a_later_run_of_a_step_whose_earlier_run_sent_on_is_put_back_when_its_wo
     assert job(db_url, first.message_id)["status"] == "pending"
 
 
-def test_a_later_run_that_fails_tells_the_caller_though_an_earlier_run_sent_on(db_url: str) -> None:
-    # Given a step whose run 0 sent its next step, now on run 1 (an operator's retry)
+@pytest.mark.parametrize("sent_by", ["an earlier run", "a release before the marker"])
+def test_a_step_that_fails_for_good_stops_its_pipeline_unless_this_run_sent_on(db_url: str, sent_by: str) -> None:
+    # Given a step whose next step was sent by an earlier run of it (it is on run 1 now: an
+    # operator's retry), or by a release before the run marker existed (no pipe_sent_by)
     chain, consumer, held, first = _first_step_sent_on(db_url)
     consumer.close()
-    query(db_url, "UPDATE control_plane.jobs SET attempts_before_retry = 1 WHERE id = %s", (first.message_id,))
-    # When run 1 fails for good
-    held.fail()
-    held.error_text = "RuntimeError: run 1 failed"
-    middleware(Pipelines).before_nack(tasks.broker, held)
-    # Then the caller hears it: this run did not send on
-    with pytest.raises(ResultFailure, match="the pipeline stopped"):
-        chain.get_result(block=True, timeout=5_000)
-
-
-def test_a_next_step_sent_before_the_marker_existed_counts_as_went_on(db_url: str) -> None:
-    # Given a step whose next step was sent before the run marker existed (no pipe_sent_by)
-    chain, consumer, held, _ = _first_step_sent_on(db_url)
-    consumer.close()
-    query(db_url, "UPDATE control_plane.jobs SET options = options - 'pipe_sent_by' WHERE id = %s",
-          (chain.messages[1].message_id,))
-    # When a delivery of the step again fails for good
-    held.fail()
-    held.error_text = "RuntimeError: again"
-    middleware(Pipelines).before_nack(tasks.broker, held)
-    # Then the caller is not told the pipeline stopped, as _send_once takes that send for this run's
-    with pytest.raises(ResultMissing):
-        chain.get_result()
+    if sent_by == "an earlier run":
+        query(db_url, "UPDATE control_plane.jobs SET attempts_before_retry = 1 WHERE id = %s", (first.message_id,))
+    else:
+        query(db_url, "UPDATE control_plane.jobs SET options = options - 'pipe_sent_by' WHERE id = %s",
+              (chain.messages[1].message_id,))  # fmt: skip
+    # When the step fails for good
+    _fails_for_good(held, "RuntimeError: this run failed")
+    # Then its caller hears it after an earlier run's send; a send before the marker is taken for
+    # this run's (as _send_once takes it), and the caller is not told the pipeline stopped
+    if sent_by == "an earlier run":
+        with pytest.raises(ResultFailure, match="the pipeline stopped"):
+            chain.get_result(block=True, timeout=5_000)
+    else:
+        with pytest.raises(ResultMissing):
+            chain.get_result()
 
 
 def test_a_failed_steps_caller_is_told_even_when_its_went_on_look_fails(
@@ -810,9 +811,7 @@ def test_a_failed_steps_caller_is_told_even_when_its_went_on_look_fails(
     consumer, head = claim_in_process()
     consumer.close()
     monkeypatch.setattr(canvas_module.queries, "PIPE_SENT", "SELECT 1/0")
-    head.fail()
-    head.error_text = "RuntimeError: broken"
-    middleware(Pipelines).before_nack(tasks.broker, head)
+    _fails_for_good(head, "RuntimeError: broken")
     # Then its caller is told all the same
     with pytest.raises(ResultFailure, match="the pipeline stopped"):
         chain.get_result(block=True, timeout=5_000)

@@ -118,15 +118,13 @@ def test_a_clock_that_was_down_runs_the_latest_missed_tick_once(db_url: str) -> 
     assert len(noop_jobs(db_url)) == 3
 
 
-def test_a_round_that_runs_into_the_next_minute_looks_again_at_once(
-    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def _rounds_until_it_waits(
+    monkeypatch: pytest.MonkeyPatch, clock: Clock, times: Iterator[datetime], learned_skew: timedelta | None = None
+) -> tuple[list[str], list[float]]:
+    """Run ``clock`` with ``times`` as the host's clock until it first waits: its rounds (each doing
+    nothing but learn ``learned_skew``, as a look does) and that wait's length in seconds."""
     import tasks.periodic as periodic_module
 
-    # Given a clock whose round of 10:25 ends at 10:26:11 (a lock held its inserts 70 s)
-    clock = Clock(schedules=[every("* * * * *", "tests.round_late")], url=db_url, broker=tasks.broker)
-    times = iter([at("2026-03-02 10:25:00.06"), at("2026-03-02 10:26:11"), at("2026-03-02 10:26:11.5"),
-                  at("2026-03-02 10:26:12")])  # fmt: skip
     monkeypatch.setattr(periodic_module, "utc_now", lambda: next(times))
     stop = threading.Event()
     rounds: list[str] = []
@@ -134,6 +132,8 @@ def test_a_round_that_runs_into_the_next_minute_looks_again_at_once(
 
     def run_pending() -> list[Any]:
         rounds.append("round")
+        if learned_skew is not None:
+            clock.skew = learned_skew
         return []
 
     def wait(seconds: float) -> bool:
@@ -143,10 +143,21 @@ def test_a_round_that_runs_into_the_next_minute_looks_again_at_once(
 
     monkeypatch.setattr(clock, "run_pending", run_pending)
     monkeypatch.setattr(stop, "wait", wait)
+    clock.run_forever(stop)
+    return rounds, waits
+
+
+def test_a_round_that_runs_into_the_next_minute_looks_again_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a clock whose round of 10:25 ends at 10:26:11 (a lock held its inserts 70 s)
+    clock = Clock(schedules=[every("* * * * *", "tests.round_late")], url=db_url, broker=tasks.broker)
+    times = iter([at("2026-03-02 10:25:00.06"), at("2026-03-02 10:26:11"), at("2026-03-02 10:26:11.5"),
+                  at("2026-03-02 10:26:12")])  # fmt: skip
     clock.skew = timedelta(0)
     # When it runs
     with caplog.at_level("WARNING", logger="tasks.periodic"):
-        clock.run_forever(stop)
+        rounds, waits = _rounds_until_it_waits(monkeypatch, clock, times)
     # Then it looks again at once for 10:26's ticks, saying so, before it waits for 10:27
     assert rounds == ["round", "round"]
     assert len(waits) == 1 and 47 < waits[0] < 49
@@ -156,31 +167,12 @@ def test_a_round_that_runs_into_the_next_minute_looks_again_at_once(
 def test_a_clock_on_a_host_behind_does_not_say_its_first_round_ran_past_its_minute(
     db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import tasks.periodic as periodic_module
-
     # Given a clock on a host 10 minutes behind the database, which its first look learns
     clock = Clock(schedules=[every("* * * * *", "tests.round_late")], url=db_url, broker=tasks.broker)
     times = itertools.chain([at("2026-03-02 10:15:00.06")], itertools.repeat(at("2026-03-02 10:15:01")))
-    monkeypatch.setattr(periodic_module, "utc_now", lambda: next(times))
-    stop = threading.Event()
-    rounds: list[str] = []
-    waits: list[float] = []
-
-    def run_pending() -> list[Any]:
-        rounds.append("round")
-        clock.skew = timedelta(minutes=10)
-        return []
-
-    def wait(seconds: float) -> bool:
-        waits.append(seconds)
-        stop.set()
-        return True
-
-    monkeypatch.setattr(clock, "run_pending", run_pending)
-    monkeypatch.setattr(stop, "wait", wait)
     # When it runs its first round (a second long)
     with caplog.at_level("WARNING", logger="tasks.periodic"):
-        clock.run_forever(stop)
+        rounds, waits = _rounds_until_it_waits(monkeypatch, clock, times, learned_skew=timedelta(minutes=10))
     # Then it waits for the database's next minute, without a word of a round past its minute
     assert rounds == ["round"]
     assert len(waits) == 1 and 58 < waits[0] < 60
