@@ -40,6 +40,11 @@ async def twice(x):
     return 2 * x
 
 
+@dramatiq.actor(max_attempts=1)
+def broken():
+    raise RuntimeError("broken for good")
+
+
 worker = Worker(tasks.broker, worker_timeout=100)
 worker.start()
 message = add.send(1, 2)
@@ -54,6 +59,13 @@ except ValueError as exc:
 tasks.broker.join(final.queue_name, fail_fast=False)
 worker.join()
 print("calls", calls, "finals", finals)
+chain = dramatiq.pipeline([broken.message(), add.message(1)]).run()
+tasks.broker.join(broken.queue_name, fail_fast=False)
+worker.join()
+try:
+    chain.get_result(block=True, timeout=10_000)
+except dramatiq.results.ResultFailure as exc:
+    print("pipeline stopped:", "the pipeline stopped at" in str(exc))
 print("async", twice.send(21).get_result(block=True, timeout=10_000))
 # (no worker.stop(), as in the README: the process must exit all the same)
 '''
@@ -70,12 +82,14 @@ def test_actors_with_this_packages_options_run_on_the_stub_broker_without_a_data
     # When it runs
     done = subprocess.run([sys.executable, "user_tests.py"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
-    # Then its actors ran in memory: the result, the retry, fail_fast's exception and the final hook
+    # Then its actors ran in memory: the result, the retry, fail_fast's exception and the final hook,
+    # and a pipeline's caller heard its step fail for good (at once: no database to look in)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "result 3",
         "fail_fast raised ValueError('negative')",
         "calls [(1, 2), (5, -1), (5, -1)] finals ['ValueError']",
+        "pipeline stopped: True",
         "async 42",
     ]
     # And no embedded PostgreSQL was made for it (DATABASE_URL is unset)
