@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import dramatiq
 import psycopg2
@@ -64,6 +64,9 @@ from tasks.errors import NotSerializable
 from tasks.middleware.jobs_mirror import describe_error
 from tasks.prepared import Statement
 from tasks.redaction import persistable
+
+if TYPE_CHECKING:
+    from tasks.broker import PostgresBroker
 
 logger = logging.getLogger(__name__)
 
@@ -145,17 +148,21 @@ def _went_on(message: Any) -> None:
         message.stored_result = None
 
 
-def _postgres(broker: dramatiq.Broker) -> bool:
+def _postgres(broker: dramatiq.Broker) -> TypeGuard[PostgresBroker]:
     from tasks.broker import PostgresBroker
 
     return isinstance(broker, PostgresBroker)
 
 
-def _prepares(broker: dramatiq.Broker) -> bool:
-    """Whether ``broker`` runs its statements prepared (``CONTROLPLANE_PREPARED_STATEMENTS``)."""
-    from tasks.broker import PostgresBroker
-
-    return isinstance(broker, PostgresBroker) and broker.settings.prepared_statements
+def _this_runs_send(cur: Any, step_id: str, next_id: str) -> tuple[str, bool]:
+    """This run of the pipeline step ``step_id`` (its marker: its id and its attempts when it was
+    last sent; a re-sent finished step, a pipeline run again, starts a new run, a redelivery does
+    not), and whether it sent its next step ``next_id`` already (so did a send before the marker
+    existed, which has none)."""
+    cur.execute(queries.PIPE_SENT, {"id": step_id, "next": next_id})
+    run, exists, sent_by = cur.fetchone()
+    marker = f"{step_id}/{run}"
+    return marker, bool(exists) and sent_by in (None, marker)
 
 
 class GroupCallbacks(dramatiq_groups.GroupCallbacks):
@@ -183,7 +190,7 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
         # barrier's row lock, and holding it across the client's COMMIT (with the worker's
         # other threads holding the GIL) made a group with a callback drain at a ninth of the
         # rate of one without. One that may be the last is counted with its callbacks' sends.
-        prepare = _prepares(broker)
+        prepare = broker.settings.prepared_statements
         if not _in_one_transaction(broker, lambda conn: self._pass(conn, message, group, prepare), one_statement=True):
             _in_one_transaction(broker, lambda conn: self._pass_last(broker, conn, message, group, callbacks))
 
@@ -264,12 +271,8 @@ class Pipelines(dramatiq_pipelines.Pipelines):
             with conn.cursor() as cur:
                 # Two deliveries at once wait here for each other; the second finds the job.
                 cur.execute(queries.LOCK_SEND_ONCE, {"id": next_message.message_id})
-                cur.execute(queries.PIPE_SENT, {"id": message.message_id, "next": next_message.message_id})
-                run, exists, sent_by = cur.fetchone()
-            # This run of the step: its id and its attempts when it was last sent (a re-sent
-            # finished step, a pipeline run again, starts a new run; a redelivery does not).
-            marker = f"{message.message_id}/{run}"
-            if exists and sent_by in (None, marker):  # None: sent before the marker existed
+                marker, sent = _this_runs_send(cur, message.message_id, next_message.message_id)
+            if sent:
                 return
             with enqueue_in(conn):
                 broker.enqueue(
@@ -289,7 +292,7 @@ class Pipelines(dramatiq_pipelines.Pipelines):
             last = pipeline_end(message)
         except (TypeError, ValueError, AttributeError):
             return  # a next step that is no message (written by hand): no caller waits on it
-        if last is None or not message.failed or self._went_on(broker, message):
+        if last is None or not message.failed or self._sent_on_by_this_run(broker, message):
             return
         error = getattr(message, "error_text", None) or (
             describe_error(message._exception, message, broker) if message._exception is not None else "Rejected"
@@ -299,7 +302,7 @@ class Pipelines(dramatiq_pipelines.Pipelines):
                                                                   text or kind or "it failed"))  # fmt: skip
 
     @staticmethod
-    def _went_on(broker: dramatiq.Broker, message: Any) -> bool:
+    def _sent_on_by_this_run(broker: dramatiq.Broker, message: Any) -> bool:
         """Whether this run of the step ``message`` sent its next step: its pipeline went on. (A
         worker cut off past its lease, whose step was put back before its hook committed the
         send: the step's delivery again that fails must not tell the caller the pipeline stopped
@@ -307,15 +310,13 @@ class Pipelines(dramatiq_pipelines.Pipelines):
         if not _postgres(broker):
             return False
         try:
-            with broker.connection() as conn, conn.cursor() as cur:  # type: ignore[attr-defined]
-                cur.execute(queries.PIPE_SENT, {"id": message.message_id,
-                                                "next": message.options["pipe_target"]["message_id"]})  # fmt: skip
-                run, exists, sent_by = cur.fetchone()
+            with broker.connection() as conn, conn.cursor() as cur:
+                _, sent = _this_runs_send(cur, message.message_id, message.options["pipe_target"]["message_id"])
         except (psycopg2.Error, KeyError, TypeError) as exc:
             logger.warning("could not tell whether pipeline step %s went on (%s)", message.message_id,
                            db.loggable_error(exc))  # fmt: skip
             return False
-        if not exists or sent_by not in (None, f"{message.message_id}/{run}"):
+        if not sent:
             return False
         logger.warning("pipeline step %s failed on a delivery after this run of it had sent its next step: "
                        "the pipeline went on, its caller is not told it stopped", message.message_id)
