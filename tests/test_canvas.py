@@ -353,37 +353,54 @@ def test_a_step_that_fails_for_good_fails_the_pipelines_result_at_once_naming_th
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.noop'")[0]["n"] == 1
 
 
+def _fails_for_good(message: Any, error: str) -> None:
+    """``message`` fails for good: its last attempt's ``before_nack``, with ``error`` its outcome's."""
+    message.fail()
+    message.error_text = error
+    middleware(Pipelines).before_nack(tasks.broker, message)
+
+
+def _first_step_claimed() -> tuple[Any, Any]:
+    """A pipeline of two, sent, and its first step as a worker claimed it (its consumer closed)."""
+    chain = pipeline([actors.noop.message("b"), actors.noop.message()])
+    chain.run()
+    consumer, head = claim_in_process()
+    consumer.close()
+    assert head.message_id == chain.messages[0].message_id
+    return chain, head
+
+
+def _first_step_sent_on(db_url: str) -> tuple[Any, Any, Any, Any]:
+    """A pipeline of two whose first step (claimed here, its consumer returned) ran and sent its next step."""
+    first = actors.noop.message_with_options(args=("a",), max_attempts=3)
+    chain = pipeline([first, actors.noop.message()])
+    chain.run()
+    consumer, held = claim_in_process()
+    middleware(Results).after_process_message(tasks.broker, held, result="a")
+    middleware(Pipelines).after_process_message(tasks.broker, held, result="a")
+    return chain, consumer, held, first
+
+
 def test_a_step_that_went_on_and_then_fails_on_a_delivery_again_does_not_stop_its_pipeline(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a pipeline whose first step returned and sent its next step, and whose next step completed
-    chain = pipeline([actors.noop.message("a"), actors.noop.message()])
-    chain.run()
-    consumer, first = claim_in_process()
-    pipes = middleware(Pipelines)
-    pipes.after_process_message(tasks.broker, first, result="a")
+    chain, consumer, first, _ = _first_step_sent_on(db_url)
     consumer.close()
     second = chain.messages[1]
     query(db_url, "UPDATE control_plane.jobs SET status = 'completed' WHERE id = %s", (second.message_id,))
     # When a delivery of the first step again (its worker cut off past its lease) fails for good
-    first.fail()  # (the same message, as its delivery again carries it)
-    first.error_text = "RuntimeError: flaky on the second run"
+    # (the same message, as its delivery again carries it)
     with caplog.at_level("WARNING", logger="tasks.middleware.canvas"):
-        pipes.before_nack(tasks.broker, first)
+        _fails_for_good(first, "RuntimeError: flaky on the second run")
     # Then the pipeline's caller is not told it stopped (its next step ran), and the log says why
     with pytest.raises(ResultMissing):
         chain.get_result()
     assert "the pipeline went on, its caller is not told it stopped" in caplog.text
     # But a step that fails before it sent its next step still stops it, as before
     query(db_url, "DELETE FROM control_plane.messages")
-    other = pipeline([actors.noop.message("b"), actors.noop.message()])
-    other.run()
-    consumer, head = claim_in_process()
-    consumer.close()
-    assert head.message_id == other.messages[0].message_id
-    head.fail()
-    head.error_text = "RuntimeError: broken"
-    pipes.before_nack(tasks.broker, head)
+    other, head = _first_step_claimed()
+    _fails_for_good(head, "RuntimeError: broken")
     with pytest.raises(ResultFailure, match=r"the pipeline stopped at tests\.noop"):
         other.get_result(block=True, timeout=5_000)
 
@@ -748,24 +765,6 @@ def test_group_children_pass_unprepared_when_prepared_statements_are_off(db_url:
         broker.settings = original
 
 
-def _fails_for_good(message: Any, error: str) -> None:
-    """``message`` fails for good: its last attempt's ``before_nack``, with ``error`` its outcome's."""
-    message.fail()
-    message.error_text = error
-    middleware(Pipelines).before_nack(tasks.broker, message)
-
-
-def _first_step_sent_on(db_url: str) -> tuple[Any, Any, Any, Any]:
-    """A pipeline of two whose first step (claimed here, its consumer returned) ran and sent its next step."""
-    first = actors.noop.message_with_options(args=("a",), max_attempts=3)
-    chain = pipeline([first, actors.noop.message()])
-    chain.run()
-    consumer, held = claim_in_process()
-    middleware(Results).after_process_message(tasks.broker, held, result="a")
-    middleware(Pipelines).after_process_message(tasks.broker, held, result="a")
-    return chain, consumer, held, first
-
-
 def test_a_later_run_of_a_step_whose_earlier_run_sent_on_is_put_back_when_its_worker_dies(db_url: str) -> None:
     # Given a step whose run 0 sent its next step, now on run 1 (an operator's retry), whose worker died
     _, consumer, _, first = _first_step_sent_on(db_url)
@@ -806,10 +805,7 @@ def test_a_failed_steps_caller_is_told_even_when_its_went_on_look_fails(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a step that fails for good before sending on, and a look at its next step that fails
-    chain = pipeline([actors.noop.message("b"), actors.noop.message()])
-    chain.run()
-    consumer, head = claim_in_process()
-    consumer.close()
+    chain, head = _first_step_claimed()
     monkeypatch.setattr(canvas_module.queries, "PIPE_SENT", "SELECT 1/0")
     _fails_for_good(head, "RuntimeError: broken")
     # Then its caller is told all the same
