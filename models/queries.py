@@ -366,7 +366,8 @@ WITH RECURSIVE p AS (
     FROM c WHERE m.id = c.id
     RETURNING m.id, m.priority, m.eta, m.body, m.enqueued_at
 )
-SELECT id::text, body, (extract(epoch FROM now() - enqueued_at) * 1000)::bigint AS age_ms
+SELECT id::text, body, (extract(epoch FROM now() - enqueued_at) * 1000)::bigint AS age_ms,
+       (extract(epoch FROM now()) * 1000000)::bigint AS claimed_us
 FROM m ORDER BY priority, eta, id
 """  # noqa: S608 (joined from this module's constants only, no input)
 CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
@@ -535,26 +536,46 @@ CANCELLED_AMONG = "SELECT id::text FROM control_plane.jobs WHERE id = ANY(%(ids)
 #: finished, the heartbeat in table order, and two statements that each hold a
 #: row the other wants deadlock. Returns, second, how many held messages were
 #: skipped so: the worker heartbeats again soon, not a whole interval later.
+#:
+#: A claim the worker still counts on may be gone: a server crash undid it (claims commit
+#: without waiting for the WAL flush, ``tasks.broker._claims_connection``), or its lease
+#: expired while the worker was cut off and the reaper put the message back. For each held
+#: message, ``claimed_us`` is when its claim ran (the database's clock, in microseconds). One
+#: back in the queue as that claim found it (no claim; due by then, where a retry written by
+#: its outcome, or a message sent again, is due later; no cancel asked) is taken again, under
+#: the same token: the worker runs it, is running it, or has its outcome waiting to be
+#: written, which now applies; without this another worker ran it too. Returned fourth.
+#: Those another worker claimed, or that are gone (run and settled elsewhere, ended by the
+#: reaper), are returned fifth: the worker starts none of them that it has not started.
 HEARTBEAT = """
-WITH l AS (
-    SELECT id FROM control_plane.messages
-    WHERE id = ANY(%(ids)s::uuid[]) AND claim_token = ANY(%(tokens)s::uuid[])
-    FOR NO KEY UPDATE SKIP LOCKED
+WITH t AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(claimed_us)s::bigint[]) AS t(id, token, claimed_us)
+), l AS (
+    SELECT m.id, t.token, m.claim_token IS NULL AS taken_again
+    FROM t JOIN control_plane.messages AS m ON m.id = t.id
+    WHERE m.claim_token = t.token
+       OR (m.claim_token IS NULL AND m.cancel_requested_at IS NULL
+           AND (extract(epoch FROM m.eta) * 1000000)::bigint <= t.claimed_us)
+    FOR NO KEY UPDATE OF m SKIP LOCKED
 ), h AS (
     UPDATE control_plane.messages AS m
-       SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+       SET lease_expires_at = now() + make_interval(secs => %(lease)s), claim_token = l.token, worker = %(worker)s
     FROM l WHERE m.id = l.id
-    RETURNING m.id, m.cancel_requested_at
+    RETURNING m.id, m.cancel_requested_at, l.taken_again
 )
 INSERT INTO control_plane.worker_heartbeats AS w (id, hostname, pid, queues, heartbeat_at)
 VALUES (%(worker)s, %(hostname)s, %(pid)s, %(queues)s::text[], now())
 ON CONFLICT (id) DO UPDATE
    SET heartbeat_at = now(), queues = excluded.queues
 RETURNING (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE cancel_requested_at IS NOT NULL),
-          (SELECT count(*) FROM control_plane.messages
-           WHERE id = ANY(%(ids)s::uuid[]) AND claim_token = ANY(%(tokens)s::uuid[]))
-          - (SELECT count(*) FROM h) AS skipped,
-          EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s) AS paused
+          (SELECT count(*) FROM t JOIN control_plane.messages AS m ON m.id = t.id AND m.claim_token = t.token)
+          - (SELECT count(*) FROM h WHERE NOT taken_again) AS skipped,
+          EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s) AS paused,
+          (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE taken_again) AS taken_again,
+          (SELECT coalesce(array_agg(t.id::text), '{}') FROM t
+           WHERE t.id NOT IN (SELECT id FROM h)
+             AND NOT EXISTS (SELECT FROM control_plane.messages AS m WHERE m.id = t.id AND m.claim_token = t.token))
+          AS lost
 """
 #: HEARTBEAT for a worker that cannot read the pauses: ``paused`` is always false (a queue is named).
 HEARTBEAT_BEFORE_PAUSES = HEARTBEAT.replace(

@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -537,6 +537,8 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.ended_unstarted = False
         #: When a worker thread started it (monotonic seconds; 0: not started).
         self.started_mono = 0.0
+        #: When its claim ran, by the database's clock (microseconds since the epoch): see HEARTBEAT.
+        self.claimed_us = 0
         # The message's fields as the proxy's own attributes: Dramatiq and the
         # middleware read them a score of times per message, each time through
         # MessageProxy.__getattr__ otherwise. The message is frozen; options and
@@ -1738,7 +1740,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             rows = cur.fetchall()
         malformed: list[tuple[str, DecodeError]] = []
         now_ms = current_millis()
-        for message_id, body, age_ms in rows:
+        for message_id, body, age_ms, claimed_us in rows:
             try:
                 message = Message.decode(bytes(body))
             except DecodeError as exc:
@@ -1746,9 +1748,15 @@ class _PostgresConsumer(dramatiq.Consumer):
                 continue
             proxy = PgMessageProxy(message, token)
             proxy.message_timestamp = now_ms - age_ms
+            proxy.claimed_us = claimed_us
             with self.state.lock:
+                earlier = self.state.inflight.get(message.message_id)
                 self.state.inflight[message.message_id] = proxy
                 self.state.buffer.append(proxy)
+            if earlier is not None:
+                # Claimed here before, and that claim lost (a crash undid it, or its lease expired
+                # and the reaper put it back) before a heartbeat saw it: run it once, under this claim.
+                self._take_unstarted([earlier])
         # After the others are held: a failed rejection must not leave them claimed and unknown.
         for message_id, error in malformed:
             self._reject_malformed(message_id, token, error)
@@ -1799,8 +1807,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         now = time.monotonic()
         if now >= self._next_heartbeat:
             with self.state.lock:
-                ids = list(self.state.inflight)
-                tokens = list(Counter(p.claim_token for p in self.state.inflight.values()))
+                held = list(self.state.inflight.values())
             with self.conn.cursor() as cur:
                 cur.execute(
                     queries.HEARTBEAT if self._pauses else queries.HEARTBEAT_BEFORE_PAUSES,
@@ -1808,8 +1815,9 @@ class _PostgresConsumer(dramatiq.Consumer):
                         "lease": self.settings.lease_seconds,
                         # by id, through the primary key: by token alone it read every claimed
                         # message of every worker (21 ms with 100,000 of them, per consumer)
-                        "ids": ids,
-                        "tokens": tokens,
+                        "ids": [p.message_id for p in held],
+                        "tokens": [p.claim_token for p in held],
+                        "claimed_us": [p.claimed_us for p in held],
                         "worker": self.broker.worker_id,
                         "hostname": socket.gethostname(),
                         "pid": os.getpid(),
@@ -1817,7 +1825,9 @@ class _PostgresConsumer(dramatiq.Consumer):
                         "queue": self.queue_name,
                     },
                 )
-                cancelled, skipped, paused = cur.fetchone()
+                cancelled, skipped, paused, taken_again, lost = cur.fetchone()
+            if taken_again or lost:
+                self._claims_lost(held, taken_again, lost)
             # A lease skipped because its row was being written is extended soon, not a whole
             # interval later (which, with an interval over half the lease, could let it expire).
             interval = self.settings.heartbeat_interval
@@ -1841,6 +1851,32 @@ class _PostgresConsumer(dramatiq.Consumer):
                     self.broker._reap_failed()  # (the consumer runs it again, or another does)
                     raise
             self._next_reap = now + self.settings.reap_interval
+
+    def _claims_lost(self, held: list[PgMessageProxy], taken_again: list[str], lost: list[str]) -> None:
+        """After a heartbeat found claims of ``held`` undone (``HEARTBEAT``): those ``taken_again``
+        are held again; of the ``lost`` (another worker's now, or ended), none is started here."""
+        by_id = {p.message_id: p for p in held}
+        if taken_again:
+            with self.state.lock:
+                # Given back meanwhile by another thread (a shutdown's requeue): given back again.
+                gone = [by_id[i] for i in taken_again if self.state.inflight.get(i) is not by_id[i]]
+            self._release(gone)
+            logger.warning("%s: took again %d claim(s) of this worker that were undone (a database crash or "
+                           "failover lost them, or their leases expired): each runs here, once",
+                           self.queue_name, len(taken_again) - len(gone))  # fmt: skip
+        if lost:
+            running = sum(1 for i in lost if by_id[i].started and not by_id[i].settled)
+            dropped = self._take_unstarted(by_id[i] for i in lost)
+            with self.state.lock:
+                for p in dropped:
+                    if self.state.inflight.get(p.message_id) is p:
+                        del self.state.inflight[p.message_id]
+            if dropped or running:
+                logger.warning("%s: %d claim(s) of this worker were undone and their messages taken by another "
+                               "worker or ended (a database crash or failover lost the claims, or their leases "
+                               "expired): %d not started here, and will not be; %d running here, whose outcomes "
+                               "will not be written", self.queue_name, len(dropped) + running, len(dropped),
+                               running)  # fmt: skip
 
     def _look_for_pauses(self) -> None:
         """Whether this consumer can read ``control_plane.queue_pauses``: when it connects, and at
