@@ -78,10 +78,15 @@ UPDATE control_plane.api_keys SET revoked_at = now()
 WHERE project_id = %(project_id)s AND revoked_at IS NULL
 """
 
+#: The secrets can be revealed for ``secrets_ttl`` from now: counted from the claim, a provision
+#: that took longer (a service out for a day, provisioning paused meanwhile) went active with
+#: secrets already expired, that nobody could ever read, and no way to make new ones.
 ACTIVATE = """
 UPDATE control_plane.projects
    SET status = 'active', provisioned_at = coalesce(provisioned_at, now()), result = %(result)s,
-       last_error = NULL, updated_at = now()
+       last_error = NULL, updated_at = now(),
+       secrets_expire_at = CASE WHEN secret_nonce IS NOT NULL THEN now() + make_interval(secs => %(secrets_ttl)s)
+                           END
 WHERE project_id = %(project_id)s AND status = 'provisioning' AND job_id IS NOT DISTINCT FROM %(run)s::uuid
 RETURNING provisioned_at, job_id, waiting_job_ids::text[]
 """

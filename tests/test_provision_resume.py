@@ -898,6 +898,30 @@ def test_secrets_expired_unread_are_erased_by_a_late_reveal_and_by_the_sweep(
                 query(db_url, f'DROP ROLE IF EXISTS "{role}"')
 
 
+def test_a_provision_that_took_longer_than_the_secrets_ttl_reveals_its_secrets_once_active(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    from tasks.provision import reveal_secrets
+
+    # Given a project whose provisioning took longer than PROVISION_SECRETS_TTL_SECONDS from
+    # its claim (a service out for a day, provisioning paused meanwhile)
+    pid = project["project_id"]
+    claimed(project)
+    for step in STEPS[:-1]:
+        run_step(step, pid)
+    query(db_url, "UPDATE control_plane.projects SET secrets_expire_at = now() - interval '1 second'")
+    # When it goes active
+    run_step(STEPS[-1], pid)
+    # Then its caller can read its secrets for the TTL from then, once
+    left = query(db_url, "SELECT extract(epoch FROM secrets_expire_at - now()) AS s FROM control_plane.projects "
+                         "WHERE project_id = %s", (pid,))[0]["s"]  # fmt: skip
+    assert 0 < left <= Settings.from_env().secrets_ttl_seconds
+    revealed = reveal_secrets(Settings.from_env(), pid)
+    assert len(revealed["api_keys"]) == project.get("api_key_count", len(revealed["api_keys"])) > 0
+    with pytest.raises(PermanentError, match="already read"):
+        reveal_secrets(Settings.from_env(), pid)
+
+
 def test_a_step_delivered_twice_at_once_succeeds_in_both(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService]
 ) -> None:

@@ -248,7 +248,8 @@ def activate(settings: Settings, state: ProjectState) -> dict[str, object]:
         _lock_project(conn, state.project_id)
         result = _result(settings, conn, state)
         with conn.cursor() as cur:
-            cur.execute(q.ACTIVATE, {"project_id": state.project_id, "run": state.job_id, "result": Json(result)})
+            cur.execute(q.ACTIVATE, {"project_id": state.project_id, "run": state.job_id, "result": Json(result),
+                                     "secrets_ttl": settings.secrets_ttl_seconds})
             row = cur.fetchone()
             if row is None:
                 return {"skipped": "not provisioning"}
