@@ -35,10 +35,11 @@ class PermanentError(TaskError):
 
 
 class InvalidPayload(PermanentError):
-    """The arguments of a job are invalid; ``field`` names the offending one."""
+    """The arguments of a job are invalid; ``field`` names the offending one (the message says
+    ``invalid <field>: <problem>``, or ``text`` when given)."""
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"invalid {field}: {problem}")
+    def __init__(self, field: str, problem: str, *, text: str | None = None) -> None:
+        super().__init__(text or f"invalid {field}: {problem}")
         self.field = field
         self.problem = problem
 

@@ -326,6 +326,12 @@ def test_unknown_top_level_field_rejected() -> None:
     with pytest.raises(InvalidPayload) as info:
         validate(minimal(database_password="hunter2"))
     assert info.value.field == "database_password"
+    # And the message says so as it would reach a log, result or last_error: not taken for a
+    # secret's value by the redaction ("invalid password: [REDACTED] not a known field")
+    for name in ("password", "api_key"):
+        with pytest.raises(InvalidPayload) as info:
+            validate(minimal(**{name: "x"}))
+        assert apikeys.redact(str(info.value)) == f"invalid payload: has an unknown field '{name}'"
 
 
 @pytest.mark.parametrize("key", [HUGE, INJECTION, "k\x00ey", "clé"], ids=repr)

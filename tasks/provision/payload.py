@@ -305,7 +305,10 @@ def _reject_unknown(raw: Mapping[object, object], known: frozenset[str], *, pref
     key = min(unknown, key=repr)
     parent = prefix or "payload"
     if isinstance(key, str) and _is_echoable(key) and _IDENTIFIER_LIKE_RE.fullmatch(key):
-        raise InvalidPayload(f"{prefix}.{key}" if prefix else key, f"is not a known field of {parent}")
+        # Not "invalid password: is not ...": redaction takes the word after a secret's name
+        # for its value, and the message said "invalid password: [REDACTED] not a known field".
+        raise InvalidPayload(f"{prefix}.{key}" if prefix else key, f"is not a known field of {parent}",
+                             text=f"invalid {parent}: has an unknown field {key!r}")  # fmt: skip
     # The key itself is untrusted: do not make it part of the field name.
     raise InvalidPayload(parent, f"has an unknown field {_describe(key)}")
 
