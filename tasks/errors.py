@@ -23,8 +23,14 @@ class TaskError(Exception):
 class TransientError(TaskError):
     """A failure that may go away by itself: a timeout, a 5xx, a lost connection.
 
-    The attempt fails and the job is retried with backoff.
+    The attempt fails and the job is retried with backoff. ``retry_after`` (seconds), when
+    given, is the least the next attempt waits: what a service's ``Retry-After`` asked for,
+    up to the actor's ``max_backoff`` (``tasks.middleware.retries``).
     """
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class PermanentError(TaskError):

@@ -947,6 +947,88 @@ def test_a_put_applied_but_answered_unreadably_stays_touched_so_compensation_und
     assert touched == [("auth", True), ("auth", False)]
 
 
+def test_an_answer_cut_short_of_its_content_length_is_a_dropped_connection_not_a_bad_answer() -> None:
+    # Given a service that registers the tenant and closes the connection halfway through its
+    # answer's body (a clean close, not a reset: http.client hands over the short body)
+    server = _RawServer(lambda conn: conn.sendall(
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"tenant_id\": \"t\","))
+    try:
+        client = ServiceClient("realtime", server.url, TOKEN, 2.0)
+        # When a PUT is made / Then it is transient (retried; PUT is an upsert), and says what happened
+        with pytest.raises(TransientError, match=r"HTTP 201, the connection closed 4\d\d bytes short of its answer"):
+            client.put_tenant("proj_1", {"tenant_id": "t"})
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("status", "refused"), [(301, True), (308, True), (307, True), (302, False), (303, False)])
+def test_a_redirect_is_not_followed_and_says_where_it_points_and_which_setting_to_mend(
+    status: int, refused: bool
+) -> None:
+    # Given a service URL that answers with a redirect (http to https, a moved path)
+    location = b"https://auth.example.test:8443/v2/tenants/proj_1?sig=abc"
+    server = _RawServer(lambda conn: conn.sendall(
+        b"HTTP/1.1 %d Moved\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (status, location)))
+    try:
+        client = ServiceClient("auth", server.url, TOKEN, 2.0)
+        # When a PUT is made
+        with pytest.raises(PermanentError) as info:
+            client.put_tenant("proj_1", {"tenant_id": "t"})
+    finally:
+        server.close()
+    # Then the error names the redirect, the host it points to (not its path or query) and the
+    # setting; a 301, 307 or 308 applied nothing here (refused: nothing for compensation to
+    # undo), a 302 or 303 may have come after the request was applied
+    message = str(info.value)
+    assert f"HTTP {status}, a redirect to https://auth.example.test:8443: set AUTH_SERVICE_URL" in message
+    assert "sig=abc" not in message and "/v2" not in message
+    assert getattr(info.value, "refused", False) is refused
+    assert len(server.requests) == 1  # not followed
+
+
+@pytest.mark.parametrize("header", ["30", "DATE"])
+def test_a_429s_retry_after_rides_on_its_transient_error(header: str) -> None:
+    # Given a service answering 429 with a Retry-After of 30 s, in seconds or as an HTTP date
+    import email.utils
+    import time
+
+    value = email.utils.formatdate(time.time() + 30, usegmt=True) if header == "DATE" else header
+    server = _RawServer(lambda conn: conn.sendall(
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: %s\r\nContent-Length: 0\r\n\r\n" % value.encode()))
+    try:
+        with pytest.raises(TransientError) as info:
+            ServiceClient("storage", server.url, TOKEN, 2.0).put_tenant("proj_1", {"tenant_id": "t"})
+    finally:
+        server.close()
+    # Then the error carries the wait (Retries makes the next attempt wait at least that)
+    assert info.value.retry_after is not None and 25 <= info.value.retry_after <= 30
+
+
+def test_compensation_deregisters_every_touched_service_even_when_one_fails() -> None:
+    from tasks.provision import register
+
+    # Given a project registered with auth and realtime, whose realtime (deregistered first) fails
+    gone: list[str] = []
+
+    def deleted(conn: socket.socket) -> None:
+        gone.append("auth")
+        conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+
+    auth = _RawServer(deleted)
+    realtime = _RawServer(lambda conn: conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"))
+    settings = Settings.from_env({"AUTH_SERVICE_URL": auth.url, "AUTH_SERVICE_TOKEN": TOKEN,
+                                  "REALTIME_SERVICE_URL": realtime.url, "REALTIME_SERVICE_TOKEN": TOKEN})
+    payload = validate(minimal(services={"auth": True, "realtime": True}))
+    try:
+        # When compensation deregisters them / Then realtime's failure is raised, after auth's went
+        with pytest.raises(TransientError, match="realtime DELETE"):
+            register.deregister_services(settings, payload, ["auth", "realtime"])
+    finally:
+        auth.close()
+        realtime.close()
+    assert gone == ["auth"]
+
+
 def test_client_repr_and_constructor_keep_the_token_out() -> None:
     # Given a client / Then its repr omits the token, and a bad token is refused without echo
     client = ServiceClient("auth", "http://127.0.0.1:1/admin/", TOKEN, 1.0)

@@ -8,7 +8,7 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from freezegun import freeze_time
 
-from tasks.errors import PermanentError
+from tasks.errors import PermanentError, TransientError
 from tasks.middleware.retries import UNLIMITED_ATTEMPTS, Retries, max_attempts_for
 
 
@@ -185,3 +185,22 @@ def test_a_thrown_exception_on_the_last_attempt_of_a_bounded_retry_when_fails_qu
     # Then it fails as Dramatiq fails a thrown exception, on any attempt: quietly, no hook
     assert proxy.failed
     assert [m.actor_name for m in exhausted] == ["math.throwing"]  # the first failure's retry only
+
+
+def test_a_transient_errors_retry_after_is_the_least_the_next_attempt_waits_up_to_max_backoff() -> None:
+    # Given an actor with a 1 s minimum and a 30 s maximum backoff
+    broker = RecordingBroker()
+
+    @dramatiq.actor(broker=broker, actor_name="math.throttled", max_attempts=6, min_backoff=1000, max_backoff=30_000)
+    def throttled() -> None: ...
+
+    proxy = dramatiq.MessageProxy(throttled.message())
+    # When a service asks it to come back in 20 s, then in an hour, then says nothing
+    fail(broker, proxy, TransientError("HTTP 429", retry_after=20))
+    fail(broker, proxy, TransientError("HTTP 429", retry_after=3600))
+    fail(broker, proxy, TransientError("HTTP 503"))
+    # Then the first retry waits the 20 s (Dramatiq's backoff would be 1-2 s), the second the
+    # actor's max_backoff, and the third Dramatiq's own backoff for its third retry (at most 8 s)
+    assert broker.delays[:2] == [20_000, 30_000]
+    assert broker.delays[2] is not None and broker.delays[2] <= 8_000
+    assert not proxy.failed

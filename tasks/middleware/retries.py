@@ -32,10 +32,11 @@ import traceback
 from typing import Any
 
 import dramatiq
+from dramatiq.common import compute_backoff
 from dramatiq.middleware import retries as dramatiq_retries
 
 from tasks.db import loggable_error
-from tasks.errors import Cancelled, PermanentError
+from tasks.errors import Cancelled, PermanentError, TransientError
 from tasks.redaction import persistable
 from tasks.settings import UNLIMITED_ATTEMPTS as UNLIMITED_ATTEMPTS
 
@@ -216,7 +217,7 @@ class Retries(dramatiq_retries.Retries):
                 self._spent(broker, message, attempts)
             else:
                 super().after_process_message(  # type: ignore[no-untyped-call]
-                    broker, message, result=result, exception=exception
+                    broker, message, result=result, exception=self._waiting_at_least(broker, message, exception)
                 )
         if message.failed:
             from tasks.middleware.jobs_mirror import describe_failure
@@ -225,6 +226,21 @@ class Retries(dramatiq_retries.Retries):
             if target:
                 failure = describe_failure(exception, message, broker)
                 broker.get_actor(target).send(*self._final_failure_args(message, failure))
+
+    def _waiting_at_least(self, broker: dramatiq.Broker, message: Any, exception: BaseException) -> BaseException:
+        """``exception``, or for a ``TransientError`` with a ``retry_after`` (a service's
+        ``Retry-After``), a Dramatiq ``Retry`` whose delay is Dramatiq's backoff for this
+        attempt, or that wait if longer, up to the actor's ``max_backoff``. (Not with a
+        ``retry_when``, which is handed the exception itself, nor one ``throws`` lists.)"""
+        wait = getattr(exception, "retry_after", None) if isinstance(exception, TransientError) else None
+        actor = broker.actors.get(message.actor_name)
+        if not wait or actor is None or retry_when_of(broker, actor) is not None or _thrown(broker, message, exception):
+            return exception
+        min_backoff = message.options.get("min_backoff", actor.options.get("min_backoff", self.min_backoff))
+        max_backoff = message.options.get("max_backoff", actor.options.get("max_backoff", self.max_backoff))
+        max_backoff = min(max_backoff, dramatiq_retries.DEFAULT_MAX_BACKOFF)
+        _, backoff = compute_backoff(message.options.get("retries", 0), factor=min_backoff, max_backoff=max_backoff)
+        return dramatiq.Retry(str(exception), delay=int(min(max(backoff, wait * 1000), max_backoff)))
 
     def _spent(self, broker: dramatiq.Broker, message: Any, attempts: int) -> None:
         """What Dramatiq's Retries does when a message's retries are exceeded, for a job whose

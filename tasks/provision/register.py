@@ -5,14 +5,16 @@ once. Before each PUT the service is recorded as *touched*: a PUT whose answer
 was lost may still have registered the tenant. A PUT refused outright (a
 4xx) on the first try created nothing, so it is untouched again; any other
 failure (a 2xx whose body is not JSON, a 1xx) may have come after the tenant
-was registered, and stays touched.
-Compensation deletes the touched services in reverse order; 404 counts as done.
+was registered, and stays touched; so does a 302 or 303 (a 301, 307 or 308 says
+the request belongs elsewhere: refused).
+Compensation deletes the touched services in reverse order, each one even when
+another fails; 404 counts as done.
 """
 
 from __future__ import annotations
 
 from models import project_queries as q
-from tasks.errors import PermanentError
+from tasks.errors import PermanentError, TaskError
 from tasks.provision import payload as p
 from tasks.provision.services import ServiceClient
 from tasks.provision.state import ProjectState, control_transaction
@@ -77,19 +79,29 @@ def register_services(settings: Settings, state: ProjectState) -> dict[str, obje
 
 
 def deregister_services(settings: Settings, payload: p.ProvisionPayload, touched: list[str]) -> list[str]:
-    """Delete the project from every touched service, in reverse order; idempotent."""
+    """Delete the project from every touched service, in reverse order; idempotent.
+
+    A service that fails does not keep the others registered: each is tried, then the first
+    transient failure is raised (a retry may mend it), else the first one."""
     removed = []
+    failures: list[TaskError] = []
     for name in reversed(payload.services.enabled()):
         if name not in touched:
             continue  # nothing could have been registered there
-        service = client(settings, name)
-        if service is None:
-            # Registered (or maybe), and no way to undo it now: freeing the name would leave the
-            # tenant registered there. Compensation fails, and the project waits for an operator.
-            raise PermanentError(
-                f"the project may be registered with the {name} service, but {name.upper()}_SERVICE_URL "
-                "is no longer set: cannot deregister it"
-            )
-        service.delete_tenant(payload.project_id)
+        try:
+            service = client(settings, name)
+            if service is None:
+                # Registered (or maybe), and no way to undo it now: freeing the name would leave the
+                # tenant registered there. Compensation fails, and the project waits for an operator.
+                raise PermanentError(
+                    f"the project may be registered with the {name} service, but {name.upper()}_SERVICE_URL "
+                    "is no longer set: cannot deregister it"
+                )
+            service.delete_tenant(payload.project_id)
+        except TaskError as exc:
+            failures.append(exc)
+            continue
         removed.append(name)
+    if failures:
+        raise next((f for f in failures if not isinstance(f, PermanentError)), failures[0])
     return removed

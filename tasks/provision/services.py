@@ -7,22 +7,26 @@ The contract (see ``docs/services.md``)::
     DELETE /tenants/{project_id}   200/204, or 404 (already gone: counts as done)
     Authorization: Bearer <token>
 
-Failures are classified for the retry policy: timeouts, dropped or refused connections, 408,
-429 and 5xx raise :class:`~tasks.errors.TransientError`; 409 raises
-:class:`~tasks.errors.Conflict`; any other unexpected status (401, 403, other 4xx, redirects)
-raises :class:`~tasks.errors.PermanentError`. Messages name the service, method, path and
-status, and never contain the token.
+Failures are classified for the retry policy: timeouts, dropped or refused connections, an
+answer cut short of its ``Content-Length``, 408, 429 and 5xx raise
+:class:`~tasks.errors.TransientError` (with the ``Retry-After`` a 429 or 503 gave, which the
+next attempt waits at least); 409 raises :class:`~tasks.errors.Conflict`; any other unexpected
+status (401, 403, other 4xx, redirects, which are not followed) raises
+:class:`~tasks.errors.PermanentError`. Messages name the service, method, path and status, and
+never contain the token.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
 import http.client
 import json
 import socket
 import ssl
 import threading
+import time
 from urllib.parse import quote, quote_plus, urlsplit
 
 from tasks.errors import Conflict, PermanentError, TransientError
@@ -39,6 +43,9 @@ _MAX_BODY = 1 << 20
 #: costs grow with the text; whatever lies past this is cut off anyway).
 _SCRUBBED = 4096
 _USER_AGENT = "controlplane-tasks"
+#: Redirects that say the request belongs at another address, so this one applied nothing
+#: (a 302 or 303 may come after the request was applied: the answer to a POST, say).
+_MOVED = frozenset({301, 307, 308})
 
 
 def _spellings(token: str) -> list[str]:
@@ -94,30 +101,30 @@ class ServiceClient:
         """Create or update the project's tenant; returns the service's record."""
         if "tenant_id" not in body:
             raise ValueError("the tenant body must include tenant_id")
-        status, data, path = self._request("PUT", project_id, body)
+        status, data, path, headers = self._request("PUT", project_id, body)
         if 200 <= status < 300:
             return self._json_object("PUT", path, status, data)
-        raise self._error("PUT", path, status, data)
+        raise self._error("PUT", path, status, data, headers)
 
     def get_tenant(self, project_id: str) -> dict[str, object] | None:
         """The service's record of the project's tenant, or None if it has none."""
-        status, data, path = self._request("GET", project_id, None)
+        status, data, path, headers = self._request("GET", project_id, None)
         if status == 200:
             return self._json_object("GET", path, status, data)
         if status == 404:
             return None
-        raise self._error("GET", path, status, data)
+        raise self._error("GET", path, status, data, headers)
 
     def delete_tenant(self, project_id: str) -> None:
         """Remove the project's tenant; a tenant that does not exist counts as removed."""
-        status, data, path = self._request("DELETE", project_id, None)
+        status, data, path, headers = self._request("DELETE", project_id, None)
         if 200 <= status < 300 or status == 404:
             return
-        raise self._error("DELETE", path, status, data)
+        raise self._error("DELETE", path, status, data, headers)
 
     def _request(
         self, method: str, project_id: str, body: dict[str, object] | None
-    ) -> tuple[int, bytes, str]:
+    ) -> tuple[int, bytes, str, http.client.HTTPMessage]:
         path = f"{self._base_path}/tenants/{quote(project_id, safe='')}"
         headers = {
             "Authorization": f"Bearer {self._token}",
@@ -155,7 +162,12 @@ class ServiceClient:
             status, data = response.status, response.read(_MAX_BODY)
             if expired.is_set():  # cut short: what was read is not the whole answer
                 raise TransientError(f"{where}: no whole answer within {self.timeout:g}s")
-            return status, data, path
+            if response.length and len(data) < _MAX_BODY:
+                # The connection closed before the body its Content-Length announced (http.client
+                # hands over the short body): a dropped connection, not an answer it could not read.
+                raise TransientError(f"{where}: HTTP {status}, the connection closed {response.length} bytes "
+                                     "short of its answer")  # fmt: skip
+            return status, data, path, response.headers
         except (TimeoutError, OSError, ValueError, http.client.HTTPException) as exc:
             if expired.is_set() or isinstance(exc, TimeoutError):
                 raise TransientError(f"{where}: no answer within {self.timeout:g}s") from exc
@@ -183,24 +195,41 @@ class ServiceClient:
             raise PermanentError(f"{self.name} {method} {path}: HTTP {status} body is not a JSON object")
         return value
 
-    def _error(self, method: str, path: str, status: int, data: bytes) -> Exception:
+    def _error(self, method: str, path: str, status: int, data: bytes, headers: http.client.HTTPMessage) -> Exception:
         message = f"{self.name} {method} {path}: HTTP {status}"
+        if 300 <= status < 400:
+            # Not followed (the token would go wherever it points): the URL setting is to mend.
+            message += (f", a redirect{self._to(headers.get('Location'))}: set {self.name.upper()}_SERVICE_URL "
+                        "to the address the service answers at")  # fmt: skip
         # A refused credential's answer says nothing the status does not, and is where a service
         # would echo the Authorization header back: not quoted at all.
-        snippet = "" if status in (401, 403) else self._snippet(data)
+        snippet = "" if status in (401, 403) or 300 <= status < 400 else self._snippet(data)
         if snippet:
             message = f"{message}: {snippet}"
         if status >= 500 or status in _TRANSIENT_STATUSES:
-            return TransientError(message)
+            return TransientError(message, retry_after=_retry_after(headers.get("Retry-After")))
         error = (
             Conflict(message) if status == 409
             else PermanentError(f"{message} (check the {self.name} service token)") if status in (401, 403)
             else PermanentError(message)
         )
-        # A 4xx is the service refusing the request: it applied nothing. Any other answer
-        # (a 2xx it could not read, a 1xx, a 3xx) may have come after it applied it.
-        error.refused = 400 <= status < 500  # type: ignore[attr-defined]
+        # A 4xx is the service refusing the request: it applied nothing; so is a redirect to
+        # where the request belongs. Any other answer (a 2xx it could not read, a 1xx, a 302 or
+        # 303) may have come after it applied it.
+        error.refused = 400 <= status < 500 or status in _MOVED  # type: ignore[attr-defined]
         return error
+
+    def _to(self, location: str | None) -> str:
+        """Where a redirect points, as scheme and host only (its path or query could carry anything)."""
+        if not location:
+            return ""
+        try:
+            parts = urlsplit(location)
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:
+            return ""
+        where = f"{parts.scheme}://{parts.hostname}{port}" if parts.hostname else ""
+        return f" to {self._snippet(where.encode())}" if where else " within the service"
 
     def _snippet(self, data: bytes) -> str:
         # A server may echo the request, headers included: scrub before it reaches a log, in
@@ -213,3 +242,19 @@ class ServiceClient:
         text = "".join(ch if ch.isprintable() else " " for ch in text)
         text = " ".join(text.split())
         return text[:_BODY_SNIPPET]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header's wait in seconds (a number of seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
