@@ -446,6 +446,10 @@ def _copy_message(message: Message[Any], queue_name: str, options: dict[str, Any
     return dataclasses.replace(message, queue_name=queue_name, options=options)
 
 
+#: The oldest schema this release's workers consume on, and the table it added: below it a
+#: pipeline's next step and a group's callbacks failed to send (their jobs ``completed``) and
+#: every reap failed. (Later revisions' absence is read around: see ``_look_for_pauses``.)
+_NEEDED_REVISION, _NEEDED_TABLE = "0015", "actor_defaults"
 #: Set once a worker of this process could not record its actors (said once, not per queue).
 _declare_refused = threading.Event()
 #: Set once a consumer could not read the queue pauses (said once per process).
@@ -1412,6 +1416,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         self._failed = False
         #: Whether this consumer can read control_plane.queue_pauses (migration 0017): see _look_for_pauses.
         self._pauses = True
+        #: Whether its actors were recorded in control_plane.actor_defaults: see _declare_actors.
+        self._declared = True
         self._more = False
         #: Holds WAITING_LOCK: its last claim came back short, sends must NOTIFY it.
         self._waiting = False
@@ -1429,35 +1435,46 @@ class _PostgresConsumer(dramatiq.Consumer):
     def _connect(self) -> None:
         self.conn = _claims_connection(self.broker, f"controlplane-worker:{self.queue_name}")
         with self.conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('control_plane.messages') IS NOT NULL")
-            migrated = cur.fetchone()[0]
-        if not migrated:
+            cur.execute(f"SELECT to_regclass('control_plane.messages') IS NOT NULL, "
+                        f"to_regclass('control_plane.{_NEEDED_TABLE}') IS NOT NULL")  # fmt: skip
+            migrated, recent = cur.fetchone()
+        if not (migrated and recent):
             self.conn.close()
             raise SchemaMissing(
                 f"queue {self.queue_name!r}: the database has no control-plane tables yet: run `controlplane "
-                "migrate` against it (this worker starts consuming once they are there)"
-            )
+                "migrate` against it (this worker starts consuming once they are there)" if not migrated else
+                f"queue {self.queue_name!r}: the database's control-plane schema is older than revision "
+                f"{_NEEDED_REVISION}, which this release's workers need (a pipeline's next steps and a group's "
+                "callbacks would not be sent, the reaper would fail): run `controlplane migrate` against it "
+                "(this worker starts consuming once it is done)"
+            )  # fmt: skip
         self._look_for_pauses()
         # Wake-ups come through the process's notifier (one LISTEN per process, not per queue:
         # PostgreSQL signals every listening connection at every notifying send).
         self.broker._listen()
-        with self.conn.cursor() as cur:
-            # What its actors' senders may not know: their priority and attempts (migration 0015).
-            declared = self.broker.declared_actors(self.queue_name)
-            if declared["actors"]:
-                try:
-                    cur.execute(queries.DECLARE_ACTORS, declared)
-                except (*_NOT_MIGRATED, psycopg2.DataError, psycopg2.errors.ProgramLimitExceeded) as exc:
-                    # Consuming needs none of it: say what to do, once, and go on.
-                    if not _declare_refused.is_set():
-                        _declare_refused.set()
-                        fix = (
-                            "run `controlplane migrate` (0015), or grant the worker's role INSERT and UPDATE on it"
-                            if isinstance(exc, _NOT_MIGRATED)
-                            else "an actor's name or priority was changed after it was declared"
-                        )
-                        logger.error("cannot record this worker's actors in control_plane.actor_defaults (%s): "
-                                     "%s; sends by name get priority 0 meanwhile", db.loggable_error(exc), fix)
+        self._declared = self._declare_actors()
+
+    def _declare_actors(self) -> bool:
+        """Record what its actors' senders may not know: their priority and attempts (migration
+        0015). Consuming needs none of it: refused, it says what to do, once, and is tried again
+        at each reap (a grant given later). Whether it was recorded (or there was nothing to)."""
+        declared = self.broker.declared_actors(self.queue_name)
+        if not declared["actors"]:
+            return True
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(queries.DECLARE_ACTORS, declared)
+        except (*_NOT_MIGRATED, psycopg2.DataError, psycopg2.errors.ProgramLimitExceeded) as exc:
+            if not _declare_refused.is_set():
+                _declare_refused.set()
+                fix = (
+                    "grant the worker's role INSERT and UPDATE on it" if isinstance(exc, _NOT_MIGRATED)
+                    else "an actor's name or priority was changed after it was declared"
+                )
+                logger.error("cannot record this worker's actors in control_plane.actor_defaults (%s): "
+                             "%s; sends by name get priority 0 meanwhile", db.loggable_error(exc), fix)
+            return False
+        return True
 
     # -- Dramatiq's interface ----------------------------------------------
 
@@ -1844,6 +1861,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         if now >= self._next_reap:
             if not self._pauses:
                 self._look_for_pauses()
+            if not self._declared:
+                self._declared = self._declare_actors()
             if self.broker._reap_due(now):
                 try:
                     self._reap()

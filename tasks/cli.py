@@ -23,7 +23,7 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 from dramatiq.asyncio import async_to_sync
-from dramatiq.errors import ConnectionClosed
+from dramatiq.errors import BrokerConnectionError, ConnectionClosed
 
 from models import queries
 from tasks import db
@@ -1224,6 +1224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _error(f"{behind} ({_first_line(exc)}): run `controlplane migrate`")
         else:  # including a deadlock or a cancelled statement, which psycopg2 files as OperationalError
             _error(f"the database refused: {_first_line(exc)}")
+        return 1
+    except BrokerConnectionError as exc:
+        from tasks.broker import SchemaMissing
+
+        if not isinstance(exc, SchemaMissing):
+            raise
+        _error(exc.message)  # (a send to a database never migrated, or older than this release)
         return 1
     except ssl.SSLError as exc:  # (psycopg2 wraps its own: this is RabbitMQ's amqps:// handshake)
         _error(f"cannot connect to RabbitMQ (BROKER_URL) over TLS: {_first_line(exc)}")

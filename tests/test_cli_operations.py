@@ -794,6 +794,10 @@ def test_cli_errors_are_one_line_and_never_print_a_password(empty_db: str, serve
         unmigrated = cli(empty_db, *args)
         assert_user_error(unmigrated, "the database has no control-plane tables yet")
         assert "run `controlplane migrate`" in unmigrated.stderr
+    # and a send there (a SchemaMissing from the broker: it was a 36-line traceback)
+    unsent = cli(empty_db, "send", "tests.noop", "--queue", "default")
+    assert_user_error(unsent, "cannot send: the database's control-plane tables are missing or older than this release")
+    assert "run `controlplane migrate`" in unsent.stderr
     # A password in the URL's query string, on success
     with_query_password = db_url + ("&" if "?" in db_url else "?") + "password=S3cret"
     migrated = cli(with_query_password, "migrate")

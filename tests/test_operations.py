@@ -628,25 +628,17 @@ def test_a_send_by_name_takes_the_priority_and_attempts_its_workers_declare(db_u
     }  # fmt: skip
 
 
-def test_a_worker_on_a_database_without_actor_defaults_consumes_and_says_to_migrate(
-    db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import importlib
+def test_a_worker_on_a_database_without_actor_defaults_refuses_to_consume_and_says_to_migrate(db_url: str) -> None:
+    from tasks.broker import SchemaMissing
 
-    broker_module = importlib.import_module("tasks.broker")  # (tasks.broker is the broker object)
-    # Given a database whose actor_defaults table is not there (migrated before 0015, or not granted)
-    monkeypatch.setattr(broker_module, "_declare_refused", threading.Event())
+    # Given a database whose actor_defaults table is not there (migrated before 0015, or
+    # downgraded below it): there this release's pipeline and group hooks fail to send, and
+    # the reaper fails (a helper's review lost 30 of 170 steps and callbacks, jobs completed)
     query(db_url, "DROP TABLE control_plane.actor_defaults")
-    # When consumers of two queues start
-    with caplog.at_level("ERROR", logger="tasks.broker"):
-        consumers = [tasks.broker.consume(queue, prefetch=1, timeout=100) for queue in ("default", "slow")]
-        # Then they consume (nothing waits: no message), not restart forever
-        assert [next(c) for c in consumers] == [None, None]
-    for consumer in consumers:
-        consumer.close()
-    # And the worker says once what to do
-    said = [r.getMessage() for r in caplog.records if "actor_defaults" in r.getMessage()]
-    assert len(said) == 1 and "controlplane migrate" in said[0], said
+    # When a consumer starts / Then it refuses, naming the revision and what to run (Dramatiq
+    # starts it again a few seconds later: it consumes once the schema is migrated)
+    with pytest.raises(SchemaMissing, match=r"older than revision 0015.*run `controlplane migrate`"):
+        tasks.broker.consume("default", prefetch=1, timeout=100)
 
 
 def test_an_actor_changed_after_it_was_declared_does_not_stop_its_queue(

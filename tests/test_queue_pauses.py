@@ -201,6 +201,23 @@ def test_a_worker_on_a_database_before_0017_consumes_as_before_and_says_to_migra
         migrations.upgrade(db_url)
 
 
+def test_a_worker_that_could_not_record_its_actors_tries_again_at_each_reap(db_url: str) -> None:
+    # Given a consumer whose actors could not be recorded when it connected (its role was
+    # granted actor_defaults only later)
+    consumer = tasks.broker.consume("default", prefetch=1, timeout=100)
+    try:
+        query(db_url, "DELETE FROM control_plane.actor_defaults")
+        consumer._declared = False
+        # When it reaps
+        consumer._next_reap = 0.0
+        assert next(consumer) is None
+    finally:
+        consumer.close()
+    # Then they are recorded (what senders by name read: the actors' priorities and attempts)
+    declared = query(db_url, "SELECT actor FROM control_plane.actor_defaults WHERE actor = 'tests.noop'")
+    assert declared == [{"actor": "tests.noop"}]
+
+
 def test_a_cancel_landing_as_a_paused_queue_gives_back_its_job_still_sends_its_hooks_and_tells_its_caller(
     db_url: str,
 ) -> None:

@@ -1247,6 +1247,41 @@ def test_a_worker_on_a_database_without_the_tables_says_so_in_one_line_and_start
         tasks.broker.close()
 
 
+def test_a_worker_on_a_schema_older_than_it_needs_consumes_nothing_says_so_and_starts_once_migrated(
+    empty_db: str, tmp_path: Path
+) -> None:
+    import migrations
+    from tests.conftest import SUPPORT_SCHEMA
+
+    # Given a database at 0014 (an older release's) with a job waiting in it, and this
+    # release's worker started on it before its release step ran
+    from alembic import command
+
+    migrations.upgrade(empty_db)
+    query(empty_db, SUPPORT_SCHEMA)
+    tasks.broker.reconfigure(empty_db)
+    try:
+        waiting = actors.noop.send("sent before the upgrade").message_id
+    finally:
+        tasks.broker.close()
+    command.downgrade(migrations.alembic_config(empty_db), "0014")
+    worker = WorkerProcess(empty_db, log_path=tmp_path / "worker.log")
+    try:
+        # Then it says the schema is too old and what to do, in one line, and runs nothing (its
+        # pipeline and group hooks would fail to send, and the job end completed all the same)
+        wait_for(lambda: "schema is older than revision 0015, which this release's workers need" in worker.log(),
+                 60, "the worker to say the schema is too old")  # fmt: skip
+        assert "run `controlplane migrate` against it" in worker.log()
+        assert "Traceback" not in worker.log(), worker.log()
+        assert job(empty_db, waiting)["status"] == "pending"
+        # When the release step runs, then the worker runs the job, without a restart
+        migrations.upgrade(empty_db)
+        wait_for(lambda: job(empty_db, waiting)["status"] == "completed", what="the job once the schema is migrated")
+        assert worker.proc.poll() is None
+    finally:
+        worker.terminate()
+
+
 def test_workers_survive_a_postgres_restart(tmp_path: Path) -> None:
     # Given a private PostgreSQL (so that restarting it disturbs no other test) and a worker on it
     import migrations
