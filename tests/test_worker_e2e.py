@@ -1250,13 +1250,13 @@ def test_a_worker_on_a_database_without_the_tables_says_so_in_one_line_and_start
 def test_a_worker_on_a_schema_older_than_it_needs_consumes_nothing_says_so_and_starts_once_migrated(
     empty_db: str, tmp_path: Path
 ) -> None:
+    from alembic import command
+
     import migrations
     from tests.conftest import SUPPORT_SCHEMA
 
     # Given a database at 0014 (an older release's) with a job waiting in it, and this
     # release's worker started on it before its release step ran
-    from alembic import command
-
     migrations.upgrade(empty_db)
     query(empty_db, SUPPORT_SCHEMA)
     tasks.broker.reconfigure(empty_db)
