@@ -389,14 +389,30 @@ CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
 #: was written. ``started_ms`` is how long ago the attempt started (null: not
 #: started), measured on the worker's clock but applied to the database's.
 #: Returns the ids applied.
+#: Whether message ``m`` is held by the claim of outcome ``a``: under its token, or back in the
+#: queue as that claim found it. Claims and settles commit without waiting for the WAL flush
+#: (``tasks.broker._claims_connection``), so a server crash undoes the last moments of claims:
+#: the worker runs what it held (its threads need no database to start a job), and its
+#: settler, back before any other worker's consumer (Dramatiq restarts those seconds later),
+#: found those rows unclaimed and refused their outcomes: another worker ran each again, the
+#: jobs row showing the second run alone (a review crashing the server 48 times: 484 of 1,052
+#: jobs run twice were such). "As that claim found it": unclaimed, no cancel asked, and due no
+#: later than the claim ran (``claimed_us``, the database's clock in microseconds: CLAIM's
+#: ``now()``). A retry this worker wrote, or the message sent again, is due after that. A
+#: lease that expired while its worker was cut off, put back by the reaper, counts too: the
+#: worker's outcome ends the job, which another worker would have run again.
+_CLAIMED_BY_A = """(m.claim_token = a.token
+         OR (m.claim_token IS NULL AND m.cancel_requested_at IS NULL
+             AND (extract(epoch FROM m.eta) * 1000000)::bigint <= a.claimed_us))"""
+
 _SETTLE_CTES = """
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(kinds)s::text[],
                          %(delays)s::bigint[], %(bodies)s::bytea[], %(errors)s::text[],
-                         %(results)s::jsonb[], %(started_ms)s::bigint[])
-         AS t(id, token, kind, delay_ms, body, error, result, started_ms)
+                         %(results)s::jsonb[], %(started_ms)s::bigint[], %(claimed_us)s::bigint[])
+         AS t(id, token, kind, delay_ms, body, error, result, started_ms, claimed_us)
 ), a AS (
-    SELECT t.id, t.token, t.delay_ms, t.body, t.error, t.result,
+    SELECT t.id, t.token, t.claimed_us, t.delay_ms, t.body, t.error, t.result,
            now() - make_interval(secs => coalesce(t.started_ms, 0) / 1000.0) AS started_at,
            CASE WHEN t.kind = 'retry' AND m.cancel_requested_at IS NOT NULL THEN 'cancel' ELSE t.kind END AS kind
     FROM t LEFT JOIN control_plane.messages AS m ON m.id = t.id AND m.claim_token = t.token
@@ -408,13 +424,13 @@ WITH t AS (
     FOR SHARE OF m
 ), gone AS (
     DELETE FROM control_plane.messages AS m USING a
-    WHERE a.kind NOT IN ('retry', 'start') AND m.id = a.id AND m.claim_token = a.token
+    WHERE a.kind NOT IN ('retry', 'start') AND m.id = a.id AND """ + _CLAIMED_BY_A + """
     RETURNING m.id, NULL::timestamptz AS eta
 ), back AS (
     UPDATE control_plane.messages AS m
        SET claim_token = NULL, worker = NULL, lease_expires_at = NULL,
            eta = now() + make_interval(secs => a.delay_ms / 1000.0), body = a.body
-    FROM a WHERE a.kind = 'retry' AND m.id = a.id AND m.claim_token = a.token
+    FROM a WHERE a.kind = 'retry' AND m.id = a.id AND """ + _CLAIMED_BY_A + """
       -- re-checked on the row as it is once locked: a cancellation that committed while this
       -- statement waited for the row keeps it out of the queue (the settler, finding this retry
       -- not written, writes it again as a cancel)
@@ -429,7 +445,7 @@ WITH t AS (
            j.status = 'running' AS counted,
            CASE WHEN j.status = 'running' THEN j.worker ELSE %(worker)s END AS worker
     FROM a JOIN done ON done.id = a.id JOIN control_plane.jobs AS j ON j.id = a.id
-)"""
+)"""  # noqa: S608 (joined from this module's constants only, no input)
 
 _SETTLE_UPDATE = """
 UPDATE control_plane.jobs AS j
@@ -536,46 +552,26 @@ CANCELLED_AMONG = "SELECT id::text FROM control_plane.jobs WHERE id = ANY(%(ids)
 #: finished, the heartbeat in table order, and two statements that each hold a
 #: row the other wants deadlock. Returns, second, how many held messages were
 #: skipped so: the worker heartbeats again soon, not a whole interval later.
-#:
-#: A claim the worker still counts on may be gone: a server crash undid it (claims commit
-#: without waiting for the WAL flush, ``tasks.broker._claims_connection``), or its lease
-#: expired while the worker was cut off and the reaper put the message back. For each held
-#: message, ``claimed_us`` is when its claim ran (the database's clock, in microseconds). One
-#: back in the queue as that claim found it (no claim; due by then, where a retry written by
-#: its outcome, or a message sent again, is due later; no cancel asked) is taken again, under
-#: the same token: the worker runs it, is running it, or has its outcome waiting to be
-#: written, which now applies; without this another worker ran it too. Returned fourth.
-#: Those another worker claimed, or that are gone (run and settled elsewhere, ended by the
-#: reaper), are returned fifth: the worker starts none of them that it has not started.
 HEARTBEAT = """
-WITH t AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(claimed_us)s::bigint[]) AS t(id, token, claimed_us)
-), l AS (
-    SELECT m.id, t.token, m.claim_token IS NULL AS taken_again
-    FROM t JOIN control_plane.messages AS m ON m.id = t.id
-    WHERE m.claim_token = t.token
-       OR (m.claim_token IS NULL AND m.cancel_requested_at IS NULL
-           AND (extract(epoch FROM m.eta) * 1000000)::bigint <= t.claimed_us)
-    FOR NO KEY UPDATE OF m SKIP LOCKED
+WITH l AS (
+    SELECT id FROM control_plane.messages
+    WHERE id = ANY(%(ids)s::uuid[]) AND claim_token = ANY(%(tokens)s::uuid[])
+    FOR NO KEY UPDATE SKIP LOCKED
 ), h AS (
     UPDATE control_plane.messages AS m
-       SET lease_expires_at = now() + make_interval(secs => %(lease)s), claim_token = l.token, worker = %(worker)s
+       SET lease_expires_at = now() + make_interval(secs => %(lease)s)
     FROM l WHERE m.id = l.id
-    RETURNING m.id, m.cancel_requested_at, l.taken_again
+    RETURNING m.id, m.cancel_requested_at
 )
 INSERT INTO control_plane.worker_heartbeats AS w (id, hostname, pid, queues, heartbeat_at)
 VALUES (%(worker)s, %(hostname)s, %(pid)s, %(queues)s::text[], now())
 ON CONFLICT (id) DO UPDATE
    SET heartbeat_at = now(), queues = excluded.queues
 RETURNING (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE cancel_requested_at IS NOT NULL),
-          (SELECT count(*) FROM t JOIN control_plane.messages AS m ON m.id = t.id AND m.claim_token = t.token)
-          - (SELECT count(*) FROM h WHERE NOT taken_again) AS skipped,
-          EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s) AS paused,
-          (SELECT coalesce(array_agg(id::text), '{}') FROM h WHERE taken_again) AS taken_again,
-          (SELECT coalesce(array_agg(t.id::text), '{}') FROM t
-           WHERE t.id NOT IN (SELECT id FROM h)
-             AND NOT EXISTS (SELECT FROM control_plane.messages AS m WHERE m.id = t.id AND m.claim_token = t.token))
-          AS lost
+          (SELECT count(*) FROM control_plane.messages
+           WHERE id = ANY(%(ids)s::uuid[]) AND claim_token = ANY(%(tokens)s::uuid[]))
+          - (SELECT count(*) FROM h) AS skipped,
+          EXISTS (SELECT FROM control_plane.queue_pauses WHERE queue = %(queue)s) AS paused
 """
 #: HEARTBEAT for a worker that cannot read the pauses: ``paused`` is always false (a queue is named).
 HEARTBEAT_BEFORE_PAUSES = HEARTBEAT.replace(

@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -575,6 +575,9 @@ class _Outcome:
     stored_result: StoredResult | None = None
     #: An earlier SETTLE of it lost its connection: the server may have committed it.
     maybe_written: bool = False
+    #: When its claim ran (``PgMessageProxy.claimed_us``): SETTLE applies it to its message
+    #: back in the queue as that claim found it (a crash undid the claim: ``_CLAIMED_BY_A``).
+    claimed_us: int = 0
 
 
 #: What a job's row must show for a result to be stored (``models.queries.RESULT_STORE``):
@@ -1495,6 +1498,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 body=encode_message(message._message),
                 error=message.error_text or _describe(message),
                 started_mono=message.started_mono,
+                claimed_us=message.claimed_us,
             )
         else:
             outcome = _Outcome(
@@ -1504,6 +1508,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 result_json=message.result_json,
                 started_mono=message.started_mono,
                 stored_result=message.stored_result,
+                claimed_us=message.claimed_us,
             )
         self._hand_over(outcome)
 
@@ -1518,7 +1523,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         kind = "cancel" if isinstance(message._exception, Cancelled) else "nack"
         self._hand_over(
             _Outcome(kind, message.message_id, message.claim_token, error=error, started_mono=message.started_mono,
-                     stored_result=message.stored_result)
+                     stored_result=message.stored_result, claimed_us=message.claimed_us)
         )
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
@@ -1824,7 +1829,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         now = time.monotonic()
         if now >= self._next_heartbeat:
             with self.state.lock:
-                held = list(self.state.inflight.values())
+                ids = list(self.state.inflight)
+                tokens = list(Counter(p.claim_token for p in self.state.inflight.values()))
             with self.conn.cursor() as cur:
                 cur.execute(
                     queries.HEARTBEAT if self._pauses else queries.HEARTBEAT_BEFORE_PAUSES,
@@ -1832,9 +1838,8 @@ class _PostgresConsumer(dramatiq.Consumer):
                         "lease": self.settings.lease_seconds,
                         # by id, through the primary key: by token alone it read every claimed
                         # message of every worker (21 ms with 100,000 of them, per consumer)
-                        "ids": [p.message_id for p in held],
-                        "tokens": [p.claim_token for p in held],
-                        "claimed_us": [p.claimed_us for p in held],
+                        "ids": ids,
+                        "tokens": tokens,
                         "worker": self.broker.worker_id,
                         "hostname": socket.gethostname(),
                         "pid": os.getpid(),
@@ -1842,9 +1847,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                         "queue": self.queue_name,
                     },
                 )
-                cancelled, skipped, paused, taken_again, lost = cur.fetchone()
-            if taken_again or lost:
-                self._claims_lost(held, taken_again, lost)
+                cancelled, skipped, paused = cur.fetchone()
             # A lease skipped because its row was being written is extended soon, not a whole
             # interval later (which, with an interval over half the lease, could let it expire).
             interval = self.settings.heartbeat_interval
@@ -1870,32 +1873,6 @@ class _PostgresConsumer(dramatiq.Consumer):
                     self.broker._reap_failed()  # (the consumer runs it again, or another does)
                     raise
             self._next_reap = now + self.settings.reap_interval
-
-    def _claims_lost(self, held: list[PgMessageProxy], taken_again: list[str], lost: list[str]) -> None:
-        """After a heartbeat found claims of ``held`` undone (``HEARTBEAT``): those ``taken_again``
-        are held again; of the ``lost`` (another worker's now, or ended), none is started here."""
-        by_id = {p.message_id: p for p in held}
-        if taken_again:
-            with self.state.lock:
-                # Given back meanwhile by another thread (a shutdown's requeue): given back again.
-                gone = [by_id[i] for i in taken_again if self.state.inflight.get(i) is not by_id[i]]
-            self._release(gone)
-            logger.warning("%s: took again %d claim(s) of this worker that were undone (a database crash or "
-                           "failover lost them, or their leases expired): each runs here, once",
-                           self.queue_name, len(taken_again) - len(gone))  # fmt: skip
-        if lost:
-            running = sum(1 for i in lost if by_id[i].started and not by_id[i].settled)
-            dropped = self._take_unstarted(by_id[i] for i in lost)
-            with self.state.lock:
-                for p in dropped:
-                    if self.state.inflight.get(p.message_id) is p:
-                        del self.state.inflight[p.message_id]
-            if dropped or running:
-                logger.warning("%s: %d claim(s) of this worker were undone and their messages taken by another "
-                               "worker or ended (a database crash or failover lost the claims, or their leases "
-                               "expired): %d not started here, and will not be; %d running here, whose outcomes "
-                               "will not be written", self.queue_name, len(dropped) + running, len(dropped),
-                               running)  # fmt: skip
 
     def _look_for_pauses(self) -> None:
         """Whether this consumer can read ``control_plane.queue_pauses``: when it connects, and at
@@ -2529,6 +2506,7 @@ def _settle_rows(
         "errors": _text_array([o.error for o in rows]),
         "results": _text_array([o.result_json for o in rows]),
         "started_ms": _int_array([int((now - o.started_mono) * 1000) if o.started_mono else None for o in rows]),
+        "claimed_us": _int_array([o.claimed_us or None for o in rows]),
         "worker": broker.worker_id,
     }
     stored = [(o.message_id, o.stored_result) for o in rows if o.stored_result is not None]
@@ -2565,7 +2543,8 @@ def _after_settle(
                 o.message_id,
                 o.kind,
                 "an earlier try whose connection was lost may have written it, or its lease was lost"
-                if o.maybe_written else "its lease was lost before it was written; another worker owns it now",
+                if o.maybe_written else "its claim was lost before it was written (its lease expired, or a database "
+                "crash undid it) and another worker took the message since, or it was ended or sent again",
             )
     if cancels:
         with state.lock:

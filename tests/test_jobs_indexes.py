@@ -305,8 +305,7 @@ def test_the_heartbeat_and_the_workers_view_read_each_claim_once_not_once_per_wo
         FROM generate_series(0, 3904) AS g, LATERAL (SELECT CASE WHEN g < 5 THEN 0 ELSE 1 + g % 39 END AS w) AS x;
         ANALYZE control_plane.messages""")  # fmt: skip
     held = [r["id"] for r in query(db_url, "SELECT id::text FROM control_plane.messages WHERE worker = 'w0'")]
-    params = {"ids": held, "tokens": ["00000000-0000-0000-0000-000000000000"] * len(held),
-              "claimed_us": [0] * len(held), "lease": 30, "worker": "w0",
+    params = {"ids": held, "tokens": ["00000000-0000-0000-0000-000000000000"], "lease": 30, "worker": "w0",
               "hostname": "host", "pid": 0, "queues": ["default"], "queue": "default"}  # fmt: skip
     conn = psycopg2.connect(db_url)
     try:
