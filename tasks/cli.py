@@ -268,9 +268,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     # With --unique-key, a live job holding the key comes back instead of a new one.
     duplicate = sent.message_id != message.message_id
     if duplicate:
+        # (without --unique-key, the key the actor's unique_key_from made)
+        key = f"unique key {args.unique_key!r}" if args.unique_key is not None else "its actor's unique key"
         print(
-            _printable(f"controlplane: job {sent.message_id} holds unique key {args.unique_key!r} "
-                       "(pending or running): nothing new was sent"),
+            _printable(f"controlplane: job {sent.message_id} holds {key} (pending or running): nothing new was sent"),
             file=sys.stderr,
         )
     print(json.dumps({"id": sent.message_id, "deduplicated": duplicate}) if args.json else sent.message_id)

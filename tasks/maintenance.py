@@ -15,6 +15,8 @@ loads it too: ``dramatiq tasks tasks.maintenance your.module`` (the Procfile's
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import dramatiq
@@ -22,6 +24,7 @@ import psycopg2
 
 import tasks
 from models import queries
+from tasks.db import is_transient, loggable_error
 from tasks.errors import PermanentError
 from tasks.periodic import schedule
 
@@ -46,6 +49,27 @@ def prune() -> dict[str, int]:
         raise PermanentError(f"CONTROLPLANE_RETENTION_*: {str(exc).strip().splitlines()[0]}") from exc
 
 
+logger = logging.getLogger(__name__)
+
+#: Tries of one batch that the server rolled back to break a deadlock: a batch's DELETE locks
+#: its rows in table order, a send re-sending finished jobs under their ids (a pipeline run
+#: again) in its own order, and the prune was the one rolled back (8 of 8 in a review).
+BATCH_TRIES = 5
+
+
+def _execute(cur: Any, statement: str, params: dict[str, Any] | None = None) -> None:
+    """``statement``, again after a deadlock (a batch is its own transaction: nothing half done)."""
+    for attempt in range(1, BATCH_TRIES + 1):
+        try:
+            cur.execute(statement, params)
+            return
+        except psycopg2.Error as exc:
+            if not is_transient(exc) or attempt == BATCH_TRIES:
+                raise
+            logger.info("prune: a batch was rolled back (%s); trying it again", loggable_error(exc))
+            time.sleep(0.05 * attempt)
+
+
 def prune_rows(cur: Any, completed: str, failed: str) -> dict[str, int]:
     """Delete finished jobs past ``completed``/``failed`` (PostgreSQL intervals) and expired results,
     schedule ticks past ``completed`` (each schedule's latest kept) and expired rate-limit
@@ -62,24 +86,24 @@ def prune_rows(cur: Any, completed: str, failed: str) -> dict[str, int]:
     jobs = results = 0
     after_at: str | None = None
     while True:
-        cur.execute(queries.PRUNE_JOBS_BATCH, {"completed": completed, "failed": failed, "after_at": after_at})
+        _execute(cur, queries.PRUNE_JOBS_BATCH, {"completed": completed, "failed": failed, "after_at": after_at})
         gone, seen, after_at = cur.fetchone()
         jobs += int(gone)
         if seen < queries.PRUNE_BATCH:
             break
     while True:
-        cur.execute(queries.PRUNE_RESULTS_BATCH)
+        _execute(cur, queries.PRUNE_RESULTS_BATCH)
         results += cur.rowcount
         if cur.rowcount < queries.PRUNE_BATCH:
             break
     ticks, after = 0, None
     while True:
-        cur.execute(queries.PRUNE_SCHEDULE_TICKS_OF_NEXT, {"older_than": completed, "after": after})
+        _execute(cur, queries.PRUNE_SCHEDULE_TICKS_OF_NEXT, {"older_than": completed, "after": after})
         after, gone = cur.fetchone()
         if after is None:
             break
         ticks += int(gone)
-    cur.execute(queries.RATE_LIMIT_SWEEP)
+    _execute(cur, queries.RATE_LIMIT_SWEEP)
     return {"jobs_and_results": jobs + results, "jobs": jobs, "results": results, "schedule_ticks": int(ticks),
             "rate_limits": int(cur.rowcount)}
 

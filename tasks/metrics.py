@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager
 from http.server import HTTPServer
 from typing import Any
@@ -59,6 +61,10 @@ QUEUE_GAUGES = (
 #: How long a scrape's statements may take or wait for a lock, in milliseconds (Prometheus's
 #: default scrape timeout is 10 s).
 SCRAPE_TIMEOUT_MS = 5_000
+#: How long a scrape waits for its read in all (a connection, a pool slot, the statements), in
+#: seconds: a server frozen or cut off answers no timeout of its own, and a scrape held past
+#: Prometheus's 10 s never says the stats are down.
+SCRAPE_DEADLINE_SECONDS = SCRAPE_TIMEOUT_MS / 1000 + 2.0
 
 
 class QueueStatsCollector:
@@ -68,8 +74,10 @@ class QueueStatsCollector:
     (``tasks.connection``); ``stats`` is the query, ``queries.QUEUE_STATS`` (the
     view) or, with the Postgres broker, ``queries.QUEUE_STATS_VIA_MESSAGES``;
     ``workers`` false (another broker) leaves ``controlplane_workers`` out.
-    When the database cannot be read, only ``controlplane_stats_up 0`` is
-    exported (and the error logged).
+    When the database cannot be read, or does not answer within ``deadline`` seconds in all,
+    only ``controlplane_stats_up 0`` is exported (and the reason logged). The read runs on a
+    thread of its own, one at a time: scrapes while one still waits on the database answer
+    at once, stats down, rather than queue up behind it.
     """
 
     def __init__(
@@ -78,35 +86,63 @@ class QueueStatsCollector:
         stats: str = queries.QUEUE_STATS,
         silent_after: float = 30.0,
         workers: bool = True,
+        deadline: float = SCRAPE_DEADLINE_SECONDS,
     ) -> None:
         self._connection = connection
         self._stats = stats
         self._silent_after = silent_after
         self._workers = workers
+        self._deadline = deadline
+        self._lock = threading.Lock()
+        self._reading: Future[tuple[list[dict[str, Any]], Any]] | None = None
 
     def describe(self) -> list[Any]:
         return []  # no metric is exported on registration: collect() reads the database
+
+    def _read(self) -> tuple[list[dict[str, Any]], Any]:
+        with transaction(self._connection) as conn, conn.cursor() as cur:
+            # A scrape answers within Prometheus's timeout even while a migration or an
+            # operator's lock holds the tables: then it says the stats are down.
+            cur.execute("SET LOCAL statement_timeout = %(ms)s; SET LOCAL lock_timeout = %(ms)s",
+                        {"ms": SCRAPE_TIMEOUT_MS})
+            cur.execute(queries.STATS_SESSION)
+            cur.execute(self._stats)
+            columns = [d[0] for d in cur.description]
+            rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+            workers = None
+            if self._workers:
+                cur.execute(queries.LIVE_WORKERS, {"silent_after": self._silent_after})
+                (workers,) = cur.fetchone()
+        return rows, workers
+
+    def _start_read(self) -> Future[tuple[list[dict[str, Any]], Any]]:
+        """The read in flight, or a new one on a daemon thread (a read stuck on a frozen server
+        must not hold the process at exit)."""
+        with self._lock:
+            if self._reading is not None and not self._reading.done():
+                return self._reading
+            future: Future[tuple[list[dict[str, Any]], Any]] = Future()
+
+            def read() -> None:
+                try:
+                    future.set_result(self._read())
+                except BaseException as exc:  # handed to the scrape that waits for it
+                    future.set_exception(exc)
+
+            self._reading = future
+            threading.Thread(target=read, name="controlplane-metrics-read", daemon=True).start()
+            return future
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         up = GaugeMetricFamily("controlplane_stats_up", "1 when control_plane.queue_stats could be read.")
         try:
-            with transaction(self._connection) as conn, conn.cursor() as cur:
-                # A scrape answers within Prometheus's timeout even while a migration or an
-                # operator's lock holds the tables: then it says the stats are down.
-                cur.execute("SET LOCAL statement_timeout = %(ms)s; SET LOCAL lock_timeout = %(ms)s",
-                            {"ms": SCRAPE_TIMEOUT_MS})
-                cur.execute(queries.STATS_SESSION)
-                cur.execute(self._stats)
-                columns = [d[0] for d in cur.description]
-                rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
-                workers = None
-                if self._workers:
-                    cur.execute(queries.LIVE_WORKERS, {"silent_after": self._silent_after})
-                    (workers,) = cur.fetchone()
+            rows, workers = self._start_read().result(timeout=self._deadline)
         except Exception as exc:  # a scrape must answer even when the database does not
-            logger.warning("metrics: cannot read control_plane.queue_stats: %s", loggable_error(exc))
+            why = (f"the database did not answer within {self._deadline:g} s" if isinstance(exc, FutureTimeout)
+                   else loggable_error(exc))  # fmt: skip
+            logger.warning("metrics: cannot read control_plane.queue_stats: %s", why)
             up.add_metric([], 0)
             yield up
             return
@@ -166,6 +202,36 @@ class WorkerMetrics(Prometheus):
         return [serve_worker_metrics]
 
 
+def forget_dead_processes(path: str) -> list[int]:
+    """Drop the live gauges (``dramatiq_messages_inprogress``) of worker processes that are gone.
+
+    Dramatiq marks a process dead at its clean shutdown only: one killed (SIGKILL, the OOM
+    killer) left its in-progress count in the sum for good, and the gauge read 4 with nothing
+    running (a helper's review). Its counters stay, as prometheus_client keeps them. The pids
+    of this machine's processes (the folder is per deployment, on one machine)."""
+    import os
+    import re
+
+    from prometheus_client import multiprocess
+
+    dead = []
+    for name in os.listdir(path) if os.path.isdir(path) else ():
+        found = re.fullmatch(r"gauge_live\w*?_(\d+)\.db", name)
+        if found is None:
+            continue
+        pid = int(found.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            if pid not in dead:
+                dead.append(pid)
+        except PermissionError:
+            pass  # alive, another user's
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+    return dead
+
+
 def serve_worker_metrics() -> int:
     """Dramatiq fork process: serve the workers' multiprocess metrics on ``CONTROLPLANE_METRICS_PORT``."""
     import os
@@ -185,6 +251,7 @@ def serve_worker_metrics() -> int:
             import prometheus_client as prom
             from prometheus_client import multiprocess
 
+            forget_dead_processes(path)
             registry = prom.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
             output = prom.generate_latest(registry)

@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -147,6 +148,57 @@ def test_an_unreachable_database_is_reported_not_raised() -> None:
         server.server_close()
     # Then the scrape succeeds and says the stats are down
     assert samples == {("controlplane_stats_up", ()): 0}
+
+
+def test_a_database_that_does_not_answer_is_reported_down_by_each_scrape_with_one_read_waiting(db_url: str) -> None:
+    import threading
+
+    from tasks.metrics import QueueStatsCollector
+
+    # Given a collector whose database stopped answering (a frozen server, a host cut off: no
+    # timeout of the server's own ends the wait)
+    thawed = threading.Event()
+    reads: list[int] = []
+
+    def connection() -> Any:
+        if not thawed.is_set():
+            reads.append(1)
+            thawed.wait(60)
+            raise psycopg2.OperationalError("could not receive data from server: Connection timed out")
+        return tasks.connection()
+
+    collector = QueueStatsCollector(connection, deadline=0.2)
+
+    def up() -> float:
+        families = list(collector.collect())
+        return float(families[0].samples[0].value) if families[0].name == "controlplane_stats_up" else -1.0
+
+    # When it is scraped three times
+    # Then each scrape answers, the stats down, and one read waits on the database, not three
+    assert [up(), up(), up()] == [0.0, 0.0, 0.0]
+    assert reads == [1]
+    # And once the database answers again, the next scrapes read it
+    thawed.set()
+    wait_for(lambda: up() == 1.0, what="a scrape reading the stats again")
+
+
+def test_the_in_progress_gauge_of_a_killed_worker_process_is_dropped_at_the_next_scrape(tmp_path: Path) -> None:
+    from tasks.metrics import forget_dead_processes
+
+    # Given the multiprocess files of a worker process killed mid-job (it never marked itself
+    # dead: its in-progress gauge stayed in the sum), and those of a live one
+    count_one = ("from prometheus_client import Counter, Gauge; Gauge('x_inprogress', 'x', "
+                 "multiprocess_mode='livesum').inc(); Counter('x_total', 'x').inc()")  # fmt: skip
+    subprocess.run([sys.executable, "-c", count_one], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                   check=True)  # fmt: skip
+    killed = sorted(p.name for p in tmp_path.iterdir())
+    live = tmp_path / f"gauge_livesum_{os.getpid()}.db"
+    live.write_bytes(b"")
+    # When the workers' metrics are scraped
+    gone = forget_dead_processes(str(tmp_path))
+    # Then the killed process's live gauge is gone, its counter kept, and the live one's stays
+    assert len(gone) == 1 and f"gauge_livesum_{gone[0]}.db" in killed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"counter_{gone[0]}.db", live.name])
 
 
 def test_controlplane_metrics_serves_the_gauges(db_url: str) -> None:

@@ -689,6 +689,44 @@ def test_a_large_history_is_pruned_in_batches_each_its_own_transaction(db_url: s
         conn.close()
 
 
+def test_a_prune_batch_the_server_rolls_back_to_break_a_deadlock_is_run_again(db_url: str) -> None:
+    from models import queries
+
+    # Given old completed jobs, and a prune whose first jobs batch the server rolls back to
+    # break a deadlock (finished jobs re-sent under their ids at the same moment: a review's
+    # prune died of it 8 times in 8, "controlplane: error: the database refused: deadlock detected")
+    query(db_url, """
+        INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at)
+        SELECT gen_random_uuid(), 'old', 'default', 'completed', now() - interval '9 days', now() - interval '8 days'
+        FROM generate_series(1, 10)""")  # fmt: skip
+
+    class DeadlockOnce:
+        def __init__(self, cur: Any) -> None:
+            self._cur, self.refused = cur, 0
+
+        def execute(self, sql: str, params: Any = None) -> None:
+            if sql is queries.PRUNE_JOBS_BATCH and not self.refused:
+                self.refused += 1
+                raise psycopg2.errors.DeadlockDetected("deadlock detected")
+            self._cur.execute(sql, params)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._cur, name)
+
+    # When it runs
+    conn = psycopg2.connect(db_url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            refusing = DeadlockOnce(cur)
+            counts = maintenance.prune_rows(refusing, "7 days", "30 days")
+    finally:
+        conn.close()
+    # Then the batch was run again and the prune finished
+    assert refusing.refused == 1 and counts["jobs"] == 10
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs")[0]["n"] == 0
+
+
 def test_schedule_ticks_are_pruned_one_schedule_per_transaction_each_keeping_its_latest(db_url: str) -> None:
     # Given ten days of ticks of two every-minute schedules, and one schedule whose only ticks are old
     query(db_url, """
