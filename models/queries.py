@@ -366,8 +366,7 @@ WITH RECURSIVE p AS (
     FROM c WHERE m.id = c.id
     RETURNING m.id, m.priority, m.eta, m.body, m.enqueued_at
 )
-SELECT id::text, body, (extract(epoch FROM now() - enqueued_at) * 1000)::bigint AS age_ms,
-       (extract(epoch FROM now()) * 1000000)::bigint AS claimed_us
+SELECT id::text, body, (extract(epoch FROM now() - enqueued_at) * 1000)::bigint AS age_ms
 FROM m ORDER BY priority, eta, id
 """  # noqa: S608 (joined from this module's constants only, no input)
 CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
@@ -389,30 +388,22 @@ CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
 #: was written. ``started_ms`` is how long ago the attempt started (null: not
 #: started), measured on the worker's clock but applied to the database's.
 #: Returns the ids applied.
-#: Whether message ``m`` is held by the claim of outcome ``a``: under its token, or back in the
-#: queue as that claim found it. Claims and settles commit without waiting for the WAL flush
-#: (``tasks.broker._claims_connection``), so a server crash undoes the last moments of claims:
-#: the worker runs what it held (its threads need no database to start a job), and its
-#: settler, back before any other worker's consumer (Dramatiq restarts those seconds later),
-#: found those rows unclaimed and refused their outcomes: another worker ran each again, the
-#: jobs row showing the second run alone (a review crashing the server 48 times: 484 of 1,052
-#: jobs run twice were such). "As that claim found it": unclaimed, no cancel asked, and due no
-#: later than the claim ran (``claimed_us``, the database's clock in microseconds: CLAIM's
-#: ``now()``). A retry this worker wrote, or the message sent again, is due after that. A
-#: lease that expired while its worker was cut off, put back by the reaper, counts too: the
-#: worker's outcome ends the job, which another worker would have run again.
-_CLAIMED_BY_A = """(m.claim_token = a.token
-         OR (m.claim_token IS NULL AND m.cancel_requested_at IS NULL
-             AND (extract(epoch FROM m.eta) * 1000000)::bigint <= a.claimed_us))"""
-
+#:
+#: A group member's ack carries its marker (``markers``: ``<group>@done:<message id>``, from
+#: ``tasks.middleware.canvas.GroupCallbacks``), and is written only while that marker is there.
+#: A member that is not the last passes its group's barrier in a statement that does not wait
+#: for the WAL flush: a server crash can undo the pass while the claim before it holds, and the
+#: ack written after the crash under that claim ended the member ``completed``, uncounted, its
+#: group's callback never sent (a review's crash repro). Refused, the ack leaves the message
+#: claimed: its lease ends, the reaper puts it back, and it runs and passes again.
 _SETTLE_CTES = """
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(kinds)s::text[],
                          %(delays)s::bigint[], %(bodies)s::bytea[], %(errors)s::text[],
-                         %(results)s::jsonb[], %(started_ms)s::bigint[], %(claimed_us)s::bigint[])
-         AS t(id, token, kind, delay_ms, body, error, result, started_ms, claimed_us)
+                         %(results)s::jsonb[], %(started_ms)s::bigint[], %(markers)s::text[])
+         AS t(id, token, kind, delay_ms, body, error, result, started_ms, marker)
 ), a AS (
-    SELECT t.id, t.token, t.claimed_us, t.delay_ms, t.body, t.error, t.result,
+    SELECT t.id, t.token, t.delay_ms, t.body, t.error, t.result, t.marker,
            now() - make_interval(secs => coalesce(t.started_ms, 0) / 1000.0) AS started_at,
            CASE WHEN t.kind = 'retry' AND m.cancel_requested_at IS NOT NULL THEN 'cancel' ELSE t.kind END AS kind
     FROM t LEFT JOIN control_plane.messages AS m ON m.id = t.id AND m.claim_token = t.token
@@ -424,13 +415,16 @@ WITH t AS (
     FOR SHARE OF m
 ), gone AS (
     DELETE FROM control_plane.messages AS m USING a
-    WHERE a.kind NOT IN ('retry', 'start') AND m.id = a.id AND """ + _CLAIMED_BY_A + """
+    WHERE a.kind NOT IN ('retry', 'start') AND m.id = a.id AND m.claim_token = a.token
+      -- a group member's ack, only while the pass it made is there (see _SETTLE_CTES)
+      AND (a.marker IS NULL OR EXISTS (SELECT FROM control_plane.rate_limits AS g
+                                       WHERE g.key = a.marker AND g.expires_at > now()))
     RETURNING m.id, NULL::timestamptz AS eta
 ), back AS (
     UPDATE control_plane.messages AS m
        SET claim_token = NULL, worker = NULL, lease_expires_at = NULL,
            eta = now() + make_interval(secs => a.delay_ms / 1000.0), body = a.body
-    FROM a WHERE a.kind = 'retry' AND m.id = a.id AND """ + _CLAIMED_BY_A + """
+    FROM a WHERE a.kind = 'retry' AND m.id = a.id AND m.claim_token = a.token
       -- re-checked on the row as it is once locked: a cancellation that committed while this
       -- statement waited for the row keeps it out of the queue (the settler, finding this retry
       -- not written, writes it again as a cancel)
@@ -445,7 +439,7 @@ WITH t AS (
            j.status = 'running' AS counted,
            CASE WHEN j.status = 'running' THEN j.worker ELSE %(worker)s END AS worker
     FROM a JOIN done ON done.id = a.id JOIN control_plane.jobs AS j ON j.id = a.id
-)"""  # noqa: S608 (joined from this module's constants only, no input)
+)"""
 
 _SETTLE_UPDATE = """
 UPDATE control_plane.jobs AS j

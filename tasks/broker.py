@@ -541,8 +541,6 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.ended_unstarted = False
         #: When a worker thread started it (monotonic seconds; 0: not started).
         self.started_mono = 0.0
-        #: When its claim ran, by the database's clock (microseconds since the epoch): see HEARTBEAT.
-        self.claimed_us = 0
         # The message's fields as the proxy's own attributes: Dramatiq and the
         # middleware read them a score of times per message, each time through
         # MessageProxy.__getattr__ otherwise. The message is frozen; options and
@@ -575,9 +573,8 @@ class _Outcome:
     stored_result: StoredResult | None = None
     #: An earlier SETTLE of it lost its connection: the server may have committed it.
     maybe_written: bool = False
-    #: When its claim ran (``PgMessageProxy.claimed_us``): SETTLE applies it to its message
-    #: back in the queue as that claim found it (a crash undid the claim: ``_CLAIMED_BY_A``).
-    claimed_us: int = 0
+    #: A group member's marker, which its ack needs to find (``models.queries._SETTLE_CTES``).
+    group_marker: str | None = None
 
 
 #: What a job's row must show for a result to be stored (``models.queries.RESULT_STORE``):
@@ -1498,7 +1495,6 @@ class _PostgresConsumer(dramatiq.Consumer):
                 body=encode_message(message._message),
                 error=message.error_text or _describe(message),
                 started_mono=message.started_mono,
-                claimed_us=message.claimed_us,
             )
         else:
             outcome = _Outcome(
@@ -1508,7 +1504,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 result_json=message.result_json,
                 started_mono=message.started_mono,
                 stored_result=message.stored_result,
-                claimed_us=message.claimed_us,
+                group_marker=getattr(message, "group_marker", None),
             )
         self._hand_over(outcome)
 
@@ -1523,7 +1519,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         kind = "cancel" if isinstance(message._exception, Cancelled) else "nack"
         self._hand_over(
             _Outcome(kind, message.message_id, message.claim_token, error=error, started_mono=message.started_mono,
-                     stored_result=message.stored_result, claimed_us=message.claimed_us)
+                     stored_result=message.stored_result)
         )
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
@@ -1762,7 +1758,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             rows = cur.fetchall()
         malformed: list[tuple[str, DecodeError]] = []
         now_ms = current_millis()
-        for message_id, body, age_ms, claimed_us in rows:
+        for message_id, body, age_ms in rows:
             try:
                 message = Message.decode(bytes(body))
             except DecodeError as exc:
@@ -1770,14 +1766,13 @@ class _PostgresConsumer(dramatiq.Consumer):
                 continue
             proxy = PgMessageProxy(message, token)
             proxy.message_timestamp = now_ms - age_ms
-            proxy.claimed_us = claimed_us
             with self.state.lock:
                 earlier = self.state.inflight.get(message.message_id)
                 self.state.inflight[message.message_id] = proxy
                 self.state.buffer.append(proxy)
             if earlier is not None:
                 # Claimed here before, and that claim lost (a crash undid it, or its lease expired
-                # and the reaper put it back) before a heartbeat saw it: run it once, under this claim.
+                # and the reaper put it back): its copy no thread started is not run; this one is.
                 self._take_unstarted([earlier])
         # After the others are held: a failed rejection must not leave them claimed and unknown.
         for message_id, error in malformed:
@@ -2506,7 +2501,7 @@ def _settle_rows(
         "errors": _text_array([o.error for o in rows]),
         "results": _text_array([o.result_json for o in rows]),
         "started_ms": _int_array([int((now - o.started_mono) * 1000) if o.started_mono else None for o in rows]),
-        "claimed_us": _int_array([o.claimed_us or None for o in rows]),
+        "markers": _text_array([o.group_marker for o in rows]),
         "worker": broker.worker_id,
     }
     stored = [(o.message_id, o.stored_result) for o in rows if o.stored_result is not None]
@@ -2537,14 +2532,18 @@ def _after_settle(
     cancels = [dataclasses.replace(o, kind="cancel") for o in latest.values()
                if o.kind == "retry" and o.message_id not in applied]
     for o in latest.values():
-        if o.message_id not in applied and o.kind != "retry":
+        if o.message_id not in applied and o.group_marker is not None and o.kind == "ack":
+            logger.warning("message %s: its ack was not written: its group's pass is not there (a database crash "
+                           "undid it, or its claim was lost); it runs and is counted again once its lease ends",
+                           o.message_id)  # fmt: skip
+        elif o.message_id not in applied and o.kind != "retry":
             logger.warning(
                 "message %s: its %s was not written: %s",
                 o.message_id,
                 o.kind,
                 "an earlier try whose connection was lost may have written it, or its lease was lost"
                 if o.maybe_written else "its claim was lost before it was written (its lease expired, or a database "
-                "crash undid it) and another worker took the message since, or it was ended or sent again",
+                "crash undid it): another worker may run it again",
             )
     if cancels:
         with state.lock:

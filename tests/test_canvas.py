@@ -835,3 +835,33 @@ def test_a_group_child_whose_marker_expired_is_put_back_when_its_worker_dies(db_
     consumer.close()
     # Then it is put back to run: nothing shows its group went on
     assert job(db_url, first.message_id)["status"] == "pending"
+
+
+def test_a_members_pass_a_crash_undid_under_a_claim_that_held_is_not_taken_for_done(db_url: str) -> None:
+    # Given a group of two with a callback, whose first member ran and passed the barrier (a
+    # statement that does not wait for the WAL flush), and a server crash that undid the pass
+    # while the claim before it held (flushed already)
+    children = sent_group(db_url, "crash", size=2)
+    consumer, held = claim_in_process()
+    held.started = True
+    middleware(GroupCallbacks).after_process_message(tasks.broker, held, result=None)
+    group = children[0].options["group_completion_uuid"]
+    query(db_url, "DELETE FROM control_plane.rate_limits WHERE key = %s", (f"{group}@done:{held.message_id}",))
+    query(db_url, "UPDATE control_plane.rate_limits SET value = 2 WHERE key = %s", (group,))
+    # When its ack is written after the crash, under its claim
+    settle_in_process(consumer, held, "ack")
+    # Then it is refused: the member is not completed uncounted (its group's callback would
+    # never come); it stays claimed until its lease ends
+    assert job(db_url, held.message_id)["status"] == "pending"
+    # And when the lease ends, it is put back, runs, and passes again; the other member too
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second' "
+                  "WHERE claim_token IS NOT NULL")  # fmt: skip
+    reap_from_another_worker()
+    for _ in children:
+        consumer, again = claim_in_process()
+        again.started = True
+        middleware(GroupCallbacks).after_process_message(tasks.broker, again, result=None)
+        settle_in_process(consumer, again, "ack")
+    # Then both members completed, and the callback was sent once
+    assert {job(db_url, c.message_id)["status"] for c in children} == {"completed"}
+    assert len(queued(db_url, "tests.group_done")) == 1

@@ -167,7 +167,8 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
                 "api_key_prefix": valid.api_key_prefix,
                 "api_keys": list_api_keys(conn, valid.project_id),
             }
-            cur.execute(q.ACTIVATE, {"project_id": valid.project_id, "run": None, "result": Json(result)})
+            cur.execute(q.ACTIVATE, {"project_id": valid.project_id, "run": None, "result": Json(result),
+                                     "secrets_ttl": settings.secrets_ttl_seconds})
             if cur.fetchone() is None:
                 raise RuntimeError(f"project {valid.project_id} was not provisioning")
 

@@ -195,11 +195,14 @@ class ServiceClient:
             raise PermanentError(f"{self.name} {method} {path}: HTTP {status} body is not a JSON object")
         return value
 
-    def _error(self, method: str, path: str, status: int, data: bytes, headers: http.client.HTTPMessage) -> Exception:
+    def _error(
+        self, method: str, path: str, status: int, data: bytes, headers: http.client.HTTPMessage | None = None
+    ) -> Exception:
         message = f"{self.name} {method} {path}: HTTP {status}"
+        header = headers.get if headers is not None else (lambda name: None)
         if 300 <= status < 400:
             # Not followed (the token would go wherever it points): the URL setting is to mend.
-            message += (f", a redirect{self._to(headers.get('Location'))}: set {self.name.upper()}_SERVICE_URL "
+            message += (f", a redirect{self._to(header('Location'))}: set {self.name.upper()}_SERVICE_URL "
                         "to the address the service answers at")  # fmt: skip
         # A refused credential's answer says nothing the status does not, and is where a service
         # would echo the Authorization header back: not quoted at all.
@@ -207,7 +210,7 @@ class ServiceClient:
         if snippet:
             message = f"{message}: {snippet}"
         if status >= 500 or status in _TRANSIENT_STATUSES:
-            return TransientError(message, retry_after=_retry_after(headers.get("Retry-After")))
+            return TransientError(message, retry_after=_retry_after(header("Retry-After")))
         error = (
             Conflict(message) if status == 409
             else PermanentError(f"{message} (check the {self.name} service token)") if status in (401, 403)
@@ -249,7 +252,7 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # ("²".isdigit() is true, and float() refuses it)
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
