@@ -76,8 +76,8 @@ class QueueStatsCollector:
     ``workers`` false (another broker) leaves ``controlplane_workers`` out.
     When the database cannot be read, or does not answer within ``deadline`` seconds in all,
     only ``controlplane_stats_up 0`` is exported (and the reason logged). The read runs on a
-    thread of its own, one at a time: scrapes while one still waits on the database answer
-    at once, stats down, rather than queue up behind it.
+    thread of its own, one at a time: a scrape while one still waits on the database waits for
+    that same read (up to ``deadline``) rather than start another behind it.
     """
 
     def __init__(
