@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -864,6 +865,25 @@ def test_connection_refused_is_transient() -> None:
         client.get_tenant("proj_1")
 
 
+def _whole_request(conn: socket.socket) -> bytes:
+    """A request read to the end of its body (its ``Content-Length``): closed with bytes of it
+    unread, the socket would answer with a reset, not the answer the test means to give."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while found is not None and len(body) < int(found.group(1)):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 class _RawServer:
     """A one-answer-at-a-time HTTP server on loopback that answers each request with ``answer(sock)``."""
 
@@ -884,7 +904,8 @@ class _RawServer:
             except OSError:
                 return
             with conn:
-                self.requests.append(conn.recv(65536).split(b"\r\n", 1)[0])
+                request = _whole_request(conn)
+                self.requests.append(request.split(b"\r\n", 1)[0])
                 with contextlib.suppress(OSError):
                     self._answer(conn)
 
@@ -947,18 +968,24 @@ def test_a_put_applied_but_answered_unreadably_stays_touched_so_compensation_und
     assert touched == [("auth", True), ("auth", False)]
 
 
+def _put_answered(answer: bytes, raises: type[Exception], service: str = "auth") -> tuple[Exception, _RawServer]:
+    """What a ``PUT`` raises against a service that answers ``answer`` (raw HTTP), and that service."""
+    server = _RawServer(lambda conn: conn.sendall(answer))
+    try:
+        with pytest.raises(raises) as info:
+            ServiceClient(service, server.url, TOKEN, 2.0).put_tenant("proj_1", {"tenant_id": "t"})
+    finally:
+        server.close()
+    return info.value, server
+
+
 def test_an_answer_cut_short_of_its_content_length_is_a_dropped_connection_not_a_bad_answer() -> None:
     # Given a service that registers the tenant and closes the connection halfway through its
     # answer's body (a clean close, not a reset: http.client hands over the short body)
-    server = _RawServer(lambda conn: conn.sendall(
-        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"tenant_id\": \"t\","))
-    try:
-        client = ServiceClient("realtime", server.url, TOKEN, 2.0)
-        # When a PUT is made / Then it is transient (retried; PUT is an upsert), and says what happened
-        with pytest.raises(TransientError, match=r"HTTP 201, the connection closed 4\d\d bytes short of its answer"):
-            client.put_tenant("proj_1", {"tenant_id": "t"})
-    finally:
-        server.close()
+    cut = b'HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{"tenant_id": "t",'
+    # When a PUT is made / Then it is transient (retried; PUT is an upsert), and says what happened
+    error, _ = _put_answered(cut, TransientError, "realtime")
+    assert re.search(r"HTTP 201, the connection closed 4\d\d bytes short of its answer", str(error)), str(error)
 
 
 @pytest.mark.parametrize(("status", "refused"), [(301, True), (308, True), (307, True), (302, False), (303, False)])
@@ -967,22 +994,16 @@ def test_a_redirect_is_not_followed_and_says_where_it_points_and_which_setting_t
 ) -> None:
     # Given a service URL that answers with a redirect (http to https, a moved path)
     location = b"https://auth.example.test:8443/v2/tenants/proj_1?sig=abc"
-    server = _RawServer(lambda conn: conn.sendall(
-        b"HTTP/1.1 %d Moved\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (status, location)))
-    try:
-        client = ServiceClient("auth", server.url, TOKEN, 2.0)
-        # When a PUT is made
-        with pytest.raises(PermanentError) as info:
-            client.put_tenant("proj_1", {"tenant_id": "t"})
-    finally:
-        server.close()
+    # When a PUT is made
+    error, server = _put_answered(b"HTTP/1.1 %d Moved\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n"
+                                  % (status, location), PermanentError)  # fmt: skip
     # Then the error names the redirect, the host it points to (not its path or query) and the
     # setting; a 301, 307 or 308 applied nothing here (refused: nothing for compensation to
     # undo), a 302 or 303 may have come after the request was applied
-    message = str(info.value)
+    message = str(error)
     assert f"HTTP {status}, a redirect to https://auth.example.test:8443: set AUTH_SERVICE_URL" in message
     assert "sig=abc" not in message and "/v2" not in message
-    assert getattr(info.value, "refused", False) is refused
+    assert getattr(error, "refused", False) is refused
     assert len(server.requests) == 1  # not followed
 
 
@@ -993,15 +1014,10 @@ def test_a_429s_retry_after_rides_on_its_transient_error(header: str) -> None:
     import time
 
     value = email.utils.formatdate(time.time() + 30, usegmt=True) if header == "DATE" else header
-    server = _RawServer(lambda conn: conn.sendall(
-        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: %s\r\nContent-Length: 0\r\n\r\n" % value.encode()))
-    try:
-        with pytest.raises(TransientError) as info:
-            ServiceClient("storage", server.url, TOKEN, 2.0).put_tenant("proj_1", {"tenant_id": "t"})
-    finally:
-        server.close()
+    error, _ = _put_answered(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: %s\r\nContent-Length: 0\r\n\r\n"
+                             % value.encode(), TransientError, "storage")  # fmt: skip
     # Then the error carries the wait (Retries makes the next attempt wait at least that)
-    assert info.value.retry_after is not None and 25 <= info.value.retry_after <= 30
+    assert isinstance(error, TransientError) and error.retry_after is not None and 25 <= error.retry_after <= 30
 
 
 def test_compensation_deregisters_every_touched_service_even_when_one_fails() -> None:
