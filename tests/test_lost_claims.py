@@ -1,5 +1,5 @@
 """Claims the database lost under a worker: a crash undid them (claims commit without waiting for
-the WAL flush).
+the WAL flush), and outcomes of claims whose messages changed since.
 
 A crash undoes the last moments of claims: the rows are back in the queue as the claims found
 them, while the worker runs what it held. A crash cannot be had on the suite's shared server;
@@ -16,12 +16,18 @@ from dramatiq.middleware import SkipMessage
 import tasks
 from tasks.broker import PostgresBroker
 from tests import actors
-from tests.support import claim_in_process, disagreements, job, query, settle_in_process
+from tests.support import claim_in_process, disagreements, job, query, reap_from_another_worker, settle_in_process
 
 
-def _undo_claims(db_url: str) -> None:
-    """What a server crash leaves of claims it undoes: the messages unclaimed, as before."""
+def _undo_claims(db_url: str, *held: Any) -> None:
+    """What a server crash leaves of claims it undoes: the messages unclaimed, as before, the row
+    versions the claims read. (An UPDATE makes new versions: the ``held`` messages are told
+    theirs, as if their claims had read them.)"""
     query(db_url, "UPDATE control_plane.messages SET claim_token = NULL, worker = NULL, lease_expires_at = NULL")
+    versions = {r["id"]: r["v"] for r in query(db_url, "SELECT id::text, xmin::text::bigint AS v FROM "
+                                                       "control_plane.messages")}  # fmt: skip
+    for proxy in held:
+        proxy.found = versions[proxy.message_id]
 
 
 def _claimed_by_another_worker(db_url: str, n: int) -> list[Any]:
@@ -46,25 +52,66 @@ def _messages(db_url: str) -> list[dict[str, Any]]:
     return query(db_url, "SELECT id::text, claim_token::text FROM control_plane.messages")
 
 
-def test_the_outcome_of_a_claim_a_crash_undid_is_not_written_and_the_job_runs_again_counted_again(
-    db_url: str,
+@pytest.mark.parametrize("outcome", ["ack", "nack"])
+def test_the_outcome_of_a_job_whose_claim_a_crash_undid_is_written_and_it_does_not_run_again(
+    db_url: str, outcome: str
 ) -> None:
-    # Given a job this worker ran, whose claim a server crash undid while it ran: back in the
-    # queue, unclaimed, as the claim found it. Whatever the job committed without waiting for
-    # the WAL flush went with it: a group child's pass (CHILD_PASS), which comes after the
-    # claim, so a crash that undoes the claim undoes the pass too
+    # Given a job this worker ran, whose claim a server crash undid while it ran: its row back
+    # in the queue exactly as the claim found it
     sent = actors.noop.send("undone")
     consumer, held = claim_in_process()
     held.started = True
-    _undo_claims(db_url)
-    # When its outcome is written
-    settle_in_process(consumer, held, "ack")
-    # Then it is refused (applied to the unclaimed row, a group child would end completed,
-    # uncounted, and its group's callback never come: a diff review's crash repro), and the
-    # job runs again on the next worker, its side effects with it (at least once)
+    _undo_claims(db_url, held)
+    # When its outcome is written (before another worker claims it)
+    settle_in_process(consumer, held, outcome)
+    # Then it is, once: the job ended, out of the queue, for no other worker to run again
+    row = job(db_url, sent.message_id)
+    assert (row["status"], row["attempts"]) == ("completed" if outcome == "ack" else "failed", 1)
+    assert _messages(db_url) == []
+    assert _claimed_by_another_worker(db_url, 1) == []
+    assert disagreements(db_url) == []
+
+
+def test_a_retry_of_a_job_whose_claim_a_crash_undid_is_written_with_its_backoff(db_url: str) -> None:
+    # Given a job whose attempt failed here, its claim undone by a crash meanwhile
+    sent = actors.always_fails.send("undone")
+    consumer, held = claim_in_process()
+    held.started = True
+    _undo_claims(db_url, held)
+    # When its retry is written
+    held.error_text = "RuntimeError: failed on purpose: undone"
+    tasks.broker.enqueue(held, delay=60_000)  # (what Dramatiq's Retries does)
+    consumer.ack(held)
+    consumer._flush()
+    consumer.close()
+    # Then the job waits for its backoff, its attempt counted, and is not due now
+    row = job(db_url, sent.message_id)
+    assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 1, held.error_text)
+    assert _claimed_by_another_worker(db_url, 1) == []
+    assert disagreements(db_url) == []
+
+
+@pytest.mark.parametrize("since", ["sent again", "taken and sent again", "put back by the reaper"])
+def test_the_outcome_of_a_claim_whose_message_changed_since_is_not_written(db_url: str, since: str) -> None:
+    # Given a job claimed here whose row changed since its claim: sent again under its id while
+    # claimed (the send puts it back in the queue), or its claim undone by a crash, then taken by
+    # another worker, run, and sent again, or its lease ended and the reaper put it back
+    sent = actors.noop.send("changed")
+    consumer, held = claim_in_process()
+    held.started = True
+    if since == "taken and sent again":
+        _undo_claims(db_url, held)
+        assert [p.message_id for p in _claimed_by_another_worker(db_url, 1)] == [sent.message_id]
+    if since == "put back by the reaper":
+        query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
+        reap_from_another_worker()
+    else:
+        tasks.broker.enqueue(held._message)
+    # When this worker's outcome is written
+    settle_in_process(consumer, held, "nack")
+    # Then it changes nothing: the message waits in the queue, unclaimed, its job pending
+    assert _messages(db_url) == [{"id": sent.message_id, "claim_token": None}]
     assert job(db_url, sent.message_id)["status"] == "pending"
-    assert [p.message_id for p in _claimed_by_another_worker(db_url, 1)] == [sent.message_id]
-    assert job(db_url, sent.message_id)["status"] == "completed"
     assert disagreements(db_url) == []
 
 
@@ -84,3 +131,28 @@ def test_a_message_claimed_here_again_before_its_first_claims_copy_started_runs_
     row = job(db_url, sent.message_id)
     assert (row["status"], row["attempts"]) == ("completed", 1)
     assert disagreements(db_url) == []
+
+
+def test_a_group_members_ack_whose_claim_and_pass_a_crash_undid_is_not_written(db_url: str) -> None:
+    from dramatiq import group
+    from dramatiq.middleware import GroupCallbacks
+
+    # Given a group of two with a callback, whose first member ran here and passed the barrier,
+    # then a crash undid both its claim and its pass (which came after the claim)
+    members = group([actors.noop.message(i) for i in range(2)])
+    members.add_completion_callback(actors.group_done.message("undone"))
+    members.run()
+    consumer, held = claim_in_process()
+    held.started = True
+    hook = next(m for m in tasks.broker.middleware if isinstance(m, GroupCallbacks))
+    hook.after_process_message(tasks.broker, held, result=None)
+    barrier = held.options["group_completion_uuid"]
+    query(db_url, "DELETE FROM control_plane.rate_limits WHERE key LIKE '%%@done:%%'")
+    query(db_url, "UPDATE control_plane.rate_limits SET value = 2 WHERE key = %s", (barrier,))
+    _undo_claims(db_url, held)
+    # When its ack is written
+    settle_in_process(consumer, held, "ack")
+    # Then it is refused: the member waits in the queue to run and be counted again (written, it
+    # would end completed uncounted, and the group's callback never come)
+    assert job(db_url, held.message_id)["status"] == "pending"
+    assert {"id": held.message_id, "claim_token": None} in _messages(db_url)
