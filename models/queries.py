@@ -405,7 +405,9 @@ CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
 #: for the WAL flush: a server crash can undo the pass while the claim before it holds, and the
 #: ack written after the crash under that claim ended the member ``completed``, uncounted, its
 #: group's callback never sent (a review's crash repro). Refused, the ack leaves the message
-#: claimed: its lease ends, the reaper puts it back, and it runs and passes again.
+#: claimed: its lease ends, the reaper puts it back, and it runs and passes again. (A crash
+#: that undid the claim undid the pass, which came after it: refused too, the message is
+#: back in the queue for any worker.)
 #: Whether message ``m`` is held by the claim of outcome ``a`` (see SETTLE's comment).
 _CLAIMED_BY_A = "(m.claim_token = a.token OR (m.claim_token IS NULL AND m.xmin::text::bigint = a.found))"
 
