@@ -782,6 +782,9 @@ class _QueueState:
     cancel_heard: bool = False
     #: Signals the settler thread (shares ``lock``).
     settle_cond: threading.Condition = field(init=False)
+    #: The queue's settler thread (``_Settler``): it outlives a consumer Dramatiq closes after an
+    #: error, and the next consumer takes it over.
+    settler: Any = None
 
     def __post_init__(self) -> None:
         self.settle_cond = threading.Condition(self.lock)
@@ -1062,6 +1065,8 @@ class PostgresBroker(dramatiq.Broker):
         with self._states_lock:
             states = list(self._states.items())
         for queue_name, state in states:
+            if state.settler is not None:
+                state.settler.stop()  # (one that outlived its failed consumer: no other is coming)
             with state.lock:
                 waiting = bool(state.outcomes)
             if not waiting:
@@ -1433,8 +1438,13 @@ class _PostgresConsumer(dramatiq.Consumer):
             self._connect()
         except psycopg2.Error as exc:
             raise _connection_lost(self.broker, exc) from exc
-        self._settler = _Settler(self)
-        self._settler.start()
+        settler = self.state.settler
+        if settler is not None and settler.is_alive() and not settler.stopping:
+            settler.consumer = self  # (the failed consumer's, still writing its outcomes)
+            self._settler = settler
+        else:
+            self._settler = self.state.settler = _Settler(self)
+            self._settler.start()
 
     def _connect(self) -> None:
         self.conn = _claims_connection(self.broker, f"controlplane-worker:{self.queue_name}")
@@ -1549,8 +1559,15 @@ class _PostgresConsumer(dramatiq.Consumer):
         (and the queue's concurrency limit would not hold). The queue's state outlives
         this consumer: the next one extends those claims, settles them, and yields what
         was claimed and not yet handed over, as after a lost connection.
+
+        After an error the settler goes on, for the next consumer to take over: stopped with
+        this one, it wrote nothing until Dramatiq started the next (3 s later, and only once
+        the database is back), while another process's consumer, back first, claimed the
+        messages whose claims a crash had undone and whose outcomes waited here (oldest in
+        the queue: its first claim takes them), and ran them again (a helper's crash test).
         """
-        self._settler.stop()
+        if not self._failed:
+            self._settler.stop()
         try:
             if self._usable():
                 self._flush()
@@ -2311,6 +2328,10 @@ class _Settler(threading.Thread):
         self.state = consumer.state
         self.conn: Any = None
         self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def stop(self) -> None:
         """Stop after the write in progress, if any; the consumer writes what is left."""

@@ -617,22 +617,34 @@ def test_a_send_whose_reply_is_lost_after_its_commit_does_not_requeue_the_claime
     conn.close()
 
 
-def test_an_ack_after_its_consumer_failed_is_written_when_the_broker_closes(db_url: str) -> None:
+def test_an_ack_after_its_consumer_failed_is_written_by_its_settler_or_when_the_broker_closes(db_url: str) -> None:
     # Given a consumer that lost its connection and was closed by Dramatiq (which starts the
-    # next one only after a delay), while a worker thread still runs the message it handed over
-    sent = actors.noop.send(1)
-    consumer = _broker().consume("default", prefetch=1, timeout=1000)
-    message = next(consumer)
-    assert message is not None
+    # next one only after a delay, and only once the database answers), while worker threads
+    # still run the messages it handed over
+    sent = [actors.noop.send(i) for i in range(2)]
+    consumer = _broker().consume("default", prefetch=2, timeout=1000)
+    first, second = next(consumer), next(consumer)
+    assert first is not None and second is not None
     consumer._failed = True
     consumer.close()
-    # When the thread finishes it during the shutdown, with no consumer left, and the worker
-    # process closes the broker (as the dramatiq command does after stopping the worker)
-    consumer.ack(message)
-    assert job(db_url, sent.message_id)["status"] != "completed"
+    # When a thread finishes one
+    consumer.ack(first)
+    # Then the queue's settler, which outlived the consumer, writes it now: another worker,
+    # back first after a crash, does not find it unwritten and run it again
+    wait_for(lambda: job(db_url, first.message_id)["status"] == "completed", what="the ack, written by the settler")
+    # And the next consumer takes that settler over
+    successor = _broker().consume("default", prefetch=1, timeout=1000)
+    assert successor._settler is consumer._settler and successor._settler.is_alive()
+    successor._failed = True
+    successor.close()
+    # And when the thread finishes the other during the shutdown, with no settler left (say), and
+    # the worker process closes the broker (as the dramatiq command does after stopping the worker)
+    successor._settler.stop()
+    consumer.ack(second)
+    assert job(db_url, second.message_id)["status"] != "completed"
     _broker().close()
-    # Then the ack is written: the job completed, and nothing is left to run it again
-    assert job(db_url, sent.message_id)["status"] == "completed"
+    # Then that ack is written then: every job completed, and nothing is left to run again
+    assert {job(db_url, m.message_id)["status"] for m in sent} == {"completed"}
     assert query(db_url, "SELECT id FROM control_plane.messages") == []
 
 
