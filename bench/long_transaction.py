@@ -102,7 +102,7 @@ def claim_and_settle_all(url: str) -> tuple[list[float], list[float], float]:
             n = len(ids)
             sc.execute(queries.SETTLE, {"ids": ids, "tokens": [token] * n, "kinds": ["ack"] * n, "delays": None,
                                         "bodies": None, "errors": None, "results": None, "started_ms": [1] * n,
-                                        "markers": None, "found": None, "worker": "bench"})  # fmt: skip
+                                        "markers": None, "worker": "bench"})  # fmt: skip
     wall = time.perf_counter() - started
     claimer.close()
     settler.close()

@@ -95,8 +95,7 @@ def _explain(url: str) -> dict[str, Any]:
     settle = {
         "ids": ids, "tokens": [token] * len(ids), "kinds": ["ack"] * len(ids), "delays": [0] * len(ids),
         "bodies": [None] * len(ids), "errors": [None] * len(ids), "results": [None] * len(ids),
-        "started_ms": [1] * len(ids), "markers": None, "found": None,
-        "worker": "profile:1",
+        "started_ms": [1] * len(ids), "markers": None, "worker": "profile:1",
     }  # fmt: skip
     explain("settle_16", queries.SETTLE, settle, len(ids))
     conn.close()

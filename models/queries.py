@@ -341,8 +341,8 @@ WITH RECURSIVE p AS (
     FROM p WHERE p.priority IS NOT NULL AND p.n < """ + str(CLAIM_PRIORITIES) + """
 ), few AS (
     -- for each, its due messages only: a range of ix_messages_ready that ends at now()
-    SELECT r.id, r.found FROM p CROSS JOIN LATERAL (
-        SELECT id, xmin::text::bigint AS found FROM control_plane.messages
+    SELECT r.id FROM p CROSS JOIN LATERAL (
+        SELECT id FROM control_plane.messages
         WHERE queue = %(queue)s AND claim_token IS NULL AND priority = p.priority AND eta <= now()
         ORDER BY eta, id
         LIMIT %(limit)s
@@ -351,22 +351,22 @@ WITH RECURSIVE p AS (
     LIMIT %(limit)s
 ), rest AS (
     -- a queue of more priorities than that: the ones above them in one range, only if needed
-    SELECT id, xmin::text::bigint AS found FROM control_plane.messages
+    SELECT id FROM control_plane.messages
     WHERE queue = %(queue)s AND claim_token IS NULL AND eta <= now()
       AND priority > (SELECT max(priority) FROM p) AND (SELECT count(*) FROM p) >= """ + str(CLAIM_PRIORITIES) + """
     ORDER BY priority, eta, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), c AS (
-    (SELECT id, found FROM few) UNION ALL (SELECT id, found FROM rest) LIMIT %(limit)s
+    (SELECT id FROM few) UNION ALL (SELECT id FROM rest) LIMIT %(limit)s
 ), m AS (
     UPDATE control_plane.messages AS m
        SET claim_token = %(token)s, worker = %(worker)s,
            lease_expires_at = now() + make_interval(secs => %(lease)s)
     FROM c WHERE m.id = c.id
-    RETURNING m.id, m.priority, m.eta, m.body, m.enqueued_at, c.found
+    RETURNING m.id, m.priority, m.eta, m.body, m.enqueued_at
 )
-SELECT id::text, body, (extract(epoch FROM now() - enqueued_at) * 1000)::bigint AS age_ms, found
+SELECT id::text, body, (extract(epoch FROM now() - enqueued_at) * 1000)::bigint AS age_ms
 FROM m ORDER BY priority, eta, id
 """  # noqa: S608 (joined from this module's constants only, no input)
 CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
@@ -389,15 +389,12 @@ CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
 #: started), measured on the worker's clock but applied to the database's.
 #: Returns the ids applied.
 #:
-#: An outcome applies to its message held under its claim's token, or back in the queue
-#: exactly as that claim found it: unclaimed, the row version the claim read (``found``, the
-#: row's ``xmin`` then, which CLAIM returns). Claims commit without waiting for the WAL flush
-#: (``tasks.broker._claims_connection``), so a server crash undoes the last moments of them:
-#: the rows are back as they were while the worker runs what it held, and its outcomes were
-#: refused, another worker running each job again, the jobs row showing the second run alone
-#: (a review crashing its server 64 times: 1,084 of 1,824 jobs run twice were such). Any change
-#: to the row since (a re-send under the same id, the reaper's put-back, a retry written, a
-#: cancel asked) makes a new version: not this claim's to settle.
+#: An outcome applies to its message held under its claim's token only. A claim a server
+#: crash undid (claims commit without waiting for the WAL flush) leaves the row unclaimed,
+#: and the outcome refused: another worker runs the job again (``docs/design.md``). Applying it
+#: to the row still at the version its claim read (its ``xmin``) cut the jobs run twice in a
+#: crash test by about a quarter, and cost every job about a tenth of the drain rate (an
+#: ``OR`` in this statement and a column in the claim): withdrawn (``docs/performance.md``).
 #:
 #: A group member's ack carries its marker (``markers``: ``<group>@done:<message id>``, from
 #: ``tasks.middleware.canvas.GroupCallbacks``), and is written only while that marker is there.
@@ -408,18 +405,14 @@ CLAIM_BEFORE_PAUSES = CLAIM.replace(_NOT_PAUSED, "")
 #: claimed: its lease ends, the reaper puts it back, and it runs and passes again. (A crash
 #: that undid the claim undid the pass, which came after it: refused too, the message is
 #: back in the queue for any worker.)
-#: Whether message ``m`` is held by the claim of outcome ``a`` (see SETTLE's comment).
-_CLAIMED_BY_A = "(m.claim_token = a.token OR (m.claim_token IS NULL AND m.xmin::text::bigint = a.found))"
-
 _SETTLE_CTES = """
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(kinds)s::text[],
                          %(delays)s::bigint[], %(bodies)s::bytea[], %(errors)s::text[],
-                         %(results)s::jsonb[], %(started_ms)s::bigint[], %(markers)s::text[],
-                         %(found)s::bigint[])
-         AS t(id, token, kind, delay_ms, body, error, result, started_ms, marker, found)
+                         %(results)s::jsonb[], %(started_ms)s::bigint[], %(markers)s::text[])
+         AS t(id, token, kind, delay_ms, body, error, result, started_ms, marker)
 ), a AS (
-    SELECT t.id, t.token, t.delay_ms, t.body, t.error, t.result, t.marker, t.found,
+    SELECT t.id, t.token, t.delay_ms, t.body, t.error, t.result, t.marker,
            now() - make_interval(secs => coalesce(t.started_ms, 0) / 1000.0) AS started_at,
            CASE WHEN t.kind = 'retry' AND m.cancel_requested_at IS NOT NULL THEN 'cancel' ELSE t.kind END AS kind
     FROM t LEFT JOIN control_plane.messages AS m ON m.id = t.id AND m.claim_token = t.token
@@ -431,7 +424,7 @@ WITH t AS (
     FOR SHARE OF m
 ), gone AS (
     DELETE FROM control_plane.messages AS m USING a
-    WHERE a.kind NOT IN ('retry', 'start') AND m.id = a.id AND """ + _CLAIMED_BY_A + """
+    WHERE a.kind NOT IN ('retry', 'start') AND m.id = a.id AND m.claim_token = a.token
       -- a group member's ack, only while the pass it made is there (see _SETTLE_CTES)
       AND (a.marker IS NULL OR EXISTS (SELECT FROM control_plane.rate_limits AS g
                                        WHERE g.key = a.marker AND g.expires_at > now()))
@@ -440,7 +433,7 @@ WITH t AS (
     UPDATE control_plane.messages AS m
        SET claim_token = NULL, worker = NULL, lease_expires_at = NULL,
            eta = now() + make_interval(secs => a.delay_ms / 1000.0), body = a.body
-    FROM a WHERE a.kind = 'retry' AND m.id = a.id AND """ + _CLAIMED_BY_A + """
+    FROM a WHERE a.kind = 'retry' AND m.id = a.id AND m.claim_token = a.token
       -- re-checked on the row as it is once locked: a cancellation that committed while this
       -- statement waited for the row keeps it out of the queue (the settler, finding this retry
       -- not written, writes it again as a cancel)
@@ -455,7 +448,7 @@ WITH t AS (
            j.status = 'running' AS counted,
            CASE WHEN j.status = 'running' THEN j.worker ELSE %(worker)s END AS worker
     FROM a JOIN done ON done.id = a.id JOIN control_plane.jobs AS j ON j.id = a.id
-)"""  # noqa: S608 (joined from this module's constants only, no input)
+)"""
 
 _SETTLE_UPDATE = """
 UPDATE control_plane.jobs AS j

@@ -541,8 +541,6 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.ended_unstarted = False
         #: When a worker thread started it (monotonic seconds; 0: not started).
         self.started_mono = 0.0
-        #: The version of its row its claim found (the row's ``xmin``): see SETTLE.
-        self.found: int | None = None
         # The message's fields as the proxy's own attributes: Dramatiq and the
         # middleware read them a score of times per message, each time through
         # MessageProxy.__getattr__ otherwise. The message is frozen; options and
@@ -577,8 +575,6 @@ class _Outcome:
     maybe_written: bool = False
     #: A group member's marker, which its ack needs to find (``models.queries._SETTLE_CTES``).
     group_marker: str | None = None
-    #: The version of its message's row its claim found (``PgMessageProxy.found``).
-    found: int | None = None
 
 
 #: What a job's row must show for a result to be stored (``models.queries.RESULT_STORE``):
@@ -1509,7 +1505,6 @@ class _PostgresConsumer(dramatiq.Consumer):
                 body=encode_message(message._message),
                 error=message.error_text or _describe(message),
                 started_mono=message.started_mono,
-                found=message.found,
             )
         else:
             outcome = _Outcome(
@@ -1520,7 +1515,6 @@ class _PostgresConsumer(dramatiq.Consumer):
                 started_mono=message.started_mono,
                 stored_result=message.stored_result,
                 group_marker=getattr(message, "group_marker", None),
-                found=message.found,
             )
         self._hand_over(outcome)
 
@@ -1535,7 +1529,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         kind = "cancel" if isinstance(message._exception, Cancelled) else "nack"
         self._hand_over(
             _Outcome(kind, message.message_id, message.claim_token, error=error, started_mono=message.started_mono,
-                     stored_result=message.stored_result, found=message.found)
+                     stored_result=message.stored_result)
         )
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
@@ -1781,7 +1775,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             rows = cur.fetchall()
         malformed: list[tuple[str, DecodeError]] = []
         now_ms = current_millis()
-        for message_id, body, age_ms, found in rows:
+        for message_id, body, age_ms in rows:
             try:
                 message = Message.decode(bytes(body))
             except DecodeError as exc:
@@ -1789,7 +1783,6 @@ class _PostgresConsumer(dramatiq.Consumer):
                 continue
             proxy = PgMessageProxy(message, token)
             proxy.message_timestamp = now_ms - age_ms
-            proxy.found = found
             with self.state.lock:
                 earlier = self.state.inflight.get(message.message_id)
                 self.state.inflight[message.message_id] = proxy
@@ -2530,7 +2523,6 @@ def _settle_rows(
         "results": _text_array([o.result_json for o in rows]),
         "started_ms": _int_array([int((now - o.started_mono) * 1000) if o.started_mono else None for o in rows]),
         "markers": _text_array([o.group_marker for o in rows]),
-        "found": _int_array([o.found for o in rows]),
         "worker": broker.worker_id,
     }
     stored = [(o.message_id, o.stored_result) for o in rows if o.stored_result is not None]

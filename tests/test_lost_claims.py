@@ -19,15 +19,9 @@ from tests import actors
 from tests.support import claim_in_process, disagreements, job, query, reap_from_another_worker, settle_in_process
 
 
-def _undo_claims(db_url: str, *held: Any) -> None:
-    """What a server crash leaves of claims it undoes: the messages unclaimed, as before, the row
-    versions the claims read. (An UPDATE makes new versions: the ``held`` messages are told
-    theirs, as if their claims had read them.)"""
+def _undo_claims(db_url: str) -> None:
+    """What a server crash leaves of claims it undoes: the messages unclaimed, as before."""
     query(db_url, "UPDATE control_plane.messages SET claim_token = NULL, worker = NULL, lease_expires_at = NULL")
-    versions = {r["id"]: r["v"] for r in query(db_url, "SELECT id::text, xmin::text::bigint AS v FROM "
-                                                       "control_plane.messages")}  # fmt: skip
-    for proxy in held:
-        proxy.found = versions[proxy.message_id]
 
 
 def _claimed_by_another_worker(db_url: str, n: int) -> list[Any]:
@@ -52,42 +46,20 @@ def _messages(db_url: str) -> list[dict[str, Any]]:
     return query(db_url, "SELECT id::text, claim_token::text FROM control_plane.messages")
 
 
-@pytest.mark.parametrize("outcome", ["ack", "nack"])
-def test_the_outcome_of_a_job_whose_claim_a_crash_undid_is_written_and_it_does_not_run_again(
-    db_url: str, outcome: str
-) -> None:
+def test_the_outcome_of_a_claim_a_crash_undid_is_not_written_and_the_job_runs_again(db_url: str) -> None:
     # Given a job this worker ran, whose claim a server crash undid while it ran: its row back
-    # in the queue exactly as the claim found it
+    # in the queue as the claim found it (a rule writing outcomes to such rows, by the row's
+    # version, cost every job a tenth of the drain rate: withdrawn, docs/performance.md)
     sent = actors.noop.send("undone")
     consumer, held = claim_in_process()
     held.started = True
-    _undo_claims(db_url, held)
-    # When its outcome is written (before another worker claims it)
-    settle_in_process(consumer, held, outcome)
-    # Then it is, once: the job ended, out of the queue, for no other worker to run again
-    row = job(db_url, sent.message_id)
-    assert (row["status"], row["attempts"]) == ("completed" if outcome == "ack" else "failed", 1)
-    assert _messages(db_url) == []
-    assert _claimed_by_another_worker(db_url, 1) == []
-    assert disagreements(db_url) == []
-
-
-def test_a_retry_of_a_job_whose_claim_a_crash_undid_is_written_with_its_backoff(db_url: str) -> None:
-    # Given a job whose attempt failed here, its claim undone by a crash meanwhile
-    sent = actors.always_fails.send("undone")
-    consumer, held = claim_in_process()
-    held.started = True
-    _undo_claims(db_url, held)
-    # When its retry is written
-    held.error_text = "RuntimeError: failed on purpose: undone"
-    tasks.broker.enqueue(held, delay=60_000)  # (what Dramatiq's Retries does)
-    consumer.ack(held)
-    consumer._flush()
-    consumer.close()
-    # Then the job waits for its backoff, its attempt counted, and is not due now
-    row = job(db_url, sent.message_id)
-    assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 1, held.error_text)
-    assert _claimed_by_another_worker(db_url, 1) == []
+    _undo_claims(db_url)
+    # When its outcome is written
+    settle_in_process(consumer, held, "ack")
+    # Then it is refused, and the job runs again on the next worker (at least once)
+    assert job(db_url, sent.message_id)["status"] == "pending"
+    assert [p.message_id for p in _claimed_by_another_worker(db_url, 1)] == [sent.message_id]
+    assert job(db_url, sent.message_id)["status"] == "completed"
     assert disagreements(db_url) == []
 
 
@@ -100,7 +72,7 @@ def test_the_outcome_of_a_claim_whose_message_changed_since_is_not_written(db_ur
     consumer, held = claim_in_process()
     held.started = True
     if since == "taken and sent again":
-        _undo_claims(db_url, held)
+        _undo_claims(db_url)
         assert [p.message_id for p in _claimed_by_another_worker(db_url, 1)] == [sent.message_id]
     if since == "put back by the reaper":
         query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 second'")
@@ -149,7 +121,7 @@ def test_a_group_members_ack_whose_claim_and_pass_a_crash_undid_is_not_written(d
     barrier = held.options["group_completion_uuid"]
     query(db_url, "DELETE FROM control_plane.rate_limits WHERE key LIKE '%%@done:%%'")
     query(db_url, "UPDATE control_plane.rate_limits SET value = 2 WHERE key = %s", (barrier,))
-    _undo_claims(db_url, held)
+    _undo_claims(db_url)
     # When its ack is written
     settle_in_process(consumer, held, "ack")
     # Then it is refused: the member waits in the queue to run and be counted again (written, it
