@@ -155,6 +155,11 @@ def _postgres(broker: dramatiq.Broker) -> TypeGuard[PostgresBroker]:
     return isinstance(broker, PostgresBroker)
 
 
+def _group_marker(group: str, message_id: str) -> str:
+    """A group member's marker row (``control_plane.rate_limits``): counted on its barrier."""
+    return f"{group}@done:{message_id}"
+
+
 def _this_runs_send(cur: Any, step_id: str, next_id: str) -> tuple[str, bool]:
     """This run of the pipeline step ``step_id`` (its marker: its id and its attempts when it was
     last sent; a re-sent finished step, a pipeline run again, starts a new run, a redelivery does
@@ -197,7 +202,7 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
         # Its ack is written only while this marker is there: a pass (committed without the WAL
         # flush) that a server crash undid while the claim held is not taken for done.
         with contextlib.suppress(AttributeError):  # (a bare Message, frozen: no ack to write)
-            message.group_marker = f"{group}@done:{message.message_id}"
+            message.group_marker = _group_marker(group, message.message_id)
 
     def _pass(self, conn: Any, message: Any, group: str, prepare: bool) -> bool:
         """Count ``message`` on its group's barrier in one statement, unless it may be the last
@@ -223,7 +228,7 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
         connection (the last party's pass is in a transaction: plain)."""
         with conn.cursor() as cur:
             # The child's marker lives the barrier's TTL from now: a redelivery comes within a lease.
-            _CHILD_PASS.execute(cur, {"marker": f"{group}@done:{message.message_id}", "key": group,
+            _CHILD_PASS.execute(cur, {"marker": _group_marker(group, message.message_id), "key": group,
                                       "ttl_ms": self.barrier_ttl, "last": last}, prepare=prepare)  # fmt: skip
             counted, before, _ = cur.fetchone()
         if counted and before is None:
