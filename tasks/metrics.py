@@ -214,7 +214,7 @@ def forget_dead_processes(path: str) -> list[int]:
 
     from prometheus_client import multiprocess
 
-    dead = []
+    dead: set[int] = set()
     for name in os.listdir(path) if os.path.isdir(path) else ():
         found = re.fullmatch(r"gauge_live\w*?_(\d+)\.db", name)
         if found is None:
@@ -223,13 +223,12 @@ def forget_dead_processes(path: str) -> list[int]:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            if pid not in dead:
-                dead.append(pid)
+            dead.add(pid)  # (one file per live gauge mode)
         except PermissionError:
             pass  # alive, another user's
     for pid in dead:
         multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
-    return dead
+    return sorted(dead)
 
 
 def serve_worker_metrics() -> int:
