@@ -57,7 +57,7 @@ from models import queries
 from tasks import db
 from tasks.embedded import EmbeddedServerError
 from tasks.errors import Cancelled, NotSerializable
-from tasks.middleware.option_checks import check_message_options, check_queue_name
+from tasks.middleware.option_checks import check_follow_ups, check_message_options, check_queue_name
 from tasks.middleware.unique_keys import unique_key_of
 from tasks.prepared import Statement
 from tasks.redaction import storable_text
@@ -1220,7 +1220,10 @@ class PostgresBroker(dramatiq.Broker):
             bodies.append(_body_text(message))
             sent.append(message)
             if "pipe_target" in options and queries.PIPE_SENT_BY not in options:
+                check_follow_ups(options, message.actor_name)
                 first_steps.append(message)  # a pipeline run (again), not a step sent by the one before
+            elif "group_completion_callbacks" in options:
+                check_follow_ups(options, message.actor_name)
         size = sum(map(len, bodies))
         if size > MAX_BATCH_CHARS:
             raise ValueError(

@@ -71,6 +71,18 @@ class WorkerLost(SkipMessage):
     itself, and stores a ``WorkerLost`` failure as its result the same way)."""
 
 
+class FollowUpNotSent(TaskError):
+    """A job ran, but what was to follow it could not be sent: its pipeline's next step, or its
+    count on its group's barrier (with the group's completion callbacks, when it is the last).
+
+    Its job ends ``failed`` with this error instead of ``completed``, so that ``control_plane.jobs``
+    shows the pipeline or group that stopped there; ``retry_job`` runs the job again, and what
+    follows it with it (:mod:`tasks.middleware.canvas`). Not retried by itself: what reaches it is
+    no outage nor deadlock (those are tried again for up to ten minutes) but a fault a retry
+    would meet again.
+    """
+
+
 class NotSerializable(TypeError):
     """Arguments of a message cannot be encoded as JSON; nothing was enqueued."""
 

@@ -29,6 +29,7 @@ from tests.support import (
     at_once,
     claim_in_process,
     job,
+    jobs_in,
     query,
     reap_from_another_worker,
     running_worker,
@@ -311,19 +312,94 @@ def test_a_pipeline_sent_in_a_transaction_leaves_the_transaction_as_it_was(db_ur
     assert job(db_url, chain.messages[0].message_id)["status"] == "pending"
 
 
-def test_a_result_the_next_step_cannot_take_fails_the_pipelines_result_at_once(db_url: str) -> None:
+def test_a_step_whose_result_the_next_step_cannot_take_fails_and_its_pipelines_caller_hears_it_at_once(
+    db_url: str, tmp_path: Path
+) -> None:
     # Given a pipeline of three whose first step returns a string with a NUL (PostgreSQL cannot hold it)
-    chain = pipeline([actors.noop.message("a"), actors.noop.message(), actors.noop.message()])
-    chain.run()
-    consumer, first = claim_in_process()
-    # When its pipelines hook tries to send the result on
-    with pytest.raises(TypeError, match="NUL"):
-        middleware(Pipelines).after_process_message(tasks.broker, first, result="a\x00b")
-    settle_in_process(consumer, first, "ack")
-    # Then the caller of the pipeline's result hears why at once, instead of waiting out its timeout
-    with pytest.raises(ResultFailure, match=r"pipeline stopped before tests\.noop") as failure:
-        chain.get_result(block=True, timeout=5_000)
-    assert failure.value.orig_exc_type == "NotSerializable"
+    chain = pipeline([actors.returns_awkward.message("nul"), actors.noop.message(), actors.noop.message()])
+    first, second = chain.messages[0].message_id, chain.messages[1].message_id
+    # When a worker runs it
+    with running_worker(db_url, tmp_path):
+        chain.run()
+        # Then the caller of the pipeline's result hears why at once, instead of waiting out its timeout
+        with pytest.raises(ResultFailure) as failure:
+            chain.get_result(block=True, timeout=60_000)
+        wait_for(lambda: job(db_url, first)["status"] != "running", what="the first step's outcome")
+    assert failure.value.orig_exc_type == "FollowUpNotSent"
+    assert f"the pipeline stopped at tests.returns_awkward (job {first}): the job ran, but its pipeline's next " \
+           f"step (tests.noop, job {second}) could not be sent: NotSerializable:" in str(failure.value)  # fmt: skip
+    # And the step is failed, not completed, saying why (Dramatiq's hook logged it and acked the job)
+    step = job(db_url, first)
+    assert step["status"] == "failed", step
+    assert step["last_error"].startswith(
+        f"FollowUpNotSent: the job ran, but its pipeline's next step (tests.noop, job {second}) could not be sent: "
+        "NotSerializable:"
+    ), step["last_error"]
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.noop'") == [{"n": 0}]
+
+
+@pytest.mark.parametrize(
+    ("later", "named"),
+    [
+        ({"time_limit": "100"}, r"its pipeline's step 2 \('tests\.noop'\): the time_limit option"),
+        ({"delay": 10**13}, r"its pipeline's step 2 \('tests\.noop'\): the delay option"),
+        ({"throws": "ValueError"}, r"its pipeline's step 2 \('tests\.noop'\): a message cannot carry the throws"),
+    ],
+)
+def test_a_pipeline_whose_later_step_a_worker_could_not_send_is_refused_when_sent(
+    db_url: str, later: dict[str, Any], named: str
+) -> None:
+    from tasks.errors import InvalidOption
+
+    # When a pipeline is sent whose second step has an option its worker could not send it with
+    chain = pipeline([actors.noop.message(1), actors.noop.message_with_options(**later), actors.noop.message()])
+    # Then its caller hears which step and which option, at the send, and nothing was stored
+    with pytest.raises(InvalidOption, match=f"cannot send to actor 'tests.noop': {named}"):
+        chain.run()
+    # (its third step, and a group's callback, the same: every step a worker would send)
+    third = pipeline([actors.noop.message(1), actors.noop.message(), actors.noop.message_with_options(max_age=-1)])
+    with pytest.raises(InvalidOption, match=r"its pipeline's step 3 \('tests\.noop'\): the max_age option"):
+        third.run()
+    members = group([actors.noop.message(i) for i in range(2)])
+    members.add_completion_callback(actors.group_done.message_with_options(args=("x",), max_retries="two"))
+    callback = r"its group's completion callback \('tests\.group_done'\): the max_retries option"
+    with pytest.raises(InvalidOption, match=callback):
+        members.run()
+    # (Dramatiq's group.run writes its barrier before its first send: that row alone stays, until its TTL)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+
+
+def test_a_group_member_that_cannot_send_its_groups_callback_fails_saying_so_and_the_others_complete(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a group of two whose completion callback has an option no worker can send it with
+    # (in bodies a release before the send's check stored)
+    members = group([actors.noop.message(i) for i in range(2)])
+    members.add_completion_callback(actors.group_done.message("never"))
+    with tasks.enqueue_in(conn := psycopg2.connect(db_url)):
+        members.run()
+        with conn.cursor() as cur:
+            cur.execute("""UPDATE control_plane.messages SET body = convert_to(jsonb_set(
+                               convert_from(body, 'UTF8')::jsonb,
+                               '{options,group_completion_callbacks,0,options,time_limit}', '"100"')::text, 'UTF8')""")
+    conn.commit()
+    conn.close()
+    ids = [m.message_id for m in members.children]  # type: ignore[union-attr]
+    group_id = queued(db_url, "tests.noop")[0].options["group_completion_uuid"]
+    # When a worker runs them
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: jobs_in(db_url, ids, "completed", "failed"), what="both members' outcomes")
+    # Then the member that was to send the callback is failed, naming its group and why, not completed
+    rows = {r["status"]: r for r in query(db_url, "SELECT status, last_error FROM control_plane.jobs "
+                                                  "WHERE id = ANY(%s::uuid[])", (ids,))}  # fmt: skip
+    assert sorted(rows) == ["completed", "failed"], rows
+    assert rows["failed"]["last_error"].startswith(
+        f"FollowUpNotSent: the job ran, but it could not be counted in its group {group_id}, whose "
+        "completion callbacks wait for it: InvalidOption: cannot send to actor 'tests.group_done': the time_limit"
+    ), rows["failed"]["last_error"]
+    # And no callback ran, and no job is left running
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE status NOT IN ('completed', 'failed')"
+                         " OR type = 'tests.group_done'") == [{"n": 0}]  # fmt: skip
 
 
 def test_a_step_that_fails_for_good_fails_the_pipelines_result_at_once_naming_the_step(
@@ -651,10 +727,11 @@ def test_a_lost_message_whose_body_is_not_utf8_json_does_not_stop_the_reaper(db_
 
 def test_a_pipe_target_id_that_is_not_a_uuid_does_not_stop_the_reaper(db_url: str) -> None:
     # Given two lost jobs on their last attempt, one whose options name a next step by an id of
-    # uuid-like characters that is no uuid
-    bad = actors.noop.send_with_options(args=(1,), max_attempts=1,
-                                        pipe_target={"message_id": "0123456789abcdef0123456789abcdef----"})  # fmt: skip
+    # uuid-like characters that is no uuid (written by hand: a send refuses a next step that is no message)
+    bad = actors.noop.send_with_options(args=(1,), max_attempts=1)
     plain = actors.noop.send_with_options(args=(2,), max_attempts=1)
+    query(db_url, """UPDATE control_plane.jobs SET options = options || '{"pipe_target": {"message_id":
+                         "0123456789abcdef0123456789abcdef----"}}' WHERE id = %s""", (bad.message_id,))  # fmt: skip
     consumer = tasks.broker.consume("default", prefetch=2, timeout=5000)
     assert {next(consumer).message_id for _ in range(2)} == {bad.message_id, plain.message_id}
     query(db_url, "UPDATE control_plane.jobs SET status = 'running', attempts = 1")

@@ -21,9 +21,16 @@ pipeline run again, its finished steps re-sent under their ids, is a new run). E
 commits with its sends, or neither happens. A hook's failure is not redelivered
 (the message is acknowledged after its hooks whatever they raise), so a
 deadlock is tried again here, three times, and a database out of reach (a
-restart, a crash's recovery) for up to ten minutes; past that the failure is
-logged, and the group's callbacks or the pipeline's next step are not sent, as
-with Dramatiq's own hooks. A barrier gone before its last child
+restart, a crash's recovery) for up to ten minutes. Past that, or on any other
+failure (a next step or a callback that cannot be sent: a result JSON cannot hold,
+an option stored by a release that did not check it, a ``before_enqueue`` hook that
+raises), the job ends ``failed`` with a ``FollowUpNotSent`` error that says what was
+not sent and why, and a pipeline's caller hears it at once; Dramatiq's hooks logged
+it and the job was ``completed``, the pipeline or group stopped with nothing an
+operator queries saying so. ``retry_job`` runs the job again, and its hook. A
+pipeline's later steps and a group's callbacks are checked when the pipeline or
+group is sent (``check_follow_ups``), so most such faults are the caller's error
+at the send. A barrier gone before its last child
 (expired: children retried past ``barrier_ttl``) sends no callback, and says so,
 where Dramatiq's fired it at the next child and again at each one after. A
 pipeline step redelivered after its next step's job was pruned (days later)
@@ -33,8 +40,9 @@ attempt, is marked ``completed`` by the reaper, not failed (``REAP`` in
 
 A pipeline step whose result cannot be sent on (JSON or PostgreSQL cannot hold
 it) breaks the chain: Dramatiq logged it and the caller of
-``pipeline.get_result`` waited out its timeout. Its last message's result is
-now a ``NotSerializable`` failure saying so. So with a step that fails for good
+``pipeline.get_result`` waited out its timeout. The step now fails, as above, and
+its caller hears why (under another broker, the last message's result is a
+``NotSerializable`` failure saying so). So with a step that fails for good
 (its last attempt raised, ran past its time limit, was cancelled, skipped by
 ``max_age``, or its worker was lost): the rest of the pipeline never runs, and
 its caller hears the step's failure at once, as a Celery chain's caller does,
@@ -61,7 +69,7 @@ from dramatiq.results import Results
 
 from models import queries
 from tasks import db
-from tasks.errors import NotSerializable
+from tasks.errors import FollowUpNotSent, NotSerializable
 from tasks.middleware.jobs_mirror import describe_error
 from tasks.prepared import Statement
 from tasks.redaction import persistable
@@ -149,6 +157,23 @@ def _went_on(message: Any) -> None:
         message.stored_result = None
 
 
+def _follow_up_failed(broker: dramatiq.Broker, message: Any, what: str, exc: Exception) -> None:
+    """The job ``message`` ran, but ``what`` (its pipeline's next step, its count on its group's
+    barrier) failed past its hook's tries: the job ends ``failed`` with a :class:`FollowUpNotSent`
+    saying so, its result that failure, and a pipeline's caller hears it (``before_nack``).
+
+    Dramatiq logs a hook's exception and acknowledges the message: the job was ``completed``,
+    its pipeline stopped or its group's callbacks never sent, and nothing an operator queries
+    said so. ``retry_job`` of the failed job runs it again, and its hook with it."""
+    if not hasattr(message, "fail"):
+        raise exc  # a bare Message (no delivery: nothing to fail)
+    failure = FollowUpNotSent(f"the job ran, but {what}: {describe_error(exc, message, broker)}")
+    message.stuff_exception(failure)
+    message.error_text = describe_error(failure, message, broker)
+    message.fail()
+    logger.error("%s", message.error_text)
+
+
 def _postgres(broker: dramatiq.Broker) -> TypeGuard[PostgresBroker]:
     from tasks.broker import PostgresBroker
 
@@ -187,18 +212,24 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
         if exception is not None or not (group and callbacks) or not _postgres(broker):
             super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
             return
-        if getattr(message, "stored_result", None) is not None:
-            # Committed before the child is counted: a child counted is completed by the
-            # reaper if its worker dies, and its result must not have died with the worker.
-            _in_one_transaction(broker, lambda conn: _store_its_result(conn, message))
-            _went_on(message)
-        # Every child but the last passes in one statement of its own: all of them take the
-        # barrier's row lock, and holding it across the client's COMMIT (with the worker's
-        # other threads holding the GIL) made a group with a callback drain at a ninth of the
-        # rate of one without. One that may be the last is counted with its callbacks' sends.
-        prepare = broker.settings.prepared_statements
-        if not _in_one_transaction(broker, lambda conn: self._pass(conn, message, group, prepare), one_statement=True):
-            _in_one_transaction(broker, lambda conn: self._pass_last(broker, conn, message, group, callbacks))
+        try:
+            if getattr(message, "stored_result", None) is not None:
+                # Committed before the child is counted: a child counted is completed by the
+                # reaper if its worker dies, and its result must not have died with the worker.
+                _in_one_transaction(broker, lambda conn: _store_its_result(conn, message))
+                _went_on(message)
+            # Every child but the last passes in one statement of its own: all of them take the
+            # barrier's row lock, and holding it across the client's COMMIT (with the worker's
+            # other threads holding the GIL) made a group with a callback drain at a ninth of the
+            # rate of one without. One that may be the last is counted with its callbacks' sends.
+            prepare = broker.settings.prepared_statements
+            if not _in_one_transaction(broker, lambda conn: self._pass(conn, message, group, prepare),
+                                       one_statement=True):  # fmt: skip
+                _in_one_transaction(broker, lambda conn: self._pass_last(broker, conn, message, group, callbacks))
+        except Exception as exc:
+            _follow_up_failed(broker, message, f"it could not be counted in its group {group}, whose completion "
+                                               "callbacks wait for it", exc)  # fmt: skip
+            return
         # Its ack is written only while this marker is there: a pass (committed without the WAL
         # flush) that a server crash undid while the claim held is not taken for done.
         with contextlib.suppress(AttributeError):  # (a bare Message, frozen: no ack to write)
@@ -263,11 +294,15 @@ class Pipelines(dramatiq_pipelines.Pipelines):
         )
         if not pipe_ignore:
             next_message = next_message.copy(args=(*next_message.args, result))
-        try:
-            if _postgres(broker):
+        if _postgres(broker):
+            try:
                 self._send_once(broker, message, next_message)
-            else:
-                broker.enqueue(next_message, delay=next_message.options.get("delay"))
+            except Exception as exc:  # (its caller is told by before_nack, as of any step that failed)
+                _follow_up_failed(broker, message, f"its pipeline's next step ({next_message.actor_name}, job "
+                                                   f"{next_message.message_id}) could not be sent", exc)  # fmt: skip
+            return
+        try:
+            broker.enqueue(next_message, delay=next_message.options.get("delay"))
         except NotSerializable as exc:
             self._fail_the_pipeline(broker, next_message, exc)
             raise

@@ -20,7 +20,10 @@ from the code that gave it:
 :class:`OptionChecks` refuses such an actor when it is declared (at import),
 and :func:`check_message_options` such a message when it is sent (the Postgres
 broker calls it; under another broker :class:`SendOptionChecks` does), with
-:class:`tasks.errors.InvalidOption` naming the option.
+:class:`tasks.errors.InvalidOption` naming the option. :func:`check_follow_ups`
+does the same at that send for what a worker sends after the job: a pipeline's
+later steps and a group's completion callbacks (a bad one failed the job that was
+to send it, far from the code that built the pipeline).
 """
 
 from __future__ import annotations
@@ -130,6 +133,42 @@ def check_message_options(options: dict[str, Any], actor_name: str) -> None:
         _check(options, f"cannot send to actor {actor_name!r}", message=True)
 
 
+def check_follow_ups(options: dict[str, Any], actor_name: str) -> None:
+    """Refuse a message whose pipeline's later steps or group's completion callbacks a worker
+    could not send: their queue names, options and delays are checked here, at the caller's
+    send, as the message's own are. (Sent by a worker's hook after the job ran, such a step
+    failed there: the job ended ``failed``, with ``FollowUpNotSent``, the pipeline or the
+    group stopped.) Dramatiq writes them into the message's options as plain dicts."""
+    whose = f"cannot send to actor {actor_name!r}"
+    _check_callbacks(options, whose)
+    target, step = options.get("pipe_target"), 2
+    while isinstance(target, dict):
+        step_options = _check_follow_up(target, f"{whose}: its pipeline's step {step}")
+        _check_callbacks(step_options, whose)
+        target, step = step_options.get("pipe_target"), step + 1
+
+
+def _check_callbacks(options: dict[str, Any], whose: str) -> None:
+    for callback in options.get("group_completion_callbacks") or ():
+        if isinstance(callback, dict):
+            _check_follow_up(callback, f"{whose}: its group's completion callback")
+
+
+def _check_follow_up(message: dict[str, Any], what: str) -> dict[str, Any]:
+    """Check a message Dramatiq keeps as a dict (a later step, a callback); its options."""
+    whose = f"{what} ({message.get('actor_name')!r})"
+    check_queue_name(message.get("queue_name"), f"{whose}: ")
+    options = message.get("options") or {}
+    if not isinstance(options, dict):
+        raise InvalidOption(f"{whose}: its options must be a dict, not {options!r}")
+    _check(options, whose, message=True)
+    delay = options.get("delay")
+    if delay is not None and not (_number(delay) and 0 <= delay <= MAX_DELAY_MS):
+        raise InvalidOption(f"{whose}: the delay option must be a number of milliseconds from 0 to {MAX_DELAY_MS}, "
+                            f"not {delay!r}")  # fmt: skip
+    return options
+
+
 class OptionChecks(Middleware):
     """Refuses, when it is declared, an actor whose name, queue, priority or options its
     workers could not use."""
@@ -158,3 +197,5 @@ class SendOptionChecks(OptionChecks):
         if "retries" in options or ("eta" in options and delay is None):
             return
         check_message_options(options, message.actor_name)
+        if "pipe_target" in options or "group_completion_callbacks" in options:
+            check_follow_ups(options, message.actor_name)
