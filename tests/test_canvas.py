@@ -316,7 +316,12 @@ def test_a_step_whose_result_the_next_step_cannot_take_fails_and_its_pipelines_c
     db_url: str, tmp_path: Path
 ) -> None:
     # Given a pipeline of three whose first step returns a string with a NUL (PostgreSQL cannot hold it)
-    chain = pipeline([actors.returns_awkward.message("nul"), actors.noop.message(), actors.noop.message()])
+    # (and an on_final_failure hook)
+    chain = pipeline([
+        actors.returns_awkward.message_with_options(args=("nul",), on_final_failure="tests.callback_sink"),
+        actors.noop.message(),
+        actors.noop.message(),
+    ])  # fmt: skip
     first, second = chain.messages[0].message_id, chain.messages[1].message_id
     # When a worker runs it
     with running_worker(db_url, tmp_path):
@@ -336,6 +341,10 @@ def test_a_step_whose_result_the_next_step_cannot_take_fails_and_its_pipelines_c
         "NotSerializable:"
     ), step["last_error"]
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.noop'") == [{"n": 0}]
+    # And its on_final_failure hook was sent, as for a job whose retries are spent
+    (hook,) = query(db_url, "SELECT payload FROM control_plane.jobs WHERE type = 'tests.callback_sink'")
+    assert hook["payload"]["args"][0]["message_id"] == first
+    assert hook["payload"]["args"][1]["type"] == "FollowUpNotSent", hook
 
 
 @pytest.mark.parametrize(
@@ -367,6 +376,23 @@ def test_a_pipeline_whose_later_step_a_worker_could_not_send_is_refused_when_sen
         members.run()
     # (Dramatiq's group.run writes its barrier before its first send: that row alone stays, until its TTL)
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+
+
+def test_a_pipeline_or_group_whose_later_delays_a_worker_sends_with_is_not_refused(db_url: str, tmp_path: Path) -> None:
+    # Given a pipeline whose second step's delay was computed from a deadline already past (negative:
+    # the worker's send clamps it to 0, as a message's own delay is), and a group whose callback
+    # carries a delay (the worker's send of a callback never reads it: Dramatiq's neither)
+    chain = pipeline([actors.noop.message(1), actors.noop.message_with_options(delay=-250), actors.noop.message()])
+    members = group([actors.noop.message(i) for i in range(2)])
+    members.add_completion_callback(actors.group_done.message_with_options(args=("late",), delay=-1))
+    # When they are sent, then run
+    chain.run()
+    members.run()
+    with running_worker(db_url, tmp_path):
+        # Then both go through, as they did before their later steps were checked at the send
+        assert chain.get_result(block=True, timeout=60_000) == 1
+        wait_for(lambda: query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.group_done'"
+                                       " AND status = 'completed'") == [{"n": 1}], what="the group's callback")
 
 
 def test_a_group_member_that_cannot_send_its_groups_callback_fails_saying_so_and_the_others_complete(
@@ -802,6 +828,20 @@ def test_a_hooks_deadlock_is_tried_three_times_once_is_tried_again_and_another_e
 
     calls, _, exc = _tried(monkeypatch, bad)
     assert isinstance(exc, psycopg2.errors.DivisionByZero) and calls == 1
+
+
+@pytest.mark.parametrize("sqlstate", ["55P03", "57014"])  # lock_timeout, statement_timeout
+def test_a_hook_that_gave_up_waiting_for_a_lock_is_tried_again_as_a_deadlock_is(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, sqlstate: str
+) -> None:
+    # (a role's lock_timeout behind a barrier's row lock held a second failed every member that waited)
+    def timed_out(conn: Any, n: int) -> None:
+        if n == 1:
+            with conn.cursor() as cur:
+                cur.execute(f"DO $$ BEGIN RAISE EXCEPTION 'gave up' USING ERRCODE = '{sqlstate}'; END $$")
+
+    calls, _, exc = _tried(monkeypatch, timed_out)
+    assert exc is None and calls == 2
 
 
 def test_a_hook_waits_out_an_outage_at_most_five_seconds_at_a_time_and_gives_up_at_its_deadline(

@@ -24,10 +24,11 @@ deadlock is tried again here, three times, and a database out of reach (a
 restart, a crash's recovery) for up to ten minutes. Past that, or on any other
 failure (a next step or a callback that cannot be sent: a result JSON cannot hold,
 an option stored by a release that did not check it, a ``before_enqueue`` hook that
-raises), the job ends ``failed`` with a ``FollowUpNotSent`` error that says what was
+refuses it with a ``MiddlewareError``), the job ends ``failed`` with a ``FollowUpNotSent`` error that says what was
 not sent and why, and a pipeline's caller hears it at once; Dramatiq's hooks logged
 it and the job was ``completed``, the pipeline or group stopped with nothing an
-operator queries saying so. ``retry_job`` runs the job again, and its hook. A
+operator queries saying so. Its ``on_final_failure`` hook is sent (not ``on_failure``: its
+actor returned). ``retry_job`` runs the job again, and its hook. A
 pipeline's later steps and a group's callbacks are checked when the pipeline or
 group is sent (``check_follow_ups``), so most such faults are the caller's error
 at the send. A barrier gone before its last child
@@ -89,9 +90,13 @@ PIPE_SENT_BY = queries.PIPE_SENT_BY
 #: about four times as long planning this statement as running it (0.5 against 0.14 ms).
 _CHILD_PASS = Statement("control_plane_child_pass", queries.CHILD_PASS)
 
-#: Tries of a hook's transaction that the server rolled back (a deadlock): its failure cannot be
+#: Tries of a hook's transaction that the server rolled back (a deadlock), or whose wait for a lock
+#: timed out: its failure cannot be
 #: retried by redelivery (the message is acked after its hooks whatever they raise).
 TRIES = 3
+#: A hook's statement that gave up waiting (a ``lock_timeout`` or ``statement_timeout`` of the
+#: role's or the server's, behind a barrier's row lock held long): tried again as a deadlock is.
+_GIVEN_UP_WAITING = (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled)
 #: How long a hook's transaction is tried again while the database cannot be reached (a restart,
 #: a crash's recovery, a failover), as the settler tries its outcomes: three tries in 0.6 s lost
 #: the group's callbacks or the pipeline's next steps at any restart, their jobs ``completed``
@@ -122,7 +127,7 @@ def _in_one_transaction(broker: Any, work: Callable[[Any], T], *, one_statement:
                     raise
                 logger.warning("%s; trying again (try %d, for %.0f s more)", db.loggable_error(exc), attempt + 1,
                                max(deadline - time.monotonic(), 0))  # fmt: skip
-            elif db.is_transient(exc) and attempt < TRIES:
+            elif (db.is_transient(exc) or isinstance(exc, _GIVEN_UP_WAITING)) and attempt < TRIES:
                 logger.warning("%s; trying again (%d of %d)", db.loggable_error(exc), attempt + 1, TRIES)
             else:
                 raise
@@ -165,13 +170,25 @@ def _follow_up_failed(broker: dramatiq.Broker, message: Any, what: str, exc: Exc
     Dramatiq logs a hook's exception and acknowledges the message: the job was ``completed``,
     its pipeline stopped or its group's callbacks never sent, and nothing an operator queries
     said so. ``retry_job`` of the failed job runs it again, and its hook with it."""
+    from tasks.middleware.retries import Retries
+
     if not hasattr(message, "fail"):
         raise exc  # a bare Message (no delivery: nothing to fail)
-    failure = FollowUpNotSent(f"the job ran, but {what}: {describe_error(exc, message, broker)}")
+    # (a database error's str() quotes the statement's parameters and the server's DETAIL)
+    cause = db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else describe_error(exc, message, broker)
+    failure = FollowUpNotSent(f"the job ran, but {what}: {cause}")
     message.stuff_exception(failure)
     message.error_text = describe_error(failure, message, broker)
     message.fail()
     logger.error("%s", message.error_text)
+    # It failed for good: its on_final_failure hook is sent, as for a job whose retries are spent
+    # (not on_failure, Dramatiq's hook of an attempt that raised: this one's actor returned).
+    for middleware in broker.middleware:
+        if isinstance(middleware, Retries):
+            try:
+                middleware.send_final_failure(broker, message, failure)
+            except Exception as send_error:
+                logger.error("its on_final_failure hook could not be sent: %s", db.loggable_error(send_error))
 
 
 def _postgres(broker: dramatiq.Broker) -> TypeGuard[PostgresBroker]:

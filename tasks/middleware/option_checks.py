@@ -151,20 +151,23 @@ def check_follow_ups(options: dict[str, Any], actor_name: str) -> None:
 def _check_callbacks(options: dict[str, Any], whose: str) -> None:
     for callback in options.get("group_completion_callbacks") or ():
         if isinstance(callback, dict):
-            _check_follow_up(callback, f"{whose}: its group's completion callback")
+            # (its delay is not checked: the worker's send of a callback does not read it, nor Dramatiq's)
+            _check_follow_up(callback, f"{whose}: its group's completion callback", delayed=False)
 
 
-def _check_follow_up(message: dict[str, Any], what: str) -> dict[str, Any]:
-    """Check a message Dramatiq keeps as a dict (a later step, a callback); its options."""
+def _check_follow_up(message: dict[str, Any], what: str, *, delayed: bool = True) -> dict[str, Any]:
+    """Check a message Dramatiq keeps as a dict (a later step, a callback); its options, and
+    with ``delayed`` the delay a worker sends it with (a negative one is sent at once, as a
+    message's own: refused only past the longest delay a send takes)."""
     whose = f"{what} ({message.get('actor_name')!r})"
     check_queue_name(message.get("queue_name"), f"{whose}: ")
     options = message.get("options") or {}
     if not isinstance(options, dict):
         raise InvalidOption(f"{whose}: its options must be a dict, not {options!r}")
     _check(options, whose, message=True)
-    delay = options.get("delay")
-    if delay is not None and not (_number(delay) and 0 <= delay <= MAX_DELAY_MS):
-        raise InvalidOption(f"{whose}: the delay option must be a number of milliseconds from 0 to {MAX_DELAY_MS}, "
+    delay = options.get("delay") if delayed else None
+    if delay is not None and not (_number(delay) and delay <= MAX_DELAY_MS):
+        raise InvalidOption(f"{whose}: the delay option must be a number of milliseconds up to {MAX_DELAY_MS}, "
                             f"not {delay!r}")  # fmt: skip
     return options
 

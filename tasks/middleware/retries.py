@@ -220,12 +220,16 @@ class Retries(dramatiq_retries.Retries):
                     broker, message, result=result, exception=self._waiting_at_least(broker, message, exception)
                 )
         if message.failed:
-            from tasks.middleware.jobs_mirror import describe_failure
+            self.send_final_failure(broker, message, exception)
 
-            target = hook_target(broker, message, "on_final_failure")
-            if target:
-                failure = describe_failure(exception, message, broker)
-                broker.get_actor(target).send(*self._final_failure_args(message, failure))
+    def send_final_failure(self, broker: dramatiq.Broker, message: Any, exception: BaseException) -> None:
+        """Send ``message``'s ``on_final_failure`` hook, if it has one: it failed for good with ``exception``."""
+        from tasks.middleware.jobs_mirror import describe_failure
+
+        target = hook_target(broker, message, "on_final_failure")
+        if target:
+            failure = describe_failure(exception, message, broker)
+            broker.get_actor(target).send(*self._final_failure_args(message, failure))
 
     def _waiting_at_least(self, broker: dramatiq.Broker, message: Any, exception: BaseException) -> BaseException:
         """``exception``, or for a ``TransientError`` with a ``retry_after`` (a service's
