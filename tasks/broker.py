@@ -57,7 +57,7 @@ from models import queries
 from tasks import db
 from tasks.embedded import EmbeddedServerError
 from tasks.errors import Cancelled, NotSerializable
-from tasks.middleware.option_checks import check_follow_ups, check_message_options, check_queue_name
+from tasks.middleware.option_checks import check_eta, check_follow_ups, check_message_options, check_queue_name
 from tasks.middleware.unique_keys import unique_key_of
 from tasks.prepared import Statement
 from tasks.redaction import storable_text
@@ -1190,6 +1190,8 @@ class PostgresBroker(dramatiq.Broker):
             # caller's message and the copies it makes later.
             options = dict(message.options)
             eta_ms = options.pop("eta", None)
+            if eta_ms is not None:
+                check_eta(eta_ms, message.actor_name)
             message = _copy_message(message, queue_name, options)
             if before:
                 self._call(before, "before_enqueue", message, delay)

@@ -347,6 +347,32 @@ def test_a_step_whose_result_the_next_step_cannot_take_fails_and_its_pipelines_c
     assert hook["payload"]["args"][1]["type"] == "FollowUpNotSent", hook
 
 
+def test_a_step_whose_next_step_is_a_duplicate_of_a_live_keyed_job_fails_and_its_pipelines_caller_hears_it(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a live job (delayed) holding the unique key of tests.keyed_sink's actor
+    holder = actors.keyed_sink.send_with_options(args=("m", "i"), delay=600_000)
+    # And a pipeline whose second step is a message of that actor
+    chain = pipeline([actors.noop.message("a"), actors.keyed_sink.message("m"), actors.noop.message()])
+    first, second = chain.messages[0].message_id, chain.messages[1].message_id
+    # When a worker runs it
+    with running_worker(db_url, tmp_path):
+        chain.run()
+        # Then the caller hears at once that the pipeline stopped, and why (it waited out its
+        # timeout: the second step became the holder, which is no step of the pipeline)
+        with pytest.raises(ResultFailure) as failure:
+            chain.get_result(block=True, timeout=30_000)
+        wait_for(lambda: job(db_url, first)["status"] != "running", what="the first step's outcome")
+    assert failure.value.orig_exc_type == "FollowUpNotSent"
+    assert f"its pipeline's next step (tests.keyed_sink, job {second}) could not be sent: Conflict: job " \
+           f"{holder.message_id} holds its unique key 'tests.keyed_sink'" in str(failure.value)  # fmt: skip
+    # And the first step is failed, not completed, so that an operator sees where the pipeline stopped
+    step = job(db_url, first)
+    assert step["status"] == "failed", step
+    assert step["last_error"].startswith("FollowUpNotSent: the job ran, but its pipeline's next step"), step
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.keyed_sink'") == [{"n": 1}]
+
+
 @pytest.mark.parametrize(
     ("later", "named"),
     [

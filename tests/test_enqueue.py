@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import decimal
 import json
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -476,6 +477,23 @@ def test_message_options_a_worker_could_not_use_are_refused_when_sent(db_url: st
         tasks.broker.enqueue_batch([actors.noop.message(2), actors.noop.message_with_options(args=(3,), **options)])
     # Then nothing was stored
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+
+
+@pytest.mark.parametrize(
+    "eta", [datetime.now(UTC) + timedelta(hours=1), "2030-01-01T00:00:00Z", True, float("nan"), time.time() + 3600]
+)
+def test_an_eta_that_is_no_number_of_milliseconds_is_refused_not_dropped(db_url: str, eta: Any) -> None:
+    from tasks.errors import InvalidOption
+
+    # When a message is sent with Celery's habit, an eta that is a datetime (or a string, or seconds)
+    with pytest.raises(InvalidOption, match="the eta option must be a number of milliseconds"):
+        actors.noop.send_with_options(args=(1,), eta=eta)
+    # Then nothing was stored (the eta was dropped and the job ran at once)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+    # (one in milliseconds is the message's eta)
+    actors.noop.send_with_options(args=(2,), eta=int((time.time() + 3600) * 1000))
+    (row,) = query(db_url, "SELECT extract(epoch FROM eta - now()) AS eta_in FROM control_plane.messages")
+    assert 3500 < row["eta_in"] <= 3600
 
 
 def test_another_brokers_sends_are_checked_but_not_dramatiqs_own_re_sends() -> None:

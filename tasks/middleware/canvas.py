@@ -70,7 +70,7 @@ from dramatiq.results import Results
 
 from models import queries
 from tasks import db
-from tasks.errors import FollowUpNotSent, NotSerializable
+from tasks.errors import Conflict, FollowUpNotSent, NotSerializable
 from tasks.middleware.jobs_mirror import describe_error
 from tasks.prepared import Statement
 from tasks.redaction import persistable
@@ -337,9 +337,17 @@ class Pipelines(dramatiq_pipelines.Pipelines):
             if sent:
                 return
             with enqueue_in(conn):
-                broker.enqueue(
+                queued = broker.enqueue(
                     next_message.copy(options={**next_message.options, PIPE_SENT_BY: marker}),
                     delay=next_message.options.get("delay"),
+                )
+            if queued.message_id != next_message.message_id:
+                # A duplicate of a live job holding its unique key: that job is no step of this
+                # pipeline (it has not this result, nor the steps after), so the pipeline stopped
+                # here. Rolled back with the marker: a retry of this step sends it again.
+                raise Conflict(
+                    f"job {queued.message_id} holds its unique key {queued.options.get('unique_key')!r}: the step "
+                    "would be that job, which is no step of this pipeline; keep unique keys off pipelines' steps"
                 )
 
         _in_one_transaction(broker, send)

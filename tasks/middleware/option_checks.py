@@ -133,6 +133,23 @@ def check_message_options(options: dict[str, Any], actor_name: str) -> None:
         _check(options, f"cannot send to actor {actor_name!r}", message=True)
 
 
+#: The earliest ``eta`` taken (March 1973, in milliseconds): one below is seconds since the epoch
+#: (``time.time() + 60``), which read as milliseconds is January 1970, and the job ran at once.
+_EARLIEST_ETA_MS = 10**11
+
+
+def check_eta(eta: Any, actor_name: str) -> None:
+    """Refuse an ``eta`` option that is not milliseconds since the epoch: a ``datetime`` (Celery's
+    ``apply_async(eta=...)`` habit), a string, or seconds. Each was dropped or read as 1970, and
+    the job ran at once."""
+    if not _number(eta) or eta < _EARLIEST_ETA_MS:
+        raise InvalidOption(
+            f"cannot send to actor {actor_name!r}: the eta option must be a number of milliseconds since the "
+            f"epoch, not {eta!r}" + (" (seconds?)" if _number(eta) else "")
+            + "; or send with delay=, in milliseconds or a timedelta"
+        )
+
+
 def check_follow_ups(options: dict[str, Any], actor_name: str) -> None:
     """Refuse a message whose pipeline's later steps or group's completion callbacks a worker
     could not send: their queue names, options and delays are checked here, at the caller's
