@@ -1434,6 +1434,8 @@ class _PostgresConsumer(dramatiq.Consumer):
         now = time.monotonic()
         self._next_poll = now
         self._next_heartbeat = now
+        #: When this consumer's last heartbeat ran (monotonic): see _say_if_late.
+        self._last_heartbeat: float | None = None
         self._next_reap = now + self.settings.reap_interval * 0.5
         try:
             self._connect()
@@ -1722,6 +1724,25 @@ class _PostgresConsumer(dramatiq.Consumer):
                 wake_at.append(self._next_poll)
             self._wait(max(min(wake_at) - now, 0.0))
 
+    def _say_if_late(self, now: float, held: int) -> None:
+        """Say so when this heartbeat comes too late for the leases the last one extended: the
+        reaper may have put this worker's jobs back, and another worker may be running them
+        while this one still does (a run twice, at once). Nothing in the queue's own code waits
+        that long: this consumer thread did not run, most often because a job held the GIL in
+        one long call into C (a regex that backtracks, ``sorted`` of a huge list, an extension
+        that does not release it), which also starves the heartbeat of every queue here."""
+        lease = self.settings.lease_seconds
+        if self._last_heartbeat is None or now - self._last_heartbeat < lease or not held:
+            return
+        logger.warning(
+            "queue %s: this worker's last heartbeat was %.0f s ago, past its %.0f s lease "
+            "(CONTROLPLANE_LEASE_SECONDS): its %d claim(s) may have been put back and run by another worker at "
+            "the same time. Its threads did not run for that long (a job holding the GIL in one long call: C "
+            "code, a regex, a huge sort; or a stopped process), or the database could not be reached. Keep such "
+            "calls shorter than the lease, or raise the lease",
+            self.queue_name, now - self._last_heartbeat, lease, held,
+        )  # fmt: skip
+
     def _give_back_unstarted(self) -> None:
         """Release the messages claimed and not started: those not handed to Dramatiq yet, and
         those ``_stop_claiming`` took out of the stopping worker's work queue (Dramatiq would
@@ -1848,6 +1869,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             with self.state.lock:
                 ids = list(self.state.inflight)
                 tokens = list(Counter(p.claim_token for p in self.state.inflight.values()))
+            self._say_if_late(now, len(ids))
             with self.conn.cursor() as cur:
                 cur.execute(
                     queries.HEARTBEAT if self._pauses else queries.HEARTBEAT_BEFORE_PAUSES,
@@ -1865,6 +1887,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                     },
                 )
                 cancelled, skipped, paused = cur.fetchone()
+            self._last_heartbeat = now
             # A lease skipped because its row was being written is extended soon, not a whole
             # interval later (which, with an interval over half the lease, could let it expire).
             interval = self.settings.heartbeat_interval

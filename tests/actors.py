@@ -7,6 +7,7 @@ test can check from SQL what ran, how often, and in which process.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 
@@ -130,6 +131,14 @@ def returns_a_datetime() -> object:
     import datetime
 
     return {"at": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)}
+
+
+@dramatiq.actor(actor_name="tests.holds_the_gil", max_attempts=1)
+def holds_the_gil(seconds: int) -> None:
+    """Hold the GIL ``seconds`` in one call into C (libc's ``sleep`` through ``ctypes.PyDLL``, which
+    keeps it, as a backtracking regex or a huge sort does): no other thread of its process runs."""
+    record("holds_the_gil", seconds)
+    ctypes.PyDLL(None).sleep(seconds)
 
 
 @dramatiq.actor(actor_name="tests.slow_noop", queue_name="slow")

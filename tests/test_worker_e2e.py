@@ -71,6 +71,21 @@ def test_lifecycle_pending_running_completed(db_url: str, tmp_path: Path) -> Non
     assert disagreements(db_url) == []
 
 
+def test_a_job_holding_the_gil_past_the_lease_makes_its_worker_say_so(db_url: str, tmp_path: Path) -> None:
+    # Given a worker whose claims' lease is 3 s (its heartbeat every 0.5 s), on a thread of its own
+    with running_worker(db_url, tmp_path) as worker:
+        # When a job holds the GIL for 5 s in one call into C: the heartbeat thread cannot run
+        actors.holds_the_gil.send(5)
+        # Then, once the job lets go, its worker's log says the lease ran out while it held the
+        # job, that another worker may have run it meanwhile, and the likely cause
+        assert worker.log_path is not None
+        said = "this worker's last heartbeat was"
+        wait_for(lambda: said in worker.log_path.read_text(), 60, "the late heartbeat's warning")  # type: ignore[union-attr]
+    line = next(line for line in worker.log_path.read_text().splitlines() if said in line)
+    assert "past its 3 s lease (CONTROLPLANE_LEASE_SECONDS): its 1 claim(s) may have been put back" in line, line
+    assert "a job holding the GIL in one long call" in line, line
+
+
 def test_three_worker_processes_drain_300_jobs_each_exactly_once(db_url: str, tmp_path: Path) -> None:
     # Given 300 jobs
     ids = [m.message_id for m in tasks.broker.enqueue_batch([actors.noop.message(i) for i in range(300)])]
