@@ -727,6 +727,27 @@ ON CONFLICT (id) DO UPDATE
        attempts = j.attempts + 1, errors = j.errors || excluded.errors
 """
 
+#: The lease keeper's (``tasks/lease_keeper.py``): extend the leases of every claim of worker
+#: ``worker`` and record its heartbeat, while its own threads cannot (a job holding the GIL).
+#: Through ``ix_messages_lease`` (claimed messages only). A message another transaction has
+#: locked is skipped, as by HEARTBEAT: its settler is writing its outcome. Returns how many
+#: leases it extended.
+KEEP_LEASES = """
+WITH l AS (
+    SELECT id FROM control_plane.messages
+    WHERE claim_token IS NOT NULL AND worker = %(worker)s
+    FOR NO KEY UPDATE SKIP LOCKED
+), k AS (
+    UPDATE control_plane.messages AS m
+       SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+    FROM l WHERE m.id = l.id
+    RETURNING 1
+), h AS (
+    UPDATE control_plane.worker_heartbeats SET heartbeat_at = now() WHERE id = %(worker)s
+)
+SELECT count(*) FROM k
+"""
+
 #: Forget a worker that shut down cleanly.
 WORKER_GONE = "DELETE FROM control_plane.worker_heartbeats WHERE id = %(worker)s"
 

@@ -34,6 +34,8 @@ import queue as queue_module
 import re
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -42,6 +44,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import repeat
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -846,6 +849,9 @@ class PostgresBroker(dramatiq.Broker):
         #: When a consumer of this process last reaped (monotonic): see :meth:`_reap_due`.
         self._reaped_at = -math.inf
         self._reap_lock = threading.Lock()
+        #: This process's lease keeper (``tasks/lease_keeper.py``) and the pipe its beats go down.
+        self._keeper: subprocess.Popen[bytes] | None = None
+        self._keeper_fd: int | None = None
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -919,6 +925,8 @@ class PostgresBroker(dramatiq.Broker):
                 raise SkipMessage("cancelled or its queue paused before it started; its consumer saw to it")
         elif signal == "worker_shutdown":
             self._stop_claiming(args[0] if args else None)
+        elif signal == "worker_boot":
+            self._start_lease_keeper()
         signal = "before_" + signal
         self._call(self._listeners(signal), signal, *args, **kwargs)
 
@@ -927,6 +935,7 @@ class PostgresBroker(dramatiq.Broker):
             return  # (see emit_before: skipped, unseen by the middleware)
         if signal == "worker_shutdown":  # its consumers are closed: a worker started later claims again
             self.stopping = False
+            self._stop_lease_keeper()
         signal = "after_" + signal
         self._call(self._listeners(signal), signal, *args, **kwargs)
 
@@ -985,6 +994,66 @@ class PostgresBroker(dramatiq.Broker):
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
         self._reaped_at = -math.inf
         self._reap_lock = threading.Lock()
+        self._keeper, self._keeper_fd = None, None  # (the parent's, if any, keeps the parent's leases)
+
+    def _start_lease_keeper(self) -> None:
+        """Start this worker process's lease keeper (``tasks/lease_keeper.py``): it keeps the
+        leases of this process's claims while its own threads cannot heartbeat (a job holding
+        the GIL), for ``CONTROLPLANE_LEASE_KEEPER_SECONDS``, and exits with this process."""
+        if self.settings.lease_keeper_seconds <= 0 or self._keeper is not None:
+            return
+        env = {
+            **os.environ,
+            "CONTROLPLANE_KEEPER_URL": self.url(),
+            "CONTROLPLANE_KEEPER_SQL": queries.KEEP_LEASES,
+            "CONTROLPLANE_KEEPER_WORKER": self.worker_id,
+            "CONTROLPLANE_KEEPER_LEASE": str(self.settings.lease_seconds),
+            "CONTROLPLANE_KEEPER_INTERVAL": str(self.settings.heartbeat_interval),
+            "CONTROLPLANE_KEEPER_SECONDS": str(self.settings.lease_keeper_seconds),
+        }
+        script = str(Path(__file__).with_name("lease_keeper.py"))
+        try:
+            # (-I: its own interpreter sees none of this package, nor PYTHON* settings)
+            keeper = subprocess.Popen([sys.executable, "-I", script], stdin=subprocess.PIPE, env=env)
+        except OSError as exc:
+            logger.warning("could not start the lease keeper (%s): a job holding the GIL past the lease will be "
+                           "run again elsewhere while it runs", exc)  # fmt: skip
+            return
+        assert keeper.stdin is not None
+        fd = keeper.stdin.fileno()
+        os.set_blocking(fd, False)  # a keeper slow to read must never hold a heartbeat up
+        self._keeper, self._keeper_fd = keeper, fd
+
+    def _beat(self) -> None:
+        """Tell the lease keeper this process's threads run (a consumer heartbeated)."""
+        fd = self._keeper_fd
+        if fd is None:
+            return
+        try:
+            os.write(fd, b".")
+        except BlockingIOError:
+            pass  # its pipe is full of beats: it has heard enough of them
+        except OSError as exc:
+            self._keeper_fd = None
+            logger.warning("the lease keeper is gone (%s): a job holding the GIL past the lease will be run "
+                           "again elsewhere while it runs", exc)  # fmt: skip
+
+    def lease_kept(self) -> bool:
+        """Whether this process's lease keeper runs (and so keeps its leases while its threads cannot)."""
+        return self._keeper_fd is not None and self._keeper is not None and self._keeper.poll() is None
+
+    def _stop_lease_keeper(self) -> None:
+        keeper, self._keeper, self._keeper_fd = self._keeper, None, None
+        if keeper is None:
+            return
+        if keeper.stdin is not None:
+            with contextlib.suppress(OSError):
+                keeper.stdin.close()  # its stdin ends: it exits
+        try:
+            keeper.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            keeper.kill()
+            keeper.wait()
 
     def _started(self, message: PgMessageProxy) -> bool:
         """A worker thread is starting ``message``: its settler writes ``running`` if it lasts.
@@ -1734,6 +1803,16 @@ class _PostgresConsumer(dramatiq.Consumer):
         lease = self.settings.lease_seconds
         if self._last_heartbeat is None or now - self._last_heartbeat < lease or not held:
             return
+        silent = now - self._last_heartbeat
+        if self.broker.lease_kept() and silent < self.settings.lease_keeper_seconds:
+            logger.warning(
+                "queue %s: this worker's last heartbeat was %.0f s ago, past its %.0f s lease "
+                "(CONTROLPLANE_LEASE_SECONDS): its threads did not run for that long (a job holding the GIL in "
+                "one long call: C code, a regex, a huge sort; or a stopped process), or the database could not "
+                "be reached. Its lease keeper kept its %d claim(s) meanwhile",
+                self.queue_name, silent, lease, held,
+            )  # fmt: skip
+            return
         logger.warning(
             "queue %s: this worker's last heartbeat was %.0f s ago, past its %.0f s lease "
             "(CONTROLPLANE_LEASE_SECONDS): its %d claim(s) may have been put back and run by another worker at "
@@ -1888,6 +1967,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 )
                 cancelled, skipped, paused = cur.fetchone()
             self._last_heartbeat = now
+            self.broker._beat()
             # A lease skipped because its row was being written is extended soon, not a whole
             # interval later (which, with an interval over half the lease, could let it expire).
             interval = self.settings.heartbeat_interval

@@ -172,7 +172,10 @@ UNLIMITED_ATTEMPTS = 1_000_000_000
 _MAX_INT = INT_RANGE.stop - 1
 
 
-def _float(env: dict[str, str], name: str, default: float, maximum: float = MAX_SECONDS) -> float:
+def _float(
+    env: dict[str, str], name: str, default: float, maximum: float = MAX_SECONDS, *, zero: bool = False
+) -> float:
+    """A number of seconds, positive (or 0 too, with ``zero``: off)."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -180,8 +183,9 @@ def _float(env: dict[str, str], name: str, default: float, maximum: float = MAX_
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0 or value > maximum:
-        raise ConfigurationError(f"{name} must be a positive number of seconds up to {maximum:g}, got {raw!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero) or value > maximum:
+        kind = "a number of seconds from 0 (off)" if zero else "a positive number of seconds"
+        raise ConfigurationError(f"{name} must be {kind} up to {maximum:g}, got {raw!r}")
     return value
 
 
@@ -258,6 +262,9 @@ class Settings:
     heartbeat_interval: float = 10.0
     #: How often a worker looks for expired leases of dead workers.
     reap_interval: float = 5.0
+    #: How long a worker process's lease keeper (``tasks/lease_keeper.py``) keeps its leases
+    #: while its own threads cannot heartbeat (a job holding the GIL); 0: no keeper.
+    lease_keeper_seconds: float = 600.0
     #: Under a backlog, how long a consumer gathers finished messages before one SETTLE (0: never wait).
     settle_window_ms: float = 5.0
     #: Run the broker's hot statements as prepared statements (off behind PgBouncer's transaction pooling).
@@ -352,6 +359,7 @@ class Settings:
             lease_seconds=lease,
             heartbeat_interval=heartbeat,
             reap_interval=_float(env, "CONTROLPLANE_REAP_INTERVAL", min(5.0, lease / 2)),
+            lease_keeper_seconds=_float(env, "CONTROLPLANE_LEASE_KEEPER_SECONDS", 600.0, zero=True),
             pool_size=_int(env, "CONTROLPLANE_POOL_SIZE", 2, minimum=1, maximum=10_000),
             settle_window_ms=_int(env, "CONTROLPLANE_SETTLE_WINDOW_MS", 5, minimum=0, maximum=60_000),
             prepared_statements=_switch(env, "CONTROLPLANE_PREPARED_STATEMENTS", True),

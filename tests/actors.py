@@ -137,7 +137,7 @@ def returns_a_datetime() -> object:
 def holds_the_gil(seconds: int) -> None:
     """Hold the GIL ``seconds`` in one call into C (libc's ``sleep`` through ``ctypes.PyDLL``, which
     keeps it, as a backtracking regex or a huge sort does): no other thread of its process runs."""
-    record("holds_the_gil", seconds)
+    record("holds_the_gil", str(seconds))
     ctypes.PyDLL(None).sleep(seconds)
 
 

@@ -71,19 +71,71 @@ def test_lifecycle_pending_running_completed(db_url: str, tmp_path: Path) -> Non
     assert disagreements(db_url) == []
 
 
-def test_a_job_holding_the_gil_past_the_lease_makes_its_worker_say_so(db_url: str, tmp_path: Path) -> None:
-    # Given a worker whose claims' lease is 3 s (its heartbeat every 0.5 s), on a thread of its own
-    with running_worker(db_url, tmp_path) as worker:
-        # When a job holds the GIL for 5 s in one call into C: the heartbeat thread cannot run
+def test_a_job_holding_the_gil_past_the_lease_runs_once_its_lease_kept_by_its_keeper(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given two worker processes whose claims' lease is 3 s (heartbeats every 0.5 s, from a thread)
+    with running_worker(db_url, tmp_path, processes=2) as worker:
+        # When a job holds the GIL for 5 s in one call into C: its process's threads cannot run
+        sent = actors.holds_the_gil.send(5)
+        wait_for(lambda: job(db_url, sent.message_id)["status"] in ("completed", "failed"), 60, "the job to end")
+        log = worker.log_path.read_text()  # type: ignore[union-attr]
+    # Then it ran once and completed: the other process did not take it while it ran, its
+    # worker's lease keeper kept its lease meanwhile, and its log says so and why
+    assert [e["value"] for e in effects(db_url, "holds_the_gil")] == ["5"]
+    row = job(db_url, sent.message_id)
+    assert (row["status"], row["attempts"], row["errors"]) == ("completed", 1, []), row
+    assert "its threads have not run for" in log and "keeping the leases of its 1 claim(s)" in log, log
+    assert "Its lease keeper kept its 1 claim(s) meanwhile" in log, log
+
+
+def test_without_its_keeper_a_job_holding_the_gil_past_the_lease_makes_its_worker_say_so(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a worker whose lease keeper gives up after 1 s (3 s leases, heartbeats every 0.5 s)
+    with running_worker(db_url, tmp_path, extra_env={"CONTROLPLANE_LEASE_KEEPER_SECONDS": "1"}) as worker:
+        # When a job holds the GIL for 5 s in one call into C
         actors.holds_the_gil.send(5)
-        # Then, once the job lets go, its worker's log says the lease ran out while it held the
-        # job, that another worker may have run it meanwhile, and the likely cause
-        assert worker.log_path is not None
+        # Then its keeper says it gave up, and once the job lets go, its worker's log says the
+        # lease ran out while it held the job, that another worker may have run it, and why
         said = "this worker's last heartbeat was"
         wait_for(lambda: said in worker.log_path.read_text(), 60, "the late heartbeat's warning")  # type: ignore[union-attr]
-    line = next(line for line in worker.log_path.read_text().splitlines() if said in line)
+        log = worker.log_path.read_text()  # type: ignore[union-attr]
+    assert "past CONTROLPLANE_LEASE_KEEPER_SECONDS (1): its leases are no longer kept" in log, log
+    line = next(line for line in log.splitlines() if said in line)
     assert "past its 3 s lease (CONTROLPLANE_LEASE_SECONDS): its 1 claim(s) may have been put back" in line, line
     assert "a job holding the GIL in one long call" in line, line
+
+
+def test_a_lease_keeper_exits_with_its_worker_process_and_the_leases_run_out(db_url: str, tmp_path: Path) -> None:
+    # Given a worker process holding a job, and its lease keeper
+    with running_worker(db_url, tmp_path) as worker:
+        sent = actors.wait_for_gate.send("keeper")
+        wait_for(lambda: job(db_url, sent.message_id)["status"] == "running", 60, "the job to start")
+        (pid,) = worker.worker_pids()
+        keepers = _children(pid)
+        assert len(keepers) == 1 and "lease_keeper.py" in Path(f"/proc/{keepers[0]}/cmdline").read_text(), keepers
+        # When that process is killed (not its process group: its keeper lives on but for the pipe)
+        os.kill(pid, signal.SIGKILL)
+        # Then its keeper exits, and the job's lease runs out: it is put back, as a dead worker's
+        wait_for(lambda: not Path(f"/proc/{keepers[0]}").exists() or _zombie(keepers[0]), 30, "the keeper to exit")
+
+        def put_back() -> bool:
+            reap_from_another_worker()
+            return "stopped heartbeating" in (job(db_url, sent.message_id)["last_error"] or "")
+
+        wait_for(put_back, 60, "the job's lease to run out")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
 
 
 def test_three_worker_processes_drain_300_jobs_each_exactly_once(db_url: str, tmp_path: Path) -> None:

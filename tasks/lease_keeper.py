@@ -1,0 +1,146 @@
+"""Keeps a worker process's leases while its own threads cannot run: a job holding the GIL.
+
+A worker's heartbeat is a Python thread of the process that runs the jobs. A job that
+holds the GIL in one long call into C (a regex that backtracks, ``sorted`` of a huge
+list, an extension that does not release it) stops every other thread of its process:
+past the lease, the reaper took its claims back as a dead worker's, and another worker
+ran the job while the first one still did (a helper's review: sent with
+``max_attempts=1``, three runs, two at once, the job ``failed`` as ``WorkerLost``).
+
+The broker starts this script beside each worker process when its worker boots
+(``PostgresBroker._start_lease_keeper``), run as a script in its own interpreter, so
+that it has a GIL of its own, and it imports nothing of this package, only psycopg2.
+Its stdin is a pipe from the worker process, which writes a byte to it at each of its
+consumers' heartbeats. While the bytes keep coming the keeper does nothing; once none
+came for one and a half heartbeat intervals, it extends the leases of every claim of
+that worker (``models.queries.KEEP_LEASES``, the same as the heartbeat's) at each
+half interval, for at most ``CONTROLPLANE_LEASE_KEEPER_SECONDS`` (a process stopped or
+stuck for good gives its jobs up then), and says when it starts and stops. The pipe's
+end is its parent's death: the process gone (killed, its machine lost with it), the
+keeper exits, and the leases run out as before.
+
+Its settings come in the environment (``CONTROLPLANE_KEEPER_*``), the database URL
+among them, never on its command line (which ``ps`` shows).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any
+
+import psycopg2
+
+logger = logging.getLogger("controlplane.lease_keeper")
+
+
+def _one_line(exc: BaseException) -> str:
+    """A database error as one line: its type and first line (no statement, no DETAIL)."""
+    text = next(iter(str(exc).strip().splitlines()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Keeper:
+    """The loop: read the parent's beats, extend its leases once they stop coming."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.url = env["CONTROLPLANE_KEEPER_URL"]
+        self.sql = env["CONTROLPLANE_KEEPER_SQL"]
+        self.worker = env["CONTROLPLANE_KEEPER_WORKER"]
+        self.lease = float(env["CONTROLPLANE_KEEPER_LEASE"])
+        self.interval = float(env["CONTROLPLANE_KEEPER_INTERVAL"])
+        self.kept_for = float(env["CONTROLPLANE_KEEPER_SECONDS"])
+        self.conn: Any = None
+        self.last_beat = time.monotonic()
+        self.keeping_since: float | None = None
+        self.gave_up = False
+        self.failing = False
+
+    def run(self, stdin: int) -> None:
+        """Until the parent's end of the pipe closes."""
+        while True:
+            readable, _, _ = select.select([stdin], [], [], self.interval / 2)
+            if readable:
+                if not os.read(stdin, 4096):
+                    return  # the worker process is gone (or stopped its worker): so is its need of us
+                self.beat()
+                continue
+            self.tick(time.monotonic())
+
+    def beat(self) -> None:
+        """The worker's threads run again."""
+        now = time.monotonic()
+        if self.keeping_since is not None:
+            logger.warning("worker %s heartbeats again: its leases were kept for %.0f s", self.worker,
+                           now - self.keeping_since)  # fmt: skip
+        self.last_beat, self.keeping_since, self.gave_up = now, None, False
+
+    def tick(self, now: float) -> None:
+        silent = now - self.last_beat
+        if silent < self.interval * 1.5 or self.gave_up:
+            return
+        if silent > self.kept_for:
+            self.gave_up = True
+            logger.warning(
+                "worker %s: its threads have not run for %.0f s, past CONTROLPLANE_LEASE_KEEPER_SECONDS (%.0f): "
+                "its leases are no longer kept, and its jobs go back to the queue once they run out",
+                self.worker, silent, self.kept_for,
+            )  # fmt: skip
+            return
+        try:
+            kept = self.keep()
+        except psycopg2.Error as exc:
+            if not self.failing:  # (once per outage, not at each half interval)
+                logger.warning("worker %s: could not keep its leases (%s); trying again", self.worker, _one_line(exc))
+            self.failing = True
+            self.close()
+            return
+        self.failing = False
+        if self.keeping_since is None and kept:
+            self.keeping_since = now
+            logger.warning(
+                "worker %s: its threads have not run for %.0f s (a job holding the GIL in one long call: C code, "
+                "a regex, a huge sort; or a stopped process): keeping the leases of its %d claim(s) meanwhile",
+                self.worker, silent, kept,
+            )  # fmt: skip
+
+    def keep(self) -> int:
+        if self.conn is None:
+            self.conn = psycopg2.connect(self.url, application_name="controlplane lease keeper")
+            self.conn.autocommit = True
+        with self.conn.cursor() as cur:
+            cur.execute(self.sql, {"worker": self.worker, "lease": self.lease})
+            (kept,) = cur.fetchone()
+        return int(kept)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg2.Error:
+                pass
+            self.conn = None
+
+
+def main() -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="[%(asctime)s] [PID %(process)d] [MainThread] [%(name)s] [%(levelname)s] %(message)s",
+    )
+    # Ctrl-C reaches the whole process group: the worker then stops its jobs in its own time,
+    # and its keeper goes with it, when the pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keeper = Keeper(dict(os.environ))
+    try:
+        keeper.run(sys.stdin.fileno())
+    finally:
+        keeper.close()
+
+
+if __name__ == "__main__":
+    main()
