@@ -849,9 +849,11 @@ class PostgresBroker(dramatiq.Broker):
         #: When a consumer of this process last reaped (monotonic): see :meth:`_reap_due`.
         self._reaped_at = -math.inf
         self._reap_lock = threading.Lock()
-        #: This process's lease keeper (``tasks/lease_keeper.py``) and the pipe its beats go down.
+        #: This process's lease keeper (``tasks/lease_keeper.py``) and the pipe its beats go down;
+        #: wanted once its worker booted, started at its first heartbeat (the database reached).
         self._keeper: subprocess.Popen[bytes] | None = None
         self._keeper_fd: int | None = None
+        self._keeper_wanted = False
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -926,7 +928,7 @@ class PostgresBroker(dramatiq.Broker):
         elif signal == "worker_shutdown":
             self._stop_claiming(args[0] if args else None)
         elif signal == "worker_boot":
-            self._start_lease_keeper()
+            self._keeper_wanted = True  # (started at its first heartbeat: see _start_lease_keeper)
         signal = "before_" + signal
         self._call(self._listeners(signal), signal, *args, **kwargs)
 
@@ -994,12 +996,20 @@ class PostgresBroker(dramatiq.Broker):
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
         self._reaped_at = -math.inf
         self._reap_lock = threading.Lock()
-        self._keeper, self._keeper_fd = None, None  # (the parent's, if any, keeps the parent's leases)
+        if self._keeper_fd is not None:
+            # The parent's keeper keeps the parent's leases, and must see its pipe close when the
+            # parent dies: a child forked by an actor (multiprocessing) must not hold it open.
+            with contextlib.suppress(OSError):
+                os.close(self._keeper_fd)
+        self._keeper, self._keeper_fd, self._keeper_wanted = None, None, False
 
     def _start_lease_keeper(self) -> None:
         """Start this worker process's lease keeper (``tasks/lease_keeper.py``): it keeps the
         leases of this process's claims while its own threads cannot heartbeat (a job holding
-        the GIL), for ``CONTROLPLANE_LEASE_KEEPER_SECONDS``, and exits with this process."""
+        the GIL), for ``CONTROLPLANE_LEASE_KEEPER_SECONDS``, and exits with this process.
+        Called at the first heartbeat after the worker booted: the database's URL is known then
+        (an embedded server that cannot start is the consumers' to report and wait out)."""
+        self._keeper_wanted = False
         if self.settings.lease_keeper_seconds <= 0 or self._keeper is not None:
             return
         env = {
@@ -1026,6 +1036,10 @@ class PostgresBroker(dramatiq.Broker):
 
     def _beat(self) -> None:
         """Tell the lease keeper this process's threads run (a consumer heartbeated)."""
+        if self._keeper_wanted:
+            with self._states_lock:  # (one keeper, whichever consumer heartbeats first)
+                if self._keeper_wanted:
+                    self._start_lease_keeper()
         fd = self._keeper_fd
         if fd is None:
             return
@@ -1043,7 +1057,7 @@ class PostgresBroker(dramatiq.Broker):
         return self._keeper_fd is not None and self._keeper is not None and self._keeper.poll() is None
 
     def _stop_lease_keeper(self) -> None:
-        keeper, self._keeper, self._keeper_fd = self._keeper, None, None
+        keeper, self._keeper, self._keeper_fd, self._keeper_wanted = self._keeper, None, None, False
         if keeper is None:
             return
         if keeper.stdin is not None:

@@ -61,8 +61,10 @@ class Keeper:
         self.failing = False
 
     def run(self, stdin: int) -> None:
-        """Until the parent's end of the pipe closes."""
-        while True:
+        """Until the parent's end of the pipe closes, or the parent is gone (this process was
+        given to another parent: a child the worker forked may still hold the pipe open)."""
+        parent = os.getppid()
+        while os.getppid() == parent:
             readable, _, _ = select.select([stdin], [], [], self.interval / 2)
             if readable:
                 if not os.read(stdin, 4096):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import time
 
 import dramatiq
@@ -139,6 +140,17 @@ def holds_the_gil(seconds: int) -> None:
     keeps it, as a backtracking regex or a huge sort does): no other thread of its process runs."""
     record("holds_the_gil", str(seconds))
     ctypes.PyDLL(None).sleep(seconds)
+
+
+@dramatiq.actor(actor_name="tests.forks_a_sleeper", max_attempts=1)
+def forks_a_sleeper(seconds: int) -> None:
+    """Fork a child that sleeps ``seconds`` (as ``multiprocessing``'s fork does: it inherits the
+    worker process's open files) and records its pid."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(seconds)
+        os._exit(0)
+    record("forks_a_sleeper", str(pid))
 
 
 @dramatiq.actor(actor_name="tests.slow_noop", queue_name="slow")

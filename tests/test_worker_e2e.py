@@ -108,12 +108,15 @@ def test_without_its_keeper_a_job_holding_the_gil_past_the_lease_makes_its_worke
 
 
 def test_a_lease_keeper_exits_with_its_worker_process_and_the_leases_run_out(db_url: str, tmp_path: Path) -> None:
-    # Given a worker process holding a job, and its lease keeper
+    # Given a worker process holding a job, and its lease keeper; and a child a job of that
+    # process forked, which lives on (it inherited the process's open files)
     with running_worker(db_url, tmp_path) as worker:
+        actors.forks_a_sleeper.send(120)
+        sleeper = int(wait_for(lambda: effects(db_url, "forks_a_sleeper"), 60, "the fork")[0]["value"])
         sent = actors.wait_for_gate.send("keeper")
         wait_for(lambda: job(db_url, sent.message_id)["status"] == "running", 60, "the job to start")
         (pid,) = worker.worker_pids()
-        keepers = _children(pid)
+        keepers = [p for p in _children(pid) if p != sleeper]
         assert len(keepers) == 1 and "lease_keeper.py" in Path(f"/proc/{keepers[0]}/cmdline").read_text(), keepers
         # When that process is killed (not its process group: its keeper lives on but for the pipe)
         os.kill(pid, signal.SIGKILL)
@@ -125,10 +128,12 @@ def test_a_lease_keeper_exits_with_its_worker_process_and_the_leases_run_out(db_
             return "stopped heartbeating" in (job(db_url, sent.message_id)["last_error"] or "")
 
         wait_for(put_back, 60, "the job's lease to run out")
+        os.kill(sleeper, signal.SIGKILL)
 
 
 def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """The processes ``pid`` started, from any of its threads."""
+    return [int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()]
 
 
 def _zombie(pid: int) -> bool:
