@@ -1020,11 +1020,15 @@ class PostgresBroker(dramatiq.Broker):
             "CONTROLPLANE_KEEPER_LEASE": str(self.settings.lease_seconds),
             "CONTROLPLANE_KEEPER_INTERVAL": str(self.settings.heartbeat_interval),
             "CONTROLPLANE_KEEPER_SECONDS": str(self.settings.lease_keeper_seconds),
+            "CONTROLPLANE_KEEPER_PATH": str(Path(psycopg2.__file__).parent.parent),
         }
         script = str(Path(__file__).with_name("lease_keeper.py"))
         try:
-            # (-I: its own interpreter sees none of this package, nor PYTHON* settings)
-            keeper = subprocess.Popen([sys.executable, "-I", script], stdin=subprocess.PIPE, env=env)
+            # (-I: its own interpreter sees none of this package, nor PYTHON* settings; -S: no
+            # site, a lean start, psycopg2 imported from CONTROLPLANE_KEEPER_PATH when needed)
+            # (a process group of its own: a Ctrl-C to the worker's must not end it before the worker)
+            keeper = subprocess.Popen([sys.executable, "-I", "-S", script], stdin=subprocess.PIPE, env=env,
+                                      process_group=0)  # fmt: skip
         except OSError as exc:
             logger.warning("could not start the lease keeper (%s): a job holding the GIL past the lease will be "
                            "run again elsewhere while it runs", exc)  # fmt: skip
