@@ -748,6 +748,12 @@ WITH l AS (
 SELECT count(*) FROM k
 """
 
+#: How many of a consumer's claims are still its own (after a heartbeat that came too late).
+STILL_HELD = """
+SELECT count(*) FROM control_plane.messages
+WHERE id = ANY(%(ids)s::uuid[]) AND claim_token = ANY(%(tokens)s::uuid[])
+"""
+
 #: Forget a worker that shut down cleanly.
 WORKER_GONE = "DELETE FROM control_plane.worker_heartbeats WHERE id = %(worker)s"
 

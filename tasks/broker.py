@@ -854,6 +854,8 @@ class PostgresBroker(dramatiq.Broker):
         self._keeper: subprocess.Popen[bytes] | None = None
         self._keeper_fd: int | None = None
         self._keeper_wanted = False
+        #: When a keeper that died may be started again (monotonic): not at every heartbeat.
+        self._keeper_again_at = 0.0
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -996,12 +998,14 @@ class PostgresBroker(dramatiq.Broker):
         self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
         self._reaped_at = -math.inf
         self._reap_lock = threading.Lock()
-        if self._keeper_fd is not None:
+        if self._keeper is not None and self._keeper.stdin is not None:
             # The parent's keeper keeps the parent's leases, and must see its pipe close when the
             # parent dies: a child forked by an actor (multiprocessing) must not hold it open.
+            # (Closed through its file, once: the Popen dropped below would close the number again.)
             with contextlib.suppress(OSError):
-                os.close(self._keeper_fd)
+                self._keeper.stdin.close()
         self._keeper, self._keeper_fd, self._keeper_wanted = None, None, False
+        self._keeper_again_at = 0.0
 
     def _start_lease_keeper(self) -> None:
         """Start this worker process's lease keeper (``tasks/lease_keeper.py``): it keeps the
@@ -1040,7 +1044,7 @@ class PostgresBroker(dramatiq.Broker):
 
     def _beat(self) -> None:
         """Tell the lease keeper this process's threads run (a consumer heartbeated)."""
-        if self._keeper_wanted:
+        if self._keeper_wanted and time.monotonic() >= self._keeper_again_at:
             with self._states_lock:  # (one keeper, whichever consumer heartbeats first)
                 if self._keeper_wanted:
                     self._start_lease_keeper()
@@ -1052,9 +1056,18 @@ class PostgresBroker(dramatiq.Broker):
         except BlockingIOError:
             pass  # its pipe is full of beats: it has heard enough of them
         except OSError as exc:
-            self._keeper_fd = None
-            logger.warning("the lease keeper is gone (%s): a job holding the GIL past the lease will be run "
-                           "again elsewhere while it runs", exc)  # fmt: skip
+            # Gone (killed): started again two leases on, at a heartbeat (not at each, if it keeps dying).
+            with self._states_lock:
+                keeper, self._keeper, self._keeper_fd = self._keeper, None, None
+                self._keeper_wanted = True
+                self._keeper_again_at = time.monotonic() + 2 * self.settings.lease_seconds
+            if keeper is not None:
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    if keeper.stdin is not None:
+                        keeper.stdin.close()
+                    keeper.wait(timeout=1)  # (not left a zombie)
+            logger.warning("the lease keeper is gone (%s): it is started again in two leases; until then a job "
+                           "holding the GIL past the lease would run again elsewhere while it runs", exc)  # fmt: skip
 
     def lease_kept(self) -> bool:
         """Whether this process's lease keeper runs (and so keeps its leases while its threads cannot)."""
@@ -1811,18 +1824,24 @@ class _PostgresConsumer(dramatiq.Consumer):
                 wake_at.append(self._next_poll)
             self._wait(max(min(wake_at) - now, 0.0))
 
-    def _say_if_late(self, now: float, held: int) -> None:
+    def _say_if_late(self, now: float, ids: list[str], tokens: list[Any]) -> None:
         """Say so when this heartbeat comes too late for the leases the last one extended: the
         reaper may have put this worker's jobs back, and another worker may be running them
         while this one still does (a run twice, at once). Nothing in the queue's own code waits
         that long: this consumer thread did not run, most often because a job held the GIL in
         one long call into C (a regex that backtracks, ``sorted`` of a huge list, an extension
         that does not release it), which also starves the heartbeat of every queue here."""
-        lease = self.settings.lease_seconds
+        lease, held = self.settings.lease_seconds, len(ids)
         if self._last_heartbeat is None or now - self._last_heartbeat < lease or not held:
             return
         silent = now - self._last_heartbeat
-        if self.broker.lease_kept() and silent < self.settings.lease_keeper_seconds:
+        # (its keeper running is not its claims kept: it may not have reached the database, or
+        # kept them too late; whether they are all still this worker's is the database's to say)
+        if (
+            self.broker.lease_kept()
+            and silent < self.settings.lease_keeper_seconds
+            and self._still_held(ids, tokens) == held
+        ):
             logger.warning(
                 "queue %s: this worker's last heartbeat was %.0f s ago, past its %.0f s lease "
                 "(CONTROLPLANE_LEASE_SECONDS): its threads did not run for that long (a job holding the GIL in "
@@ -1839,6 +1858,13 @@ class _PostgresConsumer(dramatiq.Consumer):
             "calls shorter than the lease, or raise the lease",
             self.queue_name, now - self._last_heartbeat, lease, held,
         )  # fmt: skip
+
+    def _still_held(self, ids: list[str], tokens: list[Any]) -> int:
+        """How many of the claims ``ids`` (of ``tokens``) are still this consumer's."""
+        with self.conn.cursor() as cur:
+            cur.execute(queries.STILL_HELD, {"ids": ids, "tokens": tokens})
+            (held,) = cur.fetchone()
+        return int(held)
 
     def _give_back_unstarted(self) -> None:
         """Release the messages claimed and not started: those not handed to Dramatiq yet, and
@@ -1966,7 +1992,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             with self.state.lock:
                 ids = list(self.state.inflight)
                 tokens = list(Counter(p.claim_token for p in self.state.inflight.values()))
-            self._say_if_late(now, len(ids))
+            self._say_if_late(now, ids, tokens)
             with self.conn.cursor() as cur:
                 cur.execute(
                     queries.HEARTBEAT if self._pauses else queries.HEARTBEAT_BEFORE_PAUSES,

@@ -63,6 +63,13 @@ class Keeper:
         self.kept_for = float(env["CONTROLPLANE_KEEPER_SECONDS"])
         #: Where the worker found psycopg2 (this interpreter runs without ``site``).
         self.path = env.get("CONTROLPLANE_KEEPER_PATH", "")
+        #: How long without a beat before it keeps, and how often it looks: before the lease the
+        #: last heartbeat extended runs out, whatever the interval (at 1.5 intervals alone, an
+        #: interval over two thirds of the lease kept only after the reaper could take the claims).
+        self.due = min(self.interval * 1.5, self.lease / 2)
+        self.every = min(self.interval, self.lease / 2) / 2
+        #: The worker process (see run): a keeper given to another parent keeps nothing more.
+        self.parent = os.getppid()
         self.conn: Any = None
         self.last_beat = time.monotonic()
         self.keeping_since: float | None = None
@@ -72,9 +79,8 @@ class Keeper:
     def run(self, stdin: int) -> None:
         """Until the parent's end of the pipe closes, or the parent is gone (this process was
         given to another parent: a child the worker forked may still hold the pipe open)."""
-        parent = os.getppid()
-        while os.getppid() == parent:
-            readable, _, _ = select.select([stdin], [], [], self.interval / 2)
+        while os.getppid() == self.parent:
+            readable, _, _ = select.select([stdin], [], [], self.every)
             if readable:
                 if not os.read(stdin, 4096):
                     return  # the worker process is gone (or stopped its worker): so is its need of us
@@ -86,18 +92,20 @@ class Keeper:
         """The worker's threads run again."""
         now = time.monotonic()
         if self.keeping_since is not None:
-            say(f"worker {self.worker} heartbeats again: its leases were kept for {now - self.keeping_since:.0f} s")
+            kept = (self.last_beat + self.kept_for if self.gave_up else now) - self.keeping_since
+            say(f"worker {self.worker} heartbeats again after {now - self.last_beat:.0f} s: its leases were kept for "
+                f"{kept:.0f} s" + (" (then given up)" if self.gave_up else ""))  # fmt: skip
         self.last_beat, self.keeping_since, self.gave_up = now, None, False
 
     def tick(self, now: float) -> None:
         silent = now - self.last_beat
-        if silent < self.interval * 1.5 or self.gave_up:
+        if silent < self.due or self.gave_up:
             return
         if silent > self.kept_for:
             self.gave_up = True
-            say(f"worker {self.worker}: its threads have not run for {silent:.0f} s, past "
-                f"CONTROLPLANE_LEASE_KEEPER_SECONDS ({self.kept_for:.0f}): its leases are no longer kept, and its "
-                "jobs go back to the queue once they run out")  # fmt: skip
+            say(f"worker {self.worker}: no heartbeat for {silent:.0f} s, past CONTROLPLANE_LEASE_KEEPER_SECONDS "
+                f"({self.kept_for:.0f}): its leases are no longer kept, and its jobs go back to the queue once they "
+                "run out")  # fmt: skip
             return
         try:
             kept = self.keep()
@@ -108,11 +116,12 @@ class Keeper:
             self.close()
             return
         self.failing = False
-        if self.keeping_since is None and kept:
+        # (said once a heartbeat was missed: one merely later than half the lease is kept quietly)
+        if self.keeping_since is None and kept and silent >= self.interval * 1.5:
             self.keeping_since = now
-            say(f"worker {self.worker}: its threads have not run for {silent:.0f} s (a job holding the GIL in "
-                "one long call: C code, a regex, a huge sort; or a stopped process): keeping the leases of its "
-                f"{kept} claim(s) meanwhile")  # fmt: skip
+            say(f"worker {self.worker}: no heartbeat for {silent:.0f} s (its threads do not run: a job holding "
+                "the GIL in one long call, C code, a regex, a huge sort, or a stopped process; or its heartbeats "
+                f"fail: the database out of reach): keeping the leases of its {kept} claim(s) meanwhile")  # fmt: skip
 
     def keep(self) -> int:
         if self.conn is None:
@@ -120,8 +129,15 @@ class Keeper:
                 sys.path.append(self.path)
             import psycopg2
 
-            self.conn = psycopg2.connect(self.url, application_name="controlplane lease keeper")
+            # (as tasks.db.connect: a server that does not answer, or a connection silently cut
+            # while idle since the last keep, fails in seconds, not at TCP's timeouts)
+            self.conn = psycopg2.connect(
+                self.url, application_name="controlplane lease keeper", connect_timeout=10,
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+            )  # fmt: skip
             self.conn.autocommit = True
+        if os.getppid() != self.parent:
+            return 0  # (the worker died while this connected: its leases are no longer anyone's to keep)
         with self.conn.cursor() as cur:
             cur.execute(self.sql, {"worker": self.worker, "lease": self.lease})
             (kept,) = cur.fetchone()

@@ -142,6 +142,14 @@ def holds_the_gil(seconds: int) -> None:
     ctypes.PyDLL(None).sleep(seconds)
 
 
+@dramatiq.actor(actor_name="tests.sleeps_then_holds_the_gil", max_attempts=1)
+def sleeps_then_holds_the_gil(sleep: float, seconds: int) -> None:
+    """Sleep ``sleep`` s (its worker heartbeats meanwhile), then hold the GIL ``seconds`` in one call into C."""
+    record("sleeps_then_holds_the_gil", str(seconds))
+    time.sleep(sleep)
+    ctypes.PyDLL(None).sleep(seconds)
+
+
 @dramatiq.actor(actor_name="tests.forks_a_sleeper", max_attempts=1)
 def forks_a_sleeper(seconds: int) -> None:
     """Fork a child that sleeps ``seconds`` (as ``multiprocessing``'s fork does: it inherits the

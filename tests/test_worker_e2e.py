@@ -85,8 +85,25 @@ def test_a_job_holding_the_gil_past_the_lease_runs_once_its_lease_kept_by_its_ke
     assert [e["value"] for e in effects(db_url, "holds_the_gil")] == ["5"]
     row = job(db_url, sent.message_id)
     assert (row["status"], row["attempts"], row["errors"]) == ("completed", 1, []), row
-    assert "its threads have not run for" in log and "keeping the leases of its 1 claim(s)" in log, log
+    assert "no heartbeat for" in log and "keeping the leases of its 1 claim(s) meanwhile" in log, log
     assert "Its lease keeper kept its 1 claim(s) meanwhile" in log, log
+
+
+def test_a_job_holding_the_gil_runs_once_with_a_heartbeat_interval_near_the_lease(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given two worker processes whose claims' lease is 3 s and whose heartbeats come every 2.9 s
+    # (shorter than the lease, as the settings require)
+    env = {"CONTROLPLANE_HEARTBEAT_INTERVAL": "2.9"}
+    with running_worker(db_url, tmp_path, processes=2, extra_env=env):
+        # When a job holds the GIL for 8 s after 4 s of heartbeats (its lease then the last heartbeat's)
+        sent = actors.sleeps_then_holds_the_gil.send(4.0, 8)
+        wait_for(lambda: job(db_url, sent.message_id)["status"] in ("completed", "failed"), 60, "the job to end")
+    # Then its keeper kept its lease before it ran out: it ran once and completed (at 1.5
+    # intervals, 4.35 s, the keeper came after the lease ran out, and the job failed as lost)
+    assert len(effects(db_url, "sleeps_then_holds_the_gil")) == 1
+    row = job(db_url, sent.message_id)
+    assert (row["status"], row["attempts"]) == ("completed", 1), row
 
 
 def test_without_its_keeper_a_job_holding_the_gil_past_the_lease_makes_its_worker_say_so(
@@ -105,6 +122,34 @@ def test_without_its_keeper_a_job_holding_the_gil_past_the_lease_makes_its_worke
     line = next(line for line in log.splitlines() if said in line)
     assert "past its 3 s lease (CONTROLPLANE_LEASE_SECONDS): its 1 claim(s) may have been put back" in line, line
     assert "a job holding the GIL in one long call" in line, line
+
+
+def test_a_worker_whose_keeper_did_not_keep_its_lease_does_not_say_it_did(db_url: str, tmp_path: Path) -> None:
+    # Given two worker processes whose lease keepers run but keep nothing (stopped: as one that
+    # cannot reach the database, its role at its connection limit, say)
+    with running_worker(db_url, tmp_path, processes=2) as worker:
+        pids = worker.worker_pids()
+
+        def keepers() -> list[int]:
+            found = [k for p in pids for k in _children(p) if "lease_keeper" in Path(f"/proc/{k}/cmdline").read_text()]
+            return found if len(found) == len(pids) else []
+
+        stopped = wait_for(keepers, 30, "the keepers to start")
+        for keeper in stopped:
+            os.kill(keeper, signal.SIGSTOP)
+        try:
+            # When a job holds the GIL for 5 s, past its 3 s lease: the other process takes it back
+            sent = actors.holds_the_gil.send(5)
+            said = "this worker's last heartbeat was"
+            wait_for(lambda: said in worker.log_path.read_text(), 60, "the late heartbeat's warning")  # type: ignore[union-attr]
+            log = worker.log_path.read_text()  # type: ignore[union-attr]
+        finally:
+            for keeper in stopped:
+                os.kill(keeper, signal.SIGCONT)
+    # Then its worker does not say its keeper kept the claim: it says it may have been put back
+    assert "stopped heartbeating" in (job(db_url, sent.message_id)["last_error"] or "")
+    line = next(line for line in log.splitlines() if said in line)
+    assert "its 1 claim(s) may have been put back" in line and "kept" not in line, line
 
 
 def test_a_lease_keeper_exits_with_its_worker_process_and_the_leases_run_out(db_url: str, tmp_path: Path) -> None:
@@ -129,6 +174,30 @@ def test_a_lease_keeper_exits_with_its_worker_process_and_the_leases_run_out(db_
 
         wait_for(put_back, 60, "the job's lease to run out")
         os.kill(sleeper, signal.SIGKILL)
+
+
+def test_a_lease_keeper_that_died_is_started_again(db_url: str, tmp_path: Path) -> None:
+    # Given a worker process and its lease keeper
+    with running_worker(db_url, tmp_path) as worker:
+        (pid,) = worker.worker_pids()
+
+        def keepers() -> list[int]:
+            return [k for k in _children(pid) if not _zombie(k) and "lease_keeper" in _cmdline(k)]
+
+        (first,) = wait_for(keepers, 30, "the keeper to start")
+        # When the keeper is killed
+        os.kill(first, signal.SIGKILL)
+        # Then its worker says so, and starts another (two leases on: not at each heartbeat)
+        wait_for(lambda: "the lease keeper is gone" in worker.log(), 30, "the worker to see it gone")
+        (second,) = wait_for(lambda: [k for k in keepers() if k != first], 30, "another keeper")
+    assert second != first
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def _children(pid: int) -> list[int]:
