@@ -312,6 +312,21 @@ def test_a_pipeline_sent_in_a_transaction_leaves_the_transaction_as_it_was(db_ur
     assert job(db_url, chain.messages[0].message_id)["status"] == "pending"
 
 
+def _run_until_the_pipeline_stops(db_url: str, tmp_path: Path, chain: pipeline) -> tuple[ResultFailure, dict[str, Any]]:
+    """Run ``chain`` on a worker until its caller hears it stopped (a ``FollowUpNotSent``) and its
+    first step has its outcome: that failure, and the first step's jobs row (failed)."""
+    first = chain.messages[0].message_id
+    with running_worker(db_url, tmp_path):
+        chain.run()
+        with pytest.raises(ResultFailure) as failure:
+            chain.get_result(block=True, timeout=60_000)
+        wait_for(lambda: job(db_url, first)["status"] != "running", what="the first step's outcome")
+    assert failure.value.orig_exc_type == "FollowUpNotSent"
+    step = job(db_url, first)
+    assert step["status"] == "failed", step
+    return failure.value, step
+
+
 def test_a_step_whose_result_the_next_step_cannot_take_fails_and_its_pipelines_caller_hears_it_at_once(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -324,18 +339,11 @@ def test_a_step_whose_result_the_next_step_cannot_take_fails_and_its_pipelines_c
     ])  # fmt: skip
     first, second = chain.messages[0].message_id, chain.messages[1].message_id
     # When a worker runs it
-    with running_worker(db_url, tmp_path):
-        chain.run()
-        # Then the caller of the pipeline's result hears why at once, instead of waiting out its timeout
-        with pytest.raises(ResultFailure) as failure:
-            chain.get_result(block=True, timeout=60_000)
-        wait_for(lambda: job(db_url, first)["status"] != "running", what="the first step's outcome")
-    assert failure.value.orig_exc_type == "FollowUpNotSent"
+    # Then the caller of the pipeline's result hears why at once, instead of waiting out its timeout
+    failure, step = _run_until_the_pipeline_stops(db_url, tmp_path, chain)
     assert f"the pipeline stopped at tests.returns_awkward (job {first}): the job ran, but its pipeline's next " \
-           f"step (tests.noop, job {second}) could not be sent: NotSerializable:" in str(failure.value)  # fmt: skip
+           f"step (tests.noop, job {second}) could not be sent: NotSerializable:" in str(failure)  # fmt: skip
     # And the step is failed, not completed, saying why (Dramatiq's hook logged it and acked the job)
-    step = job(db_url, first)
-    assert step["status"] == "failed", step
     assert step["last_error"].startswith(
         f"FollowUpNotSent: the job ran, but its pipeline's next step (tests.noop, job {second}) could not be sent: "
         "NotSerializable:"
@@ -354,21 +362,14 @@ def test_a_step_whose_next_step_is_a_duplicate_of_a_live_keyed_job_fails_and_its
     holder = actors.keyed_sink.send_with_options(args=("m", "i"), delay=600_000)
     # And a pipeline whose second step is a message of that actor
     chain = pipeline([actors.noop.message("a"), actors.keyed_sink.message("m"), actors.noop.message()])
-    first, second = chain.messages[0].message_id, chain.messages[1].message_id
+    second = chain.messages[1].message_id
     # When a worker runs it
-    with running_worker(db_url, tmp_path):
-        chain.run()
-        # Then the caller hears at once that the pipeline stopped, and why (it waited out its
-        # timeout: the second step became the holder, which is no step of the pipeline)
-        with pytest.raises(ResultFailure) as failure:
-            chain.get_result(block=True, timeout=30_000)
-        wait_for(lambda: job(db_url, first)["status"] != "running", what="the first step's outcome")
-    assert failure.value.orig_exc_type == "FollowUpNotSent"
+    # Then the caller hears at once that the pipeline stopped, and why (it waited out its
+    # timeout: the second step became the holder, which is no step of the pipeline)
+    failure, step = _run_until_the_pipeline_stops(db_url, tmp_path, chain)
     assert f"its pipeline's next step (tests.keyed_sink, job {second}) could not be sent: Conflict: job " \
-           f"{holder.message_id} holds its unique key 'tests.keyed_sink'" in str(failure.value)  # fmt: skip
+           f"{holder.message_id} holds its unique key 'tests.keyed_sink'" in str(failure)  # fmt: skip
     # And the first step is failed, not completed, so that an operator sees where the pipeline stopped
-    step = job(db_url, first)
-    assert step["status"] == "failed", step
     assert step["last_error"].startswith("FollowUpNotSent: the job ran, but its pipeline's next step"), step
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.keyed_sink'") == [{"n": 1}]
 
