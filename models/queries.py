@@ -748,10 +748,17 @@ WITH l AS (
 SELECT count(*) FROM k
 """
 
-#: How many of a consumer's claims are still its own (after a heartbeat that came too late).
-STILL_HELD = """
-SELECT count(*) FROM control_plane.messages
-WHERE id = ANY(%(ids)s::uuid[]) AND claim_token = ANY(%(tokens)s::uuid[])
+#: How many of a consumer's claims the reaper took from worker ``worker`` in the last ``secs``
+#: seconds (after a heartbeat that came too late). Read from the jobs' errors, which REAP
+#: appends to: a claim no longer in ``control_plane.messages`` may as well have been settled
+#: by this worker's settler since the consumer listed it (an ack deletes the row, a retry
+#: clears its claim), which is no lost claim.
+REAPED_SINCE = """
+SELECT count(*) FROM control_plane.jobs AS j
+WHERE j.id = ANY(%(ids)s::uuid[])
+  AND EXISTS (SELECT FROM jsonb_array_elements(j.errors) AS e
+              WHERE e->>'worker' = %(worker)s AND e->>'error' LIKE 'lease expired:%%'
+                AND (e->>'at')::timestamptz >= now() - make_interval(secs => %(secs)s))
 """
 
 #: Forget a worker that shut down cleanly.

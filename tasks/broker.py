@@ -110,6 +110,14 @@ class EmbeddedServerDown(BrokerConnectionError, EmbeddedServerError):
         self.message = message  # (what Dramatiq's errors print)
 
 
+def _relay_keeper_log(stream: Any) -> None:
+    """Log the lease keeper's lines (its stderr) through this process's logging, until it exits."""
+    keeper_logger = logging.getLogger("controlplane.lease_keeper")
+    with contextlib.suppress(Exception), stream:
+        for line in stream:
+            keeper_logger.warning("%s", line.decode("utf-8", "replace").rstrip())
+
+
 def _connection_lost(broker: PostgresBroker, exc: psycopg2.Error) -> ConnectionClosed:
     """What a consumer that lost (or could not make) its connection raises; on the embedded
     server, which runs only while something started it, with how to bring it back."""
@@ -856,6 +864,9 @@ class PostgresBroker(dramatiq.Broker):
         self._keeper_wanted = False
         #: When a keeper that died may be started again (monotonic): not at every heartbeat.
         self._keeper_again_at = 0.0
+        #: Guards the three above: a pipe's number closed by one thread (its keeper gone) and reused
+        #: by another's new socket must not be written to by a third that read it before.
+        self._keeper_lock = threading.Lock()
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -1004,8 +1015,12 @@ class PostgresBroker(dramatiq.Broker):
             # (Closed through its file, once: the Popen dropped below would close the number again.)
             with contextlib.suppress(OSError):
                 self._keeper.stdin.close()
+        if self._keeper is not None and self._keeper.stderr is not None:
+            with contextlib.suppress(OSError):
+                self._keeper.stderr.close()
         self._keeper, self._keeper_fd, self._keeper_wanted = None, None, False
         self._keeper_again_at = 0.0
+        self._keeper_lock = threading.Lock()
 
     def _start_lease_keeper(self) -> None:
         """Start this worker process's lease keeper (``tasks/lease_keeper.py``): it keeps the
@@ -1031,55 +1046,65 @@ class PostgresBroker(dramatiq.Broker):
             # (-I: its own interpreter sees none of this package, nor PYTHON* settings; -S: no
             # site, a lean start, psycopg2 imported from CONTROLPLANE_KEEPER_PATH when needed)
             # (a process group of its own: a Ctrl-C to the worker's must not end it before the worker)
-            keeper = subprocess.Popen([sys.executable, "-I", "-S", script], stdin=subprocess.PIPE, env=env,
-                                      process_group=0)  # fmt: skip
+            # (its lines go through this process's logging: Dramatiq points sys.stderr, not fd 2,
+            # at its log pipe, so a keeper writing to fd 2 missed --log-file and its format)
+            keeper = subprocess.Popen([sys.executable, "-I", "-S", script], stdin=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=env, process_group=0)  # fmt: skip
         except OSError as exc:
-            logger.warning("could not start the lease keeper (%s): a job holding the GIL past the lease will be "
-                           "run again elsewhere while it runs", exc)  # fmt: skip
+            self._keeper_wanted = True  # (tried again two leases on, as one that died)
+            self._keeper_again_at = time.monotonic() + 2 * self.settings.lease_seconds
+            logger.warning("could not start the lease keeper (%s): it is tried again in two leases; until then "
+                           "a job holding the GIL past the lease would run again elsewhere while it runs",
+                           exc)  # fmt: skip
             return
-        assert keeper.stdin is not None
+        assert keeper.stdin is not None and keeper.stderr is not None
         fd = keeper.stdin.fileno()
         os.set_blocking(fd, False)  # a keeper slow to read must never hold a heartbeat up
         self._keeper, self._keeper_fd = keeper, fd
+        threading.Thread(target=_relay_keeper_log, args=(keeper.stderr,), name="lease-keeper-log",
+                         daemon=True).start()  # fmt: skip
 
     def _beat(self) -> None:
         """Tell the lease keeper this process's threads run (a consumer heartbeated)."""
-        if self._keeper_wanted and time.monotonic() >= self._keeper_again_at:
-            with self._states_lock:  # (one keeper, whichever consumer heartbeats first)
-                if self._keeper_wanted:
-                    self._start_lease_keeper()
-        fd = self._keeper_fd
-        if fd is None:
-            return
-        try:
-            os.write(fd, b".")
-        except BlockingIOError:
-            pass  # its pipe is full of beats: it has heard enough of them
-        except OSError as exc:
-            # Gone (killed): started again two leases on, at a heartbeat (not at each, if it keeps dying).
-            with self._states_lock:
+        with self._keeper_lock:  # (one keeper, whichever consumer heartbeats first)
+            if self._keeper_wanted and time.monotonic() >= self._keeper_again_at:
+                self._start_lease_keeper()
+            fd = self._keeper_fd
+            if fd is None:
+                return
+            try:
+                os.write(fd, b".")
+                return
+            except BlockingIOError:
+                return  # its pipe is full of beats: it has heard enough of them
+            except OSError as exc:
+                # Gone (killed): started again two leases on, at a heartbeat (not at each, if it keeps dying).
+                error = exc
                 keeper, self._keeper, self._keeper_fd = self._keeper, None, None
                 self._keeper_wanted = True
                 self._keeper_again_at = time.monotonic() + 2 * self.settings.lease_seconds
-            if keeper is not None:
-                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                    if keeper.stdin is not None:
-                        keeper.stdin.close()
-                    keeper.wait(timeout=1)  # (not left a zombie)
-            logger.warning("the lease keeper is gone (%s): it is started again in two leases; until then a job "
-                           "holding the GIL past the lease would run again elsewhere while it runs", exc)  # fmt: skip
+                if keeper is not None and keeper.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        keeper.stdin.close()  # (under the lock: no other thread holds its number)
+        if keeper is not None:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                keeper.wait(timeout=1)  # (not left a zombie)
+        logger.warning("the lease keeper is gone (%s): it is started again in two leases; until then a job "
+                       "holding the GIL past the lease would run again elsewhere while it runs", error)  # fmt: skip
 
     def lease_kept(self) -> bool:
         """Whether this process's lease keeper runs (and so keeps its leases while its threads cannot)."""
-        return self._keeper_fd is not None and self._keeper is not None and self._keeper.poll() is None
+        keeper = self._keeper  # (read once: another thread may drop it meanwhile)
+        return self._keeper_fd is not None and keeper is not None and keeper.poll() is None
 
     def _stop_lease_keeper(self) -> None:
-        keeper, self._keeper, self._keeper_fd, self._keeper_wanted = self._keeper, None, None, False
-        if keeper is None:
-            return
-        if keeper.stdin is not None:
-            with contextlib.suppress(OSError):
-                keeper.stdin.close()  # its stdin ends: it exits
+        with self._keeper_lock:
+            keeper, self._keeper, self._keeper_fd, self._keeper_wanted = self._keeper, None, None, False
+            if keeper is None:
+                return
+            if keeper.stdin is not None:
+                with contextlib.suppress(OSError):
+                    keeper.stdin.close()  # its stdin ends: it exits
         try:
             keeper.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -1824,7 +1849,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 wake_at.append(self._next_poll)
             self._wait(max(min(wake_at) - now, 0.0))
 
-    def _say_if_late(self, now: float, ids: list[str], tokens: list[Any]) -> None:
+    def _say_if_late(self, now: float, ids: list[str]) -> None:
         """Say so when this heartbeat comes too late for the leases the last one extended: the
         reaper may have put this worker's jobs back, and another worker may be running them
         while this one still does (a run twice, at once). Nothing in the queue's own code waits
@@ -1840,7 +1865,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         if (
             self.broker.lease_kept()
             and silent < self.settings.lease_keeper_seconds
-            and self._still_held(ids, tokens) == held
+            and self._reaped_since(ids, silent + 1) == 0
         ):
             logger.warning(
                 "queue %s: this worker's last heartbeat was %.0f s ago, past its %.0f s lease "
@@ -1859,12 +1884,13 @@ class _PostgresConsumer(dramatiq.Consumer):
             self.queue_name, now - self._last_heartbeat, lease, held,
         )  # fmt: skip
 
-    def _still_held(self, ids: list[str], tokens: list[Any]) -> int:
-        """How many of the claims ``ids`` (of ``tokens``) are still this consumer's."""
+    def _reaped_since(self, ids: list[str], seconds: float) -> int:
+        """How many of the claims ``ids`` the reaper took from this worker in the last ``seconds``.
+        (Not how many are still claimed: the settler may have settled some since they were listed.)"""
         with self.conn.cursor() as cur:
-            cur.execute(queries.STILL_HELD, {"ids": ids, "tokens": tokens})
-            (held,) = cur.fetchone()
-        return int(held)
+            cur.execute(queries.REAPED_SINCE, {"ids": ids, "worker": self.broker.worker_id, "secs": seconds})
+            (reaped,) = cur.fetchone()
+        return int(reaped)
 
     def _give_back_unstarted(self) -> None:
         """Release the messages claimed and not started: those not handed to Dramatiq yet, and
@@ -1992,7 +2018,7 @@ class _PostgresConsumer(dramatiq.Consumer):
             with self.state.lock:
                 ids = list(self.state.inflight)
                 tokens = list(Counter(p.claim_token for p in self.state.inflight.values()))
-            self._say_if_late(now, ids, tokens)
+            self._say_if_late(now, ids)
             with self.conn.cursor() as cur:
                 cur.execute(
                     queries.HEARTBEAT if self._pauses else queries.HEARTBEAT_BEFORE_PAUSES,

@@ -7,17 +7,19 @@ past the lease, the reaper took its claims back as a dead worker's, and another 
 ran the job while the first one still did (a helper's review: sent with
 ``max_attempts=1``, three runs, two at once, the job ``failed`` as ``WorkerLost``).
 
-The broker starts this script beside each worker process when its worker boots
+The broker starts this script beside each worker process at its first heartbeat
 (``PostgresBroker._start_lease_keeper``), run as a script in its own interpreter, so
 that it has a GIL of its own, and it imports nothing of this package, only psycopg2.
 Its stdin is a pipe from the worker process, which writes a byte to it at each of its
 consumers' heartbeats. While the bytes keep coming the keeper does nothing; once none
-came for one and a half heartbeat intervals, it extends the leases of every claim of
-that worker (``models.queries.KEEP_LEASES``, the same as the heartbeat's) at each
-half interval, for at most ``CONTROLPLANE_LEASE_KEEPER_SECONDS`` (a process stopped or
-stuck for good gives its jobs up then), and says when it starts and stops. The pipe's
-end is its parent's death: the process gone (killed, its machine lost with it), the
-keeper exits, and the leases run out as before.
+came for one and a half heartbeat intervals (or half the lease, if sooner), it extends
+the leases of every claim of that worker (``models.queries.KEEP_LEASES``) at each
+half of that, for at most ``CONTROLPLANE_LEASE_KEEPER_SECONDS`` (a process stopped or
+stuck for good gives its jobs up then), and says when it starts and stops, on its
+stderr, which the worker reads and logs (``tasks.broker._relay_keeper_log``). The
+pipe's end is its parent's death: the process gone (killed, its machine lost with it),
+the keeper exits, and the leases run out as before; so does a keeper given to another
+parent (a child the worker forked may hold the pipe open).
 
 Its settings come in the environment (``CONTROLPLANE_KEEPER_*``), the database URL
 among them, never on its command line (which ``ps`` shows). It starts lean, without
@@ -39,9 +41,9 @@ if TYPE_CHECKING:
 
 
 def say(text: str) -> None:
-    """A line in the worker's log, in the shape of Dramatiq's own."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    sys.stderr.write(f"[{stamp}] [PID {os.getpid()}] [MainThread] [controlplane.lease_keeper] [WARNING] {text}\n")
+    """A line for the worker's log: the worker reads its stderr and logs each line (see
+    ``tasks.broker._relay_keeper_log``), once its own threads run."""
+    sys.stderr.write(f"(keeper PID {os.getpid()}) {text}\n")
     sys.stderr.flush()
 
 

@@ -140,6 +140,7 @@ def holds_the_gil(seconds: int) -> None:
     keeps it, as a backtracking regex or a huge sort does): no other thread of its process runs."""
     record("holds_the_gil", str(seconds))
     ctypes.PyDLL(None).sleep(seconds)
+    time.sleep(1)  # (then a second in Python: its claim still held when the other threads run again)
 
 
 @dramatiq.actor(actor_name="tests.sleeps_then_holds_the_gil", max_attempts=1)

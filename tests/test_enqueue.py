@@ -482,8 +482,9 @@ def test_message_options_a_worker_could_not_use_are_refused_when_sent(db_url: st
 @pytest.mark.parametrize(
     "eta",
     # (fixed values: a parameter computed at collection names a test differently in each xdist worker)
-    [datetime(2030, 1, 1, tzinfo=UTC), "2030-01-01T00:00:00Z", True, float("nan"), 1_900_000_000.5],
-    ids=["datetime", "string", "bool", "nan", "seconds"],
+    [datetime(2030, 1, 1, tzinfo=UTC), "2030-01-01T00:00:00Z", True, float("nan"), 1_900_000_000.5,
+     1_900_000_000_000_000],
+    ids=["datetime", "string", "bool", "nan", "seconds", "microseconds"],
 )
 def test_an_eta_that_is_no_number_of_milliseconds_is_refused_not_dropped(db_url: str, eta: Any) -> None:
     from tasks.errors import InvalidOption

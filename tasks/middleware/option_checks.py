@@ -136,16 +136,20 @@ def check_message_options(options: dict[str, Any], actor_name: str) -> None:
 #: The earliest ``eta`` taken (March 1973, in milliseconds): one below is seconds since the epoch
 #: (``time.time() + 60``), which read as milliseconds is January 1970, and the job ran at once.
 _EARLIEST_ETA_MS = 10**11
+#: The latest: the end of year 9999, in milliseconds (an eta in microseconds or nanoseconds is past
+#: it, and Python's datetime cannot hold it).
+_LATEST_ETA_MS = 253_402_300_799_999
 
 
 def check_eta(eta: Any, actor_name: str) -> None:
     """Refuse an ``eta`` option that is not milliseconds since the epoch: a ``datetime`` (Celery's
-    ``apply_async(eta=...)`` habit), a string, or seconds. Each was dropped or read as 1970, and
-    the job ran at once."""
-    if not _number(eta) or eta < _EARLIEST_ETA_MS:
+    ``apply_async(eta=...)`` habit), a string, or seconds (each was dropped or read as 1970, and
+    the job ran at once), or micro- or nanoseconds (a bare ``ValueError`` from ``datetime``)."""
+    if not _number(eta) or not _EARLIEST_ETA_MS <= eta <= _LATEST_ETA_MS:
+        unit = "" if not _number(eta) else " (seconds?)" if eta < _EARLIEST_ETA_MS else " (micro- or nanoseconds?)"
         raise InvalidOption(
             f"cannot send to actor {actor_name!r}: the eta option must be a number of milliseconds since the "
-            f"epoch, not {eta!r}" + (" (seconds?)" if _number(eta) else "")
+            f"epoch, not {eta!r}" + unit
             + "; or send with delay=, in milliseconds or a timedelta"
         )
 
