@@ -21,34 +21,31 @@ def _late_heartbeat(consumer: object, caplog: pytest.LogCaptureFixture) -> str:
     return next(r.getMessage() for r in caplog.records if "last heartbeat was" in r.getMessage())
 
 
-def test_a_claim_settled_while_the_late_heartbeat_ran_is_not_said_to_be_lost(
-    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("meanwhile", "said"),
+    [
+        # its own settler wrote the claim's ack (its row deleted) after the consumer listed its
+        # claims for its heartbeat, before it forgot the claim: nothing took it
+        ("settled", "kept its 1 claim(s)"),
+        # its lease ran out, and another worker's reaper put it back
+        ("reaped", "its 1 claim(s) may have been put back"),
+    ],
+)
+def test_a_late_heartbeat_says_its_claims_were_kept_unless_the_reaper_took_one(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, meanwhile: str, said: str
 ) -> None:
-    # Given a claim of a worker whose keeper ran, and whose settler wrote the claim's ack (its row
-    # deleted) after the consumer listed its claims for its heartbeat, before it forgot the claim
+    # Given a claim of a worker whose keeper ran
     sent = actors.noop.send(1)
     consumer, _ = claim_in_process()
     monkeypatch.setattr(tasks.broker, "lease_kept", lambda: True)
-    query(db_url, "DELETE FROM control_plane.messages WHERE id = %s", (sent.message_id,))
-    # When its late heartbeat runs
+    if meanwhile == "settled":
+        query(db_url, "DELETE FROM control_plane.messages WHERE id = %s", (sent.message_id,))
+    else:
+        query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 s'")
+        reap_from_another_worker()
+    # When its late heartbeat runs, then it says what happened to the claim
     line = _late_heartbeat(consumer, caplog)
-    # Then it does not say the claim may have run twice (nothing took it)
-    assert "kept its 1 claim(s)" in line, line
-    consumer.close()
-
-
-def test_a_claim_the_reaper_took_is_said_to_be_lost(
-    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Given a claim whose lease ran out, and that another worker's reaper put back
-    actors.noop.send(1)
-    consumer, _ = claim_in_process()
-    monkeypatch.setattr(tasks.broker, "lease_kept", lambda: True)
-    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() - interval '1 s'")
-    reap_from_another_worker()
-    # When its late heartbeat runs, then it says the claim may have been put back
-    line = _late_heartbeat(consumer, caplog)
-    assert "its 1 claim(s) may have been put back" in line, line
+    assert said in line, line
     consumer.close()
 
 
