@@ -857,14 +857,13 @@ class PostgresBroker(dramatiq.Broker):
         #: When a consumer of this process last reaped (monotonic): see :meth:`_reap_due`.
         self._reaped_at = -math.inf
         self._reap_lock = threading.Lock()
-        #: This process's lease keeper (``tasks/lease_keeper.py``) and the pipe its beats go down;
+        #: This process's lease keeper (``tasks/lease_keeper.py``), its beats written down its stdin;
         #: wanted once its worker booted, started at its first heartbeat (the database reached).
         self._keeper: subprocess.Popen[bytes] | None = None
-        self._keeper_fd: int | None = None
         self._keeper_wanted = False
         #: When a keeper that died may be started again (monotonic): not at every heartbeat.
         self._keeper_again_at = 0.0
-        #: Guards the three above: a pipe's number closed by one thread (its keeper gone) and reused
+        #: Guards the keeper's fields: a pipe's number closed by one thread (its keeper gone) and reused
         #: by another's new socket must not be written to by a third that read it before.
         self._keeper_lock = threading.Lock()
         # A forked worker process must not share its parent's sockets.
@@ -1018,7 +1017,7 @@ class PostgresBroker(dramatiq.Broker):
         if self._keeper is not None and self._keeper.stderr is not None:
             with contextlib.suppress(OSError):
                 self._keeper.stderr.close()
-        self._keeper, self._keeper_fd, self._keeper_wanted = None, None, False
+        self._keeper, self._keeper_wanted = None, False
         self._keeper_again_at = 0.0
         self._keeper_lock = threading.Lock()
 
@@ -1058,9 +1057,8 @@ class PostgresBroker(dramatiq.Broker):
                            exc)  # fmt: skip
             return
         assert keeper.stdin is not None and keeper.stderr is not None
-        fd = keeper.stdin.fileno()
-        os.set_blocking(fd, False)  # a keeper slow to read must never hold a heartbeat up
-        self._keeper, self._keeper_fd = keeper, fd
+        os.set_blocking(keeper.stdin.fileno(), False)  # a keeper slow to read must never hold a heartbeat up
+        self._keeper = keeper
         threading.Thread(target=_relay_keeper_log, args=(keeper.stderr,), name="lease-keeper-log",
                          daemon=True).start()  # fmt: skip
 
@@ -1069,37 +1067,34 @@ class PostgresBroker(dramatiq.Broker):
         with self._keeper_lock:  # (one keeper, whichever consumer heartbeats first)
             if self._keeper_wanted and time.monotonic() >= self._keeper_again_at:
                 self._start_lease_keeper()
-            fd = self._keeper_fd
-            if fd is None:
+            keeper = self._keeper
+            if keeper is None or keeper.stdin is None:
                 return
             try:
-                os.write(fd, b".")
+                os.write(keeper.stdin.fileno(), b".")
                 return
             except BlockingIOError:
                 return  # its pipe is full of beats: it has heard enough of them
             except OSError as exc:
                 # Gone (killed): started again two leases on, at a heartbeat (not at each, if it keeps dying).
                 error = exc
-                keeper, self._keeper, self._keeper_fd = self._keeper, None, None
-                self._keeper_wanted = True
+                self._keeper, self._keeper_wanted = None, True
                 self._keeper_again_at = time.monotonic() + 2 * self.settings.lease_seconds
-                if keeper is not None and keeper.stdin is not None:
-                    with contextlib.suppress(OSError):
-                        keeper.stdin.close()  # (under the lock: no other thread holds its number)
-        if keeper is not None:
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                keeper.wait(timeout=1)  # (not left a zombie)
+                with contextlib.suppress(OSError):
+                    keeper.stdin.close()  # (under the lock: no other thread holds its number)
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            keeper.wait(timeout=1)  # (not left a zombie)
         logger.warning("the lease keeper is gone (%s): it is started again in two leases; until then a job "
                        "holding the GIL past the lease would run again elsewhere while it runs", error)  # fmt: skip
 
     def lease_kept(self) -> bool:
         """Whether this process's lease keeper runs (and so keeps its leases while its threads cannot)."""
         keeper = self._keeper  # (read once: another thread may drop it meanwhile)
-        return self._keeper_fd is not None and keeper is not None and keeper.poll() is None
+        return keeper is not None and keeper.poll() is None
 
     def _stop_lease_keeper(self) -> None:
         with self._keeper_lock:
-            keeper, self._keeper, self._keeper_fd, self._keeper_wanted = self._keeper, None, None, False
+            keeper, self._keeper, self._keeper_wanted = self._keeper, None, False
             if keeper is None:
                 return
             if keeper.stdin is not None:
