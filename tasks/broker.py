@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -2012,7 +2012,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         if now >= self._next_heartbeat:
             with self.state.lock:
                 ids = list(self.state.inflight)
-                tokens = list(Counter(p.claim_token for p in self.state.inflight.values()))
+                tokens = list(dict.fromkeys(p.claim_token for p in self.state.inflight.values()))
             self._say_if_late(now, ids)
             with self.conn.cursor() as cur:
                 cur.execute(
