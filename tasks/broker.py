@@ -64,7 +64,7 @@ from tasks.middleware.option_checks import check_eta, check_follow_ups, check_me
 from tasks.middleware.unique_keys import unique_key_of
 from tasks.prepared import Statement
 from tasks.redaction import storable_text
-from tasks.settings import MAX_DELAY_MS, Settings
+from tasks.settings import MAX_DELAY_MS, Settings, worker_id
 
 logger = logging.getLogger(__name__)
 
@@ -846,7 +846,7 @@ class PostgresBroker(dramatiq.Broker):
         self._states: dict[str, _QueueState] = {}
         self._states_lock = threading.Lock()
         self._pool = db.Pool(self.url, self.settings.pool_size)
-        self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
+        self.worker_id = worker_id(self.settings.hostname)
         #: This process's Dramatiq worker is stopping: see :meth:`_stop_claiming`.
         self.stopping = False
         #: The process's one LISTEN connection, started by its first consumer.
@@ -1005,7 +1005,7 @@ class PostgresBroker(dramatiq.Broker):
         self._notifier = None  # (the parent's thread is not in this process)
         self._notifier_lock = threading.Lock()
         self.results_writer = _ResultWriter(self)
-        self.worker_id = f"{self.settings.hostname}:{os.getpid()}"
+        self.worker_id = worker_id(self.settings.hostname)
         self._reaped_at = -math.inf
         self._reap_lock = threading.Lock()
         if self._keeper is not None and self._keeper.stdin is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,27 @@ from tasks.errors import ConfigurationError
 
 #: The services a project can be registered with, in registration order.
 SERVICE_NAMES = ("auth", "realtime", "storage")
+
+
+#: Drawn once per process (again in a forked child): see :func:`worker_id`.
+_process_tag = secrets.token_hex(3)
+
+
+def _draw_process_tag() -> None:
+    global _process_tag
+    _process_tag = secrets.token_hex(3)
+
+
+os.register_at_fork(after_in_child=_draw_process_tag)
+
+
+def worker_id(hostname: str) -> str:
+    """How this process is named in its claims, its heartbeat row and ``control_plane.jobs.worker``:
+    ``host:pid:tag``, ``tag`` six hex digits drawn at random once per process. ``host:pid`` alone
+    is not unique: containers that share the host's network share its name, and each numbers its
+    processes from 1, so their workers' ids matched. One heartbeat row then stood for both, a
+    worker's lease keeper kept the other's claims, and a clean shutdown deleted the other's row."""
+    return f"{hostname}:{os.getpid()}:{_process_tag}"
 
 
 def _snapshot(environ: Mapping[str, str]) -> dict[str, str]:
@@ -287,7 +309,7 @@ class Settings:
     max_backoff_ms: int = 7 * 86_400_000
     #: How long results stay in the results backend.
     result_ttl_ms: int = 86_400_000
-    #: Identifies this process in leases and in ``control_plane.jobs.worker``.
+    #: The host part of this process's :func:`worker_id`.
     hostname: str = field(default_factory=socket.gethostname)
 
     # -- brokers, periodic tasks, retention, metrics -----------------------------

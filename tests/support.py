@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -256,14 +256,19 @@ class WorkerProcess:
         extra_env: dict[str, str] | None = None,
         log_path: Path | None = None,
         queues: list[str] | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
+        """``wrap``: a command the worker runs under (``unshare ...``), which :meth:`terminate`
+        passes by: its signal goes to the wrapper's child, ``dramatiq``'s main process."""
         self.url = url
+        self.wrap = tuple(wrap)
         env = {**os.environ, **FAST_ENV, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.log_path = log_path
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [
+                *self.wrap,
                 sys.executable,
                 "-m",
                 "dramatiq",
@@ -302,7 +307,14 @@ class WorkerProcess:
 
     def terminate(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if self.wrap:
+                # (not the process group: a worker process signalled by its main process too
+                # takes the second SIGTERM as "kill now", as under systemd's default KillMode)
+                children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+                for child in children:
+                    os.kill(int(child), signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

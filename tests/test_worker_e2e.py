@@ -993,6 +993,53 @@ def test_a_worker_reports_the_queues_it_reads_not_every_queue_its_modules_declar
         worker.terminate()
 
 
+#: Runs a worker in a PID namespace of its own, as a container on the host's network: the
+#: host's name, and processes numbered from 1.
+_CONTAINED = ("unshare", "--pid", "--fork", "--mount-proc")
+
+
+def _can_contain() -> bool:
+    return shutil.which("unshare") is not None and os.geteuid() == 0
+
+
+@pytest.mark.skipif(not _can_contain(), reason="needs unshare and root for PID namespaces")
+def test_workers_of_two_containers_with_the_same_hostname_and_pids_are_told_apart(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given two workers in containers that share the host's network, and so its name, each
+    # numbering its processes from 1: their worker processes have the same hostname and PID
+    env = {"CONTROLPLANE_QUEUE_CONCURRENCY": "default=1"}  # (one job each, none prefetched)
+    with (
+        running_worker(db_url, tmp_path, threads=1, wrap=_CONTAINED, extra_env=env) as first,
+        running_worker(db_url, tmp_path, threads=1, wrap=_CONTAINED, extra_env=env),
+    ):
+        def heartbeats() -> list[dict[str, Any]] | None:
+            rows = query(db_url, "SELECT id, hostname, pid FROM control_plane.worker_heartbeats")
+            return rows if len(rows) == 2 else None
+
+        rows = wait_for(heartbeats, what="a heartbeat row for each worker")
+        assert len({(r["hostname"], r["pid"]) for r in rows}) == 1  # (the case at hand)
+        # When each runs a job
+        held = [actors.wait_for_gate.send("contained") for _ in range(2)]
+
+        def both_running() -> list[dict[str, Any]] | None:
+            jobs = [job(db_url, m.message_id) for m in held]
+            return jobs if all(j["status"] == "running" for j in jobs) else None
+
+        running = wait_for(both_running, what="both jobs to run")
+        # Then the operator tells the two apart: each job names its own worker, and
+        # `controlplane workers` lists each with the one job it holds
+        assert {j["worker"] for j in running} == {r["id"] for r in rows}
+        listed = query(db_url, "SELECT id, in_flight FROM control_plane.workers")
+        assert sorted((r["id"], r["in_flight"]) for r in listed) == sorted((r["id"], 1) for r in rows)
+        open_gate(db_url, "contained")
+        wait_for(lambda: all(job(db_url, m.message_id)["status"] == "completed" for m in held), what="both jobs")
+        # When one shuts down cleanly, the other is still listed: the first forgets its own row only
+        first.terminate()
+        (left,) = query(db_url, "SELECT id FROM control_plane.worker_heartbeats")
+        assert left["id"] in {r["id"] for r in rows}
+
+
 def test_a_worker_that_lost_its_lease_cannot_overwrite_the_job(db_url: str) -> None:
     # Given worker A holds a message whose lease then expires and worker B reclaims it
     message = actors.noop.send("fenced")

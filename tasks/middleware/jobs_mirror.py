@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from models import queries
 from tasks.db import loggable_error
 from tasks.errors import Cancelled, NotSerializable, WorkerLost
 from tasks.redaction import persistable
+from tasks.settings import worker_id
 
 logger = logging.getLogger(__name__)
 
@@ -316,8 +316,8 @@ def refuse_unrecordable(message: Any) -> None:
 
 
 def _worker() -> str:
-    """This process as the mirror names a worker: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process as the mirror names a worker (:func:`tasks.settings.worker_id`)."""
+    return worker_id(socket.gethostname())
 
 
 class StandaloneMirror:
