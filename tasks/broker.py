@@ -60,6 +60,7 @@ from models import queries
 from tasks import db
 from tasks.embedded import EmbeddedServerError
 from tasks.errors import Cancelled, NotSerializable
+from tasks.lease_keeper import encode_options
 from tasks.middleware.option_checks import check_eta, check_follow_ups, check_message_options, check_queue_name
 from tasks.middleware.unique_keys import unique_key_of
 from tasks.prepared import Statement
@@ -1033,6 +1034,7 @@ class PostgresBroker(dramatiq.Broker):
         env = {
             **os.environ,
             "CONTROLPLANE_KEEPER_URL": self.url(),
+            "CONTROLPLANE_KEEPER_CONNECT": encode_options(db.connect_options(self.url())),
             "CONTROLPLANE_KEEPER_SQL": queries.KEEP_LEASES,
             "CONTROLPLANE_KEEPER_WORKER": self.worker_id,
             "CONTROLPLANE_KEEPER_LEASE": str(self.settings.lease_seconds),

@@ -58,18 +58,23 @@ def gss_off_unless_asked(url: str) -> dict[str, str]:
     return {"gssencmode": "disable"}
 
 
+def connect_options(url: str) -> dict[str, str]:
+    """How every connection of this project connects to ``url`` (the lease keeper's too, which
+    gets them in its environment): a server that does not answer, or a connection cut while
+    idle, fails in seconds, not at TCP's timeouts."""
+    return {
+        **gss_off_unless_asked(url),
+        "connect_timeout": "10",
+        "keepalives": "1",
+        "keepalives_idle": "10",
+        "keepalives_interval": "5",
+        "keepalives_count": "3",
+    }
+
+
 def connect(url: str, *, autocommit: bool = False, application_name: str = "controlplane") -> Any:
     """A new psycopg2 connection with keepalives, so a dead server is noticed."""
-    conn = psycopg2.connect(
-        url,
-        **gss_off_unless_asked(url),
-        application_name=application_name,
-        connect_timeout=10,
-        keepalives=1,
-        keepalives_idle=10,
-        keepalives_interval=5,
-        keepalives_count=3,
-    )
+    conn = psycopg2.connect(url, application_name=application_name, **connect_options(url))
     conn.autocommit = autocommit
     return conn
 

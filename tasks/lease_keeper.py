@@ -22,7 +22,8 @@ the keeper exits, and the leases run out as before; so does a keeper given to an
 parent (a child the worker forked may hold the pipe open).
 
 Its settings come in the environment (``CONTROLPLANE_KEEPER_*``), the database URL
-among them, never on its command line (which ``ps`` shows). It starts lean, without
+among them, never on its command line (which ``ps`` shows), and so do the worker's
+connect options (``tasks.db.connect_options``: a timeout, keepalives), one source for both. It starts lean, without
 ``site`` (``python -I -S``), and imports psycopg2 (from the directory the worker found
 it in) only once it has leases to keep: a keeper that starts with psycopg2 cost each
 worker process 30-50 ms of CPU at its start, 3 µs per job of a 20,000-job drain.
@@ -47,6 +48,15 @@ def say(text: str) -> None:
     sys.stderr.flush()
 
 
+def encode_options(options: dict[str, str]) -> str:
+    """Connect options as ``CONTROLPLANE_KEEPER_CONNECT`` carries them (values without spaces)."""
+    return " ".join(f"{name}={value}" for name, value in options.items())
+
+
+def decode_options(text: str) -> dict[str, str]:
+    return dict(word.split("=", 1) for word in text.split())
+
+
 def _one_line(exc: BaseException) -> str:
     """A database error as one line: its type and first line (no statement, no DETAIL)."""
     text = next(iter(str(exc).strip().splitlines()), "")
@@ -58,6 +68,8 @@ class Keeper:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.url = env["CONTROLPLANE_KEEPER_URL"]
+        #: ``tasks.db.connect_options``, as ``name=value`` words.
+        self.options = decode_options(env.get("CONTROLPLANE_KEEPER_CONNECT", ""))
         self.sql = env["CONTROLPLANE_KEEPER_SQL"]
         self.worker = env["CONTROLPLANE_KEEPER_WORKER"]
         self.lease = float(env["CONTROLPLANE_KEEPER_LEASE"])
@@ -131,12 +143,7 @@ class Keeper:
                 sys.path.append(self.path)
             import psycopg2
 
-            # (as tasks.db.connect: a server that does not answer, or a connection silently cut
-            # while idle since the last keep, fails in seconds, not at TCP's timeouts)
-            self.conn = psycopg2.connect(
-                self.url, application_name="controlplane lease keeper", connect_timeout=10,
-                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
-            )  # fmt: skip
+            self.conn = psycopg2.connect(self.url, application_name="controlplane lease keeper", **self.options)
             self.conn.autocommit = True
         if os.getppid() != self.parent:
             return 0  # (the worker died while this connected: its leases are no longer anyone's to keep)

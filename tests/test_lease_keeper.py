@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tasks.lease_keeper import Keeper
+from tasks.db import connect_options
+from tasks.lease_keeper import Keeper, encode_options
 
 
 def _keeper(lease: float, interval: float) -> Keeper:
@@ -19,6 +20,7 @@ def _keeper(lease: float, interval: float) -> Keeper:
         "CONTROLPLANE_KEEPER_LEASE": str(lease),
         "CONTROLPLANE_KEEPER_INTERVAL": str(interval),
         "CONTROLPLANE_KEEPER_SECONDS": "600",
+        "CONTROLPLANE_KEEPER_CONNECT": encode_options(connect_options("postgresql://nobody@/nowhere")),
     })  # fmt: skip
 
 
@@ -85,4 +87,6 @@ def test_a_keeper_whose_worker_died_while_it_connected_keeps_nothing(monkeypatch
     # Then it runs nothing for the dead worker, and it connects as the worker does: with a timeout,
     # and keepalives (a connection left idle since the last keep may have been cut silently)
     assert (kept, executed) == (0, [])
-    assert options["connect_timeout"] == 10 and options["keepalives"] == 1, options
+    assert options == {**connect_options("postgresql://nobody@/nowhere"),
+                       "application_name": "controlplane lease keeper"}  # fmt: skip
+    assert options["connect_timeout"] == "10" and options["keepalives"] == "1", options
