@@ -287,6 +287,19 @@ SELECT EXISTS (SELECT FROM marker), (SELECT value FROM b),
        CASE WHEN NOT %(last)s THEN set_config('synchronous_commit', 'off', true) END
 """
 
+#: Group barriers that must outlive their members' delays: each lives at least ``ttl_ms`` past the
+#: moment its delayed member is due (an ``eta``, else ``delay_ms`` from the send), as it does past
+#: a count. ``group.run(delay=...)`` made the barrier for ``barrier_ttl`` from the send: a delay
+#: longer than that (a chord sent with a countdown of a day or more) let it expire before any member
+#: ran, and its completion callbacks were never sent. A barrier gone already is left gone.
+BARRIERS_OUTLIVE_DELAYS = """
+UPDATE control_plane.rate_limits AS r
+   SET expires_at = GREATEST(r.expires_at, COALESCE(s.eta, statement_timestamp()
+                             + make_interval(secs => s.delay_ms / 1000.0)) + make_interval(secs => %(ttl_ms)s / 1000.0))
+  FROM unnest(%(keys)s::text[], %(etas)s::timestamptz[], %(delays)s::bigint[]) AS s(key, eta, delay_ms)
+ WHERE r.key = s.key AND r.expires_at > now()
+"""
+
 #: A message sent once (a pipeline's next step, ``tasks.middleware.canvas``): deliveries of the
 #: step before it wait for each other here, then look whether the job exists.
 LOCK_SEND_ONCE = "SELECT pg_advisory_xact_lock(hashtext('controlplane:send-once:' || %(id)s))"

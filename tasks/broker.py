@@ -1370,6 +1370,7 @@ class PostgresBroker(dramatiq.Broker):
             "unique_keys": unique_keys,
         }
         duplicates = self._execute_enqueue(rows)
+        self._barriers_outlive_delays(sent, etas, delay)
         holders = self._holders(list(set(duplicates.values()))) if duplicates else {}
         for i, message in enumerate(sent):
             existing = duplicates.get(rows["ids"][i])
@@ -1387,6 +1388,45 @@ class PostgresBroker(dramatiq.Broker):
             actor_name, queue_name = holders.get(existing, (message.actor_name, message.queue_name))
             sent[i] = message.copy(message_id=existing, actor_name=actor_name, queue_name=queue_name)
         return sent
+
+    def _barriers_outlive_delays(
+        self, sent: list[Message[Any]], etas: list[datetime | None], delay: int | None
+    ) -> None:
+        """The barriers of the group members just sent with a delay (or an eta) live at least the
+        middleware's ``barrier_ttl`` past the moment the member is due (``BARRIERS_OUTLIVE_DELAYS``):
+        in the caller's transaction when it joins one, as the barrier was written."""
+        if not (delay and int(delay) > 0) and not any(etas):
+            return
+        keys, due_at, delays = [], [], []
+        for message, eta in zip(sent, etas, strict=True):
+            if eta is None and not (delay and int(delay) > 0):
+                continue
+            group = message.options.get("group_completion_uuid")
+            if not group and isinstance(message.options.get("pipe_target"), dict):
+                # a group's member that is a pipeline: its last step carries the group
+                from tasks.middleware.canvas import pipeline_end
+
+                with contextlib.suppress(TypeError, ValueError, AttributeError):
+                    group = (pipeline_end(message) or message).options.get("group_completion_uuid")
+            if group:
+                keys.append(str(group))
+                due_at.append(eta)
+                delays.append(max(int(delay or 0), 0))
+        if not keys:
+            return
+        from dramatiq.middleware.group_callbacks import GroupCallbacks
+
+        ttl = next((m.barrier_ttl for m in self.middleware if isinstance(m, GroupCallbacks)), None)
+        if ttl is None:
+            return
+        params = {"keys": keys, "etas": due_at, "delays": delays, "ttl_ms": int(ttl)}
+        caller = joined_connection()
+        if caller is not None:
+            with caller.cursor() as cur:
+                cur.execute(queries.BARRIERS_OUTLIVE_DELAYS, params)
+            return
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(queries.BARRIERS_OUTLIVE_DELAYS, params)
 
     def _holders(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
         """The actor and queue of the jobs holding unique keys a send found taken (those it can see)."""

@@ -1009,3 +1009,58 @@ def test_a_members_pass_a_crash_undid_under_a_claim_that_held_is_not_taken_for_d
     # Then both members completed, and the callback was sent once
     assert {job(db_url, c.message_id)["status"] for c in children} == {"completed"}
     assert len(queued(db_url, "tests.group_done")) == 1
+
+
+def test_a_groups_callback_that_is_a_duplicate_of_a_live_keyed_job_fails_its_last_member_saying_so(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a live job (delayed) holding the unique key that a group's completion callback carries
+    holder = actors.group_done.send_with_options(args=("holder",), unique_key="report:42", delay=600_000)
+    # And a group of two whose completion callback carries that key
+    members = group([actors.noop.message(i) for i in range(2)])
+    members.add_completion_callback(actors.group_done.message_with_options(args=("callback",), unique_key="report:42"))
+    members.run()
+    ids = [m.message_id for m in members.children]  # type: ignore[union-attr]
+    # When a worker runs the members
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: jobs_in(db_url, ids, "completed", "failed"), what="both members' outcomes")
+    # Then the callback was not sent (the holder is no callback of this group), and the member that
+    # was to send it says so, as a pipeline's step whose next step met a live key does: it is
+    # failed with a FollowUpNotSent naming the holder, not completed with nothing saying why
+    rows = query(db_url, "SELECT status, last_error FROM control_plane.jobs WHERE id = ANY(%s::uuid[]) "
+                         "ORDER BY status", (ids,))  # fmt: skip
+    assert [r["status"] for r in rows] == ["completed", "failed"], rows
+    error = rows[1]["last_error"]
+    assert error.startswith("FollowUpNotSent: the job ran, but it could not be counted in its group"), error
+    assert f"Conflict: job {holder.message_id} holds its unique key 'report:42'" in error, error
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.group_done'") == [{"n": 1}]
+    # And once the holder has ended, a retry of the failed member counts it and sends the callback
+    assert query(db_url, "SELECT control_plane.cancel_job(%s) AS r", (holder.message_id,)) == [{"r": "cancelled"}]
+    failed = next(i for i in ids if job(db_url, i)["status"] == "failed")
+    assert query(db_url, "SELECT control_plane.retry_job(%s) AS r", (failed,)) == [{"r": True}]
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.group_done'"
+                                       " AND status = 'completed'") == [{"n": 1}], what="the group's callback")
+    assert job(db_url, failed)["status"] == "completed"
+
+
+def test_a_group_sent_with_a_delay_past_its_barriers_ttl_sends_its_callback(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the sender's barrier_ttl (24 h by default) shorter than the delay a group is sent
+    # with: as group(...).run(delay=<25 h>) with the default, scaled down to 2 s and 4 s
+    hook = next(m for m in tasks.broker.middleware if isinstance(m, GroupCallbacks))
+    monkeypatch.setattr(hook, "barrier_ttl", 2_000)
+    # (a member that is a pipeline: its last step, which carries the group, is sent by a worker)
+    members = group([actors.noop.message(0), pipeline([actors.noop.message(1), actors.noop.message()])])
+    members.add_completion_callback(actors.group_done.message("after the delay"))
+    # When it is sent (a Celery chord sent with a countdown), and a worker runs it once due
+    members.run(delay=4_000)
+    ids = [members.children[0].message_id, members.children[1].messages[-1].message_id]  # type: ignore[union-attr]
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE id = ANY(%s::uuid[]) AND "
+                                       "status IN ('completed', 'failed')", (ids,)) == [{"n": 2}],
+                 what="both members' outcomes")
+    # Then its completion callback was sent with the last member's count: its barrier had
+    # expired before any member ran, the members ended completed and only a worker's log said so
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.group_done'") == [{"n": 1}]

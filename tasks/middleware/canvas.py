@@ -266,7 +266,18 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
         if counted and before is not None and before <= 1:
             with enqueue_in(conn):
                 for callback in callbacks:
-                    broker.enqueue(Message(**callback))
+                    sent: Message[Any] = Message(**callback)
+                    queued = broker.enqueue(sent)
+                    if queued.message_id != sent.message_id:
+                        # A duplicate of a live job holding its unique key: that job is no callback
+                        # of this group (it was sent before the group was done), so the callback
+                        # would never run for it. Said as a pipeline's next step says it; rolled back
+                        # with the count: a retry of this member, once the holder ended, sends it.
+                        raise Conflict(
+                            f"job {queued.message_id} holds its unique key {queued.options.get('unique_key')!r}: "
+                            f"the completion callback ({sent.actor_name}, job {sent.message_id}) would be that "
+                            "job, which is no callback of this group; keep unique keys off groups' callbacks"
+                        )
 
     def _count(
         self, conn: Any, message: Any, group: str, *, last: bool, prepare: bool = False
