@@ -59,7 +59,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 from models import queries
 from tasks import db
 from tasks.embedded import EmbeddedServerError
-from tasks.errors import Cancelled, NotSerializable
+from tasks.errors import Cancelled, Conflict, NotSerializable
 from tasks.lease_keeper import encode_options
 from tasks.middleware.option_checks import check_eta, check_follow_ups, check_message_options, check_queue_name
 from tasks.middleware.unique_keys import unique_key_of
@@ -819,6 +819,29 @@ class _QueueState:
                 pass
 
 
+def _refuse_a_workflows_duplicate(message: Message[Any], holder: str, key: str) -> None:
+    """Raise ``Conflict`` for a pipeline's first step or a group's member that a send found to be
+    a duplicate of the live job ``holder`` by its unique ``key``: that job is no part of the
+    workflow, so the pipeline would never go on, or the group's callbacks never be sent, and its
+    caller would wait out its timeout with nothing to say why. (A pipeline's later step, sent by
+    the step before it, fails that step instead: ``tasks.middleware.canvas``.) The other messages
+    of the send are sent, unless it joined the caller's transaction (``enqueue_in``), which the
+    exception then rolls back."""
+    options = message.options
+    if queries.PIPE_SENT_BY in options:
+        return
+    if "pipe_target" in options:
+        role = "the first step of a pipeline, whose next steps would never be sent"
+    elif "group_completion_uuid" in options:
+        role = f"a member of group {options['group_completion_uuid']}, whose completion callbacks would never be sent"
+    else:
+        return
+    raise Conflict(
+        f"job {holder} holds the unique key {key!r} of {message.actor_name} (job {message.message_id}), "
+        f"{role}: that job is no part of it; keep unique keys off pipelines' and groups' messages"
+    )
+
+
 class PostgresBroker(dramatiq.Broker):
     """A Dramatiq broker that keeps its messages in PostgreSQL.
 
@@ -1384,6 +1407,7 @@ class PostgresBroker(dramatiq.Broker):
                 existing,
                 rows["unique_keys"][i],
             )
+            _refuse_a_workflows_duplicate(message, existing, rows["unique_keys"][i])
             # The holder's actor and queue too: its result is found under them (keys span actors).
             actor_name, queue_name = holders.get(existing, (message.actor_name, message.queue_name))
             sent[i] = message.copy(message_id=existing, actor_name=actor_name, queue_name=queue_name)

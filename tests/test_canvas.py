@@ -22,6 +22,7 @@ from dramatiq.middleware import GroupCallbacks, Pipelines
 from dramatiq.results import ResultFailure, ResultMissing, Results
 
 import tasks
+from tasks.errors import Conflict
 from tasks.middleware import canvas as canvas_module
 from tasks.middleware.canvas import _CHILD_PASS, pipeline_end
 from tests import actors
@@ -1064,3 +1065,33 @@ def test_a_group_sent_with_a_delay_past_its_barriers_ttl_sends_its_callback(
     # Then its completion callback was sent with the last member's count: its barrier had
     # expired before any member ran, the members ended completed and only a worker's log said so
     assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.group_done'") == [{"n": 1}]
+
+
+def test_a_pipeline_or_group_whose_keyed_message_is_a_duplicate_of_a_live_job_is_refused_at_its_send(
+    db_url: str,
+) -> None:
+    # Given a live job (delayed) holding a unique key
+    holder = actors.noop.send_with_options(args=("holder",), unique_key="nightly:7", delay=600_000)
+    jobs_before = query(db_url, "SELECT count(*) AS n FROM control_plane.jobs")
+    # When a pipeline whose first step carries that key is run
+    steps = pipeline([actors.noop.message_with_options(args=(1,), unique_key="nightly:7"), actors.noop.message(2)])
+    # Then the caller hears it at the send, the holder named: that job is no step of this pipeline,
+    # which would never go on (its caller waited out its get_result timeout, with nothing saying why)
+    with pytest.raises(Conflict, match=f"job {holder.message_id} holds the unique key 'nightly:7' of tests.noop .*"
+                                       "the first step of a pipeline"):  # fmt: skip
+        steps.run()
+    # When a group with such a member is run inside the caller's transaction
+    members = group([actors.noop.message(3), actors.noop.message_with_options(args=(4,), unique_key="nightly:7")])
+    members.add_completion_callback(actors.group_done.message("never"))
+    conn = psycopg2.connect(db_url)
+    try:
+        with pytest.raises(Conflict, match=r"a member of group .*, whose completion callbacks would never be sent"):
+            with tasks.enqueue_in(conn):
+                members.run()
+    finally:
+        conn.close()
+    # Then nothing of it was sent: neither its other member nor its barrier
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == jobs_before
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.rate_limits") == [{"n": 0}]
+    # And a keyed send on its own still returns the holder, as before
+    assert actors.noop.send_with_options(args=(5,), unique_key="nightly:7").message_id == holder.message_id
