@@ -89,6 +89,8 @@ class Keeper:
         self.keeping_since: float | None = None
         self.gave_up = False
         self.failing = False
+        #: The worker process is stopped (SIGSTOP, Ctrl-Z): see parent_stopped.
+        self.stopped = False
 
     def run(self, stdin: int) -> None:
         """Until the parent's end of the pipe closes, or the parent is gone (this process was
@@ -109,7 +111,7 @@ class Keeper:
             kept = (self.last_beat + self.kept_for if self.gave_up else now) - self.keeping_since
             say(f"worker {self.worker} heartbeats again after {now - self.last_beat:.0f} s: its leases were kept for "
                 f"{kept:.0f} s" + (" (then given up)" if self.gave_up else ""))  # fmt: skip
-        self.last_beat, self.keeping_since, self.gave_up = now, None, False
+        self.last_beat, self.keeping_since, self.gave_up, self.stopped = now, None, False, False
 
     def tick(self, now: float) -> None:
         silent = now - self.last_beat
@@ -121,6 +123,13 @@ class Keeper:
                 f"({self.kept_for:.0f}): its leases are no longer kept, and its jobs go back to the queue once they "
                 "run out")  # fmt: skip
             return
+        if self.parent_stopped():
+            if not self.stopped:
+                self.stopped = True
+                say(f"worker {self.worker} is stopped (SIGSTOP, Ctrl-Z): its leases are not kept, and its jobs go "
+                    "back to the queue once they run out")  # fmt: skip
+            return
+        self.stopped = False
         try:
             kept = self.keep()
         except Exception as exc:  # (psycopg2's errors, and psycopg2 not found)
@@ -136,6 +145,17 @@ class Keeper:
             say(f"worker {self.worker}: no heartbeat for {silent:.0f} s (its threads do not run: a job holding "
                 "the GIL in one long call, C code, a regex, a huge sort, or a stopped process; or its heartbeats "
                 f"fail: the database out of reach): keeping the leases of its {kept} claim(s) meanwhile")  # fmt: skip
+
+    def parent_stopped(self) -> bool:
+        """True while the worker process is stopped by a signal (``T`` in ``/proc/PID/stat``): it
+        runs none of its jobs, which another worker should have once its leases run out, as
+        before keepers were. A process held by a debugger or a profiler (``t``) is not: it goes
+        on once let go. Without ``/proc`` (not Linux): False."""
+        try:
+            with open(f"/proc/{self.parent}/stat", "rb") as stat:
+                return stat.read().rsplit(b")", 1)[1].split()[0] == b"T"
+        except (OSError, IndexError):
+            return False
 
     def keep(self) -> int:
         if self.conn is None:

@@ -176,6 +176,33 @@ def test_a_lease_keeper_exits_with_its_worker_process_and_the_leases_run_out(db_
         os.kill(sleeper, signal.SIGKILL)
 
 
+def test_a_stopped_worker_process_loses_its_leases_its_keeper_does_not_keep_them(db_url: str, tmp_path: Path) -> None:
+    # Given a worker process running a job, and its lease keeper
+    with running_worker(db_url, tmp_path) as worker:
+        sent = actors.wait_for_gate.send("stopped")
+        wait_for(lambda: job(db_url, sent.message_id)["status"] == "running", 60, "the job to start")
+        (pid,) = worker.worker_pids()
+        assert any("lease_keeper.py" in _cmdline(p) for p in _children(pid)), "no keeper"
+        # When the process is stopped (SIGSTOP, Ctrl-Z): it runs none of its jobs
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Then its job's lease runs out, as before keepers (which kept it for ten minutes):
+            # it is put back for another worker
+            def put_back() -> bool:
+                reap_from_another_worker()
+                return "stopped heartbeating" in (job(db_url, sent.message_id)["last_error"] or "")
+
+            wait_for(put_back, 60, "the job's lease to run out")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # And once it runs again, its log says why its keeper kept nothing
+        assert worker.log_path is not None
+        wait_for(lambda: "is stopped (SIGSTOP, Ctrl-Z): its leases are not kept" in worker.log_path.read_text(),
+                 30, "the keeper's line")  # fmt: skip
+        open_gate(db_url, "stopped")
+        wait_for(lambda: job(db_url, sent.message_id)["status"] == "completed", 60, "the job to end")
+
+
 def test_a_lease_keeper_that_died_is_started_again(db_url: str, tmp_path: Path) -> None:
     # Given a worker process and its lease keeper
     with running_worker(db_url, tmp_path) as worker:
