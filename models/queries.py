@@ -853,6 +853,10 @@ RESUME_QUEUE = "SELECT control_plane.resume_queue(%(queue)s)"
 
 #: Whether a queue is one this deployment knows: an actor its workers declared sends to it, or
 #: it holds messages (a pause of a misspelt name would hold nothing back).
+#: The queue the workers declared an actor on (``control_plane.actor_defaults``): a send or a
+#: schedule by name to another queue would wait for good for a worker of that queue.
+ACTOR_DECLARED_QUEUE = "SELECT queue FROM control_plane.actor_defaults WHERE actor = %(actor)s"
+
 QUEUE_KNOWN = """SELECT EXISTS (SELECT FROM control_plane.actor_defaults WHERE queue = %(queue)s)
     OR EXISTS (SELECT FROM control_plane.messages WHERE queue = %(queue)s)"""
 

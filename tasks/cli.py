@@ -5,7 +5,6 @@ the embedded database."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -22,12 +21,12 @@ from typing import Any
 
 import psycopg2
 import psycopg2.errors
-from dramatiq.asyncio import async_to_sync
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed
 
 from models import queries
 from tasks import db
 from tasks.errors import ConfigurationError
+from tasks.middleware.option_checks import call_problem
 from tasks.redaction import redact
 from tasks.settings import Settings, retention_problem
 
@@ -454,27 +453,11 @@ def _why_not(conn: Any, job_id: str, allowed: str, done: str) -> UserError:
     return UserError(f"job {job_id} is {rows[0]['status']}: only {allowed} jobs can be {done}")
 
 
-#: The code of the wrapper Dramatiq's ``async_to_sync`` puts around an ``async def`` actor.
-_ASYNC_TO_SYNC_CODE = async_to_sync(lambda: None).__code__  # type: ignore[arg-type, return-value]
-
-
 def _check_call(name: str, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> None:
-    """Refuse arguments the actor's function cannot take: the job would fail at every attempt,
-    minutes of backoff apart. A function behind another decorator is not checked: its wrapper
-    may take other arguments than the function it names (``__wrapped__``) would."""
-    wrapped = getattr(fn, "__wrapped__", None)
-    if wrapped is not None and getattr(fn, "__code__", None) is _ASYNC_TO_SYNC_CODE:
-        fn = wrapped  # an async actor: Dramatiq's async_to_sync takes the coroutine function's arguments
-    if inspect.unwrap(fn) is not fn:
-        return
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # (a builtin or an extension's function may have none)
-        return
-    try:
-        signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"{name} cannot be called with these arguments: {exc}") from None
+    """Refuse arguments the actor's function cannot take (:func:`call_problem`)."""
+    problem = call_problem(fn, tuple(args), kwargs)
+    if problem:
+        raise UserError(f"{name} cannot be called with these arguments: {problem}")
 
 
 def _check_declared_queue(actor: str, queue: str) -> None:
@@ -485,7 +468,7 @@ def _check_declared_queue(actor: str, queue: str) -> None:
 
     try:
         with tasks.connection() as conn, conn.cursor() as cur:
-            cur.execute("SELECT queue FROM control_plane.actor_defaults WHERE actor = %s", (actor,))
+            cur.execute(queries.ACTOR_DECLARED_QUEUE, {"actor": actor})
             row = cur.fetchone()
     except (psycopg2.errors.UndefinedTable, psycopg2.errors.InsufficientPrivilege):
         return  # (a schema before migration 0015, or a role that may not read it: nothing to go by)
@@ -776,6 +759,14 @@ def _check_retentions(conn: Any, named: Iterable[tuple[str, str]]) -> None:
             _scalar(conn, "SELECT %(value)s::interval", {"value": value})
         except UserError:
             problem = problem or f"{value!r} is not a PostgreSQL interval"
+        else:
+            try:
+                # The prune's cut-off: an interval of thousands of years reaches before 4713 BC,
+                # and every prune then failed ("timestamp out of range"), completed jobs kept too.
+                _scalar(conn, "SELECT now() - %(value)s::interval", {"value": value})
+            except UserError:
+                problem = problem or (f"{value!r} reaches before the earliest time PostgreSQL holds (4713 BC): "
+                                      "to keep jobs for ever, give a few centuries ('500 years')")
         if problem:
             raise UserError(f"{name} must be a PostgreSQL interval such as '7 days': {problem}")
 

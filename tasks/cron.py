@@ -45,9 +45,12 @@ _FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
 )
 
 #: How far :meth:`CronSchedule.previous` and :meth:`CronSchedule.next` look before
-#: deciding an expression never matches (``0 0 30 2 *``: February 30th): eight years,
-#: the longest gap between two February 29ths (2096 to 2104).
-_HORIZON = timedelta(days=366 * 8 + 1)
+#: deciding an expression never matches (``0 0 30 2 *``: February 30th): 41 years, the
+#: longest gap between two February 29ths on one weekday (2072 to 2112, across 2100, which
+#: has none), for a date whose day of week must match too (``0 0 29 2 */7``, both day fields
+#: then matching); a date other than February 29th falls on one weekday at most 12 years apart,
+#: and February 29th itself at most 8 (2096 to 2104).
+_HORIZON = timedelta(days=366 * 41)
 
 
 class CronError(ValueError):
@@ -135,9 +138,10 @@ class CronSchedule:
             days_restricted=not fields[2].startswith("*"),
             weekdays_restricted=not fields[4].startswith("*"),
         )
-        # Every day-of-month and month combination recurs within the horizon from 2000, a leap year.
+        # Every day-of-month, month and day-of-week combination recurs within the horizon from 2000.
         if schedule.next(datetime(2000, 1, 1, tzinfo=UTC)) is None:
-            raise CronError(f"{expression!r} never fires: no date has that day of month in that month")
+            raise CronError(f"{expression!r} never fires: no date has that day of month in that month"
+                            + (" on that day of week" if len(schedule.weekdays) < 7 else ""))
         return schedule
 
     def _day_matches(self, when: datetime) -> bool:

@@ -35,12 +35,13 @@ from typing import Any, TypeVar
 
 import dramatiq
 import psycopg2
+import psycopg2.errors
 from dramatiq.message import Message
 
 from models import queries
 from tasks import db
 from tasks.cron import CronSchedule, as_utc
-from tasks.middleware.option_checks import check_message_options, check_queue_name
+from tasks.middleware.option_checks import call_problem, check_message_options, check_queue_name
 from tasks.middleware.time_ordered_ids import time_ordered_id
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ def schedule(
     (``max_attempts``, ``unique_key``, ``priority``, ``time_limit``, ...); any other
     keyword (``timezone=``: cron is in UTC) raises ``ValueError``.
     Raises :class:`tasks.cron.CronError` for a bad expression, or one that
-    never fires (``0 0 31 2 *``).
+    never fires (``0 0 31 2 *``), and ``TypeError`` for arguments ``actor`` (an actor,
+    not a name) cannot take.
     """
     parsed = CronSchedule.parse(cron)
     unknown = sorted(set(options) - _message_options())
@@ -126,6 +128,11 @@ def schedule(
         actor_name, queue = actor, queue_name
     else:
         actor_name, queue = actor.actor_name, actor.queue_name
+        problem = call_problem(actor.fn, tuple(args), dict(kwargs or {}))
+        if problem:
+            # Else every tick's job failed with this TypeError at each of its attempts, days apart.
+            raise TypeError(f"schedule {name or actor_name!r}: {actor_name} cannot be called with "
+                            f"args {tuple(args)!r} and kwargs {dict(kwargs or {})!r}: {problem}")
     # Refused now, at import, rather than by every tick's send.
     check_queue_name(queue, f"schedule {name or actor_name!r}: ")
     check_message_options(options, actor_name)
@@ -206,6 +213,17 @@ def utc_now() -> datetime:
 SKEW_WARNING = timedelta(seconds=2)
 
 
+#: How long a clock waits for a tick that another clock's open transaction holds before it leaves
+#: the tick to that clock (a claim commits within milliseconds; one held longer is a clock that
+#: froze or lost its network mid-claim, and waiting on it stopped this clock's round for good).
+CLAIM_LOCK_TIMEOUT = "5s"
+
+#: A clock's session that sits this long inside a transaction is ended by the server, releasing
+#: its claims (a frozen or cut-off clock's; without it, the server kept them until TCP keepalive
+#: gave up, over two hours by default, and every other clock waited on them).
+IDLE_IN_TRANSACTION_TIMEOUT = "30s"
+
+
 #: How many schedules a clock's start lines name; the rest are counted (``--list`` shows them all).
 NAMED_AT_START = 20
 
@@ -263,7 +281,11 @@ class Clock:
                 import tasks
 
                 self._url = tasks.database_url()
-            self._conn = db.connect(self._url, application_name="controlplane-clock")
+            conn = db.connect(self._url, application_name="controlplane-clock")
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                            (IDLE_IN_TRANSACTION_TIMEOUT,))
+            self._conn = conn
         return self._conn
 
     def close(self) -> None:
@@ -335,16 +357,41 @@ class Clock:
 
     def _enqueue_tick(self, entry: Schedule, tick: datetime) -> str | None:
         """Claim the tick and send its message in one transaction; None when another clock has it."""
-        from tasks.broker import PostgresBroker, enqueue_in
-
         broker = self.broker
         message = entry.message(broker)
         params = {"name": entry.name, "tick_at": tick, "job_id": message.message_id}
         conn = self._connection()
+        if entry.actor_name not in broker.actors:
+            # An actor addressed by name: its jobs would wait for good in a queue its workers do not
+            # read (as `controlplane send` refuses, naming the queue they declared it on).
+            with conn, conn.cursor() as cur:
+                cur.execute(queries.ACTOR_DECLARED_QUEUE, {"actor": entry.actor_name})
+                row = cur.fetchone()
+            if row is not None and row[0] != message.queue_name:
+                raise ValueError(
+                    f"actor {entry.actor_name!r} is declared by its workers on queue {row[0]!r} "
+                    f"(control_plane.actor_defaults), not {message.queue_name!r}: its job would wait there for "
+                    f"good; give the schedule queue_name={row[0]!r}, or load the actor's module in the clock"
+                )
+        try:
+            return self._claim_and_send(conn, broker, message, params)
+        except psycopg2.errors.LockNotAvailable:
+            logger.warning("schedule %s: tick %s is held by another clock's transaction open for over %s; "
+                           "left to it (the next look runs it if that clock never commits)",
+                           entry.name, tick.isoformat(), CLAIM_LOCK_TIMEOUT)
+            return None
+
+    def _claim_and_send(self, conn: Any, broker: dramatiq.Broker, message: Message[Any],
+                        params: dict[str, Any]) -> str | None:
+        from tasks.broker import PostgresBroker, enqueue_in
+
         with conn:  # BEGIN ... COMMIT (ROLLBACK on an exception)
             with conn.cursor() as cur:
+                cur.execute("SELECT set_config('lock_timeout', %s, true)", (CLAIM_LOCK_TIMEOUT,))
                 cur.execute(queries.CLAIM_TICK, params)
-                if cur.fetchone() is None:
+                claimed = cur.fetchone() is not None
+                cur.execute("SET LOCAL lock_timeout TO DEFAULT")
+                if not claimed:
                     return None  # another clock enqueued this tick (or a newer one)
             if isinstance(broker, PostgresBroker):
                 with enqueue_in(conn):

@@ -181,3 +181,15 @@ def test_bad_expressions_name_the_field(expression: str, message: str) -> None:
     # Then a CronError says which field is wrong and why
     with pytest.raises(CronError, match=message.replace("(", r"\(")):
         CronSchedule.parse(expression)
+
+def test_a_date_and_weekday_that_meet_only_every_few_years_are_not_refused_as_never_firing() -> None:
+    # Given October 18th when it is a Sunday (a stepped day of week starts with '*': both day fields
+    # must match, as in Vixie cron): a Sunday in 2015, 2020, 2026, but in no year from 2000 to 2008
+    cron = "0 0 18 10 */7"
+    # When it is declared, Then it is taken, and fires on 2026-10-18, a Sunday
+    assert CronSchedule.parse(cron).next(datetime(2026, 1, 1, tzinfo=UTC)) == datetime(2026, 10, 18, tzinfo=UTC)
+    # And February 1st or 22nd when it is a Wednesday (2023, then 2034): its next tick is found,
+    # not "none" (`controlplane clock --list` showed no next tick)
+    rare = CronSchedule.parse("8 16 */21 2 3")
+    assert rare.next(datetime(2026, 1, 3, tzinfo=UTC)) == datetime(2034, 2, 1, 16, 8, tzinfo=UTC)
+    assert rare.previous(datetime(2034, 1, 1, tzinfo=UTC)) == datetime(2023, 2, 22, 16, 8, tzinfo=UTC)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -799,3 +800,122 @@ def test_the_clock_sends_prune_and_a_worker_runs_it(db_url: str, tmp_path: Path)
     assert {r["type"] for r in query(db_url, "SELECT type FROM control_plane.jobs")} == {"recent", "controlplane.prune"}
     result = query(db_url, "SELECT result FROM control_plane.jobs WHERE id = %s", (tick.job_id,))[0]["result"]
     assert result["jobs_and_results"] == 1
+
+def test_a_clock_frozen_inside_its_claim_does_not_stop_every_other_clock(db_url: str, tmp_path: Path) -> None:
+    # Given a clock that claimed schedule tests.pair_a's tick in its transaction and then froze
+    # before its COMMIT (`docker pause`, a VM stall, a network cut: the server keeps its session,
+    # and the row lock, until TCP keepalive gives up, over two hours by default). Its claims of
+    # this minute and the next two, so that the other clock's look finds one of them held.
+    frozen = psycopg2.connect(db_url)
+    with frozen.cursor() as cur:
+        cur.execute(
+            "INSERT INTO control_plane.schedule_ticks (schedule_name, tick_at, job_id) "
+            "SELECT 'tests.pair_a', date_trunc('minute', statement_timestamp()) + m * interval '1 minute', %s "
+            "FROM generate_series(0, 2) AS m",
+            (str(uuid.uuid4()),),
+        )
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "clock.log"
+    try:
+        # When another clock process looks (`controlplane clock --once`, as a second replica's round)
+        with open(log, "w") as out:
+            clock = subprocess.Popen(
+                [sys.executable, "-m", "tasks.cli", "clock", "--once", "--module", "tests.clock_pair_schedules"],
+                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            # Then it still enqueues the other schedule's tick, and its round ends
+            wait_for(
+                lambda: query(db_url, "SELECT 1 FROM control_plane.schedule_ticks WHERE schedule_name = 'tests.pair_b'")
+                or clock.poll() is not None,
+                what="the other schedule's tick",
+            )
+            assert query(db_url, "SELECT 1 FROM control_plane.schedule_ticks WHERE schedule_name = 'tests.pair_b'"), (
+                log.read_text()
+            )
+            assert clock.wait(60) == 0, log.read_text()
+        finally:
+            if clock.poll() is None:
+                clock.kill()
+                clock.wait()
+    finally:
+        frozen.rollback()
+        frozen.close()
+
+
+def test_a_schedule_whose_arguments_its_actor_cannot_take_is_refused_when_declared() -> None:
+    # Given an actor taking one optional argument (tests.noop(value=None))
+    # When a schedule of it is declared with arguments it cannot take (the actor's signature
+    # changed, the schedule's did not), as `controlplane send` refuses them
+    # Then it is refused at import, naming the schedule, rather than every tick's job failing with
+    # TypeError 20 times, days of backoff apart
+    try:
+        with pytest.raises(TypeError, match=r"schedule 'tests.pair_bad_args'.*cannot be called"):
+            schedule("* * * * *", actors.noop, args=(1, 2), name="tests.pair_bad_args")
+        with pytest.raises(TypeError, match=r"schedule 'tests.pair_bad_kwargs'.*cannot be called"):
+            schedule("* * * * *", actors.noop, kwargs={"amount": 1}, name="tests.pair_bad_kwargs")
+        assert not {"tests.pair_bad_args", "tests.pair_bad_kwargs"} & {s.name for s in schedules()}
+        # And arguments it can take are accepted
+        schedule("* * * * *", actors.noop, kwargs={"value": 1}, name="tests.good_args")
+    finally:
+        for name in ("tests.pair_bad_args", "tests.pair_bad_kwargs", "tests.good_args"):
+            unschedule(name)
+
+
+def test_a_retention_past_the_earliest_time_postgresql_holds_is_refused_at_start_not_at_every_prune(
+    db_url: str,
+) -> None:
+    # Given "keep failed jobs forever" written as 10,000 years: an interval PostgreSQL reads, but
+    # now() minus it is before 4713 BC, which no timestamp holds
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT),
+           "CONTROLPLANE_RETENTION_FAILED": "10000 years"}
+    # (every prune then fails, "timestamp out of range", and keeps the completed jobs too)
+    query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, status, created_at, completed_at) VALUES "
+                  "(gen_random_uuid(), 'old', 'default', 'completed', now() - interval '9 days', "
+                  "now() - interval '8 days')")  # fmt: skip
+    conn = psycopg2.connect(db_url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur, pytest.raises(psycopg2.DataError, match="timestamp out of range"):
+            maintenance.prune_rows(cur, "7 days", "10000 years")
+    finally:
+        conn.close()
+    # When a clock starts with it
+    base = [sys.executable, "-m", "tasks.cli", "clock", "--once", "--module", "tests.periodic_schedules"]
+    done = subprocess.run(base, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Then it stops at once naming the setting, as for a value the server cannot read (docs/operations.md,
+    # "Retention"), rather than start and have the daily prune fail every day
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "CONTROLPLANE_RETENTION_FAILED must be a PostgreSQL interval" in done.stderr, done.stderr
+    # And `controlplane prune` names the option, not only "the database refused: timestamp out of range"
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "prune", "--failed-after", "10000 years"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1 and "--failed-after must be a PostgreSQL interval" in done.stderr, done.stderr
+
+
+def test_a_schedule_by_name_to_a_queue_its_workers_do_not_declare_it_on_is_not_sent_there_silently(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given workers that declare tests.noop on queue 'default' (control_plane.actor_defaults, as
+    # every worker records), and a schedule of it by name, written as a Celery beat entry would be,
+    # without the queue ("billing" is where the clock's module thinks it runs)
+    with running_worker(db_url, tmp_path):
+        wait_for(lambda: query(db_url, "SELECT 1 FROM control_plane.actor_defaults WHERE actor = 'tests.noop'"),
+                 what="the worker to declare its actors")  # fmt: skip
+    entry = Schedule(name="tests.pair_by_name", cron=CronSchedule.parse("* * * * *"), actor_name="tests.noop",
+                     queue_name="billing")  # fmt: skip
+    broker_actors = dict(tasks.broker.actors)
+    tasks.broker.actors.pop("tests.noop")  # (the clock's process does not import the workers' module)
+    try:
+        clock = Clock(schedules=[entry], url=db_url, broker=tasks.broker)
+        with caplog.at_level("ERROR", logger="tasks.periodic"):
+            won = clock.run_pending()
+        clock.close()
+    finally:
+        tasks.broker.actors.clear()
+        tasks.broker.actors.update(broker_actors)
+    # Then no job waits in a queue no worker of that actor reads (`controlplane send` refuses the
+    # same send, naming the queue its workers declared): the tick is not sent, and says why
+    stuck = query(db_url, "SELECT queue FROM control_plane.jobs WHERE type = 'tests.noop' AND queue = 'billing'")
+    assert won == [] and stuck == [], stuck
+    assert "declared by its workers on queue 'default'" in caplog.text, caplog.text

@@ -28,10 +28,13 @@ to send it, far from the code that built the pipeline).
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
+from dramatiq.asyncio import async_to_sync
 from dramatiq.middleware import Middleware
 
 from models.queries import INT_RANGE
@@ -223,3 +226,28 @@ class SendOptionChecks(OptionChecks):
         check_message_options(options, message.actor_name)
         if "pipe_target" in options or "group_completion_callbacks" in options:
             check_follow_ups(options, message.actor_name)
+
+
+#: The code of the wrapper Dramatiq's ``async_to_sync`` puts around an ``async def`` actor.
+_ASYNC_TO_SYNC_CODE = async_to_sync(lambda: None).__code__  # type: ignore[arg-type, return-value]
+
+
+def call_problem(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why an actor's function ``fn`` cannot be called with ``args`` and ``kwargs``, else None:
+    its job would fail at every attempt, minutes to days of backoff apart (``controlplane send``
+    and ``schedule()`` refuse such arguments). A function behind another decorator is not
+    checked: its wrapper may take other arguments than the function it names (``__wrapped__``)."""
+    wrapped = getattr(fn, "__wrapped__", None)
+    if wrapped is not None and getattr(fn, "__code__", None) is _ASYNC_TO_SYNC_CODE:
+        fn = wrapped  # an async actor: Dramatiq's async_to_sync takes the coroutine function's arguments
+    if inspect.unwrap(fn) is not fn:
+        return None
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # (a builtin or an extension's function may have none)
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        return str(exc)
+    return None
