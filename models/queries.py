@@ -774,6 +774,15 @@ WHERE j.id = ANY(%(ids)s::uuid[])
                 AND (e->>'at')::timestamptz >= now() - make_interval(secs => %(secs)s))
 """
 
+#: A claim whose lease ran out in its worker's eyes (no heartbeat within a lease), asked of before
+#: a thread starts its message: a row when it is still this worker's, its lease extended; none when
+#: the reaper took it (put back, maybe run elsewhere).
+RENEW_CLAIM = """
+UPDATE control_plane.messages SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+WHERE id = %(id)s AND claim_token = %(token)s
+RETURNING 1
+"""
+
 #: Forget a worker that shut down cleanly.
 WORKER_GONE = "DELETE FROM control_plane.worker_heartbeats WHERE id = %(worker)s"
 

@@ -553,6 +553,12 @@ class PgMessageProxy(dramatiq.MessageProxy):
         self.ended_unstarted = False
         #: When a worker thread started it (monotonic seconds; 0: not started).
         self.started_mono = 0.0
+        #: Until when its claim is this worker's for sure (monotonic seconds, on this host's clock):
+        #: its claim, then each heartbeat that extended it, set it a lease on from just before their
+        #: statement. A thread does not start it past that: the reaper may have put it back meanwhile
+        #: (this process stopped, frozen, or cut off from the database past its lease), and another
+        #: worker run it (``PostgresBroker._started``).
+        self.lease_until = math.inf
         # The message's fields as the proxy's own attributes: Dramatiq and the
         # middleware read them a score of times per message, each time through
         # MessageProxy.__getattr__ otherwise. The message is frozen; options and
@@ -780,6 +786,9 @@ class _QueueState:
     unstarted: list[PgMessageProxy] = field(default_factory=list)
     #: started by a worker thread, ``running`` not yet written (oldest first).
     starts: dict[str, PgMessageProxy] = field(default_factory=dict)
+    #: handed to Dramatiq, refused by the thread that came to it: its lease had run out (see
+    #: ``PostgresBroker._started``); its consumer gives it back.
+    lapsed: list[PgMessageProxy] = field(default_factory=list)
     wake_r: int = -1
     wake_w: int = -1
     #: When the oldest outcome not yet written was handed over (monotonic seconds).
@@ -960,7 +969,8 @@ class PostgresBroker(dramatiq.Broker):
             if not self._started(args[0]):
                 # Ended (its hooks sent and its caller told) or given back by its consumer: nothing
                 # to do, and no middleware may act on it again (a late on_failure, a result overwritten).
-                raise SkipMessage("cancelled or its queue paused before it started; its consumer saw to it")
+                raise SkipMessage("cancelled, its queue paused or its lease run out before it started; its "
+                                  "consumer saw to it")
         elif signal == "worker_shutdown":
             self._stop_claiming(args[0] if args else None)
         elif signal == "worker_boot":
@@ -1139,16 +1149,47 @@ class PostgresBroker(dramatiq.Broker):
         The start time also sizes its consumer's claims (see ``_capacity``).
         """
         state = self.state(message.queue_name)
+        # No heartbeat extended its claim within a lease (this process was stopped or frozen, its
+        # threads starved, or the database out of reach): the reaper may have put it back and
+        # another worker run it. Run here only if the database says the claim is still its own.
+        lapsed = time.monotonic() >= message.lease_until and not self._still_claimed(message)
         with state.lock:
             if message.ended_unstarted:
                 return False
-            message.started = True
-            message.started_mono = time.monotonic()
-            first = not state.starts
-            state.starts[message.message_id] = message
-            if first:
-                state.settle_cond.notify()
+            if lapsed:
+                # Not run here: its consumer gives it back (a no-op for a claim the reaper took).
+                message.settled = message.ended_unstarted = True
+                state.lapsed.append(message)
+            else:
+                message.started = True
+                message.started_mono = time.monotonic()
+                first = not state.starts
+                state.starts[message.message_id] = message
+                if first:
+                    state.settle_cond.notify()
+        if lapsed:
+            state.wake()
+            return False
         return True
+
+    def _still_claimed(self, message: PgMessageProxy) -> bool:
+        """Whether ``message``'s claim is still this worker's, its lease extended if so (a lease on
+        from now: ``lease_until``): asked of the database by a thread about to start a message whose
+        lease ran out here, which only a stall past a lease leaves (its lease keeper may have kept
+        it meanwhile). False when the database cannot say."""
+        before = time.monotonic()
+        try:
+            with self.connection() as conn, conn.cursor() as cur:
+                cur.execute(queries.RENEW_CLAIM, {"id": message.message_id, "token": message.claim_token,
+                                                  "lease": self.settings.lease_seconds})  # fmt: skip
+                kept = cur.fetchone() is not None
+        except psycopg2.Error as exc:
+            logger.warning("could not tell whether message %s is still claimed here (%s): not run here",
+                           message.message_id, db.loggable_error(exc))  # fmt: skip
+            return False
+        if kept:
+            message.lease_until = before + self.settings.lease_seconds
+        return kept
 
     def _listen(self) -> None:
         """Start the process's notifier, once: it wakes every consumer of this process."""
@@ -1945,6 +1986,27 @@ class _PostgresConsumer(dramatiq.Consumer):
             self.queue_name, now - self._last_heartbeat, lease, held,
         )  # fmt: skip
 
+    def _renew(self, ids: list[str], now: float) -> None:
+        """A heartbeat that began at ``now`` extended the claims ``ids`` that are still this worker's:
+        they are ours for a lease from ``now`` (the database's lease starts later). Not those whose
+        lease had run out here before it: the reaper may have taken them, and a thread about to
+        start one asks the database first (``PostgresBroker._still_claimed``)."""
+        until = now + self.settings.lease_seconds
+        with self.state.lock:
+            for message_id in ids:
+                proxy = self.state.inflight.get(message_id)
+                if proxy is not None and proxy.lease_until > now:
+                    proxy.lease_until = max(proxy.lease_until, until)
+
+    def _give_back_lapsed(self, lapsed: list[PgMessageProxy]) -> None:
+        """Messages a thread did not start, their claims no longer this worker's (``_still_claimed``):
+        ``RELEASE`` leaves alone those the reaper took, and puts back one the database could not
+        be asked about, if it is still ours."""
+        self._give_back(lapsed)
+        logger.warning("%s: %d message(s) held here unstarted were taken back by the reaper while this process "
+                       "went without a heartbeat past their lease (stopped, frozen, or cut off from the "
+                       "database): not run here (another worker may have run them)", self.queue_name, len(lapsed))
+
     def _reaped_since(self, ids: list[str], seconds: float) -> int:
         """How many of the claims ``ids`` the reaper took from this worker in the last ``seconds``.
         (Not how many are still claimed: the settler may have settled some since they were listed.)"""
@@ -1997,6 +2059,7 @@ class _PostgresConsumer(dramatiq.Consumer):
 
     def _claim(self, limit: int) -> int:
         token = str(uuid.uuid4())
+        lease_until = time.monotonic() + self.settings.lease_seconds  # (no later than the database's)
         with self.conn.cursor() as cur:
             _claim_statement(limit, pauses=self._pauses).execute(
                 cur,
@@ -2019,6 +2082,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 continue
             proxy = PgMessageProxy(message, token)
             proxy.message_timestamp = now_ms - age_ms
+            proxy.lease_until = lease_until
             with self.state.lock:
                 earlier = self.state.inflight.get(message.message_id)
                 self.state.inflight[message.message_id] = proxy
@@ -2074,6 +2138,10 @@ class _PostgresConsumer(dramatiq.Consumer):
         self.broker.results_writer.put(apart)
 
     def _housekeeping(self) -> None:
+        with self.state.lock:
+            lapsed, self.state.lapsed = self.state.lapsed, []
+        if lapsed:
+            self._give_back_lapsed(lapsed)
         now = time.monotonic()
         if now >= self._next_heartbeat:
             with self.state.lock:
@@ -2098,6 +2166,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 )
                 cancelled, skipped, paused = cur.fetchone()
             self._last_heartbeat = now
+            self._renew(ids, now)
             self.broker._beat()
             # A lease skipped because its row was being written is extended soon, not a whole
             # interval later (which, with an interval over half the lease, could let it expire).

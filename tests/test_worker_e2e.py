@@ -89,6 +89,26 @@ def test_a_job_holding_the_gil_past_the_lease_runs_once_its_lease_kept_by_its_ke
     assert "Its lease keeper kept its 1 claim(s) meanwhile" in log, log
 
 
+def test_a_job_held_unstarted_behind_one_holding_the_gil_runs_once_here_its_lease_kept(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a worker of one thread holding two jobs: the first holds the GIL for 5 s, past the 3 s
+    # lease of the second, which waits unstarted behind it
+    holder, behind = tasks.broker.enqueue_batch([actors.holds_the_gil.message(5), actors.noop.message("behind")])
+    with running_worker(db_url, tmp_path, threads=1) as worker:
+        wait_for(lambda: jobs_in(db_url, [holder.message_id, behind.message_id], "completed", "failed"), 60,
+                 "both jobs to end")  # fmt: skip
+        log = worker.log_path.read_text()  # type: ignore[union-attr]
+    # Then the second started after the first's hold, its lease run out in its worker's eyes, and
+    # ran here, once: its keeper had kept its claim, which the database confirmed (not given back)
+    (held,) = effects(db_url, "holds_the_gil")
+    (ran,) = effects(db_url, "noop")
+    assert (ran["at"] - held["at"]).total_seconds() > 4, (held, ran)
+    row = job(db_url, behind.message_id)
+    assert (row["status"], row["attempts"], row["errors"]) == ("completed", 1, []), row
+    assert "taken back by the reaper" not in log, log
+
+
 def test_a_job_holding_the_gil_runs_once_with_a_heartbeat_interval_near_the_lease(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -201,6 +221,37 @@ def test_a_stopped_worker_process_loses_its_leases_its_keeper_does_not_keep_them
                  30, "the keeper's line")  # fmt: skip
         open_gate(db_url, "stopped")
         wait_for(lambda: job(db_url, sent.message_id)["status"] == "completed", 60, "the job to end")
+
+
+def test_a_worker_stopped_past_its_lease_does_not_run_the_prefetched_job_it_lost_meanwhile(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a worker of one thread running a long job and holding a second one, unstarted
+    with running_worker(db_url, tmp_path, threads=1) as stopped:
+        (pid,) = stopped.worker_pids()
+        long_job = actors.wait_for_gate.send("long")
+        wait_for(lambda: effects(db_url, "started"), what="the long job to start")
+        prefetched = actors.noop.send("prefetched")
+        held = "SELECT count(*) AS n FROM control_plane.messages WHERE claim_token IS NOT NULL"
+        wait_for(lambda: query(db_url, held)[0]["n"] == 2, what="the worker to hold the second job")
+        # When the worker is stopped past its lease (SIGSTOP: its keeper keeps nothing), and
+        # another worker runs both jobs meanwhile
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            open_gate(db_url, "long")
+            with running_worker(db_url, tmp_path):
+                wait_for(lambda: jobs_in(db_url, [prefetched.message_id, long_job.message_id], "completed"),
+                         what="the other worker")  # fmt: skip
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # And the stopped worker goes on: its long job ends (its outcome refused: its claim is lost)
+        finished_here = "SELECT count(*) AS n FROM test_support.effects WHERE kind = 'finished' AND pid = %s"
+        wait_for(lambda: query(db_url, finished_here, (pid,))[0]["n"] == 1, what="the stopped worker's job to end")
+        # Then the job it held unstarted, whose claim the reaper took, was not run again by it
+        assert stopped.log_path is not None
+        wait_for(lambda: "were taken back by the reaper" in stopped.log_path.read_text(), what="the worker's warning")
+    ran = [e["pid"] for e in effects(db_url, "noop")]
+    assert len(ran) == 1, f"the prefetched job ran {len(ran)} times, in processes {ran} (the stopped one: {pid})"
 
 
 def test_a_lease_keeper_that_died_is_started_again(db_url: str, tmp_path: Path) -> None:
