@@ -60,16 +60,26 @@ def gss_off_unless_asked(url: str) -> dict[str, str]:
 
 def connect_options(url: str) -> dict[str, str]:
     """How every connection of this project connects to ``url`` (the lease keeper's too, which
-    gets them in its environment): a server that does not answer, or a connection cut while
-    idle, fails in seconds, not at TCP's timeouts."""
-    return {
+    gets them in its environment), but for what the URL sets itself: a server that does not
+    answer fails a connect in 10 s; keepalives notice a connection cut while idle, and
+    ``tcp_user_timeout`` one cut with a statement in flight (keepalives probe only an idle
+    connection: a statement sent after the route to the server went away, a failover to another
+    address, waited for TCP's retransmissions to give up, about 15 minutes, its thread with it;
+    a helper's review in a network namespace: failed after 20 s with it)."""
+    try:
+        given = psycopg2.extensions.parse_dsn(url)
+    except psycopg2.ProgrammingError:
+        given = {}
+    options = {
         **gss_off_unless_asked(url),
         "connect_timeout": "10",
         "keepalives": "1",
         "keepalives_idle": "10",
         "keepalives_interval": "5",
         "keepalives_count": "3",
+        "tcp_user_timeout": "30000",
     }
+    return {name: value for name, value in options.items() if name not in given}
 
 
 def connect(url: str, *, autocommit: bool = False, application_name: str = "controlplane") -> Any:

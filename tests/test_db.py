@@ -608,3 +608,21 @@ def test_a_url_libpq_would_misread_is_refused_at_start_quoting_none_of_it(name: 
         "postgres://cp:a:b?c#d@localhost/db",
     ):
         assert getattr(Settings.from_env({name: good}), name.lower()) == good
+
+
+def test_connections_give_up_on_a_server_gone_mid_statement_and_keep_what_the_url_sets(db_url: str) -> None:
+    # Given the URL a deployment gives, with and without its own connect timeout
+    plain = db.connect(db_url)
+    own = db.connect(db_url + ("&" if "?" in db_url else "?") + "connect_timeout=2&tcp_user_timeout=5000")
+    try:
+        # Then a connection notices a server gone from the network with a statement in flight
+        # (keepalives probe only idle ones: such a statement waited ~15 minutes of TCP retries),
+        # as well as idle, and a connect to one that does not answer gives up
+        params = plain.get_dsn_parameters()
+        assert (params["tcp_user_timeout"], params["keepalives"], params["connect_timeout"]) == ("30000", "1", "10")
+        # And what the URL sets is the URL's (it used to be overridden by the defaults)
+        params = own.get_dsn_parameters()
+        assert (params["tcp_user_timeout"], params["connect_timeout"]) == ("5000", "2")
+    finally:
+        plain.close()
+        own.close()
