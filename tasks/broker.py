@@ -28,11 +28,13 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import operator
 import os
 import queue as queue_module
 import re
 import select
+import signal as signal_module
 import socket
 import subprocess
 import sys
@@ -899,6 +901,10 @@ class PostgresBroker(dramatiq.Broker):
         #: Guards the keeper's fields: a pipe's number closed by one thread (its keeper gone) and reused
         #: by another's new socket must not be written to by a third that read it before.
         self._keeper_lock = threading.Lock()
+        #: The process that started this one (Dramatiq's main process) when its worker booted, if
+        #: ``multiprocessing`` started it.
+        self._boot_parent: int | None = None
+        self._boot_parent_lock = threading.Lock()
         # A forked worker process must not share its parent's sockets.
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -975,6 +981,9 @@ class PostgresBroker(dramatiq.Broker):
             self._stop_claiming(args[0] if args else None)
         elif signal == "worker_boot":
             self._keeper_wanted = True  # (started at its first heartbeat: see _start_lease_keeper)
+            # (a process Dramatiq's main process started: not an application running a Worker itself)
+            parent = multiprocessing.parent_process()
+            self._boot_parent = parent.pid if parent is not None else None  # (see _stop_if_orphaned)
         signal = "before_" + signal
         self._call(self._listeners(signal), signal, *args, **kwargs)
 
@@ -1054,6 +1063,8 @@ class PostgresBroker(dramatiq.Broker):
         self._keeper, self._keeper_wanted = None, False
         self._keeper_again_at = 0.0
         self._keeper_lock = threading.Lock()
+        self._boot_parent = None
+        self._boot_parent_lock = threading.Lock()
 
     def _start_lease_keeper(self) -> None:
         """Start this worker process's lease keeper (``tasks/lease_keeper.py``): it keeps the
@@ -1121,6 +1132,25 @@ class PostgresBroker(dramatiq.Broker):
             keeper.wait(timeout=1)  # (not left a zombie)
         logger.warning("the lease keeper is gone (%s): it is started again in two leases; until then a job "
                        "holding the GIL past the lease would run again elsewhere while it runs", error)  # fmt: skip
+
+    def _stop_if_orphaned(self) -> None:
+        """Stop this worker process, as a SIGTERM does, once the process that started it is gone.
+
+        Dramatiq's main process forwards the signals its worker processes get, writes their logs
+        and stops them all when one exits; killed itself (``kill -9`` of the PID a supervisor
+        shows, an OOM kill) it left them running for ever, orphaned: taking jobs beside the
+        workers started again, their log lines lost, unstopped by a SIGTERM to the PID that
+        the supervisor knows."""
+        parent = self._boot_parent
+        if parent is None or os.getppid() == parent:
+            return
+        with self._boot_parent_lock:  # (once, whichever consumer's heartbeat sees it: a second SIGTERM kills)
+            if self._boot_parent is None:
+                return
+            self._boot_parent = None
+        logger.error("Dramatiq's main process (PID %d) is gone: this worker process stops, as on a SIGTERM "
+                     "(its running jobs finish)", parent)
+        os.kill(os.getpid(), signal_module.SIGTERM)
 
     def lease_kept(self) -> bool:
         """Whether this process's lease keeper runs (and so keeps its leases while its threads cannot)."""
@@ -2167,6 +2197,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 cancelled, skipped, paused = cur.fetchone()
             self._last_heartbeat = now
             self._renew(ids, now)
+            self.broker._stop_if_orphaned()
             self.broker._beat()
             # A lease skipped because its row was being written is extended soon, not a whole
             # interval later (which, with an interval over half the lease, could let it expire).

@@ -254,6 +254,31 @@ def test_a_worker_stopped_past_its_lease_does_not_run_the_prefetched_job_it_lost
     assert len(ran) == 1, f"the prefetched job ran {len(ran)} times, in processes {ran} (the stopped one: {pid})"
 
 
+def test_worker_processes_whose_dramatiq_main_process_was_killed_stop(db_url: str, tmp_path: Path) -> None:
+    # Given a worker of two processes, one running a job
+    message = actors.wait_for_gate.send("orphaned")
+    with running_worker(db_url, tmp_path, processes=2) as worker:
+        pids = worker.worker_pids()
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "running", what="the job to run")
+        try:
+            # When its main process is SIGKILLed (`kill -9` of the PID a supervisor shows, an OOM
+            # kill): Dramatiq's worker processes have no parent any more, their logs nowhere to go
+            os.kill(worker.proc.pid, signal.SIGKILL)
+            worker.proc.wait()
+            open_gate(db_url, "orphaned")
+            # Then they stop as on a SIGTERM (the running job finished), rather than take jobs for
+            # ever, unseen, beside the workers a supervisor starts again
+            wait_for(lambda: not query(db_url, "SELECT id FROM control_plane.worker_heartbeats"),
+                     what="the orphaned worker processes to stop")  # fmt: skip
+            assert job(db_url, message.message_id)["status"] == "completed"
+            wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in pids),
+                     what="the orphaned processes to exit")  # fmt: skip
+        finally:
+            for pid in pids:  # (what the test started, if still there)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def test_a_lease_keeper_that_died_is_started_again(db_url: str, tmp_path: Path) -> None:
     # Given a worker process and its lease keeper
     with running_worker(db_url, tmp_path) as worker:
