@@ -2,7 +2,7 @@
 
 ``controlplane migrate`` (or :func:`upgrade`) brings a database to the newest
 version. It is idempotent, and safe when two releases run it at once: the run
-holds a transaction-scoped advisory lock, so the second waits, then finds
+holds a session-level advisory lock (released when it ends), so the second waits, then finds
 nothing left to do.
 """
 

@@ -8,6 +8,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -522,3 +523,79 @@ def test_roles_using_the_databases_other_tables_keep_connecting_once_it_is_close
         for role in (reporter, stranger):
             query(empty_db, f"REVOKE ALL ON DATABASE {empty_db.rsplit('/', 1)[-1].split('?')[0]} FROM {role}")
             query(server_url, f"DROP ROLE {role}")
+
+
+#: Sessions holding the migration lock (``migrations.MIGRATION_LOCK_KEY``, as pg_locks splits it).
+_MIGRATION_LOCK_HOLDERS = """
+SELECT l.pid FROM pg_locks AS l
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.classid::bigint = (%(k)s::bigint >> 32) AND l.objid::bigint = (%(k)s::bigint & 4294967295)
+"""
+
+
+@pytest.fixture
+def transaction_pooling(db_url: str) -> Iterator[str]:
+    """A PgBouncer in transaction pooling mode before ``db_url``'s server; its URL of that database."""
+    import pwd
+    import shutil
+    import signal
+    import socket
+    import tempfile
+
+    if shutil.which("pgbouncer") is None:
+        pytest.skip("pgbouncer is not installed")
+    runner: list[str] = []
+    if os.geteuid() == 0:  # (PgBouncer refuses to run as root)
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("pgbouncer refuses root, and there is no postgres user to run it as")
+        runner = ["su", "postgres", "-c"]
+    dsn = psycopg2.extensions.parse_dsn(db_url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = tempfile.mkdtemp(prefix="pgbouncer-")  # (not under tmp_path: PgBouncer's user must read it)
+    os.chmod(run, 0o755)
+    with open(f"{run}/users.txt", "w") as users:
+        users.write(f'"{dsn.get("user", "root")}" ""\n')
+    with open(f"{run}/pgbouncer.ini", "w") as ini:
+        ini.write(
+            f"[databases]\n* = host={dsn.get('host', '127.0.0.1')} port={dsn.get('port', 5432)}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = trust\n"
+            f"auth_file = {run}/users.txt\npool_mode = transaction\ndefault_pool_size = 4\n"
+            f"unix_socket_dir =\npidfile = {run}/pgbouncer.pid\nlogfile = {run}/pgbouncer.log\n"
+            "ignore_startup_parameters = extra_float_digits,application_name\n"
+        )
+    if runner:
+        for name in ("", "/users.txt", "/pgbouncer.ini"):
+            shutil.chown(run + name, "postgres")
+    command = ["pgbouncer", "-d", f"{run}/pgbouncer.ini"]
+    subprocess.run([*runner, " ".join(command)] if runner else command, check=True)
+    pid = int(wait_for(lambda: os.path.exists(f"{run}/pgbouncer.pid") and open(f"{run}/pgbouncer.pid").read().strip(),
+                       what="PgBouncer to start"))  # fmt: skip
+    try:
+        yield f"postgresql://{dsn.get('user', 'root')}@127.0.0.1:{port}/{dsn['dbname']}"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+        def gone() -> bool:  # (or a zombie: a daemon's parent is init, which may not reap it here)
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+            except FileNotFoundError:
+                return True
+
+        wait_for(gone, what="PgBouncer to stop")
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_a_migration_run_through_transaction_pooling_leaves_the_migration_lock_to_no_session(
+    db_url: str, transaction_pooling: str
+) -> None:
+    # Given the control plane's database behind a PgBouncer in transaction pooling mode
+    # When `controlplane migrate` runs through it (the release step of a deploy)
+    migrations.upgrade(transaction_pooling, lock_timeout=2.0, attempts=10)
+    # Then no server session is left holding the migration lock: one left holding it (an idle
+    # server session of the pooler, kept for its server_lifetime, an hour by default) made the
+    # next run that reached another server session wait for it, without a timeout
+    assert query(db_url, _MIGRATION_LOCK_HOLDERS, {"k": migrations.MIGRATION_LOCK_KEY}) == []
