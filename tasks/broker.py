@@ -2461,6 +2461,13 @@ class _PostgresConsumer(dramatiq.Consumer):
                     "worker": self.broker.worker_id,
                 },
             )
+        interrupted = [p.message_id for p in proxies if p.started]
+        if interrupted:
+            # (the jobs a worker stopping past --worker-shutdown-timeout cut off: named here, or
+            # its log said only "Worker has been shut down")
+            logger.warning("%s: %d job(s) still running as this worker stopped were interrupted (%s%s): each runs "
+                           "again, or ends failed if that was its last attempt", self.queue_name, len(interrupted),
+                           ", ".join(interrupted[:10]), ", ..." if len(interrupted) > 10 else "")  # fmt: skip
 
 
 # -- array parameters --------------------------------------------------------------

@@ -1618,15 +1618,20 @@ def test_a_results_table_found_locked_is_taken_as_busy_by_its_own_broker_only(db
         second.close()
 
 
-def test_an_attempt_interrupted_by_a_shutdown_is_counted_and_its_job_goes_back_to_the_queue(db_url: str) -> None:
+def test_an_attempt_interrupted_by_a_shutdown_is_counted_and_its_job_goes_back_to_the_queue(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # Given a job a worker thread started, before its running mark was written (a job interrupted
     # within RUNNING_MARK_DELAY_SECONDS, or whose mark the settler had not flushed yet)
     message = actors.noop.send("interrupted")
     consumer, held = claim_in_process()
     held.started = True
     # When the worker shuts down and gives it back
-    consumer.requeue([held])
-    consumer.close()
+    with caplog.at_level("WARNING", logger="tasks.broker"):
+        consumer.requeue([held])
+        consumer.close()
+    # Then its log names the job it cut off
+    assert f"1 job(s) still running as this worker stopped were interrupted ({message.message_id})" in caplog.text
     # Then the attempt counts (a job cut by every deploy does not run forever: see
     # test_a_job_a_shutdown_interrupts_on_every_attempt_fails_once_its_attempts_are_used_up),
     # says why, in last_error and in the history of attempts, and the message is back in the
