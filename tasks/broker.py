@@ -1182,7 +1182,8 @@ class PostgresBroker(dramatiq.Broker):
         # No heartbeat extended its claim within a lease (this process was stopped or frozen, its
         # threads starved, or the database out of reach): the reaper may have put it back and
         # another worker run it. Run here only if the database says the claim is still its own.
-        lapsed = time.monotonic() >= message.lease_until and not self._still_claimed(message)
+        now = time.monotonic()
+        lapsed = now >= message.lease_until and not self._still_claimed(message)
         with state.lock:
             if message.ended_unstarted:
                 return False
@@ -1192,7 +1193,7 @@ class PostgresBroker(dramatiq.Broker):
                 state.lapsed.append(message)
             else:
                 message.started = True
-                message.started_mono = time.monotonic()
+                message.started_mono = now
                 first = not state.starts
                 state.starts[message.message_id] = message
                 if first:
