@@ -135,9 +135,9 @@ def current(url: str) -> str | None:
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    from tasks.db import sqlalchemy_url
+    from tasks.db import connect_options, sqlalchemy_url
 
-    engine = create_engine(sqlalchemy_url(url), poolclass=NullPool)
+    engine = create_engine(sqlalchemy_url(url), poolclass=NullPool, connect_args=connect_options(url))
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(

@@ -36,7 +36,13 @@ def _check_lock(connection: Any) -> None:
 
 
 def run_migrations_online() -> None:
-    engine = create_engine(config.get_main_option("sqlalchemy.url") or "", poolclass=NullPool)
+    from tasks.db import connect_options
+
+    url = config.get_main_option("sqlalchemy.url") or ""
+    # (as every other connection: a connect timeout, keepalives, tcp_user_timeout; docs/operations.md,
+    # "A server gone from the network")
+    libpq_url = url.replace("postgresql+psycopg2://", "postgresql://", 1)
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_options(libpq_url))
     with engine.connect() as connection:
         # Serialise concurrent runs, for the session: each revision commits on its own. In one
         # transaction for all, a later revision waiting for a lock (0019 for a view a report had

@@ -555,8 +555,12 @@ SELECT pg_notify('control_plane_messages', q.queue)
 FROM (SELECT DISTINCT queue FROM r WHERE eta <= now() AND NOT spent) AS q
 """
 
-#: Which of some jobs are cancelled (those a RELEASE of cancelled messages ended).
-CANCELLED_AMONG = "SELECT id::text FROM control_plane.jobs WHERE id = ANY(%(ids)s::uuid[]) AND status = 'cancelled'"
+#: Which of some jobs the RELEASE just run in this transaction ended cancelled: those it ended at
+#: its ``now()``, this transaction's. Not every job cancelled among them: a claim the reaper took (a
+#: process stopped past its lease, its messages given back unstarted) may be of a job the reaper
+#: ended cancelled, sending its hooks then; the giving back must not send them again.
+CANCELLED_AMONG = """SELECT id::text FROM control_plane.jobs
+WHERE id = ANY(%(ids)s::uuid[]) AND status = 'cancelled' AND completed_at = now()"""
 
 #: Extend the leases of the claims this worker holds, and record its heartbeat.
 #: Returns the ids of held messages whose cancellation an operator requested

@@ -1142,7 +1142,9 @@ class PostgresBroker(dramatiq.Broker):
         workers started again, their log lines lost, unstopped by a SIGTERM to the PID that
         the supervisor knows."""
         parent = self._boot_parent
-        if parent is None or os.getppid() == parent:
+        # (not once it stops already, its running jobs finishing: a SIGTERM now would be the second,
+        # Dramatiq's "kill now", as when a supervisor SIGKILLs the main process past its own stop timeout)
+        if parent is None or self.stopping or os.getppid() == parent:
             return
         with self._boot_parent_lock:  # (once, whichever consumer's heartbeat sees it: a second SIGTERM kills)
             if self._boot_parent is None:
@@ -2017,16 +2019,19 @@ class _PostgresConsumer(dramatiq.Consumer):
             self.queue_name, now - self._last_heartbeat, lease, held,
         )  # fmt: skip
 
-    def _renew(self, ids: list[str], now: float) -> None:
-        """A heartbeat that began at ``now`` extended the claims ``ids`` that are still this worker's:
-        they are ours for a lease from ``now`` (the database's lease starts later). Not those whose
-        lease had run out here before it: the reaper may have taken them, and a thread about to
-        start one asks the database first (``PostgresBroker._still_claimed``)."""
+    def _renew(self, ids: list[str], now: float, done: float) -> None:
+        """A heartbeat that began at ``now`` and returned at ``done`` extended the claims ``ids`` that
+        are still this worker's: they are ours for a lease from ``now`` (the database's lease starts
+        later). Only those whose lease here outlived the statement (``done``): the database's, no
+        earlier, had not run out when it ran, so no reaper can have taken them before it. One whose
+        lease ran out while it was on its way (the thread descheduled, the statement slow) may have
+        been taken, and the heartbeat then extended nothing: a thread about to start it asks the
+        database first (``PostgresBroker._still_claimed``)."""
         until = now + self.settings.lease_seconds
         with self.state.lock:
             for message_id in ids:
                 proxy = self.state.inflight.get(message_id)
-                if proxy is not None and proxy.lease_until > now:
+                if proxy is not None and proxy.lease_until > done:
                     proxy.lease_until = max(proxy.lease_until, until)
 
     def _give_back_lapsed(self, lapsed: list[PgMessageProxy]) -> None:
@@ -2034,9 +2039,10 @@ class _PostgresConsumer(dramatiq.Consumer):
         ``RELEASE`` leaves alone those the reaper took, and puts back one the database could not
         be asked about, if it is still ours."""
         self._give_back(lapsed)
-        logger.warning("%s: %d message(s) held here unstarted were taken back by the reaper while this process "
-                       "went without a heartbeat past their lease (stopped, frozen, or cut off from the "
-                       "database): not run here (another worker may have run them)", self.queue_name, len(lapsed))
+        logger.warning("%s: %d message(s) held here unstarted were taken back by the reaper (or could not be "
+                       "confirmed as still this worker's) while this process went without a heartbeat past "
+                       "their lease (stopped, frozen, or cut off from the database): not run here (another "
+                       "worker may have run them)", self.queue_name, len(lapsed))
 
     def _reaped_since(self, ids: list[str], seconds: float) -> int:
         """How many of the claims ``ids`` the reaper took from this worker in the last ``seconds``.
@@ -2197,7 +2203,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 )
                 cancelled, skipped, paused = cur.fetchone()
             self._last_heartbeat = now
-            self._renew(ids, now)
+            self._renew(ids, now, time.monotonic())
             self.broker._stop_if_orphaned()
             self.broker._beat()
             # A lease skipped because its row was being written is extended soon, not a whole

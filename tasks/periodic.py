@@ -399,6 +399,13 @@ class Clock:
             else:
                 # Another broker cannot join this transaction: publish, then commit the
                 # tick. A crash between the two lets another clock send the tick again.
+                # The transaction sits idle while it publishes, which may block as long as the
+                # broker says (RabbitMQ's memory and disk alarms): ended by the server meanwhile
+                # (IDLE_IN_TRANSACTION_TIMEOUT), its claim would be undone with the message sent,
+                # and the next look send the tick again. (Other clocks still wait at most
+                # CLAIM_LOCK_TIMEOUT on its claim.)
+                with conn.cursor() as cur:
+                    cur.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
                 sent = broker.enqueue(message)
             if sent.message_id != message.message_id:
                 # A live job holds the message's unique key: the tick is that job.

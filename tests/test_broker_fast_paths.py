@@ -1655,3 +1655,45 @@ def test_a_prefetched_message_given_back_unstarted_costs_no_attempt(db_url: str)
     consumer.close()
     row = job(db_url, message.message_id)
     assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+
+
+def test_a_heartbeat_that_did_not_extend_a_claim_the_reaper_took_does_not_make_it_startable(db_url: str) -> None:
+    # Given a worker holding a message unstarted, its lease about to run out (its heartbeats were
+    # late: the process was stopped, its keeper keeping nothing), in the database and here alike
+    message = actors.noop.send("renewed")
+    consumer = tasks.broker.consume("default", prefetch=1, timeout=2000)
+    held = next(consumer)
+    assert held is not None and held.message_id == message.message_id
+    consumer._settler.stop()
+    query(db_url, "UPDATE control_plane.messages SET lease_expires_at = now() + interval '300 milliseconds'")
+    held.lease_until = time.monotonic() + 0.2  # (no later than the database's, as _claim sets it)
+    other = PostgresBroker(url=db_url, settings=tasks.settings)
+    consumer_b = other.consume("default", prefetch=1, timeout=2000)
+    consumer_b._settler.stop()
+    reclaimed = []
+
+    # When its consumer's heartbeat read its clock before that, and its statement ran after it (the
+    # thread descheduled in between: the GIL, a stop of a second), once the reaper had put the
+    # message back and another worker had claimed it
+    def stalled(now: float, ids: list[str]) -> None:
+        gone = "SELECT lease_expires_at < now() AS gone FROM control_plane.messages"
+        wait_for(lambda: query(db_url, gone)[0]["gone"], what="the lease to run out")
+        consumer_b._next_reap = 0
+        other._reaped_at = float("-inf")
+        got = next(consumer_b)
+        assert got is not None and got.message_id == message.message_id
+        reclaimed.append(got)
+
+    consumer._say_if_late = stalled
+    consumer._next_heartbeat = 0.0
+    consumer._housekeeping()
+    assert reclaimed
+    # Then the thread that comes to it does not start it: its claim is the other worker's
+    started = tasks.broker._started(held)
+    row = query(db_url, "SELECT claim_token::text AS t FROM control_plane.messages")[0]
+    consumer.close()
+    consumer_b.requeue(reclaimed)
+    consumer_b.close()
+    other.close()
+    assert row["t"] == reclaimed[0].claim_token != held.claim_token
+    assert not started, "started here, while another worker holds its claim: it would run twice"

@@ -599,3 +599,27 @@ def test_a_migration_run_through_transaction_pooling_leaves_the_migration_lock_t
     # server session of the pooler, kept for its server_lifetime, an hour by default) made the
     # next run that reached another server session wait for it, without a timeout
     assert query(db_url, _MIGRATION_LOCK_HOLDERS, {"k": migrations.MIGRATION_LOCK_KEY}) == []
+
+
+def test_controlplane_migrate_connects_with_the_options_every_other_connection_has(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/operations.md, "A server gone from the network": every connection the workers, the
+    # clock and the controlplane commands open gives up a connect after 10 s, and one cut with a
+    # statement in flight within 30 s (tcp_user_timeout)
+    made: list[dict[str, str]] = []
+    connect = psycopg2.connect
+
+    def recording(*args: object, **kwargs: object) -> object:
+        conn = connect(*args, **kwargs)
+        made.append(conn.get_dsn_parameters())
+        return conn
+
+    monkeypatch.setattr(psycopg2, "connect", recording)
+    # When `controlplane migrate` runs (a database at head: it connects, finds nothing to do)
+    migrations.upgrade(db_url)
+    # Then its connections have them too
+    assert made
+    for dsn in made:
+        options = (dsn.get("connect_timeout"), dsn.get("tcp_user_timeout"), dsn.get("keepalives"))
+        assert options == ("10", "30000", "1"), dsn

@@ -919,3 +919,50 @@ def test_a_schedule_by_name_to_a_queue_its_workers_do_not_declare_it_on_is_not_s
     stuck = query(db_url, "SELECT queue FROM control_plane.jobs WHERE type = 'tests.noop' AND queue = 'billing'")
     assert won == [] and stuck == [], stuck
     assert "declared by its workers on queue 'default'" in caplog.text, caplog.text
+
+
+def test_a_tick_published_to_another_broker_slower_than_the_idle_timeout_is_sent_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dramatiq.brokers.stub import StubBroker
+
+    import tasks.periodic as periodic
+
+    monkeypatch.setattr(periodic, "IDLE_IN_TRANSACTION_TIMEOUT", "1s")
+    clock_sessions = ("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'controlplane-clock' "
+                      "AND datname = current_database()")  # fmt: skip
+
+    idle_long = ("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'controlplane-clock' "
+                 "AND datname = current_database() AND state = 'idle in transaction' "
+                 "AND state_change < now() - interval '3 seconds'")  # fmt: skip
+
+    class SlowToPublish(StubBroker):
+        """Another broker (RabbitMQ): its publish is made while the clock's transaction, which
+        claimed the tick, is open. This one waits as a publish does under a RabbitMQ memory or disk
+        alarm (its connection blocked): until the server ended the clock's session, idle in it."""
+
+        published: list[str] = []
+
+        def enqueue(self, message: dramatiq.Message, *, delay: int | None = None) -> dramatiq.Message:
+            if not self.published:
+                # (until the server ended the session, or it sat idle in its transaction three times
+                # the timeout: the server then keeps it)
+                wait_for(lambda: query(db_url, clock_sessions)[0]["n"] == 0 or query(db_url, idle_long)[0]["n"],
+                         what="the idle clock session to end, or to be kept past its timeout")  # fmt: skip
+            self.published.append(message.message_id)
+            return super().enqueue(message, delay=delay)
+
+    other = SlowToPublish()
+    other.declare_queue("default")
+    entry = Schedule(name="tests.rabbit", cron=CronSchedule.parse("* * * * *"), actor_name="tests.noop", args=())
+    clock = Clock(schedules=[entry], url=db_url, broker=other)
+    now = datetime(2026, 3, 2, 10, 0, 2, tzinfo=UTC)
+    try:
+        # When the clock publishes a tick slower than its session's idle-in-transaction timeout,
+        # and looks again in the same minute (or another clock does)
+        clock.run_pending(now)
+        clock.run_pending(now)
+    finally:
+        clock.close()
+    # Then the tick was published once (at least once is for a crash between publish and commit)
+    assert len(other.published) == 1, f"one tick published {len(other.published)} times"

@@ -279,6 +279,85 @@ def test_worker_processes_whose_dramatiq_main_process_was_killed_stop(db_url: st
                     os.kill(pid, signal.SIGKILL)
 
 
+def _heartbeat_at(url: str, pid: int) -> object:
+    rows = query(url, "SELECT heartbeat_at FROM control_plane.worker_heartbeats WHERE pid = %s", (pid,))
+    return rows[0]["heartbeat_at"] if rows else None
+
+
+def test_a_worker_orphaned_while_it_stops_gracefully_lets_its_running_job_finish(db_url: str, tmp_path: Path) -> None:
+    # Given a worker process running a job
+    message = actors.wait_for_gate.send("draining")
+    with running_worker(db_url, tmp_path) as worker:
+        (pid,) = worker.worker_pids()
+        wait_for(lambda: job(db_url, message.message_id)["status"] == "running", what="the job to run")
+        try:
+            # When a supervisor stops it: SIGTERM to Dramatiq's main process, which forwards it (the
+            # worker process stops taking jobs and waits, up to --worker-shutdown-timeout, for its
+            # running one), then, past its own stop timeout (supervisord's stopwaitsecs, 10 s by
+            # default), SIGKILL to the main process only
+            worker.proc.send_signal(signal.SIGTERM)
+            assert worker.log_path is not None
+            wait_for(lambda: "Stopping worker process" in worker.log_path.read_text(), what="the forwarded SIGTERM")
+            wait_for(lambda: "Shutting down" in worker.log_path.read_text(), what="the worker to begin its stop")
+            os.kill(worker.proc.pid, signal.SIGKILL)
+            worker.proc.wait()
+            # (the orphaned process heartbeats on for its running job: two heartbeats after the kill,
+            # the second after _stop_if_orphaned ran at the first; or it is gone)
+            (now,) = query(db_url, "SELECT now() AS t")
+            first = wait_for(lambda: _zombie(pid) or ((t := _heartbeat_at(db_url, pid)) is not None
+                                                         and t > now["t"] and t),
+                             what="a heartbeat after the kill")  # fmt: skip
+            if first is not True:
+                wait_for(lambda: _zombie(pid) or (_heartbeat_at(db_url, pid) or first) > first,
+                         what="a second heartbeat")  # fmt: skip
+            open_gate(db_url, "draining")
+            wait_for(lambda: _zombie(pid), what="the orphaned process to exit")
+            # Then its running job finished there, as the stop it had begun promised (not cut off by
+            # a second SIGTERM, Dramatiq's "kill now")
+            finished = [e["pid"] for e in effects(db_url, "finished")]
+            assert finished == [pid], f"the job finished in {finished}; the orphaned worker was {pid}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_job_cancelled_and_ended_by_the_reaper_while_its_worker_was_stopped_sends_its_hooks_once(
+    db_url: str, tmp_path: Path
+) -> None:
+    hooks = "SELECT count(*) AS n FROM control_plane.jobs WHERE type = 'tests.callback_sink'"
+    # Given a worker of one thread running a long job and holding a second one unstarted, with an
+    # on_failure hook
+    with running_worker(db_url, tmp_path, threads=1) as stopped:
+        (pid,) = stopped.worker_pids()
+        actors.wait_for_gate.send("long")
+        wait_for(lambda: effects(db_url, "started"), what="the long job to start")
+        second = actors.noop.send_with_options(args=("second",), on_failure="tests.callback_sink")
+        held = "SELECT count(*) AS n FROM control_plane.messages WHERE claim_token IS NOT NULL"
+        wait_for(lambda: query(db_url, held)[0]["n"] == 2, what="the worker to hold the second job")
+        # When the worker is stopped past its lease, and an operator cancels the second job meanwhile:
+        # the reaper ends it cancelled, and sends its hook
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            (row,) = query(db_url, "SELECT control_plane.cancel_job(%s) AS o", (second.message_id,))
+            assert row["o"] == "cancelling"
+
+            def ended() -> bool:
+                reap_from_another_worker()
+                return job(db_url, second.message_id)["status"] == "cancelled"
+
+            wait_for(ended, what="the reaper to end the cancelled job")
+            assert query(db_url, hooks)[0]["n"] == 1
+            open_gate(db_url, "long")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # And the worker goes on: its thread comes to the second job, whose claim is lost
+        assert stopped.log_path is not None
+        wait_for(lambda: "were taken back by the reaper" in stopped.log_path.read_text(), what="the worker's warning")
+        # Then the hook was sent once, by the reaper that ended the job, not again by the worker
+        assert query(db_url, hooks)[0]["n"] == 1, stopped.log()
+
+
+
 def test_a_lease_keeper_that_died_is_started_again(db_url: str, tmp_path: Path) -> None:
     # Given a worker process and its lease keeper
     with running_worker(db_url, tmp_path) as worker:
