@@ -2175,9 +2175,9 @@ class _PostgresConsumer(dramatiq.Consumer):
         self.broker.results_writer.put(apart)
 
     def _housekeeping(self) -> None:
-        with self.state.lock:
-            lapsed, self.state.lapsed = self.state.lapsed, []
-        if lapsed:
+        if self.state.lapsed:  # (read without the lock: called for every message handed out)
+            with self.state.lock:
+                lapsed, self.state.lapsed = self.state.lapsed, []
             self._give_back_lapsed(lapsed)
         now = time.monotonic()
         if now >= self._next_heartbeat:
