@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -613,10 +614,12 @@ def test_controlplane_migrate_connects_with_the_options_every_other_connection_h
     # statement in flight within 30 s (tcp_user_timeout)
     made: list[dict[str, str]] = []
     connect = psycopg2.connect
+    this_thread = threading.get_ident()  # (not the test databases' maker and dropper threads)
 
     def recording(*args: object, **kwargs: object) -> object:
         conn = connect(*args, **kwargs)
-        made.append(conn.get_dsn_parameters())
+        if threading.get_ident() == this_thread:
+            made.append(conn.get_dsn_parameters())
         return conn
 
     monkeypatch.setattr(psycopg2, "connect", recording)

@@ -36,11 +36,12 @@ from dramatiq.middleware import Middleware
 from dramatiq.middleware.threading import Interrupt, raise_thread_exception
 
 from tasks.errors import Cancelled
+from tasks.middleware.option_checks import INTERRUPTIBLE
 
 logger = logging.getLogger(__name__)
 
 #: Marks an actor function wrapped by :meth:`Cancellation._interruptible`.
-_WRAPPED = "_controlplane_interruptible"
+_WRAPPED = INTERRUPTIBLE
 
 
 class Cancellation(Middleware):

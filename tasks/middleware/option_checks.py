@@ -228,6 +228,10 @@ class SendOptionChecks(OptionChecks):
             check_follow_ups(options, message.actor_name)
 
 
+#: The mark of the wrapper ``tasks.middleware.cancellation`` puts around an actor's function in a
+#: process that ran one of its jobs (it takes the function's arguments).
+INTERRUPTIBLE = "_controlplane_interruptible"
+
 #: The code of the wrapper Dramatiq's ``async_to_sync`` puts around an ``async def`` actor.
 _ASYNC_TO_SYNC_CODE = async_to_sync(lambda: None).__code__  # type: ignore[arg-type, return-value]
 
@@ -237,6 +241,9 @@ def call_problem(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
     its job would fail at every attempt, minutes to days of backoff apart (``controlplane send``
     and ``schedule()`` refuse such arguments). A function behind another decorator is not
     checked: its wrapper may take other arguments than the function it names (``__wrapped__``)."""
+    if getattr(fn, INTERRUPTIBLE, False):
+        # (a process that ran one of its jobs: schedule() after a job, an app's send by name)
+        fn = getattr(fn, "__wrapped__", fn)
     wrapped = getattr(fn, "__wrapped__", None)
     if wrapped is not None and getattr(fn, "__code__", None) is _ASYNC_TO_SYNC_CODE:
         fn = wrapped  # an async actor: Dramatiq's async_to_sync takes the coroutine function's arguments
