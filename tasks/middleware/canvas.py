@@ -191,6 +191,19 @@ def _follow_up_failed(broker: dramatiq.Broker, message: Any, what: str, exc: Exc
                 logger.error("its on_final_failure hook could not be sent: %s", db.loggable_error(send_error))
 
 
+def _sent_as_itself(sent: Message[Any], queued: Message[Any], what: str, no_part_of: str, keep_off: str) -> None:
+    """Raise ``Conflict`` when the send of a follow-up ``sent`` returned another job, ``queued``: a
+    duplicate of a live job holding its unique key, which is no ``no_part_of`` (it was sent
+    before, and has none of this run's results nor what comes after). Raised in the hook's
+    transaction, it rolls back with the marker or count: a retry of the job, once the holder
+    ended, sends it again."""
+    if queued.message_id != sent.message_id:
+        raise Conflict(
+            f"job {queued.message_id} holds its unique key {queued.options.get('unique_key')!r}: {what} would be "
+            f"that job, which is no {no_part_of}; keep unique keys off {keep_off}"
+        )
+
+
 def _postgres(broker: dramatiq.Broker) -> TypeGuard[PostgresBroker]:
     from tasks.broker import PostgresBroker
 
@@ -267,17 +280,9 @@ class GroupCallbacks(dramatiq_groups.GroupCallbacks):
             with enqueue_in(conn):
                 for callback in callbacks:
                     sent: Message[Any] = Message(**callback)
-                    queued = broker.enqueue(sent)
-                    if queued.message_id != sent.message_id:
-                        # A duplicate of a live job holding its unique key: that job is no callback
-                        # of this group (it was sent before the group was done), so the callback
-                        # would never run for it. Said as a pipeline's next step says it; rolled back
-                        # with the count: a retry of this member, once the holder ended, sends it.
-                        raise Conflict(
-                            f"job {queued.message_id} holds its unique key {queued.options.get('unique_key')!r}: "
-                            f"the completion callback ({sent.actor_name}, job {sent.message_id}) would be that "
-                            "job, which is no callback of this group; keep unique keys off groups' callbacks"
-                        )
+                    _sent_as_itself(sent, broker.enqueue(sent),
+                                    f"the completion callback ({sent.actor_name}, job {sent.message_id})",
+                                    "callback of this group", "groups' callbacks")  # fmt: skip
 
     def _count(
         self, conn: Any, message: Any, group: str, *, last: bool, prepare: bool = False
@@ -352,14 +357,7 @@ class Pipelines(dramatiq_pipelines.Pipelines):
                     next_message.copy(options={**next_message.options, PIPE_SENT_BY: marker}),
                     delay=next_message.options.get("delay"),
                 )
-            if queued.message_id != next_message.message_id:
-                # A duplicate of a live job holding its unique key: that job is no step of this
-                # pipeline (it has not this result, nor the steps after), so the pipeline stopped
-                # here. Rolled back with the marker: a retry of this step sends it again.
-                raise Conflict(
-                    f"job {queued.message_id} holds its unique key {queued.options.get('unique_key')!r}: the step "
-                    "would be that job, which is no step of this pipeline; keep unique keys off pipelines' steps"
-                )
+            _sent_as_itself(next_message, queued, "the step", "step of this pipeline", "pipelines' steps")
 
         _in_one_transaction(broker, send)
         _went_on(message)
