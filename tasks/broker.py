@@ -1493,11 +1493,12 @@ class PostgresBroker(dramatiq.Broker):
         """The barriers of the group members just sent with a delay (or an eta) live at least the
         middleware's ``barrier_ttl`` past the moment the member is due (``BARRIERS_OUTLIVE_DELAYS``):
         in the caller's transaction when it joins one, as the barrier was written."""
-        if not (delay and int(delay) > 0) and not any(etas):
+        delayed = bool(delay and int(delay) > 0)
+        if not delayed and not any(etas):
             return
         keys, due_at, delays = [], [], []
         for message, eta in zip(sent, etas, strict=True):
-            if eta is None and not (delay and int(delay) > 0):
+            if eta is None and not delayed:
                 continue
             group = message.options.get("group_completion_uuid")
             if not group and isinstance(message.options.get("pipe_target"), dict):
