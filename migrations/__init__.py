@@ -17,6 +17,7 @@ from alembic.config import Config
 
 if TYPE_CHECKING:
     from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import Engine
 
 HERE = Path(__file__).resolve().parent
 
@@ -129,22 +130,31 @@ def head() -> str:
     return revision
 
 
-def current(url: str) -> str | None:
-    """The database's current revision, or None when it was never migrated."""
-    from alembic.runtime.migration import MigrationContext
+def engine(url: str) -> Engine:
+    """A SQLAlchemy engine on ``url`` (a libpq URL, or SQLAlchemy's spelling of one), one connection
+    per use, connecting as every connection of this project does (``tasks.db.connect_options``:
+    a connect timeout, keepalives, ``tcp_user_timeout``; docs/operations.md, "A server gone from
+    the network")."""
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
     from tasks.db import connect_options, sqlalchemy_url
 
-    engine = create_engine(sqlalchemy_url(url), poolclass=NullPool, connect_args=connect_options(url))
+    return create_engine(sqlalchemy_url(url), poolclass=NullPool, connect_args=connect_options(url))
+
+
+def current(url: str) -> str | None:
+    """The database's current revision, or None when it was never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
+    on = engine(url)
     try:
-        with engine.connect() as conn:
+        with on.connect() as conn:
             return MigrationContext.configure(
                 conn, opts={"version_table_schema": "control_plane"}
             ).get_current_revision()
     finally:
-        engine.dispose()
+        on.dispose()
 
 
 def replace_in_function(signature: str, old: str, new: str) -> None:

@@ -6,10 +6,9 @@ import contextlib
 from typing import Any
 
 from alembic import context
-from sqlalchemy import create_engine, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy import text
 
-from migrations import MIGRATION_LOCK_KEY, include_name, known
+from migrations import MIGRATION_LOCK_KEY, engine, include_name, known
 from models import SCHEMA, metadata
 
 config = context.config
@@ -36,14 +35,8 @@ def _check_lock(connection: Any) -> None:
 
 
 def run_migrations_online() -> None:
-    from tasks.db import connect_options
-
-    url = config.get_main_option("sqlalchemy.url") or ""
-    # (as every other connection: a connect timeout, keepalives, tcp_user_timeout; docs/operations.md,
-    # "A server gone from the network")
-    libpq_url = url.replace("postgresql+psycopg2://", "postgresql://", 1)
-    engine = create_engine(url, poolclass=NullPool, connect_args=connect_options(libpq_url))
-    with engine.connect() as connection:
+    on = engine(config.get_main_option("sqlalchemy.url") or "")
+    with on.connect() as connection:
         # Serialise concurrent runs, for the session: each revision commits on its own. In one
         # transaction for all, a later revision waiting for a lock (0019 for a view a report had
         # open) kept every lock an earlier one took (0018's on jobs), and every send and outcome
@@ -57,7 +50,7 @@ def run_migrations_online() -> None:
                 _unlock(connection)
             raise
         _unlock(connection)
-    engine.dispose()
+    on.dispose()
 
 
 def _unlock(connection: Any) -> None:

@@ -66,8 +66,8 @@ def connect_options(url: str) -> dict[str, str]:
     connection: a statement sent after the route to the server went away, a failover to another
     address, waited for TCP's retransmissions to give up, about 15 minutes, its thread with it;
     a helper's review in a network namespace: failed after 20 s with it)."""
-    try:
-        given = psycopg2.extensions.parse_dsn(url)
+    try:  # (``url`` may be SQLAlchemy's spelling: see sqlalchemy_url)
+        given = psycopg2.extensions.parse_dsn(url.replace("postgresql+psycopg2://", "postgresql://", 1))
     except psycopg2.ProgrammingError:
         given = {}
     options = {
