@@ -113,6 +113,10 @@ class EmbeddedServerDown(BrokerConnectionError, EmbeddedServerError):
         self.message = message  # (what Dramatiq's errors print)
 
 
+#: What a worker process without its lease keeper for a while says of it.
+_KEEPER_AGAIN = "in two leases; until then a job holding the GIL past the lease would run again elsewhere while it runs"
+
+
 def _relay_keeper_log(stream: Any) -> None:
     """Log the lease keeper's lines (its stderr) through this process's logging, until it exits."""
     keeper_logger = logging.getLogger("controlplane.lease_keeper")
@@ -1096,11 +1100,8 @@ class PostgresBroker(dramatiq.Broker):
             keeper = subprocess.Popen([sys.executable, "-I", "-S", script], stdin=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=env, process_group=0)  # fmt: skip
         except OSError as exc:
-            self._keeper_wanted = True  # (tried again two leases on, as one that died)
-            self._keeper_again_at = time.monotonic() + 2 * self.settings.lease_seconds
-            logger.warning("could not start the lease keeper (%s): it is tried again in two leases; until then "
-                           "a job holding the GIL past the lease would run again elsewhere while it runs",
-                           exc)  # fmt: skip
+            self._keeper_again_later()
+            logger.warning("could not start the lease keeper (%s): it is tried again %s", exc, _KEEPER_AGAIN)
             return
         assert keeper.stdin is not None and keeper.stderr is not None
         os.set_blocking(keeper.stdin.fileno(), False)  # a keeper slow to read must never hold a heartbeat up
@@ -1122,16 +1123,20 @@ class PostgresBroker(dramatiq.Broker):
             except BlockingIOError:
                 return  # its pipe is full of beats: it has heard enough of them
             except OSError as exc:
-                # Gone (killed): started again two leases on, at a heartbeat (not at each, if it keeps dying).
                 error = exc
-                self._keeper, self._keeper_wanted = None, True
-                self._keeper_again_at = time.monotonic() + 2 * self.settings.lease_seconds
+                self._keeper = None
+                self._keeper_again_later()
                 with contextlib.suppress(OSError):
                     keeper.stdin.close()  # (under the lock: no other thread holds its number)
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             keeper.wait(timeout=1)  # (not left a zombie)
-        logger.warning("the lease keeper is gone (%s): it is started again in two leases; until then a job "
-                       "holding the GIL past the lease would run again elsewhere while it runs", error)  # fmt: skip
+        logger.warning("the lease keeper is gone (%s): it is started again %s", error, _KEEPER_AGAIN)
+
+    def _keeper_again_later(self) -> None:
+        """(Under ``_keeper_lock``.) A keeper that could not start, or died (killed), is started
+        again at a heartbeat two leases on: not at each one, if it keeps failing."""
+        self._keeper_wanted = True
+        self._keeper_again_at = time.monotonic() + 2 * self.settings.lease_seconds
 
     def _stop_if_orphaned(self) -> None:
         """Stop this worker process, as a SIGTERM does, once the process that started it is gone.
