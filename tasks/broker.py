@@ -2011,8 +2011,8 @@ class _PostgresConsumer(dramatiq.Consumer):
             logger.warning(
                 "queue %s: this worker's last heartbeat was %.0f s ago, past its %.0f s lease "
                 "(CONTROLPLANE_LEASE_SECONDS): its threads did not run for that long (a job holding the GIL in "
-                "one long call: C code, a regex, a huge sort; or a stopped process), or the database could not "
-                "be reached. Its lease keeper kept its %d claim(s) meanwhile",
+                "one long call: C code, a regex, a huge sort), or the database could not be reached. Its lease "
+                "keeper kept its %d claim(s) meanwhile",
                 self.queue_name, silent, lease, held,
             )  # fmt: skip
             return
