@@ -988,6 +988,26 @@ def test_an_answer_cut_short_of_its_content_length_is_a_dropped_connection_not_a
     assert re.search(r"HTTP 201, the connection closed 4\d\d bytes short of its answer", str(error)), str(error)
 
 
+@pytest.mark.parametrize("method", ["PUT", "GET"])
+def test_a_2xx_answer_nested_too_deep_to_decode_is_a_permanent_bad_answer(method: str) -> None:
+    # Given a service that answers 200 with a JSON body nested 100,000 deep (garbage, well under
+    # the 1 MB the client reads): not a JSON object, so a permanent error (docs/services.md)
+    body = b"[" * 100_000 + b"]" * 100_000
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    server = _RawServer(lambda conn: conn.sendall(answer))
+    try:
+        client = ServiceClient("auth", server.url, TOKEN, 2.0)
+        # When the request is made / Then it fails for good, saying what was wrong (not a
+        # RecursionError, which the step would retry 8 times over minutes for the same answer)
+        with pytest.raises(PermanentError, match=f"auth {method} /tenants/proj_1: HTTP 200"):
+            if method == "PUT":
+                client.put_tenant("proj_1", {"tenant_id": "t"})
+            else:
+                client.get_tenant("proj_1")
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(("status", "refused"), [(301, True), (308, True), (307, True), (302, False), (303, False)])
 def test_a_redirect_is_not_followed_and_says_where_it_points_and_which_setting_to_mend(
     status: int, refused: bool

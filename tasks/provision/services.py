@@ -191,6 +191,10 @@ class ServiceClient:
             value = json.loads(data)
         except ValueError as exc:
             raise PermanentError(f"{self.name} {method} {path}: HTTP {status} with a non-JSON body") from exc
+        except RecursionError:
+            # (an array or object nested thousands deep: no tenant record, and no retry reads it better)
+            raise PermanentError(f"{self.name} {method} {path}: HTTP {status} body is nested too deep to be a "
+                                 "tenant record") from None
         if not isinstance(value, dict):
             raise PermanentError(f"{self.name} {method} {path}: HTTP {status} body is not a JSON object")
         return value
