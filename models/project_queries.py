@@ -5,9 +5,10 @@ from __future__ import annotations
 #: Serialise everything that claims or changes one project (held to the end of the transaction).
 LOCK_PROJECT = "SELECT pg_advisory_xact_lock(hashtext('controlplane:project:' || %(project_id)s))"
 
-#: On the tenant server: one delivery of a project's roles step at a time (a second waits, then
-#: finds the roles made), its key derived under the pepper (``secrets.lock_key``) so that no tenant
-#: can take it first; and in a tenant database one of its schema step at a time.
+#: On the control plane's database: one delivery of a project's roles step at a time (a second
+#: waits, then finds the roles made), its key derived under the pepper (``secrets.lock_key``). Not on
+#: the tenant server, where a tenant may read any held key in ``pg_locks`` and take it before the step
+#: runs again. And in a tenant database one of its schema step at a time.
 LOCK_ROLES_STEP = "SELECT pg_advisory_xact_lock(%(key)s::bigint)"
 LOCK_SCHEMA_STEP = "SELECT pg_advisory_xact_lock(hashtext('controlplane:provision:schema'))"
 
@@ -31,11 +32,17 @@ FROM control_plane.projects WHERE project_id = %(project_id)s
 #: gives every secret of the project, even after ``reveal_secrets`` erased it from the row.
 INSERT_PROJECT = """
 INSERT INTO control_plane.projects (project_id, tenant_id, payload, payload_hash, region, owner_id,
-                                    organization_id, secret_nonce, secrets_expire_at, job_id)
+                                    organization_id, secret_nonce, secrets_expire_at, job_id, waiting_job_ids)
 VALUES (%(project_id)s, %(tenant_id)s, %(payload)s, %(payload_hash)s, %(region)s, %(owner_id)s,
         %(organization_id)s, uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()),
-        now() + make_interval(secs => %(secrets_ttl)s), %(job_id)s)
+        now() + make_interval(secs => %(secrets_ttl)s), %(job_id)s, %(waiting)s::uuid[])
 RETURNING secret_nonce
+"""
+
+#: Whether the claiming job was retried by an operator (``control_plane.retry_job``, migration
+#: 0014): its id may already have been the run of an earlier, undone run of the project id.
+ENTRY_JOB_RETRIED = """
+SELECT attempts_before_retry > 0 FROM control_plane.jobs WHERE id = %(job_id)s::uuid
 """
 
 #: Record that a step started or finished (``event`` is 'started_at' or 'done_at').

@@ -278,6 +278,86 @@ def test_a_tenant_cannot_hold_up_another_projects_roles_step(
                  (f"p_{pid}_owner", f"p_{pid}_app"))[0]["n"] == 2  # fmt: skip
 
 
+def test_a_tenant_reading_pg_locks_cannot_hold_up_a_roles_step_delivered_again(
+    db_url: str, server_url: str, project: dict[str, Any], services: dict[str, StandinService],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from tasks.provision.roles import ensure_roles
+
+    # Given a tenant server whose maintenance database (PROVISION_DATABASE_URL's) every role may
+    # connect to, as PostgreSQL makes a database, and a tenant there: a login role with no privilege
+    suffix = uuid.uuid4().hex[:8]
+    maintenance, tenant_role = f"cp_t_maint_{suffix}", f"cp_t_tenant_{suffix}"
+    query(server_url, f'CREATE DATABASE "{maintenance}"')
+    query(server_url, f'CREATE ROLE "{tenant_role}" LOGIN')
+    target = db.with_database(server_url, maintenance)
+    monkeypatch.setenv("PROVISION_DATABASE_URL", target)
+    pid = project["project_id"]
+    claimed(project)
+    tenant = psycopg2.connect(target, user=tenant_role)
+    tenant.autocommit = True
+    holder = psycopg2.connect(db_url)
+    holder.autocommit = True
+    failures: list[BaseException] = []
+    threads: list[threading.Thread] = []
+
+    def in_thread(step: Any) -> threading.Thread:
+        def run() -> None:
+            try:
+                step()
+            except BaseException as exc:
+                failures.append(exc)
+        thread = threading.Thread(target=run)
+        thread.start()
+        threads.append(thread)
+        return thread
+
+    def waits_for(pid_: int) -> Any:
+        return query(server_url, "SELECT count(*) AS n FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                     (pid_,))[0]["n"]  # fmt: skip
+
+    try:
+        # And the project's roles step running, held a moment before its commit (the claim of
+        # another caller holds the project's lock)
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(hashtext('controlplane:project:' || %s))", (pid,))
+        with control_transaction() as conn:
+            state = load(conn, pid)
+        first = in_thread(lambda: ensure_roles(Settings.from_env(), state))
+        wait_for(lambda: waits_for(holder.info.backend_pid), what="the roles step to wait for the project's lock")
+        # When the tenant reads pg_locks (which every role may) for the advisory locks taken in
+        # the database it is connected to, and the step goes on
+        with tenant.cursor() as cur:
+            cur.execute("SELECT classid::bigint, objid::bigint FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND objsubid = 1 AND granted AND pid <> pg_backend_pid() "
+                        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+            seen = [(c << 32 | o) - (1 << 64 if c >= 1 << 31 else 0) for c, o in cur.fetchall()]
+        holder.close()
+        first.join()
+        assert failures == []
+        # and holds every key it saw, and the roles step is delivered again (its worker was lost
+        # after the step's work, or it failed after it for a reason that passes)
+        with tenant.cursor() as cur:
+            for key in seen:
+                cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+        again = in_thread(lambda: ensure_roles(Settings.from_env(), state))
+        wait_for(lambda: not again.is_alive() or waits_for(tenant.info.backend_pid),
+                 what="the roles step to finish or wait for the tenant")  # fmt: skip
+        held_up = again.is_alive()
+    finally:
+        holder.close()
+        tenant.close()  # lets a waiting step go on
+        for thread in threads:
+            thread.join()
+        query(server_url, f'DROP DATABASE IF EXISTS "{maintenance}" WITH (FORCE)')
+        query(server_url, f'DROP ROLE IF EXISTS "{tenant_role}"')
+    # Then the step did not wait for the tenant: a key it can read is none it can take
+    assert not held_up, f"the roles step waited for a tenant holding the keys it read from pg_locks: {seen}"
+    assert failures == []
+
+
 def test_a_process_with_another_pepper_derives_nothing_and_reveals_nothing(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService],
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -416,6 +496,59 @@ def test_a_message_of_an_undone_run_does_not_touch_the_next_run_of_the_same_proj
     # And the second run's own compensation still undoes it
     compensate_project(Settings.from_env(), pid, "step provision_project.services failed: boom", second)
     assert census(db_url, pid, services)["databases"] == 0
+
+
+def test_a_retried_entry_job_starts_a_run_that_the_undone_runs_late_messages_leave_alone(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService]
+) -> None:
+    from tasks.provision.roles import ensure_roles
+
+    # Given a provision_project job that claimed a run, which failed and was undone (its caller's
+    # job failed with the reason), while that run's roles step, which had read the project, went on
+    pid = project["project_id"]
+    entry = str(uuid.uuid4())
+    query(db_url, "INSERT INTO control_plane.jobs (id, type, queue, status, attempts, payload) "
+                  "VALUES (%s, 'provision_project', 'provisioning', 'running', 1, %s)",
+          (entry, json.dumps({"args": [project], "kwargs": {}})))  # fmt: skip
+    workflow._claim_and_start(Settings.from_env(), validate(project), entry)
+    query(db_url, "UPDATE control_plane.jobs SET status = 'completed' WHERE id = %s", (entry,))
+    with control_transaction() as conn:
+        straggler = load(conn, pid)
+    assert straggler is not None and straggler.job_id == entry
+    run_step("roles", pid, entry)
+    compensate_project(Settings.from_env(), pid, "step provision_project.database failed: boom", entry)
+    assert query(db_url, "SELECT status FROM control_plane.jobs WHERE id = %s", (entry,))[0]["status"] == "failed"
+    # When an operator retries that job, as docs/provisioning.md says to (it keeps its id), and
+    # the new run goes through its schema step
+    assert query(db_url, "SELECT control_plane.retry_job(%s) AS ok", (entry,))[0]["ok"]
+    workflow._claim_and_start(Settings.from_env(), validate(project), entry)
+    query(db_url, "UPDATE control_plane.jobs SET status = 'completed' WHERE id = %s", (entry,))
+    with control_transaction() as conn:
+        second = load(conn, pid)
+    assert second is not None and second.status == "provisioning"
+    for step in ("roles", "database", "schema"):
+        run_step(step, pid, second.job_id)
+    before = census(db_url, pid, services)
+    # And the undone run's late roles step lands, and its compensate message is delivered again
+    late_roles = ensure_roles(Settings.from_env(), straggler)
+    again = compensate_project(Settings.from_env(), pid, "step provision_project.database failed: boom", entry)
+    # Then neither touched the new run: it is still provisioning, its database and roles are there
+    assert "skipped" in again, f"the undone run's compensation undid the new run: {again}"
+    assert census(db_url, pid, services) == before and before["databases"] == 1 and before["roles"] == 2
+    assert late_roles.get("skipped") == "superseded", late_roles
+    with control_transaction() as conn:
+        state = load(conn, pid)
+    assert state is not None and state.status == "provisioning"
+    # And the new run goes on to the end, and the retried job's caller is told its result
+    for step in STEPS[3:]:
+        run_step(step, pid, second.job_id)
+    result = told(entry)
+    assert result["status"] == "active" and result["project_id"] == pid
+    # with the password its app role has
+    from tasks.provision import reveal_secrets
+
+    revealed = reveal_secrets(Settings.from_env(), pid)
+    assert scram_matches(app_verifier(db_url, pid), revealed["database_password"])
 
 
 def undone_run(project: dict[str, Any]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from psycopg2.extras import Json
@@ -40,6 +41,17 @@ def claim(conn: Any, payload: ProvisionPayload, job_id: str, settings: Settings)
                 # A later job of the same payload: it hears the outcome with the first.
                 cur.execute(q.ADD_WAITING_JOB, {"project_id": payload.project_id, "job_id": job_id})
             return from_row(row), False
+        # The run is the claiming job's id, which every step message and compensation carries, and
+        # which tells a late message of an undone run from the next run's. A job an operator retried
+        # (docs/provisioning.md: retry the entry job) keeps its id, which may be the run of an earlier
+        # run of this project id, undone: then the run is a new id, and the job hears the outcome
+        # as a waiting caller. (Reused, a redelivered compensation of the undone run undid the new
+        # one, and its late roles or api_keys step wrote its own secrets over the new run's.)
+        run, waiting = job_id, []
+        cur.execute(q.ENTRY_JOB_RETRIED, {"job_id": job_id})
+        retried = cur.fetchone()
+        if retried is not None and retried[0]:
+            run, waiting = str(uuid.uuid4()), [job_id]
         cur.execute(
             q.INSERT_PROJECT,
             {
@@ -51,7 +63,8 @@ def claim(conn: Any, payload: ProvisionPayload, job_id: str, settings: Settings)
                 "owner_id": payload.owner_id,
                 "organization_id": payload.organization_id,
                 "secrets_ttl": settings.secrets_ttl_seconds,
-                "job_id": job_id,
+                "job_id": run,
+                "waiting": waiting,
             },
         )
     state = load(conn, payload.project_id)

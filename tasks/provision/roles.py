@@ -52,18 +52,21 @@ def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
         raise Conflict(f"project {state.project_id!r}: its secrets were already read or expired")
     pepper = secrets.pepper(settings)
     password = secrets.database_password(pepper, state.project_id, state.secret_nonce)
-    with translated("creating roles"), session(settings, autocommit=False) as conn:
-        # One delivery of this step at a time per project (see ensure_schema): a second waits, then
-        # finds the roles and their markers. The lock's key is derived under the pepper: on the
-        # tenant server any app role may take advisory locks, and one that could compute the key
-        # could take it first and hold up the project's provisioning for good.
-        with conn.cursor() as cur:
+    # One delivery of this step at a time per project (see ensure_schema): a second waits, then finds
+    # the roles and their markers. The lock is on the control plane's database, which no tenant can
+    # connect to (migration 0009), not on the tenant server: there any tenant may take advisory locks
+    # and read every one held in the cluster (pg_locks needs no privilege), so the key a roles step
+    # held was a key a tenant could take before the step ran again (a retry, a redelivery, the next
+    # run of the project id) and hold up the project for good. (Its key is still derived under the
+    # pepper, in case that database is open to PUBLIC.)
+    with control_transaction() as control:
+        with control.cursor() as cur:
             cur.execute(q.LOCK_ROLES_STEP, {"key": secrets.lock_key(pepper, "roles-step", state.project_id)})
-        done = _create_roles(settings, state, conn, owner, app, password)
-        # Committed only while this run still provisions the project, under its lock (held for
-        # this commit only): a late step of an undone run rolls back, and a new claim of the id
-        # waits for the commit, then its own roles step finds the roles and sets its password.
-        with control_transaction() as control:
+        with translated("creating roles"), session(settings, autocommit=False) as conn:
+            done = _create_roles(settings, state, conn, owner, app, password)
+            # Committed only while this run still provisions the project, under its lock (held
+            # until this commit only): a late step of an undone run rolls back, and a new claim of
+            # the id waits for the commit, then its own roles step finds the roles and sets its password.
             if not hold_current_run(control, state):
                 conn.rollback()
                 return {"owner_role": owner, "app_role": app, "skipped": "superseded"}

@@ -139,7 +139,7 @@ def _claim_and_start(settings: Settings, valid: p.ProvisionPayload, job_id: str)
         state, created = claim(conn, valid, job_id, settings)
         if created:
             with tasks.enqueue_in(conn):
-                _STEP_ACTORS[STEPS[0]].send(valid.project_id, job_id)
+                _STEP_ACTORS[STEPS[0]].send(valid.project_id, state.job_id)  # (the run: see claim)
     logger.info("project %s %s", valid.project_id, "claimed" if created else f"already {state.status}")
     if state.status == "active" and state.result is not None:
         # Provisioned already, with this payload: this caller gets the result now.
