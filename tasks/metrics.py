@@ -23,6 +23,7 @@ at process boot. (Importing Dramatiq's middleware module creates its
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -31,6 +32,7 @@ from contextlib import AbstractContextManager
 from http.server import HTTPServer
 from typing import Any
 
+from dramatiq.common import q_name
 from dramatiq.middleware.prometheus import Prometheus
 
 from models import queries
@@ -200,6 +202,70 @@ class WorkerMetrics(Prometheus):
     @property
     def forks(self) -> list[Callable[[], int]]:
         return [serve_worker_metrics]
+
+    # Two of Dramatiq's series are wrong under RabbitMQ, the only broker that exports them
+    # (dramatiq#672): a retry is published to the queue's .DQ queue and, when due, published
+    # again to the queue itself by whichever worker process held it, and Dramatiq counted it in
+    # ``dramatiq_message_retries_total`` both times (once as ``queue.DQ``); it counted a
+    # delayed message in ``dramatiq_delayed_messages_inprogress`` as ``queue.DQ`` and took it
+    # off as ``queue`` when it started, in the process that happened to run it: the .DQ series
+    # only grew, the other went below 0, and the gauge, per process (a ``pid`` label), kept each
+    # process's value for good after it stopped. Here a retry counts when it is sent with its
+    # delay, a delayed message until the process holding it hands it on (its .DQ delivery is
+    # acked or rejected), both on the job's queue, and the gauge is summed over live processes.
+
+    #: The Postgres broker holds no delayed message (it claims only due ones): no ack to look at.
+    covered_by_postgres_broker = frozenset({"after_ack"})
+
+    def after_process_boot(self, broker: Any) -> None:
+        super().after_process_boot(broker)  # type: ignore[no-untyped-call]
+        import prometheus_client as prom
+        from dramatiq.middleware import prometheus as dramatiq_prometheus
+        from prometheus_client import multiprocess
+
+        # A live gauge's file under this process's pid is a dead process's (this one has written
+        # none yet): one killed mid-job whose pid came round again (a container restarted, its
+        # processes numbered as before), whose in-progress count this process would otherwise read
+        # as its own and carry on from for good; forget_dead_processes cannot tell, the pid is live.
+        multiprocess.mark_process_dead(os.getpid(), dramatiq_prometheus.DB_PATH)  # type: ignore[no-untyped-call]
+
+        self.inprogress_delayed_messages = prom.Gauge(
+            "dramatiq_delayed_messages_inprogress",
+            "The number of delayed messages in memory.",
+            ["queue_name", "actor_name"],
+            registry=None,
+            multiprocess_mode="livesum",
+        )
+        self._delayed_lock = threading.Lock()
+        #: The delayed messages this process holds: message id -> labels.
+        self._delayed: dict[str, tuple[str, str]] = {}
+
+    def after_enqueue(self, broker: Any, message: Any, delay: int | None) -> None:
+        if delay is not None and "retries" in message.options:
+            self.total_retried_messages.labels(q_name(message.queue_name), message.actor_name).inc()
+
+    def before_delay_message(self, broker: Any, message: Any) -> None:
+        labels = (q_name(message.queue_name), message.actor_name)
+        with self._delayed_lock:
+            if message.message_id in self._delayed:
+                return  # (delivered again to this process: counted once)
+            self._delayed[message.message_id] = labels
+        self.inprogress_delayed_messages.labels(*labels).inc()
+
+    def _delayed_handed_on(self, message: Any) -> None:
+        if message.queue_name == q_name(message.queue_name):
+            return  # a delivery of the queue itself, not of its .DQ
+        with self._delayed_lock:
+            labels = self._delayed.pop(message.message_id, None)
+        if labels is not None:
+            self.inprogress_delayed_messages.labels(*labels).dec()
+
+    def after_ack(self, broker: Any, message: Any) -> None:
+        self._delayed_handed_on(message)
+
+    def after_nack(self, broker: Any, message: Any) -> None:
+        super().after_nack(broker, message)  # type: ignore[no-untyped-call]
+        self._delayed_handed_on(message)
 
 
 def forget_dead_processes(path: str) -> list[int]:

@@ -291,3 +291,39 @@ def test_a_scrape_while_the_tables_are_locked_says_the_stats_are_down_instead_of
         locker.close()
         server.shutdown()
         server.server_close()
+
+
+def test_a_worker_process_whose_pid_a_killed_one_had_does_not_carry_on_its_in_progress_count(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    # Given the multiprocess files of a worker process killed with 2 jobs in progress (it never
+    # marked itself dead), whose pid a new worker process has (a container restarted: its
+    # processes numbered as before), which then runs one job
+    killed = ("import sys; from prometheus_client import values; "
+              "values.ValueClass = values.MultiProcessValue(lambda: int(sys.argv[1])); "
+              "from prometheus_client import Gauge; Gauge('dramatiq_messages_inprogress', 'x', ['queue_name', "
+              "'actor_name'], multiprocess_mode='livesum').labels('default', 'tests.noop').inc(2)")  # fmt: skip
+    booted = (
+        "import os, subprocess, sys\n"
+        f"subprocess.run([sys.executable, '-c', {killed!r}, str(os.getpid())], check=True)\n"
+        "import dramatiq\n"
+        "from tasks.metrics import WorkerMetrics\n"
+        "middleware = WorkerMetrics()\n"
+        "middleware.after_process_boot(None)\n"
+        "message = dramatiq.Message(queue_name='default', actor_name='tests.noop', args=(), kwargs={}, options={})\n"
+        "middleware.before_process_message(None, message)\n"
+        "middleware.after_process_message(None, message, result=None)\n"
+    )
+    env = {**os.environ, "BROKER_URL": "stub://", "dramatiq_prom_db": str(tmp_path),
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", booted], env=env, cwd=ROOT, check=True, timeout=60)
+    # When the workers' metrics are read (the new process is gone too, not marked dead: the
+    # folder as a scrape right after its job would see it, but for the pid of the scrape's check)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    in_progress = registry.get_sample_value(
+        "dramatiq_messages_inprogress", {"queue_name": "default", "actor_name": "tests.noop"}
+    )
+    # Then nothing is in progress: the killed process's 2 are not the new one's
+    assert in_progress == 0

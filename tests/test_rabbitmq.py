@@ -516,3 +516,43 @@ def test_sends_through_rabbitmq_wait_for_its_confirmation(db_url: str) -> None:
     # raises to the sender instead of leaving a pending jobs row that no worker will run
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["RabbitmqBroker", "True"]
+
+
+def test_a_retry_through_rabbitmq_is_counted_once_and_its_delayed_message_not_for_good(
+    db_url: str, rabbit_queue: str, tmp_path: Path
+) -> None:
+    from tests.test_metrics import free_port, try_scrape
+
+    # Given workers serving Dramatiq's metrics (two processes), RabbitMQ carrying the messages,
+    # and a job of two attempts that fails both: one retry, held in a .DQ queue for its backoff
+    port = free_port()
+    (tmp_path / "prometheus").mkdir()
+    env = {**rabbit_env(db_url, rabbit_queue), "CONTROLPLANE_METRICS_PORT": str(port),
+           "CONTROLPLANE_METRICS_HOST": "127.0.0.1", "dramatiq_prom_db": str(tmp_path / "prometheus")}
+    (failing,) = send_all(db_url, rabbit_queue, ("tests.rabbit.always_fails", '["counted"]'))
+    worker = WorkerProcess(db_url, module="tests.rabbit_actors", processes=2, threads=2, extra_env=env,
+                           log_path=tmp_path / "rabbit-metrics-worker.log")
+    labels = (("actor_name", "tests.rabbit.always_fails"), ("queue_name", rabbit_queue))
+
+    def family(samples: dict[Any, float], name: str) -> dict[Any, float]:
+        return {key[1]: value for key, value in samples.items() if key[0] == name}
+
+    seen: list[Any] = [None]
+
+    def settled() -> dict[Any, float] | None:
+        seen[0] = samples = try_scrape(f"http://127.0.0.1:{port}/metrics")
+        if not samples or samples.get(("dramatiq_messages_total", labels)) != 2:
+            return None
+        return samples if family(samples, "dramatiq_delayed_messages_inprogress") == {labels: 0} else None
+
+    try:
+        wait_for(lambda: status_is(db_url, failing, "failed"), what="the final failure")
+        # When its worker's metrics are scraped once both attempts ran (the retry handed on to its queue)
+        try:
+            samples = wait_for(settled, timeout=15, what="no delayed message left counted once the retry ran")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the last scrape: {seen[0]}") from None
+    finally:
+        worker.terminate()
+    # Then the one retry is counted once, on the job's queue, and no delayed message is left counted
+    assert family(samples, "dramatiq_message_retries_total") == {labels: 1}
