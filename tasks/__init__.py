@@ -76,6 +76,14 @@ def _settings() -> Settings:
                 f"BROKER_URL=stub:// is Dramatiq's in-memory StubBroker, for unit tests: `{command}` would "
                 "work on messages no other process sees; unset BROKER_URL"
             )
+        if found.broker_url is not None and not found.stub_broker:
+            try:  # Dramatiq's RabbitMQ broker needs pika, an optional dependency of Dramatiq's
+                import pika  # noqa: F401
+            except ImportError as exc:
+                raise ConfigurationError(
+                    f"BROKER_URL names RabbitMQ, but its client library is not installed ({exc}): "
+                    "pip install 'controlplane-tasks[rabbitmq]'"
+                ) from None
         return found
     except ConfigurationError as exc:
         if _command() == "controlplane":

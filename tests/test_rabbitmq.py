@@ -556,3 +556,19 @@ def test_a_retry_through_rabbitmq_is_counted_once_and_its_delayed_message_not_fo
         worker.terminate()
     # Then the one retry is counted once, on the job's queue, and no delayed message is left counted
     assert family(samples, "dramatiq_message_retries_total") == {labels: 1}
+
+
+def test_a_rabbitmq_broker_url_without_its_client_library_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    # Given a deployment whose BROKER_URL names RabbitMQ, installed without the [rabbitmq] extra
+    # (pika, as if not installed: a module of that name that cannot be imported comes first)
+    (tmp_path / "pika.py").write_text("raise ModuleNotFoundError(\"No module named 'pika'\", name='pika')\n")
+    env = {**os.environ, "BROKER_URL": RABBITMQ_URL, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    # When an operator runs a command
+    done = subprocess.run([str(Path(sys.executable).parent / "controlplane"), "jobs", "list"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    # Then it fails in one line that says what to install, not with a traceback
+    assert done.returncode == 1, done
+    assert done.stderr.strip().splitlines() == [
+        "controlplane: error: BROKER_URL names RabbitMQ, but its client library is not installed "
+        "(No module named 'pika'): pip install 'controlplane-tasks[rabbitmq]'"
+    ], done.stderr
