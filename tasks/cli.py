@@ -152,7 +152,9 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.action == "url":
         print(_url(settings, create=True))
     elif args.action == "start":
-        _url(settings, create=True)
+        url = _url(settings, create=True)
+        if settings.database_url is not None:
+            _connect(url).close()  # not ours to start: say it runs only if it answers
         print(f"running: {_describe_target(settings)}")
     elif args.action == "stop":
         if settings.database_url is not None:
@@ -338,7 +340,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             where, params = ["true"], {}
             for column in ("status", "type", "queue"):
                 value = getattr(args, column)
-                if value and value != "retrying":  # (pending jobs with a retry_at: _status_lookup's)
+                # (--status retrying: pending jobs with a retry_at, _status_lookup's; a queue or an
+                # actor may be named 'retrying' too, and is filtered on)
+                if value and not (column == "status" and value == "retrying"):
                     where.append(f"{column} = %({column})s")
                     params[column] = value
             where += _status_lookup(args.status, settings)
@@ -528,7 +532,13 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
                 refused += 1
                 print(_printable(f"controlplane: {exc}"), file=sys.stderr)
 
-        if not _one_by_one(ids, retry, "failed jobs"):
+        try:
+            finished = _one_by_one(ids, retry, "failed jobs")
+        except (psycopg2.Error, ConnectionClosed):  # (the server gone, a statement timeout: said by main)
+            print(f"stopped: retried {retried} of {len(ids)} failed job(s) before the error below; run it again "
+                  "to retry the rest", file=sys.stderr)  # fmt: skip
+            raise
+        if not finished:
             print(f"interrupted: retried {retried} of {len(ids)} failed job(s); run it again to retry the rest",
                   file=sys.stderr)  # fmt: skip
             return 130
@@ -593,7 +603,13 @@ def _cancel_queue(queue: str, actor: str | None) -> int:
             cancelled += outcome == "cancelled"
             cancelling += outcome == "cancelling"
 
-        if not _one_by_one(ids, cancel, "jobs"):
+        try:
+            finished = _one_by_one(ids, cancel, "jobs")
+        except (psycopg2.Error, ConnectionClosed):  # (the server gone, a statement timeout: said by main)
+            print(f"stopped: cancelled {cancelled} and asked {cancelling} running job(s) to stop, of {len(ids)}, "
+                  "before the error below; run it again to cancel the rest", file=sys.stderr)  # fmt: skip
+            raise
+        if not finished:
             print(f"interrupted: cancelled {cancelled} and asked {cancelling} running job(s) to stop, of {len(ids)}; "
                   "run it again to cancel the rest", file=sys.stderr)  # fmt: skip
             return 130
@@ -871,6 +887,7 @@ def cmd_clock(args: argparse.Namespace) -> int:
         return 0
     if args.once:
         ticks = clock.run_pending()
+        failed = clock.failed
         clock.close()
         if args.json:
             print(_jsonable([{"schedule": t.schedule_name, "tick_at": t.tick_at, "job_id": t.job_id}
@@ -879,6 +896,10 @@ def cmd_clock(args: argparse.Namespace) -> int:
             for t in ticks:
                 print(f"{t.schedule_name}  {t.tick_at.isoformat()}  {t.job_id}")
             print(f"enqueued {len(ticks)} tick(s)")
+        if failed:
+            # (each logged above with its reason): a cron line's exit status must say it
+            raise UserError(f"{len(failed)} due tick(s) not enqueued: "
+                            + "; ".join(f"{name} at {tick.isoformat()}: {reason}" for name, tick, reason in failed))
         return 0
     import logging
 
@@ -1199,6 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``controlplane`` console script."""
     args = build_parser().parse_args(argv)
     try:
+        _check_text_arguments(args)
         code: int = args.func(args)
         return code
     except (UserError, ConfigurationError) as exc:
@@ -1237,6 +1259,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a filter the signal ended
+
+
+def _check_text_arguments(args: argparse.Namespace) -> None:
+    """Refuse an argument that is not UTF-8 text (a terminal in Latin-1: Python keeps the bytes
+    as surrogates, which no statement can send): one line, not psycopg2's traceback."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise UserError(f"{name.replace('_', '-')} {_printable(ascii(text))} is not valid UTF-8 text "
+                                    "(is the terminal set to another encoding?)") from None
 
 
 def _reader_gone(fd: int) -> bool:

@@ -265,6 +265,8 @@ class Clock:
         #: The database's clock minus this host's, as of the last look.
         self.skew = timedelta(0)
         self._conn: Any = None
+        #: The due ticks the last ``run_pending`` could not enqueue: (schedule name, tick, reason).
+        self.failed: list[tuple[str, datetime, str]] = []
 
     @property
     def schedules(self) -> list[Schedule]:
@@ -340,6 +342,7 @@ class Clock:
     def run_pending(self, now: datetime | None = None) -> list[Tick]:
         """Enqueue every due tick at ``now`` (default: the clock's ``now()``); returns those this clock won."""
         won = []
+        self.failed = []
         for entry, tick in self.due(now):
             try:
                 job_id = self._enqueue_tick(entry, tick)
@@ -347,6 +350,7 @@ class Clock:
                 logger.error(
                     "schedule %s: tick %s not enqueued: %s", entry.name, tick.isoformat(), db.loggable_error(exc)
                 )
+                self.failed.append((entry.name, tick, db.loggable_error(exc)))
                 if not db.connection_is_usable(self._conn):
                     self.close()
                 continue

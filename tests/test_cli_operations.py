@@ -965,3 +965,94 @@ def test_jobs_retry_failed_leaves_cancelled_and_completed_jobs_alone(
     assert job(db_url, failed)["status"] == "pending"
     assert job(db_url, cancelled)["status"] == "cancelled"
     assert job(db_url, done)["status"] == "completed"
+
+
+def test_jobs_list_filters_by_a_queue_or_an_actor_named_retrying(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job in a queue named 'retrying', one of an actor named 'retrying', and another
+    for queue, actor in (("retrying", "tests.a"), ("default", "retrying"), ("default", "tests.b")):
+        query(db_url, "INSERT INTO control_plane.jobs (id, type, queue) VALUES (gen_random_uuid(), %s, %s)",
+              (actor, queue))  # fmt: skip
+    # When the operator lists the jobs of that queue, and of that actor
+    by_queue = in_process(capsys, monkeypatch, db_url, "jobs", "list", "--queue", "retrying", "--json")
+    by_type = in_process(capsys, monkeypatch, db_url, "jobs", "list", "--type", "retrying", "--json")
+    # Then each lists its one job, not every job of every queue
+    assert [(r["queue"], r["type"]) for r in json.loads(by_queue.stdout)] == [("retrying", "tests.a")]
+    assert [(r["queue"], r["type"]) for r in json.loads(by_type.stdout)] == [("default", "retrying")]
+
+
+def test_clock_once_exits_non_zero_when_a_due_tick_was_not_enqueued(db_url: str, tmp_path: Path) -> None:
+    # Given workers that declare billing.sync on queue 'invoices', and a clock module that
+    # schedules it by name every minute on queue 'billing' (a tick the clock refuses to send)
+    query(db_url, "INSERT INTO control_plane.actor_defaults (actor, queue, priority, max_attempts) "
+                  "VALUES ('billing.sync', 'invoices', 0, 20)")  # fmt: skip
+    (tmp_path / "clock_by_name.py").write_text(
+        "from tasks.periodic import schedule\n"
+        "schedule('* * * * *', 'billing.sync', queue_name='billing', name='billing.by_name')\n"
+    )
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONPATH": str(ROOT), "CONTROLPLANE_PRUNE_SCHEDULE": "off"}
+    # When a cron line runs `controlplane clock --once`
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "clock", "--once", "--module", "clock_by_name"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    # Then nothing was sent, and the exit status says so (cron mails it; a wrapper retries it)
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.jobs") == [{"n": 0}]
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "controlplane: error: 1 due tick(s) not enqueued" in done.stderr, done.stderr
+    assert "billing.by_name" in done.stderr
+
+
+def test_db_start_with_a_database_url_says_running_only_when_it_answers(db_url: str) -> None:
+    # Given DATABASE_URL naming a server that does not answer
+    down = cli(UNREACHABLE, "db", "start")
+    # Then `db start` (`controlplane db start && controlplane migrate`) does not say it runs
+    assert_user_error(down, "cannot connect to the database")
+    assert "running" not in down.stdout
+    # While one that answers is said to run
+    up = cli(db_url, "db", "start")
+    assert up.returncode == 0 and up.stdout.startswith("running: DATABASE_URL"), (up.stdout, up.stderr)
+
+
+def test_arguments_that_are_not_utf8_are_one_line_errors_not_tracebacks(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An operator's terminal in Latin-1: 'café' arrives as bytes Python keeps as a surrogate
+    latin1 = "caf\udce9"
+    for args in (("jobs", "list", "--type", latin1), ("jobs", "list", "--since", latin1),
+                 ("jobs", "retry", "--failed", "--type", latin1), ("queues", "pause", "default", "--reason", latin1),
+                 ("jobs", "cancel", "--queue", "default", "--type", latin1)):  # fmt: skip
+        assert_user_error(in_process(capsys, monkeypatch, db_url, *args), "not valid UTF-8")
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.queue_pauses") == [{"n": 0}]
+
+
+def test_a_bulk_retry_or_cancel_the_database_cut_short_says_how_far_it_got(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import cli as cli_module
+
+    # Given three failed jobs, three pending ones, and a server that goes away at the third statement
+    failed = [actors.always_fails.send(str(n)).message_id for n in range(3)]
+    fail_everything_queued()
+    pending = [actors.noop.send(n).message_id for n in range(3)]
+    calls = {"n": 0}
+    scalar = cli_module._scalar
+
+    def lost_at_the_third(conn: Any, sql: str, params: Any = None) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+        return scalar(conn, sql, params)
+
+    monkeypatch.setattr(cli_module, "_scalar", lost_at_the_third)
+    # When every failed job is retried, and the queue's jobs cancelled
+    retried = in_process(capsys, monkeypatch, db_url, "jobs", "retry", "--failed")
+    calls["n"] = 0
+    cancelled = in_process(capsys, monkeypatch, db_url, "jobs", "cancel", "--queue", "default", "--type", "tests.noop")
+    # Then each fails, saying how far it got (as after Ctrl-C) beside the database's error
+    assert retried.returncode == 1
+    assert "retried 2 of 3 failed job(s)" in retried.stderr, retried.stderr
+    assert "cannot connect to the database: server closed the connection unexpectedly" in retried.stderr
+    assert cancelled.returncode == 1
+    assert "cancelled 2 and asked 0 running job(s) to stop, of 3" in cancelled.stderr, cancelled.stderr
+    assert sorted(job(db_url, i)["status"] for i in pending) == ["cancelled", "cancelled", "pending"]
+    assert sorted(job(db_url, i)["status"] for i in failed) == ["failed", "pending", "pending"]
