@@ -675,30 +675,51 @@ def test_a_services_step_that_comes_while_its_run_is_undone_registers_nothing(
     assert [s.request_log for s in services.values()] == [[], [], []]
 
 
-def test_a_registration_whose_run_began_to_be_undone_during_its_put_is_taken_back(
+def test_a_registration_whose_run_is_undone_during_its_put_is_deregistered_even_if_a_delete_fails(
     db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import threading
+
     from tasks.provision import register
 
-    # Given a run at its services step, whose undoing begins while its PUT to auth is in flight
-    # (compensation read the touched services before this PUT landed)
+    # Given a run at its services step, whose step fails elsewhere while its PUT to auth is in
+    # flight (its compensation begins), and an auth service whose next answer after the PUT is a 500
     project = {**project, "services": {"auth": True, "realtime": False, "storage": False}}
     state = through_schema(project)
-    pid = project["project_id"]
+    pid, run = project["project_id"], state.job_id
     put = register.ServiceClient.put_tenant
+    outcomes: dict[str, Any] = {}
 
-    def put_then_undoing_begins(self: Any, project_id: str, body: dict[str, Any]) -> Any:
+    def compensation() -> None:
+        try:
+            outcomes["compensation"] = compensate_project(Settings.from_env(), pid, "another step failed", run)
+        except Exception as exc:
+            outcomes["compensation"] = exc
+
+    undoing = threading.Thread(target=compensation)
+
+    def put_while_the_undoing_begins(self: Any, project_id: str, body: dict[str, Any]) -> Any:
+        undoing.start()
+        wait_for(lambda: not undoing.is_alive() or query(
+            db_url, "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            ("%compensating%",))[0]["n"], what="the compensation to begin, or to wait for the PUT")  # fmt: skip
         answer = put(self, project_id, body)
-        query(db_url, "UPDATE control_plane.projects SET status = 'compensating' WHERE project_id = %s", (pid,))
+        services["auth"].set_faults(fail_times=1)
         return answer
 
-    monkeypatch.setattr(register.ServiceClient, "put_tenant", put_then_undoing_begins)
-    # When the step goes on
-    done = register.register_services(Settings.from_env(), state)
-    # Then it took its registration back itself: no tenant is left that nobody would remove
-    assert done.get("skipped") == "superseded"
-    assert services["auth"].tenants == {}
-    assert [method for method, _, _ in services["auth"].request_log] == ["PUT", "DELETE"]
+    monkeypatch.setattr(register.ServiceClient, "put_tenant", put_while_the_undoing_begins)
+    # When the step and the compensation run, and each that fails is retried as the queue would
+    try:
+        outcomes["step"] = register.register_services(Settings.from_env(), state)
+    except Exception as exc:
+        outcomes["step"] = exc
+        outcomes["step retried"] = run_step("services", pid, run)
+    undoing.join()
+    if isinstance(outcomes["compensation"], Exception):
+        outcomes["compensation retried"] = compensate_project(Settings.from_env(), pid, "another step failed", run)
+    # Then the project is undone and no tenant is left registered at auth that nobody would remove
+    assert query(db_url, "SELECT count(*) AS n FROM control_plane.projects WHERE project_id = %s", (pid,)) == [{"n": 0}]
+    assert services["auth"].tenants == {}, (outcomes, services["auth"].request_log)
 
 
 def test_a_run_sent_in_capitals_is_the_same_run(

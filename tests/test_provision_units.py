@@ -946,6 +946,7 @@ def test_a_put_applied_but_answered_unreadably_stays_touched_so_compensation_und
     server = _RawServer(applied_then_plain_text)
     touched: list[tuple[str, bool]] = []
     monkeypatch.setattr(register, "_touch", lambda state, service, on: touched.append((service, on)) or True)
+    monkeypatch.setattr(register, "_run_held", lambda state, service: contextlib.nullcontext(True))
     settings = Settings.from_env({"AUTH_SERVICE_URL": server.url, "AUTH_SERVICE_TOKEN": TOKEN})
     state = ProjectState(payload=validate(minimal(services={"auth": True})), status="provisioning", steps={},
                          secret_nonce=None, job_id=None)

@@ -13,6 +13,9 @@ another fails; 404 counts as done.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from models import project_queries as q
 from tasks.errors import PermanentError, TaskError
 from tasks.provision import payload as p
@@ -43,10 +46,17 @@ def _touch(state: ProjectState, service: str, touched: bool) -> bool:
         return bool(cur.rowcount)
 
 
+@contextlib.contextmanager
+def _run_held(state: ProjectState, service: str) -> Iterator[bool]:
+    """This run's row locked (touched again) until the block ends; False: the row is another run's."""
+    with control_transaction() as conn, conn.cursor() as cur:
+        cur.execute(q.TOUCH_SERVICE, {"project_id": state.project_id, "service": service, "run": state.job_id})
+        yield bool(cur.rowcount)
+
+
 def register_services(settings: Settings, state: ProjectState) -> dict[str, object]:
     """Register the project with every enabled service; idempotent."""
     payload = state.payload
-    already = set(state.steps.get("touched_services") or [])
     registered: list[str] = []
     for name in payload.services.enabled():
         service = client(settings, name)
@@ -54,28 +64,41 @@ def register_services(settings: Settings, state: ProjectState) -> dict[str, obje
             raise PermanentError(
                 f"the {name} service is enabled in the payload but {name.upper()}_SERVICE_URL is not set"
             )
-        if not _touch(state, name, True):
+        # Touched first, committed: a worker lost during the PUT leaves it for compensation to undo.
+        if not _touch(state, name, True) or not _put(state, service):
             # A late step of a run undone or being undone: a registration nobody would know to
             # undo. Not made. (Looked at before every PUT, touched before or not.)
             return {"services": registered, "skipped": "superseded"}
-        try:
+        registered.append(name)
+    return {"services": registered}
+
+
+def _put(state: ProjectState, service: ServiceClient) -> bool:
+    """Register the project with ``service`` while this run's row is locked; False: the run is no
+    longer the project's (nothing sent).
+
+    The lock keeps the undoing from beginning during the PUT (``BEGIN_COMPENSATION`` updates the
+    row): it begins before, and this PUT is not sent, or after, and deregisters what the PUT made.
+    (Without it, an undoing that began during the PUT deregistered before the PUT landed, and the
+    step's own DELETE was all that took the registration back: one that failed left the tenant
+    registered for good, the step's retry finding its run gone.) Held for one request, up to
+    ``SERVICE_TIMEOUT_SECONDS``; the project's other writers wait that long at most."""
+    payload, name = state.payload, service.name
+    try:
+        with _run_held(state, name) as current:
+            if not current:
+                return False
             service.put_tenant(
                 payload.project_id,
                 {"tenant_id": payload.tenant_id, "project_id": payload.project_id, "region": payload.region},
             )
-        except PermanentError as exc:
-            # Untouched again only when the service refused it (a 4xx): an answer it gave after
-            # applying the PUT (a 2xx body it could not read, say) leaves it for compensation.
-            if name not in already and getattr(exc, "refused", False):
-                _touch(state, name, False)
-            raise
-        if not _touch(state, name, True):
-            # The undoing began during the PUT, after it had read the services to deregister
-            # (or deregistered this one before the PUT landed): take it back ourselves.
-            service.delete_tenant(payload.project_id)
-            return {"services": registered, "skipped": "superseded"}
-        registered.append(name)
-    return {"services": registered}
+    except PermanentError as exc:
+        # Untouched again only when the service refused it (a 4xx): an answer it gave after
+        # applying the PUT (a 2xx body it could not read, say) leaves it for compensation.
+        if name not in set(state.steps.get("touched_services") or []) and getattr(exc, "refused", False):
+            _touch(state, name, False)
+        raise
+    return True
 
 
 def deregister_services(settings: Settings, payload: p.ProvisionPayload, touched: list[str]) -> list[str]:
