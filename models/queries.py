@@ -84,6 +84,17 @@ ON CONFLICT (actor) DO UPDATE
 WHERE (d.queue, d.priority, d.max_attempts) IS DISTINCT FROM (excluded.queue, excluded.priority, excluded.max_attempts)
 """
 
+#: ... and how long their results live (migration 0021), read where SQL stores a result without
+#: a worker's Results middleware (``cancel_job``, STORE_REAPED_RESULTS): each actor's
+#: ``result_ttl`` option, else the worker's ``CONTROLPLANE_RESULT_TTL_MS``. A statement of its
+#: own, after DECLARE_ACTORS: a schema before 0021 refuses it (no such column), and the
+#: priorities and attempts are recorded all the same.
+DECLARE_RESULT_TTLS = """
+UPDATE control_plane.actor_defaults AS d SET result_ttl_ms = t.ttl
+FROM unnest(%(actors)s::text[], %(result_ttls)s::bigint[]) AS t(actor, ttl)
+WHERE d.actor = t.actor AND d.result_ttl_ms IS DISTINCT FROM t.ttl
+"""
+
 #: Advisory lock classes (the first key; the second is ``hashtext(queue)``) of the
 #: wake-up protocol: a send NOTIFYs a queue only when a consumer of it is waiting.
 #: PostgreSQL serializes the commits of notifying transactions (one lock, held
@@ -711,21 +722,26 @@ SELECT (SELECT count(*) FROM m),
 """  # noqa: S608 (joined from this module's constants only, no input)
 
 #: What a caller blocked in ``get_result`` hears of jobs ``REAP`` ended: ``WorkerLost`` for a
-#: failed one, ``Cancelled`` for a cancelled one, with the key and lifetime
-#: ``control_plane.cancel_job`` stores a cancel's under (migration 0010).
+#: failed one, ``Cancelled`` for a cancelled one, under the key ``control_plane.cancel_job``
+#: stores a cancel's under (migration 0010). It lives as the job's own result would: the
+#: message's ``result_ttl``, else its actor's as its workers declared it (migration 0021; read
+#: through ``to_jsonb``, so that on a schema before it this reads NULL instead of failing),
+#: else ``default_ttl_ms`` (the reaper's ``CONTROLPLANE_RESULT_TTL_MS``).
 STORE_REAPED_RESULTS = """
 INSERT INTO control_plane.results AS r (key, value, expires_at)
 SELECT md5('dramatiq-results:' || j.queue || ':' || j.type || ':' || j.id::text),
        convert_to(jsonb_build_object('__t', 'dramatiq.results.Result', 'exn', jsonb_build_object(
            'type', CASE j.status WHEN 'failed' THEN 'WorkerLost' ELSE 'Cancelled' END,
            'msg', j.last_error))::text, 'UTF8'),
-       now() + make_interval(secs => (CASE WHEN j.options ->> 'result_ttl' ~ '^[0-9]{1,15}$'
-                                           THEN (j.options ->> 'result_ttl')::bigint
-                                           ELSE 86400000 END) / 1000.0)
+       """ + _expires_in("""CASE WHEN j.options ->> 'result_ttl' ~ '^[0-9]{1,15}$'
+                                THEN (j.options ->> 'result_ttl')::bigint
+                                ELSE coalesce((SELECT (to_jsonb(d) ->> 'result_ttl_ms')::bigint
+                                               FROM control_plane.actor_defaults AS d WHERE d.actor = j.type),
+                                              %(default_ttl_ms)s::bigint) END""") + """
 FROM control_plane.jobs AS j
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.status IN ('failed', 'cancelled')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
-"""
+"""  # noqa: S608 (joined from this module's constants only, no input)
 
 #: A row whose body cannot be decoded: take it out of the queue and record why.
 #: The mirror row may not exist (the row was written by hand), so upsert it.

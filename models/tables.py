@@ -241,7 +241,8 @@ class ApiKey(Base):
 
 class ActorDefaults(Base):
     """Each actor's priority and attempts as its workers declare it (migration 0015): a send
-    of an actor the sender does not declare takes them from here."""
+    of an actor the sender does not declare takes them from here. And the lifetime of its
+    results (0021), for the results SQL stores without its workers."""
 
     __tablename__ = "actor_defaults"
 
@@ -250,6 +251,9 @@ class ActorDefaults(Base):
     priority: Mapped[int] = mapped_column(Integer)
     max_attempts: Mapped[int] = mapped_column(Integer)
     declared_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    #: How long its results live (migration 0021): its ``result_ttl`` option, else its workers'
+    #: ``CONTROLPLANE_RESULT_TTL_MS``; read by the results SQL stores (a cancel's, the reaper's).
+    result_ttl_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class QueuePause(Base):

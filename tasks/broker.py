@@ -622,6 +622,19 @@ def store_results(cur: Any, results: Sequence[StoredResult], only_if: Sequence[E
     cur.execute(queries.RESULT_STORE, params)
 
 
+def result_ttl_ms(ttl: Any, default: int) -> int:
+    """A result's lifetime ``ttl`` (Dramatiq's ``result_ttl``) as the whole milliseconds the statements
+    take, at most ``MAX_DELAY_MS``; ``default`` for one that is no number (``"1h"``, None, infinity: sent
+    before the option was checked at the send, or written by hand). Such a one failed every settle
+    that carried its result, which held up every outcome of its worker's queue until a restart."""
+    if isinstance(ttl, str):
+        with contextlib.suppress(ValueError):
+            ttl = float(ttl)  # ("60000": as an older release's settle read it)
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+        return default
+    return min(max(int(ttl), 0), MAX_DELAY_MS)
+
+
 def result_store_params(results: Sequence[StoredResult], only_if: Sequence[EndedAs | None] = ()) -> dict[str, Any]:
     """``queries.RESULT_STORE``'s parameters for ``results`` (see :func:`store_results`)."""
     conditions = list(only_if) or [None] * len(results)
@@ -1348,7 +1361,8 @@ class PostgresBroker(dramatiq.Broker):
         return default_attempts(self)
 
     def declared_actors(self, queue_name: str) -> dict[str, list[Any]]:
-        """DECLARE_ACTORS's parameters: the priority and attempts of this process's actors of a queue."""
+        """DECLARE_ACTORS's parameters: the priority and attempts of this process's actors of a queue,
+        and (DECLARE_RESULT_TTLS's) how long their results live."""
         from tasks.middleware.retries import max_attempts_for
 
         names = sorted(name for name, actor in self.actors.items() if actor.queue_name == queue_name)
@@ -1358,7 +1372,31 @@ class PostgresBroker(dramatiq.Broker):
             "queues": [queue_name] * len(names),
             "priorities": [actor.priority for actor in actors],
             "max_attempts": [max_attempts_for(self, actor.message()) for actor in actors],
+            "result_ttls": [self.result_ttl_of(actor.message()) for actor in actors],
         }
+
+    def result_ttl_of(self, message: Message[Any]) -> int | None:
+        """How long ``message``'s result lives, as Dramatiq's ``Results`` decides it: its ``result_ttl``
+        option, else its actor's (if declared here), else the middleware's (``CONTROLPLANE_RESULT_TTL_MS``);
+        None without a ``Results`` middleware."""
+        from dramatiq.results import Results
+
+        results = next((m for m in self.middleware if isinstance(m, Results)), None)
+        if results is None:
+            return None
+        ttl = message.options.get("result_ttl")
+        actor = self.actors.get(message.actor_name)
+        if ttl is None and actor is not None:
+            ttl = actor.options.get("result_ttl")
+        return result_ttl_ms(ttl, int(results.result_ttl))
+
+    def default_result_ttl(self) -> int:
+        """The lifetime of a result whose message and actor say none: ``CONTROLPLANE_RESULT_TTL_MS``
+        (the ``Results`` middleware's)."""
+        from dramatiq.results import Results
+
+        results = next((m for m in self.middleware if isinstance(m, Results)), None)
+        return int(results.result_ttl) if results is not None else self.settings.result_ttl_ms
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Store a message (and its jobs row); ``delay`` in milliseconds sets its eta.
@@ -1757,6 +1795,14 @@ class _PostgresConsumer(dramatiq.Consumer):
                 logger.error("cannot record this worker's actors in control_plane.actor_defaults (%s): "
                              "%s; sends by name get priority 0 meanwhile", db.loggable_error(exc), fix)
             return False
+        try:  # (a statement of its own: see DECLARE_RESULT_TTLS)
+            with self.conn.cursor() as cur:
+                cur.execute(queries.DECLARE_RESULT_TTLS, declared)
+        except psycopg2.errors.UndefinedColumn:
+            pass  # before 0021: the results SQL stores (a cancel's, the reaper's) keep their defaults meanwhile
+        except (*_NOT_MIGRATED, psycopg2.DataError, psycopg2.errors.TransactionRollbackError) as exc:
+            logger.warning("cannot record how long this worker's actors' results live in "
+                           "control_plane.actor_defaults (%s)", db.loggable_error(exc))  # fmt: skip
         return True
 
     # -- Dramatiq's interface ----------------------------------------------
@@ -2418,7 +2464,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                 continue
             kind = "WorkerLost" if job["fate"] == "fail" else "Cancelled"
             why = stopped_at(message.actor_name, job["id"], job["error"])
-            key, failure, ttl = pipeline_failure(results, last, kind, why)
+            key, failure, ttl = pipeline_failure(results, last, kind, why, self.broker)
             stopped.append((key, results.backend.encoder.encode(failure), ttl))
         return stopped
 
@@ -2431,7 +2477,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         with conn.cursor() as cur:
             cur.execute("SAVEPOINT control_plane_ended_results")
             try:
-                _store_ended(cur, job_ids, pipelines_stopped)
+                _store_ended(cur, job_ids, pipelines_stopped, self.broker.default_result_ttl())
             except psycopg2.Error as exc:
                 if db.is_connection_error(exc):
                     raise
@@ -2448,7 +2494,7 @@ class _PostgresConsumer(dramatiq.Consumer):
         try:  # on this thread's own connection: waiting for a pooled one could take any time
             with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn, conn.cursor() as cur:
                 cur.execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '5s'")
-                _store_ended(cur, job_ids, pipelines_stopped)
+                _store_ended(cur, job_ids, pipelines_stopped, self.broker.default_result_ttl())
         except psycopg2.Error as exc:
             logger.warning("could not store the results of the jobs the reaper ended (%s); their callers "
                            "wait out their timeouts", db.loggable_error(exc))
@@ -2808,7 +2854,16 @@ def _settle_batch(broker: PostgresBroker, state: _QueueState, conn: Any) -> bool
             state.outcomes[:0] = kept
             state.starts = {p.message_id: p for p in starts} | state.starts
         raise
-    broker.results_writer.put(result for message_id, result in apart if message_id in applied)
+    # Stored only while the job's row still shows this outcome: an operator's retry_job, free to
+    # run once the outcome is written, forgets the failure stored for it, and the writer, which
+    # may write it later (the table locked), must not bring it back for the caller of the new run.
+    broker.results_writer.put_if_ended(
+        (result, (message_id, latest[message_id].kind, broker.worker_id)) for message_id, result in apart
+        if message_id in applied and latest[message_id].kind in _ENDING_KINDS
+    )
+    broker.results_writer.put(
+        result for message_id, result in apart if message_id in applied and latest[message_id].kind not in _ENDING_KINDS
+    )
     # Not reported written after an earlier try lost its connection: that try may have been
     # committed with only its reply lost (this one found the claim gone), or the lease was lost.
     broker.results_writer.put_if_ended(
@@ -2981,10 +3036,11 @@ def _not_stored(cur: Any, rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
     return {name: [values[i] for i in keep] for name, values in rows.items()}
 
 
-def _store_ended(cur: Any, job_ids: list[str], pipelines_stopped: Sequence[StoredResult]) -> None:
+def _store_ended(cur: Any, job_ids: list[str], pipelines_stopped: Sequence[StoredResult], default_ttl: int) -> None:
     """What the callers of the jobs ``job_ids`` (failed or cancelled) and of the pipelines they
-    were steps of hear: ``STORE_REAPED_RESULTS``, and ``pipelines_stopped``."""
-    cur.execute(queries.STORE_REAPED_RESULTS, {"ids": job_ids})
+    were steps of hear: ``STORE_REAPED_RESULTS`` (for ``default_ttl`` ms where neither the message
+    nor its actor's declaration says), and ``pipelines_stopped``."""
+    cur.execute(queries.STORE_REAPED_RESULTS, {"ids": job_ids, "default_ttl_ms": default_ttl})
     if pipelines_stopped:
         store_results(cur, pipelines_stopped)
 

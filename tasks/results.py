@@ -35,6 +35,7 @@ from tasks.broker import (
     PostgresBroker,
     joined_connection,
     result_store_params,
+    result_ttl_ms,
     store_results,
 )
 from tasks.errors import NotSerializable
@@ -124,7 +125,10 @@ class PostgresBackend(ResultBackend):
         """Store a result at once, waiting ``RESULTS_LOCK_TIMEOUT`` at most for the table
         (a worker thread must not wait on an operator's lock); past it, the Postgres
         ``broker``'s writer of results apart stores it once the table is free."""
-        stored = (message_key, self.encoder.encode(result), ttl)
+        self._write_soon((message_key, self.encoder.encode(result), _ttl(ttl)), broker)
+
+    def _write_soon(self, stored: tuple[str, bytes, int], broker: dramatiq.Broker) -> None:
+        """:meth:`store_soon` for a value encoded already."""
         try:
             self._look(queries.RESULT_STORE, result_store_params([stored]), _RESULTS_LOCK_SECONDS)
         except psycopg2.errors.LockNotAvailable:
@@ -176,6 +180,7 @@ class PostgresBackend(ResultBackend):
 
     def _store(self, message_key: str, result: Any, ttl: int) -> None:
         value = self.encoder.encode(result)
+        ttl = _ttl(ttl)
         conn = _store_with.get()
         claimed = _store_on.get()
         if conn is None and claimed is not None:
@@ -187,6 +192,10 @@ class PostgresBackend(ResultBackend):
                 return
             else:
                 claimed.result_written_apart = message_key
+                # (now, by this worker thread, which must not wait on an operator's lock on the table
+                # either: it waited as long as the lock was held, a VACUUM FULL's minutes)
+                self._write_soon((message_key, value, ttl), dramatiq.get_broker())
+                return
         if conn is not None:
             self._write(conn, message_key, value, ttl)
             return
@@ -239,6 +248,14 @@ class PostgresBackend(ResultBackend):
     def _write(self, conn: Any, message_key: str, value: bytes, ttl: int) -> None:
         with conn.cursor() as cur:
             store_results(cur, [(message_key, value, ttl)])
+
+
+def _ttl(ttl: Any) -> int:
+    """``ttl`` as the statements take it (``tasks.broker.result_ttl_ms``): one that is no number
+    lives ``CONTROLPLANE_RESULT_TTL_MS``."""
+    import tasks
+
+    return result_ttl_ms(ttl, tasks.settings.result_ttl_ms)
 
 
 def _utc(moment: Any) -> str:

@@ -53,7 +53,9 @@ _INTEGER_OPTIONS = ("priority", "max_attempts", "max_retries")
 _ATTEMPTS_RANGE = range(0, UNLIMITED_ATTEMPTS + 1)
 #: Milliseconds from 0 to 100 years: a backoff of 0 retries at once; a limit or an age of 0 is
 #: Dramatiq's "unset" (its hooks read ``option or default``), and an actor's may be infinite.
-_BACKOFF_OPTIONS = ("min_backoff", "max_backoff")
+#: A ``result_ttl`` that was no number (``"1h"``, infinity) failed its worker's every settle
+#: with it: no outcome of the queue was written again until the worker restarted.
+_BACKOFF_OPTIONS = ("min_backoff", "max_backoff", "result_ttl")
 _LIMIT_OPTIONS = ("time_limit", "max_age")
 #: Every option checked here: a send whose options hold none of them is not looked at further.
 CHECKED_OPTIONS = frozenset({*_INTEGER_OPTIONS, *_BACKOFF_OPTIONS, *_LIMIT_OPTIONS, "throws"})
