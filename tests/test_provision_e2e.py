@@ -388,6 +388,13 @@ def test_a_service_failing_twice_with_500_is_retried_with_backoff(
     assert all("TransientError" in e["error"] and "500" in e["error"] for e in step["errors"])
     assert step["last_error"] == step["errors"][-1]["error"]
     assert len(services["auth"].tenants) == 1
+    # with a backoff that grows (seed AC5): Dramatiq's, min_backoff 200 ms in the tests, jittered
+    # between half and all of 200 ms x 2^retries: the second attempt failed at least 100 ms after
+    # the first, the third ran at least 200 ms after the second failed (a failure's time is its
+    # settle's, which gives the retry its due time by the same clock)
+    first, second = (datetime.fromisoformat(e["at"]) for e in step["errors"])
+    waits = [(second - first).total_seconds(), (step["completed_at"] - second).total_seconds()]
+    assert waits[0] >= 0.1 and waits[1] >= 0.2, waits
 
 
 @pytest.mark.parametrize("fault", ["status_429_times", "hang", "drop_after_commit_times"])
