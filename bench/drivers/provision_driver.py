@@ -144,6 +144,7 @@ def hand(prefix: str, n: int, threads: int = 1) -> dict[str, Any]:
                     "secret_nonce": given,
                     "secrets_ttl": settings.secrets_ttl_seconds,
                     "job_id": None,
+                    "waiting": [],  # (a tree before 7499f11 takes none)
                 },
             )
             nonce = bytes(cur.fetchone()[0]) if cur.description else given
