@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -1359,3 +1360,118 @@ def test_the_result_names_the_tenant_server_and_its_credentials_log_in_there(
             assert cur.fetchone() == (database["user"], database["schema_name"])
     finally:
         conn.close()
+
+
+#: A DBA's idle_in_transaction_session_timeout (docs/operations.md: "never touches a worker,
+#: which never sits idle inside a transaction").
+IDLE_MS = 1000
+
+
+def _with_idle_timeout(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The workers' connections from now on run with the DBA's idle_in_transaction_session_timeout."""
+    url = f"{db_url}?options=-c%20idle_in_transaction_session_timeout%3D{IDLE_MS}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    tasks.broker.reconfigure(url)
+    return url
+
+
+def test_a_services_step_whose_put_outlasts_idle_in_transaction_session_timeout_still_registers(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a database whose sessions end after 1 s idle in a transaction, and a run at its
+    # services step, whose auth service takes 2 s to answer (within SERVICE_TIMEOUT_SECONDS, 5 s)
+    project = {**project, "services": {"auth": True, "realtime": False, "storage": False}}
+    _with_idle_timeout(db_url, monkeypatch)
+    pid = project["project_id"]
+    run = claimed(project)
+    for step in ("roles", "database", "schema"):
+        run_step(step, pid, run)
+    services["auth"].set_faults(hang_seconds=2 * IDLE_MS / 1000)
+    # When the step runs (once, and once more as its retry would)
+    errors = []
+    for _ in range(2):
+        try:
+            run_step("services", pid, run)
+            break
+        except Exception as exc:
+            errors.append(exc)
+    # Then it is done: the PUT did not leave the run's row lock idle in a transaction the server ends
+    with control_transaction() as conn:
+        state = load(conn, pid)
+    assert state is not None and (state.steps.get("services") or {}).get("done_at"), errors
+    assert pid in services["auth"].tenants
+
+
+def test_a_roles_step_whose_tenant_ddl_outlasts_idle_in_transaction_session_timeout_still_makes_the_roles(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tasks.provision.roles import ensure_roles
+
+    # Given a database whose sessions end after 1 s idle in a transaction, a claimed run, and on
+    # the tenant server another session making a role of the project's name, not yet committed
+    # (the step's CREATE ROLE waits for it, within PROVISION_LOCK_TIMEOUT_MS, 5 s)
+    url = _with_idle_timeout(db_url, monkeypatch)
+    pid = project["project_id"]
+    claimed(project)
+    with control_transaction() as conn:
+        state = load(conn, pid)
+    blocker = psycopg2.connect(db_url)
+    outcome: dict[str, Any] = {}
+
+    def roles() -> None:
+        try:
+            outcome["done"] = ensure_roles(Settings.from_env(), state)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    def control_idle() -> list[dict[str, Any]]:
+        return query(url, "SELECT pid, now() - state_change > make_interval(secs => %s) AS long FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND query LIKE '%%lock_timeout TO DEFAULT%%' "
+                          "AND state = 'idle in transaction'", (2 * IDLE_MS / 1000,))  # fmt: skip
+
+    try:
+        with blocker.cursor() as cur:
+            cur.execute(f'CREATE ROLE "p_{pid}_owner" NOLOGIN')
+        step = threading.Thread(target=roles)
+        step.start()
+        # When the step waits on the tenant server, its control transaction (the roles step's lock)
+        # idle meanwhile, until the server ends it or it has been idle twice the timeout
+        wait_for(control_idle, what="the roles step's control transaction to sit idle")
+        wait_for(lambda: not control_idle() or control_idle()[0]["long"], what="the server to end it, or not")
+        blocker.rollback()
+        step.join()
+    finally:
+        blocker.close()
+    # Then the roles are made
+    assert "error" not in outcome, outcome
+    assert query(db_url, "SELECT count(*) AS n FROM pg_roles WHERE rolname IN (%s, %s)",
+                 (f"p_{pid}_owner", f"p_{pid}_app"))[0]["n"] == 2  # fmt: skip
+
+
+def test_a_roles_step_waits_for_another_delivery_of_it_no_longer_than_a_tenant_side_lock(
+    db_url: str, project: dict[str, Any], services: dict[str, StandinService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.provision.roles import ensure_roles
+    from tasks.provision.secrets import lock_key
+
+    # Given a claimed run whose roles step another delivery holds (its worker frozen mid-step: its
+    # session lives on), and lock waits bounded at 200 ms (PROVISION_LOCK_TIMEOUT_MS)
+    monkeypatch.setenv("PROVISION_LOCK_TIMEOUT_MS", "200")
+    settings = Settings.from_env()
+    pid = project["project_id"]
+    claimed(project)
+    with control_transaction() as conn:
+        state = load(conn, pid)
+    holder = psycopg2.connect(db_url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (lock_key(secrets_pepper(settings), "roles-step", pid),))
+        # When this delivery runs / Then it fails for now, to be retried, as a tenant-side lock wait did
+        with pytest.raises(TransientError, match="waiting for another delivery of the roles step"):
+            ensure_roles(settings, state)
+    finally:
+        holder.close()
+    # And once the other lets go, it makes the roles
+    assert ensure_roles(settings, state).get("skipped") is None

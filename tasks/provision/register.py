@@ -20,7 +20,7 @@ from models import project_queries as q
 from tasks.errors import PermanentError, TaskError
 from tasks.provision import payload as p
 from tasks.provision.services import ServiceClient
-from tasks.provision.state import ProjectState, control_transaction
+from tasks.provision.state import ProjectState, control_transaction, stays_open
 from tasks.settings import Settings
 
 
@@ -46,11 +46,17 @@ def _touch(state: ProjectState, service: str, touched: bool) -> bool:
         return bool(cur.rowcount)
 
 
+#: How much longer than ``SERVICE_TIMEOUT_SECONDS`` the PUT's transaction may sit idle (its name's
+#: lookup, which the request's own timeout does not bound).
+_PUT_MARGIN_SECONDS = 30.0
+
+
 @contextlib.contextmanager
-def _run_held(state: ProjectState, service: str) -> Iterator[bool]:
+def _run_held(state: ProjectState, service: ServiceClient) -> Iterator[bool]:
     """This run's row locked (touched again) until the block ends; False: the row is another run's."""
     with control_transaction() as conn, conn.cursor() as cur:
-        cur.execute(q.TOUCH_SERVICE, {"project_id": state.project_id, "service": service, "run": state.job_id})
+        stays_open(conn, service.timeout + _PUT_MARGIN_SECONDS)  # (idle during the PUT)
+        cur.execute(q.TOUCH_SERVICE, {"project_id": state.project_id, "service": service.name, "run": state.job_id})
         yield bool(cur.rowcount)
 
 
@@ -85,7 +91,7 @@ def _put(state: ProjectState, service: ServiceClient) -> bool:
     ``SERVICE_TIMEOUT_SECONDS``; the project's other writers wait that long at most."""
     payload, name = state.payload, service.name
     try:
-        with _run_held(state, name) as current:
+        with _run_held(state, service) as current:
             if not current:
                 return False
             service.put_tenant(

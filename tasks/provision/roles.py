@@ -21,7 +21,7 @@ from models import project_queries as q
 from tasks.errors import Conflict, TransientError
 from tasks.provision import payload as p
 from tasks.provision import secrets
-from tasks.provision.state import ProjectState, control_transaction, hold_current_run
+from tasks.provision.state import ProjectState, control_transaction, hold_current_run, stays_open
 from tasks.provision.target import marker, role_owner_marker, session, translated
 from tasks.settings import Settings
 
@@ -60,8 +60,14 @@ def ensure_roles(settings: Settings, state: ProjectState) -> dict[str, object]:
     # run of the project id) and hold up the project for good. (Its key is still derived under the
     # pepper, in case that database is open to PUBLIC.)
     with control_transaction() as control:
-        with control.cursor() as cur:
+        # (idle while the tenant server is reached: a connection and a few statements, each bounded)
+        stays_open(control, 60 + 10 * settings.provision_statement_timeout_ms / 1000)
+        # (waited for as long as a tenant-side lock, PROVISION_LOCK_TIMEOUT_MS, then retried: a holder
+        # whose worker froze holds it until its session ends; the project's lock below as before)
+        with translated("waiting for another delivery of the roles step"), control.cursor() as cur:
+            cur.execute("SELECT set_config('lock_timeout', %s, true)", (str(settings.provision_lock_timeout_ms),))
             cur.execute(q.LOCK_ROLES_STEP, {"key": secrets.lock_key(pepper, "roles-step", state.project_id)})
+            cur.execute("SET LOCAL lock_timeout TO DEFAULT")
         with translated("creating roles"), session(settings, autocommit=False) as conn:
             done = _create_roles(settings, state, conn, owner, app, password)
             # Committed only while this run still provisions the project, under its lock (held

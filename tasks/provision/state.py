@@ -62,6 +62,23 @@ def hold_current_run(conn: Any, state: ProjectState) -> bool:
         return cur.fetchone() is not None
 
 
+#: Raise the session's ``idle_in_transaction_session_timeout`` (a DBA's, on the role, the database
+#: or the server) to ``ms`` for this transaction, when it is set and lower; never turn it off.
+_STAYS_OPEN = """
+SELECT set_config('idle_in_transaction_session_timeout', %(ms)s::text, true) FROM pg_settings
+WHERE name = 'idle_in_transaction_session_timeout' AND setting::bigint BETWEEN 1 AND %(ms)s - 1
+"""
+
+
+def stays_open(conn: Any, seconds: float) -> None:
+    """Let ``conn``'s transaction sit idle up to ``seconds`` while the step reaches another server
+    (a service's PUT, the tenant server's DDL, each bounded by its own timeouts): a DBA's shorter
+    ``idle_in_transaction_session_timeout`` ended the session under it, and the step failed at
+    every attempt. Still bounded: a worker cut off mid-step does not hold the lock for good."""
+    with conn.cursor() as cur:
+        cur.execute(_STAYS_OPEN, {"ms": int(seconds * 1000)})
+
+
 def control_transaction() -> AbstractContextManager[Any]:
     """One transaction on the control plane's database (a pooled connection, BEGIN/COMMIT)."""
     import tasks
