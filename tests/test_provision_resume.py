@@ -1369,7 +1369,7 @@ IDLE_MS = 1000
 
 def _with_idle_timeout(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The workers' connections from now on run with the DBA's idle_in_transaction_session_timeout."""
-    url = f"{db_url}?options=-c%20idle_in_transaction_session_timeout%3D{IDLE_MS}"
+    url = f"{db_url}{'&' if '?' in db_url else '?'}options=-c%20idle_in_transaction_session_timeout%3D{IDLE_MS}"
     monkeypatch.setenv("DATABASE_URL", url)
     tasks.broker.reconfigure(url)
     return url
