@@ -530,7 +530,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
                 retried += bool(_scalar(conn, queries.RETRY_JOB, {"id": job_id}))
             except UserError as exc:
                 refused += 1
-                print(_printable(f"controlplane: {exc}"), file=sys.stderr)
+                print(_printable(redact(f"controlplane: {exc}")), file=sys.stderr)
 
         try:
             finished = _one_by_one(ids, retry, "failed jobs")
@@ -855,7 +855,7 @@ def cmd_clock(args: argparse.Namespace) -> int:
         try:
             conn = _connect(url)
         except UserError as exc:
-            print(f"controlplane clock: the retentions are not checked against the server ({exc})",
+            print(_printable(redact(f"controlplane clock: the retentions are not checked against the server ({exc})")),
                   file=sys.stderr, flush=True)  # fmt: skip
         else:
             try:

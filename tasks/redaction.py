@@ -34,6 +34,21 @@ _KEYWORDS = "passwords?|passwd|pwd|secrets?|tokens?|peppers?|api_?keys?|access_?
 _QUOTED = r"""[bBrRuU]{0,2}(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
 
 _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # PostgreSQL's DETAIL of a key (a unique, exclusion or foreign key violation in an actor's
+    # statement): "Key (tenant, api_token)=(t1, tok_...) already exists." quotes the values of
+    # the key's columns as they are; all of them go when a column's name (or an expression of
+    # an index on one: lower(api_token::text)) names a secret. First: the patterns below would
+    # take "token::text" for a name and its value.
+    (
+        re.compile(
+            rf"""(\bkey \((?=[^=\n]{{0,512}}?(?:{_KEYWORDS})[^=\n]{{0,512}}?\)=\()[^=\n]{{0,1024}}?\)=\()"""
+            r"[^\n]*?"
+            r"(?=\)\s+(?:already exists|is not present in table|is still referenced from table|conflicts with)\b"
+            r"|\)\.?[ \t]*(?:\n|$)|\n|$)",
+            re.IGNORECASE,
+        ),
+        rf"\g<1>{REDACTED}",
+    ),
     # A SCRAM verifier: SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>.
     (re.compile(r"SCRAM-SHA-256\$[^\s'\",;]*", re.IGNORECASE), REDACTED),
     # DDL: PASSWORD 'secret' (with '' escapes), E'...' (with backslash escapes too), $tag$...$tag$.
@@ -67,9 +82,11 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
-#: A double-quoted value in a message (``invalid input syntax for type uuid: "..."``,
-#: ``value "..." is out of range``, libpq's ``invalid percent-encoded token: "..."``).
-_DOUBLE_QUOTED = re.compile(r'"(?:[^"]|"")*"')
+#: What a message quotes (``invalid input syntax for type uuid: "..."``, ``value "..." is out of
+#: range``, libpq's ``invalid percent-encoded token: "..."``): from its first '"' to its last.
+#: PostgreSQL and libpq quote a value as it is, a '"' in it not escaped: a password holding one
+#: ended a shorter match early, and the rest of it was kept ("…"Lw3%zz").
+_DOUBLE_QUOTED = re.compile(r'"[\s\S]*"')
 
 
 def unquoted(text: str) -> str:

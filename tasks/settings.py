@@ -104,7 +104,28 @@ def _broker_url(env: dict[str, str]) -> str | None:
             "BROKER_URL must be an amqp:// URL (RabbitMQ), or stub:// (Dramatiq's StubBroker, for unit "
             "tests); leave it unset for the PostgreSQL broker"
         )
+    if raw is not None and raw != STUB_BROKER_URL and _amqp_url_misread(raw):
+        raise ConfigurationError(
+            "BROKER_URL is not a valid AMQP URL: its port is not a number, or its user name and password "
+            "end before its '@'; a password or user name with '/', '?', '#' or '%' must be percent-encoded "
+            "('/' as %2F, '?' as %3F, '#' as %23, '%' as %25)"
+        )
     return raw
+
+
+def _amqp_url_misread(url: str) -> bool:
+    """Whether pika (``urllib.parse``) would misread ``url``: a '/', '?' or '#' in its password
+    not percent-encoded ends the URL's authority there, and the password's head is taken for the
+    port, whose ValueError ("Port could not be cast to integer value as 'Top'") reached every
+    command's and worker's traceback; or for the host, the rest of the password for the vhost."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return True
+    return "@" in url.partition("://")[2] and "@" not in parts.netloc
 
 
 #: What makes a PostgreSQL interval negative: a minus sign (not one between digits: the
