@@ -135,12 +135,18 @@ def engine(url: str) -> Engine:
     per use, connecting as every connection of this project does (``tasks.db.connect_options``:
     a connect timeout, keepalives, ``tcp_user_timeout``; docs/operations.md, "A server gone from
     the network")."""
+    import psycopg2
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    from tasks.db import connect_options, sqlalchemy_url
+    from tasks.db import connect_options
 
-    return create_engine(sqlalchemy_url(url), poolclass=NullPool, connect_args=connect_options(url))
+    # libpq reads the URL, not SQLAlchemy: one naming several hosts for a failover
+    # (postgresql://h1:5432,h2:5432/db?target_session_attrs=read-write) is libpq's only
+    libpq_url = url.replace("postgresql+psycopg2://", "postgresql://", 1)
+    options = connect_options(url)
+    return create_engine("postgresql+psycopg2://", poolclass=NullPool,
+                         creator=lambda: psycopg2.connect(libpq_url, **options))  # fmt: skip
 
 
 def current(url: str) -> str | None:

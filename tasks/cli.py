@@ -71,7 +71,12 @@ def _describe_target(settings: Settings) -> str:
     from sqlalchemy.engine import make_url
 
     # hide_password covers the user part; a password in the query string (?password=) is redacted
-    return "DATABASE_URL " + redact(make_url(settings.database_url).render_as_string(hide_password=True))
+    try:
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    except ValueError:  # (several hosts, h1:5432,h2:5432: libpq's to read, and to say)
+        given = psycopg2.extensions.parse_dsn(settings.database_url)
+        shown = " ".join(f"{k}={given[k]}" for k in ("host", "port", "dbname", "user") if given.get(k))
+    return "DATABASE_URL " + redact(shown)
 
 
 # -- migrate -------------------------------------------------------------------

@@ -630,3 +630,25 @@ def test_controlplane_migrate_connects_with_the_options_every_other_connection_h
     for dsn in made:
         options = (dsn.get("connect_timeout"), dsn.get("tcp_user_timeout"), dsn.get("keepalives"))
         assert options == ("10", "30000", "1"), dsn
+
+
+def test_controlplane_migrate_and_db_start_take_a_url_naming_several_hosts(empty_db: str) -> None:
+    # Given a DATABASE_URL naming two hosts, as for a failover (libpq's form, which SQLAlchemy's
+    # URL parser cannot read: the port "5432,127.0.0.1:5432" was no number, and a traceback)
+    with psycopg2.connect(empty_db) as conn:
+        host, port = conn.info.host, conn.info.port
+    conn.close()
+    if host.startswith("/"):
+        pytest.skip("the server answers on a Unix socket here: no host:port list to write")
+    given = psycopg2.extensions.parse_dsn(empty_db)
+    user = f"{given['user']}@" if given.get("user") else ""
+    url = f"postgresql://{user}{host}:{port},{host}:{port}/{given['dbname']}"
+    # When it is migrated, and `db start` asked whether it runs
+    migrated = _migrate(url)
+    started = subprocess.run([sys.executable, "-m", "tasks.cli", "db", "start"], cwd=ROOT, capture_output=True,
+                             env={**os.environ, "DATABASE_URL": url}, text=True, timeout=120)  # fmt: skip
+    # Then both work, naming the hosts
+    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.stdout.startswith(f"migrated DATABASE_URL host={host},{host} port={port},{port}"), migrated.stdout
+    assert migrations.current(url) == migrations.head()
+    assert started.returncode == 0 and started.stdout.startswith("running: DATABASE_URL host="), started
