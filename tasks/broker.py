@@ -812,6 +812,11 @@ class _QueueState:
     wake_w: int = -1
     #: When the oldest outcome not yet written was handed over (monotonic seconds).
     first_outcome_at: float = 0.0
+    #: Set while the queue's settler cannot open its connection (no slot left on the server, the
+    #: role's CONNECTION LIMIT): its consumer writes the outcomes on its own connection meanwhile.
+    #: Else the jobs its threads ran stayed claimed, unrecorded, under the leases the consumer
+    #: kept extending: no other worker could take them, and the queue claimed nothing more.
+    settler_unconnected: bool = False
     #: Set by the process's notifier (under ``lock``, then ``wake``): a send NOTIFYed the
     #: queue, or ``control_plane.cancel_job`` asked its workers to heartbeat now.
     notified: bool = False
@@ -1816,12 +1821,22 @@ class _PostgresConsumer(dramatiq.Consumer):
         if message.retry_delay_ms is not None:
             options = message.options
             options.pop("traceback", None)  # tracebacks may quote secrets; errors are kept in the mirror
+            try:
+                body: bytes | None = encode_message(message._message)
+            except NotSerializable as exc:
+                # The actor changed its arguments (the message's own objects: a dict it was given,
+                # stamped with a datetime) into what JSON cannot hold. Raised here, the outcome was
+                # never written: the job stayed claimed, "running", under leases its worker kept
+                # extending until it restarted. SETTLE keeps the body it holds instead.
+                logger.warning("message %s: its retry cannot be written as its arguments now are (%s): it is "
+                               "retried with the arguments it was sent with", message.message_id, exc)
+                body = None
             outcome = _Outcome(
                 "retry",
                 message.message_id,
                 message.claim_token,
                 delay_ms=message.retry_delay_ms,
-                body=encode_message(message._message),
+                body=body,
                 error=message.error_text or _describe(message),
                 started_mono=message.started_mono,
             )
@@ -1966,6 +1981,8 @@ class _PostgresConsumer(dramatiq.Consumer):
             # outcome of a batch, or a batch big enough to write at once.
             if first or len(self.state.outcomes) == self._half_capacity():
                 self.state.settle_cond.notify()
+        if self.state.settler_unconnected:
+            self.state.wake()  # (the consumer writes it: see _QueueState.settler_unconnected)
 
     def _settle_due(self) -> float:
         """0 when something should be written now, else how long to wait; -1: nothing to write.
@@ -1990,10 +2007,21 @@ class _PostgresConsumer(dramatiq.Consumer):
         due = max(first + window - now, 0.0)
         return due if marks < 0 else min(due, marks)
 
+    def _settle_here(self) -> None:
+        """Write the waiting outcomes on this consumer's connection: its settler has none."""
+        try:
+            self._flush()
+        except psycopg2.Error as exc:
+            if db.is_connection_error(exc) or db.is_transient(exc):
+                raise  # (the outcomes are kept: the next consumer, or the next call, writes them)
+            _settle_failed(self, exc)
+
     def _next(self) -> dramatiq.MessageProxy | None:
         deadline = time.monotonic() + self.timeout
         while True:
             self._housekeeping()
+            if self.state.settler_unconnected:
+                self._settle_here()
             if self.broker.stopping:
                 # Heartbeats go on for the jobs still running; nothing new is claimed or handed out.
                 self._give_back_unstarted()
@@ -2276,13 +2304,18 @@ class _PostgresConsumer(dramatiq.Consumer):
                 self._look_for_pauses()
             if not self._declared:
                 self._declared = self._declare_actors()
+            more = False
             if self.broker._reap_due(now):
                 try:
-                    self._reap()
+                    more = self._reap()
                 except BaseException:
                     self.broker._reap_failed()  # (the consumer runs it again, or another does)
                     raise
-            self._next_reap = now + self.settings.reap_interval
+            if more:  # (a full batch: more expired claims may wait, reaped at this consumer's next look)
+                self.broker._reap_failed()
+                self._next_reap = now
+            else:
+                self._next_reap = now + self.settings.reap_interval
 
     def _look_for_pauses(self) -> None:
         """Whether this consumer can read ``control_plane.queue_pauses``: when it connects, and at
@@ -2377,13 +2410,14 @@ class _PostgresConsumer(dramatiq.Consumer):
             logger.info("%s is paused: gave back %d message(s) no thread had started", self.queue_name,
                         len(unstarted))
 
-    def _reap(self) -> None:
+    def _reap(self) -> bool:
         """Put back what lost workers held; end the jobs among them that must not run again,
-        sending their failure hooks in the same transaction (the reaper's, once, or none)."""
+        sending their failure hooks in the same transaction (the reaper's, once, or none).
+        True when it took as many expired claims as one reap takes (``REAP_BATCH``): there may be more."""
         with db.transaction(lambda: contextlib.nullcontext(self.conn)) as conn:
             with conn.cursor() as cur:
                 cur.execute(queries.REAP, {"forget_after": self.settings.lease_seconds * 4})
-                (reaped, _, ended, bodies) = cur.fetchone()
+                (reaped, _, ended, bodies, taken) = cur.fetchone()
             if ended:
                 # This thread heartbeats: a hook's send must not wait long on a lock (a unique
                 # key an open transaction holds), or the leases of the jobs it runs would expire.
@@ -2405,6 +2439,7 @@ class _PostgresConsumer(dramatiq.Consumer):
                            "after a cancel): %s", len(ids), ", ".join(ids))
             if not told:
                 self._store_reaped_results(ids, stopped)
+        return int(taken) >= queries.REAP_BATCH
 
     def _send_hooks_of_lost(self, conn: Any, job: dict[str, Any], body: bytes, deadline: float) -> None:
         """The ``on_failure``, ``on_final_failure`` and ``on_retry_exhausted`` messages of a job
@@ -2767,7 +2802,27 @@ class _Settler(threading.Thread):
                         self.state.settle_cond.wait(due)
                 continue
             try:
-                self.consumer._flush(self._connection())
+                conn = self._connection()
+            except psycopg2.Error as exc:
+                # No connection to be had (no slot left: the consumers of a process reading many
+                # queues took them first): the consumer writes the outcomes on its own meanwhile.
+                if not self.state.settler_unconnected:
+                    logger.warning("%s: cannot open the connection that writes outcomes (%s); the queue's "
+                                   "consumer writes them on its own until it can", self.consumer.queue_name,
+                                   db.loggable_error(exc))  # fmt: skip
+                    self.state.settler_unconnected = True
+                self.state.wake()
+                failures = min(failures + 1, 7)
+                deadline = time.monotonic() + min(0.05 * 2**failures, 5.0)
+                with self.state.settle_cond:  # (not cut short by every outcome handed over)
+                    while not self._stopping and (left := deadline - time.monotonic()) > 0:
+                        self.state.settle_cond.wait(left)
+                continue
+            if self.state.settler_unconnected:
+                self.state.settler_unconnected = False
+                logger.info("%s: the connection that writes outcomes is open again", self.consumer.queue_name)
+            try:
+                self.consumer._flush(conn)
                 failures = 0
             except Exception as exc:  # keep settling whatever happened to this batch
                 failures += 1
@@ -2778,23 +2833,30 @@ class _Settler(threading.Thread):
                 elif isinstance(exc, psycopg2.Error) and db.is_transient(exc):
                     logger.warning("settling outcomes: rolled back by the server (%s); retrying",
                                    db.loggable_error(exc))
-                elif isinstance(exc, (psycopg2.DataError, UnicodeError)):
-                    # A value of the batch was refused (by the server, or by the driver encoding it):
-                    # the same batch would fail every time, and hold up every outcome of the queue.
-                    logger.error("settling outcomes: a value was refused (%s); retrying without their results",
-                                 db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else type(exc).__name__)
-                    self.consumer._plain_outcomes()
-                    self.consumer._results_apart()
-                elif isinstance(exc, psycopg2.Error):  # its text would quote the statement's values
-                    logger.error("settling outcomes failed (%s); retrying", db.loggable_error(exc))
-                    self.consumer._results_apart()
                 else:
-                    logger.exception("settling outcomes failed; retrying")
+                    _settle_failed(self.consumer, exc)
                 with self.state.settle_cond:
                     if not self._stopping:
                         self.state.settle_cond.wait(min(0.05 * 2**failures, 5.0))
                 continue
             self.state.wake()
+
+
+def _settle_failed(consumer: _PostgresConsumer, exc: Exception) -> None:
+    """After a SETTLE failed for another reason than a lost connection or a rollback: what is
+    refused is taken out of the outcomes, which are written again without it."""
+    if isinstance(exc, (psycopg2.DataError, UnicodeError)):
+        # A value of the batch was refused (by the server, or by the driver encoding it):
+        # the same batch would fail every time, and hold up every outcome of the queue.
+        logger.error("settling outcomes: a value was refused (%s); retrying without their results",
+                     db.loggable_error(exc) if isinstance(exc, psycopg2.Error) else type(exc).__name__)
+        consumer._plain_outcomes()
+        consumer._results_apart()
+    elif isinstance(exc, psycopg2.Error):  # its text would quote the statement's values
+        logger.error("settling outcomes failed (%s); retrying", db.loggable_error(exc))
+        consumer._results_apart()
+    else:
+        logger.error("settling outcomes failed; retrying", exc_info=exc)
 
 
 def _settle(broker: PostgresBroker, state: _QueueState, conn: Any) -> None:
