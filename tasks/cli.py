@@ -537,15 +537,8 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
                 refused += 1
                 print(_printable(redact(f"controlplane: {exc}")), file=sys.stderr)
 
-        try:
-            finished = _one_by_one(ids, retry, "failed jobs")
-        except (psycopg2.Error, ConnectionClosed):  # (the server gone, a statement timeout: said by main)
-            print(f"stopped: retried {retried} of {len(ids)} failed job(s) before the error below; run it again "
-                  "to retry the rest", file=sys.stderr)  # fmt: skip
-            raise
-        if not finished:
-            print(f"interrupted: retried {retried} of {len(ids)} failed job(s); run it again to retry the rest",
-                  file=sys.stderr)  # fmt: skip
+        if not _each_saying_how_far(ids, retry, "failed jobs", lambda: f"retried {retried} of {len(ids)} failed job(s)",
+                                    "retry the rest"):  # fmt: skip
             return 130
         print(f"retried {retried} failed job(s){which}")
         if refused:
@@ -608,15 +601,10 @@ def _cancel_queue(queue: str, actor: str | None) -> int:
             cancelled += outcome == "cancelled"
             cancelling += outcome == "cancelling"
 
-        try:
-            finished = _one_by_one(ids, cancel, "jobs")
-        except (psycopg2.Error, ConnectionClosed):  # (the server gone, a statement timeout: said by main)
-            print(f"stopped: cancelled {cancelled} and asked {cancelling} running job(s) to stop, of {len(ids)}, "
-                  "before the error below; run it again to cancel the rest", file=sys.stderr)  # fmt: skip
-            raise
-        if not finished:
-            print(f"interrupted: cancelled {cancelled} and asked {cancelling} running job(s) to stop, of {len(ids)}; "
-                  "run it again to cancel the rest", file=sys.stderr)  # fmt: skip
+        def so_far() -> str:
+            return f"cancelled {cancelled} and asked {cancelling} running job(s) to stop, of {len(ids)}"
+
+        if not _each_saying_how_far(ids, cancel, "jobs", so_far, "cancel the rest"):
             return 130
         of_type = f" of type {actor}" if actor else ""
         print(f"cancelled {cancelled} pending job(s){of_type} in queue {queue}; {cancelling} running job(s) asked "
@@ -1264,6 +1252,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a filter the signal ended
+
+
+def _each_saying_how_far(
+    ids: list[str], act: Callable[[str], None], what: str, so_far: Callable[[], str], rest: str
+) -> bool:
+    """``_one_by_one``, saying how far it got when Ctrl-C (False) or the database (its error,
+    raised for ``main`` to say) stopped it."""
+    try:
+        finished = _one_by_one(ids, act, what)
+    except (psycopg2.Error, ConnectionClosed):  # (the server gone, a statement timeout)
+        print(f"stopped: {so_far()}, before the error below; run it again to {rest}", file=sys.stderr)
+        raise
+    if not finished:
+        print(f"interrupted: {so_far()}; run it again to {rest}", file=sys.stderr)
+    return finished
 
 
 def _check_text_arguments(args: argparse.Namespace) -> None:
