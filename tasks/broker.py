@@ -635,6 +635,24 @@ def result_ttl_ms(ttl: Any, default: int) -> int:
     return min(max(int(ttl), 0), MAX_DELAY_MS)
 
 
+def results_middleware(broker: dramatiq.Broker) -> Any:
+    """``broker``'s ``Results`` middleware (Dramatiq's), or None."""
+    from dramatiq.results import Results
+
+    return next((m for m in broker.middleware if isinstance(m, Results)), None)
+
+
+def result_ttl_for(results: Any, message: Message[Any], broker: dramatiq.Broker) -> int:
+    """How long ``message``'s result lives, as Dramatiq's ``Results`` middleware ``results`` decides
+    it: its ``result_ttl`` option, else its actor's (if ``broker`` declares it), else the
+    middleware's (``CONTROLPLANE_RESULT_TTL_MS``); see :func:`result_ttl_ms`."""
+    ttl = message.options.get("result_ttl")
+    actor = broker.actors.get(message.actor_name)
+    if ttl is None and actor is not None:
+        ttl = actor.options.get("result_ttl")
+    return result_ttl_ms(ttl, int(results.result_ttl))
+
+
 def result_store_params(results: Sequence[StoredResult], only_if: Sequence[EndedAs | None] = ()) -> dict[str, Any]:
     """``queries.RESULT_STORE``'s parameters for ``results`` (see :func:`store_results`)."""
     conditions = list(only_if) or [None] * len(results)
@@ -1381,26 +1399,15 @@ class PostgresBroker(dramatiq.Broker):
         }
 
     def result_ttl_of(self, message: Message[Any]) -> int | None:
-        """How long ``message``'s result lives, as Dramatiq's ``Results`` decides it: its ``result_ttl``
-        option, else its actor's (if declared here), else the middleware's (``CONTROLPLANE_RESULT_TTL_MS``);
-        None without a ``Results`` middleware."""
-        from dramatiq.results import Results
-
-        results = next((m for m in self.middleware if isinstance(m, Results)), None)
-        if results is None:
-            return None
-        ttl = message.options.get("result_ttl")
-        actor = self.actors.get(message.actor_name)
-        if ttl is None and actor is not None:
-            ttl = actor.options.get("result_ttl")
-        return result_ttl_ms(ttl, int(results.result_ttl))
+        """How long ``message``'s result lives (:func:`result_ttl_for`); None without a ``Results``
+        middleware."""
+        results = results_middleware(self)
+        return None if results is None else result_ttl_for(results, message, self)
 
     def default_result_ttl(self) -> int:
         """The lifetime of a result whose message and actor say none: ``CONTROLPLANE_RESULT_TTL_MS``
         (the ``Results`` middleware's)."""
-        from dramatiq.results import Results
-
-        results = next((m for m in self.middleware if isinstance(m, Results)), None)
+        results = results_middleware(self)
         return int(results.result_ttl) if results is not None else self.settings.result_ttl_ms
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
@@ -2484,11 +2491,9 @@ class _PostgresConsumer(dramatiq.Consumer):
     def _pipelines_stopped(self, ended: Sequence[tuple[dict[str, Any], Message[Any] | None]]) -> list[StoredResult]:
         """For each job the reaper ended that is a pipeline's step, the failure that tells the
         caller of the pipeline's last message that it stopped (``tasks.middleware.canvas``)."""
-        from dramatiq.results import Results
-
         from tasks.middleware.canvas import pipeline_end, pipeline_failure, stopped_at
 
-        results = next((m for m in self.broker.middleware if isinstance(m, Results)), None)
+        results = results_middleware(self.broker)
         stopped: list[StoredResult] = []
         for job, message in ended:
             try:

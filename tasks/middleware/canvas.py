@@ -449,20 +449,15 @@ def stopped_at(actor_name: str, job_id: str, why: str) -> str:
 
 
 def pipeline_failure(
-    results: Results, last: Message[Any], kind: str, text: str, broker: dramatiq.Broker | None = None
+    results: Results, last: Message[Any], kind: str, text: str, broker: dramatiq.Broker
 ) -> tuple[str, Any, int]:
     """The key, the failure (as ``wrap_exception`` writes one, ``kind`` the type's name) and the
     lifetime of the result that tells the caller of ``last`` its pipeline stopped: the one
-    ``last``'s own result would have had (its ``result_ttl`` option, else its actor's, if
-    ``broker`` declares it, else the middleware's), as Dramatiq's ``Results`` decides it."""
-    from tasks.broker import result_ttl_ms
+    ``last``'s own result would have had (``tasks.broker.result_ttl_for``)."""
+    from tasks.broker import result_ttl_for
 
     wrapped = {"__t": "dramatiq.results.Result", "exn": {"type": kind or "Exception", "msg": persistable(text)}}
-    ttl = last.options.get("result_ttl")
-    actor = broker.actors.get(last.actor_name) if broker is not None else None
-    if ttl is None and actor is not None:
-        ttl = actor.options.get("result_ttl")
-    return results.backend.build_message_key(last), wrapped, result_ttl_ms(ttl, int(results.result_ttl))
+    return results.backend.build_message_key(last), wrapped, result_ttl_for(results, last, broker)
 
 
 def _tell_the_pipelines_caller(broker: dramatiq.Broker, last: Message[Any], kind: str, text: str) -> None:
