@@ -139,14 +139,13 @@ def engine(url: str) -> Engine:
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    from tasks.db import connect_options
+    from tasks.db import connect_options, libpq_url
 
     # libpq reads the URL, not SQLAlchemy: one naming several hosts for a failover
     # (postgresql://h1:5432,h2:5432/db?target_session_attrs=read-write) is libpq's only
-    libpq_url = url.replace("postgresql+psycopg2://", "postgresql://", 1)
-    options = connect_options(url)
+    dsn, options = libpq_url(url), connect_options(url)
     return create_engine("postgresql+psycopg2://", poolclass=NullPool,
-                         creator=lambda: psycopg2.connect(libpq_url, **options))  # fmt: skip
+                         creator=lambda: psycopg2.connect(dsn, **options))  # fmt: skip
 
 
 def current(url: str) -> str | None:

@@ -66,8 +66,8 @@ def connect_options(url: str) -> dict[str, str]:
     connection: a statement sent after the route to the server went away, a failover to another
     address, waited for TCP's retransmissions to give up, about 15 minutes, its thread with it;
     a helper's review in a network namespace: failed after 20 s with it)."""
-    try:  # (``url`` may be SQLAlchemy's spelling: see sqlalchemy_url)
-        given = psycopg2.extensions.parse_dsn(url.replace("postgresql+psycopg2://", "postgresql://", 1))
+    try:
+        given = psycopg2.extensions.parse_dsn(libpq_url(url))
     except psycopg2.ProgrammingError:
         given = {}
     options = {
@@ -87,6 +87,11 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "cont
     conn = psycopg2.connect(url, application_name=application_name, **connect_options(url))
     conn.autocommit = autocommit
     return conn
+
+
+def libpq_url(url: str) -> str:
+    """The libpq spelling of ``url``, given in SQLAlchemy's (see :func:`sqlalchemy_url`) or libpq's."""
+    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
 
 
 def sqlalchemy_url(url: str) -> str:
